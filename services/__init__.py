@@ -1,0 +1,1 @@
+"""Vigil's three services: ingest, rules and notify."""

@@ -1,0 +1,1 @@
+"""Ingest service: MQTT in, validated telemetry to Kafka and PostgreSQL, rejects to dead letter."""

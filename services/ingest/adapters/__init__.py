@@ -1,0 +1,1 @@
+"""I/O adapters of ingest: PostgreSQL (registry and readings) and Kafka."""

@@ -1,0 +1,173 @@
+"""Validation of one MQTT message: accept it as Telemetry, or reject it with a reason.
+
+Every outcome is explicit. A rejected message becomes a DeadLetter carrying a stable reason code,
+a human-readable detail (never payload values: they are PHI) and the raw payload, so nothing is
+dropped silently. Conditions that make a reading suspect but still worth keeping (a device clock
+far off, an implausible temperature) are flags on the accepted Telemetry, not rejections.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import ValidationError
+
+from schemas.device import PumpEvent, PumpStatus, TemperatureReading, parse_device_message
+from schemas.events import DeadLetter, Telemetry
+from schemas.topics import CHANNEL_SCHEMAS, MQTT_PREFIX, parse_topic
+from services.ingest.domain.registry import BindingIndex
+
+SERVICE = "ingest"
+
+
+class RejectReason(StrEnum):
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_CHANNEL = "unknown_channel"
+    INVALID_JSON = "invalid_json"
+    UNKNOWN_SCHEMA = "unknown_schema"
+    SCHEMA_VALIDATION = "schema_validation"
+    TOPIC_MISMATCH = "topic_mismatch"
+    DEVICE_ID_MISMATCH = "device_id_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    NO_BINDING = "no_binding"
+
+
+class Flag(StrEnum):
+    DEVICE_CLOCK_AHEAD = "device_clock_ahead"
+    DEVICE_CLOCK_BEHIND = "device_clock_behind"
+    IMPLAUSIBLE_TEMPERATURE = "implausible_temperature"
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    max_payload_bytes: int = 64 * 1024
+    max_clock_ahead: timedelta = timedelta(minutes=5)
+    max_clock_behind: timedelta = timedelta(days=7)
+    # Outside this range a body temperature is a sensor fault (probe off the skin, a fault),
+    # not a fever or hypothermia: it is kept and flagged, and no fever rule sees it.
+    plausible_min_c: float = 30.0
+    plausible_max_c: float = 43.0
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    telemetry: Telemetry
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    dead_letter: DeadLetter
+
+    @property
+    def reason(self) -> str:
+        return self.dead_letter.reason
+
+
+def _first_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:3]:
+        where = ".".join(str(p) for p in item["loc"]) or "payload"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def validate_message(
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    registry: BindingIndex,
+    limits: ValidationLimits = ValidationLimits(),
+) -> Accepted | Rejected:
+    """Decide what one MQTT message is. Pure: the caller supplies the time and the registry."""
+    device_topic = parse_topic(topic)
+    topic_device = device_topic.device_id if device_topic else None
+
+    def reject(reason: RejectReason, detail: str) -> Rejected:
+        return Rejected(
+            DeadLetter.for_payload(
+                reason=reason.value,
+                detail=detail,
+                service=SERVICE,
+                source_topic=topic,
+                received_at=received_at,
+                payload=payload,
+                device_id=topic_device,
+            )
+        )
+
+    if len(payload) > limits.max_payload_bytes:
+        return reject(
+            RejectReason.PAYLOAD_TOO_LARGE,
+            f"payload is {len(payload)} bytes; the limit is {limits.max_payload_bytes}",
+        )
+    if device_topic is None:
+        return reject(
+            RejectReason.UNKNOWN_CHANNEL,
+            f"topic is not {MQTT_PREFIX}/{{device_id}}/{{{'|'.join(CHANNEL_SCHEMAS)}}}",
+        )
+    try:
+        document = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return reject(RejectReason.INVALID_JSON, f"payload is not JSON: {error.__class__.__name__}")
+    if not isinstance(document, dict):
+        return reject(RejectReason.INVALID_JSON, "payload is JSON but not an object")
+    declared = document.get("schema")
+    if declared not in CHANNEL_SCHEMAS.values():
+        return reject(
+            RejectReason.UNKNOWN_SCHEMA,
+            f"schema {str(declared)[:80]!r} is not one this service accepts: "
+            f"{sorted(CHANNEL_SCHEMAS.values())}",
+        )
+    if declared != CHANNEL_SCHEMAS[device_topic.channel]:
+        return reject(
+            RejectReason.TOPIC_MISMATCH,
+            f"schema {declared} does not belong on channel {device_topic.channel}",
+        )
+    try:
+        message = parse_device_message(payload)
+    except ValidationError as error:
+        return reject(RejectReason.SCHEMA_VALIDATION, _first_error(error))
+    if message.device_id != device_topic.device_id:
+        return reject(
+            RejectReason.DEVICE_ID_MISMATCH,
+            "payload device_id differs from the device in the topic",
+        )
+    if not registry.knows(message.device_id):
+        return reject(RejectReason.UNKNOWN_DEVICE, "device is not registered")
+    patient_id = registry.patient_at(message.device_id, message.device_time)
+    if patient_id is None:
+        return reject(
+            RejectReason.NO_BINDING,
+            f"device is bound to no patient at device time {message.device_time.isoformat()}",
+        )
+
+    flags: list[str] = []
+    if message.device_time - received_at > limits.max_clock_ahead:
+        flags.append(Flag.DEVICE_CLOCK_AHEAD.value)
+    elif received_at - message.device_time > limits.max_clock_behind:
+        flags.append(Flag.DEVICE_CLOCK_BEHIND.value)
+
+    temperature_c: float | None = None
+    if isinstance(message, TemperatureReading):
+        celsius = message.celsius()
+        if limits.plausible_min_c <= celsius <= limits.plausible_max_c:
+            temperature_c = celsius
+        else:
+            flags.append(Flag.IMPLAUSIBLE_TEMPERATURE.value)
+    else:
+        assert isinstance(message, PumpStatus | PumpEvent)
+
+    return Accepted(
+        Telemetry(
+            patient_id=patient_id,
+            device_id=message.device_id,
+            mqtt_topic=topic,
+            ingest_time=received_at,
+            message=message,
+            temperature_c=temperature_c,
+            flags=tuple(flags),
+        )
+    )

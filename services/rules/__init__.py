@@ -1,0 +1,1 @@
+"""Rules service: turns validated telemetry into alerts on device time."""

@@ -1,0 +1,92 @@
+"""The ``vigil`` command: one subcommand per service, the simulator, the local stack, the run.
+
+Each subcommand builds its settings at start-up from the environment (and the local stack's
+``stack.env`` when ``--local`` applies), then hands over to the service's own entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+
+def _service(name: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        if name == "ingest":
+            from services.ingest.app import main
+        elif name == "rules":
+            from services.rules.app import main
+        elif name == "notify":
+            from services.notify.app import main
+        elif name == "simulate":
+            from vigil.simulator.publisher import main
+        else:  # pragma: no cover - the parser only offers the names above
+            raise SystemExit(f"unknown service {name}")
+        return main(argv)
+
+    return run
+
+
+def _stack(argv: list[str]) -> int:
+    from vigil.stack import main
+
+    return main(argv)
+
+
+def _migrate(argv: list[str]) -> int:
+    import asyncio
+
+    from vigil.db.migrate import apply_migrations
+    from vigil.settings import PostgresSettings
+
+    applied = asyncio.run(apply_migrations(PostgresSettings().dsn))
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def _run(argv: list[str]) -> int:
+    from vigil.localrun import main
+
+    return main(argv)
+
+
+def _pages(argv: list[str]) -> int:
+    from vigil.localrun import pages_main
+
+    return pages_main(argv)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "run": ("the whole pipeline on the local stack with a simulated device fleet", _run),
+    "stack": ("the local stack: up | down [--purge] | status | env", _stack),
+    "ingest": ("run the ingest service", _service("ingest")),
+    "rules": ("run the rules service", _service("rules")),
+    "notify": ("run the notify service", _service("notify")),
+    "simulate": ("run the simulated home-device fleet", _service("simulate")),
+    "migrate": ("apply database migrations to VIGIL_PG_DSN", _migrate),
+    "pages": ("list the pages recorded by notify on the local stack", _pages),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="vigil",
+        description="Vigil: remote monitoring of home blinatumomab infusions.",
+        epilog="\n".join(f"  {name:<9} {help_}" for name, (help_, _) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="command")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    if not args or args[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if args else 2
+    parsed = parser.parse_args(args[:1])
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return COMMANDS[parsed.command][1](args[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""Kafka adapter pieces every service uses the same way.
+
+Producers are idempotent with ``acks=all`` so that a retried send neither loses nor duplicates a
+record; consumers commit offsets by hand, after the work for a record is done, so a crash
+re-delivers rather than drops. Topic names live in ``schemas.kafka_topics``.
+"""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import BaseModel
+
+from vigil.settings import KafkaSettings
+
+
+def encode(event: BaseModel) -> bytes:
+    return event.model_dump_json(by_alias=True).encode()
+
+
+def make_producer(settings: KafkaSettings, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id_prefix}-{client_id}",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        compression_type=None,
+    )
+
+
+def make_consumer(
+    settings: KafkaSettings,
+    *topics: str,
+    group_id: str,
+    client_id: str,
+    auto_offset_reset: str = "earliest",
+    max_poll_records: int = 500,
+) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id_prefix}-{client_id}",
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=auto_offset_reset,
+        isolation_level="read_committed",
+        max_poll_records=max_poll_records,
+    )

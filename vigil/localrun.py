@@ -1,0 +1,198 @@
+"""``vigil run``: the whole pipeline on the local stack, fed by a simulated home-device fleet.
+
+Starts the local stack, registers the simulated fleet (one care team whose on-call address is
+``oncall@vigil.local``), starts ingest, rules and notify as separate processes, then runs the
+simulator until Ctrl-C, printing each page notify records. The pages themselves are e-mails
+caught by the stack's SMTP sink as ``.eml`` files in ``<data_dir>/mail``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+
+from services.ingest.adapters.registry_admin import (
+    bind_device,
+    upsert_care_team,
+    upsert_device,
+    upsert_patient,
+)
+from vigil.runtime import configure_logging
+from vigil.simulator.fleet import fleet_registry
+from vigil.simulator.publisher import run as run_simulator
+from vigil.simulator.settings import SimulatorSettings
+
+CARE_TEAM_ID = "team-sim"
+ONCALL_EMAIL = "oncall@vigil.local"
+SERVICES = ("ingest", "rules", "notify")
+
+
+async def register_fleet(dsn: str, patients: int) -> None:
+    registry = fleet_registry(patients, CARE_TEAM_ID, ONCALL_EMAIL,
+                              care_team_name="Simulated oncology team")
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            team = registry.care_team
+            await upsert_care_team(conn, team.care_team_id, team.name, team.oncall_email)
+            for patient in registry.patients:
+                await upsert_patient(conn, patient.patient_id, patient.care_team_id,
+                                     patient.weight_kg)
+            for device in registry.devices:
+                await upsert_device(conn, device.device_id, device.kind, device.model)
+            for binding in registry.bindings:
+                await bind_device(conn, binding.device_id, binding.patient_id, binding.valid_from)
+    finally:
+        await conn.close()
+
+
+async def _watch_pages(dsn: str, since: datetime, mail_dir: Path, stop: asyncio.Event) -> None:
+    """Print one line per page recorded since the run started."""
+    seen: set[str] = set()
+    conn = await asyncpg.connect(dsn)
+    try:
+        while not stop.is_set():
+            rows = await conn.fetch(
+                """
+                SELECT p.page_id, p.created_at, p.patient_id, p.recipient, p.status,
+                       a.title, a.priority, a.phase
+                FROM pages p JOIN alerts a USING (alert_id)
+                WHERE p.created_at >= $1 ORDER BY p.created_at
+                """,
+                since,
+            )
+            for row in rows:
+                key = str(row["page_id"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                print(
+                    f"PAGE {row['created_at']:%H:%M:%S} {row['priority'].upper():<6} "
+                    f"{row['phase']:<8} {row['patient_id']}: {row['title']} -> "
+                    f"{row['recipient']} [{row['status']}]  (e-mails in {mail_dir})",
+                    flush=True,
+                )
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vigil run", description=__doc__)
+    parser.add_argument("--patients", type=int, default=10)
+    parser.add_argument("--scenario", default="fever:1,occlusion:1,normal:rest")
+    parser.add_argument("--interval", type=float, default=5.0,
+                        help="seconds between one device's readings")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="stop after this many seconds (default: until Ctrl-C)")
+    args = parser.parse_args(argv)
+
+    from vigil.stack import StackSettings, stack_env, up
+
+    stack = StackSettings()
+    print(f"vigil run: starting the local stack in {stack.data_dir} ...", flush=True)
+    up(stack)
+    env = stack_env(stack)
+    os.environ.update(env)
+    dsn = env["VIGIL_PG_DSN"]
+    asyncio.run(register_fleet(dsn, args.patients))
+
+    log_dir = Path(stack.data_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    for name in SERVICES:
+        log_file = (log_dir / f"{name}.log").open("ab")
+        processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "vigil.cli", name],
+            stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        )
+    print(f"vigil run: ingest, rules, notify started (logs in {log_dir})", flush=True)
+    configure_logging("WARNING")
+    sim_settings = SimulatorSettings(
+        patients=args.patients, scenario=args.scenario, interval_s=args.interval,
+        duration_s=args.duration,
+    )
+    mail_dir = Path(stack.data_dir) / "mail"
+    print(
+        f"vigil run: simulating {args.patients} patients ({args.scenario}); pages appear below "
+        f"and as e-mails in {mail_dir}. Ctrl-C stops the services; "
+        "`vigil stack down` stops the stack.",
+        flush=True,
+    )
+
+    async def session() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(
+            _watch_pages(dsn, datetime.now(UTC), mail_dir, stop))
+        try:
+            counts = await run_simulator(sim_settings, stop)
+            print(f"vigil run: simulator finished: {counts}", flush=True)
+            if args.duration is not None:
+                await asyncio.sleep(3)  # let the last readings travel through
+        finally:
+            stop.set()
+            await watcher
+
+    try:
+        asyncio.run(session())
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for name, process in processes.items():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            if process.returncode not in (0, -signal.SIGTERM):
+                print(f"vigil run: {name} exited with {process.returncode}; see {log_dir}",
+                      file=sys.stderr)
+    return 0
+
+
+def pages_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vigil pages", description="Recent pages, newest last.")
+    parser.add_argument("--limit", type=int, default=20)
+    args = parser.parse_args(argv)
+    from vigil.stack import StackSettings, stack_env
+
+    dsn = os.environ.get("VIGIL_PG_DSN") or stack_env(StackSettings())["VIGIL_PG_DSN"]
+
+    async def show() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                """
+                SELECT * FROM (
+                    SELECT p.created_at, p.patient_id, p.recipient, p.status, a.title,
+                           a.priority, a.phase, a.device_time
+                    FROM pages p JOIN alerts a USING (alert_id)
+                    ORDER BY p.created_at DESC LIMIT $1) recent
+                ORDER BY created_at
+                """,
+                args.limit,
+            )
+        finally:
+            await conn.close()
+        for row in rows:
+            print(f"{row['created_at'].isoformat()}  {row['priority']:<6} {row['phase']:<8} "
+                  f"{row['patient_id']:<10} {row['title']}  -> {row['recipient']} "
+                  f"[{row['status']}]")
+        if not rows:
+            print("no pages recorded")
+
+    asyncio.run(show())
+    return 0
