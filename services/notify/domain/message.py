@@ -1,0 +1,156 @@
+"""The e-mail a page becomes: subject, plain-text body and the headers that thread and collapse it.
+
+Pure: builds an ``email.message.EmailMessage`` from the alert, the page and the time of
+composition passed in; sending it belongs to ``adapters.smtp``. The body is PHI (it carries the
+triggering value), so nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Final
+
+from schemas.events import Alert, AlertPriority, Evidence, Page
+from services.notify.domain.routing import PagePurpose, ThreadRoot, purpose_of
+
+# The right-hand side of every Message-ID; the left-hand side is a digest of the idempotency key.
+MESSAGE_ID_DOMAIN: Final = "notify.vigil"
+
+_SUBJECT_PREFIX: Final = {
+    PagePurpose.ALERT: "",
+    PagePurpose.ESCALATION: "Escalated: ",
+    PagePurpose.ALL_CLEAR: "All clear: ",
+}
+
+
+def message_id_for(idempotency_key: str) -> str:
+    """A stable Message-ID per page, so a resent duplicate collapses in the clinician's mail client.
+
+    The key holds ``:`` and ``@``, which a Message-ID's left part may not, hence the digest.
+    """
+    digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:40]
+    return f"<{digest}@{MESSAGE_ID_DOMAIN}>"
+
+
+def page_subject(alert: Alert, purpose: PagePurpose, *, unrouted: bool = False) -> str:
+    """``[VIGIL HIGH] Fever 38.6 °C — patient P-0001``, with a prefix for later phases."""
+    subject = (
+        f"[VIGIL {alert.priority.value.upper()}] {_SUBJECT_PREFIX[purpose]}{alert.title}"
+        f" — patient {alert.patient_id}"
+    )
+    if unrouted:
+        subject += " (no care team on record)"
+    return subject
+
+
+def page_body(
+    alert: Alert, page: Page, purpose: PagePurpose, *, route_detail: str | None = None
+) -> str:
+    """Plain text a clinician can act on from a phone at 3 a.m., and an auditor can trace."""
+    lines: list[str] = [_action_line(alert, purpose), ""]
+    if route_detail is not None:
+        lines += [
+            f"ROUTING: this page went to the fallback address because {route_detail}.",
+            "Find the treating team and forward this page to them.",
+            "",
+        ]
+    lines += [
+        f"Alert:        {alert.title}",
+        f"Patient:      {alert.patient_id}",
+        f"Device:       {alert.device_id}",
+        f"Code:         {alert.code} ({alert.kind.value})",
+        f"Priority:     {alert.priority.value}",
+        f"Phase:        {alert.phase.value} (state {alert.state.value})",
+        f"Device time:  {alert.device_time.isoformat()}",
+        f"Ingest time:  {alert.ingest_time.isoformat()}",
+        "Evidence:",
+        *_evidence_lines(alert.evidence),
+        f"Rule:         {alert.rule_id} version {alert.rule_version}",
+        f"Alert id:     {alert.alert_id}",
+        f"Dedup key:    {alert.dedup_key}",
+        f"Care team:    {page.care_team_id}",
+        f"Page id:      {page.page_id}",
+        "",
+        "Sent automatically by Vigil. Replies to this address are not read: acknowledge in Vigil.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def compose_page_email(
+    alert: Alert,
+    page: Page,
+    *,
+    sender: str,
+    composed_at: datetime,
+    thread: ThreadRoot | None = None,
+    route_detail: str | None = None,
+) -> EmailMessage:
+    """The full message for one page. ``thread`` is the episode's start page, for later phases."""
+    purpose = purpose_of(alert.phase)
+    if purpose is None:
+        raise ValueError(f"phase {alert.phase.value} is recorded only, it has no page to compose")
+    if composed_at.tzinfo is None:
+        raise ValueError("composed_at must be timezone-aware")
+
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = page.recipient
+    message["Subject"] = page_subject(alert, purpose, unrouted=route_detail is not None)
+    message["Date"] = format_datetime(composed_at)
+    message["Message-ID"] = message_id_for(page.idempotency_key)
+    if thread is not None and thread.idempotency_key != page.idempotency_key:
+        root = message_id_for(thread.idempotency_key)
+        message["In-Reply-To"] = root
+        message["References"] = root
+    # RFC 3834: keeps vacation auto-replies from answering a page and looping.
+    message["Auto-Submitted"] = "auto-generated"
+    message["X-Vigil-Alert-Id"] = str(alert.alert_id)
+    message["X-Vigil-Dedup-Key"] = alert.dedup_key
+    message["X-Vigil-Priority"] = alert.priority.value
+    message["X-Vigil-Phase"] = alert.phase.value
+    message["X-Vigil-Page-Id"] = str(page.page_id)
+    if alert.priority is AlertPriority.HIGH and purpose is not PagePurpose.ALL_CLEAR:
+        # Honoured by common mail clients to flag the message; harmless where ignored.
+        message["Importance"] = "high"
+        message["X-Priority"] = "1"
+    # Quoted-printable keeps "°C" and "—" intact through relays that do not announce 8BITMIME.
+    message.set_content(
+        page_body(alert, page, purpose, route_detail=route_detail),
+        charset="utf-8",
+        cte="quoted-printable",
+    )
+    return message
+
+
+def _action_line(alert: Alert, purpose: PagePurpose) -> str:
+    who = f"the caregiver of patient {alert.patient_id}"
+    if purpose is PagePurpose.ALERT:
+        return f"ACTION: call {who} now."
+    if purpose is PagePurpose.ESCALATION:
+        return f"ESCALATED: this alert has become more urgent. ACTION: call {who} now."
+    return (
+        "ALL CLEAR: the condition behind this alert has ended. "
+        f"If you have not reached {who} yet, call them to confirm the child is well."
+    )
+
+
+def _evidence_lines(evidence: Iterable[Evidence]) -> list[str]:
+    lines = [
+        f"  - {item.name}: {_number(item.value)} {item.unit} {item.comparator} limit "
+        f"{_number(item.limit)} {item.unit} (device time {item.device_time.isoformat()})"
+        for item in evidence
+    ]
+    return lines or ["  - none recorded"]
+
+
+def _number(value: float) -> str:
+    # Six significant digits read well for °C, mL and mL/h; keep one decimal on whole numbers so
+    # 38.0 does not read as a rounded 38.
+    text = format(value, ".6g")
+    if "." not in text and "e" not in text and "inf" not in text and "nan" not in text:
+        text += ".0"
+    return text
