@@ -1,0 +1,262 @@
+"""The stack's MQTT broker: Mosquitto's config, accounts and ACL under ``data_dir/mosquitto``.
+
+Owns rendering ``deploy/local/mosquitto/*.tmpl``, the password file (service accounts plus one
+account per device), starting the broker, and adding or revoking device credentials while it runs
+(Mosquitto re-reads its password and ACL files on SIGHUP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pwd
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+from vigil.stack.credentials import (
+    INGEST_MQTT_USER,
+    SIM_MQTT_USER,
+    StackSecrets,
+    ensure_secrets,
+    new_password,
+)
+from vigil.stack.process import (
+    Component,
+    StackError,
+    chown_tree,
+    ensure_port_free,
+    is_root,
+    port_accepts,
+    render_template,
+    run_checked,
+    running_pid,
+    spawn,
+    wait_until,
+    write_file,
+)
+from vigil.stack.settings import StackSettings
+
+NAME: Final = "mosquitto"
+
+# Device ids become MQTT usernames, ACL topic levels and password-file keys: no wildcards, no
+# separators, nothing a shell or the password file's "user:hash" format would misread.
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_RESERVED_PREFIX: Final = "vigil-"
+_RELOAD_LINE: Final = b"Reloading config."
+_RELOAD_TIMEOUT_S: Final = 5.0
+
+
+def conf_file(settings: StackSettings) -> Path:
+    return settings.mosquitto_dir / "mosquitto.conf"
+
+
+def passwd_file(settings: StackSettings) -> Path:
+    return settings.mosquitto_dir / "passwd"
+
+
+def acl_file(settings: StackSettings) -> Path:
+    return settings.mosquitto_dir / "acl"
+
+
+def component(settings: StackSettings) -> Component:
+    return Component(
+        name=NAME,
+        pid_file=settings.pids_dir / f"{NAME}.pid",
+        log_file=settings.mosquitto_dir / "mosquitto.log",
+        marker=str(conf_file(settings)),
+        port=settings.mqtt_port,
+    )
+
+
+def run_as_user() -> str:
+    """The user Mosquitto drops to when started as root (it refuses to keep running as root)."""
+    if not is_root():
+        return pwd.getpwuid(os.geteuid()).pw_name
+    for candidate in ("mosquitto", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(candidate)
+            return candidate
+    raise StackError("running as root but neither a 'mosquitto' nor a 'nobody' user exists")
+
+
+def render_conf(settings: StackSettings) -> str:
+    """The broker configuration for ``settings`` (pure: reads only the template)."""
+    return render_template(
+        settings.deploy_dir / "mosquitto" / "mosquitto.conf.tmpl",
+        {
+            "port": settings.mqtt_port,
+            "run_as_user": run_as_user(),
+            "password_file": passwd_file(settings),
+            "acl_file": acl_file(settings),
+            "persistence_location": settings.mosquitto_dir,
+            "log_file": component(settings).log_file,
+        },
+    )
+
+
+def render_acl(settings: StackSettings) -> str:
+    """The ACL file (pure: reads only the template)."""
+    return render_template(
+        settings.deploy_dir / "mosquitto" / "acl.tmpl",
+        {"ingest_user": INGEST_MQTT_USER, "sim_user": SIM_MQTT_USER},
+    )
+
+
+@contextlib.contextmanager
+def _passwd_lock(settings: StackSettings) -> Iterator[None]:
+    # mosquitto_passwd rewrites the whole file; two writers at once would lose an account.
+    settings.mosquitto_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.mosquitto_dir / ".passwd.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _set_password(settings: StackSettings, username: str, password: str) -> None:
+    path = passwd_file(settings)
+    if not path.exists():
+        write_file(path, "", mode=0o600)
+    # -b puts the password on mosquitto_passwd's argv for the few milliseconds it runs; acceptable
+    # for a loopback-only development broker, and it keeps hashing in Mosquitto's own code.
+    run_checked(
+        [str(settings.mosquitto_passwd_bin), "-b", str(path), username, password],
+        what=f"mosquitto_passwd for {username}",
+        timeout_s=30.0,
+    )
+    _own_passwd(path)
+
+
+def _own_passwd(path: Path) -> None:
+    os.chmod(path, 0o600)
+    if is_root():
+        entry = pwd.getpwnam(run_as_user())
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _has_account(settings: StackSettings, username: str) -> bool:
+    try:
+        lines = passwd_file(settings).read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    return any(line.split(":", 1)[0] == username for line in lines)
+
+
+def _write_config(settings: StackSettings, secrets: StackSecrets) -> None:
+    if any(ch.isspace() for ch in str(settings.mosquitto_dir)):
+        raise StackError(f"Mosquitto cannot use a data directory with spaces: {settings.data_dir}")
+    settings.mosquitto_dir.mkdir(parents=True, exist_ok=True)
+    write_file(conf_file(settings), render_conf(settings), mode=0o644)
+    write_file(acl_file(settings), render_acl(settings), mode=0o644)
+    with _passwd_lock(settings):
+        _set_password(settings, INGEST_MQTT_USER, secrets.mqtt_ingest_password)
+        _set_password(settings, SIM_MQTT_USER, secrets.mqtt_sim_password)
+    # The broker opens its own log file after dropping privileges; create it first so it is ours
+    # to hand over.
+    component(settings).log_file.touch()
+    chown_tree(settings.mosquitto_dir, run_as_user())
+
+
+def start(settings: StackSettings) -> None:
+    """Start the broker unless it runs; block until its listener accepts connections."""
+    comp = component(settings)
+    if running_pid(comp) is not None:
+        return
+    ensure_port_free(settings.mqtt_port, "Mosquitto")
+    _write_config(settings, ensure_secrets(settings))
+    pid, offset = spawn(comp, [str(settings.mosquitto_bin), "-c", str(conf_file(settings))])
+    wait_until(
+        comp,
+        lambda: port_accepts(settings.mqtt_port),
+        timeout_s=settings.mqtt_start_timeout_s,
+        what=f"MQTT listener on 127.0.0.1:{settings.mqtt_port}",
+        pid=pid,
+        log_offset=offset,
+    )
+
+
+def _reload(settings: StackSettings) -> None:
+    """SIGHUP the broker and wait until it logged the reload (it is single-threaded, so by the
+    time the line is written no client can be served with the old accounts)."""
+    comp = component(settings)
+    pid = running_pid(comp)
+    if pid is None:
+        return  # the next start reads the file anyway
+    offset = _log_size(comp.log_file)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + _RELOAD_TIMEOUT_S
+    while not _logged_since(comp.log_file, offset, _RELOAD_LINE):
+        if time.monotonic() >= deadline:
+            raise StackError(f"Mosquitto (pid {pid}) did not log a reload after SIGHUP")
+        time.sleep(0.02)
+
+
+def _log_size(log_file: Path) -> int:
+    try:
+        return log_file.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _logged_since(log_file: Path, offset: int, line: bytes) -> bool:
+    try:
+        with log_file.open("rb") as handle:
+            handle.seek(offset)
+            return line in handle.read()
+    except FileNotFoundError:
+        return False
+
+
+def _check_device_id(device_id: str) -> None:
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ValueError(f"invalid device id {device_id!r}: use 1-64 of [A-Za-z0-9._-]")
+    if device_id.startswith(_RESERVED_PREFIX):
+        raise ValueError(f"device ids must not start with {_RESERVED_PREFIX!r}: {device_id!r}")
+
+
+def _check_stack_exists(settings: StackSettings) -> None:
+    # Writing a password file into a directory `up` has never prepared would leave a data dir
+    # without the stack's marker, which `up` then refuses to adopt.
+    if not settings.marker_file.exists():
+        raise StackError(f"no local stack in {settings.data_dir}; run `python -m vigil.stack up`")
+
+
+def add_device_credential(settings: StackSettings, device_id: str) -> str:
+    """Create (or replace) the MQTT account of ``device_id``; returns its new password.
+
+    The ACL pattern lets the account publish only under ``vigil/v1/dev/<device_id>/``. A running
+    broker is reloaded before this returns, so the credential works immediately.
+    """
+    _check_device_id(device_id)
+    _check_stack_exists(settings)
+    password = new_password()
+    with _passwd_lock(settings):
+        _set_password(settings, device_id, password)
+    _reload(settings)
+    return password
+
+
+def revoke_device_credential(settings: StackSettings, device_id: str) -> None:
+    """Remove the MQTT account of ``device_id`` (no-op when absent) and reload the broker.
+
+    Mosquitto re-checks connected clients on reload, so a connected device is dropped too.
+    """
+    _check_device_id(device_id)
+    _check_stack_exists(settings)
+    with _passwd_lock(settings):
+        if not _has_account(settings, device_id):
+            return
+        path = passwd_file(settings)
+        run_checked(
+            [str(settings.mosquitto_passwd_bin), "-D", str(path), device_id],
+            what=f"mosquitto_passwd -D {device_id}",
+            timeout_s=30.0,
+        )
+        _own_passwd(path)
+    _reload(settings)

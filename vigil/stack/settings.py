@@ -1,0 +1,132 @@
+"""Settings of the local stack: where its state lives, which ports it binds, which binaries it runs.
+
+Every path and port of a stack comes from here, so two stacks (the developer's ``.vigil`` and the
+tests' ``.vigil-test``) can run side by side by changing only ``VIGIL_STACK_*`` variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vigil.stack.topics import DEFAULT_PARTITIONS
+
+KAFKA_VERSION = "4.1.0"
+
+
+def find_repo_root(start: Path | None = None) -> Path:
+    """The nearest ancestor of ``start`` (default: this file) holding ``deploy/local``.
+
+    The templates under ``deploy/local`` are not packaged; the stack is a developer tool run from
+    a checkout, so walking up from the source is enough.
+    """
+    here = (start or Path(__file__)).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "deploy" / "local").is_dir():
+            return candidate
+    raise RuntimeError(f"no deploy/local directory above {here}; is this a Vigil checkout?")
+
+
+def _default_kafka_libs_dir() -> Path:
+    # Outside data_dir on purpose: `down --purge` must not force a 90-jar download again.
+    return Path.home() / ".cache" / "vigil" / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+class StackSettings(BaseSettings):
+    """Where and how the local stack runs. Every field reads ``VIGIL_STACK_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="VIGIL_STACK_", extra="ignore")
+
+    data_dir: Path = Path(".vigil")
+    repo_root: Path = Field(default_factory=find_repo_root)
+
+    mqtt_port: int = Field(default=11883, ge=1, le=65535)
+    kafka_port: int = Field(default=19092, ge=1, le=65535)
+    kafka_controller_port: int = Field(default=19093, ge=1, le=65535)
+    pg_port: int = Field(default=15432, ge=1, le=65535)
+    smtp_port: int = Field(default=10025, ge=1, le=65535)
+
+    kafka_heap_mb: int = Field(default=512, ge=128)
+    kafka_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
+    kafka_libs_dir: Path = Field(default_factory=_default_kafka_libs_dir)
+    # Lets CI (or a cold-start measurement) use its own Maven repository instead of ~/.m2.
+    maven_repo_local: Path | None = None
+
+    mosquitto_bin: Path = Path("/usr/sbin/mosquitto")
+    mosquitto_passwd_bin: Path = Path("/usr/bin/mosquitto_passwd")
+    pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    java_bin: str = "java"
+    mvn_bin: str = "mvn"
+
+    mqtt_start_timeout_s: float = Field(default=15.0, gt=0)
+    kafka_start_timeout_s: float = Field(default=60.0, gt=0)
+    pg_start_timeout_s: float = Field(default=30.0, gt=0)
+    smtp_start_timeout_s: float = Field(default=15.0, gt=0)
+    # Maven may fetch ~95 jars on a cold cache; slow links need minutes, not seconds.
+    kafka_download_timeout_s: float = Field(default=900.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("data_dir", "kafka_libs_dir", "repo_root", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Resolved once, against the cwd of whoever built the settings, so child processes and
+        # pid files never depend on their own working directory.
+        return value.expanduser().resolve()
+
+    @field_validator("maven_repo_local", mode="after")
+    @classmethod
+    def _absolute_optional(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> StackSettings:
+        ports = [
+            self.mqtt_port,
+            self.kafka_port,
+            self.kafka_controller_port,
+            self.pg_port,
+            self.smtp_port,
+        ]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"the stack's ports must all differ, got {ports}")
+        return self
+
+    # Layout of data_dir, in one place.
+
+    @property
+    def pids_dir(self) -> Path:
+        return self.data_dir / "pids"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.data_dir / "secrets.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.data_dir / "stack.env"
+
+    @property
+    def marker_file(self) -> Path:
+        return self.data_dir / ".vigil-stack"
+
+    @property
+    def mosquitto_dir(self) -> Path:
+        return self.data_dir / "mosquitto"
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.data_dir / "kafka"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def deploy_dir(self) -> Path:
+        return self.repo_root / "deploy" / "local"
