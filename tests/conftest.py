@@ -43,8 +43,3 @@ def stack_env() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def pg_dsn(stack_env: dict[str, str]) -> str:
     return stack_env["VIGIL_PG_DSN"]
-
-
-@pytest.fixture(scope="session")
-def mqtt_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return stack_env

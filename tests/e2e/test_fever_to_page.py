@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,6 +56,13 @@ class MailCollector:
         return [m for m in self.messages if patient_id in (m.get("Subject") or "")]
 
 
+def free_port() -> int:
+    # aiosmtpd's Controller probes its own port after start, so it cannot be given port 0.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @dataclass
 class Pipeline:
     mail: MailCollector
@@ -77,15 +85,16 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     run_id = uuid.uuid4().hex[:8]
     mail = MailCollector()
     mail.bind(asyncio.get_running_loop())
-    controller = Controller(mail, hostname="127.0.0.1", port=0)
+    smtp_port = free_port()
+    controller = Controller(mail, hostname="127.0.0.1", port=smtp_port)
     controller.start()
-    smtp_port = controller.server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     # Fresh consumer groups per run: the services see this run's events from the start.
     os.environ["VIGIL_NOTIFY_SMTP_PORT"] = str(smtp_port)
     os.environ["VIGIL_RULES_GROUP_ID"] = f"rules-e2e-{run_id}"
     os.environ["VIGIL_NOTIFY_GROUP_ID"] = f"notify-e2e-{run_id}"
-    os.environ["VIGIL_INGEST_MQTT_CLIENT_ID"] = f"ingest-e2e-{run_id}"
+    # One persistent session for every run, so broker-side sessions do not pile up.
+    os.environ["VIGIL_INGEST_MQTT_CLIENT_ID"] = "ingest-e2e"
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(run_ingest(IngestSettings(), stop), name="ingest"),
