@@ -26,7 +26,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from vigil.runtime import configure_logging
-from vigil.simulator.fleet import fleet_registry
+from vigil.simulator.registry import fleet_registry
 from vigil.simulator.publisher import run as run_simulator
 from vigil.simulator.settings import SimulatorSettings
 
