@@ -5,7 +5,8 @@ TEST_STACK := VIGIL_STACK_DATA_DIR=.vigil-test VIGIL_STACK_MQTT_PORT=21883 \
 	VIGIL_STACK_KAFKA_PORT=29092 VIGIL_STACK_KAFKA_CONTROLLER_PORT=29093 \
 	VIGIL_STACK_PG_PORT=25432 VIGIL_STACK_SMTP_PORT=20025
 
-.PHONY: setup run test test-unit stack-up stack-down test-stack-down schemas schemas-check lint clean
+.PHONY: setup run test test-unit stack-up stack-down test-stack-down schemas schemas-check lint clean \
+	bench-ingest bench-rules bench-notify bench-replay
 
 setup:
 	@bash deploy/local/install.sh
@@ -40,3 +41,16 @@ lint: setup
 
 clean: stack-down test-stack-down
 	rm -rf .vigil .vigil-test
+
+# Benchmarks print one JSON line of figures at the end; they are never timed assertions.
+bench-ingest: setup
+	$(TEST_STACK) $(PY) bench/ingest.py
+
+bench-rules: setup
+	$(TEST_STACK) $(PY) bench/rules.py
+
+bench-notify: setup
+	$(TEST_STACK) $(PY) bench/notify.py
+
+bench-replay: setup
+	$(TEST_STACK) $(PY) bench/replay.py

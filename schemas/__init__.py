@@ -49,9 +49,9 @@ __all__ = [
     "PumpEventKind",
     "PumpState",
     "PumpStatus",
+    "Telemetry",
     "TemperatureReading",
     "TemperatureSite",
     "TemperatureUnit",
-    "Telemetry",
     "parse_device_message",
 ]

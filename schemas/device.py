@@ -26,7 +26,15 @@ from pydantic import (
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
-DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, description="The device's identity, equal to its MQTT username and the {device_id} topic level.")]
+DeviceId = Annotated[
+    str,
+    Field(
+        pattern=DEVICE_ID_PATTERN,
+        description=(
+            "The device's identity, equal to its MQTT username and the {device_id} topic level."
+        ),
+    ),
+]
 
 
 class _DeviceMessageBase(BaseModel):
@@ -104,7 +112,9 @@ class PumpStatus(_DeviceMessageBase):
     state: PumpState
     rate_ml_h: float = Field(ge=0, le=1000, description="Programmed rate in mL/h.")
     volume_remaining_ml: float = Field(ge=0, le=5000, description="Reservoir volume left, mL.")
-    bag_volume_ml: float | None = Field(default=None, ge=0, le=5000, description="Volume hung at the last bag change, mL.")
+    bag_volume_ml: float | None = Field(
+        default=None, ge=0, le=5000, description="Volume hung at the last bag change, mL."
+    )
     battery_pct: float | None = Field(default=None, ge=0, le=100)
 
     @field_validator("rate_ml_h", "volume_remaining_ml", "bag_volume_ml", "battery_pct")
@@ -163,7 +173,9 @@ DeviceMessage = Annotated[
     TemperatureReading | PumpStatus | PumpEvent, Field(discriminator="schema_")
 ]
 
-_DEVICE_MESSAGE: TypeAdapter[TemperatureReading | PumpStatus | PumpEvent] = TypeAdapter(DeviceMessage)
+_DEVICE_MESSAGE: TypeAdapter[TemperatureReading | PumpStatus | PumpEvent] = TypeAdapter(
+    DeviceMessage
+)
 
 
 def parse_device_message(payload: bytes | str) -> TemperatureReading | PumpStatus | PumpEvent:

@@ -88,7 +88,9 @@ class Alert(_Event):
     """A rule's decision about a patient, in one phase of the alert's life."""
 
     schema_: Literal["vigil.alert.v1"] = Field(default="vigil.alert.v1", alias="schema")
-    alert_id: UUID = Field(description="Deterministic per (dedup_key, phase): a replay reproduces it.")
+    alert_id: UUID = Field(
+        description="Deterministic per (dedup_key, phase): a replay reproduces it."
+    )
     dedup_key: str = Field(description="Same for every phase of one alert episode.")
     patient_id: str
     device_id: str
@@ -159,7 +161,9 @@ class DeadLetter(_Event):
     device_id: str | None = None
     payload_size: int
     payload_sha256: str
-    payload_b64: str = Field(description=f"The raw payload, cut to {DEAD_LETTER_PAYLOAD_LIMIT} bytes.")
+    payload_b64: str = Field(
+        description=f"The raw payload, cut to {DEAD_LETTER_PAYLOAD_LIMIT} bytes."
+    )
     payload_truncated: bool
 
     @classmethod

@@ -17,7 +17,9 @@ def encode(event: BaseModel) -> bytes:
     return event.model_dump_json(by_alias=True).encode()
 
 
-def make_producer(settings: KafkaSettings, client_id: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
+def make_producer(
+    settings: KafkaSettings, client_id: str, *, linger_ms: int = 5
+) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=f"{settings.client_id_prefix}-{client_id}",

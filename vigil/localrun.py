@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,8 +27,8 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from vigil.runtime import configure_logging
-from vigil.simulator.registry import fleet_registry
 from vigil.simulator.publisher import run as run_simulator
+from vigil.simulator.registry import fleet_registry
 from vigil.simulator.settings import SimulatorSettings
 
 CARE_TEAM_ID = "team-sim"
@@ -36,16 +37,18 @@ SERVICES = ("ingest", "rules", "notify")
 
 
 async def register_fleet(dsn: str, patients: int) -> None:
-    registry = fleet_registry(patients, CARE_TEAM_ID, ONCALL_EMAIL,
-                              care_team_name="Simulated oncology team")
+    registry = fleet_registry(
+        patients, CARE_TEAM_ID, ONCALL_EMAIL, care_team_name="Simulated oncology team"
+    )
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
             team = registry.care_team
             await upsert_care_team(conn, team.care_team_id, team.name, team.oncall_email)
             for patient in registry.patients:
-                await upsert_patient(conn, patient.patient_id, patient.care_team_id,
-                                     patient.weight_kg)
+                await upsert_patient(
+                    conn, patient.patient_id, patient.care_team_id, patient.weight_kg
+                )
             for device in registry.devices:
                 await upsert_device(conn, device.device_id, device.kind, device.model)
             for binding in registry.bindings:
@@ -80,10 +83,8 @@ async def _watch_pages(dsn: str, since: datetime, mail_dir: Path, stop: asyncio.
                     f"{row['recipient']} [{row['status']}]  (e-mails in {mail_dir})",
                     flush=True,
                 )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
     finally:
         await conn.close()
 
@@ -92,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vigil run", description=__doc__)
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--scenario", default="fever:1,occlusion:1,normal:rest")
-    parser.add_argument("--interval", type=float, default=5.0,
-                        help="seconds between one device's readings")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="stop after this many seconds (default: until Ctrl-C)")
+    parser.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between one device's readings"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
     args = parser.parse_args(argv)
 
     from vigil.stack import StackSettings, stack_env, up
@@ -115,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         log_file = (log_dir / f"{name}.log").open("ab")
         processes[name] = subprocess.Popen(
             [sys.executable, "-m", "vigil.cli", name],
-            stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
         )
     print(f"vigil run: ingest, rules, notify started (logs in {log_dir})", flush=True)
     configure_logging("WARNING")
     sim_settings = SimulatorSettings(
-        patients=args.patients, scenario=args.scenario, interval_s=args.interval,
+        patients=args.patients,
+        scenario=args.scenario,
+        interval_s=args.interval,
         duration_s=args.duration,
     )
     mail_dir = Path(stack.data_dir) / "mail"
@@ -136,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        watcher = asyncio.create_task(
-            _watch_pages(dsn, datetime.now(UTC), mail_dir, stop))
+        watcher = asyncio.create_task(_watch_pages(dsn, datetime.now(UTC), mail_dir, stop))
         try:
             counts = await run_simulator(sim_settings, stop)
             print(f"vigil run: simulator finished: {counts}", flush=True)
@@ -158,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
             if process.returncode not in (0, -signal.SIGTERM):
-                print(f"vigil run: {name} exited with {process.returncode}; see {log_dir}",
-                      file=sys.stderr)
+                print(
+                    f"vigil run: {name} exited with {process.returncode}; see {log_dir}",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -188,9 +199,11 @@ def pages_main(argv: list[str] | None = None) -> int:
         finally:
             await conn.close()
         for row in rows:
-            print(f"{row['created_at'].isoformat()}  {row['priority']:<6} {row['phase']:<8} "
-                  f"{row['patient_id']:<10} {row['title']}  -> {row['recipient']} "
-                  f"[{row['status']}]")
+            print(
+                f"{row['created_at'].isoformat()}  {row['priority']:<6} {row['phase']:<8} "
+                f"{row['patient_id']:<10} {row['title']}  -> {row['recipient']} "
+                f"[{row['status']}]"
+            )
         if not rows:
             print("no pages recorded")
 

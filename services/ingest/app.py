@@ -10,6 +10,7 @@ persistent session, and the unique keys downstream make the redelivery harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -80,15 +81,18 @@ class IngestPipeline:
         """Validate, publish and store one batch. Returns once all of it is durable."""
         received_at = utcnow()
         await self.refresh_registry()
-        outcomes = [validate_message(t, p, received_at, self._registry, self._limits)
-                    for t, p in messages]
+        outcomes = [
+            validate_message(t, p, received_at, self._registry, self._limits) for t, p in messages
+        ]
         if any(
             not isinstance(o, Accepted) and o.reason == RejectReason.UNKNOWN_DEVICE
             for o in outcomes
         ):
             await self.refresh_registry(force=True)
-            outcomes = [validate_message(t, p, received_at, self._registry, self._limits)
-                        for t, p in messages]
+            outcomes = [
+                validate_message(t, p, received_at, self._registry, self._limits)
+                for t, p in messages
+            ]
 
         accepted: list[Telemetry] = []
         rejected: list[DeadLetter] = []
@@ -99,9 +103,7 @@ class IngestPipeline:
                 rejected.append(outcome.dead_letter)
 
         sends = [
-            await self._producer.send(
-                TELEMETRY_TOPIC, encode(t), key=t.patient_id.encode()
-            )
+            await self._producer.send(TELEMETRY_TOPIC, encode(t), key=t.patient_id.encode())
             for t in accepted
         ] + [
             await self._producer.send(
@@ -121,8 +123,12 @@ class IngestPipeline:
             self.counters.rejected[dead.reason] += 1
             log.warning(
                 "message_rejected",
-                extra=log_fields(reason=dead.reason, detail=dead.detail,
-                                 device_id=dead.device_id, topic=dead.source_topic),
+                extra=log_fields(
+                    reason=dead.reason,
+                    detail=dead.detail,
+                    device_id=dead.device_id,
+                    topic=dead.source_topic,
+                ),
             )
 
 
@@ -160,16 +166,21 @@ async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
                 await _consume(settings, pipeline, stop)
                 backoff = 1.0
             except aiomqtt.MqttError as error:
-                log.warning("mqtt_disconnected", extra=log_fields(error=str(error), retry_s=backoff))
-                try:
+                log.warning(
+                    "mqtt_disconnected", extra=log_fields(error=str(error), retry_s=backoff)
+                )
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
-                except TimeoutError:
-                    pass
                 backoff = min(backoff * 2, 30.0)
     finally:
-        log.info("ingest_stopping", extra=log_fields(
-            received=pipeline.counters.received, accepted=pipeline.counters.accepted,
-            rejected=dict(pipeline.counters.rejected)))
+        log.info(
+            "ingest_stopping",
+            extra=log_fields(
+                received=pipeline.counters.received,
+                accepted=pipeline.counters.accepted,
+                rejected=dict(pipeline.counters.rejected),
+            ),
+        )
         await producer.stop()
         await pool.close()
 
@@ -188,7 +199,7 @@ async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asy
     # Acknowledge a message to the broker only after it is in Kafka and PostgreSQL, so a crash
     # makes the broker redeliver it instead of losing it. aiomqtt exposes no switch for this;
     # paho's manual acknowledgement is set on the wrapped client before connecting.
-    paho = client._client  # noqa: SLF001
+    paho = client._client
     paho.manual_ack_set(True)
     async with client:
         topic = f"$share/{settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
@@ -229,9 +240,11 @@ async def _handle_until_durable(
         try:
             await pipeline.handle(batch)
             return
-        except Exception as error:  # noqa: BLE001 - any failure means "not durable yet": retry
-            log.error("batch_not_durable", extra=log_fields(
-                error=repr(error), size=len(batch), retry_s=backoff))
+        except Exception as error:
+            log.error(
+                "batch_not_durable",
+                extra=log_fields(error=repr(error), size=len(batch), retry_s=backoff),
+            )
             try:
                 await asyncio.wait_for(stop.wait(), backoff)
                 return

@@ -51,18 +51,30 @@ async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
                         # Ingest validated it, so this is a contract break between services:
                         # keep it with its reason rather than skip it.
                         dead = DeadLetter.for_payload(
-                            reason="telemetry_contract", detail=str(error.errors()[:1]),
-                            service="rules", source_topic=TELEMETRY_TOPIC,
-                            received_at=utcnow(), payload=record.value or b"",
+                            reason="telemetry_contract",
+                            detail=str(error.errors()[:1]),
+                            service="rules",
+                            source_topic=TELEMETRY_TOPIC,
+                            received_at=utcnow(),
+                            payload=record.value or b"",
                         )
                         sends.append(await producer.send(DEADLETTER_TOPIC, encode(dead)))
                         continue
                     for alert in engine.on_telemetry(event):
-                        log.info("alert_decided", extra=log_fields(
-                            alert_id=str(alert.alert_id), code=alert.code,
-                            phase=alert.phase.value, patient_id=alert.patient_id))
-                        sends.append(await producer.send(
-                            ALERTS_TOPIC, encode(alert), key=alert.patient_id.encode()))
+                        log.info(
+                            "alert_decided",
+                            extra=log_fields(
+                                alert_id=str(alert.alert_id),
+                                code=alert.code,
+                                phase=alert.phase.value,
+                                patient_id=alert.patient_id,
+                            ),
+                        )
+                        sends.append(
+                            await producer.send(
+                                ALERTS_TOPIC, encode(alert), key=alert.patient_id.encode()
+                            )
+                        )
             if sends:
                 await asyncio.gather(*sends)
             await consumer.commit()

@@ -42,7 +42,7 @@ class MailCollector:
         self.envelopes: list[tuple[str, list[str]]] = []
         self.arrived = asyncio.Event()
 
-    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
         self.messages.append(email.message_from_bytes(envelope.content))  # type: ignore[attr-defined]
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))  # type: ignore[attr-defined]
         loop = self._loop
@@ -156,17 +156,19 @@ def temperature(device_id: str, value: float, seq: int) -> bytes:
     ).encode()
 
 
-async def rules_caught_up(bootstrap: str, group: str, timeout: float = 30) -> None:
+async def rules_caught_up(bootstrap: str, group: str, within_s: float = 30) -> None:
     """Wait until the rules group has committed past every telemetry record written so far."""
     probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await probe.start()
     await admin.start()
     try:
-        partitions = [TopicPartition(TELEMETRY_TOPIC, p)
-                      for p in probe.partitions_for_topic(TELEMETRY_TOPIC) or ()]
+        partitions = [
+            TopicPartition(TELEMETRY_TOPIC, p)
+            for p in probe.partitions_for_topic(TELEMETRY_TOPIC) or ()
+        ]
         ends = await probe.end_offsets(partitions)
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + within_s
         while True:
             committed = await admin.list_consumer_group_offsets(group)
             if all(
@@ -182,8 +184,8 @@ async def rules_caught_up(bootstrap: str, group: str, timeout: float = 30) -> No
         await admin.close()
 
 
-async def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate: object, within_s: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     while not predicate():  # type: ignore[operator]
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -192,14 +194,21 @@ async def wait_for(predicate: object, timeout: float, what: str) -> None:
 
 async def test_normal_reading_pages_no_one(pipeline: Pipeline, stack_env: dict[str, str]) -> None:
     """A normal temperature is stored and evaluated by rules, and no page is sent."""
-    patient, device, _ = await register_patient(stack_env["VIGIL_PG_DSN"], pipeline.run_id, "normal")
+    patient, device, _ = await register_patient(
+        stack_env["VIGIL_PG_DSN"], pipeline.run_id, "normal"
+    )
     await publish(stack_env, f"vigil/v1/dev/{device}/temperature", temperature(device, 37.1, 1))
 
     conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
     try:
+
         async def stored() -> int:
-            return int(await conn.fetchval(
-                "SELECT count(*) FROM temperature_readings WHERE patient_id = $1", patient))
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM temperature_readings WHERE patient_id = $1", patient
+                )
+            )
+
         deadline = asyncio.get_running_loop().time() + 30
         while await stored() == 0:
             assert asyncio.get_running_loop().time() < deadline, "reading never stored"
@@ -217,7 +226,8 @@ async def test_fever_reading_reaches_the_oncall_by_email(
     """38.6 °C published over MQTT QoS 1 becomes one e-mail page to the team's on-call address,
     carrying patient, device, value and threshold, and the page is recorded."""
     patient, device, oncall = await register_patient(
-        stack_env["VIGIL_PG_DSN"], pipeline.run_id, "fever")
+        stack_env["VIGIL_PG_DSN"], pipeline.run_id, "fever"
+    )
     topic = f"vigil/v1/dev/{device}/temperature"
     await publish(stack_env, topic, temperature(device, 37.2, 1))
     await publish(stack_env, topic, temperature(device, 38.6, 2))
@@ -233,7 +243,8 @@ async def test_fever_reading_reaches_the_oncall_by_email(
     conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
     try:
         rows = await conn.fetch(
-            "SELECT recipient, status FROM pages WHERE patient_id = $1", patient)
+            "SELECT recipient, status FROM pages WHERE patient_id = $1", patient
+        )
     finally:
         await conn.close()
     assert [r["recipient"] for r in rows] == [oncall]
@@ -251,12 +262,14 @@ async def test_invalid_payload_goes_to_dead_letter_with_reason(
     pipeline keeps flowing for the next good reading."""
     bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
     consumer = AIOKafkaConsumer(
-        DEADLETTER_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="latest",
+        DEADLETTER_TOPIC,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
         group_id=f"dlq-e2e-{pipeline.run_id}",
     )
     await consumer.start()
     try:
-        while not consumer.assignment():
+        while not consumer.assignment():  # noqa: ASYNC110 - aiokafka offers no assignment event
             await asyncio.sleep(0.1)
         await consumer.seek_to_end()
         for tp in consumer.assignment():
@@ -277,12 +290,15 @@ async def test_invalid_payload_goes_to_dead_letter_with_reason(
         assert found.reason == "invalid_json"
         assert found.source_topic == f"vigil/v1/dev/{device}/temperature"
         import base64
+
         assert marker in base64.b64decode(found.payload_b64)
     finally:
         await consumer.stop()
 
     patient, good_device, _ = await register_patient(
-        stack_env["VIGIL_PG_DSN"], pipeline.run_id, "after-dlq")
-    await publish(stack_env, f"vigil/v1/dev/{good_device}/temperature",
-                  temperature(good_device, 38.9, 1))
+        stack_env["VIGIL_PG_DSN"], pipeline.run_id, "after-dlq"
+    )
+    await publish(
+        stack_env, f"vigil/v1/dev/{good_device}/temperature", temperature(good_device, 38.9, 1)
+    )
     await wait_for(lambda: pipeline.mail.for_patient(patient), 60, "a page after a bad message")

@@ -64,8 +64,15 @@ def test_every_variable_is_a_setting_of_its_service(compose: dict[str, Any], ser
 @pytest.mark.parametrize(
     ("service", "required"),
     [
-        ("ingest", {"VIGIL_KAFKA_BOOTSTRAP_SERVERS", "VIGIL_PG_DSN", "VIGIL_MQTT_HOST",
-                    "VIGIL_INGEST_MQTT_PASSWORD"}),
+        (
+            "ingest",
+            {
+                "VIGIL_KAFKA_BOOTSTRAP_SERVERS",
+                "VIGIL_PG_DSN",
+                "VIGIL_MQTT_HOST",
+                "VIGIL_INGEST_MQTT_PASSWORD",
+            },
+        ),
         ("rules", {"VIGIL_KAFKA_BOOTSTRAP_SERVERS"}),
         ("notify", {"VIGIL_KAFKA_BOOTSTRAP_SERVERS", "VIGIL_PG_DSN", "VIGIL_NOTIFY_SMTP_HOST"}),
     ],
@@ -81,8 +88,12 @@ def test_every_service_is_told_where_its_infrastructure_is(
 def test_env_name_walk_sees_nested_blocks() -> None:
     """The name walk itself: nested blocks contribute their own prefixes."""
     names = env_names(IngestSettings)
-    assert {"VIGIL_INGEST_MQTT_PASSWORD", "VIGIL_KAFKA_BOOTSTRAP_SERVERS", "VIGIL_PG_DSN",
-            "VIGIL_MQTT_HOST"} <= names
+    assert {
+        "VIGIL_INGEST_MQTT_PASSWORD",
+        "VIGIL_KAFKA_BOOTSTRAP_SERVERS",
+        "VIGIL_PG_DSN",
+        "VIGIL_MQTT_HOST",
+    } <= names
     assert "VIGIL_INGEST_KAFKA" not in names
 
 

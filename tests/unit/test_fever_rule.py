@@ -113,7 +113,7 @@ def test_out_of_order_readings_complete_the_run() -> None:
 
 
 def test_late_normal_reading_inside_the_run_breaks_it() -> None:
-    """A normal reading that arrives late, from inside the hour, means the fever was not sustained."""
+    """A normal reading arriving late, from inside the hour, means the fever was not sustained."""
     events = [reading(0, 38.1), reading(50, 38.1), reading(25, 37.2), reading(60, 38.1)]
     assert run(events) == []
 
@@ -127,7 +127,13 @@ def test_duplicate_reading_does_not_page_twice() -> None:
 
 def test_hysteresis_keeps_a_bouncing_reading_to_one_page() -> None:
     """Readings bouncing around 38.3 °C stay one episode until one falls below clear_c."""
-    events = [reading(0, 38.4), reading(5, 38.2), reading(10, 38.4), reading(15, 37.9), reading(20, 38.5)]
+    events = [
+        reading(0, 38.4),
+        reading(5, 38.2),
+        reading(10, 38.4),
+        reading(15, 37.9),
+        reading(20, 38.5),
+    ]
     alerts = run(events)
     assert [a.phase for a in alerts] == [AlertPhase.START]
 
@@ -149,7 +155,7 @@ def test_critical_level_escalates_once() -> None:
 
 
 def test_critical_first_reading_starts_as_critical() -> None:
-    """A first reading at the critical level opens the alert as critical, with no extra escalation."""
+    """A first reading at the critical level opens as critical, with no extra escalation."""
     alerts = run([reading(0, 39.7), reading(10, 39.9)])
     assert [(a.phase, a.code) for a in alerts] == [(AlertPhase.START, "fever_critical")]
 

@@ -74,5 +74,7 @@ async def apply_migrations(dsn: str) -> list[str]:
 async def timescaledb_enabled(conn: asyncpg.Connection) -> bool:
     """Whether the timescaledb extension is installed in this database."""
     return bool(
-        await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+        )
     )

@@ -83,13 +83,18 @@ async def store_telemetry(pool: asyncpg.Pool, batch: Sequence[Telemetry]) -> Non
         m = t.message
         if isinstance(m, TemperatureReading):
             value_c = t.temperature_c if t.temperature_c is not None else m.celsius()
-            temperatures.append(
-                (*_common(t), value_c, m.value, m.unit.value, m.site.value, flags)
-            )
+            temperatures.append((*_common(t), value_c, m.value, m.unit.value, m.site.value, flags))
         elif isinstance(m, PumpStatus):
             statuses.append(
-                (*_common(t), m.state.value, m.rate_ml_h, m.volume_remaining_ml,
-                 m.bag_volume_ml, m.battery_pct, flags)
+                (
+                    *_common(t),
+                    m.state.value,
+                    m.rate_ml_h,
+                    m.volume_remaining_ml,
+                    m.bag_volume_ml,
+                    m.battery_pct,
+                    flags,
+                )
             )
         elif isinstance(m, PumpEvent):
             events.append(

@@ -20,7 +20,9 @@ async def upsert_care_team(
         ON CONFLICT (care_team_id) DO UPDATE
             SET name = EXCLUDED.name, oncall_email = EXCLUDED.oncall_email
         """,
-        care_team_id, name, oncall_email,
+        care_team_id,
+        name,
+        oncall_email,
     )
 
 
@@ -36,7 +38,9 @@ async def upsert_patient(
         ON CONFLICT (patient_id) DO UPDATE
             SET care_team_id = EXCLUDED.care_team_id, weight_kg = EXCLUDED.weight_kg
         """,
-        patient_id, care_team_id, weight_kg,
+        patient_id,
+        care_team_id,
+        weight_kg,
     )
 
 
@@ -48,7 +52,9 @@ async def upsert_device(
         INSERT INTO devices (device_id, kind, model) VALUES ($1, $2, $3)
         ON CONFLICT (device_id) DO UPDATE SET kind = EXCLUDED.kind, model = EXCLUDED.model
         """,
-        device_id, kind, model,
+        device_id,
+        kind,
+        model,
     )
 
 
@@ -68,5 +74,8 @@ async def bind_device(
         ON CONFLICT (device_id, valid_from) DO UPDATE
             SET patient_id = EXCLUDED.patient_id, valid_to = EXCLUDED.valid_to
         """,
-        device_id, patient_id, valid_from, valid_to,
+        device_id,
+        patient_id,
+        valid_from,
+        valid_to,
     )

@@ -97,7 +97,9 @@ class FeverState:
     seen: frozenset[str] = field(default_factory=frozenset)
 
 
-def _sustained_run_start(window: tuple[_Reading, ...], thresholds: FeverThresholds) -> datetime | None:
+def _sustained_run_start(
+    window: tuple[_Reading, ...], thresholds: FeverThresholds
+) -> datetime | None:
     """Device time where the unbroken run of readings >= sustained_c ending at the newest began."""
     if not window or window[-1].value_c < thresholds.sustained_c:
         return None
@@ -119,9 +121,9 @@ def _evidence(
         value=reading.value_c,
         unit=unit,
         limit=limit,
-        comparator=comparator,  # type: ignore[arg-type]
+        comparator=comparator,
         device_time=reading.device_time,
-        message_id=reading.message_id,  # type: ignore[arg-type]
+        message_id=reading.message_id,
     )
 
 
@@ -202,8 +204,11 @@ def evaluate_fever(
                     _evidence("temperature_run_start", first, thresholds.sustained_c, ">="),
                     _evidence("temperature", latest, thresholds.sustained_c, ">="),
                 )
-                + ((_evidence("temperature_peak", peak, thresholds.sustained_c, ">="),)
-                   if peak is not None and peak not in (first, latest) else ()),
+                + (
+                    (_evidence("temperature_peak", peak, thresholds.sustained_c, ">="),)
+                    if peak is not None and peak not in (first, latest)
+                    else ()
+                ),
             )
             opened_at = run_start
         else:
