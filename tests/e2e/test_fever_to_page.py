@@ -26,6 +26,7 @@ from aiosmtpd.controller import Controller
 
 from schemas.events import DeadLetter
 from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
+from schemas.topics import MQTT_SUBSCRIPTION
 from services.ingest.adapters.registry_admin import (
     bind_device,
     upsert_care_team,
@@ -73,8 +74,6 @@ class Pipeline:
 @pytest.fixture(scope="module")
 async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     """Start an SMTP server and the three services against the test stack."""
-    import os
-
     from services.ingest.app import run as run_ingest
     from services.ingest.settings import IngestSettings
     from services.notify.app import run as run_notify
@@ -89,17 +88,25 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     controller = Controller(mail, hostname="127.0.0.1", port=smtp_port)
     controller.start()
 
-    # Fresh consumer groups per run: the services see this run's events from the start.
-    os.environ["VIGIL_NOTIFY_SMTP_PORT"] = str(smtp_port)
-    os.environ["VIGIL_RULES_GROUP_ID"] = f"rules-e2e-{run_id}"
-    os.environ["VIGIL_NOTIFY_GROUP_ID"] = f"notify-e2e-{run_id}"
-    # One persistent session for every run, so broker-side sessions do not pile up.
-    os.environ["VIGIL_INGEST_MQTT_CLIENT_ID"] = "ingest-e2e"
+    # Fresh consumer groups per run: the services see this run's events from the start. Its own
+    # MQTT share group: Mosquitto also routes shared-subscription messages to offline sessions of
+    # a group, so sharing one with another test's ingest could strand a message there.
+    ingest_settings = IngestSettings(
+        mqtt_client_id=f"ingest-e2e-{run_id}", mqtt_share_group=f"ingest-e2e-{run_id}"
+    )
+    rules_settings = RulesSettings(group_id=f"rules-e2e-{run_id}")
+    notify_settings = NotifySettings(smtp_port=smtp_port, group_id=f"notify-e2e-{run_id}")
+    # Make the broker hold messages for this ingest from now on, whenever it gets to subscribing.
+    await open_mqtt_session(
+        stack_env,
+        ingest_settings.mqtt_client_id,
+        f"$share/{ingest_settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}",
+    )
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_ingest(IngestSettings(), stop), name="ingest"),
-        asyncio.create_task(run_rules(RulesSettings(), stop), name="rules"),
-        asyncio.create_task(run_notify(NotifySettings(), stop), name="notify"),
+        asyncio.create_task(run_ingest(ingest_settings, stop), name="ingest"),
+        asyncio.create_task(run_rules(rules_settings, stop), name="rules"),
+        asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
     ]
     await asyncio.sleep(3)  # let consumers join their groups and ingest subscribe
     for task in tasks:
@@ -111,8 +118,35 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
         stop.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         controller.stop()
+        await drop_mqtt_session(stack_env, f"ingest-e2e-{run_id}")
         for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
             assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
+
+
+async def open_mqtt_session(env: dict[str, str], client_id: str, topic: str) -> None:
+    """Create ingest's persistent session and subscription before ingest itself starts."""
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        int(env["VIGIL_MQTT_PORT"]),
+        username=env["VIGIL_INGEST_MQTT_USERNAME"],
+        password=env["VIGIL_INGEST_MQTT_PASSWORD"],
+        identifier=client_id,
+        clean_session=False,
+    ) as client:
+        await client.subscribe(topic, qos=1)
+
+
+async def drop_mqtt_session(env: dict[str, str], client_id: str) -> None:
+    """End the persistent session a test's ingest left on the broker."""
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        int(env["VIGIL_MQTT_PORT"]),
+        username=env["VIGIL_INGEST_MQTT_USERNAME"],
+        password=env["VIGIL_INGEST_MQTT_PASSWORD"],
+        identifier=client_id,
+        clean_session=True,
+    ):
+        pass
 
 
 async def register_patient(dsn: str, run_id: str, label: str) -> tuple[str, str, str]:
