@@ -1,0 +1,51 @@
+"""Password hashing (argon2id) and signed access tokens (JWT, HS256)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from services.api.domain.access import Principal, Role
+
+_HASHER = PasswordHasher()
+_ALGORITHM = "HS256"
+
+
+def hash_password(password: str) -> str:
+    return _HASHER.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+# A hash to verify against when the user does not exist, so a wrong username costs the same
+# time as a wrong password and does not reveal which usernames exist.
+DUMMY_HASH = hash_password("not-a-user-password")
+
+
+def issue_token(principal: Principal, secret: str, now: datetime, ttl: timedelta) -> str:
+    claims = {
+        "sub": principal.user_id,
+        "name": principal.username,
+        "role": principal.role.value,
+        "iat": int(now.timestamp()),
+        "exp": int((now + ttl).timestamp()),
+    }
+    return jwt.encode(claims, secret, algorithm=_ALGORITHM)
+
+
+def read_token(token: str, secret: str) -> tuple[str, Role] | None:
+    """The user id and role a valid token names, or None. Care teams are read fresh from the
+    database on each request, so removing someone from a team takes effect at once."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": ["exp"]})
+        return str(claims["sub"]), Role(claims["role"])
+    except (jwt.PyJWTError, KeyError, ValueError):
+        return None

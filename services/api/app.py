@@ -1,0 +1,116 @@
+"""API composition root: settings, the database pool, the audit trail and the routes.
+
+``create_app`` takes its collaborators as arguments so tests can pass their own clock; the
+defaults are the real adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI
+
+from services.api.adapters.audit import AuditTrail
+from services.api.adapters.credentials import hash_password
+from services.api.adapters.repository import ApiRepository
+from services.api.domain.access import Role
+from services.api.domain.throttle import LoginThrottle
+from services.api.routes import alerts, auth, dashboard, patients
+from services.api.settings import ApiSettings
+from vigil.runtime import configure_logging, utcnow
+
+
+def create_app(
+    settings: ApiSettings,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    alert_actions: Any = None,
+    audit: Any = None,
+    fever_thresholds: dict[str, float] | None = None,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await asyncpg.create_pool(
+            settings.pg.dsn, min_size=settings.pg.pool_min_size,
+            max_size=max(settings.pg.pool_max_size, 4),
+        )
+        app.state.repository = ApiRepository(pool)
+        app.state.audit = audit if audit is not None else AuditTrail(pool)
+        if alert_actions is None:
+            from services.api.adapters.alert_actions import NotifyAlertActions
+
+            app.state.alert_actions = NotifyAlertActions(pool)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="Vigil care-team API",
+        version="1",
+        description="Patients, alerts and acknowledgements of the caller's care teams.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.clock = clock
+    app.state.alert_actions = alert_actions
+    app.state.login_throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s)
+    app.state.address_throttle = LoginThrottle(
+        settings.login_max_failures * 10, settings.login_window_s
+    )
+    app.state.fever_thresholds = fever_thresholds or {"single": 38.3, "sustained": 38.0}
+    app.include_router(auth.router)
+    app.include_router(patients.router)
+    app.include_router(alerts.router)
+    app.include_router(dashboard.router)
+    return app
+
+
+async def _create_user(settings: ApiSettings, args: argparse.Namespace, password: str) -> None:
+    pool = await asyncpg.create_pool(settings.pg.dsn, min_size=1, max_size=1)
+    try:
+        await ApiRepository(pool).create_user(
+            args.user_id or f"u-{uuid.uuid4().hex[:10]}", args.username,
+            args.display_name or args.username, hash_password(password), Role(args.role),
+            args.teams,
+        )
+    finally:
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vigil api")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve the API and dashboard (default)")
+    user = commands.add_parser("create-user", help="create or update a login")
+    user.add_argument("--username", required=True)
+    user.add_argument("--role", required=True, choices=[r.value for r in Role])
+    user.add_argument("--teams", nargs="+", required=True, metavar="CARE_TEAM_ID")
+    user.add_argument("--display-name")
+    user.add_argument("--user-id")
+    user.add_argument("--password-stdin", action="store_true",
+                      help="read the password from standard input instead of prompting")
+    args = parser.parse_args(argv)
+    settings = ApiSettings()
+    configure_logging(settings.log_level)
+    if args.command == "create-user":
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass()
+        if len(password) < 12:
+            print("vigil api: passwords need at least 12 characters", file=sys.stderr)
+            return 2
+        asyncio.run(_create_user(settings, args, password))
+        return 0
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
+    return 0

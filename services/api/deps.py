@@ -1,0 +1,87 @@
+"""Request dependencies: the repository, the clock and the authenticated principal.
+
+A request authenticates with a bearer token (API clients) or with the dashboard's session
+cookie. A write through the cookie must also carry the ``X-Requested-By`` header, which a page
+of another site cannot add without a CORS preflight this API never grants (CSRF defence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import OAuth2PasswordBearer
+
+from services.api.adapters.credentials import read_token
+from services.api.adapters.repository import ApiRepository
+from services.api.domain.access import Action, Principal
+from services.api.settings import ApiSettings
+
+SESSION_COOKIE = "vigil_session"
+CSRF_HEADER = "X-Requested-By"
+
+_bearer = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+
+
+def get_settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
+    return settings
+
+
+def get_repository(request: Request) -> ApiRepository:
+    repository: ApiRepository = request.app.state.repository
+    return repository
+
+
+def get_clock(request: Request) -> Callable[[], datetime]:
+    clock: Callable[[], datetime] = request.app.state.clock
+    return clock
+
+
+Settings = Annotated[ApiSettings, Depends(get_settings)]
+Repository = Annotated[ApiRepository, Depends(get_repository)]
+Clock = Annotated[Callable[[], datetime], Depends(get_clock)]
+
+_UNAUTHENTICATED = HTTPException(
+    status_code=status.HTTP_401_UNAUTHORIZED,
+    detail="not authenticated",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+
+async def get_principal(
+    request: Request,
+    settings: Settings,
+    repository: Repository,
+    bearer: Annotated[str | None, Depends(_bearer)],
+) -> Principal:
+    token = bearer
+    if token is None:
+        token = request.cookies.get(SESSION_COOKIE)
+        if token is not None and request.method not in ("GET", "HEAD", "OPTIONS") and (
+            request.headers.get(CSRF_HEADER) != "vigil-dashboard"
+        ):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "cookie writes need " + CSRF_HEADER)
+    if token is None:
+        raise _UNAUTHENTICATED
+    claims = read_token(token, settings.token_secret.get_secret_value())
+    if claims is None:
+        raise _UNAUTHENTICATED
+    principal = await repository.principal(claims[0])
+    if principal is None:
+        raise _UNAUTHENTICATED
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require(action: Action) -> Callable[[Principal], Principal]:
+    def check(principal: CurrentPrincipal) -> Principal:
+        if not principal.may(action):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"role may not {action.value}")
+        return principal
+
+    return check

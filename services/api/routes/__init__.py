@@ -1,0 +1,1 @@
+"""HTTP routes of the API: authentication, patients, alerts, the dashboard."""

@@ -1,0 +1,136 @@
+"""Alerts of the caller's care teams: list, timeline, acknowledge, resolve, and a live stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from services.api.deps import Clock, CurrentPrincipal, Repository, require
+from services.api.domain.access import Action, Principal
+
+router = APIRouter(prefix="/api/alerts", tags=["alerts"])
+Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+Acknowledger = Annotated[Principal, Depends(require(Action.ACKNOWLEDGE))]
+Resolver = Annotated[Principal, Depends(require(Action.RESOLVE))]
+
+
+class AlertPage(BaseModel):
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
+
+
+class ActionResult(BaseModel):
+    dedup_key: str
+    status: str
+    changed: bool
+
+
+async def _episode_or_404(repository: Any, principal: Principal, dedup_key: str) -> dict[str, Any]:
+    episode = await repository.alert_episode(principal.care_teams, dedup_key)
+    if episode is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such alert")
+    return dict(episode)
+
+
+@router.get("", response_model=AlertPage)
+async def list_alerts(
+    request: Request,
+    principal: Reader,
+    repository: Repository,
+    state: Literal["open", "acknowledged", "resolved"] | None = None,
+    priority: Literal["high", "medium", "low", "info"] | None = None,
+    patient_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AlertPage:
+    items, total = await repository.alert_episodes(
+        principal.care_teams, state=state, priority=priority, patient_id=patient_id,
+        limit=limit, offset=offset,
+    )
+    await request.app.state.audit.record(
+        principal.user_id, "alerts.list", "alerts",
+        {"state": state, "priority": priority, "patient_id": patient_id, "count": len(items)},
+    )
+    return AlertPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/stream")
+async def stream(request: Request, principal: Reader, repository: Repository) -> StreamingResponse:
+    """Server-sent events: one ``alerts`` event whenever an alert of the caller's teams changes."""
+    poll_s: float = request.app.state.settings.stream_poll_s
+
+    async def events() -> AsyncIterator[bytes]:
+        last: datetime | None = None
+        yield b"retry: 2000\n\n"
+        while not await request.is_disconnected():
+            latest = await repository.latest_alert_received_at(principal.care_teams)
+            if latest != last:
+                last = latest
+                payload = json.dumps({"updated_at": latest.isoformat() if latest else None})
+                yield f"event: alerts\ndata: {payload}\n\n".encode()
+            else:
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(poll_s)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+@router.get("/{dedup_key}")
+async def get_alert(
+    request: Request, dedup_key: str, principal: Reader, repository: Repository
+) -> dict[str, Any]:
+    episode = await _episode_or_404(repository, principal, dedup_key)
+    episode["phases"] = await repository.alert_phases(dedup_key)
+    episode["pages"] = await repository.pages_for(dedup_key)
+    for page in episode["pages"]:
+        if isinstance(page.get("attempts"), str):
+            page["attempts"] = json.loads(page["attempts"])
+    for phase in episode["phases"]:
+        if isinstance(phase.get("evidence"), str):
+            phase["evidence"] = json.loads(phase["evidence"])
+    await request.app.state.audit.record(
+        principal.user_id, "alert.read", f"patient:{episode['patient_id']}",
+        {"dedup_key": dedup_key},
+    )
+    return episode
+
+
+@router.post("/{dedup_key}/ack", response_model=ActionResult)
+async def acknowledge(
+    request: Request, dedup_key: str, principal: Acknowledger, repository: Repository,
+    clock: Clock,
+) -> ActionResult:
+    episode = await _episode_or_404(repository, principal, dedup_key)
+    changed = await request.app.state.alert_actions.acknowledge(
+        dedup_key, principal.username, clock()
+    )
+    await request.app.state.audit.record(
+        principal.user_id, "alert.acknowledge", f"patient:{episode['patient_id']}",
+        {"dedup_key": dedup_key, "changed": changed},
+    )
+    after = await _episode_or_404(repository, principal, dedup_key)
+    return ActionResult(dedup_key=dedup_key, status=after["status"], changed=changed)
+
+
+@router.post("/{dedup_key}/resolve", response_model=ActionResult)
+async def resolve(
+    request: Request, dedup_key: str, principal: Resolver, repository: Repository, clock: Clock
+) -> ActionResult:
+    episode = await _episode_or_404(repository, principal, dedup_key)
+    changed = await request.app.state.alert_actions.resolve(dedup_key, principal.username, clock())
+    await request.app.state.audit.record(
+        principal.user_id, "alert.resolve", f"patient:{episode['patient_id']}",
+        {"dedup_key": dedup_key, "changed": changed},
+    )
+    after = await _episode_or_404(repository, principal, dedup_key)
+    return ActionResult(dedup_key=dedup_key, status=after["status"], changed=changed)

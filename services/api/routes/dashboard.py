@@ -1,0 +1,108 @@
+"""The dashboard: server-rendered pages with a little JavaScript, authenticated by cookie."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from services.api.deps import SESSION_COOKIE, get_principal
+from services.api.domain.access import Action, Principal
+from services.api.domain.clocks import PumpReport, infusion_clocks
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
+
+PLOT_W, PLOT_H, PAD = 760, 240, 36
+
+
+async def _principal_or_none(request: Request) -> Principal | None:
+    if SESSION_COOKIE not in request.cookies:
+        return None
+    try:
+        return await get_principal(
+            request, request.app.state.settings, request.app.state.repository, None
+        )
+    except HTTPException:
+        return None
+
+
+def temperature_plot(
+    readings: list[dict[str, Any]], start: datetime, end: datetime, thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """SVG coordinates for a temperature line over [start, end] with threshold lines."""
+    low, high = 35.0, 41.0
+    span = (end - start).total_seconds() or 1.0
+
+    def x(at: datetime) -> float:
+        return PAD + (PLOT_W - 2 * PAD) * (at - start).total_seconds() / span
+
+    def y(celsius: float) -> float:
+        clamped = min(max(celsius, low), high)
+        return PLOT_H - PAD - (PLOT_H - 2 * PAD) * (clamped - low) / (high - low)
+
+    points = " ".join(f"{x(r['device_time']):.1f},{y(r['value_c']):.1f}" for r in readings)
+    dots = [{"x": x(r["device_time"]), "y": y(r["value_c"]), "value": r["value_c"],
+             "at": r["device_time"]} for r in readings]
+    lines = [{"name": name, "value": value, "y": y(value)} for name, value in thresholds.items()]
+    ticks = [{"y": y(t), "label": f"{t:.0f}"} for t in range(36, 42)]
+    hours = [{"x": x(start + timedelta(hours=h)), "label": f"-{24 - h}h"} for h in range(0, 25, 6)]
+    return {"width": PLOT_W, "height": PLOT_H, "pad": PAD, "points": points, "dots": dots,
+            "lines": lines, "ticks": ticks, "hours": hours}
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_page(request: Request) -> Response:
+    return templates.TemplateResponse(request, "login.html", {})
+
+
+@router.get("/", response_class=HTMLResponse)
+async def dashboard(request: Request) -> Response:
+    principal = await _principal_or_none(request)
+    if principal is None:
+        return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    return templates.TemplateResponse(
+        request, "dashboard.html",
+        {"principal": principal, "can_ack": principal.may(Action.ACKNOWLEDGE)},
+    )
+
+
+@router.get("/patients/{patient_id}", response_class=HTMLResponse)
+async def patient_page(request: Request, patient_id: str) -> Response:
+    principal = await _principal_or_none(request)
+    if principal is None:
+        return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    repository = request.app.state.repository
+    patient = await repository.patient(principal.care_teams, patient_id)
+    if patient is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such patient")
+    now: datetime = request.app.state.clock()
+    start = now - timedelta(hours=24)
+    readings = await repository.temperatures(patient_id, start, 5_000)
+    reports = await repository.pump_reports(patient_id, start)
+    clocks = infusion_clocks(
+        [PumpReport(r["device_time"], r["state"], r["rate_ml_h"], r["volume_remaining_ml"])
+         for r in reports],
+        now,
+    )
+    thresholds = request.app.state.fever_thresholds
+    await request.app.state.audit.record(
+        principal.user_id, "patient.dashboard", f"patient:{patient_id}", {})
+    return templates.TemplateResponse(
+        request, "patient.html",
+        {
+            "principal": principal,
+            "patient": patient,
+            "devices": await repository.devices(patient_id),
+            "plot": temperature_plot(readings, start, now, thresholds),
+            "latest": readings[-1] if readings else None,
+            "pump": reports[-1] if reports else None,
+            "clocks": clocks,
+            "events": await repository.pump_events(patient_id, start, 20),
+            "now": now,
+        },
+    )

@@ -1,0 +1,109 @@
+"""Patients of the caller's care teams: profile, devices, recent readings, pump and clocks."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel
+
+from services.api.deps import Clock, CurrentPrincipal, Repository, require
+from services.api.domain.access import Action, Principal
+from services.api.domain.clocks import PumpReport, infusion_clocks
+
+router = APIRouter(prefix="/api/patients", tags=["patients"])
+Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+
+
+class PageOf(BaseModel):
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
+
+
+class PumpView(BaseModel):
+    state: str | None
+    bag_empty_at: datetime | None
+    interrupted_minutes: float | None
+    latest: dict[str, Any] | None
+    events: list[dict[str, Any]]
+
+
+async def _audit(request: Request, principal: Principal, action: str, subject: str,
+                 **details: Any) -> None:
+    await request.app.state.audit.record(principal.user_id, action, subject, details)
+
+
+async def _patient_or_404(repository: Any, principal: Principal, patient_id: str) -> dict[str, Any]:
+    patient = await repository.patient(principal.care_teams, patient_id)
+    if patient is None:
+        # 404, not 403: a patient of another team is indistinguishable from no patient.
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such patient")
+    return dict(patient)
+
+
+@router.get("", response_model=PageOf)
+async def list_patients(
+    request: Request,
+    principal: Reader,
+    repository: Repository,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PageOf:
+    items, total = await repository.patients(principal.care_teams, limit, offset)
+    await _audit(request, principal, "patients.list", "patients", count=len(items))
+    return PageOf(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{patient_id}")
+async def get_patient(
+    request: Request, patient_id: str, principal: Reader, repository: Repository
+) -> dict[str, Any]:
+    patient = await _patient_or_404(repository, principal, patient_id)
+    patient["devices"] = await repository.devices(patient_id)
+    await _audit(request, principal, "patient.read", f"patient:{patient_id}")
+    return patient
+
+
+@router.get("/{patient_id}/readings", response_model=PageOf)
+async def readings(
+    request: Request,
+    patient_id: str,
+    principal: Reader,
+    repository: Repository,
+    clock: Clock,
+    hours: Annotated[float, Query(gt=0, le=24 * 30)] = 24,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 2_000,
+) -> PageOf:
+    await _patient_or_404(repository, principal, patient_id)
+    since = clock() - timedelta(hours=hours)
+    items = await repository.temperatures(patient_id, since, limit)
+    await _audit(request, principal, "patient.readings", f"patient:{patient_id}", hours=hours)
+    return PageOf(items=items, total=len(items), limit=limit, offset=0)
+
+
+@router.get("/{patient_id}/pump", response_model=PumpView)
+async def pump(
+    request: Request, patient_id: str, principal: Reader, repository: Repository, clock: Clock
+) -> PumpView:
+    await _patient_or_404(repository, principal, patient_id)
+    now = clock()
+    rows = await repository.pump_reports(patient_id, now - timedelta(hours=24))
+    reports = [
+        PumpReport(r["device_time"], r["state"], r["rate_ml_h"], r["volume_remaining_ml"])
+        for r in rows
+    ]
+    clocks = infusion_clocks(reports, now)
+    events = await repository.pump_events(patient_id, now - timedelta(hours=24), 50)
+    await _audit(request, principal, "patient.pump", f"patient:{patient_id}")
+    return PumpView(
+        state=clocks.state,
+        bag_empty_at=clocks.bag_empty_at,
+        interrupted_minutes=(
+            clocks.interrupted_for.total_seconds() / 60 if clocks.interrupted_for else None
+        ),
+        latest=rows[-1] if rows else None,
+        events=events,
+    )
