@@ -40,7 +40,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await asyncpg.create_pool(
-            settings.pg.dsn, min_size=settings.pg.pool_min_size,
+            settings.pg.dsn,
+            min_size=settings.pg.pool_min_size,
             max_size=max(settings.pg.pool_max_size, 4),
         )
         app.state.repository = ApiRepository(pool)
@@ -79,8 +80,11 @@ async def _create_user(settings: ApiSettings, args: argparse.Namespace, password
     pool = await asyncpg.create_pool(settings.pg.dsn, min_size=1, max_size=1)
     try:
         await ApiRepository(pool).create_user(
-            args.user_id or f"u-{uuid.uuid4().hex[:10]}", args.username,
-            args.display_name or args.username, hash_password(password), Role(args.role),
+            args.user_id or f"u-{uuid.uuid4().hex[:10]}",
+            args.username,
+            args.display_name or args.username,
+            hash_password(password),
+            Role(args.role),
             args.teams,
         )
     finally:
@@ -97,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     user.add_argument("--teams", nargs="+", required=True, metavar="CARE_TEAM_ID")
     user.add_argument("--display-name")
     user.add_argument("--user-id")
-    user.add_argument("--password-stdin", action="store_true",
-                      help="read the password from standard input instead of prompting")
+    user.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of prompting",
+    )
     args = parser.parse_args(argv)
     settings = ApiSettings()
     configure_logging(settings.log_level)
@@ -111,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+    )
     return 0

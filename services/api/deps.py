@@ -60,8 +60,10 @@ async def get_principal(
     token = bearer
     if token is None:
         token = request.cookies.get(SESSION_COOKIE)
-        if token is not None and request.method not in ("GET", "HEAD", "OPTIONS") and (
-            request.headers.get(CSRF_HEADER) != "vigil-dashboard"
+        if (
+            token is not None
+            and request.method not in ("GET", "HEAD", "OPTIONS")
+            and (request.headers.get(CSRF_HEADER) != "vigil-dashboard")
         ):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "cookie writes need " + CSRF_HEADER)
     if token is None:

@@ -36,8 +36,6 @@ class ApiSettings(BaseSettings):
     @model_validator(mode="after")
     def _no_default_secret_in_production(self) -> Self:
         secret = self.token_secret.get_secret_value()
-        if self.environment != "development" and (
-            secret == DEVELOPMENT_SECRET or len(secret) < 32
-        ):
+        if self.environment != "development" and (secret == DEVELOPMENT_SECRET or len(secret) < 32):
             raise ValueError("VIGIL_API_TOKEN_SECRET must be set (32+ chars) outside development")
         return self

@@ -87,8 +87,9 @@ class World:
             return str(r.json()["access_token"])
 
 
-async def insert_alert(conn: asyncpg.Connection, patient_id: str, device_id: str,
-                       at: datetime, value: float) -> str:
+async def insert_alert(
+    conn: asyncpg.Connection, patient_id: str, device_id: str, at: datetime, value: float
+) -> str:
     dedup_key = f"{patient_id}:fever:{at.isoformat()}"
     await conn.execute(
         """
@@ -99,22 +100,44 @@ async def insert_alert(conn: asyncpg.Connection, patient_id: str, device_id: str
                 $5, $6, $6, $7::jsonb, 'fever', '1.0.0+test')
         ON CONFLICT DO NOTHING
         """,
-        alert_id_for(dedup_key, "start"), dedup_key, patient_id, device_id,
-        f"Fever {value:.1f} °C", at,
-        json.dumps([{"name": "temperature", "value": value, "unit": "Cel", "limit": 38.3,
-                     "comparator": ">=", "device_time": at.isoformat()}]),
+        alert_id_for(dedup_key, "start"),
+        dedup_key,
+        patient_id,
+        device_id,
+        f"Fever {value:.1f} °C",
+        at,
+        json.dumps(
+            [
+                {
+                    "name": "temperature",
+                    "value": value,
+                    "unit": "Cel",
+                    "limit": 38.3,
+                    "comparator": ">=",
+                    "device_time": at.isoformat(),
+                }
+            ]
+        ),
     )
     return dedup_key
 
 
 async def build_world(
-    dsn: str, base_url: str, actions: RecordingAlertActions, audit: RecordingAudit
+    dsn: str, base_url: str, actions: RecordingAlertActions, audit: RecordingAudit | None
 ) -> World:
     run = uuid.uuid4().hex[:8]
     now = datetime.now(UTC)
     world = World(
-        base_url=base_url, run=run, team_a=f"team-a-{run}", team_b=f"team-b-{run}",
-        patient_a=f"PA-{run}", patient_b=f"PB-{run}", alert_a="", alert_b="", actions=actions, audit=audit,
+        base_url=base_url,
+        run=run,
+        team_a=f"team-a-{run}",
+        team_b=f"team-b-{run}",
+        patient_a=f"PA-{run}",
+        patient_b=f"PB-{run}",
+        alert_a="",
+        alert_b="",
+        actions=actions,
+        audit=audit or RecordingAudit(),
     )
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
@@ -133,12 +156,19 @@ async def build_world(
                             device_id, message_id, seq, value_c, original_value, original_unit,
                             site) VALUES ($1, $1, $2, $3, $4, $5, $6, $6, 'C', 'axillary')
                         """,
-                        at, patient, device, uuid.uuid4(), minutes, 37.0 + (minutes % 90) / 60,
+                        at,
+                        patient,
+                        device,
+                        uuid.uuid4(),
+                        minutes,
+                        37.0 + (minutes % 90) / 60,
                     )
-            world.alert_a = await insert_alert(conn, world.patient_a, f"thermo-{world.patient_a}",
-                                               now - timedelta(minutes=5), 38.7)
-            world.alert_b = await insert_alert(conn, world.patient_b, f"thermo-{world.patient_b}",
-                                               now - timedelta(minutes=7), 38.9)
+            world.alert_a = await insert_alert(
+                conn, world.patient_a, f"thermo-{world.patient_a}", now - timedelta(minutes=5), 38.7
+            )
+            world.alert_b = await insert_alert(
+                conn, world.patient_b, f"thermo-{world.patient_b}", now - timedelta(minutes=7), 38.9
+            )
         repository = ApiRepository(pool)
         for label, role, teams in (
             ("clinician_a", Role.CLINICIAN, [world.team_a]),
@@ -147,8 +177,9 @@ async def build_world(
             ("clinician_b", Role.CLINICIAN, [world.team_b]),
         ):
             username = f"{label}-{run}"
-            await repository.create_user(f"{label}-{run}", username, label,
-                                         hash_password(PASSWORD), role, teams)
+            await repository.create_user(
+                f"{label}-{run}", username, label, hash_password(PASSWORD), role, teams
+            )
             world.users[label] = username
     finally:
         await pool.close()
@@ -163,15 +194,18 @@ async def api_world(stack_env: dict[str, str]) -> AsyncIterator[World]:
     audit = RecordingAudit()
     settings = ApiSettings(port=port, stream_poll_s=0.2)
     app = create_app(settings, alert_actions=actions, audit=audit)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
             task.result()
         await asyncio.sleep(0.05)
     try:
-        yield await build_world(stack_env["VIGIL_PG_DSN"], f"http://127.0.0.1:{port}", actions, audit)
+        yield await build_world(
+            stack_env["VIGIL_PG_DSN"], f"http://127.0.0.1:{port}", actions, audit
+        )
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)

@@ -45,7 +45,9 @@ async def test_a_forged_token_is_refused(api_world: World) -> None:
 
     forged = issue_token(
         Principal(f"clinician_a-{api_world.run}", "x", Role.ADMIN, frozenset()),
-        "some-other-secret-of-at-least-32-bytes", datetime.now(UTC), timedelta(minutes=5),
+        "some-other-secret-of-at-least-32-bytes",
+        datetime.now(UTC),
+        timedelta(minutes=5),
     )
     async with httpx.AsyncClient(base_url=api_world.base_url) as client:
         r = await client.get("/api/patients", headers=bearer(forged))
@@ -100,8 +102,9 @@ async def test_clinician_acknowledges_but_may_not_resolve(api_world: World) -> N
 async def test_cookie_writes_need_the_csrf_header(api_world: World) -> None:
     """With the dashboard cookie, a POST without X-Requested-By is refused (CSRF defence)."""
     async with httpx.AsyncClient(base_url=api_world.base_url) as client:
-        login = await client.post("/auth/token", data={
-            "username": api_world.users["clinician_a"], "password": PASSWORD})
+        login = await client.post(
+            "/auth/token", data={"username": api_world.users["clinician_a"], "password": PASSWORD}
+        )
         assert login.status_code == 200 and "vigil_session" in client.cookies
         path = f"/api/alerts/{quote(api_world.alert_a, safe='')}/ack"
         assert (await client.post(path)).status_code == 403
@@ -125,7 +128,9 @@ async def test_patient_reads_are_audited(api_world: World) -> None:
     """Reading a patient's readings writes who read which patient to the audit trail."""
     token = await api_world.token("nurse_a")
     async with httpx.AsyncClient(base_url=api_world.base_url, headers=bearer(token)) as client:
-        assert (await client.get(f"/api/patients/{api_world.patient_a}/readings")).status_code == 200
+        assert (
+            await client.get(f"/api/patients/{api_world.patient_a}/readings")
+        ).status_code == 200
     assert (f"nurse_a-{api_world.run}", "patient.readings", f"patient:{api_world.patient_a}") in [
         entry[:3] for entry in api_world.audit.entries
     ]

@@ -45,11 +45,17 @@ class ApiRepository:
         )
         if row is None or not row["active"]:
             return None
-        return Principal(row["user_id"], row["username"], Role(row["role"]),
-                         frozenset(row["teams"]))
+        return Principal(
+            row["user_id"], row["username"], Role(row["role"]), frozenset(row["teams"])
+        )
 
     async def create_user(
-        self, user_id: str, username: str, display_name: str, password_hash: str, role: Role,
+        self,
+        user_id: str,
+        username: str,
+        display_name: str,
+        password_hash: str,
+        role: Role,
         care_teams: Sequence[str],
     ) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -61,7 +67,11 @@ class ApiRepository:
                     display_name = EXCLUDED.display_name, password_hash = EXCLUDED.password_hash,
                     role = EXCLUDED.role, active = true
                 """,
-                user_id, username, display_name, password_hash, role.value,
+                user_id,
+                username,
+                display_name,
+                password_hash,
+                role.value,
             )
             await conn.execute("DELETE FROM api_user_care_teams WHERE user_id = $1", user_id)
             await conn.executemany(
@@ -71,14 +81,18 @@ class ApiRepository:
 
     # -- patients -----------------------------------------------------------------------------
 
-    async def patients(self, teams: frozenset[str], limit: int, offset: int) -> tuple[list[Row], int]:
+    async def patients(
+        self, teams: frozenset[str], limit: int, offset: int
+    ) -> tuple[list[Row], int]:
         records = await self._pool.fetch(
             """
             SELECT patient_id, care_team_id, weight_kg, count(*) OVER () AS total
             FROM patients WHERE care_team_id = ANY($1::text[])
             ORDER BY patient_id LIMIT $2 OFFSET $3
             """,
-            list(teams), limit, offset,
+            list(teams),
+            limit,
+            offset,
         )
         total = int(records[0]["total"]) if records else 0
         return [{k: v for k, v in dict(r).items() if k != "total"} for r in records], total
@@ -87,13 +101,15 @@ class ApiRepository:
         row = await self._pool.fetchrow(
             "SELECT patient_id, care_team_id, weight_kg FROM patients "
             "WHERE patient_id = $1 AND care_team_id = ANY($2::text[])",
-            patient_id, list(teams),
+            patient_id,
+            list(teams),
         )
         return dict(row) if row else None
 
     async def devices(self, patient_id: str) -> list[Row]:
-        return _rows(await self._pool.fetch(
-            """
+        return _rows(
+            await self._pool.fetch(
+                """
             SELECT b.device_id, d.kind, d.model, b.valid_from, b.valid_to,
                    greatest(
                      (SELECT max(device_time) FROM temperature_readings r
@@ -106,39 +122,51 @@ class ApiRepository:
             FROM device_bindings b JOIN devices d USING (device_id)
             WHERE b.patient_id = $1 ORDER BY b.valid_from
             """,
-            patient_id,
-        ))
+                patient_id,
+            )
+        )
 
     async def temperatures(self, patient_id: str, since: datetime, limit: int) -> list[Row]:
-        return _rows(await self._pool.fetch(
-            """
+        return _rows(
+            await self._pool.fetch(
+                """
             SELECT device_time, ingest_time, device_id, value_c, original_value, original_unit,
                    site, flags
             FROM temperature_readings WHERE patient_id = $1 AND device_time >= $2
             ORDER BY device_time LIMIT $3
             """,
-            patient_id, since, limit,
-        ))
+                patient_id,
+                since,
+                limit,
+            )
+        )
 
     async def pump_reports(self, patient_id: str, since: datetime) -> list[Row]:
-        return _rows(await self._pool.fetch(
-            """
+        return _rows(
+            await self._pool.fetch(
+                """
             SELECT device_time, device_id, state, rate_ml_h, volume_remaining_ml,
                    bag_volume_ml, battery_pct
             FROM pump_status WHERE patient_id = $1 AND device_time >= $2
             ORDER BY device_time
             """,
-            patient_id, since,
-        ))
+                patient_id,
+                since,
+            )
+        )
 
     async def pump_events(self, patient_id: str, since: datetime, limit: int) -> list[Row]:
-        return _rows(await self._pool.fetch(
-            """
+        return _rows(
+            await self._pool.fetch(
+                """
             SELECT device_time, device_id, event, alarm, detail FROM pump_events
             WHERE patient_id = $1 AND device_time >= $2 ORDER BY device_time DESC LIMIT $3
             """,
-            patient_id, since, limit,
-        ))
+                patient_id,
+                since,
+                limit,
+            )
+        )
 
     # -- alerts -------------------------------------------------------------------------------
 
@@ -163,7 +191,12 @@ class ApiRepository:
             ORDER BY (status = 'resolved'), priority_rank, opened_at DESC
             LIMIT $5 OFFSET $6
             """,
-            list(teams), state, priority, patient_id, limit, offset,
+            list(teams),
+            state,
+            priority,
+            patient_id,
+            limit,
+            offset,
         )
         total = int(records[0]["total"]) if records else 0
         return [{k: v for k, v in dict(r).items() if k != "total"} for r in records], total
@@ -171,23 +204,27 @@ class ApiRepository:
     async def alert_episode(self, teams: frozenset[str], dedup_key: str) -> Row | None:
         row = await self._pool.fetchrow(
             f"WITH episodes AS ({_EPISODES_SQL}) SELECT * FROM episodes WHERE dedup_key = $2",
-            list(teams), dedup_key,
+            list(teams),
+            dedup_key,
         )
         return dict(row) if row else None
 
     async def alert_phases(self, dedup_key: str) -> list[Row]:
-        return _rows(await self._pool.fetch(
-            """
+        return _rows(
+            await self._pool.fetch(
+                """
             SELECT alert_id, phase, state, priority, code, title, device_time, ingest_time,
                    received_at, evidence, rule_id, rule_version
             FROM alerts WHERE dedup_key = $1 ORDER BY received_at, device_time
             """,
-            dedup_key,
-        ))
+                dedup_key,
+            )
+        )
 
     async def pages_for(self, dedup_key: str) -> list[Row]:
-        return _rows(await self._pool.fetch(
-            """
+        return _rows(
+            await self._pool.fetch(
+                """
             SELECT p.page_id, p.alert_id, p.channel, p.recipient, p.status, p.created_at,
                    coalesce(json_agg(json_build_object(
                        'attempt', d.attempt, 'status', d.status, 'at', d.at, 'detail', d.detail)
@@ -195,8 +232,9 @@ class ApiRepository:
             FROM pages p LEFT JOIN delivery_attempts d USING (page_id)
             WHERE p.dedup_key = $1 GROUP BY p.page_id ORDER BY p.created_at
             """,
-            dedup_key,
-        ))
+                dedup_key,
+            )
+        )
 
     async def latest_alert_received_at(self, teams: frozenset[str]) -> datetime | None:
         value = await self._pool.fetchval(

@@ -31,8 +31,13 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
     # Engineers and auditors read everything of their teams and change nothing.
     Role.AUDITOR: frozenset({Action.READ_PATIENT, Action.READ_AUDIT}),
     Role.ADMIN: frozenset(
-        {Action.READ_PATIENT, Action.ACKNOWLEDGE, Action.RESOLVE, Action.READ_AUDIT,
-         Action.MANAGE_USERS}
+        {
+            Action.READ_PATIENT,
+            Action.ACKNOWLEDGE,
+            Action.RESOLVE,
+            Action.READ_AUDIT,
+            Action.MANAGE_USERS,
+        }
     ),
 }
 

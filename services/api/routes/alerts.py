@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from services.api.deps import Clock, CurrentPrincipal, Repository, require
+from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
 
 router = APIRouter(prefix="/api/alerts", tags=["alerts"])
@@ -53,11 +53,17 @@ async def list_alerts(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> AlertPage:
     items, total = await repository.alert_episodes(
-        principal.care_teams, state=state, priority=priority, patient_id=patient_id,
-        limit=limit, offset=offset,
+        principal.care_teams,
+        state=state,
+        priority=priority,
+        patient_id=patient_id,
+        limit=limit,
+        offset=offset,
     )
     await request.app.state.audit.record(
-        principal.user_id, "alerts.list", "alerts",
+        principal.user_id,
+        "alerts.list",
+        "alerts",
         {"state": state, "priority": priority, "patient_id": patient_id, "count": len(items)},
     )
     return AlertPage(items=items, total=total, limit=limit, offset=offset)
@@ -81,8 +87,9 @@ async def stream(request: Request, principal: Reader, repository: Repository) ->
                 yield b": keep-alive\n\n"
             await asyncio.sleep(poll_s)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
 
 
 @router.get("/{dedup_key}")
@@ -99,7 +106,9 @@ async def get_alert(
         if isinstance(phase.get("evidence"), str):
             phase["evidence"] = json.loads(phase["evidence"])
     await request.app.state.audit.record(
-        principal.user_id, "alert.read", f"patient:{episode['patient_id']}",
+        principal.user_id,
+        "alert.read",
+        f"patient:{episode['patient_id']}",
         {"dedup_key": dedup_key},
     )
     return episode
@@ -107,7 +116,10 @@ async def get_alert(
 
 @router.post("/{dedup_key}/ack", response_model=ActionResult)
 async def acknowledge(
-    request: Request, dedup_key: str, principal: Acknowledger, repository: Repository,
+    request: Request,
+    dedup_key: str,
+    principal: Acknowledger,
+    repository: Repository,
     clock: Clock,
 ) -> ActionResult:
     episode = await _episode_or_404(repository, principal, dedup_key)
@@ -115,7 +127,9 @@ async def acknowledge(
         dedup_key, principal.username, clock()
     )
     await request.app.state.audit.record(
-        principal.user_id, "alert.acknowledge", f"patient:{episode['patient_id']}",
+        principal.user_id,
+        "alert.acknowledge",
+        f"patient:{episode['patient_id']}",
         {"dedup_key": dedup_key, "changed": changed},
     )
     after = await _episode_or_404(repository, principal, dedup_key)
@@ -129,7 +143,9 @@ async def resolve(
     episode = await _episode_or_404(repository, principal, dedup_key)
     changed = await request.app.state.alert_actions.resolve(dedup_key, principal.username, clock())
     await request.app.state.audit.record(
-        principal.user_id, "alert.resolve", f"patient:{episode['patient_id']}",
+        principal.user_id,
+        "alert.resolve",
+        f"patient:{episode['patient_id']}",
         {"dedup_key": dedup_key, "changed": changed},
     )
     after = await _episode_or_404(repository, principal, dedup_key)

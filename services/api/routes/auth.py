@@ -42,8 +42,10 @@ async def login(
     # workstations often share one address and must not lock each other out.
     throttles: tuple[tuple[LoginThrottle, str], ...] = (
         (request.app.state.login_throttle, f"user:{form.username.lower()}"),
-        (request.app.state.address_throttle,
-         f"addr:{request.client.host if request.client else 'unknown'}"),
+        (
+            request.app.state.address_throttle,
+            f"addr:{request.client.host if request.client else 'unknown'}",
+        ),
     )
     now = clock()
     moment = now.timestamp()
@@ -68,8 +70,12 @@ async def login(
     token = issue_token(principal, settings.token_secret.get_secret_value(), now, ttl)
     # The dashboard uses the same token as an HttpOnly cookie so that page scripts never hold it.
     response.set_cookie(
-        SESSION_COOKIE, token, max_age=int(ttl.total_seconds()), httponly=True,
-        samesite="strict", secure=settings.cookie_secure,
+        SESSION_COOKIE,
+        token,
+        max_age=int(ttl.total_seconds()),
+        httponly=True,
+        samesite="strict",
+        secure=settings.cookie_secure,
     )
     return TokenResponse(access_token=token, expires_in=int(ttl.total_seconds()))
 

@@ -46,13 +46,28 @@ def temperature_plot(
         return PLOT_H - PAD - (PLOT_H - 2 * PAD) * (clamped - low) / (high - low)
 
     points = " ".join(f"{x(r['device_time']):.1f},{y(r['value_c']):.1f}" for r in readings)
-    dots = [{"x": x(r["device_time"]), "y": y(r["value_c"]), "value": r["value_c"],
-             "at": r["device_time"]} for r in readings]
+    dots = [
+        {
+            "x": x(r["device_time"]),
+            "y": y(r["value_c"]),
+            "value": r["value_c"],
+            "at": r["device_time"],
+        }
+        for r in readings
+    ]
     lines = [{"name": name, "value": value, "y": y(value)} for name, value in thresholds.items()]
     ticks = [{"y": y(t), "label": f"{t:.0f}"} for t in range(36, 42)]
     hours = [{"x": x(start + timedelta(hours=h)), "label": f"-{24 - h}h"} for h in range(0, 25, 6)]
-    return {"width": PLOT_W, "height": PLOT_H, "pad": PAD, "points": points, "dots": dots,
-            "lines": lines, "ticks": ticks, "hours": hours}
+    return {
+        "width": PLOT_W,
+        "height": PLOT_H,
+        "pad": PAD,
+        "points": points,
+        "dots": dots,
+        "lines": lines,
+        "ticks": ticks,
+        "hours": hours,
+    }
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -66,7 +81,8 @@ async def dashboard(request: Request) -> Response:
     if principal is None:
         return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
     return templates.TemplateResponse(
-        request, "dashboard.html",
+        request,
+        "dashboard.html",
         {"principal": principal, "can_ack": principal.may(Action.ACKNOWLEDGE)},
     )
 
@@ -85,15 +101,19 @@ async def patient_page(request: Request, patient_id: str) -> Response:
     readings = await repository.temperatures(patient_id, start, 5_000)
     reports = await repository.pump_reports(patient_id, start)
     clocks = infusion_clocks(
-        [PumpReport(r["device_time"], r["state"], r["rate_ml_h"], r["volume_remaining_ml"])
-         for r in reports],
+        [
+            PumpReport(r["device_time"], r["state"], r["rate_ml_h"], r["volume_remaining_ml"])
+            for r in reports
+        ],
         now,
     )
     thresholds = request.app.state.fever_thresholds
     await request.app.state.audit.record(
-        principal.user_id, "patient.dashboard", f"patient:{patient_id}", {})
+        principal.user_id, "patient.dashboard", f"patient:{patient_id}", {}
+    )
     return templates.TemplateResponse(
-        request, "patient.html",
+        request,
+        "patient.html",
         {
             "principal": principal,
             "patient": patient,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel
 
-from services.api.deps import Clock, CurrentPrincipal, Repository, require
+from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks
 
@@ -31,8 +31,9 @@ class PumpView(BaseModel):
     events: list[dict[str, Any]]
 
 
-async def _audit(request: Request, principal: Principal, action: str, subject: str,
-                 **details: Any) -> None:
+async def _audit(
+    request: Request, principal: Principal, action: str, subject: str, **details: Any
+) -> None:
     await request.app.state.audit.record(principal.user_id, action, subject, details)
 
 
