@@ -20,6 +20,8 @@ def _service(name: str) -> Callable[[list[str]], int]:
             from services.rules.app import main
         elif name == "notify":
             from services.notify.app import main
+        elif name == "api":
+            from services.api.app import main
         elif name == "simulate":
             from vigil.simulator.publisher import main
         else:  # pragma: no cover - the parser only offers the names above
@@ -64,6 +66,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "ingest": ("run the ingest service", _service("ingest")),
     "rules": ("run the rules service", _service("rules")),
     "notify": ("run the notify service", _service("notify")),
+    "api": ("care-team API and dashboard: serve | create-user", _service("api")),
     "simulate": ("run the simulated home-device fleet", _service("simulate")),
     "migrate": ("apply database migrations to VIGIL_PG_DSN", _migrate),
     "pages": ("list the pages recorded by notify on the local stack", _pages),

@@ -33,7 +33,8 @@ from vigil.simulator.settings import SimulatorSettings
 
 CARE_TEAM_ID = "team-sim"
 ONCALL_EMAIL = "oncall@vigil.local"
-SERVICES = ("ingest", "rules", "notify")
+SERVICES = ("ingest", "rules", "notify", "api")
+DEMO_USER = "oncall-nurse"
 
 
 async def register_fleet(dsn: str, patients: int) -> None:
@@ -55,6 +56,34 @@ async def register_fleet(dsn: str, patients: int) -> None:
                 await bind_device(conn, binding.device_id, binding.patient_id, binding.valid_from)
     finally:
         await conn.close()
+
+
+async def register_demo_user(dsn: str, data_dir: Path) -> str:
+    """A clinician login for the dashboard; its password is generated once and kept locally."""
+    import secrets
+
+    from services.api.adapters.credentials import hash_password
+    from services.api.adapters.repository import ApiRepository
+    from services.api.domain.access import Role
+
+    password_file = data_dir / "dashboard-password"
+    if not password_file.exists():
+        password_file.write_text(secrets.token_urlsafe(12) + "\n")
+        password_file.chmod(0o600)
+    password = password_file.read_text().strip()
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        await ApiRepository(pool).create_user(
+            "u-demo-nurse",
+            DEMO_USER,
+            "On-call nurse (demo)",
+            hash_password(password),
+            Role.CHARGE_NURSE,
+            [CARE_TEAM_ID],
+        )
+    finally:
+        await pool.close()
+    return password
 
 
 async def _watch_pages(dsn: str, since: datetime, mail_dir: Path, stop: asyncio.Event) -> None:
@@ -113,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     dsn = env["VIGIL_PG_DSN"]
     asyncio.run(register_fleet(dsn, args.patients))
+    data_dir = Path(stack.data_dir)
+    password = asyncio.run(register_demo_user(dsn, data_dir))
+    api_port = os.environ.setdefault("VIGIL_API_PORT", "8080")
 
     log_dir = Path(stack.data_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -120,12 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in SERVICES:
         log_file = (log_dir / f"{name}.log").open("ab")
         processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "vigil.cli", name],
+            [sys.executable, "-m", "vigil.cli", name] + (["serve"] if name == "api" else []),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),
         )
-    print(f"vigil run: ingest, rules, notify started (logs in {log_dir})", flush=True)
+    print(f"vigil run: ingest, rules, notify, api started (logs in {log_dir})", flush=True)
+    print(
+        f"vigil run: dashboard at http://127.0.0.1:{api_port}/ "
+        f"(user {DEMO_USER}, password {password}, also in {data_dir / 'dashboard-password'})",
+        flush=True,
+    )
     configure_logging("WARNING")
     sim_settings = SimulatorSettings(
         patients=args.patients,

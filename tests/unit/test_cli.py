@@ -16,6 +16,7 @@ ENTRY_POINTS = {
     "rules": ("services.rules.app", "main"),
     "notify": ("services.notify.app", "main"),
     "simulate": ("vigil.simulator.publisher", "main"),
+    "api": ("services.api.app", "main"),
     "migrate": ("vigil.db.migrate", "apply_migrations"),
 }
 

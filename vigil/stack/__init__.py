@@ -13,7 +13,11 @@ or from a shell: ``python -m vigil.stack up|down [--purge]|status [--json]|env``
 """
 
 from vigil.stack.cli import add_stack_commands, main
-from vigil.stack.mosquitto import add_device_credential, revoke_device_credential
+from vigil.stack.mosquitto import (
+    add_device_credential,
+    revoke_device_credential,
+    rotate_device_credential,
+)
 from vigil.stack.process import StackError
 from vigil.stack.settings import StackSettings
 from vigil.stack.stack import down, stack_env, status, up
@@ -26,6 +30,7 @@ __all__ = [
     "down",
     "main",
     "revoke_device_credential",
+    "rotate_device_credential",
     "stack_env",
     "status",
     "up",

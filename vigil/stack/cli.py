@@ -1,5 +1,5 @@
 """Command line of the local stack: ``up``, ``down [--purge]``, ``status [--json]``, ``env``,
-``fetch`` (the Kafka jars only), ``add-device ID`` and ``revoke-device ID``.
+``fetch`` (the Kafka jars only), ``add-device ID``, ``rotate-device ID`` and ``revoke-device ID``.
 
 ``main(argv)`` is what ``python -m vigil.stack`` runs. ``add_stack_commands(subparsers)`` mounts
 the same commands under another parser (``vigil stack ...``); the parsed namespace then carries
@@ -18,7 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from vigil.stack.kafka import ensure_jars
-from vigil.stack.mosquitto import add_device_credential, revoke_device_credential
+from vigil.stack.mosquitto import (
+    add_device_credential,
+    revoke_device_credential,
+    rotate_device_credential,
+)
 from vigil.stack.process import StackError
 from vigil.stack.settings import StackSettings
 from vigil.stack.stack import down, stack_env, status, up
@@ -80,6 +84,11 @@ def _add_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate_device(args: argparse.Namespace) -> int:
+    _out(rotate_device_credential(StackSettings(), args.device_id))
+    return 0
+
+
 def _revoke_device(args: argparse.Namespace) -> int:
     revoke_device_credential(StackSettings(), args.device_id)
     return 0
@@ -106,6 +115,9 @@ def _populate(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "add-device", _add_device, "create a device's MQTT account; prints its password"
+    ).add_argument("device_id")
+    add(
+        "rotate-device", _rotate_device, "replace a device's MQTT password; prints the new one"
     ).add_argument("device_id")
     add("revoke-device", _revoke_device, "delete a device's MQTT account").add_argument("device_id")
 

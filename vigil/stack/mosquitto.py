@@ -242,6 +242,24 @@ def add_device_credential(settings: StackSettings, device_id: str) -> str:
     return password
 
 
+def rotate_device_credential(settings: StackSettings, device_id: str) -> str:
+    """Replace the password of an existing device account; returns the new one.
+
+    Unlike :func:`add_device_credential` it refuses a device that has no account, so a typo
+    cannot mint a credential for a device nobody issued. The old password stops working when
+    this returns (the broker is reloaded).
+    """
+    _check_device_id(device_id)
+    _check_stack_exists(settings)
+    password = new_password()
+    with _passwd_lock(settings):
+        if not _has_account(settings, device_id):
+            raise StackError(f"device {device_id!r} has no MQTT account to rotate")
+        _set_password(settings, device_id, password)
+    _reload(settings)
+    return password
+
+
 def revoke_device_credential(settings: StackSettings, device_id: str) -> None:
     """Remove the MQTT account of ``device_id`` (no-op when absent) and reload the broker.
 

@@ -1,0 +1,12 @@
+"""The names of audited actions, so writers and `vigil audit list --kind` agree on spelling."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class AuditAction(StrEnum):
+    ALERT_ACKNOWLEDGED = "alert.acknowledged"
+    THRESHOLDS_CHANGED = "thresholds.changed"
+    RULES_CONFIG_SAVED = "rules_config.saved"
+    REPLAY_RUN = "replay.run"

@@ -1,0 +1,331 @@
+"""A replay run end to end: resolve what to read and which rules to pin, read, decide, compare.
+
+Composition for ``vigil replay``: it opens the connections (a Kafka consumer without a group and
+a PostgreSQL connection whose every transaction is read-only), drives the readers in ``sources``
+into one or two ``Replay``s, and fetches the alerts recorded at the time for comparison. The only
+write a replay makes is its own entry in the audit log, on a separate connection, after the run
+(and not even that with ``audit=False``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from schemas.events import Alert
+from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
+from vigil.audit import append
+from vigil.audit.actions import AuditAction
+from vigil.replay import config_store
+from vigil.replay.compare import AlertDiffReport, diff_alerts
+from vigil.replay.engine_port import PinnedRules, default_rules, load_rules_file, with_overrides
+from vigil.replay.progress import ProgressBar
+from vigil.replay.runner import Replay
+from vigil.replay.sources import (
+    ArchiveOrder,
+    Batch,
+    PartitionRange,
+    ReadStats,
+    Selection,
+    count_archive,
+    dedupe_alerts,
+    make_reader_consumer,
+    patients_of_care_team,
+    plan_partitions,
+    read_archive,
+    read_kafka,
+    recorded_alerts_from_table,
+    recorded_alerts_from_topic,
+)
+from vigil.settings import KafkaSettings, PostgresSettings
+
+Source = Literal["kafka", "archive"]
+
+
+@dataclass(frozen=True, slots=True)
+class RulesChoice:
+    """How to pin a config: a JSON file, a stored version by hash, the version live at a time,
+    or (all None) the engine's built-in defaults."""
+
+    file: str | None = None
+    version: str | None = None
+    at: datetime | None = None
+    # For a candidate: the primary config with these default thresholds replaced (what-if).
+    what_if: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def needs_database(self) -> bool:
+        return self.version is not None or self.at is not None
+
+    def describe(self) -> str:
+        if self.what_if:
+            return "what-if " + ", ".join(f"{k}={v}" for k, v in self.what_if)
+        if self.file:
+            return f"file {self.file}"
+        if self.version:
+            return f"version {self.version}"
+        if self.at:
+            return f"live at {self.at.isoformat()}"
+        return "built-in defaults"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    source: Source
+    patient_ids: frozenset[str] | None = None
+    device_ids: frozenset[str] | None = None
+    care_team_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    offsets: tuple[PartitionRange, ...] = ()
+    topic: str = TELEMETRY_TOPIC
+    alerts_topic: str = ALERTS_TOPIC
+    order: ArchiveOrder = "device"
+    rules: RulesChoice = field(default_factory=RulesChoice)
+    candidate: RulesChoice | None = None
+    compare_recorded: Literal["table", "topic"] | None = None
+    keep_timelines: bool = False
+    audit: bool = True
+    actor: str = "unknown"
+    progress: bool | None = None
+    # Move event time here at the end of the stream so timers due by then fire.
+    advance_to: datetime | None = None
+    # Kafka with a filter: let the other patients' records move event time as they did live.
+    context_time: bool = True
+
+    def needs_database(self) -> bool:
+        return (
+            self.source == "archive"
+            or self.care_team_id is not None
+            or self.compare_recorded == "table"
+            or self.rules.needs_database
+            or (self.candidate is not None and self.candidate.needs_database)
+            or self.audit
+        )
+
+    def subject(self) -> str:
+        parts: list[str] = []
+        if self.care_team_id:
+            parts.append(f"care_team:{self.care_team_id}")
+        if self.patient_ids:
+            parts.append("patients:" + ",".join(sorted(self.patient_ids)))
+        if self.device_ids:
+            parts.append("devices:" + ",".join(sorted(self.device_ids)))
+        return " ".join(parts) or "all"
+
+
+@dataclass(slots=True)
+class ReplayOutcome:
+    request: ReplayRequest
+    selection: Selection
+    primary: Replay
+    candidate: Replay | None
+    stats: ReadStats
+    recorded: list[Alert] | None
+    recorded_diff: AlertDiffReport | None
+    candidate_diff: AlertDiffReport | None
+    elapsed_s: float
+    audit_seq: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.request.source,
+            "selection": self.selection.describe(),
+            "rules": self.request.rules.describe(),
+            "candidate": self.request.candidate.describe() if self.request.candidate else None,
+            "config_hash": self.primary.rules.content_hash,
+            "candidate_config_hash": self.candidate.rules.content_hash if self.candidate else None,
+            "events_read": self.stats.read,
+            "events_replayed": self.primary.events,
+            "events_rejected": self.stats.rejected,
+            "alerts": len(self.primary.alerts),
+            "candidate_alerts": len(self.candidate.alerts) if self.candidate else None,
+            "recorded_alerts": len(self.recorded) if self.recorded is not None else None,
+            "recorded_diff": self.recorded_diff.counts() if self.recorded_diff else None,
+            "candidate_diff": self.candidate_diff.counts() if self.candidate_diff else None,
+            "first_device_time": _iso(self.primary.first_device_time),
+            "last_device_time": _iso(self.primary.last_device_time),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "events_per_s": round(self.primary.events / self.elapsed_s) if self.elapsed_s else None,
+            "audit_seq": self.audit_seq,
+        }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+async def _pin(choice: RulesChoice, conn: Any) -> PinnedRules:
+    if choice.file is not None:
+        return load_rules_file(choice.file)
+    if choice.version is not None:
+        return await config_store.load_config(conn, choice.version)
+    if choice.at is not None:
+        return await config_store.config_at(conn, choice.at)
+    return default_rules()
+
+
+async def read_only_connection(dsn: str) -> Any:
+    """A connection on which every transaction is read-only unless it says otherwise."""
+    return await asyncpg.connect(dsn, server_settings={"default_transaction_read_only": "on"})
+
+
+async def run_replay(
+    request: ReplayRequest,
+    *,
+    kafka: KafkaSettings | None = None,
+    postgres: PostgresSettings | None = None,
+) -> ReplayOutcome:
+    async with AsyncExitStack() as stack:
+        conn: Any = None
+        if request.needs_database():
+            dsn = (postgres or PostgresSettings()).dsn
+            conn = await read_only_connection(dsn)
+            stack.push_async_callback(conn.close)
+        primary_rules = await _pin(request.rules, conn)
+        candidate_rules: PinnedRules | None = None
+        if request.candidate is not None and request.candidate.what_if:
+            candidate_rules = with_overrides(primary_rules, dict(request.candidate.what_if))
+        elif request.candidate is not None:
+            candidate_rules = await _pin(request.candidate, conn)
+
+        patients = request.patient_ids
+        if request.care_team_id is not None:
+            team = await patients_of_care_team(conn, request.care_team_id)
+            patients = team | (patients or frozenset())
+        selection = Selection(
+            patient_ids=patients,
+            device_ids=request.device_ids,
+            since=request.since,
+            until=request.until,
+        )
+        primary = Replay(primary_rules, keep_timelines=request.keep_timelines)
+        candidate = Replay(candidate_rules) if candidate_rules else None
+        stats = ReadStats()
+        started = time.perf_counter()
+
+        batches: AsyncIterator[Batch]
+        consumer = None
+        if request.source == "kafka":
+            consumer = make_reader_consumer(kafka or KafkaSettings(), "replay")
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)
+            plan = await plan_partitions(
+                consumer,
+                request.topic,
+                since=request.since,
+                until=request.until,
+                offsets=request.offsets or None,
+            )
+            total: int | None = sum(end - start for start, end in plan.values())
+            # Device time filters what is replayed; Kafka's range was by record time.
+            batches = read_kafka(
+                consumer,
+                plan,
+                Selection(patients, request.device_ids),
+                stats,
+                context=request.context_time,
+            )
+        else:
+            total = await count_archive(conn, selection) if request.progress else None
+            batches = read_archive(conn, selection, stats, order=request.order)
+        progress = ProgressBar(total, enabled=request.progress)
+        read_before = 0
+        async for batch in batches:
+            primary.feed(batch)
+            if candidate is not None:
+                candidate.feed(batch)
+            progress.advance(stats.read - read_before)
+            read_before = stats.read
+        progress.close()
+        primary.finish(request.advance_to)
+        if candidate is not None:
+            candidate.finish(request.advance_to)
+
+        recorded: list[Alert] | None = None
+        if request.compare_recorded is not None:
+            span = Selection(
+                patient_ids=patients,
+                device_ids=request.device_ids,
+                since=primary.first_device_time,
+                until=None,
+            )
+            if request.compare_recorded == "table":
+                recorded = await recorded_alerts_from_table(conn, span)
+            else:
+                alerts_consumer = make_reader_consumer(kafka or KafkaSettings(), "replay-alerts")
+                await alerts_consumer.start()
+                stack.push_async_callback(alerts_consumer.stop)
+                recorded = await recorded_alerts_from_topic(
+                    alerts_consumer, request.alerts_topic, span, since=request.since, until=None
+                )
+            last = primary.last_device_time
+            recorded = [
+                a
+                for a in dedupe_alerts(recorded)
+                if primary.first_device_time is not None
+                and last is not None
+                and primary.first_device_time <= a.device_time <= last
+            ]
+        replayed = [item.alert for item in primary.alerts]
+        recorded_diff = (
+            diff_alerts(recorded, replayed, left_label="recorded", right_label="replayed")
+            if recorded is not None
+            else None
+        )
+        candidate_diff = (
+            diff_alerts(
+                replayed,
+                [item.alert for item in candidate.alerts],
+                left_label=f"config {primary_rules.content_hash[:12]}",
+                right_label=f"config {candidate.rules.content_hash[:12]}",
+                compare_rule_version=False,
+            )
+            if candidate is not None
+            else None
+        )
+        outcome = ReplayOutcome(
+            request=request,
+            selection=selection,
+            primary=primary,
+            candidate=candidate,
+            stats=stats,
+            recorded=recorded,
+            recorded_diff=recorded_diff,
+            candidate_diff=candidate_diff,
+            elapsed_s=time.perf_counter() - started,
+        )
+        if request.audit:
+            outcome.audit_seq = await _audit(request, outcome, (postgres or PostgresSettings()).dsn)
+        return outcome
+
+
+async def _audit(request: ReplayRequest, outcome: ReplayOutcome, dsn: str) -> int:
+    """The replay's one write: who replayed what, under which config, and what came out."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        summary = outcome.summary()
+        summary.pop("audit_seq", None)
+        entry = await append(
+            conn,
+            request.actor,
+            AuditAction.REPLAY_RUN,
+            request.subject(),
+            {
+                **summary,
+                "offsets": [
+                    {"partition": r.partition, "start": r.start, "end": r.end}
+                    for r in request.offsets
+                ],
+                "compare_recorded": request.compare_recorded,
+            },
+        )
+        return entry.seq
+    finally:
+        await conn.close()
