@@ -48,6 +48,18 @@ def _migrate(argv: list[str]) -> int:
     return 0
 
 
+def _replay(argv: list[str]) -> int:
+    from vigil.replay.cli import main
+
+    return main(argv)
+
+
+def _audit(argv: list[str]) -> int:
+    from vigil.audit.cli import main
+
+    return main(argv)
+
+
 def _run(argv: list[str]) -> int:
     from vigil.localrun import main
 
@@ -69,6 +81,8 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "api": ("care-team API and dashboard: serve | create-user", _service("api")),
     "simulate": ("run the simulated home-device fleet", _service("simulate")),
     "migrate": ("apply database migrations to VIGIL_PG_DSN", _migrate),
+    "replay": ("re-run recorded telemetry through pinned rules; compare; report", _replay),
+    "audit": ("the tamper-evident audit log: list | verify", _audit),
     "pages": ("list the pages recorded by notify on the local stack", _pages),
 }
 

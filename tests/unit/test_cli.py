@@ -17,6 +17,8 @@ ENTRY_POINTS = {
     "notify": ("services.notify.app", "main"),
     "simulate": ("vigil.simulator.publisher", "main"),
     "api": ("services.api.app", "main"),
+    "replay": ("vigil.replay.cli", "main"),
+    "audit": ("vigil.audit.cli", "main"),
     "migrate": ("vigil.db.migrate", "apply_migrations"),
 }
 

@@ -85,11 +85,23 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=_aware, help="exclusive; same clocks as --since")
     p.add_argument("--offsets", type=parse_offsets, help="kafka: PARTITION:START-END,...")
     p.add_argument("--topic", help="kafka: the telemetry topic to read")
+    p.add_argument("--alerts-topic", help="the alerts topic for --compare-recorded topic")
+    p.add_argument("--state-topic", help="the rules state topic for --config-live")
     p.add_argument("--order", choices=("device", "ingest"), default="device", help="archive")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        help="archive: partitions of the telemetry topic (default: ask Kafka), so each patient "
+        "is replayed on the engine that served it live",
+    )
     rules = p.add_mutually_exclusive_group()
     rules.add_argument("--config", help="a RulesConfig JSON file to pin")
     rules.add_argument("--config-version", help="a stored config version (hash or prefix)")
     rules.add_argument("--config-at", type=_aware, help="the stored config live at that time")
+    rules.add_argument(
+        "--config-live",
+        help="the config the rules service pinned under this config_version (an alert names it)",
+    )
     against = p.add_mutually_exclusive_group()
     against.add_argument("--against-config", help="diff against a second config file")
     against.add_argument("--against-version", help="diff against a stored config version")
@@ -105,8 +117,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-context-time",
         action="store_true",
-        help="kafka with a filter: skip decoding other patients' records (faster; their event "
-        "time then no longer moves the timers, which can differ from live)",
+        help="with a filter: do not read the other patients who shared an engine live (faster; "
+        "their event time then no longer moves the timers, which can differ from live)",
     )
     p.add_argument("--out", default="-", help="alerts file ('-' = stdout)")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
@@ -121,7 +133,9 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 async def _request(args: argparse.Namespace) -> ReplayRequest:
-    rules = RulesChoice(file=args.config, version=args.config_version, at=args.config_at)
+    rules = RulesChoice(
+        file=args.config, version=args.config_version, at=args.config_at, live=args.config_live
+    )
     candidate: RulesChoice | None = None
     if args.against_config:
         candidate = RulesChoice(file=args.against_config)
@@ -147,9 +161,14 @@ async def _request(args: argparse.Namespace) -> ReplayRequest:
         progress=args.progress,
         advance_to=args.advance_to,
         context_time=not args.no_context_time,
+        partitions=args.partitions,
     )
     if args.topic:
         request = replace(request, topic=args.topic)
+    if args.alerts_topic:
+        request = replace(request, alerts_topic=args.alerts_topic)
+    if args.state_topic:
+        request = replace(request, state_topic=args.state_topic)
     return request
 
 

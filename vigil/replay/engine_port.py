@@ -1,8 +1,12 @@
 """The one place replay meets the rules engine: a pinned rules config in, a fresh engine out.
 
-Replay depends on the engine only through ``EnginePort``: ``on_telemetry(event) -> list[Alert]``
-and ``on_time(watermark) -> list[Alert]`` (timers on event time, for the end of a stream). The
-config is the rules service's own ``RulesConfig`` (JSON: defaults, care-team protocols, patient
+Replay depends on the engine only through ``EnginePort``: ``on_observation(event) -> list[Alert]``
+(``on_telemetry`` is the same after the edge conversion) and ``on_time(watermark) -> list[Alert]``
+(timers on event time, for the end of a stream). Events travel through replay in the engine's own
+input form (``ReplayEvent``, the rules' ``Observation``), built here from Kafka record bytes by the
+very decoder the live service uses, from archive rows, or from ``Telemetry``: no per-event
+pydantic validation on the hot path, and no second decoder that could disagree with the live one.
+The config is the rules service's own ``RulesConfig`` (JSON: defaults, care-team protocols, patient
 profiles and overrides, allowed lateness); this module owns its content hash (sha256 of the
 canonical JSON of the validated config, so two spellings of one config hash alike) and building
 the engine from it. When the engine's construction changes, only this file changes.
@@ -12,19 +16,86 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
 from schemas.events import Alert, Telemetry
+from services.rules.adapters.codec import decode_observation
 from services.rules.domain.alerting import at
 from services.rules.domain.config import RULES_LOGIC_VERSION, RulesConfig
 from services.rules.domain.engine import RulesEngine
-from services.rules.domain.observation import observe
+from services.rules.domain.observation import (
+    PUMP_EVENT,
+    PUMP_STATUS,
+    TEMPERATURE,
+    Observation,
+    observe,
+)
+
+#: One event as replay carries it: the engine's own input form. Attributes replay reads:
+#: ``patient_id``, ``device_id``, ``device_time``, ``channel``, ``temperature_c``,
+#: ``pump_state``, ``event``, ``alarm``.
+ReplayEvent = Observation
+CHANNEL_TEMPERATURE = TEMPERATURE
+CHANNEL_PUMP_STATUS = PUMP_STATUS
+CHANNEL_PUMP_EVENT = PUMP_EVENT
+
+
+def decode_record(payload: bytes) -> ReplayEvent:
+    """A telemetry record's bytes, decoded exactly as the live rules service decodes them;
+    raises ``pydantic.ValidationError`` for a record that breaks the contract."""
+    return decode_observation(payload)
+
+
+def from_telemetry(event: Telemetry) -> ReplayEvent:
+    return observe(event)
+
+
+def from_archive(
+    *,
+    channel: int,
+    patient_id: str,
+    device_id: str,
+    device_time: datetime,
+    ingest_time: datetime,
+    message_id: str,
+    clock_skew: bool,
+    temperature_c: float | None = None,
+    site: str | None = None,
+    pump_state: str | None = None,
+    rate_ml_h: float | None = None,
+    volume_remaining_ml: float | None = None,
+    bag_volume_ml: float | None = None,
+    battery_pct: float | None = None,
+    event: str | None = None,
+    alarm: str | None = None,
+) -> ReplayEvent:
+    """The event one readings-archive row stands for (ingest stored the normalised value)."""
+    return Observation(
+        patient_id=patient_id,
+        device_id=device_id,
+        channel=channel,
+        device_time=device_time,
+        ingest_time=ingest_time,
+        message_id=message_id,
+        temperature_c=temperature_c if temperature_c is not None else 0.0,
+        site=site or "unknown",
+        pump_state=pump_state or "",
+        rate_ml_h=rate_ml_h if rate_ml_h is not None else 0.0,
+        volume_remaining_ml=volume_remaining_ml if volume_remaining_ml is not None else 0.0,
+        bag_volume_ml=bag_volume_ml,
+        battery_pct=battery_pct,
+        event=event or "",
+        alarm=alarm or "",
+        clock_skew=clock_skew,
+    )
+
 
 # The fever levels a report draws on a patient's timeline, by the names the report uses.
 _FEVER_LIMITS = {
@@ -42,7 +113,7 @@ class ConfigError(ValueError):
 class EnginePort(Protocol):
     """What replay needs from the rules engine, and nothing more."""
 
-    def on_telemetry(self, event: Telemetry) -> list[Alert]: ...
+    def on_observation(self, obs: Observation) -> list[Alert]: ...
 
     def on_time(self, watermark: datetime) -> list[Alert]: ...
 
@@ -80,6 +151,24 @@ class PinnedRules:
     def rule_version_for(self, patient_id: str) -> str:
         return self.config.compile_for(patient_id).rules_version
 
+    @staticmethod
+    def lane_of(position: tuple[str, Any, int]) -> Any:
+        """Which engine an event goes to. The rules service runs one engine per telemetry
+        partition (services/rules/app.py, ``PartitionEngines``), each with its own watermark;
+        a replay from Kafka does the same. Other sources have one lane."""
+        source, where, _ = position
+        return where if source in ("kafka", "context") else None
+
+    @staticmethod
+    def partitioner(partitions: int) -> Callable[[str], int]:
+        """The telemetry partition of a patient: ingest keys records by patient id and uses
+        Kafka's default partitioner (murmur2 of the key, as the Java client does)."""
+
+        def lane(patient_id: str) -> int:
+            return int(murmur2(patient_id.encode()) & 0x7FFFFFFF) % partitions
+
+        return lane
+
     def new_engine(self) -> ReplayEngine:
         """A fresh engine with empty state, as the live service has after a cold start."""
         return ReplayEngine(RulesEngine(self.config), self.config.allowed_lateness_s)
@@ -102,17 +191,19 @@ class ReplayEngine:
         self._lateness = lateness_s
         self._mark = float("-inf")
 
-    def on_telemetry(self, event: Telemetry) -> list[Alert]:
-        return self._engine.on_telemetry(event)
+    def on_event(self, event: ReplayEvent) -> list[Alert]:
+        return self._engine.on_observation(event)
 
     def on_time(self, watermark: datetime) -> list[Alert]:
         return self._engine.on_time(watermark)
 
-    def advance_from(self, event: Telemetry) -> list[Alert]:
-        observed = observe(event)
-        if observed.clock_skew:
+    def advance_from(self, event: ReplayEvent) -> list[Alert]:
+        if event.clock_skew:
             return []  # a skewed device clock does not move the live watermark either
-        mark = observed.t - self._lateness
+        return self._advance(event.t)
+
+    def _advance(self, t: float) -> list[Alert]:
+        mark = t - self._lateness
         if mark <= self._mark:
             return []
         self._mark = mark

@@ -1,6 +1,6 @@
 """Feeding a recorded stream through a pinned rules engine and keeping what it decided.
 
-Pure and synchronous: batches of ``(Telemetry, Position)`` in, alerts with the position of the
+Pure and synchronous: batches of ``(ReplayEvent, Position)`` in, alerts with the position of the
 event that decided them out. No I/O, no wall clock; the readers in ``sources`` do the reading, so
 the same ``Replay`` serves the topic, the archive and the unit tests' in-memory streams. Several
 replays (two rule versions, say) can be fed the same batches, so a stream is read once.
@@ -8,13 +8,20 @@ replays (two rule versions, say) can be fed the same batches, so a stream is rea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from schemas.device import PumpEvent, PumpStatus
 from schemas.events import Alert, Telemetry
-from vigil.replay.engine_port import PinnedRules
+from vigil.replay.engine_port import (
+    CHANNEL_PUMP_STATUS,
+    CHANNEL_TEMPERATURE,
+    PinnedRules,
+    ReplayEngine,
+    ReplayEvent,
+    from_telemetry,
+)
 from vigil.replay.sources import Batch, Position
 
 
@@ -35,15 +42,13 @@ class Timeline:
     pump_states: list[tuple[datetime, str]] = field(default_factory=list)
     pump_events: list[tuple[datetime, str, str | None]] = field(default_factory=list)
 
-    def add(self, event: Telemetry) -> None:
-        message = event.message
-        if event.temperature_c is not None:
-            self.temperatures.append((message.device_time, event.temperature_c))
-        elif isinstance(message, PumpStatus):
-            self.pump_states.append((message.device_time, message.state.value))
-        elif isinstance(message, PumpEvent):
-            alarm = message.alarm.value if message.alarm is not None else None
-            self.pump_events.append((message.device_time, message.event.value, alarm))
+    def add(self, event: ReplayEvent) -> None:
+        if event.channel == CHANNEL_TEMPERATURE:
+            self.temperatures.append((event.device_time, event.temperature_c))
+        elif event.channel == CHANNEL_PUMP_STATUS:
+            self.pump_states.append((event.device_time, event.pump_state))
+        else:
+            self.pump_events.append((event.device_time, event.event, event.alarm or None))
 
     def sort(self) -> None:
         # Kafka order is arrival order; a plot is drawn in device time.
@@ -53,11 +58,27 @@ class Timeline:
 
 
 class Replay:
-    """One pinned rules config replaying one stream; fed batch by batch."""
+    """One pinned rules config replaying one stream; fed batch by batch.
 
-    def __init__(self, rules: PinnedRules, *, keep_timelines: bool = False) -> None:
+    The engines are laid out as the live service lays them out (``PinnedRules.lane_of``): the
+    rules service runs one engine per telemetry partition, each with its own watermark, so a
+    Kafka replay does too, and an archive replay places each patient on the partition its
+    telemetry was keyed to (``patient_lane``).
+    """
+
+    def __init__(
+        self,
+        rules: PinnedRules,
+        *,
+        keep_timelines: bool = False,
+        patient_lane: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``patient_lane``: for a source without partitions (the archive), the partition each
+        patient's telemetry went to, so each engine sees the patients the live one saw."""
         self.rules = rules
-        self._engine = rules.new_engine()
+        self._patient_lane = patient_lane
+        self._lanes: dict[str, Any] = {}
+        self._engines: dict[Any, ReplayEngine] = {}
         self._keep_timelines = keep_timelines
         self.alerts: list[ReplayedAlert] = []
         self.timelines: dict[str, Timeline] = {}
@@ -65,32 +86,47 @@ class Replay:
         self.first_device_time: datetime | None = None
         self.last_device_time: datetime | None = None
 
+    def _engine(self, lane: Any) -> ReplayEngine:
+        engine = self._engines.get(lane)
+        if engine is None:
+            engine = self._engines[lane] = self.rules.new_engine()
+        return engine
+
     def feed(self, batch: Batch) -> None:
-        """Replay a batch. An item without a position is context: an event of the stream that
-        is not replayed (another patient's) but moves event time as it did live."""
-        on_telemetry = self._engine.on_telemetry
+        """Replay a batch. A ``context`` item is an event of the stream that is not replayed
+        (another patient's, on the same partition) but moves event time as it did live."""
         content_hash = self.rules.content_hash
-        context = False
+        lane_of = self.rules.lane_of
+        patient_lane = self._patient_lane
+        lanes = self._lanes
+        alerts = self.alerts
+        replayed: Batch = []
         last: Position = ("start", None, 0)
         for event, position in batch:
-            if position is None:
-                context = True
-                decided = self._engine.advance_from(event)
+            if patient_lane is None:
+                lane = lane_of(position)
+            else:
+                # Hashing a key costs more than the rule does: once per patient.
+                lane = lanes.get(event.patient_id)
+                if lane is None:
+                    lane = lanes[event.patient_id] = patient_lane(event.patient_id)
+            engine = self._engine(lane)
+            if position[0] == "context":
+                decided = engine.advance_from(event)
                 if decided:
-                    self.alerts.extend(ReplayedAlert(a, last, content_hash) for a in decided)
+                    alerts.extend(ReplayedAlert(a, last, content_hash) for a in decided)
                 continue
             last = position
-            decided = on_telemetry(event)
+            replayed.append((event, position))
+            decided = engine.on_event(event)
             if decided:
-                self.alerts.extend(ReplayedAlert(a, position, content_hash) for a in decided)
-        if context:
-            batch = [(event, position) for event, position in batch if position is not None]
-        self.events += len(batch)
-        if batch:
-            self._note_span(batch)
+                alerts.extend(ReplayedAlert(a, position, content_hash) for a in decided)
+        self.events += len(replayed)
+        if replayed:
+            self._note_span(replayed)
         if self._keep_timelines:
             timelines = self.timelines
-            for event, _ in batch:
+            for event, _ in replayed:
                 timeline = timelines.get(event.patient_id)
                 if timeline is None:
                     timeline = timelines[event.patient_id] = Timeline()
@@ -108,9 +144,10 @@ class Replay:
         """End the stream. With ``advance_to``, first move event time there so the timers due
         by then fire (the live engine fires them only when later events arrive)."""
         if advance_to is not None:
-            fired = self._engine.on_time(advance_to)
             end: Position = ("end", None, self.events)
-            self.alerts.extend(ReplayedAlert(a, end, self.rules.content_hash) for a in fired)
+            for engine in self._engines.values():
+                fired = engine.on_time(advance_to)
+                self.alerts.extend(ReplayedAlert(a, end, self.rules.content_hash) for a in fired)
         for timeline in self.timelines.values():
             timeline.sort()
         return self.alerts
@@ -119,5 +156,5 @@ class Replay:
 def replay_events(rules: PinnedRules, events: Iterable[Telemetry]) -> list[Alert]:
     """Replay an in-memory stream in the given order; the alerts in decision order."""
     replay = Replay(rules)
-    replay.feed([(event, ("memory", None, n)) for n, event in enumerate(events)])
+    replay.feed([(from_telemetry(event), ("memory", None, n)) for n, event in enumerate(events)])
     return [item.alert for item in replay.finish()]

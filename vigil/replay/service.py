@@ -10,7 +10,7 @@ write a replay makes is its own entry in the audit log, on a separate connection
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,12 +19,18 @@ from typing import Any, Literal
 import asyncpg
 
 from schemas.events import Alert
-from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
+from schemas.kafka_topics import ALERTS_TOPIC, RULES_STATE_TOPIC, TELEMETRY_TOPIC
 from vigil.audit import append
 from vigil.audit.actions import AuditAction
 from vigil.replay import config_store
 from vigil.replay.compare import AlertDiffReport, diff_alerts
-from vigil.replay.engine_port import PinnedRules, default_rules, load_rules_file, with_overrides
+from vigil.replay.engine_port import (
+    PinnedRules,
+    default_rules,
+    load_rules_file,
+    pin,
+    with_overrides,
+)
 from vigil.replay.progress import ProgressBar
 from vigil.replay.runner import Replay
 from vigil.replay.sources import (
@@ -33,6 +39,7 @@ from vigil.replay.sources import (
     PartitionRange,
     ReadStats,
     Selection,
+    config_from_state_topic,
     count_archive,
     dedupe_alerts,
     make_reader_consumer,
@@ -42,6 +49,8 @@ from vigil.replay.sources import (
     read_kafka,
     recorded_alerts_from_table,
     recorded_alerts_from_topic,
+    registered_patients,
+    topic_partitions,
 )
 from vigil.settings import KafkaSettings, PostgresSettings
 
@@ -56,6 +65,8 @@ class RulesChoice:
     file: str | None = None
     version: str | None = None
     at: datetime | None = None
+    # A config_version label the live rules service pinned (read from its state topic).
+    live: str | None = None
     # For a candidate: the primary config with these default thresholds replaced (what-if).
     what_if: tuple[tuple[str, Any], ...] = ()
 
@@ -68,6 +79,8 @@ class RulesChoice:
             return "what-if " + ", ".join(f"{k}={v}" for k, v in self.what_if)
         if self.file:
             return f"file {self.file}"
+        if self.live:
+            return f"live config {self.live}"
         if self.version:
             return f"version {self.version}"
         if self.at:
@@ -86,6 +99,7 @@ class ReplayRequest:
     offsets: tuple[PartitionRange, ...] = ()
     topic: str = TELEMETRY_TOPIC
     alerts_topic: str = ALERTS_TOPIC
+    state_topic: str = RULES_STATE_TOPIC
     order: ArchiveOrder = "device"
     rules: RulesChoice = field(default_factory=RulesChoice)
     candidate: RulesChoice | None = None
@@ -96,8 +110,11 @@ class ReplayRequest:
     progress: bool | None = None
     # Move event time here at the end of the stream so timers due by then fire.
     advance_to: datetime | None = None
-    # Kafka with a filter: let the other patients' records move event time as they did live.
+    # With a filter, read the other patients who shared an engine live, so they move event
+    # time as they did (Kafka: the same partition; archive: patients keyed to it).
     context_time: bool = True
+    # Archive: how many partitions the telemetry topic has (None: ask Kafka).
+    partitions: int | None = None
 
     def needs_database(self) -> bool:
         return (
@@ -132,6 +149,7 @@ class ReplayOutcome:
     candidate_diff: AlertDiffReport | None
     elapsed_s: float
     audit_seq: int | None = None
+    lanes: int | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -154,6 +172,7 @@ class ReplayOutcome:
             "elapsed_s": round(self.elapsed_s, 3),
             "events_per_s": round(self.primary.events / self.elapsed_s) if self.elapsed_s else None,
             "audit_seq": self.audit_seq,
+            "engine_lanes": self.lanes,
         }
 
 
@@ -161,14 +180,44 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-async def _pin(choice: RulesChoice, conn: Any) -> PinnedRules:
+async def _pin(
+    choice: RulesChoice, conn: Any, kafka: KafkaSettings, state_topic: str
+) -> PinnedRules:
     if choice.file is not None:
         return load_rules_file(choice.file)
+    if choice.live is not None:
+        consumer = make_reader_consumer(kafka, "replay-config")
+        await consumer.start()
+        try:
+            raw = await config_from_state_topic(
+                consumer, kafka.bootstrap_servers, state_topic, choice.live
+            )
+        finally:
+            await consumer.stop()
+        return pin(raw)
     if choice.version is not None:
         return await config_store.load_config(conn, choice.version)
     if choice.at is not None:
         return await config_store.config_at(conn, choice.at)
     return default_rules()
+
+
+async def _partition_count(kafka: KafkaSettings, topic: str) -> int:
+    return len(await topic_partitions(kafka.bootstrap_servers, topic))
+
+
+async def _lane_mates(
+    conn: Any,
+    patients: frozenset[str] | None,
+    patient_lane: Callable[[str], int],
+) -> frozenset[str]:
+    """Registered patients sharing a partition with the selection (all, for a device filter,
+    since a device's patient is only known from its rows)."""
+    registry = await registered_patients(conn)
+    if patients is None:
+        return frozenset(registry)
+    lanes = {patient_lane(p) for p in patients}
+    return frozenset(p for p in registry if patient_lane(p) in lanes) - patients
 
 
 async def read_only_connection(dsn: str) -> Any:
@@ -188,12 +237,13 @@ async def run_replay(
             dsn = (postgres or PostgresSettings()).dsn
             conn = await read_only_connection(dsn)
             stack.push_async_callback(conn.close)
-        primary_rules = await _pin(request.rules, conn)
+        kafka = kafka or KafkaSettings()
+        primary_rules = await _pin(request.rules, conn, kafka, request.state_topic)
         candidate_rules: PinnedRules | None = None
         if request.candidate is not None and request.candidate.what_if:
             candidate_rules = with_overrides(primary_rules, dict(request.candidate.what_if))
         elif request.candidate is not None:
-            candidate_rules = await _pin(request.candidate, conn)
+            candidate_rules = await _pin(request.candidate, conn, kafka, request.state_topic)
 
         patients = request.patient_ids
         if request.care_team_id is not None:
@@ -205,25 +255,36 @@ async def run_replay(
             since=request.since,
             until=request.until,
         )
-        primary = Replay(primary_rules, keep_timelines=request.keep_timelines)
-        candidate = Replay(candidate_rules) if candidate_rules else None
+        patient_lane, context_patients, lanes = None, None, None
+        if request.source == "archive":
+            lanes = request.partitions or await _partition_count(kafka, request.topic)
+            patient_lane = PinnedRules.partitioner(lanes)
+            filtered = patients is not None or request.device_ids is not None
+            if filtered and request.context_time:
+                context_patients = await _lane_mates(conn, patients, patient_lane)
+        primary = Replay(
+            primary_rules, keep_timelines=request.keep_timelines, patient_lane=patient_lane
+        )
+        candidate = Replay(candidate_rules, patient_lane=patient_lane) if candidate_rules else None
         stats = ReadStats()
         started = time.perf_counter()
 
         batches: AsyncIterator[Batch]
         consumer = None
         if request.source == "kafka":
-            consumer = make_reader_consumer(kafka or KafkaSettings(), "replay")
+            consumer = make_reader_consumer(kafka, "replay")
             await consumer.start()
             stack.push_async_callback(consumer.stop)
             plan = await plan_partitions(
                 consumer,
                 request.topic,
+                bootstrap_servers=kafka.bootstrap_servers,
                 since=request.since,
                 until=request.until,
                 offsets=request.offsets or None,
             )
             total: int | None = sum(end - start for start, end in plan.values())
+            lanes = len(plan)
             # Device time filters what is replayed; Kafka's range was by record time.
             batches = read_kafka(
                 consumer,
@@ -234,7 +295,9 @@ async def run_replay(
             )
         else:
             total = await count_archive(conn, selection) if request.progress else None
-            batches = read_archive(conn, selection, stats, order=request.order)
+            batches = read_archive(
+                conn, selection, stats, order=request.order, context_patients=context_patients
+            )
         progress = ProgressBar(total, enabled=request.progress)
         read_before = 0
         async for batch in batches:
@@ -254,24 +317,27 @@ async def run_replay(
                 patient_ids=patients,
                 device_ids=request.device_ids,
                 since=primary.first_device_time,
-                until=None,
+                until=request.until if request.source == "archive" else None,
             )
             if request.compare_recorded == "table":
                 recorded = await recorded_alerts_from_table(conn, span)
             else:
-                alerts_consumer = make_reader_consumer(kafka or KafkaSettings(), "replay-alerts")
+                alerts_consumer = make_reader_consumer(kafka, "replay-alerts")
                 await alerts_consumer.start()
                 stack.push_async_callback(alerts_consumer.stop)
                 recorded = await recorded_alerts_from_topic(
-                    alerts_consumer, request.alerts_topic, span, since=request.since, until=None
+                    alerts_consumer,
+                    request.alerts_topic,
+                    span,
+                    bootstrap_servers=kafka.bootstrap_servers,
+                    since=request.since,
+                    until=None,
                 )
-            last = primary.last_device_time
+            # From the first replayed event on; no upper bound, because a timer's alert carries
+            # its deadline, which can lie after the last event of the replayed patients.
+            first = primary.first_device_time
             recorded = [
-                a
-                for a in dedupe_alerts(recorded)
-                if primary.first_device_time is not None
-                and last is not None
-                and primary.first_device_time <= a.device_time <= last
+                a for a in dedupe_alerts(recorded) if first is not None and a.device_time >= first
             ]
         replayed = [item.alert for item in primary.alerts]
         recorded_diff = (
@@ -300,6 +366,7 @@ async def run_replay(
             recorded_diff=recorded_diff,
             candidate_diff=candidate_diff,
             elapsed_s=time.perf_counter() - started,
+            lanes=lanes,
         )
         if request.audit:
             outcome.audit_seq = await _audit(request, outcome, (postgres or PostgresSettings()).dsn)

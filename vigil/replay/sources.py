@@ -14,26 +14,32 @@ approximates the order the live service saw.
 
 from __future__ import annotations
 
-import heapq
 import json
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
-from schemas.events import Alert, Telemetry
+from schemas.events import Alert
 from schemas.kafka_topics import TELEMETRY_TOPIC
-from schemas.topics import topic_for
+from vigil.replay.engine_port import (
+    CHANNEL_PUMP_EVENT,
+    CHANNEL_PUMP_STATUS,
+    CHANNEL_TEMPERATURE,
+    ReplayEvent,
+    decode_record,
+    from_archive,
+)
 from vigil.settings import KafkaSettings
 
-#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, row number).
+#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, row number);
+#: ("context", partition, offset) marks an event read but not replayed (see ``Replay.feed``).
 Position = tuple[str, Any, int]
-#: None instead of a position marks context: an event read but not replayed (see runner).
-Batch = list[tuple[Telemetry, Position | None]]
+Batch = list[tuple[ReplayEvent, Position]]
 
 ArchiveOrder = Literal["device", "ingest"]
 
@@ -51,7 +57,7 @@ class Selection:
     since: datetime | None = None
     until: datetime | None = None
 
-    def admits(self, event: Telemetry) -> bool:
+    def admits(self, event: ReplayEvent) -> bool:
         if self.patient_ids is not None and event.patient_id not in self.patient_ids:
             return False
         return self.device_ids is None or event.device_id in self.device_ids
@@ -121,10 +127,26 @@ def make_reader_consumer(settings: KafkaSettings, client_id: str) -> AIOKafkaCon
     )
 
 
+async def topic_partitions(bootstrap_servers: str, topic: str) -> list[int]:
+    """A topic's partition ids, from the cluster (a group-less consumer knows none until it
+    is assigned some). Describing a topic is read-only."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="vigil-replay")
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    for item in described:
+        if item.get("topic") == topic and item.get("error_code") == 0:
+            return sorted(int(p["partition"]) for p in item["partitions"])
+    raise LookupError(f"topic {topic} does not exist")
+
+
 async def plan_partitions(
     consumer: AIOKafkaConsumer,
     topic: str,
     *,
+    bootstrap_servers: str,
     since: datetime | None,
     until: datetime | None,
     offsets: Sequence[PartitionRange] | None,
@@ -134,10 +156,7 @@ async def plan_partitions(
     The end is fixed now (the log end or the first record at/after ``until``), so a replay of a
     live topic finishes instead of following it.
     """
-    await consumer.topics()  # forces a metadata fetch
-    partitions = sorted(consumer.partitions_for_topic(topic) or ())
-    if not partitions:
-        raise LookupError(f"topic {topic} has no partitions (does it exist?)")
+    partitions = await topic_partitions(bootstrap_servers, topic)
     tps = [TopicPartition(topic, p) for p in partitions]
     beginnings = await consumer.beginning_offsets(tps)
     ends = await consumer.end_offsets(tps)
@@ -177,14 +196,12 @@ async def read_kafka(
     decode: bool = True,
     context: bool = True,
 ) -> AsyncIterator[Batch]:
-    """Yield admitted telemetry until every planned end, partitions merged by record time.
+    """Yield admitted telemetry until every planned end, each partition in log order.
 
-    Within a partition the order is the log's. Across partitions records are merged by their
-    timestamp (when ingest produced them): the live rules consumed all partitions side by side,
-    and one engine's event-time timers depend on that interleaving, so a replay must not run
-    one partition days ahead of another. With ``context`` and a patient or device filter, the
-    other records are decoded and passed on without a position, so they move event time as
-    they did live (see ``Replay.feed``).
+    Partitions are not merged with one another: the rules service runs one engine per
+    partition (see ``PinnedRules.lane_of``), so only the order within a partition decides
+    anything. With ``context`` and a patient or device filter, the other records are decoded
+    and passed on as context, so they move their engine's event time as they did live.
     """
     pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
     if not pending:
@@ -201,58 +218,43 @@ async def read_kafka(
         if selection.patient_ids is not None and not keep_context
         else None
     )
-    buffers: dict[TopicPartition, deque[ConsumerRecord[bytes, bytes]]] = {
-        tp: deque() for tp in pending
-    }
-    while pending or any(buffers.values()):
-        hungry = [tp for tp in pending if not buffers[tp]]
-        if hungry:
-            fetched = await consumer.getmany(*hungry, timeout_ms=1000, max_records=20_000)
-            for tp, records in fetched.items():
-                end = pending[tp][1] if tp in pending else -1
-                buffers[tp].extend(r for r in records if r.offset < end)
-            for tp in hungry:
-                if await consumer.position(tp) >= pending[tp][1]:
-                    del pending[tp]
-                    consumer.pause(tp)
-            if any(not buffers[tp] for tp in pending):
-                continue
-        # Everything up to the earliest newest-buffered time of a partition still being read
-        # can be merged now: no record yet to come can sort before it.
-        limit = min((buffers[tp][-1].timestamp for tp in pending), default=None)
-        chunks: list[list[ConsumerRecord[bytes, bytes]]] = []
-        for buffer in buffers.values():
-            chunk: list[ConsumerRecord[bytes, bytes]] = []
-            while buffer and (limit is None or buffer[0].timestamp <= limit):
-                chunk.append(buffer.popleft())
-            chunks.append(chunk)
-        merged = heapq.merge(*chunks, key=lambda r: (r.timestamp, r.partition, r.offset))
-        batch = _decode_records(merged, selection, stats, keys, decode, keep_context)
+    while pending:
+        fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=20_000)
+        batch: Batch = []
+        for tp, records in fetched.items():
+            end = pending[tp][1] if tp in pending else -1
+            if records and records[-1].offset >= end:
+                records = [r for r in records if r.offset < end]
+            batch += _decode_records(records, selection, stats, keys, decode, keep_context)
+        for tp in list(pending):
+            if await consumer.position(tp) >= pending[tp][1]:
+                del pending[tp]
+                consumer.pause(tp)
         if batch:
             yield batch
 
 
 def _decode_records(
-    records: Iterable[ConsumerRecord[bytes, bytes]],
+    records: Sequence[ConsumerRecord[bytes, bytes]],
     selection: Selection,
     stats: ReadStats,
     keys: frozenset[bytes] | None,
     decode: bool,
     keep_context: bool,
 ) -> Batch:
-    validate = Telemetry.model_validate_json
+    decode_one = decode_record
     patients = selection.patient_ids
     devices = selection.device_ids
     batch: Batch = []
+    stats.read += len(records)
     for record in records:
-        stats.read += 1
         if keys is not None and record.key not in keys:
             continue
         if not decode:
             stats.admitted += 1
             continue
         try:
-            event = validate(record.value or b"")
+            event = decode_one(record.value or b"")
         except ValidationError:
             # The live rules dead-letter such a record; the replay counts it and goes on.
             stats.rejected += 1
@@ -262,11 +264,51 @@ def _decode_records(
             devices is not None and event.device_id not in devices
         ):
             if keep_context:
-                batch.append((event, None))
+                batch.append((event, ("context", record.partition, record.offset)))
             continue
         stats.admitted += 1
         batch.append((event, ("kafka", record.partition, record.offset)))
     return batch
+
+
+#: The key under which the rules service writes each pinned config to its state topic.
+CONFIG_KEY_PREFIX = "__config__/"
+
+
+async def config_from_state_topic(
+    consumer: AIOKafkaConsumer, bootstrap_servers: str, state_topic: str, version: str
+) -> dict[str, Any]:
+    """The RulesConfig JSON the live rules service pinned as ``version`` (what an alert's
+    ``config_version`` names), read from partition 0 of its compacted state topic."""
+    plan = await plan_partitions(
+        consumer,
+        state_topic,
+        bootstrap_servers=bootstrap_servers,
+        since=None,
+        until=None,
+        offsets=[PartitionRange(0)],
+    )
+    wanted = (CONFIG_KEY_PREFIX + version).encode()
+    found: bytes | None = None
+    pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
+    if pending:
+        consumer.assign(list(pending))
+        for tp, (start, _) in pending.items():
+            consumer.seek(tp, start)
+    while pending:
+        for tp, records in (await consumer.getmany(*pending, timeout_ms=1000)).items():
+            for record in records:
+                if record.offset < pending[tp][1] and record.key == wanted and record.value:
+                    found = record.value  # the newest write of a key wins, as in compaction
+        for tp in list(pending):
+            if await consumer.position(tp) >= pending[tp][1]:
+                del pending[tp]
+    if found is None:
+        raise LookupError(f"no rules config {version!r} in {state_topic}")
+    value = json.loads(found)
+    if not isinstance(value, dict):
+        raise LookupError(f"rules config {version!r} in {state_topic} is not a JSON object")
+    return value
 
 
 def alert_from_json(raw: bytes) -> Alert | None:
@@ -279,41 +321,35 @@ def alert_from_json(raw: bytes) -> Alert | None:
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL readings archive
 
+# One narrow row shape for all three tables: the client decodes every column of every row, so
+# the fields the rules read share columns (f1..f4 numbers, s1/s2 texts) and the flags arrive as
+# the one boolean the rules use. Fourteen small columns decode about four times faster than the
+# twenty of a row per table layout.
 _SELECT = """
-SELECT 0 AS kind, device_time, ingest_time, patient_id, device_id, message_id, seq, flags,
-       value_c, original_value, original_unit, site,
-       NULL::text AS state, NULL::float8 AS rate_ml_h, NULL::float8 AS volume_remaining_ml,
-       NULL::float8 AS bag_volume_ml, NULL::float8 AS battery_pct,
-       NULL::text AS event, NULL::text AS alarm, NULL::text AS detail
+SELECT 0::int2 AS kind, device_time, ingest_time, patient_id, device_id,
+       message_id::text AS mid, seq, 'device_clock_skew' = ANY(flags) AS skew,
+       value_c AS f1, NULL::float8 AS f2, NULL::float8 AS f3, NULL::float8 AS f4,
+       site AS s1, NULL::text AS s2
 FROM temperature_readings WHERE {where}
 UNION ALL
-SELECT 1, device_time, ingest_time, patient_id, device_id, message_id, seq, flags,
-       NULL, NULL, NULL, NULL,
-       state, rate_ml_h, volume_remaining_ml, bag_volume_ml, battery_pct,
-       NULL, NULL, NULL
+SELECT 1::int2, device_time, ingest_time, patient_id, device_id,
+       message_id::text, seq, 'device_clock_skew' = ANY(flags),
+       rate_ml_h, volume_remaining_ml, bag_volume_ml, battery_pct, state, NULL
 FROM pump_status WHERE {where}
 UNION ALL
-SELECT 2, device_time, ingest_time, patient_id, device_id, message_id, seq, flags,
-       NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL,
-       event, alarm, detail
+SELECT 2::int2, device_time, ingest_time, patient_id, device_id,
+       message_id::text, seq, 'device_clock_skew' = ANY(flags),
+       NULL, NULL, NULL, NULL, event, alarm
 FROM pump_events WHERE {where}
 ORDER BY {order}
 """
 
 _ORDERS: dict[str, str] = {
-    "device": "device_time, ingest_time, device_id, seq, message_id",
-    "ingest": "ingest_time, device_time, device_id, seq, message_id",
+    "device": "device_time, ingest_time, device_id, seq, mid",
+    "ingest": "ingest_time, device_time, device_id, seq, mid",
 }
 
 _TABLES = ("temperature_readings", "pump_status", "pump_events")
-_CHANNELS = ("temperature", "pump-status", "pump-event")
-# Indexed by the ``kind`` column of the query: the table a row came from.
-_SCHEMAS = (
-    "vigil.device.temperature.v1",
-    "vigil.device.pump_status.v1",
-    "vigil.device.pump_event.v1",
-)
 
 
 def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[Any]]:
@@ -336,42 +372,46 @@ def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[
     return _SELECT.format(where=where, order=_ORDERS[order]), args
 
 
-def telemetry_from_row(row: Sequence[Any]) -> Telemetry:
-    """Rebuild the Telemetry ingest published from one archive row (column order of _SELECT)."""
+def event_from_row(row: Sequence[Any]) -> ReplayEvent:
+    """The event one archive row stands for (column order of ``_SELECT``)."""
     kind = row[0]
-    device_id = row[4]
-    common = {
-        "schema": _SCHEMAS[kind],
-        "message_id": row[5],
-        "device_id": device_id,
-        "seq": row[6],
-        "device_time": row[1],
-    }
-    temperature_c = None
     if kind == 0:
-        message: dict[str, Any] = {**common, "value": row[9], "unit": row[10], "site": row[11]}
-        temperature_c = row[8]
-    elif kind == 1:
-        message = {
-            **common,
-            "state": row[12],
-            "rate_ml_h": row[13],
-            "volume_remaining_ml": row[14],
-            "bag_volume_ml": row[15],
-            "battery_pct": row[16],
-        }
-    else:
-        message = {**common, "event": row[17], "alarm": row[18], "detail": row[19]}
-    return Telemetry.model_validate(
-        {
-            "patient_id": row[3],
-            "device_id": device_id,
-            "mqtt_topic": topic_for(device_id, _CHANNELS[kind]),
-            "ingest_time": row[2],
-            "message": message,
-            "temperature_c": temperature_c,
-            "flags": tuple(row[7] or ()),
-        }
+        return from_archive(
+            channel=CHANNEL_TEMPERATURE,
+            patient_id=row[3],
+            device_id=row[4],
+            device_time=row[1],
+            ingest_time=row[2],
+            message_id=row[5],
+            clock_skew=bool(row[7]),
+            temperature_c=row[8],
+            site=row[12],
+        )
+    if kind == 1:
+        return from_archive(
+            channel=CHANNEL_PUMP_STATUS,
+            patient_id=row[3],
+            device_id=row[4],
+            device_time=row[1],
+            ingest_time=row[2],
+            message_id=row[5],
+            clock_skew=bool(row[7]),
+            rate_ml_h=row[8],
+            volume_remaining_ml=row[9],
+            bag_volume_ml=row[10],
+            battery_pct=row[11],
+            pump_state=row[12],
+        )
+    return from_archive(
+        channel=CHANNEL_PUMP_EVENT,
+        patient_id=row[3],
+        device_id=row[4],
+        device_time=row[1],
+        ingest_time=row[2],
+        message_id=row[5],
+        clock_skew=bool(row[7]),
+        event=row[12],
+        alarm=row[13],
     )
 
 
@@ -383,13 +423,24 @@ async def read_archive(
     order: ArchiveOrder = "device",
     batch_size: int = 20_000,
     decode: bool = True,
+    context_patients: frozenset[str] | None = None,
 ) -> AsyncIterator[Batch]:
-    """Yield archive rows as Telemetry, in the chosen order, inside a read-only snapshot.
+    """Yield archive rows as replay events, in the chosen order, inside a read-only snapshot.
 
-    ``conn`` is an asyncpg connection (asyncpg ships no types). The transaction is opened here
-    and is READ ONLY: a bug that tried to write would fail, not write.
+    ``context_patients``: other patients whose rows are read too and passed on as context
+    (they shared the live engine with the selected ones). ``conn`` is an asyncpg connection
+    (asyncpg ships no types). The transaction is opened here and is READ ONLY: a bug that tried
+    to write would fail, not write.
     """
-    sql, args = archive_query(selection, order)
+    wanted = selection
+    if context_patients:
+        # Read the selected patients and their lane mates; device filtering happens here.
+        wanted = Selection(
+            patient_ids=(selection.patient_ids or frozenset()) | context_patients,
+            since=selection.since,
+            until=selection.until,
+        )
+    sql, args = archive_query(wanted, order)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute("SET TRANSACTION READ ONLY")
         cursor = await conn.cursor(sql, *args)
@@ -405,15 +456,19 @@ async def read_archive(
             batch: Batch = []
             for row in rows:
                 number += 1
-                try:
-                    event = telemetry_from_row(row)
-                except ValidationError:
-                    stats.rejected += 1
-                    stats.rejected_positions.append(("pg", _TABLES[row[0]], number))
+                event = event_from_row(row)
+                if context_patients and not selection.admits(event):
+                    batch.append((event, ("context", _TABLES[row[0]], number)))
                     continue
+                stats.admitted += 1
                 batch.append((event, ("pg", _TABLES[row[0]], number)))
-            stats.admitted += len(batch)
             yield batch
+
+
+async def registered_patients(conn: Any) -> list[str]:
+    async with conn.transaction(readonly=True):
+        rows = await conn.fetch("SELECT patient_id FROM patients ORDER BY patient_id")
+    return [str(r["patient_id"]) for r in rows]
 
 
 async def count_archive(conn: Any, selection: Selection) -> int:
@@ -471,11 +526,19 @@ async def recorded_alerts_from_topic(
     topic: str,
     selection: Selection,
     *,
+    bootstrap_servers: str,
     since: datetime | None,
     until: datetime | None,
 ) -> list[Alert]:
     """The alerts the live rules published, read from the alerts topic without a group."""
-    plan = await plan_partitions(consumer, topic, since=since, until=until, offsets=None)
+    plan = await plan_partitions(
+        consumer,
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        since=since,
+        until=until,
+        offsets=None,
+    )
     pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
     alerts: list[Alert] = []
     if not pending:
@@ -531,6 +594,7 @@ __all__ = [
     "Selection",
     "archive_query",
     "count_archive",
+    "event_from_row",
     "make_reader_consumer",
     "parse_offsets",
     "patients_of_care_team",
@@ -539,5 +603,4 @@ __all__ = [
     "read_kafka",
     "recorded_alerts_from_table",
     "recorded_alerts_from_topic",
-    "telemetry_from_row",
 ]

@@ -1,0 +1,247 @@
+"""Benchmark of replay: events per second from Kafka and from PostgreSQL through the rules.
+
+``make bench-replay`` (or ``python bench/replay.py`` with ``VIGIL_STACK_*`` set). Writes a
+recorded fleet (``--patients`` full 28-day courses: a reading every 5 min and a pump status every
+15 min) to a private topic and to the readings archive, then measures, in the same run:
+
+- ``kafka_raw_per_s``: records read from the topic with no decoding (the baseline);
+  ``kafka_replay_per_s``: the same records decoded and replayed through the pinned engine, as
+  ``vigil replay --kafka --all`` does; ``kafka_ratio`` = replay / raw.
+- ``pg_raw_rows_per_s``: archive rows fetched (server-side cursor, 20,000-row batches) with no
+  conversion; ``pg_replay_rows_per_s``: fetched, converted and replayed; ``pg_ratio``.
+- ``course_28d_s``: one patient's full course (10,752 events) replayed from the archive, end
+  to end (connection, query, replay); ``course_28d_memory_s``: the same course from memory.
+- ``engine_only_per_s``: the engine alone over pre-built events (what no reader can beat).
+
+Progress goes to stderr; ONE JSON line of figures goes to stdout at the end. Nothing here
+asserts a speed. The private topic and the archive rows are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench.common import stack_environment
+from schemas.events import Telemetry
+from services.ingest.adapters.postgres import store_telemetry
+from vigil.kafka import encode, make_producer
+from vigil.replay.engine_port import default_rules, from_telemetry
+from vigil.replay.runner import Replay
+from vigil.replay.service import ReplayRequest, run_replay
+from vigil.replay.sources import (
+    ReadStats,
+    Selection,
+    make_reader_consumer,
+    plan_partitions,
+    read_archive,
+    read_kafka,
+)
+from vigil.replay.synthetic import course
+from vigil.settings import KafkaSettings
+
+TABLES = ("temperature_readings", "pump_status", "pump_events")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def produce(topic: str, events: list[Telemetry], kafka: KafkaSettings) -> None:
+    producer = make_producer(kafka, "bench-replay", linger_ms=20)
+    await producer.start()
+    try:
+        pending = []
+        for event in events:
+            pending.append(
+                await producer.send(
+                    topic,
+                    encode(event),
+                    key=event.patient_id.encode(),
+                    timestamp_ms=int(event.ingest_time.timestamp() * 1000),
+                )
+            )
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def kafka_raw(topic: str, kafka: KafkaSettings) -> tuple[int, float]:
+    consumer = make_reader_consumer(kafka, "bench-replay-raw")
+    await consumer.start()
+    try:
+        plan = await plan_partitions(
+            consumer,
+            topic,
+            bootstrap_servers=kafka.bootstrap_servers,
+            since=None,
+            until=None,
+            offsets=None,
+        )
+        stats = ReadStats()
+        started = time.perf_counter()
+        async for _ in read_kafka(consumer, plan, Selection(), stats, decode=False):
+            pass
+        return stats.read, time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+async def pg_raw(dsn: str, patients: frozenset[str]) -> tuple[int, float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        stats = ReadStats()
+        started = time.perf_counter()
+        async for _ in read_archive(conn, Selection(patient_ids=patients), stats, decode=False):
+            pass
+        return stats.read, time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    env = stack_environment()
+    kafka = KafkaSettings()
+    dsn = env["VIGIL_PG_DSN"]
+    run = uuid.uuid4().hex[:8]
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=30)
+    patients = tuple(f"bench-rp-{run}-{n}" for n in range(args.patients))
+    log(f"building {args.patients} 28-day courses")
+    events = []
+    for n, patient in enumerate(patients):
+        events += course(patient, start + timedelta(minutes=n), days=28)
+    events.sort(key=lambda e: e.ingest_time)
+    per_course = len(events) // len(patients)
+
+    topic = f"bench.replay.telemetry.{run}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 6, 1, topic_configs={"retention.ms": "-1"})])
+    figures: dict[str, object] = {
+        "bench": "replay",
+        "events": len(events),
+        "patients": len(patients),
+    }
+    try:
+        log(f"producing {len(events)} records to {topic}")
+        await produce(topic, events, kafka)
+        log("writing the archive")
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        assert pool is not None
+        try:
+            for offset in range(0, len(events), 10_000):
+                await store_telemetry(pool, events[offset : offset + 10_000])
+        finally:
+            await pool.close()
+
+        # The engine alone, over events already converted: the ceiling for any reader.
+        converted = [
+            (from_telemetry(e), ("kafka", hash(e.patient_id) % 6, n)) for n, e in enumerate(events)
+        ]
+        replay = Replay(default_rules())
+        started = time.perf_counter()
+        replay.feed(converted)
+        engine_s = time.perf_counter() - started
+        figures["engine_only_per_s"] = round(len(converted) / engine_s)
+        del converted
+
+        log("kafka: raw read")
+        raw_n, raw_s = await kafka_raw(topic, kafka)
+        kafka_raw_rate = raw_n / raw_s
+        figures["kafka_raw_per_s"] = round(kafka_raw_rate)
+        log("kafka: replay")
+        outcome = await run_replay(
+            ReplayRequest(source="kafka", topic=topic, audit=False, progress=False), kafka=kafka
+        )
+        assert outcome.primary.events == len(events), outcome.summary()
+        kafka_replay = outcome.primary.events / outcome.elapsed_s
+        figures["kafka_replay_per_s"] = round(kafka_replay)
+        figures["kafka_ratio"] = round(kafka_replay / kafka_raw_rate, 3)
+        figures["alerts"] = len(outcome.primary.alerts)
+
+        log("postgres: raw read")
+        pg_n, pg_s = await pg_raw(dsn, frozenset(patients))
+        pg_raw_rate = pg_n / pg_s
+        figures["pg_raw_rows_per_s"] = round(pg_raw_rate)
+        log("postgres: replay")
+        outcome = await run_replay(
+            ReplayRequest(
+                source="archive",
+                patient_ids=frozenset(patients),
+                partitions=6,
+                context_time=False,
+                audit=False,
+                progress=False,
+            )
+        )
+        assert outcome.primary.events == len(events), outcome.summary()
+        pg_replay = outcome.primary.events / outcome.elapsed_s
+        figures["pg_replay_rows_per_s"] = round(pg_replay)
+        figures["pg_ratio"] = round(pg_replay / pg_raw_rate, 3)
+
+        log("one 28-day course")
+        started = time.perf_counter()
+        one = await run_replay(
+            ReplayRequest(
+                source="archive",
+                patient_ids=frozenset({patients[0]}),
+                partitions=6,
+                context_time=False,
+                audit=False,
+                progress=False,
+            )
+        )
+        figures["course_28d_events"] = one.primary.events
+        figures["course_28d_s"] = round(time.perf_counter() - started, 3)
+        assert one.primary.events == per_course
+        memory = [
+            (from_telemetry(e), ("memory", None, n))
+            for n, e in enumerate(course(patients[0], start, days=28))
+        ]
+        started = time.perf_counter()
+        Replay(default_rules()).feed(memory)
+        figures["course_28d_memory_s"] = round(time.perf_counter() - started, 3)
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
+        conn = await asyncpg.connect(dsn)
+        try:
+            for table in TABLES:
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE patient_id = ANY($1::text[])", list(patients)
+                )
+        finally:
+            await conn.close()
+    figures["targets"] = {
+        "kafka_replay_per_s": 100_000,
+        "pg_replay_rows_per_s": 200_000,
+        "course_28d_s": 1.0,
+    }
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=20, help="28-day courses to record")
+    args = parser.parse_args()
+    figures = asyncio.run(main_async(args))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

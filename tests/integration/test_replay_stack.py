@@ -1,0 +1,425 @@
+"""Replay against the real stack: Kafka and PostgreSQL readers, comparison with the alerts
+recorded at the time, and proof that a replay changes nothing and pages no one.
+
+The recorded stream is written to a private topic (so no other test's services consume it) and
+to the readings archive through ingest's own writer; the "live" alerts are what one engine
+decided over the stream in Kafka order, stored in the ``alerts`` table through notify's own
+repository, exactly as a live run records them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiosmtpd.controller import Controller
+
+from schemas.events import Alert, Telemetry
+from schemas.kafka_topics import ALERTS_TOPIC, DEADLETTER_TOPIC, DELIVERIES_TOPIC, TELEMETRY_TOPIC
+from services.ingest.adapters.postgres import store_telemetry
+from services.ingest.adapters.registry_admin import upsert_care_team, upsert_patient
+from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.rules.domain.config import RulesConfig
+from services.rules.domain.engine import RulesEngine
+from vigil.kafka import encode, make_producer
+from vigil.replay.cli import main as replay_main
+from vigil.replay.compare import Outcome
+from vigil.replay.engine_port import PinnedRules
+from vigil.replay.service import ReplayRequest, RulesChoice, read_only_connection, run_replay
+from vigil.replay.sources import PartitionRange, topic_partitions
+from vigil.replay.synthetic import FeverEpisode, PumpPause, course
+from vigil.settings import KafkaSettings
+
+pytestmark = pytest.mark.stack
+
+LIVE_TOPICS = (TELEMETRY_TOPIC, ALERTS_TOPIC, DEADLETTER_TOPIC, DELIVERIES_TOPIC)
+READING_TABLES = ("temperature_readings", "pump_status", "pump_events", "alerts", "pages")
+
+
+@dataclass
+class Recording:
+    run: str
+    topic: str
+    team: str
+    patients: tuple[str, ...]
+    events: list[Telemetry]
+    live: list[Alert]
+    start: datetime
+
+
+def live_alerts(events: list[Telemetry], partitions: list[int]) -> list[Alert]:
+    """What the rules service decides: one engine per partition, each in log order."""
+    engines: dict[int, RulesEngine] = {}
+    decided: list[Alert] = []
+    for event, partition in zip(events, partitions, strict=True):
+        engine = engines.setdefault(partition, RulesEngine(RulesConfig()))
+        decided += engine.on_telemetry(event)
+    return decided
+
+
+def distinct_partitions(run: str, partitions: int) -> tuple[str, ...]:
+    """Patient ids that Kafka's default partitioner puts on different partitions, so each
+    live engine serves exactly one of them (the shared archive holds other runs' patients,
+    which an archive replay must not mistake for these patients' engine mates)."""
+    lane = PinnedRules.partitioner(partitions)
+    chosen: dict[int, str] = {}
+    for n in range(1000):
+        chosen.setdefault(lane(f"rp-{run}-{n}"), f"rp-{run}-{n}")
+        if len(chosen) == partitions:
+            break
+    return tuple(chosen[p] for p in sorted(chosen))
+
+
+@pytest.fixture(scope="module")
+async def recording(stack_env: dict[str, str]) -> AsyncIterator[Recording]:
+    """Three patients' three days, recorded to a private topic, the archive and the alerts."""
+    run = uuid.uuid4().hex[:8]
+    # Recent enough for the topic's time retention, old enough to be a finished recording.
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=5)
+    team = f"team-rp-{run}"
+    patients = distinct_partitions(run, 3)
+    fevers = (
+        FeverEpisode(timedelta(days=1, hours=2), timedelta(minutes=100), 38.1),
+        FeverEpisode(timedelta(days=2, hours=5), timedelta(minutes=20), 38.7),
+    )
+    events: list[Telemetry] = []
+    for n, patient in enumerate(patients):
+        events += course(
+            patient,
+            start + timedelta(minutes=7 * n),
+            days=3,
+            fevers=fevers,
+            pauses=(PumpPause(timedelta(days=1, hours=9), timedelta(minutes=45)),),
+        )
+    events.sort(key=lambda e: (e.ingest_time, e.patient_id))
+
+    kafka = KafkaSettings()
+    topic = f"replaytest.telemetry.{run}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={"retention.ms": "-1"})])
+    producer = make_producer(kafka, f"replaytest-{run}")
+    await producer.start()
+    try:
+        sends = [
+            await producer.send(
+                topic,
+                encode(e),
+                key=e.patient_id.encode(),
+                timestamp_ms=int(e.ingest_time.timestamp() * 1000),
+            )
+            for e in events
+        ]
+        written = await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+    pool = await asyncpg.create_pool(stack_env["VIGIL_PG_DSN"], min_size=1, max_size=2)
+    assert pool is not None
+    live = live_alerts(events, [meta.partition for meta in written])
+    try:
+        await upsert_care_team(pool, team, "Replay test team", f"{team}@example.org")
+        await upsert_care_team(pool, f"{team}-x", "Other team", f"{team}-x@example.org")
+        for patient in patients:
+            await upsert_patient(pool, patient, team if patient != patients[2] else f"{team}-x")
+        for offset in range(0, len(events), 5000):
+            await store_telemetry(pool, events[offset : offset + 5000])
+        repository = PostgresNotifyRepository(pool)
+        for alert in live:
+            await repository.record_alert(alert)
+    finally:
+        await pool.close()
+    try:
+        yield Recording(run, topic, team, patients, events, live, start)
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
+
+
+def of(alerts: list[Alert], patients: set[str]) -> list[Alert]:
+    return [a for a in alerts if a.patient_id in patients]
+
+
+async def test_kafka_time_range_replays_to_exactly_the_recorded_alerts(
+    recording: Recording,
+) -> None:
+    """The whole recording, read back from Kafka by time range (offsets_for_times), decides
+    every alert recorded live and nothing else; the alerts table agrees."""
+    outcome = await run_replay(
+        ReplayRequest(
+            source="kafka",
+            topic=recording.topic,
+            patient_ids=frozenset(recording.patients),
+            since=recording.start,
+            until=recording.events[-1].ingest_time + timedelta(seconds=1),
+            compare_recorded="table",
+            audit=False,
+        )
+    )
+    assert outcome.stats.read == len(recording.events)
+    replayed = [i.alert for i in outcome.primary.alerts]
+    assert replayed and sorted(a.alert_id for a in replayed) == sorted(
+        a.alert_id for a in recording.live
+    )
+    assert outcome.recorded_diff is not None
+    assert outcome.recorded_diff.identical, outcome.recorded_diff.counts()
+    assert outcome.recorded_diff.counts()["same"] == len(recording.live)
+
+
+async def test_kafka_offsets_pick_exactly_the_named_records(recording: Recording) -> None:
+    """An explicit range reads exactly its offsets; a later start time skips what is before."""
+    ends = await end_offsets((recording.topic,))
+    partition_ranges = tuple(PartitionRange(tp.partition, 10, 110) for tp in ends)
+    outcome = await run_replay(
+        ReplayRequest(source="kafka", topic=recording.topic, offsets=partition_ranges, audit=False)
+    )
+    # Three patients keyed onto three partitions may share one: count what each one holds.
+    assert outcome.stats.read == sum(max(0, min(110, end) - 10) for end in ends.values()) > 0
+    positions = {item.position for item in outcome.primary.alerts}
+    assert all(p[0] == "kafka" and 10 <= p[2] < 110 for p in positions)
+
+    midway = recording.start + timedelta(days=2)
+    later = await run_replay(
+        ReplayRequest(source="kafka", topic=recording.topic, since=midway, audit=False)
+    )
+    expected = sum(1 for e in recording.events if e.ingest_time >= midway)
+    assert later.stats.read == expected
+
+
+async def test_archive_replays_one_patient_and_a_care_team(recording: Recording) -> None:
+    """From the readings archive in device-time order, each patient on the engine lane its
+    partition gave it: one patient's alerts match the live ones; the care team filter takes
+    its two patients and not the third."""
+    one = recording.patients[0]
+    outcome = await run_replay(
+        ReplayRequest(
+            source="archive",
+            topic=recording.topic,  # its partitions place each patient on its live engine
+            patient_ids=frozenset({one}),
+            compare_recorded="table",
+            context_time=False,
+            audit=False,
+        )
+    )
+    assert outcome.stats.admitted == sum(1 for e in recording.events if e.patient_id == one)
+    assert outcome.recorded_diff is not None and outcome.recorded_diff.identical
+    assert outcome.recorded_diff.counts()["same"] == len(of(recording.live, {one}))
+
+    team = await run_replay(
+        ReplayRequest(
+            source="archive",
+            topic=recording.topic,
+            care_team_id=recording.team,
+            context_time=False,
+            audit=False,
+        )
+    )
+    assert {i.alert.patient_id for i in team.primary.alerts} == set(recording.patients[:2])
+
+
+async def test_a_threshold_change_shows_the_expected_diff_over_the_archive(
+    recording: Recording,
+) -> None:
+    """single_c 38.3 -> 38.0: each patient's sustained 38.1 °C fever now pages an hour
+    earlier as a single reading; everything else is unchanged."""
+    outcome = await run_replay(
+        ReplayRequest(
+            source="archive",
+            partitions=3,
+            context_time=False,
+            patient_ids=frozenset(recording.patients),
+            candidate=RulesChoice(what_if=(("fever_single_c", 38.0),)),
+            audit=False,
+        )
+    )
+    diff = outcome.candidate_diff
+    assert diff is not None
+    moved = [i for i in diff.items if i.outcome is Outcome.TIMING]
+    assert len(moved) == 3
+    assert all(i.delta == -timedelta(hours=1) for i in moved)
+    assert {i.any_alert.patient_id for i in moved} == set(recording.patients)
+    assert diff.counts()["missing"] == diff.counts()["extra"] == 0
+
+
+async def end_offsets(topics: tuple[str, ...]) -> dict[TopicPartition, int]:
+    bootstrap = KafkaSettings().bootstrap_servers
+    tps = [TopicPartition(t, p) for t in topics for p in await topic_partitions(bootstrap, t)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
+async def records_between(
+    before: dict[TopicPartition, int], after: dict[TopicPartition, int]
+) -> list[bytes]:
+    """Every record appended to the live topics between two snapshots (by anyone)."""
+    grown = {tp: (before.get(tp, 0), end) for tp, end in after.items() if end > before.get(tp, 0)}
+    if not grown:
+        return []
+    consumer = AIOKafkaConsumer(bootstrap_servers=KafkaSettings().bootstrap_servers)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        consumer.assign(list(grown))
+        for tp, (start, _) in grown.items():
+            consumer.seek(tp, start)
+        while grown:
+            for tp, records in (await consumer.getmany(*grown, timeout_ms=1000)).items():
+                values += [r.value or b"" for r in records if r.offset < grown[tp][1]]
+            for tp in list(grown):
+                if await consumer.position(tp) >= grown[tp][1]:
+                    del grown[tp]
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def row_counts(conn: asyncpg.Connection, patients: tuple[str, ...]) -> dict[str, int]:
+    counts = {
+        table: int(
+            await conn.fetchval(
+                f"SELECT count(*) FROM {table} WHERE patient_id = ANY($1::text[])",
+                list(patients),
+            )
+        )
+        for table in READING_TABLES
+    }
+    counts["delivery_attempts"] = int(
+        await conn.fetchval(
+            "SELECT count(*) FROM delivery_attempts d JOIN pages p USING (page_id)"
+            " WHERE p.patient_id = ANY($1::text[])",
+            list(patients),
+        )
+    )
+    return counts
+
+
+def free_port() -> int:
+    # aiosmtpd's Controller probes its own port after start, so it cannot be given port 0.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class CountingSmtp:
+    def __init__(self) -> None:
+        self.connections = 0
+
+    async def handle_EHLO(  # the name aiosmtpd dispatches to
+        self, server: object, session: object, envelope: object, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self.connections += 1
+        return responses
+
+
+async def test_a_replay_writes_nothing_live_and_pages_no_one(
+    recording: Recording, stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kafka and archive replays with comparisons and reports, through the CLI: the private
+    topic's end offsets are unchanged, no record about these patients reached a live topic,
+    no readings/alerts/pages row changed, no SMTP connection was made; the only write is one
+    audit entry per run."""
+    smtp = CountingSmtp()
+    port = free_port()
+    controller = Controller(smtp, hostname="127.0.0.1", port=port)
+    controller.start()
+    # Anything that tried to page during the replay would find this server, and be counted.
+    monkeypatch.setenv("VIGIL_NOTIFY_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("VIGIL_NOTIFY_SMTP_PORT", str(port))
+    actor = f"replay-test-{recording.run}"
+    conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
+    try:
+        offsets_before = await end_offsets((*LIVE_TOPICS, recording.topic))
+        rows_before = await row_counts(conn, recording.patients)
+        runs = [
+            [
+                "--kafka",
+                "--topic",
+                recording.topic,
+                "--all",
+                "--compare-recorded",
+                "table",
+                "--what-if",
+                "fever_single_c=38.0",
+                "--html",
+                str(tmp_path / "k.html"),
+            ],
+            [
+                "--archive",
+                "--topic",
+                recording.topic,
+                "--care-team",
+                recording.team,
+                "--no-context-time",
+                "--compare-recorded",
+                "table",
+                "--format",
+                "csv",
+                "--diff-json",
+                str(tmp_path / "d.json"),
+                "--progress",
+            ],
+            [
+                "--kafka",
+                "--topic",
+                recording.topic,
+                "--patient",
+                recording.patients[0],
+                "--compare-recorded",
+                "topic",
+            ],
+        ]
+        for n, argv in enumerate(runs):
+            out = tmp_path / f"alerts-{n}.out"
+            code = await asyncio.to_thread(
+                replay_main, [*argv, "--out", str(out), "--actor", actor]
+            )
+            assert code == 0, argv
+            assert out.stat().st_size > 0
+        offsets_after = await end_offsets((*LIVE_TOPICS, recording.topic))
+        rows_after = await row_counts(conn, recording.patients)
+        audit_rows = await conn.fetch(
+            "SELECT action, details::text AS details FROM audit_log WHERE actor = $1", actor
+        )
+    finally:
+        await conn.close()
+        controller.stop()
+
+    private = {tp: n for tp, n in offsets_before.items() if tp.topic == recording.topic}
+    assert private == {tp: n for tp, n in offsets_after.items() if tp.topic == recording.topic}
+    appended = await records_between(offsets_before, offsets_after)
+    assert not [v for v in appended if any(p.encode() in v for p in recording.patients)]
+    assert rows_after == rows_before
+    assert smtp.connections == 0
+    assert [r["action"] for r in audit_rows] == ["replay.run"] * 3
+    assert json.loads(audit_rows[0]["details"])["recorded_diff"]["same"] == len(recording.live)
+    html = (tmp_path / "k.html").read_text()
+    assert html.count("<svg") == 3 and "<script" not in html
+    diffs = json.loads((tmp_path / "d.json").read_text())
+    assert diffs[0]["identical"] is True, [i for i in diffs[0]["items"] if i["outcome"] != "same"]
+
+
+async def test_the_replay_connection_cannot_write(stack_env: dict[str, str]) -> None:
+    """The archive reader's connection refuses writes: a bug could not write live rows."""
+    conn = await read_only_connection(stack_env["VIGIL_PG_DSN"])
+    try:
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await conn.execute(
+                "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'x', 'x')",
+                f"never-{uuid.uuid4().hex[:6]}",
+            )
+    finally:
+        await conn.close()
