@@ -1,10 +1,18 @@
 """Ingest composition root: wires Mosquitto, the validator, Kafka and PostgreSQL together.
 
-Order of work for each batch of MQTT messages: validate → produce accepted telemetry to Kafka
-(keyed by patient, idempotent producer, acks=all) and rejects to the dead-letter topic → write
-readings to PostgreSQL → only then acknowledge the messages to the broker (MQTT manual ack). A
-crash anywhere before the acknowledgement makes the broker redeliver the message to the
-persistent session, and the unique keys downstream make the redelivery harmless.
+Order of work for each batch of MQTT messages: admit (validate, bind to a patient, drop
+duplicates) → produce accepted telemetry to Kafka (keyed by patient, idempotent producer,
+acks=all) and rejects to the dead-letter topic, and write readings and device liveness to
+PostgreSQL → only then acknowledge the messages to the broker (MQTT manual ack, in the order they
+arrived). A crash anywhere before the acknowledgement makes the broker redeliver the message to
+the persistent session, and the unique keys downstream make the redelivery harmless.
+
+Delivery contract this gives: every message the broker accepted is stored in PostgreSQL exactly
+once (unique key), and is in Kafka at least once. A second Kafka copy only happens when ingest dies
+(or Kafka fails part of a batch) between producing and acknowledging; it carries the same
+``message_id``, which consumers already treat as one message. While Kafka or PostgreSQL is down,
+the batch is retried with backoff, nothing more is read beyond the batches in flight, and nothing
+is acknowledged: the broker's persistent session is the durable buffer (no local spool).
 """
 
 from __future__ import annotations
@@ -12,61 +20,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+import struct
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 import aiomqtt
 import asyncpg
+import paho.mqtt.client as paho_mqtt
 from aiokafka import AIOKafkaProducer
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from schemas.events import DeadLetter, Telemetry
 from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
-from schemas.topics import MQTT_SUBSCRIPTION
-from services.ingest.adapters.postgres import load_bindings, store_telemetry
+from schemas.topics import MQTT_SUBSCRIPTION, parse_topic
+from services.ingest.adapters.metrics import IngestMetrics, OpsServer
+from services.ingest.adapters.postgres import load_bindings, store_last_seen, store_telemetry
+from services.ingest.domain.admission import Admission, DeviceSeen, admit, merge_seen
+from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import BindingIndex
-from services.ingest.domain.validation import (
-    Accepted,
-    RejectReason,
-    ValidationLimits,
-    validate_message,
-)
+from services.ingest.domain.validation import ValidationLimits
 from services.ingest.settings import IngestSettings
-from vigil.kafka import encode, make_producer
+from vigil.kafka import encode
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.ingest")
-
-
-@dataclass
-class IngestCounters:
-    received: int = 0
-    accepted: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    batches: int = 0
+_PUBACK = struct.Struct("!BBH")
 
 
 class IngestPipeline:
-    """The part of ingest that handles a batch; the MQTT loop around it lives in ``run``."""
+    """Admits a batch and makes it durable; the MQTT loop around it lives in ``_consume``."""
 
     def __init__(
         self,
         settings: IngestSettings,
         producer: AIOKafkaProducer,
         pool: asyncpg.Pool,
+        metrics: IngestMetrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._settings = settings
         self._producer = producer
         self._pool = pool
+        self._clock = clock
+        self.metrics = metrics or IngestMetrics()
         self._limits = ValidationLimits(
             max_payload_bytes=settings.max_payload_bytes,
             max_clock_ahead=timedelta(seconds=settings.max_clock_ahead_s),
             max_clock_behind=timedelta(seconds=settings.max_clock_behind_s),
         )
         self._registry = BindingIndex(())
-        self._registry_loaded_at = 0.0
-        self.counters = IngestCounters()
+        self._registry_loaded_at = -1e9
+        self._window = RecentMessages(settings.dedup_window)
+        # Records are appended to the producer in batch order, so a patient's events keep their
+        # arrival order on its partition even while several batches are in flight.
+        self._produce_lock = asyncio.Lock()
+        self.subscribed = False
+        self.durable_ok = True
+        # Newest last-seen record per device since the last flush (see keep_liveness).
+        self._liveness: dict[str, DeviceSeen] = {}
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.subscribed:
+            return False, "not subscribed to the broker"
+        if not self.durable_ok:
+            return False, "last batch could not be made durable; retrying"
+        return True, "ready"
 
     async def refresh_registry(self, *, force: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -77,50 +98,162 @@ class IngestPipeline:
         self._registry = await load_bindings(self._pool)
         self._registry_loaded_at = loop.time()
 
-    async def handle(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        """Validate, publish and store one batch. Returns once all of it is durable."""
-        received_at = utcnow()
+    async def admit(self, messages: Sequence[tuple[str, bytes]]) -> Admission:
+        """Decide a batch; remembers its accepted messages in the duplicate window."""
+        received_at = self._clock()
         await self.refresh_registry()
-        outcomes = [
-            validate_message(t, p, received_at, self._registry, self._limits) for t, p in messages
-        ]
-        if any(
-            not isinstance(o, Accepted) and o.reason == RejectReason.UNKNOWN_DEVICE
-            for o in outcomes
-        ):
+        devices = {t.device_id for t in map(parse_topic, {topic for topic, _ in messages}) if t}
+        if any(not self._registry.knows(d) for d in devices):
+            # Maybe registered since the last load: reload (at most once a second) before
+            # dead-lettering its messages as unknown_device.
             await self.refresh_registry(force=True)
-            outcomes = [
-                validate_message(t, p, received_at, self._registry, self._limits)
-                for t, p in messages
-            ]
+        return admit(messages, received_at, self._registry, self._window, self._limits)
 
-        accepted: list[Telemetry] = []
-        rejected: list[DeadLetter] = []
-        for outcome in outcomes:
-            if isinstance(outcome, Accepted):
-                accepted.append(outcome.telemetry)
+    async def handle(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Admit and persist one batch once; raises when it could not be made durable."""
+        admission = await self.admit(messages)
+        await self.persist(admission, _Progress(admission))
+        self.record(len(messages), admission)
+
+    async def process(self, messages: Sequence[tuple[str, bytes]], stop: asyncio.Event) -> bool:
+        """Admit a batch and retry until it is durable; False only when stopped before that."""
+        started = time.perf_counter()
+        backoff = 0.5
+        while True:
+            try:
+                admission = await self.admit(messages)
+                break
+            except Exception as error:
+                if not await self._failed("registry", error, len(messages), backoff, stop):
+                    return False
+                backoff = min(backoff * 2, 15.0)
+        progress = _Progress(admission)
+        backoff = 0.5
+        while True:
+            try:
+                await self.persist(admission, progress)
+                self.durable_ok = True
+                break
+            except Exception as error:
+                stage = "kafka" if not progress.kafka_done else "db"
+                if not await self._failed(stage, error, len(messages), backoff, stop):
+                    return False
+                backoff = min(backoff * 2, 15.0)
+        self.record(len(messages), admission)
+        merge_seen(self._liveness, admission.seen)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        return True
+
+    async def flush_liveness(self) -> None:
+        """Write the last-seen records gathered since the previous flush; on failure keep them
+        for the next one (a newer record for the same device supersedes them anyway)."""
+        pending, self._liveness = self._liveness, {}
+        try:
+            await store_last_seen(self._pool, list(pending.values()))
+        except Exception as error:
+            merge_seen(pending, self._liveness.values())
+            self._liveness = pending
+            self.metrics.batch_failures.labels("liveness").inc()
+            log.error("liveness_not_stored", extra=log_fields(error=repr(error)))
+
+    async def keep_liveness(self, stop: asyncio.Event) -> None:
+        """Flush liveness every ``liveness_flush_s`` until stopped, then once more."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.liveness_flush_s)
+            await self.flush_liveness()
+
+    async def _failed(
+        self, stage: str, error: Exception, size: int, backoff: float, stop: asyncio.Event
+    ) -> bool:
+        """Count and log a failed attempt, then wait; False when asked to stop meanwhile."""
+        self.durable_ok = False
+        self.metrics.batch_failures.labels(stage).inc()
+        log.error(
+            "batch_not_durable",
+            extra=log_fields(stage=stage, error=repr(error), size=size, retry_s=backoff),
+        )
+        try:
+            await asyncio.wait_for(stop.wait(), backoff)
+            return False
+        except TimeoutError:
+            return True
+
+    async def persist(self, admission: Admission, progress: _Progress) -> None:
+        """Kafka and PostgreSQL, concurrently; returns once both have the batch.
+
+        ``progress`` survives a failed attempt, so a retry re-sends only the records Kafka did
+        not acknowledge and skips the database when its transaction already committed.
+        """
+        steps = []
+        if not progress.kafka_done:
+            steps.append(self._produce(admission, progress))
+        if not progress.db_done:
+            steps.append(self._store(admission, progress))
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _produce(self, admission: Admission, progress: _Progress) -> None:
+        started = time.perf_counter()
+        pending: list[tuple[int, asyncio.Future[object]]] = []
+        async with self._produce_lock:
+            for i, telemetry in enumerate(admission.accepted):
+                if not progress.telemetry_sent[i]:
+                    future = await self._producer.send(
+                        TELEMETRY_TOPIC, encode(telemetry), key=telemetry.patient_id.encode()
+                    )
+                    pending.append((i, future))
+            for j, dead in enumerate(admission.rejected):
+                if not progress.dead_sent[j]:
+                    future = await self._producer.send(
+                        DEADLETTER_TOPIC,
+                        encode(dead),
+                        key=(dead.device_id or "").encode() or None,
+                    )
+                    pending.append((-1 - j, future))
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        failure: BaseException | None = None
+        for (index, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = failure or result
+            elif index >= 0:
+                progress.telemetry_sent[index] = True
             else:
-                rejected.append(outcome.dead_letter)
+                progress.dead_sent[-1 - index] = True
+        if failure is not None:
+            raise failure
+        progress.kafka_done = True
+        self.metrics.kafka_seconds.observe(time.perf_counter() - started)
 
-        sends = [
-            await self._producer.send(TELEMETRY_TOPIC, encode(t), key=t.patient_id.encode())
-            for t in accepted
-        ] + [
-            await self._producer.send(
-                DEADLETTER_TOPIC, encode(d), key=(d.device_id or "").encode() or None
-            )
-            for d in rejected
-        ]
-        if sends:
-            await asyncio.gather(*sends)
-        if accepted:
-            await store_telemetry(self._pool, accepted)
+    async def _store(self, admission: Admission, progress: _Progress) -> None:
+        if not admission.accepted:
+            progress.db_done = True
+            return
+        started = time.perf_counter()
+        inserted = await store_telemetry(self._pool, admission.accepted)
+        progress.db_done = True
+        self.metrics.db_seconds.observe(time.perf_counter() - started)
+        already = len(admission.accepted) - inserted
+        if already:
+            # A redelivery after a restart: the window was empty, the unique key caught it.
+            self.metrics.duplicates.labels("db").inc(already)
 
-        self.counters.received += len(messages)
-        self.counters.accepted += len(accepted)
-        self.counters.batches += 1
-        for dead in rejected:
-            self.counters.rejected[dead.reason] += 1
+    def record(self, received: int, admission: Admission) -> None:
+        m = self.metrics
+        m.received.inc(received)
+        m.accepted.inc(len(admission.accepted))
+        m.batch_size.observe(received)
+        for kind, count in admission.duplicates.items():
+            m.duplicates.labels(kind).inc(count)
+        for telemetry in admission.accepted:
+            for flag in telemetry.flags:
+                m.flagged.labels(flag).inc()
+            lag = (telemetry.ingest_time - telemetry.message.device_time).total_seconds()
+            m.device_lag.observe(max(lag, 0.0))
+        for dead in admission.rejected:
+            m.rejected.labels(dead.reason).inc()
             log.warning(
                 "message_rejected",
                 extra=log_fields(
@@ -128,128 +261,274 @@ class IngestPipeline:
                     detail=dead.detail,
                     device_id=dead.device_id,
                     topic=dead.source_topic,
+                    size=dead.payload_size,
                 ),
             )
 
 
-async def _next_batch(
-    messages: aiomqtt.client.MessagesIterator, batch_max: int, linger_s: float
-) -> list[aiomqtt.Message]:
-    batch = [await anext(messages)]
-    deadline = asyncio.get_running_loop().time() + linger_s
-    while len(batch) < batch_max:
-        if len(messages) == 0:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(anext(messages), remaining))
-            except TimeoutError:
-                break
+class _Progress:
+    """Which parts of a batch are already durable, kept across retries of that batch."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.telemetry_sent = [False] * len(admission.accepted)
+        self.dead_sent = [False] * len(admission.rejected)
+        self.kafka_done = False
+        self.db_done = False
+
+
+async def _take(
+    queue: asyncio.Queue[aiomqtt.Message], disconnected: asyncio.Future[None], wait_s: float
+) -> aiomqtt.Message | None:
+    """The next message, or None after ``wait_s`` seconds or on disconnection.
+
+    Not ``anext(client.messages)`` under a timeout: aiomqtt's iterator takes the message in an
+    inner task, and cancelling it after that task dequeued a message drops the message in this
+    process; with manual acknowledgement it then sits unacknowledged in the broker until the
+    next reconnect. Cancelling a pending ``Queue.get`` leaves the message in the queue.
+    """
+    getter = asyncio.ensure_future(queue.get())
+    waiters: set[asyncio.Future[Any]] = {getter, disconnected}
+    try:
+        await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        if getter.done() and not getter.cancelled():
+            queue.put_nowait(getter.result())  # ours already: hand it back, not lose it
         else:
-            batch.append(await anext(messages))
+            getter.cancel()
+        raise
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    return None
+
+
+async def _next_batch(
+    client: aiomqtt.Client, batch_max: int, linger_s: float, stop: asyncio.Event
+) -> list[aiomqtt.Message]:
+    """Up to ``batch_max`` messages: waits for the first (returning [] once ``stop`` is set),
+    then at most ``linger_s`` for more. Raises MqttError when disconnected with nothing read."""
+    queue: asyncio.Queue[aiomqtt.Message] = client._queue
+    disconnected = client._disconnected
+    loop = asyncio.get_running_loop()
+    batch: list[aiomqtt.Message] = []
+    deadline = 0.0
+    while len(batch) < batch_max:
+        while len(batch) < batch_max and not queue.empty():
+            batch.append(queue.get_nowait())
+        if len(batch) >= batch_max:
+            break
+        if batch:
+            deadline = deadline or loop.time() + linger_s
+            wait_s = deadline - loop.time()
+            if wait_s <= 0:
+                break
+        elif stop.is_set():
+            break
+        else:
+            wait_s = 0.25  # look at ``stop`` again; never cancelled from outside
+        if disconnected.done():
+            if batch:
+                break  # make what was read durable first; acks are dropped with the link
+            raise aiomqtt.MqttError("disconnected from the broker")
+        message = await _take(queue, disconnected, wait_s)
+        if message is not None:
+            batch.append(message)
     return batch
 
 
-async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
-    producer = make_producer(settings.kafka, "ingest")
-    pool = await asyncpg.create_pool(
-        settings.pg.dsn, min_size=settings.pg.pool_min_size, max_size=settings.pg.pool_max_size
-    )
-    await producer.start()
-    pipeline = IngestPipeline(settings, producer, pool)
-    try:
-        await pipeline.refresh_registry(force=True)
-        backoff = 1.0
-        while not stop.is_set():
-            try:
-                await _consume(settings, pipeline, stop)
-                backoff = 1.0
-            except aiomqtt.MqttError as error:
-                log.warning(
-                    "mqtt_disconnected", extra=log_fields(error=str(error), retry_s=backoff)
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 30.0)
-    finally:
-        log.info(
-            "ingest_stopping",
-            extra=log_fields(
-                received=pipeline.counters.received,
-                accepted=pipeline.counters.accepted,
-                rejected=dict(pipeline.counters.rejected),
-            ),
-        )
-        await producer.stop()
-        await pool.close()
-
-
-async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asyncio.Event) -> None:
-    client = aiomqtt.Client(
+def _mqtt_client(settings: IngestSettings) -> aiomqtt.Client:
+    connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    # MQTT 5 persistent session: clean start off plus an expiry, so messages published while
+    # ingest is down (or restarting after a crash) wait for it in the broker.
+    connect.SessionExpiryInterval = settings.session_expiry_s
+    # How many unacknowledged messages the broker may have in flight to us: enough to keep every
+    # batch slot full, bounded so a slow batch cannot make the broker push unlimited messages.
+    connect.ReceiveMaximum = min(65535, settings.batch_max * (settings.batches_in_flight + 1))
+    tls = None
+    if settings.mqtt_tls_ca_file is not None:
+        tls = aiomqtt.TLSParameters(ca_certs=str(settings.mqtt_tls_ca_file))
+    return aiomqtt.Client(
         settings.mqtt.host,
         settings.mqtt.port,
         username=settings.mqtt_username,
         password=settings.mqtt_password,
         identifier=settings.mqtt_client_id,
-        clean_session=False,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=connect,
         keepalive=settings.mqtt.keepalive_s,
-        max_inflight_messages=1000,
+        tls_params=tls,
     )
+
+
+async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asyncio.Event) -> None:
+    client = _mqtt_client(settings)
     # Acknowledge a message to the broker only after it is in Kafka and PostgreSQL, so a crash
     # makes the broker redeliver it instead of losing it. aiomqtt exposes no switch for this;
     # paho's manual acknowledgement is set on the wrapped client before connecting.
-    paho = client._client
+    paho: paho_mqtt.Client = client._client
     paho.manual_ack_set(True)
+    paho.loop_read = _reading_many_packets(paho)  # type: ignore[method-assign]
+    metrics = pipeline.metrics
     async with client:
         topic = f"$share/{settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
         await client.subscribe(topic, qos=1)
+        pipeline.subscribed = True
+        metrics.mqtt_connected.set(1)
         log.info("ingest_subscribed", extra=log_fields(topic=topic))
-        messages = client.messages
-        stop_wait = asyncio.ensure_future(stop.wait())
+        in_flight: asyncio.Queue[tuple[asyncio.Task[bool], list[aiomqtt.Message]] | None]
+        in_flight = asyncio.Queue(maxsize=settings.batches_in_flight)
+        acker = asyncio.create_task(_acknowledge_in_order(in_flight, paho, metrics))
         try:
-            while not stop.is_set():
-                batch_task = asyncio.ensure_future(
-                    _next_batch(messages, settings.batch_max, settings.batch_linger_ms / 1000)
+            while not stop.is_set() and not acker.done():
+                batch = await _next_batch(
+                    client, settings.batch_max, settings.batch_linger_ms / 1000, stop
                 )
-                done, _ = await asyncio.wait(
-                    {batch_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                if not batch:
+                    continue
+                work = asyncio.create_task(
+                    pipeline.process([(m.topic.value, _payload(m)) for m in batch], stop)
                 )
-                if batch_task not in done:
-                    batch_task.cancel()
-                    break
-                batch = batch_task.result()
-                await _handle_until_durable(
-                    pipeline, [(m.topic.value, _payload(m)) for m in batch], stop
-                )
-                if stop.is_set():
-                    break
-                for m in batch:
-                    if m.qos > 0:
-                        paho.ack(m.mid, m.qos)
+                metrics.batches_in_flight.inc()
+                await in_flight.put((work, batch))
         finally:
-            stop_wait.cancel()
-
-
-async def _handle_until_durable(
-    pipeline: IngestPipeline, batch: list[tuple[str, bytes]], stop: asyncio.Event
-) -> None:
-    """Retry a batch while Kafka or PostgreSQL is unavailable; never acknowledge it before."""
-    backoff = 0.5
-    while True:
-        try:
-            await pipeline.handle(batch)
-            return
-        except Exception as error:
-            log.error(
-                "batch_not_durable",
-                extra=log_fields(error=repr(error), size=len(batch), retry_s=backoff),
-            )
+            pipeline.subscribed = False
+            metrics.mqtt_connected.set(0)
+            # Let every batch already read finish (durable, then acknowledged) before the
+            # connection goes: a redelivery of a message still in flight here would otherwise
+            # race its original into Kafka.
+            if not acker.done():
+                await in_flight.put(None)
             try:
-                await asyncio.wait_for(stop.wait(), backoff)
-                return
-            except TimeoutError:
-                backoff = min(backoff * 2, 15.0)
+                await acker
+            except Exception as error:
+                # Unacknowledged messages are redelivered on the next connection.
+                log.error("ack_failed", extra=log_fields(error=repr(error)))
+
+
+async def _acknowledge_in_order(
+    in_flight: asyncio.Queue[tuple[asyncio.Task[bool], list[aiomqtt.Message]] | None],
+    paho: paho_mqtt.Client,
+    metrics: IngestMetrics,
+) -> None:
+    """PUBACK each batch once it is durable, in the order the batches arrived (MQTT requires
+    acknowledgements in arrival order). A batch that is not durable ends acknowledging: the
+    broker redelivers it and everything after it."""
+    acknowledging = True
+    while (item := await in_flight.get()) is not None:
+        work, batch = item
+        durable = await work
+        metrics.batches_in_flight.dec()
+        acknowledging = acknowledging and durable
+        if acknowledging:
+            _acknowledge(paho, batch)
+
+
+def _reading_many_packets(
+    paho: paho_mqtt.Client, limit: int = 1000
+) -> Callable[..., MQTTErrorCode]:
+    """A ``loop_read`` that decodes every packet already received, up to ``limit``.
+
+    paho's own ``loop_read`` decodes one PUBLISH per readable-socket event when it has nothing
+    in flight itself, so under aiomqtt ingest received one message per event-loop turn: about a
+    thousand a second however idle the process was. aiomqtt calls ``client.loop_read()`` on
+    each readable event, so replacing it on the instance is enough. The bound keeps a flood
+    from starving the rest of the loop.
+    """
+
+    def loop_read(max_packets: int = 1) -> MQTTErrorCode:
+        del max_packets  # paho ignores it as well
+        for _ in range(limit):
+            if paho._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = paho._packet_read()
+            if rc > 0:
+                return paho._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    return loop_read
+
+
+def _acknowledge(paho: paho_mqtt.Client, batch: Sequence[aiomqtt.Message]) -> None:
+    """PUBACK every QoS 1 message of a batch with one socket write.
+
+    The bytes are exactly those ``paho.ack(mid, 1)`` queues (a 2-byte-long PUBACK, which in MQTT
+    5 means reason "success"), but paho writes each queued packet with its own send() call: at
+    thousands of messages a second that was the largest single cost of ingest. The subscription
+    is QoS 1, so no message arrives with QoS 2.
+    """
+    mids = [m.mid for m in batch if m.qos == 1]
+    if not mids:
+        return
+    packet = b"".join(_PUBACK.pack(paho_mqtt.PUBACK, 2, mid) for mid in mids)
+    paho._packet_queue(paho_mqtt.PUBACK, packet, 0, 1)
+
+
+def _producer(settings: IngestSettings) -> AIOKafkaProducer:
+    """The shared producer settings (idempotent, acks=all) with batches big enough for a whole
+    ingest batch: aiokafka's default 16 KiB per partition split one 500-message batch into
+    several produce requests sent one after another (one in flight with idempotence), which
+    made Kafka the slowest step at a few thousand messages a second."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        client_id=f"{settings.kafka.client_id_prefix}-ingest",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=settings.kafka_linger_ms,
+        max_batch_size=settings.kafka_max_batch_bytes,
+        max_request_size=max(1048576, settings.kafka_max_batch_bytes),
+    )
+
+
+async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
+    producer = _producer(settings)
+    pool = await asyncpg.create_pool(
+        settings.pg.dsn, min_size=settings.pg.pool_min_size, max_size=settings.pg.pool_max_size
+    )
+    await producer.start()
+    pipeline = IngestPipeline(settings, producer, pool)
+    ops: OpsServer | None = None
+    if settings.metrics_port:
+        ops = OpsServer(pipeline.metrics, pipeline.ready, settings.metrics_port)
+        try:
+            await ops.start(settings.metrics_host)
+        except OSError as error:
+            # Metrics are for operators; a taken port must not stop readings from flowing.
+            log.error("ops_server_unavailable", extra=log_fields(error=repr(error)))
+            ops = None
+    liveness_stop = asyncio.Event()
+    liveness = asyncio.create_task(pipeline.keep_liveness(liveness_stop))
+    try:
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                await pipeline.refresh_registry(force=True)
+                await _consume(settings, pipeline, stop)
+                backoff = 1.0
+            except (aiomqtt.MqttError, OSError, asyncpg.PostgresError) as error:
+                log.warning(
+                    "ingest_reconnecting", extra=log_fields(error=str(error), retry_s=backoff)
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, settings.reconnect_max_s)
+    finally:
+        m = pipeline.metrics
+        log.info(
+            "ingest_stopping",
+            extra=log_fields(
+                received=m.registry.get_sample_value("vigil_ingest_received_total"),
+                accepted=m.registry.get_sample_value("vigil_ingest_accepted_total"),
+            ),
+        )
+        liveness_stop.set()
+        await liveness
+        if ops is not None:
+            await ops.stop()
+        await producer.stop()
+        await pool.close()
 
 
 def _payload(message: aiomqtt.Message) -> bytes:

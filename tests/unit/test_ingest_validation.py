@@ -99,7 +99,8 @@ def test_binding_follows_device_time_not_arrival() -> None:
         (temperature(device_time=1795244784533000000), TOPIC, "schema_validation"),
         (temperature(extra_field=1), TOPIC, "schema_validation"),
         (temperature(seq=-1), TOPIC, "schema_validation"),
-        (b'{"schema": "vigil.device.temperature.v1", "value": NaN}', TOPIC, "schema_validation"),
+        # NaN and Infinity are not JSON: the parser refuses them before any schema check.
+        (b'{"schema": "vigil.device.temperature.v1", "value": NaN}', TOPIC, "invalid_json"),
         (b"x" * (64 * 1024 + 1), TOPIC, "payload_too_large"),
     ],
 )
@@ -119,9 +120,30 @@ def test_bad_input_is_rejected_with_its_reason(payload: object, topic: str, reas
 
 
 def test_nan_in_an_otherwise_valid_reading_is_rejected() -> None:
-    """A NaN temperature is refused, not turned into a fever or a normal reading."""
+    """A NaN temperature is refused as invalid JSON, not turned into a fever or a normal reading."""
     raw = json.dumps(temperature()).replace("38.4", "NaN").encode()
     outcome = validate_message(TOPIC, raw, NOW, REGISTRY)
+    assert isinstance(outcome, Rejected) and outcome.reason == "invalid_json"
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "1e999"])
+def test_non_finite_temperature_is_rejected(literal: str) -> None:
+    """Infinity is not JSON, and a number too large for a float is not a finite reading."""
+    raw = json.dumps(temperature()).replace("38.4", literal).encode()
+    outcome = validate_message(TOPIC, raw, NOW, REGISTRY)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason in ("invalid_json", "schema_validation")
+
+
+def test_timestamp_in_nanoseconds_is_rejected_not_misdated() -> None:
+    """A device_time sent as epoch nanoseconds is refused, never read as some other date."""
+    outcome = check(temperature(device_time=1_763_694_000_000_000_000))
+    assert isinstance(outcome, Rejected) and outcome.reason == "schema_validation"
+
+
+def test_timestamp_in_nanoseconds_as_text_is_rejected() -> None:
+    """The same mistake inside a string is not RFC 3339 either."""
+    outcome = check(temperature(device_time="1763694000000000000"))
     assert isinstance(outcome, Rejected) and outcome.reason == "schema_validation"
 
 

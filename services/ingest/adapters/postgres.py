@@ -1,17 +1,22 @@
 """PostgreSQL adapter of ingest: loads the device registry and writes readings in batches.
 
 Writes are ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``: one round trip per table
-per batch, and a redelivered message hits the unique key instead of making a second row.
+per batch, and a redelivered message hits the unique key instead of making a second row. Device
+liveness (``device_last_seen``) is upserted separately, after the readings are stored, so a
+device is never "seen" by a reading that was not stored, and concurrent reading batches do not
+queue behind each other on the same liveness rows.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import asyncpg
 
 from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
+from services.ingest.domain.admission import DeviceSeen
 from services.ingest.domain.registry import Binding, BindingIndex
 
 
@@ -73,8 +78,69 @@ def _columns(rows: list[tuple[object, ...]]) -> list[list[object]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-async def store_telemetry(pool: asyncpg.Pool, batch: Sequence[Telemetry]) -> None:
-    """Write a batch of accepted telemetry, each kind to its table, in one transaction."""
+_UPSERT_LAST_SEEN = """
+INSERT INTO device_last_seen AS s
+    (device_id, patient_id, last_device_time, last_ingest_time, last_seq, last_channel)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bigint[],
+                     $6::text[])
+ON CONFLICT (device_id) DO UPDATE SET
+    -- Out-of-order arrival must not move the device's newest reading backwards.
+    patient_id = CASE WHEN EXCLUDED.last_device_time >= s.last_device_time
+                      THEN EXCLUDED.patient_id ELSE s.patient_id END,
+    last_seq = CASE WHEN EXCLUDED.last_device_time >= s.last_device_time
+                    THEN EXCLUDED.last_seq ELSE s.last_seq END,
+    last_channel = CASE WHEN EXCLUDED.last_device_time >= s.last_device_time
+                        THEN EXCLUDED.last_channel ELSE s.last_channel END,
+    last_device_time = GREATEST(s.last_device_time, EXCLUDED.last_device_time),
+    last_ingest_time = GREATEST(s.last_ingest_time, EXCLUDED.last_ingest_time),
+    updated_at = now()
+"""
+
+
+def _renumber(sql: str, offset: int) -> str:
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + offset}", sql)
+
+
+def _one_statement(parts: list[tuple[str, list[list[object]]]]) -> tuple[str, list[object]]:
+    """Join the inserts into one statement of data-modifying CTEs: one round trip, atomic
+    without BEGIN/COMMIT (three fewer round trips per batch, which matter at 10,000 rows/s)."""
+    ctes: list[str] = []
+    counted: list[str] = []
+    args: list[object] = []
+    for i, (sql, columns) in enumerate(parts):
+        body = _renumber(sql.strip(), len(args))
+        if body.startswith("INSERT INTO device_last_seen"):
+            ctes.append(f"w{i} AS ({body})")
+        else:
+            ctes.append(f"w{i} AS ({body} RETURNING 1)")
+            counted.append(f"(SELECT count(*) FROM w{i})")
+        args.extend(columns)
+    total = " + ".join(counted) or "0"
+    return f"WITH {', '.join(ctes)} SELECT {total}", args
+
+
+async def store_last_seen(pool: asyncpg.Pool, seen: Sequence[DeviceSeen]) -> None:
+    """Upsert devices' last-seen rows (sorted by device id, so writers never deadlock)."""
+    if not seen:
+        return
+    ordered = sorted(seen, key=lambda s: s.device_id)
+    await pool.execute(
+        _UPSERT_LAST_SEEN,
+        [s.device_id for s in ordered],
+        [s.patient_id for s in ordered],
+        [s.last_device_time for s in ordered],
+        [s.last_ingest_time for s in ordered],
+        [s.last_seq for s in ordered],
+        [s.channel for s in ordered],
+    )
+
+
+async def store_telemetry(
+    pool: asyncpg.Pool, batch: Sequence[Telemetry], seen: Sequence[DeviceSeen] = ()
+) -> int:
+    """Write a batch of accepted telemetry, each kind to its table, and the devices' last-seen
+    rows, atomically (one statement). Returns how many readings were new (the rest were already
+    stored: a redelivery after a crash)."""
     temperatures: list[tuple[object, ...]] = []
     statuses: list[tuple[object, ...]] = []
     events: list[tuple[object, ...]] = []
@@ -100,10 +166,28 @@ async def store_telemetry(pool: asyncpg.Pool, batch: Sequence[Telemetry]) -> Non
             events.append(
                 (*_common(t), m.event.value, m.alarm.value if m.alarm else None, m.detail, flags)
             )
-    async with pool.acquire() as conn, conn.transaction():
-        if temperatures:
-            await conn.execute(_INSERT_TEMPERATURE, *_columns(temperatures))
-        if statuses:
-            await conn.execute(_INSERT_PUMP_STATUS, *_columns(statuses))
-        if events:
-            await conn.execute(_INSERT_PUMP_EVENT, *_columns(events))
+    parts: list[tuple[str, list[list[object]]]] = []
+    if temperatures:
+        parts.append((_INSERT_TEMPERATURE, _columns(temperatures)))
+    if statuses:
+        parts.append((_INSERT_PUMP_STATUS, _columns(statuses)))
+    if events:
+        parts.append((_INSERT_PUMP_EVENT, _columns(events)))
+    if seen:
+        parts.append(
+            (
+                _UPSERT_LAST_SEEN,
+                [
+                    [s.device_id for s in seen],
+                    [s.patient_id for s in seen],
+                    [s.last_device_time for s in seen],
+                    [s.last_ingest_time for s in seen],
+                    [s.last_seq for s in seen],
+                    [s.channel for s in seen],
+                ],
+            )
+        )
+    if not parts:
+        return 0
+    sql, args = _one_statement(parts)
+    return int(await pool.fetchval(sql, *args))

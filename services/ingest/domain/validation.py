@@ -4,23 +4,29 @@ Every outcome is explicit. A rejected message becomes a DeadLetter carrying a st
 a human-readable detail (never payload values: they are PHI) and the raw payload, so nothing is
 dropped silently. Conditions that make a reading suspect but still worth keeping (a device clock
 far off, an implausible temperature) are flags on the accepted Telemetry, not rejections.
+
+An implausible temperature is the sensor-fault case: the reading is kept with the flag
+``implausible_temperature`` and ``temperature_c`` left empty, so no fever rule can read it as a
+fever, while the rules still see a technical event on the telemetry stream (a probe off the skin
+for hours is itself worth telling the care team about).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+import orjson
 from pydantic import ValidationError
 
-from schemas.device import PumpEvent, PumpStatus, TemperatureReading, parse_device_message
+from schemas.device import PumpEvent, PumpStatus, TemperatureReading, device_message_adapter
 from schemas.events import DeadLetter, Telemetry
 from schemas.topics import CHANNEL_SCHEMAS, MQTT_PREFIX, parse_topic
 from services.ingest.domain.registry import BindingIndex
 
 SERVICE = "ingest"
+_DEVICE_MESSAGE = device_message_adapter()
 
 
 class RejectReason(StrEnum):
@@ -33,6 +39,9 @@ class RejectReason(StrEnum):
     DEVICE_ID_MISMATCH = "device_id_mismatch"
     UNKNOWN_DEVICE = "unknown_device"
     NO_BINDING = "no_binding"
+    # Same device and seq as an accepted message but another message id: a device that gave a
+    # retransmission a new id, or reused a seq. Not dropped silently: an operator decides.
+    DUPLICATE_SEQ = "duplicate_seq"
 
 
 class Flag(StrEnum):
@@ -109,8 +118,9 @@ def validate_message(
             f"topic is not {MQTT_PREFIX}/{{device_id}}/{{{'|'.join(CHANNEL_SCHEMAS)}}}",
         )
     try:
-        document = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        # orjson refuses NaN and Infinity (they are not JSON), so they end here as invalid_json.
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
         return reject(RejectReason.INVALID_JSON, f"payload is not JSON: {error.__class__.__name__}")
     if not isinstance(document, dict):
         return reject(RejectReason.INVALID_JSON, "payload is JSON but not an object")
@@ -127,7 +137,8 @@ def validate_message(
             f"schema {declared} does not belong on channel {device_topic.channel}",
         )
     try:
-        message = parse_device_message(payload)
+        # The document is already parsed; validating the dict saves a second JSON parse.
+        message = _DEVICE_MESSAGE.validate_python(document)
     except ValidationError as error:
         return reject(RejectReason.SCHEMA_VALIDATION, _first_error(error))
     if message.device_id != device_topic.device_id:

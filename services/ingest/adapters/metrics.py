@@ -1,0 +1,162 @@
+"""Operations surface of ingest: Prometheus metrics and the health and readiness endpoints.
+
+``IngestMetrics`` owns the metric objects (in its own registry, so tests and several pipelines in
+one process do not collide). ``OpsServer`` is a minimal asyncio HTTP/1.0 server with three paths:
+``/metrics`` (Prometheus text format), ``/healthz`` (the event loop answers) and ``/readyz``
+(connected to the broker and subscribed, Kafka producer started, last batch durable). No label
+ever carries a device id, patient id or payload value: label values are reason codes and stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from vigil.runtime import log_fields
+
+log = logging.getLogger("vigil.ingest.ops")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000)
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+
+
+class IngestMetrics:
+    """Every metric ingest exports, all prefixed ``vigil_ingest_``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            "vigil_ingest_received", "MQTT messages received from the broker.", registry=r
+        )
+        self.accepted = Counter(
+            "vigil_ingest_accepted", "Messages accepted and made durable.", registry=r
+        )
+        self.rejected = Counter(
+            "vigil_ingest_rejected",
+            "Messages dead-lettered, by reason code.",
+            ["reason"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "vigil_ingest_duplicates",
+            "Duplicates dropped: by message id or seq in the recent window, or by the database "
+            "unique key (a redelivery after a restart).",
+            ["kind"],
+            registry=r,
+        )
+        self.flagged = Counter(
+            "vigil_ingest_flagged",
+            "Accepted messages carrying a flag (sensor fault, clock skew), by flag.",
+            ["flag"],
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "vigil_ingest_batch_failures",
+            "Attempts to make a batch durable that failed and will be retried, by stage.",
+            ["stage"],
+            registry=r,
+        )
+        self.kafka_seconds = Histogram(
+            "vigil_ingest_kafka_seconds",
+            "Time from handing a batch to the Kafka producer until every record is acknowledged.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.db_seconds = Histogram(
+            "vigil_ingest_db_seconds",
+            "Time to write a batch to PostgreSQL (one transaction).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "vigil_ingest_batch_seconds",
+            "Time from receiving a batch until it is durable (before the MQTT acknowledgement).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vigil_ingest_batch_size", "Messages per batch.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.device_lag = Histogram(
+            "vigil_ingest_device_lag_seconds",
+            "Receive time minus device time of accepted messages (buffered or late readings).",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.batches_in_flight = Gauge(
+            "vigil_ingest_batches_in_flight",
+            "Batches received but not yet acknowledged to the broker.",
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "vigil_ingest_mqtt_connected", "1 while subscribed to the broker.", registry=r
+        )
+
+
+class OpsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on 127.0.0.1:``port`` (0 picks a free port)."""
+
+    def __init__(
+        self, metrics: IngestMetrics, ready: Callable[[], tuple[bool, str]], port: int
+    ) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str = "127.0.0.1") -> None:
+        self._server = await asyncio.start_server(self._serve, host, self._port)
+        log.info("ops_listening", extra=log_fields(port=self.port))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5.0)
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            status, content_type, body = self._route(path)
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, path: str) -> tuple[str, str, bytes]:
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+        if path == "/healthz":
+            return "200 OK", "text/plain; charset=utf-8", b"ok\n"
+        if path == "/readyz":
+            ready, why = self._ready()
+            status = "200 OK" if ready else "503 Service Unavailable"
+            return status, "text/plain; charset=utf-8", (why + "\n").encode()
+        return "404 Not Found", "text/plain; charset=utf-8", b"not found\n"

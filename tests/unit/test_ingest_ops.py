@@ -1,0 +1,50 @@
+"""Ingest operations surface: /metrics, /healthz and /readyz answer over plain HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.ingest.adapters.metrics import IngestMetrics, OpsServer
+from services.ingest.settings import IngestSettings
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_metrics_health_and_readiness_endpoints() -> None:
+    """Counters appear in Prometheus format; readiness follows the pipeline's state."""
+    metrics = IngestMetrics()
+    metrics.rejected.labels("invalid_json").inc(3)
+    metrics.duplicates.labels("message_id").inc()
+    state = {"ready": False}
+    server = OpsServer(metrics, lambda: (state["ready"], "why"), 0)
+    await server.start()
+    try:
+        status, body = await get(server.port, "/metrics")
+        assert status == 200
+        assert 'vigil_ingest_rejected_total{reason="invalid_json"} 3.0' in body
+        assert 'vigil_ingest_duplicates_total{kind="message_id"} 1.0' in body
+        assert (await get(server.port, "/healthz"))[0] == 200
+        assert (await get(server.port, "/readyz"))[0] == 503
+        state["ready"] = True
+        assert (await get(server.port, "/readyz"))[0] == 200
+        assert (await get(server.port, "/nope"))[0] == 404
+    finally:
+        await server.stop()
+
+
+def test_metrics_port_defaults_to_9101_and_zero_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VIGIL_INGEST_METRICS_PORT configures the server; 0 is accepted as 'off'."""
+    monkeypatch.delenv("VIGIL_INGEST_METRICS_PORT", raising=False)
+    assert IngestSettings().metrics_port == 9101
+    monkeypatch.setenv("VIGIL_INGEST_METRICS_PORT", "0")
+    assert IngestSettings().metrics_port == 0
