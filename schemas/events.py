@@ -104,7 +104,13 @@ class Alert(_Event):
     ingest_time: AwareDatetime = Field(description="Ingest time of the event that decided it.")
     evidence: tuple[Evidence, ...]
     rule_id: str
-    rule_version: str
+    rule_version: str = Field(
+        description="Rule logic version and a digest of the exact thresholds it used."
+    )
+    config_version: str | None = Field(
+        default=None,
+        description="The pinned rules configuration (protocols, overrides, profiles) in force.",
+    )
 
 
 class DeliveryStatus(StrEnum):

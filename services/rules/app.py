@@ -1,87 +1,302 @@
 """Rules composition root: Kafka telemetry in, the pure engine in the middle, alerts out.
 
-Offsets are committed only after the alerts a batch decided are acknowledged by Kafka, so a crash
-re-evaluates rather than loses; alert ids are deterministic, so notify collapses the duplicate.
-Rule state is in memory in this version: a restart rebuilds it from the events consumed after the
-restart only (persisted snapshots are a separate piece of work).
+Delivery semantics: consume-transform-produce in Kafka transactions. Each transaction holds the
+alerts that a run of telemetry records decided, the new state of every patient those records
+touched (compacted topic ``vigil.rules.state.v1``, keyed by patient, on the same partition
+number as the patient's telemetry), each partition's watermark, and the consumer offsets
+(``send_offsets_to_transaction``). Either all of it is committed or none is: after a crash the
+service restores the state committed with the offsets and re-reads from those offsets, so no
+alert is lost and none is published twice. Readers of the alerts topic use
+``isolation_level=read_committed`` (``vigil.kafka.make_consumer`` does).
+
+One ``RulesEngine`` per assigned telemetry partition: a rebalance hands a partition, with its
+state and its watermark, to another instance as a unit. The watermark is therefore per
+partition (the largest device time seen on it, minus the allowed lateness).
+
+Configuration: the built-in defaults from settings, then care-team protocols, patient overrides
+and profiles from PostgreSQL (migration 0004), pinned into one ``RulesConfig`` at start-up. The
+config JSON is also written to the state topic under ``__config__/<config_version>``, so a
+replay can load exactly the configuration an alert names. A new protocol version takes effect
+at the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 
-from schemas.events import DeadLetter, Telemetry
-from schemas.kafka_topics import ALERTS_TOPIC, DEADLETTER_TOPIC, TELEMETRY_TOPIC
+from schemas.events import DeadLetter
+from services.rules.adapters.codec import decode_observation
+from services.rules.adapters.config_store import load_rules_config
+from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
-from vigil.kafka import encode, make_consumer, make_producer
+from vigil.kafka import encode
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.rules")
 
+META_KEY = "__meta__/{partition}"
+CONFIG_KEY = "__config__/{version}"
+
+
+async def build_config(settings: RulesSettings) -> RulesConfig:
+    if settings.config_file is not None:
+        return RulesConfig.model_validate_json(settings.config_file.read_text())
+    defaults = settings.thresholds()
+    if not settings.config_from_postgres:
+        return RulesConfig(
+            config_version="settings",
+            defaults=defaults,
+            allowed_lateness_s=settings.allowed_lateness_s,
+        )
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        return await load_rules_config(
+            conn, defaults, allowed_lateness_s=settings.allowed_lateness_s
+        )
+    finally:
+        await conn.close()
+
+
+async def load_partition_state(
+    settings: RulesSettings, partition: int
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The committed state of one partition: (watermark meta, patient states)."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        client_id=f"{settings.kafka.client_id_prefix}-rules-restore",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        group_id=None,
+    )
+    await reader.start()
+    try:
+        tp = TopicPartition(settings.state_topic, partition)
+        reader.assign([tp])
+        await reader.seek_to_beginning(tp)
+        end = (await reader.end_offsets([tp]))[tp]
+        meta: dict[str, Any] | None = None
+        patients: dict[str, dict[str, Any]] = {}
+        meta_key = META_KEY.format(partition=partition)
+        while await reader.position(tp) < end:
+            for records in (await reader.getmany(tp, timeout_ms=500)).values():
+                for record in records:
+                    key = (record.key or b"").decode()
+                    if key.startswith("__config__/"):
+                        continue
+                    if record.value is None:
+                        patients.pop(key, None)
+                    elif key == meta_key:
+                        meta = orjson.loads(record.value)
+                    else:
+                        patients[key] = orjson.loads(record.value)
+        return meta, patients
+    finally:
+        await reader.stop()
+
+
+class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One engine per assigned telemetry partition: restored from the state topic the first
+    time a batch of that partition is processed, dropped when the partition is revoked.
+
+    Restoring in the processing loop rather than in the rebalance callback matters: the
+    consumer may hand out records of a newly assigned partition before an assignment callback
+    has finished, and a record processed by an engine without its state would be wrong."""
+
+    def __init__(self, settings: RulesSettings, config: RulesConfig) -> None:
+        self.settings = settings
+        self.config = config
+        self.engines: dict[int, RulesEngine] = {}
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            self.engines.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info(
+            "rules_partitions_assigned",
+            extra=log_fields(partitions=[tp.partition for tp in assigned]),
+        )
+
+    async def engine_for(self, partition: int) -> RulesEngine:
+        engine = self.engines.get(partition)
+        if engine is not None:
+            return engine
+        engine = RulesEngine(self.config)
+        meta, patients = await load_partition_state(self.settings, partition)
+        if meta is not None:
+            engine.restore_meta(meta)
+        engine.restore_patients(patients)
+        engine.take_dirty()
+        self.engines[partition] = engine
+        log.info(
+            "rules_partition_restored",
+            extra=log_fields(partition=partition, patients=len(patients)),
+        )
+        return engine
+
 
 async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
-    thresholds = settings.fever_thresholds()
-    engine = RulesEngine(lambda _patient: thresholds)
-    consumer: AIOKafkaConsumer = make_consumer(
-        settings.kafka, TELEMETRY_TOPIC, group_id=settings.group_id, client_id="rules"
+    config = await build_config(settings)
+    transactional_id = settings.transactional_id or f"{settings.group_id}-0"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        client_id=f"{settings.kafka.client_id_prefix}-rules",
+        transactional_id=transactional_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+        # A transaction carries many small state records: fewer, larger produce requests.
+        max_batch_size=512 * 1024,
     )
-    producer = make_producer(settings.kafka, "rules")
+    # The producer starts first: initialising the transactional id fences a crashed
+    # predecessor and aborts its open transaction, so the state topic's committed end moves on.
     await producer.start()
-    await consumer.start()
-    log.info("rules_started", extra=log_fields(rule_version=thresholds.rule_version()))
+    partitions = PartitionEngines(settings, config)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        client_id=f"{settings.kafka.client_id_prefix}-rules",
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=settings.max_batch,
+    )
+    consumer.subscribe([settings.telemetry_topic], listener=partitions)
     try:
+        async with producer.transaction():
+            await producer.send_and_wait(
+                settings.state_topic,
+                config.model_dump_json().encode(),
+                key=CONFIG_KEY.format(version=config.config_version).encode(),
+                partition=0,
+            )
+        await consumer.start()
+        log.info(
+            "rules_started",
+            extra=log_fields(
+                config_version=config.config_version, transactional_id=transactional_id
+            ),
+        )
         stop_wait = asyncio.ensure_future(stop.wait())
         while not stop.is_set():
-            fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=500, max_records=1000))
+            fetch = asyncio.ensure_future(
+                consumer.getmany(timeout_ms=500, max_records=settings.max_batch)
+            )
             done, _ = await asyncio.wait({fetch, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if fetch not in done:
                 fetch.cancel()
                 break
-            sends = []
-            for partition_records in fetch.result().values():
-                for record in partition_records:
-                    try:
-                        event = Telemetry.model_validate_json(record.value or b"")
-                    except ValidationError as error:
-                        # Ingest validated it, so this is a contract break between services:
-                        # keep it with its reason rather than skip it.
-                        dead = DeadLetter.for_payload(
-                            reason="telemetry_contract",
-                            detail=str(error.errors()[:1]),
-                            service="rules",
-                            source_topic=TELEMETRY_TOPIC,
-                            received_at=utcnow(),
-                            payload=record.value or b"",
-                        )
-                        sends.append(await producer.send(DEADLETTER_TOPIC, encode(dead)))
-                        continue
-                    for alert in engine.on_telemetry(event):
-                        log.info(
-                            "alert_decided",
-                            extra=log_fields(
-                                alert_id=str(alert.alert_id),
-                                code=alert.code,
-                                phase=alert.phase.value,
-                                patient_id=alert.patient_id,
-                            ),
-                        )
-                        sends.append(
-                            await producer.send(
-                                ALERTS_TOPIC, encode(alert), key=alert.patient_id.encode()
-                            )
-                        )
-            if sends:
-                await asyncio.gather(*sends)
-            await consumer.commit()
+            batch = fetch.result()
+            if batch:
+                await process_batch(settings, producer, partitions, batch, consumer.assignment)
         stop_wait.cancel()
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+async def process_batch(
+    settings: RulesSettings,
+    producer: AIOKafkaProducer,
+    partitions: PartitionEngines,
+    batch: dict[TopicPartition, list[Any]],
+    assignment: Callable[[], set[TopicPartition]],
+) -> int:
+    """One transaction: alerts, state of the touched patients, watermarks, offsets."""
+    started = time.perf_counter()
+    sends = []
+    offsets: dict[TopicPartition, int] = {}
+    alerts_sent = 0
+    await producer.begin_transaction()
+    try:
+        for tp, records in batch.items():
+            if not records:
+                continue
+            if tp not in assignment():
+                continue  # revoked meanwhile: its new owner reads these records again
+            engine = await partitions.engine_for(tp.partition)
+            for record in records:
+                payload = record.value or b""
+                try:
+                    obs = decode_observation(payload)
+                except ValidationError as error:
+                    # Ingest validated it, so this is a contract break between services: keep
+                    # it with its reason rather than skip it.
+                    dead = DeadLetter.for_payload(
+                        reason="telemetry_contract",
+                        detail=str(error.errors()[:1]),
+                        service="rules",
+                        source_topic=settings.telemetry_topic,
+                        received_at=utcnow(),
+                        payload=payload,
+                    )
+                    sends.append(await producer.send(settings.deadletter_topic, encode(dead)))
+                    continue
+                for alert in engine.on_observation(obs):
+                    alerts_sent += 1
+                    log.info(
+                        "alert_decided",
+                        extra=log_fields(
+                            alert_id=str(alert.alert_id),
+                            code=alert.code,
+                            phase=alert.phase.value,
+                            patient_id=alert.patient_id,
+                        ),
+                    )
+                    sends.append(
+                        await producer.send(
+                            settings.alerts_topic, encode(alert), key=alert.patient_id.encode()
+                        )
+                    )
+            for patient_id, state in engine.snapshot_patients(engine.take_dirty()).items():
+                sends.append(
+                    await producer.send(
+                        settings.state_topic,
+                        orjson.dumps(state),
+                        key=patient_id.encode(),
+                        partition=tp.partition,
+                    )
+                )
+            sends.append(
+                await producer.send(
+                    settings.state_topic,
+                    orjson.dumps(engine.meta_snapshot()),
+                    key=META_KEY.format(partition=tp.partition).encode(),
+                    partition=tp.partition,
+                )
+            )
+            offsets[tp] = records[-1].offset + 1
+        await asyncio.gather(*sends)
+        if offsets:
+            await producer.send_offsets_to_transaction(offsets, settings.group_id)
+        await producer.commit_transaction()
+    except BaseException:
+        # The engines are now ahead of what Kafka holds; only a restart (state restored from
+        # the last committed transaction) makes them agree again, so the service stops here.
+        try:
+            await producer.abort_transaction()
+        except Exception:  # a fenced or broken producer cannot abort; Kafka aborts on timeout
+            log.exception("rules_abort_failed")
+        raise
+    log.debug(
+        "rules_batch_committed",
+        extra=log_fields(
+            records=sum(len(r) for r in batch.values()),
+            alerts=alerts_sent,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        ),
+    )
+    return alerts_sent
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,25 @@
 """Rules settings (env prefix ``VIGIL_RULES_``), built at start-up.
 
-The fever thresholds here are the care team's default protocol; sites differ (some page on any
-38.0 °C reading), so every value is configurable rather than fixed in code.
+The thresholds here are the built-in default protocol; sites differ (some page on any 38.0 °C
+reading), so every value is configurable, and care-team protocols and patient overrides from
+PostgreSQL (migration 0004) are laid on top when ``config_from_postgres`` is on.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.rules.domain.fever import FeverThresholds
-from vigil.settings import KafkaSettings
+from schemas.kafka_topics import (
+    ALERTS_TOPIC,
+    DEADLETTER_TOPIC,
+    RULES_STATE_TOPIC,
+    TELEMETRY_TOPIC,
+)
+from services.rules.domain.config import Thresholds
+from vigil.settings import KafkaSettings, PostgresSettings
 
 
 class RulesSettings(BaseSettings):
@@ -24,17 +31,44 @@ class RulesSettings(BaseSettings):
     fever_critical_c: float = 39.5
     fever_clear_c: float = 37.8
     fever_max_gap_minutes: float = Field(default=90.0, gt=0)
+    interruption_page_minutes: float = Field(default=30.0, gt=0)
+    interruption_escalate_minutes: float = Field(default=120.0, gt=0)
+    bag_change_lead_minutes: float = Field(default=120.0, gt=0)
+    pump_silent_minutes: float = Field(default=15.0, gt=0)
+    thermometer_silent_minutes: float = Field(default=240.0, gt=0)
+    allowed_lateness_s: float = Field(default=60.0, ge=0)
+
     group_id: str = "vigil-rules"
+    # One per running instance (default: the group id + "-0"): Kafka fences a restarted
+    # instance's predecessor by this id, so two live instances must never share one.
+    transactional_id: str | None = None
+    telemetry_topic: str = TELEMETRY_TOPIC
+    alerts_topic: str = ALERTS_TOPIC
+    deadletter_topic: str = DEADLETTER_TOPIC
+    state_topic: str = RULES_STATE_TOPIC
+    # Records per transaction: larger batches write each touched patient's state once for
+    # more events (the state write, not the rules, dominates a transaction's cost).
+    max_batch: int = Field(default=10_000, ge=1)
+    config_from_postgres: bool = True
+    # A pinned RulesConfig JSON file (e.g. the one an alert's config_version names): when set,
+    # it is the whole configuration, and neither the thresholds above nor PostgreSQL apply.
+    config_file: Path | None = None
     log_level: str = "INFO"
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
 
-    def fever_thresholds(self) -> FeverThresholds:
-        return FeverThresholds(
-            single_c=self.fever_single_c,
-            sustained_c=self.fever_sustained_c,
-            sustained_for=timedelta(minutes=self.fever_sustained_minutes),
-            critical_c=self.fever_critical_c,
-            clear_c=self.fever_clear_c,
-            max_gap=timedelta(minutes=self.fever_max_gap_minutes),
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            fever_single_c=self.fever_single_c,
+            fever_sustained_c=self.fever_sustained_c,
+            fever_sustained_minutes=self.fever_sustained_minutes,
+            fever_critical_c=self.fever_critical_c,
+            fever_clear_c=self.fever_clear_c,
+            fever_max_gap_minutes=self.fever_max_gap_minutes,
+            interruption_page_minutes=self.interruption_page_minutes,
+            interruption_escalate_minutes=self.interruption_escalate_minutes,
+            bag_change_lead_minutes=self.bag_change_lead_minutes,
+            pump_silent_minutes=self.pump_silent_minutes,
+            thermometer_silent_minutes=self.thermometer_silent_minutes,
         )

@@ -73,7 +73,7 @@ def test_every_variable_is_a_setting_of_its_service(compose: dict[str, Any], ser
                 "VIGIL_INGEST_MQTT_PASSWORD",
             },
         ),
-        ("rules", {"VIGIL_KAFKA_BOOTSTRAP_SERVERS"}),
+        ("rules", {"VIGIL_KAFKA_BOOTSTRAP_SERVERS", "VIGIL_PG_DSN"}),
         ("notify", {"VIGIL_KAFKA_BOOTSTRAP_SERVERS", "VIGIL_PG_DSN", "VIGIL_NOTIFY_SMTP_HOST"}),
     ],
 )

@@ -15,6 +15,7 @@ from schemas.kafka_topics import (
     DEADLETTER_TOPIC,
     DELIVERIES_TOPIC,
     HEARTBEAT_TOPIC,
+    RULES_STATE_TOPIC,
     TELEMETRY_TOPIC,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_PARTITIONS",
     "DELIVERIES_TOPIC",
     "HEARTBEAT_TOPIC",
+    "RULES_STATE_TOPIC",
     "TELEMETRY_TOPIC",
     "TOPICS",
     "TopicSpec",
@@ -64,6 +66,11 @@ def topic_specs(partitions: int = DEFAULT_PARTITIONS) -> tuple[TopicSpec, ...]:
         TopicSpec(DELIVERIES_TOPIC, 3, 365 * DAY_MS),
         # Liveness only: older heartbeats carry no information.
         TopicSpec(HEARTBEAT_TOPIC, 1, 1 * DAY_MS),
+        # The rules' state, one record per patient (and per partition's watermark), written in
+        # the same transaction as the alerts it led to; compacted, so the newest record per key
+        # is kept forever. Partitioned like telemetry: partition p holds the state of the
+        # patients whose telemetry is on partition p.
+        TopicSpec(RULES_STATE_TOPIC, partitions, -1, "compact"),
     )
 
 

@@ -1,32 +1,558 @@
-"""RulesEngine: routes each telemetry event to the rules and keeps per-patient state.
+"""RulesEngine: the pure core of the rules service. The contract other code builds on:
 
-Pure and synchronous. The state is a plain mapping from patient to immutable rule state, so a
-snapshot is a copy of the mapping and a restore is handing it back.
+``RulesEngine(config: RulesConfig)``
+    Built from a pinned configuration (rule thresholds per care-team protocol, per-patient
+    overrides, patient profiles, the allowed lateness). ``RulesConfig`` is JSON-serialisable,
+    so a replay loads whichever version was live.
+
+``on_telemetry(event: Telemetry) -> list[Alert]``
+    Folds one event into the state and returns the alerts it decides, *including* the alerts of
+    any event-time timer the event's arrival makes due. ``on_observation(obs)`` is the same for
+    an already-converted ``Observation`` (the hot path; ``observe()`` converts once at the edge).
+
+``on_time(watermark: datetime) -> list[Alert]``
+    Advances the watermark explicitly (e.g. at the end of a replayed stream) and returns the
+    alerts of the timers that fall due. Never called with the wall clock by the engine itself.
+
+``snapshot() -> dict`` / ``restore(snapshot: dict)``
+    The whole rule state as JSON-ready data, and back. ``restore`` on a fresh engine built with
+    the same config, then the rest of the stream, gives exactly the alerts of an uninterrupted
+    run (tested in tests/golden). ``snapshot_patients(ids)``/``restore_patients`` do the same
+    for a subset (the service persists only the patients a batch touched).
+
+Time: every decision uses device time. Timers (device silent, a fever going unobserved, bag
+change due, the interruption clock) fire on a *watermark*: the largest device time seen in the
+stream this engine consumes, minus ``allowed_lateness_s``; events flagged
+``device_clock_skew`` do not advance it. A timer fires when the watermark passes its deadline,
+and the alert carries the deadline as its device time and the ingest time of the last message
+the deadline was computed from, so the alert's content does not depend on which event happened
+to move the watermark. Timers that fall due together fire in (deadline, kind, patient, device)
+order, so a restored engine fires them in the same order. When no event arrives at all, the
+watermark does not move and no timer fires: a stream that stops entirely is the pipeline
+heartbeat's alarm, not a rule's.
+
+The engine is synchronous and does no I/O; its state is mutable records per patient and
+device, owned here and changed only by the methods above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import heapq
+from datetime import datetime
+from typing import Any
 
-from schemas.events import Alert, Telemetry
-from services.rules.domain.fever import FeverState, FeverThresholds, evaluate_fever
+from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Telemetry
+from services.rules.domain.alerting import at, build_alert, evidence, stamp
+from services.rules.domain.config import PatientRules, RulesConfig
+from services.rules.domain.fever import FeverState, fold_temperature
+from services.rules.domain.observation import TEMPERATURE, Observation, observe
+from services.rules.domain.pump import (
+    PumpTrack,
+    bag_due_deadline,
+    fire_bag_due,
+    fire_interruption,
+    fold_pump,
+    interruption_deadline,
+    refresh_running_status,
+)
 
-ThresholdsFor = Callable[[str], FeverThresholds]
+SNAPSHOT_FORMAT = 1
+SILENCE_RULE_ID = "device_silent"
+UNOBSERVED_RULE_ID = "fever_unobserved"
+
+# Timer kinds; the names order timers that fall due at the same instant.
+_BAG = "bag"
+_INTERRUPTION = "interruption"
+_SILENT = "silent"
+_UNOBSERVED = "unobserved"
+_NEG_INF = float("-inf")
+
+
+class DeviceTrack:
+    """When the engine last heard from one device, and whether it is alerted as silent."""
+
+    __slots__ = ("is_thermometer", "last_ingest_t", "last_t", "silent_key", "timer_at")
+
+    def __init__(self, is_thermometer: bool) -> None:
+        self.is_thermometer = is_thermometer
+        self.last_t = _NEG_INF
+        self.last_ingest_t = 0.0
+        self.silent_key: str | None = None
+        self.timer_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "is_thermometer": self.is_thermometer,
+            "last_t": self.last_t,
+            "last_ingest_t": self.last_ingest_t,
+            "silent_key": self.silent_key,
+            "timer_at": self.timer_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceTrack:
+        track = cls(bool(data["is_thermometer"]))
+        track.last_t = float(data["last_t"])
+        track.last_ingest_t = float(data["last_ingest_t"])
+        track.silent_key = data["silent_key"]
+        track.timer_at = data["timer_at"]
+        return track
+
+
+class PatientTrack:
+    """Everything the rules remember about one patient."""
+
+    __slots__ = (
+        "devices",
+        "fever",
+        "pump_timers",
+        "pumps",
+        "rules",
+        "thermometer_id",
+        "thermometer_ingest_t",
+        "unobserved_key",
+        "unobserved_timer_at",
+    )
+
+    def __init__(self, rules: PatientRules) -> None:
+        # Compiled from the engine's config; not part of the snapshot (the config is).
+        self.rules = rules
+        self.fever = FeverState()
+        self.devices: dict[str, DeviceTrack] = {}
+        self.pumps: dict[str, PumpTrack] = {}
+        # (kind, device) -> armed deadline, for the pump clocks
+        self.pump_timers: dict[tuple[str, str], float] = {}
+        self.thermometer_id = ""
+        self.thermometer_ingest_t = 0.0
+        self.unobserved_key: str | None = None
+        self.unobserved_timer_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fever": self.fever.to_dict(),
+            "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
+            "pumps": {d: track.to_dict() for d, track in sorted(self.pumps.items())},
+            "thermometer_id": self.thermometer_id,
+            "thermometer_ingest_t": self.thermometer_ingest_t,
+            "unobserved_key": self.unobserved_key,
+            # Armed deadlines are state too: restoring them as they were (not recomputing them)
+            # makes a restored engine fire exactly when the uninterrupted one would.
+            "unobserved_timer_at": self.unobserved_timer_at,
+            "pump_timers": [[k, d, at] for (k, d), at in sorted(self.pump_timers.items())],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], rules: PatientRules) -> PatientTrack:
+        track = cls(rules)
+        track.fever = FeverState.from_dict(data["fever"])
+        track.devices = {d: DeviceTrack.from_dict(v) for d, v in data["devices"].items()}
+        track.pumps = {d: PumpTrack.from_dict(v) for d, v in data["pumps"].items()}
+        track.thermometer_id = data["thermometer_id"]
+        track.thermometer_ingest_t = float(data["thermometer_ingest_t"])
+        track.unobserved_key = data["unobserved_key"]
+        track.unobserved_timer_at = data["unobserved_timer_at"]
+        track.pump_timers = {(k, d): float(at) for k, d, at in data["pump_timers"]}
+        return track
 
 
 class RulesEngine:
-    def __init__(self, fever_thresholds_for: ThresholdsFor) -> None:
-        self._fever_thresholds_for = fever_thresholds_for
-        self._fever: dict[str, FeverState] = {}
+    """Routes each observation to the rules, keeps per-patient state, and runs the timers."""
+
+    def __init__(self, config: RulesConfig | None = None) -> None:
+        self.config = config if config is not None else RulesConfig()
+        self._config_version = self.config.config_version
+        self._lateness = self.config.allowed_lateness_s
+        self._rules: dict[str, PatientRules] = {}
+        self._default_rules: PatientRules | None = None
+        self._patients: dict[str, PatientTrack] = {}
+        self._timers: list[tuple[float, str, str, str]] = []
+        self._max_t = _NEG_INF
+        self._watermark = _NEG_INF
+        self._dirty: set[str] = set()
+
+    # --- the per-event path -----------------------------------------------------------------
 
     def on_telemetry(self, event: Telemetry) -> list[Alert]:
-        if event.temperature_c is None:
-            return []
-        state = self._fever.get(event.patient_id, FeverState())
-        state, alerts = evaluate_fever(state, event, self._fever_thresholds_for(event.patient_id))
-        self._fever[event.patient_id] = state
+        return self.on_observation(observe(event))
+
+    def on_observation(self, obs: Observation) -> list[Alert]:
+        patient_id = obs.patient_id
+        self._dirty.add(patient_id)
+        patient = self._patients.get(patient_id)
+        if patient is None:
+            patient = self._patients[patient_id] = PatientTrack(self._rules_for(patient_id))
+        rules = patient.rules
+        device = patient.devices.get(obs.device_id)
+        if device is None:
+            device = patient.devices[obs.device_id] = DeviceTrack(obs.channel == TEMPERATURE)
+        alerts: list[Alert] = []
+        t = obs.t
+        if t > device.last_t:
+            device.last_t = t
+            device.last_ingest_t = obs.ingest_t
+            if device.silent_key is not None:
+                alerts.append(self._end_silence(patient_id, obs, device, rules))
+            if device.timer_at is None:
+                self._arm_device(patient_id, obs.device_id, device, rules)
+
+        if obs.channel == TEMPERATURE:
+            if t >= patient.fever.newest:
+                patient.thermometer_id = obs.device_id
+                patient.thermometer_ingest_t = obs.ingest_t
+            was_open = patient.fever.episode_key is not None
+            newest_before = patient.fever.newest
+            found = fold_temperature(
+                patient.fever,
+                obs,
+                rules.fever,
+                rules.high_risk(t) if rules.cycle_start_s is not None else None,
+                self._config_version,
+            )
+            if found:
+                alerts += found
+            if patient.unobserved_key is not None and t > newest_before:
+                alerts.append(self._end_unobserved(patient_id, obs, patient, rules))
+            if patient.fever.episode_key is not None and (
+                not was_open or patient.unobserved_timer_at is None
+            ):
+                self._arm_unobserved(patient_id, patient, rules)
+        else:
+            pump = patient.pumps.get(obs.device_id)
+            if pump is None:
+                pump = patient.pumps[obs.device_id] = PumpTrack()
+            if refresh_running_status(pump, obs):
+                # The common case: a running pump's routine status; only the bag clock moves.
+                deadline = bag_due_deadline(pump, rules)
+                if deadline is not None:
+                    armed = patient.pump_timers.get((_BAG, obs.device_id))
+                    if armed is None or deadline < armed:
+                        patient.pump_timers[(_BAG, obs.device_id)] = deadline
+                        heapq.heappush(self._timers, (deadline, _BAG, patient_id, obs.device_id))
+            else:
+                found = fold_pump(pump, obs, rules, self._config_version)
+                if found:
+                    alerts += found
+                self._arm_pump(patient_id, obs.device_id, patient, pump, rules)
+
+        if t > self._max_t and not obs.clock_skew:
+            self._max_t = t
+            watermark = t - self._lateness
+            if watermark > self._watermark:
+                self._watermark = watermark
+                if self._timers and self._timers[0][0] <= watermark:
+                    alerts += self._fire_due(watermark)
         return alerts
 
+    def _rules_for(self, patient_id: str) -> PatientRules:
+        if patient_id not in self.config.profiles:
+            # Patients without a profile all follow the defaults: one compiled copy for all.
+            if self._default_rules is None:
+                self._default_rules = self.config.compile_for(patient_id)
+            return self._default_rules
+        rules = self._rules.get(patient_id)
+        if rules is None:
+            rules = self._rules[patient_id] = self.config.compile_for(patient_id)
+        return rules
+
+    def on_time(self, watermark: datetime) -> list[Alert]:
+        """Move the watermark to ``watermark`` (if later) and fire the timers now due."""
+        mark = watermark.timestamp()
+        if mark <= self._watermark:
+            return []
+        self._watermark = mark
+        return self._fire_due(mark)
+
     @property
-    def fever_states(self) -> Mapping[str, FeverState]:
-        return self._fever
+    def watermark(self) -> datetime | None:
+        return None if self._watermark == _NEG_INF else at(self._watermark)
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def _arm_device(
+        self, patient_id: str, device_id: str, device: DeviceTrack, rules: PatientRules
+    ) -> None:
+        limit = rules.thermometer_silent_s if device.is_thermometer else rules.pump_silent_s
+        deadline = device.last_t + limit
+        device.timer_at = deadline
+        heapq.heappush(self._timers, (deadline, _SILENT, patient_id, device_id))
+
+    def _arm_unobserved(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> None:
+        deadline = patient.fever.newest + rules.fever_unobserved_s
+        if patient.unobserved_timer_at is None or deadline < patient.unobserved_timer_at:
+            patient.unobserved_timer_at = deadline
+            heapq.heappush(self._timers, (deadline, _UNOBSERVED, patient_id, ""))
+
+    def _arm_pump(
+        self,
+        patient_id: str,
+        device_id: str,
+        patient: PatientTrack,
+        pump: PumpTrack,
+        rules: PatientRules,
+        *,
+        after: float = _NEG_INF,
+    ) -> None:
+        for kind, deadline in (
+            (_BAG, bag_due_deadline(pump, rules)),
+            (_INTERRUPTION, interruption_deadline(pump, rules)),
+        ):
+            if deadline is None or deadline <= after:
+                continue
+            armed = patient.pump_timers.get((kind, device_id))
+            if armed is None or deadline < armed:
+                patient.pump_timers[(kind, device_id)] = deadline
+                heapq.heappush(self._timers, (deadline, kind, patient_id, device_id))
+
+    def _fire_due(self, watermark: float) -> list[Alert]:
+        """Pop every timer whose deadline the watermark passed. Entries are lazy: each names
+        the deadline it was armed with; if the state has since moved the real deadline later,
+        the entry is re-armed at the real deadline instead of firing (so firing order is always
+        the order of real deadlines, with or without a restore in between)."""
+        alerts: list[Alert] = []
+        timers = self._timers
+        while timers and timers[0][0] <= watermark:
+            deadline, kind, patient_id, device_id = heapq.heappop(timers)
+            patient = self._patients.get(patient_id)
+            if patient is None:
+                continue
+            rules = patient.rules
+            if kind == _SILENT:
+                device = patient.devices.get(device_id)
+                if device is None or device.timer_at != deadline:
+                    continue
+                device.timer_at = None
+                if device.silent_key is not None:
+                    continue
+                limit = rules.thermometer_silent_s if device.is_thermometer else rules.pump_silent_s
+                real = device.last_t + limit
+                if real > deadline:
+                    device.timer_at = real
+                    heapq.heappush(timers, (real, kind, patient_id, device_id))
+                    continue
+                self._dirty.add(patient_id)
+                alerts.append(
+                    self._start_silence(patient_id, device_id, device, real, limit, rules)
+                )
+            elif kind == _UNOBSERVED:
+                if patient.unobserved_timer_at != deadline:
+                    continue
+                patient.unobserved_timer_at = None
+                if patient.fever.episode_key is None or patient.unobserved_key is not None:
+                    continue
+                real = patient.fever.newest + rules.fever_unobserved_s
+                if real > deadline:
+                    patient.unobserved_timer_at = real
+                    heapq.heappush(timers, (real, kind, patient_id, device_id))
+                    continue
+                self._dirty.add(patient_id)
+                alerts.append(self._start_unobserved(patient_id, patient, real, rules))
+            else:
+                if patient.pump_timers.get((kind, device_id)) != deadline:
+                    continue
+                del patient.pump_timers[(kind, device_id)]
+                pump = patient.pumps[device_id]
+                real_or_none = (
+                    bag_due_deadline(pump, rules)
+                    if kind == _BAG
+                    else interruption_deadline(pump, rules)
+                )
+                if real_or_none is None:
+                    continue
+                if real_or_none > deadline:
+                    patient.pump_timers[(kind, device_id)] = real_or_none
+                    heapq.heappush(timers, (real_or_none, kind, patient_id, device_id))
+                    continue
+                self._dirty.add(patient_id)
+                fire = fire_bag_due if kind == _BAG else fire_interruption
+                alerts += fire(
+                    pump, real_or_none, patient_id, device_id, rules, self._config_version
+                )
+                # The interruption clock has a second step (escalation) after the first; only a
+                # later deadline is re-armed, so a timer that decided nothing cannot spin.
+                self._arm_pump(patient_id, device_id, patient, pump, rules, after=real_or_none)
+        return alerts
+
+    # --- device silent and fever unobserved --------------------------------------------------
+
+    def _start_silence(
+        self,
+        patient_id: str,
+        device_id: str,
+        device: DeviceTrack,
+        deadline: float,
+        limit: float,
+        rules: PatientRules,
+    ) -> Alert:
+        device.silent_key = f"{patient_id}:{SILENCE_RULE_ID}:{device_id}:{stamp(device.last_t)}"
+        what = "Thermometer" if device.is_thermometer else "Infusion pump"
+        return build_alert(
+            dedup_key=device.silent_key,
+            phase=AlertPhase.START,
+            patient_id=patient_id,
+            device_id=device_id,
+            kind=AlertKind.TECHNICAL,
+            code="device_silent",
+            priority=AlertPriority.MEDIUM,
+            title=f"{what} silent for {int(limit // 60)} min: no data, no clinical decisions",
+            device_time=at(deadline),
+            ingest_time=at(device.last_ingest_t),
+            evidence=(
+                evidence(
+                    "minutes_since_last_message",
+                    limit / 60,
+                    limit / 60,
+                    ">=",
+                    at(device.last_t),
+                    unit="min",
+                ),
+            ),
+            rule_id=SILENCE_RULE_ID,
+            rule_version=rules.rules_version,
+            config_version=self._config_version,
+        )
+
+    def _end_silence(
+        self, patient_id: str, obs: Observation, device: DeviceTrack, rules: PatientRules
+    ) -> Alert:
+        key, device.silent_key = device.silent_key, None
+        assert key is not None
+        return build_alert(
+            dedup_key=key,
+            phase=AlertPhase.END,
+            patient_id=patient_id,
+            device_id=obs.device_id,
+            kind=AlertKind.TECHNICAL,
+            code="device_silent",
+            priority=AlertPriority.INFO,
+            title="All clear: device reporting again",
+            device_time=obs.device_time,
+            ingest_time=obs.ingest_time,
+            evidence=(),
+            rule_id=SILENCE_RULE_ID,
+            rule_version=rules.rules_version,
+            config_version=self._config_version,
+        )
+
+    def _start_unobserved(
+        self, patient_id: str, patient: PatientTrack, deadline: float, rules: PatientRules
+    ) -> Alert:
+        episode = patient.fever.episode_key
+        patient.unobserved_key = f"{episode}:{UNOBSERVED_RULE_ID}:{stamp(patient.fever.newest)}"
+        minutes = rules.fever_unobserved_s / 60
+        return build_alert(
+            dedup_key=patient.unobserved_key,
+            phase=AlertPhase.START,
+            patient_id=patient_id,
+            device_id=patient.thermometer_id,
+            kind=AlertKind.PHYSIOLOGICAL,
+            code="fever_unobserved",
+            priority=AlertPriority.HIGH,
+            title=f"Fever open and no temperature for {int(minutes)} min",
+            device_time=at(deadline),
+            ingest_time=at(patient.thermometer_ingest_t),
+            evidence=(
+                evidence(
+                    "minutes_since_last_temperature",
+                    minutes,
+                    minutes,
+                    ">=",
+                    at(patient.fever.newest),
+                    unit="min",
+                ),
+            ),
+            rule_id=UNOBSERVED_RULE_ID,
+            rule_version=rules.rules_version,
+            config_version=self._config_version,
+        )
+
+    def _end_unobserved(
+        self, patient_id: str, obs: Observation, patient: PatientTrack, rules: PatientRules
+    ) -> Alert:
+        key, patient.unobserved_key = patient.unobserved_key, None
+        assert key is not None
+        return build_alert(
+            dedup_key=key,
+            phase=AlertPhase.END,
+            patient_id=patient_id,
+            device_id=obs.device_id,
+            kind=AlertKind.PHYSIOLOGICAL,
+            code="fever_unobserved",
+            priority=AlertPriority.INFO,
+            title="All clear: temperature readings again",
+            device_time=obs.device_time,
+            ingest_time=obs.ingest_time,
+            evidence=(),
+            rule_id=UNOBSERVED_RULE_ID,
+            rule_version=rules.rules_version,
+            config_version=self._config_version,
+        )
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state, JSON-ready."""
+        return {
+            **self._meta(),
+            "patients": {p: track.to_dict() for p, track in sorted(self._patients.items())},
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Replace the whole state with ``snapshot`` (from ``snapshot()``)."""
+        self._patients.clear()
+        self._timers.clear()
+        self._restore_meta(snapshot)
+        self.restore_patients(snapshot["patients"])
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "config_version": self._config_version,
+            "max_t": None if self._max_t == _NEG_INF else self._max_t,
+            "watermark": None if self._watermark == _NEG_INF else self._watermark,
+        }
+
+    def _restore_meta(self, meta: dict[str, Any]) -> None:
+        if meta.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"unknown snapshot format {meta.get('format')!r}")
+        self._max_t = _NEG_INF if meta["max_t"] is None else float(meta["max_t"])
+        self._watermark = _NEG_INF if meta["watermark"] is None else float(meta["watermark"])
+
+    def meta_snapshot(self) -> dict[str, Any]:
+        """The engine-wide part of the state (watermark), without any patient."""
+        return self._meta()
+
+    def restore_meta(self, meta: dict[str, Any]) -> None:
+        self._restore_meta(meta)
+
+    def take_dirty(self) -> set[str]:
+        """The patients whose state changed since the last call (what a store must persist)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def snapshot_patients(self, patient_ids: set[str]) -> dict[str, dict[str, Any]]:
+        return {p: self._patients[p].to_dict() for p in sorted(patient_ids) if p in self._patients}
+
+    def restore_patients(self, patients: dict[str, dict[str, Any]]) -> None:
+        """Load patients' state and re-arm their timers from it."""
+        for patient_id, data in patients.items():
+            patient = PatientTrack.from_dict(data, self._rules_for(patient_id))
+            self._patients[patient_id] = patient
+            push = self._timers.append
+            for device_id, device in patient.devices.items():
+                if device.timer_at is not None:
+                    push((device.timer_at, _SILENT, patient_id, device_id))
+            if patient.unobserved_timer_at is not None:
+                push((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
+            for (kind, device_id), deadline in patient.pump_timers.items():
+                push((deadline, kind, patient_id, device_id))
+        heapq.heapify(self._timers)
+
+    def drop_patients(self, patient_ids: set[str]) -> None:
+        """Forget patients (their partition moved to another instance); stale timers lapse."""
+        for patient_id in patient_ids:
+            self._patients.pop(patient_id, None)
+            self._dirty.discard(patient_id)
+
+    @property
+    def patient_count(self) -> int:
+        return len(self._patients)

@@ -3,6 +3,8 @@
 Paging criteria (IDSA febrile neutropenia definition, configurable per care-team protocol):
 one reading at or above ``single_c`` (38.3 °C), or readings at or above ``sustained_c`` (38.0 °C)
 without a break for ``sustained_for`` (60 min). A reading at or above ``critical_c`` escalates.
+Each reading is first corrected by its site's offset (an axillary reading runs low), and the
+evidence shows both the corrected value and the reading as measured with its site's limit.
 
 One fever is one *episode* with one dedup key: it opens with a ``start`` alert, may ``escalate``
 once, and closes with an ``end`` ("all clear") when a reading falls below ``clear_c``. The gap
@@ -11,29 +13,30 @@ bouncing around a threshold from paging again and again.
 
 Readings may arrive out of order: the rule keeps the readings of the recent window sorted by
 device time and evaluates the sustained criterion over that order, not over arrival order. A
-reading already seen (same message id) changes nothing.
+reading already seen (same message id) changes nothing. Two febrile readings further apart than
+``max_gap`` are not one sustained run: no alert is computed from data that old.
+
+The state is a small mutable record per patient (``FeverState``); ``fold_temperature`` updates
+it in place and returns the alerts, which is what the engine's hot path calls.
+``evaluate_fever`` is the same rule as a pure ``(state, event) -> (state, alerts)`` function.
+A thermometer going silent during an open episode is timed by the engine (it needs event-time
+timers); this module only says whether an episode is open.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
-from schemas.events import (
-    Alert,
-    AlertKind,
-    AlertPhase,
-    AlertPriority,
-    AlertState,
-    Evidence,
-    Telemetry,
-)
-from services.rules.domain.identity import alert_id_for
+from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Evidence, Telemetry
+from services.rules.domain.alerting import at, build_alert, evidence, stamp
+from services.rules.domain.observation import Observation, observe
 
 RULE_ID = "fever"
-RULE_LOGIC_VERSION = "1.0.0"
+RULE_LOGIC_VERSION = "1.1.0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,8 @@ class FeverThresholds:
     # Two readings further apart than this do not make one sustained run: the hour between them
     # is unobserved, and no alert may be computed from data that old.
     max_gap: timedelta = timedelta(minutes=90)
+    # (site, °C added before comparing), e.g. (("axillary", 0.5),).
+    site_offsets: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.clear_c < self.sustained_c <= self.single_c <= self.critical_c:
@@ -56,6 +61,8 @@ class FeverThresholds:
             )
         if self.sustained_for <= timedelta(0) or self.max_gap <= timedelta(0):
             raise ValueError("sustained_for and max_gap must be positive")
+        if any(abs(offset) > 2.0 for _, offset in self.site_offsets):
+            raise ValueError("a site offset beyond ±2 °C is not a site correction")
 
     def fingerprint(self) -> str:
         """Short digest of the values, so an alert names the exact threshold set it used."""
@@ -63,194 +70,350 @@ class FeverThresholds:
             f"{self.single_c}|{self.sustained_c}|{self.sustained_for.total_seconds()}|"
             f"{self.critical_c}|{self.clear_c}|{self.max_gap.total_seconds()}"
         )
+        if self.site_offsets:
+            text += "|" + ",".join(f"{site}={offset}" for site, offset in self.site_offsets)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def rule_version(self) -> str:
         return f"{RULE_LOGIC_VERSION}+{self.fingerprint()}"
 
+    def limits(
+        self,
+        *,
+        single_priority: AlertPriority = AlertPriority.HIGH,
+        sustained_priority: AlertPriority = AlertPriority.MEDIUM,
+    ) -> FeverLimits:
+        return FeverLimits(
+            single_c=self.single_c,
+            sustained_c=self.sustained_c,
+            sustained_for_s=self.sustained_for.total_seconds(),
+            critical_c=self.critical_c,
+            clear_c=self.clear_c,
+            max_gap_s=self.max_gap.total_seconds(),
+            horizon_s=(self.sustained_for + self.max_gap).total_seconds(),
+            site_offsets=dict(self.site_offsets),
+            single_priority=single_priority,
+            sustained_priority=sustained_priority,
+            version=self.rule_version(),
+        )
+
 
 @dataclass(frozen=True, slots=True)
-class _Reading:
-    device_time: datetime
-    value_c: float
-    message_id: str
-    device_id: str
+class FeverLimits:
+    """FeverThresholds compiled for the hot path: seconds and °C as plain floats."""
+
+    single_c: float
+    sustained_c: float
+    sustained_for_s: float
+    critical_c: float
+    clear_c: float
+    max_gap_s: float
+    horizon_s: float
+    site_offsets: dict[str, float]
+    single_priority: AlertPriority
+    sustained_priority: AlertPriority
+    version: str
 
 
 @dataclass(frozen=True, slots=True)
-class _Episode:
-    dedup_key: str
-    opened_at: datetime
-    escalated: bool = False
+class HighRisk:
+    """Why a fever at this time is raised in priority (composite rule), for the evidence."""
+
+    cycle_day: int
+    limit_day: int
+    reason: str
 
 
-@dataclass(frozen=True, slots=True)
 class FeverState:
-    """What the rule remembers about one patient. Immutable: each event returns a new one."""
+    """What the rule remembers about one patient's temperatures."""
 
-    # Sorted by device time; pruned to the window the sustained criterion can look back over.
-    window: tuple[_Reading, ...] = ()
-    episode: _Episode | None = None
-    # The device-time span of the last closed episode: a late reading from inside it belongs to
-    # a fever that was already paged and cleared, and must not open a second one.
-    closed_span: tuple[datetime, datetime] | None = None
-    seen: frozenset[str] = field(default_factory=frozenset)
+    __slots__ = (
+        "closed_until",
+        "episode_key",
+        "escalated",
+        "newest",
+        "opened_at",
+        "seen",
+        "window",
+    )
+
+    def __init__(self) -> None:
+        # (device time, corrected °C, message id, measured °C, site), sorted by device time and
+        # pruned to the span the sustained criterion can look back over.
+        self.window: list[tuple[float, float, str, float, str]] = []
+        # Message ids of the window; None while the window holds at most one reading (the
+        # common case), whose id is then compared directly: a set per patient costs 200 bytes.
+        self.seen: set[str] | None = None
+        self.newest = float("-inf")
+        self.episode_key: str | None = None
+        self.opened_at = 0.0
+        self.escalated = False
+        # End of the last closed episode: a late reading from inside it belongs to a fever that
+        # was already paged and cleared, and must not open a second one.
+        self.closed_until: float | None = None
+
+    @property
+    def episode_open(self) -> bool:
+        return self.episode_key is not None
+
+    def copy(self) -> FeverState:
+        twin = FeverState()
+        twin.window = list(self.window)
+        twin.seen = set(self.seen) if self.seen is not None else None
+        twin.newest = self.newest
+        twin.episode_key = self.episode_key
+        twin.opened_at = self.opened_at
+        twin.escalated = self.escalated
+        twin.closed_until = self.closed_until
+        return twin
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": [list(r) for r in self.window],
+            "newest": self.newest if self.window else None,
+            "episode_key": self.episode_key,
+            "opened_at": self.opened_at,
+            "escalated": self.escalated,
+            "closed_until": self.closed_until,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeverState:
+        state = cls()
+        state.window = [
+            (float(t), float(v), str(m), float(x), str(s)) for t, v, m, x, s in data["window"]
+        ]
+        state.seen = {r[2] for r in state.window} if len(state.window) > 1 else None
+        state.newest = float("-inf") if data["newest"] is None else float(data["newest"])
+        state.episode_key = data["episode_key"]
+        state.opened_at = float(data["opened_at"])
+        state.escalated = bool(data["escalated"])
+        state.closed_until = data["closed_until"]
+        return state
 
 
-def _sustained_run_start(
-    window: tuple[_Reading, ...], thresholds: FeverThresholds
-) -> datetime | None:
-    """Device time where the unbroken run of readings >= sustained_c ending at the newest began."""
-    if not window or window[-1].value_c < thresholds.sustained_c:
+def _temperature_evidence(
+    name: str,
+    reading: tuple[float, float, str, float, str],
+    limit: float,
+    comparator: str,
+    limits: FeverLimits,
+) -> tuple[Evidence, ...]:
+    t, corrected, message_id, measured, site = reading
+    when = at(t)
+    first = evidence(name, corrected, limit, comparator, when, message_id=message_id)
+    offset = limits.site_offsets.get(site, 0.0)
+    if offset == 0.0:
+        return (first,)
+    # The reading as the thermometer showed it, against the limit that applies at its site.
+    return (
+        first,
+        evidence(
+            f"{name}_as_measured_{site}",
+            measured,
+            round(limit - offset, 2),
+            comparator,
+            when,
+            message_id=message_id,
+        ),
+    )
+
+
+def fold_temperature(
+    state: FeverState,
+    obs: Observation,
+    limits: FeverLimits,
+    high_risk: HighRisk | None = None,
+    config_version: str | None = None,
+) -> list[Alert]:
+    """Fold one temperature observation into ``state`` (in place); return the alerts decided."""
+    message_id = obs.message_id
+    seen = state.seen
+    if seen is None:
+        if state.window and state.window[0][2] == message_id:
+            return []
+    elif message_id in seen:
+        return []
+    t = obs.t
+    offsets = limits.site_offsets
+    value = (
+        obs.temperature_c + offsets[obs.site]
+        if offsets and obs.site in offsets
+        else (obs.temperature_c)
+    )
+
+    # The common case: a normal reading, newest so far, no fever open. Nothing older can make a
+    # sustained run that ends after it, so it alone is the window (it still breaks runs for
+    # readings that arrive late).
+    if state.episode_key is None and value < limits.sustained_c and t >= state.newest:
+        state.window = [(t, value, message_id, obs.temperature_c, obs.site)]
+        state.seen = None
+        state.newest = t
+        return []
+
+    reading = (t, value, message_id, obs.temperature_c, obs.site)
+    window = state.window
+    if seen is None:
+        state.seen = {r[2] for r in window}
+    if not window or t >= window[-1][0]:
+        window.append(reading)
+    else:
+        window.insert(bisect.bisect_right([r[0] for r in window], t), reading)
+    newest = window[-1][0]
+    state.newest = newest
+    horizon = newest - limits.horizon_s
+    if window[0][0] < horizon:
+        window[:] = [r for r in window if r[0] >= horizon]
+        state.seen = {r[2] for r in window}
+    else:
+        assert state.seen is not None
+        state.seen.add(message_id)
+
+    # A reading older than the window changes no decision; it is kept in storage, not here.
+    if t < horizon:
+        return []
+
+    def make(
+        phase: AlertPhase,
+        code: str,
+        title: str,
+        priority: AlertPriority,
+        found: tuple[Evidence, ...],
+    ) -> Alert:
+        assert state.episode_key is not None
+        if high_risk is not None and phase is not AlertPhase.END:
+            found = (
+                *found,
+                evidence(
+                    "cycle_day",
+                    high_risk.cycle_day,
+                    high_risk.limit_day,
+                    "<=",
+                    obs.device_time,
+                    unit="d",
+                ),
+            )
+            title = f"{title} (cycle day {high_risk.cycle_day}: {high_risk.reason})"
+        return build_alert(
+            dedup_key=state.episode_key,
+            phase=phase,
+            patient_id=obs.patient_id,
+            device_id=obs.device_id,
+            kind=AlertKind.PHYSIOLOGICAL,
+            code=code,
+            priority=priority,
+            title=title,
+            device_time=obs.device_time,
+            ingest_time=obs.ingest_time,
+            evidence=found,
+            rule_id=RULE_ID,
+            rule_version=limits.version,
+            config_version=config_version,
+        )
+
+    if state.episode_key is None:
+        if state.closed_until is not None and t <= state.closed_until:
+            return []
+        if value >= limits.single_c:
+            critical = value >= limits.critical_c
+            state.episode_key = f"{obs.patient_id}:{RULE_ID}:{stamp(t)}"
+            state.opened_at = t
+            state.escalated = critical
+            site = "" if obs.site == "unknown" else f" ({obs.site})"
+            return [
+                make(
+                    AlertPhase.START,
+                    "fever_critical" if critical else "fever_single",
+                    f"Fever {value:.1f} °C{site}",
+                    _raised(limits.single_priority, high_risk),
+                    _temperature_evidence("temperature", reading, limits.single_c, ">=", limits),
+                )
+            ]
+        run = _sustained_run(window, limits)
+        if run is None:
+            return []
+        first, last = run
+        duration = last[0] - first[0]
+        if duration < limits.sustained_for_s:
+            return []
+        state.episode_key = f"{obs.patient_id}:{RULE_ID}:{stamp(first[0])}"
+        state.opened_at = first[0]
+        state.escalated = False
+        peak = max((r for r in window if first[0] <= r[0] <= last[0]), key=lambda r: r[1])
+        found = _temperature_evidence(
+            "temperature_run_start", first, limits.sustained_c, ">=", limits
+        ) + _temperature_evidence("temperature", last, limits.sustained_c, ">=", limits)
+        if peak is not first and peak is not last:
+            found += _temperature_evidence(
+                "temperature_peak", peak, limits.sustained_c, ">=", limits
+            )
+        return [
+            make(
+                AlertPhase.START,
+                "fever_sustained",
+                f"Fever ≥ {limits.sustained_c:.1f} °C for {int(duration // 60)} min",
+                _raised(limits.sustained_priority, high_risk),
+                found,
+            )
+        ]
+
+    # An episode is open. Out-of-order readings from before it opened do not end or escalate it.
+    if t < state.opened_at:
+        return []
+    if value >= limits.critical_c and not state.escalated:
+        state.escalated = True
+        return [
+            make(
+                AlertPhase.ESCALATE,
+                "fever_critical",
+                f"Fever rising: {value:.1f} °C",
+                AlertPriority.HIGH,
+                _temperature_evidence("temperature", reading, limits.critical_c, ">=", limits),
+            )
+        ]
+    if value < limits.clear_c and t >= newest:
+        alert = make(
+            AlertPhase.END,
+            "fever_cleared",
+            f"All clear: temperature {value:.1f} °C",
+            AlertPriority.INFO,
+            _temperature_evidence("temperature", reading, limits.clear_c, "<", limits),
+        )
+        state.episode_key = None
+        state.closed_until = t
+        state.escalated = False
+        return [alert]
+    return []
+
+
+def _raised(priority: AlertPriority, high_risk: HighRisk | None) -> AlertPriority:
+    if high_risk is None:
+        return priority
+    ladder = (AlertPriority.INFO, AlertPriority.LOW, AlertPriority.MEDIUM, AlertPriority.HIGH)
+    return ladder[min(3, ladder.index(priority) + 1)]
+
+
+def _sustained_run(
+    window: list[tuple[float, float, str, float, str]], limits: FeverLimits
+) -> tuple[tuple[float, float, str, float, str], tuple[float, float, str, float, str]] | None:
+    """First and last reading of the unbroken run >= sustained_c that ends at the newest."""
+    if not window or window[-1][1] < limits.sustained_c:
         return None
-    start = window[-1]
+    last = window[-1]
+    start = last
     for reading in reversed(window[:-1]):
-        if reading.value_c < thresholds.sustained_c:
-            break
-        if start.device_time - reading.device_time > thresholds.max_gap:
+        if reading[1] < limits.sustained_c or start[0] - reading[0] > limits.max_gap_s:
             break
         start = reading
-    return start.device_time
-
-
-def _evidence(
-    name: str, reading: _Reading, limit: float, comparator: str, unit: str = "Cel"
-) -> Evidence:
-    return Evidence(
-        name=name,
-        value=reading.value_c,
-        unit=unit,
-        limit=limit,
-        comparator=comparator,
-        device_time=reading.device_time,
-        message_id=reading.message_id,
-    )
+    return start, last
 
 
 def evaluate_fever(
     state: FeverState, event: Telemetry, thresholds: FeverThresholds
 ) -> tuple[FeverState, list[Alert]]:
-    """Fold one telemetry event into a patient's fever state; return the alerts it decides."""
+    """The fever rule as a pure function: the given state is left untouched."""
     if event.temperature_c is None:
         return state, []
-    message_id = str(event.message.message_id)
-    if message_id in state.seen:
-        return state, []
-
-    reading = _Reading(event.device_time, event.temperature_c, message_id, event.device_id)
-    window = list(state.window)
-    position = bisect.bisect_right([r.device_time for r in window], reading.device_time)
-    window.insert(position, reading)
-    newest = window[-1].device_time
-    horizon = newest - (thresholds.sustained_for + thresholds.max_gap)
-    kept = tuple(r for r in window if r.device_time >= horizon)
-    seen = frozenset(r.message_id for r in kept)
-    state = replace(state, window=kept, seen=seen)
-
-    # A reading older than the window changes no decision; it is kept in storage, not here.
-    if reading.device_time < horizon:
-        return state, []
-
-    latest = kept[-1]
-    alerts: list[Alert] = []
-    version = thresholds.rule_version()
-
-    def make(
-        episode: _Episode, phase: AlertPhase, code: str, title: str, evidence: tuple[Evidence, ...]
-    ) -> Alert:
-        active = phase is not AlertPhase.END
-        return Alert(
-            alert_id=alert_id_for(episode.dedup_key, phase.value),
-            dedup_key=episode.dedup_key,
-            patient_id=event.patient_id,
-            device_id=event.device_id,
-            kind=AlertKind.PHYSIOLOGICAL,
-            code=code,
-            priority=AlertPriority.HIGH if active else AlertPriority.INFO,
-            phase=phase,
-            state=AlertState.ACTIVE if active else AlertState.INACTIVE,
-            title=title,
-            device_time=event.device_time,
-            ingest_time=event.ingest_time,
-            evidence=evidence,
-            rule_id=RULE_ID,
-            rule_version=version,
-        )
-
-    episode = state.episode
-    if episode is None:
-        if state.closed_span is not None and reading.device_time <= state.closed_span[1]:
-            return state, alerts
-        run_start = _sustained_run_start(kept, thresholds)
-        peak = max(
-            (r for r in kept if run_start is not None and r.device_time >= run_start),
-            key=lambda r: r.value_c,
-            default=None,
-        )
-        if reading.value_c >= thresholds.single_c:
-            trigger: tuple[str, str, tuple[Evidence, ...]] | None = (
-                "fever_critical" if reading.value_c >= thresholds.critical_c else "fever_single",
-                f"Fever {reading.value_c:.1f} °C",
-                (_evidence("temperature", reading, thresholds.single_c, ">="),),
-            )
-            opened_at = reading.device_time
-        elif run_start is not None and latest.device_time - run_start >= thresholds.sustained_for:
-            first = next(r for r in kept if r.device_time == run_start)
-            trigger = (
-                "fever_sustained",
-                f"Fever ≥ {thresholds.sustained_c:.1f} °C for "
-                f"{int((latest.device_time - run_start).total_seconds() // 60)} min",
-                (
-                    _evidence("temperature_run_start", first, thresholds.sustained_c, ">="),
-                    _evidence("temperature", latest, thresholds.sustained_c, ">="),
-                )
-                + (
-                    (_evidence("temperature_peak", peak, thresholds.sustained_c, ">="),)
-                    if peak is not None and peak not in (first, latest)
-                    else ()
-                ),
-            )
-            opened_at = run_start
-        else:
-            trigger = None
-        if trigger is not None:
-            code, title, evidence = trigger
-            episode = _Episode(
-                dedup_key=f"{event.patient_id}:{RULE_ID}:{opened_at.isoformat()}",
-                opened_at=opened_at,
-                escalated=code == "fever_critical",
-            )
-            alerts.append(make(episode, AlertPhase.START, code, title, evidence))
-            return replace(state, episode=episode), alerts
-        return state, alerts
-
-    # An episode is open. Out-of-order readings from before it opened do not end or escalate it.
-    if reading.device_time < episode.opened_at:
-        return state, alerts
-    if reading.value_c >= thresholds.critical_c and not episode.escalated:
-        episode = replace(episode, escalated=True)
-        alerts.append(
-            make(
-                episode,
-                AlertPhase.ESCALATE,
-                "fever_critical",
-                f"Fever rising: {reading.value_c:.1f} °C",
-                (_evidence("temperature", reading, thresholds.critical_c, ">="),),
-            )
-        )
-        return replace(state, episode=episode), alerts
-    if reading.value_c < thresholds.clear_c and reading.device_time >= latest.device_time:
-        alerts.append(
-            make(
-                episode,
-                AlertPhase.END,
-                "fever_cleared",
-                f"All clear: temperature {reading.value_c:.1f} °C",
-                (_evidence("temperature", reading, thresholds.clear_c, "<"),),
-            )
-        )
-        return (
-            replace(state, episode=None, closed_span=(episode.opened_at, reading.device_time)),
-            alerts,
-        )
-    return state, alerts
+    twin = state.copy()
+    alerts = fold_temperature(twin, observe(event), thresholds.limits())
+    return twin, alerts

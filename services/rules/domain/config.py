@@ -1,0 +1,245 @@
+"""RulesConfig: the pinned, versioned configuration a RulesEngine is built from.
+
+Owns every threshold the rules use, the care-team protocols they come from, the per-patient
+overrides, and the patient profiles (weight, cycle start, dose step-up day). It is plain data:
+JSON in, JSON out (``RulesConfig.model_validate_json`` / ``model_dump_json``), so a replay can
+load the exact configuration that was live when a recorded stream was first evaluated.
+
+Resolution order for one patient: the built-in defaults, then the patient's care-team protocol,
+then the patient's own override (only the fields it names). The resolved set is compiled once
+per patient into ``PatientRules`` (plain floats in seconds and degrees), which is what the hot
+path reads. This module does no I/O; loading from PostgreSQL is an adapter's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from schemas.device import PumpAlarmCode
+from schemas.events import AlertPriority
+from services.rules.domain.fever import FeverLimits, FeverThresholds, HighRisk
+
+RULES_LOGIC_VERSION = "2.0.0"
+
+# IEC 60601-1-8 style mapping of pump alarms to priorities (domain.md, "Pump alarms"). Alarms
+# that stop the drug are high; those that warn ahead of a stop are medium.
+DEFAULT_PUMP_ALARM_PRIORITIES: dict[str, AlertPriority] = {
+    PumpAlarmCode.OCCLUSION_UPSTREAM.value: AlertPriority.HIGH,
+    PumpAlarmCode.OCCLUSION_DOWNSTREAM.value: AlertPriority.HIGH,
+    PumpAlarmCode.AIR_IN_LINE.value: AlertPriority.HIGH,
+    PumpAlarmCode.RESERVOIR_EMPTY.value: AlertPriority.HIGH,
+    PumpAlarmCode.PUMP_ERROR.value: AlertPriority.HIGH,
+    PumpAlarmCode.DOOR_OPEN.value: AlertPriority.HIGH,
+    PumpAlarmCode.BATTERY_DEPLETED.value: AlertPriority.HIGH,
+    PumpAlarmCode.BATTERY_LOW.value: AlertPriority.MEDIUM,
+    PumpAlarmCode.RESERVOIR_LOW.value: AlertPriority.MEDIUM,
+    # The interruption clock pages on a stopped pump with its own ladder; the pump's own alarm
+    # is forwarded at medium so the two together never outrank the clock's escalation.
+    PumpAlarmCode.INFUSION_STOPPED.value: AlertPriority.MEDIUM,
+}
+
+
+class _Plain(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Thresholds(_Plain):
+    """Every tunable value of every rule. Durations are in minutes, temperatures in °C."""
+
+    fever_single_c: float = 38.3
+    fever_sustained_c: float = 38.0
+    fever_sustained_minutes: float = Field(default=60.0, gt=0)
+    fever_critical_c: float = 39.5
+    fever_clear_c: float = 37.8
+    fever_max_gap_minutes: float = Field(default=90.0, gt=0)
+    # Added to a reading before it is compared: an axillary reading runs about half a degree
+    # under a core temperature. Sites differ, so the default adds nothing.
+    fever_site_offsets_c: dict[str, float] = Field(default_factory=dict)
+    # Either criterion is the definition of fever (IDSA febrile neutropenia); a febrile child on
+    # blinatumomab needs a call back now, so both page high unless a protocol says otherwise.
+    fever_single_priority: AlertPriority = AlertPriority.HIGH
+    fever_sustained_priority: AlertPriority = AlertPriority.HIGH
+    # A thermometer that stops reporting while a fever is open is itself an alarm.
+    fever_unobserved_minutes: float = Field(default=30.0, gt=0)
+
+    pump_alarm_priorities: dict[str, AlertPriority] = Field(
+        default_factory=lambda: dict(DEFAULT_PUMP_ALARM_PRIORITIES)
+    )
+
+    # "Bag change due" pages this long before the predicted empty time, ahead of the pump's
+    # own reservoir-low alarm.
+    bag_change_lead_minutes: float = Field(default=120.0, gt=0)
+    interruption_page_minutes: float = Field(default=30.0, gt=0)
+    # Well before the 4-hour supervised-restart limit (Blincyto PI): time to reach the family.
+    interruption_escalate_minutes: float = Field(default=120.0, gt=0)
+    interruption_restart_limit_minutes: float = Field(default=240.0, gt=0)
+    # A restart shorter than this does not end an interruption: stopped time keeps adding up.
+    interruption_resume_grace_minutes: float = Field(default=15.0, ge=0)
+
+    pump_silent_minutes: float = Field(default=15.0, gt=0)
+    thermometer_silent_minutes: float = Field(default=240.0, gt=0)
+
+    seven_day_bag_rate_ml_h: float = Field(default=0.6, gt=0)
+    seven_day_bag_rate_tolerance_ml_h: float = Field(default=0.05, ge=0)
+    seven_day_bag_min_weight_kg: float = Field(default=22.0, gt=0)
+
+    high_risk_cycle_days: tuple[int, ...] = (1, 2, 3)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Thresholds:
+        self.fever()  # FeverThresholds refuses incoherent temperature levels
+        if not (
+            self.interruption_page_minutes
+            < self.interruption_escalate_minutes
+            < self.interruption_restart_limit_minutes
+        ):
+            raise ValueError("interruption clock must page < escalate < restart limit")
+        return self
+
+    def fever(self) -> FeverThresholds:
+        return FeverThresholds(
+            single_c=self.fever_single_c,
+            sustained_c=self.fever_sustained_c,
+            sustained_for=timedelta(minutes=self.fever_sustained_minutes),
+            critical_c=self.fever_critical_c,
+            clear_c=self.fever_clear_c,
+            max_gap=timedelta(minutes=self.fever_max_gap_minutes),
+            site_offsets=tuple(sorted(self.fever_site_offsets_c.items())),
+        )
+
+    def fingerprint(self) -> str:
+        """Digest of every value, so an alert names the exact threshold set it used."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+class Protocol(_Plain):
+    """A care team's protocol: a signed-off, versioned set of threshold overrides."""
+
+    care_team_id: str
+    version: int = Field(ge=1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class PatientOverride(_Plain):
+    """A patient's own thresholds, on top of the care team's protocol."""
+
+    version: int = Field(ge=1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class PatientProfile(_Plain):
+    """What the rules need to know about the child, beyond the devices."""
+
+    patient_id: str
+    care_team_id: str | None = None
+    weight_kg: float | None = Field(default=None, gt=0)
+    cycle_start: AwareDatetime | None = Field(
+        default=None, description="Start of the current blinatumomab cycle (day 1 begins here)."
+    )
+    step_up_day: int | None = Field(
+        default=8, ge=1, description="Cycle day of the dose step-up (day 8 in the PI schedule)."
+    )
+    override: PatientOverride | None = None
+
+
+class RulesConfig(_Plain):
+    """Everything a RulesEngine needs to decide, pinned under one ``config_version``."""
+
+    config_version: str = "default"
+    defaults: Thresholds = Field(default_factory=Thresholds)
+    protocols: dict[str, Protocol] = Field(default_factory=dict)
+    profiles: dict[str, PatientProfile] = Field(default_factory=dict)
+    # How far behind the newest device time an event may arrive and still be placed before the
+    # timers that depend on it fire. Timers fire at (max device time seen) - allowed_lateness.
+    allowed_lateness_s: float = Field(default=60.0, ge=0)
+
+    def thresholds_for(self, patient_id: str) -> Thresholds:
+        profile = self.profiles.get(patient_id)
+        merged = self.defaults.model_dump()
+        if profile is not None and profile.care_team_id in self.protocols:
+            merged.update(self.protocols[profile.care_team_id].overrides)
+        if profile is not None and profile.override is not None:
+            merged.update(profile.override.overrides)
+        return Thresholds.model_validate(merged)
+
+    def compile_for(self, patient_id: str) -> PatientRules:
+        return PatientRules.build(self.thresholds_for(patient_id), self.profiles.get(patient_id))
+
+
+_MIN = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRules:
+    """One patient's resolved thresholds, in the units the hot path compares (s, °C)."""
+
+    fever: FeverLimits
+    rules_version: str
+    fever_unobserved_s: float
+    pump_alarm_priorities: dict[str, AlertPriority]
+    bag_change_lead_s: float
+    interruption_page_s: float
+    interruption_escalate_s: float
+    interruption_limit_s: float
+    interruption_grace_s: float
+    pump_silent_s: float
+    thermometer_silent_s: float
+    seven_day_rate: float
+    seven_day_tolerance: float
+    seven_day_min_weight_kg: float
+    weight_kg: float | None
+    cycle_start_s: float | None
+    step_up_day: int | None
+    high_risk_cycle_days: frozenset[int]
+
+    @classmethod
+    def build(cls, thresholds: Thresholds, profile: PatientProfile | None) -> PatientRules:
+        fever = thresholds.fever().limits(
+            single_priority=thresholds.fever_single_priority,
+            sustained_priority=thresholds.fever_sustained_priority,
+        )
+        cycle_start: datetime | None = profile.cycle_start if profile else None
+        return cls(
+            fever=fever,
+            rules_version=f"{RULES_LOGIC_VERSION}+{thresholds.fingerprint()}",
+            fever_unobserved_s=thresholds.fever_unobserved_minutes * _MIN,
+            pump_alarm_priorities=dict(thresholds.pump_alarm_priorities),
+            bag_change_lead_s=thresholds.bag_change_lead_minutes * _MIN,
+            interruption_page_s=thresholds.interruption_page_minutes * _MIN,
+            interruption_escalate_s=thresholds.interruption_escalate_minutes * _MIN,
+            interruption_limit_s=thresholds.interruption_restart_limit_minutes * _MIN,
+            interruption_grace_s=thresholds.interruption_resume_grace_minutes * _MIN,
+            pump_silent_s=thresholds.pump_silent_minutes * _MIN,
+            thermometer_silent_s=thresholds.thermometer_silent_minutes * _MIN,
+            seven_day_rate=thresholds.seven_day_bag_rate_ml_h,
+            seven_day_tolerance=thresholds.seven_day_bag_rate_tolerance_ml_h,
+            seven_day_min_weight_kg=thresholds.seven_day_bag_min_weight_kg,
+            weight_kg=profile.weight_kg if profile else None,
+            cycle_start_s=cycle_start.timestamp() if cycle_start is not None else None,
+            step_up_day=profile.step_up_day if profile else None,
+            high_risk_cycle_days=frozenset(thresholds.high_risk_cycle_days),
+        )
+
+    def cycle_day(self, t: float) -> int | None:
+        """Day of the cycle at device time ``t`` (day 1 starts at cycle_start)."""
+        if self.cycle_start_s is None or t < self.cycle_start_s:
+            return None
+        return int((t - self.cycle_start_s) // 86400.0) + 1
+
+    def high_risk(self, t: float) -> HighRisk | None:
+        """Why a fever at device time ``t`` falls in a high CRS-risk window, if it does."""
+        day = self.cycle_day(t)
+        if day is None:
+            return None
+        if day in self.high_risk_cycle_days:
+            return HighRisk(day, max(self.high_risk_cycle_days), "first days of the cycle")
+        if self.step_up_day is not None and self.step_up_day <= day <= self.step_up_day + 1:
+            return HighRisk(day, self.step_up_day + 1, "day of or after the dose step-up")
+        return None

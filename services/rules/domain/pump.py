@@ -1,0 +1,664 @@
+"""Pump rules: forwarded pump alarms, the infusion clocks, and the 7-day-bag weight check.
+
+``PumpAlarmRule``: an ``alarm_raised`` pages at the priority the protocol maps the alarm to; the
+pump's ``alarm_cleared`` ends it with an all clear. A stopped or paused pump inhibits its own
+reservoir-low alarm (the bag is not emptying, and the interruption clock is already the page).
+
+``InfusionClocks``:
+- the *bag clock* predicts the bag-empty time from the newest status (remaining volume / rate)
+  and pages "bag change due" ``bag_change_lead`` before it, ahead of the pump's own low-volume
+  alarm. It is not computed from stale data: at the deadline the pump must have reported within
+  its silence limit, otherwise the device-silent alert speaks instead.
+- the *interruption clock* accumulates the time the drug is not flowing (stopped, paused or a
+  stopping alarm). It pages at ``interruption_page`` (30 min), escalates to high priority at
+  ``interruption_escalate`` (2 h), both well before the 4-hour supervised-restart limit. A
+  restart shorter than the resume grace does not reset the accumulated time.
+
+``SevenDayBagProfile``: a pump programmed at the 7-day-bag rate (0.6 mL/h) for a patient under
+22 kg (benzyl alcohol) is an alert while the programme stays.
+
+Everything here is pure: the state is a mutable per-pump record the engine owns; clock
+deadlines are computed here and *timed* by the engine on its event-time watermark.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from schemas.device import PumpAlarmCode, PumpEventKind, PumpState
+from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Evidence
+from services.rules.domain.alerting import at, build_alert, evidence, stamp
+from services.rules.domain.config import PatientRules
+from services.rules.domain.observation import Observation
+
+ALARM_RULE_ID = "pump_alarm"
+BAG_RULE_ID = "bag_clock"
+INTERRUPTION_RULE_ID = "interruption_clock"
+PROFILE_RULE_ID = "seven_day_bag_weight"
+
+# Alarms after which the drug is no longer flowing: they start the interruption clock.
+STOPPING_ALARMS = frozenset(
+    {
+        PumpAlarmCode.OCCLUSION_UPSTREAM.value,
+        PumpAlarmCode.OCCLUSION_DOWNSTREAM.value,
+        PumpAlarmCode.AIR_IN_LINE.value,
+        PumpAlarmCode.RESERVOIR_EMPTY.value,
+        PumpAlarmCode.PUMP_ERROR.value,
+        PumpAlarmCode.DOOR_OPEN.value,
+        PumpAlarmCode.BATTERY_DEPLETED.value,
+        PumpAlarmCode.INFUSION_STOPPED.value,
+    }
+)
+# Alarms a not-flowing pump inhibits: they warn about a bag that is emptying.
+INHIBITED_WHEN_STOPPED = frozenset({PumpAlarmCode.RESERVOIR_LOW.value})
+_NEG_INF = float("-inf")
+
+
+class PumpTrack:
+    """What the rules remember about one pump."""
+
+    __slots__ = (
+        "accumulated_s",
+        "alarms",
+        "bag_due_fired",
+        "bag_due_key",
+        "bag_key",
+        "bag_skipped_for",
+        "bag_t",
+        "cleared",
+        "flowing",
+        "inhibited",
+        "int_ingest_t",
+        "int_key",
+        "int_level",
+        "rate",
+        "remaining",
+        "resumed_at",
+        "state_t",
+        "status_ingest_t",
+        "status_t",
+        "stopped_since",
+        "underweight_key",
+    )
+
+    def __init__(self) -> None:
+        self.status_t = _NEG_INF
+        self.status_ingest_t = 0.0
+        self.rate = 0.0
+        self.remaining = 0.0
+        self.state_t = _NEG_INF
+        self.flowing: bool | None = None
+        self.bag_key: str | None = None
+        self.bag_t = _NEG_INF
+        # The status time whose prediction was found stale at its deadline; a newer status
+        # makes a new prediction.
+        self.bag_skipped_for: float | None = None
+        self.bag_due_key: str | None = None
+        self.bag_due_fired: str | None = None
+        # code -> (dedup key, raised at); code -> last cleared at; code -> raised-but-inhibited at
+        # Created on a pump's first alarm: most pumps never raise one, and an empty dict per
+        # pump is most of a pump's memory.
+        self.alarms: dict[str, tuple[str, float]] | None = None
+        self.cleared: dict[str, float] | None = None
+        self.inhibited: dict[str, float] | None = None
+        self.stopped_since: float | None = None
+        self.accumulated_s = 0.0
+        self.resumed_at: float | None = None
+        self.int_key: str | None = None
+        self.int_level = 0
+        self.int_ingest_t = 0.0
+        self.underweight_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # Written out field by field: this runs for every touched pump in every transaction.
+        neg = _NEG_INF
+        return {
+            "accumulated_s": self.accumulated_s,
+            "alarms": self.alarms,
+            "bag_due_fired": self.bag_due_fired,
+            "bag_due_key": self.bag_due_key,
+            "bag_key": self.bag_key,
+            "bag_skipped_for": self.bag_skipped_for,
+            "bag_t": None if self.bag_t == neg else self.bag_t,
+            "cleared": self.cleared,
+            "flowing": self.flowing,
+            "inhibited": self.inhibited,
+            "int_ingest_t": self.int_ingest_t,
+            "int_key": self.int_key,
+            "int_level": self.int_level,
+            "rate": self.rate,
+            "remaining": self.remaining,
+            "resumed_at": self.resumed_at,
+            "state_t": None if self.state_t == neg else self.state_t,
+            "status_ingest_t": self.status_ingest_t,
+            "status_t": None if self.status_t == neg else self.status_t,
+            "stopped_since": self.stopped_since,
+            "underweight_key": self.underweight_key,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PumpTrack:
+        track = cls()
+        for name in cls.__slots__:
+            value = data[name]
+            if name == "alarms" and value is not None:
+                value = {code: (key, float(t)) for code, (key, t) in value.items()}
+            elif name in ("status_t", "state_t", "bag_t") and value is None:
+                value = _NEG_INF
+            setattr(track, name, value)
+        return track
+
+
+def _alert(
+    obs_patient: str,
+    device_id: str,
+    *,
+    dedup_key: str,
+    phase: AlertPhase,
+    code: str,
+    priority: AlertPriority,
+    title: str,
+    t: float,
+    ingest_t: float,
+    found: tuple[Evidence, ...],
+    rule_id: str,
+    rules: PatientRules,
+    config_version: str | None,
+) -> Alert:
+    return build_alert(
+        dedup_key=dedup_key,
+        phase=phase,
+        patient_id=obs_patient,
+        device_id=device_id,
+        kind=AlertKind.TECHNICAL,
+        code=code,
+        priority=priority,
+        title=title,
+        device_time=at(t),
+        ingest_time=at(ingest_t),
+        evidence=found,
+        rule_id=rule_id,
+        rule_version=rules.rules_version,
+        config_version=config_version,
+    )
+
+
+def refresh_running_status(track: PumpTrack, obs: Observation) -> bool:
+    """Apply a routine status of a running pump that changes nothing but the volume left
+    (same rate, same bag, still running, newest); False when the full rule must look at it."""
+    if (
+        obs.event
+        or obs.t < track.status_t
+        or track.flowing is not True
+        or obs.pump_state != "running"
+        or obs.rate_ml_h != track.rate
+        or obs.volume_remaining_ml > track.remaining + 1.0
+        or track.bag_key is None
+        or obs.t < track.state_t
+    ):
+        return False
+    track.status_t = track.state_t = obs.t
+    track.status_ingest_t = obs.ingest_t
+    track.remaining = obs.volume_remaining_ml
+    return True
+
+
+def fold_pump(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    """Fold one pump status or pump event into ``track``; return the alerts decided."""
+    if obs.event:
+        return _fold_event(track, obs, rules, config_version)
+    return _fold_status(track, obs, rules, config_version)
+
+
+def _fold_status(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    t = obs.t
+    if t < track.status_t:
+        # An older status describes a past the newer one already replaced.
+        return []
+    alerts: list[Alert] = []
+    previous_remaining = track.remaining if track.status_t > _NEG_INF else None
+    track.status_t = t
+    track.status_ingest_t = obs.ingest_t
+    track.rate = obs.rate_ml_h
+    track.remaining = obs.volume_remaining_ml
+    # A bag hung without a bag_changed event shows as volume going up.
+    if track.bag_key is None or (
+        previous_remaining is not None and obs.volume_remaining_ml > previous_remaining + 1.0
+    ):
+        alerts += _new_bag(track, obs, rules, config_version)
+    flowing = obs.pump_state == PumpState.RUNNING.value and obs.rate_ml_h > 0
+    alerts += _set_flowing(track, flowing, obs, rules, config_version)
+    alerts += _check_profile(track, obs, rules, config_version)
+    return alerts
+
+
+def _fold_event(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    kind = obs.event
+    if kind == PumpEventKind.ALARM_RAISED.value:
+        return _raise_alarm(track, obs, rules, config_version)
+    if kind == PumpEventKind.ALARM_CLEARED.value:
+        return _clear_alarm(track, obs, rules, config_version)
+    if kind == PumpEventKind.INFUSION_STARTED.value:
+        return _set_flowing(track, True, obs, rules, config_version)
+    if kind in (PumpEventKind.INFUSION_PAUSED.value, PumpEventKind.INFUSION_STOPPED.value):
+        return _set_flowing(track, False, obs, rules, config_version)
+    if kind == PumpEventKind.BAG_CHANGED.value:
+        return _new_bag(track, obs, rules, config_version)
+    return []
+
+
+def _raise_alarm(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    code, t = obs.alarm, obs.t
+    alerts: list[Alert] = []
+    if track.alarms is None or track.cleared is None or track.inhibited is None:
+        track.alarms, track.cleared, track.inhibited = {}, {}, {}
+    if code in STOPPING_ALARMS:
+        alerts += _set_flowing(track, False, obs, rules, config_version)
+    if code in track.alarms or code in track.inhibited:
+        return alerts  # the same alarm again, or a redelivery: one page per alarm
+    if track.cleared.get(code, _NEG_INF) >= t:
+        return alerts  # arrived late, after its own all clear: already over
+    if code in INHIBITED_WHEN_STOPPED and track.flowing is False:
+        track.inhibited[code] = t
+        return alerts
+    key = f"{obs.patient_id}:{ALARM_RULE_ID}:{obs.device_id}:{code}:{stamp(t)}"
+    track.alarms[code] = (key, t)
+    priority = rules.pump_alarm_priorities.get(code, AlertPriority.MEDIUM)
+    found = (
+        evidence(
+            f"pump_alarm_{code}",
+            1.0,
+            1.0,
+            "==",
+            obs.device_time,
+            unit="1",
+            message_id=obs.message_id,
+        ),
+    )
+    alerts.append(
+        build_alert(
+            dedup_key=key,
+            phase=AlertPhase.START,
+            patient_id=obs.patient_id,
+            device_id=obs.device_id,
+            kind=AlertKind.TECHNICAL,
+            code=f"pump_{code}",
+            priority=priority,
+            title=f"Pump alarm: {code.replace('_', ' ')}",
+            device_time=obs.device_time,
+            ingest_time=obs.ingest_time,
+            evidence=found,
+            rule_id=ALARM_RULE_ID,
+            rule_version=rules.rules_version,
+            config_version=config_version,
+        )
+    )
+    return alerts
+
+
+def _clear_alarm(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    code, t = obs.alarm, obs.t
+    if track.alarms is None or track.cleared is None or track.inhibited is None:
+        track.alarms, track.cleared, track.inhibited = {}, {}, {}
+    if t > track.cleared.get(code, _NEG_INF):
+        track.cleared[code] = t
+    inhibited_at = track.inhibited.get(code)
+    if inhibited_at is not None and inhibited_at <= t:
+        del track.inhibited[code]
+    opened = track.alarms.get(code)
+    if opened is None or opened[1] > t:
+        return []
+    del track.alarms[code]
+    found = (
+        evidence(
+            f"pump_alarm_{code}",
+            0.0,
+            1.0,
+            "<",
+            obs.device_time,
+            unit="1",
+            message_id=obs.message_id,
+        ),
+    )
+    return [
+        build_alert(
+            dedup_key=opened[0],
+            phase=AlertPhase.END,
+            patient_id=obs.patient_id,
+            device_id=obs.device_id,
+            kind=AlertKind.TECHNICAL,
+            code=f"pump_{code}",
+            priority=AlertPriority.INFO,
+            title=f"All clear: pump {code.replace('_', ' ')} cleared",
+            device_time=obs.device_time,
+            ingest_time=obs.ingest_time,
+            evidence=found,
+            rule_id=ALARM_RULE_ID,
+            rule_version=rules.rules_version,
+            config_version=config_version,
+        )
+    ]
+
+
+def _new_bag(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    track.bag_key = stamp(obs.t)
+    track.bag_t = obs.t
+    track.bag_due_fired = None
+    if track.bag_due_key is None:
+        return []
+    key, track.bag_due_key = track.bag_due_key, None
+    return [
+        _alert(
+            obs.patient_id,
+            obs.device_id,
+            dedup_key=key,
+            phase=AlertPhase.END,
+            code="bag_change_due",
+            priority=AlertPriority.INFO,
+            title="All clear: new bag hung",
+            t=obs.t,
+            ingest_t=obs.ingest_t,
+            found=(),
+            rule_id=BAG_RULE_ID,
+            rules=rules,
+            config_version=config_version,
+        )
+    ]
+
+
+def _set_flowing(
+    track: PumpTrack,
+    flowing: bool,
+    obs: Observation,
+    rules: PatientRules,
+    config_version: str | None,
+) -> list[Alert]:
+    t = obs.t
+    if t < track.state_t:
+        return []
+    track.state_t = t
+    was = track.flowing
+    track.flowing = flowing
+    if not flowing:
+        if track.stopped_since is None:
+            within_grace = (
+                track.resumed_at is not None and t - track.resumed_at < rules.interruption_grace_s
+            )
+            if not within_grace:
+                track.accumulated_s = 0.0
+            track.stopped_since = t
+            track.int_key = f"{obs.patient_id}:{INTERRUPTION_RULE_ID}:{obs.device_id}:{stamp(t)}"
+            track.int_level = 0
+            track.int_ingest_t = obs.ingest_t
+        return []
+    if was is False and track.stopped_since is not None:
+        stopped_for = t - track.stopped_since
+        track.accumulated_s += stopped_for
+        track.stopped_since = None
+        track.resumed_at = t
+        key, level = track.int_key, track.int_level
+        track.int_key, track.int_level = None, 0
+        if key is not None and level > 0:
+            return [
+                _alert(
+                    obs.patient_id,
+                    obs.device_id,
+                    dedup_key=key,
+                    phase=AlertPhase.END,
+                    code="infusion_interrupted",
+                    priority=AlertPriority.INFO,
+                    title=(
+                        f"All clear: infusion running again after "
+                        f"{int(track.accumulated_s // 60)} min interrupted"
+                    ),
+                    t=t,
+                    ingest_t=obs.ingest_t,
+                    found=(
+                        evidence(
+                            "interrupted_minutes",
+                            round(track.accumulated_s / 60, 2),
+                            rules.interruption_limit_s / 60,
+                            "<",
+                            obs.device_time,
+                            unit="min",
+                        ),
+                    ),
+                    rule_id=INTERRUPTION_RULE_ID,
+                    rules=rules,
+                    config_version=config_version,
+                )
+            ]
+    return []
+
+
+def _check_profile(
+    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+) -> list[Alert]:
+    seven_day = abs(obs.rate_ml_h - rules.seven_day_rate) <= rules.seven_day_tolerance
+    weight = rules.weight_kg
+    if seven_day and weight is not None and weight < rules.seven_day_min_weight_kg:
+        if track.underweight_key is not None:
+            return []
+        track.underweight_key = f"{obs.patient_id}:{PROFILE_RULE_ID}:{obs.device_id}:{stamp(obs.t)}"
+        return [
+            _alert(
+                obs.patient_id,
+                obs.device_id,
+                dedup_key=track.underweight_key,
+                phase=AlertPhase.START,
+                code="seven_day_bag_underweight",
+                priority=AlertPriority.HIGH,
+                title=(
+                    f"7-day bag rate ({obs.rate_ml_h:g} mL/h) programmed for a {weight:g} kg "
+                    f"patient: contains benzyl alcohol, not for patients under "
+                    f"{rules.seven_day_min_weight_kg:g} kg"
+                ),
+                t=obs.t,
+                ingest_t=obs.ingest_t,
+                found=(
+                    evidence(
+                        "weight_kg",
+                        weight,
+                        rules.seven_day_min_weight_kg,
+                        "<",
+                        obs.device_time,
+                        unit="kg",
+                    ),
+                    evidence(
+                        "rate_ml_h",
+                        obs.rate_ml_h,
+                        rules.seven_day_rate,
+                        "==",
+                        obs.device_time,
+                        unit="mL/h",
+                        message_id=obs.message_id,
+                    ),
+                ),
+                rule_id=PROFILE_RULE_ID,
+                rules=rules,
+                config_version=config_version,
+            )
+        ]
+    if not seven_day and track.underweight_key is not None:
+        key, track.underweight_key = track.underweight_key, None
+        return [
+            _alert(
+                obs.patient_id,
+                obs.device_id,
+                dedup_key=key,
+                phase=AlertPhase.END,
+                code="seven_day_bag_underweight",
+                priority=AlertPriority.INFO,
+                title=f"All clear: pump no longer at the 7-day bag rate ({obs.rate_ml_h:g} mL/h)",
+                t=obs.t,
+                ingest_t=obs.ingest_t,
+                found=(),
+                rule_id=PROFILE_RULE_ID,
+                rules=rules,
+                config_version=config_version,
+            )
+        ]
+    return []
+
+
+# --- clocks: deadlines computed here, timed by the engine -------------------------------------
+
+
+def predicted_empty(track: PumpTrack) -> float | None:
+    if not track.flowing or track.rate <= 0 or track.status_t < track.bag_t:
+        # No status since the bag was hung: the volume left is not known yet.
+        return None
+    return track.status_t + track.remaining / track.rate * 3600.0
+
+
+def bag_due_deadline(track: PumpTrack, rules: PatientRules) -> float | None:
+    if track.bag_due_key is not None or track.bag_due_fired == track.bag_key:
+        return None
+    if track.bag_skipped_for == track.status_t:
+        return None
+    empty = predicted_empty(track)
+    # Whole seconds: a prediction that moves by float noise from status to status must not
+    # re-arm the timer each time.
+    return None if empty is None else float(math.ceil(empty - rules.bag_change_lead_s))
+
+
+def fire_bag_due(
+    track: PumpTrack,
+    deadline: float,
+    patient_id: str,
+    device_id: str,
+    rules: PatientRules,
+    config_version: str | None,
+) -> list[Alert]:
+    empty = predicted_empty(track)
+    if empty is None or track.bag_due_key is not None:
+        return []
+    if deadline - track.status_t > rules.pump_silent_s:
+        # The prediction is older than the pump's silence limit: stale data pages no one.
+        track.bag_skipped_for = track.status_t
+        return []
+    track.bag_due_fired = track.bag_key
+    track.bag_due_key = f"{patient_id}:{BAG_RULE_ID}:{device_id}:{track.bag_key}"
+    minutes_left = (empty - deadline) / 60
+    return [
+        _alert(
+            patient_id,
+            device_id,
+            dedup_key=track.bag_due_key,
+            phase=AlertPhase.START,
+            code="bag_change_due",
+            priority=AlertPriority.MEDIUM,
+            title=(
+                f"Bag change due: predicted empty at {at(empty):%H:%M} UTC "
+                f"(in {int(minutes_left)} min)"
+            ),
+            t=deadline,
+            ingest_t=track.status_ingest_t,
+            found=(
+                evidence(
+                    "minutes_to_empty",
+                    round(minutes_left, 2),
+                    rules.bag_change_lead_s / 60,
+                    "<=",
+                    at(deadline),
+                    unit="min",
+                ),
+                evidence(
+                    "volume_remaining_ml", track.remaining, 0.0, ">", at(track.status_t), unit="mL"
+                ),
+                evidence("rate_ml_h", track.rate, 0.0, ">", at(track.status_t), unit="mL/h"),
+            ),
+            rule_id=BAG_RULE_ID,
+            rules=rules,
+            config_version=config_version,
+        )
+    ]
+
+
+def interruption_deadline(track: PumpTrack, rules: PatientRules) -> float | None:
+    if track.stopped_since is None:
+        return None
+    if track.int_level == 0:
+        threshold = rules.interruption_page_s
+    elif track.int_level == 1:
+        threshold = rules.interruption_escalate_s
+    else:
+        return None
+    return track.stopped_since + max(0.0, threshold - track.accumulated_s)
+
+
+def fire_interruption(
+    track: PumpTrack,
+    deadline: float,
+    patient_id: str,
+    device_id: str,
+    rules: PatientRules,
+    config_version: str | None,
+) -> list[Alert]:
+    if track.stopped_since is None or track.int_key is None:
+        return []
+    interrupted = track.accumulated_s + (deadline - track.stopped_since)
+    limit_min = rules.interruption_limit_s / 60
+    left = int((rules.interruption_limit_s - interrupted) // 60)
+    if track.int_level == 0:
+        track.int_level = 1
+        phase, priority, limit = AlertPhase.START, AlertPriority.MEDIUM, rules.interruption_page_s
+        title = (
+            f"Infusion interrupted {int(interrupted // 60)} min: supervised restart needed "
+            f"at {limit_min:g} min ({left} min left)"
+        )
+    else:
+        track.int_level = 2
+        phase, priority = AlertPhase.ESCALATE, AlertPriority.HIGH
+        limit = rules.interruption_escalate_s
+        title = (
+            f"Infusion still interrupted after {int(interrupted // 60)} min: "
+            f"{left} min to the {limit_min:g}-min supervised-restart limit"
+        )
+    return [
+        _alert(
+            patient_id,
+            device_id,
+            dedup_key=track.int_key,
+            phase=phase,
+            code="infusion_interrupted",
+            priority=priority,
+            title=title,
+            t=deadline,
+            ingest_t=track.int_ingest_t,
+            found=(
+                evidence(
+                    "interrupted_minutes",
+                    round(interrupted / 60, 2),
+                    limit / 60,
+                    ">=",
+                    at(deadline),
+                    unit="min",
+                ),
+                evidence(
+                    "interrupted_minutes_to_restart_limit",
+                    round(interrupted / 60, 2),
+                    limit_min,
+                    "<",
+                    at(deadline),
+                    unit="min",
+                ),
+            ),
+            rule_id=INTERRUPTION_RULE_ID,
+            rules=rules,
+            config_version=config_version,
+        )
+    ]

@@ -1,0 +1,153 @@
+"""Builders of telemetry streams for tests, golden files and benchmarks of the rules.
+
+``Home`` is one patient's thermometer and pump writing events on a clock the caller moves by
+hand (minutes from a start time), with deterministic message ids, so the same script always
+produces the same stream, byte for byte. It builds the validated ``Telemetry`` contract, exactly
+what ingest puts on Kafka; nothing here is used by the service itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from schemas.device import (
+    PumpAlarmCode,
+    PumpEvent,
+    PumpEventKind,
+    PumpState,
+    PumpStatus,
+    TemperatureReading,
+    TemperatureSite,
+)
+from schemas.events import Alert, Telemetry
+from services.rules.domain.engine import RulesEngine
+
+_STREAM_NAMESPACE = uuid.UUID("0b5e3c2a-5d0e-4c59-9d8a-6f1f4f1f7a11")
+
+
+class Home:
+    """A patient's home devices, emitting ``Telemetry`` at minute offsets from ``start``."""
+
+    def __init__(
+        self,
+        patient_id: str,
+        start: datetime,
+        *,
+        thermometer_id: str | None = None,
+        pump_id: str | None = None,
+        ingest_delay: timedelta = timedelta(seconds=1),
+    ) -> None:
+        self.patient_id = patient_id
+        self.start = start
+        self.thermometer_id = thermometer_id or f"thermo-{patient_id}"
+        self.pump_id = pump_id or f"pump-{patient_id}"
+        self.ingest_delay = ingest_delay
+        self._seq = 0
+
+    def _next(self, device_id: str) -> tuple[str, int]:
+        self._seq += 1
+        return str(uuid.uuid5(_STREAM_NAMESPACE, f"{device_id}|{self._seq}")), self._seq
+
+    def _telemetry(
+        self,
+        device_id: str,
+        channel: str,
+        message: object,
+        at: datetime,
+        temperature_c: float | None = None,
+    ) -> Telemetry:
+        return Telemetry.model_validate(
+            {
+                "patient_id": self.patient_id,
+                "device_id": device_id,
+                "mqtt_topic": f"vigil/v1/dev/{device_id}/{channel}",
+                "ingest_time": at + self.ingest_delay,
+                "message": message,
+                "temperature_c": temperature_c,
+            }
+        )
+
+    def temp(
+        self,
+        minutes: float,
+        celsius: float,
+        *,
+        site: TemperatureSite = TemperatureSite.UNKNOWN,
+        message_id: str | None = None,
+    ) -> Telemetry:
+        at = self.start + timedelta(minutes=minutes)
+        mid, seq = self._next(self.thermometer_id)
+        message = TemperatureReading.model_validate(
+            {
+                "schema": "vigil.device.temperature.v1",
+                "message_id": message_id or mid,
+                "device_id": self.thermometer_id,
+                "seq": seq,
+                "device_time": at,
+                "value": celsius,
+                "site": site,
+            }
+        )
+        return self._telemetry(self.thermometer_id, "temperature", message, at, celsius)
+
+    def status(
+        self,
+        minutes: float,
+        *,
+        state: PumpState = PumpState.RUNNING,
+        rate_ml_h: float = 10.0,
+        remaining_ml: float = 240.0,
+        bag_ml: float | None = 250.0,
+        battery_pct: float | None = 80.0,
+    ) -> Telemetry:
+        at = self.start + timedelta(minutes=minutes)
+        mid, seq = self._next(self.pump_id)
+        message = PumpStatus.model_validate(
+            {
+                "schema": "vigil.device.pump_status.v1",
+                "message_id": mid,
+                "device_id": self.pump_id,
+                "seq": seq,
+                "device_time": at,
+                "state": state,
+                "rate_ml_h": rate_ml_h,
+                "volume_remaining_ml": remaining_ml,
+                "bag_volume_ml": bag_ml,
+                "battery_pct": battery_pct,
+            }
+        )
+        return self._telemetry(self.pump_id, "pump-status", message, at)
+
+    def pump_event(
+        self, minutes: float, event: PumpEventKind, alarm: PumpAlarmCode | None = None
+    ) -> Telemetry:
+        at = self.start + timedelta(minutes=minutes)
+        mid, seq = self._next(self.pump_id)
+        message = PumpEvent.model_validate(
+            {
+                "schema": "vigil.device.pump_event.v1",
+                "message_id": mid,
+                "device_id": self.pump_id,
+                "seq": seq,
+                "device_time": at,
+                "event": event,
+                "alarm": alarm,
+            }
+        )
+        return self._telemetry(self.pump_id, "pump-event", message, at)
+
+    def alarm(self, minutes: float, code: PumpAlarmCode) -> Telemetry:
+        return self.pump_event(minutes, PumpEventKind.ALARM_RAISED, code)
+
+    def clear(self, minutes: float, code: PumpAlarmCode) -> Telemetry:
+        return self.pump_event(minutes, PumpEventKind.ALARM_CLEARED, code)
+
+
+def run_stream(engine: RulesEngine, events: Iterable[Telemetry]) -> list[Alert]:
+    """Every alert the engine decides over ``events``, in order."""
+    alerts: list[Alert] = []
+    for event in events:
+        alerts += engine.on_telemetry(event)
+    return alerts
