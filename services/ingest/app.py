@@ -89,24 +89,28 @@ class IngestPipeline:
             return False, "last batch could not be made durable; retrying"
         return True, "ready"
 
-    async def refresh_registry(self, *, force: bool = False) -> None:
+    async def refresh_registry(self, *, loaded_before: float | None = None) -> None:
+        """Reload the registry when it is older than ``registry_refresh_s``, or older than
+        ``loaded_before`` (a loop time): a device registered before its message arrived must
+        be known when that message is decided, however recently the registry was loaded."""
         loop = asyncio.get_running_loop()
-        # A miss on a newly registered device reloads at most once a second.
-        min_age = 1.0 if force else self._settings.registry_refresh_s
-        if loop.time() - self._registry_loaded_at < min_age:
+        stale = loop.time() - self._registry_loaded_at >= self._settings.registry_refresh_s
+        if not stale and (loaded_before is None or self._registry_loaded_at >= loaded_before):
             return
+        started = loop.time()
         self._registry = await load_bindings(self._pool)
-        self._registry_loaded_at = loop.time()
+        self._registry_loaded_at = started
 
     async def admit(self, messages: Sequence[tuple[str, bytes]]) -> Admission:
         """Decide a batch; remembers its accepted messages in the duplicate window."""
         received_at = self._clock()
+        arrived = asyncio.get_running_loop().time()
         await self.refresh_registry()
         devices = {t.device_id for t in map(parse_topic, {topic for topic, _ in messages}) if t}
         if any(not self._registry.knows(d) for d in devices):
-            # Maybe registered since the last load: reload (at most once a second) before
-            # dead-lettering its messages as unknown_device.
-            await self.refresh_registry(force=True)
+            # Maybe registered since the last load: reload once per such batch (not per
+            # message) before dead-lettering its messages as unknown_device.
+            await self.refresh_registry(loaded_before=arrived)
         return admit(messages, received_at, self._registry, self._window, self._limits)
 
     async def handle(self, messages: Sequence[tuple[str, bytes]]) -> None:
@@ -504,7 +508,7 @@ async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
         backoff = 1.0
         while not stop.is_set():
             try:
-                await pipeline.refresh_registry(force=True)
+                await pipeline.refresh_registry(loaded_before=asyncio.get_running_loop().time())
                 await _consume(settings, pipeline, stop)
                 backoff = 1.0
             except (aiomqtt.MqttError, OSError, asyncpg.PostgresError) as error:
