@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
+import uvicorn
 from pydantic import ValidationError
 
 from schemas.events import Alert, DeadLetter
 from schemas.kafka_topics import ALERTS_TOPIC
+from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.kafka import KafkaDeliveryPublisher
+from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
+from services.notify.adapters.twilio import TwilioSms
 from services.notify.service_layer.dispatcher import PageDispatcher, PagingPolicy
+from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
@@ -41,13 +48,29 @@ class AlertConsumer(Protocol):
     async def commit(self, offsets: dict[Any, int]) -> None: ...
 
 
+class AlertHandler(Protocol):
+    async def handle_alert(self, alert: Alert) -> None: ...
+
+
+class AlertRouter:
+    """Escalation first; an alert it does not take (no policy) gets the single on-call page."""
+
+    def __init__(self, escalation: EscalationService, dispatcher: PageDispatcher) -> None:
+        self._escalation = escalation
+        self._dispatcher = dispatcher
+
+    async def handle_alert(self, alert: Alert) -> None:
+        if not await self._escalation.handle_alert(alert):
+            await self._dispatcher.handle_alert(alert)
+
+
 class DeadLetterSink(Protocol):
     async def publish_dead_letter(self, letter: DeadLetter) -> None: ...
 
 
 async def consume_alerts(
     consumer: AlertConsumer,
-    dispatcher: PageDispatcher,
+    dispatcher: AlertHandler,
     dead_letters: DeadLetterSink,
     stop: asyncio.Event,
     *,
@@ -70,7 +93,7 @@ async def consume_alerts(
 
 
 async def _handle_record(
-    record: Any, dispatcher: PageDispatcher, dead_letters: DeadLetterSink, received_at: datetime
+    record: Any, dispatcher: AlertHandler, dead_letters: DeadLetterSink, received_at: datetime
 ) -> None:
     payload: bytes = record.value or b""
     try:
@@ -101,11 +124,94 @@ async def _handle_record(
     await dispatcher.handle_alert(alert)
 
 
-async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
-    """Run the notify service until ``stop`` is set."""
-    pool = await asyncpg.create_pool(
+async def open_pool(settings: NotifySettings) -> Any:
+    return await asyncpg.create_pool(
         settings.pg.dsn, min_size=settings.pg.pool_min_size, max_size=settings.pg.pool_max_size
     )
+
+
+def smtp_sender(settings: NotifySettings) -> SmtpSender:
+    password = settings.smtp_password
+    return SmtpSender(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        envelope_from=settings.smtp_from,
+        timeout_s=settings.smtp_timeout_s,
+        starttls=settings.smtp_starttls,
+        username=settings.smtp_username,
+        password=None if password is None else password.get_secret_value(),
+    )
+
+
+def build_escalation(
+    settings: NotifySettings, pool: Any, *, clock: Any = utcnow
+) -> tuple[EscalationService, list[Any]]:
+    """The escalation service over ``pool`` with the channels the settings enable.
+
+    Returns the service and the HTTP clients to close at shutdown.
+    """
+    closers: list[Any] = []
+    sms: TwilioSms | None = None
+    if settings.sms_enabled:
+        assert settings.twilio_account_sid is not None and settings.twilio_auth_token is not None
+        assert settings.twilio_from is not None
+        sms = TwilioSms(
+            base_url=settings.twilio_base_url,
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token.get_secret_value(),
+            from_number=settings.twilio_from,
+            status_callback_url=settings.public_base_url.rstrip("/") + "/twilio/status",
+        )
+        closers.append(sms)
+    webhook: PagerDutyEvents | None = None
+    if settings.pagerduty_events_url is not None:
+        webhook = PagerDutyEvents(base_url=settings.pagerduty_events_url)
+        closers.append(webhook)
+    service = EscalationService(
+        store=PostgresEscalationStore(pool),
+        alerts=PostgresNotifyRepository(pool),
+        email=smtp_sender(settings),
+        sms=sms,
+        webhook=webhook,
+        config=EscalationConfig(
+            sender_address=settings.smtp_from,
+            public_base_url=settings.public_base_url,
+            ack_secret=settings.ack_secret.get_secret_value().encode(),
+            ack_link_ttl_s=settings.ack_link_ttl_s,
+            max_tries_per_channel=settings.max_tries_per_channel,
+            retry_base_s=settings.retry_base_s,
+            retry_cap_s=settings.retry_cap_s,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            technical_care_team_id=settings.technical_care_team_id,
+            fallback_email=settings.fallback_email,
+        ),
+        clock=clock,
+    )
+    return service, closers
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """Serves the API inside notify, which owns SIGINT/SIGTERM: uvicorn must not take them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_api(settings: NotifySettings, app: Any, stop: asyncio.Event) -> None:
+    server = _EmbeddedServer(
+        uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    await stop.wait()
+    server.should_exit = True
+    await task
+
+
+async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
+    """Run the notify service until ``stop`` is set."""
+    pool = await open_pool(settings)
+    closers: list[Any] = []
     producer = make_producer(settings.kafka, SERVICE_NAME)
     consumer = make_consumer(
         settings.kafka, ALERTS_TOPIC, group_id=settings.group_id, client_id=settings.client_id
@@ -113,18 +219,10 @@ async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
     try:
         await producer.start()
         publisher = KafkaDeliveryPublisher(producer)
-        password = settings.smtp_password
+        escalation, closers = build_escalation(settings, pool)
         dispatcher = PageDispatcher(
             repository=PostgresNotifyRepository(pool),
-            sender=SmtpSender(
-                host=settings.smtp_host,
-                port=settings.smtp_port,
-                envelope_from=settings.smtp_from,
-                timeout_s=settings.smtp_timeout_s,
-                starttls=settings.smtp_starttls,
-                username=settings.smtp_username,
-                password=None if password is None else password.get_secret_value(),
-            ),
+            sender=smtp_sender(settings),
             publisher=publisher,
             policy=PagingPolicy(
                 sender_address=settings.smtp_from,
@@ -137,19 +235,30 @@ async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
         )
         # Resumed pages are sent by the retry loop, so new alerts are not held up behind them.
         await dispatcher.resume()
+        for source in settings.heartbeat_sources:
+            await PostgresEscalationStore(pool).watch_source(source, utcnow())
         await consumer.start()
         log.info(
             "notify_started",
             extra=log_fields(topic=ALERTS_TOPIC, group_id=settings.group_id),
         )
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(consume_alerts(consumer, dispatcher, publisher, stop))
+            router = AlertRouter(escalation, dispatcher)
+            tasks.create_task(consume_alerts(consumer, router, publisher, stop))
             tasks.create_task(dispatcher.run_retries(stop))
+            tasks.create_task(escalation.run(stop, interval_s=settings.escalation_tick_s))
+            if settings.api_enabled:
+                from services.notify.api import create_app
+
+                api = create_app(settings, service=escalation, pool=pool)
+                tasks.create_task(_serve_api(settings, api, stop))
     finally:
         # Pages still waiting for a retry stay 'failed' in the database; the next start
         # resumes them.
         await consumer.stop()
         await producer.stop()
+        for closer in closers:
+            await closer.aclose()
         await pool.close()
         log.info("notify_stopped")
 

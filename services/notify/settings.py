@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vigil.settings import KafkaSettings, PostgresSettings
 
+# Published in the source, so it is refused anywhere but a developer's machine.
+DEVELOPMENT_ACK_SECRET = "vigil-development-ack-secret-not-for-real-use"
+
 
 class NotifySettings(BaseSettings):
     """Everything the notify service needs, read from ``VIGIL_NOTIFY_*``."""
@@ -42,6 +45,48 @@ class NotifySettings(BaseSettings):
     retry_base_s: float = Field(default=2.0, gt=0, description="Delay after the first failed try.")
     retry_cap_s: float = Field(default=60.0, gt=0, description="Longest delay between two tries.")
 
+    environment: str = Field(
+        default="development",
+        description="'development' allows the built-in acknowledgement secret; nothing else does.",
+    )
+    public_base_url: str = Field(
+        default="http://127.0.0.1:8085",
+        description="Where the notify API is reached from a phone; acknowledgement links use it.",
+    )
+    ack_secret: SecretStr = Field(
+        default=SecretStr(DEVELOPMENT_ACK_SECRET),
+        description="HMAC key of acknowledgement links (at least 32 characters).",
+    )
+    ack_link_ttl_s: float = Field(default=24 * 3600, gt=0)
+    api_enabled: bool = Field(default=False, description="Serve the API inside notify.")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8085, ge=1, le=65535)
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the management endpoints; required outside development.",
+    )
+
+    twilio_base_url: str = "https://api.twilio.com"
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_from: str | None = None
+    pagerduty_events_url: str | None = Field(
+        default=None, description="PagerDuty Events v2 base URL; webhook contacts need it."
+    )
+
+    max_tries_per_channel: int = Field(
+        default=3, ge=1, description="Tries on one contact method before the next is used."
+    )
+    escalation_tick_s: float = Field(default=1.0, gt=0)
+    heartbeat_sources: list[str] = Field(
+        default_factory=list,
+        description="Heartbeat sources watched from start-up even if never seen.",
+    )
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    technical_care_team_id: str | None = Field(
+        default=None, description="Care team paged when the pipeline heartbeat stops."
+    )
+
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     pg: PostgresSettings = Field(default_factory=PostgresSettings)
 
@@ -51,4 +96,21 @@ class NotifySettings(BaseSettings):
             raise ValueError("smtp_username and smtp_password are set together or not at all")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("retry_cap_s must be at least retry_base_s")
+        if self.environment != "development":
+            secret = self.ack_secret.get_secret_value()
+            if secret == DEVELOPMENT_ACK_SECRET or len(secret) < 32:
+                raise ValueError(
+                    "set VIGIL_NOTIFY_ACK_SECRET (32+ characters) outside development: "
+                    "anyone who knows the built-in one can acknowledge any page"
+                )
+            if self.api_token is None:
+                raise ValueError("set VIGIL_NOTIFY_API_TOKEN outside development")
         return self
+
+    @property
+    def sms_enabled(self) -> bool:
+        return (
+            self.twilio_account_sid is not None
+            and self.twilio_auth_token is not None
+            and self.twilio_from is not None
+        )

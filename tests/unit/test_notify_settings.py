@@ -66,3 +66,15 @@ def test_refuses_inconsistent_settings(
         monkeypatch.setenv(key, value)
     with pytest.raises(ValidationError):
         NotifySettings()
+
+
+def test_built_in_ack_secret_is_refused_outside_development() -> None:
+    """Outside development the published acknowledgement secret (or a short one) is refused."""
+    NotifySettings(environment="development")  # allowed on a developer's machine
+    with pytest.raises(ValidationError, match="ACK_SECRET"):
+        NotifySettings(environment="production", api_token="t" * 32)
+    with pytest.raises(ValidationError, match="ACK_SECRET"):
+        NotifySettings(environment="production", ack_secret="short", api_token="t" * 32)
+    with pytest.raises(ValidationError, match="API_TOKEN"):
+        NotifySettings(environment="production", ack_secret="s" * 40)
+    NotifySettings(environment="production", ack_secret="s" * 40, api_token="t" * 32)

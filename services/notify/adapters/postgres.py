@@ -181,7 +181,7 @@ class PostgresNotifyRepository:
                    (SELECT count(*) FROM delivery_attempts d WHERE d.page_id = p.page_id)
                        AS attempts_made
             FROM pages p JOIN alerts a ON a.alert_id = p.alert_id
-            WHERE p.status IN ('queued', 'failed')
+            WHERE p.status IN ('queued', 'failed') AND p.escalation_id IS NULL
             ORDER BY p.created_at, p.page_id
             """
         )

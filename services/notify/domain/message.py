@@ -48,10 +48,20 @@ def page_subject(alert: Alert, purpose: PagePurpose, *, unrouted: bool = False) 
 
 
 def page_body(
-    alert: Alert, page: Page, purpose: PagePurpose, *, route_detail: str | None = None
+    alert: Alert,
+    page: Page,
+    purpose: PagePurpose,
+    *,
+    route_detail: str | None = None,
+    ack_url: str | None = None,
+    note: str | None = None,
 ) -> str:
     """Plain text a clinician can act on from a phone at 3 a.m., and an auditor can trace."""
     lines: list[str] = [_action_line(alert, purpose), ""]
+    if note is not None:
+        lines += [note, ""]
+    if ack_url is not None:
+        lines += [f"ACKNOWLEDGE (stops further paging): {ack_url}", ""]
     if route_detail is not None:
         lines += [
             f"ROUTING: this page went to the fallback address because {route_detail}.",
@@ -88,9 +98,12 @@ def compose_page_email(
     composed_at: datetime,
     thread: ThreadRoot | None = None,
     route_detail: str | None = None,
+    ack_url: str | None = None,
+    note: str | None = None,
+    purpose: PagePurpose | None = None,
 ) -> EmailMessage:
     """The full message for one page. ``thread`` is the episode's start page, for later phases."""
-    purpose = purpose_of(alert.phase)
+    purpose = purpose or purpose_of(alert.phase)
     if purpose is None:
         raise ValueError(f"phase {alert.phase.value} is recorded only, it has no page to compose")
     if composed_at.tzinfo is None:
@@ -119,7 +132,7 @@ def compose_page_email(
         message["X-Priority"] = "1"
     # Quoted-printable keeps "°C" and "—" intact through relays that do not announce 8BITMIME.
     message.set_content(
-        page_body(alert, page, purpose, route_detail=route_detail),
+        page_body(alert, page, purpose, route_detail=route_detail, ack_url=ack_url, note=note),
         charset="utf-8",
         cte="quoted-printable",
     )
@@ -154,3 +167,48 @@ def _number(value: float) -> str:
     if "." not in text and "e" not in text and "inf" not in text and "nan" not in text:
         text += ".0"
     return text
+
+
+def compose_sms_text(alert: Alert, purpose: PagePurpose, *, reference: str) -> str:
+    """A page short enough for one or two SMS segments; ``reference`` finds it again later.
+
+    The reference lets a restarted notify ask the SMS provider whether a message it may have sent
+    before a crash was accepted, because the provider keeps no idempotency key of its own.
+    """
+    if purpose is PagePurpose.ALL_CLEAR:
+        head = f"VIGIL ALL CLEAR: {alert.title}, patient {alert.patient_id}."
+        return f"{head} Ref {reference}"
+    head = f"VIGIL {alert.priority.value.upper()}: {alert.title}, patient {alert.patient_id}."
+    return f"{head} Call the caregiver. Reply 1 to acknowledge. Ref {reference}"
+
+
+def pagerduty_event(
+    alert: Alert, purpose: PagePurpose, *, routing_key: str, dedup_key: str
+) -> dict[str, object]:
+    """A PagerDuty Events v2 body; ``dedup_key`` folds a resent event onto the same incident."""
+    action = "resolve" if purpose is PagePurpose.ALL_CLEAR else "trigger"
+    event: dict[str, object] = {
+        "routing_key": routing_key,
+        "event_action": action,
+        "dedup_key": dedup_key,
+    }
+    if action == "trigger":
+        event["payload"] = {
+            "summary": page_subject(alert, purpose)[:1024],
+            "severity": _PD_SEVERITY[alert.priority],
+            "source": f"vigil:{alert.device_id}",
+            "custom_details": {
+                "patient_id": alert.patient_id,
+                "code": alert.code,
+                "alert_id": str(alert.alert_id),
+            },
+        }
+    return event
+
+
+_PD_SEVERITY: Final = {
+    AlertPriority.HIGH: "critical",
+    AlertPriority.MEDIUM: "error",
+    AlertPriority.LOW: "warning",
+    AlertPriority.INFO: "info",
+}

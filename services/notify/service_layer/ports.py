@@ -12,7 +12,7 @@ from typing import Protocol
 from uuid import UUID
 
 from schemas.events import Alert, DeliveryAttempt, DeliveryStatus, Page
-from services.notify.domain import OnCall, Route, ThreadRoot
+from services.notify.domain import OnCall, PagePurpose, Route, ThreadRoot
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,27 @@ class UndeliveredPage:
     attempts_made: int
 
 
+# recipient_ref of a page sent to a care team's fallback address.
+FALLBACK_PREFIX = "fallback:"
+
+
+@dataclass(frozen=True, slots=True)
+class PageJob:
+    """One claimed escalation page: everything needed to compose and send it on its channel."""
+
+    page: Page
+    alert: Alert
+    escalation_id: UUID
+    recipient_ref: str
+    contact_rank: int
+    purpose: PagePurpose
+    tries: int
+    was_sending: bool
+    has_next_channel: bool
+    claimed_at: datetime
+    updated_at: datetime | None
+
+
 @dataclass(frozen=True, slots=True)
 class SendOutcome:
     """What the mail server said about one message."""
@@ -42,10 +63,16 @@ class SendOutcome:
     accepted: bool
     detail: str
     reply_code: int | None = None
+    # The provider's own id for the message (Twilio's sid, PagerDuty's dedup_key), when known.
+    provider_id: str | None = None
+    # Set by non-SMTP channels for an answer that no retry can change (bad number, bad key).
+    refused_for_good: bool = False
 
     @property
     def permanent(self) -> bool:
-        """A 5xx reply: retrying the same message to the same server will not help."""
+        """A 5xx SMTP reply or a final refusal: retrying the same message will not help."""
+        if self.refused_for_good:
+            return True
         return self.reply_code is not None and 500 <= self.reply_code < 600
 
 

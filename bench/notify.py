@@ -1,0 +1,380 @@
+"""Benchmark of notify's escalation path against the local stack's PostgreSQL.
+
+Phase ``latency``: alerts handed to the escalation service at a paced rate (default 100/s);
+the figure is alert-in-hand -> first delivery attempt recorded (server side), with the channel a
+local PagerDuty-shaped webhook server (or the SMTP sink with ``--channel email``). The baseline
+is the bare provider round trip at the same rate, so the ratio is what notify adds.
+
+Phase ``ticking``: 10,000 open escalations whose next step falls due spread over a window; the
+ticker runs on the real clock and the figure is the lag between a step's due time and when it
+fired, plus how many due steps had not fired when the window closed (falling behind).
+
+Prints progress to stderr and ONE JSON line of figures at the end. Leaves no open escalation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncpg
+
+from bench.common import percentile, stack_environment
+from schemas.events import (
+    Alert,
+    AlertKind,
+    AlertPhase,
+    AlertPriority,
+    AlertState,
+    Evidence,
+)
+from services.notify.adapters.escalation_store import PostgresEscalationStore
+from services.notify.adapters.pagerduty import PagerDutyEvents
+from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.smtp import SmtpSender
+from services.notify.service_layer.escalation import (
+    EscalationConfig,
+    EscalationService,
+)
+from services.notify.testing import SmtpSink
+from vigil.db.migrate import apply_migrations
+from vigil.runtime import utcnow
+
+
+def _alert(patient: str, at: datetime) -> Alert:
+    dedup_key = f"{patient}:bench"
+    return Alert(
+        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:start"),
+        dedup_key=dedup_key,
+        patient_id=patient,
+        device_id=f"dev-{patient}",
+        kind=AlertKind.PHYSIOLOGICAL,
+        code="FEVER",
+        priority=AlertPriority.HIGH,
+        phase=AlertPhase.START,
+        state=AlertState.ACTIVE,
+        title="Fever 38.6 °C",
+        device_time=at,
+        ingest_time=at,
+        evidence=(
+            Evidence(
+                name="temperature",
+                value=38.6,
+                unit="°C",
+                limit=38.3,
+                comparator=">=",
+                device_time=at,
+            ),
+        ),
+        rule_id="fever.single",
+        rule_version="1",
+    )
+
+
+async def _team(pool: Any, team: str, channel: str, address: str, wait_s: int) -> None:
+    person = f"{team}-primary"
+    await pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'bench', $2)",
+        team,
+        f"{team}@bench.test",
+    )
+    await pool.execute(
+        "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'p', $2)", person, team
+    )
+    await pool.execute(
+        "INSERT INTO contact_methods (person_id, rank, channel, address) VALUES ($1, 0, $2, $3)",
+        person,
+        channel,
+        address,
+    )
+    steps = [{"wait_s": wait_s, "targets": [{"kind": "person", "ref": person}]}]
+    await pool.execute(
+        "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps, repeat_count) "
+        "VALUES ($1, $1, 'bench', $2::jsonb, 100)",
+        team,
+        json.dumps(steps),
+    )
+
+
+def _service(pool: Any, *, webhook_url: str, smtp_port: int) -> EscalationService:
+    return EscalationService(
+        store=PostgresEscalationStore(pool),
+        alerts=PostgresNotifyRepository(pool),
+        email=SmtpSender(host="127.0.0.1", port=smtp_port, envelope_from="bench@localhost"),
+        sms=None,
+        webhook=PagerDutyEvents(base_url=webhook_url),
+        config=EscalationConfig(
+            sender_address="bench@localhost",
+            public_base_url="http://127.0.0.1:8085",
+            ack_secret=b"bench-only-secret-bench-only-secret",
+            batch=500,
+        ),
+        clock=utcnow,
+    )
+
+
+async def _close(pool: Any, team: str) -> None:
+    await pool.execute(
+        """
+        WITH closed AS (
+            UPDATE escalations SET status = 'resolved', due_at = NULL
+            WHERE care_team_id = $1 RETURNING escalation_id
+        )
+        UPDATE pages SET status = 'cancelled', next_attempt_at = NULL
+        WHERE escalation_id IN (SELECT escalation_id FROM closed)
+          AND status IN ('queued', 'failed', 'sending')
+        """,
+        team,
+    )
+
+
+async def latency_phase(
+    pool: Any, args: argparse.Namespace, webhook: _Endpoint, smtp: SmtpSink
+) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    team = f"CT-bench-{run}"
+    address = f"rk-{run}" if args.channel == "webhook" else f"oncall-{run}@bench.test"
+    await _team(pool, team, args.channel, address, wait_s=3600)
+    count = int(args.rate * args.seconds)
+    patients = [f"P-bench-{run}-{i}" for i in range(count)]
+    await pool.executemany(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)",
+        [(p, team) for p in patients],
+    )
+    service = _service(pool, webhook_url=webhook.url, smtp_port=smtp.port)
+    started: dict[str, datetime] = {}
+    tasks: list[asyncio.Task[bool]] = []
+    t0 = time.monotonic()
+    try:
+        for i, patient in enumerate(patients):
+            delay = t0 + i / args.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            alert = _alert(patient, utcnow())
+            started[alert.dedup_key] = utcnow()
+            tasks.append(asyncio.create_task(service.handle_alert(alert)))
+        await asyncio.gather(*tasks)
+        offered_s = time.monotonic() - t0
+        rows = await pool.fetch(
+            """
+            SELECT p.dedup_key, MIN(d.at) AS first_at
+            FROM pages p JOIN delivery_attempts d ON d.page_id = p.page_id
+            WHERE p.care_team_id = $1
+            GROUP BY p.dedup_key
+            """,
+            team,
+        )
+        latencies = [
+            (row["first_at"] - started[row["dedup_key"]]).total_seconds() * 1000 for row in rows
+        ]
+    finally:
+        await _close(pool, team)
+
+    # Baseline: the provider round trip alone, paced the same way.
+    baseline: list[float] = []
+    client = PagerDutyEvents(base_url=webhook.url)
+    sender = SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="bench@localhost")
+
+    async def one(i: int) -> None:
+        begin = time.perf_counter()
+        if args.channel == "webhook":
+            await client.enqueue(
+                {
+                    "routing_key": "rk-baseline",
+                    "event_action": "trigger",
+                    "dedup_key": f"baseline-{run}-{i}",
+                    "payload": {"summary": "s", "severity": "critical", "source": "bench"},
+                }
+            )
+        else:
+            from email.message import EmailMessage
+
+            message = EmailMessage()
+            message["Subject"] = "baseline"
+            message.set_content("baseline")
+            await sender.send(message, recipient="baseline@bench.test")
+        baseline.append((time.perf_counter() - begin) * 1000)
+
+    base_tasks = []
+    b0 = time.monotonic()
+    for i in range(count):
+        delay = b0 + i / args.rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        base_tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*base_tasks)
+    await client.aclose()
+    p99, base_p99 = percentile(latencies, 99), percentile(baseline, 99)
+    return {
+        "channel": args.channel,
+        "alerts": count,
+        "offered_rate_per_s": round(count / offered_s, 1),
+        "first_attempts_recorded": len(latencies),
+        "first_attempt_p50_ms": _r(percentile(latencies, 50)),
+        "first_attempt_p99_ms": _r(p99),
+        "first_attempt_max_ms": _r(max(latencies, default=None)),
+        "baseline_provider_p50_ms": _r(percentile(baseline, 50)),
+        "baseline_provider_p99_ms": _r(base_p99),
+        "p99_ratio_to_baseline": None if not p99 or not base_p99 else round(p99 / base_p99, 2),
+        "target_p99_ms": 100,
+        "target_met": p99 is not None and p99 <= 100 and len(latencies) == count,
+    }
+
+
+async def ticking_phase(
+    pool: Any, args: argparse.Namespace, webhook: _Endpoint, smtp: SmtpSink
+) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    team = f"CT-tick-{run}"
+    await _team(pool, team, "webhook", f"rk-tick-{run}", wait_s=3600)
+    n = args.escalations
+    now = utcnow()
+    start = now + timedelta(seconds=5)
+    window = args.tick_window_s
+    snapshot = json.dumps(
+        {
+            "policy_id": team,
+            "repeat_count": 100,
+            "steps": [{"wait_s": 3600, "targets": [{"kind": "person", "ref": f"{team}-primary"}]}],
+            "schedules": {},
+        }
+    )
+    alerts, escalations = [], []
+    for i in range(n):
+        alert = _alert(f"P-tick-{run}-{i}", now)
+        due = start + timedelta(seconds=window * i / n)
+        alerts.append(
+            (alert.alert_id, alert.dedup_key, alert.patient_id, alert.device_id, now, now)
+        )
+        escalations.append(
+            (uuid.uuid4(), alert.dedup_key, alert.alert_id, alert.patient_id, team, snapshot, due)
+        )
+    await pool.executemany(
+        """
+        INSERT INTO alerts (alert_id, dedup_key, patient_id, device_id, kind, code, priority,
+                            phase, state, title, device_time, ingest_time, evidence, rule_id,
+                            rule_version)
+        VALUES ($1, $2, $3, $4, 'physiological', 'FEVER', 'high', 'start', 'active', 'Fever',
+                $5, $6, '[]'::jsonb, 'fever.single', '1')
+        """,
+        alerts,
+    )
+    await pool.executemany(
+        """
+        INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id, care_team_id,
+                                 snapshot, status, step_index, pass_no, due_at, opened_at)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'open', 0, 0, $7, $7)
+        """,
+        escalations,
+    )
+    print(json.dumps({"phase": "ticking", "open_escalations": n}), file=sys.stderr)
+    service = _service(pool, webhook_url=webhook.url, smtp_port=smtp.port)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(service.run(stop, interval_s=args.tick_s))
+    end = start + timedelta(seconds=window)
+    try:
+        # The window plus two tick intervals: a step due at the very end still gets its tick.
+        await asyncio.sleep((end - utcnow()).total_seconds() + 2 * args.tick_s)
+        stop.set()
+        await runner
+        rows = await pool.fetch(
+            """
+            SELECT e.opened_at AS due, MIN(v.at) AS fired
+            FROM escalations e
+            LEFT JOIN escalation_events v
+                ON v.escalation_id = e.escalation_id AND v.kind = 'step_fired'
+            WHERE e.care_team_id = $1
+            GROUP BY e.escalation_id, e.opened_at
+            """,
+            team,
+        )
+        sent = await pool.fetchval(
+            "SELECT count(*) FROM pages WHERE care_team_id = $1 AND status = 'sent'", team
+        )
+    finally:
+        stop.set()
+        await _close(pool, team)
+    lags = [(r["fired"] - r["due"]).total_seconds() * 1000 for r in rows if r["fired"]]
+    not_fired = sum(1 for r in rows if r["fired"] is None)
+    return {
+        "open_escalations": n,
+        "window_s": window,
+        "steps_due_per_s": round(n / window, 1),
+        "steps_fired": len(lags),
+        "steps_not_fired_at_window_end": not_fired,
+        "pages_sent": int(sent or 0),
+        "tick_interval_s": args.tick_s,
+        "fire_lag_p50_ms": _r(percentile(lags, 50)),
+        "fire_lag_p99_ms": _r(percentile(lags, 99)),
+        "fire_lag_max_ms": _r(max(lags, default=None)),
+        "kept_up": not_fired == 0,
+    }
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    url: str
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+async def main_async(args: argparse.Namespace, webhook: _Endpoint) -> dict[str, Any]:
+    env = stack_environment()
+    dsn = env["VIGIL_PG_DSN"]
+    await apply_migrations(dsn)
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=args.pool)
+    figures: dict[str, Any] = {"bench": "notify"}
+    try:
+        with SmtpSink() as smtp:
+            figures["latency"] = await latency_phase(pool, args, webhook, smtp)
+            print(json.dumps({"phase": figures["latency"]}), file=sys.stderr)
+            if args.escalations > 0:
+                figures["ticking"] = await ticking_phase(pool, args, webhook, smtp)
+    finally:
+        await pool.close()
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=100.0, help="alerts per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--channel", choices=("webhook", "email"), default="webhook")
+    parser.add_argument("--escalations", type=int, default=10_000)
+    parser.add_argument("--tick-window-s", type=float, default=60.0)
+    parser.add_argument("--tick-s", type=float, default=1.0)
+    parser.add_argument("--pool", type=int, default=10)
+    args = parser.parse_args()
+    # The webhook server runs in its own process: in this one it would compete with the
+    # measured service for the interpreter lock and inflate the figures.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.notify.testing", "pagerduty"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        webhook = _Endpoint(server.stdout.readline().strip())
+        figures = asyncio.run(main_async(args, webhook))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

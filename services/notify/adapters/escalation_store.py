@@ -1,0 +1,1048 @@
+"""PostgreSQL side of escalation: policies and schedules, escalation timers, page jobs, audit.
+
+Owns the SQL against ``people``, ``contact_methods``, ``oncall_*``, ``escalation_policies``,
+``escalations``, ``escalation_events``, ``used_ack_tokens``, ``pipeline_heartbeats`` and the
+escalation columns of ``pages``. Every state change of an escalation happens in one transaction
+that locks its row, runs the pure ``advance`` and writes the new state, its timeline entries and
+the pages its commands ask for together: a command is never lost between deciding and queueing,
+and an acknowledgement that committed first is seen by every later tick. Sending is not done here.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from schemas.events import Alert, Evidence, Page
+from services.notify.domain.channel_failover import (
+    AttemptVerdict,
+    Delivered,
+    NextChannel,
+    RetryLater,
+)
+from services.notify.domain.escalation import (
+    EscalationEvent,
+    EscalationState,
+    EscalationStatus,
+    NotifyFallback,
+    NotifyRecipient,
+    PageCommand,
+    PolicySnapshot,
+    StepSnapshot,
+    Target,
+    Tick,
+    TimelineEntry,
+    Transition,
+    advance,
+    opened,
+    snapshot_from_json,
+    snapshot_to_json,
+)
+from services.notify.domain.routing import PagePurpose, page_id_for
+from services.notify.domain.schedule import Override, Rotation
+from services.notify.service_layer.ports import FALLBACK_PREFIX, PageJob, SendOutcome
+
+_JOB_SELECT = """
+    SELECT p.*, e.status AS escalation_status,
+           EXISTS (SELECT 1 FROM contact_methods c
+                   WHERE p.recipient_ref = 'person:' || c.person_id
+                     AND c.rank > p.contact_rank) AS has_next_channel,
+           a.device_id, a.kind, a.code, a.priority, a.phase, a.state, a.title,
+           a.device_time, a.ingest_time, a.evidence, a.rule_id, a.rule_version
+    FROM pages p
+    JOIN escalations e ON e.escalation_id = p.escalation_id
+    JOIN alerts a ON a.alert_id = p.alert_id
+"""
+
+
+class PostgresEscalationStore:
+    def __init__(self, pool: Any) -> None:
+        # asyncpg ships no type information; the pool is an asyncpg.Pool.
+        self._pool = pool
+
+    # -- who to page --------------------------------------------------------------------------
+
+    async def team_of_patient(self, patient_id: str) -> str | None:
+        value = await self._pool.fetchval(
+            "SELECT care_team_id FROM patients WHERE patient_id = $1", patient_id
+        )
+        return None if value is None else str(value)
+
+    async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
+        """The team's policy with every schedule it names, as it stands now (to be frozen)."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT policy_id, steps, repeat_count FROM escalation_policies "
+                "WHERE care_team_id = $1",
+                care_team_id,
+            )
+            if row is None:
+                return None
+            steps = tuple(
+                StepSnapshot(
+                    wait_s=int(s["wait_s"]),
+                    targets=tuple(Target(kind=t["kind"], ref=str(t["ref"])) for t in s["targets"]),
+                )
+                for s in json.loads(row["steps"])
+            )
+            names = sorted({t.ref for s in steps for t in s.targets if t.kind == "schedule"})
+            schedules: dict[str, Rotation] = {}
+            for name in names:
+                schedule = await conn.fetchrow(
+                    "SELECT * FROM oncall_schedules WHERE schedule_id = $1", name
+                )
+                if schedule is None:
+                    continue
+                overrides = await conn.fetch(
+                    "SELECT person_id, starts_at, ends_at FROM oncall_overrides "
+                    "WHERE schedule_id = $1 ORDER BY starts_at, override_id",
+                    name,
+                )
+                schedules[name] = _rotation(schedule, overrides)
+            # A step naming a deleted schedule keeps its place: it pages the fallback instead.
+            steps = tuple(
+                StepSnapshot(
+                    wait_s=s.wait_s,
+                    targets=tuple(
+                        t if t.kind != "schedule" or t.ref in schedules else Target("email", "")
+                        for t in s.targets
+                    ),
+                )
+                for s in steps
+            )
+            return PolicySnapshot(
+                policy_id=str(row["policy_id"]),
+                steps=steps,
+                repeat_count=int(row["repeat_count"]),
+                schedules=schedules,
+            )
+
+    async def rotation(self, schedule_id: str) -> Rotation | None:
+        async with self._pool.acquire() as conn:
+            schedule = await conn.fetchrow(
+                "SELECT * FROM oncall_schedules WHERE schedule_id = $1", schedule_id
+            )
+            if schedule is None:
+                return None
+            overrides = await conn.fetch(
+                "SELECT person_id, starts_at, ends_at FROM oncall_overrides "
+                "WHERE schedule_id = $1 ORDER BY starts_at, override_id",
+                schedule_id,
+            )
+            return _rotation(schedule, overrides)
+
+    # -- escalations --------------------------------------------------------------------------
+
+    async def open_and_fire(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        lease_s: float,
+    ) -> tuple[UUID | None, list[PageJob]]:
+        """Start the episode's escalation and fire its first step in the same transaction.
+
+        Returns the escalation id (None when the dedup key already has one) and the first
+        step's pages, already claimed for this caller to send, so the first attempt does not
+        wait for a ticker.
+        """
+        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+        transition = advance(snapshot, opened(at), Tick(now=at))
+        state = transition.state
+        async with self._pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                """
+                INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                                         care_team_id, snapshot, status, step_index, pass_no,
+                                         due_at, paged, opened_at)
+                VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
+                ON CONFLICT (dedup_key) DO NOTHING
+                RETURNING escalation_id
+                """,
+                escalation_id,
+                alert.dedup_key,
+                alert.alert_id,
+                alert.patient_id,
+                care_team_id,
+                json.dumps(snapshot_to_json(snapshot)),
+                state.status.value,
+                state.step_index,
+                state.pass_no,
+                state.due_at,
+                list(state.paged),
+                at,
+            )
+            if inserted is None:
+                return None, []
+            writer = _Writer(conn, at)
+            writer.event(
+                escalation_id,
+                TimelineEntry(
+                    "opened",
+                    {
+                        "alert_id": str(alert.alert_id),
+                        "policy_id": snapshot.policy_id,
+                        "care_team_id": care_team_id,
+                    },
+                ),
+            )
+            for entry in transition.timeline:
+                writer.event(escalation_id, entry)
+            await writer.pages_for(alert, escalation_id, care_team_id, transition.commands)
+            jobs = await writer.flush(claim_until=at + timedelta(seconds=lease_s))
+        return escalation_id, jobs
+
+    async def escalation_id_for(self, dedup_key: str) -> UUID | None:
+        value = await self._pool.fetchval(
+            "SELECT escalation_id FROM escalations WHERE dedup_key = $1", dedup_key
+        )
+        return None if value is None else UUID(str(value))
+
+    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
+        async with self._pool.acquire() as conn:
+            await _event(conn, escalation_id, at, entry)
+
+    async def apply(
+        self, escalation_id: UUID, event: EscalationEvent, *, at: datetime
+    ) -> Transition | None:
+        """Run one event through the engine under the escalation's row lock."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM escalations WHERE escalation_id = $1 FOR UPDATE", escalation_id
+            )
+            if row is None:
+                return None
+            [transition] = await _apply_rows(conn, [(row, event)], at)
+            return transition
+
+    async def tick_due(
+        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
+    ) -> int:
+        """Fire the steps that are due; escalations another ticker holds are skipped, not waited."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """
+                SELECT * FROM escalations
+                WHERE status = 'open' AND due_at <= $1
+                ORDER BY due_at
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+                """,
+                now,
+                limit,
+            )
+            if rows:
+                await _apply_rows(conn, [(row, event_for(now)) for row in rows], now)
+            return len(rows)
+
+    async def open_paged_to(self, channel: str, address: str) -> UUID | None:
+        """The most recent unacknowledged escalation that paged this address on this channel."""
+        value = await self._pool.fetchval(
+            """
+            SELECT e.escalation_id FROM pages p JOIN escalations e
+                ON e.escalation_id = p.escalation_id
+            WHERE p.channel = $1 AND p.recipient = $2
+              AND e.status IN ('open', 'exhausted') AND p.purpose <> 'all_clear'
+            ORDER BY p.created_at DESC
+            LIMIT 1
+            """,
+            channel,
+            address,
+        )
+        return None if value is None else UUID(str(value))
+
+    async def person_for_address(self, channel: str, address: str) -> str | None:
+        value = await self._pool.fetchval(
+            "SELECT person_id FROM contact_methods WHERE channel = $1 AND address = $2 LIMIT 1",
+            channel,
+            address,
+        )
+        return None if value is None else str(value)
+
+    async def spend_token(self, digest: str, at: datetime) -> bool:
+        """True the first time a token is used, False every time after."""
+        status = await self._pool.execute(
+            "INSERT INTO used_ack_tokens (token_digest, used_at) VALUES ($1, $2) "
+            "ON CONFLICT DO NOTHING",
+            digest,
+            at,
+        )
+        return bool(status == "INSERT 0 1")
+
+    async def state_of(self, escalation_id: UUID) -> EscalationState | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM escalations WHERE escalation_id = $1", escalation_id
+        )
+        return None if row is None else _state(row)
+
+    async def timeline(self, dedup_key: str) -> dict[str, Any] | None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM escalations WHERE dedup_key = $1", dedup_key)
+            if row is None:
+                return None
+            events = await conn.fetch(
+                "SELECT event_id, at, kind, detail FROM escalation_events "
+                "WHERE escalation_id = $1 ORDER BY event_id",
+                row["escalation_id"],
+            )
+            phases = await conn.fetch(
+                "SELECT alert_id, phase, priority, received_at FROM alerts WHERE dedup_key = $1 "
+                "ORDER BY received_at, alert_id",
+                dedup_key,
+            )
+            attempts = await conn.fetch(
+                """
+                SELECT d.page_id, d.attempt, d.channel, d.recipient, d.status, d.at, d.detail,
+                       d.provider_message_id, p.recipient_ref, p.purpose
+                FROM delivery_attempts d JOIN pages p ON p.page_id = d.page_id
+                WHERE p.escalation_id = $1
+                ORDER BY d.at, p.created_at, p.contact_rank, d.page_id, d.attempt
+                """,
+                row["escalation_id"],
+            )
+        state = _state(row)
+        return {
+            "escalation_id": str(row["escalation_id"]),
+            "dedup_key": dedup_key,
+            "patient_id": row["patient_id"],
+            "care_team_id": row["care_team_id"],
+            "status": state.status.value,
+            "opened_at": row["opened_at"].isoformat(),
+            "acknowledged_by": state.acknowledged_by,
+            "acknowledged_at": _iso(state.acknowledged_at),
+            "resolved_at": _iso(state.resolved_at),
+            "next_step_due_at": _iso(state.due_at),
+            "alert_phases": [
+                {
+                    "alert_id": str(p["alert_id"]),
+                    "phase": p["phase"],
+                    "priority": p["priority"],
+                    "received_at": p["received_at"].isoformat(),
+                }
+                for p in phases
+            ],
+            "events": [
+                {
+                    "seq": e["event_id"],
+                    "at": e["at"].isoformat(),
+                    "kind": e["kind"],
+                    "detail": json.loads(e["detail"]),
+                }
+                for e in events
+            ],
+            "attempts": [
+                {
+                    "page_id": str(a["page_id"]),
+                    "attempt": a["attempt"],
+                    "channel": a["channel"],
+                    "recipient": a["recipient"],
+                    "recipient_ref": a["recipient_ref"],
+                    "purpose": a["purpose"],
+                    "status": a["status"],
+                    "at": a["at"].isoformat(),
+                    "detail": a["detail"],
+                    "provider_message_id": a["provider_message_id"],
+                }
+                for a in attempts
+            ],
+        }
+
+    # -- page jobs ----------------------------------------------------------------------------
+
+    async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
+        """Take due escalation pages for sending; pages of an acknowledged chain are cancelled.
+
+        A claimed page is marked ``sending`` with a lease: if this process dies before it records
+        the outcome, the page falls due again when the lease runs out and is reconciled.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                _JOB_SELECT
+                + """
+                WHERE p.escalation_id IS NOT NULL
+                  AND p.status IN ('queued', 'failed', 'sending')
+                  AND p.next_attempt_at <= $1
+                ORDER BY p.next_attempt_at
+                LIMIT $2
+                FOR UPDATE OF p SKIP LOCKED
+                """,
+                now,
+                limit,
+            )
+            jobs: list[PageJob] = []
+            cancelled: list[UUID] = []
+            for row in rows:
+                chain_stopped = row["escalation_status"] in ("acknowledged", "resolved")
+                if chain_stopped and row["purpose"] == PagePurpose.ALERT.value:
+                    cancelled.append(row["page_id"])
+                    continue
+                jobs.append(_job(row, now))
+            if cancelled:
+                await conn.execute(
+                    "UPDATE pages SET status = 'cancelled', next_attempt_at = NULL, "
+                    "updated_at = $2 WHERE page_id = ANY($1::uuid[])",
+                    cancelled,
+                    now,
+                )
+            if jobs:
+                await conn.execute(
+                    "UPDATE pages SET status = 'sending', next_attempt_at = $2, updated_at = $3 "
+                    "WHERE page_id = ANY($1::uuid[])",
+                    [j.page.page_id for j in jobs],
+                    now + timedelta(seconds=lease_s),
+                    now,
+                )
+            return jobs
+
+    async def record_outcome(
+        self,
+        job: PageJob,
+        outcome: SendOutcome,
+        verdict: AttemptVerdict,
+        *,
+        at: datetime,
+        status: str,
+    ) -> None:
+        await self.record_outcomes([(job, outcome, verdict, status)], at=at)
+
+    async def record_outcomes(
+        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
+    ) -> None:
+        """Store attempts, each page's next state and, on failover, the next channel's page.
+
+        One transaction for the batch. A claimed page is held by its lease, so no row lock is
+        needed to number its attempts.
+        """
+        attempts, delivered, retries, finished = [], [], [], []
+        async with self._pool.acquire() as conn, conn.transaction():
+            writer = _Writer(conn, at)
+            for job, outcome, verdict, status in outcomes:
+                page = job.page
+                attempts.append(
+                    (
+                        page.page_id,
+                        page.channel,
+                        page.recipient,
+                        status,
+                        at,
+                        outcome.detail,
+                        outcome.provider_id,
+                    )
+                )
+                writer.event(
+                    job.escalation_id,
+                    TimelineEntry(
+                        "attempt",
+                        {
+                            "page_id": str(page.page_id),
+                            "channel": page.channel,
+                            "recipient_ref": job.recipient_ref,
+                            "status": status,
+                            "detail": outcome.detail,
+                        },
+                    ),
+                )
+                if isinstance(verdict, Delivered):
+                    delivered.append((page.page_id, status, outcome.provider_id, at))
+                    continue
+                if isinstance(verdict, RetryLater):
+                    retries.append((page.page_id, at + timedelta(seconds=verdict.delay_s), at))
+                    continue
+                finished.append((page.page_id, at))
+                await writer.after_channel_failed(job, verdict)
+            await conn.executemany(
+                """
+                INSERT INTO delivery_attempts (page_id, attempt, channel, recipient, status, at,
+                                               detail, provider_message_id)
+                SELECT $1, COALESCE(MAX(attempt), 0) + 1, $2, $3, $4, $5, $6, $7
+                FROM delivery_attempts WHERE page_id = $1
+                """,
+                attempts,
+            )
+            if delivered:
+                await conn.executemany(
+                    "UPDATE pages SET status = $2, next_attempt_at = NULL, tries = tries + 1, "
+                    "provider_ref = $3, updated_at = $4 WHERE page_id = $1",
+                    delivered,
+                )
+            if retries:
+                await conn.executemany(
+                    "UPDATE pages SET status = 'failed', tries = tries + 1, "
+                    "next_attempt_at = $2, updated_at = $3 WHERE page_id = $1",
+                    retries,
+                )
+            if finished:
+                await conn.executemany(
+                    "UPDATE pages SET status = 'failed', tries = tries + 1, "
+                    "next_attempt_at = NULL, updated_at = $2 WHERE page_id = $1",
+                    finished,
+                )
+            await writer.flush(claim_until=None)
+
+    async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None:
+        """The page a provider's delivery receipt is about (Twilio's MessageSid)."""
+        row = await self._pool.fetchrow(
+            _JOB_SELECT + " WHERE p.provider_ref = $1 AND p.escalation_id IS NOT NULL",
+            provider_ref,
+        )
+        return None if row is None else _job(row, now)
+
+    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
+        """A delivered receipt: one more row in the delivery log and the page's status."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM pages WHERE page_id = $1 FOR UPDATE", job.page.page_id
+            )
+            await conn.execute(
+                """
+                INSERT INTO delivery_attempts (page_id, attempt, channel, recipient, status, at,
+                                               detail, provider_message_id)
+                SELECT $1, COALESCE(MAX(attempt), 0) + 1, $2, $3, $4, $5, 'provider receipt', $6
+                FROM delivery_attempts WHERE page_id = $1
+                """,
+                job.page.page_id,
+                job.page.channel,
+                job.page.recipient,
+                status,
+                at,
+                None,
+            )
+            await conn.execute(
+                "UPDATE pages SET status = $2, updated_at = $3 WHERE page_id = $1",
+                job.page.page_id,
+                status,
+                at,
+            )
+            await _event(
+                conn,
+                job.escalation_id,
+                at,
+                TimelineEntry(
+                    "receipt",
+                    {
+                        "page_id": str(job.page.page_id),
+                        "channel": job.page.channel,
+                        "status": status,
+                    },
+                ),
+            )
+
+    # -- pipeline heartbeat -------------------------------------------------------------------
+
+    async def watch_source(self, source: str, at: datetime) -> None:
+        """Start watching a heartbeat source; its silence counts from ``at`` if never seen."""
+        await self._pool.execute(
+            "INSERT INTO pipeline_heartbeats (source, last_seen_at) VALUES ($1, $2) "
+            "ON CONFLICT DO NOTHING",
+            source,
+            at,
+        )
+
+    async def heartbeat_seen(self, source: str, at: datetime) -> None:
+        await self._pool.execute(
+            """
+            INSERT INTO pipeline_heartbeats (source, last_seen_at) VALUES ($1, $2)
+            ON CONFLICT (source) DO UPDATE
+                SET last_seen_at = GREATEST(pipeline_heartbeats.last_seen_at, EXCLUDED.last_seen_at)
+            """,
+            source,
+            at,
+        )
+
+    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
+        rows = await self._pool.fetch(
+            "SELECT source, last_seen_at, silent_since FROM pipeline_heartbeats ORDER BY source"
+        )
+        return [(str(r["source"]), r["last_seen_at"], r["silent_since"]) for r in rows]
+
+    async def mark_silent(self, source: str, since: datetime | None) -> None:
+        await self._pool.execute(
+            "UPDATE pipeline_heartbeats SET silent_since = $2 WHERE source = $1", source, since
+        )
+
+
+# -- inside a transaction ---------------------------------------------------------------------
+
+
+async def _apply_rows(
+    conn: Any, items: list[tuple[Any, EscalationEvent]], at: datetime
+) -> list[Transition]:
+    """Run events through the engine for locked escalation rows and write everything back."""
+    transitions: list[Transition] = []
+    updates: list[tuple[Any, ...]] = []
+    for row, event in items:
+        snapshot = snapshot_from_json(json.loads(row["snapshot"]))
+        transition = advance(snapshot, _state(row), event)
+        transitions.append(transition)
+        state = transition.state
+        updates.append(
+            (
+                row["escalation_id"],
+                state.status.value,
+                state.step_index,
+                state.pass_no,
+                state.due_at,
+                list(state.paged),
+                state.acknowledged_by,
+                state.acknowledged_at,
+                state.resolved_at,
+                state.snoozed_until,
+            )
+        )
+    await conn.executemany(
+        """
+        UPDATE escalations
+        SET status = $2, step_index = $3, pass_no = $4, due_at = $5, paged = $6,
+            acknowledged_by = $7, acknowledged_at = $8, resolved_at = $9, snoozed_until = $10
+        WHERE escalation_id = $1
+        """,
+        updates,
+    )
+    writer = _Writer(conn, at)
+    needed = [row["alert_id"] for (row, _), t in zip(items, transitions, strict=True) if t.commands]
+    alerts: dict[Any, Alert] = {}
+    if needed:
+        for alert_row in await conn.fetch(
+            "SELECT * FROM alerts WHERE alert_id = ANY($1::uuid[])", needed
+        ):
+            alerts[alert_row["alert_id"]] = alert_from_row(alert_row)
+        await writer.prefetch_contacts(
+            {
+                c.recipient.removeprefix("person:")
+                for t in transitions
+                for c in t.commands
+                if isinstance(c, NotifyRecipient) and c.recipient.startswith("person:")
+            }
+        )
+    for (row, _), transition in zip(items, transitions, strict=True):
+        for entry in transition.timeline:
+            writer.event(row["escalation_id"], entry)
+        if transition.commands:
+            await writer.pages_for(
+                alerts[row["alert_id"]],
+                row["escalation_id"],
+                str(row["care_team_id"]),
+                transition.commands,
+            )
+    await writer.flush(claim_until=None)
+    return transitions
+
+
+@dataclass(frozen=True, slots=True)
+class _NewPage:
+    alert: Alert
+    escalation_id: UUID
+    care_team_id: str
+    recipient_ref: str
+    rank: int
+    channel: str
+    address: str
+    purpose: PagePurpose
+    key: str
+    route_detail: str | None
+    has_next_channel: bool
+
+
+class _Writer:
+    """Collects timeline entries and pages inside one transaction and writes them in batches."""
+
+    def __init__(self, conn: Any, at: datetime) -> None:
+        self._conn = conn
+        self._at = at
+        self._events: list[tuple[Any, ...]] = []
+        self._pages: list[_NewPage] = []
+        self._contacts: dict[str, list[tuple[int, str, str]]] = {}
+        self._fallbacks: dict[str, str] = {}
+
+    def event(self, escalation_id: UUID, entry: TimelineEntry) -> None:
+        self._events.append(
+            (escalation_id, self._at, entry.kind, json.dumps(entry.detail, default=str))
+        )
+
+    async def prefetch_contacts(self, people: set[str]) -> None:
+        missing = sorted(p for p in people if p not in self._contacts)
+        if not missing:
+            return
+        for person in missing:
+            self._contacts[person] = []
+        rows = await self._conn.fetch(
+            "SELECT person_id, rank, channel, address FROM contact_methods "
+            "WHERE person_id = ANY($1::text[]) ORDER BY person_id, rank",
+            missing,
+        )
+        for row in rows:
+            self._contacts[row["person_id"]].append(
+                (int(row["rank"]), str(row["channel"]), str(row["address"]))
+            )
+
+    async def _fallback_address(self, care_team_id: str) -> str:
+        if care_team_id not in self._fallbacks:
+            address = await self._conn.fetchval(
+                "SELECT oncall_email FROM care_teams WHERE care_team_id = $1", care_team_id
+            )
+            self._fallbacks[care_team_id] = (
+                str(address or "").strip() or "vigil-oncall-fallback@localhost"
+            )
+        return self._fallbacks[care_team_id]
+
+    async def pages_for(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        commands: tuple[PageCommand, ...],
+    ) -> None:
+        await self.prefetch_contacts(
+            {
+                c.recipient.removeprefix("person:")
+                for c in commands
+                if isinstance(c, NotifyRecipient) and c.recipient.startswith("person:")
+            }
+        )
+        for command in commands:
+            if isinstance(command, NotifyFallback):
+                await self.fallback(
+                    alert,
+                    escalation_id,
+                    care_team_id,
+                    PagePurpose.ALERT,
+                    f"esc:{escalation_id}:{command.pass_no}:{command.step_index}:fallback",
+                    command.reason,
+                )
+                continue
+            key_base = (
+                f"esc:{escalation_id}:{command.purpose.value}:{command.pass_no}"
+                f":{command.step_index}:{command.recipient}"
+            )
+            kind, _, ref = command.recipient.partition(":")
+            if kind == "email" and ref:
+                self._add(
+                    alert,
+                    escalation_id,
+                    care_team_id,
+                    command.recipient,
+                    0,
+                    "email",
+                    ref,
+                    command.purpose,
+                    key_base,
+                    None,
+                    False,
+                )
+                continue
+            if kind == "person" and self._contacts.get(ref):
+                methods = self._contacts[ref]
+                rank, channel, address = methods[0]
+                self._add(
+                    alert,
+                    escalation_id,
+                    care_team_id,
+                    command.recipient,
+                    rank,
+                    channel,
+                    address,
+                    command.purpose,
+                    key_base,
+                    None,
+                    len(methods) > 1,
+                )
+                continue
+            reason = {
+                "email": "escalation step names a schedule that no longer exists",
+                "person": f"person {ref} has no contact method",
+            }.get(kind, "paged through the fallback address before")
+            await self.fallback(
+                alert, escalation_id, care_team_id, command.purpose, key_base, reason
+            )
+
+    async def fallback(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        purpose: PagePurpose,
+        key_base: str,
+        reason: str,
+    ) -> None:
+        address = await self._fallback_address(care_team_id)
+        self.event(escalation_id, TimelineEntry("fallback", {"reason": reason, "to": address}))
+        self._add(
+            alert,
+            escalation_id,
+            care_team_id,
+            f"{FALLBACK_PREFIX}{care_team_id}",
+            0,
+            "email",
+            address,
+            purpose,
+            key_base,
+            reason,
+            False,
+        )
+
+    async def after_channel_failed(self, job: PageJob, verdict: AttemptVerdict) -> None:
+        """The next contact method of the person, or the fallback address when none is left."""
+        page = job.page
+        key_base = _key_base(page.idempotency_key)
+        reason = getattr(verdict, "reason", "failed")
+        if isinstance(verdict, NextChannel) and job.recipient_ref.startswith("person:"):
+            person = job.recipient_ref.removeprefix("person:")
+            await self.prefetch_contacts({person})
+            later = [m for m in self._contacts[person] if m[0] > job.contact_rank]
+            if later:
+                rank, channel, address = later[0]
+                self.event(
+                    job.escalation_id,
+                    TimelineEntry(
+                        "channel_failover",
+                        {"from": page.channel, "to": channel, "reason": reason},
+                    ),
+                )
+                self._add(
+                    job.alert,
+                    job.escalation_id,
+                    page.care_team_id,
+                    job.recipient_ref,
+                    rank,
+                    channel,
+                    address,
+                    job.purpose,
+                    key_base,
+                    None,
+                    len(later) > 1,
+                )
+                return
+        self.event(
+            job.escalation_id,
+            TimelineEntry(
+                "delivery_failed", {"recipient_ref": job.recipient_ref, "reason": reason}
+            ),
+        )
+        if not job.recipient_ref.startswith(FALLBACK_PREFIX):
+            # Every channel of this person failed: the team's fallback address is told, so a
+            # page never ends in silence.
+            await self.fallback(
+                job.alert,
+                job.escalation_id,
+                page.care_team_id,
+                job.purpose,
+                key_base + ":undeliverable",
+                f"every channel of {job.recipient_ref} failed",
+            )
+
+    def _add(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        recipient_ref: str,
+        rank: int,
+        channel: str,
+        address: str,
+        purpose: PagePurpose,
+        key_base: str,
+        route_detail: str | None,
+        has_next_channel: bool,
+    ) -> None:
+        self._pages.append(
+            _NewPage(
+                alert=alert,
+                escalation_id=escalation_id,
+                care_team_id=care_team_id,
+                recipient_ref=recipient_ref,
+                rank=rank,
+                channel=channel,
+                address=address,
+                purpose=purpose,
+                key=f"{key_base}#{rank}",
+                route_detail=route_detail,
+                has_next_channel=has_next_channel,
+            )
+        )
+
+    async def flush(self, *, claim_until: datetime | None) -> list[PageJob]:
+        """Write what was collected. With ``claim_until`` the new pages are claimed (status
+        ``sending`` under a lease) and returned for the caller to send at once."""
+        if self._events:
+            await self._conn.executemany(
+                "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+                "VALUES ($1, $2, $3, $4::jsonb)",
+                self._events,
+            )
+        if not self._pages:
+            return []
+        at = self._at
+        status = "queued" if claim_until is None else "sending"
+        due = at if claim_until is None else claim_until
+        await self._conn.executemany(
+            """
+            INSERT INTO pages (page_id, alert_id, dedup_key, patient_id, care_team_id, channel,
+                               recipient, idempotency_key, status, created_at, route,
+                               route_detail, updated_at, escalation_id, recipient_ref,
+                               contact_rank, purpose, tries, next_attempt_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $10, $13, $14, $15, $16,
+                    0, $17)
+            ON CONFLICT (idempotency_key) DO NOTHING
+            """,
+            [
+                (
+                    page_id_for(p.key),
+                    p.alert.alert_id,
+                    p.alert.dedup_key,
+                    p.alert.patient_id,
+                    p.care_team_id,
+                    p.channel,
+                    p.address,
+                    p.key,
+                    status,
+                    at,
+                    "fallback" if p.recipient_ref.startswith(FALLBACK_PREFIX) else "care_team",
+                    p.route_detail,
+                    p.escalation_id,
+                    p.recipient_ref,
+                    p.rank,
+                    p.purpose.value,
+                    due,
+                )
+                for p in self._pages
+            ],
+        )
+        if claim_until is None:
+            return []
+        return [
+            PageJob(
+                page=Page(
+                    page_id=page_id_for(p.key),
+                    alert_id=p.alert.alert_id,
+                    dedup_key=p.alert.dedup_key,
+                    patient_id=p.alert.patient_id,
+                    care_team_id=p.care_team_id,
+                    channel=p.channel,
+                    recipient=p.address,
+                    idempotency_key=p.key,
+                    created_at=at,
+                ),
+                alert=p.alert,
+                escalation_id=p.escalation_id,
+                recipient_ref=p.recipient_ref,
+                contact_rank=p.rank,
+                purpose=p.purpose,
+                tries=0,
+                was_sending=False,
+                has_next_channel=p.has_next_channel,
+                claimed_at=at,
+                updated_at=at,
+            )
+            for p in self._pages
+        ]
+
+
+async def _event(conn: Any, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
+    await conn.execute(
+        "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+        "VALUES ($1, $2, $3, $4::jsonb)",
+        escalation_id,
+        at,
+        entry.kind,
+        json.dumps(entry.detail, default=str),
+    )
+
+
+async def _alert(conn: Any, alert_id: UUID) -> Alert:
+    row = await conn.fetchrow("SELECT * FROM alerts WHERE alert_id = $1", alert_id)
+    return alert_from_row(row)
+
+
+def alert_from_row(row: Any) -> Alert:
+    return Alert.model_validate(
+        {
+            "alert_id": row["alert_id"],
+            "dedup_key": row["dedup_key"],
+            "patient_id": row["patient_id"],
+            "device_id": row["device_id"],
+            "kind": row["kind"],
+            "code": row["code"],
+            "priority": row["priority"],
+            "phase": row["phase"],
+            "state": row["state"],
+            "title": row["title"],
+            "device_time": row["device_time"],
+            "ingest_time": row["ingest_time"],
+            "evidence": tuple(Evidence.model_validate(e) for e in json.loads(row["evidence"])),
+            "rule_id": row["rule_id"],
+            "rule_version": row["rule_version"],
+        }
+    )
+
+
+def _job(row: Any, now: datetime) -> PageJob:
+    page = Page.model_validate(
+        {
+            "page_id": row["page_id"],
+            "alert_id": row["alert_id"],
+            "dedup_key": row["dedup_key"],
+            "patient_id": row["patient_id"],
+            "care_team_id": row["care_team_id"],
+            "channel": row["channel"],
+            "recipient": row["recipient"],
+            "idempotency_key": row["idempotency_key"],
+            "created_at": row["created_at"],
+        }
+    )
+    return PageJob(
+        page=page,
+        alert=alert_from_row(row),
+        escalation_id=UUID(str(row["escalation_id"])),
+        recipient_ref=str(row["recipient_ref"]),
+        contact_rank=int(row["contact_rank"]),
+        purpose=PagePurpose(row["purpose"]),
+        tries=int(row["tries"]),
+        was_sending=row["status"] == "sending",
+        has_next_channel=bool(row["has_next_channel"]),
+        claimed_at=now,
+        updated_at=row["updated_at"],
+    )
+
+
+def _state(row: Any) -> EscalationState:
+    return EscalationState(
+        status=EscalationStatus(row["status"]),
+        step_index=int(row["step_index"]),
+        pass_no=int(row["pass_no"]),
+        due_at=row["due_at"],
+        paged=tuple(row["paged"]),
+        acknowledged_by=row["acknowledged_by"],
+        acknowledged_at=row["acknowledged_at"],
+        resolved_at=row["resolved_at"],
+        snoozed_until=row["snoozed_until"],
+    )
+
+
+def _rotation(schedule: Any, overrides: Any) -> Rotation:
+    return Rotation(
+        schedule_id=str(schedule["schedule_id"]),
+        timezone=str(schedule["timezone"]),
+        start_date=schedule["start_date"],
+        handoff_time=schedule["handoff_time"],
+        shift_days=int(schedule["shift_days"]),
+        participants=tuple(schedule["participants"]),
+        overrides=tuple(
+            Override(person_id=str(o["person_id"]), starts_at=o["starts_at"], ends_at=o["ends_at"])
+            for o in overrides
+        ),
+    )
+
+
+def _key_base(idempotency_key: str) -> str:
+    return idempotency_key.rpartition("#")[0]
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat()

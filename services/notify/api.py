@@ -1,0 +1,357 @@
+"""The notify HTTP API: who to page, acknowledgements, snoozes, delivery receipts, the audit trail.
+
+Owns the HTTP surface only: request validation (``schemas.notify``), authentication of the
+management endpoints (bearer token), the signed acknowledgement links, Twilio's webhooks (SMS
+replies and status callbacks, checked against ``X-Twilio-Signature`` when an auth token is set)
+and the SQL of the registry tables it manages. Escalation decisions are made by the
+``EscalationService`` it is given. ``create_app(settings)`` builds it; ``main`` serves it alone
+(``vigil notify-api``); notify serves it in-process when ``VIGIL_NOTIFY_API_ENABLED`` is set.
+"""
+
+import argparse
+import hmac
+import html
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse
+
+from schemas.notify import (
+    AcknowledgeIn,
+    AckOut,
+    CareTeamIn,
+    EscalationPolicyIn,
+    OnCallOut,
+    OverrideIn,
+    PersonIn,
+    ScheduleIn,
+    SnoozeIn,
+)
+from services.notify.adapters.escalation_store import PostgresEscalationStore
+from services.notify.adapters.twilio import twilio_signature
+from services.notify.domain.ack_token import InvalidAckToken
+from services.notify.domain.schedule import on_call_at
+from services.notify.service_layer.escalation import AckOutcome, AckResult, EscalationService
+from services.notify.settings import NotifySettings
+from vigil.runtime import utcnow
+
+
+def create_app(
+    settings: NotifySettings,
+    *,
+    service: EscalationService | None = None,
+    pool: Any = None,
+) -> FastAPI:
+    """The API over ``pool`` and ``service``; both are built at start-up when not given."""
+    state: dict[str, Any] = {"service": service, "pool": pool}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        owned: list[Any] = []
+        if state["pool"] is None or state["service"] is None:
+            # Imported here: app imports this module to serve the API in-process.
+            from services.notify.app import build_escalation, open_pool
+
+            if state["pool"] is None:
+                state["pool"] = await open_pool(settings)
+                owned.append(state["pool"])
+            if state["service"] is None:
+                state["service"], closers = build_escalation(settings, state["pool"])
+                owned.extend(closers)
+        try:
+            yield
+        finally:
+            for resource in reversed(owned):
+                closer = getattr(resource, "aclose", None) or resource.close
+                await closer()
+
+    app = FastAPI(title="Vigil notify", version="1", lifespan=lifespan)
+
+    def get_service() -> EscalationService:
+        value: EscalationService = state["service"]
+        return value
+
+    def get_pool() -> Any:
+        return state["pool"]
+
+    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+        if settings.api_token is None:
+            return
+        expected = f"Bearer {settings.api_token.get_secret_value()}"
+        if authorization is None or not hmac.compare_digest(authorization, expected):
+            raise HTTPException(status_code=401, detail="bearer token required")
+
+    Service = Annotated[EscalationService, Depends(get_service)]
+    Pool = Annotated[Any, Depends(get_pool)]
+    managed = [Depends(require_token)]
+
+    # -- registry -----------------------------------------------------------------------------
+
+    @app.put("/care-teams/{care_team_id}", dependencies=managed, status_code=204)
+    async def put_care_team(care_team_id: str, body: CareTeamIn, pool: Pool) -> None:
+        _same(care_team_id, body.care_team_id)
+        await pool.execute(
+            """
+            INSERT INTO care_teams (care_team_id, name, oncall_email, timezone)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (care_team_id) DO UPDATE
+                SET name = EXCLUDED.name, oncall_email = EXCLUDED.oncall_email,
+                    timezone = EXCLUDED.timezone
+            """,
+            body.care_team_id,
+            body.name,
+            body.oncall_email,
+            body.timezone,
+        )
+
+    @app.put("/people/{person_id}", dependencies=managed, status_code=204)
+    async def put_person(person_id: str, body: PersonIn, pool: Pool) -> None:
+        _same(person_id, body.person_id)
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO people (person_id, name, care_team_id) VALUES ($1, $2, $3)
+                ON CONFLICT (person_id) DO UPDATE
+                    SET name = EXCLUDED.name, care_team_id = EXCLUDED.care_team_id
+                """,
+                body.person_id,
+                body.name,
+                body.care_team_id,
+            )
+            await conn.execute("DELETE FROM contact_methods WHERE person_id = $1", person_id)
+            await conn.executemany(
+                "INSERT INTO contact_methods (person_id, rank, channel, address) "
+                "VALUES ($1, $2, $3, $4)",
+                [
+                    (person_id, rank, method.channel, method.address)
+                    for rank, method in enumerate(body.contact_methods)
+                ],
+            )
+
+    @app.get("/people/{person_id}", dependencies=managed)
+    async def get_person(person_id: str, pool: Pool) -> dict[str, Any]:
+        row = await pool.fetchrow("SELECT * FROM people WHERE person_id = $1", person_id)
+        if row is None:
+            raise HTTPException(status_code=404, detail="no such person")
+        methods = await pool.fetch(
+            "SELECT channel, address FROM contact_methods WHERE person_id = $1 ORDER BY rank",
+            person_id,
+        )
+        return {
+            "person_id": row["person_id"],
+            "name": row["name"],
+            "care_team_id": row["care_team_id"],
+            "contact_methods": [dict(m) for m in methods],
+        }
+
+    @app.put("/schedules/{schedule_id}", dependencies=managed, status_code=204)
+    async def put_schedule(schedule_id: str, body: ScheduleIn, pool: Pool) -> None:
+        _same(schedule_id, body.schedule_id)
+        await pool.execute(
+            """
+            INSERT INTO oncall_schedules (schedule_id, care_team_id, name, timezone, start_date,
+                                          handoff_time, shift_days, participants)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            ON CONFLICT (schedule_id) DO UPDATE
+                SET care_team_id = EXCLUDED.care_team_id, name = EXCLUDED.name,
+                    timezone = EXCLUDED.timezone, start_date = EXCLUDED.start_date,
+                    handoff_time = EXCLUDED.handoff_time, shift_days = EXCLUDED.shift_days,
+                    participants = EXCLUDED.participants
+            """,
+            body.schedule_id,
+            body.care_team_id,
+            body.name,
+            body.timezone,
+            body.start_date,
+            body.handoff_time,
+            body.shift_days,
+            list(body.participants),
+        )
+
+    @app.post("/schedules/{schedule_id}/overrides", dependencies=managed, status_code=201)
+    async def post_override(schedule_id: str, body: OverrideIn, pool: Pool) -> dict[str, str]:
+        override_id = uuid.uuid4()
+        await pool.execute(
+            "INSERT INTO oncall_overrides (override_id, schedule_id, person_id, starts_at, "
+            "ends_at) VALUES ($1, $2, $3, $4, $5)",
+            override_id,
+            schedule_id,
+            body.person_id,
+            body.starts_at,
+            body.ends_at,
+        )
+        return {"override_id": str(override_id)}
+
+    @app.get("/schedules/{schedule_id}/oncall", dependencies=managed)
+    async def get_oncall(schedule_id: str, pool: Pool, at: datetime | None = None) -> OnCallOut:
+        when = at or utcnow()
+        if when.tzinfo is None:
+            raise HTTPException(status_code=422, detail="at must carry a UTC offset")
+        rotation = await PostgresEscalationStore(pool).rotation(schedule_id)
+        if rotation is None:
+            raise HTTPException(status_code=404, detail="no such schedule")
+        return OnCallOut(schedule_id=schedule_id, at=when, person_id=on_call_at(rotation, when))
+
+    @app.put("/care-teams/{care_team_id}/escalation-policy", dependencies=managed, status_code=204)
+    async def put_policy(care_team_id: str, body: EscalationPolicyIn, pool: Pool) -> None:
+        steps = [
+            {
+                "wait_s": round(step.wait_minutes * 60),
+                "targets": [{"kind": t.kind, "ref": t.ref} for t in step.targets],
+            }
+            for step in body.steps
+        ]
+        await pool.execute(
+            """
+            INSERT INTO escalation_policies (policy_id, care_team_id, name, steps, repeat_count,
+                                             updated_at)
+            VALUES ($1, $2, $3, $4::jsonb, $5, now())
+            ON CONFLICT (care_team_id) DO UPDATE
+                SET policy_id = EXCLUDED.policy_id, name = EXCLUDED.name, steps = EXCLUDED.steps,
+                    repeat_count = EXCLUDED.repeat_count, updated_at = now()
+            """,
+            body.policy_id,
+            care_team_id,
+            body.name,
+            json.dumps(steps),
+            body.repeat_count,
+        )
+
+    # -- alerts -------------------------------------------------------------------------------
+
+    @app.get("/alerts/{dedup_key}/timeline", dependencies=managed)
+    async def get_timeline(dedup_key: str, pool: Pool) -> dict[str, Any]:
+        timeline = await PostgresEscalationStore(pool).timeline(dedup_key)
+        if timeline is None:
+            raise HTTPException(status_code=404, detail="no escalation for this alert")
+        return timeline
+
+    @app.post("/alerts/{dedup_key}/acknowledge", dependencies=managed)
+    async def acknowledge(
+        dedup_key: str, body: AcknowledgeIn, service: Service, pool: Pool
+    ) -> AckOut:
+        escalation_id = await PostgresEscalationStore(pool).escalation_id_for(dedup_key)
+        if escalation_id is None:
+            raise HTTPException(status_code=404, detail="no escalation for this alert")
+        return _ack_out(await service.acknowledge(escalation_id, by=body.by, via="api"))
+
+    @app.post("/alerts/{dedup_key}/snooze", dependencies=managed, status_code=204)
+    async def snooze(dedup_key: str, body: SnoozeIn, service: Service, pool: Pool) -> None:
+        escalation_id = await PostgresEscalationStore(pool).escalation_id_for(dedup_key)
+        if escalation_id is None:
+            raise HTTPException(status_code=404, detail="no escalation for this alert")
+        until = utcnow() + timedelta(minutes=body.minutes)
+        await service.snooze(escalation_id, until=until, by=body.by)
+
+    # -- acknowledgement links ----------------------------------------------------------------
+
+    @app.get("/ack/{token}", response_class=HTMLResponse)
+    async def ack_page(token: str, service: Service) -> HTMLResponse:
+        # A GET only shows a button: mail scanners that open every link must not acknowledge.
+        try:
+            service.check_token(token)
+        except InvalidAckToken as exc:
+            return HTMLResponse(_html(f"This link cannot be used: {_esc(exc)}."), status_code=410)
+        form = (
+            f'<form method="post" action="/ack/{html.escape(token)}">'
+            '<button type="submit" style="font-size:2em">Acknowledge</button></form>'
+        )
+        return HTMLResponse(_html("Acknowledge this page and stop further escalation?" + form))
+
+    @app.post("/ack/{token}", response_class=HTMLResponse)
+    async def ack_link(token: str, service: Service) -> HTMLResponse:
+        result = await service.acknowledge_token(token)
+        if result.outcome is AckOutcome.ACKNOWLEDGED:
+            return HTMLResponse(_html("Acknowledged. Escalation stopped."))
+        if result.outcome is AckOutcome.ALREADY:
+            return HTMLResponse(_html(f"Already acknowledged by {_esc(result.detail)}."))
+        return HTMLResponse(_html(f"Not acknowledged: {_esc(result.detail)}."), status_code=410)
+
+    # -- Twilio webhooks ----------------------------------------------------------------------
+
+    async def twilio_form(request: Request) -> dict[str, str]:
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        token = settings.twilio_auth_token
+        if token is not None:
+            url = settings.public_base_url.rstrip("/") + request.url.path
+            expected = twilio_signature(token.get_secret_value(), url, form)
+            given = request.headers.get("X-Twilio-Signature", "")
+            if not hmac.compare_digest(given, expected):
+                raise HTTPException(status_code=403, detail="bad Twilio signature")
+        return form
+
+    TwilioForm = Annotated[dict[str, str], Depends(twilio_form)]
+
+    @app.post("/twilio/sms")
+    async def sms_reply(form: TwilioForm, service: Service) -> Response:
+        result = await service.acknowledge_sms(
+            sender=form.get("From", ""), body=form.get("Body", "")
+        )
+        text = {
+            AckOutcome.ACKNOWLEDGED: "Acknowledged. Escalation stopped.",
+            AckOutcome.ALREADY: f"Already acknowledged by {result.detail}.",
+        }.get(result.outcome, f"Not acknowledged: {result.detail}.")
+        twiml = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f"<Response><Message>{html.escape(text)}</Message></Response>"
+        )
+        return Response(content=twiml, media_type="application/xml")
+
+    @app.post("/twilio/status", status_code=204)
+    async def sms_status(form: TwilioForm, service: Service) -> None:
+        await service.sms_status(
+            message_sid=form.get("MessageSid", ""),
+            status=form.get("MessageStatus", ""),
+            error_code=form.get("ErrorCode"),
+        )
+
+    return app
+
+
+def _same(path_id: str, body_id: str) -> None:
+    if path_id != body_id:
+        raise HTTPException(status_code=422, detail="id in the path and the body differ")
+
+
+def _ack_out(result: AckResult) -> AckOut:
+    if result.outcome is AckOutcome.NOT_FOUND:
+        raise HTTPException(status_code=404, detail="no escalation for this alert")
+    return AckOut(
+        outcome=result.outcome.value,
+        escalation_id=None if result.escalation_id is None else str(result.escalation_id),
+        detail=result.detail,
+    )
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _html(body: str) -> str:
+    return (
+        '<!doctype html><html><head><meta name="viewport" content="width=device-width">'
+        f"<title>Vigil</title></head><body><p>{body}</p></body></html>"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vigil notify-api``: serve the API alone (the notify service keeps paging)."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="vigil-notify-api")
+    parser.add_argument("--host", help="overrides VIGIL_NOTIFY_API_HOST")
+    parser.add_argument("--port", type=int, help="overrides VIGIL_NOTIFY_API_PORT")
+    args = parser.parse_args(argv)
+    settings = NotifySettings()
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_level=settings.log_level.lower(),
+    )
+    return 0

@@ -1,0 +1,600 @@
+"""Escalation use cases: open a chain for an alert, tick it, deliver its pages, acknowledge it.
+
+Owns the order of the steps around the pure engine (``domain.escalation``) and the channel
+failover rule (``domain.channel_failover``): record the alert, freeze the policy, fire due steps,
+claim due pages, compose them for their channel, send, record the outcome. Timers and page jobs
+live in PostgreSQL (the store), so a restarted process continues where the last one stopped.
+It never logs a page's content (PHI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+from uuid import UUID
+
+from schemas.events import (
+    Alert,
+    AlertKind,
+    AlertPhase,
+    AlertPriority,
+    AlertState,
+    Evidence,
+)
+from services.notify.domain.ack_token import (
+    AckClaim,
+    InvalidAckToken,
+    sign_ack_token,
+    token_digest,
+    verify_ack_token,
+)
+from services.notify.domain.channel_failover import (
+    AttemptVerdict,
+    GiveUp,
+    NextChannel,
+    after_attempt,
+)
+from services.notify.domain.escalation import (
+    Acknowledge,
+    EscalationEvent,
+    EscalationState,
+    PolicySnapshot,
+    Resolve,
+    Snooze,
+    StepSnapshot,
+    Target,
+    Tick,
+    TimelineEntry,
+    Transition,
+    Worsen,
+)
+from services.notify.domain.heartbeat import PipelineVerdict, pipeline_verdict
+from services.notify.domain.message import compose_page_email, compose_sms_text, pagerduty_event
+from services.notify.domain.routing import PagePurpose
+from services.notify.service_layer.ports import (
+    FALLBACK_PREFIX,
+    NotifyRepository,
+    PageJob,
+    PageSender,
+    SendOutcome,
+)
+from vigil.runtime import log_fields
+
+log = logging.getLogger("vigil.notify.escalation")
+
+# The alert code the rules service gives a pipeline heartbeat (see docs/notify.md).
+HEARTBEAT_CODE = "pipeline.heartbeat"
+PIPELINE_SILENT_CODE = "pipeline.silent"
+
+
+class SmsChannel(Protocol):
+    async def send_sms(self, *, to: str, body: str) -> SendOutcome: ...
+
+    async def find_sent(self, *, to: str, reference: str, since: datetime) -> str | None: ...
+
+
+class WebhookChannel(Protocol):
+    async def enqueue(self, event: dict[str, object]) -> SendOutcome: ...
+
+
+class EscalationStore(Protocol):
+    """Implemented by ``adapters.escalation_store.PostgresEscalationStore``."""
+
+    async def team_of_patient(self, patient_id: str) -> str | None: ...
+    async def load_policy(self, care_team_id: str) -> PolicySnapshot | None: ...
+    async def open_and_fire(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        lease_s: float,
+    ) -> tuple[UUID | None, list[PageJob]]: ...
+    async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
+    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
+    async def apply(
+        self, escalation_id: UUID, event: EscalationEvent, *, at: datetime
+    ) -> Transition | None: ...
+    async def tick_due(
+        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
+    ) -> int: ...
+    async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]: ...
+    async def record_outcomes(
+        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
+    ) -> None: ...
+    async def open_paged_to(self, channel: str, address: str) -> UUID | None: ...
+    async def person_for_address(self, channel: str, address: str) -> str | None: ...
+    async def spend_token(self, digest: str, at: datetime) -> bool: ...
+    async def state_of(self, escalation_id: UUID) -> EscalationState | None: ...
+    async def heartbeat_seen(self, source: str, at: datetime) -> None: ...
+    async def watch_source(self, source: str, at: datetime) -> None: ...
+    async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None: ...
+    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None: ...
+    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]: ...
+    async def mark_silent(self, source: str, since: datetime | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationConfig:
+    sender_address: str
+    public_base_url: str
+    ack_secret: bytes
+    ack_link_ttl_s: float = 24 * 3600
+    max_tries_per_channel: int = 3
+    retry_base_s: float = 2.0
+    retry_cap_s: float = 60.0
+    # A claimed page not recorded within this time is taken to be cut short by a crash.
+    send_lease_s: float = 60.0
+    pagerduty_enabled: bool = True
+    batch: int = 200
+    max_concurrent_sends: int = 32
+    heartbeat_timeout_s: float = 120.0
+    technical_care_team_id: str | None = None
+    fallback_email: str = "vigil-oncall-fallback@localhost"
+
+
+class AckOutcome(StrEnum):
+    ACKNOWLEDGED = "acknowledged"
+    ALREADY = "already_acknowledged"
+    NOT_FOUND = "not_found"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    outcome: AckOutcome
+    escalation_id: UUID | None = None
+    detail: str | None = None
+
+
+class EscalationService:
+    def __init__(
+        self,
+        *,
+        store: EscalationStore,
+        alerts: NotifyRepository,
+        email: PageSender,
+        sms: SmsChannel | None,
+        webhook: WebhookChannel | None,
+        config: EscalationConfig,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._alerts = alerts
+        self._email = email
+        self._sms = sms
+        self._webhook = webhook
+        self._config = config
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        # Caps open provider connections: a burst of pages must not open hundreds at once.
+        self._sending = asyncio.Semaphore(config.max_concurrent_sends)
+
+    # -- alerts in ----------------------------------------------------------------------------
+
+    async def handle_alert(self, alert: Alert) -> bool:
+        """Take the alert into an escalation; False when the legacy single page should handle it.
+
+        Heartbeats are always taken (they are recorded, never paged). A start phase is taken when
+        the patient's care team has an escalation policy; later phases when their episode has an
+        escalation.
+        """
+        now = self._clock()
+        if alert.code == HEARTBEAT_CODE:
+            await self._store.heartbeat_seen(alert.device_id, alert.device_time)
+            return True
+        if alert.phase is AlertPhase.START:
+            existing = await self._store.escalation_id_for(alert.dedup_key)
+            if existing is not None:
+                await self._alerts.record_alert(alert)
+                return True
+            team = await self._store.team_of_patient(alert.patient_id)
+            if team is None:
+                return False
+            snapshot = await self._store.load_policy(team)
+            if snapshot is None:
+                return False
+            await self._alerts.record_alert(alert)
+            await self._open(alert, team, snapshot, now)
+            return True
+        escalation_id = await self._store.escalation_id_for(alert.dedup_key)
+        if escalation_id is None:
+            return False
+        await self._alerts.record_alert(alert)
+        if alert.phase is AlertPhase.END:
+            await self._store.apply(escalation_id, Resolve(at=now), at=now)
+        elif alert.phase is AlertPhase.ESCALATE:
+            await self._store.apply(escalation_id, Worsen(at=now), at=now)
+        else:
+            # continue / de-escalate: the open thread is updated in the timeline, nobody is paged.
+            await self._store.note(
+                escalation_id,
+                now,
+                TimelineEntry(
+                    "phase", {"phase": alert.phase.value, "alert_id": str(alert.alert_id)}
+                ),
+            )
+        await self.deliver_due()
+        return True
+
+    async def _open(
+        self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
+    ) -> UUID | None:
+        escalation_id, jobs = await self._store.open_and_fire(
+            alert, care_team_id=team, snapshot=snapshot, at=now, lease_s=self._config.send_lease_s
+        )
+        if escalation_id is None:
+            return None
+        log.info(
+            "escalation_opened",
+            extra=log_fields(
+                escalation_id=str(escalation_id),
+                alert_id=str(alert.alert_id),
+                care_team_id=team,
+                policy_id=snapshot.policy_id,
+            ),
+        )
+        # The first step fired with the open; its pages are claimed for this call, so the first
+        # attempt waits for neither the ticker nor the delivery loop.
+        await self._deliver_batch(jobs)
+        return escalation_id
+
+    # -- acknowledgement and snooze -----------------------------------------------------------
+
+    async def acknowledge(self, escalation_id: UUID, *, by: str, via: str) -> AckResult:
+        now = self._clock()
+        transition = await self._store.apply(
+            escalation_id, Acknowledge(by=by, at=now, via=via), at=now
+        )
+        if transition is None:
+            return AckResult(AckOutcome.NOT_FOUND)
+        if any(entry.kind == "ack_repeated" for entry in transition.timeline):
+            return AckResult(AckOutcome.ALREADY, escalation_id, transition.state.acknowledged_by)
+        log.info(
+            "escalation_acknowledged",
+            extra=log_fields(escalation_id=str(escalation_id), by=by, via=via),
+        )
+        return AckResult(AckOutcome.ACKNOWLEDGED, escalation_id, by)
+
+    def ack_link(self, escalation_id: UUID, recipient: str) -> str:
+        claim = AckClaim(
+            escalation_id=escalation_id,
+            recipient=recipient,
+            expires_at=self._clock() + timedelta(seconds=self._config.ack_link_ttl_s),
+        )
+        token = sign_ack_token(claim, self._config.ack_secret)
+        return f"{self._config.public_base_url.rstrip('/')}/ack/{token}"
+
+    def check_token(self, token: str) -> AckClaim:
+        return verify_ack_token(token, self._config.ack_secret, now=self._clock())
+
+    async def acknowledge_token(self, token: str) -> AckResult:
+        try:
+            claim = self.check_token(token)
+        except InvalidAckToken as exc:
+            return AckResult(AckOutcome.REFUSED, detail=str(exc))
+        if not await self._store.spend_token(token_digest(token), self._clock()):
+            return AckResult(AckOutcome.REFUSED, claim.escalation_id, "link already used")
+        return await self.acknowledge(claim.escalation_id, by=claim.recipient, via="link")
+
+    async def acknowledge_sms(self, *, sender: str, body: str) -> AckResult:
+        """An SMS reply: "1" (or "ack") acknowledges the latest open page sent to that number."""
+        if body.strip().lower() not in ("1", "ack", "ok"):
+            return AckResult(AckOutcome.REFUSED, detail="reply 1 to acknowledge")
+        escalation_id = await self._store.open_paged_to("sms", sender)
+        if escalation_id is None:
+            return AckResult(AckOutcome.NOT_FOUND, detail="no open page for this number")
+        person = await self._store.person_for_address("sms", sender)
+        by = f"person:{person}" if person is not None else f"sms:{sender}"
+        return await self.acknowledge(escalation_id, by=by, via="sms")
+
+    async def snooze(self, escalation_id: UUID, *, until: datetime, by: str) -> bool:
+        now = self._clock()
+        transition = await self._store.apply(
+            escalation_id, Snooze(until=until, at=now, by=by), at=now
+        )
+        self._wakeup.set()
+        return transition is not None
+
+    # -- the clock ----------------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Fire every step that is due now; returns how many escalations moved."""
+        total = 0
+        while True:
+            fired = await self._store.tick_due(
+                self._clock(), limit=self._config.batch, event_for=lambda now: Tick(now=now)
+            )
+            total += fired
+            if fired < self._config.batch:
+                return total
+
+    async def deliver_due(self, *, max_batches: int | None = None) -> int:
+        """Send the pages that are due (all, or ``max_batches`` batches); returns how many."""
+        total, batches = 0, 0
+        while max_batches is None or batches < max_batches:
+            batches += 1
+            jobs = await self._store.claim_pages(
+                self._clock(), limit=self._config.batch, lease_s=self._config.send_lease_s
+            )
+            if not jobs:
+                return total
+            await self._deliver_batch(jobs)
+            total += len(jobs)
+        return total
+
+    async def _deliver_batch(self, jobs: list[PageJob]) -> None:
+        if not jobs:
+            return
+        outcomes = await asyncio.gather(*(self._deliver_bounded(job) for job in jobs))
+        results = [
+            (job, outcome, self._verdict(job, outcome), "sent" if outcome.accepted else "failed")
+            for job, outcome in zip(jobs, outcomes, strict=True)
+        ]
+        await self._store.record_outcomes(results, at=self._clock())
+        if any(isinstance(verdict, NextChannel | GiveUp) for _, _, verdict, _ in results):
+            # The failover page is due now: send it without waiting for the next round.
+            await self.deliver_due(max_batches=1)
+
+    async def _deliver_bounded(self, job: PageJob) -> SendOutcome:
+        async with self._sending:
+            return await self._deliver(job)
+
+    async def _deliver(self, job: PageJob) -> SendOutcome:
+        if job.was_sending:
+            reconciled = await self._reconcile(job)
+            if reconciled is not None:
+                return reconciled
+        try:
+            return await self._send(job)
+        except Exception as exc:
+            log.exception("page_send_crashed", extra=log_fields(page_id=str(job.page.page_id)))
+            return SendOutcome(accepted=False, detail=f"{type(exc).__name__}: {exc}")
+
+    def _verdict(self, job: PageJob, outcome: SendOutcome) -> AttemptVerdict:
+        return after_attempt(
+            accepted=outcome.accepted,
+            permanent=outcome.permanent,
+            tries=job.tries + 1,
+            max_tries=self._config.max_tries_per_channel,
+            has_next_channel=job.has_next_channel,
+            base_s=self._config.retry_base_s,
+            cap_s=self._config.retry_cap_s,
+        )
+
+    async def _reconcile(self, job: PageJob) -> SendOutcome | None:
+        """A page a crashed run may have sent: find out before sending it again.
+
+        SMS: ask the provider by the reference in the body. E-mail and PagerDuty: send again;
+        the stable Message-ID and the dedup_key fold the duplicate on the receiving side.
+        """
+        if job.page.channel != "sms" or self._sms is None:
+            return None
+        since = job.updated_at or job.page.created_at
+        try:
+            sid = await self._sms.find_sent(
+                to=job.page.recipient, reference=sms_reference(job), since=since
+            )
+        except Exception as exc:
+            log.warning(
+                "sms_reconcile_failed",
+                extra=log_fields(page_id=str(job.page.page_id), error=type(exc).__name__),
+            )
+            return None
+        if sid is None:
+            return None
+        return SendOutcome(
+            accepted=True, detail="reconciled: provider had accepted it", provider_id=sid
+        )
+
+    async def _send(self, job: PageJob) -> SendOutcome:
+        page = job.page
+        ack_url = (
+            None
+            if job.purpose is PagePurpose.ALL_CLEAR
+            else self.ack_link(job.escalation_id, job.recipient_ref)
+        )
+        if page.channel == "email":
+            message = compose_page_email(
+                job.alert,
+                page,
+                sender=self._config.sender_address,
+                composed_at=self._clock(),
+                purpose=job.purpose,
+                ack_url=ack_url,
+                route_detail=(
+                    "the escalation could not reach anyone else"
+                    if job.recipient_ref.startswith(FALLBACK_PREFIX)
+                    else None
+                ),
+            )
+            return await self._email.send(message, recipient=page.recipient)
+        if page.channel == "sms":
+            if self._sms is None:
+                return SendOutcome(
+                    accepted=False, detail="sms channel not configured", refused_for_good=True
+                )
+            body = compose_sms_text(job.alert, job.purpose, reference=sms_reference(job))
+            return await self._sms.send_sms(to=page.recipient, body=body)
+        if self._webhook is None:
+            return SendOutcome(
+                accepted=False, detail="webhook channel not configured", refused_for_good=True
+            )
+        event = pagerduty_event(
+            job.alert, job.purpose, routing_key=page.recipient, dedup_key=job.alert.dedup_key
+        )
+        return await self._webhook.enqueue(event)
+
+    async def sms_status(self, *, message_sid: str, status: str, error_code: str | None) -> bool:
+        """Twilio's status callback: a delivered receipt, or a failure that moves to the next
+        channel. Intermediate statuses (queued, sending, sent) only confirm what is recorded."""
+        now = self._clock()
+        job = await self._store.job_for_provider_ref(message_sid, now)
+        if job is None:
+            return False
+        if status == "delivered":
+            await self._store.record_receipt(job, status="delivered", at=now)
+        elif status in ("failed", "undelivered"):
+            outcome = SendOutcome(
+                accepted=False,
+                detail=f"twilio {status} (error {error_code})",
+                provider_id=message_sid,
+                # The carrier gave up on this message: resending the same SMS rarely helps.
+                refused_for_good=True,
+            )
+            await self._store.record_outcomes(
+                [(job, outcome, self._verdict(job, outcome), "failed")], at=now
+            )
+            await self.deliver_due()
+        return True
+
+    # -- pipeline self-watch ------------------------------------------------------------------
+
+    async def check_heartbeat(self) -> list[tuple[str, PipelineVerdict]]:
+        now = self._clock()
+        verdicts: list[tuple[str, PipelineVerdict]] = []
+        for source, last_seen, silent_since in await self._store.heartbeats():
+            verdict = pipeline_verdict(
+                last_seen_at=last_seen,
+                silent_since=silent_since,
+                now=now,
+                timeout_s=self._config.heartbeat_timeout_s,
+            )
+            verdicts.append((source, verdict))
+            if verdict is PipelineVerdict.WENT_SILENT:
+                await self._page_silence(source, last_seen, now)
+            elif verdict is PipelineVerdict.RECOVERED and silent_since is not None:
+                await self._clear_silence(source, last_seen, silent_since, now)
+        return verdicts
+
+    async def _page_silence(self, source: str, last_seen: datetime, now: datetime) -> None:
+        alert = silence_alert(
+            source, last_seen, now, AlertPhase.START, self._config.heartbeat_timeout_s
+        )
+        await self._alerts.record_alert(alert)
+        team = self._config.technical_care_team_id
+        snapshot = None if team is None else await self._store.load_policy(team)
+        if snapshot is None:
+            snapshot = PolicySnapshot(
+                policy_id="technical-fallback",
+                steps=(StepSnapshot(targets=(Target("email", ""),), wait_s=0),),
+                repeat_count=0,
+                schedules={},
+            )
+        # mark first: a crash after it re-pages nothing, a crash before it re-pages once
+        # (the escalation's dedup key makes the second open a no-op).
+        await self._open(alert, team or "technical", snapshot, now)
+        await self._store.mark_silent(source, alert.device_time)
+        log.error("pipeline_silent", extra=log_fields(source=source))
+
+    async def _clear_silence(
+        self, source: str, last_seen: datetime, silent_since: datetime, now: datetime
+    ) -> None:
+        alert = silence_alert(
+            source, silent_since, now, AlertPhase.END, self._config.heartbeat_timeout_s
+        )
+        escalation_id = await self._store.escalation_id_for(alert.dedup_key)
+        if escalation_id is not None:
+            await self._alerts.record_alert(alert)
+            await self._store.apply(escalation_id, Resolve(at=now), at=now)
+            await self.deliver_due()
+        await self._store.mark_silent(source, None)
+        log.info("pipeline_recovered", extra=log_fields(source=source))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, stop: asyncio.Event, *, interval_s: float = 1.0) -> None:
+        """Tick and watch the heartbeat, and deliver pages, until ``stop``.
+
+        Two loops, so a slow channel never holds the clock back: a step falls due on time even
+        while the pages of earlier steps are still being sent.
+        """
+        async with asyncio.TaskGroup() as loops:
+            loops.create_task(self._loop(stop, interval_s, self._clock_round))
+            loops.create_task(self._loop(stop, interval_s, self._delivery_round))
+
+    async def _clock_round(self) -> bool:
+        if await self.tick():
+            self._wakeup.set()  # new pages are queued: wake the delivery loop
+        await self.check_heartbeat()
+        return False
+
+    async def _delivery_round(self) -> bool:
+        """One batch; True when it was full, so the loop goes on without waiting."""
+        return await self.deliver_due(max_batches=1) >= self._config.batch
+
+    async def _loop(
+        self, stop: asyncio.Event, interval_s: float, round_: Callable[[], Awaitable[bool]]
+    ) -> None:
+        while not stop.is_set():
+            try:
+                if await round_():
+                    continue  # more is due right now; stop is checked between rounds
+            except Exception:
+                # The database may be restarting; the timers are in it, so nothing is lost by
+                # trying again on the next round.
+                log.exception("escalation_round_failed")
+            try:
+                async with asyncio.timeout(interval_s):
+                    await _first(stop.wait(), self._wakeup.wait())
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+
+
+async def _first(*awaitables: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sms_reference(job: PageJob) -> str:
+    """A short reference written into the SMS, unique per page."""
+    return job.page.page_id.hex[:10].upper()
+
+
+def silence_alert(
+    source: str, since: datetime, now: datetime, phase: AlertPhase, timeout_s: float
+) -> Alert:
+    """The alert notify raises itself when the heartbeat from ``source`` stops arriving."""
+    dedup_key = f"pipeline:silent:{source}:{int(since.timestamp())}"
+    return Alert(
+        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:alert:{dedup_key}:{phase.value}"),
+        dedup_key=dedup_key,
+        patient_id="pipeline",
+        device_id=source,
+        kind=AlertKind.TECHNICAL,
+        code=PIPELINE_SILENT_CODE,
+        priority=AlertPriority.HIGH,
+        phase=phase,
+        state=AlertState.ACTIVE if phase is AlertPhase.START else AlertState.INACTIVE,
+        title=f"Pipeline silent: no heartbeat from {source} for over {int(timeout_s)} s",
+        device_time=since,
+        ingest_time=now,
+        evidence=(
+            Evidence(
+                name="heartbeat_age_s",
+                value=(now - since).total_seconds(),
+                unit="s",
+                limit=timeout_s,
+                comparator=">",
+                device_time=since,
+            ),
+        ),
+        rule_id="notify.heartbeat",
+        rule_version="1",
+    )

@@ -1,0 +1,574 @@
+"""Escalation end to end inside notify: real PostgreSQL, a real SMTP server (aiosmtpd), local
+Twilio- and PagerDuty-shaped HTTP servers, the FastAPI API in-process, and an injected clock.
+
+Every test registers its own care team, people and patient (unique ids per run) and asserts only
+on its own rows, so tests share the stack's database with everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import Message
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from schemas.events import (
+    Alert,
+    AlertKind,
+    AlertPhase,
+    AlertPriority,
+    AlertState,
+    Evidence,
+)
+from services.notify.adapters.escalation_store import PostgresEscalationStore
+from services.notify.adapters.pagerduty import PagerDutyEvents
+from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.smtp import SmtpSender
+from services.notify.adapters.twilio import TwilioSms
+from services.notify.api import create_app
+from services.notify.service_layer.escalation import (
+    HEARTBEAT_CODE,
+    EscalationConfig,
+    EscalationService,
+)
+from services.notify.settings import NotifySettings
+from services.notify.testing import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
+from vigil.db.migrate import apply_migrations
+
+pytestmark = pytest.mark.stack
+
+T0 = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
+SECRET = b"integration-test-ack-secret-0123456789"
+
+
+@pytest.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[Any]:
+    await apply_migrations(pg_dsn)
+    connections = await asyncpg.create_pool(pg_dsn, min_size=2, max_size=8)
+    try:
+        yield connections
+    finally:
+        await connections.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def twilio() -> Iterator[TwilioLikeServer]:
+    with TwilioLikeServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pagerduty() -> Iterator[PagerDutyLikeServer]:
+    with PagerDutyLikeServer() as server:
+        yield server
+
+
+@dataclass
+class Rig:
+    """One notify instance (service + API) over the shared database and the local providers."""
+
+    pool: Any
+    clock: ManualClock
+    service: EscalationService
+    api: httpx.AsyncClient
+    smtp: SmtpSink
+    twilio: TwilioLikeServer
+    pagerduty: PagerDutyLikeServer
+    tag: str
+    closers: list[Any]
+
+    def new_instance(self, store: Any = None) -> EscalationService:
+        """Another notify process over the same database (a restart)."""
+        return _service(self.pool, self.clock, self.smtp, self.twilio, self.pagerduty, store)
+
+
+def _service(
+    pool: Any,
+    clock: ManualClock,
+    smtp: SmtpSink,
+    twilio: TwilioLikeServer,
+    pagerduty: PagerDutyLikeServer,
+    store: Any = None,
+) -> EscalationService:
+    return EscalationService(
+        store=store or PostgresEscalationStore(pool),
+        alerts=PostgresNotifyRepository(pool),
+        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
+        sms=TwilioSms(
+            base_url=twilio.url,
+            account_sid=twilio.account_sid,
+            auth_token=twilio.auth_token,
+            from_number="+15550000000",
+        ),
+        webhook=PagerDutyEvents(base_url=pagerduty.url),
+        config=EscalationConfig(
+            sender_address="vigil@localhost",
+            public_base_url="http://notify.test",
+            ack_secret=SECRET,
+            max_tries_per_channel=2,
+            retry_base_s=1,
+            retry_cap_s=4,
+            send_lease_s=30,
+            heartbeat_timeout_s=60,
+        ),
+        clock=clock,
+    )
+
+
+@pytest.fixture
+async def rig(
+    pool: Any, smtp: SmtpSink, twilio: TwilioLikeServer, pagerduty: PagerDutyLikeServer
+) -> AsyncIterator[Rig]:
+    clock = ManualClock(T0)
+    service = _service(pool, clock, smtp, twilio, pagerduty)
+    app = create_app(NotifySettings(), service=service, pool=pool)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://notify.test"
+        ) as api:
+            yield Rig(pool, clock, service, api, smtp, twilio, pagerduty, tag, [])
+    finally:
+        await _close_escalations(pool, f"CT-{tag}")
+
+
+async def _close_escalations(pool: Any, care_team_id: str) -> None:
+    """Stop this test's chains: tickers of later tests and of the e2e notify share the table."""
+    await pool.execute(
+        """
+        WITH closed AS (
+            UPDATE escalations SET status = 'resolved', due_at = NULL
+            WHERE care_team_id = $1 RETURNING escalation_id
+        )
+        UPDATE pages SET status = 'cancelled', next_attempt_at = NULL
+        WHERE escalation_id IN (SELECT escalation_id FROM closed)
+          AND status IN ('queued', 'failed', 'sending')
+        """,
+        care_team_id,
+    )
+
+
+async def _put(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
+    response = await api.put(path, json=body)
+    assert response.status_code == 204, response.text
+
+
+async def _team(
+    rig: Rig, *, people: dict[str, list[dict[str, str]]], steps: Any, repeat: int = 0
+) -> tuple[str, str]:
+    """A care team with a nurse rotation, the given people and policy; returns (team, patient)."""
+    team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
+    await _put(
+        rig.api,
+        f"/care-teams/{team}",
+        {"care_team_id": team, "name": "Onc", "oncall_email": f"fallback-{rig.tag}@h.test"},
+    )
+    for person, methods in people.items():
+        await _put(
+            rig.api,
+            f"/people/{person}-{rig.tag}",
+            {
+                "person_id": f"{person}-{rig.tag}",
+                "name": person,
+                "care_team_id": team,
+                "contact_methods": methods,
+            },
+        )
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+    )
+    await _put(
+        rig.api,
+        f"/care-teams/{team}/escalation-policy",
+        {"policy_id": f"pol-{rig.tag}", "name": "onc", "steps": steps, "repeat_count": repeat},
+    )
+    return team, patient
+
+
+def _alert(patient: str, phase: AlertPhase = AlertPhase.START, code: str = "FEVER") -> Alert:
+    dedup_key = f"{patient}:{code}"
+    return Alert(
+        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:{phase.value}"),
+        dedup_key=dedup_key,
+        patient_id=patient,
+        device_id=f"thermo-{patient}",
+        kind=AlertKind.PHYSIOLOGICAL,
+        code=code,
+        priority=AlertPriority.HIGH,
+        phase=phase,
+        state=AlertState.ACTIVE if phase is not AlertPhase.END else AlertState.INACTIVE,
+        title="Fever 38.6 °C",
+        device_time=T0,
+        ingest_time=T0,
+        evidence=(
+            Evidence(
+                name="temperature",
+                value=38.6,
+                unit="°C",
+                limit=38.3,
+                comparator=">=",
+                device_time=T0,
+            ),
+        ),
+        rule_id="fever.single",
+        rule_version="1",
+    )
+
+
+def _mail(raw: bytes) -> Message:
+    return email.message_from_bytes(raw)
+
+
+def _three_step_policy(tag: str) -> list[dict[str, Any]]:
+    return [
+        {"targets": [{"kind": "person", "ref": f"primary-{tag}"}], "wait_minutes": 5},
+        {"targets": [{"kind": "person", "ref": f"secondary-{tag}"}], "wait_minutes": 5},
+        {"targets": [{"kind": "person", "ref": f"attending-{tag}"}], "wait_minutes": 10},
+    ]
+
+
+def _email_people(tag: str) -> dict[str, list[dict[str, str]]]:
+    return {
+        role: [{"channel": "email", "address": f"{role}-{tag}@h.test"}]
+        for role in ("primary", "secondary", "attending")
+    }
+
+
+async def test_each_step_fires_at_its_configured_delay(rig: Rig) -> None:
+    """primary at once, nothing at 4:59, secondary at 5:00, attending at 10:00 (e-mail)."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient = f"P-{rig.tag}"
+    assert await rig.service.handle_alert(_alert(patient))
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+
+    rig.clock.advance(minutes=4, seconds=59)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+
+    rig.clock.advance(seconds=1)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert len(rig.smtp.to(f"secondary-{rig.tag}@h.test")) == 1
+    assert rig.smtp.to(f"attending-{rig.tag}@h.test") == []
+
+    rig.clock.advance(minutes=5)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert len(rig.smtp.to(f"attending-{rig.tag}@h.test")) == 1
+    page = _mail(rig.smtp.to(f"primary-{rig.tag}@h.test")[0])
+    assert "http://notify.test/ack/" in page.get_payload(decode=True).decode()  # type: ignore[union-attr]
+
+
+async def test_ack_link_stops_the_chain_and_works_once(rig: Rig) -> None:
+    """The signed link in the first e-mail acks; later ticks page nobody; a reuse is refused."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    body = _mail(rig.smtp.to(f"primary-{rig.tag}@h.test")[0]).get_payload(decode=True)
+    link = re.search(r"http://notify\.test(/ack/\S+)", body.decode())  # type: ignore[union-attr]
+    assert link is not None
+
+    shown = await rig.api.get(link.group(1))
+    assert shown.status_code == 200 and "<form" in shown.text
+    assert (await rig.api.post(link.group(1))).status_code == 200
+    assert (await rig.api.post(link.group(1))).status_code == 410
+
+    for _ in range(4):
+        rig.clock.advance(minutes=10)
+        await rig.service.tick()
+        await rig.service.deliver_due()
+    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    assert timeline["acknowledged_by"] == f"person:primary-{rig.tag}"
+    assert [e["kind"] for e in timeline["events"]][:2] == ["opened", "step_fired"]
+
+
+async def test_sms_reply_one_acknowledges_and_status_callback_records_delivery(rig: Rig) -> None:
+    """Paged by SMS through the Twilio-shaped server; a "1" reply acks; "delivered" is logged."""
+    phone = f"+1555{int(rig.tag, 16) % 10_000_000:07d}"
+    people = {
+        "primary": [{"channel": "sms", "address": phone}],
+        **{k: v for k, v in _email_people(rig.tag).items() if k != "primary"},
+    }
+    await _team(rig, people=people, steps=_three_step_policy(rig.tag))
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    [sms] = rig.twilio.sent_to(phone)
+    assert "Reply 1" in sms["body"]
+
+    receipt = await rig.api.post(
+        "/twilio/status", data={"MessageSid": sms["sid"], "MessageStatus": "delivered"}
+    )
+    assert receipt.status_code == 204
+    reply = await rig.api.post(
+        "/twilio/sms", data={"From": phone, "Body": " 1 ", "MessageSid": "SMreply"}
+    )
+    assert "Acknowledged" in reply.text
+
+    rig.clock.advance(minutes=30)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    assert [a["status"] for a in timeline["attempts"]] == ["sent", "delivered"]
+    assert timeline["acknowledged_by"] == f"person:primary-{rig.tag}"
+
+
+async def test_failing_channel_moves_to_the_next(rig: Rig) -> None:
+    """SMS refused for good (invalid number) -> the person's e-mail gets the page at once."""
+    phone = "+15559999999"
+    rig.twilio.respond = lambda form: (400, "The 'To' number is not a valid phone number.")
+    people = {
+        "primary": [
+            {"channel": "sms", "address": phone},
+            {"channel": "email", "address": f"primary-{rig.tag}@h.test"},
+        ]
+    }
+    steps = [{"targets": [{"kind": "person", "ref": f"primary-{rig.tag}"}], "wait_minutes": 5}]
+    await _team(rig, people=people, steps=steps)
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    kinds = [e["kind"] for e in timeline["events"]]
+    assert "channel_failover" in kinds
+    assert [(a["channel"], a["status"]) for a in timeline["attempts"]] == [
+        ("sms", "failed"),
+        ("email", "sent"),
+    ]
+    assert "not a valid phone number" in timeline["attempts"][0]["detail"]
+
+
+async def test_transient_failure_is_retried_with_backoff_before_failover(rig: Rig) -> None:
+    """PagerDuty answers 500 once: the retry is due after the backoff, and then it is accepted."""
+    calls = {"n": 0}
+
+    def flaky(event: dict[str, Any]) -> int:
+        calls["n"] += 1
+        return 500 if calls["n"] == 1 else 202
+
+    rig.pagerduty.respond = flaky
+    people = {"primary": [{"channel": "webhook", "address": f"rk-{rig.tag}"}]}
+    steps = [{"targets": [{"kind": "person", "ref": f"primary-{rig.tag}"}], "wait_minutes": 5}]
+    await _team(rig, people=people, steps=steps)
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    assert rig.pagerduty.incidents == {}
+    rig.clock.advance(seconds=0.5)
+    await rig.service.deliver_due()
+    assert rig.pagerduty.incidents == {}, "retried before the backoff (1 s) was over"
+    rig.clock.advance(seconds=0.5)
+    await rig.service.deliver_due()
+    assert rig.pagerduty.incidents == {alert.dedup_key: "trigger"}
+
+
+async def test_ack_and_tick_race_never_fires_a_step_after_the_ack(rig: Rig) -> None:
+    """Ack and tick run concurrently against the real database, 40 times: a step_fired entry
+    never follows the acknowledged entry, and no page is sent for a step after the ack."""
+    steps = [
+        {"targets": [{"kind": "email", "ref": f"a-{rig.tag}@h.test"}], "wait_minutes": 1},
+        {"targets": [{"kind": "email", "ref": f"b-{rig.tag}@h.test"}], "wait_minutes": 1},
+    ]
+    team, _ = await _team(rig, people={}, steps=steps, repeat=10)
+    fired_after_ack = 0
+    for i in range(40):
+        patient = f"P-{rig.tag}-{i}"
+        await rig.pool.execute(
+            "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+        )
+        alert = _alert(patient)
+        await rig.service.handle_alert(alert)
+        escalation_id = await PostgresEscalationStore(rig.pool).escalation_id_for(alert.dedup_key)
+        assert escalation_id is not None
+        rig.clock.advance(minutes=1)  # the next step is due exactly now: the race is real
+        other = rig.new_instance()
+        await asyncio.gather(
+            rig.service.acknowledge(escalation_id, by="person:x", via="api"), other.tick()
+        )
+        rows = await rig.pool.fetch(
+            "SELECT kind FROM escalation_events WHERE escalation_id = $1 ORDER BY event_id",
+            escalation_id,
+        )
+        kinds = [r["kind"] for r in rows]
+        ack_at = kinds.index("acknowledged")
+        fired_after_ack += kinds[ack_at:].count("step_fired")
+        await other.tick()
+        await rig.service.deliver_due()
+        after = [
+            r["kind"]
+            for r in await rig.pool.fetch(
+                "SELECT kind FROM escalation_events WHERE escalation_id = $1 ORDER BY event_id",
+                escalation_id,
+            )
+        ]
+        assert after[ack_at:].count("step_fired") == 0
+    assert fired_after_ack == 0
+
+
+async def test_crash_between_provider_accept_and_record_neither_loses_nor_duplicates(
+    rig: Rig,
+) -> None:
+    """Twilio accepts the SMS, then the process dies before recording it. After the restart
+    the page is reconciled with Twilio (found by its reference): exactly one SMS, recorded sent.
+    The same crash on PagerDuty resends with the same dedup_key: two events, one incident."""
+    phone = "+15558888888"
+    people = {
+        "primary": [{"channel": "sms", "address": phone}],
+        "secondary": [{"channel": "webhook", "address": f"rk-{rig.tag}"}],
+    }
+    steps = [
+        {
+            "targets": [
+                {"kind": "person", "ref": f"primary-{rig.tag}"},
+                {"kind": "person", "ref": f"secondary-{rig.tag}"},
+            ],
+            "wait_minutes": 5,
+        },
+    ]
+    await _team(rig, people=people, steps=steps)
+
+    class Crash(Exception):
+        pass
+
+    class CrashingStore(PostgresEscalationStore):
+        async def record_outcomes(self, *args: Any, **kwargs: Any) -> None:
+            raise Crash("killed after the provider accepted, before the write")
+
+    crashing = rig.new_instance(store=CrashingStore(rig.pool))
+    alert = _alert(f"P-{rig.tag}")
+    with pytest.raises(Crash):
+        await crashing.handle_alert(alert)
+    # Give the concurrent send of the other page (gathered) time to reach its provider too.
+    await asyncio.sleep(0.2)
+    assert len(rig.twilio.sent_to(phone)) == 1
+    pages = await rig.pool.fetch("SELECT status FROM pages WHERE dedup_key = $1", alert.dedup_key)
+    assert {p["status"] for p in pages} == {"sending"}
+
+    rig.clock.advance(seconds=31)  # the lease of the dead process runs out
+    restarted = rig.new_instance()
+    await restarted.deliver_due()
+    assert len(rig.twilio.sent_to(phone)) == 1, "the SMS was sent twice"
+    assert rig.twilio.create_calls == 1
+    events = [e for e in rig.pagerduty.events if e["routing_key"] == f"rk-{rig.tag}"]
+    assert 1 <= len(events) <= 2 and {e["dedup_key"] for e in events} == {alert.dedup_key}
+    statuses = await rig.pool.fetch(
+        "SELECT channel, status FROM pages WHERE dedup_key = $1 ORDER BY channel", alert.dedup_key
+    )
+    assert [(r["channel"], r["status"]) for r in statuses] == [("sms", "sent"), ("webhook", "sent")]
+
+
+async def test_all_clear_reaches_everyone_paged_when_the_alert_ends(rig: Rig) -> None:
+    """END phase: primary and secondary (both paged) get an all-clear e-mail; attending not."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient = f"P-{rig.tag}"
+    await rig.service.handle_alert(_alert(patient))
+    rig.clock.advance(minutes=5)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    await rig.service.handle_alert(_alert(patient, AlertPhase.END))
+    for role, expected in (("primary", 2), ("secondary", 2), ("attending", 0)):
+        mails = rig.smtp.to(f"{role}-{rig.tag}@h.test")
+        assert len(mails) == expected, role
+    assert _mail(rig.smtp.to(f"primary-{rig.tag}@h.test")[-1])["Subject"].find("All clear") >= 0
+    rig.clock.advance(minutes=30)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert rig.smtp.to(f"attending-{rig.tag}@h.test") == []
+
+
+async def test_repeated_start_updates_one_escalation(rig: Rig) -> None:
+    """The same dedup key arriving again (redelivery or repeat) does not open a second chain."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient = f"P-{rig.tag}"
+    for _ in range(3):
+        await rig.service.handle_alert(_alert(patient))
+    await rig.service.handle_alert(_alert(patient, AlertPhase.CONTINUE))
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+
+
+async def test_team_without_policy_is_left_to_the_single_oncall_page(rig: Rig) -> None:
+    """No policy: the escalation service declines, so the foundation's on-call e-mail applies."""
+    team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
+    await rig.pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'x', 'o@h.test')",
+        team,
+    )
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+    )
+    assert not await rig.service.handle_alert(_alert(patient))
+
+
+async def test_stopped_heartbeat_pages_the_technical_oncall(
+    pool: Any, smtp: SmtpSink, twilio: TwilioLikeServer, pagerduty: PagerDutyLikeServer
+) -> None:
+    """Heartbeats arrive, then stop: past the timeout the technical team is paged once; when
+    they come back the same address gets the all-clear."""
+    tag = uuid.uuid4().hex[:8]
+    team, source = f"CT-tech-{tag}", f"heartbeat-{tag}"
+    await pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'ops', $2)",
+        team,
+        f"tech-{tag}@h.test",
+    )
+    clock = ManualClock(T0)
+    service = EscalationService(
+        store=PostgresEscalationStore(pool),
+        alerts=PostgresNotifyRepository(pool),
+        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
+        sms=None,
+        webhook=None,
+        config=EscalationConfig(
+            sender_address="vigil@localhost",
+            public_base_url="http://notify.test",
+            ack_secret=SECRET,
+            heartbeat_timeout_s=60,
+            technical_care_team_id=team,
+        ),
+        clock=clock,
+    )
+    try:
+        await _heartbeat_scenario(service, clock, smtp, tag, source)
+    finally:
+        await _close_escalations(pool, team)
+        await pool.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", source)
+
+
+async def _heartbeat_scenario(
+    service: EscalationService, clock: ManualClock, smtp: SmtpSink, tag: str, source: str
+) -> None:
+    beat = _alert("pipeline", code=HEARTBEAT_CODE).model_copy(
+        update={"device_id": source, "device_time": T0}
+    )
+    assert await service.handle_alert(beat)
+    clock.advance(seconds=60)
+    await service.check_heartbeat()
+    assert smtp.to(f"tech-{tag}@h.test") == []
+    clock.advance(seconds=1)
+    await service.check_heartbeat()
+    await service.check_heartbeat()
+    pages = smtp.to(f"tech-{tag}@h.test")
+    assert len(pages) == 1
+    assert "Pipeline silent" in _mail(pages[0])["Subject"]
+
+    clock.advance(seconds=30)
+    await service.handle_alert(beat.model_copy(update={"device_time": clock.now}))
+    await service.check_heartbeat()
+    pages = smtp.to(f"tech-{tag}@h.test")
+    assert len(pages) == 2 and "All clear" in _mail(pages[1])["Subject"]
