@@ -502,17 +502,40 @@ async def test_repeated_start_updates_one_escalation(rig: Rig) -> None:
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
 
 
-async def test_team_without_policy_is_left_to_the_single_oncall_page(rig: Rig) -> None:
-    """No policy: the escalation service declines, so the foundation's on-call e-mail applies."""
+async def test_team_without_policy_pages_its_oncall_address_until_acknowledged(rig: Rig) -> None:
+    """No policy: the team's on-call address is paged at once, again after five minutes (not at
+    4:59), and an acknowledgement stops the repeats."""
     team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
+    oncall = f"oncall-{rig.tag}@h.test"
     await rig.pool.execute(
-        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'x', 'o@h.test')",
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'x', $2)",
         team,
+        oncall,
     )
     await rig.pool.execute(
         "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
     )
-    assert not await rig.service.handle_alert(_alert(patient))
+    alert = _alert(patient)
+    assert await rig.service.handle_alert(alert)
+    assert len(rig.smtp.to(oncall)) == 1
+
+    rig.clock.advance(minutes=4, seconds=59)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert len(rig.smtp.to(oncall)) == 1
+    rig.clock.advance(seconds=1)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert len(rig.smtp.to(oncall)) == 2
+
+    escalation_id = await rig.pool.fetchval(
+        "SELECT escalation_id FROM escalations WHERE dedup_key = $1", alert.dedup_key
+    )
+    await rig.service.acknowledge(escalation_id, by="nurse", via="api")
+    rig.clock.advance(minutes=30)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert len(rig.smtp.to(oncall)) == 2
 
 
 async def test_stopped_heartbeat_pages_the_technical_oncall(

@@ -75,11 +75,14 @@ async def stream(request: Request, principal: Reader, repository: Repository) ->
     poll_s: float = request.app.state.settings.stream_poll_s
 
     async def events() -> AsyncIterator[bytes]:
+        first = True
         last: datetime | None = None
         yield b"retry: 2000\n\n"
         while not await request.is_disconnected():
             latest = await repository.latest_alert_received_at(principal.care_teams)
-            if latest != last:
+            # The first event tells a new subscriber it is live, even with no alerts yet.
+            if first or latest != last:
+                first = False
                 last = latest
                 payload = json.dumps({"updated_at": latest.isoformat() if latest else None})
                 yield f"event: alerts\ndata: {payload}\n\n".encode()

@@ -60,10 +60,24 @@ _JOB_SELECT = """
 """
 
 
+#: A team without a policy of its own still gets a chain that runs until someone acknowledges:
+#: its on-call address, paged again every five minutes, four times in all.
+DEFAULT_POLICY_WAIT_S = 300
+DEFAULT_POLICY_REPEATS = 3
+
+
 class PostgresEscalationStore:
-    def __init__(self, pool: Any) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        default_wait_s: int = DEFAULT_POLICY_WAIT_S,
+        default_repeats: int = DEFAULT_POLICY_REPEATS,
+    ) -> None:
         # asyncpg ships no type information; the pool is an asyncpg.Pool.
         self._pool = pool
+        self._default_wait_s = default_wait_s
+        self._default_repeats = default_repeats
 
     # -- who to page --------------------------------------------------------------------------
 
@@ -82,7 +96,7 @@ class PostgresEscalationStore:
                 care_team_id,
             )
             if row is None:
-                return None
+                return await self._default_policy(conn, care_team_id)
             steps = tuple(
                 StepSnapshot(
                     wait_s=int(s["wait_s"]),
@@ -121,6 +135,22 @@ class PostgresEscalationStore:
                 repeat_count=int(row["repeat_count"]),
                 schedules=schedules,
             )
+
+    async def _default_policy(self, conn: Any, care_team_id: str) -> PolicySnapshot | None:
+        """The implicit policy of a team that has none: page its on-call address until someone
+        acknowledges. Without it, such a team's alerts could be paged once and never again."""
+        address = await conn.fetchval(
+            "SELECT oncall_email FROM care_teams WHERE care_team_id = $1", care_team_id
+        )
+        if not address:
+            return None
+        return PolicySnapshot(
+            policy_id=f"default:{care_team_id}",
+            steps=(
+                StepSnapshot(targets=(Target("email", str(address)),), wait_s=self._default_wait_s),
+            ),
+            repeat_count=self._default_repeats,
+        )
 
     async def rotation(self, schedule_id: str) -> Rotation | None:
         async with self._pool.acquire() as conn:
