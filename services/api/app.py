@@ -24,7 +24,7 @@ from services.api.adapters.credentials import hash_password
 from services.api.adapters.repository import ApiRepository
 from services.api.domain.access import Role
 from services.api.domain.throttle import LoginThrottle
-from services.api.routes import alerts, auth, dashboard, patients
+from services.api.routes import alerts, auth, dashboard, patients, protocols
 from services.api.settings import ApiSettings
 from vigil.runtime import configure_logging, utcnow
 
@@ -72,6 +72,7 @@ def create_app(
     app.include_router(auth.router)
     app.include_router(patients.router)
     app.include_router(alerts.router)
+    app.include_router(protocols.router)
     app.include_router(dashboard.router)
     return app
 

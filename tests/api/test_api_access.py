@@ -17,7 +17,11 @@ pytestmark = pytest.mark.stack
 def api_paths(world: World) -> list[tuple[str, str]]:
     """Every operation in the OpenAPI schema except login, with team A's ids in the path."""
     schema = create_app(ApiSettings()).openapi()
-    fill = {"patient_id": world.patient_a, "dedup_key": quote(world.alert_a, safe="")}
+    fill = {
+        "patient_id": world.patient_a,
+        "dedup_key": quote(world.alert_a, safe=""),
+        "care_team_id": world.team_a,
+    }
     return [
         (method.upper(), path.format(**fill))
         for path, operations in schema["paths"].items()
@@ -144,3 +148,53 @@ async def test_lists_are_paginated(api_world: World) -> None:
         assert len(first["items"]) == 1 and first["total"] >= 1 and first["limit"] == 1
         bad = await client.get("/api/alerts", params={"limit": 0})
     assert bad.status_code == 422
+
+
+async def test_threshold_change_is_versioned_signed_and_scoped(api_world: World) -> None:
+    """A charge nurse changes team A's fever threshold: a new version signed by them, audited
+    with old and new values; a clinician may not; team B's protocol is not team A's business;
+    an incoherent or unknown threshold is refused before anything is written."""
+    team = api_world.team_a
+    nurse = bearer(await api_world.token("nurse_a"))
+    clinician = bearer(await api_world.token("clinician_a"))
+    async with httpx.AsyncClient(base_url=api_world.base_url) as client:
+        path = f"/api/care-teams/{team}/protocol"
+        first = await client.put(
+            path,
+            json={"overrides": {"fever_single_c": 38.0, "fever_sustained_c": 38.0}},
+            headers=nurse,
+        )
+        assert first.status_code == 200, first.text
+        assert first.json()["version"] == 1
+        assert first.json()["signed_off_by"] == api_world.users["nurse_a"]
+        second = await client.put(path, json={"overrides": {"fever_single_c": 38.5}}, headers=nurse)
+        assert second.json()["version"] == 2
+        versions = (await client.get(path, headers=clinician)).json()
+        assert [v["version"] for v in versions] == [1, 2]
+        assert (
+            await client.put(path, json={"overrides": {}}, headers=clinician)
+        ).status_code == 403
+        other = f"/api/care-teams/{api_world.team_b}/protocol"
+        assert (await client.get(other, headers=nurse)).status_code == 404
+        assert (await client.put(other, json={"overrides": {}}, headers=nurse)).status_code == 404
+        bad = await client.put(path, json={"overrides": {"fever_single_c": 37.0}}, headers=nurse)
+        assert bad.status_code == 422
+        unknown = await client.put(path, json={"overrides": {"fever_c": 1}}, headers=nurse)
+        assert unknown.status_code == 422
+        assert len((await client.get(path, headers=nurse)).json()) == 2
+
+        override = await client.put(
+            f"/api/patients/{api_world.patient_a}/overrides",
+            json={"overrides": {"fever_single_c": 38.1}, "reason": "oral thermometer"},
+            headers=nurse,
+        )
+        assert override.status_code == 200 and override.json()["reason"] == "oral thermometer"
+        other_patient = await client.put(
+            f"/api/patients/{api_world.patient_b}/overrides",
+            json={"overrides": {}},
+            headers=nurse,
+        )
+        assert other_patient.status_code == 404
+    changes = [e for e in api_world.audit.entries if e[1] == "thresholds.changed"]
+    assert changes[1][3]["old"] == {"fever_single_c": 38.0, "fever_sustained_c": 38.0}
+    assert changes[1][3]["new"] == {"fever_single_c": 38.5}

@@ -168,6 +168,95 @@ class ApiRepository:
             )
         )
 
+    # -- protocols ----------------------------------------------------------------------------
+
+    async def care_teams(self, teams: frozenset[str]) -> list[Row]:
+        return _rows(
+            await self._pool.fetch(
+                """
+            SELECT t.care_team_id, t.name, t.timezone,
+                   (SELECT max(version) FROM rule_protocols p
+                     WHERE p.care_team_id = t.care_team_id) AS protocol_version
+            FROM care_teams t WHERE t.care_team_id = ANY($1::text[]) ORDER BY t.care_team_id
+            """,
+                list(teams),
+            )
+        )
+
+    async def protocol_versions(self, care_team_id: str) -> list[Row]:
+        return _rows(
+            await self._pool.fetch(
+                "SELECT version, overrides, signed_off_by, signed_off_at FROM rule_protocols "
+                "WHERE care_team_id = $1 ORDER BY version",
+                care_team_id,
+            )
+        )
+
+    async def override_versions(self, patient_id: str) -> list[Row]:
+        return _rows(
+            await self._pool.fetch(
+                "SELECT version, overrides, signed_off_by, signed_off_at, reason "
+                "FROM patient_rule_overrides WHERE patient_id = $1 ORDER BY version",
+                patient_id,
+            )
+        )
+
+    async def add_protocol_version(
+        self, care_team_id: str, overrides: dict[str, Any], by: str, at: datetime
+    ) -> tuple[dict[str, Any], Row]:
+        """Append the next version; returns the previous overrides and the new row."""
+        return await self._add_version(
+            "rule_protocols", "care_team_id", care_team_id, overrides, by, at, None
+        )
+
+    async def add_override_version(
+        self,
+        patient_id: str,
+        overrides: dict[str, Any],
+        by: str,
+        at: datetime,
+        reason: str | None,
+    ) -> tuple[dict[str, Any], Row]:
+        return await self._add_version(
+            "patient_rule_overrides", "patient_id", patient_id, overrides, by, at, reason
+        )
+
+    async def _add_version(
+        self,
+        table: str,
+        key: str,
+        value: str,
+        overrides: dict[str, Any],
+        by: str,
+        at: datetime,
+        reason: str | None,
+    ) -> tuple[dict[str, Any], Row]:
+        import json
+
+        reason_column = ", reason" if reason is not None else ""
+        reason_value = ", $6" if reason is not None else ""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Serialise writers of one key so two sign-offs cannot claim the same version.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{table}:{value}")
+            previous = await conn.fetchrow(
+                f"SELECT version, overrides FROM {table} WHERE {key} = $1 "
+                "ORDER BY version DESC LIMIT 1",
+                value,
+            )
+            version = (previous["version"] + 1) if previous else 1
+            args: list[Any] = [value, version, json.dumps(overrides), by, at]
+            if reason is not None:
+                args.append(reason)
+            row = await conn.fetchrow(
+                f"INSERT INTO {table} ({key}, version, overrides, signed_off_by, signed_off_at"
+                f"{reason_column}) VALUES ($1, $2, $3::jsonb, $4, $5{reason_value}) "
+                "RETURNING version, overrides, signed_off_by, signed_off_at"
+                + (", reason" if reason is not None else ""),
+                *args,
+            )
+        old = json.loads(previous["overrides"]) if previous else {}
+        return old, dict(row)
+
     # -- alerts -------------------------------------------------------------------------------
 
     async def alert_episodes(

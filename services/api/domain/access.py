@@ -23,11 +23,15 @@ class Action(StrEnum):
     RESOLVE = "resolve"
     READ_AUDIT = "read_audit"
     MANAGE_USERS = "manage_users"
+    CHANGE_THRESHOLDS = "change_thresholds"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {
     Role.CLINICIAN: frozenset({Action.READ_PATIENT, Action.ACKNOWLEDGE}),
-    Role.CHARGE_NURSE: frozenset({Action.READ_PATIENT, Action.ACKNOWLEDGE, Action.RESOLVE}),
+    # Threshold changes are signed off by the charge nurse (or an admin), never a clinician alone.
+    Role.CHARGE_NURSE: frozenset(
+        {Action.READ_PATIENT, Action.ACKNOWLEDGE, Action.RESOLVE, Action.CHANGE_THRESHOLDS}
+    ),
     # Engineers and auditors read everything of their teams and change nothing.
     Role.AUDITOR: frozenset({Action.READ_PATIENT, Action.READ_AUDIT}),
     Role.ADMIN: frozenset(
