@@ -265,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     figures: dict[str, float | str] = {}
+    if not args.skip_kafka:
+        from bench.common import stack_environment
+
+        stack_environment()  # the stack named by VIGIL_STACK_*, and its variables for the services
     if args.only_kafka:
         figures.update(asyncio.run(bench_kafka(args.kafka_records, args.patients)))
         print(json.dumps(figures))
