@@ -8,6 +8,7 @@ device makers; a unit test fails when they are stale.
 
 from schemas.device import (
     DeviceMessage,
+    HeartbeatMessage,
     PumpAlarmCode,
     PumpEvent,
     PumpEventKind,
@@ -43,6 +44,7 @@ __all__ = [
     "DeliveryStatus",
     "DeviceMessage",
     "Evidence",
+    "HeartbeatMessage",
     "Page",
     "PumpAlarmCode",
     "PumpEvent",

@@ -169,19 +169,25 @@ class PumpEvent(_DeviceMessageBase):
         return value
 
 
-DeviceMessage = Annotated[
-    TemperatureReading | PumpStatus | PumpEvent, Field(discriminator="schema_")
-]
+class HeartbeatMessage(_DeviceMessageBase):
+    """The pipeline's own pulse: a service device proving that MQTT, ingest and rules still carry
+    messages to notify. It says nothing about a patient; only the common fields exist, so no
+    clinical value can travel on it by mistake."""
 
-_DEVICE_MESSAGE: TypeAdapter[TemperatureReading | PumpStatus | PumpEvent] = TypeAdapter(
-    DeviceMessage
-)
+    schema_: Literal["vigil.device.heartbeat.v1"] = Field(alias="schema")
 
 
-def parse_device_message(payload: bytes | str) -> TemperatureReading | PumpStatus | PumpEvent:
+AnyDeviceMessage = TemperatureReading | PumpStatus | PumpEvent | HeartbeatMessage
+
+DeviceMessage = Annotated[AnyDeviceMessage, Field(discriminator="schema_")]
+
+_DEVICE_MESSAGE: TypeAdapter[AnyDeviceMessage] = TypeAdapter(DeviceMessage)
+
+
+def parse_device_message(payload: bytes | str) -> AnyDeviceMessage:
     """Parse and validate a device payload; raises ``pydantic.ValidationError``."""
     return _DEVICE_MESSAGE.validate_json(payload)
 
 
-def device_message_adapter() -> TypeAdapter[TemperatureReading | PumpStatus | PumpEvent]:
+def device_message_adapter() -> TypeAdapter[AnyDeviceMessage]:
     return _DEVICE_MESSAGE

@@ -21,7 +21,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from schemas.device import PumpEvent, PumpStatus, TemperatureReading
+from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Alert, DeadLetter, DeliveryAttempt, Page, Telemetry
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
@@ -62,6 +62,12 @@ CONTRACTS: tuple[Contract, ...] = (
         PumpEvent,
         "An infusion pump's alarm or state change, published on "
         "vigil/v1/dev/{device_id}/pump-event (MQTT, QoS 1).",
+    ),
+    Contract(
+        "heartbeat.v1.schema.json",
+        HeartbeatMessage,
+        "The pipeline heartbeat a service device publishes on "
+        "vigil/v1/dev/{device_id}/heartbeat (MQTT, QoS 1).",
     ),
     Contract(
         "telemetry.v1.schema.json",

@@ -14,11 +14,16 @@ MQTT_PREFIX = "vigil/v1/dev"
 # channel must reach ingest so it can be dead-lettered with a reason rather than vanish.
 MQTT_SUBSCRIPTION = f"{MQTT_PREFIX}/#"
 
+#: The channel of the pipeline heartbeat, which a service device sends (``vigil heartbeat``).
+HEARTBEAT_CHANNEL = "heartbeat"
+
 #: channel -> the ``schema`` value a payload on that channel must carry
 CHANNEL_SCHEMAS: dict[str, str] = {
     "temperature": "vigil.device.temperature.v1",
     "pump-status": "vigil.device.pump_status.v1",
     "pump-event": "vigil.device.pump_event.v1",
+    # The pipeline heartbeat (a service device, not a patient's): see docs/mqtt.md section 3.5.
+    HEARTBEAT_CHANNEL: "vigil.device.heartbeat.v1",
 }
 
 

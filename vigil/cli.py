@@ -60,6 +60,12 @@ def _audit(argv: list[str]) -> int:
     return main(argv)
 
 
+def _heartbeat(argv: list[str]) -> int:
+    from vigil.heartbeat import main
+
+    return main(argv)
+
+
 def _run(argv: list[str]) -> int:
     from vigil.localrun import main
 
@@ -84,6 +90,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "replay": ("re-run recorded telemetry through pinned rules; compare; report", _replay),
     "audit": ("the tamper-evident audit log: list | verify", _audit),
     "pages": ("list the pages recorded by notify on the local stack", _pages),
+    "heartbeat": ("publish the pipeline heartbeat that notify watches", _heartbeat),
 }
 
 

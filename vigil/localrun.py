@@ -1,8 +1,10 @@
 """``vigil run``: the whole pipeline on the local stack, fed by a simulated home-device fleet.
 
 Starts the local stack, registers the simulated fleet (one care team whose on-call address is
-``oncall@vigil.local``), starts ingest, rules and notify as separate processes, then runs the
-simulator until Ctrl-C, printing each page notify records. The pages themselves are e-mails
+``oncall@vigil.local``) and the pipeline heartbeat (a technical care team ``team-tech`` paged at
+``tech-oncall@vigil.local``, its pseudo-patient and the heartbeat device), starts ingest, rules,
+notify and the heartbeat publisher as separate processes, then runs the simulator until Ctrl-C,
+printing each page notify records. The pages themselves are e-mails
 caught by the stack's SMTP sink as ``.eml`` files in ``<data_dir>/mail``.
 """
 
@@ -33,8 +35,52 @@ from vigil.simulator.settings import SimulatorSettings
 
 CARE_TEAM_ID = "team-sim"
 ONCALL_EMAIL = "oncall@vigil.local"
-SERVICES = ("ingest", "rules", "notify", "api")
+SERVICES = ("ingest", "rules", "notify", "api", "heartbeat")
 DEMO_USER = "oncall-nurse"
+
+# The pipeline self-watch: notify pages this team when the heartbeat stops arriving.
+TECH_TEAM_ID = "team-tech"
+TECH_ONCALL_EMAIL = "tech-oncall@vigil.local"
+HEARTBEAT_DEVICE_ID = "heartbeat-pipeline"
+HEARTBEAT_PATIENT_ID = f"pipeline-{TECH_TEAM_ID}"
+# The registry knows two device kinds; the heartbeat device is registered as a thermometer
+# (it sends no temperature: its channel and schema are its own) rather than widen the kinds.
+HEARTBEAT_DEVICE_KIND = "thermometer"
+HEARTBEAT_DEVICE_MODEL = "vigil-heartbeat"
+# Since when the heartbeat device is bound: far enough back for any clock it may have.
+HEARTBEAT_BOUND_FROM = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+async def register_heartbeat(dsn: str) -> None:
+    """The technical care team, its pseudo-patient and the heartbeat device bound to it, so the
+    heartbeat passes ingest's registry and binding checks exactly as a device's message does."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await upsert_care_team(
+                conn, TECH_TEAM_ID, "Technical on-call (pipeline)", TECH_ONCALL_EMAIL
+            )
+            await upsert_patient(conn, HEARTBEAT_PATIENT_ID, TECH_TEAM_ID)
+            await upsert_device(
+                conn, HEARTBEAT_DEVICE_ID, HEARTBEAT_DEVICE_KIND, HEARTBEAT_DEVICE_MODEL
+            )
+            await bind_device(conn, HEARTBEAT_DEVICE_ID, HEARTBEAT_PATIENT_ID, HEARTBEAT_BOUND_FROM)
+    finally:
+        await conn.close()
+
+
+def heartbeat_env(env: dict[str, str]) -> dict[str, str]:
+    """What the heartbeat publisher and notify need on the local stack: the publisher speaks as
+    the stack's gateway account (``vigil-sim`` may write under any device's topics), notify
+    watches the heartbeat device and pages the technical team."""
+    return {
+        "VIGIL_HEARTBEAT_DEVICE_ID": HEARTBEAT_DEVICE_ID,
+        "VIGIL_HEARTBEAT_MQTT_USERNAME": env["VIGIL_SIM_MQTT_USERNAME"],
+        "VIGIL_HEARTBEAT_MQTT_PASSWORD": env["VIGIL_SIM_MQTT_PASSWORD"],
+        "VIGIL_NOTIFY_TECHNICAL_CARE_TEAM_ID": TECH_TEAM_ID,
+        # pydantic-settings reads a list from JSON.
+        "VIGIL_NOTIFY_HEARTBEAT_SOURCES": f'["{HEARTBEAT_DEVICE_ID}"]',
+    }
 
 
 async def register_fleet(dsn: str, patients: int) -> None:
@@ -142,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     dsn = env["VIGIL_PG_DSN"]
     asyncio.run(register_fleet(dsn, args.patients))
+    asyncio.run(register_heartbeat(dsn))
+    for name, value in heartbeat_env(env).items():
+        os.environ.setdefault(name, value)
     data_dir = Path(stack.data_dir)
     password = asyncio.run(register_demo_user(dsn, data_dir))
     api_port = os.environ.setdefault("VIGIL_API_PORT", "8080")
@@ -157,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),
         )
-    print(f"vigil run: ingest, rules, notify, api started (logs in {log_dir})", flush=True)
+    print(
+        f"vigil run: ingest, rules, notify, api, heartbeat started (logs in {log_dir}); "
+        f"a silent pipeline pages {TECH_ONCALL_EMAIL}",
+        flush=True,
+    )
     print(
         f"vigil run: dashboard at http://127.0.0.1:{api_port}/ "
         f"(user {DEMO_USER}, password {password}, also in {data_dir / 'dashboard-password'})",

@@ -37,7 +37,12 @@ from paho.mqtt.properties import Properties
 from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 from schemas.topics import MQTT_SUBSCRIPTION, parse_topic
 from services.ingest.adapters.metrics import IngestMetrics, OpsServer
-from services.ingest.adapters.postgres import load_bindings, store_last_seen, store_telemetry
+from services.ingest.adapters.postgres import (
+    is_reading,
+    load_bindings,
+    store_last_seen,
+    store_telemetry,
+)
 from services.ingest.domain.admission import Admission, DeviceSeen, admit, merge_seen
 from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import BindingIndex
@@ -239,7 +244,8 @@ class IngestPipeline:
         inserted = await store_telemetry(self._pool, admission.accepted)
         progress.db_done = True
         self.metrics.db_seconds.observe(time.perf_counter() - started)
-        already = len(admission.accepted) - inserted
+        # Heartbeats are never stored, so they must not count as readings already stored.
+        already = sum(map(is_reading, admission.accepted)) - inserted
         if already:
             # A redelivery after a restart: the window was empty, the unique key caught it.
             self.metrics.duplicates.labels("db").inc(already)

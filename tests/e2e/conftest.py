@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiosmtpd.controller import Controller
 
-from schemas.kafka_topics import TELEMETRY_TOPIC
+from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
 from schemas.topics import MQTT_SUBSCRIPTION
 from services.ingest.adapters.registry_admin import (
     bind_device,
@@ -93,6 +93,12 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     )
     rules_settings = RulesSettings(group_id=f"rules-e2e-{run_id}")
     notify_settings = NotifySettings(smtp_port=smtp_port, group_id=f"notify-e2e-{run_id}")
+    # Fresh groups start at the current end of their topics, not at the beginning: on a shared
+    # stack the topics hold every earlier run (and benchmark), and replaying all of it first
+    # would hold this run's events back for minutes.
+    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    await start_group_at_end(bootstrap, rules_settings.group_id, TELEMETRY_TOPIC)
+    await start_group_at_end(bootstrap, notify_settings.group_id, ALERTS_TOPIC)
     # Make the broker hold messages for this ingest from now on, whenever it gets to subscribing.
     await open_mqtt_session(
         stack_env,
@@ -194,10 +200,9 @@ async def rules_caught_up(bootstrap: str, group: str, within_s: float = 30) -> N
     await probe.start()
     await admin.start()
     try:
-        partitions = [
-            TopicPartition(TELEMETRY_TOPIC, p)
-            for p in probe.partitions_for_topic(TELEMETRY_TOPIC) or ()
-        ]
+        # Asked of the broker: a fresh consumer's metadata cache does not know the topic yet,
+        # and an empty partition list would end the wait below at once.
+        partitions = await topic_partitions(bootstrap, TELEMETRY_TOPIC)
         ends = await probe.end_offsets(partitions)
         deadline = asyncio.get_running_loop().time() + within_s
         while True:
@@ -213,6 +218,34 @@ async def rules_caught_up(bootstrap: str, group: str, within_s: float = 30) -> N
     finally:
         await probe.stop()
         await admin.close()
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+    assert partitions, f"{topic} has no partitions"
+    return partitions
+
+
+async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
+    """Commit ``group``'s offsets at the current end of ``topic``, before the group's service
+    starts: it then reads only what this test produces, not everything earlier runs left there."""
+    partitions = await topic_partitions(bootstrap, topic)
+    committer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await committer.start()
+    try:
+        committer.assign(partitions)
+        ends = await committer.end_offsets(partitions)
+        await committer.commit(ends)
+    finally:
+        await committer.stop()
 
 
 async def wait_for(predicate: object, within_s: float, what: str) -> None:

@@ -20,6 +20,7 @@ ENTRY_POINTS = {
     "replay": ("vigil.replay.cli", "main"),
     "audit": ("vigil.audit.cli", "main"),
     "migrate": ("vigil.db.migrate", "apply_migrations"),
+    "heartbeat": ("vigil.heartbeat", "main"),
 }
 
 

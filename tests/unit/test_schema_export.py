@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas.device import PumpEvent, PumpStatus, TemperatureReading, parse_device_message
+from schemas.device import (
+    HeartbeatMessage,
+    PumpEvent,
+    PumpStatus,
+    TemperatureReading,
+    parse_device_message,
+)
 from schemas.export import CONTRACTS, SCHEMA_DIR, generate, main, stale_files, write
 from schemas.topics import CHANNEL_SCHEMAS, parse_topic
 
@@ -20,6 +26,7 @@ DEVICE_SCHEMA_FILES = {
     "temperature": "temperature.v1.schema.json",
     "pump-status": "pump-status.v1.schema.json",
     "pump-event": "pump-event.v1.schema.json",
+    "heartbeat": "heartbeat.v1.schema.json",
 }
 
 
@@ -110,6 +117,7 @@ def test_example_is_valid_for_its_channel(path: Path) -> None:
         "temperature": TemperatureReading,
         "pump-status": PumpStatus,
         "pump-event": PumpEvent,
+        "heartbeat": HeartbeatMessage,
     }[channel]
     assert isinstance(message, expected)
     assert json.loads(path.read_text(encoding="utf-8"))["schema"] == CHANNEL_SCHEMAS[channel]

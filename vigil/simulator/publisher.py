@@ -25,7 +25,7 @@ from typing import Protocol
 
 import aiomqtt
 
-from schemas.topics import CHANNEL_SCHEMAS
+from schemas.topics import CHANNEL_SCHEMAS, HEARTBEAT_CHANNEL
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 from vigil.simulator.fleet import Fleet, Outgoing, parse_scenario_spec
 from vigil.simulator.settings import SimulatorSettings
@@ -76,7 +76,10 @@ async def publish_fleet(
     free slot before it takes the next message. Returns the acknowledged count per channel and
     in total (``published``); raises ``PublishFailed`` when a publish fails.
     """
-    counts: Counter[str] = Counter({channel: 0 for channel in CHANNEL_SCHEMAS})
+    # Every channel a home device uses; the pipeline heartbeat is not the fleet's to send.
+    counts: Counter[str] = Counter(
+        {channel: 0 for channel in CHANNEL_SCHEMAS if channel != HEARTBEAT_CHANNEL}
+    )
     inflight = asyncio.Semaphore(max_inflight)
 
     async def publish(outgoing: Outgoing) -> None:

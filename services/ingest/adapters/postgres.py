@@ -1,5 +1,8 @@
 """PostgreSQL adapter of ingest: loads the device registry and writes readings in batches.
 
+Pipeline heartbeats are not readings: they go to Kafka only and are never written here, except
+as their device's last-seen row.
+
 Writes are ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``: one round trip per table
 per batch, and a redelivered message hits the unique key instead of making a second row. Device
 liveness (``device_last_seen``) is upserted separately, after the readings are stored, so a
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from schemas.device import PumpEvent, PumpStatus, TemperatureReading
+from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
 from services.ingest.domain.admission import DeviceSeen
 from services.ingest.domain.registry import Binding, BindingIndex
@@ -67,6 +70,11 @@ FROM unnest($1::timestamptz[], $2::timestamptz[], $3::text[], $4::text[], $5::uu
          event, alarm, detail, flags)
 ON CONFLICT DO NOTHING
 """
+
+
+def is_reading(t: Telemetry) -> bool:
+    """Whether ``t`` has a readings table (a pipeline heartbeat has none)."""
+    return not isinstance(t.message, HeartbeatMessage)
 
 
 def _common(t: Telemetry) -> tuple[object, ...]:
@@ -140,7 +148,7 @@ async def store_telemetry(
 ) -> int:
     """Write a batch of accepted telemetry, each kind to its table, and the devices' last-seen
     rows, atomically (one statement). Returns how many readings were new (the rest were already
-    stored: a redelivery after a crash)."""
+    stored: a redelivery after a crash). Heartbeats in the batch are skipped and not counted."""
     temperatures: list[tuple[object, ...]] = []
     statuses: list[tuple[object, ...]] = []
     events: list[tuple[object, ...]] = []
@@ -166,6 +174,7 @@ async def store_telemetry(
             events.append(
                 (*_common(t), m.event.value, m.alarm.value if m.alarm else None, m.detail, flags)
             )
+        # HeartbeatMessage: nothing to store; it proves the path, it is not a reading.
     parts: list[tuple[str, list[list[object]]]] = []
     if temperatures:
         parts.append((_INSERT_TEMPERATURE, _columns(temperatures)))

@@ -20,7 +20,13 @@ from enum import StrEnum
 import orjson
 from pydantic import ValidationError
 
-from schemas.device import PumpEvent, PumpStatus, TemperatureReading, device_message_adapter
+from schemas.device import (
+    HeartbeatMessage,
+    PumpEvent,
+    PumpStatus,
+    TemperatureReading,
+    device_message_adapter,
+)
 from schemas.events import DeadLetter, Telemetry
 from schemas.topics import CHANNEL_SCHEMAS, MQTT_PREFIX, parse_topic
 from services.ingest.domain.registry import BindingIndex
@@ -169,7 +175,9 @@ def validate_message(
         else:
             flags.append(Flag.IMPLAUSIBLE_TEMPERATURE.value)
     else:
-        assert isinstance(message, PumpStatus | PumpEvent)
+        # A heartbeat is checked and bound like any device's message (its pseudo-patient is the
+        # technical care team's), so it proves the same path a reading takes.
+        assert isinstance(message, PumpStatus | PumpEvent | HeartbeatMessage)
 
     return Accepted(
         Telemetry(

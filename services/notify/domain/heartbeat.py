@@ -34,3 +34,16 @@ def pipeline_verdict(
             else PipelineVerdict.WENT_SILENT
         )
     return PipelineVerdict.RECOVERED if silent_since is not None else PipelineVerdict.HEALTHY
+
+
+def heartbeat_is_current(*, device_time: datetime, now: datetime, timeout_s: float) -> bool:
+    """Whether a heartbeat arriving ``now`` still says anything about the pipeline's health.
+
+    One older than the timeout would count as silence the moment it is recorded, so it can
+    only do harm: replayed from the alerts topic (a new consumer group reads from the start), it
+    would bring back long-gone sources and page each of them. A source that is watched already
+    loses nothing by skipping it: the verdict on it is the same either way.
+    """
+    if now.tzinfo is None or device_time.tzinfo is None:
+        raise ValueError("times must be timezone-aware")
+    return now - device_time <= timedelta(seconds=timeout_s)

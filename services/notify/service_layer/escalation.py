@@ -54,7 +54,11 @@ from services.notify.domain.escalation import (
     Transition,
     Worsen,
 )
-from services.notify.domain.heartbeat import PipelineVerdict, pipeline_verdict
+from services.notify.domain.heartbeat import (
+    PipelineVerdict,
+    heartbeat_is_current,
+    pipeline_verdict,
+)
 from services.notify.domain.message import compose_page_email, compose_sms_text, pagerduty_event
 from services.notify.domain.routing import PagePurpose
 from services.notify.service_layer.ports import (
@@ -188,7 +192,12 @@ class EscalationService:
         """
         now = self._clock()
         if alert.code == HEARTBEAT_CODE:
-            await self._store.heartbeat_seen(alert.device_id, alert.device_time)
+            if heartbeat_is_current(
+                device_time=alert.device_time,
+                now=now,
+                timeout_s=self._config.heartbeat_timeout_s,
+            ):
+                await self._store.heartbeat_seen(alert.device_id, alert.device_time)
             return True
         if alert.phase is AlertPhase.START:
             existing = await self._store.escalation_id_for(alert.dedup_key)

@@ -18,6 +18,7 @@ import orjson
 from schemas.events import Telemetry
 from services.rules.domain.observation import (
     CLOCK_SKEW_FLAG,
+    HEARTBEAT,
     PUMP_EVENT,
     PUMP_STATUS,
     TEMPERATURE,
@@ -29,6 +30,7 @@ _CHANNELS = {
     "vigil.device.temperature.v1": TEMPERATURE,
     "vigil.device.pump_status.v1": PUMP_STATUS,
     "vigil.device.pump_event.v1": PUMP_EVENT,
+    "vigil.device.heartbeat.v1": HEARTBEAT,
 }
 
 
@@ -60,6 +62,8 @@ def _fast(data: dict[str, Any]) -> Observation:
         return Observation(
             temperature_c=float(celsius), site=message.get("site", "unknown"), **common
         )
+    if channel == HEARTBEAT:
+        return Observation(**common)
     if channel == PUMP_STATUS:
         return Observation(
             pump_state=message["state"],

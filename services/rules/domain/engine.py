@@ -10,6 +10,9 @@
     any event-time timer the event's arrival makes due. ``on_observation(obs)`` is the same for
     an already-converted ``Observation`` (the hot path; ``observe()`` converts once at the edge).
 
+    A pipeline heartbeat gives exactly one ``pipeline.heartbeat`` alert and changes no state
+    (``domain.heartbeat``).
+
 ``on_time(watermark: datetime) -> list[Alert]``
     Advances the watermark explicitly (e.g. at the end of a replayed stream) and returns the
     alerts of the timers that fall due. Never called with the wall clock by the engine itself.
@@ -45,7 +48,8 @@ from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Telemetr
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
 from services.rules.domain.config import PatientRules, RulesConfig
 from services.rules.domain.fever import FeverState, fold_temperature
-from services.rules.domain.observation import TEMPERATURE, Observation, observe
+from services.rules.domain.heartbeat import heartbeat_alert
+from services.rules.domain.observation import HEARTBEAT, TEMPERATURE, Observation, observe
 from services.rules.domain.pump import (
     PumpTrack,
     bag_due_deadline,
@@ -176,6 +180,10 @@ class RulesEngine:
         return self.on_observation(observe(event))
 
     def on_observation(self, obs: Observation) -> list[Alert]:
+        if obs.channel == HEARTBEAT:
+            # Checked first: a heartbeat touches no patient, device, timer or watermark state
+            # (it is the pipeline's pulse, not a patient's data), so nothing below may see it.
+            return [heartbeat_alert(obs)]
         patient_id = obs.patient_id
         self._dirty.add(patient_id)
         patient = self._patients.get(patient_id)

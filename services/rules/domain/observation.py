@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from schemas.device import PumpEvent, PumpStatus, TemperatureReading
+from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
 
 TEMPERATURE = 0
 PUMP_STATUS = 1
 PUMP_EVENT = 2
+# The pipeline heartbeat: passed through as one alert, never given to a clinical rule.
+HEARTBEAT = 3
 
 CLOCK_SKEW_FLAG = "device_clock_skew"
 
@@ -109,6 +111,16 @@ def observe(event: Telemetry) -> Observation:
             volume_remaining_ml=message.volume_remaining_ml,
             bag_volume_ml=message.bag_volume_ml,
             battery_pct=message.battery_pct,
+            patient_id=event.patient_id,
+            device_id=event.device_id,
+            device_time=message.device_time,
+            ingest_time=event.ingest_time,
+            message_id=str(message.message_id),
+            clock_skew=skew,
+        )
+    if isinstance(message, HeartbeatMessage):
+        return Observation(
+            channel=HEARTBEAT,
             patient_id=event.patient_id,
             device_id=event.device_id,
             device_time=message.device_time,
