@@ -198,3 +198,12 @@ async def test_threshold_change_is_versioned_signed_and_scoped(api_world: World)
     changes = [e for e in api_world.audit.entries if e[1] == "thresholds.changed"]
     assert changes[1][3]["old"] == {"fever_single_c": 38.0, "fever_sustained_c": 38.0}
     assert changes[1][3]["new"] == {"fever_single_c": 38.5}
+
+
+async def test_out_of_range_paging_is_a_client_error(api_world: World) -> None:
+    """An offset beyond any real list (found by the schemathesis run) is 422, not a 500."""
+    token = await api_world.token("clinician_a")
+    async with httpx.AsyncClient(base_url=api_world.base_url, headers=bearer(token)) as client:
+        for path in ("/api/alerts", "/api/patients"):
+            r = await client.get(path, params={"offset": 2**111})
+            assert r.status_code == 422, (path, r.status_code)

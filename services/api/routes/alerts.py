@@ -50,7 +50,7 @@ async def list_alerts(
     priority: Literal["high", "medium", "low", "info"] | None = None,
     patient_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> AlertPage:
     items, total = await repository.alert_episodes(
         principal.care_teams,

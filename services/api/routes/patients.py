@@ -51,7 +51,7 @@ async def list_patients(
     principal: Reader,
     repository: Repository,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> PageOf:
     items, total = await repository.patients(principal.care_teams, limit, offset)
     await _audit(request, principal, "patients.list", "patients", count=len(items))
