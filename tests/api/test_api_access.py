@@ -207,3 +207,18 @@ async def test_out_of_range_paging_is_a_client_error(api_world: World) -> None:
         for path in ("/api/alerts", "/api/patients"):
             r = await client.get(path, params={"offset": 2**111})
             assert r.status_code == 422, (path, r.status_code)
+
+
+async def test_patient_page_renders_plot_clocks_and_devices(api_world: World) -> None:
+    """The dashboard's patient view renders for a team member (temperature plot with threshold
+    lines, devices with last-seen) and is a 404 for another team's clinician."""
+    async with httpx.AsyncClient(base_url=api_world.base_url) as client:
+        await client.post(
+            "/auth/token", data={"username": api_world.users["clinician_a"], "password": PASSWORD}
+        )
+        page = await client.get(f"/patients/{api_world.patient_a}")
+        assert page.status_code == 200
+        html = page.text
+        assert 'id="temperature-plot"' in html and html.count('class="threshold"') == 2
+        assert f"thermo-{api_world.patient_a}" in html
+        assert (await client.get(f"/patients/{api_world.patient_b}")).status_code == 404
