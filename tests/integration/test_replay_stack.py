@@ -392,7 +392,8 @@ async def test_a_replay_writes_nothing_live_and_pages_no_one(
         offsets_after = await end_offsets((*LIVE_TOPICS, recording.topic))
         rows_after = await row_counts(conn, recording.patients)
         audit_rows = await conn.fetch(
-            "SELECT action, details::text AS details FROM audit_log WHERE actor = $1", actor
+            "SELECT action, details::text AS details FROM audit_log WHERE actor = $1 ORDER BY seq",
+            actor,
         )
     finally:
         await conn.close()
