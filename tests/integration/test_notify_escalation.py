@@ -504,7 +504,7 @@ async def test_repeated_start_updates_one_escalation(rig: Rig) -> None:
 
 async def test_team_without_policy_pages_its_oncall_address_until_acknowledged(rig: Rig) -> None:
     """No policy: the team's on-call address is paged at once, again after five minutes (not at
-    4:59), and an acknowledgement stops the repeats."""
+    4:59); an acknowledgement (audited once, whatever the channel) stops the repeats."""
     team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
     oncall = f"oncall-{rig.tag}@h.test"
     await rig.pool.execute(
@@ -531,7 +531,18 @@ async def test_team_without_policy_pages_its_oncall_address_until_acknowledged(r
     escalation_id = await rig.pool.fetchval(
         "SELECT escalation_id FROM escalations WHERE dedup_key = $1", alert.dedup_key
     )
-    await rig.service.acknowledge(escalation_id, by="nurse", via="api")
+    await rig.service.acknowledge(escalation_id, by=f"nurse-{rig.tag}", via="sms")
+    audited = await rig.pool.fetch(
+        "SELECT action, details::text AS details FROM audit_log WHERE actor = $1",
+        f"nurse-{rig.tag}",
+    )
+    assert [r["action"] for r in audited] == ["alert.acknowledged"]
+    assert alert.dedup_key in audited[0]["details"] and '"sms"' in audited[0]["details"]
+    await rig.service.acknowledge(escalation_id, by=f"nurse-{rig.tag}", via="sms")
+    assert (
+        len(await rig.pool.fetch("SELECT 1 FROM audit_log WHERE actor = $1", f"nurse-{rig.tag}"))
+        == 1
+    )
     rig.clock.advance(minutes=30)
     await rig.service.tick()
     await rig.service.deliver_due()

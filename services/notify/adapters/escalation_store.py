@@ -26,6 +26,7 @@ from services.notify.domain.channel_failover import (
     RetryLater,
 )
 from services.notify.domain.escalation import (
+    Acknowledge,
     EscalationEvent,
     EscalationState,
     EscalationStatus,
@@ -250,6 +251,26 @@ class PostgresEscalationStore:
             if row is None:
                 return None
             [transition] = await _apply_rows(conn, [(row, event)], at)
+            if isinstance(event, Acknowledge) and not any(
+                entry.kind == "ack_repeated" for entry in transition.timeline
+            ):
+                # Whoever acknowledged, by whatever channel (API, signed link, SMS reply), goes
+                # into the tamper-evident audit log in the same transaction as the ack itself.
+                from vigil.audit import append as audit_append
+                from vigil.audit.actions import AuditAction
+
+                await audit_append(
+                    conn,
+                    event.by,
+                    AuditAction.ALERT_ACKNOWLEDGED.value,
+                    f"patient:{row['patient_id']}",
+                    {
+                        "dedup_key": row["dedup_key"],
+                        "via": event.via,
+                        "escalation_id": str(escalation_id),
+                    },
+                    at=at,
+                )
             return transition
 
     async def tick_due(
