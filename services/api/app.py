@@ -17,7 +17,8 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from services.api.adapters.audit import AuditTrail
 from services.api.adapters.credentials import hash_password
@@ -61,6 +62,13 @@ def create_app(
         description="Patients, alerts and acknowledgements of the caller's care teams.",
         lifespan=lifespan,
     )
+
+    @app.exception_handler(asyncpg.exceptions.DataError)
+    async def invalid_input(request: Request, error: asyncpg.exceptions.DataError) -> JSONResponse:
+        # Input the database cannot even represent (a NUL byte, an out-of-range number) is the
+        # caller's error, not the server's.
+        return JSONResponse({"detail": "invalid input"}, status_code=422)
+
     app.state.settings = settings
     app.state.clock = clock
     app.state.alert_actions = alert_actions

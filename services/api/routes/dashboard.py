@@ -70,6 +70,27 @@ def temperature_plot(
     }
 
 
+async def _fever_lines(repository: Any, patient: dict[str, Any]) -> dict[str, float]:
+    """The fever thresholds this patient is judged by: defaults, then the care team's newest
+    protocol version, then the patient's newest override (the order the rules service uses)."""
+    import json
+
+    from services.rules.domain.config import Thresholds
+
+    merged = Thresholds().model_dump()
+    for rows in (
+        await repository.protocol_versions(patient["care_team_id"]),
+        await repository.override_versions(patient["patient_id"]),
+    ):
+        if rows:
+            latest = rows[-1]["overrides"]
+            merged.update(json.loads(latest) if isinstance(latest, str) else dict(latest))
+    return {
+        "single": float(merged["fever_single_c"]),
+        "sustained": float(merged["fever_sustained_c"]),
+    }
+
+
 @router.get("/login", response_class=HTMLResponse)
 async def login_page(request: Request) -> Response:
     return templates.TemplateResponse(request, "login.html", {})
@@ -107,7 +128,7 @@ async def patient_page(request: Request, patient_id: str) -> Response:
         ],
         now,
     )
-    thresholds = request.app.state.fever_thresholds
+    thresholds = await _fever_lines(repository, patient)
     await request.app.state.audit.record(
         principal.user_id, "patient.dashboard", f"patient:{patient_id}", {}
     )
