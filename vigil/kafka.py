@@ -7,6 +7,8 @@ re-delivers rather than drops. Topic names live in ``schemas.kafka_topics``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import BaseModel
 
@@ -18,8 +20,19 @@ def encode(event: BaseModel) -> bytes:
 
 
 def make_producer(
-    settings: KafkaSettings, client_id: str, *, linger_ms: int = 5
+    settings: KafkaSettings,
+    client_id: str,
+    *,
+    linger_ms: int = 5,
+    max_batch_bytes: int | None = None,
+    transactional_id: str | None = None,
 ) -> AIOKafkaProducer:
+    extra: dict[str, Any] = {}
+    if max_batch_bytes is not None:
+        extra["max_batch_size"] = max_batch_bytes
+        extra["max_request_size"] = max(1048576, max_batch_bytes)
+    if transactional_id is not None:
+        extra["transactional_id"] = transactional_id
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=f"{settings.client_id_prefix}-{client_id}",
@@ -27,13 +40,14 @@ def make_producer(
         enable_idempotence=True,
         linger_ms=linger_ms,
         compression_type=None,
+        **extra,
     )
 
 
 def make_consumer(
     settings: KafkaSettings,
     *topics: str,
-    group_id: str,
+    group_id: str | None,
     client_id: str,
     auto_offset_reset: str = "earliest",
     max_poll_records: int = 500,

@@ -36,7 +36,6 @@ def create_app(
     clock: Callable[[], datetime] = utcnow,
     alert_actions: Any = None,
     audit: Any = None,
-    fever_thresholds: dict[str, float] | None = None,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +75,6 @@ def create_app(
     app.state.address_throttle = LoginThrottle(
         settings.login_max_failures * 10, settings.login_window_s
     )
-    app.state.fever_thresholds = fever_thresholds or {"single": 38.3, "sustained": 38.0}
     app.include_router(auth.router)
     app.include_router(patients.router)
     app.include_router(alerts.router)

@@ -48,7 +48,7 @@ from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import BindingIndex
 from services.ingest.domain.validation import ValidationLimits
 from services.ingest.settings import IngestSettings
-from vigil.kafka import encode
+from vigil.kafka import encode, make_producer
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.ingest")
@@ -481,14 +481,11 @@ def _producer(settings: IngestSettings) -> AIOKafkaProducer:
     ingest batch: aiokafka's default 16 KiB per partition split one 500-message batch into
     several produce requests sent one after another (one in flight with idempotence), which
     made Kafka the slowest step at a few thousand messages a second."""
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        client_id=f"{settings.kafka.client_id_prefix}-ingest",
-        acks="all",
-        enable_idempotence=True,
+    return make_producer(
+        settings.kafka,
+        "ingest",
         linger_ms=settings.kafka_linger_ms,
-        max_batch_size=settings.kafka_max_batch_bytes,
-        max_request_size=max(1048576, settings.kafka_max_batch_bytes),
+        max_batch_bytes=settings.kafka_max_batch_bytes,
     )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 
 from schemas.events import DeadLetter
@@ -39,7 +39,7 @@ from services.rules.adapters.config_store import load_rules_config
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
-from vigil.kafka import encode
+from vigil.kafka import encode, make_consumer, make_producer
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.rules")
@@ -71,13 +71,7 @@ async def load_partition_state(
     settings: RulesSettings, partition: int
 ) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """The committed state of one partition: (watermark meta, patient states)."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        client_id=f"{settings.kafka.client_id_prefix}-rules-restore",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        group_id=None,
-    )
+    reader = make_consumer(settings.kafka, group_id=None, client_id="rules-restore")
     await reader.start()
     try:
         tp = TopicPartition(settings.state_topic, partition)
@@ -148,27 +142,18 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
 async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
     config = await build_config(settings)
     transactional_id = settings.transactional_id or f"{settings.group_id}-0"
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        client_id=f"{settings.kafka.client_id_prefix}-rules",
-        transactional_id=transactional_id,
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=5,
-        # A transaction carries many small state records: fewer, larger produce requests.
-        max_batch_size=512 * 1024,
+    # A transaction carries many small state records: fewer, larger produce requests.
+    producer = make_producer(
+        settings.kafka, "rules", max_batch_bytes=512 * 1024, transactional_id=transactional_id
     )
     # The producer starts first: initialising the transactional id fences a crashed
     # predecessor and aborts its open transaction, so the state topic's committed end moves on.
     await producer.start()
     partitions = PartitionEngines(settings, config)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        client_id=f"{settings.kafka.client_id_prefix}-rules",
+    consumer = make_consumer(
+        settings.kafka,
         group_id=settings.group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
+        client_id="rules",
         max_poll_records=settings.max_batch,
     )
     consumer.subscribe([settings.telemetry_topic], listener=partitions)

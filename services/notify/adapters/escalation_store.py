@@ -18,7 +18,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from schemas.events import Alert, Evidence, Page
+from schemas.events import Alert, Page
+from services.notify.adapters.postgres import alert_from_row
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -1009,28 +1010,6 @@ async def _event(conn: Any, escalation_id: UUID, at: datetime, entry: TimelineEn
 async def _alert(conn: Any, alert_id: UUID) -> Alert:
     row = await conn.fetchrow("SELECT * FROM alerts WHERE alert_id = $1", alert_id)
     return alert_from_row(row)
-
-
-def alert_from_row(row: Any) -> Alert:
-    return Alert.model_validate(
-        {
-            "alert_id": row["alert_id"],
-            "dedup_key": row["dedup_key"],
-            "patient_id": row["patient_id"],
-            "device_id": row["device_id"],
-            "kind": row["kind"],
-            "code": row["code"],
-            "priority": row["priority"],
-            "phase": row["phase"],
-            "state": row["state"],
-            "title": row["title"],
-            "device_time": row["device_time"],
-            "ingest_time": row["ingest_time"],
-            "evidence": tuple(Evidence.model_validate(e) for e in json.loads(row["evidence"])),
-            "rule_id": row["rule_id"],
-            "rule_version": row["rule_version"],
-        }
-    )
 
 
 def _job(row: Any, now: datetime) -> PageJob:

@@ -202,7 +202,19 @@ def _undelivered(row: Any) -> UndeliveredPage:
             "created_at": row["page_created_at"],
         }
     )
-    alert = Alert.model_validate(
+    alert = alert_from_row(row)
+    return UndeliveredPage(
+        page=page,
+        alert=alert,
+        route=Route(row["route"]),
+        route_detail=row["route_detail"],
+        attempts_made=int(row["attempts_made"]),
+    )
+
+
+def alert_from_row(row: Any) -> Alert:
+    """An ``alerts`` row (or a join carrying its columns) as the Alert it recorded."""
+    return Alert.model_validate(
         {
             "alert_id": row["alert_id"],
             "dedup_key": row["dedup_key"],
@@ -220,11 +232,4 @@ def _undelivered(row: Any) -> UndeliveredPage:
             "rule_id": row["rule_id"],
             "rule_version": row["rule_version"],
         }
-    )
-    return UndeliveredPage(
-        page=page,
-        alert=alert,
-        route=Route(row["route"]),
-        route_detail=row["route_detail"],
-        attempts_made=int(row["attempts_made"]),
     )
