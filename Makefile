@@ -31,9 +31,11 @@ test-stack-down:
 
 schemas: setup
 	$(PY) -m schemas.export
+	$(PY) -m schemas.asyncapi
 
 schemas-check: setup
 	$(PY) -m schemas.export --check
+	$(PY) -m schemas.asyncapi --check
 
 lint: setup
 	$(PY) -m ruff check .

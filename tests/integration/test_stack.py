@@ -58,6 +58,7 @@ def free_ports(count: int) -> list[int]:
 def stack_ports(settings: StackSettings) -> list[int]:
     return [
         settings.mqtt_port,
+        settings.mqtt_tls_port,
         settings.kafka_port,
         settings.kafka_controller_port,
         settings.pg_port,
@@ -70,10 +71,11 @@ def stack() -> Iterator[StackSettings]:
     """A stack of its own in a fresh directory; always stopped and deleted afterwards."""
     # Short and under /tmp: the PostgreSQL socket path inside it must stay below 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="vigil-stack-it-"))
-    mqtt, kafka, controller, pg, smtp = free_ports(5)
+    mqtt, mqtt_tls, kafka, controller, pg, smtp = free_ports(6)
     settings = StackSettings(
         data_dir=root / "stack",
         mqtt_port=mqtt,
+        mqtt_tls_port=mqtt_tls,
         kafka_port=kafka,
         kafka_controller_port=controller,
         pg_port=pg,

@@ -111,7 +111,7 @@ def test_settings_reject_two_components_on_one_port(tmp_path: Path) -> None:
 def test_mosquitto_listens_on_loopback_only_with_authentication(settings: StackSettings) -> None:
     """The broker binds 127.0.0.1 on the configured port and refuses anonymous clients."""
     conf = directives(mosquitto.render_conf(settings))
-    assert conf["listener"] == ["21883 127.0.0.1"]
+    assert conf["listener"] == ["21883 127.0.0.1", "21884 127.0.0.1"]
     assert conf["allow_anonymous"] == ["false"]
     assert conf["password_file"] == [str(settings.mosquitto_dir / "passwd")]
     assert conf["acl_file"] == [str(settings.mosquitto_dir / "acl")]
@@ -296,6 +296,8 @@ def test_stack_env_exposes_exactly_what_services_read(settings: StackSettings) -
     assert env == {
         "VIGIL_MQTT_HOST": "127.0.0.1",
         "VIGIL_MQTT_PORT": "21883",
+        "VIGIL_MQTT_TLS_PORT": "21884",
+        "VIGIL_MQTT_TLS_CA_FILE": str(settings.data_dir / "tls" / "ca.crt"),
         "VIGIL_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:29092",
         "VIGIL_PG_DSN": f"postgresql://vigil:{secrets.pg_vigil_password}@127.0.0.1:25432/vigil",
         "VIGIL_INGEST_MQTT_USERNAME": "vigil-ingest",

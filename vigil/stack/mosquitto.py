@@ -1,20 +1,23 @@
 """The stack's MQTT broker: Mosquitto's config, accounts and ACL under ``data_dir/mosquitto``.
 
 Owns rendering ``deploy/local/mosquitto/*.tmpl``, the password file (service accounts plus one
-account per device), starting the broker, and adding or revoking device credentials while it runs
-(Mosquitto re-reads its password and ACL files on SIGHUP).
+account per device), starting the broker with its plain and TLS listeners (the certificates come
+from :mod:`vigil.stack.tls`), and adding or revoking device credentials while it runs (Mosquitto
+re-reads its password and ACL files on SIGHUP).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import pwd
 import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -40,6 +43,9 @@ from vigil.stack.process import (
     write_file,
 )
 from vigil.stack.settings import StackSettings
+from vigil.stack.tls import ensure_certificates, server_cert_file, server_key_file
+
+log = logging.getLogger(__name__)
 
 NAME: Final = "mosquitto"
 
@@ -90,6 +96,9 @@ def render_conf(settings: StackSettings) -> str:
         settings.deploy_dir / "mosquitto" / "mosquitto.conf.tmpl",
         {
             "port": settings.mqtt_port,
+            "tls_port": settings.mqtt_tls_port,
+            "tls_cert_file": server_cert_file(settings),
+            "tls_key_file": server_key_file(settings),
             "run_as_user": run_as_user(),
             "password_file": passwd_file(settings),
             "acl_file": acl_file(settings),
@@ -154,6 +163,7 @@ def _write_config(settings: StackSettings, secrets: StackSecrets) -> None:
     settings.mosquitto_dir.mkdir(parents=True, exist_ok=True)
     write_file(conf_file(settings), render_conf(settings), mode=0o644)
     write_file(acl_file(settings), render_acl(settings), mode=0o644)
+    ensure_certificates(settings, datetime.now(UTC))
     with _passwd_lock(settings):
         _set_password(settings, INGEST_MQTT_USER, secrets.mqtt_ingest_password)
         _set_password(settings, SIM_MQTT_USER, secrets.mqtt_sim_password)
@@ -167,15 +177,27 @@ def start(settings: StackSettings) -> None:
     """Start the broker unless it runs; block until its listener accepts connections."""
     comp = component(settings)
     if running_pid(comp) is not None:
+        if not port_accepts(settings.mqtt_tls_port):
+            # Listeners are read only at start (SIGHUP does not add one), and restarting a broker
+            # other clients are using is not `up`'s call to make.
+            log.warning(
+                "Mosquitto runs without a TLS listener on 127.0.0.1:%d (started with an older "
+                "configuration); run `python -m vigil.stack down` and `up` to add it",
+                settings.mqtt_tls_port,
+            )
         return
     ensure_port_free(settings.mqtt_port, "Mosquitto")
+    ensure_port_free(settings.mqtt_tls_port, "Mosquitto (TLS)")
     _write_config(settings, ensure_secrets(settings))
     pid, offset = spawn(comp, [str(settings.mosquitto_bin), "-c", str(conf_file(settings))])
     wait_until(
         comp,
-        lambda: port_accepts(settings.mqtt_port),
+        lambda: port_accepts(settings.mqtt_port) and port_accepts(settings.mqtt_tls_port),
         timeout_s=settings.mqtt_start_timeout_s,
-        what=f"MQTT listener on 127.0.0.1:{settings.mqtt_port}",
+        what=(
+            f"MQTT listeners on 127.0.0.1:{settings.mqtt_port} "
+            f"and 127.0.0.1:{settings.mqtt_tls_port} (TLS)"
+        ),
         pid=pid,
         log_offset=offset,
     )

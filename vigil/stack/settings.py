@@ -43,6 +43,9 @@ class StackSettings(BaseSettings):
     repo_root: Path = Field(default_factory=find_repo_root)
 
     mqtt_port: int = Field(default=11883, ge=1, le=65535)
+    # Mosquitto's TLS listener. 0 means mqtt_port + 1, so the development stack (11883/11884),
+    # the test stack (21883/21884) and private stacks never collide without a variable per stack.
+    mqtt_tls_port: int = Field(default=0, ge=0, le=65535)
     kafka_port: int = Field(default=19092, ge=1, le=65535)
     kafka_controller_port: int = Field(default=19093, ge=1, le=65535)
     pg_port: int = Field(default=15432, ge=1, le=65535)
@@ -81,9 +84,18 @@ class StackSettings(BaseSettings):
         return None if value is None else value.expanduser().resolve()
 
     @model_validator(mode="after")
+    def _derive_tls_port(self) -> StackSettings:
+        if self.mqtt_tls_port == 0:
+            if self.mqtt_port == 65535:
+                raise ValueError("mqtt_port is 65535: set VIGIL_STACK_MQTT_TLS_PORT explicitly")
+            self.mqtt_tls_port = self.mqtt_port + 1
+        return self
+
+    @model_validator(mode="after")
     def _distinct_ports(self) -> StackSettings:
         ports = [
             self.mqtt_port,
+            self.mqtt_tls_port,
             self.kafka_port,
             self.kafka_controller_port,
             self.pg_port,
@@ -114,6 +126,12 @@ class StackSettings(BaseSettings):
     @property
     def mosquitto_dir(self) -> Path:
         return self.data_dir / "mosquitto"
+
+    @property
+    def tls_dir(self) -> Path:
+        # The test CA lives outside mosquitto_dir: that tree is handed to the broker's user, and
+        # the CA's private key is no business of the broker's.
+        return self.data_dir / "tls"
 
     @property
     def kafka_dir(self) -> Path:

@@ -30,6 +30,7 @@ from vigil.stack.process import (
     write_file,
 )
 from vigil.stack.settings import StackSettings
+from vigil.stack.tls import ca_cert_file
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def status(settings: StackSettings) -> dict[str, dict[str, Any]]:
             "log": str(comp.log_file),
         }
     report[kafka.NAME]["controller_port"] = settings.kafka_controller_port
+    report[mosquitto.NAME]["tls_port"] = settings.mqtt_tls_port
     return report
 
 
@@ -143,6 +145,10 @@ def stack_env(settings: StackSettings) -> dict[str, str]:
     return {
         "VIGIL_MQTT_HOST": "127.0.0.1",
         "VIGIL_MQTT_PORT": str(settings.mqtt_port),
+        # The TLS listener and the CA that signed it. Not named VIGIL_INGEST_MQTT_TLS_CA_FILE on
+        # purpose: that switches ingest to TLS, right only with VIGIL_MQTT_PORT on the TLS port.
+        "VIGIL_MQTT_TLS_PORT": str(settings.mqtt_tls_port),
+        "VIGIL_MQTT_TLS_CA_FILE": str(ca_cert_file(settings)),
         "VIGIL_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{settings.kafka_port}",
         "VIGIL_PG_DSN": postgres.app_dsn(settings, secrets.pg_vigil_password),
         "VIGIL_INGEST_MQTT_USERNAME": INGEST_MQTT_USER,
