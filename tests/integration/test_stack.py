@@ -35,7 +35,7 @@ from vigil.stack import (
     up,
 )
 from vigil.stack.process import port_accepts
-from vigil.stack.topics import HEARTBEAT_TOPIC, topic_specs
+from vigil.stack.topics import topic_specs
 
 pytestmark = pytest.mark.stack
 
@@ -283,7 +283,6 @@ async def test_kafka_topics_exist_with_their_partitions_and_retention(
         stray = f"vigil.typo.{uuid.uuid4().hex[:6]}"
         await admin.describe_topics([stray])
         assert stray not in await admin.list_topics()
-        assert HEARTBEAT_TOPIC in await admin.list_topics()
     finally:
         await admin.close()
 
