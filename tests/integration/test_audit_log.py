@@ -222,7 +222,7 @@ async def test_config_versions_are_stored_once_and_audited_with_old_and_new_valu
     loaded = await config_store.load_config(conn, changed.content_hash[:16])
     assert loaded.content_hash == changed.content_hash
     assert loaded.config.defaults.fever_single_c == 38.0
-    at_base = await config_store.config_at(conn, version.created_at)
+    at_base = await config_store.saved_at(conn, version.created_at)
     assert at_base.content_hash == base.content_hash
 
     entries = await list_entries(conn, actor=actor, kind=AuditAction.THRESHOLDS_CHANGED)

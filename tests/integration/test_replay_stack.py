@@ -14,7 +14,7 @@ import json
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from vigil.kafka import encode, make_producer
 from vigil.replay.cli import main as replay_main
 from vigil.replay.compare import Outcome
 from vigil.replay.engine_port import PinnedRules
+from vigil.replay.runner import ReplayedAlert
 from vigil.replay.service import ReplayRequest, RulesChoice, read_only_connection, run_replay
 from vigil.replay.sources import PartitionRange, topic_partitions
 from vigil.replay.synthetic import FeverEpisode, PumpPause, course
@@ -249,6 +250,80 @@ async def test_a_threshold_change_shows_the_expected_diff_over_the_archive(
     assert all(i.delta == -timedelta(hours=1) for i in moved)
     assert {i.any_alert.patient_id for i in moved} == set(recording.patients)
     assert diff.counts()["missing"] == diff.counts()["extra"] == 0
+
+
+def fever_crossing(recording: Recording) -> datetime:
+    """A window start inside every patient's first fever: it began (day 1, 02:00 plus the
+    patient's offset) before the window and reaches its 60 minutes after it."""
+    return recording.start + timedelta(days=1, hours=2, minutes=30)
+
+
+async def test_an_archive_replay_from_mid_stream_decides_what_the_full_replay_and_live_did(
+    recording: Recording,
+) -> None:
+    """From the archive, a window starting inside a fever: the warm-up decides exactly the full
+    replay's decisions before the window and the window exactly the rest (same alerts, same
+    rows, same order); the window matches the alerts recorded live from its start on,
+    including the sustained fever that crossed its threshold after the start. Without the
+    warm-up the same window does not match live."""
+    since = fever_crossing(recording)
+    request = ReplayRequest(
+        source="archive",
+        partitions=3,
+        context_time=False,
+        patient_ids=frozenset(recording.patients),
+        audit=False,
+    )
+    full = await run_replay(request)
+    window = await run_replay(replace(request, since=since, compare_recorded="table"))
+
+    def listed(items: list[ReplayedAlert]) -> list[tuple[object, int]]:
+        return [(i.alert.alert_id, i.position[2]) for i in items]
+
+    assert listed(window.primary.warmup_alerts) + listed(window.primary.alerts) == listed(
+        full.primary.alerts
+    )
+    sustained_after = [
+        i.alert
+        for i in window.primary.alerts
+        if i.alert.code == "fever_sustained" and i.alert.phase.value == "start"
+    ]
+    assert {a.patient_id for a in sustained_after} == set(recording.patients)
+    assert window.stats.warmup_read > 0
+    assert window.recorded_diff is not None
+    assert window.recorded_diff.identical, window.recorded_diff.counts()
+    assert window.recorded_diff.counts()["same"] == len(window.primary.alerts)
+
+    cold = await run_replay(replace(request, since=since, compare_recorded="table", warmup=False))
+    assert cold.recorded_diff is not None and not cold.recorded_diff.identical
+
+
+async def test_a_kafka_replay_from_mid_stream_decides_what_the_full_replay_and_live_did(
+    recording: Recording,
+) -> None:
+    """From Kafka by record time, a window starting inside a fever: each partition warms up
+    from its beginning; the window decides, record for record, the full replay's decisions
+    from the window start on, and matches the alerts recorded live."""
+    since = fever_crossing(recording)
+    request = ReplayRequest(
+        source="kafka",
+        topic=recording.topic,
+        patient_ids=frozenset(recording.patients),  # the alerts table is shared
+        audit=False,
+    )
+    full = await run_replay(request)
+    window = await run_replay(replace(request, since=since, compare_recorded="table"))
+
+    def placed(items: list[ReplayedAlert]) -> set[tuple[object, object, int]]:
+        return {(i.alert.alert_id, i.position[1], i.position[2]) for i in items}
+
+    warm, decided = placed(window.primary.warmup_alerts), placed(window.primary.alerts)
+    assert warm.isdisjoint(decided)
+    assert warm | decided == placed(full.primary.alerts)
+    assert all(i.position[0] == "kafka" for i in window.primary.alerts)
+    assert any(i.alert.code == "fever_sustained" for i in window.primary.alerts)
+    assert window.recorded_diff is not None
+    assert window.recorded_diff.identical, window.recorded_diff.counts()
 
 
 async def end_offsets(topics: tuple[str, ...]) -> dict[TopicPartition, int]:

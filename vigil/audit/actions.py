@@ -9,4 +9,5 @@ class AuditAction(StrEnum):
     ALERT_ACKNOWLEDGED = "alert.acknowledged"
     THRESHOLDS_CHANGED = "thresholds.changed"
     RULES_CONFIG_SAVED = "rules_config.saved"
+    RULES_CONFIG_LOADED = "rules_config.loaded"
     REPLAY_RUN = "replay.run"

@@ -2,6 +2,7 @@
 
     vigil replay (--kafka | --archive) (--patient P | --device D | --care-team T | --all)
                  [--since T] [--until T] [--offsets 0:100-200,1:0-] [--order device|ingest]
+                 [--warmup-since T | --no-warmup]
                  [--config FILE | --config-version HASH | --config-at T]
                  [--against-config FILE | --against-version HASH | --what-if KEY=VALUE ...]
                  [--compare-recorded table|topic] [--advance-to T]
@@ -88,6 +89,20 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--alerts-topic", help="the alerts topic for --compare-recorded topic")
     p.add_argument("--state-topic", help="the rules state topic for --config-live")
     p.add_argument("--order", choices=("device", "ingest"), default="device", help="archive")
+    warmup = p.add_mutually_exclusive_group()
+    warmup.add_argument(
+        "--warmup-since",
+        type=_aware,
+        help="a window that starts mid-stream is preceded by a warm-up that rebuilds the rule "
+        "state from the start of the record; start it here instead (faster; exact only if no "
+        "rule state of the window reaches back further)",
+    )
+    warmup.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="start the window with empty rule state (an open fever or a running interruption "
+        "clock before the window is then not known)",
+    )
     p.add_argument(
         "--partitions",
         type=int,
@@ -96,7 +111,11 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     rules = p.add_mutually_exclusive_group()
     rules.add_argument("--config", help="a RulesConfig JSON file to pin")
-    rules.add_argument("--config-version", help="a stored config version (hash or prefix)")
+    rules.add_argument(
+        "--config-version",
+        help="a stored config version: its hash, a prefix of it, or the config_version an "
+        "alert carries (e.g. pg-3f2a9c81d0e4)",
+    )
     rules.add_argument("--config-at", type=_aware, help="the stored config live at that time")
     rules.add_argument(
         "--config-live",
@@ -162,6 +181,8 @@ async def _request(args: argparse.Namespace) -> ReplayRequest:
         advance_to=args.advance_to,
         context_time=not args.no_context_time,
         partitions=args.partitions,
+        warmup=not args.no_warmup,
+        warmup_since=args.warmup_since,
     )
     if args.topic:
         request = replace(request, topic=args.topic)
@@ -179,7 +200,9 @@ def _open(path: str) -> TextIO:
 
 
 def write_outputs(outcome: ReplayOutcome, args: argparse.Namespace) -> None:
-    items = outcome.primary.alerts
+    # The alerts open when the window started come first, marked as such (decided_by
+    # "warmup"), then the window's own decisions.
+    items = outcome.primary.open_at_start() + outcome.primary.alerts
     out = _open(args.out)
     try:
         if args.format == "csv":

@@ -1,9 +1,15 @@
 """Versions of the rules config in PostgreSQL, so a replay can pin any past one.
 
-Owns the SQL against ``rules_config_versions``. A version is immutable and named by the sha256 of
-its canonical JSON; saving one that differs from the newest also writes one audit entry listing
-each threshold that changed, old -> new, in the same transaction (a version without its audit
-entry cannot exist).
+Owns the replay side of ``rules_config_versions``. A version is immutable and named by the
+sha256 of its canonical JSON; saving one by hand (``vigil replay config save``) that differs from
+the newest also writes one audit entry listing each threshold that changed, old -> new, in the
+same transaction (a version without its audit entry cannot exist).
+
+The rules service records every config it loads itself
+(``services/rules/adapters/config_store.record_loaded_config``): the version row, and a
+``rules_config.loaded`` audit entry each time the loaded config changes. So a version is found
+by its hash (or a prefix), by the ``config_version`` label an alert carries, or by a time: the
+config the rules service had loaded then.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from services.rules.adapters.config_store import CONFIG_LOADED
 from vigil.audit import append
 from vigil.audit.actions import AuditAction
 from vigil.replay.engine_port import ConfigError, PinnedRules, pin
@@ -104,22 +111,48 @@ async def load_version(conn: Any, content_hash: str) -> ConfigVersion:
     return _version(row)
 
 
-async def load_config(conn: Any, hash_prefix: str) -> PinnedRules:
-    """The config whose hash starts with ``hash_prefix`` (unique), re-hashed on load."""
+async def load_config(conn: Any, version: str) -> PinnedRules:
+    """The config named by ``version``: its content hash or a unique prefix of it, or the
+    ``config_version`` label the rules gave it (what an alert carries, e.g. ``pg-3f2a9c81d0e4``).
+    Re-hashed on load."""
     rows = await conn.fetch(
         "SELECT content_hash, config_text FROM rules_config_versions"
         " WHERE content_hash LIKE $1 || '%' LIMIT 2",
-        hash_prefix.lower(),
+        version.lower(),
     )
     if not rows:
-        raise LookupError(f"no rules config version starting {hash_prefix}")
+        # A label is a digest of the content, so one label names one stored config.
+        rows = await conn.fetch(
+            "SELECT content_hash, config_text FROM rules_config_versions"
+            " WHERE config->>'config_version' = $1 LIMIT 2",
+            version,
+        )
+    if not rows:
+        raise LookupError(f"no rules config version {version!r} (hash, prefix or label)")
     if len(rows) > 1:
-        raise LookupError(f"{hash_prefix} names more than one rules config version")
+        raise LookupError(f"{version} names more than one rules config version")
     return _checked(rows[0])
 
 
 async def config_at(conn: Any, moment: datetime) -> PinnedRules:
-    """The newest version saved at or before ``moment``: what was live then."""
+    """The config that was live at ``moment``: the one the rules service had loaded then (its
+    newest ``rules_config.loaded`` audit entry at or before ``moment``). Where the rules service
+    recorded no load by then (it ran from a file or the built-in settings), the newest version
+    saved by hand at or before ``moment`` (``saved_at``)."""
+    row = await conn.fetchrow(
+        "SELECT v.content_hash, v.config_text FROM audit_log a"
+        " JOIN rules_config_versions v ON v.content_hash = a.subject"
+        " WHERE a.action = $1 AND a.at <= $2 ORDER BY a.seq DESC LIMIT 1",
+        CONFIG_LOADED,
+        moment,
+    )
+    if row is None:
+        return await saved_at(conn, moment)
+    return _checked(row)
+
+
+async def saved_at(conn: Any, moment: datetime) -> PinnedRules:
+    """The newest version stored at or before ``moment``, however it was stored."""
     row = await conn.fetchrow(
         "SELECT content_hash, config_text FROM rules_config_versions WHERE created_at <= $1"
         " ORDER BY created_at DESC, content_hash LIMIT 1",

@@ -3,18 +3,20 @@
 Replay depends on the engine only through ``EnginePort``: ``on_observation(event) -> list[Alert]``
 (``on_telemetry`` is the same after the edge conversion) and ``on_time(watermark) -> list[Alert]``
 (timers on event time, for the end of a stream). Events travel through replay in the engine's own
-input form (``ReplayEvent``, the rules' ``Observation``), built here from Kafka record bytes by the
-very decoder the live service uses, from archive rows, or from ``Telemetry``: no per-event
+input form (``ReplayEvent``, the rules' ``Observation``), built from Kafka record bytes by the
+very decoder the live service uses, from archive rows (``sources.event_from_row``, field for
+field, since ingest stored the normalised values), or from ``Telemetry``: no per-event
 pydantic validation on the hot path, and no second decoder that could disagree with the live one.
 The config is the rules service's own ``RulesConfig`` (JSON: defaults, care-team protocols, patient
-profiles and overrides, allowed lateness); this module owns its content hash (sha256 of the
-canonical JSON of the validated config, so two spellings of one config hash alike) and building
-the engine from it. When the engine's construction changes, only this file changes.
+profiles and overrides, allowed lateness); its content hash (sha256 of the canonical JSON of the
+validated config, so two spellings of one config hash alike) is the rules adapter's
+(``services/rules/adapters/config_store.py``), the very name under which the rules service
+records each config it loads; this module pins a config by it and builds the engine from it.
+When the engine's construction changes, only this file changes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from pydantic import ValidationError
 
 from schemas.events import Alert, Telemetry
 from services.rules.adapters.codec import decode_observation
+from services.rules.adapters.config_store import canonical_json
+from services.rules.adapters.config_store import content_hash as config_content_hash
 from services.rules.domain.alerting import at
 from services.rules.domain.config import RULES_LOGIC_VERSION, RulesConfig
 from services.rules.domain.engine import RulesEngine
@@ -47,54 +51,14 @@ CHANNEL_PUMP_STATUS = PUMP_STATUS
 CHANNEL_PUMP_EVENT = PUMP_EVENT
 
 
-def decode_record(payload: bytes) -> ReplayEvent:
-    """A telemetry record's bytes, decoded exactly as the live rules service decodes them;
-    raises ``pydantic.ValidationError`` for a record that breaks the contract."""
-    return decode_observation(payload)
+#: A telemetry record's bytes, decoded exactly as the live rules service decodes them; raises
+#: ``pydantic.ValidationError`` for a record that breaks the contract. The live decoder itself,
+#: not a wrapper: it runs once per record.
+decode_record: Callable[[bytes], ReplayEvent] = decode_observation
 
 
 def from_telemetry(event: Telemetry) -> ReplayEvent:
     return observe(event)
-
-
-def from_archive(
-    *,
-    channel: int,
-    patient_id: str,
-    device_id: str,
-    device_time: datetime,
-    ingest_time: datetime,
-    message_id: str,
-    clock_skew: bool,
-    temperature_c: float | None = None,
-    site: str | None = None,
-    pump_state: str | None = None,
-    rate_ml_h: float | None = None,
-    volume_remaining_ml: float | None = None,
-    bag_volume_ml: float | None = None,
-    battery_pct: float | None = None,
-    event: str | None = None,
-    alarm: str | None = None,
-) -> ReplayEvent:
-    """The event one readings-archive row stands for (ingest stored the normalised value)."""
-    return Observation(
-        patient_id=patient_id,
-        device_id=device_id,
-        channel=channel,
-        device_time=device_time,
-        ingest_time=ingest_time,
-        message_id=message_id,
-        temperature_c=temperature_c if temperature_c is not None else 0.0,
-        site=site or "unknown",
-        pump_state=pump_state or "",
-        rate_ml_h=rate_ml_h if rate_ml_h is not None else 0.0,
-        volume_remaining_ml=volume_remaining_ml if volume_remaining_ml is not None else 0.0,
-        bag_volume_ml=bag_volume_ml,
-        battery_pct=battery_pct,
-        event=event or "",
-        alarm=alarm or "",
-        clock_skew=clock_skew,
-    )
 
 
 # The fever levels a report draws on a patient's timeline, by the names the report uses.
@@ -104,6 +68,10 @@ _FEVER_LIMITS = {
     "critical_c": "fever_critical_c",
     "clear_c": "fever_clear_c",
 }
+
+
+# Position sources whose ``where`` is a telemetry partition (see ``sources.Position``).
+_PARTITIONED = frozenset({"kafka", "context", "warmup", "warmup-context"})
 
 
 class ConfigError(ValueError):
@@ -116,11 +84,6 @@ class EnginePort(Protocol):
     def on_observation(self, obs: Observation) -> list[Alert]: ...
 
     def on_time(self, watermark: datetime) -> list[Alert]: ...
-
-
-def canonical_json(value: Any) -> str:
-    """One spelling per value: sorted keys, no spaces, so equal configs hash equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +120,7 @@ class PinnedRules:
         partition (services/rules/app.py, ``PartitionEngines``), each with its own watermark;
         a replay from Kafka does the same. Other sources have one lane."""
         source, where, _ = position
-        return where if source in ("kafka", "context") else None
+        return where if source in _PARTITIONED else None
 
     @staticmethod
     def partitioner(partitions: int) -> Callable[[str], int]:
@@ -184,15 +147,14 @@ class ReplayEngine:
     engine's own arrival of it would have, and returns the alerts of the timers that fall due.
     """
 
-    __slots__ = ("_engine", "_lateness", "_mark")
+    __slots__ = ("_engine", "_lateness", "_mark", "on_event")
 
     def __init__(self, engine: EnginePort, lateness_s: float) -> None:
         self._engine = engine
         self._lateness = lateness_s
         self._mark = float("-inf")
-
-    def on_event(self, event: ReplayEvent) -> list[Alert]:
-        return self._engine.on_observation(event)
+        # The engine's own method, bound once: one call per replayed event, not two.
+        self.on_event: Callable[[ReplayEvent], list[Alert]] = engine.on_observation
 
     def on_time(self, watermark: datetime) -> list[Alert]:
         return self._engine.on_time(watermark)
@@ -219,8 +181,9 @@ def pin(config: Mapping[str, Any] | RulesConfig) -> PinnedRules:
     except ValidationError as error:
         raise ConfigError(str(error)) from error
     content = validated.model_dump(mode="json")
-    digest = hashlib.sha256(canonical_json(content).encode()).hexdigest()
-    return PinnedRules(config=validated, content=content, content_hash=digest)
+    return PinnedRules(
+        config=validated, content=content, content_hash=config_content_hash(validated)
+    )
 
 
 def default_rules() -> PinnedRules:

@@ -31,6 +31,8 @@ def describe_position(position: tuple[str, Any, int]) -> str:
         return f"archive {where} row {number}"
     if source == "end":
         return f"end of stream (timers due by --advance-to, after {number} events)"
+    if source in ("warmup", "warmup-context"):
+        return f"open at window start (decided before it: {where} #{number})"
     return f"{source} event {number}"
 
 

@@ -1,9 +1,14 @@
 """Feeding a recorded stream through a pinned rules engine and keeping what it decided.
 
 Pure and synchronous: batches of ``(ReplayEvent, Position)`` in, alerts with the position of the
-event that decided them out. No I/O, no wall clock; the readers in ``sources`` do the reading, so
-the same ``Replay`` serves the topic, the archive and the unit tests' in-memory streams. Several
-replays (two rule versions, say) can be fed the same batches, so a stream is read once.
+event that decided them out. A replay that starts mid-stream is fed a warm-up first (events
+before the window, marked by the readers): the engine decides on them exactly as the live one
+did, so it enters the window with the live state (an open fever, a running interruption clock,
+the last pump status), but the replay reports none of those decisions; it reports the alerts
+still open at the window start separately (``open_at_start``). No I/O, no wall clock; the
+readers in ``sources`` do the reading, so the same ``Replay`` serves the topic, the archive and
+the unit tests' in-memory streams. Several replays (two rule versions, say) can be fed the same
+batches, so a stream is read once.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from schemas.events import Alert, Telemetry
+from schemas.events import Alert, AlertState, Telemetry
 from vigil.replay.engine_port import (
     CHANNEL_PUMP_STATUS,
     CHANNEL_TEMPERATURE,
@@ -22,7 +27,10 @@ from vigil.replay.engine_port import (
     ReplayEvent,
     from_telemetry,
 )
-from vigil.replay.sources import Batch, Position
+from vigil.replay.sources import CONTEXT, WARMUP, WARMUP_CONTEXT, Batch, Position
+
+# Sources of events the engine sees but whose own decisions are not the window's.
+_NOT_REPORTED = frozenset({CONTEXT, WARMUP, WARMUP_CONTEXT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +89,10 @@ class Replay:
         self._engines: dict[Any, ReplayEngine] = {}
         self._keep_timelines = keep_timelines
         self.alerts: list[ReplayedAlert] = []
+        # Decided during warm-up (before the window): not reported, but they say what was
+        # open when the window started.
+        self.warmup_alerts: list[ReplayedAlert] = []
+        self.warmup_events = 0
         self.timelines: dict[str, Timeline] = {}
         self.events = 0
         self.first_device_time: datetime | None = None
@@ -93,16 +105,21 @@ class Replay:
         return engine
 
     def feed(self, batch: Batch) -> None:
-        """Replay a batch. A ``context`` item is an event of the stream that is not replayed
-        (another patient's, on the same partition) but moves event time as it did live."""
+        """Replay a batch. A ``CONTEXT`` item is an event of the stream that is not replayed
+        (another patient's, on the same partition) but moves event time as it did live;
+        ``WARMUP`` and ``WARMUP_CONTEXT`` items are the same before the window: the engine
+        sees them, the replay reports nothing they decide."""
         content_hash = self.rules.content_hash
         lane_of = self.rules.lane_of
         patient_lane = self._patient_lane
         lanes = self._lanes
+        engines = self._engines
         alerts = self.alerts
+        warm = self.warmup_alerts
         replayed: Batch = []
         last: Position = ("start", None, 0)
-        for event, position in batch:
+        for item in batch:
+            event, position = item
             if patient_lane is None:
                 lane = lane_of(position)
             else:
@@ -110,17 +127,27 @@ class Replay:
                 lane = lanes.get(event.patient_id)
                 if lane is None:
                     lane = lanes[event.patient_id] = patient_lane(event.patient_id)
-            engine = self._engine(lane)
-            if position[0] == "context":
+            engine = engines.get(lane) or self._engine(lane)
+            source = position[0]
+            if source not in _NOT_REPORTED:  # the common case first
+                last = position
+                replayed.append(item)
+                decided = engine.on_event(event)
+                if decided:
+                    alerts.extend(ReplayedAlert(a, position, content_hash) for a in decided)
+            elif source == CONTEXT:
                 decided = engine.advance_from(event)
                 if decided:
                     alerts.extend(ReplayedAlert(a, last, content_hash) for a in decided)
-                continue
-            last = position
-            replayed.append((event, position))
-            decided = engine.on_event(event)
-            if decided:
-                alerts.extend(ReplayedAlert(a, position, content_hash) for a in decided)
+            elif source == WARMUP:
+                self.warmup_events += 1
+                decided = engine.on_event(event)
+                if decided:
+                    warm.extend(ReplayedAlert(a, position, content_hash) for a in decided)
+            else:  # WARMUP_CONTEXT
+                decided = engine.advance_from(event)
+                if decided:
+                    warm.extend(ReplayedAlert(a, position, content_hash) for a in decided)
         self.events += len(replayed)
         if replayed:
             self._note_span(replayed)
@@ -131,6 +158,16 @@ class Replay:
                 if timeline is None:
                     timeline = timelines[event.patient_id] = Timeline()
                 timeline.add(event)
+
+    def open_at_start(self) -> list[ReplayedAlert]:
+        """The alerts open when the window started: of each episode (dedup key) decided during
+        warm-up, its newest phase, when that phase leaves the alert active (not an all-clear,
+        not an informational pass-through). Empty without a warm-up."""
+        newest: dict[str, ReplayedAlert] = {}
+        for item in self.warmup_alerts:
+            newest[item.alert.dedup_key] = item
+        still_open = [i for i in newest.values() if i.alert.state is not AlertState.INACTIVE]
+        return sorted(still_open, key=lambda i: (i.alert.device_time, i.alert.dedup_key))
 
     def _note_span(self, batch: Batch) -> None:
         low = min(event.device_time for event, _ in batch)

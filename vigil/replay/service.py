@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -51,6 +51,7 @@ from vigil.replay.sources import (
     recorded_alerts_from_topic,
     registered_patients,
     topic_partitions,
+    warmup_offsets,
 )
 from vigil.settings import KafkaSettings, PostgresSettings
 
@@ -115,6 +116,11 @@ class ReplayRequest:
     context_time: bool = True
     # Archive: how many partitions the telemetry topic has (None: ask Kafka).
     partitions: int | None = None
+    # A window that starts mid-stream (--since, or --offsets) is preceded by a warm-up that
+    # rebuilds the rule state the live engine had at its start: from ``warmup_since`` (Kafka:
+    # record time; archive: device time), by default from the start of the record.
+    warmup: bool = True
+    warmup_since: datetime | None = None
 
     def needs_database(self) -> bool:
         return (
@@ -163,6 +169,8 @@ class ReplayOutcome:
             "events_replayed": self.primary.events,
             "events_rejected": self.stats.rejected,
             "alerts": len(self.primary.alerts),
+            "open_at_window_start": len(self.primary.open_at_start()),
+            "warmup_events_read": self.stats.warmup_read,
             "candidate_alerts": len(self.candidate.alerts) if self.candidate else None,
             "recorded_alerts": len(self.recorded) if self.recorded is not None else None,
             "recorded_diff": self.recorded_diff.counts() if self.recorded_diff else None,
@@ -283,8 +291,17 @@ async def run_replay(
                 until=request.until,
                 offsets=request.offsets or None,
             )
-            total: int | None = sum(end - start for start, end in plan.values())
             lanes = len(plan)
+            mid_stream = request.since is not None or bool(request.offsets)
+            warm = (
+                await warmup_offsets(consumer, plan, request.warmup_since)
+                if request.warmup and mid_stream
+                else None
+            )
+            # The bar counts the warm-up too: it is read, and it takes time.
+            total: int | None = sum(end - start for start, end in plan.values()) + sum(
+                plan[tp][0] - offset for tp, offset in (warm or {}).items()
+            )
             # Device time filters what is replayed; Kafka's range was by record time.
             batches = read_kafka(
                 consumer,
@@ -292,11 +309,20 @@ async def run_replay(
                 Selection(patients, request.device_ids),
                 stats,
                 context=request.context_time,
+                warmup_from=warm,
             )
         else:
-            total = await count_archive(conn, selection) if request.progress else None
+            warm_archive = request.warmup and request.since is not None
+            counted = replace(selection, since=request.warmup_since) if warm_archive else selection
+            total = await count_archive(conn, counted) if request.progress else None
             batches = read_archive(
-                conn, selection, stats, order=request.order, context_patients=context_patients
+                conn,
+                selection,
+                stats,
+                order=request.order,
+                context_patients=context_patients,
+                warmup=warm_archive,
+                warmup_since=request.warmup_since,
             )
         progress = ProgressBar(total, enabled=request.progress)
         read_before = 0
@@ -304,8 +330,8 @@ async def run_replay(
             primary.feed(batch)
             if candidate is not None:
                 candidate.feed(batch)
-            progress.advance(stats.read - read_before)
-            read_before = stats.read
+            progress.advance(stats.read + stats.warmup_read - read_before)
+            read_before = stats.read + stats.warmup_read
         progress.close()
         primary.finish(request.advance_to)
         if candidate is not None:
@@ -316,7 +342,7 @@ async def run_replay(
             span = Selection(
                 patient_ids=patients,
                 device_ids=request.device_ids,
-                since=primary.first_device_time,
+                since=window_lower_bound(primary),
                 until=request.until if request.source == "archive" else None,
             )
             if request.compare_recorded == "table":
@@ -333,12 +359,7 @@ async def run_replay(
                     since=request.since,
                     until=None,
                 )
-            # From the first replayed event on; no upper bound, because a timer's alert carries
-            # its deadline, which can lie after the last event of the replayed patients.
-            first = primary.first_device_time
-            recorded = [
-                a for a in dedupe_alerts(recorded) if first is not None and a.device_time >= first
-            ]
+            recorded = in_window(dedupe_alerts(recorded), primary)
         replayed = [item.alert for item in primary.alerts]
         recorded_diff = (
             diff_alerts(recorded, replayed, left_label="recorded", right_label="replayed")
@@ -371,6 +392,27 @@ async def run_replay(
         if request.audit:
             outcome.audit_seq = await _audit(request, outcome, (postgres or PostgresSettings()).dsn)
         return outcome
+
+
+def window_lower_bound(replay: Replay) -> datetime | None:
+    """The earliest device time a replay's window speaks for: its first replayed event, or
+    the earliest alert it decided (a timer's alert carries its deadline, which can lie just
+    before the event that fired it)."""
+    first = replay.first_device_time
+    if first is None:
+        return None
+    return min([first, *(item.alert.device_time for item in replay.alerts)])
+
+
+def in_window(recorded: list[Alert], replay: Replay) -> list[Alert]:
+    """The recorded alerts a replay's window can be compared with: from its lower bound on,
+    minus what it decided during warm-up (the live service published those before the
+    window). No upper bound: a timer's deadline can lie after the last replayed event."""
+    lower = window_lower_bound(replay)
+    if lower is None:
+        return []
+    before = {item.alert.alert_id for item in replay.warmup_alerts}
+    return [a for a in recorded if a.device_time >= lower and a.alert_id not in before]
 
 
 async def _audit(request: ReplayRequest, outcome: ReplayOutcome, dsn: str) -> int:

@@ -10,11 +10,20 @@ live rules consumed them (ingest keys by patient), so a Kafka replay feeds them 
 The archive has no arrival order; it is replayed in device-time order with a stable tie-break
 (ingest time, device, sequence number, message id), or in ingest-time order on request, which
 approximates the order the live service saw.
+
+A replay that starts mid-stream first *warms up*: both readers can start earlier than the window
+(the archive from the start of each patient's record, Kafka from the start of each partition)
+and mark what lies before the window as warm-up (``WARMUP``, ``WARMUP_CONTEXT``), so the engine
+reaches the window with the state the live one had there; ``runner.Replay`` reports nothing
+decided during warm-up except the alerts still open when the window starts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,19 +35,24 @@ from pydantic import ValidationError
 
 from schemas.events import Alert
 from schemas.kafka_topics import TELEMETRY_TOPIC
+from vigil.kafka import make_consumer
 from vigil.replay.engine_port import (
     CHANNEL_PUMP_EVENT,
     CHANNEL_PUMP_STATUS,
     CHANNEL_TEMPERATURE,
     ReplayEvent,
     decode_record,
-    from_archive,
 )
 from vigil.settings import KafkaSettings
 
-#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, row number);
-#: ("context", partition, offset) marks an event read but not replayed (see ``Replay.feed``).
+#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, row number).
+#: Other first elements mark events the engine sees but the replay does not report on (see
+#: ``Replay.feed``): ``CONTEXT``, another patient's event that moves event time as it did live;
+#: ``WARMUP``, a selected event before the window; ``WARMUP_CONTEXT``, context before the window.
 Position = tuple[str, Any, int]
+CONTEXT = "context"
+WARMUP = "warmup"
+WARMUP_CONTEXT = "warmup-context"
 Batch = list[tuple[ReplayEvent, Position]]
 
 ArchiveOrder = Literal["device", "ingest"]
@@ -79,6 +93,8 @@ class ReadStats:
     admitted: int = 0
     rejected: int = 0
     rejected_positions: list[Position] = field(default_factory=list)
+    # Records read before the window to rebuild the rule state (not counted in ``read``).
+    warmup_read: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,18 +128,15 @@ def parse_offsets(text: str) -> list[PartitionRange]:
     return ranges
 
 
+#: Records per ``getmany``: a replay reads a long stretch of log sequentially.
+FETCH_RECORDS = 20_000
+
+
 def make_reader_consumer(settings: KafkaSettings, client_id: str) -> AIOKafkaConsumer:
-    """A consumer that cannot commit: no group id, no auto-commit, committed data only."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id=f"{settings.client_id_prefix}-{client_id}",
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-        # Large fetches: a replay reads a long stretch of log sequentially.
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_poll_records=20_000,
+    """A consumer that cannot commit: no group id (``vigil.kafka.make_consumer`` never
+    auto-commits and reads committed data only)."""
+    return make_consumer(
+        settings, group_id=None, client_id=client_id, max_poll_records=FETCH_RECORDS
     )
 
 
@@ -187,6 +200,57 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+async def warmup_offsets(
+    consumer: AIOKafkaConsumer,
+    plan: dict[TopicPartition, tuple[int, int]],
+    since: datetime | None,
+) -> dict[TopicPartition, int]:
+    """Where each partition's warm-up starts: the first record at/after ``since`` (record time),
+    or with ``since`` None the partition's beginning, which is what the live engine started
+    from. Only partitions whose window starts later than that are returned."""
+    tps = list(plan)
+    starts = dict(await consumer.beginning_offsets(tps))
+    if since is not None:
+        found = await consumer.offsets_for_times({tp: _ms(since) for tp in tps})
+        starts = {
+            tp: max(starts[tp], found[tp].offset if found[tp] is not None else plan[tp][0])
+            for tp in tps
+        }
+    return {tp: starts[tp] for tp in tps if starts[tp] < plan[tp][0]}
+
+
+Fetched = list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]
+
+
+async def read_ranges(
+    consumer: AIOKafkaConsumer, plan: dict[TopicPartition, tuple[int, int]]
+) -> AsyncIterator[Fetched]:
+    """Every record of each planned ``[start, end)``, fetch by fetch, each partition in log
+    order; a partition is paused once read to its end. The one loop every Kafka read here
+    (telemetry, recorded alerts, the pinned config) goes through."""
+    pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
+    if not pending:
+        return
+    consumer.assign(list(pending))
+    for tp, (start, _) in pending.items():
+        consumer.seek(tp, start)
+    while pending:
+        fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=FETCH_RECORDS)
+        out: Fetched = []
+        for tp, records in fetched.items():
+            end = pending[tp][1] if tp in pending else -1
+            if records and records[-1].offset >= end:
+                records = [r for r in records if r.offset < end]
+            if records:
+                out.append((tp, records))
+        for tp in list(pending):
+            if await consumer.position(tp) >= pending[tp][1]:
+                del pending[tp]
+                consumer.pause(tp)
+        if out:
+            yield out
+
+
 async def read_kafka(
     consumer: AIOKafkaConsumer,
     plan: dict[TopicPartition, tuple[int, int]],
@@ -195,6 +259,7 @@ async def read_kafka(
     *,
     decode: bool = True,
     context: bool = True,
+    warmup_from: dict[TopicPartition, int] | None = None,
 ) -> AsyncIterator[Batch]:
     """Yield admitted telemetry until every planned end, each partition in log order.
 
@@ -202,13 +267,14 @@ async def read_kafka(
     partition (see ``PinnedRules.lane_of``), so only the order within a partition decides
     anything. With ``context`` and a patient or device filter, the other records are decoded
     and passed on as context, so they move their engine's event time as they did live.
+    ``warmup_from``: an earlier offset per partition to start reading at; what lies before the
+    planned start is passed on as warm-up.
     """
-    pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
-    if not pending:
-        return
-    consumer.assign(list(pending))
-    for tp, (start, _) in pending.items():
-        consumer.seek(tp, start)
+    window = {tp: start for tp, (start, _) in plan.items()}
+    reading = {
+        tp: (min(start, (warmup_from or {}).get(tp, start)), end)
+        for tp, (start, end) in plan.items()
+    }
     filtered = selection.patient_ids is not None or selection.device_ids is not None
     keep_context = context and filtered and decode
     # Ingest keys records by patient: without context, a patient filter is decided on the key
@@ -218,20 +284,26 @@ async def read_kafka(
         if selection.patient_ids is not None and not keep_context
         else None
     )
-    while pending:
-        fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=20_000)
+    async for fetched in read_ranges(consumer, reading):
         batch: Batch = []
-        for tp, records in fetched.items():
-            end = pending[tp][1] if tp in pending else -1
-            if records and records[-1].offset >= end:
-                records = [r for r in records if r.offset < end]
-            batch += _decode_records(records, selection, stats, keys, decode, keep_context)
-        for tp in list(pending):
-            if await consumer.position(tp) >= pending[tp][1]:
-                del pending[tp]
-                consumer.pause(tp)
+        for tp, records in fetched:
+            if records[0].offset < window[tp]:
+                # Records are in offset order: the warm-up is a prefix of the fetch.
+                cut = bisect_left(records, window[tp], key=_offset)
+                batch += _decode_records(
+                    records[:cut], selection, stats, keys, decode, keep_context, warm=True
+                )
+                records = records[cut:]
+            if records:
+                batch += _decode_records(
+                    records, selection, stats, keys, decode, keep_context, warm=False
+                )
         if batch:
             yield batch
+
+
+def _offset(record: ConsumerRecord[bytes, bytes]) -> int:
+    return int(record.offset)
 
 
 def _decode_records(
@@ -241,33 +313,44 @@ def _decode_records(
     keys: frozenset[bytes] | None,
     decode: bool,
     keep_context: bool,
+    *,
+    warm: bool,
 ) -> Batch:
     decode_one = decode_record
     patients = selection.patient_ids
     devices = selection.device_ids
+    source, context_source = (WARMUP, WARMUP_CONTEXT) if warm else ("kafka", CONTEXT)
     batch: Batch = []
-    stats.read += len(records)
+    append = batch.append
+    if warm:
+        stats.warmup_read += len(records)
+    else:
+        stats.read += len(records)
+    admitted = 0
     for record in records:
         if keys is not None and record.key not in keys:
             continue
         if not decode:
-            stats.admitted += 1
+            admitted += 1
             continue
         try:
             event = decode_one(record.value or b"")
         except ValidationError:
             # The live rules dead-letter such a record; the replay counts it and goes on.
-            stats.rejected += 1
-            stats.rejected_positions.append(("kafka", record.partition, record.offset))
+            if not warm:
+                stats.rejected += 1
+                stats.rejected_positions.append(("kafka", record.partition, record.offset))
             continue
         if (patients is not None and event.patient_id not in patients) or (
             devices is not None and event.device_id not in devices
         ):
             if keep_context:
-                batch.append((event, ("context", record.partition, record.offset)))
+                append((event, (context_source, record.partition, record.offset)))
             continue
-        stats.admitted += 1
-        batch.append((event, ("kafka", record.partition, record.offset)))
+        admitted += 1
+        append((event, (source, record.partition, record.offset)))
+    if not warm:
+        stats.admitted += admitted
     return batch
 
 
@@ -290,19 +373,11 @@ async def config_from_state_topic(
     )
     wanted = (CONFIG_KEY_PREFIX + version).encode()
     found: bytes | None = None
-    pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
-    if pending:
-        consumer.assign(list(pending))
-        for tp, (start, _) in pending.items():
-            consumer.seek(tp, start)
-    while pending:
-        for tp, records in (await consumer.getmany(*pending, timeout_ms=1000)).items():
+    async for fetched in read_ranges(consumer, plan):
+        for _, records in fetched:
             for record in records:
-                if record.offset < pending[tp][1] and record.key == wanted and record.value:
+                if record.key == wanted and record.value:
                     found = record.value  # the newest write of a key wins, as in compaction
-        for tp in list(pending):
-            if await consumer.position(tp) >= pending[tp][1]:
-                del pending[tp]
     if found is None:
         raise LookupError(f"no rules config {version!r} in {state_topic}")
     value = json.loads(found)
@@ -373,10 +448,12 @@ def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[
 
 
 def event_from_row(row: Sequence[Any]) -> ReplayEvent:
-    """The event one archive row stands for (column order of ``_SELECT``)."""
+    """The event one archive row stands for (column order of ``_SELECT``); ingest stored the
+    normalised values, so a row maps field for field. Built in one call per row: this is the
+    archive replay's per-row cost next to the engine's."""
     kind = row[0]
     if kind == 0:
-        return from_archive(
+        return ReplayEvent(
             channel=CHANNEL_TEMPERATURE,
             patient_id=row[3],
             device_id=row[4],
@@ -384,11 +461,11 @@ def event_from_row(row: Sequence[Any]) -> ReplayEvent:
             ingest_time=row[2],
             message_id=row[5],
             clock_skew=bool(row[7]),
-            temperature_c=row[8],
-            site=row[12],
+            temperature_c=row[8] if row[8] is not None else 0.0,
+            site=row[12] or "unknown",
         )
     if kind == 1:
-        return from_archive(
+        return ReplayEvent(
             channel=CHANNEL_PUMP_STATUS,
             patient_id=row[3],
             device_id=row[4],
@@ -396,13 +473,13 @@ def event_from_row(row: Sequence[Any]) -> ReplayEvent:
             ingest_time=row[2],
             message_id=row[5],
             clock_skew=bool(row[7]),
-            rate_ml_h=row[8],
-            volume_remaining_ml=row[9],
+            rate_ml_h=row[8] if row[8] is not None else 0.0,
+            volume_remaining_ml=row[9] if row[9] is not None else 0.0,
             bag_volume_ml=row[10],
             battery_pct=row[11],
-            pump_state=row[12],
+            pump_state=row[12] or "",
         )
-    return from_archive(
+    return ReplayEvent(
         channel=CHANNEL_PUMP_EVENT,
         patient_id=row[3],
         device_id=row[4],
@@ -410,8 +487,8 @@ def event_from_row(row: Sequence[Any]) -> ReplayEvent:
         ingest_time=row[2],
         message_id=row[5],
         clock_skew=bool(row[7]),
-        event=row[12],
-        alarm=row[13],
+        event=row[12] or "",
+        alarm=row[13] or "",
     )
 
 
@@ -424,45 +501,95 @@ async def read_archive(
     batch_size: int = 20_000,
     decode: bool = True,
     context_patients: frozenset[str] | None = None,
+    warmup: bool = False,
+    warmup_since: datetime | None = None,
 ) -> AsyncIterator[Batch]:
     """Yield archive rows as replay events, in the chosen order, inside a read-only snapshot.
 
     ``context_patients``: other patients whose rows are read too and passed on as context
-    (they shared the live engine with the selected ones). ``conn`` is an asyncpg connection
-    (asyncpg ships no types). The transaction is opened here and is READ ONLY: a bug that tried
-    to write would fail, not write.
+    (they shared the live engine with the selected ones). ``warmup``: with ``selection.since``,
+    read from ``warmup_since`` (None: from each patient's first row) and pass the rows before
+    ``since`` on as warm-up. ``conn`` is an asyncpg connection (asyncpg ships no types). The
+    transaction is opened here and is READ ONLY: a bug that tried to write would fail, not
+    write. The next batch is fetched while the caller replays this one, so the server's work
+    overlaps the engine's.
     """
-    wanted = selection
-    if context_patients:
-        # Read the selected patients and their lane mates; device filtering happens here.
-        wanted = Selection(
-            patient_ids=(selection.patient_ids or frozenset()) | context_patients,
-            since=selection.since,
-            until=selection.until,
-        )
+    window_start = selection.since if warmup else None
+    wanted = Selection(
+        patient_ids=(
+            (selection.patient_ids or frozenset()) | context_patients
+            if context_patients
+            else selection.patient_ids
+        ),
+        # Device filtering happens here when there are lane mates to read as context.
+        device_ids=None if context_patients else selection.device_ids,
+        since=warmup_since if window_start is not None else selection.since,
+        until=selection.until,
+    )
     sql, args = archive_query(wanted, order)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute("SET TRANSACTION READ ONLY")
         cursor = await conn.cursor(sql, *args)
         number = 0
-        while True:
-            rows = await cursor.fetch(batch_size)
-            if not rows:
-                break
-            stats.read += len(rows)
-            if not decode:
-                stats.admitted += len(rows)
-                continue
-            batch: Batch = []
-            for row in rows:
-                number += 1
-                event = event_from_row(row)
-                if context_patients and not selection.admits(event):
-                    batch.append((event, ("context", _TABLES[row[0]], number)))
+        ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(cursor.fetch(batch_size))
+        try:
+            while True:
+                rows = await ahead
+                if not rows:
+                    break
+                ahead = asyncio.ensure_future(cursor.fetch(batch_size))
+                await asyncio.sleep(0)  # let the next fetch go out before this batch is replayed
+                if not decode:
+                    stats.read += len(rows)
+                    stats.admitted += len(rows)
                     continue
-                stats.admitted += 1
-                batch.append((event, ("pg", _TABLES[row[0]], number)))
-            yield batch
+                batch = _archive_batch(
+                    rows, number, selection, stats, bool(context_patients), window_start
+                )
+                number += len(rows)
+                yield batch
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead
+
+
+def _archive_batch(
+    rows: Sequence[Any],
+    number: int,
+    selection: Selection,
+    stats: ReadStats,
+    with_context: bool,
+    window_start: datetime | None,
+) -> Batch:
+    """Rows -> events, each marked replayed, context, warm-up or warm-up context."""
+    batch: Batch = []
+    append = batch.append
+    admits = selection.admits
+    tables = _TABLES
+    convert = event_from_row
+    admitted = read = warm = 0
+    for row in rows:
+        number += 1
+        event = convert(row)
+        before = window_start is not None and event.device_time < window_start
+        if before:
+            warm += 1
+        else:
+            read += 1
+        if with_context and not admits(event):
+            append((event, (WARMUP_CONTEXT if before else CONTEXT, tables[row[0]], number)))
+            continue
+        if before:
+            append((event, (WARMUP, tables[row[0]], number)))
+            continue
+        admitted += 1
+        append((event, ("pg", tables[row[0]], number)))
+    stats.read += read
+    stats.warmup_read += warm
+    stats.admitted += admitted
+    return batch
 
 
 async def registered_patients(conn: Any) -> list[str]:
@@ -539,20 +666,10 @@ async def recorded_alerts_from_topic(
         until=until,
         offsets=None,
     )
-    pending = {tp: span for tp, span in plan.items() if span[0] < span[1]}
     alerts: list[Alert] = []
-    if not pending:
-        return alerts
-    consumer.assign(list(pending))
-    for tp, (start, _) in pending.items():
-        consumer.seek(tp, start)
-    while pending:
-        fetched = await consumer.getmany(*pending, timeout_ms=1000, max_records=10_000)
-        for tp, records in fetched.items():
-            end = pending.get(tp, (0, -1))[1]
+    async for fetched in read_ranges(consumer, plan):
+        for _, records in fetched:
             for record in records:
-                if record.offset >= end:
-                    break
                 alert = alert_from_json(record.value or b"")
                 if alert is None:
                     continue
@@ -565,10 +682,6 @@ async def recorded_alerts_from_topic(
                 ):
                     continue
                 alerts.append(alert)
-        for tp in list(pending):
-            if await consumer.position(tp) >= pending[tp][1]:
-                del pending[tp]
-                consumer.pause(tp)
     alerts.sort(key=lambda a: (a.device_time, str(a.alert_id)))
     return alerts
 

@@ -5,12 +5,23 @@ and the newest treatment cycle, and pins them into one ``RulesConfig`` whose ``c
 is a digest of its content: the same rows always give the same version, and an alert names it.
 A protocol or override that does not validate refuses to load (a signed-off threshold set that
 the rules cannot read must be fixed, not skipped).
+
+Every config it loads is also recorded, so a replay can pin what was live (``vigil replay
+--config-at`` / ``--config-version``): the config is stored in ``rules_config_versions`` under the
+sha256 of its canonical JSON (``content_hash``; the row's text is the hashed text, and its
+``config_version`` label is inside it, so an alert's label finds the row), and the moment it
+became the loaded config is a ``rules_config.loaded`` entry in the audit log. Both writes are
+idempotent: loading unchanged rows again writes nothing, and content already stored is not
+stored twice (a config that comes back after another one gets a new audit entry, not a new
+row). A failure to record is logged and does not stop the load: paging never waits on the
+audit trail, and the next load records it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import asyncpg
@@ -22,6 +33,10 @@ from services.rules.domain.config import (
     RulesConfig,
     Thresholds,
 )
+from vigil.audit import append
+from vigil.audit.actions import AuditAction
+from vigil.audit.store import APPEND_LOCK_KEY
+from vigil.runtime import log_fields
 
 _PROTOCOLS = """
 SELECT DISTINCT ON (care_team_id) care_team_id, version, overrides
@@ -39,6 +54,68 @@ LEFT JOIN LATERAL (
     WHERE pc.patient_id = p.patient_id ORDER BY cycle_start DESC LIMIT 1
 ) c ON true
 """
+
+
+log = logging.getLogger("vigil.rules.config")
+
+#: Who the audit log names for a config the rules service loaded.
+LOADED_BY = "vigil-rules"
+#: The audit action of a config becoming the loaded one (``vigil audit list --kind rules_config``).
+CONFIG_LOADED = AuditAction.RULES_CONFIG_LOADED
+
+_LAST_LOADED = """
+SELECT subject FROM audit_log WHERE action = $1 ORDER BY seq DESC LIMIT 1
+"""
+_STORE = """
+INSERT INTO rules_config_versions (content_hash, config_text, config, created_by, note)
+VALUES ($1, $2::text, $2::text::jsonb, $3, $4)
+ON CONFLICT (content_hash) DO NOTHING
+"""
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per value: sorted keys, no spaces, so equal configs hash equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def config_text(config: RulesConfig) -> str:
+    """The text a config is stored and hashed as: canonical JSON of its JSON form."""
+    return canonical_json(config.model_dump(mode="json"))
+
+
+def content_hash(config: RulesConfig) -> str:
+    """The name of a config in ``rules_config_versions``: sha256 of ``config_text``."""
+    return hashlib.sha256(config_text(config).encode()).hexdigest()
+
+
+async def record_loaded_config(conn: asyncpg.Connection, config: RulesConfig) -> bool:
+    """Store ``config`` (idempotent by content hash) and, unless it is already the newest
+    loaded one, audit that it is now loaded. Returns whether anything was written.
+
+    The check and the writes run in one transaction under the audit log's append lock, taken
+    before the check, so two instances loading the same new config at once write one entry,
+    not two. Call it at READ COMMITTED (each statement then sees the other's commit)."""
+    text = config_text(config)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        if await conn.fetchval(_LAST_LOADED, CONFIG_LOADED) == digest:
+            return False
+        await conn.execute(
+            _STORE,
+            digest,
+            text,
+            LOADED_BY,
+            f"loaded by the rules service ({config.config_version})",
+        )
+        await append(
+            conn,
+            LOADED_BY,
+            CONFIG_LOADED,
+            digest,
+            {"config_version": config.config_version, "content_hash": digest},
+        )
+    return True
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -88,4 +165,12 @@ async def load_rules_config(
     for protocol in protocols.values():
         Thresholds.model_validate({**defaults.model_dump(), **protocol.overrides})
     digest = hashlib.sha256(draft.model_dump_json().encode()).hexdigest()[:12]
-    return draft.model_copy(update={"config_version": f"pg-{digest}"})
+    config = draft.model_copy(update={"config_version": f"pg-{digest}"})
+    try:
+        await record_loaded_config(conn, config)
+    except (asyncpg.PostgresError, OSError) as error:
+        log.warning(
+            "rules_config_not_recorded",
+            extra=log_fields(config_version=config.config_version, error=repr(error)),
+        )
+    return config
