@@ -244,11 +244,18 @@ async def bench_kafka(records: int, patients: int) -> dict[str, float]:
 async def wait_committed(
     admin: object, group: str, topic: str, total: int, task: asyncio.Task[None]
 ) -> float:
+    from aiokafka.errors import KafkaError
+
     while True:
         if task.done():
             task.result()
             raise RuntimeError("rules stopped before consuming everything")
-        offsets = await admin.list_consumer_group_offsets(group)  # type: ignore[attr-defined]
+        try:
+            offsets = await admin.list_consumer_group_offsets(group)  # type: ignore[attr-defined]
+        except KafkaError:
+            # A fresh stack creates its offsets topic (the group coordinator) on first use.
+            await asyncio.sleep(0.2)
+            continue
         committed = sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic)
         if committed >= total:
             return time.perf_counter()

@@ -48,8 +48,13 @@ class RulesSettings(BaseSettings):
     state_topic: str = RULES_STATE_TOPIC
     # Records per transaction: larger batches write each touched patient's state once for
     # more events (the state write, not the rules, dominates a transaction's cost).
-    max_batch: int = Field(default=10_000, ge=1)
+    # A batch grows this far only while the service is behind (catching up after a restart or
+    # a burst); a caught-up service commits what each fetch returns.
+    max_batch: int = Field(default=50_000, ge=1)
     config_from_postgres: bool = True
+    # How often the running service re-reads its configuration (a threshold a charge nurse
+    # signed off, a new patient's profile); 0 turns hot reload off.
+    config_reload_s: float = Field(default=5.0, ge=0)
     # A pinned RulesConfig JSON file (e.g. the one an alert's config_version names): when set,
     # it is the whole configuration, and neither the thresholds above nor PostgreSQL apply.
     config_file: Path | None = None

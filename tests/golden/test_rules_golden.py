@@ -115,3 +115,29 @@ def test_a_different_rule_version_is_visible_in_the_diff() -> None:
         decided += engine.on_telemetry(event)
     assert encoded(decided) != expected
     assert {a.config_version for a in decided} == {"golden-2"}
+
+
+def test_encoded_patient_state_is_the_snapshot_at_every_position() -> None:
+    """What the service writes to its state topic (``encode_patients``, serialised straight
+    from the live records) decodes to exactly ``snapshot_patients`` after every event of the
+    recording, and restores to an engine that decides the rest of the stream identically."""
+    import orjson
+
+    config, events, expected = load()
+    engine = RulesEngine(config)
+    decided: list[Alert] = []
+    for n, event in enumerate(events):
+        decided += engine.on_telemetry(event)
+        touched = engine.take_dirty()
+        fast = {p: orjson.loads(v) for p, v in engine.encode_patients(touched)}
+        slow = orjson.loads(orjson.dumps(engine.snapshot_patients(touched)))
+        assert fast == slow, n
+        if n == len(events) // 2:
+            twin = RulesEngine(config)
+            twin.restore_meta(engine.meta_snapshot())
+            everyone = {e.patient_id for e in events}
+            twin.restore_patients({p: orjson.loads(v) for p, v in engine.encode_patients(everyone)})
+            rest = [a for e in events[n + 1 :] for a in twin.on_telemetry(e)]
+    assert rest, "the second half of the recording pages"
+    assert encoded(decided[len(decided) - len(rest) :]) == encoded(rest)
+    assert encoded(decided) == expected

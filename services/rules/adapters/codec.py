@@ -42,10 +42,44 @@ def _aware(text: str) -> datetime:
 
 
 def _fast(data: dict[str, Any]) -> Observation:
+    # Each channel builds its Observation in one call, without an intermediate dict of the
+    # common fields: this runs for every record the service consumes.
     if data.get("schema") != "vigil.telemetry.v1":
         raise ValueError("not a telemetry record")
     message = data["message"]
     channel = _CHANNELS[message["schema"]]
+    flags = data.get("flags")
+    skew = CLOCK_SKEW_FLAG in flags if flags else False
+    if channel == PUMP_STATUS:
+        return Observation(
+            patient_id=data["patient_id"],
+            device_id=data["device_id"],
+            channel=channel,
+            device_time=_aware(message["device_time"]),
+            ingest_time=_aware(data["ingest_time"]),
+            message_id=message["message_id"],
+            clock_skew=skew,
+            pump_state=message["state"],
+            rate_ml_h=float(message["rate_ml_h"]),
+            volume_remaining_ml=float(message["volume_remaining_ml"]),
+            bag_volume_ml=message.get("bag_volume_ml"),
+            battery_pct=message.get("battery_pct"),
+        )
+    if channel == TEMPERATURE:
+        celsius = data.get("temperature_c")
+        if not isinstance(celsius, int | float) or message.get("unit", "C") != "C":
+            raise ValueError("needs the model to normalise the unit")
+        return Observation(
+            patient_id=data["patient_id"],
+            device_id=data["device_id"],
+            channel=channel,
+            device_time=_aware(message["device_time"]),
+            ingest_time=_aware(data["ingest_time"]),
+            message_id=message["message_id"],
+            clock_skew=skew,
+            temperature_c=float(celsius),
+            site=message.get("site", "unknown"),
+        )
     common: dict[str, Any] = {
         "patient_id": data["patient_id"],
         "device_id": data["device_id"],
@@ -53,26 +87,10 @@ def _fast(data: dict[str, Any]) -> Observation:
         "device_time": _aware(message["device_time"]),
         "ingest_time": _aware(data["ingest_time"]),
         "message_id": message["message_id"],
-        "clock_skew": CLOCK_SKEW_FLAG in data.get("flags", ()),
+        "clock_skew": skew,
     }
-    if channel == TEMPERATURE:
-        celsius = data.get("temperature_c")
-        if not isinstance(celsius, int | float) or message.get("unit", "C") != "C":
-            raise ValueError("needs the model to normalise the unit")
-        return Observation(
-            temperature_c=float(celsius), site=message.get("site", "unknown"), **common
-        )
     if channel == HEARTBEAT:
         return Observation(**common)
-    if channel == PUMP_STATUS:
-        return Observation(
-            pump_state=message["state"],
-            rate_ml_h=float(message["rate_ml_h"]),
-            volume_remaining_ml=float(message["volume_remaining_ml"]),
-            bag_volume_ml=message.get("bag_volume_ml"),
-            battery_pct=message.get("battery_pct"),
-            **common,
-        )
     return Observation(event=message["event"], alarm=message.get("alarm") or "", **common)
 
 

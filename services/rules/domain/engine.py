@@ -41,8 +41,11 @@ device, owned here and changed only by the methods above.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Telemetry
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
@@ -73,9 +76,12 @@ _NEG_INF = float("-inf")
 
 
 class DeviceTrack:
-    """When the engine last heard from one device, and whether it is alerted as silent."""
+    """When the engine last heard from one device, and whether it is alerted as silent; for a
+    pump, also the pump rules' record of it (``pump``: one dict of pumps per patient beside the
+    dict of devices cost more memory than the pump record itself). In a snapshot the pump
+    record is under the patient's ``pumps``, as before."""
 
-    __slots__ = ("is_thermometer", "last_ingest_t", "last_t", "silent_key", "timer_at")
+    __slots__ = ("is_thermometer", "last_ingest_t", "last_t", "pump", "silent_key", "timer_at")
 
     def __init__(self, is_thermometer: bool) -> None:
         self.is_thermometer = is_thermometer
@@ -83,6 +89,7 @@ class DeviceTrack:
         self.last_ingest_t = 0.0
         self.silent_key: str | None = None
         self.timer_at: float | None = None
+        self.pump: PumpTrack | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,8 +116,6 @@ class PatientTrack:
     __slots__ = (
         "devices",
         "fever",
-        "pump_timers",
-        "pumps",
         "rules",
         "thermometer_id",
         "thermometer_ingest_t",
@@ -123,9 +128,6 @@ class PatientTrack:
         self.rules = rules
         self.fever = FeverState()
         self.devices: dict[str, DeviceTrack] = {}
-        self.pumps: dict[str, PumpTrack] = {}
-        # (kind, device) -> armed deadline, for the pump clocks
-        self.pump_timers: dict[tuple[str, str], float] = {}
         self.thermometer_id = ""
         self.thermometer_ingest_t = 0.0
         self.unobserved_key: str | None = None
@@ -135,14 +137,43 @@ class PatientTrack:
         return {
             "fever": self.fever.to_dict(),
             "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
-            "pumps": {d: track.to_dict() for d, track in sorted(self.pumps.items())},
+            "pumps": {d: track.to_dict() for d, track in sorted(self.pumps().items())},
             "thermometer_id": self.thermometer_id,
             "thermometer_ingest_t": self.thermometer_ingest_t,
             "unobserved_key": self.unobserved_key,
             # Armed deadlines are state too: restoring them as they were (not recomputing them)
             # makes a restored engine fire exactly when the uninterrupted one would.
             "unobserved_timer_at": self.unobserved_timer_at,
-            "pump_timers": [[k, d, at] for (k, d), at in sorted(self.pump_timers.items())],
+            "pump_timers": self.pump_timers(),
+        }
+
+    def pumps(self) -> dict[str, PumpTrack]:
+        """The pump record of each of the patient's pumps, by device id."""
+        return {d: track.pump for d, track in self.devices.items() if track.pump is not None}
+
+    def pump_timers(self) -> list[list[Any]]:
+        """[[kind, device, deadline], ...] of the pump clocks armed, in (kind, device) order."""
+        armed: list[list[Any]] = []
+        for device_id, pump in self.pumps().items():
+            if pump.bag_timer_at is not None:
+                armed.append([_BAG, device_id, pump.bag_timer_at])
+            if pump.int_timer_at is not None:
+                armed.append([_INTERRUPTION, device_id, pump.int_timer_at])
+        armed.sort(key=lambda entry: (entry[0], entry[1]))
+        return armed
+
+    def record(self) -> dict[str, Any]:
+        """``to_dict`` for immediate serialisation by ``orjson``: the pump records are the live
+        dataclasses (serialised natively, in C), not copies as dicts."""
+        return {
+            "fever": self.fever.to_dict(),
+            "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
+            "pumps": dict(sorted(self.pumps().items())),
+            "thermometer_id": self.thermometer_id,
+            "thermometer_ingest_t": self.thermometer_ingest_t,
+            "unobserved_key": self.unobserved_key,
+            "unobserved_timer_at": self.unobserved_timer_at,
+            "pump_timers": self.pump_timers(),
         }
 
     @classmethod
@@ -150,13 +181,31 @@ class PatientTrack:
         track = cls(rules)
         track.fever = FeverState.from_dict(data["fever"])
         track.devices = {d: DeviceTrack.from_dict(v) for d, v in data["devices"].items()}
-        track.pumps = {d: PumpTrack.from_dict(v) for d, v in data["pumps"].items()}
+        for device_id, pump in data["pumps"].items():
+            device = track.devices.get(device_id)
+            if device is None:  # every pump has reported, so this is only a defensive default
+                device = track.devices[device_id] = DeviceTrack(False)
+            device.pump = PumpTrack.from_dict(pump)
         track.thermometer_id = data["thermometer_id"]
         track.thermometer_ingest_t = float(data["thermometer_ingest_t"])
         track.unobserved_key = data["unobserved_key"]
         track.unobserved_timer_at = data["unobserved_timer_at"]
-        track.pump_timers = {(k, d): float(at) for k, d, at in data["pump_timers"]}
+        for kind, device_id, deadline in data["pump_timers"]:
+            pump = track.devices[device_id].pump
+            assert pump is not None, "an armed pump clock names a pump"
+            _set_armed(pump, kind, float(deadline))
         return track
+
+
+def _armed(pump: PumpTrack, kind: str) -> float | None:
+    return pump.bag_timer_at if kind == _BAG else pump.int_timer_at
+
+
+def _set_armed(pump: PumpTrack, kind: str, deadline: float | None) -> None:
+    if kind == _BAG:
+        pump.bag_timer_at = deadline
+    else:
+        pump.int_timer_at = deadline
 
 
 class RulesEngine:
@@ -205,7 +254,10 @@ class RulesEngine:
 
         if obs.channel == TEMPERATURE:
             if t >= patient.fever.newest:
-                patient.thermometer_id = obs.device_id
+                if patient.thermometer_id != obs.device_id:
+                    # Compared first: keeping the string already held, not each event's equal
+                    # copy, is one string less per patient.
+                    patient.thermometer_id = obs.device_id
                 patient.thermometer_ingest_t = obs.ingest_t
             was_open = patient.fever.episode_key is not None
             newest_before = patient.fever.newest
@@ -225,16 +277,16 @@ class RulesEngine:
             ):
                 self._arm_unobserved(patient_id, patient, rules)
         else:
-            pump = patient.pumps.get(obs.device_id)
+            pump = device.pump
             if pump is None:
-                pump = patient.pumps[obs.device_id] = PumpTrack()
+                pump = device.pump = PumpTrack()
             if refresh_running_status(pump, obs):
                 # The common case: a running pump's routine status; only the bag clock moves.
                 deadline = bag_due_deadline(pump, rules)
                 if deadline is not None:
-                    armed = patient.pump_timers.get((_BAG, obs.device_id))
+                    armed = pump.bag_timer_at
                     if armed is None or deadline < armed:
-                        patient.pump_timers[(_BAG, obs.device_id)] = deadline
+                        pump.bag_timer_at = deadline
                         heapq.heappush(self._timers, (deadline, _BAG, patient_id, obs.device_id))
             else:
                 found = fold_pump(pump, obs, rules, self._config_version)
@@ -261,6 +313,65 @@ class RulesEngine:
         if rules is None:
             rules = self._rules[patient_id] = self.config.compile_for(patient_id)
         return rules
+
+    def reconfigure(self, config: RulesConfig) -> set[str]:
+        """Run on ``config`` from now on, keeping every patient's state; returns the patients
+        whose armed deadlines moved (their state must be persisted with the new config).
+
+        Rule state holds no thresholds: episodes, clocks and device times are facts about the
+        devices, and every decision reads the compiled ``PatientRules``, which are rebuilt here.
+        Armed timer deadlines were computed from the old thresholds, though. A deadline the new
+        thresholds put *later* is already handled by the timers' laziness (a due entry re-checks
+        its real deadline before firing); one they put *earlier* is re-armed here, so a lowered
+        limit is not honoured only at the old, later time. A re-armed deadline the watermark has
+        already passed fires with the next event that moves the watermark. An open episode
+        stays open (its all clear follows the new clear level); alerts decided from now on
+        carry the new ``config_version`` and ``rule_version``."""
+        self.config = config
+        self._config_version = config.config_version
+        # The watermark never moves back: a larger lateness only holds it still for a while.
+        self._lateness = config.allowed_lateness_s
+        self._rules = {}
+        self._default_rules = None
+        moved: set[str] = set()
+        for patient_id, patient in self._patients.items():
+            rules = patient.rules = self._rules_for(patient_id)
+            if self._rearm_earlier(patient_id, patient, rules):
+                moved.add(patient_id)
+        self._dirty |= moved
+        return moved
+
+    def _rearm_earlier(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> bool:
+        moved = False
+        for device_id, device in patient.devices.items():
+            if device.timer_at is None:
+                continue
+            limit = rules.thermometer_silent_s if device.is_thermometer else rules.pump_silent_s
+            deadline = device.last_t + limit
+            if deadline < device.timer_at:
+                device.timer_at = deadline
+                heapq.heappush(self._timers, (deadline, _SILENT, patient_id, device_id))
+                moved = True
+        armed = patient.unobserved_timer_at
+        if armed is not None:
+            deadline = patient.fever.newest + rules.fever_unobserved_s
+            if deadline < armed:
+                patient.unobserved_timer_at = deadline
+                heapq.heappush(self._timers, (deadline, _UNOBSERVED, patient_id, ""))
+                moved = True
+        for device_id, pump in patient.pumps().items():
+            for kind, new in (
+                (_BAG, bag_due_deadline(pump, rules)),
+                (_INTERRUPTION, interruption_deadline(pump, rules)),
+            ):
+                armed = _armed(pump, kind)
+                # Only an armed clock is moved: an unarmed one is unarmed by the rules' own
+                # decision (already fired, or waiting for the next status).
+                if armed is not None and new is not None and new < armed:
+                    _set_armed(pump, kind, new)
+                    heapq.heappush(self._timers, (new, kind, patient_id, device_id))
+                    moved = True
+        return moved
 
     def on_time(self, watermark: datetime) -> list[Alert]:
         """Move the watermark to ``watermark`` (if later) and fire the timers now due."""
@@ -306,9 +417,9 @@ class RulesEngine:
         ):
             if deadline is None or deadline <= after:
                 continue
-            armed = patient.pump_timers.get((kind, device_id))
+            armed = _armed(pump, kind)
             if armed is None or deadline < armed:
-                patient.pump_timers[(kind, device_id)] = deadline
+                _set_armed(pump, kind, deadline)
                 heapq.heappush(self._timers, (deadline, kind, patient_id, device_id))
 
     def _fire_due(self, watermark: float) -> list[Alert]:
@@ -355,10 +466,11 @@ class RulesEngine:
                 self._dirty.add(patient_id)
                 alerts.append(self._start_unobserved(patient_id, patient, real, rules))
             else:
-                if patient.pump_timers.get((kind, device_id)) != deadline:
+                pump_device = patient.devices.get(device_id)
+                pump = pump_device.pump if pump_device is not None else None
+                if pump is None or _armed(pump, kind) != deadline:
                     continue
-                del patient.pump_timers[(kind, device_id)]
-                pump = patient.pumps[device_id]
+                _set_armed(pump, kind, None)
                 real_or_none = (
                     bag_due_deadline(pump, rules)
                     if kind == _BAG
@@ -367,7 +479,7 @@ class RulesEngine:
                 if real_or_none is None:
                     continue
                 if real_or_none > deadline:
-                    patient.pump_timers[(kind, device_id)] = real_or_none
+                    _set_armed(pump, kind, real_or_none)
                     heapq.heappush(timers, (real_or_none, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
@@ -540,6 +652,13 @@ class RulesEngine:
     def snapshot_patients(self, patient_ids: set[str]) -> dict[str, dict[str, Any]]:
         return {p: self._patients[p].to_dict() for p in sorted(patient_ids) if p in self._patients}
 
+    def encode_patients(self, patient_ids: Iterable[str]) -> list[tuple[str, bytes]]:
+        """``snapshot_patients`` as JSON bytes, one (patient, bytes) per patient in id order:
+        what the service writes to its state topic, built without intermediate dicts."""
+        dumps = orjson.dumps
+        patients = self._patients
+        return [(p, dumps(patients[p].record())) for p in sorted(patient_ids) if p in patients]
+
     def restore_patients(self, patients: dict[str, dict[str, Any]]) -> None:
         """Load patients' state and re-arm their timers from it."""
         for patient_id, data in patients.items():
@@ -551,8 +670,11 @@ class RulesEngine:
                     push((device.timer_at, _SILENT, patient_id, device_id))
             if patient.unobserved_timer_at is not None:
                 push((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
-            for (kind, device_id), deadline in patient.pump_timers.items():
-                push((deadline, kind, patient_id, device_id))
+            for device_id, pump in patient.pumps().items():
+                if pump.bag_timer_at is not None:
+                    push((pump.bag_timer_at, _BAG, patient_id, device_id))
+                if pump.int_timer_at is not None:
+                    push((pump.int_timer_at, _INTERRUPTION, patient_id, device_id))
         heapq.heapify(self._timers)
 
     def drop_patients(self, patient_ids: set[str]) -> None:

@@ -24,6 +24,7 @@ deadlines are computed here and *timed* by the engine on its event-time watermar
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from schemas.device import PumpAlarmCode, PumpEventKind, PumpState
@@ -55,60 +56,44 @@ INHIBITED_WHEN_STOPPED = frozenset({PumpAlarmCode.RESERVOIR_LOW.value})
 _NEG_INF = float("-inf")
 
 
+@dataclass(slots=True, eq=False)
 class PumpTrack:
-    """What the rules remember about one pump."""
+    """What the rules remember about one pump.
 
-    __slots__ = (
-        "accumulated_s",
-        "alarms",
-        "bag_due_fired",
-        "bag_due_key",
-        "bag_key",
-        "bag_skipped_for",
-        "bag_t",
-        "cleared",
-        "flowing",
-        "inhibited",
-        "int_ingest_t",
-        "int_key",
-        "int_level",
-        "rate",
-        "remaining",
-        "resumed_at",
-        "state_t",
-        "status_ingest_t",
-        "status_t",
-        "stopped_since",
-        "underweight_key",
-    )
+    A slotted dataclass, fields in alphabetical order: ``orjson`` serialises it natively (in
+    C, ``-inf`` as ``null``) to exactly what ``to_dict`` gives, which is what the service writes
+    for every touched pump in every transaction."""
 
-    def __init__(self) -> None:
-        self.status_t = _NEG_INF
-        self.status_ingest_t = 0.0
-        self.rate = 0.0
-        self.remaining = 0.0
-        self.state_t = _NEG_INF
-        self.flowing: bool | None = None
-        self.bag_key: str | None = None
-        self.bag_t = _NEG_INF
-        # The status time whose prediction was found stale at its deadline; a newer status
-        # makes a new prediction.
-        self.bag_skipped_for: float | None = None
-        self.bag_due_key: str | None = None
-        self.bag_due_fired: str | None = None
-        # code -> (dedup key, raised at); code -> last cleared at; code -> raised-but-inhibited at
-        # Created on a pump's first alarm: most pumps never raise one, and an empty dict per
-        # pump is most of a pump's memory.
-        self.alarms: dict[str, tuple[str, float]] | None = None
-        self.cleared: dict[str, float] | None = None
-        self.inhibited: dict[str, float] | None = None
-        self.stopped_since: float | None = None
-        self.accumulated_s = 0.0
-        self.resumed_at: float | None = None
-        self.int_key: str | None = None
-        self.int_level = 0
-        self.int_ingest_t = 0.0
-        self.underweight_key: str | None = None
+    accumulated_s: float = 0.0
+    # code -> (dedup key, raised at); code -> last cleared at; code -> raised-but-inhibited at
+    # Created on a pump's first alarm: most pumps never raise one, and an empty dict per
+    # pump is most of a pump's memory.
+    alarms: dict[str, tuple[str, float]] | None = None
+    bag_due_fired: str | None = None
+    bag_due_key: str | None = None
+    bag_key: str | None = None
+    # The status time whose prediction was found stale at its deadline; a newer status
+    # makes a new prediction.
+    bag_skipped_for: float | None = None
+    bag_t: float = _NEG_INF
+    # Armed deadlines of this pump's clocks (the engine times them): fields here rather than a
+    # (kind, device) -> deadline dict per patient, which cost more than the pump itself.
+    bag_timer_at: float | None = None
+    cleared: dict[str, float] | None = None
+    flowing: bool | None = None
+    inhibited: dict[str, float] | None = None
+    int_ingest_t: float = 0.0
+    int_key: str | None = None
+    int_level: int = 0
+    int_timer_at: float | None = None
+    rate: float = 0.0
+    remaining: float = 0.0
+    resumed_at: float | None = None
+    state_t: float = _NEG_INF
+    status_ingest_t: float = 0.0
+    status_t: float = _NEG_INF
+    stopped_since: float | None = None
+    underweight_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # Written out field by field: this runs for every touched pump in every transaction.
@@ -121,12 +106,14 @@ class PumpTrack:
             "bag_key": self.bag_key,
             "bag_skipped_for": self.bag_skipped_for,
             "bag_t": None if self.bag_t == neg else self.bag_t,
+            "bag_timer_at": self.bag_timer_at,
             "cleared": self.cleared,
             "flowing": self.flowing,
             "inhibited": self.inhibited,
             "int_ingest_t": self.int_ingest_t,
             "int_key": self.int_key,
             "int_level": self.int_level,
+            "int_timer_at": self.int_timer_at,
             "rate": self.rate,
             "remaining": self.remaining,
             "resumed_at": self.resumed_at,
@@ -140,7 +127,11 @@ class PumpTrack:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PumpTrack:
         track = cls()
-        for name in cls.__slots__:
+        for name in _FIELDS:
+            if name in _TIMERS:
+                # The patient's "pump_timers" list is the record of armed deadlines (it is what
+                # snapshots written before these fields hold); PatientTrack sets them from it.
+                continue
             value = data[name]
             if name == "alarms" and value is not None:
                 value = {code: (key, float(t)) for code, (key, t) in value.items()}
@@ -148,6 +139,10 @@ class PumpTrack:
                 value = _NEG_INF
             setattr(track, name, value)
         return track
+
+
+_FIELDS = tuple(PumpTrack.__dataclass_fields__)
+_TIMERS = frozenset({"bag_timer_at", "int_timer_at"})
 
 
 def _alert(

@@ -1,0 +1,197 @@
+"""Hot reload against the real stack: a patient override a charge nurse signs off in
+PostgreSQL while the rules service runs takes effect without a restart.
+
+The service runs in this process on private topics with its configuration from the real
+PostgreSQL, re-read every half second. A 38.1 °C reading does not page under the default
+38.3 °C; the test then inserts an override lowering the patient's threshold to 38.0 °C, waits
+until the service has pinned a configuration holding it (its ``__config__/<version>`` record on
+the state topic), and a second 38.1 °C reading pages, naming that new ``config_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from schemas.events import Alert
+from services.rules.domain.config import RulesConfig
+from services.rules.settings import RulesSettings
+from services.rules.testing import Home
+from vigil.kafka import encode, make_producer
+from vigil.settings import KafkaSettings
+
+pytestmark = pytest.mark.stack
+
+
+async def read_topic(topic: str, partitions: int) -> list[tuple[bytes, bytes]]:
+    """Every committed (key, value) of ``topic``, from the beginning."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=KafkaSettings().bootstrap_servers,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    found: list[tuple[bytes, bytes]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        pending = {tp for tp in tps if ends[tp] > 0}
+        while pending:
+            for records in (await consumer.getmany(*pending, timeout_ms=500)).values():
+                found += [(r.key or b"", r.value) for r in records if r.value is not None]
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def wait_for(probe: object, what: str, seconds: float = 60.0) -> object:
+    """Poll the async ``probe`` until it returns something truthy."""
+    for _ in range(int(seconds / 0.5)):
+        result = await probe()  # type: ignore[operator]
+        if result:
+            return result
+        await asyncio.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def registered(pg_dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A care team and a patient of this run in the real registry, removed afterwards."""
+    run = uuid.uuid4().hex[:8]
+    team, patient = f"team-reload-{run}", f"P-reload-{run}"
+    conn = await asyncpg.connect(pg_dsn)
+    await conn.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) "
+        "VALUES ($1, $1, 'x@example.org')",
+        team,
+    )
+    await conn.execute(
+        "INSERT INTO patients (patient_id, care_team_id, weight_kg) VALUES ($1, $2, 30)",
+        patient,
+        team,
+    )
+    try:
+        yield conn, patient
+    finally:
+        await conn.execute("DELETE FROM patient_rule_overrides WHERE patient_id = $1", patient)
+        await conn.execute("DELETE FROM patients WHERE patient_id = $1", patient)
+        await conn.execute("DELETE FROM care_teams WHERE care_team_id = $1", team)
+        await conn.close()
+
+
+async def test_an_override_signed_off_while_rules_runs_pages_the_next_reading(
+    registered: tuple[asyncpg.Connection, str],
+) -> None:
+    """38.1 °C is quiet under the default threshold; after an override to 38.0 °C is inserted
+    in PostgreSQL (no restart), the next 38.1 °C reading pages with the reloaded config's
+    version, and that version's pinned config on the state topic holds the override."""
+    from services.rules.app import run as run_rules
+
+    conn, patient = registered
+    run = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings()
+    names = {kind: f"reloadtest.{kind}.{run}" for kind in ("telemetry", "alerts", "state", "dlq")}
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    await admin.create_topics(
+        [
+            NewTopic(names["telemetry"], 1, 1),
+            NewTopic(names["alerts"], 1, 1),
+            NewTopic(names["dlq"], 1, 1),
+            NewTopic(names["state"], 1, 1, topic_configs={"cleanup.policy": "compact"}),
+        ]
+    )
+    settings = RulesSettings(
+        group_id=f"rules-reloadtest-{run}",
+        telemetry_topic=names["telemetry"],
+        alerts_topic=names["alerts"],
+        state_topic=names["state"],
+        deadletter_topic=names["dlq"],
+        config_reload_s=0.5,
+    )
+    home = Home(patient, datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1))
+    stop = asyncio.Event()
+    service = asyncio.create_task(run_rules(settings, stop))
+    producer = make_producer(kafka, f"reloadtest-{run}")
+    await producer.start()
+
+    async def state_records() -> list[tuple[bytes, bytes]]:
+        if service.done():
+            service.result()  # surface a failure of the service as the error it is
+        return await read_topic(names["state"], 1)
+
+    async def alerts() -> list[Alert]:
+        if service.done():
+            service.result()
+        return [
+            a
+            for a in (Alert.model_validate_json(v) for _, v in await read_topic(names["alerts"], 1))
+            if a.patient_id == patient
+        ]
+
+    try:
+        await producer.send_and_wait(names["telemetry"], encode(home.temp(0, 38.1)))
+
+        async def first_reading_stored() -> bool:
+            # The patient's state record is committed with the offsets of the first reading.
+            return any(key == patient.encode() for key, _ in await state_records())
+
+        await wait_for(first_reading_stored, "the first reading to be processed")
+        assert await alerts() == [], "38.1 °C must not page under the default 38.3 °C"
+
+        await conn.execute(
+            "INSERT INTO patient_rule_overrides (patient_id, version, overrides, signed_off_by, "
+            "signed_off_at, reason) VALUES ($1, 1, $2::jsonb, 'charge-nurse', $3, 'reload test')",
+            patient,
+            json.dumps({"fever_single_c": 38.0}),
+            datetime.now(UTC),
+        )
+
+        async def pinned_with_override() -> str | None:
+            for key, value in await state_records():
+                if not key.startswith(b"__config__/"):
+                    continue
+                config = RulesConfig.model_validate(orjson.loads(value))
+                if config.thresholds_for(patient).fever_single_c == 38.0:
+                    return config.config_version
+            return None
+
+        version = await wait_for(pinned_with_override, "a reloaded config with the override")
+
+        await producer.send_and_wait(names["telemetry"], encode(home.temp(5, 38.1)))
+        paged = await wait_for(alerts, "the alert under the new threshold")
+        assert isinstance(paged, list)
+        (alert,) = paged
+        assert alert.code == "fever_single"
+        assert alert.evidence[0].limit == 38.0
+        # The alert names a config the service pinned, and that config holds the override (a
+        # later reload, from another run's rows, may have superseded the first one we saw).
+        assert alert.config_version is not None and alert.config_version.startswith("pg-")
+        pinned = {
+            key.decode().removeprefix("__config__/"): value
+            for key, value in await state_records()
+            if key.startswith(b"__config__/")
+        }
+        named = RulesConfig.model_validate(orjson.loads(pinned[alert.config_version]))
+        assert named.thresholds_for(patient).fever_single_c == 38.0
+        assert version in pinned
+    finally:
+        await producer.stop()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(service, return_exceptions=True), 30)
+        await admin.delete_topics(list(names.values()))
+        await admin.close()
