@@ -33,13 +33,16 @@ class RecentMessages:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity
-        # message id -> (device, seq); insertion order is age, oldest first.
-        self._by_id: OrderedDict[tuple[str, UUID], int] = OrderedDict()
-        self._by_seq: dict[tuple[str, int], UUID] = {}
+        # (device, message id) -> seq; insertion order is age, oldest first. Message ids are kept
+        # as their 128-bit integers, not UUID objects: tuples of str and int drop out of the
+        # garbage collector's tracking, so a full window (200,000 messages) no longer puts
+        # hundreds of thousands of tracked tuples and UUIDs in front of every full collection.
+        self._by_id: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._by_seq: dict[tuple[str, int], int] = {}
 
     def check(self, device_id: str, message_id: UUID, seq: int) -> Duplicate | None:
         """Whether this message repeats one in the window; does not remember it."""
-        if (device_id, message_id) in self._by_id:
+        if (device_id, message_id.int) in self._by_id:
             return Duplicate.MESSAGE_ID
         if (device_id, seq) in self._by_seq:
             return Duplicate.SEQ
@@ -47,11 +50,11 @@ class RecentMessages:
 
     def remember(self, device_id: str, message_id: UUID, seq: int) -> None:
         """Record an accepted message, forgetting the oldest one when the window is full."""
-        key = (device_id, message_id)
+        key = (device_id, message_id.int)
         if key in self._by_id:
             return
         self._by_id[key] = seq
-        self._by_seq[(device_id, seq)] = message_id
+        self._by_seq[(device_id, seq)] = key[1]
         while len(self._by_id) > self._capacity:
             (old_device, old_id), old_seq = self._by_id.popitem(last=False)
             if self._by_seq.get((old_device, old_seq)) == old_id:
