@@ -245,7 +245,8 @@ def create_app(
         escalation_id = await PostgresEscalationStore(pool).escalation_id_for(dedup_key)
         if escalation_id is None:
             raise HTTPException(status_code=404, detail="no escalation for this alert")
-        until = utcnow() + timedelta(minutes=body.minutes)
+        # The service's clock, so a snooze is measured on the same clock as the chain's timers.
+        until = service.now() + timedelta(minutes=body.minutes)
         await service.snooze(escalation_id, until=until, by=body.by)
 
     # -- acknowledgement links ----------------------------------------------------------------

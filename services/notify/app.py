@@ -184,6 +184,7 @@ def build_escalation(
             heartbeat_timeout_s=settings.heartbeat_timeout_s,
             technical_care_team_id=settings.technical_care_team_id,
             fallback_email=settings.fallback_email,
+            group_wait_s=settings.group_wait_s,
         ),
         clock=clock,
     )

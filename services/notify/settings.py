@@ -11,6 +11,7 @@ from typing import Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
 from vigil.settings import KafkaSettings, PostgresSettings
 
 # Published in the source, so it is refused anywhere but a developer's machine.
@@ -61,6 +62,12 @@ class NotifySettings(BaseSettings):
     api_enabled: bool = Field(default=False, description="Serve the API inside notify.")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8085, ge=1, le=65535)
+    ops_port: int = Field(
+        default=9103,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics, /healthz and /readyz on 127.0.0.1 (0: a free port).",
+    )
     api_token: SecretStr | None = Field(
         default=None,
         description="Bearer token for the management endpoints; required outside development.",
@@ -78,6 +85,12 @@ class NotifySettings(BaseSettings):
         default=3, ge=1, description="Tries on one contact method before the next is used."
     )
     escalation_tick_s: float = Field(default=1.0, gt=0)
+    group_wait_s: float = Field(
+        default=DEFAULT_GROUP_WAIT_S,
+        ge=0,
+        le=60,
+        description="Hold a patient's first alert this long so a burst is paged once (0: off).",
+    )
     heartbeat_sources: list[str] = Field(
         default_factory=list,
         description="Heartbeat sources watched from start-up even if never seen.",

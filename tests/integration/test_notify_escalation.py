@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import email
+import email.policy
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import Message
 from typing import Any
 
@@ -92,9 +93,11 @@ class Rig:
     tag: str
     closers: list[Any]
 
-    def new_instance(self, store: Any = None) -> EscalationService:
+    def new_instance(self, store: Any = None, group_wait_s: float = 0.0) -> EscalationService:
         """Another notify process over the same database (a restart)."""
-        return _service(self.pool, self.clock, self.smtp, self.twilio, self.pagerduty, store)
+        return _service(
+            self.pool, self.clock, self.smtp, self.twilio, self.pagerduty, store, group_wait_s
+        )
 
 
 def _service(
@@ -104,6 +107,7 @@ def _service(
     twilio: TwilioLikeServer,
     pagerduty: PagerDutyLikeServer,
     store: Any = None,
+    group_wait_s: float = 0.0,
 ) -> EscalationService:
     return EscalationService(
         store=store or PostgresEscalationStore(pool),
@@ -125,6 +129,7 @@ def _service(
             retry_cap_s=4,
             send_lease_s=30,
             heartbeat_timeout_s=60,
+            group_wait_s=group_wait_s,
         ),
         clock=clock,
     )
@@ -159,6 +164,12 @@ async def _close_escalations(pool: Any, care_team_id: str) -> None:
         WHERE escalation_id IN (SELECT escalation_id FROM closed)
           AND status IN ('queued', 'failed', 'sending')
         """,
+        care_team_id,
+    )
+    # A bundle still waiting would otherwise be paged by the next ticker that sees it due.
+    await pool.execute(
+        "UPDATE notify_bundles SET status = 'flushed' WHERE care_team_id = $1 "
+        "AND status = 'pending'",
         care_team_id,
     )
 
@@ -606,3 +617,382 @@ async def _heartbeat_scenario(
     await service.check_heartbeat()
     pages = smtp.to(f"tech-{tag}@h.test")
     assert len(pages) == 2 and "All clear" in _mail(pages[1])["Subject"]
+
+
+# -- burst bundling ---------------------------------------------------------------------------
+
+GROUP_WAIT_S = 5.0
+
+
+def _modern(raw: bytes) -> Message:
+    """The message with its headers decoded and unfolded (a bundle's subject is long and
+    carries non-ASCII, so it is folded and encoded on the wire)."""
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+_BURST = (
+    ("PUMP_OCCLUSION", "Downstream occlusion", AlertPriority.HIGH),
+    ("INFUSION_STOPPED", "Infusion stopped", AlertPriority.HIGH),
+    ("BATTERY_LOW", "Battery low", AlertPriority.MEDIUM),
+)
+
+
+def _burst_alert(patient: str, code: str, title: str, priority: AlertPriority) -> Alert:
+    return _alert(patient, code=code).model_copy(update={"title": title, "priority": priority})
+
+
+def _bundling(rig: Rig) -> EscalationService:
+    """A notify instance that holds a patient's first alert for GROUP_WAIT_S."""
+    return rig.new_instance(group_wait_s=GROUP_WAIT_S)
+
+
+async def _round(service: EscalationService) -> None:
+    await service.tick()
+    await service.deliver_due()
+
+
+async def test_burst_of_three_alarms_for_one_patient_is_one_page_naming_all_three(
+    rig: Rig,
+) -> None:
+    """Three different alarms within the window: nothing goes out before the window ends
+    (4.999 s), exactly one page at 5 s naming all three (the HIGH ones wait no longer than the
+    window); each alarm has its own escalation; the link in that page acknowledges all three,
+    so the secondary is never paged."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    alerts = [_burst_alert(patient, *spec) for spec in _BURST]
+    for alert in alerts:
+        assert await service.handle_alert(alert)
+        await service.deliver_due()
+        rig.clock.advance(seconds=1)
+    rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S - 0.001)
+    await _round(service)
+    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
+
+    rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S)
+    await _round(service)
+    [page] = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    mail = _modern(page)
+    body = mail.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    assert mail["Subject"].startswith("[VIGIL HIGH] 3 alerts")
+    for alert in alerts:
+        assert alert.title in mail["Subject"] and alert.dedup_key in body
+    bundles = await rig.pool.fetch(
+        "SELECT dedup_key, bundle_id, status FROM escalations WHERE patient_id = $1", patient
+    )
+    assert len(bundles) == 3 and len({b["bundle_id"] for b in bundles}) == 1
+    assert {b["status"] for b in bundles} == {"open"}
+
+    link = re.search(r"http://notify\.test(/ack/\S+)", body)
+    assert link is not None
+    assert (await rig.api.post(link.group(1))).status_code == 200
+    statuses = await rig.pool.fetch(
+        "SELECT status, acknowledged_by FROM escalations WHERE patient_id = $1", patient
+    )
+    assert {(s["status"], s["acknowledged_by"]) for s in statuses} == {
+        ("acknowledged", f"person:primary-{rig.tag}")
+    }
+    rig.clock.advance(minutes=10)
+    await _round(service)
+    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+
+
+async def test_bursts_for_two_patients_are_two_pages(rig: Rig) -> None:
+    """Alarms of two different patients in the same seconds are never mixed: two pages, each
+    naming only its own patient's alarms."""
+    team, first = await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    second = f"{first}-b"
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", second, team
+    )
+    service = _bundling(rig)
+    for patient in (first, second):
+        for spec in _BURST[:2]:
+            await service.handle_alert(_burst_alert(patient, *spec))
+    rig.clock.advance(seconds=GROUP_WAIT_S)
+    await _round(service)
+    pages = [_modern(p) for p in rig.smtp.to(f"primary-{rig.tag}@h.test")]
+    assert len(pages) == 2
+    subjects = [p["Subject"] for p in pages]
+    for patient in (first, second):
+        assert sum(f"patient {patient}:" in s for s in subjects) == 1
+    assert all("2 alerts" in s for s in subjects)
+
+
+async def test_alarm_at_or_after_the_window_gets_its_own_page(rig: Rig) -> None:
+    """The window is half-open: an alarm arriving exactly at the first alarm + group_wait is not
+    folded into the page going out at that instant; it opens its own bundle and is paged alone
+    group_wait later. An alarm after the page went out is likewise paged on its own."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    occlusion, stopped, battery = (_burst_alert(patient, *spec) for spec in _BURST)
+    await service.handle_alert(occlusion)
+    rig.clock.advance(seconds=GROUP_WAIT_S)
+    await service.handle_alert(stopped)  # exactly at the edge, before the ticker ran
+    await _round(service)
+    pages = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    assert len(pages) == 1
+    assert _modern(pages[0])["Subject"].startswith(f"[VIGIL HIGH] {occlusion.title}")
+
+    rig.clock.advance(seconds=1)
+    await service.handle_alert(battery)  # joins the edge alarm's bundle (due at 10 s)
+    rig.clock.advance(seconds=GROUP_WAIT_S - 1)
+    await _round(service)
+    pages = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    assert len(pages) == 2
+    second = _modern(pages[1])["Subject"]
+    assert "2 alerts" in second and stopped.title in second and battery.title in second
+    assert occlusion.title not in second
+
+
+async def test_pending_bundle_survives_a_restart_mid_window(rig: Rig) -> None:
+    """Two alarms reach an instance that dies before the window ends; the restarted instance
+    pages the bundle when it falls due. A redelivery of one alarm to the new instance (its Kafka
+    offset may not have been committed) is folded by its dedup key: one page, both alarms."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient = f"P-{rig.tag}"
+    occlusion, stopped, _ = (_burst_alert(patient, *spec) for spec in _BURST)
+    crashed = _bundling(rig)
+    await crashed.handle_alert(occlusion)
+    rig.clock.advance(seconds=2)
+    await crashed.handle_alert(stopped)
+    del crashed  # the process is gone; only PostgreSQL remembers the bundle
+
+    restarted = _bundling(rig)
+    rig.clock.advance(seconds=1)
+    assert await restarted.handle_alert(stopped)  # redelivered
+    await _round(restarted)
+    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
+    rig.clock.advance(seconds=2)
+    await _round(restarted)
+    [page] = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    subject = _modern(page)["Subject"]
+    assert "2 alerts" in subject and occlusion.title in subject and stopped.title in subject
+
+
+async def test_api_ack_of_one_bundled_alarm_leaves_the_others_paging(rig: Rig) -> None:
+    """Acknowledging one alarm of a bundle by its dedup key (the API) acknowledges only that
+    alarm: the next step's page still goes out and names only the alarms not acknowledged."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    alerts = [_burst_alert(patient, *spec) for spec in _BURST]
+    for alert in alerts:
+        await service.handle_alert(alert)
+    rig.clock.advance(seconds=GROUP_WAIT_S)
+    await _round(service)
+    answer = await rig.api.post(
+        f"/alerts/{alerts[0].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+    )
+    assert answer.status_code == 200, answer.text
+    rig.clock.advance(minutes=5)
+    await _round(service)
+    [page] = rig.smtp.to(f"secondary-{rig.tag}@h.test")
+    subject = _modern(page)["Subject"]
+    assert "2 alerts" in subject and alerts[0].title not in subject
+
+
+async def test_end_of_an_alarm_still_waiting_in_a_bundle_pages_the_bundle_at_once(
+    rig: Rig,
+) -> None:
+    """An alarm that ends before its bundle is due: the bundle is paged at once (nobody has
+    been told yet; a duplicate beats a miss) and the ended alarm's all-clear follows."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    occlusion, stopped, _ = (_burst_alert(patient, *spec) for spec in _BURST)
+    await service.handle_alert(occlusion)
+    await service.handle_alert(stopped)
+    rig.clock.advance(seconds=1)
+    ended = occlusion.model_copy(
+        update={
+            "alert_id": uuid.uuid4(),
+            "phase": AlertPhase.END,
+            "state": AlertState.INACTIVE,
+        }
+    )
+    assert await service.handle_alert(ended)
+    subjects = [_modern(p)["Subject"] for p in rig.smtp.to(f"primary-{rig.tag}@h.test")]
+    # Both pages are sent in one concurrent batch, so their arrival order is not asserted.
+    assert len(subjects) == 2
+    assert sum("2 alerts" in s for s in subjects) == 1
+    assert sum("All clear" in s for s in subjects) == 1
+
+
+# -- PagerDuty acknowledge and resolve upstream ------------------------------------------------
+
+
+def _pd_events(rig: Rig, routing_key: str) -> list[tuple[str, str]]:
+    return [
+        (e["event_action"], e["dedup_key"])
+        for e in rig.pagerduty.events
+        if e["routing_key"] == routing_key
+    ]
+
+
+async def test_ack_in_vigil_acknowledges_the_pagerduty_incident_then_resolve_resolves_it(
+    rig: Rig,
+) -> None:
+    """Paged through PagerDuty; acknowledged through the API: an acknowledge event with the
+    trigger's dedup_key goes to the same routing key and is recorded as an attempt; when the
+    alarm ends, one resolve follows (not a second one from the all-clear)."""
+    key = f"rk-{rig.tag}"
+    people = {"primary": [{"channel": "webhook", "address": key}]}
+    steps = [{"targets": [{"kind": "person", "ref": f"primary-{rig.tag}"}], "wait_minutes": 5}]
+    await _team(rig, people=people, steps=steps)
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    assert _pd_events(rig, key) == [("trigger", alert.dedup_key)]
+
+    rig.clock.advance(seconds=30)
+    answer = await rig.api.post(
+        f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:primary-{rig.tag}"}
+    )
+    assert answer.status_code == 200, answer.text
+    await rig.service.deliver_due()
+    assert _pd_events(rig, key) == [("trigger", alert.dedup_key), ("acknowledge", alert.dedup_key)]
+
+    rig.clock.advance(seconds=30)
+    await rig.service.handle_alert(_alert(f"P-{rig.tag}", AlertPhase.END))
+    await rig.service.deliver_due()
+    assert _pd_events(rig, key) == [
+        ("trigger", alert.dedup_key),
+        ("acknowledge", alert.dedup_key),
+        ("resolve", alert.dedup_key),
+    ]
+    assert rig.pagerduty.incidents[alert.dedup_key] == "resolve"
+    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    assert [(a["purpose"], a["status"]) for a in timeline["attempts"]] == [
+        ("alert", "sent"),
+        ("upstream_acknowledge", "sent"),
+        ("upstream_resolve", "sent"),
+    ]
+
+
+async def test_sms_ack_acknowledges_the_pagerduty_incident_of_another_person(rig: Rig) -> None:
+    """One step pages a nurse by SMS and a fellow through PagerDuty; the nurse replies "1": the
+    fellow's PagerDuty incident is acknowledged too (the ack happened in Vigil, on any channel).
+    An upstream event PagerDuty answers with a 500 is retried after the backoff, and the
+    fellow is not paged on another channel for it."""
+    phone = f"+1556{int(rig.tag, 16) % 10_000_000:07d}"
+    key = f"rk-{rig.tag}"
+    people = {
+        "nurse": [{"channel": "sms", "address": phone}],
+        "fellow": [
+            {"channel": "webhook", "address": key},
+            {"channel": "email", "address": f"fellow-{rig.tag}@h.test"},
+        ],
+    }
+    steps = [
+        {
+            "targets": [
+                {"kind": "person", "ref": f"nurse-{rig.tag}"},
+                {"kind": "person", "ref": f"fellow-{rig.tag}"},
+            ],
+            "wait_minutes": 5,
+        }
+    ]
+    await _team(rig, people=people, steps=steps)
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    calls = {"n": 0}
+
+    def flaky(event: dict[str, Any]) -> int:
+        calls["n"] += 1
+        return 500 if calls["n"] == 1 else 202
+
+    rig.pagerduty.respond = flaky
+    reply = await rig.api.post("/twilio/sms", data={"From": phone, "Body": "1", "MessageSid": "x"})
+    assert "Acknowledged" in reply.text
+    await rig.service.deliver_due()
+    assert _pd_events(rig, key) == [("trigger", alert.dedup_key)]  # the 500
+    rig.clock.advance(seconds=1)
+    await rig.service.deliver_due()
+    assert _pd_events(rig, key) == [("trigger", alert.dedup_key), ("acknowledge", alert.dedup_key)]
+    assert rig.smtp.to(f"fellow-{rig.tag}@h.test") == []
+
+
+async def test_bundle_incident_is_acknowledged_upstream_only_when_every_alarm_is(rig: Rig) -> None:
+    """A bundle paged through PagerDuty is one incident listing every alarm. Acknowledging two
+    of three alarms through the API leaves it triggered; the third sends one acknowledge with
+    the dedup_key the trigger used."""
+    key = f"rk-{rig.tag}"
+    people = {"primary": [{"channel": "webhook", "address": key}]}
+    steps = [{"targets": [{"kind": "person", "ref": f"primary-{rig.tag}"}], "wait_minutes": 5}]
+    await _team(rig, people=people, steps=steps)
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    alerts = [_burst_alert(patient, *spec) for spec in _BURST]
+    for alert in alerts:
+        await service.handle_alert(alert)
+    rig.clock.advance(seconds=GROUP_WAIT_S)
+    await _round(service)
+    [trigger] = [e for e in rig.pagerduty.events if e["routing_key"] == key]
+    assert trigger["payload"]["custom_details"]["dedup_keys"] == [a.dedup_key for a in alerts]
+    for alert in alerts:
+        answer = await rig.api.post(
+            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+        )
+        assert answer.status_code == 200
+        await service.deliver_due()
+        if alert is not alerts[-1]:
+            assert [a for a, _ in _pd_events(rig, key)] == ["trigger"]
+    assert _pd_events(rig, key) == [
+        ("trigger", trigger["dedup_key"]),
+        ("acknowledge", trigger["dedup_key"]),
+    ]
+
+
+async def test_snooze_holds_for_exactly_its_duration_then_pages_again(rig: Rig) -> None:
+    """Snoozed through the API for 10 minutes (measured on the service's clock) right after the
+    first page: nobody is paged at 9:59 (the
+    secondary's step is held too), and at 10:00 the chain starts again from the first step, so
+    the primary gets a second page (the repeat is not folded into the first by its key)."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    answer = await rig.api.post(
+        f"/alerts/{alert.dedup_key}/snooze", json={"by": f"person:primary-{rig.tag}", "minutes": 10}
+    )
+    assert answer.status_code == 204, answer.text
+    rig.clock.advance(minutes=9, seconds=59)
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+    rig.clock.advance(seconds=1)
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
+
+
+async def test_alarm_acknowledged_while_held_is_left_out_of_the_bundle_page(rig: Rig) -> None:
+    """Each held alarm has its escalation from the moment it arrives: acknowledging one during
+    the window (e.g. from the dashboard) keeps it off the page, which lists the other two; a
+    burst acknowledged entirely within the window pages nobody."""
+    team, patient = await _team(
+        rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag)
+    )
+    service = _bundling(rig)
+    alerts = [_burst_alert(patient, *spec) for spec in _BURST]
+    for alert in alerts:
+        await service.handle_alert(alert)
+    answer = await rig.api.post(
+        f"/alerts/{alerts[0].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+    )
+    assert answer.status_code == 200, answer.text
+    rig.clock.advance(seconds=GROUP_WAIT_S)
+    await _round(service)
+    [page] = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    subject = _modern(page)["Subject"]
+    assert "2 alerts" in subject and alerts[0].title not in subject
+
+    quiet = f"{patient}-q"
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", quiet, team
+    )
+    for spec in _BURST[:2]:
+        alert = _burst_alert(quiet, *spec)
+        await service.handle_alert(alert)
+        answer = await rig.api.post(
+            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+        )
+        assert answer.status_code == 200, answer.text
+    rig.clock.advance(seconds=GROUP_WAIT_S)
+    await _round(service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1

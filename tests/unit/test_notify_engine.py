@@ -154,6 +154,21 @@ def test_snooze_holds_exactly_its_duration() -> None:
     assert again.state.step_index == 1
 
 
+def test_each_snooze_starts_a_new_round_that_later_steps_keep() -> None:
+    """The round number rises with every snooze and stays through the round's later steps, so
+    the shell can key the repeated first step apart from the page already sent."""
+    policy = _policy()
+    state = advance(policy, opened(T0), Tick(T0)).state
+    assert state.round_no == 0
+    until = T0 + timedelta(minutes=30)
+    snoozed = advance(policy, state, Snooze(until=until, at=T0, by="person:nurse-a")).state
+    fired = advance(policy, snoozed, Tick(until)).state
+    assert (snoozed.round_no, fired.round_no) == (1, 1)
+    assert advance(policy, fired, Tick(fired.due_at or until)).state.round_no == 1
+    twice = advance(policy, fired, Snooze(until=until + timedelta(hours=1), at=until, by="x"))
+    assert twice.state.round_no == 2
+
+
 def test_schedule_without_anyone_on_call_pages_the_fallback() -> None:
     """A rotation that has not started yet names nobody: the step pages the fallback instead."""
     rotation = Rotation(

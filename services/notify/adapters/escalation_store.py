@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from schemas.events import Alert, Page
 from services.notify.adapters.postgres import alert_from_row
+from services.notify.domain.bundling import PendingBundle, Placement, is_bundled, place
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -35,6 +36,7 @@ from services.notify.domain.escalation import (
     NotifyRecipient,
     PageCommand,
     PolicySnapshot,
+    Resolve,
     StepSnapshot,
     Target,
     Tick,
@@ -50,7 +52,13 @@ from services.notify.domain.schedule import Override, Rotation
 from services.notify.service_layer.ports import FALLBACK_PREFIX, PageJob, SendOutcome
 
 _JOB_SELECT = """
-    SELECT p.*, e.status AS escalation_status,
+    SELECT p.*,
+           -- A shared bundle page stops only when every escalation of its bundle has stopped.
+           CASE WHEN p.bundle_id IS NULL OR p.purpose <> 'alert' THEN e.status
+                WHEN EXISTS (SELECT 1 FROM escalations o
+                             WHERE o.bundle_id = p.bundle_id
+                               AND o.status IN ('open', 'exhausted')) THEN 'open'
+                ELSE 'acknowledged' END AS escalation_status,
            EXISTS (SELECT 1 FROM contact_methods c
                    WHERE p.recipient_ref = 'person:' || c.person_id
                      AND c.rank > p.contact_rank) AS has_next_channel,
@@ -61,6 +69,16 @@ _JOB_SELECT = """
     JOIN alerts a ON a.alert_id = p.alert_id
 """
 
+
+_INSERT_PAGE = """
+    INSERT INTO pages (page_id, alert_id, dedup_key, patient_id, care_team_id, channel,
+                       recipient, idempotency_key, status, created_at, route,
+                       route_detail, updated_at, escalation_id, recipient_ref,
+                       contact_rank, purpose, tries, next_attempt_at, bundle_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $10, $13, $14, $15, $16,
+            0, $17, $18)
+    ON CONFLICT (idempotency_key) DO NOTHING
+"""
 
 #: A team without a policy of its own still gets a chain that runs until someone acknowledges:
 #: its on-call address, paged again every five minutes, four times in all.
@@ -92,51 +110,54 @@ class PostgresEscalationStore:
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
         """The team's policy with every schedule it names, as it stands now (to be frozen)."""
         async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT policy_id, steps, repeat_count FROM escalation_policies "
-                "WHERE care_team_id = $1",
-                care_team_id,
+            return await self._load_policy(conn, care_team_id)
+
+    async def _load_policy(self, conn: Any, care_team_id: str) -> PolicySnapshot | None:
+        row = await conn.fetchrow(
+            "SELECT policy_id, steps, repeat_count FROM escalation_policies "
+            "WHERE care_team_id = $1",
+            care_team_id,
+        )
+        if row is None:
+            return await self._default_policy(conn, care_team_id)
+        steps = tuple(
+            StepSnapshot(
+                wait_s=int(s["wait_s"]),
+                targets=tuple(Target(kind=t["kind"], ref=str(t["ref"])) for t in s["targets"]),
             )
-            if row is None:
-                return await self._default_policy(conn, care_team_id)
-            steps = tuple(
-                StepSnapshot(
-                    wait_s=int(s["wait_s"]),
-                    targets=tuple(Target(kind=t["kind"], ref=str(t["ref"])) for t in s["targets"]),
-                )
-                for s in json.loads(row["steps"])
+            for s in json.loads(row["steps"])
+        )
+        names = sorted({t.ref for s in steps for t in s.targets if t.kind == "schedule"})
+        schedules: dict[str, Rotation] = {}
+        for name in names:
+            schedule = await conn.fetchrow(
+                "SELECT * FROM oncall_schedules WHERE schedule_id = $1", name
             )
-            names = sorted({t.ref for s in steps for t in s.targets if t.kind == "schedule"})
-            schedules: dict[str, Rotation] = {}
-            for name in names:
-                schedule = await conn.fetchrow(
-                    "SELECT * FROM oncall_schedules WHERE schedule_id = $1", name
-                )
-                if schedule is None:
-                    continue
-                overrides = await conn.fetch(
-                    "SELECT person_id, starts_at, ends_at FROM oncall_overrides "
-                    "WHERE schedule_id = $1 ORDER BY starts_at, override_id",
-                    name,
-                )
-                schedules[name] = _rotation(schedule, overrides)
-            # A step naming a deleted schedule keeps its place: it pages the fallback instead.
-            steps = tuple(
-                StepSnapshot(
-                    wait_s=s.wait_s,
-                    targets=tuple(
-                        t if t.kind != "schedule" or t.ref in schedules else Target("email", "")
-                        for t in s.targets
-                    ),
-                )
-                for s in steps
+            if schedule is None:
+                continue
+            overrides = await conn.fetch(
+                "SELECT person_id, starts_at, ends_at FROM oncall_overrides "
+                "WHERE schedule_id = $1 ORDER BY starts_at, override_id",
+                name,
             )
-            return PolicySnapshot(
-                policy_id=str(row["policy_id"]),
-                steps=steps,
-                repeat_count=int(row["repeat_count"]),
-                schedules=schedules,
+            schedules[name] = _rotation(schedule, overrides)
+        # A step naming a deleted schedule keeps its place: it pages the fallback instead.
+        steps = tuple(
+            StepSnapshot(
+                wait_s=s.wait_s,
+                targets=tuple(
+                    t if t.kind != "schedule" or t.ref in schedules else Target("email", "")
+                    for t in s.targets
+                ),
             )
+            for s in steps
+        )
+        return PolicySnapshot(
+            policy_id=str(row["policy_id"]),
+            steps=steps,
+            repeat_count=int(row["repeat_count"]),
+            schedules=schedules,
+        )
 
     async def _default_policy(self, conn: Any, care_team_id: str) -> PolicySnapshot | None:
         """The implicit policy of a team that has none: page its on-call address until someone
@@ -185,16 +206,93 @@ class PostgresEscalationStore:
         step's pages, already claimed for this caller to send, so the first attempt does not
         wait for a ticker.
         """
-        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
-        transition = advance(snapshot, opened(at), Tick(now=at))
-        state = transition.state
         async with self._pool.acquire() as conn, conn.transaction():
+            writer = _Writer(conn, at)
+            escalation_id = await _open_in(conn, writer, alert, care_team_id, snapshot, at)
+            if escalation_id is None:
+                return None, []
+            jobs = await writer.flush(claim_until=at + timedelta(seconds=lease_s))
+        return escalation_id, jobs
+
+    # -- bundles ------------------------------------------------------------------------------
+
+    async def place_in_bundle(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        group_wait_s: float,
+    ) -> tuple[Placement, UUID, datetime]:
+        """Open the alert's escalation held for its patient's pending bundle (pure ``place``).
+
+        The escalation exists from now on (it can be acknowledged, snoozed or resolved at once,
+        and its policy is frozen now), but it has no timer of its own: the bundle's ``due_at``
+        fires the first step of every held escalation of the bundle together.
+
+        Placement is serialised per patient with a transaction-scoped advisory lock, so two
+        notify instances receiving the same burst build one bundle, not two. A bundle being
+        flushed holds its row lock; a placement waiting for it then sees it flushed and starts
+        a new bundle, so no alert joins a bundle whose page has already been written.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"notify-bundle:{alert.patient_id}",
+            )
+            row = await conn.fetchrow(
+                """
+                SELECT * FROM notify_bundles
+                WHERE patient_id = $1 AND status = 'pending'
+                ORDER BY due_at DESC LIMIT 1
+                FOR UPDATE
+                """,
+                alert.patient_id,
+            )
+            pending = None
+            if row is not None:
+                members = await conn.fetch(
+                    "SELECT dedup_key FROM notify_bundle_members WHERE bundle_id = $1",
+                    row["bundle_id"],
+                )
+                pending = PendingBundle(
+                    opened_at=row["opened_at"],
+                    due_at=row["due_at"],
+                    members=tuple(str(m["dedup_key"]) for m in members),
+                )
+            decision = place(pending, dedup_key=alert.dedup_key, at=at, group_wait_s=group_wait_s)
+            if decision.placement is Placement.START:
+                bundle_id = uuid.uuid4()
+                await conn.execute(
+                    "INSERT INTO notify_bundles (bundle_id, patient_id, care_team_id, opened_at, "
+                    "due_at, status) VALUES ($1, $2, $3, $4, $5, 'pending')",
+                    bundle_id,
+                    alert.patient_id,
+                    care_team_id,
+                    at,
+                    decision.due_at,
+                )
+            else:
+                assert row is not None
+                bundle_id = UUID(str(row["bundle_id"]))
+            await conn.execute(
+                "INSERT INTO notify_bundle_members (bundle_id, dedup_key, alert_id, joined_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                bundle_id,
+                alert.dedup_key,
+                alert.alert_id,
+                at,
+            )
+            escalation_id = uuid.uuid5(
+                uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}"
+            )
             inserted = await conn.fetchval(
                 """
                 INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
                                          care_team_id, snapshot, status, step_index, pass_no,
-                                         due_at, paged, opened_at)
-                VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
+                                         due_at, paged, opened_at, bundle_id)
+                VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'open', 0, 0, NULL, '{}', $7, $8)
                 ON CONFLICT (dedup_key) DO NOTHING
                 RETURNING escalation_id
                 """,
@@ -204,32 +302,133 @@ class PostgresEscalationStore:
                 alert.patient_id,
                 care_team_id,
                 json.dumps(snapshot_to_json(snapshot)),
-                state.status.value,
-                state.step_index,
-                state.pass_no,
-                state.due_at,
-                list(state.paged),
                 at,
+                bundle_id,
             )
-            if inserted is None:
-                return None, []
-            writer = _Writer(conn, at)
-            writer.event(
-                escalation_id,
-                TimelineEntry(
-                    "opened",
-                    {
-                        "alert_id": str(alert.alert_id),
-                        "policy_id": snapshot.policy_id,
-                        "care_team_id": care_team_id,
-                    },
-                ),
-            )
-            for entry in transition.timeline:
-                writer.event(escalation_id, entry)
-            await writer.pages_for(alert, escalation_id, care_team_id, transition.commands)
-            jobs = await writer.flush(claim_until=at + timedelta(seconds=lease_s))
-        return escalation_id, jobs
+            if inserted is not None:
+                await conn.executemany(
+                    "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+                    "VALUES ($1, $2, $3, $4::jsonb)",
+                    [
+                        (
+                            escalation_id,
+                            at,
+                            "opened",
+                            json.dumps(
+                                {
+                                    "alert_id": str(alert.alert_id),
+                                    "policy_id": snapshot.policy_id,
+                                    "care_team_id": care_team_id,
+                                }
+                            ),
+                        ),
+                        (
+                            escalation_id,
+                            at,
+                            "held_for_bundle",
+                            json.dumps(
+                                {
+                                    "bundle_id": str(bundle_id),
+                                    "due_at": decision.due_at.isoformat(),
+                                }
+                            ),
+                        ),
+                    ],
+                )
+            return decision.placement, bundle_id, decision.due_at
+
+    async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
+        value = await self._pool.fetchval(
+            """
+            SELECT b.bundle_id FROM notify_bundle_members m
+            JOIN notify_bundles b ON b.bundle_id = m.bundle_id
+            WHERE m.dedup_key = $1 AND b.status = 'pending'
+            LIMIT 1
+            """,
+            dedup_key,
+        )
+        return None if value is None else UUID(str(value))
+
+    async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
+        """Page the bundles that are due (or bundle ``only``, due or not): one transaction each.
+
+        Every member gets its own escalation (its own state, acknowledgement and all-clear),
+        opened together from the same frozen policy; a bundle of two or more shares its alert
+        pages through an idempotency key on the bundle, so each recipient gets one page listing
+        every alert. Bundles another instance is flushing are skipped, not waited for.
+        """
+        flushed = 0
+        while flushed < limit:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if only is None:
+                    row = await conn.fetchrow(
+                        """
+                        SELECT * FROM notify_bundles
+                        WHERE status = 'pending' AND due_at <= $1
+                        ORDER BY due_at LIMIT 1
+                        FOR UPDATE SKIP LOCKED
+                        """,
+                        now,
+                    )
+                else:
+                    row = await conn.fetchrow(
+                        "SELECT * FROM notify_bundles WHERE bundle_id = $1 AND status = 'pending' "
+                        "FOR UPDATE",
+                        only,
+                    )
+                if row is None:
+                    return flushed
+                await self._flush_one(conn, row, now)
+                flushed += 1
+            if only is not None:
+                return flushed
+        return flushed
+
+    async def _flush_one(self, conn: Any, bundle: Any, now: datetime) -> None:
+        """Fire the first step of every held escalation of the bundle, in this transaction.
+
+        Held means still open with no timer: one acknowledged, resolved or snoozed while it
+        waited is left alone. Their alert pages share the bundle's keys, so each recipient
+        gets one page; which alerts it lists is read when it is sent.
+        """
+        bundle_id = UUID(str(bundle["bundle_id"]))
+        rows = await conn.fetch(
+            """
+            UPDATE escalations SET due_at = $2
+            WHERE bundle_id = $1 AND status = 'open' AND due_at IS NULL
+              AND acknowledged_by IS NULL
+            RETURNING *
+            """,
+            bundle_id,
+            now,
+        )
+        if rows:
+            await _apply_rows(conn, [(row, Tick(now=now)) for row in rows], now)
+        members = await conn.fetch(
+            "SELECT dedup_key FROM notify_bundle_members WHERE bundle_id = $1 "
+            "ORDER BY joined_at, dedup_key",
+            bundle_id,
+        )
+        if is_bundled(tuple(str(m["dedup_key"]) for m in members)):
+            writer = _Writer(conn, now)
+            for row in rows:
+                writer.event(
+                    row["escalation_id"],
+                    TimelineEntry(
+                        "bundled",
+                        {
+                            "bundle_id": str(bundle_id),
+                            "dedup_keys": [str(m["dedup_key"]) for m in members],
+                            "opened_at": bundle["opened_at"].isoformat(),
+                        },
+                    ),
+                )
+            await writer.flush(claim_until=None)
+        await conn.execute(
+            "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 WHERE bundle_id = $1",
+            bundle_id,
+            now,
+        )
 
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
         value = await self._pool.fetchval(
@@ -242,37 +441,76 @@ class PostgresEscalationStore:
             await _event(conn, escalation_id, at, entry)
 
     async def apply(
-        self, escalation_id: UUID, event: EscalationEvent, *, at: datetime
+        self,
+        escalation_id: UUID,
+        event: EscalationEvent,
+        *,
+        at: datetime,
+        whole_bundle: bool = False,
     ) -> Transition | None:
-        """Run one event through the engine under the escalation's row lock."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT * FROM escalations WHERE escalation_id = $1 FOR UPDATE", escalation_id
-            )
-            if row is None:
-                return None
-            [transition] = await _apply_rows(conn, [(row, event)], at)
-            if isinstance(event, Acknowledge) and not any(
-                entry.kind == "ack_repeated" for entry in transition.timeline
-            ):
-                # Whoever acknowledged, by whatever channel (API, signed link, SMS reply), goes
-                # into the tamper-evident audit log in the same transaction as the ack itself.
-                from vigil.audit import append as audit_append
-                from vigil.audit.actions import AuditAction
+        """Run one event through the engine under the escalation's row lock.
 
-                await audit_append(
-                    conn,
-                    event.by,
-                    AuditAction.ALERT_ACKNOWLEDGED.value,
-                    f"patient:{row['patient_id']}",
-                    {
-                        "dedup_key": row["dedup_key"],
-                        "via": event.via,
-                        "escalation_id": str(escalation_id),
-                    },
-                    at=at,
+        With ``whole_bundle`` the event goes to every escalation of the escalation's bundle
+        (an acknowledgement from a bundled page acknowledges every alert it listed); the
+        transition returned is the named escalation's. Acknowledge and resolve queue the
+        PagerDuty acknowledge / resolve events in the same transaction.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            bundle_id = None
+            if whole_bundle:
+                bundle_id = await conn.fetchval(
+                    "SELECT bundle_id FROM escalations WHERE escalation_id = $1", escalation_id
                 )
-            return transition
+            if bundle_id is None:
+                rows = await conn.fetch(
+                    "SELECT * FROM escalations WHERE escalation_id = $1 FOR UPDATE",
+                    escalation_id,
+                )
+            else:
+                # Locked in one order by every caller, so two bundle acks cannot deadlock.
+                rows = await conn.fetch(
+                    "SELECT * FROM escalations WHERE bundle_id = $1 "
+                    "ORDER BY escalation_id FOR UPDATE",
+                    bundle_id,
+                )
+            if not rows:
+                return None
+            transitions = await _apply_rows(conn, [(row, event) for row in rows], at)
+            found = None
+            for row, transition in zip(rows, transitions, strict=True):
+                await self._after_event(conn, row, event, transition, at)
+                if row["escalation_id"] == escalation_id:
+                    found = transition
+            if isinstance(event, Acknowledge | Resolve):
+                writer = _Writer(conn, at)
+                await _upstream_sync(conn, writer, [row["escalation_id"] for row in rows])
+                await writer.flush(claim_until=None)
+            return found
+
+    async def _after_event(
+        self, conn: Any, row: Any, event: EscalationEvent, transition: Transition, at: datetime
+    ) -> None:
+        if not isinstance(event, Acknowledge) or any(
+            entry.kind == "ack_repeated" for entry in transition.timeline
+        ):
+            return
+        # Whoever acknowledged, by whatever channel (API, signed link, SMS reply), goes into the
+        # tamper-evident audit log in the same transaction as the ack itself.
+        from vigil.audit import append as audit_append
+        from vigil.audit.actions import AuditAction
+
+        await audit_append(
+            conn,
+            event.by,
+            AuditAction.ALERT_ACKNOWLEDGED.value,
+            f"patient:{row['patient_id']}",
+            {
+                "dedup_key": row["dedup_key"],
+                "via": event.via,
+                "escalation_id": str(row["escalation_id"]),
+            },
+            at=at,
+        )
 
     async def tick_due(
         self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
@@ -436,6 +674,7 @@ class PostgresEscalationStore:
                     cancelled.append(row["page_id"])
                     continue
                 jobs.append(_job(row, now))
+            jobs = await _with_bundles(conn, jobs)
             if cancelled:
                 await conn.execute(
                     "UPDATE pages SET status = 'cancelled', next_attempt_at = NULL, "
@@ -508,6 +747,17 @@ class PostgresEscalationStore:
                     retries.append((page.page_id, at + timedelta(seconds=verdict.delay_s), at))
                     continue
                 finished.append((page.page_id, at))
+                if job.purpose in _UPSTREAM:
+                    # A lost upstream acknowledge / resolve leaves a stale incident in PagerDuty;
+                    # it is recorded, but paging a person about it would be noise.
+                    writer.event(
+                        job.escalation_id,
+                        TimelineEntry(
+                            "upstream_sync_failed",
+                            {"page_id": str(page.page_id), "reason": outcome.detail},
+                        ),
+                    )
+                    continue
                 await writer.after_channel_failed(job, verdict)
             await conn.executemany(
                 """
@@ -536,6 +786,17 @@ class PostgresEscalationStore:
                     "next_attempt_at = NULL, updated_at = $2 WHERE page_id = $1",
                     finished,
                 )
+            triggered = [
+                job.escalation_id
+                for job, _, verdict, _ in outcomes
+                if isinstance(verdict, Delivered)
+                and job.page.channel == "webhook"
+                and job.purpose not in _UPSTREAM
+            ]
+            if triggered:
+                # A trigger accepted after its alert was acknowledged or resolved (it was in
+                # flight when the ack committed) is followed by the acknowledge / resolve at once.
+                await _upstream_sync(conn, writer, triggered)
             await writer.flush(claim_until=None)
 
     async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None:
@@ -622,6 +883,117 @@ class PostgresEscalationStore:
 
 # -- inside a transaction ---------------------------------------------------------------------
 
+_UPSTREAM = (PagePurpose.UPSTREAM_ACKNOWLEDGE, PagePurpose.UPSTREAM_RESOLVE)
+
+
+async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) -> None:
+    """Queue PagerDuty acknowledge / resolve events for the incidents these escalations opened.
+
+    The incidents are the webhook pages PagerDuty accepted (status sent or delivered), each
+    with the routing key it went to and the dedup_key its trigger used. A shared bundle page's
+    incident follows the whole bundle: acknowledged when no escalation of it is still open,
+    resolved when all are resolved. Keys ``pd:<action>:<page>`` make a repeated sync a no-op.
+    """
+    # Most calls come from recording a trigger of a chain still open: one primary-key lookup
+    # answers that nothing is to be synced.
+    stopped = await conn.fetch(
+        """
+        SELECT escalation_id, bundle_id FROM escalations
+        WHERE escalation_id = ANY($1::uuid[])
+          AND (status IN ('acknowledged', 'resolved') OR bundle_id IS NOT NULL)
+        """,
+        list(escalation_ids),
+    )
+    if not stopped:
+        return
+    rows = await conn.fetch(
+        """
+        WITH triggers AS (
+            SELECT * FROM pages WHERE escalation_id = ANY($1::uuid[])
+            UNION
+            SELECT * FROM pages WHERE bundle_id = ANY($2::uuid[])
+        )
+        SELECT p.page_id, p.alert_id, p.dedup_key, p.patient_id, p.care_team_id, p.recipient,
+               p.escalation_id, p.recipient_ref, p.contact_rank, p.bundle_id,
+               CASE WHEN p.bundle_id IS NULL THEN e.status
+                    ELSE (SELECT CASE
+                              WHEN bool_and(o.status = 'resolved') THEN 'resolved'
+                              WHEN bool_or(o.status IN ('open', 'exhausted')) THEN 'open'
+                              ELSE 'acknowledged' END
+                          FROM escalations o WHERE o.bundle_id = p.bundle_id)
+               END AS incident_status
+        FROM triggers p JOIN escalations e ON e.escalation_id = p.escalation_id
+        WHERE p.channel = 'webhook' AND p.purpose IN ('alert', 'escalation')
+          AND p.status IN ('sent', 'delivered')
+        ORDER BY p.created_at, p.page_id
+        """,
+        [r["escalation_id"] for r in stopped],
+        sorted({r["bundle_id"] for r in stopped if r["bundle_id"] is not None}, key=str),
+    )
+    for row in rows:
+        status = row["incident_status"]
+        if status == "acknowledged":
+            purpose = PagePurpose.UPSTREAM_ACKNOWLEDGE
+        elif status == "resolved":
+            purpose = PagePurpose.UPSTREAM_RESOLVE
+        else:
+            continue
+        writer.upstream(row, purpose)
+
+
+async def _open_in(
+    conn: Any,
+    writer: _Writer,
+    alert: Alert,
+    care_team_id: str,
+    snapshot: PolicySnapshot,
+    at: datetime,
+) -> UUID | None:
+    """Insert the episode's escalation and fire its first step into ``writer``; None when the
+    dedup key already has an escalation."""
+    escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+    transition = advance(snapshot, opened(at), Tick(now=at))
+    state = transition.state
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                                 care_team_id, snapshot, status, step_index, pass_no,
+                                 due_at, paged, opened_at)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
+        ON CONFLICT (dedup_key) DO NOTHING
+        RETURNING escalation_id
+        """,
+        escalation_id,
+        alert.dedup_key,
+        alert.alert_id,
+        alert.patient_id,
+        care_team_id,
+        json.dumps(snapshot_to_json(snapshot)),
+        state.status.value,
+        state.step_index,
+        state.pass_no,
+        state.due_at,
+        list(state.paged),
+        at,
+    )
+    if inserted is None:
+        return None
+    writer.event(
+        escalation_id,
+        TimelineEntry(
+            "opened",
+            {
+                "alert_id": str(alert.alert_id),
+                "policy_id": snapshot.policy_id,
+                "care_team_id": care_team_id,
+            },
+        ),
+    )
+    for entry in transition.timeline:
+        writer.event(escalation_id, entry)
+    await writer.pages_for(alert, escalation_id, care_team_id, transition.commands)
+    return escalation_id
+
 
 async def _apply_rows(
     conn: Any, items: list[tuple[Any, EscalationEvent]], at: datetime
@@ -646,13 +1018,15 @@ async def _apply_rows(
                 state.acknowledged_at,
                 state.resolved_at,
                 state.snoozed_until,
+                state.round_no,
             )
         )
     await conn.executemany(
         """
         UPDATE escalations
         SET status = $2, step_index = $3, pass_no = $4, due_at = $5, paged = $6,
-            acknowledged_by = $7, acknowledged_at = $8, resolved_at = $9, snoozed_until = $10
+            acknowledged_by = $7, acknowledged_at = $8, resolved_at = $9, snoozed_until = $10,
+            round_no = $11
         WHERE escalation_id = $1
         """,
         updates,
@@ -682,6 +1056,8 @@ async def _apply_rows(
                 row["escalation_id"],
                 str(row["care_team_id"]),
                 transition.commands,
+                row["bundle_id"],
+                _round_tag(transition.state.round_no),
             )
     await writer.flush(claim_until=None)
     return transitions
@@ -700,6 +1076,7 @@ class _NewPage:
     key: str
     route_detail: str | None
     has_next_channel: bool
+    bundle_id: UUID | None = None
 
 
 class _Writer:
@@ -712,6 +1089,10 @@ class _Writer:
         self._pages: list[_NewPage] = []
         self._contacts: dict[str, list[tuple[int, str, str]]] = {}
         self._fallbacks: dict[str, str] = {}
+        self._keys: set[str] = set()
+        self._upstream: list[tuple[Any, ...]] = []
+        # The bundle the page being added belongs to (set per command by pages_for).
+        self._bundle_id: UUID | None = None
 
     def event(self, escalation_id: UUID, entry: TimelineEntry) -> None:
         self._events.append(
@@ -750,7 +1131,13 @@ class _Writer:
         escalation_id: UUID,
         care_team_id: str,
         commands: tuple[PageCommand, ...],
+        bundle_id: UUID | None = None,
+        round_tag: str = "",
     ) -> None:
+        """Pages for the engine's commands. The alert pages of a bundled escalation are keyed on
+        the bundle, so the escalations of one bundle write one page per recipient between them
+        (whichever writes first; the others' inserts fold on the key)."""
+        self._bundle_id = bundle_id
         await self.prefetch_contacts(
             {
                 c.recipient.removeprefix("person:")
@@ -759,18 +1146,22 @@ class _Writer:
             }
         )
         for command in commands:
+            purpose = PagePurpose.ALERT if isinstance(command, NotifyFallback) else command.purpose
+            shared = bundle_id is not None and purpose is PagePurpose.ALERT
+            owner = (f"bundle:{bundle_id}" if shared else f"esc:{escalation_id}") + round_tag
+            self._bundle_id = bundle_id if shared else None
             if isinstance(command, NotifyFallback):
                 await self.fallback(
                     alert,
                     escalation_id,
                     care_team_id,
                     PagePurpose.ALERT,
-                    f"esc:{escalation_id}:{command.pass_no}:{command.step_index}:fallback",
+                    f"{owner}:{command.pass_no}:{command.step_index}:fallback",
                     command.reason,
                 )
                 continue
             key_base = (
-                f"esc:{escalation_id}:{command.purpose.value}:{command.pass_no}"
+                f"{owner}:{command.purpose.value}:{command.pass_no}"
                 f":{command.step_index}:{command.recipient}"
             )
             kind, _, ref = command.recipient.partition(":")
@@ -792,6 +1183,10 @@ class _Writer:
             if kind == "person" and self._contacts.get(ref):
                 methods = self._contacts[ref]
                 rank, channel, address = methods[0]
+                if command.purpose is PagePurpose.ALL_CLEAR and channel == "webhook":
+                    # A PagerDuty integration's all-clear is the upstream resolve, sent with the
+                    # dedup_key its trigger used (``_upstream_sync``), not a second resolve here.
+                    continue
                 self._add(
                     alert,
                     escalation_id,
@@ -839,11 +1234,49 @@ class _Writer:
             False,
         )
 
+    def upstream(self, trigger: Any, purpose: PagePurpose) -> None:
+        """A PagerDuty acknowledge / resolve for the incident the webhook page ``trigger`` opened:
+        same routing key, same alert (hence the same dedup_key), no failover to other channels."""
+        key = f"pd:{purpose.value}:{trigger['page_id']}"
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self.event(
+            trigger["escalation_id"],
+            TimelineEntry(
+                "upstream_sync_queued",
+                {"action": purpose.value, "trigger_page_id": str(trigger["page_id"])},
+            ),
+        )
+        self._upstream.append(
+            (
+                page_id_for(key),
+                trigger["alert_id"],
+                trigger["dedup_key"],
+                trigger["patient_id"],
+                trigger["care_team_id"],
+                "webhook",
+                trigger["recipient"],
+                key,
+                "queued",
+                self._at,
+                "care_team",
+                None,
+                trigger["escalation_id"],
+                trigger["recipient_ref"],
+                trigger["contact_rank"],
+                purpose.value,
+                self._at,
+                trigger["bundle_id"],
+            )
+        )
+
     async def after_channel_failed(self, job: PageJob, verdict: AttemptVerdict) -> None:
         """The next contact method of the person, or the fallback address when none is left."""
         page = job.page
         key_base = _key_base(page.idempotency_key)
         reason = getattr(verdict, "reason", "failed")
+        self._bundle_id = job.bundle_id
         if isinstance(verdict, NextChannel) and job.recipient_ref.startswith("person:"):
             person = job.recipient_ref.removeprefix("person:")
             await self.prefetch_contacts({person})
@@ -903,6 +1336,10 @@ class _Writer:
         route_detail: str | None,
         has_next_channel: bool,
     ) -> None:
+        key = f"{key_base}#{rank}"
+        if key in self._keys:
+            return  # another escalation of the same bundle asked for the same page
+        self._keys.add(key)
         self._pages.append(
             _NewPage(
                 alert=alert,
@@ -913,9 +1350,10 @@ class _Writer:
                 channel=channel,
                 address=address,
                 purpose=purpose,
-                key=f"{key_base}#{rank}",
+                key=key,
                 route_detail=route_detail,
                 has_next_channel=has_next_channel,
+                bundle_id=self._bundle_id,
             )
         )
 
@@ -928,21 +1366,15 @@ class _Writer:
                 "VALUES ($1, $2, $3, $4::jsonb)",
                 self._events,
             )
+        if self._upstream:
+            await self._conn.executemany(_INSERT_PAGE, self._upstream)
         if not self._pages:
             return []
         at = self._at
         status = "queued" if claim_until is None else "sending"
         due = at if claim_until is None else claim_until
         await self._conn.executemany(
-            """
-            INSERT INTO pages (page_id, alert_id, dedup_key, patient_id, care_team_id, channel,
-                               recipient, idempotency_key, status, created_at, route,
-                               route_detail, updated_at, escalation_id, recipient_ref,
-                               contact_rank, purpose, tries, next_attempt_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $10, $13, $14, $15, $16,
-                    0, $17)
-            ON CONFLICT (idempotency_key) DO NOTHING
-            """,
+            _INSERT_PAGE,
             [
                 (
                     page_id_for(p.key),
@@ -962,6 +1394,7 @@ class _Writer:
                     p.rank,
                     p.purpose.value,
                     due,
+                    p.bundle_id,
                 )
                 for p in self._pages
             ],
@@ -991,6 +1424,7 @@ class _Writer:
                 has_next_channel=p.has_next_channel,
                 claimed_at=at,
                 updated_at=at,
+                bundle_id=p.bundle_id,
             )
             for p in self._pages
         ]
@@ -1012,7 +1446,42 @@ async def _alert(conn: Any, alert_id: UUID) -> Alert:
     return alert_from_row(row)
 
 
-def _job(row: Any, now: datetime) -> PageJob:
+async def _with_bundles(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
+    """Attach to each shared bundle page the alerts it lists: the bundle's members nobody has
+    acknowledged yet (an alert that ended unacknowledged is still listed: its all-clear follows
+    separately), or all of them for a page whose every alert is acknowledged."""
+    bundle_ids = sorted({j.bundle_id for j in jobs if j.bundle_id is not None}, key=str)
+    if not bundle_ids:
+        return jobs
+    rows = await conn.fetch(
+        """
+        SELECT m.bundle_id, e.acknowledged_by IS NULL AS unacknowledged, a.*
+        FROM notify_bundle_members m
+        JOIN escalations e ON e.dedup_key = m.dedup_key AND e.bundle_id = m.bundle_id
+        JOIN alerts a ON a.alert_id = m.alert_id
+        WHERE m.bundle_id = ANY($1::uuid[])
+        ORDER BY m.joined_at, a.received_at, m.dedup_key
+        """,
+        bundle_ids,
+    )
+    running: dict[Any, list[Alert]] = {}
+    every: dict[Any, list[Alert]] = {}
+    for row in rows:
+        alert = alert_from_row(row)
+        every.setdefault(row["bundle_id"], []).append(alert)
+        if row["unacknowledged"]:
+            running.setdefault(row["bundle_id"], []).append(alert)
+    return [
+        j
+        if j.bundle_id is None
+        else replace(
+            j, bundle=tuple(running.get(j.bundle_id) or every.get(j.bundle_id) or (j.alert,))
+        )
+        for j in jobs
+    ]
+
+
+def _job(row: Any, now: datetime, bundle: tuple[Alert, ...] = ()) -> PageJob:
     page = Page.model_validate(
         {
             "page_id": row["page_id"],
@@ -1038,6 +1507,8 @@ def _job(row: Any, now: datetime) -> PageJob:
         has_next_channel=bool(row["has_next_channel"]),
         claimed_at=now,
         updated_at=row["updated_at"],
+        bundle_id=None if row["bundle_id"] is None else UUID(str(row["bundle_id"])),
+        bundle=bundle,
     )
 
 
@@ -1052,6 +1523,7 @@ def _state(row: Any) -> EscalationState:
         acknowledged_at=row["acknowledged_at"],
         resolved_at=row["resolved_at"],
         snoozed_until=row["snoozed_until"],
+        round_no=int(row["round_no"]),
     )
 
 
@@ -1068,6 +1540,12 @@ def _rotation(schedule: Any, overrides: Any) -> Rotation:
             for o in overrides
         ),
     )
+
+
+def _round_tag(round_no: int) -> str:
+    """Tells apart the pages of a chain that restarted from its first step after a snooze:
+    without it they would carry the first round's keys and fold into pages already sent."""
+    return "" if round_no == 0 else f"~round{round_no}"
 
 
 def _key_base(idempotency_key: str) -> str:

@@ -82,6 +82,8 @@ class EscalationState:
     acknowledged_at: datetime | None = None
     resolved_at: datetime | None = None
     snoozed_until: datetime | None = None
+    # How many snoozes restarted the chain: the pages of each round are told apart by it.
+    round_no: int = 0
 
 
 def opened(at: datetime) -> EscalationState:
@@ -316,6 +318,7 @@ def _snooze(state: EscalationState, event: Snooze) -> Transition:
         pass_no=0,
         due_at=event.until,
         snoozed_until=event.until,
+        round_no=state.round_no + 1,
     )
     return Transition(
         new_state,

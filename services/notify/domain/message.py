@@ -8,13 +8,14 @@ triggering value), so nothing here logs it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Final
 
 from schemas.events import Alert, AlertPriority, Evidence, Page
+from services.notify.domain.bundling import bundle_priority
 from services.notify.domain.routing import PagePurpose, ThreadRoot, purpose_of
 
 # The right-hand side of every Message-ID; the left-hand side is a digest of the idempotency key.
@@ -39,7 +40,7 @@ def message_id_for(idempotency_key: str) -> str:
 def page_subject(alert: Alert, purpose: PagePurpose, *, unrouted: bool = False) -> str:
     """``[VIGIL HIGH] Fever 38.6 °C — patient P-0001``, with a prefix for later phases."""
     subject = (
-        f"[VIGIL {alert.priority.value.upper()}] {_SUBJECT_PREFIX[purpose]}{alert.title}"
+        f"[VIGIL {alert.priority.value.upper()}] {_SUBJECT_PREFIX.get(purpose, '')}{alert.title}"
         f" — patient {alert.patient_id}"
     )
     if unrouted:
@@ -69,6 +70,17 @@ def page_body(
             "",
         ]
     lines += [
+        *_alert_lines(alert),
+        f"Care team:    {page.care_team_id}",
+        f"Page id:      {page.page_id}",
+        "",
+        "Sent automatically by Vigil. Replies to this address are not read: acknowledge in Vigil.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _alert_lines(alert: Alert) -> list[str]:
+    return [
         f"Alert:        {alert.title}",
         f"Patient:      {alert.patient_id}",
         f"Device:       {alert.device_id}",
@@ -82,12 +94,7 @@ def page_body(
         f"Rule:         {alert.rule_id} version {alert.rule_version}",
         f"Alert id:     {alert.alert_id}",
         f"Dedup key:    {alert.dedup_key}",
-        f"Care team:    {page.care_team_id}",
-        f"Page id:      {page.page_id}",
-        "",
-        "Sent automatically by Vigil. Replies to this address are not read: acknowledge in Vigil.",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def compose_page_email(
@@ -139,6 +146,92 @@ def compose_page_email(
     return message
 
 
+def bundle_subject(alerts: Sequence[Alert], *, unrouted: bool = False) -> str:
+    """``[VIGIL HIGH] 3 alerts — patient P-0001: Fever 38.6 °C; Occlusion; Battery low``."""
+    priority = bundle_priority(tuple(a.priority for a in alerts))
+    titles = "; ".join(a.title for a in alerts)
+    subject = (
+        f"[VIGIL {priority.value.upper()}] {len(alerts)} alerts — patient "
+        f"{alerts[0].patient_id}: {titles}"
+    )
+    if unrouted:
+        subject += " (no care team on record)"
+    return subject
+
+
+def compose_bundle_email(
+    alerts: Sequence[Alert],
+    page: Page,
+    *,
+    sender: str,
+    composed_at: datetime,
+    ack_url: str | None = None,
+    route_detail: str | None = None,
+) -> EmailMessage:
+    """One page for a burst of alerts of one patient, each listed in full.
+
+    The acknowledgement link acknowledges every alert listed: the person who reads this page is
+    the one who calls the caregiver about all of them.
+    """
+    if len(alerts) < 2:
+        raise ValueError("a bundle lists two or more alerts")
+    if composed_at.tzinfo is None:
+        raise ValueError("composed_at must be timezone-aware")
+    lead = alerts[0]
+    priority = bundle_priority(tuple(a.priority for a in alerts))
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = page.recipient
+    message["Subject"] = bundle_subject(alerts, unrouted=route_detail is not None)
+    message["Date"] = format_datetime(composed_at)
+    message["Message-ID"] = message_id_for(page.idempotency_key)
+    message["Auto-Submitted"] = "auto-generated"
+    message["X-Vigil-Alert-Id"] = ", ".join(str(a.alert_id) for a in alerts)
+    message["X-Vigil-Dedup-Key"] = ", ".join(a.dedup_key for a in alerts)
+    message["X-Vigil-Priority"] = priority.value
+    message["X-Vigil-Phase"] = lead.phase.value
+    message["X-Vigil-Page-Id"] = str(page.page_id)
+    if priority is AlertPriority.HIGH:
+        message["Importance"] = "high"
+        message["X-Priority"] = "1"
+    lines: list[str] = [
+        f"ACTION: {len(alerts)} alerts for patient {lead.patient_id} within seconds: call the "
+        f"caregiver of patient {lead.patient_id} now.",
+        "",
+    ]
+    if ack_url is not None:
+        lines += [
+            f"ACKNOWLEDGE ALL {len(alerts)} ALERTS (stops further paging): {ack_url}",
+            "",
+        ]
+    if route_detail is not None:
+        lines += [
+            f"ROUTING: this page went to the fallback address because {route_detail}.",
+            "Find the treating team and forward this page to them.",
+            "",
+        ]
+    for number, alert in enumerate(alerts, start=1):
+        lines += [f"--- Alert {number} of {len(alerts)} ---", *_alert_lines(alert), ""]
+    lines += [
+        f"Care team:    {page.care_team_id}",
+        f"Page id:      {page.page_id}",
+        "",
+        "Sent automatically by Vigil. Replies to this address are not read: acknowledge in Vigil.",
+    ]
+    message.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
+    return message
+
+
+def compose_bundle_sms(alerts: Sequence[Alert], *, reference: str) -> str:
+    """One SMS for a burst; the reply acknowledges every alert it names."""
+    priority = bundle_priority(tuple(a.priority for a in alerts))
+    titles = "; ".join(a.title for a in alerts)
+    return (
+        f"VIGIL {priority.value.upper()}: {len(alerts)} alerts, patient {alerts[0].patient_id}: "
+        f"{titles}. Call the caregiver. Reply 1 to acknowledge all. Ref {reference}"
+    )
+
+
 def _action_line(alert: Alert, purpose: PagePurpose) -> str:
     who = f"the caregiver of patient {alert.patient_id}"
     if purpose is PagePurpose.ALERT:
@@ -183,16 +276,38 @@ def compose_sms_text(alert: Alert, purpose: PagePurpose, *, reference: str) -> s
 
 
 def pagerduty_event(
-    alert: Alert, purpose: PagePurpose, *, routing_key: str, dedup_key: str
+    alert: Alert,
+    purpose: PagePurpose,
+    *,
+    routing_key: str,
+    dedup_key: str,
+    bundle: Sequence[Alert] = (),
 ) -> dict[str, object]:
-    """A PagerDuty Events v2 body; ``dedup_key`` folds a resent event onto the same incident."""
-    action = "resolve" if purpose is PagePurpose.ALL_CLEAR else "trigger"
+    """A PagerDuty Events v2 body; ``dedup_key`` folds a resent event onto the same incident.
+
+    ``acknowledge`` and ``resolve`` carry the ``dedup_key`` the ``trigger`` used, so they land
+    on the incident Vigil opened. A bundle triggers one incident that lists every alert.
+    """
+    action = _PD_ACTION.get(purpose, "trigger")
     event: dict[str, object] = {
         "routing_key": routing_key,
         "event_action": action,
         "dedup_key": dedup_key,
     }
     if action == "trigger":
+        if len(bundle) > 1:
+            event["payload"] = {
+                "summary": bundle_subject(bundle)[:1024],
+                "severity": _PD_SEVERITY[bundle_priority(tuple(a.priority for a in bundle))],
+                "source": f"vigil:{alert.device_id}",
+                "custom_details": {
+                    "patient_id": alert.patient_id,
+                    "codes": [a.code for a in bundle],
+                    "alert_ids": [str(a.alert_id) for a in bundle],
+                    "dedup_keys": [a.dedup_key for a in bundle],
+                },
+            }
+            return event
         event["payload"] = {
             "summary": page_subject(alert, purpose)[:1024],
             "severity": _PD_SEVERITY[alert.priority],
@@ -204,6 +319,13 @@ def pagerduty_event(
             },
         }
     return event
+
+
+_PD_ACTION: Final = {
+    PagePurpose.ALL_CLEAR: "resolve",
+    PagePurpose.UPSTREAM_RESOLVE: "resolve",
+    PagePurpose.UPSTREAM_ACKNOWLEDGE: "acknowledge",
+}
 
 
 _PD_SEVERITY: Final = {

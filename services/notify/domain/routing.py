@@ -31,6 +31,10 @@ class PagePurpose(StrEnum):
     ALERT = "alert"
     ESCALATION = "escalation"
     ALL_CLEAR = "all_clear"
+    # Not pages to a person: PagerDuty Events v2 acknowledge / resolve sent to the integration
+    # that was triggered, so its incident follows what happened in Vigil.
+    UPSTREAM_ACKNOWLEDGE = "upstream_acknowledge"
+    UPSTREAM_RESOLVE = "upstream_resolve"
 
 
 class Route(StrEnum):

@@ -34,6 +34,7 @@ from services.notify.domain.ack_token import (
     token_digest,
     verify_ack_token,
 )
+from services.notify.domain.bundling import Placement
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     GiveUp,
@@ -59,7 +60,13 @@ from services.notify.domain.heartbeat import (
     heartbeat_is_current,
     pipeline_verdict,
 )
-from services.notify.domain.message import compose_page_email, compose_sms_text, pagerduty_event
+from services.notify.domain.message import (
+    compose_bundle_email,
+    compose_bundle_sms,
+    compose_page_email,
+    compose_sms_text,
+    pagerduty_event,
+)
 from services.notify.domain.routing import PagePurpose
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
@@ -104,8 +111,26 @@ class EscalationStore(Protocol):
     async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
     async def apply(
-        self, escalation_id: UUID, event: EscalationEvent, *, at: datetime
+        self,
+        escalation_id: UUID,
+        event: EscalationEvent,
+        *,
+        at: datetime,
+        whole_bundle: bool = False,
     ) -> Transition | None: ...
+    async def place_in_bundle(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        group_wait_s: float,
+    ) -> tuple[Placement, UUID, datetime]: ...
+    async def pending_bundle_of(self, dedup_key: str) -> UUID | None: ...
+    async def flush_bundles(
+        self, now: datetime, *, limit: int, only: UUID | None = None
+    ) -> int: ...
     async def tick_due(
         self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
     ) -> int: ...
@@ -142,6 +167,8 @@ class EscalationConfig:
     heartbeat_timeout_s: float = 120.0
     technical_care_team_id: str | None = None
     fallback_email: str = "vigil-oncall-fallback@localhost"
+    # Hold a patient's first alert this long for others to bundle with; 0 pages each at once.
+    group_wait_s: float = 0.0
 
 
 class AckOutcome(StrEnum):
@@ -180,6 +207,13 @@ class EscalationService:
         self._wakeup = asyncio.Event()
         # Caps open provider connections: a burst of pages must not open hundreds at once.
         self._sending = asyncio.Semaphore(config.max_concurrent_sends)
+        # Set when a pending bundle falls due, so the clock loop pages it on time rather than on
+        # its next round.
+        self._bundle_due = asyncio.Event()
+
+    def now(self) -> datetime:
+        """The service's clock (injected: a test moves it by hand)."""
+        return self._clock()
 
     # -- alerts in ----------------------------------------------------------------------------
 
@@ -211,11 +245,21 @@ class EscalationService:
             if snapshot is None:
                 return False
             await self._alerts.record_alert(alert)
-            await self._open(alert, team, snapshot, now)
+            if self._config.group_wait_s > 0:
+                await self._hold_for_bundle(alert, team, snapshot, now)
+            else:
+                await self._open(alert, team, snapshot, now)
             return True
         escalation_id = await self._store.escalation_id_for(alert.dedup_key)
         if escalation_id is None:
             return False
+        if alert.phase is AlertPhase.END:
+            pending = await self._store.pending_bundle_of(alert.dedup_key)
+            if pending is not None:
+                # The alert ends while still held in its bundle: page the bundle now, so an
+                # alarm that came and went is still told (then its all-clear follows); a
+                # duplicate is preferred to a miss.
+                await self._store.flush_bundles(now, limit=1, only=pending)
         await self._alerts.record_alert(alert)
         if alert.phase is AlertPhase.END:
             await self._store.apply(escalation_id, Resolve(at=now), at=now)
@@ -232,6 +276,31 @@ class EscalationService:
             )
         await self.deliver_due()
         return True
+
+    async def _hold_for_bundle(
+        self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
+    ) -> None:
+        """Open the alert's escalation held in its patient's pending bundle (durable before
+        the alert's Kafka offset is committed) and wake the clock loop when the bundle is due."""
+        placement, bundle_id, due_at = await self._store.place_in_bundle(
+            alert,
+            care_team_id=team,
+            snapshot=snapshot,
+            at=now,
+            group_wait_s=self._config.group_wait_s,
+        )
+        log.info(
+            "alert_bundled",
+            extra=log_fields(
+                alert_id=str(alert.alert_id),
+                bundle_id=str(bundle_id),
+                placement=placement.value,
+                due_at=due_at.isoformat(),
+            ),
+        )
+        if placement is Placement.START:
+            delay = max(0.0, (due_at - now).total_seconds())
+            asyncio.get_running_loop().call_later(delay, self._bundle_due.set)
 
     async def _open(
         self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
@@ -257,10 +326,14 @@ class EscalationService:
 
     # -- acknowledgement and snooze -----------------------------------------------------------
 
-    async def acknowledge(self, escalation_id: UUID, *, by: str, via: str) -> AckResult:
+    async def acknowledge(
+        self, escalation_id: UUID, *, by: str, via: str, whole_bundle: bool = False
+    ) -> AckResult:
+        """Acknowledge one alert's escalation; with ``whole_bundle``, every alert of the bundle
+        it was paged in (what acknowledging from a bundled page means)."""
         now = self._clock()
         transition = await self._store.apply(
-            escalation_id, Acknowledge(by=by, at=now, via=via), at=now
+            escalation_id, Acknowledge(by=by, at=now, via=via), at=now, whole_bundle=whole_bundle
         )
         if transition is None:
             return AckResult(AckOutcome.NOT_FOUND)
@@ -291,7 +364,10 @@ class EscalationService:
             return AckResult(AckOutcome.REFUSED, detail=str(exc))
         if not await self._store.spend_token(token_digest(token), self._clock()):
             return AckResult(AckOutcome.REFUSED, claim.escalation_id, "link already used")
-        return await self.acknowledge(claim.escalation_id, by=claim.recipient, via="link")
+        # The link is in a page; when that page listed a bundle, it acknowledges all of it.
+        return await self.acknowledge(
+            claim.escalation_id, by=claim.recipient, via="link", whole_bundle=True
+        )
 
     async def acknowledge_sms(self, *, sender: str, body: str) -> AckResult:
         """An SMS reply: "1" (or "ack") acknowledges the latest open page sent to that number."""
@@ -302,7 +378,7 @@ class EscalationService:
             return AckResult(AckOutcome.NOT_FOUND, detail="no open page for this number")
         person = await self._store.person_for_address("sms", sender)
         by = f"person:{person}" if person is not None else f"sms:{sender}"
-        return await self.acknowledge(escalation_id, by=by, via="sms")
+        return await self.acknowledge(escalation_id, by=by, via="sms", whole_bundle=True)
 
     async def snooze(self, escalation_id: UUID, *, until: datetime, by: str) -> bool:
         now = self._clock()
@@ -315,8 +391,9 @@ class EscalationService:
     # -- the clock ----------------------------------------------------------------------------
 
     async def tick(self) -> int:
-        """Fire every step that is due now; returns how many escalations moved."""
-        total = 0
+        """Page the bundles and fire the steps that are due now; returns how many moved."""
+        self._bundle_due.clear()
+        total = await self._store.flush_bundles(self._clock(), limit=self._config.batch)
         while True:
             fired = await self._store.tick_due(
                 self._clock(), limit=self._config.batch, event_for=lambda now: Tick(now=now)
@@ -406,23 +483,37 @@ class EscalationService:
     async def _send(self, job: PageJob) -> SendOutcome:
         page = job.page
         ack_url = (
-            None
-            if job.purpose is PagePurpose.ALL_CLEAR
-            else self.ack_link(job.escalation_id, job.recipient_ref)
+            self.ack_link(job.escalation_id, job.recipient_ref)
+            if job.purpose in (PagePurpose.ALERT, PagePurpose.ESCALATION)
+            else None
         )
+        bundled = len(job.bundle) > 1
+        # A shared page whose other alerts were acknowledged speaks of the one still unanswered.
+        alert = job.bundle[0] if len(job.bundle) == 1 else job.alert
+        route_detail = (
+            "the escalation could not reach anyone else"
+            if job.recipient_ref.startswith(FALLBACK_PREFIX)
+            else None
+        )
+        if page.channel == "email" and bundled:
+            message = compose_bundle_email(
+                job.bundle,
+                page,
+                sender=self._config.sender_address,
+                composed_at=self._clock(),
+                ack_url=ack_url,
+                route_detail=route_detail,
+            )
+            return await self._email.send(message, recipient=page.recipient)
         if page.channel == "email":
             message = compose_page_email(
-                job.alert,
+                alert,
                 page,
                 sender=self._config.sender_address,
                 composed_at=self._clock(),
                 purpose=job.purpose,
                 ack_url=ack_url,
-                route_detail=(
-                    "the escalation could not reach anyone else"
-                    if job.recipient_ref.startswith(FALLBACK_PREFIX)
-                    else None
-                ),
+                route_detail=route_detail,
             )
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
@@ -430,14 +521,24 @@ class EscalationService:
                 return SendOutcome(
                     accepted=False, detail="sms channel not configured", refused_for_good=True
                 )
-            body = compose_sms_text(job.alert, job.purpose, reference=sms_reference(job))
+            body = (
+                compose_bundle_sms(job.bundle, reference=sms_reference(job))
+                if bundled
+                else compose_sms_text(alert, job.purpose, reference=sms_reference(job))
+            )
             return await self._sms.send_sms(to=page.recipient, body=body)
         if self._webhook is None:
             return SendOutcome(
                 accepted=False, detail="webhook channel not configured", refused_for_good=True
             )
+        # The page's alert is the bundle's first one, so acknowledge and resolve reuse the
+        # dedup_key the trigger went out with.
         event = pagerduty_event(
-            job.alert, job.purpose, routing_key=page.recipient, dedup_key=job.alert.dedup_key
+            job.alert,
+            job.purpose,
+            routing_key=page.recipient,
+            dedup_key=job.alert.dedup_key,
+            bundle=job.bundle,
         )
         return await self._webhook.enqueue(event)
 
@@ -529,8 +630,8 @@ class EscalationService:
         while the pages of earlier steps are still being sent.
         """
         async with asyncio.TaskGroup() as loops:
-            loops.create_task(self._loop(stop, interval_s, self._clock_round))
-            loops.create_task(self._loop(stop, interval_s, self._delivery_round))
+            loops.create_task(self._loop(stop, interval_s, self._clock_round, self._bundle_due))
+            loops.create_task(self._loop(stop, interval_s, self._delivery_round, self._wakeup))
 
     async def _clock_round(self) -> bool:
         if await self.tick():
@@ -543,7 +644,11 @@ class EscalationService:
         return await self.deliver_due(max_batches=1) >= self._config.batch
 
     async def _loop(
-        self, stop: asyncio.Event, interval_s: float, round_: Callable[[], Awaitable[bool]]
+        self,
+        stop: asyncio.Event,
+        interval_s: float,
+        round_: Callable[[], Awaitable[bool]],
+        wakeup: asyncio.Event,
     ) -> None:
         while not stop.is_set():
             try:
@@ -555,10 +660,10 @@ class EscalationService:
                 log.exception("escalation_round_failed")
             try:
                 async with asyncio.timeout(interval_s):
-                    await _first(stop.wait(), self._wakeup.wait())
+                    await _first(stop.wait(), wakeup.wait())
             except TimeoutError:
                 pass
-            self._wakeup.clear()
+            wakeup.clear()
 
 
 async def _first(*awaitables: Any) -> None:

@@ -54,6 +54,9 @@ class PageJob:
     has_next_channel: bool
     claimed_at: datetime
     updated_at: datetime | None
+    # Set for a page shared by the escalations of a bundle: every alert it lists, in order.
+    bundle_id: UUID | None = None
+    bundle: tuple[Alert, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
