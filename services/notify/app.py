@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -24,6 +24,15 @@ from schemas.events import Alert, DeadLetter
 from schemas.kafka_topics import ALERTS_TOPIC
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.kafka import KafkaDeliveryPublisher
+from services.notify.adapters.metrics import (
+    NotifyMetrics,
+    NotifyReadiness,
+    ObservedAlertHandler,
+    ObservedDeadLetters,
+    ObservedEscalationStore,
+    ObservedNotifyRepository,
+    poll_database,
+)
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
@@ -32,6 +41,7 @@ from services.notify.service_layer.dispatcher import PageDispatcher, PagingPolic
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
+from vigil.ops import start_ops_server
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.notify")
@@ -144,9 +154,14 @@ def smtp_sender(settings: NotifySettings) -> SmtpSender:
 
 
 def build_escalation(
-    settings: NotifySettings, pool: Any, *, clock: Any = utcnow
+    settings: NotifySettings,
+    pool: Any,
+    *,
+    clock: Any = utcnow,
+    metrics: NotifyMetrics | None = None,
 ) -> tuple[EscalationService, list[Any]]:
-    """The escalation service over ``pool`` with the channels the settings enable.
+    """The escalation service over ``pool`` with the channels the settings enable; with
+    ``metrics``, its store reports attempts, failovers, acknowledgements and heartbeats.
 
     Returns the service and the HTTP clients to close at shutdown.
     """
@@ -167,8 +182,13 @@ def build_escalation(
     if settings.pagerduty_events_url is not None:
         webhook = PagerDutyEvents(base_url=settings.pagerduty_events_url)
         closers.append(webhook)
+    store = (
+        PostgresEscalationStore(pool)
+        if metrics is None
+        else ObservedEscalationStore(pool, metrics, now=clock)
+    )
     service = EscalationService(
-        store=PostgresEscalationStore(pool),
+        store=store,
         alerts=PostgresNotifyRepository(pool),
         email=smtp_sender(settings),
         sms=sms,
@@ -209,8 +229,34 @@ async def _serve_api(settings: NotifySettings, app: Any, stop: asyncio.Event) ->
     await task
 
 
-async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
-    """Run the notify service until ``stop`` is set."""
+async def run(
+    settings: NotifySettings,
+    stop: asyncio.Event,
+    *,
+    listening: Callable[[int], None] | None = None,
+) -> None:
+    """Run the notify service until ``stop`` is set; ``listening`` is told the ops server's
+    port (tests that ask for an ephemeral one with ``ops_port=0`` learn it this way)."""
+    metrics = NotifyMetrics()
+    readiness = NotifyReadiness()
+    ops = await start_ops_server(
+        metrics.registry, readiness.check, host="127.0.0.1", port=settings.ops_port
+    )
+    if ops is not None and listening is not None:
+        listening(ops.port)
+    try:
+        await _serve(settings, stop, metrics, readiness)
+    finally:
+        if ops is not None:
+            await ops.stop()
+
+
+async def _serve(
+    settings: NotifySettings,
+    stop: asyncio.Event,
+    metrics: NotifyMetrics,
+    readiness: NotifyReadiness,
+) -> None:
     pool = await open_pool(settings)
     closers: list[Any] = []
     producer = make_producer(settings.kafka, SERVICE_NAME)
@@ -220,9 +266,9 @@ async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
     try:
         await producer.start()
         publisher = KafkaDeliveryPublisher(producer)
-        escalation, closers = build_escalation(settings, pool)
+        escalation, closers = build_escalation(settings, pool, metrics=metrics)
         dispatcher = PageDispatcher(
-            repository=PostgresNotifyRepository(pool),
+            repository=ObservedNotifyRepository(pool, metrics),
             sender=smtp_sender(settings),
             publisher=publisher,
             policy=PagingPolicy(
@@ -239,13 +285,16 @@ async def run(settings: NotifySettings, stop: asyncio.Event) -> None:
         for source in settings.heartbeat_sources:
             await PostgresEscalationStore(pool).watch_source(source, utcnow())
         await consumer.start()
+        readiness.consumer_assigned = lambda: bool(consumer.assignment())
         log.info(
             "notify_started",
             extra=log_fields(topic=ALERTS_TOPIC, group_id=settings.group_id),
         )
         async with asyncio.TaskGroup() as tasks:
-            router = AlertRouter(escalation, dispatcher)
-            tasks.create_task(consume_alerts(consumer, router, publisher, stop))
+            router = ObservedAlertHandler(AlertRouter(escalation, dispatcher), metrics)
+            dead_letters = ObservedDeadLetters(publisher, metrics)
+            tasks.create_task(consume_alerts(consumer, router, dead_letters, stop))
+            tasks.create_task(poll_database(pool, metrics, readiness, stop))
             tasks.create_task(dispatcher.run_retries(stop))
             tasks.create_task(escalation.run(stop, interval_s=settings.escalation_tick_s))
             if settings.api_enabled:

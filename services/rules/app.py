@@ -22,6 +22,12 @@ is swapped into every engine between two transactions (patient state kept, timer
 old thresholds re-armed when the new ones bring them forward), in a transaction of its own that
 writes the new ``__config__/<config_version>`` record and the state of every patient whose
 deadlines moved. A configuration that fails to load or to compile keeps the old one running.
+
+Operations: ``RulesMetrics`` (``adapters/metrics.py``) is fed from the processing loop and
+served with ``/healthz`` and ``/readyz`` by ``vigil.ops.OpsServer`` on
+``VIGIL_RULES_OPS_HOST:VIGIL_RULES_OPS_PORT``. Every assigned partition's engine is restored
+as soon as it is assigned (in the processing loop, before the next fetch), so ``/readyz``
+means "every owned patient's state is in memory", not "the first record will wait for it".
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,10 +52,12 @@ from pydantic import ValidationError
 from schemas.events import DeadLetter
 from services.rules.adapters.codec import decode_observation
 from services.rules.adapters.config_store import load_rules_config
+from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
 from vigil.kafka import encode, make_consumer, make_producer
+from vigil.ops import start_ops_server
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.rules")
@@ -122,8 +131,10 @@ class ConfigWatch:
         load: Callable[[], Awaitable[RulesConfig]],
         current: RulesConfig,
         interval_s: float,
+        metrics: RulesMetrics | None = None,
     ) -> None:
         self._load = load
+        self._metrics = metrics
         self.current_version = current.config_version
         self.interval_s = interval_s
         self.pending: RulesConfig | None = None
@@ -143,6 +154,8 @@ class ConfigWatch:
                 config.compile_for(patient_id)
         except Exception as error:  # any failure keeps the running config
             self.failures += 1
+            if self._metrics is not None:
+                self._metrics.config_reload_failures.inc()
             log.error(
                 "rules_config_reload_failed",
                 extra=log_fields(
@@ -161,6 +174,8 @@ class ConfigWatch:
         if config is not None:
             self.current_version = config.config_version
             self.swaps += 1
+            if self._metrics is not None:
+                self._metrics.config_swaps.inc()
         return config
 
     async def watch(self, stop: asyncio.Event) -> None:
@@ -179,14 +194,24 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
     consumer may hand out records of a newly assigned partition before an assignment callback
     has finished, and a record processed by an engine without its state would be wrong."""
 
-    def __init__(self, settings: RulesSettings, config: RulesConfig) -> None:
+    def __init__(
+        self,
+        settings: RulesSettings,
+        config: RulesConfig,
+        metrics: RulesMetrics | None = None,
+        readiness: RulesReadiness | None = None,
+    ) -> None:
         self.settings = settings
         self.config = config
         self.engines: dict[int, RulesEngine] = {}
+        self.metrics = metrics or RulesMetrics()
+        self.readiness = readiness or RulesReadiness()
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
             self.engines.pop(tp.partition, None)
+            self.readiness.restored.discard(tp.partition)
+            self.metrics.forget_partition(tp.partition)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info(
@@ -205,6 +230,7 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
         engine = self.engines.get(partition)
         if engine is not None:
             return engine
+        started = time.perf_counter()
         engine = RulesEngine(self.config)
         meta, patients = await load_partition_state(self.settings, partition)
         if meta is not None:
@@ -212,6 +238,9 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
         engine.restore_patients(patients)
         engine.take_dirty()
         self.engines[partition] = engine
+        self.metrics.restore_seconds.observe(time.perf_counter() - started)
+        self.metrics.track_watermark(partition, lambda: engine.watermark, utcnow)
+        self.readiness.restored.add(partition)
         log.info(
             "rules_partition_restored",
             extra=log_fields(partition=partition, patients=len(patients)),
@@ -291,11 +320,14 @@ async def swap_config(
     except BaseException:
         # As for a batch: the engines run the new config but Kafka does not hold it; a restart
         # loads the store's config again and re-aligns them.
+        _aborting(partitions)
         try:
             await producer.abort_transaction()
         except Exception:
             log.exception("rules_abort_failed")
         raise
+    partitions.readiness.last_transaction_committed = True
+    partitions.metrics.set_config(config.config_version)
     log.info(
         "rules_config_swapped",
         extra=log_fields(
@@ -307,8 +339,43 @@ async def swap_config(
     )
 
 
-async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
+def _aborting(partitions: PartitionEngines) -> None:
+    partitions.readiness.last_transaction_committed = False
+    partitions.metrics.transaction_aborts.inc()
+
+
+async def run(
+    settings: RulesSettings,
+    stop: asyncio.Event,
+    *,
+    listening: Callable[[int], None] | None = None,
+) -> None:
+    """Run the rules service until ``stop``; ``listening`` is told the ops server's port (tests
+    that ask for an ephemeral one with ``ops_port=0`` learn it this way)."""
+    metrics = RulesMetrics()
+    readiness = RulesReadiness()
+    # First, so /healthz answers (and /readyz says why not ready) while start-up waits on
+    # PostgreSQL or Kafka.
+    ops = await start_ops_server(
+        metrics.registry, readiness.check, host=settings.ops_host, port=settings.ops_port
+    )
+    if ops is not None and listening is not None:
+        listening(ops.port)
+    try:
+        await _consume(settings, stop, metrics, readiness)
+    finally:
+        if ops is not None:
+            await ops.stop()
+
+
+async def _consume(
+    settings: RulesSettings,
+    stop: asyncio.Event,
+    metrics: RulesMetrics,
+    readiness: RulesReadiness,
+) -> None:
     config = await build_config(settings)
+    metrics.set_config(config.config_version)
     transactional_id = settings.transactional_id or f"{settings.group_id}-0"
     # A transaction carries many small state records: fewer, larger produce requests.
     producer = make_producer(
@@ -317,7 +384,8 @@ async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
     # The producer starts first: initialising the transactional id fences a crashed
     # predecessor and aborts its open transaction, so the state topic's committed end moves on.
     await producer.start()
-    partitions = PartitionEngines(settings, config)
+    readiness.producer_started = True
+    partitions = PartitionEngines(settings, config, metrics, readiness)
     consumer = make_consumer(
         settings.kafka,
         group_id=settings.group_id,
@@ -325,11 +393,14 @@ async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
         max_poll_records=settings.max_batch,
     )
     consumer.subscribe([settings.telemetry_topic], listener=partitions)
-    watch = ConfigWatch(lambda: build_config(settings), config, settings.config_reload_s)
+    watch = ConfigWatch(
+        lambda: build_config(settings), config, settings.config_reload_s, metrics=metrics
+    )
     watching: asyncio.Future[None] | None = None
     try:
         async with producer.transaction():
             await (await write_config(settings, producer, config))
+        readiness.last_transaction_committed = True
         await consumer.start()
         log.info(
             "rules_started",
@@ -340,10 +411,18 @@ async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
         stop_wait = asyncio.ensure_future(stop.wait())
         if settings.config_reload_s > 0:
             watching = asyncio.ensure_future(watch.watch(stop))
+        lag_updated = 0.0
         while not stop.is_set():
             changed = watch.take()
             if changed is not None:
                 await swap_config(settings, producer, partitions, changed)
+            owned = consumer.assignment()
+            readiness.assigned = frozenset(tp.partition for tp in owned)
+            await partitions.prepare(sorted(readiness.assigned))
+            if time.monotonic() - lag_updated >= 1.0:
+                # At most once a second: a position query per partition is not free.
+                lag_updated = time.monotonic()
+                await _update_lag(consumer, owned, metrics)
             fetch = asyncio.ensure_future(
                 consumer.getmany(timeout_ms=500, max_records=settings.max_batch)
             )
@@ -359,8 +438,24 @@ async def run(settings: RulesSettings, stop: asyncio.Event) -> None:
     finally:
         if watching is not None:
             watching.cancel()
+        readiness.producer_started = False
         await consumer.stop()
         await producer.stop()
+
+
+async def _update_lag(
+    consumer: AIOKafkaConsumer, owned: set[TopicPartition], metrics: RulesMetrics
+) -> None:
+    """Consumer lag per owned partition: the last stable offset minus our position."""
+    for tp in owned:
+        end = consumer.last_stable_offset(tp)
+        if end is None:
+            continue  # nothing fetched from it yet: the broker's end is not known here
+        try:
+            position = await asyncio.wait_for(consumer.position(tp), 1.0)
+        except Exception:  # revoked meanwhile, or its position is being reset: skip this round
+            continue
+        metrics.consumer_lag.labels(str(tp.partition)).set(max(0, end - position))
 
 
 async def fill_batch(
@@ -411,6 +506,8 @@ async def process_batch(
     sends = []
     offsets: dict[TopicPartition, int] = {}
     alerts_sent = 0
+    emitted: Counter[tuple[str, str]] = Counter()
+    dead = 0
     owned = assignment()
     await partitions.prepare(
         [tp.partition for tp, records in batch.items() if records and tp in owned]
@@ -430,7 +527,7 @@ async def process_batch(
                 except ValidationError as error:
                     # Ingest validated it, so this is a contract break between services: keep
                     # it with its reason rather than skip it.
-                    dead = DeadLetter.for_payload(
+                    letter = DeadLetter.for_payload(
                         reason="telemetry_contract",
                         detail=str(error.errors()[:1]),
                         service="rules",
@@ -438,10 +535,12 @@ async def process_batch(
                         received_at=utcnow(),
                         payload=payload,
                     )
-                    sends.append(await producer.send(settings.deadletter_topic, encode(dead)))
+                    sends.append(await producer.send(settings.deadletter_topic, encode(letter)))
+                    dead += 1
                     continue
                 for alert in engine.on_observation(obs):
                     alerts_sent += 1
+                    emitted[(alert.priority.value, alert.rule_id)] += 1
                     log.info(
                         "alert_decided",
                         extra=log_fields(
@@ -477,11 +576,24 @@ async def process_batch(
     except BaseException:
         # The engines are now ahead of what Kafka holds; only a restart (state restored from
         # the last committed transaction) makes them agree again, so the service stops here.
+        _aborting(partitions)
         try:
             await producer.abort_transaction()
         except Exception:  # a fenced or broken producer cannot abort; Kafka aborts on timeout
             log.exception("rules_abort_failed")
         raise
+    committed = time.perf_counter()
+    m = partitions.metrics
+    partitions.readiness.last_transaction_committed = True
+    consumed = sum(len(batch[tp]) for tp in offsets)
+    m.events.inc(consumed)
+    m.batch_size.observe(consumed)
+    m.commit_seconds.observe(committed - decided)
+    m.batch_seconds.observe(committed - started)
+    for (priority, rule_id), count in emitted.items():
+        m.alerts.labels(priority, rule_id).inc(count)
+    if dead:
+        m.dead_letters.labels("telemetry_contract").inc(dead)
     log.debug(
         "rules_batch_committed",
         extra=log_fields(

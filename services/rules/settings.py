@@ -59,6 +59,10 @@ class RulesSettings(BaseSettings):
     # it is the whole configuration, and neither the thresholds above nor PostgreSQL apply.
     config_file: Path | None = None
     log_level: str = "INFO"
+    # Prometheus /metrics, /healthz and /readyz (ingest has 9101, notify 9103); 0 picks a free
+    # port (tests). A port already taken is logged and the service runs on without it.
+    ops_port: int = Field(default=9102, ge=0, le=65535)
+    ops_host: str = "127.0.0.1"
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)

@@ -1,0 +1,350 @@
+"""Operations surface of notify: its Prometheus metrics, its readiness, and the observers that
+feed them.
+
+``NotifyMetrics`` owns every metric object (own registry) and the bookkeeping between an
+alert's arrival and its first delivery attempt. The observers are thin wrappers the composition
+root puts around the real adapters, so the paging code itself (``service_layer``) knows nothing
+about metrics:
+
+- ``ObservedAlertHandler`` / ``ObservedDeadLetters``: alerts received, records dead-lettered;
+- ``ObservedEscalationStore``: attempts, pages sent and failovers of escalation pages (from
+  ``record_outcomes``), delivery receipts, acknowledgements, heartbeat ages;
+- ``ObservedNotifyRepository``: attempts of the single on-call page (no escalation policy);
+- ``poll_database``: the open-escalation count, and whether the database answers.
+
+No label ever carries a patient id, device id, recipient or page content: label values are
+channels, statuses, purposes, priorities, alert kinds and phases, acknowledgement routes, and
+heartbeat sources (pipeline components such as ``heartbeat-pipeline``, not patients' devices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from schemas.events import Alert, DeadLetter, DeliveryStatus, Page
+from services.notify.adapters.escalation_store import PostgresEscalationStore
+from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.domain import Route
+from services.notify.domain.channel_failover import AttemptVerdict, GiveUp, NextChannel
+from services.notify.domain.escalation import Acknowledge, EscalationEvent, Transition
+from services.notify.service_layer.ports import PageInsert, PageJob, SendOutcome
+from vigil.runtime import log_fields
+
+log = logging.getLogger("vigil.notify.ops")
+
+# Alert arrival to first attempt: a group_wait (5 s by default) is part of it by design.
+_FIRST_ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0)
+# Page to acknowledgement: minutes, at 3 a.m.
+_ACK_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+# Alerts whose first attempt is still awaited; bounded so alerts that never page (recorded
+# phases, heartbeats, other instances' pages) cannot grow it without end.
+_MAX_AWAITED = 10_000
+
+
+class NotifyMetrics:
+    """Every metric notify exports, all prefixed ``vigil_notify_``."""
+
+    def __init__(self, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self._awaiting_first: OrderedDict[UUID, float] = OrderedDict()
+        self._page_alert: OrderedDict[UUID, UUID] = OrderedDict()
+        self._heartbeats: dict[str, datetime] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.alerts_received = Counter(
+            "vigil_notify_alerts_received",
+            "Alert records read from Kafka and handled, by kind, priority and phase.",
+            ["kind", "priority", "phase"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "vigil_notify_dead_letters",
+            "Alert records that could not be read, dead-lettered, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.pages_sent = Counter(
+            "vigil_notify_pages_sent",
+            "Pages the provider accepted (mail server, Twilio, PagerDuty), by channel.",
+            ["channel"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "vigil_notify_delivery_attempts",
+            "Delivery attempts and receipts, by channel and status (sent, failed, delivered).",
+            ["channel", "status"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "vigil_notify_failovers",
+            "Pages handed on after their channel failed for good: to the person's next contact "
+            "method (next_channel) or, none left, given up to the escalation (gave_up).",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.open_escalations = Gauge(
+            "vigil_notify_open_escalations",
+            "Escalations still open (not acknowledged, resolved or exhausted), all instances.",
+            registry=r,
+        )
+        self.first_attempt_seconds = Histogram(
+            "vigil_notify_first_attempt_seconds",
+            "From an alert's arrival in this process to the first delivery attempt of a page "
+            "about it (includes the bundling window).",
+            buckets=_FIRST_ATTEMPT_BUCKETS,
+            registry=r,
+        )
+        self.ack_seconds = Histogram(
+            "vigil_notify_ack_seconds",
+            "From an escalation's opening to its acknowledgement, by route (api, link, sms).",
+            ["via"],
+            buckets=_ACK_BUCKETS,
+            registry=r,
+        )
+        self.heartbeat_age = Gauge(
+            "vigil_notify_heartbeat_age_seconds",
+            "Wall clock minus the device time of the last pipeline heartbeat, per source.",
+            ["source"],
+            registry=r,
+        )
+
+    # -- alert arrival and first attempt ------------------------------------------------------
+
+    def alert_received(self, alert: Alert) -> None:
+        self.alerts_received.labels(alert.kind.value, alert.priority.value, alert.phase.value).inc()
+        self._remember(self._awaiting_first, alert.alert_id, self._monotonic())
+
+    def page_queued(self, page: Page) -> None:
+        """A single on-call page was stored: its attempts are matched to its alert by page id."""
+        self._remember(self._page_alert, page.page_id, page.alert_id)
+
+    def _first_attempt_of(self, alert_ids: Iterable[UUID]) -> None:
+        now = self._monotonic()
+        for alert_id in alert_ids:
+            arrived = self._awaiting_first.pop(alert_id, None)
+            if arrived is not None:
+                self.first_attempt_seconds.observe(max(0.0, now - arrived))
+
+    @staticmethod
+    def _remember(table: OrderedDict[UUID, Any], key: UUID, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > _MAX_AWAITED:
+            table.popitem(last=False)
+
+    # -- attempts -----------------------------------------------------------------------------
+
+    def single_page_attempt(self, page_id: UUID, *, channel: str, status: DeliveryStatus) -> None:
+        """One attempt of a single on-call page (the path without an escalation policy)."""
+        self.attempts.labels(channel, status.value).inc()
+        if status is DeliveryStatus.SENT:
+            self.pages_sent.labels(channel).inc()
+        alert_id = self._page_alert.pop(page_id, None)
+        if alert_id is not None:
+            self._first_attempt_of([alert_id])
+
+    def escalation_outcomes(
+        self, outcomes: Iterable[tuple[PageJob, SendOutcome, AttemptVerdict, str]]
+    ) -> None:
+        """The recorded outcomes of a batch of escalation pages."""
+        for job, outcome, verdict, _status in outcomes:
+            channel = job.page.channel
+            self.attempts.labels(channel, "sent" if outcome.accepted else "failed").inc()
+            if outcome.accepted:
+                self.pages_sent.labels(channel).inc()
+            if isinstance(verdict, NextChannel):
+                self.failovers.labels(channel, "next_channel").inc()
+            elif isinstance(verdict, GiveUp):
+                self.failovers.labels(channel, "gave_up").inc()
+            self._first_attempt_of(a.alert_id for a in (job.bundle or (job.alert,)))
+
+    def receipt(self, channel: str, status: str) -> None:
+        self.attempts.labels(channel, status).inc()
+
+    # -- acknowledgement and heartbeats -------------------------------------------------------
+
+    def acknowledged(self, via: str, opened_at: datetime, at: datetime) -> None:
+        self.ack_seconds.labels(via).observe(max(0.0, (at - opened_at).total_seconds()))
+
+    def heartbeats_seen(
+        self, rows: Iterable[tuple[str, datetime, datetime | None]], now: Callable[[], datetime]
+    ) -> None:
+        """Track each source's last heartbeat; its age is computed at every scrape."""
+        for source, last_seen, _silent_since in rows:
+            if source not in self._heartbeats:
+
+                def age(source: str = source) -> float:
+                    return (now() - self._heartbeats[source]).total_seconds()
+
+                self.heartbeat_age.labels(source).set_function(age)
+            self._heartbeats[source] = last_seen
+
+
+@dataclass
+class NotifyReadiness:
+    """What ``/readyz`` is decided from: the database answered the last poll, and the alert
+    consumer has partitions assigned."""
+
+    database_ok: bool = False
+    consumer_assigned: Callable[[], bool] = lambda: False
+
+    def check(self) -> tuple[bool, str]:
+        if not self.database_ok:
+            return False, "database not answering"
+        if not self.consumer_assigned():
+            return False, "alert consumer has no partition assigned"
+        return True, "ready"
+
+
+# -- observers the composition root wraps around the real adapters ------------------------------
+
+
+class ObservedAlertHandler:
+    """Counts every alert before handing it on (``app.AlertHandler``)."""
+
+    def __init__(self, inner: Any, metrics: NotifyMetrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def handle_alert(self, alert: Alert) -> None:
+        self._metrics.alert_received(alert)
+        await self._inner.handle_alert(alert)
+
+
+class ObservedDeadLetters:
+    """Counts dead letters before publishing them (``app.DeadLetterSink``)."""
+
+    def __init__(self, inner: Any, metrics: NotifyMetrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def publish_dead_letter(self, letter: DeadLetter) -> None:
+        await self._inner.publish_dead_letter(letter)
+        self._metrics.dead_letters.labels(letter.reason).inc()
+
+
+class ObservedEscalationStore(PostgresEscalationStore):
+    """The PostgreSQL escalation store, reporting what it records to ``NotifyMetrics``."""
+
+    def __init__(
+        self, pool: Any, metrics: NotifyMetrics, *, now: Callable[[], datetime], **kwargs: Any
+    ) -> None:
+        super().__init__(pool, **kwargs)
+        self._metrics = metrics
+        self._now = now
+
+    async def record_outcomes(
+        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
+    ) -> None:
+        await super().record_outcomes(outcomes, at=at)
+        self._metrics.escalation_outcomes(outcomes)
+
+    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
+        await super().record_receipt(job, status=status, at=at)
+        self._metrics.receipt(job.page.channel, status)
+
+    async def apply(
+        self,
+        escalation_id: UUID,
+        event: EscalationEvent,
+        *,
+        at: datetime,
+        whole_bundle: bool = False,
+    ) -> Transition | None:
+        transition = await super().apply(escalation_id, event, at=at, whole_bundle=whole_bundle)
+        if (
+            isinstance(event, Acknowledge)
+            and transition is not None
+            and not any(entry.kind == "ack_repeated" for entry in transition.timeline)
+        ):
+            try:
+                opened_at = await self._pool.fetchval(
+                    "SELECT opened_at FROM escalations WHERE escalation_id = $1", escalation_id
+                )
+            except Exception as error:  # the acknowledgement stands; only its figure is lost
+                log.warning("ack_latency_unavailable", extra=log_fields(error=repr(error)))
+            else:
+                if opened_at is not None:
+                    self._metrics.acknowledged(event.via, opened_at, at)
+        return transition
+
+    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
+        rows = await super().heartbeats()
+        self._metrics.heartbeats_seen(rows, self._now)
+        return rows
+
+
+class ObservedNotifyRepository(PostgresNotifyRepository):
+    """The single on-call page's repository, reporting its attempts to ``NotifyMetrics``."""
+
+    def __init__(self, pool: Any, metrics: NotifyMetrics) -> None:
+        super().__init__(pool)
+        self._metrics = metrics
+
+    async def insert_page(
+        self, page: Page, *, route: Route, route_detail: str | None
+    ) -> PageInsert:
+        stored = await super().insert_page(page, route=route, route_detail=route_detail)
+        self._metrics.page_queued(page)
+        return stored
+
+    async def record_attempt(
+        self,
+        page_id: UUID,
+        *,
+        channel: str,
+        recipient: str,
+        status: DeliveryStatus,
+        at: datetime,
+        detail: str | None,
+        provider_message_id: str | None,
+    ) -> int:
+        number = await super().record_attempt(
+            page_id,
+            channel=channel,
+            recipient=recipient,
+            status=status,
+            at=at,
+            detail=detail,
+            provider_message_id=provider_message_id,
+        )
+        self._metrics.single_page_attempt(page_id, channel=channel, status=status)
+        return number
+
+
+async def poll_database(
+    pool: Any,
+    metrics: NotifyMetrics,
+    readiness: NotifyReadiness,
+    stop: asyncio.Event,
+    *,
+    interval_s: float = 5.0,
+) -> None:
+    """Every ``interval_s``: count open escalations; whether that worked is the database half
+    of readiness."""
+    while not stop.is_set():
+        try:
+            count = await asyncio.wait_for(
+                pool.fetchval("SELECT count(*) FROM escalations WHERE status = 'open'"),
+                timeout=interval_s,
+            )
+        except Exception as error:
+            if readiness.database_ok:
+                log.error("notify_database_unready", extra=log_fields(error=repr(error)))
+            readiness.database_ok = False
+        else:
+            metrics.open_escalations.set(int(count))
+            readiness.database_ok = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
