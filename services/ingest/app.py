@@ -37,7 +37,7 @@ from schemas.events import DeadLetter, Telemetry
 from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 from schemas.topics import MQTT_SUBSCRIPTION, parse_topic
 from services.ingest.adapters.kafka_batches import PartitionBatches
-from services.ingest.adapters.metrics import IngestMetrics, OpsServer
+from services.ingest.adapters.metrics import IngestMetrics
 from services.ingest.adapters.mqtt_inbound import InboundMessage, Inbox
 from services.ingest.adapters.postgres import (
     is_reading,
@@ -51,6 +51,7 @@ from services.ingest.domain.registry import BindingIndex
 from services.ingest.domain.validation import ValidationLimits
 from services.ingest.settings import IngestSettings
 from vigil.kafka import make_producer
+from vigil.ops import OpsServer
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.ingest")
@@ -455,7 +456,7 @@ async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
     pipeline = IngestPipeline(settings, producer, pool)
     ops: OpsServer | None = None
     if settings.metrics_port:
-        ops = OpsServer(pipeline.metrics, pipeline.ready, settings.metrics_port)
+        ops = OpsServer(pipeline.metrics.registry, pipeline.ready, settings.metrics_port)
         try:
             await ops.start(settings.metrics_host)
         except OSError as error:

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from services.ingest.adapters.metrics import IngestMetrics, OpsServer
+from services.ingest.adapters.metrics import IngestMetrics
 from services.ingest.settings import IngestSettings
+from vigil.ops import OpsServer
 
 
 async def get(port: int, path: str) -> tuple[int, str]:
@@ -26,7 +27,7 @@ async def test_metrics_health_and_readiness_endpoints() -> None:
     metrics.rejected.labels("invalid_json").inc(3)
     metrics.duplicates.labels("message_id").inc()
     state = {"ready": False}
-    server = OpsServer(metrics, lambda: (state["ready"], "why"), 0)
+    server = OpsServer(metrics.registry, lambda: (state["ready"], "why"), 0)
     await server.start()
     try:
         status, body = await get(server.port, "/metrics")

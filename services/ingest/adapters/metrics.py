@@ -1,29 +1,21 @@
 """Operations surface of ingest: Prometheus metrics and the health and readiness endpoints.
 
 ``IngestMetrics`` owns the metric objects (in its own registry, so tests and several pipelines in
-one process do not collide). ``OpsServer`` is a minimal asyncio HTTP/1.0 server with three paths:
-``/metrics`` (Prometheus text format), ``/healthz`` (the event loop answers) and ``/readyz``
+one process do not collide); ``vigil.ops.OpsServer`` serves them with ``/healthz`` and ``/readyz``
 (connected to the broker and subscribed, Kafka producer started, last batch durable). No label
 ever carries a device id, patient id or payload value: label values are reason codes and stages.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
-
-from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.ingest.ops")
 
@@ -104,59 +96,3 @@ class IngestMetrics:
         self.mqtt_connected = Gauge(
             "vigil_ingest_mqtt_connected", "1 while subscribed to the broker.", registry=r
         )
-
-
-class OpsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on 127.0.0.1:``port`` (0 picks a free port)."""
-
-    def __init__(
-        self, metrics: IngestMetrics, ready: Callable[[], tuple[bool, str]], port: int
-    ) -> None:
-        self._metrics = metrics
-        self._ready = ready
-        self._port = port
-        self._server: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "start() first"
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self, host: str = "127.0.0.1") -> None:
-        self._server = await asyncio.start_server(self._serve, host, self._port)
-        log.info("ops_listening", extra=log_fields(port=self.port))
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5.0)
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            status, content_type, body = self._route(path)
-            writer.write(
-                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    def _route(self, path: str) -> tuple[str, str, bytes]:
-        if path == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
-        if path == "/healthz":
-            return "200 OK", "text/plain; charset=utf-8", b"ok\n"
-        if path == "/readyz":
-            ready, why = self._ready()
-            status = "200 OK" if ready else "503 Service Unavailable"
-            return status, "text/plain; charset=utf-8", (why + "\n").encode()
-        return "404 Not Found", "text/plain; charset=utf-8", b"not found\n"
