@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -95,3 +95,24 @@ async def start_ops_server(
         log.error("ops_server_unavailable", extra=log_fields(port=port, error=repr(error)))
         return None
     return server
+
+
+@contextlib.asynccontextmanager
+async def serving_ops(
+    registry: CollectorRegistry,
+    ready: Readiness,
+    *,
+    host: str,
+    port: int,
+    listening: Callable[[int], None] | None = None,
+) -> AsyncIterator[OpsServer | None]:
+    """The ops server for the duration of a service's run (None when its port is taken);
+    ``listening`` is told the bound port, for tests that ask for port 0."""
+    ops = await start_ops_server(registry, ready, host=host, port=port)
+    if ops is not None and listening is not None:
+        listening(ops.port)
+    try:
+        yield ops
+    finally:
+        if ops is not None:
+            await ops.stop()

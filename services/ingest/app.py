@@ -51,7 +51,7 @@ from services.ingest.domain.registry import BindingIndex
 from services.ingest.domain.validation import ValidationLimits
 from services.ingest.settings import IngestSettings
 from vigil.kafka import make_producer
-from vigil.ops import OpsServer
+from vigil.ops import OpsServer, start_ops_server
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.ingest")
@@ -456,13 +456,12 @@ async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
     pipeline = IngestPipeline(settings, producer, pool)
     ops: OpsServer | None = None
     if settings.metrics_port:
-        ops = OpsServer(pipeline.metrics.registry, pipeline.ready, settings.metrics_port)
-        try:
-            await ops.start(settings.metrics_host)
-        except OSError as error:
-            # Metrics are for operators; a taken port must not stop readings from flowing.
-            log.error("ops_server_unavailable", extra=log_fields(error=repr(error)))
-            ops = None
+        ops = await start_ops_server(
+            pipeline.metrics.registry,
+            pipeline.ready,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+        )
     liveness_stop = asyncio.Event()
     liveness = asyncio.create_task(pipeline.keep_liveness(liveness_stop))
     try:

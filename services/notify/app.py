@@ -41,7 +41,7 @@ from services.notify.service_layer.dispatcher import PageDispatcher, PagingPolic
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
-from vigil.ops import start_ops_server
+from vigil.ops import serving_ops
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.notify")
@@ -239,16 +239,14 @@ async def run(
     port (tests that ask for an ephemeral one with ``ops_port=0`` learn it this way)."""
     metrics = NotifyMetrics()
     readiness = NotifyReadiness()
-    ops = await start_ops_server(
-        metrics.registry, readiness.check, host="127.0.0.1", port=settings.ops_port
-    )
-    if ops is not None and listening is not None:
-        listening(ops.port)
-    try:
+    async with serving_ops(
+        metrics.registry,
+        readiness.check,
+        host="127.0.0.1",
+        port=settings.ops_port,
+        listening=listening,
+    ):
         await _serve(settings, stop, metrics, readiness)
-    finally:
-        if ops is not None:
-            await ops.stop()
 
 
 async def _serve(

@@ -57,7 +57,7 @@ from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
 from vigil.kafka import encode, make_consumer, make_producer
-from vigil.ops import start_ops_server
+from vigil.ops import serving_ops
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.rules")
@@ -356,16 +356,14 @@ async def run(
     readiness = RulesReadiness()
     # First, so /healthz answers (and /readyz says why not ready) while start-up waits on
     # PostgreSQL or Kafka.
-    ops = await start_ops_server(
-        metrics.registry, readiness.check, host=settings.ops_host, port=settings.ops_port
-    )
-    if ops is not None and listening is not None:
-        listening(ops.port)
-    try:
+    async with serving_ops(
+        metrics.registry,
+        readiness.check,
+        host=settings.ops_host,
+        port=settings.ops_port,
+        listening=listening,
+    ):
         await _consume(settings, stop, metrics, readiness)
-    finally:
-        if ops is not None:
-            await ops.stop()
 
 
 async def _consume(
