@@ -89,7 +89,10 @@ class NotifySettings(BaseSettings):
         default=DEFAULT_GROUP_WAIT_S,
         ge=0,
         le=60,
-        description="Hold a patient's first alert this long so a burst is paged once (0: off).",
+        description=(
+            "A patient's first alert is paged at once and opens a window this long; alerts in "
+            "it share one follow-up page at its end (0: off)."
+        ),
     )
     heartbeat_sources: list[str] = Field(
         default_factory=list,

@@ -36,6 +36,7 @@ from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
 from services.notify.api import create_app
+from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
     EscalationConfig,
@@ -170,6 +171,11 @@ async def _close_escalations(pool: Any, care_team_id: str) -> None:
     await pool.execute(
         "UPDATE notify_bundles SET status = 'flushed' WHERE care_team_id = $1 "
         "AND status = 'pending'",
+        care_team_id,
+    )
+    await pool.execute(
+        "DELETE FROM notify_bundle_windows WHERE patient_id IN "
+        "(SELECT patient_id FROM patients WHERE care_team_id = $1)",
         care_team_id,
     )
 
@@ -621,13 +627,18 @@ async def _heartbeat_scenario(
 
 # -- burst bundling ---------------------------------------------------------------------------
 
-GROUP_WAIT_S = 5.0
+# The service's own default, so these tests exercise the window the service runs with.
+GROUP_WAIT_S = DEFAULT_GROUP_WAIT_S
 
 
 def _modern(raw: bytes) -> Message:
     """The message with its headers decoded and unfolded (a bundle's subject is long and
     carries non-ASCII, so it is folded and encoded on the wire)."""
     return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def _subjects(rig: Rig, role: str) -> list[str]:
+    return [_modern(p)["Subject"] for p in rig.smtp.to(f"{role}-{rig.tag}@h.test")]
 
 
 _BURST = (
@@ -642,7 +653,7 @@ def _burst_alert(patient: str, code: str, title: str, priority: AlertPriority) -
 
 
 def _bundling(rig: Rig) -> EscalationService:
-    """A notify instance that holds a patient's first alert for GROUP_WAIT_S."""
+    """A notify instance with the default bundling window."""
     return rig.new_instance(group_wait_s=GROUP_WAIT_S)
 
 
@@ -651,13 +662,43 @@ async def _round(service: EscalationService) -> None:
     await service.deliver_due()
 
 
-async def test_burst_of_three_alarms_for_one_patient_is_one_page_naming_all_three(
+async def test_first_alert_of_a_patient_is_paged_at_once_with_bundling_on(rig: Rig) -> None:
+    """With the window on, a patient's first alarm is paged inside handle_alert itself, at the
+    instant it arrived: no tick, no clock movement, the attempt recorded at T0, and its
+    escalation in no bundle (its own page, its own ack)."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    occlusion = _burst_alert(patient, *_BURST[0])
+    assert await service.handle_alert(occlusion)
+    assert _subjects(rig, "primary") == [f"[VIGIL HIGH] {occlusion.title} — patient {patient}"]
+    attempt = await rig.pool.fetchrow(
+        """
+        SELECT d.at, d.status, e.bundle_id FROM delivery_attempts d
+        JOIN pages p ON p.page_id = d.page_id
+        JOIN escalations e ON e.escalation_id = p.escalation_id
+        WHERE p.dedup_key = $1
+        """,
+        occlusion.dedup_key,
+    )
+    assert (attempt["at"], attempt["status"], attempt["bundle_id"]) == (T0, "sent", None)
+    window = await rig.pool.fetchrow(
+        "SELECT opened_at, closes_at, opened_by FROM notify_bundle_windows WHERE patient_id = $1",
+        patient,
+    )
+    assert (window["opened_at"], window["closes_at"], window["opened_by"]) == (
+        T0,
+        T0 + timedelta(seconds=GROUP_WAIT_S),
+        occlusion.dedup_key,
+    )
+
+
+async def test_burst_of_three_is_an_immediate_page_then_one_follow_up_naming_the_other_two(
     rig: Rig,
 ) -> None:
-    """Three different alarms within the window: nothing goes out before the window ends
-    (4.999 s), exactly one page at 5 s naming all three (the HIGH ones wait no longer than the
-    window); each alarm has its own escalation; the link in that page acknowledges all three,
-    so the secondary is never paged."""
+    """Three different alarms 1 s apart: the first is paged at once; the other two go out in one
+    page at the window's end (nothing at 4.999 s, one page at 5 s). The follow-up's link
+    acknowledges both its alarms and only them: the first alarm's chain goes on to the
+    secondary alone."""
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     patient, service = f"P-{rig.tag}", _bundling(rig)
     alerts = [_burst_alert(patient, *spec) for spec in _BURST]
@@ -665,41 +706,48 @@ async def test_burst_of_three_alarms_for_one_patient_is_one_page_naming_all_thre
         assert await service.handle_alert(alert)
         await service.deliver_due()
         rig.clock.advance(seconds=1)
+    assert _subjects(rig, "primary") == [f"[VIGIL HIGH] {alerts[0].title} — patient {patient}"]
     rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S - 0.001)
     await _round(service)
-    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
 
     rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S)
     await _round(service)
-    [page] = rig.smtp.to(f"primary-{rig.tag}@h.test")
-    mail = _modern(page)
-    body = mail.get_payload(decode=True).decode()  # type: ignore[union-attr]
-    assert mail["Subject"].startswith("[VIGIL HIGH] 3 alerts")
-    for alert in alerts:
-        assert alert.title in mail["Subject"] and alert.dedup_key in body
-    bundles = await rig.pool.fetch(
-        "SELECT dedup_key, bundle_id, status FROM escalations WHERE patient_id = $1", patient
+    pages = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    assert len(pages) == 2
+    follow_up = _modern(pages[1])
+    body = follow_up.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    assert follow_up["Subject"].startswith("[VIGIL HIGH] 2 alerts")
+    for alert in alerts[1:]:
+        assert alert.title in follow_up["Subject"] and alert.dedup_key in body
+    assert alerts[0].title not in follow_up["Subject"]
+    rows = await rig.pool.fetch(
+        "SELECT dedup_key, bundle_id FROM escalations WHERE patient_id = $1", patient
     )
-    assert len(bundles) == 3 and len({b["bundle_id"] for b in bundles}) == 1
-    assert {b["status"] for b in bundles} == {"open"}
+    bundle_of = {r["dedup_key"]: r["bundle_id"] for r in rows}
+    assert bundle_of[alerts[0].dedup_key] is None
+    assert bundle_of[alerts[1].dedup_key] == bundle_of[alerts[2].dedup_key] is not None
 
     link = re.search(r"http://notify\.test(/ack/\S+)", body)
     assert link is not None
     assert (await rig.api.post(link.group(1))).status_code == 200
     statuses = await rig.pool.fetch(
-        "SELECT status, acknowledged_by FROM escalations WHERE patient_id = $1", patient
+        "SELECT dedup_key, status, acknowledged_by FROM escalations WHERE patient_id = $1",
+        patient,
     )
-    assert {(s["status"], s["acknowledged_by"]) for s in statuses} == {
-        ("acknowledged", f"person:primary-{rig.tag}")
+    assert {s["dedup_key"]: (s["status"], s["acknowledged_by"]) for s in statuses} == {
+        alerts[0].dedup_key: ("open", None),
+        alerts[1].dedup_key: ("acknowledged", f"person:primary-{rig.tag}"),
+        alerts[2].dedup_key: ("acknowledged", f"person:primary-{rig.tag}"),
     }
-    rig.clock.advance(minutes=10)
+    rig.clock.now = T0 + timedelta(minutes=5, seconds=GROUP_WAIT_S)
     await _round(service)
-    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+    assert _subjects(rig, "secondary") == [f"[VIGIL HIGH] {alerts[0].title} — patient {patient}"]
 
 
-async def test_bursts_for_two_patients_are_two_pages(rig: Rig) -> None:
-    """Alarms of two different patients in the same seconds are never mixed: two pages, each
-    naming only its own patient's alarms."""
+async def test_bursts_for_two_patients_are_paged_separately(rig: Rig) -> None:
+    """Two alarms each for two patients in the same second: each patient's first alarm is paged
+    at once, and each follow-up (of one alarm: a plain page) names only its own patient."""
     team, first = await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     second = f"{first}-b"
     await rig.pool.execute(
@@ -709,70 +757,82 @@ async def test_bursts_for_two_patients_are_two_pages(rig: Rig) -> None:
     for patient in (first, second):
         for spec in _BURST[:2]:
             await service.handle_alert(_burst_alert(patient, *spec))
+    immediate = _subjects(rig, "primary")
+    assert sorted(immediate) == sorted(
+        f"[VIGIL HIGH] {_BURST[0][1]} — patient {p}" for p in (first, second)
+    )
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
-    pages = [_modern(p) for p in rig.smtp.to(f"primary-{rig.tag}@h.test")]
-    assert len(pages) == 2
-    subjects = [p["Subject"] for p in pages]
-    for patient in (first, second):
-        assert sum(f"patient {patient}:" in s for s in subjects) == 1
-    assert all("2 alerts" in s for s in subjects)
+    follow_ups = _subjects(rig, "primary")[2:]
+    assert sorted(follow_ups) == sorted(
+        f"[VIGIL HIGH] {_BURST[1][1]} — patient {p}" for p in (first, second)
+    )
 
 
-async def test_alarm_at_or_after_the_window_gets_its_own_page(rig: Rig) -> None:
-    """The window is half-open: an alarm arriving exactly at the first alarm + group_wait is not
-    folded into the page going out at that instant; it opens its own bundle and is paged alone
-    group_wait later. An alarm after the page went out is likewise paged on its own."""
+async def test_alarm_at_or_after_the_window_end_starts_afresh(rig: Rig) -> None:
+    """The window is half-open and only an alarm paged at once opens one: an alarm exactly at
+    the window's end is paged at once (new window); an alarm after a follow-up was paged is
+    paged at once too (the follow-up opened no window); one inside the new window waits for
+    its end."""
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     patient, service = f"P-{rig.tag}", _bundling(rig)
     occlusion, stopped, battery = (_burst_alert(patient, *spec) for spec in _BURST)
-    await service.handle_alert(occlusion)
+    fever = _alert(patient)
+    await service.handle_alert(occlusion)  # at 0: paged at once, window [0, 5)
     rig.clock.advance(seconds=GROUP_WAIT_S)
-    await service.handle_alert(stopped)  # exactly at the edge, before the ticker ran
-    await _round(service)
-    pages = rig.smtp.to(f"primary-{rig.tag}@h.test")
-    assert len(pages) == 1
-    assert _modern(pages[0])["Subject"].startswith(f"[VIGIL HIGH] {occlusion.title}")
-
+    await service.handle_alert(stopped)  # exactly at 5, before the ticker ran: at once
+    assert _subjects(rig, "primary") == [
+        f"[VIGIL HIGH] {a.title} — patient {patient}" for a in (occlusion, stopped)
+    ]
     rig.clock.advance(seconds=1)
-    await service.handle_alert(battery)  # joins the edge alarm's bundle (due at 10 s)
-    rig.clock.advance(seconds=GROUP_WAIT_S - 1)
+    await service.handle_alert(battery)  # at 6: inside [5, 10), follow-up due at 10
+    rig.clock.now = T0 + timedelta(seconds=2 * GROUP_WAIT_S - 0.001)
     await _round(service)
-    pages = rig.smtp.to(f"primary-{rig.tag}@h.test")
-    assert len(pages) == 2
-    second = _modern(pages[1])["Subject"]
-    assert "2 alerts" in second and stopped.title in second and battery.title in second
-    assert occlusion.title not in second
+    assert len(_subjects(rig, "primary")) == 2
+    rig.clock.now = T0 + timedelta(seconds=2 * GROUP_WAIT_S)
+    await _round(service)
+    assert _subjects(rig, "primary")[2] == f"[VIGIL MEDIUM] {battery.title} — patient {patient}"
+
+    rig.clock.advance(seconds=0.5)
+    await service.handle_alert(fever)  # after the follow-up: at once, not held to 15 s
+    assert _subjects(rig, "primary")[3] == f"[VIGIL HIGH] {fever.title} — patient {patient}"
 
 
-async def test_pending_bundle_survives_a_restart_mid_window(rig: Rig) -> None:
-    """Two alarms reach an instance that dies before the window ends; the restarted instance
-    pages the bundle when it falls due. A redelivery of one alarm to the new instance (its Kafka
-    offset may not have been committed) is folded by its dedup key: one page, both alarms."""
+async def test_pending_follow_up_survives_a_restart_mid_window(rig: Rig) -> None:
+    """The first alarm is paged at once, two more are held, and the instance dies before the
+    window ends; the restarted instance pages the follow-up when it falls due (nothing is
+    lost). A redelivery of a held alarm to the new instance (its Kafka offset may not have
+    been committed) and of the first alarm are folded by their dedup keys: one follow-up page
+    naming both held alarms, and no second page for the first."""
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     patient = f"P-{rig.tag}"
-    occlusion, stopped, _ = (_burst_alert(patient, *spec) for spec in _BURST)
+    occlusion, stopped, battery = (_burst_alert(patient, *spec) for spec in _BURST)
     crashed = _bundling(rig)
     await crashed.handle_alert(occlusion)
-    rig.clock.advance(seconds=2)
+    rig.clock.advance(seconds=1)
     await crashed.handle_alert(stopped)
-    del crashed  # the process is gone; only PostgreSQL remembers the bundle
+    rig.clock.advance(seconds=1)
+    await crashed.handle_alert(battery)
+    del crashed  # the process is gone; only PostgreSQL remembers the window and the follow-up
 
     restarted = _bundling(rig)
     rig.clock.advance(seconds=1)
     assert await restarted.handle_alert(stopped)  # redelivered
+    assert await restarted.handle_alert(occlusion)  # redelivered
     await _round(restarted)
-    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
-    rig.clock.advance(seconds=2)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+    rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S)
     await _round(restarted)
-    [page] = rig.smtp.to(f"primary-{rig.tag}@h.test")
-    subject = _modern(page)["Subject"]
-    assert "2 alerts" in subject and occlusion.title in subject and stopped.title in subject
+    subjects = _subjects(rig, "primary")
+    assert len(subjects) == 2
+    assert "2 alerts" in subjects[1] and stopped.title in subjects[1]
+    assert battery.title in subjects[1] and occlusion.title not in subjects[1]
 
 
-async def test_api_ack_of_one_bundled_alarm_leaves_the_others_paging(rig: Rig) -> None:
-    """Acknowledging one alarm of a bundle by its dedup key (the API) acknowledges only that
-    alarm: the next step's page still goes out and names only the alarms not acknowledged."""
+async def test_api_ack_of_one_follow_up_alarm_leaves_the_others_paging(rig: Rig) -> None:
+    """Acknowledging one alarm of the follow-up by its dedup key (the API) acknowledges only
+    that alarm: at the next step the secondary gets the first alarm's page and the follow-up's
+    page, which now names only the alarm not acknowledged."""
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     patient, service = f"P-{rig.tag}", _bundling(rig)
     alerts = [_burst_alert(patient, *spec) for spec in _BURST]
@@ -780,29 +840,30 @@ async def test_api_ack_of_one_bundled_alarm_leaves_the_others_paging(rig: Rig) -
         await service.handle_alert(alert)
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
     answer = await rig.api.post(
-        f"/alerts/{alerts[0].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+        f"/alerts/{alerts[1].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
     )
     assert answer.status_code == 200, answer.text
     rig.clock.advance(minutes=5)
     await _round(service)
-    [page] = rig.smtp.to(f"secondary-{rig.tag}@h.test")
-    subject = _modern(page)["Subject"]
-    assert "2 alerts" in subject and alerts[0].title not in subject
+    assert sorted(_subjects(rig, "secondary")) == sorted(
+        f"[VIGIL {a.priority.value.upper()}] {a.title} — patient {patient}"
+        for a in (alerts[0], alerts[2])
+    )
 
 
-async def test_end_of_an_alarm_still_waiting_in_a_bundle_pages_the_bundle_at_once(
-    rig: Rig,
-) -> None:
-    """An alarm that ends before its bundle is due: the bundle is paged at once (nobody has
-    been told yet; a duplicate beats a miss) and the ended alarm's all-clear follows."""
+async def test_end_of_an_alarm_still_held_pages_the_follow_up_at_once(rig: Rig) -> None:
+    """An alarm that ends while it waits for the follow-up: the follow-up is paged at once
+    (nobody has been told of it yet; a duplicate beats a miss) and its all-clear follows."""
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     patient, service = f"P-{rig.tag}", _bundling(rig)
     occlusion, stopped, _ = (_burst_alert(patient, *spec) for spec in _BURST)
     await service.handle_alert(occlusion)
     await service.handle_alert(stopped)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
     rig.clock.advance(seconds=1)
-    ended = occlusion.model_copy(
+    ended = stopped.model_copy(
         update={
             "alert_id": uuid.uuid4(),
             "phase": AlertPhase.END,
@@ -810,11 +871,10 @@ async def test_end_of_an_alarm_still_waiting_in_a_bundle_pages_the_bundle_at_onc
         }
     )
     assert await service.handle_alert(ended)
-    subjects = [_modern(p)["Subject"] for p in rig.smtp.to(f"primary-{rig.tag}@h.test")]
-    # Both pages are sent in one concurrent batch, so their arrival order is not asserted.
-    assert len(subjects) == 2
-    assert sum("2 alerts" in s for s in subjects) == 1
-    assert sum("All clear" in s for s in subjects) == 1
+    assert _subjects(rig, "primary")[1:] == [
+        f"[VIGIL HIGH] {stopped.title} — patient {patient}",
+        f"[VIGIL HIGH] All clear: {stopped.title} — patient {patient}",
+    ]
 
 
 # -- PagerDuty acknowledge and resolve upstream ------------------------------------------------
@@ -911,9 +971,10 @@ async def test_sms_ack_acknowledges_the_pagerduty_incident_of_another_person(rig
 
 
 async def test_bundle_incident_is_acknowledged_upstream_only_when_every_alarm_is(rig: Rig) -> None:
-    """A bundle paged through PagerDuty is one incident listing every alarm. Acknowledging two
-    of three alarms through the API leaves it triggered; the third sends one acknowledge with
-    the dedup_key the trigger used."""
+    """Through PagerDuty a burst of three is two incidents: the first alarm's, triggered at
+    once, and the follow-up's, one incident listing the other two. Acknowledging the follow-up's
+    alarms one by one through the API leaves its incident triggered until the last, which
+    sends one acknowledge with the dedup_key its trigger used; the first incident is untouched."""
     key = f"rk-{rig.tag}"
     people = {"primary": [{"channel": "webhook", "address": key}]}
     steps = [{"targets": [{"kind": "person", "ref": f"primary-{rig.tag}"}], "wait_minutes": 5}]
@@ -922,19 +983,22 @@ async def test_bundle_incident_is_acknowledged_upstream_only_when_every_alarm_is
     alerts = [_burst_alert(patient, *spec) for spec in _BURST]
     for alert in alerts:
         await service.handle_alert(alert)
+    assert _pd_events(rig, key) == [("trigger", alerts[0].dedup_key)]
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
-    [trigger] = [e for e in rig.pagerduty.events if e["routing_key"] == key]
-    assert trigger["payload"]["custom_details"]["dedup_keys"] == [a.dedup_key for a in alerts]
-    for alert in alerts:
+    first, trigger = [e for e in rig.pagerduty.events if e["routing_key"] == key]
+    assert first["payload"]["custom_details"].get("dedup_keys") is None
+    assert trigger["payload"]["custom_details"]["dedup_keys"] == [a.dedup_key for a in alerts[1:]]
+    for alert in alerts[1:]:
         answer = await rig.api.post(
             f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
         )
         assert answer.status_code == 200
         await service.deliver_due()
         if alert is not alerts[-1]:
-            assert [a for a, _ in _pd_events(rig, key)] == ["trigger"]
+            assert [a for a, _ in _pd_events(rig, key)] == ["trigger", "trigger"]
     assert _pd_events(rig, key) == [
+        ("trigger", alerts[0].dedup_key),
         ("trigger", trigger["dedup_key"]),
         ("acknowledge", trigger["dedup_key"]),
     ]
@@ -961,10 +1025,13 @@ async def test_snooze_holds_for_exactly_its_duration_then_pages_again(rig: Rig) 
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
 
 
-async def test_alarm_acknowledged_while_held_is_left_out_of_the_bundle_page(rig: Rig) -> None:
+async def test_alarm_acknowledged_while_held_is_left_out_of_the_follow_up_page(
+    rig: Rig,
+) -> None:
     """Each held alarm has its escalation from the moment it arrives: acknowledging one during
-    the window (e.g. from the dashboard) keeps it off the page, which lists the other two; a
-    burst acknowledged entirely within the window pages nobody."""
+    the window (e.g. from the dashboard) keeps it off the follow-up, which is then a plain page
+    for the other; a follow-up whose alarms were all acknowledged within the window pages
+    nobody."""
     team, patient = await _team(
         rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag)
     )
@@ -973,26 +1040,27 @@ async def test_alarm_acknowledged_while_held_is_left_out_of_the_bundle_page(rig:
     for alert in alerts:
         await service.handle_alert(alert)
     answer = await rig.api.post(
-        f"/alerts/{alerts[0].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+        f"/alerts/{alerts[1].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
     )
     assert answer.status_code == 200, answer.text
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
-    [page] = rig.smtp.to(f"primary-{rig.tag}@h.test")
-    subject = _modern(page)["Subject"]
-    assert "2 alerts" in subject and alerts[0].title not in subject
+    assert _subjects(rig, "primary") == [
+        f"[VIGIL {a.priority.value.upper()}] {a.title} — patient {patient}"
+        for a in (alerts[0], alerts[2])
+    ]
 
     quiet = f"{patient}-q"
     await rig.pool.execute(
         "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", quiet, team
     )
-    for spec in _BURST[:2]:
-        alert = _burst_alert(quiet, *spec)
-        await service.handle_alert(alert)
-        answer = await rig.api.post(
-            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
-        )
-        assert answer.status_code == 200, answer.text
+    first, held = (_burst_alert(quiet, *spec) for spec in _BURST[:2])
+    await service.handle_alert(first)  # paged at once
+    await service.handle_alert(held)
+    answer = await rig.api.post(
+        f"/alerts/{held.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
+    )
+    assert answer.status_code == 200, answer.text
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
-    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+    assert _subjects(rig, "primary")[2:] == [f"[VIGIL HIGH] {first.title} — patient {quiet}"]

@@ -9,11 +9,10 @@ import pytest
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Page
 from services.notify.domain.bundling import (
-    PendingBundle,
+    BundleWindow,
     Placement,
     bundle_priority,
     is_bundled,
-    is_due,
     place,
 )
 from services.notify.domain.message import (
@@ -25,49 +24,123 @@ from services.notify.domain.routing import PagePurpose
 
 T0 = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
 WAIT = 5.0
+WINDOW_END = T0 + timedelta(seconds=WAIT)
 
 
-def _pending(*members: str) -> PendingBundle:
-    return PendingBundle(opened_at=T0, due_at=T0 + timedelta(seconds=WAIT), members=members)
+def _s(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
 
 
-def test_first_alert_of_a_patient_starts_a_bundle_due_one_window_later() -> None:
-    """No pending bundle: the alert opens one, due exactly group_wait after it arrived."""
+def _window(*follow_up: str) -> BundleWindow:
+    """The window opened by an alert paged at T0, with the given follow-up members."""
+    return BundleWindow(opened_at=T0, closes_at=WINDOW_END, follow_up=follow_up)
+
+
+def test_first_alert_of_a_patient_is_paged_now_and_opens_a_window() -> None:
+    """No window: the alert is due at the instant it arrived (no wait at all) and opens a
+    window of exactly group_wait with no follow-up yet."""
     decision = place(None, dedup_key="P:A", at=T0, group_wait_s=WAIT)
-    assert decision.placement is Placement.START
-    assert decision.due_at == T0 + timedelta(seconds=WAIT)
+    assert decision.placement is Placement.PAGE_NOW
+    assert decision.due_at == T0
+    assert decision.window == BundleWindow(opened_at=T0, closes_at=WINDOW_END, follow_up=())
 
 
-def test_alert_inside_the_window_joins_without_moving_the_due_time() -> None:
-    """A later alert within the window joins; the due time stays the first alert's, so no
-    alert (a HIGH one included) waits longer than the window."""
-    decision = place(
-        _pending("P:A"), dedup_key="P:B", at=T0 + timedelta(seconds=4.999), group_wait_s=WAIT
+def test_second_alert_inside_the_window_is_due_at_the_window_end() -> None:
+    """An alert 1 ms before the window closes joins the follow-up, due at the window end: it
+    waits 1 ms, and no alert in the window waits longer than group_wait."""
+    decision = place(_window(), dedup_key="P:B", at=_s(WAIT - 0.001), group_wait_s=WAIT)
+    assert decision.placement is Placement.FOLLOW_UP
+    assert decision.due_at == WINDOW_END
+    assert decision.window == _window("P:B")
+
+
+def test_alert_exactly_at_the_window_end_starts_afresh() -> None:
+    """The window is half-open: at its end the follow-up is being paged, so the alert arriving
+    then is paged at once and opens a new window; the follow-up is not joined."""
+    decision = place(_window("P:B"), dedup_key="P:C", at=WINDOW_END, group_wait_s=WAIT)
+    assert decision.placement is Placement.PAGE_NOW
+    assert decision.due_at == WINDOW_END
+    assert decision.window == BundleWindow(WINDOW_END, WINDOW_END + timedelta(seconds=WAIT))
+
+
+def test_alert_after_a_follow_up_was_paged_is_paged_at_once() -> None:
+    """The follow-up's page opens no window of its own (no group_interval): the next alert
+    after the window is paged at once, not held behind the last burst."""
+    decision = place(_window("P:B", "P:C"), dedup_key="P:D", at=_s(WAIT + 0.5), group_wait_s=WAIT)
+    assert decision.placement is Placement.PAGE_NOW
+    assert decision.due_at == _s(WAIT + 0.5)
+
+
+def test_burst_of_three_is_one_immediate_page_and_one_follow_up_of_two() -> None:
+    """Three alerts 1 s apart, folded through place as the store would: the first is due at
+    once, the other two share one follow-up due at the first alert + group_wait."""
+    window: BundleWindow | None = None
+    decisions = []
+    for i, key in enumerate(("P:OCCLUSION", "P:STOPPED", "P:BATTERY")):
+        decision = place(window, dedup_key=key, at=_s(i), group_wait_s=WAIT)
+        decisions.append(decision)
+        window = decision.window
+    assert [d.placement for d in decisions] == [
+        Placement.PAGE_NOW,
+        Placement.FOLLOW_UP,
+        Placement.FOLLOW_UP,
+    ]
+    assert [d.due_at for d in decisions] == [T0, WINDOW_END, WINDOW_END]
+    assert window == _window("P:STOPPED", "P:BATTERY")
+
+
+def test_two_patients_have_independent_windows() -> None:
+    """Each patient's window is its own: a second patient's first alert, arriving inside the
+    first patient's window, is still paged at once."""
+    windows: dict[str, BundleWindow | None] = {"P1": None, "P2": None}
+    first = place(windows["P1"], dedup_key="P1:A", at=T0, group_wait_s=WAIT)
+    windows["P1"] = first.window
+    other = place(windows["P2"], dedup_key="P2:A", at=_s(1), group_wait_s=WAIT)
+    windows["P2"] = other.window
+    again = place(windows["P1"], dedup_key="P1:B", at=_s(2), group_wait_s=WAIT)
+    assert (first.placement, other.placement, again.placement) == (
+        Placement.PAGE_NOW,
+        Placement.PAGE_NOW,
+        Placement.FOLLOW_UP,
     )
-    assert decision.placement is Placement.JOIN
-    assert decision.due_at == T0 + timedelta(seconds=WAIT)
+    assert other.due_at == _s(1) and again.due_at == WINDOW_END
+    assert other.window.closes_at == _s(1 + WAIT)
 
 
-def test_alert_exactly_at_the_window_edge_starts_its_own_bundle() -> None:
-    """The window is half-open: at opened_at + group_wait the bundle is being paged, so the
-    alert arriving then is not folded into it."""
-    edge = T0 + timedelta(seconds=WAIT)
-    decision = place(_pending("P:A"), dedup_key="P:B", at=edge, group_wait_s=WAIT)
-    assert decision.placement is Placement.START
-    assert decision.due_at == edge + timedelta(seconds=WAIT)
-
-
-def test_redelivered_alert_is_recognised_as_already_in_the_bundle() -> None:
-    """The same dedup key again (a Kafka redelivery) is neither a new member nor a new bundle."""
-    decision = place(_pending("P:A"), dedup_key="P:A", at=T0, group_wait_s=WAIT)
+def test_redelivered_follow_up_alert_is_recognised_as_already_waiting() -> None:
+    """The same dedup key again inside the window (a Kafka redelivery) is neither a new member
+    nor a new page."""
+    decision = place(_window("P:B"), dedup_key="P:B", at=_s(1), group_wait_s=WAIT)
     assert decision.placement is Placement.ALREADY
+    assert decision.window == _window("P:B")
 
 
-def test_bundle_is_due_at_its_due_time_not_before() -> None:
-    """Due at exactly due_at; a millisecond earlier it still waits."""
-    bundle = _pending("P:A")
-    assert not is_due(bundle, T0 + timedelta(seconds=WAIT - 0.001))
-    assert is_due(bundle, T0 + timedelta(seconds=WAIT))
+def test_clock_behind_the_window_pages_at_once_and_keeps_the_window() -> None:
+    """An alert stamped before the window opened (an instance whose clock is behind) would wait
+    longer than group_wait if it joined: it is paged at once and the window stays as it is."""
+    decision = place(_window("P:B"), dedup_key="P:C", at=_s(-1), group_wait_s=WAIT)
+    assert decision.placement is Placement.PAGE_NOW
+    assert decision.due_at == _s(-1)
+    assert decision.window == _window("P:B")
+
+
+def test_no_alert_waits_longer_than_the_window() -> None:
+    """Whatever the arrival time around a window, the wait (due_at - at) is never negative and
+    never longer than group_wait (exactly group_wait only for an alert arriving the instant the
+    window opened)."""
+    for tenths in range(-20, 120):
+        at = _s(tenths / 10)
+        decision = place(_window("P:B"), dedup_key="P:X", at=at, group_wait_s=WAIT)
+        wait = (decision.due_at - at).total_seconds()
+        assert 0 <= wait <= WAIT, (tenths, wait)
+
+
+def test_zero_window_pages_every_alert_at_once() -> None:
+    """group_wait 0 is bundling off: the window is empty, so the next alert at the same
+    instant is paged at once too."""
+    first = place(None, dedup_key="P:A", at=T0, group_wait_s=0)
+    second = place(first.window, dedup_key="P:B", at=T0, group_wait_s=0)
+    assert (first.placement, second.placement) == (Placement.PAGE_NOW, Placement.PAGE_NOW)
 
 
 def test_a_bundle_of_one_is_paged_as_a_plain_alert() -> None:

@@ -1,8 +1,9 @@
 """PostgreSQL side of escalation: policies and schedules, escalation timers, page jobs, audit.
 
 Owns the SQL against ``people``, ``contact_methods``, ``oncall_*``, ``escalation_policies``,
-``escalations``, ``escalation_events``, ``used_ack_tokens``, ``pipeline_heartbeats`` and the
-escalation columns of ``pages``. Every state change of an escalation happens in one transaction
+``escalations``, ``escalation_events``, ``used_ack_tokens``, ``pipeline_heartbeats``, the
+bundling tables (``notify_bundle_windows``, ``notify_bundles``, ``notify_bundle_members``) and
+the escalation columns of ``pages``. Every state change of an escalation happens in one transaction
 that locks its row, runs the pure ``advance`` and writes the new state, its timeline entries and
 the pages its commands ask for together: a command is never lost between deciding and queueing,
 and an acknowledgement that committed first is seen by every later tick. Sending is not done here.
@@ -20,7 +21,7 @@ from uuid import UUID
 
 from schemas.events import Alert, Page
 from services.notify.adapters.postgres import alert_from_row
-from services.notify.domain.bundling import PendingBundle, Placement, is_bundled, place
+from services.notify.domain.bundling import BundleWindow, Placement, is_bundled, place
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -216,7 +217,7 @@ class PostgresEscalationStore:
 
     # -- bundles ------------------------------------------------------------------------------
 
-    async def place_in_bundle(
+    async def open_in_window(
         self,
         alert: Alert,
         *,
@@ -224,118 +225,84 @@ class PostgresEscalationStore:
         snapshot: PolicySnapshot,
         at: datetime,
         group_wait_s: float,
-    ) -> tuple[Placement, UUID, datetime]:
-        """Open the alert's escalation held for its patient's pending bundle (pure ``place``).
+        lease_s: float,
+    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]:
+        """Page the alert at once or hold it for its patient's follow-up bundle (pure ``place``).
 
-        The escalation exists from now on (it can be acknowledged, snoozed or resolved at once,
-        and its policy is frozen now), but it has no timer of its own: the bundle's ``due_at``
-        fires the first step of every held escalation of the bundle together.
+        Returns the placement, the escalation opened (None when the dedup key already had one),
+        the pages to send now and when the alert is paged.
+
+        Paged at once: exactly ``open_and_fire`` (the first step fires in this transaction and
+        its pages are claimed for the caller), plus the patient's new window in
+        ``notify_bundle_windows``. Held: the escalation exists from now on (it can be
+        acknowledged, snoozed or resolved at once, its policy is frozen now) with no timer of
+        its own; the follow-up bundle's ``due_at`` (the window's end) fires the first step of
+        every held escalation of it together.
 
         Placement is serialised per patient with a transaction-scoped advisory lock, so two
-        notify instances receiving the same burst build one bundle, not two. A bundle being
-        flushed holds its row lock; a placement waiting for it then sees it flushed and starts
-        a new bundle, so no alert joins a bundle whose page has already been written.
+        notify instances receiving the same burst open one window, not two. A follow-up being
+        flushed holds its row lock; a placement waiting for it then finds no pending follow-up
+        and opens a new one, due at the same window end (so at once), and never joins a
+        bundle whose page has already been written.
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                 f"notify-bundle:{alert.patient_id}",
             )
-            row = await conn.fetchrow(
-                """
-                SELECT * FROM notify_bundles
-                WHERE patient_id = $1 AND status = 'pending'
-                ORDER BY due_at DESC LIMIT 1
-                FOR UPDATE
-                """,
-                alert.patient_id,
-            )
-            pending = None
-            if row is not None:
-                members = await conn.fetch(
-                    "SELECT dedup_key FROM notify_bundle_members WHERE bundle_id = $1",
-                    row["bundle_id"],
-                )
-                pending = PendingBundle(
-                    opened_at=row["opened_at"],
-                    due_at=row["due_at"],
-                    members=tuple(str(m["dedup_key"]) for m in members),
-                )
-            decision = place(pending, dedup_key=alert.dedup_key, at=at, group_wait_s=group_wait_s)
-            if decision.placement is Placement.START:
-                bundle_id = uuid.uuid4()
+            window, follow_up_id = await _window_of(conn, alert.patient_id)
+            decision = place(window, dedup_key=alert.dedup_key, at=at, group_wait_s=group_wait_s)
+            if decision.placement is Placement.ALREADY:
+                return decision.placement, None, [], decision.due_at
+            if decision.placement is Placement.PAGE_NOW:
+                writer = _Writer(conn, at)
+                escalation_id = await _open_in(conn, writer, alert, care_team_id, snapshot, at)
+                if escalation_id is None:
+                    return Placement.ALREADY, None, [], at
+                if decision.window != window:
+                    await conn.execute(
+                        """
+                        INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at,
+                                                           opened_by)
+                        VALUES ($1, $2, $3, $4)
+                        ON CONFLICT (patient_id) DO UPDATE
+                        SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
+                            opened_by = EXCLUDED.opened_by
+                        """,
+                        alert.patient_id,
+                        decision.window.opened_at,
+                        decision.window.closes_at,
+                        alert.dedup_key,
+                    )
+                    writer.event(
+                        escalation_id,
+                        TimelineEntry(
+                            "bundle_window_opened",
+                            {"closes_at": decision.window.closes_at.isoformat()},
+                        ),
+                    )
+                jobs = await writer.flush(claim_until=at + timedelta(seconds=lease_s))
+                return decision.placement, escalation_id, jobs, at
+            if await conn.fetchval(
+                "SELECT 1 FROM escalations WHERE dedup_key = $1", alert.dedup_key
+            ):
+                # Another instance opened this alert's escalation first (a redelivery race).
+                return Placement.ALREADY, None, [], decision.due_at
+            if follow_up_id is None:
+                follow_up_id = uuid.uuid4()
                 await conn.execute(
                     "INSERT INTO notify_bundles (bundle_id, patient_id, care_team_id, opened_at, "
                     "due_at, status) VALUES ($1, $2, $3, $4, $5, 'pending')",
-                    bundle_id,
+                    follow_up_id,
                     alert.patient_id,
                     care_team_id,
                     at,
                     decision.due_at,
                 )
-            else:
-                assert row is not None
-                bundle_id = UUID(str(row["bundle_id"]))
-            await conn.execute(
-                "INSERT INTO notify_bundle_members (bundle_id, dedup_key, alert_id, joined_at) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                bundle_id,
-                alert.dedup_key,
-                alert.alert_id,
-                at,
+            escalation_id = await _hold_in(
+                conn, alert, care_team_id, snapshot, at, follow_up_id, decision.due_at
             )
-            escalation_id = uuid.uuid5(
-                uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}"
-            )
-            inserted = await conn.fetchval(
-                """
-                INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
-                                         care_team_id, snapshot, status, step_index, pass_no,
-                                         due_at, paged, opened_at, bundle_id)
-                VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'open', 0, 0, NULL, '{}', $7, $8)
-                ON CONFLICT (dedup_key) DO NOTHING
-                RETURNING escalation_id
-                """,
-                escalation_id,
-                alert.dedup_key,
-                alert.alert_id,
-                alert.patient_id,
-                care_team_id,
-                json.dumps(snapshot_to_json(snapshot)),
-                at,
-                bundle_id,
-            )
-            if inserted is not None:
-                await conn.executemany(
-                    "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
-                    "VALUES ($1, $2, $3, $4::jsonb)",
-                    [
-                        (
-                            escalation_id,
-                            at,
-                            "opened",
-                            json.dumps(
-                                {
-                                    "alert_id": str(alert.alert_id),
-                                    "policy_id": snapshot.policy_id,
-                                    "care_team_id": care_team_id,
-                                }
-                            ),
-                        ),
-                        (
-                            escalation_id,
-                            at,
-                            "held_for_bundle",
-                            json.dumps(
-                                {
-                                    "bundle_id": str(bundle_id),
-                                    "due_at": decision.due_at.isoformat(),
-                                }
-                            ),
-                        ),
-                    ],
-                )
-            return decision.placement, bundle_id, decision.due_at
+            return decision.placement, escalation_id, [], decision.due_at
 
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
         value = await self._pool.fetchval(
@@ -939,6 +906,101 @@ async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) 
         else:
             continue
         writer.upstream(row, purpose)
+
+
+async def _window_of(conn: Any, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:
+    """The patient's latest window with the members of its pending follow-up (locked, so a
+    concurrent flush is waited for) and the follow-up's id (None when there is none)."""
+    row = await conn.fetchrow(
+        "SELECT opened_at, closes_at FROM notify_bundle_windows WHERE patient_id = $1",
+        patient_id,
+    )
+    if row is None:
+        return None, None
+    members = await conn.fetch(
+        """
+        SELECT b.bundle_id, m.dedup_key
+        FROM notify_bundles b JOIN notify_bundle_members m ON m.bundle_id = b.bundle_id
+        WHERE b.patient_id = $1 AND b.status = 'pending' AND b.due_at = $2
+        ORDER BY m.joined_at, m.dedup_key
+        FOR UPDATE OF b
+        """,
+        patient_id,
+        row["closes_at"],
+    )
+    window = BundleWindow(
+        opened_at=row["opened_at"],
+        closes_at=row["closes_at"],
+        follow_up=tuple(str(m["dedup_key"]) for m in members),
+    )
+    return window, (UUID(str(members[0]["bundle_id"])) if members else None)
+
+
+async def _hold_in(
+    conn: Any,
+    alert: Alert,
+    care_team_id: str,
+    snapshot: PolicySnapshot,
+    at: datetime,
+    bundle_id: UUID,
+    due_at: datetime,
+) -> UUID | None:
+    """Add the alert to the bundle and open its escalation held there (no timer of its own);
+    None when the dedup key already has an escalation."""
+    escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+    inserted = await conn.fetchval(
+        """
+        INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                                 care_team_id, snapshot, status, step_index, pass_no,
+                                 due_at, paged, opened_at, bundle_id)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'open', 0, 0, NULL, '{}', $7, $8)
+        ON CONFLICT (dedup_key) DO NOTHING
+        RETURNING escalation_id
+        """,
+        escalation_id,
+        alert.dedup_key,
+        alert.alert_id,
+        alert.patient_id,
+        care_team_id,
+        json.dumps(snapshot_to_json(snapshot)),
+        at,
+        bundle_id,
+    )
+    if inserted is None:
+        return None
+    await conn.execute(
+        "INSERT INTO notify_bundle_members (bundle_id, dedup_key, alert_id, joined_at) "
+        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        bundle_id,
+        alert.dedup_key,
+        alert.alert_id,
+        at,
+    )
+    await conn.executemany(
+        "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+        "VALUES ($1, $2, $3, $4::jsonb)",
+        [
+            (
+                escalation_id,
+                at,
+                "opened",
+                json.dumps(
+                    {
+                        "alert_id": str(alert.alert_id),
+                        "policy_id": snapshot.policy_id,
+                        "care_team_id": care_team_id,
+                    }
+                ),
+            ),
+            (
+                escalation_id,
+                at,
+                "held_for_bundle",
+                json.dumps({"bundle_id": str(bundle_id), "due_at": due_at.isoformat()}),
+            ),
+        ],
+    )
+    return escalation_id
 
 
 async def _open_in(

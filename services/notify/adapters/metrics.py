@@ -43,8 +43,25 @@ from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.ops")
 
-# Alert arrival to first attempt: a group_wait (5 s by default) is part of it by design.
-_FIRST_ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0)
+# Alert arrival to first attempt: tens of milliseconds for a patient's first alert; up to
+# group_wait (5 s by default) for an alert held in a burst's follow-up page.
+_FIRST_ATTEMPT_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
 # Page to acknowledgement: minutes, at 3 a.m.
 _ACK_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 # Alerts whose first attempt is still awaited; bounded so alerts that never page (recorded

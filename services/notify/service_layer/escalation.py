@@ -118,7 +118,7 @@ class EscalationStore(Protocol):
         at: datetime,
         whole_bundle: bool = False,
     ) -> Transition | None: ...
-    async def place_in_bundle(
+    async def open_in_window(
         self,
         alert: Alert,
         *,
@@ -126,7 +126,8 @@ class EscalationStore(Protocol):
         snapshot: PolicySnapshot,
         at: datetime,
         group_wait_s: float,
-    ) -> tuple[Placement, UUID, datetime]: ...
+        lease_s: float,
+    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]: ...
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None: ...
     async def flush_bundles(
         self, now: datetime, *, limit: int, only: UUID | None = None
@@ -167,7 +168,9 @@ class EscalationConfig:
     heartbeat_timeout_s: float = 120.0
     technical_care_team_id: str | None = None
     fallback_email: str = "vigil-oncall-fallback@localhost"
-    # Hold a patient's first alert this long for others to bundle with; 0 pages each at once.
+    # A patient's first alert is paged at once and opens a window this long; alerts inside it
+    # share one follow-up page at its end. 0 pages every alert on its own (the composition root
+    # passes the setting, 5 s by default).
     group_wait_s: float = 0.0
 
 
@@ -246,7 +249,7 @@ class EscalationService:
                 return False
             await self._alerts.record_alert(alert)
             if self._config.group_wait_s > 0:
-                await self._hold_for_bundle(alert, team, snapshot, now)
+                await self._open_in_window(alert, team, snapshot, now)
             else:
                 await self._open(alert, team, snapshot, now)
             return True
@@ -256,10 +259,12 @@ class EscalationService:
         if alert.phase is AlertPhase.END:
             pending = await self._store.pending_bundle_of(alert.dedup_key)
             if pending is not None:
-                # The alert ends while still held in its bundle: page the bundle now, so an
-                # alarm that came and went is still told (then its all-clear follows); a
-                # duplicate is preferred to a miss.
+                # The alert ends while still held for its follow-up: page the follow-up now,
+                # so an alarm that came and went is still told (then its all-clear follows); a
+                # duplicate is preferred to a miss. Sent before the resolve below, which would
+                # cancel a page whose every alert has stopped.
                 await self._store.flush_bundles(now, limit=1, only=pending)
+                await self.deliver_due()
         await self._alerts.record_alert(alert)
         if alert.phase is AlertPhase.END:
             await self._store.apply(escalation_id, Resolve(at=now), at=now)
@@ -277,28 +282,32 @@ class EscalationService:
         await self.deliver_due()
         return True
 
-    async def _hold_for_bundle(
+    async def _open_in_window(
         self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
     ) -> None:
-        """Open the alert's escalation held in its patient's pending bundle (durable before
-        the alert's Kafka offset is committed) and wake the clock loop when the bundle is due."""
-        placement, bundle_id, due_at = await self._store.place_in_bundle(
+        """Page the alert at once when its patient has no open window (and open one), or hold
+        it for the window's follow-up page; durable before the alert's Kafka offset is
+        committed. A held alert wakes the clock loop when the follow-up falls due."""
+        placement, escalation_id, jobs, due_at = await self._store.open_in_window(
             alert,
             care_team_id=team,
             snapshot=snapshot,
             at=now,
             group_wait_s=self._config.group_wait_s,
+            lease_s=self._config.send_lease_s,
         )
+        if placement is Placement.PAGE_NOW and escalation_id is not None:
+            # Claimed for this call, as with bundling off: the first attempt waits for no loop.
+            await self._deliver_batch(jobs)
+            self._opened(alert, escalation_id, team, snapshot)
+            return
         log.info(
             "alert_bundled",
             extra=log_fields(
-                alert_id=str(alert.alert_id),
-                bundle_id=str(bundle_id),
-                placement=placement.value,
-                due_at=due_at.isoformat(),
+                alert_id=str(alert.alert_id), placement=placement.value, due_at=due_at.isoformat()
             ),
         )
-        if placement is Placement.START:
+        if placement is Placement.FOLLOW_UP:
             delay = max(0.0, (due_at - now).total_seconds())
             asyncio.get_running_loop().call_later(delay, self._bundle_due.set)
 
@@ -310,6 +319,15 @@ class EscalationService:
         )
         if escalation_id is None:
             return None
+        # The first step fired with the open; its pages are claimed for this call, so the first
+        # attempt waits for neither the ticker nor the delivery loop.
+        await self._deliver_batch(jobs)
+        self._opened(alert, escalation_id, team, snapshot)
+        return escalation_id
+
+    def _opened(
+        self, alert: Alert, escalation_id: UUID, team: str, snapshot: PolicySnapshot
+    ) -> None:
         log.info(
             "escalation_opened",
             extra=log_fields(
@@ -319,10 +337,6 @@ class EscalationService:
                 policy_id=snapshot.policy_id,
             ),
         )
-        # The first step fired with the open; its pages are claimed for this call, so the first
-        # attempt waits for neither the ticker nor the delivery loop.
-        await self._deliver_batch(jobs)
-        return escalation_id
 
     # -- acknowledgement and snooze -----------------------------------------------------------
 
