@@ -14,6 +14,10 @@ recorded fleet (``--patients`` full 28-day courses: a reading every 5 min and a 
 - ``course_28d_window_s``: the same course replayed from day 14 on, warm-up included (the
   first 14 days are read and fed to the engine without being reported), end to end.
 - ``engine_only_per_s``: the engine alone over pre-built events (what no reader can beat).
+- ``kafka_record_us`` / ``archive_row_us``: in-process micro-timings, best of five passes, of
+  the edge conversion alone: a recorded record's bytes -> event with the live decoder, and an
+  archive row (real ``asyncpg`` records of the archive query) -> event. Steadier than the rates
+  above on a shared machine.
 
 Progress goes to stderr; ONE JSON line of figures goes to stdout at the end. Nothing here
 asserts a speed. The private topic and the archive rows are removed at the end.
@@ -39,12 +43,14 @@ from bench.common import stack_environment
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
 from vigil.kafka import encode, make_producer
-from vigil.replay.engine_port import default_rules, from_telemetry
+from vigil.replay.engine_port import decode_record, default_rules, from_telemetry
 from vigil.replay.runner import Replay
 from vigil.replay.service import ReplayRequest, run_replay
 from vigil.replay.sources import (
     ReadStats,
     Selection,
+    archive_query,
+    event_from_row,
     make_reader_consumer,
     plan_partitions,
     read_archive,
@@ -115,6 +121,35 @@ async def pg_raw(dsn: str, patients: frozenset[str]) -> tuple[int, float]:
         await conn.close()
 
 
+def best_us(convert: object, items: list[object], repeats: int = 5) -> float:
+    """Best-of-``repeats`` µs per item of ``convert`` over ``items``."""
+    assert callable(convert)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for item in items:
+            convert(item)
+        best = min(best, time.perf_counter() - started)
+    return round(best / len(items) * 1e6, 3)
+
+
+async def micro_timings(
+    events: list[Telemetry], dsn: str, patients: frozenset[str]
+) -> dict[str, float]:
+    payloads: list[object] = [encode(event) for event in events[:20_000]]
+    conn = await asyncpg.connect(dsn)
+    try:
+        sql, args = archive_query(Selection(patient_ids=patients), "device")
+        async with conn.transaction(readonly=True):
+            rows: list[object] = list(await conn.fetch(sql + " LIMIT 20000", *args))
+    finally:
+        await conn.close()
+    return {
+        "kafka_record_us": best_us(decode_record, payloads),
+        "archive_row_us": best_us(event_from_row, rows),
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     env = stack_environment()
     kafka = KafkaSettings()
@@ -149,6 +184,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 await store_telemetry(pool, events[offset : offset + 10_000])
         finally:
             await pool.close()
+
+        figures.update(await micro_timings(events, dsn, frozenset(patients)))
 
         # The engine alone, over events already converted: the ceiling for any reader.
         converted = [

@@ -40,6 +40,9 @@ from services.rules.domain.observation import (
     TEMPERATURE,
     Observation,
     observe,
+    pump_event,
+    pump_status,
+    temperature,
 )
 
 #: One event as replay carries it: the engine's own input form. Attributes replay reads:
@@ -55,6 +58,13 @@ CHANNEL_PUMP_EVENT = PUMP_EVENT
 #: ``pydantic.ValidationError`` for a record that breaks the contract. The live decoder itself,
 #: not a wrapper: it runs once per record.
 decode_record: Callable[[bytes], ReplayEvent] = decode_observation
+
+
+#: Positional builders of a ``ReplayEvent`` (the rules' own, see ``observation.py``): what the
+#: archive reader calls once per row.
+build_temperature = temperature
+build_pump_status = pump_status
+build_pump_event = pump_event
 
 
 def from_telemetry(event: Telemetry) -> ReplayEvent:

@@ -37,10 +37,10 @@ from schemas.events import Alert
 from schemas.kafka_topics import TELEMETRY_TOPIC
 from vigil.kafka import make_consumer
 from vigil.replay.engine_port import (
-    CHANNEL_PUMP_EVENT,
-    CHANNEL_PUMP_STATUS,
-    CHANNEL_TEMPERATURE,
     ReplayEvent,
+    build_pump_event,
+    build_pump_status,
+    build_temperature,
     decode_record,
 )
 from vigil.settings import KafkaSettings
@@ -449,46 +449,39 @@ def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[
 
 def event_from_row(row: Sequence[Any]) -> ReplayEvent:
     """The event one archive row stands for (column order of ``_SELECT``); ingest stored the
-    normalised values, so a row maps field for field. Built in one call per row: this is the
-    archive replay's per-row cost next to the engine's."""
+    normalised values, so a row maps field for field. Built by one positional builder call per
+    row (no keyword binding): this is the archive replay's per-row cost next to the engine's."""
     kind = row[0]
     if kind == 0:
-        return ReplayEvent(
-            channel=CHANNEL_TEMPERATURE,
-            patient_id=row[3],
-            device_id=row[4],
-            device_time=row[1],
-            ingest_time=row[2],
-            message_id=row[5],
-            clock_skew=bool(row[7]),
-            temperature_c=row[8] if row[8] is not None else 0.0,
-            site=row[12] or "unknown",
+        celsius = row[8]
+        return build_temperature(
+            row[3],
+            row[4],
+            row[1],
+            row[2],
+            row[5],
+            bool(row[7]),
+            celsius if celsius is not None else 0.0,
+            row[12] or "unknown",
         )
     if kind == 1:
-        return ReplayEvent(
-            channel=CHANNEL_PUMP_STATUS,
-            patient_id=row[3],
-            device_id=row[4],
-            device_time=row[1],
-            ingest_time=row[2],
-            message_id=row[5],
-            clock_skew=bool(row[7]),
-            rate_ml_h=row[8] if row[8] is not None else 0.0,
-            volume_remaining_ml=row[9] if row[9] is not None else 0.0,
-            bag_volume_ml=row[10],
-            battery_pct=row[11],
-            pump_state=row[12] or "",
+        rate = row[8]
+        volume = row[9]
+        return build_pump_status(
+            row[3],
+            row[4],
+            row[1],
+            row[2],
+            row[5],
+            bool(row[7]),
+            row[12] or "",
+            rate if rate is not None else 0.0,
+            volume if volume is not None else 0.0,
+            row[10],
+            row[11],
         )
-    return ReplayEvent(
-        channel=CHANNEL_PUMP_EVENT,
-        patient_id=row[3],
-        device_id=row[4],
-        device_time=row[1],
-        ingest_time=row[2],
-        message_id=row[5],
-        clock_skew=bool(row[7]),
-        event=row[12] or "",
-        alarm=row[13] or "",
+    return build_pump_event(
+        row[3], row[4], row[1], row[2], row[5], bool(row[7]), row[12] or "", row[13] or ""
     )
 
 

@@ -1,103 +1,161 @@
 """Kafka record bytes -> Observation, fast, with the validated contract as the fallback.
 
 Ingest validated every telemetry record against ``schemas.events.Telemetry`` before it put it on
-Kafka, so the rules read the handful of fields they need straight from the JSON (``orjson``)
-instead of re-validating the whole model per event. Anything unexpected (a missing field, a type
-that does not fit) falls back to full pydantic validation, which either yields the same
-Observation or raises ``ValidationError`` for the dead-letter path: a contract break is never
-silently skipped.
+Kafka, so the rules read the handful of fields they need straight from the JSON instead of
+re-validating the whole model per event. The record is decoded by ``msgspec`` into typed structs
+that declare only those fields (the rest of the record, ``mqtt_topic``, ``seq``, ``detail``, is
+skipped without building a Python object), with the two times parsed in C into aware
+``datetime``s; one positional builder call then makes the ``Observation``. Anything unexpected (a
+missing field, a type that does not fit, a naive time, an unknown message schema or unit) falls
+back to full pydantic validation, which either yields the same Observation or raises
+``ValidationError`` for the dead-letter path: a contract break is never silently skipped.
+``reference_observation`` is that validated path on its own; the unit tests hold the two equal.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Literal
 
-import orjson
+import msgspec
 
 from schemas.events import Telemetry
 from services.rules.domain.observation import (
     CLOCK_SKEW_FLAG,
-    HEARTBEAT,
-    PUMP_EVENT,
-    PUMP_STATUS,
-    TEMPERATURE,
     Observation,
+    heartbeat,
     observe,
+    pump_event,
+    pump_status,
+    temperature,
 )
 
-_CHANNELS = {
-    "vigil.device.temperature.v1": TEMPERATURE,
-    "vigil.device.pump_status.v1": PUMP_STATUS,
-    "vigil.device.pump_event.v1": PUMP_EVENT,
-    "vigil.device.heartbeat.v1": HEARTBEAT,
-}
+# Time zones are required: a naive time does not decode here (and pydantic refuses it too).
+_AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
-def _aware(text: str) -> datetime:
-    value = datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        raise ValueError("naive datetime")
-    return value
+# The device messages, by their ``schema`` tag. gc=False: these structs hold no cycles and live
+# for one record, so the cycle collector need not track them.
+class _Temperature(msgspec.Struct, tag_field="schema", tag="vigil.device.temperature.v1", gc=False):
+    message_id: str
+    device_time: _AwareTime
+    value: float
+    unit: str = "C"
+    site: str = "unknown"
 
 
-def _fast(data: dict[str, Any]) -> Observation:
-    # Each channel builds its Observation in one call, without an intermediate dict of the
-    # common fields: this runs for every record the service consumes.
-    if data.get("schema") != "vigil.telemetry.v1":
-        raise ValueError("not a telemetry record")
-    message = data["message"]
-    channel = _CHANNELS[message["schema"]]
-    flags = data.get("flags")
+class _PumpStatus(msgspec.Struct, tag_field="schema", tag="vigil.device.pump_status.v1", gc=False):
+    message_id: str
+    device_time: _AwareTime
+    state: str
+    rate_ml_h: float
+    volume_remaining_ml: float
+    bag_volume_ml: float | None = None
+    battery_pct: float | None = None
+
+
+class _PumpEvent(msgspec.Struct, tag_field="schema", tag="vigil.device.pump_event.v1", gc=False):
+    message_id: str
+    device_time: _AwareTime
+    event: str
+    alarm: str | None = None
+
+
+class _Heartbeat(msgspec.Struct, tag_field="schema", tag="vigil.device.heartbeat.v1", gc=False):
+    message_id: str
+    device_time: _AwareTime
+
+
+class _Record(msgspec.Struct, gc=False):
+    schema: Literal["vigil.telemetry.v1"]
+    patient_id: str
+    device_id: str
+    ingest_time: _AwareTime
+    message: _Temperature | _PumpStatus | _PumpEvent | _Heartbeat
+    temperature_c: float | None = None
+    flags: list[str] | None = None
+
+
+_decode = msgspec.json.Decoder(_Record).decode
+
+
+def _fahrenheit_to_celsius(value: float) -> float:
+    # Exactly ``TemperatureReading.celsius``: the model's rounding, not a second opinion.
+    return round((value - 32.0) * 5.0 / 9.0, 2)
+
+
+def _observation(record: _Record) -> Observation:
+    message = record.message
+    flags = record.flags
     skew = CLOCK_SKEW_FLAG in flags if flags else False
-    if channel == PUMP_STATUS:
-        return Observation(
-            patient_id=data["patient_id"],
-            device_id=data["device_id"],
-            channel=channel,
-            device_time=_aware(message["device_time"]),
-            ingest_time=_aware(data["ingest_time"]),
-            message_id=message["message_id"],
-            clock_skew=skew,
-            pump_state=message["state"],
-            rate_ml_h=float(message["rate_ml_h"]),
-            volume_remaining_ml=float(message["volume_remaining_ml"]),
-            bag_volume_ml=message.get("bag_volume_ml"),
-            battery_pct=message.get("battery_pct"),
+    # The common channels first: this runs for every record the service consumes.
+    if isinstance(message, _Temperature):
+        celsius = record.temperature_c
+        if celsius is None:
+            # Ingest normalises to °C; a record without it is converted as the model would.
+            if message.unit == "C":
+                celsius = message.value
+            elif message.unit == "F":
+                celsius = _fahrenheit_to_celsius(message.value)
+            else:
+                raise ValueError("unknown unit")
+        return temperature(
+            record.patient_id,
+            record.device_id,
+            message.device_time,
+            record.ingest_time,
+            message.message_id,
+            skew,
+            celsius,
+            message.site,
         )
-    if channel == TEMPERATURE:
-        celsius = data.get("temperature_c")
-        if not isinstance(celsius, int | float) or message.get("unit", "C") != "C":
-            raise ValueError("needs the model to normalise the unit")
-        return Observation(
-            patient_id=data["patient_id"],
-            device_id=data["device_id"],
-            channel=channel,
-            device_time=_aware(message["device_time"]),
-            ingest_time=_aware(data["ingest_time"]),
-            message_id=message["message_id"],
-            clock_skew=skew,
-            temperature_c=float(celsius),
-            site=message.get("site", "unknown"),
+    if isinstance(message, _PumpStatus):
+        return pump_status(
+            record.patient_id,
+            record.device_id,
+            message.device_time,
+            record.ingest_time,
+            message.message_id,
+            skew,
+            message.state,
+            message.rate_ml_h,
+            message.volume_remaining_ml,
+            message.bag_volume_ml,
+            message.battery_pct,
         )
-    common: dict[str, Any] = {
-        "patient_id": data["patient_id"],
-        "device_id": data["device_id"],
-        "channel": channel,
-        "device_time": _aware(message["device_time"]),
-        "ingest_time": _aware(data["ingest_time"]),
-        "message_id": message["message_id"],
-        "clock_skew": skew,
-    }
-    if channel == HEARTBEAT:
-        return Observation(**common)
-    return Observation(event=message["event"], alarm=message.get("alarm") or "", **common)
+    if isinstance(message, _PumpEvent):
+        return pump_event(
+            record.patient_id,
+            record.device_id,
+            message.device_time,
+            record.ingest_time,
+            message.message_id,
+            skew,
+            message.event,
+            message.alarm or "",
+        )
+    return heartbeat(
+        record.patient_id,
+        record.device_id,
+        message.device_time,
+        record.ingest_time,
+        message.message_id,
+        skew,
+    )
+
+
+def reference_observation(payload: bytes) -> Observation:
+    """The Observation of one record through full contract validation (the fallback, and the
+    reference the fast path is tested against); raises ``pydantic.ValidationError``."""
+    return observe(Telemetry.model_validate_json(payload))
 
 
 def decode_observation(payload: bytes) -> Observation:
     """The Observation of one telemetry record; raises ``pydantic.ValidationError`` when the
     record breaks the contract."""
     try:
-        return _fast(orjson.loads(payload))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return observe(Telemetry.model_validate_json(payload))
+        return _observation(_decode(payload))
+    except (msgspec.DecodeError, ValueError, TypeError):
+        # msgspec.ValidationError is a DecodeError; anything the fast path does not know how to
+        # read exactly is the model's to decide.
+        return reference_observation(payload)
