@@ -39,6 +39,7 @@ from vigil.replay.report import (
     PatientPanel,
     ReportContent,
     render_html,
+    truncation_warning,
     write_csv,
     write_diff_csv,
     write_jsonl,
@@ -273,6 +274,7 @@ def report_content(outcome: ReplayOutcome) -> ReportContent:
         diffs=[d for d in (outcome.recorded_diff, outcome.candidate_diff) if d is not None],
         panels=panels,
         notes=notes,
+        warnings=[truncation_warning(t) for t in run["truncated_partitions"]],
     )
 
 

@@ -170,6 +170,8 @@ class ReportContent:
     diffs: Sequence[AlertDiffReport] = ()
     panels: Sequence[PatientPanel] = ()
     notes: Sequence[str] = field(default_factory=tuple)
+    # What makes the run's result less than exact (a truncated warm-up): shown first, in red.
+    warnings: Sequence[str] = field(default_factory=tuple)
 
 
 _PHASE_COLOURS = {
@@ -199,6 +201,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:12.5px}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f2f2f2}.k{color:#555}.same{background:#eef8ee}.missing{background:#fbe3e3}
 .extra{background:#fdf0d5}.timing,.changed{background:#e8eefa}code{font-size:12px}
+.warn{border:2px solid #c0392b;background:#fbe3e3;padding:6px 10px}
 .legend span{display:inline-block;margin-right:14px}.sw{display:inline-block;width:12px;
 height:12px;margin-right:4px;vertical-align:middle;border:1px solid #999}
 """
@@ -394,6 +397,8 @@ def render_html(content: ReportContent) -> str:
         + escape(_fmt_time(content.generated_at))
         + ". All times are device times unless marked otherwise.</p>"
     )
+    for warning in content.warnings:
+        body.write(f"<p class='warn'><b>Warning:</b> {escape(warning)}</p>")
     body.write("<h2>Run</h2>")
     body.write(
         _table(
@@ -488,6 +493,18 @@ def render_html(content: ReportContent) -> str:
         f"<title>{escape(content.title)}</title><style>{_CSS}</style></head><body>"
         + body.getvalue()
         + "</body></html>\n"
+    )
+
+
+def truncation_warning(partition: Mapping[str, Any]) -> str:
+    """The report's sentence for one partition of ``truncated_partitions`` in the summary."""
+    needed = partition["needed_from"]
+    return (
+        f"warm-up truncated: Kafka partition {partition['partition']} now begins at offset "
+        f"{partition['earliest_offset']} (record time {partition['earliest_time'] or 'unknown'});"
+        f" the warm-up needed it from {needed}. Retention has deleted the records before it, so"
+        " the engine started there with an empty state: decisions near the window start may"
+        " differ from the live ones."
     )
 
 

@@ -39,9 +39,11 @@ from vigil.replay.sources import (
     PartitionRange,
     ReadStats,
     Selection,
+    TruncatedStart,
     config_from_state_topic,
     count_archive,
     dedupe_alerts,
+    find_truncated_starts,
     make_reader_consumer,
     patients_of_care_team,
     plan_partitions,
@@ -156,6 +158,9 @@ class ReplayOutcome:
     elapsed_s: float
     audit_seq: int | None = None
     lanes: int | None = None
+    # Kafka partitions whose warm-up (or, for a full replay, whose reading) had to start at a
+    # beginning retention had moved: the state at the window start is not the live one.
+    truncated: list[TruncatedStart] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -171,6 +176,8 @@ class ReplayOutcome:
             "alerts": len(self.primary.alerts),
             "open_at_window_start": len(self.primary.open_at_start()),
             "warmup_events_read": self.stats.warmup_read,
+            "warmup_truncated": bool(self.truncated),
+            "truncated_partitions": [t.describe() for t in self.truncated],
             "candidate_alerts": len(self.candidate.alerts) if self.candidate else None,
             "recorded_alerts": len(self.recorded) if self.recorded is not None else None,
             "recorded_diff": self.recorded_diff.counts() if self.recorded_diff else None,
@@ -279,6 +286,7 @@ async def run_replay(
 
         batches: AsyncIterator[Batch]
         consumer = None
+        truncated: list[TruncatedStart] = []
         if request.source == "kafka":
             consumer = make_reader_consumer(kafka, "replay")
             await consumer.start()
@@ -298,6 +306,10 @@ async def run_replay(
                 if request.warmup and mid_stream
                 else None
             )
+            if request.warmup:
+                # Said in the summary and the report, never silently: a warm-up that cannot
+                # reach back far enough gives the window another starting state than live.
+                truncated = await find_truncated_starts(consumer, plan, warm, request.warmup_since)
             # The bar counts the warm-up too: it is read, and it takes time.
             total: int | None = sum(end - start for start, end in plan.values()) + sum(
                 plan[tp][0] - offset for tp, offset in (warm or {}).items()
@@ -388,6 +400,7 @@ async def run_replay(
             candidate_diff=candidate_diff,
             elapsed_s=time.perf_counter() - started,
             lanes=lanes,
+            truncated=truncated,
         )
         if request.audit:
             outcome.audit_seq = await _audit(request, outcome, (postgres or PostgresSettings()).dsn)

@@ -24,9 +24,9 @@ import asyncio
 import contextlib
 import json
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -217,6 +217,83 @@ async def warmup_offsets(
             for tp in tps
         }
     return {tp: starts[tp] for tp in tps if starts[tp] < plan[tp][0]}
+
+
+@dataclass(frozen=True, slots=True)
+class TruncatedStart:
+    """A partition whose retained log starts later than the warm-up needed: retention (or a
+    ``delete_records``) has removed its beginning, so the engine starts from an empty state at
+    ``earliest_offset`` instead of the state the live engine had there."""
+
+    partition: int
+    earliest_offset: int
+    # Record time of the earliest retained record (None when the partition holds none).
+    earliest_time: datetime | None
+    # Where the warm-up had to start: ``--warmup-since``, or None for the start of the record.
+    needed_from: datetime | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "partition": self.partition,
+            "earliest_offset": self.earliest_offset,
+            "earliest_time": self.earliest_time.isoformat() if self.earliest_time else None,
+            "needed_from": self.needed_from.isoformat() if self.needed_from else "start of record",
+        }
+
+
+def truncated_starts(
+    read_from: Mapping[int, int],
+    beginnings: Mapping[int, int],
+    first_times: Mapping[int, datetime | None],
+    needed_from: datetime | None,
+) -> list[TruncatedStart]:
+    """The partitions whose reading starts at a log beginning that retention has moved.
+
+    ``read_from``: the offset each partition is read from (its warm-up start, or the window's
+    start when there is no warm-up before it); ``beginnings``: each partition's earliest
+    retained offset; ``first_times``: the record time of that earliest record. A log that was
+    never trimmed begins at offset 0. One read from a later beginning lacks the records before
+    it, unless the warm-up only needed records from ``needed_from`` on and the earliest
+    retained record is no later than that. Pure, so the flagging is tested without a broker.
+    """
+    found: list[TruncatedStart] = []
+    for partition in sorted(read_from):
+        beginning = beginnings.get(partition, 0)
+        if read_from[partition] > beginning or beginning == 0:
+            continue  # read from later than the beginning, or nothing was ever deleted
+        first = first_times.get(partition)
+        if needed_from is not None and first is not None and first <= needed_from:
+            continue
+        found.append(TruncatedStart(partition, beginning, first, needed_from))
+    return found
+
+
+async def find_truncated_starts(
+    consumer: AIOKafkaConsumer,
+    plan: dict[TopicPartition, tuple[int, int]],
+    warm_from: dict[TopicPartition, int] | None,
+    needed_from: datetime | None,
+) -> list[TruncatedStart]:
+    """``truncated_starts`` for a planned read: asks the broker for each partition's earliest
+    offset and, where that is above 0, the time of its earliest record (the first record at or
+    after time 0)."""
+    read_from = {tp: (warm_from or {}).get(tp, start) for tp, (start, _) in plan.items()}
+    beginnings = await consumer.beginning_offsets(list(plan))
+    trimmed = [tp for tp in plan if beginnings[tp] > 0 and read_from[tp] <= beginnings[tp]]
+    first_times: dict[int, datetime | None] = {}
+    if trimmed:
+        found = await consumer.offsets_for_times({tp: 0 for tp in trimmed})
+        for tp in trimmed:
+            hit = found.get(tp)
+            first_times[tp.partition] = (
+                datetime.fromtimestamp(hit.timestamp / 1000, UTC) if hit is not None else None
+            )
+    return truncated_starts(
+        {tp.partition: offset for tp, offset in read_from.items()},
+        {tp.partition: offset for tp, offset in beginnings.items()},
+        first_times,
+        needed_from,
+    )
 
 
 Fetched = list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]
@@ -698,6 +775,7 @@ __all__ = [
     "Position",
     "ReadStats",
     "Selection",
+    "TruncatedStart",
     "archive_query",
     "count_archive",
     "event_from_row",
@@ -709,4 +787,5 @@ __all__ = [
     "read_kafka",
     "recorded_alerts_from_table",
     "recorded_alerts_from_topic",
+    "truncated_starts",
 ]
