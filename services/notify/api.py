@@ -15,12 +15,15 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.events import AlertPriority
 from schemas.notify import (
     AcknowledgeIn,
     AckOut,
@@ -35,9 +38,11 @@ from schemas.notify import (
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.twilio import twilio_signature
 from services.notify.domain.ack_token import InvalidAckToken
+from services.notify.domain.quiet_hours import QuietHours, held_until
 from services.notify.domain.schedule import on_call_at
 from services.notify.service_layer.escalation import AckOutcome, AckResult, EscalationService
 from services.notify.settings import NotifySettings
+from vigil.audit.actions import AuditAction
 from vigil.runtime import utcnow
 
 
@@ -222,6 +227,79 @@ def create_app(
             body.repeat_count,
         )
 
+    # -- quiet hours --------------------------------------------------------------------------
+
+    @app.put("/care-teams/{care_team_id}/quiet-hours", dependencies=managed, status_code=204)
+    async def put_quiet_hours(
+        care_team_id: str, body: QuietHoursIn, service: Service, pool: Pool
+    ) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT 1 FROM care_teams WHERE care_team_id = $1", care_team_id
+            ):
+                raise HTTPException(status_code=404, detail="no such care team")
+            before = await _quiet_hours_row(conn, care_team_id)
+            # The service's clock, so the change is measured on the same clock as the digests.
+            now = service.now()
+            quiet = QuietHours(timezone=body.timezone, start=body.start, end=body.end)
+            await _bring_digests_forward(
+                conn, care_team_id, held_until(AlertPriority.LOW, quiet, now) or now
+            )
+            await conn.execute(
+                """
+                INSERT INTO notify_quiet_hours (care_team_id, timezone, starts_local,
+                                                ends_local, updated_at, updated_by)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (care_team_id) DO UPDATE
+                    SET timezone = EXCLUDED.timezone, starts_local = EXCLUDED.starts_local,
+                        ends_local = EXCLUDED.ends_local, updated_at = EXCLUDED.updated_at,
+                        updated_by = EXCLUDED.updated_by
+                """,
+                care_team_id,
+                body.timezone,
+                body.start,
+                body.end,
+                now,
+                body.changed_by,
+            )
+            # Quiet hours decide whether a low-priority alarm pages someone at night: who
+            # changed them, and from what, is kept in the tamper-evident audit log.
+            await _audit_quiet_hours(
+                conn, body.changed_by, care_team_id, before, _quiet_json(body), now
+            )
+
+    @app.get("/care-teams/{care_team_id}/quiet-hours", dependencies=managed)
+    async def get_quiet_hours(care_team_id: str, pool: Pool) -> QuietHoursOut:
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM notify_quiet_hours WHERE care_team_id = $1", care_team_id
+            )
+        if row is None:
+            raise HTTPException(status_code=404, detail="no quiet hours: every alert pages now")
+        return QuietHoursOut(
+            care_team_id=care_team_id,
+            timezone=row["timezone"],
+            start=row["starts_local"],
+            end=row["ends_local"],
+            updated_at=row["updated_at"],
+            updated_by=row["updated_by"],
+        )
+
+    @app.delete("/care-teams/{care_team_id}/quiet-hours", dependencies=managed, status_code=204)
+    async def delete_quiet_hours(care_team_id: str, by: str, service: Service, pool: Pool) -> None:
+        if not by.strip():
+            raise HTTPException(status_code=422, detail="by names who removes them")
+        async with pool.acquire() as conn, conn.transaction():
+            before = await _quiet_hours_row(conn, care_team_id)
+            if before is None:
+                raise HTTPException(status_code=404, detail="no quiet hours")
+            now = service.now()
+            await conn.execute(
+                "DELETE FROM notify_quiet_hours WHERE care_team_id = $1", care_team_id
+            )
+            await _bring_digests_forward(conn, care_team_id, now)
+            await _audit_quiet_hours(conn, by, care_team_id, before, None, now)
+
     # -- alerts -------------------------------------------------------------------------------
 
     @app.get("/alerts/{dedup_key}/timeline", dependencies=managed)
@@ -312,6 +390,106 @@ def create_app(
         )
 
     return app
+
+
+#: The audit action of a change to a care team's quiet hours (``vigil audit list``).
+QUIET_HOURS_CHANGED = AuditAction.QUIET_HOURS_CHANGED
+
+
+class QuietHoursIn(BaseModel):
+    """A care team's quiet hours: LOW and INFO alerts arriving between ``start`` and ``end``
+    (local wall-clock time in ``timezone``; crosses midnight when start > end) are held and
+    paged as one digest when they end. HIGH and MEDIUM are never held."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timezone: str = Field(description="IANA time zone, e.g. Europe/Berlin.")
+    start: time = Field(description="Local wall-clock time quiet hours begin, e.g. 22:00.")
+    end: time = Field(description="Local wall-clock time they end, e.g. 07:00.")
+    changed_by: str = Field(min_length=1, description="Who sets them, e.g. person:lead-nurse.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {name!r}") from exc
+        return name
+
+    @model_validator(mode="after")
+    def _window(self) -> "QuietHoursIn":
+        if self.start.tzinfo is not None or self.end.tzinfo is not None:
+            raise ValueError("start and end are local times in timezone, without an offset")
+        if self.start == self.end:
+            raise ValueError("quiet hours start and end at different times")
+        return self
+
+
+class QuietHoursOut(BaseModel):
+    care_team_id: str
+    timezone: str
+    start: time
+    end: time
+    updated_at: datetime
+    updated_by: str
+
+
+def _quiet_json(body: QuietHoursIn) -> dict[str, str]:
+    return {
+        "timezone": body.timezone,
+        "start": body.start.isoformat(),
+        "end": body.end.isoformat(),
+    }
+
+
+async def _quiet_hours_row(conn: Any, care_team_id: str) -> dict[str, str] | None:
+    row = await conn.fetchrow(
+        "SELECT timezone, starts_local, ends_local FROM notify_quiet_hours "
+        "WHERE care_team_id = $1 FOR UPDATE",
+        care_team_id,
+    )
+    if row is None:
+        return None
+    return {
+        "timezone": row["timezone"],
+        "start": row["starts_local"].isoformat(),
+        "end": row["ends_local"].isoformat(),
+    }
+
+
+async def _bring_digests_forward(conn: Any, care_team_id: str, due_at: datetime) -> None:
+    """A pending digest is paged no later than the quiet hours now in force end (at once when
+    they were removed or no longer cover this instant). Never later than announced: alerts
+    already held were promised to be paged at the old end."""
+    await conn.execute(
+        """
+        UPDATE notify_bundles SET due_at = LEAST(due_at, $2)
+        WHERE care_team_id = $1 AND kind = 'quiet_digest' AND status = 'pending'
+        """,
+        care_team_id,
+        due_at,
+    )
+
+
+async def _audit_quiet_hours(
+    conn: Any,
+    actor: str,
+    care_team_id: str,
+    before: dict[str, str] | None,
+    after: dict[str, str] | None,
+    at: datetime,
+) -> None:
+    from vigil.audit import append as audit_append
+
+    await audit_append(
+        conn,
+        actor,
+        QUIET_HOURS_CHANGED,
+        f"care_team:{care_team_id}",
+        {"before": before, "after": after},
+        at=at,
+    )
 
 
 def _same(path_id: str, body_id: str) -> None:

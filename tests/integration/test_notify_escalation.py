@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import Message
+from email.message import EmailMessage, Message
 from typing import Any
 
 import asyncpg
@@ -631,10 +632,12 @@ async def _heartbeat_scenario(
 GROUP_WAIT_S = DEFAULT_GROUP_WAIT_S
 
 
-def _modern(raw: bytes) -> Message:
+def _modern(raw: bytes) -> EmailMessage:
     """The message with its headers decoded and unfolded (a bundle's subject is long and
     carries non-ASCII, so it is folded and encoded on the wire)."""
-    return email.message_from_bytes(raw, policy=email.policy.default)
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def _subjects(rig: Rig, role: str) -> list[str]:
@@ -1064,3 +1067,285 @@ async def test_alarm_acknowledged_while_held_is_left_out_of_the_follow_up_page(
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
     assert _subjects(rig, "primary")[2:] == [f"[VIGIL HIGH] {first.title} — patient {quiet}"]
+
+
+# -- quiet hours ------------------------------------------------------------------------------
+
+# T0 is 03:00 in Berlin (CET): inside 22:00-07:00, which ends at 06:00 UTC that morning.
+QUIET_END = datetime(2025, 3, 1, 6, 0, tzinfo=UTC)
+
+
+async def _quiet_team(rig: Rig) -> tuple[str, str]:
+    team, patient = await _team(
+        rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag)
+    )
+    await _put(
+        rig.api,
+        f"/care-teams/{team}/quiet-hours",
+        {
+            "timezone": "Europe/Berlin",
+            "start": "22:00",
+            "end": "07:00",
+            "changed_by": f"person:lead-{rig.tag}",
+        },
+    )
+    return team, patient
+
+
+def _prioritised(
+    patient: str, code: str, priority: AlertPriority, phase: AlertPhase = AlertPhase.START
+) -> Alert:
+    return _alert(patient, phase, code=code).model_copy(
+        update={"priority": priority, "title": f"{code} ({priority.value})"}
+    )
+
+
+async def test_high_and_medium_page_at_once_inside_quiet_hours(rig: Rig) -> None:
+    """Safety: with quiet hours on and the clock inside them, a HIGH and a MEDIUM alert are each
+    paged at once (inside handle_alert, no tick); a LOW one arriving at the same instant is
+    held, not paged, and its timeline says so."""
+    _, patient = await _quiet_team(rig)
+    high = _prioritised(patient, "OCCLUSION", AlertPriority.HIGH)
+    medium = _prioritised(patient, "INTERRUPTED", AlertPriority.MEDIUM)
+    low = _prioritised(patient, "BATTERY", AlertPriority.LOW)
+    for alert in (high, medium, low):
+        assert await rig.service.handle_alert(alert)
+    assert sorted(_subjects(rig, "primary")) == sorted(
+        f"[VIGIL {a.priority.value.upper()}] {a.title} — patient {patient}" for a in (high, medium)
+    )
+    timeline = (await rig.api.get(f"/alerts/{low.dedup_key}/timeline")).json()
+    assert timeline["status"] == "open" and timeline["next_step_due_at"] is None
+    held = [e for e in timeline["events"] if e["kind"] == "held_for_quiet_hours"]
+    assert [e["detail"]["due_at"] for e in held] == [QUIET_END.isoformat()]
+
+
+async def test_low_alerts_are_paged_as_one_digest_when_quiet_hours_end(rig: Rig) -> None:
+    """Four LOW/INFO alerts of two patients held overnight: one acknowledged (left out), one
+    resolved (listed as resolved, no all-clear of its own). Nothing is paged before 06:00 UTC;
+    at 06:00 the primary gets exactly one page listing the other three; the chain goes on (the
+    secondary gets one digest page 5 min later); the digest's link acknowledges all of them."""
+    team, patient = await _quiet_team(rig)
+    other = f"{patient}-b"
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", other, team
+    )
+    battery = _prioritised(patient, "BATTERY", AlertPriority.LOW)
+    acked = _prioritised(patient, "RESERVOIR", AlertPriority.LOW)
+    info = _prioritised(other, "REMINDER", AlertPriority.INFO)
+    gone = _prioritised(other, "SIGNAL", AlertPriority.LOW)
+    for alert in (battery, acked, info, gone):
+        await rig.service.handle_alert(alert)
+        rig.clock.advance(seconds=1)
+    answer = await rig.api.post(
+        f"/alerts/{acked.dedup_key}/acknowledge", json={"by": f"person:primary-{rig.tag}"}
+    )
+    assert answer.status_code == 200, answer.text
+    rig.clock.advance(minutes=30)
+    resolved_at = rig.clock.now
+    await rig.service.handle_alert(
+        _prioritised(other, "SIGNAL", AlertPriority.INFO, AlertPhase.END)
+    )
+    rig.clock.now = QUIET_END - timedelta(seconds=1)
+    await _round(rig.service)
+    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
+
+    rig.clock.now = QUIET_END
+    await _round(rig.service)
+    [digest] = [_modern(raw) for raw in rig.smtp.to(f"primary-{rig.tag}@h.test")]
+    assert digest["Subject"].startswith("[VIGIL LOW] Quiet hours: 3 alerts (1 resolved)")
+    body = digest.get_content()
+    for alert in (battery, info, gone):
+        assert alert.dedup_key in body
+    assert acked.dedup_key not in body
+    assert f"RESOLVED at {resolved_at.isoformat()}" in body
+    assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
+
+    rig.clock.advance(minutes=5)
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"secondary-{rig.tag}@h.test")) == 1
+    link = re.search(r"http://notify\.test(/ack/\S+)", body)
+    assert link is not None
+    assert (await rig.api.post(link.group(1))).status_code == 200
+    for alert in (battery, info):
+        timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+        assert timeline["status"] == "acknowledged"
+    rig.clock.advance(minutes=30)
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"attending-{rig.tag}@h.test")) == 0
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+
+
+async def test_resolved_only_digest_is_still_paged(rig: Rig) -> None:
+    """A held alert that came and went during the night is the whole digest: it is still paged
+    at the end of quiet hours (resolved), never silently dropped; an alert acknowledged
+    while held is not paged at all."""
+    _, patient = await _quiet_team(rig)
+    gone = _prioritised(patient, "SIGNAL", AlertPriority.LOW)
+    await rig.service.handle_alert(gone)
+    rig.clock.advance(minutes=10)
+    await rig.service.handle_alert(
+        _prioritised(patient, "SIGNAL", AlertPriority.INFO, AlertPhase.END)
+    )
+    rig.clock.now = QUIET_END
+    await _round(rig.service)
+    [digest] = [_modern(raw) for raw in rig.smtp.to(f"primary-{rig.tag}@h.test")]
+    assert "1 alert (1 resolved)" in digest["Subject"]
+    assert "RESOLVED at" in digest.get_content()
+
+
+async def test_digest_survives_a_restart_during_quiet_hours(rig: Rig) -> None:
+    """The instance that held a LOW alert dies; another instance over the same database pages
+    the digest at the end of quiet hours, once (the first instance's later tick finds it paged)."""
+    _, patient = await _quiet_team(rig)
+    low = _prioritised(patient, "BATTERY", AlertPriority.LOW)
+    await rig.service.handle_alert(low)
+    restarted = rig.new_instance()
+    rig.clock.now = QUIET_END
+    await _round(restarted)
+    await _round(rig.service)
+    mails = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    assert len(mails) == 1 and low.dedup_key in _modern(mails[0]).get_content()
+
+
+async def test_removing_quiet_hours_pages_what_they_held_at_once(rig: Rig) -> None:
+    """Quiet hours moved to end earlier page the held alert at the new end (not the old one);
+    removed altogether, the next held alert is paged on the next round, not at 06:00 UTC."""
+    team, patient = await _quiet_team(rig)
+    path = f"/care-teams/{team}/quiet-hours"
+    first = _prioritised(patient, "BATTERY", AlertPriority.LOW)
+    await rig.service.handle_alert(first)
+    shorter = {"timezone": "Europe/Berlin", "start": "22:00", "end": "05:00", "changed_by": "p:a"}
+    await _put(rig.api, path, shorter)
+    rig.clock.now = datetime(2025, 3, 1, 3, 59, 59, tzinfo=UTC)
+    await _round(rig.service)
+    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
+    rig.clock.now = datetime(2025, 3, 1, 4, 0, tzinfo=UTC)  # 05:00 CET
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+
+    await _put(rig.api, path, {**shorter, "end": "07:00"})
+    second = _prioritised(patient, "RESERVOIR", AlertPriority.LOW)
+    await rig.service.handle_alert(second)
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
+    assert (await rig.api.delete(path, params={"by": "p:a"})).status_code == 204
+    await _round(rig.service)
+    mails = rig.smtp.to(f"primary-{rig.tag}@h.test")
+    assert len(mails) == 2 and second.dedup_key in _modern(mails[1]).get_content()
+
+
+async def test_held_alert_that_escalates_to_high_is_paged_at_once(rig: Rig) -> None:
+    """A LOW alert held for the digest escalates to HIGH during quiet hours: it leaves the
+    digest and is paged at once (its page and the escalation notice), and the digest at the end
+    of quiet hours, now empty, pages nobody again."""
+    _, patient = await _quiet_team(rig)
+    low = _prioritised(patient, "INTERRUPTED", AlertPriority.LOW)
+    await rig.service.handle_alert(low)
+    assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
+    rig.clock.advance(minutes=20)
+    worse = _prioritised(patient, "INTERRUPTED", AlertPriority.HIGH, AlertPhase.ESCALATE)
+    await rig.service.handle_alert(worse)
+    subjects = _subjects(rig, "primary")
+    # Sent concurrently, so in either order: the alert page and the escalation notice.
+    assert len(subjects) == 2 and sum("Escalated" in s for s in subjects) == 1
+    timeline = (await rig.api.get(f"/alerts/{low.dedup_key}/timeline")).json()
+    assert "released_from_quiet_hours" in [e["kind"] for e in timeline["events"]]
+    await rig.api.post(f"/alerts/{low.dedup_key}/acknowledge", json={"by": "person:x"})
+    rig.clock.now = QUIET_END
+    await _round(rig.service)
+    assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
+
+
+async def test_quiet_hours_api_validates_audits_and_defaults_to_none(rig: Rig) -> None:
+    """No quiet hours until set (404); an unknown zone or start == end is refused (422), an
+    unknown team 404; a valid PUT is read back and written to the audit log with who set it
+    and the values before and after; DELETE removes them (audited too)."""
+    team, _ = await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    path = f"/care-teams/{team}/quiet-hours"
+    assert (await rig.api.get(path)).status_code == 404
+    good = {"timezone": "Europe/Berlin", "start": "22:00", "end": "07:00", "changed_by": "p:a"}
+    for bad in ({"timezone": "Europe/Atlantis"}, {"end": "22:00"}, {"changed_by": ""}):
+        answer = await rig.api.put(path, json={**good, **bad})
+        assert answer.status_code == 422, bad
+    assert (await rig.api.put(f"/care-teams/{team}-none/quiet-hours", json=good)).status_code == 404
+    await _put(rig.api, path, good)
+    read = (await rig.api.get(path)).json()
+    assert (read["timezone"], read["start"], read["end"], read["updated_by"]) == (
+        "Europe/Berlin",
+        "22:00:00",
+        "07:00:00",
+        "p:a",
+    )
+    await _put(rig.api, path, {**good, "start": "23:30", "changed_by": "p:b"})
+    assert (await rig.api.delete(path, params={"by": "p:c"})).status_code == 204
+    assert (await rig.api.get(path)).status_code == 404
+    rows = await rig.pool.fetch(
+        "SELECT actor, details FROM audit_log WHERE action = 'notify.quiet_hours_changed' "
+        "AND subject = $1 ORDER BY seq",
+        f"care_team:{team}",
+    )
+    changes = [(r["actor"], json.loads(r["details"])) for r in rows]
+    assert [actor for actor, _ in changes] == ["p:a", "p:b", "p:c"]
+    assert changes[0][1]["before"] is None and changes[0][1]["after"]["start"] == "22:00:00"
+    assert changes[1][1]["before"]["start"] == "22:00:00"
+    assert changes[1][1]["after"]["start"] == "23:30:00"
+    assert changes[2][1]["after"] is None
+
+
+# -- all clear after a failover ---------------------------------------------------------------
+
+
+async def test_all_clear_goes_where_each_person_was_actually_reached(rig: Rig) -> None:
+    """One step pages three people. The fellow's PagerDuty trigger is refused for good (400) and
+    fails over to e-mail; the nurse's SMS is refused and fails over to e-mail; the attending's
+    PagerDuty trigger is accepted. When the alert ends: the fellow and the nurse get the
+    all-clear by e-mail (the channel that reached them), no SMS is attempted again, and
+    PagerDuty gets exactly one event more: the resolve of the attending's incident."""
+    fellow_key, attending_key = f"rk-f-{rig.tag}", f"rk-a-{rig.tag}"
+    phone = f"+1557{int(rig.tag, 16) % 10_000_000:07d}"
+    people = {
+        "fellow": [
+            {"channel": "webhook", "address": fellow_key},
+            {"channel": "email", "address": f"fellow-{rig.tag}@h.test"},
+        ],
+        "nurse": [
+            {"channel": "sms", "address": phone},
+            {"channel": "email", "address": f"nurse-{rig.tag}@h.test"},
+        ],
+        "attending": [
+            {"channel": "webhook", "address": attending_key},
+            {"channel": "email", "address": f"attending-{rig.tag}@h.test"},
+        ],
+    }
+    steps = [
+        {
+            "targets": [{"kind": "person", "ref": f"{p}-{rig.tag}"} for p in people],
+            "wait_minutes": 5,
+        }
+    ]
+    await _team(rig, people=people, steps=steps)
+    rig.pagerduty.respond = lambda event: 400 if event["routing_key"] == fellow_key else 202
+    rig.twilio.respond = lambda form: (400, "The 'To' number is not a valid phone number.")
+    alert = _alert(f"P-{rig.tag}")
+    await rig.service.handle_alert(alert)
+    await rig.service.deliver_due()
+    assert len(rig.smtp.to(f"fellow-{rig.tag}@h.test")) == 1
+    assert len(rig.smtp.to(f"nurse-{rig.tag}@h.test")) == 1
+    assert rig.smtp.to(f"attending-{rig.tag}@h.test") == []
+    assert _pd_events(rig, attending_key) == [("trigger", alert.dedup_key)]
+    sms_tries = rig.twilio.create_calls
+
+    rig.clock.advance(minutes=1)
+    await rig.service.handle_alert(_alert(f"P-{rig.tag}", AlertPhase.END))
+    await rig.service.deliver_due()
+    for role in ("fellow", "nurse"):
+        mails = rig.smtp.to(f"{role}-{rig.tag}@h.test")
+        assert len(mails) == 2, role
+        assert "All clear" in _mail(mails[1])["Subject"], role
+    assert rig.smtp.to(f"attending-{rig.tag}@h.test") == []
+    assert rig.twilio.create_calls == sms_tries
+    assert _pd_events(rig, attending_key) == [
+        ("trigger", alert.dedup_key),
+        ("resolve", alert.dedup_key),
+    ]
+    assert _pd_events(rig, fellow_key) == []

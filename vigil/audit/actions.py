@@ -10,4 +10,5 @@ class AuditAction(StrEnum):
     THRESHOLDS_CHANGED = "thresholds.changed"
     RULES_CONFIG_SAVED = "rules_config.saved"
     RULES_CONFIG_LOADED = "rules_config.loaded"
+    QUIET_HOURS_CHANGED = "notify.quiet_hours_changed"
     REPLAY_RUN = "replay.run"

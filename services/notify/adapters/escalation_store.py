@@ -48,14 +48,27 @@ from services.notify.domain.escalation import (
     snapshot_from_json,
     snapshot_to_json,
 )
+from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.routing import PagePurpose, page_id_for
 from services.notify.domain.schedule import Override, Rotation
-from services.notify.service_layer.ports import FALLBACK_PREFIX, PageJob, SendOutcome
+from services.notify.service_layer.ports import (
+    FALLBACK_PREFIX,
+    QUIET_DIGEST_KIND,
+    PageJob,
+    SendOutcome,
+)
 
 _JOB_SELECT = """
     SELECT p.*,
+           -- A quiet-hours digest page lists resolved alerts too ("resolved at ..."): it stops
+           -- only when every alert of the digest is acknowledged.
+           CASE WHEN p.purpose = 'quiet_digest' THEN
+                    CASE WHEN EXISTS (SELECT 1 FROM escalations o
+                                      WHERE o.bundle_id = p.bundle_id
+                                        AND o.acknowledged_by IS NULL) THEN 'open'
+                         ELSE 'acknowledged' END
            -- A shared bundle page stops only when every escalation of its bundle has stopped.
-           CASE WHEN p.bundle_id IS NULL OR p.purpose <> 'alert' THEN e.status
+                WHEN p.bundle_id IS NULL OR p.purpose <> 'alert' THEN e.status
                 WHEN EXISTS (SELECT 1 FROM escalations o
                              WHERE o.bundle_id = p.bundle_id
                                AND o.status IN ('open', 'exhausted')) THEN 'open'
@@ -64,7 +77,9 @@ _JOB_SELECT = """
                    WHERE p.recipient_ref = 'person:' || c.person_id
                      AND c.rank > p.contact_rank) AS has_next_channel,
            a.device_id, a.kind, a.code, a.priority, a.phase, a.state, a.title,
-           a.device_time, a.ingest_time, a.evidence, a.rule_id, a.rule_version
+           a.device_time, a.ingest_time, a.evidence, a.rule_id, a.rule_version,
+           (SELECT nb.kind FROM notify_bundles nb WHERE nb.bundle_id = p.bundle_id)
+               AS bundle_kind
     FROM pages p
     JOIN escalations e ON e.escalation_id = p.escalation_id
     JOIN alerts a ON a.alert_id = p.alert_id
@@ -309,12 +324,135 @@ class PostgresEscalationStore:
             """
             SELECT b.bundle_id FROM notify_bundle_members m
             JOIN notify_bundles b ON b.bundle_id = m.bundle_id
-            WHERE m.dedup_key = $1 AND b.status = 'pending'
+            WHERE m.dedup_key = $1 AND b.status = 'pending' AND b.kind = 'burst'
             LIMIT 1
             """,
             dedup_key,
         )
         return None if value is None else UUID(str(value))
+
+    # -- quiet hours --------------------------------------------------------------------------
+
+    async def quiet_hours(self, care_team_id: str) -> QuietHours | None:
+        row = await self._pool.fetchrow(
+            "SELECT timezone, starts_local, ends_local FROM notify_quiet_hours "
+            "WHERE care_team_id = $1",
+            care_team_id,
+        )
+        if row is None:
+            return None
+        return QuietHours(
+            timezone=str(row["timezone"]), start=row["starts_local"], end=row["ends_local"]
+        )
+
+    async def hold_for_quiet_hours(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        until: datetime,
+    ) -> UUID | None:
+        """Hold a low-priority alert for its team's digest due ``until`` (the end of the quiet
+        hours it arrived in); None when the dedup key already has an escalation.
+
+        The escalation is opened now (policy frozen, visible in the timeline, can be
+        acknowledged or resolved) with no timer; the digest row and the membership commit in
+        the same transaction, before the alert's offset is committed, so a restart during
+        quiet hours still pages the digest. One digest per team and end, serialised per team
+        with an advisory lock so two instances never open two.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"notify-quiet-digest:{care_team_id}",
+            )
+            if await conn.fetchval(
+                "SELECT 1 FROM escalations WHERE dedup_key = $1", alert.dedup_key
+            ):
+                return None
+            digest_id = await conn.fetchval(
+                """
+                SELECT bundle_id FROM notify_bundles
+                WHERE kind = 'quiet_digest' AND status = 'pending'
+                  AND care_team_id = $1 AND due_at = $2
+                FOR UPDATE
+                """,
+                care_team_id,
+                until,
+            )
+            if digest_id is None:
+                digest_id = uuid.uuid4()
+                await conn.execute(
+                    "INSERT INTO notify_bundles (bundle_id, patient_id, care_team_id, opened_at, "
+                    "due_at, status, kind) VALUES ($1, NULL, $2, $3, $4, 'pending', $5)",
+                    digest_id,
+                    care_team_id,
+                    at,
+                    until,
+                    QUIET_DIGEST_KIND,
+                )
+            return await _hold_in(
+                conn,
+                alert,
+                care_team_id,
+                snapshot,
+                at,
+                UUID(str(digest_id)),
+                until,
+                held_kind="held_for_quiet_hours",
+            )
+
+    async def release_from_quiet_hours(self, dedup_key: str, at: datetime, reason: str) -> bool:
+        """Take a held alert out of its pending digest and fire its first step now (it became
+        urgent: HIGH and MEDIUM are never held). False when it is not held in a pending digest
+        (the digest was paged already, or it never was held)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            digest = await conn.fetchrow(
+                """
+                SELECT b.bundle_id FROM notify_bundles b
+                JOIN notify_bundle_members m ON m.bundle_id = b.bundle_id
+                WHERE m.dedup_key = $1 AND b.status = 'pending' AND b.kind = 'quiet_digest'
+                FOR UPDATE OF b
+                """,
+                dedup_key,
+            )
+            if digest is None:
+                return False
+            await conn.execute(
+                "DELETE FROM notify_bundle_members WHERE bundle_id = $1 AND dedup_key = $2",
+                digest["bundle_id"],
+                dedup_key,
+            )
+            rows = await conn.fetch(
+                """
+                UPDATE escalations SET bundle_id = NULL,
+                    due_at = CASE WHEN status = 'open' AND due_at IS NULL
+                                   AND acknowledged_by IS NULL THEN $2 ELSE due_at END
+                WHERE dedup_key = $1 AND bundle_id = $3
+                RETURNING *
+                """,
+                dedup_key,
+                at,
+                digest["bundle_id"],
+            )
+            for row in rows:
+                await _event(
+                    conn,
+                    row["escalation_id"],
+                    at,
+                    TimelineEntry(
+                        "released_from_quiet_hours",
+                        {"bundle_id": str(digest["bundle_id"]), "reason": reason},
+                    ),
+                )
+            due: list[tuple[Any, EscalationEvent]] = [
+                (row, Tick(now=at)) for row in rows if row["due_at"] == at
+            ]
+            if due:
+                await _apply_rows(conn, due, at)
+            return True
 
     async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
         """Page the bundles that are due (or bundle ``only``, due or not): one transaction each.
@@ -358,6 +496,9 @@ class PostgresEscalationStore:
         waited is left alone. Their alert pages share the bundle's keys, so each recipient
         gets one page; which alerts it lists is read when it is sent.
         """
+        if bundle["kind"] == QUIET_DIGEST_KIND:
+            await _flush_digest(conn, bundle, now)
+            return
         bundle_id = UUID(str(bundle["bundle_id"]))
         rows = await conn.fetch(
             """
@@ -637,7 +778,7 @@ class PostgresEscalationStore:
             cancelled: list[UUID] = []
             for row in rows:
                 chain_stopped = row["escalation_status"] in ("acknowledged", "resolved")
-                if chain_stopped and row["purpose"] == PagePurpose.ALERT.value:
+                if chain_stopped and row["purpose"] in _CANCELLABLE:
                     cancelled.append(row["page_id"])
                     continue
                 jobs.append(_job(row, now))
@@ -851,6 +992,10 @@ class PostgresEscalationStore:
 # -- inside a transaction ---------------------------------------------------------------------
 
 _UPSTREAM = (PagePurpose.UPSTREAM_ACKNOWLEDGE, PagePurpose.UPSTREAM_RESOLVE)
+# Pages asking someone to act, dropped when claimed after the chain stopped; all-clears are not.
+_CANCELLABLE = (PagePurpose.ALERT.value, PagePurpose.QUIET_DIGEST.value)
+# Pages that open a PagerDuty incident (the all-clear goes upstream as its resolve).
+_TRIGGERS = (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)
 
 
 async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) -> None:
@@ -890,7 +1035,7 @@ async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) 
                           FROM escalations o WHERE o.bundle_id = p.bundle_id)
                END AS incident_status
         FROM triggers p JOIN escalations e ON e.escalation_id = p.escalation_id
-        WHERE p.channel = 'webhook' AND p.purpose IN ('alert', 'escalation')
+        WHERE p.channel = 'webhook' AND p.purpose IN ('alert', 'escalation', 'quiet_digest')
           AND p.status IN ('sent', 'delivered')
         ORDER BY p.created_at, p.page_id
         """,
@@ -906,6 +1051,78 @@ async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) 
         else:
             continue
         writer.upstream(row, purpose)
+
+
+async def _flush_digest(conn: Any, digest: Any, now: datetime) -> None:
+    """Page a quiet-hours digest, in the caller's transaction (the digest row is locked).
+
+    Each member nobody acknowledged is listed: a held alert still open fires its first step
+    now (its chain runs on from here, later steps keyed on the digest so they fold into one
+    page per recipient too); one that resolved while held does not restart a chain, but whom
+    its first step would page now is paged too, so it is still told ("resolved at ...").
+    Every such page is a ``quiet_digest`` page keyed on the digest, so each recipient gets one.
+    """
+    digest_id = UUID(str(digest["bundle_id"]))
+    opened_rows = await conn.fetch(
+        """
+        UPDATE escalations SET due_at = $2
+        WHERE bundle_id = $1 AND status = 'open' AND due_at IS NULL
+          AND acknowledged_by IS NULL
+        RETURNING *
+        """,
+        digest_id,
+        now,
+    )
+    resolved_rows = await conn.fetch(
+        """
+        SELECT * FROM escalations
+        WHERE bundle_id = $1 AND status = 'resolved' AND acknowledged_by IS NULL
+          AND cardinality(paged) = 0
+        ORDER BY escalation_id
+        FOR UPDATE
+        """,
+        digest_id,
+    )
+    listed = [str(r["dedup_key"]) for r in [*opened_rows, *resolved_rows]]
+    writer = _Writer(conn, now)
+    for row in [*opened_rows, *resolved_rows]:
+        writer.event(
+            row["escalation_id"],
+            TimelineEntry(
+                "quiet_digest",
+                {
+                    "bundle_id": str(digest_id),
+                    "dedup_keys": listed,
+                    "held_since": digest["opened_at"].isoformat(),
+                },
+            ),
+        )
+    if opened_rows:
+        await _apply_rows(
+            conn,
+            [(row, Tick(now=now)) for row in opened_rows],
+            now,
+            alert_purpose=PagePurpose.QUIET_DIGEST,
+        )
+    for row in resolved_rows:
+        # Pure: whom the frozen policy's first step names now. The resolved chain stays
+        # resolved; only the digest page is written.
+        snapshot = snapshot_from_json(json.loads(row["snapshot"]))
+        commands = advance(snapshot, opened(now), Tick(now=now)).commands
+        await writer.pages_for(
+            await _alert(conn, row["alert_id"]),
+            row["escalation_id"],
+            str(row["care_team_id"]),
+            commands,
+            digest_id,
+            alert_purpose=PagePurpose.QUIET_DIGEST,
+        )
+    await writer.flush(claim_until=None)
+    await conn.execute(
+        "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 WHERE bundle_id = $1",
+        digest_id,
+        now,
+    )
 
 
 async def _window_of(conn: Any, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:
@@ -944,9 +1161,10 @@ async def _hold_in(
     at: datetime,
     bundle_id: UUID,
     due_at: datetime,
+    held_kind: str = "held_for_bundle",
 ) -> UUID | None:
     """Add the alert to the bundle and open its escalation held there (no timer of its own);
-    None when the dedup key already has an escalation."""
+    None when the dedup key already has an escalation. ``held_kind`` names the timeline entry."""
     escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
     inserted = await conn.fetchval(
         """
@@ -995,7 +1213,7 @@ async def _hold_in(
             (
                 escalation_id,
                 at,
-                "held_for_bundle",
+                held_kind,
                 json.dumps({"bundle_id": str(bundle_id), "due_at": due_at.isoformat()}),
             ),
         ],
@@ -1058,7 +1276,11 @@ async def _open_in(
 
 
 async def _apply_rows(
-    conn: Any, items: list[tuple[Any, EscalationEvent]], at: datetime
+    conn: Any,
+    items: list[tuple[Any, EscalationEvent]],
+    at: datetime,
+    *,
+    alert_purpose: PagePurpose = PagePurpose.ALERT,
 ) -> list[Transition]:
     """Run events through the engine for locked escalation rows and write everything back."""
     transitions: list[Transition] = []
@@ -1120,6 +1342,7 @@ async def _apply_rows(
                 transition.commands,
                 row["bundle_id"],
                 _round_tag(transition.state.round_no),
+                alert_purpose=alert_purpose,
             )
     await writer.flush(claim_until=None)
     return transitions
@@ -1195,10 +1418,12 @@ class _Writer:
         commands: tuple[PageCommand, ...],
         bundle_id: UUID | None = None,
         round_tag: str = "",
+        alert_purpose: PagePurpose = PagePurpose.ALERT,
     ) -> None:
         """Pages for the engine's commands. The alert pages of a bundled escalation are keyed on
         the bundle, so the escalations of one bundle write one page per recipient between them
-        (whichever writes first; the others' inserts fold on the key)."""
+        (whichever writes first; the others' inserts fold on the key). ``alert_purpose`` names
+        the alert pages differently (a quiet-hours digest)."""
         self._bundle_id = bundle_id
         await self.prefetch_contacts(
             {
@@ -1208,8 +1433,13 @@ class _Writer:
             }
         )
         for command in commands:
-            purpose = PagePurpose.ALERT if isinstance(command, NotifyFallback) else command.purpose
-            shared = bundle_id is not None and purpose is PagePurpose.ALERT
+            if isinstance(command, NotifyRecipient) and command.purpose is PagePurpose.ALERT:
+                command = replace(command, purpose=alert_purpose)
+            purpose = alert_purpose if isinstance(command, NotifyFallback) else command.purpose
+            shared = bundle_id is not None and purpose in (
+                PagePurpose.ALERT,
+                PagePurpose.QUIET_DIGEST,
+            )
             owner = (f"bundle:{bundle_id}" if shared else f"esc:{escalation_id}") + round_tag
             self._bundle_id = bundle_id if shared else None
             if isinstance(command, NotifyFallback):
@@ -1217,7 +1447,7 @@ class _Writer:
                     alert,
                     escalation_id,
                     care_team_id,
-                    PagePurpose.ALERT,
+                    alert_purpose,
                     f"{owner}:{command.pass_no}:{command.step_index}:fallback",
                     command.reason,
                 )
@@ -1242,6 +1472,13 @@ class _Writer:
                     False,
                 )
                 continue
+            if command.purpose is PagePurpose.ALL_CLEAR and kind == "person":
+                reached = await self._reached(escalation_id, bundle_id, command.recipient)
+                if reached:
+                    self._all_clear_where_reached(
+                        alert, escalation_id, care_team_id, command.recipient, key_base, reached
+                    )
+                    continue
             if kind == "person" and self._contacts.get(ref):
                 methods = self._contacts[ref]
                 rank, channel, address = methods[0]
@@ -1269,6 +1506,69 @@ class _Writer:
             }.get(kind, "paged through the fallback address before")
             await self.fallback(
                 alert, escalation_id, care_team_id, command.purpose, key_base, reason
+            )
+
+    async def _reached(
+        self, escalation_id: UUID, bundle_id: UUID | None, recipient: str
+    ) -> list[tuple[str, int, str, str]]:
+        """Where ``recipient`` was actually reached about this escalation: the channels whose
+        page the provider accepted (their own, after a failover, or the team's fallback address
+        when every channel of theirs failed), as (recipient_ref, rank, channel, address)."""
+        rows = await self._conn.fetch(
+            """
+            SELECT DISTINCT p.recipient_ref, p.contact_rank, p.channel, p.recipient
+            FROM pages p
+            WHERE (p.escalation_id = $1 OR ($2::uuid IS NOT NULL AND p.bundle_id = $2))
+              AND p.purpose = ANY($4::text[])
+              AND p.status IN ('sent', 'delivered')
+              AND (p.recipient_ref = $3
+                   OR (p.recipient_ref LIKE 'fallback:%'
+                       AND position(':' || $3 || ':undeliverable#' IN p.idempotency_key) > 0))
+            ORDER BY p.recipient_ref, p.contact_rank, p.channel, p.recipient
+            """,
+            escalation_id,
+            bundle_id,
+            recipient,
+            [p.value for p in _TRIGGERS],
+        )
+        return [
+            (
+                str(r["recipient_ref"]),
+                int(r["contact_rank"]),
+                str(r["channel"]),
+                str(r["recipient"]),
+            )
+            for r in rows
+        ]
+
+    def _all_clear_where_reached(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        recipient: str,
+        key_base: str,
+        reached: list[tuple[str, int, str, str]],
+    ) -> None:
+        """The all-clear on every channel the alert reached this person on. A PagerDuty
+        incident that was triggered gets its resolve upstream (``_upstream_sync``, keyed on the
+        trigger), so the webhook is skipped here; the e-mail or SMS a failover used is not."""
+        for recipient_ref, rank, channel, address in reached:
+            if channel == "webhook":
+                continue
+            fallback = recipient_ref.startswith(FALLBACK_PREFIX)
+            self._add(
+                alert,
+                escalation_id,
+                care_team_id,
+                recipient_ref,
+                rank,
+                channel,
+                address,
+                PagePurpose.ALL_CLEAR,
+                key_base + (":undeliverable" if fallback else ""),
+                f"every channel of {recipient} failed" if fallback else None,
+                False,
             )
 
     async def fallback(
@@ -1511,13 +1811,15 @@ async def _alert(conn: Any, alert_id: UUID) -> Alert:
 async def _with_bundles(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
     """Attach to each shared bundle page the alerts it lists: the bundle's members nobody has
     acknowledged yet (an alert that ended unacknowledged is still listed: its all-clear follows
-    separately), or all of them for a page whose every alert is acknowledged."""
+    separately, and a digest shows it as resolved), or all of them for a page whose every alert
+    is acknowledged."""
     bundle_ids = sorted({j.bundle_id for j in jobs if j.bundle_id is not None}, key=str)
     if not bundle_ids:
         return jobs
     rows = await conn.fetch(
         """
-        SELECT m.bundle_id, e.acknowledged_by IS NULL AS unacknowledged, a.*
+        SELECT m.bundle_id, e.acknowledged_by IS NULL AS unacknowledged,
+               e.resolved_at AS escalation_resolved_at, a.*
         FROM notify_bundle_members m
         JOIN escalations e ON e.dedup_key = m.dedup_key AND e.bundle_id = m.bundle_id
         JOIN alerts a ON a.alert_id = m.alert_id
@@ -1526,21 +1828,27 @@ async def _with_bundles(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
         """,
         bundle_ids,
     )
-    running: dict[Any, list[Alert]] = {}
-    every: dict[Any, list[Alert]] = {}
+    running: dict[Any, list[tuple[Alert, datetime | None]]] = {}
+    every: dict[Any, list[tuple[Alert, datetime | None]]] = {}
     for row in rows:
-        alert = alert_from_row(row)
-        every.setdefault(row["bundle_id"], []).append(alert)
+        item = (alert_from_row(row), row["escalation_resolved_at"])
+        every.setdefault(row["bundle_id"], []).append(item)
         if row["unacknowledged"]:
-            running.setdefault(row["bundle_id"], []).append(alert)
-    return [
-        j
-        if j.bundle_id is None
-        else replace(
-            j, bundle=tuple(running.get(j.bundle_id) or every.get(j.bundle_id) or (j.alert,))
+            running.setdefault(row["bundle_id"], []).append(item)
+    out: list[PageJob] = []
+    for j in jobs:
+        if j.bundle_id is None:
+            out.append(j)
+            continue
+        listed = running.get(j.bundle_id) or every.get(j.bundle_id) or [(j.alert, None)]
+        out.append(
+            replace(
+                j,
+                bundle=tuple(a for a, _ in listed),
+                resolved_at=tuple(r for _, r in listed),
+            )
         )
-        for j in jobs
-    ]
+    return out
 
 
 def _job(row: Any, now: datetime, bundle: tuple[Alert, ...] = ()) -> PageJob:
@@ -1571,6 +1879,7 @@ def _job(row: Any, now: datetime, bundle: tuple[Alert, ...] = ()) -> PageJob:
         updated_at=row["updated_at"],
         bundle_id=None if row["bundle_id"] is None else UUID(str(row["bundle_id"])),
         bundle=bundle,
+        bundle_kind=row["bundle_kind"],
     )
 
 

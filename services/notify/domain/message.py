@@ -232,6 +232,96 @@ def compose_bundle_sms(alerts: Sequence[Alert], *, reference: str) -> str:
     )
 
 
+# One line of a quiet-hours digest: the alert, and when it resolved (None: still active).
+DigestEntry = tuple[Alert, datetime | None]
+
+
+def digest_subject(entries: Sequence[DigestEntry], *, unrouted: bool = False) -> str:
+    """``[VIGIL LOW] Quiet hours: 3 alerts (1 resolved) — patients P-1, P-2``."""
+    alerts = [a for a, _ in entries]
+    priority = bundle_priority(tuple(a.priority for a in alerts))
+    resolved = sum(1 for _, at in entries if at is not None)
+    patients = ", ".join(dict.fromkeys(a.patient_id for a in alerts))
+    noun = "alert" if len(alerts) == 1 else "alerts"
+    subject = (
+        f"[VIGIL {priority.value.upper()}] Quiet hours: {len(alerts)} {noun}"
+        f"{f' ({resolved} resolved)' if resolved else ''} — patient"
+        f"{'s' if ',' in patients else ''} {patients}"
+    )
+    if unrouted:
+        subject += " (no care team on record)"
+    return subject
+
+
+def compose_digest_email(
+    entries: Sequence[DigestEntry],
+    page: Page,
+    *,
+    sender: str,
+    composed_at: datetime,
+    ack_url: str | None = None,
+    route_detail: str | None = None,
+) -> EmailMessage:
+    """The page for the low-priority alerts held during quiet hours, each listed in full; one
+    that resolved meanwhile is listed as "RESOLVED at ...", never left out."""
+    if not entries:
+        raise ValueError("a digest lists at least one alert")
+    if composed_at.tzinfo is None:
+        raise ValueError("composed_at must be timezone-aware")
+    alerts = [a for a, _ in entries]
+    priority = bundle_priority(tuple(a.priority for a in alerts))
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = page.recipient
+    message["Subject"] = digest_subject(entries, unrouted=route_detail is not None)
+    message["Date"] = format_datetime(composed_at)
+    message["Message-ID"] = message_id_for(page.idempotency_key)
+    message["Auto-Submitted"] = "auto-generated"
+    message["X-Vigil-Alert-Id"] = ", ".join(str(a.alert_id) for a in alerts)
+    message["X-Vigil-Dedup-Key"] = ", ".join(a.dedup_key for a in alerts)
+    message["X-Vigil-Priority"] = priority.value
+    message["X-Vigil-Page-Id"] = str(page.page_id)
+    active = sum(1 for _, at in entries if at is None)
+    lines: list[str] = [
+        f"QUIET HOURS DIGEST: {len(entries)} low-priority alert(s) held while quiet hours were "
+        f"on; {active} still active. Review them and call the caregivers where needed.",
+        "",
+    ]
+    if ack_url is not None:
+        lines += [f"ACKNOWLEDGE ALL LISTED (stops further paging): {ack_url}", ""]
+    if route_detail is not None:
+        lines += [
+            f"ROUTING: this page went to the fallback address because {route_detail}.",
+            "Find the treating team and forward this page to them.",
+            "",
+        ]
+    for number, (alert, resolved_at) in enumerate(entries, start=1):
+        state = "ACTIVE" if resolved_at is None else f"RESOLVED at {resolved_at.isoformat()}"
+        lines += [f"--- Alert {number} of {len(entries)}: {state} ---", *_alert_lines(alert), ""]
+    lines += [
+        f"Care team:    {page.care_team_id}",
+        f"Page id:      {page.page_id}",
+        "",
+        "Sent automatically by Vigil. Replies to this address are not read: acknowledge in Vigil.",
+    ]
+    message.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
+    return message
+
+
+def compose_digest_sms(entries: Sequence[DigestEntry], *, reference: str) -> str:
+    """One SMS for the quiet-hours digest; the reply acknowledges every alert it names."""
+    parts = [
+        f"{a.title} ({a.patient_id})"
+        + ("" if at is None else f" resolved {at.strftime('%H:%M')} UTC")
+        for a, at in entries
+    ]
+    priority = bundle_priority(tuple(a.priority for a, _ in entries))
+    return (
+        f"VIGIL {priority.value.upper()} quiet-hours digest, {len(entries)} alert(s): "
+        f"{'; '.join(parts)}. Reply 1 to acknowledge all. Ref {reference}"
+    )
+
+
 def _action_line(alert: Alert, purpose: PagePurpose) -> str:
     who = f"the caregiver of patient {alert.patient_id}"
     if purpose is PagePurpose.ALERT:
@@ -282,6 +372,7 @@ def pagerduty_event(
     routing_key: str,
     dedup_key: str,
     bundle: Sequence[Alert] = (),
+    digest: Sequence[DigestEntry] = (),
 ) -> dict[str, object]:
     """A PagerDuty Events v2 body; ``dedup_key`` folds a resent event onto the same incident.
 
@@ -295,6 +386,20 @@ def pagerduty_event(
         "dedup_key": dedup_key,
     }
     if action == "trigger":
+        if digest:
+            event["payload"] = {
+                "summary": digest_subject(digest)[:1024],
+                "severity": _PD_SEVERITY[bundle_priority(tuple(a.priority for a, _ in digest))],
+                "source": f"vigil:{alert.device_id}",
+                "custom_details": {
+                    "quiet_hours_digest": True,
+                    "dedup_keys": [a.dedup_key for a, _ in digest],
+                    "resolved_at": {
+                        a.dedup_key: at.isoformat() for a, at in digest if at is not None
+                    },
+                },
+            }
+            return event
         if len(bundle) > 1:
             event["payload"] = {
                 "summary": bundle_subject(bundle)[:1024],

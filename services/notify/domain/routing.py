@@ -31,6 +31,9 @@ class PagePurpose(StrEnum):
     ALERT = "alert"
     ESCALATION = "escalation"
     ALL_CLEAR = "all_clear"
+    # The first page of the alerts quiet hours held: one per recipient when they end, listing
+    # every held alert nobody acknowledged (resolved ones as "resolved at ...").
+    QUIET_DIGEST = "quiet_digest"
     # Not pages to a person: PagerDuty Events v2 acknowledge / resolve sent to the integration
     # that was triggered, so its incident follows what happened in Vigil.
     UPSTREAM_ACKNOWLEDGE = "upstream_acknowledge"

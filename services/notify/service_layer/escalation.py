@@ -63,10 +63,13 @@ from services.notify.domain.heartbeat import (
 from services.notify.domain.message import (
     compose_bundle_email,
     compose_bundle_sms,
+    compose_digest_email,
+    compose_digest_sms,
     compose_page_email,
     compose_sms_text,
     pagerduty_event,
 )
+from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
 from services.notify.domain.routing import PagePurpose
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
@@ -129,6 +132,17 @@ class EscalationStore(Protocol):
         lease_s: float,
     ) -> tuple[Placement, UUID | None, list[PageJob], datetime]: ...
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None: ...
+    async def quiet_hours(self, care_team_id: str) -> QuietHours | None: ...
+    async def hold_for_quiet_hours(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        until: datetime,
+    ) -> UUID | None: ...
+    async def release_from_quiet_hours(self, dedup_key: str, at: datetime, reason: str) -> bool: ...
     async def flush_bundles(
         self, now: datetime, *, limit: int, only: UUID | None = None
     ) -> int: ...
@@ -248,6 +262,8 @@ class EscalationService:
             if snapshot is None:
                 return False
             await self._alerts.record_alert(alert)
+            if await self._held_for_quiet_hours(alert, team, snapshot, now):
+                return True
             if self._config.group_wait_s > 0:
                 await self._open_in_window(alert, team, snapshot, now)
             else:
@@ -269,6 +285,12 @@ class EscalationService:
         if alert.phase is AlertPhase.END:
             await self._store.apply(escalation_id, Resolve(at=now), at=now)
         elif alert.phase is AlertPhase.ESCALATE:
+            if alert.priority not in HOLDABLE:
+                # Held by quiet hours while low, now urgent: paged at once, then told it
+                # worsened, like any alert already paged. HIGH and MEDIUM are never held.
+                await self._store.release_from_quiet_hours(
+                    alert.dedup_key, now, f"escalated to {alert.priority.value}"
+                )
             await self._store.apply(escalation_id, Worsen(at=now), at=now)
         else:
             # continue / de-escalate: the open thread is updated in the timeline, nobody is paged.
@@ -280,6 +302,30 @@ class EscalationService:
                 ),
             )
         await self.deliver_due()
+        return True
+
+    async def _held_for_quiet_hours(
+        self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
+    ) -> bool:
+        """Hold a LOW / INFO alert arriving in its team's quiet hours for their digest; True
+        when held. HIGH and MEDIUM return at once, before quiet hours are even read."""
+        if alert.priority not in HOLDABLE:
+            return False
+        until = held_until(alert.priority, await self._store.quiet_hours(team), now)
+        if until is None:
+            return False
+        escalation_id = await self._store.hold_for_quiet_hours(
+            alert, care_team_id=team, snapshot=snapshot, at=now, until=until
+        )
+        log.info(
+            "alert_held_for_quiet_hours",
+            extra=log_fields(
+                alert_id=str(alert.alert_id),
+                escalation_id=None if escalation_id is None else str(escalation_id),
+                care_team_id=team,
+                until=until.isoformat(),
+            ),
+        )
         return True
 
     async def _open_in_window(
@@ -498,9 +544,11 @@ class EscalationService:
         page = job.page
         ack_url = (
             self.ack_link(job.escalation_id, job.recipient_ref)
-            if job.purpose in (PagePurpose.ALERT, PagePurpose.ESCALATION)
+            if job.purpose in (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)
             else None
         )
+        if job.is_digest and job.purpose is not PagePurpose.ALL_CLEAR:
+            return await self._send_digest(job, ack_url)
         bundled = len(job.bundle) > 1
         # A shared page whose other alerts were acknowledged speaks of the one still unanswered.
         alert = job.bundle[0] if len(job.bundle) == 1 else job.alert
@@ -553,6 +601,45 @@ class EscalationService:
             routing_key=page.recipient,
             dedup_key=job.alert.dedup_key,
             bundle=job.bundle,
+        )
+        return await self._webhook.enqueue(event)
+
+    async def _send_digest(self, job: PageJob, ack_url: str | None) -> SendOutcome:
+        """One page listing the alerts quiet hours held (and, for later steps of their chains,
+        those still unacknowledged), each resolved one marked "resolved at"."""
+        page = job.page
+        entries = tuple(zip(job.bundle or (job.alert,), job.resolved_at or (None,), strict=False))
+        if page.channel == "email":
+            message = compose_digest_email(
+                entries,
+                page,
+                sender=self._config.sender_address,
+                composed_at=self._clock(),
+                ack_url=ack_url,
+                route_detail=(
+                    "the escalation could not reach anyone else"
+                    if job.recipient_ref.startswith(FALLBACK_PREFIX)
+                    else None
+                ),
+            )
+            return await self._email.send(message, recipient=page.recipient)
+        if page.channel == "sms":
+            if self._sms is None:
+                return SendOutcome(
+                    accepted=False, detail="sms channel not configured", refused_for_good=True
+                )
+            body = compose_digest_sms(entries, reference=sms_reference(job))
+            return await self._sms.send_sms(to=page.recipient, body=body)
+        if self._webhook is None:
+            return SendOutcome(
+                accepted=False, detail="webhook channel not configured", refused_for_good=True
+            )
+        event = pagerduty_event(
+            job.alert,
+            job.purpose,
+            routing_key=page.recipient,
+            dedup_key=job.alert.dedup_key,
+            digest=entries,
         )
         return await self._webhook.enqueue(event)
 

@@ -37,6 +37,8 @@ class UndeliveredPage:
 
 # recipient_ref of a page sent to a care team's fallback address.
 FALLBACK_PREFIX = "fallback:"
+# notify_bundles.kind of the alerts quiet hours held.
+QUIET_DIGEST_KIND = "quiet_digest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,14 @@ class PageJob:
     # Set for a page shared by the escalations of a bundle: every alert it lists, in order.
     bundle_id: UUID | None = None
     bundle: tuple[Alert, ...] = ()
+    # "burst" (a patient's alarms within group_wait) or "quiet_digest" (held by quiet hours).
+    bundle_kind: str | None = None
+    # For each alert of ``bundle``: when it resolved, None while it is still active.
+    resolved_at: tuple[datetime | None, ...] = ()
+
+    @property
+    def is_digest(self) -> bool:
+        return self.bundle_kind == QUIET_DIGEST_KIND
 
 
 @dataclass(frozen=True, slots=True)
