@@ -7,7 +7,9 @@ PostgreSQL (migration 0004) are laid on top when ``config_from_postgres`` is on.
 
 from __future__ import annotations
 
+from copy import copy
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,20 +24,27 @@ from services.rules.domain.config import Thresholds
 from vigil.settings import KafkaSettings, PostgresSettings
 
 
+def _as_in_thresholds(name: str) -> Any:
+    """The field ``name`` of ``Thresholds`` (default and limits), for a setting of the same
+    name: the default protocol's values are declared once, in ``Thresholds``."""
+    return copy(Thresholds.model_fields[name])
+
+
 class RulesSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIGIL_RULES_", extra="ignore")
 
-    fever_single_c: float = 38.3
-    fever_sustained_c: float = 38.0
-    fever_sustained_minutes: float = Field(default=60.0, gt=0)
-    fever_critical_c: float = 39.5
-    fever_clear_c: float = 37.8
-    fever_max_gap_minutes: float = Field(default=90.0, gt=0)
-    interruption_page_minutes: float = Field(default=30.0, gt=0)
-    interruption_escalate_minutes: float = Field(default=120.0, gt=0)
-    bag_change_lead_minutes: float = Field(default=120.0, gt=0)
-    pump_silent_minutes: float = Field(default=15.0, gt=0)
-    thermometer_silent_minutes: float = Field(default=240.0, gt=0)
+    # The default protocol's thresholds the environment may set (the rest are built in).
+    fever_single_c: float = _as_in_thresholds("fever_single_c")
+    fever_sustained_c: float = _as_in_thresholds("fever_sustained_c")
+    fever_sustained_minutes: float = _as_in_thresholds("fever_sustained_minutes")
+    fever_critical_c: float = _as_in_thresholds("fever_critical_c")
+    fever_clear_c: float = _as_in_thresholds("fever_clear_c")
+    fever_max_gap_minutes: float = _as_in_thresholds("fever_max_gap_minutes")
+    interruption_page_minutes: float = _as_in_thresholds("interruption_page_minutes")
+    interruption_escalate_minutes: float = _as_in_thresholds("interruption_escalate_minutes")
+    bag_change_lead_minutes: float = _as_in_thresholds("bag_change_lead_minutes")
+    pump_silent_minutes: float = _as_in_thresholds("pump_silent_minutes")
+    thermometer_silent_minutes: float = _as_in_thresholds("thermometer_silent_minutes")
     allowed_lateness_s: float = Field(default=60.0, ge=0)
 
     group_id: str = "vigil-rules"
@@ -68,16 +77,8 @@ class RulesSettings(BaseSettings):
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
 
     def thresholds(self) -> Thresholds:
+        """The default protocol: every threshold this class declares, the rest built in."""
+        own = type(self).model_fields
         return Thresholds(
-            fever_single_c=self.fever_single_c,
-            fever_sustained_c=self.fever_sustained_c,
-            fever_sustained_minutes=self.fever_sustained_minutes,
-            fever_critical_c=self.fever_critical_c,
-            fever_clear_c=self.fever_clear_c,
-            fever_max_gap_minutes=self.fever_max_gap_minutes,
-            interruption_page_minutes=self.interruption_page_minutes,
-            interruption_escalate_minutes=self.interruption_escalate_minutes,
-            bag_change_lead_minutes=self.bag_change_lead_minutes,
-            pump_silent_minutes=self.pump_silent_minutes,
-            thermometer_silent_minutes=self.thermometer_silent_minutes,
+            **{name: getattr(self, name) for name in Thresholds.model_fields if name in own}
         )

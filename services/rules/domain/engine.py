@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -75,6 +75,32 @@ _UNOBSERVED = "unobserved"
 _NEG_INF = float("-inf")
 
 
+class _Absence(NamedTuple):
+    """A rule that pages when data stops coming: what its alerts say, start and all clear."""
+
+    rule_id: str
+    code: str
+    kind: AlertKind
+    priority: AlertPriority
+    measure: str  # the evidence: minutes since the last data of this kind
+
+
+_SILENCE_ALERTS = _Absence(
+    SILENCE_RULE_ID,
+    "device_silent",
+    AlertKind.TECHNICAL,
+    AlertPriority.MEDIUM,
+    "minutes_since_last_message",
+)
+_UNOBSERVED_ALERTS = _Absence(
+    UNOBSERVED_RULE_ID,
+    "fever_unobserved",
+    AlertKind.PHYSIOLOGICAL,
+    AlertPriority.HIGH,
+    "minutes_since_last_temperature",
+)
+
+
 class DeviceTrack:
     """When the engine last heard from one device, and whether it is alerted as silent; for a
     pump, also the pump rules' record of it (``pump``: one dict of pumps per patient beside the
@@ -99,6 +125,10 @@ class DeviceTrack:
             "silent_key": self.silent_key,
             "timer_at": self.timer_at,
         }
+
+    def silent_limit(self, rules: PatientRules) -> float:
+        """How long this device may stay silent before it is alerted (s)."""
+        return rules.thermometer_silent_s if self.is_thermometer else rules.pump_silent_s
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeviceTrack:
@@ -134,10 +164,18 @@ class PatientTrack:
         self.unobserved_timer_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        return self._fields({d: track.to_dict() for d, track in sorted(self.pumps().items())})
+
+    def record(self) -> dict[str, Any]:
+        """``to_dict`` for immediate serialisation by ``orjson``: the pump records are the live
+        dataclasses (serialised natively, in C), not copies as dicts."""
+        return self._fields(dict(sorted(self.pumps().items())))
+
+    def _fields(self, pumps: dict[str, Any]) -> dict[str, Any]:
         return {
             "fever": self.fever.to_dict(),
             "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
-            "pumps": {d: track.to_dict() for d, track in sorted(self.pumps().items())},
+            "pumps": pumps,
             "thermometer_id": self.thermometer_id,
             "thermometer_ingest_t": self.thermometer_ingest_t,
             "unobserved_key": self.unobserved_key,
@@ -161,20 +199,6 @@ class PatientTrack:
                 armed.append([_INTERRUPTION, device_id, pump.int_timer_at])
         armed.sort(key=lambda entry: (entry[0], entry[1]))
         return armed
-
-    def record(self) -> dict[str, Any]:
-        """``to_dict`` for immediate serialisation by ``orjson``: the pump records are the live
-        dataclasses (serialised natively, in C), not copies as dicts."""
-        return {
-            "fever": self.fever.to_dict(),
-            "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
-            "pumps": dict(sorted(self.pumps().items())),
-            "thermometer_id": self.thermometer_id,
-            "thermometer_ingest_t": self.thermometer_ingest_t,
-            "unobserved_key": self.unobserved_key,
-            "unobserved_timer_at": self.unobserved_timer_at,
-            "pump_timers": self.pump_timers(),
-        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], rules: PatientRules) -> PatientTrack:
@@ -346,7 +370,7 @@ class RulesEngine:
         for device_id, device in patient.devices.items():
             if device.timer_at is None:
                 continue
-            limit = rules.thermometer_silent_s if device.is_thermometer else rules.pump_silent_s
+            limit = device.silent_limit(rules)
             deadline = device.last_t + limit
             if deadline < device.timer_at:
                 device.timer_at = deadline
@@ -390,7 +414,7 @@ class RulesEngine:
     def _arm_device(
         self, patient_id: str, device_id: str, device: DeviceTrack, rules: PatientRules
     ) -> None:
-        limit = rules.thermometer_silent_s if device.is_thermometer else rules.pump_silent_s
+        limit = device.silent_limit(rules)
         deadline = device.last_t + limit
         device.timer_at = deadline
         heapq.heappush(self._timers, (deadline, _SILENT, patient_id, device_id))
@@ -442,7 +466,7 @@ class RulesEngine:
                 device.timer_at = None
                 if device.silent_key is not None:
                     continue
-                limit = rules.thermometer_silent_s if device.is_thermometer else rules.pump_silent_s
+                limit = device.silent_limit(rules)
                 real = device.last_t + limit
                 if real > deadline:
                     device.timer_at = real
@@ -505,30 +529,18 @@ class RulesEngine:
     ) -> Alert:
         device.silent_key = f"{patient_id}:{SILENCE_RULE_ID}:{device_id}:{stamp(device.last_t)}"
         what = "Thermometer" if device.is_thermometer else "Infusion pump"
-        return build_alert(
-            dedup_key=device.silent_key,
-            phase=AlertPhase.START,
-            patient_id=patient_id,
-            device_id=device_id,
-            kind=AlertKind.TECHNICAL,
-            code="device_silent",
-            priority=AlertPriority.MEDIUM,
-            title=f"{what} silent for {int(limit // 60)} min: no data, no clinical decisions",
-            device_time=at(deadline),
-            ingest_time=at(device.last_ingest_t),
-            evidence=(
-                evidence(
-                    "minutes_since_last_message",
-                    limit / 60,
-                    limit / 60,
-                    ">=",
-                    at(device.last_t),
-                    unit="min",
-                ),
-            ),
-            rule_id=SILENCE_RULE_ID,
-            rule_version=rules.rules_version,
-            config_version=self._config_version,
+        title = f"{what} silent for {int(limit // 60)} min: no data, no clinical decisions"
+        return self._absence_alert(
+            _SILENCE_ALERTS,
+            device.silent_key,
+            patient_id,
+            device_id,
+            title,
+            rules,
+            deadline=deadline,
+            minutes=limit / 60,
+            last_t=device.last_t,
+            ingest_t=device.last_ingest_t,
         )
 
     def _end_silence(
@@ -536,21 +548,8 @@ class RulesEngine:
     ) -> Alert:
         key, device.silent_key = device.silent_key, None
         assert key is not None
-        return build_alert(
-            dedup_key=key,
-            phase=AlertPhase.END,
-            patient_id=patient_id,
-            device_id=obs.device_id,
-            kind=AlertKind.TECHNICAL,
-            code="device_silent",
-            priority=AlertPriority.INFO,
-            title="All clear: device reporting again",
-            device_time=obs.device_time,
-            ingest_time=obs.ingest_time,
-            evidence=(),
-            rule_id=SILENCE_RULE_ID,
-            rule_version=rules.rules_version,
-            config_version=self._config_version,
+        return self._all_clear(
+            _SILENCE_ALERTS, key, patient_id, obs, "All clear: device reporting again", rules
         )
 
     def _start_unobserved(
@@ -559,30 +558,18 @@ class RulesEngine:
         episode = patient.fever.episode_key
         patient.unobserved_key = f"{episode}:{UNOBSERVED_RULE_ID}:{stamp(patient.fever.newest)}"
         minutes = rules.fever_unobserved_s / 60
-        return build_alert(
-            dedup_key=patient.unobserved_key,
-            phase=AlertPhase.START,
-            patient_id=patient_id,
-            device_id=patient.thermometer_id,
-            kind=AlertKind.PHYSIOLOGICAL,
-            code="fever_unobserved",
-            priority=AlertPriority.HIGH,
-            title=f"Fever open and no temperature for {int(minutes)} min",
-            device_time=at(deadline),
-            ingest_time=at(patient.thermometer_ingest_t),
-            evidence=(
-                evidence(
-                    "minutes_since_last_temperature",
-                    minutes,
-                    minutes,
-                    ">=",
-                    at(patient.fever.newest),
-                    unit="min",
-                ),
-            ),
-            rule_id=UNOBSERVED_RULE_ID,
-            rule_version=rules.rules_version,
-            config_version=self._config_version,
+        title = f"Fever open and no temperature for {int(minutes)} min"
+        return self._absence_alert(
+            _UNOBSERVED_ALERTS,
+            patient.unobserved_key,
+            patient_id,
+            patient.thermometer_id,
+            title,
+            rules,
+            deadline=deadline,
+            minutes=minutes,
+            last_t=patient.fever.newest,
+            ingest_t=patient.thermometer_ingest_t,
         )
 
     def _end_unobserved(
@@ -590,19 +577,67 @@ class RulesEngine:
     ) -> Alert:
         key, patient.unobserved_key = patient.unobserved_key, None
         assert key is not None
+        return self._all_clear(
+            _UNOBSERVED_ALERTS, key, patient_id, obs, "All clear: temperature readings again", rules
+        )
+
+    def _absence_alert(
+        self,
+        rule: _Absence,
+        key: str,
+        patient_id: str,
+        device_id: str,
+        title: str,
+        rules: PatientRules,
+        *,
+        deadline: float,
+        minutes: float,
+        last_t: float,
+        ingest_t: float,
+    ) -> Alert:
+        """The page that data stopped coming: decided at ``deadline``, ``minutes`` after the
+        last data (at ``last_t``, whose ingest time it carries)."""
+        return build_alert(
+            dedup_key=key,
+            phase=AlertPhase.START,
+            patient_id=patient_id,
+            device_id=device_id,
+            kind=rule.kind,
+            code=rule.code,
+            priority=rule.priority,
+            title=title,
+            device_time=at(deadline),
+            ingest_time=at(ingest_t),
+            evidence=(evidence(rule.measure, minutes, minutes, ">=", at(last_t), unit="min"),),
+            rule_id=rule.rule_id,
+            rule_version=rules.rules_version,
+            config_version=self._config_version,
+        )
+
+    def _all_clear(
+        self,
+        rule: _Absence,
+        key: str,
+        patient_id: str,
+        obs: Observation,
+        title: str,
+        rules: PatientRules,
+    ) -> Alert:
+        """The end of an absence, decided by the data that came again (``obs``), with the
+        times it carries as received."""
         return build_alert(
             dedup_key=key,
             phase=AlertPhase.END,
             patient_id=patient_id,
             device_id=obs.device_id,
-            kind=AlertKind.PHYSIOLOGICAL,
-            code="fever_unobserved",
+            kind=rule.kind,
+            code=rule.code,
             priority=AlertPriority.INFO,
-            title="All clear: temperature readings again",
+            title=title,
             device_time=obs.device_time,
             ingest_time=obs.ingest_time,
             evidence=(),
-            rule_id=UNOBSERVED_RULE_ID,
+            rule_id=rule.rule_id,
             rule_version=rules.rules_version,
             config_version=self._config_version,
         )
@@ -670,11 +705,8 @@ class RulesEngine:
                     push((device.timer_at, _SILENT, patient_id, device_id))
             if patient.unobserved_timer_at is not None:
                 push((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
-            for device_id, pump in patient.pumps().items():
-                if pump.bag_timer_at is not None:
-                    push((pump.bag_timer_at, _BAG, patient_id, device_id))
-                if pump.int_timer_at is not None:
-                    push((pump.int_timer_at, _INTERRUPTION, patient_id, device_id))
+            for kind, device_id, deadline in patient.pump_timers():
+                push((deadline, kind, patient_id, device_id))
         heapq.heapify(self._timers)
 
     def drop_patients(self, patient_ids: set[str]) -> None:

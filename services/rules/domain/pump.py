@@ -179,6 +179,79 @@ def _alert(
     )
 
 
+def _all_clear(
+    obs: Observation,
+    key: str,
+    *,
+    code: str,
+    title: str,
+    rule_id: str,
+    rules: PatientRules,
+    config_version: str | None,
+    found: tuple[Evidence, ...] = (),
+) -> Alert:
+    """The end of an episode, decided by the pump status or event ``obs``."""
+    return _alert(
+        obs.patient_id,
+        obs.device_id,
+        dedup_key=key,
+        phase=AlertPhase.END,
+        code=code,
+        priority=AlertPriority.INFO,
+        title=title,
+        t=obs.t,
+        ingest_t=obs.ingest_t,
+        found=found,
+        rule_id=rule_id,
+        rules=rules,
+        config_version=config_version,
+    )
+
+
+def _alarm_alert(
+    obs: Observation,
+    key: str,
+    *,
+    phase: AlertPhase,
+    priority: AlertPriority,
+    title: str,
+    value: float,
+    comparator: str,
+    rules: PatientRules,
+    config_version: str | None,
+) -> Alert:
+    """A forwarded pump alarm (raised or cleared), with the alarm as its evidence. Its times
+    are the event's own, as received (``_alert`` gives a time as UTC)."""
+    code = obs.alarm
+    found = (
+        evidence(
+            f"pump_alarm_{code}",
+            value,
+            1.0,
+            comparator,
+            obs.device_time,
+            unit="1",
+            message_id=obs.message_id,
+        ),
+    )
+    return build_alert(
+        dedup_key=key,
+        phase=phase,
+        patient_id=obs.patient_id,
+        device_id=obs.device_id,
+        kind=AlertKind.TECHNICAL,
+        code=f"pump_{code}",
+        priority=priority,
+        title=title,
+        device_time=obs.device_time,
+        ingest_time=obs.ingest_time,
+        evidence=found,
+        rule_id=ALARM_RULE_ID,
+        rule_version=rules.rules_version,
+        config_version=config_version,
+    )
+
+
 def refresh_running_status(track: PumpTrack, obs: Observation) -> bool:
     """Apply a routine status of a running pump that changes nothing but the volume left
     (same rate, same bag, still running, newest); False when the full rule must look at it."""
@@ -267,33 +340,16 @@ def _raise_alarm(
         return alerts
     key = f"{obs.patient_id}:{ALARM_RULE_ID}:{obs.device_id}:{code}:{stamp(t)}"
     track.alarms[code] = (key, t)
-    priority = rules.pump_alarm_priorities.get(code, AlertPriority.MEDIUM)
-    found = (
-        evidence(
-            f"pump_alarm_{code}",
-            1.0,
-            1.0,
-            "==",
-            obs.device_time,
-            unit="1",
-            message_id=obs.message_id,
-        ),
-    )
     alerts.append(
-        build_alert(
-            dedup_key=key,
+        _alarm_alert(
+            obs,
+            key,
             phase=AlertPhase.START,
-            patient_id=obs.patient_id,
-            device_id=obs.device_id,
-            kind=AlertKind.TECHNICAL,
-            code=f"pump_{code}",
-            priority=priority,
+            priority=rules.pump_alarm_priorities.get(code, AlertPriority.MEDIUM),
             title=f"Pump alarm: {code.replace('_', ' ')}",
-            device_time=obs.device_time,
-            ingest_time=obs.ingest_time,
-            evidence=found,
-            rule_id=ALARM_RULE_ID,
-            rule_version=rules.rules_version,
+            value=1.0,
+            comparator="==",
+            rules=rules,
             config_version=config_version,
         )
     )
@@ -315,32 +371,16 @@ def _clear_alarm(
     if opened is None or opened[1] > t:
         return []
     del track.alarms[code]
-    found = (
-        evidence(
-            f"pump_alarm_{code}",
-            0.0,
-            1.0,
-            "<",
-            obs.device_time,
-            unit="1",
-            message_id=obs.message_id,
-        ),
-    )
     return [
-        build_alert(
-            dedup_key=opened[0],
+        _alarm_alert(
+            obs,
+            opened[0],
             phase=AlertPhase.END,
-            patient_id=obs.patient_id,
-            device_id=obs.device_id,
-            kind=AlertKind.TECHNICAL,
-            code=f"pump_{code}",
             priority=AlertPriority.INFO,
             title=f"All clear: pump {code.replace('_', ' ')} cleared",
-            device_time=obs.device_time,
-            ingest_time=obs.ingest_time,
-            evidence=found,
-            rule_id=ALARM_RULE_ID,
-            rule_version=rules.rules_version,
+            value=0.0,
+            comparator="<",
+            rules=rules,
             config_version=config_version,
         )
     ]
@@ -356,17 +396,11 @@ def _new_bag(
         return []
     key, track.bag_due_key = track.bag_due_key, None
     return [
-        _alert(
-            obs.patient_id,
-            obs.device_id,
-            dedup_key=key,
-            phase=AlertPhase.END,
+        _all_clear(
+            obs,
+            key,
             code="bag_change_due",
-            priority=AlertPriority.INFO,
             title="All clear: new bag hung",
-            t=obs.t,
-            ingest_t=obs.ingest_t,
-            found=(),
             rule_id=BAG_RULE_ID,
             rules=rules,
             config_version=config_version,
@@ -408,19 +442,14 @@ def _set_flowing(
         track.int_key, track.int_level = None, 0
         if key is not None and level > 0:
             return [
-                _alert(
-                    obs.patient_id,
-                    obs.device_id,
-                    dedup_key=key,
-                    phase=AlertPhase.END,
+                _all_clear(
+                    obs,
+                    key,
                     code="infusion_interrupted",
-                    priority=AlertPriority.INFO,
                     title=(
                         f"All clear: infusion running again after "
                         f"{int(track.accumulated_s // 60)} min interrupted"
                     ),
-                    t=t,
-                    ingest_t=obs.ingest_t,
                     found=(
                         evidence(
                             "interrupted_minutes",
@@ -490,17 +519,11 @@ def _check_profile(
     if not seven_day and track.underweight_key is not None:
         key, track.underweight_key = track.underweight_key, None
         return [
-            _alert(
-                obs.patient_id,
-                obs.device_id,
-                dedup_key=key,
-                phase=AlertPhase.END,
+            _all_clear(
+                obs,
+                key,
                 code="seven_day_bag_underweight",
-                priority=AlertPriority.INFO,
                 title=f"All clear: pump no longer at the 7-day bag rate ({obs.rate_ml_h:g} mL/h)",
-                t=obs.t,
-                ingest_t=obs.ingest_t,
-                found=(),
                 rule_id=PROFILE_RULE_ID,
                 rules=rules,
                 config_version=config_version,
