@@ -102,14 +102,6 @@ KAFKA_CHANNELS: Final[tuple[KafkaChannel, ...]] = (
         contracts=("vigil.deadletter.v1",),
     ),
     KafkaChannel(
-        kafka_topics.DELIVERIES_TOPIC,
-        "One record per attempt at delivering a page, with its outcome.",
-        key="The page id.",
-        producers=("notify",),
-        consumers=(),
-        contracts=("vigil.delivery.v1",),
-    ),
-    KafkaChannel(
         kafka_topics.RULES_STATE_TOPIC,
         "The rules service's own state, compacted: the newest record per key is kept. Written "
         "in the same transaction as the alerts it led to; read back when a partition is "
@@ -143,6 +135,10 @@ RESERVED_TOPICS: Final[dict[str, str]] = {}
 #: Contracts schemas.export publishes that no topic carries, with where they live instead.
 CONTRACTS_ON_NO_TOPIC: Final[dict[str, str]] = {
     "vigil.page.v1": "notify keeps its pages in PostgreSQL; no Kafka topic carries them",
+    "vigil.delivery.v1": (
+        "notify records every delivery attempt in PostgreSQL (delivery log and alert timeline); "
+        "no Kafka topic carries them"
+    ),
 }
 
 

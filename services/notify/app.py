@@ -1,9 +1,12 @@
-"""Composition root of the notify service: wires PostgreSQL, SMTP and Kafka to the dispatcher.
+"""Composition root of the notify service: wires PostgreSQL, SMTP, Twilio, PagerDuty and Kafka
+to the escalation service.
 
-Owns start-up order (database, producer, resume of undelivered pages, consumer), the alert
-consumer loop and its offset commits, and shutdown. An offset is committed only after each
-alert of the batch has its page row and first attempt stored; an unreadable record is published
-to the dead-letter topic before its offset moves. Paging decisions live in ``domain``.
+Owns start-up order (database, producer, heartbeat watches, consumer), the alert consumer loop
+and its offset commits, and shutdown. Every alert goes to the escalation service; an offset is
+committed only after each alert of the batch has its escalation (or held bundle) stored and its
+first pages claimed and tried; an unreadable record is published to the dead-letter topic before
+its offset moves. Pages a crash left undelivered are in the database: the escalation service's
+delivery loop picks them up when their lease runs out. Paging decisions live in ``domain``.
 """
 
 from __future__ import annotations
@@ -23,21 +26,19 @@ from pydantic import ValidationError
 from schemas.events import Alert, DeadLetter
 from schemas.kafka_topics import ALERTS_TOPIC
 from services.notify.adapters.escalation_store import PostgresEscalationStore
-from services.notify.adapters.kafka import KafkaDeliveryPublisher
+from services.notify.adapters.kafka import KafkaDeadLetterPublisher
 from services.notify.adapters.metrics import (
     NotifyMetrics,
     NotifyReadiness,
     ObservedAlertHandler,
     ObservedDeadLetters,
     ObservedEscalationStore,
-    ObservedNotifyRepository,
     poll_database,
 )
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
-from services.notify.service_layer.dispatcher import PageDispatcher, PagingPolicy
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
@@ -59,19 +60,7 @@ class AlertConsumer(Protocol):
 
 
 class AlertHandler(Protocol):
-    async def handle_alert(self, alert: Alert) -> None: ...
-
-
-class AlertRouter:
-    """Escalation first; an alert it does not take (no policy) gets the single on-call page."""
-
-    def __init__(self, escalation: EscalationService, dispatcher: PageDispatcher) -> None:
-        self._escalation = escalation
-        self._dispatcher = dispatcher
-
-    async def handle_alert(self, alert: Alert) -> None:
-        if not await self._escalation.handle_alert(alert):
-            await self._dispatcher.handle_alert(alert)
+    async def handle_alert(self, alert: Alert) -> object: ...
 
 
 class DeadLetterSink(Protocol):
@@ -80,7 +69,7 @@ class DeadLetterSink(Protocol):
 
 async def consume_alerts(
     consumer: AlertConsumer,
-    dispatcher: AlertHandler,
+    handler: AlertHandler,
     dead_letters: DeadLetterSink,
     stop: asyncio.Event,
     *,
@@ -92,7 +81,7 @@ async def consume_alerts(
         for partition, records in batches.items():
             done: int | None = None
             for record in records:
-                await _handle_record(record, dispatcher, dead_letters, clock())
+                await _handle_record(record, handler, dead_letters, clock())
                 done = record.offset
                 if stop.is_set():
                     break
@@ -103,7 +92,7 @@ async def consume_alerts(
 
 
 async def _handle_record(
-    record: Any, dispatcher: AlertHandler, dead_letters: DeadLetterSink, received_at: datetime
+    record: Any, handler: AlertHandler, dead_letters: DeadLetterSink, received_at: datetime
 ) -> None:
     payload: bytes = record.value or b""
     try:
@@ -131,7 +120,7 @@ async def _handle_record(
             )
         )
         return
-    await dispatcher.handle_alert(alert)
+    await handler.handle_alert(alert)
 
 
 async def open_pool(settings: NotifySettings) -> Any:
@@ -183,9 +172,11 @@ def build_escalation(
         webhook = PagerDutyEvents(base_url=settings.pagerduty_events_url)
         closers.append(webhook)
     store = (
-        PostgresEscalationStore(pool)
+        PostgresEscalationStore(pool, fallback_email=settings.fallback_email)
         if metrics is None
-        else ObservedEscalationStore(pool, metrics, now=clock)
+        else ObservedEscalationStore(
+            pool, metrics, now=clock, fallback_email=settings.fallback_email
+        )
     )
     service = EscalationService(
         store=store,
@@ -263,23 +254,8 @@ async def _serve(
     )
     try:
         await producer.start()
-        publisher = KafkaDeliveryPublisher(producer)
+        publisher = KafkaDeadLetterPublisher(producer)
         escalation, closers = build_escalation(settings, pool, metrics=metrics)
-        dispatcher = PageDispatcher(
-            repository=ObservedNotifyRepository(pool, metrics),
-            sender=smtp_sender(settings),
-            publisher=publisher,
-            policy=PagingPolicy(
-                sender_address=settings.smtp_from,
-                fallback_email=settings.fallback_email,
-                max_send_attempts=settings.max_send_attempts,
-                retry_base_s=settings.retry_base_s,
-                retry_cap_s=settings.retry_cap_s,
-            ),
-            clock=utcnow,
-        )
-        # Resumed pages are sent by the retry loop, so new alerts are not held up behind them.
-        await dispatcher.resume()
         for source in settings.heartbeat_sources:
             await PostgresEscalationStore(pool).watch_source(source, utcnow())
         await consumer.start()
@@ -289,11 +265,10 @@ async def _serve(
             extra=log_fields(topic=ALERTS_TOPIC, group_id=settings.group_id),
         )
         async with asyncio.TaskGroup() as tasks:
-            router = ObservedAlertHandler(AlertRouter(escalation, dispatcher), metrics)
+            handler = ObservedAlertHandler(escalation, metrics)
             dead_letters = ObservedDeadLetters(publisher, metrics)
-            tasks.create_task(consume_alerts(consumer, router, dead_letters, stop))
+            tasks.create_task(consume_alerts(consumer, handler, dead_letters, stop))
             tasks.create_task(poll_database(pool, metrics, readiness, stop))
-            tasks.create_task(dispatcher.run_retries(stop))
             tasks.create_task(escalation.run(stop, interval_s=settings.escalation_tick_s))
             if settings.api_enabled:
                 from services.notify.api import create_app
@@ -301,8 +276,8 @@ async def _serve(
                 api = create_app(settings, service=escalation, pool=pool)
                 tasks.create_task(_serve_api(settings, api, stop))
     finally:
-        # Pages still waiting for a retry stay 'failed' in the database; the next start
-        # resumes them.
+        # Pages still waiting for a retry stay in the database with their next attempt time;
+        # the next start's delivery loop sends them.
         await consumer.stop()
         await producer.stop()
         for closer in closers:

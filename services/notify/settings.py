@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
+from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
 from vigil.settings import KafkaSettings, PostgresSettings
 
 # Published in the source, so it is refused anywhere but a developer's machine.
@@ -33,16 +34,15 @@ class NotifySettings(BaseSettings):
     smtp_password: SecretStr | None = None
 
     fallback_email: str = Field(
-        default="vigil-oncall-fallback@localhost",
-        description="Paged when the patient is unknown or the care team has no on-call address.",
+        default=DEFAULT_FALLBACK_EMAIL,
+        description="Paged (until acknowledged, like a default policy) when no escalation policy "
+        "covers an alert: the patient is unknown, or the care team has neither a policy nor an "
+        "on-call address.",
     )
     group_id: str = "vigil-notify"
     client_id: str = "notify"
     log_level: str = "INFO"
 
-    max_send_attempts: int = Field(
-        default=5, ge=1, description="Tries per page in one process run; a restart grants more."
-    )
     retry_base_s: float = Field(default=2.0, gt=0, description="Delay after the first failed try.")
     retry_cap_s: float = Field(default=60.0, gt=0, description="Longest delay between two tries.")
 

@@ -50,6 +50,7 @@ from vigil.db.migrate import apply_migrations
 pytestmark = pytest.mark.stack
 
 T0 = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
+FALLBACK = "vigil-oncall-fallback@localhost"
 SECRET = b"integration-test-ack-secret-0123456789"
 
 
@@ -95,10 +96,19 @@ class Rig:
     tag: str
     closers: list[Any]
 
-    def new_instance(self, store: Any = None, group_wait_s: float = 0.0) -> EscalationService:
+    def new_instance(
+        self, store: Any = None, group_wait_s: float = 0.0, fallback_email: str = FALLBACK
+    ) -> EscalationService:
         """Another notify process over the same database (a restart)."""
         return _service(
-            self.pool, self.clock, self.smtp, self.twilio, self.pagerduty, store, group_wait_s
+            self.pool,
+            self.clock,
+            self.smtp,
+            self.twilio,
+            self.pagerduty,
+            store,
+            group_wait_s,
+            fallback_email,
         )
 
 
@@ -110,9 +120,10 @@ def _service(
     pagerduty: PagerDutyLikeServer,
     store: Any = None,
     group_wait_s: float = 0.0,
+    fallback_email: str = "vigil-oncall-fallback@localhost",
 ) -> EscalationService:
     return EscalationService(
-        store=store or PostgresEscalationStore(pool),
+        store=store or PostgresEscalationStore(pool, fallback_email=fallback_email),
         alerts=PostgresNotifyRepository(pool),
         email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
         sms=TwilioSms(
@@ -132,6 +143,7 @@ def _service(
             send_lease_s=30,
             heartbeat_timeout_s=60,
             group_wait_s=group_wait_s,
+            fallback_email=fallback_email,
         ),
         clock=clock,
     )
@@ -1349,3 +1361,212 @@ async def test_all_clear_goes_where_each_person_was_actually_reached(rig: Rig) -
         ("resolve", alert.dedup_key),
     ]
     assert _pd_events(rig, fellow_key) == []
+
+
+# -- alerts no policy covers: the fallback chain ----------------------------------------------
+
+
+async def _close_by_dedup_key(pool: Any, dedup_key: str) -> None:
+    """Stop one unroutable alert's chain (filed under the shared unassigned team, so it is
+    closed by its own key, never by team)."""
+    await pool.execute(
+        """
+        WITH closed AS (
+            UPDATE escalations SET status = 'resolved', due_at = NULL
+            WHERE dedup_key = $1 RETURNING escalation_id
+        )
+        UPDATE pages SET status = 'cancelled', next_attempt_at = NULL
+        WHERE escalation_id IN (SELECT escalation_id FROM closed)
+          AND status IN ('queued', 'failed', 'sending')
+        """,
+        dedup_key,
+    )
+
+
+def _text(raw: bytes) -> str:
+    """Every text part of the message, decoded."""
+    return "\n".join(
+        str(part.get_content())
+        for part in _modern(raw).walk()
+        if part.get_content_maintype() == "text"
+    )
+
+
+async def _round_at(service: EscalationService) -> None:
+    await service.tick()
+    await service.deliver_due()
+
+
+async def test_unknown_patient_pages_the_fallback_until_acknowledged_then_all_clear(
+    rig: Rig,
+) -> None:
+    """An alert for a patient nobody registered is escalated, not paged once: the configured
+    fallback address is paged at once (saying why), again after five minutes (not at 4:59),
+    stops when acknowledged through the API, and gets the all clear when the alert ends. The
+    chain is frozen on the alert like any policy and shows in its timeline."""
+    fallback = f"fallback-{rig.tag}@h.test"
+    service = rig.new_instance(fallback_email=fallback)
+    alert = _alert(f"P-unregistered-{rig.tag}")
+    try:
+        assert await service.handle_alert(alert)
+        mails = rig.smtp.to(fallback)
+        assert len(mails) == 1
+        body = _text(mails[0])
+        assert f"patient {alert.patient_id} is not registered" in body
+        assert "http://notify.test/ack/" in body
+
+        rig.clock.advance(minutes=4, seconds=59)
+        await _round_at(service)
+        assert len(rig.smtp.to(fallback)) == 1
+        rig.clock.advance(seconds=1)
+        await _round_at(service)
+        assert len(rig.smtp.to(fallback)) == 2
+
+        timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+        assert timeline["status"] == "open"
+        frozen = await rig.pool.fetchval(
+            "SELECT care_team_id FROM escalations WHERE dedup_key = $1", alert.dedup_key
+        )
+        assert frozen == "unassigned"
+
+        acked = await rig.api.post(
+            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"desk-{rig.tag}"}
+        )
+        assert acked.status_code == 200, acked.text
+        assert acked.json()["outcome"] == "acknowledged"
+        rig.clock.advance(minutes=30)
+        await _round_at(service)
+        assert len(rig.smtp.to(fallback)) == 2
+
+        await service.handle_alert(_alert(alert.patient_id, AlertPhase.END))
+        mails = rig.smtp.to(fallback)
+        assert len(mails) == 3
+        assert "All clear" in _mail(mails[-1])["Subject"]
+    finally:
+        await _close_by_dedup_key(rig.pool, alert.dedup_key)
+
+
+async def test_unacknowledged_fallback_chain_pages_four_times_then_stops(rig: Rig) -> None:
+    """Nobody answers: the fallback address is paged at 0, 5, 10 and 15 minutes (the default
+    policy's four rounds) and not a fifth time; the escalation is then exhausted."""
+    fallback = f"fallback-{rig.tag}@h.test"
+    service = rig.new_instance(fallback_email=fallback)
+    alert = _alert(f"P-unregistered-{rig.tag}")
+    try:
+        await service.handle_alert(alert)
+        for expected in (2, 3, 4, 4):
+            rig.clock.advance(minutes=5)
+            await _round_at(service)
+            assert len(rig.smtp.to(fallback)) == expected
+        status = await rig.pool.fetchval(
+            "SELECT status FROM escalations WHERE dedup_key = $1", alert.dedup_key
+        )
+        assert status == "exhausted"
+    finally:
+        await _close_by_dedup_key(rig.pool, alert.dedup_key)
+
+
+async def test_unknown_patient_alert_survives_a_crash_before_it_is_recorded_sent(
+    rig: Rig,
+) -> None:
+    """The process dies after the mail server took the first fallback page but before it was
+    recorded (the Kafka offset is then not committed). After the restart the redelivered alert
+    opens no second chain, the page is sent again once its lease runs out (a duplicate, never a
+    miss), and the chain goes on repeating until acknowledged."""
+    fallback = f"fallback-{rig.tag}@h.test"
+
+    class Crash(Exception):
+        pass
+
+    class CrashingStore(PostgresEscalationStore):
+        async def record_outcomes(self, *args: Any, **kwargs: Any) -> None:
+            raise Crash("killed after the provider accepted, before the write")
+
+    crashing = rig.new_instance(store=CrashingStore(rig.pool), fallback_email=fallback)
+    alert = _alert(f"P-unregistered-{rig.tag}")
+    try:
+        with pytest.raises(Crash):
+            await crashing.handle_alert(alert)
+        assert len(rig.smtp.to(fallback)) == 1
+
+        restarted = rig.new_instance(fallback_email=fallback)
+        assert await restarted.handle_alert(alert)  # redelivered: the offset was not committed
+        assert (
+            await rig.pool.fetchval(
+                "SELECT count(*) FROM escalations WHERE dedup_key = $1", alert.dedup_key
+            )
+            == 1
+        )
+        rig.clock.advance(seconds=31)  # the dead process's lease runs out
+        await restarted.deliver_due()
+        assert len(rig.smtp.to(fallback)) == 2
+        statuses = await rig.pool.fetch(
+            "SELECT status FROM pages WHERE dedup_key = $1", alert.dedup_key
+        )
+        assert [r["status"] for r in statuses] == ["sent"]
+        rig.clock.advance(minutes=5)
+        await _round_at(restarted)
+        assert len(rig.smtp.to(fallback)) == 3
+    finally:
+        await _close_by_dedup_key(rig.pool, alert.dedup_key)
+
+
+async def test_team_without_policy_or_address_is_never_held_by_its_quiet_hours(rig: Rig) -> None:
+    """A team with quiet hours but neither a policy nor an on-call address: its LOW alert inside
+    the quiet hours is not held for a digest (the fallback chain pages no team) but paged to
+    the fallback address at once, filed under the team; a LOW alert of an unregistered patient
+    is paged at once too."""
+    fallback = f"fallback-{rig.tag}@h.test"
+    service = rig.new_instance(fallback_email=fallback)
+    team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
+    await rig.pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'x', '')", team
+    )
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+    )
+    await _put(
+        rig.api,
+        f"/care-teams/{team}/quiet-hours",
+        {
+            "timezone": "Europe/Berlin",
+            "start": "22:00",
+            "end": "07:00",
+            "changed_by": f"person:lead-{rig.tag}",
+        },
+    )
+    low = _prioritised(patient, "BATTERY", AlertPriority.LOW)
+    stranger = _prioritised(f"P-unregistered-{rig.tag}", "BATTERY", AlertPriority.LOW)
+    try:
+        assert await service.handle_alert(low)
+        assert len(rig.smtp.to(fallback)) == 1
+        assert (
+            await rig.pool.fetchval(
+                "SELECT care_team_id FROM escalations WHERE dedup_key = $1", low.dedup_key
+            )
+            == team
+        )
+        assert await service.handle_alert(stranger)
+        assert len(rig.smtp.to(fallback)) == 2
+    finally:
+        await _close_by_dedup_key(rig.pool, stranger.dedup_key)
+
+
+async def test_end_of_an_episode_never_escalated_is_only_recorded(rig: Rig) -> None:
+    """The edge: a continue or end phase whose episode has no escalation pages nobody (nobody
+    holds it) and is recorded; an escalate phase without one opens the fallback chain, because
+    a worsened alert must reach someone."""
+    fallback = f"fallback-{rig.tag}@h.test"
+    service = rig.new_instance(fallback_email=fallback)
+    patient = f"P-unregistered-{rig.tag}"
+    ended = _alert(patient, AlertPhase.END)
+    worsened = _alert(patient, AlertPhase.ESCALATE, code="OCCLUSION")
+    try:
+        assert await service.handle_alert(ended) is False
+        assert await service.handle_alert(_alert(patient, AlertPhase.CONTINUE)) is False
+        assert rig.smtp.to(fallback) == []
+        assert await rig.pool.fetchval("SELECT 1 FROM alerts WHERE alert_id = $1", ended.alert_id)
+        assert await service.handle_alert(worsened) is True
+        assert len(rig.smtp.to(fallback)) == 1
+    finally:
+        await _close_by_dedup_key(rig.pool, worsened.dedup_key)

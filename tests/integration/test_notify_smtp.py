@@ -14,12 +14,12 @@ from uuid import UUID
 import pytest
 from aiosmtpd.controller import Controller
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence
+from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence, Page
 from services.notify.adapters.smtp import SmtpSender
-from services.notify.domain import OnCall, PageOrder, compose_page_email, decide, message_id_for
+from services.notify.domain import compose_page_email, message_id_for, page_id_for
 
 REFUSED = "nobody@hospital.example"
-ONCALL = OnCall(care_team_id="CT-ONC-1", email="oncall-onc1@hospital.example")
+ONCALL_EMAIL = "oncall-onc1@hospital.example"
 AT = datetime(2025, 3, 1, 2, 0, 2, tzinfo=UTC)
 
 
@@ -95,16 +95,21 @@ def _page_email(recipient: str) -> EmailMessage:
         rule_id="fever.single",
         rule_version="2025.03.1",
     )
-    decision = decide(
-        alert,
-        oncall=OnCall(care_team_id=ONCALL.care_team_id, email=recipient),
-        thread=None,
-        fallback_email="fallback@localhost",
+    key = f"{alert.alert_id}:email:{recipient}"
+    page = Page(
+        page_id=page_id_for(key),
+        alert_id=alert.alert_id,
+        dedup_key=alert.dedup_key,
+        patient_id=alert.patient_id,
+        care_team_id="CT-ONC-1",
+        channel="email",
+        recipient=recipient,
+        idempotency_key=key,
+        created_at=AT,
     )
-    assert isinstance(decision, PageOrder)
     return compose_page_email(
         alert,
-        decision.to_page(alert, created_at=AT),
+        page,
         sender="vigil-pages@localhost",
         composed_at=AT,
     )
@@ -115,9 +120,9 @@ async def test_page_email_reaches_the_server_intact(
 ) -> None:
     """The server receives one message for the on-call address with subject and body fields."""
     handler, port = smtp_server
-    message = _page_email(ONCALL.email)
+    message = _page_email(ONCALL_EMAIL)
 
-    outcome = await _sender(port).send(message, recipient=ONCALL.email)
+    outcome = await _sender(port).send(message, recipient=ONCALL_EMAIL)
 
     assert outcome.accepted, outcome.detail
     assert outcome.reply_code == 250
@@ -125,14 +130,14 @@ async def test_page_email_reaches_the_server_intact(
     assert len(handler.received) == 1
     mail_from, rcpt_tos, content = handler.received[0]
     assert mail_from == "vigil-pages@localhost"
-    assert rcpt_tos == [ONCALL.email]
+    assert rcpt_tos == [ONCALL_EMAIL]
     received = message_from_bytes(content, policy=policy.default)
     assert isinstance(received, EmailMessage)
-    assert received["To"] == ONCALL.email
+    assert received["To"] == ONCALL_EMAIL
     assert received["Subject"] == "[VIGIL HIGH] Fever 38.6 °C — patient P-0001"
     assert received["Message-ID"] == message["Message-ID"]
     assert received["Message-ID"] == message_id_for(
-        f"00000000-0000-5000-8000-000000000001:email:{ONCALL.email}"
+        f"00000000-0000-5000-8000-000000000001:email:{ONCALL_EMAIL}"
     )
     assert received["X-Vigil-Dedup-Key"] == "P-0001:fever"
     body = received.get_content()
@@ -161,7 +166,7 @@ async def test_refused_recipient_is_a_failed_outcome_with_the_reason(
 
 async def test_unreachable_server_is_a_retryable_failure() -> None:
     """Nobody listening on the port gives a non-permanent failure naming the connection error."""
-    outcome = await _sender(_free_port()).send(_page_email(ONCALL.email), recipient=ONCALL.email)
+    outcome = await _sender(_free_port()).send(_page_email(ONCALL_EMAIL), recipient=ONCALL_EMAIL)
 
     assert not outcome.accepted
     assert outcome.reply_code is None

@@ -25,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiosmtpd.controller import Controller
 
 from schemas.events import Alert, Telemetry
-from schemas.kafka_topics import ALERTS_TOPIC, DEADLETTER_TOPIC, DELIVERIES_TOPIC, TELEMETRY_TOPIC
+from schemas.kafka_topics import ALERTS_TOPIC, DEADLETTER_TOPIC, TELEMETRY_TOPIC
 from services.ingest.adapters.postgres import store_telemetry
 from services.ingest.adapters.registry_admin import upsert_care_team, upsert_patient
 from services.notify.adapters.postgres import PostgresNotifyRepository
@@ -43,7 +43,7 @@ from vigil.settings import KafkaSettings
 
 pytestmark = pytest.mark.stack
 
-LIVE_TOPICS = (TELEMETRY_TOPIC, ALERTS_TOPIC, DEADLETTER_TOPIC, DELIVERIES_TOPIC)
+LIVE_TOPICS = (TELEMETRY_TOPIC, ALERTS_TOPIC, DEADLETTER_TOPIC)
 READING_TABLES = ("temperature_readings", "pump_status", "pump_events", "alerts", "pages")
 
 

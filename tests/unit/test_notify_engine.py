@@ -35,12 +35,18 @@ from services.notify.domain.escalation import (
     Transition,
     advance,
     opened,
+    page_until_acknowledged,
     snapshot_from_json,
     snapshot_to_json,
 )
 from services.notify.domain.heartbeat import PipelineVerdict, pipeline_verdict
-from services.notify.domain.routing import PagePurpose
+from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.schedule import Override, Rotation, on_call_at
+from services.notify.service_layer.escalation import (
+    UNROUTABLE_POLICY_PREFIX,
+    EscalationConfig,
+    fallback_chain,
+)
 
 T0 = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
 
@@ -338,3 +344,50 @@ def test_heartbeat_verdict_edges() -> None:
         PipelineVerdict.STILL_SILENT,
         PipelineVerdict.RECOVERED,
     )
+
+
+# -- the fallback chain of an alert no policy covers --------------------------------------------
+
+
+def _fired_at(policy: PolicySnapshot) -> list[tuple[datetime, list[str]]]:
+    """Every tick that paged, with whom, following the chain's own timer with nobody acking."""
+    state, now, fired = opened(T0), T0, []
+    for _ in range(20):
+        transition = advance(policy, state, Tick(now))
+        if _recipients(transition):
+            fired.append((now, _recipients(transition)))
+        state = transition.state
+        if state.due_at is None:
+            break
+        now = state.due_at
+    assert state.status is EscalationStatus.EXHAUSTED
+    return fired
+
+
+def test_default_shape_pages_every_five_minutes_four_times() -> None:
+    """``page_until_acknowledged`` (a team's default policy and the fallback chain): the address
+    at 0, 5, 10 and 15 minutes, then exhausted with no fifth page."""
+    fired = _fired_at(page_until_acknowledged("default:CT-1", "oncall@h.test"))
+    assert fired == [(T0 + timedelta(minutes=m), ["email:oncall@h.test"]) for m in (0, 5, 10, 15)]
+
+
+def test_fallback_chain_pages_the_configured_address_under_the_unassigned_team() -> None:
+    """An unregistered patient's alert is filed under ``unassigned`` and pages the configured
+    fallback address; a team without policy or address keeps its own id. Wait and repeats
+    come from the configuration."""
+    config = EscalationConfig(
+        sender_address="vigil@localhost",
+        public_base_url="http://notify.test",
+        ack_secret=b"x" * 32,
+        fallback_email="night-desk@h.test",
+        fallback_wait_s=120,
+        fallback_repeats=1,
+    )
+    team, policy = fallback_chain(None, config)
+    assert team == UNASSIGNED_CARE_TEAM
+    assert policy.policy_id == f"{UNROUTABLE_POLICY_PREFIX}{UNASSIGNED_CARE_TEAM}"
+    assert _fired_at(policy) == [
+        (T0, ["email:night-desk@h.test"]),
+        (T0 + timedelta(minutes=2), ["email:night-desk@h.test"]),
+    ]
+    assert fallback_chain("CT-9", config)[0] == "CT-9"

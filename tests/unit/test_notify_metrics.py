@@ -16,7 +16,6 @@ from schemas.events import (
     AlertPriority,
     AlertState,
     DeadLetter,
-    DeliveryStatus,
     Page,
 )
 from services.notify.adapters.metrics import (
@@ -194,27 +193,6 @@ def test_a_bundle_page_is_the_first_attempt_of_every_alert_it_lists() -> None:
     assert value(s, "vigil_notify_first_attempt_seconds_sum") == 3.0 + 2.0 + 1.0
 
 
-def test_single_page_attempts_are_matched_to_their_alert_by_page_id() -> None:
-    """The on-call page path: the first attempt of the page observes the latency of its
-    alert; a failed try counts as 'failed', a later success as 'sent' and one page sent."""
-    clock = Monotonic()
-    metrics = NotifyMetrics(monotonic=clock)
-    a = alert()
-    p = page(a)
-    metrics.alert_received(a)
-    metrics.page_queued(p)
-    clock.now += 0.25
-    metrics.single_page_attempt(p.page_id, channel="email", status=DeliveryStatus.FAILED)
-    clock.now += 2
-    metrics.single_page_attempt(p.page_id, channel="email", status=DeliveryStatus.SENT)
-    s = samples(metrics)
-    assert value(s, "vigil_notify_first_attempt_seconds_count") == 1
-    assert value(s, "vigil_notify_first_attempt_seconds_sum") == 0.25
-    assert value(s, "vigil_notify_delivery_attempts_total", channel="email", status="failed") == 1
-    assert value(s, "vigil_notify_delivery_attempts_total", channel="email", status="sent") == 1
-    assert value(s, "vigil_notify_pages_sent_total", channel="email") == 1
-
-
 def test_alerts_that_never_page_do_not_pile_up_without_bound() -> None:
     """Arrivals awaiting a first attempt are capped: the oldest are forgotten first."""
     metrics = NotifyMetrics()
@@ -249,9 +227,7 @@ async def test_no_label_value_is_a_patient_or_device_id() -> None:
     metrics = NotifyMetrics(monotonic=clock)
     a = alert()
     await ObservedAlertHandler(Recorder(), metrics).handle_alert(a)
-    p = page(a)
-    metrics.page_queued(p)
-    metrics.single_page_attempt(p.page_id, channel="email", status=DeliveryStatus.SENT)
+    metrics.escalation_outcomes([(job(a, "email"), SendOutcome(True, "ok"), Delivered(), "sent")])
     metrics.escalation_outcomes([(job(a, "sms"), SendOutcome(False, "x"), NextChannel("p"), "f")])
     metrics.receipt("sms", "delivered")
     metrics.acknowledged("sms", T0, T0)

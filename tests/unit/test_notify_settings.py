@@ -23,7 +23,7 @@ def test_defaults_match_the_local_stack() -> None:
     settings = NotifySettings()
     assert (settings.smtp_host, settings.smtp_port) == ("127.0.0.1", 10025)
     assert settings.fallback_email == "vigil-oncall-fallback@localhost"
-    assert settings.max_send_attempts == 5
+    assert settings.max_tries_per_channel == 3
     assert settings.group_id == "vigil-notify"
 
 
@@ -55,7 +55,7 @@ def test_password_stays_out_of_the_repr(monkeypatch: pytest.MonkeyPatch) -> None
     [
         {"VIGIL_NOTIFY_SMTP_USERNAME": "vigil"},
         {"VIGIL_NOTIFY_RETRY_BASE_S": "30", "VIGIL_NOTIFY_RETRY_CAP_S": "10"},
-        {"VIGIL_NOTIFY_MAX_SEND_ATTEMPTS": "0"},
+        {"VIGIL_NOTIFY_MAX_TRIES_PER_CHANNEL": "0"},
     ],
 )
 def test_refuses_inconsistent_settings(

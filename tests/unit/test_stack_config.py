@@ -225,7 +225,6 @@ def test_topic_specs_cover_every_contract_topic() -> None:
         kafka_topics.TELEMETRY_TOPIC: (4, 30),
         kafka_topics.ALERTS_TOPIC: (4, 365),
         kafka_topics.DEADLETTER_TOPIC: (3, 30),
-        kafka_topics.DELIVERIES_TOPIC: (3, 365),
     }
     for name, (partitions, days) in expected.items():
         assert specs[name].partitions == partitions

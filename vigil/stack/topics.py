@@ -13,7 +13,6 @@ from typing import Final, Literal
 from schemas.kafka_topics import (
     ALERTS_TOPIC,
     DEADLETTER_TOPIC,
-    DELIVERIES_TOPIC,
     RULES_STATE_TOPIC,
     TELEMETRY_TOPIC,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "ALERTS_TOPIC",
     "DEADLETTER_TOPIC",
     "DEFAULT_PARTITIONS",
-    "DELIVERIES_TOPIC",
     "RULES_STATE_TOPIC",
     "TELEMETRY_TOPIC",
     "TOPICS",
@@ -61,7 +59,6 @@ def topic_specs(partitions: int = DEFAULT_PARTITIONS) -> tuple[TopicSpec, ...]:
         TopicSpec(ALERTS_TOPIC, partitions, 365 * DAY_MS),
         # Three partitions so a flood of bad messages from one device does not serialise all.
         TopicSpec(DEADLETTER_TOPIC, 3, 30 * DAY_MS),
-        TopicSpec(DELIVERIES_TOPIC, 3, 365 * DAY_MS),
         # The rules' state, one record per patient (and per partition's watermark), written in
         # the same transaction as the alerts it led to; compacted, so the newest record per key
         # is kept forever. Partitioned like telemetry: partition p holds the state of the

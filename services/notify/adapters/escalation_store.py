@@ -29,6 +29,9 @@ from services.notify.domain.channel_failover import (
     RetryLater,
 )
 from services.notify.domain.escalation import (
+    DEFAULT_FALLBACK_EMAIL,
+    DEFAULT_POLICY_REPEATS,
+    DEFAULT_POLICY_WAIT_S,
     Acknowledge,
     EscalationEvent,
     EscalationState,
@@ -45,6 +48,7 @@ from services.notify.domain.escalation import (
     Transition,
     advance,
     opened,
+    page_until_acknowledged,
     snapshot_from_json,
     snapshot_to_json,
 )
@@ -96,11 +100,6 @@ _INSERT_PAGE = """
     ON CONFLICT (idempotency_key) DO NOTHING
 """
 
-#: A team without a policy of its own still gets a chain that runs until someone acknowledges:
-#: its on-call address, paged again every five minutes, four times in all.
-DEFAULT_POLICY_WAIT_S = 300
-DEFAULT_POLICY_REPEATS = 3
-
 
 class PostgresEscalationStore:
     def __init__(
@@ -109,11 +108,14 @@ class PostgresEscalationStore:
         *,
         default_wait_s: int = DEFAULT_POLICY_WAIT_S,
         default_repeats: int = DEFAULT_POLICY_REPEATS,
+        fallback_email: str = DEFAULT_FALLBACK_EMAIL,
     ) -> None:
         # asyncpg ships no type information; the pool is an asyncpg.Pool.
         self._pool = pool
         self._default_wait_s = default_wait_s
         self._default_repeats = default_repeats
+        # Paged for a team that has no on-call address of its own (``_Writer.fallback``).
+        self._fallback_email = fallback_email
 
     # -- who to page --------------------------------------------------------------------------
 
@@ -183,12 +185,11 @@ class PostgresEscalationStore:
         )
         if not address:
             return None
-        return PolicySnapshot(
-            policy_id=f"default:{care_team_id}",
-            steps=(
-                StepSnapshot(targets=(Target("email", str(address)),), wait_s=self._default_wait_s),
-            ),
-            repeat_count=self._default_repeats,
+        return page_until_acknowledged(
+            f"default:{care_team_id}",
+            str(address),
+            wait_s=self._default_wait_s,
+            repeats=self._default_repeats,
         )
 
     async def rotation(self, schedule_id: str) -> Rotation | None:
@@ -223,7 +224,7 @@ class PostgresEscalationStore:
         wait for a ticker.
         """
         async with self._pool.acquire() as conn, conn.transaction():
-            writer = _Writer(conn, at)
+            writer = _Writer(conn, at, self._fallback_email)
             escalation_id = await _open_in(conn, writer, alert, care_team_id, snapshot, at)
             if escalation_id is None:
                 return None, []
@@ -270,7 +271,7 @@ class PostgresEscalationStore:
             if decision.placement is Placement.ALREADY:
                 return decision.placement, None, [], decision.due_at
             if decision.placement is Placement.PAGE_NOW:
-                writer = _Writer(conn, at)
+                writer = _Writer(conn, at, self._fallback_email)
                 escalation_id = await _open_in(conn, writer, alert, care_team_id, snapshot, at)
                 if escalation_id is None:
                     return Placement.ALREADY, None, [], at
@@ -451,7 +452,7 @@ class PostgresEscalationStore:
                 (row, Tick(now=at)) for row in rows if row["due_at"] == at
             ]
             if due:
-                await _apply_rows(conn, due, at)
+                await _apply_rows(conn, due, at, self._fallback_email)
             return True
 
     async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
@@ -497,7 +498,7 @@ class PostgresEscalationStore:
         gets one page; which alerts it lists is read when it is sent.
         """
         if bundle["kind"] == QUIET_DIGEST_KIND:
-            await _flush_digest(conn, bundle, now)
+            await _flush_digest(conn, bundle, now, self._fallback_email)
             return
         bundle_id = UUID(str(bundle["bundle_id"]))
         rows = await conn.fetch(
@@ -511,14 +512,16 @@ class PostgresEscalationStore:
             now,
         )
         if rows:
-            await _apply_rows(conn, [(row, Tick(now=now)) for row in rows], now)
+            await _apply_rows(
+                conn, [(row, Tick(now=now)) for row in rows], now, self._fallback_email
+            )
         members = await conn.fetch(
             "SELECT dedup_key FROM notify_bundle_members WHERE bundle_id = $1 "
             "ORDER BY joined_at, dedup_key",
             bundle_id,
         )
         if is_bundled(tuple(str(m["dedup_key"]) for m in members)):
-            writer = _Writer(conn, now)
+            writer = _Writer(conn, now, self._fallback_email)
             for row in rows:
                 writer.event(
                     row["escalation_id"],
@@ -583,14 +586,16 @@ class PostgresEscalationStore:
                 )
             if not rows:
                 return None
-            transitions = await _apply_rows(conn, [(row, event) for row in rows], at)
+            transitions = await _apply_rows(
+                conn, [(row, event) for row in rows], at, self._fallback_email
+            )
             found = None
             for row, transition in zip(rows, transitions, strict=True):
                 await self._after_event(conn, row, event, transition, at)
                 if row["escalation_id"] == escalation_id:
                     found = transition
             if isinstance(event, Acknowledge | Resolve):
-                writer = _Writer(conn, at)
+                writer = _Writer(conn, at, self._fallback_email)
                 await _upstream_sync(conn, writer, [row["escalation_id"] for row in rows])
                 await writer.flush(claim_until=None)
             return found
@@ -637,7 +642,9 @@ class PostgresEscalationStore:
                 limit,
             )
             if rows:
-                await _apply_rows(conn, [(row, event_for(now)) for row in rows], now)
+                await _apply_rows(
+                    conn, [(row, event_for(now)) for row in rows], now, self._fallback_email
+                )
             return len(rows)
 
     async def open_paged_to(self, channel: str, address: str) -> UUID | None:
@@ -821,7 +828,7 @@ class PostgresEscalationStore:
         """
         attempts, delivered, retries, finished = [], [], [], []
         async with self._pool.acquire() as conn, conn.transaction():
-            writer = _Writer(conn, at)
+            writer = _Writer(conn, at, self._fallback_email)
             for job, outcome, verdict, status in outcomes:
                 page = job.page
                 attempts.append(
@@ -1053,7 +1060,7 @@ async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) 
         writer.upstream(row, purpose)
 
 
-async def _flush_digest(conn: Any, digest: Any, now: datetime) -> None:
+async def _flush_digest(conn: Any, digest: Any, now: datetime, fallback_email: str) -> None:
     """Page a quiet-hours digest, in the caller's transaction (the digest row is locked).
 
     Each member nobody acknowledged is listed: a held alert still open fires its first step
@@ -1084,7 +1091,7 @@ async def _flush_digest(conn: Any, digest: Any, now: datetime) -> None:
         digest_id,
     )
     listed = [str(r["dedup_key"]) for r in [*opened_rows, *resolved_rows]]
-    writer = _Writer(conn, now)
+    writer = _Writer(conn, now, fallback_email)
     for row in [*opened_rows, *resolved_rows]:
         writer.event(
             row["escalation_id"],
@@ -1102,6 +1109,7 @@ async def _flush_digest(conn: Any, digest: Any, now: datetime) -> None:
             conn,
             [(row, Tick(now=now)) for row in opened_rows],
             now,
+            fallback_email,
             alert_purpose=PagePurpose.QUIET_DIGEST,
         )
     for row in resolved_rows:
@@ -1279,6 +1287,7 @@ async def _apply_rows(
     conn: Any,
     items: list[tuple[Any, EscalationEvent]],
     at: datetime,
+    fallback_email: str,
     *,
     alert_purpose: PagePurpose = PagePurpose.ALERT,
 ) -> list[Transition]:
@@ -1315,7 +1324,7 @@ async def _apply_rows(
         """,
         updates,
     )
-    writer = _Writer(conn, at)
+    writer = _Writer(conn, at, fallback_email)
     needed = [row["alert_id"] for (row, _), t in zip(items, transitions, strict=True) if t.commands]
     alerts: dict[Any, Alert] = {}
     if needed:
@@ -1367,9 +1376,10 @@ class _NewPage:
 class _Writer:
     """Collects timeline entries and pages inside one transaction and writes them in batches."""
 
-    def __init__(self, conn: Any, at: datetime) -> None:
+    def __init__(self, conn: Any, at: datetime, fallback_email: str) -> None:
         self._conn = conn
         self._at = at
+        self._fallback_email = fallback_email
         self._events: list[tuple[Any, ...]] = []
         self._pages: list[_NewPage] = []
         self._contacts: dict[str, list[tuple[int, str, str]]] = {}
@@ -1405,9 +1415,7 @@ class _Writer:
             address = await self._conn.fetchval(
                 "SELECT oncall_email FROM care_teams WHERE care_team_id = $1", care_team_id
             )
-            self._fallbacks[care_team_id] = (
-                str(address or "").strip() or "vigil-oncall-fallback@localhost"
-            )
+            self._fallbacks[care_team_id] = str(address or "").strip() or self._fallback_email
         return self._fallbacks[care_team_id]
 
     async def pages_for(

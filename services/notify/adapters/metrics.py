@@ -8,8 +8,8 @@ about metrics:
 
 - ``ObservedAlertHandler`` / ``ObservedDeadLetters``: alerts received, records dead-lettered;
 - ``ObservedEscalationStore``: attempts, pages sent and failovers of escalation pages (from
-  ``record_outcomes``), delivery receipts, acknowledgements, heartbeat ages;
-- ``ObservedNotifyRepository``: attempts of the single on-call page (no escalation policy);
+  ``record_outcomes``; every page is an escalation page, including the fallback chain of an
+  alert no policy covers), delivery receipts, acknowledgements, heartbeat ages;
 - ``poll_database``: the open-escalation count, and whether the database answers.
 
 No label ever carries a patient id, device id, recipient or page content: label values are
@@ -32,13 +32,11 @@ from uuid import UUID
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from schemas.events import Alert, DeadLetter, DeliveryStatus, Page
+from schemas.events import Alert, DeadLetter
 from services.notify.adapters.escalation_store import PostgresEscalationStore
-from services.notify.adapters.postgres import PostgresNotifyRepository
-from services.notify.domain import Route
 from services.notify.domain.channel_failover import AttemptVerdict, GiveUp, NextChannel
 from services.notify.domain.escalation import Acknowledge, EscalationEvent, Transition
-from services.notify.service_layer.ports import PageInsert, PageJob, SendOutcome
+from services.notify.service_layer.ports import PageJob, SendOutcome
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.ops")
@@ -75,7 +73,6 @@ class NotifyMetrics:
     def __init__(self, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._monotonic = monotonic
         self._awaiting_first: OrderedDict[UUID, float] = OrderedDict()
-        self._page_alert: OrderedDict[UUID, UUID] = OrderedDict()
         self._heartbeats: dict[str, datetime] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -142,10 +139,6 @@ class NotifyMetrics:
         self.alerts_received.labels(alert.kind.value, alert.priority.value, alert.phase.value).inc()
         self._remember(self._awaiting_first, alert.alert_id, self._monotonic())
 
-    def page_queued(self, page: Page) -> None:
-        """A single on-call page was stored: its attempts are matched to its alert by page id."""
-        self._remember(self._page_alert, page.page_id, page.alert_id)
-
     def _first_attempt_of(self, alert_ids: Iterable[UUID]) -> None:
         now = self._monotonic()
         for alert_id in alert_ids:
@@ -161,15 +154,6 @@ class NotifyMetrics:
             table.popitem(last=False)
 
     # -- attempts -----------------------------------------------------------------------------
-
-    def single_page_attempt(self, page_id: UUID, *, channel: str, status: DeliveryStatus) -> None:
-        """One attempt of a single on-call page (the path without an escalation policy)."""
-        self.attempts.labels(channel, status.value).inc()
-        if status is DeliveryStatus.SENT:
-            self.pages_sent.labels(channel).inc()
-        alert_id = self._page_alert.pop(page_id, None)
-        if alert_id is not None:
-            self._first_attempt_of([alert_id])
 
     def escalation_outcomes(
         self, outcomes: Iterable[tuple[PageJob, SendOutcome, AttemptVerdict, str]]
@@ -300,44 +284,6 @@ class ObservedEscalationStore(PostgresEscalationStore):
         rows = await super().heartbeats()
         self._metrics.heartbeats_seen(rows, self._now)
         return rows
-
-
-class ObservedNotifyRepository(PostgresNotifyRepository):
-    """The single on-call page's repository, reporting its attempts to ``NotifyMetrics``."""
-
-    def __init__(self, pool: Any, metrics: NotifyMetrics) -> None:
-        super().__init__(pool)
-        self._metrics = metrics
-
-    async def insert_page(
-        self, page: Page, *, route: Route, route_detail: str | None
-    ) -> PageInsert:
-        stored = await super().insert_page(page, route=route, route_detail=route_detail)
-        self._metrics.page_queued(page)
-        return stored
-
-    async def record_attempt(
-        self,
-        page_id: UUID,
-        *,
-        channel: str,
-        recipient: str,
-        status: DeliveryStatus,
-        at: datetime,
-        detail: str | None,
-        provider_message_id: str | None,
-    ) -> int:
-        number = await super().record_attempt(
-            page_id,
-            channel=channel,
-            recipient=recipient,
-            status=status,
-            at=at,
-            detail=detail,
-            provider_message_id=provider_message_id,
-        )
-        self._metrics.single_page_attempt(page_id, channel=channel, status=status)
-        return number
 
 
 async def poll_database(

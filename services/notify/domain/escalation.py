@@ -64,6 +64,32 @@ class PolicySnapshot:
                     raise ValueError(f"schedule {target.ref} is not in the snapshot")
 
 
+#: The chain of a team without a policy of its own, and of an alert nobody's policy covers (an
+#: unregistered patient): one address, paged again every five minutes, four times in all, until
+#: someone acknowledges.
+DEFAULT_POLICY_WAIT_S = 300
+DEFAULT_POLICY_REPEATS = 3
+#: The address paged when nobody else can be (``VIGIL_NOTIFY_FALLBACK_EMAIL`` overrides it).
+DEFAULT_FALLBACK_EMAIL = "vigil-oncall-fallback@localhost"
+
+
+def page_until_acknowledged(
+    policy_id: str,
+    address: str,
+    *,
+    wait_s: int = DEFAULT_POLICY_WAIT_S,
+    repeats: int = DEFAULT_POLICY_REPEATS,
+) -> PolicySnapshot:
+    """A one-step policy paging ``address`` every ``wait_s`` seconds, ``1 + repeats`` times,
+    until acknowledged: the default policy of a team and the fallback chain of an unroutable
+    alert are both this, so neither can page once and never again."""
+    return PolicySnapshot(
+        policy_id=policy_id,
+        steps=(StepSnapshot(targets=(Target("email", address),), wait_s=wait_s),),
+        repeat_count=repeats,
+    )
+
+
 class EscalationStatus(StrEnum):
     OPEN = "open"
     EXHAUSTED = "exhausted"

@@ -1,4 +1,4 @@
-"""The e-mail a page becomes: subject, plain-text body and the headers that thread and collapse it.
+"""The e-mail a page becomes: subject, plain-text body and the headers that collapse a resent one.
 
 Pure: builds an ``email.message.EmailMessage`` from the alert, the page and the time of
 composition passed in; sending it belongs to ``adapters.smtp``. The body is PHI (it carries the
@@ -16,7 +16,7 @@ from typing import Final
 
 from schemas.events import Alert, AlertPriority, Evidence, Page
 from services.notify.domain.bundling import bundle_priority
-from services.notify.domain.routing import PagePurpose, ThreadRoot, purpose_of
+from services.notify.domain.routing import PagePurpose, purpose_of
 
 # The right-hand side of every Message-ID; the left-hand side is a digest of the idempotency key.
 MESSAGE_ID_DOMAIN: Final = "notify.vigil"
@@ -103,13 +103,12 @@ def compose_page_email(
     *,
     sender: str,
     composed_at: datetime,
-    thread: ThreadRoot | None = None,
     route_detail: str | None = None,
     ack_url: str | None = None,
     note: str | None = None,
     purpose: PagePurpose | None = None,
 ) -> EmailMessage:
-    """The full message for one page. ``thread`` is the episode's start page, for later phases."""
+    """The full message for one page; ``purpose`` defaults to what the alert's phase calls for."""
     purpose = purpose or purpose_of(alert.phase)
     if purpose is None:
         raise ValueError(f"phase {alert.phase.value} is recorded only, it has no page to compose")
@@ -122,10 +121,6 @@ def compose_page_email(
     message["Subject"] = page_subject(alert, purpose, unrouted=route_detail is not None)
     message["Date"] = format_datetime(composed_at)
     message["Message-ID"] = message_id_for(page.idempotency_key)
-    if thread is not None and thread.idempotency_key != page.idempotency_key:
-        root = message_id_for(thread.idempotency_key)
-        message["In-Reply-To"] = root
-        message["References"] = root
     # RFC 3834: keeps vacation auto-replies from answering a page and looping.
     message["Auto-Submitted"] = "auto-generated"
     message["X-Vigil-Alert-Id"] = str(alert.alert_id)

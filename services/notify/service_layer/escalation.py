@@ -42,6 +42,9 @@ from services.notify.domain.channel_failover import (
     after_attempt,
 )
 from services.notify.domain.escalation import (
+    DEFAULT_FALLBACK_EMAIL,
+    DEFAULT_POLICY_REPEATS,
+    DEFAULT_POLICY_WAIT_S,
     Acknowledge,
     EscalationEvent,
     EscalationState,
@@ -54,6 +57,7 @@ from services.notify.domain.escalation import (
     TimelineEntry,
     Transition,
     Worsen,
+    page_until_acknowledged,
 )
 from services.notify.domain.heartbeat import (
     PipelineVerdict,
@@ -70,7 +74,7 @@ from services.notify.domain.message import (
     pagerduty_event,
 )
 from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
-from services.notify.domain.routing import PagePurpose
+from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
     NotifyRepository,
@@ -85,6 +89,8 @@ log = logging.getLogger("vigil.notify.escalation")
 # The alert code the rules service gives a pipeline heartbeat (see docs/notify.md).
 HEARTBEAT_CODE = "pipeline.heartbeat"
 PIPELINE_SILENT_CODE = "pipeline.silent"
+# policy_id of the fallback chain (``fallback_chain``), followed by the care team it is filed under.
+UNROUTABLE_POLICY_PREFIX = "unroutable:"
 
 
 class SmsChannel(Protocol):
@@ -181,11 +187,31 @@ class EscalationConfig:
     max_concurrent_sends: int = 32
     heartbeat_timeout_s: float = 120.0
     technical_care_team_id: str | None = None
-    fallback_email: str = "vigil-oncall-fallback@localhost"
+    fallback_email: str = DEFAULT_FALLBACK_EMAIL
     # A patient's first alert is paged at once and opens a window this long; alerts inside it
     # share one follow-up page at its end. 0 pages every alert on its own (the composition root
     # passes the setting, 5 s by default).
     group_wait_s: float = 0.0
+    # The fallback chain of an alert no policy covers: ``fallback_email`` paged every
+    # ``fallback_wait_s``, ``1 + fallback_repeats`` times, until acknowledged (the default
+    # policy's figures).
+    fallback_wait_s: int = DEFAULT_POLICY_WAIT_S
+    fallback_repeats: int = DEFAULT_POLICY_REPEATS
+
+
+def fallback_chain(
+    care_team_id: str | None, config: EscalationConfig
+) -> tuple[str, PolicySnapshot]:
+    """The care team and policy an alert no policy covers is escalated under: the configured
+    fallback address, paged like a team's default policy until someone acknowledges. An
+    unregistered patient's alert is filed under ``UNASSIGNED_CARE_TEAM``."""
+    team = care_team_id or UNASSIGNED_CARE_TEAM
+    return team, page_until_acknowledged(
+        f"{UNROUTABLE_POLICY_PREFIX}{team}",
+        config.fallback_email,
+        wait_s=config.fallback_wait_s,
+        repeats=config.fallback_repeats,
+    )
 
 
 class AckOutcome(StrEnum):
@@ -235,11 +261,17 @@ class EscalationService:
     # -- alerts in ----------------------------------------------------------------------------
 
     async def handle_alert(self, alert: Alert) -> bool:
-        """Take the alert into an escalation; False when the legacy single page should handle it.
+        """Take the alert into its escalation; returns False only for a phase that was recorded
+        without paging anyone (see below). Durable before it returns, so the caller may commit
+        the alert's Kafka offset.
 
-        Heartbeats are always taken (they are recorded, never paged). A start phase is taken when
-        the patient's care team has an escalation policy; later phases when their episode has an
-        escalation.
+        Heartbeats are recorded, never paged. A start phase always opens an escalation: under
+        its care team's policy (or the team's default policy), or, when no policy covers it (an
+        unregistered patient, a team with neither a policy nor an on-call address), under the
+        fallback chain (``fallback_chain``). An escalate phase whose episode has no escalation
+        opens one the same way: the worsened alert must reach someone. A continue,
+        de-escalate or end phase of an episode without an escalation is only recorded (nobody
+        was paged about it, so there is no thread to update and nobody owed an all clear).
         """
         now = self._clock()
         if alert.code == HEARTBEAT_CODE:
@@ -250,27 +282,23 @@ class EscalationService:
             ):
                 await self._store.heartbeat_seen(alert.device_id, alert.device_time)
             return True
-        if alert.phase is AlertPhase.START:
-            existing = await self._store.escalation_id_for(alert.dedup_key)
-            if existing is not None:
+        escalation_id = await self._store.escalation_id_for(alert.dedup_key)
+        if alert.phase is AlertPhase.START or (
+            escalation_id is None and alert.phase is AlertPhase.ESCALATE
+        ):
+            if escalation_id is not None:
                 await self._alerts.record_alert(alert)
                 return True
-            team = await self._store.team_of_patient(alert.patient_id)
-            if team is None:
-                return False
-            snapshot = await self._store.load_policy(team)
-            if snapshot is None:
-                return False
-            await self._alerts.record_alert(alert)
-            if await self._held_for_quiet_hours(alert, team, snapshot, now):
-                return True
-            if self._config.group_wait_s > 0:
-                await self._open_in_window(alert, team, snapshot, now)
-            else:
-                await self._open(alert, team, snapshot, now)
+            await self._start(alert, now)
             return True
-        escalation_id = await self._store.escalation_id_for(alert.dedup_key)
         if escalation_id is None:
+            await self._alerts.record_alert(alert)
+            log.info(
+                "alert_recorded_without_escalation",
+                extra=log_fields(
+                    alert_id=str(alert.alert_id), dedup_key=alert.dedup_key, phase=alert.phase.value
+                ),
+            )
             return False
         if alert.phase is AlertPhase.END:
             pending = await self._store.pending_bundle_of(alert.dedup_key)
@@ -303,6 +331,36 @@ class EscalationService:
             )
         await self.deliver_due()
         return True
+
+    async def _start(self, alert: Alert, now: datetime) -> None:
+        """Open the alert's escalation under its team's policy, or under the fallback chain
+        when no policy covers it; quiet hours and the bundling window apply as for any alert,
+        except that quiet hours never hold the fallback chain (it pages no team)."""
+        team = await self._store.team_of_patient(alert.patient_id)
+        snapshot = None if team is None else await self._store.load_policy(team)
+        await self._alerts.record_alert(alert)
+        if team is None or snapshot is None:
+            reason = (
+                f"patient {alert.patient_id} is not registered with a care team"
+                if team is None
+                else f"care team {team} has neither an escalation policy nor an on-call address"
+            )
+            team, snapshot = fallback_chain(team, self._config)
+            log.error(
+                "alert_unroutable",
+                extra=log_fields(
+                    alert_id=str(alert.alert_id),
+                    patient_id=alert.patient_id,
+                    care_team_id=team,
+                    reason=reason,
+                ),
+            )
+        elif await self._held_for_quiet_hours(alert, team, snapshot, now):
+            return
+        if self._config.group_wait_s > 0:
+            await self._open_in_window(alert, team, snapshot, now)
+        else:
+            await self._open(alert, team, snapshot, now)
 
     async def _held_for_quiet_hours(
         self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
@@ -552,11 +610,7 @@ class EscalationService:
         bundled = len(job.bundle) > 1
         # A shared page whose other alerts were acknowledged speaks of the one still unanswered.
         alert = job.bundle[0] if len(job.bundle) == 1 else job.alert
-        route_detail = (
-            "the escalation could not reach anyone else"
-            if job.recipient_ref.startswith(FALLBACK_PREFIX)
-            else None
-        )
+        route_detail = _route_detail(job, alert)
         if page.channel == "email" and bundled:
             message = compose_bundle_email(
                 job.bundle,
@@ -616,11 +670,7 @@ class EscalationService:
                 sender=self._config.sender_address,
                 composed_at=self._clock(),
                 ack_url=ack_url,
-                route_detail=(
-                    "the escalation could not reach anyone else"
-                    if job.recipient_ref.startswith(FALLBACK_PREFIX)
-                    else None
-                ),
+                route_detail=_route_detail(job, job.alert),
             )
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
@@ -775,6 +825,15 @@ async def _first(*awaitables: Any) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _route_detail(job: PageJob, alert: Alert) -> str | None:
+    """Why a page went to a fallback address rather than to the care team, None when it did not."""
+    if job.page.care_team_id == UNASSIGNED_CARE_TEAM:
+        return f"patient {alert.patient_id} is not registered with a care team"
+    if job.recipient_ref.startswith(FALLBACK_PREFIX):
+        return "the escalation could not reach anyone else"
+    return None
 
 
 def sms_reference(job: PageJob) -> str:

@@ -11,29 +11,8 @@ from email.message import EmailMessage
 from typing import Protocol
 from uuid import UUID
 
-from schemas.events import Alert, DeliveryAttempt, DeliveryStatus, Page
-from services.notify.domain import OnCall, PagePurpose, Route, ThreadRoot
-
-
-@dataclass(frozen=True, slots=True)
-class PageInsert:
-    """Result of queueing a page: whether this call created it, and the stored status."""
-
-    new: bool
-    page_id: UUID
-    status: DeliveryStatus
-
-
-@dataclass(frozen=True, slots=True)
-class UndeliveredPage:
-    """A page whose delivery never succeeded, with what is needed to compose it again."""
-
-    page: Page
-    alert: Alert
-    route: Route
-    route_detail: str | None
-    attempts_made: int
-
+from schemas.events import Alert, Page
+from services.notify.domain import PagePurpose
 
 # recipient_ref of a page sent to a care team's fallback address.
 FALLBACK_PREFIX = "fallback:"
@@ -94,44 +73,8 @@ class NotifyRepository(Protocol):
         """Store an alert phase; False when it was already stored."""
         ...
 
-    async def find_oncall(self, patient_id: str) -> OnCall | None:
-        """The patient's care team and on-call address, None when the patient is unknown."""
-        ...
-
-    async def find_thread_root(self, dedup_key: str) -> ThreadRoot | None:
-        """The start page of the episode, None when no start page was queued."""
-        ...
-
-    async def insert_page(
-        self, page: Page, *, route: Route, route_detail: str | None
-    ) -> PageInsert:
-        """Queue a page once per idempotency key."""
-        ...
-
-    async def record_attempt(
-        self,
-        page_id: UUID,
-        *,
-        channel: str,
-        recipient: str,
-        status: DeliveryStatus,
-        at: datetime,
-        detail: str | None,
-        provider_message_id: str | None,
-    ) -> int:
-        """Store one delivery attempt and the page's new status; returns the attempt number."""
-        ...
-
-    async def undelivered_pages(self) -> list[UndeliveredPage]:
-        """Pages left queued or failed, oldest first."""
-        ...
-
 
 class PageSender(Protocol):
     async def send(self, message: EmailMessage, *, recipient: str) -> SendOutcome:
         """Hand one message to the mail server; failures are returned, never raised."""
         ...
-
-
-class DeliveryPublisher(Protocol):
-    async def publish_attempt(self, attempt: DeliveryAttempt) -> None: ...
