@@ -614,6 +614,55 @@ async def test_stopped_heartbeat_pages_the_technical_oncall(
         await pool.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", source)
 
 
+async def test_pipeline_silence_without_a_technical_team_pages_the_fallback_again(
+    pool: Any, smtp: SmtpSink
+) -> None:
+    """No technical care team configured: the silence goes to the fallback address, and is
+    paged again after five minutes (not at 4:59) while nobody acknowledges, never only once."""
+    tag = uuid.uuid4().hex[:8]
+    source, fallback = f"heartbeat-{tag}", f"fallback-{tag}@h.test"
+    clock = ManualClock(T0)
+    service = EscalationService(
+        store=PostgresEscalationStore(pool, fallback_email=fallback),
+        alerts=PostgresNotifyRepository(pool),
+        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
+        sms=None,
+        webhook=None,
+        config=EscalationConfig(
+            sender_address="vigil@localhost",
+            public_base_url="http://notify.test",
+            ack_secret=SECRET,
+            heartbeat_timeout_s=60,
+            technical_care_team_id=None,
+            fallback_email=fallback,
+        ),
+        clock=clock,
+    )
+    beat = _alert("pipeline", code=HEARTBEAT_CODE).model_copy(
+        update={"device_id": source, "device_time": T0}
+    )
+    try:
+        assert await service.handle_alert(beat)
+        clock.advance(seconds=61)
+        await service.check_heartbeat()
+        await service.deliver_due()
+        assert len(smtp.to(fallback)) == 1
+        clock.advance(seconds=299)
+        await service.tick()
+        await service.deliver_due()
+        assert len(smtp.to(fallback)) == 1
+        clock.advance(seconds=1)
+        await service.tick()
+        await service.deliver_due()
+        pages = smtp.to(fallback)
+        assert len(pages) == 2
+        assert all("Pipeline silent" in _mail(page)["Subject"] for page in pages)
+    finally:
+        await service.handle_alert(beat.model_copy(update={"device_time": clock.now}))
+        await service.check_heartbeat()
+        await pool.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", source)
+
+
 async def _heartbeat_scenario(
     service: EscalationService, clock: ManualClock, smtp: SmtpSink, tag: str, source: str
 ) -> None:

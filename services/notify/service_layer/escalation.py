@@ -51,8 +51,6 @@ from services.notify.domain.escalation import (
     PolicySnapshot,
     Resolve,
     Snooze,
-    StepSnapshot,
-    Target,
     Tick,
     TimelineEntry,
     Transition,
@@ -743,11 +741,13 @@ class EscalationService:
         team = self._config.technical_care_team_id
         snapshot = None if team is None else await self._store.load_policy(team)
         if snapshot is None:
-            snapshot = PolicySnapshot(
-                policy_id="technical-fallback",
-                steps=(StepSnapshot(targets=(Target("email", ""),), wait_s=0),),
-                repeat_count=0,
-                schedules={},
+            # No technical policy: the team's on-call address (or the fallback address), paged
+            # until acknowledged like any unroutable alert, never once and then silence.
+            snapshot = page_until_acknowledged(
+                "technical-fallback",
+                "",
+                wait_s=self._config.fallback_wait_s,
+                repeats=self._config.fallback_repeats,
             )
         # mark first: a crash after it re-pages nothing, a crash before it re-pages once
         # (the escalation's dedup key makes the second open a no-op).
