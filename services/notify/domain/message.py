@@ -14,7 +14,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Final
 
-from schemas.events import Alert, AlertPriority, Evidence, Page
+from schemas.events import Alert, AlertPhase, AlertPriority, Evidence, Page
 from services.notify.domain.bundling import bundle_priority
 from services.notify.domain.routing import PagePurpose, purpose_of
 
@@ -174,47 +174,31 @@ def compose_bundle_email(
         raise ValueError("composed_at must be timezone-aware")
     lead = alerts[0]
     priority = bundle_priority(tuple(a.priority for a in alerts))
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = page.recipient
-    message["Subject"] = bundle_subject(alerts, unrouted=route_detail is not None)
-    message["Date"] = format_datetime(composed_at)
-    message["Message-ID"] = message_id_for(page.idempotency_key)
-    message["Auto-Submitted"] = "auto-generated"
-    message["X-Vigil-Alert-Id"] = ", ".join(str(a.alert_id) for a in alerts)
-    message["X-Vigil-Dedup-Key"] = ", ".join(a.dedup_key for a in alerts)
-    message["X-Vigil-Priority"] = priority.value
-    message["X-Vigil-Phase"] = lead.phase.value
-    message["X-Vigil-Page-Id"] = str(page.page_id)
-    if priority is AlertPriority.HIGH:
-        message["Importance"] = "high"
-        message["X-Priority"] = "1"
-    lines: list[str] = [
+    opening = [
         f"ACTION: {len(alerts)} alerts for patient {lead.patient_id} within seconds: call the "
         f"caregiver of patient {lead.patient_id} now.",
         "",
     ]
     if ack_url is not None:
-        lines += [
+        opening += [
             f"ACKNOWLEDGE ALL {len(alerts)} ALERTS (stops further paging): {ack_url}",
             "",
         ]
-    if route_detail is not None:
-        lines += [
-            f"ROUTING: this page went to the fallback address because {route_detail}.",
-            "Find the treating team and forward this page to them.",
-            "",
-        ]
-    for number, alert in enumerate(alerts, start=1):
-        lines += [f"--- Alert {number} of {len(alerts)} ---", *_alert_lines(alert), ""]
-    lines += [
-        f"Care team:    {page.care_team_id}",
-        f"Page id:      {page.page_id}",
-        "",
-        "Sent automatically by Vigil. Replies to this address are not read: acknowledge in Vigil.",
-    ]
-    message.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
-    return message
+    return _listing_email(
+        alerts,
+        page,
+        sender=sender,
+        subject=bundle_subject(alerts, unrouted=route_detail is not None),
+        composed_at=composed_at,
+        priority=priority,
+        phase=lead.phase,
+        opening=opening,
+        route_detail=route_detail,
+        sections=[
+            (f"--- Alert {number} of {len(alerts)} ---", alert)
+            for number, alert in enumerate(alerts, start=1)
+        ],
+    )
 
 
 def compose_bundle_sms(alerts: Sequence[Alert], *, reference: str) -> str:
@@ -264,35 +248,73 @@ def compose_digest_email(
     if composed_at.tzinfo is None:
         raise ValueError("composed_at must be timezone-aware")
     alerts = [a for a, _ in entries]
-    priority = bundle_priority(tuple(a.priority for a in alerts))
+    active = sum(1 for _, at in entries if at is None)
+    opening = [
+        f"QUIET HOURS DIGEST: {len(entries)} low-priority alert(s) held while quiet hours were "
+        f"on; {active} still active. Review them and call the caregivers where needed.",
+        "",
+    ]
+    if ack_url is not None:
+        opening += [f"ACKNOWLEDGE ALL LISTED (stops further paging): {ack_url}", ""]
+    sections = []
+    for number, (alert, resolved_at) in enumerate(entries, start=1):
+        state = "ACTIVE" if resolved_at is None else f"RESOLVED at {resolved_at.isoformat()}"
+        sections.append((f"--- Alert {number} of {len(entries)}: {state} ---", alert))
+    return _listing_email(
+        alerts,
+        page,
+        sender=sender,
+        subject=digest_subject(entries, unrouted=route_detail is not None),
+        composed_at=composed_at,
+        priority=bundle_priority(tuple(a.priority for a in alerts)),
+        phase=None,
+        opening=opening,
+        route_detail=route_detail,
+        sections=sections,
+    )
+
+
+def _listing_email(
+    alerts: Sequence[Alert],
+    page: Page,
+    *,
+    sender: str,
+    subject: str,
+    composed_at: datetime,
+    priority: AlertPriority,
+    phase: AlertPhase | None,
+    opening: list[str],
+    route_detail: str | None,
+    sections: list[tuple[str, Alert]],
+) -> EmailMessage:
+    """The e-mail of a page listing several alerts (a burst's bundle, a quiet-hours digest):
+    headers naming every alert, the opening lines, the routing note, one section per alert.
+    Only a bundle carries its phase and, when HIGH, the importance headers."""
     message = EmailMessage()
     message["From"] = sender
     message["To"] = page.recipient
-    message["Subject"] = digest_subject(entries, unrouted=route_detail is not None)
+    message["Subject"] = subject
     message["Date"] = format_datetime(composed_at)
     message["Message-ID"] = message_id_for(page.idempotency_key)
     message["Auto-Submitted"] = "auto-generated"
     message["X-Vigil-Alert-Id"] = ", ".join(str(a.alert_id) for a in alerts)
     message["X-Vigil-Dedup-Key"] = ", ".join(a.dedup_key for a in alerts)
     message["X-Vigil-Priority"] = priority.value
+    if phase is not None:
+        message["X-Vigil-Phase"] = phase.value
     message["X-Vigil-Page-Id"] = str(page.page_id)
-    active = sum(1 for _, at in entries if at is None)
-    lines: list[str] = [
-        f"QUIET HOURS DIGEST: {len(entries)} low-priority alert(s) held while quiet hours were "
-        f"on; {active} still active. Review them and call the caregivers where needed.",
-        "",
-    ]
-    if ack_url is not None:
-        lines += [f"ACKNOWLEDGE ALL LISTED (stops further paging): {ack_url}", ""]
+    if phase is not None and priority is AlertPriority.HIGH:
+        message["Importance"] = "high"
+        message["X-Priority"] = "1"
+    lines = list(opening)
     if route_detail is not None:
         lines += [
             f"ROUTING: this page went to the fallback address because {route_detail}.",
             "Find the treating team and forward this page to them.",
             "",
         ]
-    for number, (alert, resolved_at) in enumerate(entries, start=1):
-        state = "ACTIVE" if resolved_at is None else f"RESOLVED at {resolved_at.isoformat()}"
-        lines += [f"--- Alert {number} of {len(entries)}: {state} ---", *_alert_lines(alert), ""]
+    for header, alert in sections:
+        lines += [header, *_alert_lines(alert), ""]
     lines += [
         f"Care team:    {page.care_team_id}",
         f"Page id:      {page.page_id}",
