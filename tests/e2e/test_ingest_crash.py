@@ -28,15 +28,15 @@ from pathlib import Path
 import aiomqtt
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.ingest.adapters.registry_admin import (
     bind_device,
     upsert_care_team,
     upsert_device,
     upsert_patient,
 )
+from tests.kafka_helpers import telemetry_end_offsets
 
 pytestmark = pytest.mark.stack
 
@@ -102,25 +102,6 @@ async def register(dsn: str, run_id: str) -> list[str]:
     finally:
         await conn.close()
     return devices
-
-
-async def telemetry_end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        parts = [
-            TopicPartition(TELEMETRY_TOPIC, p)
-            for p in await producer.partitions_for(TELEMETRY_TOPIC)
-        ]
-    finally:
-        await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        return dict(await consumer.end_offsets(parts))
-    finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer.stop()
 
 
 async def kafka_message_ids(

@@ -19,9 +19,8 @@ from datetime import UTC, datetime, timedelta
 import aiomqtt
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.ingest.adapters.credentials import (
     LocalStackBroker,
     issue_credential,
@@ -33,6 +32,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
+from tests.kafka_helpers import telemetry_end_offsets
 
 pytestmark = pytest.mark.stack
 
@@ -272,25 +272,6 @@ async def read_telemetry(
         with contextlib.suppress(asyncio.CancelledError):
             await consumer.stop()
     return found
-
-
-async def telemetry_end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        tps = [
-            TopicPartition(TELEMETRY_TOPIC, p)
-            for p in await producer.partitions_for(TELEMETRY_TOPIC)
-        ]
-    finally:
-        await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        return dict(await consumer.end_offsets(tps))
-    finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer.stop()
 
 
 async def test_a_reading_over_tls_reaches_kafka_through_ingest_over_tls(
