@@ -504,8 +504,9 @@ _ORDERS: dict[str, str] = {
 _TABLES = ("temperature_readings", "pump_status", "pump_events")
 
 
-def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[Any]]:
-    """The SQL and its arguments for one selection (the same filter on each readings table)."""
+def selection_where(selection: Selection) -> tuple[str, list[Any]]:
+    """The SQL condition and its arguments selecting rows by patient, device and device time
+    (the readings tables and the ``alerts`` table name these columns alike)."""
     clauses: list[str] = []
     args: list[Any] = []
     if selection.patient_ids is not None:
@@ -521,6 +522,12 @@ def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[
         args.append(selection.until)
         clauses.append(f"device_time < ${len(args)}")
     where = " AND ".join(clauses) or "TRUE"
+    return where, args
+
+
+def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[Any]]:
+    """The SQL and its arguments for one selection (the same filter on each readings table)."""
+    where, args = selection_where(selection)
     return _SELECT.format(where=where, order=_ORDERS[order]), args
 
 
@@ -691,21 +698,7 @@ async def patients_of_care_team(conn: Any, care_team_id: str) -> frozenset[str]:
 
 async def recorded_alerts_from_table(conn: Any, selection: Selection) -> list[Alert]:
     """The alerts notify recorded in the ``alerts`` table for the selection, by device time."""
-    clauses: list[str] = []
-    args: list[Any] = []
-    if selection.patient_ids is not None:
-        args.append(sorted(selection.patient_ids))
-        clauses.append(f"patient_id = ANY(${len(args)}::text[])")
-    if selection.device_ids is not None:
-        args.append(sorted(selection.device_ids))
-        clauses.append(f"device_id = ANY(${len(args)}::text[])")
-    if selection.since is not None:
-        args.append(selection.since)
-        clauses.append(f"device_time >= ${len(args)}")
-    if selection.until is not None:
-        args.append(selection.until)
-        clauses.append(f"device_time < ${len(args)}")
-    where = " AND ".join(clauses) or "TRUE"
+    where, args = selection_where(selection)
     sql = (
         "SELECT alert_id, dedup_key, patient_id, device_id, kind, code, priority, phase, state,"
         " title, device_time, ingest_time, evidence::text AS evidence, rule_id, rule_version"
