@@ -101,6 +101,16 @@ _INSERT_PAGE = """
 """
 
 
+# The held members of a bundle or digest nobody acknowledged, made due now (their first step
+# fires in the same transaction).
+_RELEASE_HELD = """
+UPDATE escalations SET due_at = $2
+WHERE bundle_id = $1 AND status = 'open' AND due_at IS NULL
+  AND acknowledged_by IS NULL
+RETURNING *
+"""
+
+
 class PostgresEscalationStore:
     def __init__(
         self,
@@ -502,12 +512,7 @@ class PostgresEscalationStore:
             return
         bundle_id = UUID(str(bundle["bundle_id"]))
         rows = await conn.fetch(
-            """
-            UPDATE escalations SET due_at = $2
-            WHERE bundle_id = $1 AND status = 'open' AND due_at IS NULL
-              AND acknowledged_by IS NULL
-            RETURNING *
-            """,
+            _RELEASE_HELD,
             bundle_id,
             now,
         )
@@ -1071,12 +1076,7 @@ async def _flush_digest(conn: Any, digest: Any, now: datetime, fallback_email: s
     """
     digest_id = UUID(str(digest["bundle_id"]))
     opened_rows = await conn.fetch(
-        """
-        UPDATE escalations SET due_at = $2
-        WHERE bundle_id = $1 AND status = 'open' AND due_at IS NULL
-          AND acknowledged_by IS NULL
-        RETURNING *
-        """,
+        _RELEASE_HELD,
         digest_id,
         now,
     )
