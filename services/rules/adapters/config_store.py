@@ -94,9 +94,13 @@ async def record_loaded_config(conn: asyncpg.Connection, config: RulesConfig) ->
 
     The check and the writes run in one transaction under the audit log's append lock, taken
     before the check, so two instances loading the same new config at once write one entry,
-    not two. Call it at READ COMMITTED (each statement then sees the other's commit)."""
+    not two. Call it at READ COMMITTED (each statement then sees the other's commit). The
+    common case, a reload that finds the config unchanged, is answered by one read without
+    the lock, so polling never holds up the audit log's other writers."""
     text = config_text(config)
     digest = hashlib.sha256(text.encode()).hexdigest()
+    if await conn.fetchval(_LAST_LOADED, CONFIG_LOADED) == digest:
+        return False
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
         if await conn.fetchval(_LAST_LOADED, CONFIG_LOADED) == digest:
