@@ -36,8 +36,20 @@ from vigil.replay.cli import main as replay_main
 from vigil.replay.compare import Outcome
 from vigil.replay.engine_port import PinnedRules
 from vigil.replay.runner import ReplayedAlert
-from vigil.replay.service import ReplayRequest, RulesChoice, read_only_connection, run_replay
-from vigil.replay.sources import PartitionRange, topic_partitions
+from vigil.replay.service import (
+    ReplayOutcome,
+    ReplayRequest,
+    RulesChoice,
+    read_only_connection,
+    run_replay,
+)
+from vigil.replay.sources import (
+    PartitionRange,
+    ReadStats,
+    Selection,
+    read_archive,
+    topic_partitions,
+)
 from vigil.replay.synthetic import FeverEpisode, PumpPause, course
 from vigil.settings import KafkaSettings
 
@@ -263,9 +275,9 @@ async def test_an_archive_replay_from_mid_stream_decides_what_the_full_replay_an
 ) -> None:
     """From the archive, a window starting inside a fever: the warm-up decides exactly the full
     replay's decisions before the window and the window exactly the rest (same alerts, same
-    rows, same order); the window matches the alerts recorded live from its start on,
-    including the sustained fever that crossed its threshold after the start. Without the
-    warm-up the same window does not match live."""
+    rows; the window's in the full replay's order); the window matches the alerts recorded
+    live from its start on, including the sustained fever that crossed its threshold after the
+    start. Without the warm-up the same window does not match live."""
     since = fever_crossing(recording)
     request = ReplayRequest(
         source="archive",
@@ -280,9 +292,12 @@ async def test_an_archive_replay_from_mid_stream_decides_what_the_full_replay_an
     def listed(items: list[ReplayedAlert]) -> list[tuple[object, int]]:
         return [(i.alert.alert_id, i.position[2]) for i in items]
 
-    assert listed(window.primary.warmup_alerts) + listed(window.primary.alerts) == listed(
-        full.primary.alerts
+    decided = listed(full.primary.alerts)
+    windowed = listed(window.primary.alerts)
+    assert sorted(listed(window.primary.warmup_alerts) + windowed, key=str) == sorted(
+        decided, key=str
     )
+    assert windowed == [item for item in decided if item in set(windowed)]
     sustained_after = [
         i.alert
         for i in window.primary.alerts
@@ -499,3 +514,131 @@ async def test_the_replay_connection_cannot_write(stack_env: dict[str, str]) -> 
             )
     finally:
         await conn.close()
+
+
+def decisions(outcome: ReplayOutcome) -> dict[str, object]:
+    """Everything a replay reports, as comparable values."""
+
+    def listed(items: list[ReplayedAlert]) -> list[tuple[str, object]]:
+        return [(i.alert.model_dump_json(), i.position) for i in items]
+
+    candidate = outcome.candidate
+    return {
+        "alerts": listed(outcome.primary.alerts),
+        "warmup": listed(outcome.primary.warmup_alerts),
+        "open": listed(outcome.primary.open_at_start()),
+        "candidate": listed(candidate.alerts) if candidate else None,
+        "events": outcome.primary.events,
+        "span": (outcome.primary.first_device_time, outcome.primary.last_device_time),
+        "stats": (outcome.stats.read, outcome.stats.admitted, outcome.stats.warmup_read),
+        "diff": outcome.candidate_diff.counts() if outcome.candidate_diff else None,
+    }
+
+
+async def test_worker_processes_decide_exactly_what_one_process_decides_from_kafka(
+    recording: Recording,
+) -> None:
+    """The topic's three partitions read by three worker processes, whole and from mid-stream
+    with warm-up, with a what-if candidate: alert for alert, position for position, in the
+    same order, what one process decides; and the window still matches live."""
+    request = ReplayRequest(
+        source="kafka",
+        topic=recording.topic,
+        patient_ids=frozenset(recording.patients),
+        candidate=RulesChoice(what_if=(("fever_single_c", 38.0),)),
+        advance_to=recording.events[-1].device_time + timedelta(hours=2),
+        audit=False,
+    )
+    for window in (request, replace(request, since=fever_crossing(recording))):
+        alone = await run_replay(replace(window, workers=1))
+        shared = await run_replay(replace(window, workers=3))
+        assert (alone.workers, shared.workers) == (1, 3)
+        assert decisions(shared) == decisions(alone)
+        assert alone.primary.alerts and alone.candidate and alone.candidate.alerts
+    windowed = await run_replay(
+        replace(
+            request,
+            since=fever_crossing(recording),
+            advance_to=None,  # live fired no timer past the recording's end
+            compare_recorded="table",
+            workers=3,
+        )
+    )
+    assert windowed.recorded_diff is not None
+    assert windowed.recorded_diff.identical, windowed.recorded_diff.counts()
+
+
+async def test_worker_processes_decide_exactly_what_one_process_decides_from_the_archive(
+    recording: Recording,
+) -> None:
+    """The archive split by lane among workers (the patients' own rows, and a device filter
+    whose lane mates are read as context): the same decisions as one process."""
+    base = ReplayRequest(
+        source="archive",
+        topic=recording.topic,
+        patient_ids=frozenset(recording.patients),
+        candidate=RulesChoice(what_if=(("fever_single_c", 38.0),)),
+        audit=False,
+    )
+    device = next(e.device_id for e in recording.events if e.patient_id == recording.patients[1])
+    requests = (
+        base,
+        replace(base, since=fever_crossing(recording)),
+        replace(base, patient_ids=None, device_ids=frozenset({device})),
+    )
+    for request in requests:
+        alone = await run_replay(replace(request, workers=1))
+        shared = await run_replay(replace(request, workers=3))
+        assert alone.workers == 1 and shared.workers > 1
+        assert decisions(shared) == decisions(alone)
+        assert alone.primary.alerts
+    by_device = await run_replay(replace(requests[2], workers=2))
+    assert {i.alert.device_id for i in by_device.primary.alerts} == {device}
+
+
+async def test_an_archive_worker_reads_the_snapshot_it_was_given(
+    recording: Recording, stack_env: dict[str, str]
+) -> None:
+    """A row written after the snapshot was exported is not read by a worker that imports it;
+    a reader without the snapshot reads it."""
+    dsn = stack_env["VIGIL_PG_DSN"]
+    patient = recording.patients[0]
+    selection = Selection(patient_ids=frozenset({patient}))
+    exporter = await read_only_connection(dsn)
+    writer = await asyncpg.connect(dsn)
+    last = next(e for e in reversed(recording.events) if e.patient_id == patient)
+    late = last.model_copy(
+        update={"message": last.message.model_copy(update={"message_id": uuid.uuid4()})}
+    )
+    try:
+        async with exporter.transaction(isolation="repeatable_read", readonly=True):
+            snapshot = await exporter.fetchval("SELECT pg_export_snapshot()")
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+            assert pool is not None
+            try:
+                await store_telemetry(pool, [late])
+            finally:
+                await pool.close()
+
+            async def count(snapshot: str | None) -> int:
+                reader = await read_only_connection(dsn)
+                try:
+                    stats = ReadStats()
+                    async for _ in read_archive(
+                        reader, selection, stats, decode=False, snapshot=snapshot
+                    ):
+                        pass
+                    return stats.read
+                finally:
+                    await reader.close()
+
+            expected = sum(1 for e in recording.events if e.patient_id == patient)
+            assert await count(snapshot) == expected
+            assert await count(None) == expected + 1
+    finally:
+        for table in ("temperature_readings", "pump_status", "pump_events"):
+            await writer.execute(
+                f"DELETE FROM {table} WHERE message_id = $1", late.message.message_id
+            )
+        await writer.close()
+        await exporter.close()

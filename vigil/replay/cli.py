@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError
 
 from vigil.replay import config_store
 from vigil.replay.engine_port import ConfigError, load_rules_file
+from vigil.replay.parallel import WorkerFailed
 from vigil.replay.report import (
     PatientPanel,
     ReportContent,
@@ -58,6 +59,12 @@ def _aware(text: str) -> datetime:
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (e.g. 2026-01-01T00:00Z)")
     return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return int(text)
 
 
 def _what_if(text: str) -> tuple[str, Any]:
@@ -145,6 +152,12 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="write an HTML report here")
     p.add_argument("--diff-json", help="write the comparison(s) as JSON here")
     p.add_argument("--diff-csv", help="write the comparison(s) as CSV here")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes sharing the engine lanes (default: one per core for a long stream)",
+    )
     p.add_argument("--progress", action="store_true", default=None, help="force the bar")
     p.add_argument("--actor", default=None, help="who runs the replay (audit log)")
     p.add_argument("--no-audit", action="store_true", help="do not record the run")
@@ -184,6 +197,7 @@ async def _request(args: argparse.Namespace) -> ReplayRequest:
         partitions=args.partitions,
         warmup=not args.no_warmup,
         warmup_since=args.warmup_since,
+        workers=args.workers,
     )
     if args.topic:
         request = replace(request, topic=args.topic)
@@ -335,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, asyncpg.PostgresError, KafkaError) as error:
         print(f"vigil replay: cannot reach the stack: {error}", file=sys.stderr)
+        return 2
+    except WorkerFailed as error:
+        print(f"vigil replay: {error}", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,7 @@ from vigil.replay.sources import CONTEXT, WARMUP, WARMUP_CONTEXT, Batch, Positio
 
 # Sources of events the engine sees but whose own decisions are not the window's.
 _NOT_REPORTED = frozenset({CONTEXT, WARMUP, WARMUP_CONTEXT})
+_START: Position = ("start", None, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ class Replay:
         self._patient_lane = patient_lane
         self._lanes: dict[str, Any] = {}
         self._engines: dict[Any, ReplayEngine] = {}
+        self._last: dict[Any, Position] = {}
         self._keep_timelines = keep_timelines
         self.alerts: list[ReplayedAlert] = []
         # Decided during warm-up (before the window): not reported, but they say what was
@@ -117,7 +119,9 @@ class Replay:
         alerts = self.alerts
         warm = self.warmup_alerts
         replayed: Batch = []
-        last: Position = ("start", None, 0)
+        # The last replayed event of each lane: what a timer fired by a context event is
+        # attributed to (the lane's sequence is the same however the lanes are read).
+        lasts = self._last
         for item in batch:
             event, position = item
             if patient_lane is None:
@@ -130,7 +134,7 @@ class Replay:
             engine = engines.get(lane) or self._engine(lane)
             source = position[0]
             if source not in _NOT_REPORTED:  # the common case first
-                last = position
+                lasts[lane] = position
                 replayed.append(item)
                 decided = engine.on_event(event)
                 if decided:
@@ -138,6 +142,7 @@ class Replay:
             elif source == CONTEXT:
                 decided = engine.advance_from(event)
                 if decided:
+                    last = lasts.get(lane, _START)
                     alerts.extend(ReplayedAlert(a, last, content_hash) for a in decided)
             elif source == WARMUP:
                 self.warmup_events += 1
@@ -168,6 +173,51 @@ class Replay:
             newest[item.alert.dedup_key] = item
         still_open = [i for i in newest.values() if i.alert.state is not AlertState.INACTIVE]
         return sorted(still_open, key=lambda i: (i.alert.device_time, i.alert.dedup_key))
+
+    def absorb(self, other: Replay) -> None:
+        """Take in what another replay of the same config decided over other lanes (a worker
+        process's share of the stream, see ``parallel``). Lanes hold disjoint patients, so
+        alerts and timelines only add up; call ``order_alerts`` once all are in."""
+        self.alerts.extend(other.alerts)
+        self.warmup_alerts.extend(other.warmup_alerts)
+        self.warmup_events += other.warmup_events
+        self.events += other.events
+        self.timelines.update(other.timelines)
+        for moment in (other.first_device_time, other.last_device_time):
+            if moment is not None:
+                self._note_moment(moment)
+
+    def order_alerts(self) -> None:
+        """Put the alerts in one order that does not depend on how the lanes were read (one
+        process or several, which partition a fetch returned first): by device time, then
+        patient. The sort is stable and a patient lives on one lane, so one patient's alerts
+        at one device time keep the order the engine decided them in. Alerts of the stream's
+        end name the whole stream's event count."""
+        events = self.events
+        self.alerts = [
+            ReplayedAlert(i.alert, ("end", None, events), i.config_hash)
+            if i.position[0] == "end"
+            else i
+            for i in self.alerts
+        ]
+        self.alerts.sort(key=lambda i: (i.alert.device_time, i.alert.patient_id))
+        # Warm-up decisions stay in decision order within a patient: ``open_at_start`` takes
+        # each episode's newest phase by that order.
+        self.warmup_alerts.sort(key=lambda i: i.alert.patient_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker process sends back: the decisions, not the engines (their state is
+        spent once the stream is finished) nor the lane function (a closure)."""
+        state = dict(self.__dict__)
+        state["_engines"] = {}
+        state["_patient_lane"] = None
+        return state
+
+    def _note_moment(self, moment: datetime) -> None:
+        if self.first_device_time is None or moment < self.first_device_time:
+            self.first_device_time = moment
+        if self.last_device_time is None or moment > self.last_device_time:
+            self.last_device_time = moment
 
     def _note_span(self, batch: Batch) -> None:
         low = min(event.device_time for event, _ in batch)

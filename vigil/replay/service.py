@@ -31,6 +31,7 @@ from vigil.replay.engine_port import (
     pin,
     with_overrides,
 )
+from vigil.replay.parallel import Job, can_fork, default_workers, run_jobs, split_lanes
 from vigil.replay.progress import ProgressBar
 from vigil.replay.runner import Replay
 from vigil.replay.sources import (
@@ -40,6 +41,7 @@ from vigil.replay.sources import (
     ReadStats,
     Selection,
     TruncatedStart,
+    archive_patients,
     config_from_state_topic,
     count_archive,
     dedupe_alerts,
@@ -123,6 +125,9 @@ class ReplayRequest:
     # record time; archive: device time), by default from the start of the record.
     warmup: bool = True
     warmup_since: datetime | None = None
+    # Worker processes sharing the lanes (``parallel``): None picks one per core for a stream
+    # long enough to gain from it; 1 reads in this process.
+    workers: int | None = None
 
     def needs_database(self) -> bool:
         return (
@@ -161,6 +166,8 @@ class ReplayOutcome:
     # Kafka partitions whose warm-up (or, for a full replay, whose reading) had to start at a
     # beginning retention had moved: the state at the window start is not the live one.
     truncated: list[TruncatedStart] = field(default_factory=list)
+    # Processes that shared the reading and deciding (1: this one alone).
+    workers: int = 1
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -188,6 +195,7 @@ class ReplayOutcome:
             "events_per_s": round(self.primary.events / self.elapsed_s) if self.elapsed_s else None,
             "audit_seq": self.audit_seq,
             "engine_lanes": self.lanes,
+            "workers": self.workers,
         }
 
 
@@ -240,6 +248,160 @@ async def read_only_connection(dsn: str) -> Any:
     return await asyncpg.connect(dsn, server_settings={"default_transaction_read_only": "on"})
 
 
+#: Below this many records a Kafka replay stays in one process (unless told otherwise): a
+#: worker's own consumer takes longer to start than the records take to replay.
+PARALLEL_MIN_EVENTS = 50_000
+
+
+@dataclass(slots=True)
+class _Share:
+    """What one reading of some lanes decided: sent back by a worker process."""
+
+    primary: Replay
+    candidate: Replay | None
+    stats: ReadStats
+
+
+class _Feeder:
+    """Builds the jobs that read some lanes and feed them through the pinned configs; the same
+    job runs in this process or in a worker."""
+
+    def __init__(
+        self,
+        request: ReplayRequest,
+        primary: PinnedRules,
+        candidate: PinnedRules | None,
+        patient_lane: Callable[[str], int] | None,
+    ) -> None:
+        self.request = request
+        self.primary = primary
+        self.candidate = candidate
+        self.patient_lane = patient_lane
+
+    async def feed(
+        self, batches: AsyncIterator[Batch], stats: ReadStats, progress: Callable[[int], None]
+    ) -> _Share:
+        request = self.request
+        primary = Replay(
+            self.primary, keep_timelines=request.keep_timelines, patient_lane=self.patient_lane
+        )
+        candidate = (
+            Replay(self.candidate, patient_lane=self.patient_lane) if self.candidate else None
+        )
+        read_before = 0
+        async for batch in batches:
+            primary.feed(batch)
+            if candidate is not None:
+                candidate.feed(batch)
+            read = stats.read + stats.warmup_read
+            progress(read - read_before)
+            read_before = read
+        primary.finish(request.advance_to)
+        if candidate is not None:
+            candidate.finish(request.advance_to)
+        return _Share(primary, candidate, stats)
+
+    def kafka_job(
+        self,
+        kafka: KafkaSettings,
+        consumer: Any,
+        plan: dict[Any, tuple[int, int]],
+        warm: dict[Any, int] | None,
+        selection: Selection,
+    ) -> Job[_Share]:
+        """Read ``plan`` with ``consumer``, or (None) with a consumer of the job's own."""
+
+        async def job(progress: Callable[[int], None]) -> _Share:
+            own = consumer is None
+            reader = make_reader_consumer(kafka, "replay-worker") if own else consumer
+            if own:
+                await reader.start()
+            try:
+                stats = ReadStats()
+                batches = read_kafka(
+                    reader,
+                    plan,
+                    selection,
+                    stats,
+                    context=self.request.context_time,
+                    warmup_from=warm or None,
+                )
+                return await self.feed(batches, stats, progress)
+            finally:
+                if own:
+                    await reader.stop()
+
+        return job
+
+    def archive_job(
+        self,
+        dsn: str,
+        conn: Any,
+        selection: Selection,
+        context_patients: frozenset[str] | None,
+        warmup: bool,
+        snapshot: str | None,
+    ) -> Job[_Share]:
+        """Read ``selection`` on ``conn``, or (None) on a connection of the job's own that
+        reads ``snapshot``."""
+        request = self.request
+
+        async def job(progress: Callable[[int], None]) -> _Share:
+            reader = conn if conn is not None else await read_only_connection(dsn)
+            try:
+                stats = ReadStats()
+                batches = read_archive(
+                    reader,
+                    selection,
+                    stats,
+                    order=request.order,
+                    context_patients=context_patients,
+                    warmup=warmup,
+                    warmup_since=request.warmup_since,
+                    snapshot=snapshot,
+                )
+                return await self.feed(batches, stats, progress)
+            finally:
+                if conn is None:
+                    await reader.close()
+
+        return job
+
+
+async def _archive_shares(
+    conn: Any,
+    selection: Selection,
+    context_patients: frozenset[str] | None,
+    patient_lane: Callable[[str], int],
+    wanted: int,
+) -> list[tuple[Selection, frozenset[str] | None]]:
+    """The archive split by lane into at most ``wanted`` shares: each share's selection (its
+    own patients) and context patients. Lanes with no selected patient are not read: their
+    engines would decide nothing reported. Every patient is known first (the selection's, or
+    every patient with rows), in the caller's snapshot."""
+    selected = selection.patient_ids
+    if selected is None:
+        selected = context_patients if context_patients else await archive_patients(conn)
+    by_lane: dict[int, set[str]] = {}
+    for patient in selected:
+        by_lane.setdefault(patient_lane(patient), set()).add(patient)
+    shares = split_lanes({lane: len(p) for lane, p in by_lane.items()}, wanted)
+    out: list[tuple[Selection, frozenset[str] | None]] = []
+    for lanes in shares:
+        patients = frozenset().union(*(by_lane[lane] for lane in lanes))
+        if context_patients is None:
+            # Every row of these patients is replayed.
+            out.append((replace(selection, patient_ids=patients), None))
+        elif selection.patient_ids is None:
+            # A device filter over everyone: the lanes' patients are read as context and the
+            # device's rows picked from them, as in one process.
+            out.append((selection, patients))
+        else:
+            context = frozenset(p for p in context_patients if patient_lane(p) in lanes)
+            out.append((replace(selection, patient_ids=patients), context))
+    return out
+
+
 async def run_replay(
     request: ReplayRequest,
     *,
@@ -248,8 +410,8 @@ async def run_replay(
 ) -> ReplayOutcome:
     async with AsyncExitStack() as stack:
         conn: Any = None
+        dsn = (postgres or PostgresSettings()).dsn
         if request.needs_database():
-            dsn = (postgres or PostgresSettings()).dsn
             conn = await read_only_connection(dsn)
             stack.push_async_callback(conn.close)
         kafka = kafka or KafkaSettings()
@@ -277,15 +439,10 @@ async def run_replay(
             filtered = patients is not None or request.device_ids is not None
             if filtered and request.context_time:
                 context_patients = await _lane_mates(conn, patients, patient_lane)
-        primary = Replay(
-            primary_rules, keep_timelines=request.keep_timelines, patient_lane=patient_lane
-        )
-        candidate = Replay(candidate_rules, patient_lane=patient_lane) if candidate_rules else None
-        stats = ReadStats()
+        feeder = _Feeder(request, primary_rules, candidate_rules, patient_lane)
+        wanted = request.workers if request.workers is not None else default_workers()
         started = time.perf_counter()
-
-        batches: AsyncIterator[Batch]
-        consumer = None
+        jobs: list[Job[_Share]] = []
         truncated: list[TruncatedStart] = []
         if request.source == "kafka":
             consumer = make_reader_consumer(kafka, "replay")
@@ -311,43 +468,74 @@ async def run_replay(
                 # reach back far enough gives the window another starting state than live.
                 truncated = await find_truncated_starts(consumer, plan, warm, request.warmup_since)
             # The bar counts the warm-up too: it is read, and it takes time.
-            total: int | None = sum(end - start for start, end in plan.values()) + sum(
-                plan[tp][0] - offset for tp, offset in (warm or {}).items()
-            )
+            sizes = {
+                tp: end - start + (start - (warm or {}).get(tp, start))
+                for tp, (start, end) in plan.items()
+            }
+            total: int | None = sum(sizes.values())
+            if request.workers is None and (total or 0) < PARALLEL_MIN_EVENTS:
+                wanted = 1
             # Device time filters what is replayed; Kafka's range was by record time.
-            batches = read_kafka(
-                consumer,
-                plan,
-                Selection(patients, request.device_ids),
-                stats,
-                context=request.context_time,
-                warmup_from=warm,
-            )
+            reading = Selection(patients, request.device_ids)
+            shares = split_lanes(sizes, wanted) if wanted > 1 and can_fork() else []
+            if len(shares) > 1:
+                jobs = [
+                    feeder.kafka_job(
+                        kafka,
+                        None,
+                        {tp: plan[tp] for tp in share},
+                        {tp: (warm or {})[tp] for tp in share if tp in (warm or {})},
+                        reading,
+                    )
+                    for share in shares
+                ]
+            else:
+                jobs = [feeder.kafka_job(kafka, consumer, plan, warm, reading)]
         else:
             warm_archive = request.warmup and request.since is not None
             counted = replace(selection, since=request.warmup_since) if warm_archive else selection
+            assert patient_lane is not None
+            snapshot: str | None = None
+            shares_of: list[tuple[Selection, frozenset[str] | None]] = []
+            if wanted > 1 and can_fork():
+                # One instant for every worker: this transaction exports its snapshot and
+                # stays open until they have all read.
+                transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+                await transaction.start()
+                stack.push_async_callback(transaction.rollback)
+                snapshot = str(await conn.fetchval("SELECT pg_export_snapshot()"))
+                shares_of = await _archive_shares(
+                    conn, selection, context_patients, patient_lane, wanted
+                )
             total = await count_archive(conn, counted) if request.progress else None
-            batches = read_archive(
-                conn,
-                selection,
-                stats,
-                order=request.order,
-                context_patients=context_patients,
-                warmup=warm_archive,
-                warmup_since=request.warmup_since,
-            )
+            if len(shares_of) > 1:
+                jobs = [
+                    feeder.archive_job(dsn, None, share, context, warm_archive, snapshot)
+                    for share, context in shares_of
+                ]
+            else:
+                jobs = [
+                    feeder.archive_job(dsn, conn, selection, context_patients, warm_archive, None)
+                ]
         progress = ProgressBar(total, enabled=request.progress)
-        read_before = 0
-        async for batch in batches:
-            primary.feed(batch)
-            if candidate is not None:
-                candidate.feed(batch)
-            progress.advance(stats.read + stats.warmup_read - read_before)
-            read_before = stats.read + stats.warmup_read
+        if len(jobs) > 1:
+            shares_done = await run_jobs(jobs, progress.advance)
+        else:
+            shares_done = [await jobs[0](progress.advance)]
         progress.close()
-        primary.finish(request.advance_to)
+        primary = Replay(
+            primary_rules, keep_timelines=request.keep_timelines, patient_lane=patient_lane
+        )
+        candidate = Replay(candidate_rules, patient_lane=patient_lane) if candidate_rules else None
+        stats = ReadStats()
+        for share in shares_done:
+            primary.absorb(share.primary)
+            if candidate is not None and share.candidate is not None:
+                candidate.absorb(share.candidate)
+            stats.absorb(share.stats)
+        primary.order_alerts()
         if candidate is not None:
-            candidate.finish(request.advance_to)
+            candidate.order_alerts()
 
         recorded: list[Alert] | None = None
         if request.compare_recorded is not None:
@@ -401,6 +589,7 @@ async def run_replay(
             elapsed_s=time.perf_counter() - started,
             lanes=lanes,
             truncated=truncated,
+            workers=len(jobs),
         )
         if request.audit:
             outcome.audit_seq = await _audit(request, outcome, (postgres or PostgresSettings()).dsn)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ from vigil.replay.engine_port import (
 )
 from vigil.settings import KafkaSettings
 
-#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, row number).
+#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, n), the
+#: archive row that is the n-th event of its patient's stream as read.
 #: Other first elements mark events the engine sees but the replay does not report on (see
 #: ``Replay.feed``): ``CONTEXT``, another patient's event that moves event time as it did live;
 #: ``WARMUP``, a selected event before the window; ``WARMUP_CONTEXT``, context before the window.
@@ -95,6 +97,16 @@ class ReadStats:
     rejected_positions: list[Position] = field(default_factory=list)
     # Records read before the window to rebuild the rule state (not counted in ``read``).
     warmup_read: int = 0
+
+    def absorb(self, other: ReadStats) -> None:
+        """Add what another reader of other lanes saw."""
+        self.read += other.read
+        self.admitted += other.admitted
+        self.rejected += other.rejected
+        self.rejected_positions = sorted(
+            [*self.rejected_positions, *other.rejected_positions], key=str
+        )
+        self.warmup_read += other.warmup_read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +592,7 @@ async def read_archive(
     context_patients: frozenset[str] | None = None,
     warmup: bool = False,
     warmup_since: datetime | None = None,
+    snapshot: str | None = None,
 ) -> AsyncIterator[Batch]:
     """Yield archive rows as replay events, in the chosen order, inside a read-only snapshot.
 
@@ -589,7 +602,8 @@ async def read_archive(
     ``since`` on as warm-up. ``conn`` is an asyncpg connection (asyncpg ships no types). The
     transaction is opened here and is READ ONLY: a bug that tried to write would fail, not
     write. The next batch is fetched while the caller replays this one, so the server's work
-    overlaps the engine's.
+    overlaps the engine's. ``snapshot``: a snapshot another transaction exported
+    (``pg_export_snapshot``), so the worker processes of one replay all read one instant.
     """
     window_start = selection.since if warmup else None
     wanted = Selection(
@@ -605,9 +619,15 @@ async def read_archive(
     )
     sql, args = archive_query(wanted, order)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if snapshot is not None:
+            if not _SNAPSHOT_ID.fullmatch(snapshot):
+                raise ValueError(f"not a snapshot id: {snapshot!r}")
+            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
         await conn.execute("SET TRANSACTION READ ONLY")
+        # The ORDER BY sorts the whole selection; in memory, not in temporary files.
+        await conn.execute(f"SET LOCAL work_mem = '{ARCHIVE_WORK_MEM}'")
         cursor = await conn.cursor(sql, *args)
-        number = 0
+        numbers: dict[str, int] = {}
         ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(cursor.fetch(batch_size))
         try:
             while True:
@@ -620,11 +640,9 @@ async def read_archive(
                     stats.read += len(rows)
                     stats.admitted += len(rows)
                     continue
-                batch = _archive_batch(
-                    rows, number, selection, stats, bool(context_patients), window_start
+                yield _archive_batch(
+                    rows, numbers, selection, stats, bool(context_patients), window_start
                 )
-                number += len(rows)
-                yield batch
         finally:
             if not ahead.done():
                 ahead.cancel()
@@ -634,13 +652,17 @@ async def read_archive(
 
 def _archive_batch(
     rows: Sequence[Any],
-    number: int,
+    numbers: dict[str, int],
     selection: Selection,
     stats: ReadStats,
     with_context: bool,
     window_start: datetime | None,
 ) -> Batch:
-    """Rows -> events, each marked replayed, context, warm-up or warm-up context."""
+    """Rows -> events, each marked replayed, context, warm-up or warm-up context.
+
+    A row's position number is its place in its patient's stream as read (``numbers`` counts
+    per patient across batches): a patient is read whole by one process, so the number is the
+    same however many worker processes share the replay."""
     batch: Batch = []
     append = batch.append
     admits = selection.admits
@@ -648,8 +670,9 @@ def _archive_batch(
     convert = event_from_row
     admitted = read = warm = 0
     for row in rows:
-        number += 1
         event = convert(row)
+        patient = event.patient_id
+        number = numbers[patient] = numbers.get(patient, 0) + 1
         before = window_start is not None and event.device_time < window_start
         if before:
             warm += 1
@@ -667,6 +690,36 @@ def _archive_batch(
     stats.warmup_read += warm
     stats.admitted += admitted
     return batch
+
+
+#: The sort memory of a replay's archive transaction (the server default, 4 MB, sends a few
+#: hundred thousand rows to temporary files).
+ARCHIVE_WORK_MEM = "64MB"
+
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
+
+# Every patient with rows in one readings table: a loose index scan, one index probe per
+# patient, not a pass over every row.
+_PATIENTS_OF = """
+WITH RECURSIVE p AS (
+    (SELECT patient_id FROM {table} ORDER BY patient_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT patient_id FROM {table} WHERE patient_id > p.patient_id
+            ORDER BY patient_id LIMIT 1)
+    FROM p WHERE p.patient_id IS NOT NULL
+)
+SELECT patient_id FROM p WHERE patient_id IS NOT NULL
+"""
+
+
+async def archive_patients(conn: Any) -> frozenset[str]:
+    """Every patient the readings archive holds rows of, in the caller's transaction (so a
+    replay splitting the archive by patient sees the rows its workers will read)."""
+    found: set[str] = set()
+    for table in _TABLES:
+        rows = await conn.fetch(_PATIENTS_OF.format(table=table))
+        found.update(str(row[0]) for row in rows)
+    return frozenset(found)
 
 
 async def registered_patients(conn: Any) -> list[str]:
@@ -769,6 +822,7 @@ __all__ = [
     "ReadStats",
     "Selection",
     "TruncatedStart",
+    "archive_patients",
     "archive_query",
     "count_archive",
     "event_from_row",

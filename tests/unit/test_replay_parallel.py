@@ -1,0 +1,160 @@
+"""Sharing a replay among processes: dealing lanes, running jobs in forked workers, and adding
+up what each decided to exactly what one process decides."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from vigil.replay.engine_port import default_rules, from_telemetry
+from vigil.replay.parallel import WorkerFailed, can_fork, run_jobs, split_lanes
+from vigil.replay.runner import Replay
+from vigil.replay.sources import ReadStats
+from vigil.replay.synthetic import FeverEpisode, course
+
+START = datetime(2026, 3, 1, tzinfo=UTC)
+
+needs_fork = pytest.mark.skipif(not can_fork(), reason="no fork on this platform")
+
+
+def test_lanes_are_dealt_by_weight_and_no_share_is_empty() -> None:
+    weights = {0: 50, 1: 10, 2: 30, 3: 0, 4: 25, 5: 5}
+    shares = split_lanes(weights, 2)
+    assert sorted(lane for share in shares for lane in share) == [0, 1, 2, 4, 5]  # not 3
+    totals = sorted(sum(weights[lane] for lane in share) for share in shares)
+    assert totals == [60, 60]
+    assert split_lanes(weights, 10) == [[0], [2], [4], [1], [5]]  # one lane per share at most
+    assert split_lanes(weights, 1) == [[0, 2, 4, 1, 5]]
+    assert split_lanes({0: 0}, 4) == []
+
+
+def test_lane_dealing_is_deterministic_on_ties() -> None:
+    weights = {"b": 1, "a": 1, "c": 1, "d": 1}
+    assert split_lanes(weights, 2) == split_lanes(dict(reversed(weights.items())), 2)
+    assert split_lanes(weights, 2) == [["a", "c"], ["b", "d"]]
+
+
+def two_lane_stream() -> tuple[list[tuple[object, tuple[str, int, int]]], Callable[[str], int]]:
+    """Four patients on two lanes (a Kafka replay's partitions), interleaved in arrival order,
+    with fevers, so there are alerts in both lanes and at shared device times."""
+    fevers = (FeverEpisode(timedelta(days=1, hours=2), timedelta(minutes=100), 38.4),)
+    lanes = {"P-0": 0, "P-1": 1, "P-2": 0, "P-3": 1}
+    events = []
+    for patient in lanes:
+        events += course(patient, START, days=3, fevers=fevers)
+    events.sort(key=lambda e: (e.ingest_time, e.patient_id))
+    offsets = {0: 0, 1: 0}
+    batch = []
+    for event in events:
+        lane = lanes[event.patient_id]
+        batch.append((from_telemetry(event), ("kafka", lane, offsets[lane])))
+        offsets[lane] += 1
+    return batch, lanes.__getitem__
+
+
+def test_lanes_replayed_apart_and_absorbed_decide_what_one_replay_decides() -> None:
+    """Each lane fed to its own replay (as a worker would), pickled back and absorbed, gives the
+    same alerts, positions, order, counts, timelines and span as one replay fed everything."""
+    batch, _ = two_lane_stream()
+    advance = START + timedelta(days=4)
+    whole = Replay(default_rules(), keep_timelines=True)
+    whole.feed(batch)  # type: ignore[arg-type]
+    whole.finish(advance)
+    whole.order_alerts()
+
+    merged = Replay(default_rules(), keep_timelines=True)
+    for lane in (1, 0):  # the order shares come back in does not matter
+        part = Replay(default_rules(), keep_timelines=True)
+        part.feed([item for item in batch if item[1][1] == lane])  # type: ignore[arg-type]
+        part.finish(advance)
+        merged.absorb(pickle.loads(pickle.dumps(part)))
+    merged.order_alerts()
+
+    def listed(replay: Replay) -> list[tuple[object, ...]]:
+        return [(i.alert.model_dump_json(), i.position) for i in replay.alerts]
+
+    assert len(whole.alerts) > 4
+    assert {i.alert.patient_id for i in whole.alerts} == {"P-0", "P-1", "P-2", "P-3"}
+    assert listed(merged) == listed(whole)
+    ends = [i for i in merged.alerts if i.position[0] == "end"]
+    assert ends and all(i.position[2] == len(batch) for i in ends)
+    assert (merged.events, merged.first_device_time, merged.last_device_time) == (
+        whole.events,
+        whole.first_device_time,
+        whole.last_device_time,
+    )
+    assert merged.timelines.keys() == whole.timelines.keys()
+    assert all(
+        merged.timelines[p].temperatures == whole.timelines[p].temperatures for p in whole.timelines
+    )
+
+
+def test_a_replay_pickles_without_its_engines_or_lane_function() -> None:
+    replay = Replay(default_rules(), patient_lane=lambda patient: len(patient))
+    batch, _ = two_lane_stream()
+    replay.feed(batch[:500])  # type: ignore[arg-type]
+    back = pickle.loads(pickle.dumps(replay))
+    assert back.events == replay.events == 500
+    assert back._engines == {} and back._patient_lane is None
+    assert replay._engines  # the original keeps its own
+
+
+def test_read_stats_add_up() -> None:
+    one = ReadStats(read=5, admitted=4, rejected=1, rejected_positions=[("kafka", 1, 9)])
+    one.absorb(
+        ReadStats(
+            read=3, admitted=3, warmup_read=7, rejected=1, rejected_positions=[("kafka", 0, 2)]
+        )
+    )
+    assert (one.read, one.admitted, one.rejected, one.warmup_read) == (8, 7, 2, 7)
+    assert one.rejected_positions == [("kafka", 0, 2), ("kafka", 1, 9)]
+
+
+async def _identify(n: int, progress: Callable[[int], None]) -> tuple[int, int]:
+    for _ in range(3):
+        progress(n)
+        await asyncio.sleep(0)
+    return n, os.getpid()
+
+
+async def _raises(progress: Callable[[int], None]) -> int:
+    raise LookupError("no such partition")
+
+
+async def _dies(progress: Callable[[int], None]) -> int:
+    progress(1)
+    os._exit(3)
+
+
+@needs_fork
+async def test_jobs_run_in_their_own_processes_and_return_in_order() -> None:
+    seen: list[int] = []
+    results = await run_jobs(
+        [lambda p, n=n: _identify(n, p) for n in (1, 10, 100)],  # type: ignore[misc]
+        seen.append,
+    )
+    assert [n for n, _ in results] == [1, 10, 100]
+    pids = {pid for _, pid in results}
+    assert len(pids) == 3 and os.getpid() not in pids
+    await asyncio.sleep(0)  # progress arrives through the loop
+    assert sum(seen) == 3 * 111
+
+
+@needs_fork
+async def test_a_worker_that_raises_fails_the_run_with_its_error() -> None:
+    async def fine(progress: Callable[[int], None]) -> int:
+        return 1
+
+    with pytest.raises(WorkerFailed, match="LookupError: no such partition"):
+        await run_jobs([fine, _raises], lambda n: None)
+
+
+@needs_fork
+async def test_a_worker_that_dies_fails_the_run_with_its_exit_code() -> None:
+    with pytest.raises(WorkerFailed, match="exit code 3 and no result"):
+        await run_jobs([_dies], lambda n: None)

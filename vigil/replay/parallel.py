@@ -1,0 +1,143 @@
+"""Sharing one replay among worker processes, lane by lane.
+
+The rules service runs one engine per telemetry partition, and a replay lays its engines out
+the same way (``PinnedRules.lane_of``): no event of one lane moves the state or the clock of
+another. A replay can therefore read and decide its lanes in separate processes and add up
+what they decided, with the same alerts, in the same order (``Replay.order_alerts``), as one
+process reading them all. That is what makes a long replay use the machine's cores: reading a
+record and deciding on it is Python work, one core per process.
+
+Workers are forked, not spawned: they start in milliseconds with the parent's modules and its
+pinned config already loaded, and each opens its own connections (nothing of the parent's is
+used in a child, which leaves with ``os._exit`` and so closes nothing of the parent's either).
+Where ``fork`` does not exist the replay runs in one process. A worker sends its progress and
+then its result (or its error) back through a pipe; a worker that dies without a word fails the
+replay with its exit code, never a silently partial result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+import traceback
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+#: A worker's job: given a progress callback (events read since the last call), read its
+#: share of the stream and return what it decided (picklable).
+Job = Callable[[Callable[[int], None]], Coroutine[Any, Any, T]]
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process raised, or died; the message carries its traceback or exit code."""
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def default_workers() -> int:
+    """One worker per core the process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not every platform has affinity
+        return max(1, os.cpu_count() or 1)
+
+
+def split_lanes(weights: Mapping[K, int], shares: int) -> list[list[K]]:
+    """Deal lanes to at most ``shares`` groups with about equal total weight (largest first,
+    each to the lightest group). Lanes of weight 0 are left out; no group is empty. Pure and
+    deterministic: ties keep the lanes' sorted order."""
+    lanes = sorted((k for k, w in weights.items() if w > 0), key=lambda k: (-weights[k], str(k)))
+    count = max(1, min(shares, len(lanes)))
+    groups: list[list[K]] = [[] for _ in range(count)]
+    totals = [0] * count
+    for lane in lanes:
+        lightest = min(range(count), key=lambda g: (totals[g], g))
+        groups[lightest].append(lane)
+        totals[lightest] += weights[lane]
+    return [g for g in groups if g]
+
+
+def _child(job: Job[Any], out: Connection) -> None:
+    """A forked worker: a fresh event loop runs the job; everything goes back through ``out``."""
+    # The fork copied the parent's "running loop" marker (Python 3.12 clears it at fork
+    # itself); this process has no loop running until asyncio.run starts one.
+    asyncio.events._set_running_loop(None)
+    try:
+        result: Any = asyncio.run(job(lambda n: out.send(("progress", n))))
+        out.send(("done", result))
+    except BaseException as error:  # every failure must reach the parent
+        out.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        out.close()
+
+
+def _drain(
+    pipe: Connection, on_progress: Callable[[int], None], box: list[tuple[str, Any]]
+) -> None:
+    """Read one worker's messages until its result, its error, or its end."""
+    try:
+        while True:
+            kind, value = pipe.recv()
+            if kind == "progress":
+                on_progress(value)
+            else:
+                box.append((kind, value))
+                return
+    except EOFError:
+        return
+    finally:
+        pipe.close()
+
+
+async def run_jobs(jobs: Sequence[Job[T]], on_progress: Callable[[int], None]) -> list[T]:
+    """Run each job in a forked worker process; their results in job order.
+
+    ``on_progress`` is called on the caller's loop. A failed or dead worker raises
+    ``WorkerFailed`` after the others are stopped; so does cancelling the caller.
+    """
+    if not jobs:
+        return []
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("fork")
+
+    def progress(n: int) -> None:
+        loop.call_soon_threadsafe(on_progress, n)
+
+    workers = []
+    for job in jobs:
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_child, args=(job, send), daemon=True)
+        process.start()
+        send.close()  # the child's end; EOF on ``receive`` then means the child is gone
+        box: list[tuple[str, Any]] = []
+        reader = threading.Thread(target=_drain, args=(receive, progress, box), daemon=True)
+        reader.start()
+        workers.append((process, reader, box))
+    try:
+        results: list[T] = []
+        for process, reader, box in workers:
+            await asyncio.to_thread(reader.join)
+            await asyncio.to_thread(process.join)
+            if not box:
+                raise WorkerFailed(
+                    f"replay worker {process.pid} ended with exit code "
+                    f"{process.exitcode} and no result"
+                )
+            kind, value = box[0]
+            if kind == "error":
+                raise WorkerFailed(f"replay worker {process.pid} failed: {value}")
+            results.append(value)
+        return results
+    finally:
+        for process, _, _ in workers:
+            if process.is_alive():
+                process.kill()
+                process.join()
