@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ from services.rules.domain.engine import RulesEngine
 from vigil.kafka import encode, make_producer
 from vigil.replay.cli import main as replay_main
 from vigil.replay.compare import Outcome
-from vigil.replay.engine_port import PinnedRules
+from vigil.replay.engine_port import PinnedRules, build_archived
 from vigil.replay.runner import ReplayedAlert
 from vigil.replay.service import (
     ReplayOutcome,
@@ -642,3 +643,28 @@ async def test_an_archive_worker_reads_the_snapshot_it_was_given(
             )
         await writer.close()
         await exporter.close()
+
+
+async def test_the_archive_reads_stored_microseconds_back_exactly(
+    stack_env: dict[str, str],
+) -> None:
+    """The archive query sends times as epoch seconds (float8); made back into datetimes they
+    are the stored ``timestamptz`` values to the microsecond, whatever the session time zone."""
+    rng = random.Random(11)
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    instants = [
+        base + timedelta(microseconds=rng.randrange(400 * 86_400_000_000)) for _ in range(5000)
+    ]
+    conn = await read_only_connection(stack_env["VIGIL_PG_DSN"])
+    try:
+        await conn.execute("SET TimeZone = 'America/New_York'")
+        rows = await conn.fetch(
+            "SELECT date_part('epoch', s) FROM unnest($1::timestamptz[]) AS s", instants
+        )
+    finally:
+        await conn.close()
+    back = [
+        build_archived(0, "P", "d", r[0], r[0], "m", None, 37.0, None, None, None, None, None)
+        for r in rows
+    ]
+    assert [e.device_time for e in back] == instants

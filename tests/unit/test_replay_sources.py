@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
-from vigil.replay.engine_port import decode_record, from_telemetry
+from vigil.replay.engine_port import build_archived, decode_record, from_telemetry
 from vigil.replay.sources import (
     PartitionRange,
     Selection,
@@ -51,22 +52,21 @@ def test_archive_query_filters_each_table_and_orders_with_a_stable_tie_break() -
     assert args == [["P-1", "P-2"], START, START + timedelta(days=1)]
     assert sql.count("patient_id = ANY($1::text[])") == 3
     assert sql.count("device_time >= $2") == 3 and sql.count("device_time < $3") == 3
-    assert sql.rstrip().endswith("ORDER BY device_time, ingest_time, device_id, seq, mid")
+    assert sql.rstrip().endswith("ORDER BY t, it, device_id, seq, mid")
     ingest_sql, _ = archive_query(Selection(), "ingest")
     assert "WHERE TRUE" in ingest_sql
-    assert ingest_sql.rstrip().endswith("ingest_time, device_time, device_id, seq, mid")
+    assert ingest_sql.rstrip().endswith("ORDER BY it, t, device_id, seq, mid")
 
 
 def _row(event: Telemetry) -> tuple[Any, ...]:
     """The archive row the query returns for what ingest stored of ``event``."""
     m = event.message
     common = (
-        m.device_time,
-        event.ingest_time,
         event.patient_id,
         event.device_id,
+        m.device_time.timestamp(),
+        event.ingest_time.timestamp(),
         str(m.message_id),
-        m.seq,
         "device_clock_skew" in event.flags,
     )
     if isinstance(m, TemperatureReading):
@@ -153,3 +153,31 @@ def test_selection_admits_by_patient_and_device() -> None:
     assert Selection(patient_ids=frozenset({"P-1"})).admits(event)
     assert not Selection(patient_ids=frozenset({"P-2"})).admits(event)
     assert not Selection(device_ids=frozenset({"other"})).admits(event)
+
+
+def test_archived_times_are_made_exactly_from_epoch_seconds() -> None:
+    """An archived event's datetimes, made from float seconds, are the stored microseconds
+    exactly, across this century (random instants, and the edges of a second)."""
+    rng = random.Random(7)
+    low, high = datetime(2000, 1, 1, tzinfo=UTC), datetime(2099, 12, 31, tzinfo=UTC)
+    span_us = int((high - low).total_seconds() * 1_000_000)
+    instants = [low + timedelta(microseconds=rng.randrange(span_us)) for _ in range(20_000)]
+    instants += [START + timedelta(microseconds=us) for us in (0, 1, 499_999, 500_000, 999_999)]
+    for instant in instants:
+        event = build_archived(
+            0,
+            "P-1",
+            "th-1",
+            instant.timestamp(),
+            instant.timestamp(),
+            "m",
+            None,
+            37.0,
+            None,
+            None,
+            None,
+            "oral",
+            None,
+        )
+        assert event.device_time == instant and event.ingest_time == instant
+        assert event.device_time.utcoffset() == timedelta(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from schemas.events import Alert, AlertState, Telemetry
@@ -32,6 +33,8 @@ from vigil.replay.sources import CONTEXT, WARMUP, WARMUP_CONTEXT, Batch, Positio
 # Sources of events the engine sees but whose own decisions are not the window's.
 _NOT_REPORTED = frozenset({CONTEXT, WARMUP, WARMUP_CONTEXT})
 _START: Position = ("start", None, 0)
+_EVENT = itemgetter(0)
+_SECONDS = attrgetter("t")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,12 +223,14 @@ class Replay:
             self.last_device_time = moment
 
     def _note_span(self, batch: Batch) -> None:
-        low = min(event.device_time for event, _ in batch)
-        high = max(event.device_time for event, _ in batch)
-        if self.first_device_time is None or low < self.first_device_time:
-            self.first_device_time = low
-        if self.last_device_time is None or high > self.last_device_time:
-            self.last_device_time = high
+        # By the epoch seconds (an archived event makes its datetime only when asked), in C
+        # loops: this runs over every replayed event.
+        seconds = list(map(_SECONDS, map(_EVENT, batch)))
+        low, high = min(seconds), max(seconds)
+        if self.first_device_time is None or low < self.first_device_time.timestamp():
+            self.first_device_time = batch[seconds.index(low)][0].device_time
+        if self.last_device_time is None or high > self.last_device_time.timestamp():
+            self.last_device_time = batch[seconds.index(high)][0].device_time
 
     def finish(self, advance_to: datetime | None = None) -> list[ReplayedAlert]:
         """End the stream. With ``advance_to``, first move event time there so the timers due

@@ -31,7 +31,14 @@ from vigil.replay.engine_port import (
     pin,
     with_overrides,
 )
-from vigil.replay.parallel import Job, can_fork, default_workers, run_jobs, split_lanes
+from vigil.replay.parallel import (
+    Job,
+    can_fork,
+    default_workers,
+    run_jobs,
+    split_lanes,
+    tuned_collector,
+)
 from vigil.replay.progress import ProgressBar
 from vigil.replay.runner import Replay
 from vigil.replay.sources import (
@@ -518,10 +525,11 @@ async def run_replay(
                     feeder.archive_job(dsn, conn, selection, context_patients, warm_archive, None)
                 ]
         progress = ProgressBar(total, enabled=request.progress)
-        if len(jobs) > 1:
-            shares_done = await run_jobs(jobs, progress.advance)
-        else:
-            shares_done = [await jobs[0](progress.advance)]
+        with tuned_collector():
+            if len(jobs) > 1:
+                shares_done = await run_jobs(jobs, progress.advance)
+            else:
+                shares_done = [await jobs[0](progress.advance)]
         progress.close()
         primary = Replay(
             primary_rules, keep_timelines=request.keep_timelines, patient_lane=patient_lane

@@ -16,7 +16,7 @@ devices under tracemalloc, measured with ``bench/rules.py``).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
@@ -95,6 +95,26 @@ class Observation:
         self.event = event
         self.alarm = alarm
         self.clock_skew = clock_skew
+
+
+class ArchivedObservation(Observation):
+    """An ``Observation`` made from POSIX seconds alone (the readings archive's replay reader
+    asks PostgreSQL for epoch seconds). Its ``device_time`` and ``ingest_time`` are made from
+    ``t`` and ``ingest_t`` when read, in UTC: the engine reads them only to build an alert, so
+    most events never make them. An archived time is UTC with microseconds, and the seconds
+    carry it exactly (a double holds microseconds to within a tenth of one at today's epoch).
+    """
+
+    __slots__ = ()
+
+    # Read-only here: the times follow the seconds.
+    @property
+    def device_time(self) -> datetime:  # type: ignore[override]
+        return datetime.fromtimestamp(self.t, UTC)
+
+    @property
+    def ingest_time(self) -> datetime:  # type: ignore[override]
+        return datetime.fromtimestamp(self.ingest_t, UTC)
 
 
 def temperature(
