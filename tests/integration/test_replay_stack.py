@@ -593,6 +593,20 @@ async def test_worker_processes_decide_exactly_what_one_process_decides_from_the
         assert alone.workers == 1 and shared.workers > 1
         assert decisions(shared) == decisions(alone)
         assert alone.primary.alerts
+    # Everyone, without context: the workers split every patient the archive holds in the
+    # window, found by the loose index scan.
+    everyone = replace(
+        base,
+        patient_ids=None,
+        context_time=False,
+        since=recording.start,
+        until=recording.start + timedelta(days=3),
+        warmup=False,
+    )
+    alone = await run_replay(replace(everyone, workers=1))
+    shared = await run_replay(replace(everyone, workers=2))
+    assert shared.workers == 2 and decisions(shared) == decisions(alone)
+    assert set(recording.patients) <= {i.alert.patient_id for i in shared.primary.alerts}
     by_device = await run_replay(replace(requests[2], workers=2))
     assert {i.alert.device_id for i in by_device.primary.alerts} == {device}
 

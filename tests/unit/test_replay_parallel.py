@@ -4,6 +4,7 @@ up what each decided to exactly what one process decides."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 from collections.abc import Callable
@@ -12,7 +13,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from vigil.replay.engine_port import default_rules, from_telemetry
-from vigil.replay.parallel import WorkerFailed, can_fork, run_jobs, split_lanes
+from vigil.replay.parallel import (
+    REPLAY_GC_THRESHOLDS,
+    WorkerFailed,
+    can_fork,
+    run_jobs,
+    split_lanes,
+    tuned_collector,
+)
 from vigil.replay.runner import Replay
 from vigil.replay.sources import ReadStats
 from vigil.replay.synthetic import FeverEpisode, course
@@ -158,3 +166,15 @@ async def test_a_worker_that_raises_fails_the_run_with_its_error() -> None:
 async def test_a_worker_that_dies_fails_the_run_with_its_exit_code() -> None:
     with pytest.raises(WorkerFailed, match="exit code 3 and no result"):
         await run_jobs([_dies], lambda n: None)
+
+
+def test_the_collector_is_tuned_for_a_replay_and_restored_after_overlapping_ones() -> None:
+    before = gc.get_threshold()
+    with tuned_collector():
+        assert gc.get_threshold() == REPLAY_GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        with tuned_collector():  # a second replay in the same process
+            assert gc.get_threshold() == REPLAY_GC_THRESHOLDS
+        assert gc.get_threshold() == REPLAY_GC_THRESHOLDS  # the first one still runs
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

@@ -62,15 +62,24 @@ def tuned_collector() -> Iterator[None]:
     collector's passes, and young objects are collected less often. A replay allocates an event
     per record and keeps few of them; with the default thresholds the cyclic collector walked
     the whole heap so often that it cost a third of a replay's time (measured with
-    ``bench/replay.py``). Both settings are restored on the way out."""
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(*REPLAY_GC_THRESHOLDS)
+    ``bench/replay.py``). Both settings are restored on the way out, by the outermost of
+    overlapping replays in one process."""
+    _tuned[0] += 1
+    if _tuned[0] == 1:
+        _tuned[1] = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(*REPLAY_GC_THRESHOLDS)
     try:
         yield
     finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        _tuned[0] -= 1
+        if _tuned[0] == 0:
+            gc.set_threshold(*_tuned[1])
+            gc.unfreeze()
+
+
+# Replays running in this process now, and the thresholds they found.
+_tuned: list[Any] = [0, gc.get_threshold()]
 
 
 def split_lanes(weights: Mapping[K, int], shares: int) -> list[list[K]]:
