@@ -33,6 +33,7 @@ from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from vigil.kafka import encode, make_producer
+from vigil.replay import sources
 from vigil.replay.cli import main as replay_main
 from vigil.replay.compare import Outcome
 from vigil.replay.engine_port import PinnedRules, build_archived
@@ -682,3 +683,45 @@ async def test_the_archive_reads_stored_microseconds_back_exactly(
         for r in rows
     ]
     assert [e.device_time for e in back] == instants
+
+
+async def test_an_archive_read_in_small_chunks_decides_what_one_query_decides(
+    recording: Recording, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive read in device-time chunks of about 300 rows (dozens of queries, a first
+    span of one hour) gives the same rows in the same order as in one large chunk: the same
+    decisions, positions and counts, in one process and in workers, with and without warm-up,
+    and with the lane mates' rows (other runs' patients, with gaps of days between them)."""
+    base = ReplayRequest(
+        source="archive",
+        topic=recording.topic,
+        patient_ids=frozenset(recording.patients),
+        context_time=False,  # three patients of even density: the chunk sizes are known
+        audit=False,
+    )
+    requests = (
+        base,
+        replace(base, since=fever_crossing(recording)),
+        replace(base, context_time=True),
+    )
+    whole = [await run_replay(replace(request, workers=1)) for request in requests]
+    monkeypatch.setattr(sources, "ARCHIVE_CHUNK_ROWS", 300)
+    monkeypatch.setattr(sources, "ARCHIVE_FIRST_SPAN", timedelta(hours=1))
+    chunks: list[int] = []
+    real_next_span = sources.next_span
+
+    def counted(span: timedelta, rows: int, target: int) -> timedelta:
+        chunks.append(rows)
+        return real_next_span(span, rows, target)
+
+    monkeypatch.setattr(sources, "next_span", counted)
+    for request, expected in zip(requests, whole, strict=True):
+        for workers in (1, 3):
+            chunks.clear()
+            chunked = await run_replay(replace(request, workers=workers))
+            assert decisions(chunked) == decisions(expected)
+            if workers == 1 and not request.context_time:  # (workers count in their own)
+                assert len(chunks) > 5 and sum(chunks) == (
+                    chunked.stats.read + chunked.stats.warmup_read
+                )
+                assert max(chunks) < 1000

@@ -16,6 +16,7 @@ from vigil.replay.sources import (
     Selection,
     archive_query,
     event_from_row,
+    next_span,
     parse_offsets,
 )
 from vigil.replay.synthetic import course
@@ -181,3 +182,11 @@ def test_archived_times_are_made_exactly_from_epoch_seconds() -> None:
         )
         assert event.device_time == instant and event.ingest_time == instant
         assert event.device_time.utcoffset() == timedelta(0)
+
+
+def test_archive_chunks_grow_or_shrink_to_the_target_rows() -> None:
+    day = timedelta(days=1)
+    assert next_span(day, 384, 200_000) > timedelta(days=500)  # one patient: the rest at once
+    assert next_span(day, 400_000, 200_000) == day / 2
+    assert next_span(day, 0, 200_000) == day  # a gap in the record (skipped by the reader)
+    assert next_span(timedelta(minutes=2), 10**9, 200_000) == timedelta(minutes=1)

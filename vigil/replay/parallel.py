@@ -37,7 +37,7 @@ Job = Callable[[Callable[[int], None]], Coroutine[Any, Any, T]]
 
 
 #: Generation thresholds while a replay runs (the interpreter's default is 700, 10, 10).
-REPLAY_GC_THRESHOLDS = (50_000, 20, 20)
+REPLAY_GC_THRESHOLDS = (200_000, 50, 50)
 
 
 class WorkerFailed(RuntimeError):

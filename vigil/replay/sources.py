@@ -25,9 +25,9 @@ import contextlib
 import json
 import re
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -587,24 +587,23 @@ async def read_archive(
         since=warmup_since if window_start is not None else selection.since,
         until=selection.until,
     )
-    sql, args = archive_query(wanted, order)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         if snapshot is not None:
             if not _SNAPSHOT_ID.fullmatch(snapshot):
                 raise ValueError(f"not a snapshot id: {snapshot!r}")
             await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
         await conn.execute("SET TRANSACTION READ ONLY")
-        # The ORDER BY sorts the whole selection; in memory, not in temporary files.
+        # Each chunk's ORDER BY sorts in memory, not in temporary files.
         await conn.execute(f"SET LOCAL work_mem = '{ARCHIVE_WORK_MEM}'")
-        cursor = await conn.cursor(sql, *args)
+        fetch = await _chunked_fetch(conn, wanted, order, batch_size)
         numbers: dict[str, int] = {}
-        ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(cursor.fetch(batch_size))
+        ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(fetch())
         try:
             while True:
                 rows = await ahead
                 if not rows:
                     break
-                ahead = asyncio.ensure_future(cursor.fetch(batch_size))
+                ahead = asyncio.ensure_future(fetch())
                 await asyncio.sleep(0)  # let the next fetch go out before this batch is replayed
                 if not decode:
                     stats.read += len(rows)
@@ -618,6 +617,91 @@ async def read_archive(
                 ahead.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await ahead
+
+
+#: About how many rows one archive query sorts (see ``_chunked_fetch``), and the device-time
+#: span of the first query, before the reader knows how dense the selection is.
+ARCHIVE_CHUNK_ROWS = 200_000
+ARCHIVE_FIRST_SPAN = timedelta(days=1)
+_MIN_SPAN = timedelta(minutes=1)
+
+_BOUNDS = """
+SELECT min(lo), max(hi) FROM (
+    SELECT min(device_time) AS lo, max(device_time) AS hi FROM temperature_readings WHERE {where}
+    UNION ALL
+    SELECT min(device_time), max(device_time) FROM pump_status WHERE {where}
+    UNION ALL
+    SELECT min(device_time), max(device_time) FROM pump_events WHERE {where}
+) AS bounds
+"""
+
+
+def next_span(span: timedelta, rows: int, target: int) -> timedelta:
+    """The device-time span of the next archive chunk: the one that would have held about
+    ``target`` rows at the density just read (the same after an empty chunk, whose gap the
+    reader skips)."""
+    if rows <= 0:
+        return span
+    return max(_MIN_SPAN, span * (target / rows))
+
+
+async def _chunked_fetch(
+    conn: Any, wanted: Selection, order: ArchiveOrder, batch_size: int
+) -> Callable[[], Awaitable[list[Any]]]:
+    """A function returning the next batch of rows of ``wanted`` in ``order`` ([] at the end).
+
+    In device order the selection is read in consecutive device-time chunks, one query each,
+    sized to about ``ARCHIVE_CHUNK_ROWS`` rows: the server sorts one chunk at a time, in
+    memory, and the first rows arrive after one chunk's sort, not the whole selection's (an
+    archive of a fleet over a year would otherwise be sorted to disk before the first row).
+    The chunks are cut at device-time boundaries, so their rows concatenate to the same order
+    as one query. The next chunk's query is issued as soon as one ends, so its sort overlaps
+    the caller's work on the last batch. Chunks need the patients named: the index a chunk's
+    device-time range is read through is (patient_id, device_time). A selection of every
+    patient, and ingest order (no index on ingest time), are read in one query. Runs in the
+    caller's transaction."""
+    if order != "device" or wanted.patient_ids is None:
+        sql, args = archive_query(wanted, order)
+        cursor = await conn.cursor(sql, *args)
+
+        async def whole() -> list[Any]:
+            return list(await cursor.fetch(batch_size))
+
+        return whole
+
+    where, args = selection_where(wanted)
+    lo, hi = await conn.fetchrow(_BOUNDS.format(where=where), *args)
+    target = ARCHIVE_CHUNK_ROWS
+    state: dict[str, Any] = {"lo": lo, "span": ARCHIVE_FIRST_SPAN, "cursor": None, "rows": 0}
+
+    async def fetch() -> list[Any]:
+        while True:
+            if state["cursor"] is None:
+                start = state["lo"]
+                if start is None or start > hi:
+                    return []
+                end = start + state["span"]
+                # The last chunk keeps the selection's own upper bound (or none).
+                chunk = replace(wanted, since=start, until=end if end <= hi else wanted.until)
+                sql, chunk_args = archive_query(chunk, "device")
+                state["cursor"] = await conn.cursor(sql, *chunk_args)
+                state["end"] = end
+                state["rows"] = 0
+            rows = list(await state["cursor"].fetch(batch_size))
+            state["rows"] += len(rows)
+            if len(rows) < batch_size:  # this chunk is read
+                state["cursor"] = None
+                state["span"] = next_span(state["span"], state["rows"], target)
+                state["lo"] = state["end"]
+                if state["rows"] == 0:
+                    # A gap in the record: the next chunk starts at the next row.
+                    where, args = selection_where(replace(wanted, since=state["end"]))
+                    state["lo"] = (await conn.fetchrow(_BOUNDS.format(where=where), *args))[0]
+                if not rows:
+                    continue
+            return rows
+
+    return fetch
 
 
 def _archive_batch(
