@@ -15,6 +15,7 @@ from vigil.replay.sources import (
     PartitionRange,
     Selection,
     archive_query,
+    archive_reading,
     event_from_row,
     next_span,
     parse_offsets,
@@ -190,3 +191,20 @@ def test_archive_chunks_grow_or_shrink_to_the_target_rows() -> None:
     assert next_span(day, 400_000, 200_000) == day / 2
     assert next_span(day, 0, 200_000) == day  # a gap in the record (skipped by the reader)
     assert next_span(timedelta(minutes=2), 10**9, 200_000) == timedelta(minutes=1)
+
+
+def test_an_archive_read_goes_through_context_and_warm_up_rows_too() -> None:
+    """What the progress bar counts is what the reader reads: the lane mates' rows (without
+    the device filter, which the reader applies), and the warm-up before the window."""
+    window = Selection(
+        patient_ids=frozenset({"P-1"}),
+        device_ids=frozenset({"th-1"}),
+        since=START + timedelta(days=2),
+    )
+    plain = archive_reading(window, None, False, None)
+    assert plain == window
+    with_mates = archive_reading(window, frozenset({"P-7"}), True, START)
+    assert with_mates.patient_ids == {"P-1", "P-7"} and with_mates.device_ids is None
+    assert with_mates.since == START
+    from_record_start = archive_reading(window, None, True, None)
+    assert from_record_start.since is None and from_record_start.device_ids == {"th-1"}

@@ -49,6 +49,7 @@ from vigil.replay.sources import (
     Selection,
     TruncatedStart,
     archive_patients,
+    archive_reading,
     config_from_state_topic,
     count_archive,
     dedupe_alerts,
@@ -500,7 +501,6 @@ async def run_replay(
                 jobs = [feeder.kafka_job(kafka, consumer, plan, warm, reading)]
         else:
             warm_archive = request.warmup and request.since is not None
-            counted = replace(selection, since=request.warmup_since) if warm_archive else selection
             assert patient_lane is not None
             snapshot: str | None = None
             shares_of: list[tuple[Selection, frozenset[str] | None]] = []
@@ -514,6 +514,10 @@ async def run_replay(
                 shares_of = await _archive_shares(
                     conn, selection, context_patients, patient_lane, wanted
                 )
+            # The bar counts every row read: warm-up and context rows too.
+            counted = archive_reading(
+                selection, context_patients, warm_archive, request.warmup_since
+            )
             total = await count_archive(conn, counted) if request.progress else None
             if len(shares_of) > 1:
                 jobs = [

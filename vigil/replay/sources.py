@@ -551,6 +551,27 @@ def event_from_row(row: Sequence[Any]) -> ReplayEvent:
     return build_archived(*row)
 
 
+def archive_reading(
+    selection: Selection,
+    context_patients: frozenset[str] | None,
+    warmup: bool,
+    warmup_since: datetime | None,
+) -> Selection:
+    """The rows an archive read of ``selection`` goes through (``read_archive``'s parameters):
+    the selection's and its context patients' rows, from the warm-up's start."""
+    return Selection(
+        patient_ids=(
+            (selection.patient_ids or frozenset()) | context_patients
+            if context_patients
+            else selection.patient_ids
+        ),
+        # Device filtering happens in the reader when there are lane mates to read as context.
+        device_ids=None if context_patients else selection.device_ids,
+        since=warmup_since if warmup and selection.since is not None else selection.since,
+        until=selection.until,
+    )
+
+
 async def read_archive(
     conn: Any,
     selection: Selection,
@@ -576,17 +597,7 @@ async def read_archive(
     (``pg_export_snapshot``), so the worker processes of one replay all read one instant.
     """
     window_start = selection.since if warmup else None
-    wanted = Selection(
-        patient_ids=(
-            (selection.patient_ids or frozenset()) | context_patients
-            if context_patients
-            else selection.patient_ids
-        ),
-        # Device filtering happens here when there are lane mates to read as context.
-        device_ids=None if context_patients else selection.device_ids,
-        since=warmup_since if window_start is not None else selection.since,
-        until=selection.until,
-    )
+    wanted = archive_reading(selection, context_patients, warmup, warmup_since)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         if snapshot is not None:
             if not _SNAPSHOT_ID.fullmatch(snapshot):
@@ -890,6 +901,7 @@ __all__ = [
     "TruncatedStart",
     "archive_patients",
     "archive_query",
+    "archive_reading",
     "count_archive",
     "event_from_row",
     "make_reader_consumer",
