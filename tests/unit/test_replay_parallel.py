@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import pathlib
 import pickle
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -178,3 +179,27 @@ def test_the_collector_is_tuned_for_a_replay_and_restored_after_overlapping_ones
         assert gc.get_threshold() == REPLAY_GC_THRESHOLDS  # the first one still runs
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+@needs_fork
+async def test_a_failing_worker_stops_the_others_without_waiting_for_them(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The slow worker would write a file after 20 s: the other one's failure is raised
+    before that (a run that waited for the slow one would find the file), and the slow worker
+    is gone when it is."""
+    finished = tmp_path / "slow-finished"
+    started = tmp_path / "slow-pid"
+
+    async def slow(progress: Callable[[int], None]) -> int:
+        started.write_text(str(os.getpid()))
+        await asyncio.sleep(20)
+        finished.write_text("done")
+        return 1
+
+    with pytest.raises(WorkerFailed, match="LookupError"):
+        await run_jobs([slow, _raises], lambda n: None)
+    assert not finished.exists()
+    if started.exists():  # it may have been killed before it got that far
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(started.read_text()), 0)

@@ -111,20 +111,16 @@ def _child(job: Job[Any], out: Connection) -> None:
         out.close()
 
 
-def _drain(
-    pipe: Connection, on_progress: Callable[[int], None], box: list[tuple[str, Any]]
-) -> None:
-    """Read one worker's messages until its result, its error, or its end."""
+def _drain(pipe: Connection, on_progress: Callable[[int], None]) -> tuple[str, Any] | None:
+    """Read one worker's messages until its result or its error (None: it ended first)."""
     try:
         while True:
             kind, value = pipe.recv()
-            if kind == "progress":
-                on_progress(value)
-            else:
-                box.append((kind, value))
-                return
+            if kind != "progress":
+                return kind, value
+            on_progress(value)
     except EOFError:
-        return
+        return None
     finally:
         pipe.close()
 
@@ -132,8 +128,9 @@ def _drain(
 async def run_jobs(jobs: Sequence[Job[T]], on_progress: Callable[[int], None]) -> list[T]:
     """Run each job in a forked worker process; their results in job order.
 
-    ``on_progress`` is called on the caller's loop. A failed or dead worker raises
-    ``WorkerFailed`` after the others are stopped; so does cancelling the caller.
+    ``on_progress`` is called on the caller's loop. The first worker to fail or die raises
+    ``WorkerFailed`` at once, and the others are stopped; so are they when the caller is
+    cancelled.
     """
     if not jobs:
         return []
@@ -143,38 +140,57 @@ async def run_jobs(jobs: Sequence[Job[T]], on_progress: Callable[[int], None]) -
     def progress(n: int) -> None:
         loop.call_soon_threadsafe(on_progress, n)
 
-    workers = []
+    processes = []
+    pipes = []
     # The parent's objects go to the permanent generation before the forks, so the workers'
     # collections neither walk them nor touch (and copy) the pages they live on; the workers
-    # inherit the collector's settings (see ``tuned_collector``).
+    # inherit the collector's settings (see ``tuned_collector``). Every fork happens before
+    # this process starts a thread of its own.
     gc.freeze()
-    for job in jobs:
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(target=_child, args=(job, send), daemon=True)
-        process.start()
-        send.close()  # the child's end; EOF on ``receive`` then means the child is gone
-        box: list[tuple[str, Any]] = []
-        reader = threading.Thread(target=_drain, args=(receive, progress, box), daemon=True)
-        reader.start()
-        workers.append((process, reader, box))
-    gc.unfreeze()
     try:
-        results: list[T] = []
-        for process, reader, box in workers:
-            await asyncio.to_thread(reader.join)
-            await asyncio.to_thread(process.join)
-            if not box:
-                raise WorkerFailed(
-                    f"replay worker {process.pid} ended with exit code "
-                    f"{process.exitcode} and no result"
-                )
-            kind, value = box[0]
-            if kind == "error":
-                raise WorkerFailed(f"replay worker {process.pid} failed: {value}")
-            results.append(value)
-        return results
+        for job in jobs:
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_child, args=(job, send), daemon=True)
+            process.start()
+            send.close()  # the child's end; EOF on ``receive`` then means the child is gone
+            processes.append(process)
+            pipes.append(receive)
     finally:
-        for process, _, _ in workers:
+        gc.unfreeze()
+    outcomes: list[asyncio.Future[tuple[str, Any] | None]] = [
+        loop.create_future() for _ in processes
+    ]
+
+    def settle(future: asyncio.Future[tuple[str, Any] | None], outcome: Any) -> None:
+        if not future.done():
+            future.set_result(outcome)
+
+    def read(index: int) -> None:
+        outcome = _drain(pipes[index], progress)
+        loop.call_soon_threadsafe(settle, outcomes[index], outcome)
+
+    for index in range(len(processes)):
+        threading.Thread(target=read, args=(index,), daemon=True).start()
+    try:
+        pending: set[asyncio.Future[tuple[str, Any] | None]] = set(outcomes)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                outcome = future.result()
+                process = processes[outcomes.index(future)]
+                if outcome is None:
+                    await asyncio.to_thread(process.join, 5)
+                    raise WorkerFailed(
+                        f"replay worker {process.pid} ended with exit code "
+                        f"{process.exitcode} and no result"
+                    )
+                if outcome[0] == "error":
+                    raise WorkerFailed(f"replay worker {process.pid} failed: {outcome[1]}")
+        for process in processes:
+            await asyncio.to_thread(process.join)
+        return [future.result()[1] for future in outcomes]  # type: ignore[index]
+    finally:
+        for process in processes:
             if process.is_alive():
                 process.kill()
                 process.join()
