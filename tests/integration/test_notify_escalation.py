@@ -756,6 +756,30 @@ async def test_first_alert_of_a_patient_is_paged_at_once_with_bundling_on(rig: R
     )
 
 
+async def test_a_held_alert_that_worsens_in_the_window_is_followed_up_as_it_is_now(
+    rig: Rig,
+) -> None:
+    """An occlusion is paged at once; a low battery 1 s later is held for the follow-up and,
+    before the window ends, worsens to HIGH "Battery critical": the follow-up pages it as HIGH
+    with that title, not as the MEDIUM "Battery low" it was held as."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    occlusion = _burst_alert(patient, *_BURST[0])
+    battery = _burst_alert(patient, *_BURST[2])
+    assert await service.handle_alert(occlusion)
+    rig.clock.advance(seconds=1)
+    assert await service.handle_alert(battery)
+    rig.clock.advance(seconds=1)
+    worse = _alert(patient, AlertPhase.ESCALATE, code=battery.code).model_copy(
+        update={"title": "Battery critical", "priority": AlertPriority.HIGH}
+    )
+    assert await service.handle_alert(worse)
+    assert _subjects(rig, "primary") == [f"[VIGIL HIGH] {occlusion.title} — patient {patient}"]
+    rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S)
+    await _round(service)
+    assert _subjects(rig, "primary")[1:] == [f"[VIGIL HIGH] Battery critical — patient {patient}"]
+
+
 async def test_burst_of_three_is_an_immediate_page_then_one_follow_up_naming_the_other_two(
     rig: Rig,
 ) -> None:
@@ -1307,14 +1331,35 @@ async def test_held_alert_that_escalates_to_high_is_paged_at_once(rig: Rig) -> N
     worse = _prioritised(patient, "INTERRUPTED", AlertPriority.HIGH, AlertPhase.ESCALATE)
     await rig.service.handle_alert(worse)
     subjects = _subjects(rig, "primary")
-    # Sent concurrently, so in either order: the alert page and the escalation notice.
+    # Sent concurrently, so in either order: the alert page and the escalation notice, both
+    # about the alert as it is now (HIGH), not as it was held (LOW).
     assert len(subjects) == 2 and sum("Escalated" in s for s in subjects) == 1
+    assert all(s.startswith("[VIGIL HIGH] ") and worse.title in s for s in subjects), subjects
     timeline = (await rig.api.get(f"/alerts/{low.dedup_key}/timeline")).json()
     assert "released_from_quiet_hours" in [e["kind"] for e in timeline["events"]]
     await rig.api.post(f"/alerts/{low.dedup_key}/acknowledge", json={"by": "person:x"})
     rig.clock.now = QUIET_END
     await _round(rig.service)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
+
+
+async def test_an_escalated_alert_is_paged_with_its_new_priority_from_then_on(rig: Rig) -> None:
+    """A MEDIUM alert paged at once worsens to HIGH: the escalation notice carries HIGH and the
+    worsened title, and so does the next step's page when nobody acknowledges. The first page
+    stays what it was (MEDIUM): it was sent before."""
+    _, patient = await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    start = _prioritised(patient, "INTERRUPTED", AlertPriority.MEDIUM)
+    await rig.service.handle_alert(start)
+    assert _subjects(rig, "primary") == [f"[VIGIL MEDIUM] {start.title} — patient {patient}"]
+    rig.clock.advance(minutes=1)
+    worse = _prioritised(patient, "INTERRUPTED", AlertPriority.HIGH, AlertPhase.ESCALATE)
+    await rig.service.handle_alert(worse)
+    notices = _subjects(rig, "primary")[1:]
+    assert notices == [f"[VIGIL HIGH] Escalated: {worse.title} — patient {patient}"], notices
+    rig.clock.advance(minutes=10)  # past the first step's wait: the second step pages
+    await _round(rig.service)
+    later = _subjects(rig, "secondary")
+    assert later and all(s.startswith("[VIGIL HIGH] ") and worse.title in s for s in later), later
 
 
 async def test_quiet_hours_api_validates_audits_and_defaults_to_none(rig: Rig) -> None:

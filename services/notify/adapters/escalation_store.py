@@ -415,6 +415,19 @@ class PostgresEscalationStore:
                 held_kind="held_for_quiet_hours",
             )
 
+    async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
+        """Make ``alert_id`` (a newer phase of the episode, already recorded) the alert that
+        the episode's escalation and bundle memberships page about."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE escalations SET alert_id = $2 WHERE dedup_key = $1", dedup_key, alert_id
+            )
+            await conn.execute(
+                "UPDATE notify_bundle_members SET alert_id = $2 WHERE dedup_key = $1",
+                dedup_key,
+                alert_id,
+            )
+
     async def release_from_quiet_hours(self, dedup_key: str, at: datetime, reason: str) -> bool:
         """Take a held alert out of its pending digest and fire its first step now (it became
         urgent: HIGH and MEDIUM are never held). False when it is not held in a pending digest

@@ -147,6 +147,7 @@ class EscalationStore(Protocol):
         until: datetime,
     ) -> UUID | None: ...
     async def release_from_quiet_hours(self, dedup_key: str, at: datetime, reason: str) -> bool: ...
+    async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
     async def flush_bundles(
         self, now: datetime, *, limit: int, only: UUID | None = None
     ) -> int: ...
@@ -311,6 +312,10 @@ class EscalationService:
         if alert.phase is AlertPhase.END:
             await self._store.apply(escalation_id, Resolve(at=now), at=now)
         elif alert.phase is AlertPhase.ESCALATE:
+            # From now on the episode's pages (the escalation notice, the next steps, a bundle
+            # that lists it) speak of the worsened alert: its priority and title, not the
+            # start's. A de-escalation does not move them back: a repeat page errs high.
+            await self._store.follow_alert(alert.dedup_key, alert.alert_id)
             if alert.priority not in HOLDABLE:
                 # Held by quiet hours while low, now urgent: paged at once, then told it
                 # worsened, like any alert already paged. HIGH and MEDIUM are never held.
