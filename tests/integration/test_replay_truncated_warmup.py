@@ -7,14 +7,18 @@ retention does, on a private one-partition topic.
 
 from __future__ import annotations
 
+import argparse
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 
 from vigil.kafka import encode, make_producer
+from vigil.replay.cli import write_outputs
 from vigil.replay.service import ReplayRequest, run_replay
 from vigil.replay.synthetic import course
 from vigil.settings import KafkaSettings
@@ -22,10 +26,13 @@ from vigil.settings import KafkaSettings
 pytestmark = pytest.mark.stack
 
 
-async def test_a_warmup_from_a_deleted_beginning_is_reported(stack_env: dict[str, str]) -> None:
+async def test_a_warmup_from_a_deleted_beginning_is_reported(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
     """Two days recorded, the first 100 records deleted; a replay of day two warms up from
-    the earliest record left and says so (``warmup_truncated``, partition 0, offset 100); the
-    same replay before the deletion says nothing."""
+    the earliest record left and says so (``warmup_truncated``, partition 0, offset 100), in
+    the summary and on every line of the alert file; the same replay before the deletion says
+    nothing."""
     kafka = KafkaSettings()
     run = uuid.uuid4().hex[:8]
     topic = f"test.replay.truncated.{run}"
@@ -65,6 +72,17 @@ async def test_a_warmup_from_a_deleted_beginning_is_reported(stack_env: dict[str
         assert flag["earliest_time"] == events[100].ingest_time.isoformat()
         assert flag["needed_from"] == "start of record"
         assert summary["warmup_events_read"] == intact.summary()["warmup_events_read"] - 100
+        # The alert file says it of every alert too (all of them are on partition 0).
+        for outcome, expected in ((trimmed, True), (intact, False)):
+            out = tmp_path / f"alerts-{expected}.jsonl"
+            write_outputs(
+                outcome,
+                argparse.Namespace(
+                    out=str(out), format="jsonl", diff_json=None, diff_csv=None, html=None
+                ),
+            )
+            lines = [json.loads(line) for line in out.read_text().splitlines()]
+            assert lines and {line["warmup_truncated"] for line in lines} == {expected}
     finally:
         await admin.delete_topics([topic])
         await admin.close()

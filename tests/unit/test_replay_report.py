@@ -20,10 +20,11 @@ from vigil.replay.report import (
     downsample,
     render_html,
     timeline_svg,
+    under_truncated_warmup,
     write_csv,
     write_jsonl,
 )
-from vigil.replay.runner import Replay
+from vigil.replay.runner import Replay, ReplayedAlert
 from vigil.replay.synthetic import FeverEpisode, PumpPause, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -160,3 +161,26 @@ def test_progress_bar_draws_only_for_a_terminal_or_when_asked() -> None:
     bar.advance(7)
     bar.close()
     assert "7 events" in forced.getvalue()
+
+
+def test_alert_files_flag_the_alerts_of_a_partition_whose_warm_up_was_truncated() -> None:
+    """With partition 0 truncated, every alert decided on it says so in JSONL and CSV; with
+    another partition truncated, none does; an alert of the stream's end (no partition named)
+    does whenever any partition is."""
+    replay = replayed()  # every alert decided on partition 0
+    for truncated, expected in ((frozenset({0}), True), (frozenset({3}), False)):
+        out = io.StringIO()
+        write_jsonl(replay.alerts, out, truncated)
+        assert {json.loads(x)["warmup_truncated"] for x in out.getvalue().splitlines()} == {
+            expected
+        }
+        out = io.StringIO()
+        write_csv(replay.alerts, out, truncated)
+        rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+        assert {r["warmup_truncated"] for r in rows} == {"true" if expected else "false"}
+    out = io.StringIO()
+    write_jsonl(replay.alerts, out)
+    assert not any(json.loads(x)["warmup_truncated"] for x in out.getvalue().splitlines())
+    end = ReplayedAlert(replay.alerts[0].alert, ("end", None, 10), "h")
+    assert under_truncated_warmup(end, frozenset({3}))
+    assert not under_truncated_warmup(end, frozenset())

@@ -218,12 +218,13 @@ def write_outputs(outcome: ReplayOutcome, args: argparse.Namespace) -> None:
     # The alerts open when the window started come first, marked as such (decided_by
     # "warmup"), then the window's own decisions.
     items = outcome.primary.open_at_start() + outcome.primary.alerts
+    truncated = frozenset(t.partition for t in outcome.truncated)
     out = _open(args.out)
     try:
         if args.format == "csv":
-            write_csv(items, out)
+            write_csv(items, out, truncated)
         else:
-            write_jsonl(items, out)
+            write_jsonl(items, out, truncated)
     finally:
         if out is not sys.stdout:
             out.close()

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from schemas.events import Alert
 from vigil.replay.compare import AlertDiffReport, Outcome
+from vigil.replay.engine_port import PinnedRules
 from vigil.replay.runner import ReplayedAlert, Timeline
 
 
@@ -44,9 +45,21 @@ def evidence_text(alert: Alert) -> str:
     )
 
 
-def alert_record(item: ReplayedAlert) -> dict[str, Any]:
+def under_truncated_warmup(item: ReplayedAlert, truncated: frozenset[int]) -> bool:
+    """Whether a replayed alert may differ from live because its partition's warm-up was cut
+    short by retention: its own partition is among ``truncated``; an alert of the stream's end
+    (``--advance-to``), whose partition the position does not name, whenever any is."""
+    if not truncated:
+        return False
+    partition = PinnedRules.lane_of(item.position)
+    return partition in truncated if partition is not None else True
+
+
+def alert_record(item: ReplayedAlert, truncated: frozenset[int] = frozenset()) -> dict[str, Any]:
     """The JSON form of one replayed alert: the alert exactly as rules would publish it, plus
-    where in the record its deciding event is and which config decided it."""
+    where in the record its deciding event is, which config decided it, and whether a
+    truncated warm-up (``truncated``: the partitions whose retained log began too late) puts
+    it in doubt."""
     source, where, number = item.position
     return {
         "alert": item.alert.model_dump(mode="json", by_alias=True),
@@ -57,13 +70,16 @@ def alert_record(item: ReplayedAlert) -> dict[str, Any]:
             "description": describe_position(item.position),
         },
         "config_hash": item.config_hash,
+        "warmup_truncated": under_truncated_warmup(item, truncated),
     }
 
 
-def write_jsonl(items: Iterable[ReplayedAlert], out: TextIO) -> int:
+def write_jsonl(
+    items: Iterable[ReplayedAlert], out: TextIO, truncated: frozenset[int] = frozenset()
+) -> int:
     count = 0
     for item in items:
-        out.write(json.dumps(alert_record(item), ensure_ascii=False) + "\n")
+        out.write(json.dumps(alert_record(item, truncated), ensure_ascii=False) + "\n")
         count += 1
     return count
 
@@ -85,10 +101,15 @@ CSV_COLUMNS = (
     "evidence",
     "decided_by",
     "config_hash",
+    "warmup_truncated",
 )
 
 
-def write_csv(items: Iterable[ReplayedAlert], out: TextIO) -> int:
+def write_csv(
+    items: Iterable[ReplayedAlert], out: TextIO, truncated: frozenset[int] = frozenset()
+) -> int:
+    """One row per alert; ``warmup_truncated`` says, row by row, what the summary says of
+    the run (see ``under_truncated_warmup``)."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     count = 0
@@ -112,6 +133,7 @@ def write_csv(items: Iterable[ReplayedAlert], out: TextIO) -> int:
                 evidence_text(a),
                 describe_position(item.position),
                 item.config_hash,
+                "true" if under_truncated_warmup(item, truncated) else "false",
             )
         )
         count += 1
