@@ -228,6 +228,15 @@ async def test_archive_replays_one_patient_and_a_care_team(recording: Recording)
     )
     assert outcome.stats.admitted == sum(1 for e in recording.events if e.patient_id == one)
     assert outcome.recorded_diff is not None and outcome.recorded_diff.identical
+    # Each alert names the archive row that decided it: its table and its message id.
+    recorded = {str(e.message.message_id): e for e in recording.events}
+    tables = {"temperature": "temperature_readings", "pump_status": "pump_status"}
+    placed = [i.position for i in outcome.primary.alerts if i.position[0] == "pg"]
+    assert placed
+    for _, table, message_id in placed:
+        event = recorded[message_id]
+        assert event.patient_id == one
+        assert table == tables[event.message.schema_.split(".")[2]]
     assert outcome.recorded_diff.counts()["same"] == len(of(recording.live, {one}))
 
     team = await run_replay(

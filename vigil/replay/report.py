@@ -29,7 +29,7 @@ def describe_position(position: tuple[str, Any, int]) -> str:
     if source == "kafka":
         return f"kafka partition {where} offset {number}"
     if source == "pg":
-        return f"archive {where}, event {number} of the patient's stream"
+        return f"archive {where}, message {number}"
     if source == "end":
         return f"end of stream (timers due by --advance-to, after {number} events)"
     if source in ("warmup", "warmup-context"):

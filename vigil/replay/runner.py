@@ -28,11 +28,27 @@ from vigil.replay.engine_port import (
     ReplayEvent,
     from_telemetry,
 )
-from vigil.replay.sources import CONTEXT, WARMUP, WARMUP_CONTEXT, Batch, Position
+from vigil.replay.sources import (
+    ARCHIVED,
+    CONTEXT,
+    WARMUP,
+    WARMUP_CONTEXT,
+    Batch,
+    Position,
+    archive_position,
+)
 
 # Sources of events the engine sees but whose own decisions are not the window's.
 _NOT_REPORTED = frozenset({CONTEXT, WARMUP, WARMUP_CONTEXT})
 _START: Position = ("start", None, 0)
+
+
+def _placed(item: tuple[ReplayEvent, Position]) -> Position:
+    """An item's position, made from the event for an archive row replayed as read."""
+    event, position = item
+    return archive_position(event) if position is ARCHIVED else position
+
+
 _EVENT = itemgetter(0)
 _SECONDS = attrgetter("t")
 
@@ -91,7 +107,7 @@ class Replay:
         self._patient_lane = patient_lane
         self._lanes: dict[str, Any] = {}
         self._engines: dict[Any, ReplayEngine] = {}
-        self._last: dict[Any, Position] = {}
+        self._last: dict[Any, tuple[ReplayEvent, Position]] = {}
         self._keep_timelines = keep_timelines
         self.alerts: list[ReplayedAlert] = []
         # Decided during warm-up (before the window): not reported, but they say what was
@@ -137,16 +153,18 @@ class Replay:
             engine = engines.get(lane) or self._engine(lane)
             source = position[0]
             if source not in _NOT_REPORTED:  # the common case first
-                lasts[lane] = position
+                lasts[lane] = item
                 replayed.append(item)
                 decided = engine.on_event(event)
                 if decided:
-                    alerts.extend(ReplayedAlert(a, position, content_hash) for a in decided)
+                    placed = _placed(item)
+                    alerts.extend(ReplayedAlert(a, placed, content_hash) for a in decided)
             elif source == CONTEXT:
                 decided = engine.advance_from(event)
                 if decided:
-                    last = lasts.get(lane, _START)
-                    alerts.extend(ReplayedAlert(a, last, content_hash) for a in decided)
+                    last = lasts.get(lane)
+                    placed = _START if last is None else _placed(last)
+                    alerts.extend(ReplayedAlert(a, placed, content_hash) for a in decided)
             elif source == WARMUP:
                 self.warmup_events += 1
                 decided = engine.on_event(event)
@@ -213,6 +231,7 @@ class Replay:
         spent once the stream is finished) nor the lane function (a closure)."""
         state = dict(self.__dict__)
         state["_engines"] = {}
+        state["_last"] = {}
         state["_patient_lane"] = None
         return state
 

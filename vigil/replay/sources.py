@@ -28,6 +28,7 @@ from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import repeat, starmap
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -37,15 +38,22 @@ from pydantic import ValidationError
 from schemas.events import Alert
 from schemas.kafka_topics import TELEMETRY_TOPIC
 from vigil.kafka import make_consumer
-from vigil.replay.engine_port import ReplayEvent, build_archived, decode_record
+from vigil.replay.engine_port import (
+    CHANNEL_PUMP_EVENT,
+    CHANNEL_PUMP_STATUS,
+    CHANNEL_TEMPERATURE,
+    ReplayEvent,
+    build_archived,
+    decode_record,
+)
 from vigil.settings import KafkaSettings
 
-#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, n), the
-#: archive row that is the n-th event of its patient's stream as read.
+#: Where a replayed event came from: ("kafka", partition, offset) or ("pg", table, message id)
+#: for an archive row (a message id names one row of the archive, whatever was selected).
 #: Other first elements mark events the engine sees but the replay does not report on (see
 #: ``Replay.feed``): ``CONTEXT``, another patient's event that moves event time as it did live;
 #: ``WARMUP``, a selected event before the window; ``WARMUP_CONTEXT``, context before the window.
-Position = tuple[str, Any, int]
+Position = tuple[str, Any, Any]
 CONTEXT = "context"
 WARMUP = "warmup"
 WARMUP_CONTEXT = "warmup-context"
@@ -607,7 +615,6 @@ async def read_archive(
         # Each chunk's ORDER BY sorts in memory, not in temporary files.
         await conn.execute(f"SET LOCAL work_mem = '{ARCHIVE_WORK_MEM}'")
         fetch = await _chunked_fetch(conn, wanted, order, batch_size)
-        numbers: dict[str, int] = {}
         ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(fetch())
         try:
             while True:
@@ -620,9 +627,7 @@ async def read_archive(
                     stats.read += len(rows)
                     stats.admitted += len(rows)
                     continue
-                yield _archive_batch(
-                    rows, numbers, selection, stats, bool(context_patients), window_start
-                )
+                yield _archive_batch(rows, selection, stats, bool(context_patients), window_start)
         finally:
             if not ahead.done():
                 ahead.cancel()
@@ -715,54 +720,57 @@ async def _chunked_fetch(
     return fetch
 
 
+#: The position of an archive event replayed as read, the common case: the row's real position
+#: is made from the event only when it decides something (``archive_position``), so a row in
+#: the fast path costs no tuple of its own.
+ARCHIVED: Position = ("pg", None, None)
+
+_TABLE_OF_CHANNEL = {
+    CHANNEL_TEMPERATURE: "temperature_readings",
+    CHANNEL_PUMP_STATUS: "pump_status",
+    CHANNEL_PUMP_EVENT: "pump_events",
+}
+
+
+def archive_position(event: ReplayEvent, source: str = "pg") -> Position:
+    """An archive event's position: its table and its message id."""
+    return (source, _TABLE_OF_CHANNEL[event.channel], event.message_id)
+
+
 def _archive_batch(
     rows: Sequence[Any],
-    numbers: dict[str, int],
     selection: Selection,
     stats: ReadStats,
     with_context: bool,
     window_start: datetime | None,
 ) -> Batch:
-    """Rows -> events, each marked replayed, context, warm-up or warm-up context.
-
-    A row's position number is its place in its patient's stream as read (``numbers`` counts
-    per patient across batches): a patient is read whole by one process, so the number is the
-    same however many worker processes share the replay."""
+    """Rows -> events, each marked replayed, context, warm-up or warm-up context."""
+    convert = build_archived
+    start_t = window_start.timestamp() if window_start is not None else None
+    if start_t is None and not with_context:
+        # The common case (every row is replayed): built in C loops, one call per row.
+        stats.read += len(rows)
+        stats.admitted += len(rows)
+        return list(zip(starmap(convert, rows), repeat(ARCHIVED)))
     batch: Batch = []
     append = batch.append
     admits = selection.admits
-    tables = _TABLES
-    convert = build_archived
-    start_t = window_start.timestamp() if window_start is not None else None
-    get = numbers.get
-    if start_t is None and not with_context:
-        # The common case (every row is replayed), in the fewest steps per row.
-        for row in rows:
-            event = convert(*row)
-            patient = event.patient_id
-            number = numbers[patient] = get(patient, 0) + 1
-            append((event, ("pg", tables[row[0]], number)))
-        stats.read += len(rows)
-        stats.admitted += len(rows)
-        return batch
     admitted = read = warm = 0
     for row in rows:
         event = convert(*row)
-        patient = event.patient_id
-        number = numbers[patient] = get(patient, 0) + 1
         before = start_t is not None and event.t < start_t
         if before:
             warm += 1
         else:
             read += 1
         if with_context and not admits(event):
-            append((event, (WARMUP_CONTEXT if before else CONTEXT, tables[row[0]], number)))
+            append((event, archive_position(event, WARMUP_CONTEXT if before else CONTEXT)))
             continue
         if before:
-            append((event, (WARMUP, tables[row[0]], number)))
+            append((event, archive_position(event, WARMUP)))
             continue
         admitted += 1
-        append((event, ("pg", tables[row[0]], number)))
+        append((event, ARCHIVED))
     stats.read += read
     stats.warmup_read += warm
     stats.admitted += admitted
@@ -891,6 +899,7 @@ def dedupe_alerts(alerts: Iterable[Alert]) -> list[Alert]:
 
 
 __all__ = [
+    "ARCHIVED",
     "TELEMETRY_TOPIC",
     "ArchiveOrder",
     "Batch",
@@ -900,6 +909,7 @@ __all__ = [
     "Selection",
     "TruncatedStart",
     "archive_patients",
+    "archive_position",
     "archive_query",
     "archive_reading",
     "count_archive",
