@@ -582,8 +582,9 @@ async def test_worker_processes_decide_exactly_what_one_process_decides_from_kaf
 async def test_worker_processes_decide_exactly_what_one_process_decides_from_the_archive(
     recording: Recording,
 ) -> None:
-    """The archive split by lane among workers (the patients' own rows, and a device filter
-    whose lane mates are read as context): the same decisions as one process."""
+    """The archive split by lane among workers (the patients' own rows, a window, a device
+    filter whose lane mates are read as context, ingest order): the same decisions as one
+    process."""
     base = ReplayRequest(
         source="archive",
         topic=recording.topic,
@@ -596,6 +597,7 @@ async def test_worker_processes_decide_exactly_what_one_process_decides_from_the
         base,
         replace(base, since=fever_crossing(recording)),
         replace(base, patient_ids=None, device_ids=frozenset({device})),
+        replace(base, order="ingest"),  # one query per worker, not chunks
     )
     for request in requests:
         alone = await run_replay(replace(request, workers=1))
