@@ -487,12 +487,13 @@ async def run_replay(
             reading = Selection(patients, request.device_ids)
             shares = split_lanes(sizes, wanted) if wanted > 1 and can_fork() else []
             if len(shares) > 1:
+                warm_from = warm or {}
                 jobs = [
                     feeder.kafka_job(
                         kafka,
                         None,
                         {tp: plan[tp] for tp in share},
-                        {tp: (warm or {})[tp] for tp in share if tp in (warm or {})},
+                        {tp: warm_from[tp] for tp in share if tp in warm_from},
                         reading,
                     )
                     for share in shares
@@ -504,16 +505,24 @@ async def run_replay(
             assert patient_lane is not None
             snapshot: str | None = None
             shares_of: list[tuple[Selection, frozenset[str] | None]] = []
-            if wanted > 1 and can_fork():
+
+            async def export_snapshot() -> str:
                 # One instant for every worker: this transaction exports its snapshot and
                 # stays open until they have all read.
                 transaction = conn.transaction(isolation="repeatable_read", readonly=True)
                 await transaction.start()
                 stack.push_async_callback(transaction.rollback)
-                snapshot = str(await conn.fetchval("SELECT pg_export_snapshot()"))
+                return str(await conn.fetchval("SELECT pg_export_snapshot()"))
+
+            if wanted > 1 and can_fork():
+                if selection.patient_ids is None and not context_patients:
+                    # The patients to split are listed from the archive, in that instant.
+                    snapshot = await export_snapshot()
                 shares_of = await _archive_shares(
                     conn, selection, context_patients, patient_lane, wanted
                 )
+                if len(shares_of) > 1 and snapshot is None:
+                    snapshot = await export_snapshot()
             # The bar counts every row read: warm-up and context rows too.
             counted = archive_reading(
                 selection, context_patients, warm_archive, request.warmup_since
