@@ -16,11 +16,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from schemas.events import Alert
 from services.rules.settings import RulesSettings
+from tests.kafka_helpers import create_rules_topics, rules_settings
 from vigil.kafka import encode, make_producer
 from vigil.replay.service import ReplayRequest, RulesChoice, run_replay
 from vigil.replay.sources import topic_partitions
@@ -88,23 +89,12 @@ async def live_run(stack_env: dict[str, str]) -> AsyncIterator[LiveRun]:
 
     run = uuid.uuid4().hex[:8]
     kafka = KafkaSettings()
-    names = {kind: f"replaytest.{kind}.{run}" for kind in ("telemetry", "alerts", "state", "dlq")}
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
-    await admin.create_topics(
-        [
-            NewTopic(names["telemetry"], 3, 1, topic_configs={"retention.ms": "-1"}),
-            NewTopic(names["alerts"], 3, 1, topic_configs={"retention.ms": "-1"}),
-            NewTopic(names["dlq"], 1, 1),
-            NewTopic(names["state"], 3, 1, topic_configs={"cleanup.policy": "compact"}),
-        ]
-    )
-    settings = RulesSettings(
+    names = await create_rules_topics(admin, f"replaytest.{run}", partitions=3, keep=True)
+    settings = rules_settings(
+        names,
         group_id=f"rules-replaytest-{run}",
-        telemetry_topic=names["telemetry"],
-        alerts_topic=names["alerts"],
-        state_topic=names["state"],
-        deadletter_topic=names["dlq"],
         config_from_postgres=False,
     )
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)

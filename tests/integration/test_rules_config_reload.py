@@ -20,12 +20,12 @@ import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.events import Alert
 from services.rules.domain.config import RulesConfig
-from services.rules.settings import RulesSettings
 from services.rules.testing import Home
+from tests.kafka_helpers import create_rules_topics, rules_settings
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 
@@ -104,23 +104,12 @@ async def test_an_override_signed_off_while_rules_runs_pages_the_next_reading(
     conn, patient = registered
     run = uuid.uuid4().hex[:8]
     kafka = KafkaSettings()
-    names = {kind: f"reloadtest.{kind}.{run}" for kind in ("telemetry", "alerts", "state", "dlq")}
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
-    await admin.create_topics(
-        [
-            NewTopic(names["telemetry"], 1, 1),
-            NewTopic(names["alerts"], 1, 1),
-            NewTopic(names["dlq"], 1, 1),
-            NewTopic(names["state"], 1, 1, topic_configs={"cleanup.policy": "compact"}),
-        ]
-    )
-    settings = RulesSettings(
+    names = await create_rules_topics(admin, f"reloadtest.{run}")
+    settings = rules_settings(
+        names,
         group_id=f"rules-reloadtest-{run}",
-        telemetry_topic=names["telemetry"],
-        alerts_topic=names["alerts"],
-        state_topic=names["state"],
-        deadletter_topic=names["dlq"],
         config_reload_s=0.5,
     )
     home = Home(patient, datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1))

@@ -11,10 +11,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
-from services.rules.settings import RulesSettings
 from services.rules.testing import Home
+from tests.kafka_helpers import create_rules_topics, rules_settings
 from tests.ops_scrape import Samples, http_get, label_values, scrape, value
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
@@ -44,23 +44,12 @@ async def test_rules_metrics_move_with_one_reading_and_readyz_turns_ready(
     run = uuid.uuid4().hex[:8]
     patient = f"P-rulesops-{run}"
     kafka = KafkaSettings()
-    names = {kind: f"rulesops.{kind}.{run}" for kind in ("telemetry", "alerts", "state", "dlq")}
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
-    await admin.create_topics(
-        [
-            NewTopic(names["telemetry"], 1, 1),
-            NewTopic(names["alerts"], 1, 1),
-            NewTopic(names["dlq"], 1, 1),
-            NewTopic(names["state"], 1, 1, topic_configs={"cleanup.policy": "compact"}),
-        ]
-    )
-    settings = RulesSettings(
+    names = await create_rules_topics(admin, f"rulesops.{run}")
+    settings = rules_settings(
+        names,
         group_id=f"rules-opstest-{run}",
-        telemetry_topic=names["telemetry"],
-        alerts_topic=names["alerts"],
-        state_topic=names["state"],
-        deadletter_topic=names["dlq"],
         config_reload_s=0,
         ops_port=0,
     )

@@ -637,9 +637,7 @@ class EscalationService:
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
             if self._sms is None:
-                return SendOutcome(
-                    accepted=False, detail="sms channel not configured", refused_for_good=True
-                )
+                return _not_configured("sms")
             body = (
                 compose_bundle_sms(job.bundle, reference=sms_reference(job))
                 if bundled
@@ -647,9 +645,7 @@ class EscalationService:
             )
             return await self._sms.send_sms(to=page.recipient, body=body)
         if self._webhook is None:
-            return SendOutcome(
-                accepted=False, detail="webhook channel not configured", refused_for_good=True
-            )
+            return _not_configured("webhook")
         # The page's alert is the bundle's first one, so acknowledge and resolve reuse the
         # dedup_key the trigger went out with.
         event = pagerduty_event(
@@ -678,15 +674,11 @@ class EscalationService:
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
             if self._sms is None:
-                return SendOutcome(
-                    accepted=False, detail="sms channel not configured", refused_for_good=True
-                )
+                return _not_configured("sms")
             body = compose_digest_sms(entries, reference=sms_reference(job))
             return await self._sms.send_sms(to=page.recipient, body=body)
         if self._webhook is None:
-            return SendOutcome(
-                accepted=False, detail="webhook channel not configured", refused_for_good=True
-            )
+            return _not_configured("webhook")
         event = pagerduty_event(
             job.alert,
             job.purpose,
@@ -830,6 +822,14 @@ async def _first(*awaitables: Any) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _not_configured(channel: str) -> SendOutcome:
+    """A page for a channel this instance has no sender for: refused for good, never retried
+    on that channel."""
+    return SendOutcome(
+        accepted=False, detail=f"{channel} channel not configured", refused_for_good=True
+    )
 
 
 def _route_detail(job: PageJob, alert: Alert) -> str | None:
