@@ -6,7 +6,7 @@ TEST_STACK := VIGIL_STACK_DATA_DIR=.vigil-test VIGIL_STACK_MQTT_PORT=21883 \
 	VIGIL_STACK_PG_PORT=25432 VIGIL_STACK_SMTP_PORT=20025
 
 .PHONY: setup run test test-unit stack-up stack-down test-stack-down schemas schemas-check lint clean \
-	bench-ingest bench-rules bench-notify bench-replay
+	bench-ingest bench-rules bench-notify bench-replay bench-config-reload
 
 setup:
 	@bash deploy/local/install.sh
@@ -56,3 +56,6 @@ bench-notify: setup
 
 bench-replay: setup
 	$(TEST_STACK) $(PY) bench/replay.py
+
+bench-config-reload: setup
+	$(TEST_STACK) $(PY) bench/config_reload.py

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 
 from schemas.events import DeadLetter
 from services.rules.adapters.codec import decode_observation
-from services.rules.adapters.config_store import load_rules_config
+from services.rules.adapters.config_store import RulesConfigSource
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
@@ -66,7 +66,11 @@ META_KEY = "__meta__/{partition}"
 CONFIG_KEY = "__config__/{version}"
 
 
-async def build_config(settings: RulesSettings) -> RulesConfig:
+async def build_config(
+    settings: RulesSettings, source: RulesConfigSource | None = None
+) -> RulesConfig:
+    """The rules config the settings name; from PostgreSQL through ``source`` when given (a
+    reload then builds nothing while the rows are unchanged)."""
     if settings.config_file is not None:
         return RulesConfig.model_validate_json(settings.config_file.read_text())
     defaults = settings.thresholds()
@@ -76,11 +80,11 @@ async def build_config(settings: RulesSettings) -> RulesConfig:
             defaults=defaults,
             allowed_lateness_s=settings.allowed_lateness_s,
         )
+    if source is None:
+        source = RulesConfigSource(defaults, allowed_lateness_s=settings.allowed_lateness_s)
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
-        return await load_rules_config(
-            conn, defaults, allowed_lateness_s=settings.allowed_lateness_s
-        )
+        return await source.load(conn)
     finally:
         await conn.close()
 
@@ -372,7 +376,10 @@ async def _consume(
     metrics: RulesMetrics,
     readiness: RulesReadiness,
 ) -> None:
-    config = await build_config(settings)
+    config_source = RulesConfigSource(
+        settings.thresholds(), allowed_lateness_s=settings.allowed_lateness_s
+    )
+    config = await build_config(settings, config_source)
     metrics.set_config(config.config_version)
     transactional_id = settings.transactional_id or f"{settings.group_id}-0"
     # A transaction carries many small state records: fewer, larger produce requests.
@@ -392,7 +399,10 @@ async def _consume(
     )
     consumer.subscribe([settings.telemetry_topic], listener=partitions)
     watch = ConfigWatch(
-        lambda: build_config(settings), config, settings.config_reload_s, metrics=metrics
+        lambda: build_config(settings, config_source),
+        config,
+        settings.config_reload_s,
+        metrics=metrics,
     )
     watching: asyncio.Future[None] | None = None
     try:

@@ -12,8 +12,14 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from services.rules.adapters.config_store import load_rules_config
+from services.rules.adapters.config_store import (
+    CONFIG_LOADED,
+    RulesConfigSource,
+    content_hash,
+    load_rules_config,
+)
 from services.rules.domain.config import Thresholds
+from vigil.audit.store import APPEND_LOCK_KEY
 
 pytestmark = pytest.mark.stack
 
@@ -139,4 +145,101 @@ async def test_an_unreadable_override_refuses_to_load(conn: asyncpg.Connection) 
         with pytest.raises(ValueError):
             await load_rules_config(conn, Thresholds(), allowed_lateness_s=60)
     finally:
+        await cleanup(conn, team, (child, other))
+
+
+async def test_a_reload_builds_nothing_while_the_rows_are_unchanged_and_sees_every_change(
+    conn: asyncpg.Connection,
+) -> None:
+    """The reload path: unchanged rows give back the last config without building it; a change
+    to any row a config is made of (protocol, override, weight, team, cycle, step-up day) is
+    a new config, never the old one kept."""
+    run = uuid.uuid4().hex[:8]
+    team, child, other = await seed(conn, run)
+    second_team = f"team-{run}-b"
+    await conn.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) "
+        "VALUES ($1, $1, 'x@example.org')",
+        second_team,
+    )
+    try:
+        source = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
+        current = await source.load(conn)
+        assert await source.load(conn) is current
+        assert source.skipped == 1
+        changes = [
+            (
+                "INSERT INTO rule_protocols (care_team_id, version, overrides, signed_off_by, "
+                "signed_off_at) VALUES ($1, 3, '{\"fever_single_c\": 38.4}'::jsonb, 'b', $2)",
+                team,
+                SIGNED,
+            ),
+            (
+                "INSERT INTO patient_rule_overrides (patient_id, version, overrides, "
+                "signed_off_by, signed_off_at) VALUES "
+                "($1, 2, '{\"interruption_page_minutes\": 15}'::jsonb, 'a', $2)",
+                child,
+                SIGNED,
+            ),
+            ("UPDATE patients SET weight_kg = 19.0 WHERE patient_id = $1", child),
+            ("UPDATE patients SET care_team_id = $2 WHERE patient_id = $1", other, second_team),
+            (
+                "INSERT INTO patient_cycles (patient_id, cycle_start, step_up_day) "
+                "VALUES ($1, $2, 8)",
+                other,
+                datetime(2026, 11, 21, tzinfo=UTC),
+            ),
+            ("UPDATE patient_cycles SET step_up_day = 9 WHERE patient_id = $1", other),
+        ]
+        for sql, *args in changes:
+            await conn.execute(sql, *args)
+            changed = await source.load(conn)
+            assert changed is not current, sql
+            assert changed.config_version != current.config_version, sql
+            assert source.skipped == 1, sql
+            current = changed
+        assert current.thresholds_for(child).interruption_page_minutes == 15
+        assert current.profiles[other].care_team_id == second_team
+        assert current.profiles[other].step_up_day == 9
+        # Unchanged again after the last change: skipped again.
+        assert await source.load(conn) is current
+        assert source.skipped == 2
+    finally:
+        await conn.execute("DELETE FROM patient_cycles WHERE patient_id = $1", other)
+        await conn.execute(
+            "UPDATE patients SET care_team_id = $2 WHERE patient_id = $1", other, team
+        )
+        await cleanup(conn, team, (child, other))
+        await conn.execute("DELETE FROM care_teams WHERE care_team_id = $1", second_team)
+
+
+async def test_a_load_whose_recording_failed_is_built_and_recorded_by_the_next(
+    conn: asyncpg.Connection, pg_dsn: str
+) -> None:
+    """A config that could not be recorded (the audit log's append lock held past the
+    statement timeout) still loads; the next reload of the same rows builds it again and
+    records it, instead of skipping it as already loaded."""
+    run = uuid.uuid4().hex[:8]
+    team, child, other = await seed(conn, run)
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        source = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
+        await holder.execute("SELECT pg_advisory_lock($1)", APPEND_LOCK_KEY)
+        await conn.execute("SET statement_timeout = '500ms'")
+        try:
+            unrecorded = await source.load(conn)
+        finally:
+            await conn.execute("RESET statement_timeout")
+            await holder.execute("SELECT pg_advisory_unlock($1)", APPEND_LOCK_KEY)
+        digest = content_hash(unrecorded)
+        count_loaded = "SELECT count(*) FROM audit_log WHERE action = $1 AND subject = $2"
+        assert await conn.fetchval(count_loaded, CONFIG_LOADED, digest) == 0
+        again = await source.load(conn)
+        assert source.skipped == 0
+        assert again.config_version == unrecorded.config_version
+        assert await conn.fetchval(count_loaded, CONFIG_LOADED, digest) == 1
+        assert await source.load(conn) is again
+        assert source.skipped == 1
+    finally:
+        await holder.close()
         await cleanup(conn, team, (child, other))

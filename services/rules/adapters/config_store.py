@@ -15,6 +15,12 @@ idempotent: loading unchanged rows again writes nothing, and content already sto
 stored twice (a config that comes back after another one gets a new audit entry, not a new
 row). A failure to record is logged and does not stop the load: paging never waits on the
 audit trail, and the next load records it.
+
+The rules service reloads every few seconds and the config rarely changes, so a reload first
+asks the server for a digest of the rows a config is made of (``RulesConfigSource``); when it is
+the last load's, nothing is read or built. Building a config costs the service's event loop
+~100 ms at 3,000 patients and ~400 ms at 7,000 (measured on this machine); the digest is one
+query computed on the server.
 """
 
 from __future__ import annotations
@@ -130,46 +136,112 @@ def _object(value: Any) -> dict[str, Any]:
     return parsed
 
 
-async def load_rules_config(
-    conn: asyncpg.Connection, defaults: Thresholds, *, allowed_lateness_s: float
-) -> RulesConfig:
-    protocols = {
-        row["care_team_id"]: Protocol(
-            care_team_id=row["care_team_id"],
-            version=row["version"],
-            overrides=_object(row["overrides"]),
+# A digest of every row a config is built from, in one snapshot with the reads that follow.
+# Each row is spelled by PostgreSQL's own text of the row, so any change to a value read above
+# changes the digest (a changed spelling of the same values only costs one full load).
+_FINGERPRINT = f"""
+SELECT encode(sha256(convert_to(coalesce(string_agg(line, E'\\n' ORDER BY line), ''), 'UTF8')),
+              'hex')
+FROM (
+    SELECT 'protocol ' || row(p.*)::text AS line FROM ({_PROTOCOLS}) AS p
+    UNION ALL
+    SELECT 'override ' || row(o.*)::text FROM ({_OVERRIDES}) AS o
+    UNION ALL
+    SELECT 'patient ' || row(q.*)::text FROM ({_PATIENTS}) AS q
+) AS config_rows
+"""
+
+
+class RulesConfigSource:
+    """Loads the rules config from PostgreSQL, and does not build it again while nothing it is
+    made of has changed.
+
+    ``load`` reads, in one read-only snapshot, a digest of the protocols, overrides, patients
+    and cycles a config is made of, and when it equals the last load's returns that load's
+    config (the same object: ``skipped`` counts these). Otherwise it reads the rows, builds and
+    validates the config, and records it (``record_loaded_config``). A load whose recording
+    failed is not remembered, so the next load builds and records again."""
+
+    def __init__(self, defaults: Thresholds, *, allowed_lateness_s: float) -> None:
+        self.defaults = defaults
+        self.allowed_lateness_s = allowed_lateness_s
+        self.skipped = 0
+        self._fingerprint: str | None = None
+        self._config: RulesConfig | None = None
+
+    async def load(self, conn: asyncpg.Connection) -> RulesConfig:
+        if conn.is_in_transaction():  # the caller's transaction is the snapshot
+            fingerprint, rows = await self._read(conn)
+        else:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                fingerprint, rows = await self._read(conn)
+        if rows is None:
+            assert self._config is not None
+            self.skipped += 1
+            return self._config
+        config = self._build(*rows)
+        recorded = await _record(conn, config)
+        self._fingerprint, self._config = (fingerprint, config) if recorded else (None, None)
+        return config
+
+    async def _read(
+        self, conn: asyncpg.Connection
+    ) -> tuple[str, tuple[list[Any], list[Any], list[Any]] | None]:
+        fingerprint = str(await conn.fetchval(_FINGERPRINT))
+        if self._config is not None and fingerprint == self._fingerprint:
+            return fingerprint, None
+        rows = (
+            await conn.fetch(_PROTOCOLS),
+            await conn.fetch(_OVERRIDES),
+            await conn.fetch(_PATIENTS),
         )
-        for row in await conn.fetch(_PROTOCOLS)
-    }
-    overrides = {
-        row["patient_id"]: PatientOverride(
-            version=row["version"], overrides=_object(row["overrides"])
+        return fingerprint, rows
+
+    def _build(
+        self, protocol_rows: list[Any], override_rows: list[Any], patient_rows: list[Any]
+    ) -> RulesConfig:
+        defaults = self.defaults
+        protocols = {
+            row["care_team_id"]: Protocol(
+                care_team_id=row["care_team_id"],
+                version=row["version"],
+                overrides=_object(row["overrides"]),
+            )
+            for row in protocol_rows
+        }
+        overrides = {
+            row["patient_id"]: PatientOverride(
+                version=row["version"], overrides=_object(row["overrides"])
+            )
+            for row in override_rows
+        }
+        profiles = {
+            row["patient_id"]: PatientProfile(
+                patient_id=row["patient_id"],
+                care_team_id=row["care_team_id"],
+                weight_kg=float(row["weight_kg"]) if row["weight_kg"] is not None else None,
+                cycle_start=row["cycle_start"],
+                step_up_day=row["step_up_day"] if row["cycle_start"] is not None else 8,
+                override=overrides.get(row["patient_id"]),
+            )
+            for row in patient_rows
+        }
+        draft = RulesConfig(
+            defaults=defaults,
+            protocols=protocols,
+            profiles=profiles,
+            allowed_lateness_s=self.allowed_lateness_s,
         )
-        for row in await conn.fetch(_OVERRIDES)
-    }
-    profiles = {
-        row["patient_id"]: PatientProfile(
-            patient_id=row["patient_id"],
-            care_team_id=row["care_team_id"],
-            weight_kg=float(row["weight_kg"]) if row["weight_kg"] is not None else None,
-            cycle_start=row["cycle_start"],
-            step_up_day=row["step_up_day"] if row["cycle_start"] is not None else 8,
-            override=overrides.get(row["patient_id"]),
-        )
-        for row in await conn.fetch(_PATIENTS)
-    }
-    draft = RulesConfig(
-        defaults=defaults,
-        protocols=protocols,
-        profiles=profiles,
-        allowed_lateness_s=allowed_lateness_s,
-    )
-    for patient_id in profiles:
-        draft.thresholds_for(patient_id)  # raises on an override the rules cannot read
-    for protocol in protocols.values():
-        Thresholds.model_validate({**defaults.model_dump(), **protocol.overrides})
-    digest = hashlib.sha256(draft.model_dump_json().encode()).hexdigest()[:12]
-    config = draft.model_copy(update={"config_version": f"pg-{digest}"})
+        for patient_id in profiles:
+            draft.thresholds_for(patient_id)  # raises on an override the rules cannot read
+        for protocol in protocols.values():
+            Thresholds.model_validate({**defaults.model_dump(), **protocol.overrides})
+        digest = hashlib.sha256(draft.model_dump_json().encode()).hexdigest()[:12]
+        return draft.model_copy(update={"config_version": f"pg-{digest}"})
+
+
+async def _record(conn: asyncpg.Connection, config: RulesConfig) -> bool:
+    """Record ``config`` as loaded; False (and a warning) if that failed."""
     try:
         await record_loaded_config(conn, config)
     except (asyncpg.PostgresError, OSError) as error:
@@ -177,4 +249,12 @@ async def load_rules_config(
             "rules_config_not_recorded",
             extra=log_fields(config_version=config.config_version, error=repr(error)),
         )
-    return config
+        return False
+    return True
+
+
+async def load_rules_config(
+    conn: asyncpg.Connection, defaults: Thresholds, *, allowed_lateness_s: float
+) -> RulesConfig:
+    """Load the config once (a ``RulesConfigSource`` of its own: nothing is remembered)."""
+    return await RulesConfigSource(defaults, allowed_lateness_s=allowed_lateness_s).load(conn)
