@@ -53,7 +53,7 @@ from schemas.events import DeadLetter
 from services.rules.adapters.codec import decode_observation
 from services.rules.adapters.config_store import RulesConfigSource
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
-from services.rules.domain.config import RulesConfig
+from services.rules.domain.config import RulesCompiler, RulesConfig
 from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
 from vigil.kafka import encode, make_consumer, make_producer
@@ -142,6 +142,9 @@ class ConfigWatch:
         self.current_version = current.config_version
         self.interval_s = interval_s
         self.pending: RulesConfig | None = None
+        # The compiler of the newest config checked: it has compiled every patient, and the
+        # swap hands it to the engines, so they compile nothing again.
+        self.compiled: RulesCompiler | None = None
         self.failures = 0
         self.swaps = 0
 
@@ -154,8 +157,9 @@ class ConfigWatch:
                 return None
             # Compile every patient's rules now, off the hot path: an override that validates as
             # JSON but not as thresholds must be refused here, not when its patient next reports.
+            compiler = RulesCompiler(config)
             for patient_id in config.profiles:
-                config.compile_for(patient_id)
+                compiler.rules_for(patient_id)
         except Exception as error:  # any failure keeps the running config
             self.failures += 1
             if self._metrics is not None:
@@ -170,6 +174,7 @@ class ConfigWatch:
             )
             return None
         self.pending = config
+        self.compiled = compiler
         return config
 
     def take(self) -> RulesConfig | None:
@@ -207,6 +212,8 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
     ) -> None:
         self.settings = settings
         self.config = config
+        # Shared by every partition's engine: each patient is compiled once per config.
+        self.compiler = RulesCompiler(config)
         self.engines: dict[int, RulesEngine] = {}
         self.metrics = metrics or RulesMetrics()
         self.readiness = readiness or RulesReadiness()
@@ -235,7 +242,7 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
         if engine is not None:
             return engine
         started = time.perf_counter()
-        engine = RulesEngine(self.config)
+        engine = RulesEngine(self.config, self.compiler)
         meta, patients = await load_partition_state(self.settings, partition)
         if meta is not None:
             engine.restore_meta(meta)
@@ -298,18 +305,23 @@ async def swap_config(
     producer: AIOKafkaProducer,
     partitions: PartitionEngines,
     config: RulesConfig,
+    compiler: RulesCompiler | None = None,
 ) -> None:
     """Put ``config`` in force in every engine, between two batches, in one transaction: the
     config record and the state of every patient whose armed deadlines moved. A restart after
-    it finds the re-armed deadlines; a crash before it commits restarts on the store's config."""
+    it finds the re-armed deadlines; a crash before it commits restarts on the store's config.
+    ``compiler``: the one that checked ``config`` (``ConfigWatch.compiled``), if at hand."""
     old = partitions.config.config_version
+    if compiler is None or compiler.config is not config:
+        compiler = RulesCompiler(config)
     partitions.config = config
+    partitions.compiler = compiler
     moved = 0
     await producer.begin_transaction()
     try:
         sends = [await write_config(settings, producer, config)]
         for partition, engine in partitions.engines.items():
-            moved += len(engine.reconfigure(config))
+            moved += len(engine.reconfigure(config, compiler))
             sends += await send_state(
                 producer,
                 settings.state_topic,
@@ -423,7 +435,7 @@ async def _consume(
         while not stop.is_set():
             changed = watch.take()
             if changed is not None:
-                await swap_config(settings, producer, partitions, changed)
+                await swap_config(settings, producer, partitions, changed, watch.compiled)
             owned = consumer.assignment()
             readiness.assigned = frozenset(tp.partition for tp in owned)
             await partitions.prepare(sorted(readiness.assigned))

@@ -49,7 +49,7 @@ import orjson
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Telemetry
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
-from services.rules.domain.config import PatientRules, RulesConfig
+from services.rules.domain.config import PatientRules, RulesCompiler, RulesConfig
 from services.rules.domain.fever import FeverState, fold_temperature
 from services.rules.domain.heartbeat import heartbeat_alert
 from services.rules.domain.observation import HEARTBEAT, TEMPERATURE, Observation, observe
@@ -232,15 +232,25 @@ def _set_armed(pump: PumpTrack, kind: str, deadline: float | None) -> None:
         pump.int_timer_at = deadline
 
 
+def _compiler_of(config: RulesConfig, compiler: RulesCompiler | None) -> RulesCompiler:
+    if compiler is None:
+        return RulesCompiler(config)
+    if compiler.config is not config:
+        raise ValueError("the compiler given compiles another config")
+    return compiler
+
+
 class RulesEngine:
     """Routes each observation to the rules, keeps per-patient state, and runs the timers."""
 
-    def __init__(self, config: RulesConfig | None = None) -> None:
+    def __init__(
+        self, config: RulesConfig | None = None, compiler: RulesCompiler | None = None
+    ) -> None:
+        """``compiler``: one already compiling ``config`` (engines of one config share it)."""
         self.config = config if config is not None else RulesConfig()
         self._config_version = self.config.config_version
         self._lateness = self.config.allowed_lateness_s
-        self._rules: dict[str, PatientRules] = {}
-        self._default_rules: PatientRules | None = None
+        self._compiler = _compiler_of(self.config, compiler)
         self._patients: dict[str, PatientTrack] = {}
         self._timers: list[tuple[float, str, str, str]] = []
         self._max_t = _NEG_INF
@@ -328,17 +338,9 @@ class RulesEngine:
         return alerts
 
     def _rules_for(self, patient_id: str) -> PatientRules:
-        if patient_id not in self.config.profiles:
-            # Patients without a profile all follow the defaults: one compiled copy for all.
-            if self._default_rules is None:
-                self._default_rules = self.config.compile_for(patient_id)
-            return self._default_rules
-        rules = self._rules.get(patient_id)
-        if rules is None:
-            rules = self._rules[patient_id] = self.config.compile_for(patient_id)
-        return rules
+        return self._compiler.rules_for(patient_id)
 
-    def reconfigure(self, config: RulesConfig) -> set[str]:
+    def reconfigure(self, config: RulesConfig, compiler: RulesCompiler | None = None) -> set[str]:
         """Run on ``config`` from now on, keeping every patient's state; returns the patients
         whose armed deadlines moved (their state must be persisted with the new config).
 
@@ -350,13 +352,13 @@ class RulesEngine:
         limit is not honoured only at the old, later time. A re-armed deadline the watermark has
         already passed fires with the next event that moves the watermark. An open episode
         stays open (its all clear follows the new clear level); alerts decided from now on
-        carry the new ``config_version`` and ``rule_version``."""
+        carry the new ``config_version`` and ``rule_version``. ``compiler``: one that already
+        compiled ``config`` (the service's check before the swap), so nothing is compiled twice."""
         self.config = config
         self._config_version = config.config_version
         # The watermark never moves back: a larger lateness only holds it still for a while.
         self._lateness = config.allowed_lateness_s
-        self._rules = {}
-        self._default_rules = None
+        self._compiler = _compiler_of(config, compiler)
         moved: set[str] = set()
         for patient_id, patient in self._patients.items():
             rules = patient.rules = self._rules_for(patient_id)
