@@ -198,24 +198,29 @@ class RulesCompiler:
     def rules_for(self, patient_id: str) -> PatientRules:
         rules = self._by_patient.get(patient_id)
         if rules is None:
-            rules = self._by_patient[patient_id] = self._compile(patient_id)
+            profile = self.config.profiles.get(patient_id)
+            if profile is None:
+                # The defaults, one copy for all: not remembered per patient (an entry per
+                # unprofiled patient would be memory the engine's state is measured by).
+                return self._shared(None, patient_id)
+            rules = self._by_patient[patient_id] = self._compile(patient_id, profile)
         return rules
 
-    def _compile(self, patient_id: str) -> PatientRules:
+    def _compile(self, patient_id: str, profile: PatientProfile) -> PatientRules:
         config = self.config
-        profile = config.profiles.get(patient_id)
-        if profile is not None and profile.override is not None:
+        if profile.override is not None:
             return config.compile_for(patient_id)
-        team = None
-        if profile is not None and profile.care_team_id in config.protocols:
-            team = profile.care_team_id
+        team = profile.care_team_id if profile.care_team_id in config.protocols else None
+        return self._shared(team, patient_id).for_profile(profile)
+
+    def _shared(self, team: str | None, patient_id: str) -> PatientRules:
         shared = self._by_team.get(team)
         if shared is None:
             # Any patient of the team resolves the team's thresholds (none has an override).
             shared = self._by_team[team] = PatientRules.from_thresholds(
-                config.thresholds_for(patient_id)
+                self.config.thresholds_for(patient_id)
             )
-        return shared if profile is None else shared.for_profile(profile)
+        return shared
 
 
 _MIN = 60.0
