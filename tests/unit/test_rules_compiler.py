@@ -134,3 +134,19 @@ async def test_a_checked_config_is_swapped_in_without_compiling_again() -> None:
     alerts = run_stream(engine, [home.temp(m, 37.9) for m in range(5, 70, 5)])
     assert [a.code for a in alerts] == ["fever_sustained"]
     assert alerts[0].config_version == "v-new"
+
+
+def test_check_refuses_an_override_the_rules_cannot_read_and_passes_the_rest() -> None:
+    """``check`` (run on every config loaded from PostgreSQL) resolves each team's thresholds
+    once and each override on its own: a bad override is refused even among teammates whose
+    thresholds are fine, and a good fleet passes."""
+    RulesCompiler(fleet()).check()
+    good = fleet()
+    bad_profile = good.profiles["A3"].model_copy(
+        update={"override": PatientOverride(version=1, overrides={"fever_clear_c": 39.0})}
+    )
+    bad = good.model_copy(update={"profiles": {**good.profiles, "A3": bad_profile}})
+    with pytest.raises(ValueError, match="clear"):
+        bad.thresholds_for("A3")  # what check must surface
+    with pytest.raises(ValueError, match="clear"):
+        RulesCompiler(bad).check()

@@ -206,12 +206,27 @@ class RulesCompiler:
             rules = self._by_patient[patient_id] = self._compile(patient_id, profile)
         return rules
 
-    def _compile(self, patient_id: str, profile: PatientProfile) -> PatientRules:
+    def check(self) -> None:
+        """Resolve every distinct threshold set the config's patients use (each care team's
+        once, each patient override), raising for one the rules cannot read; compiles nothing
+        per patient (a config being loaded is checked before it is compiled for use)."""
         config = self.config
+        for patient_id, profile in config.profiles.items():
+            if profile.override is not None:
+                config.thresholds_for(patient_id)
+            else:
+                self._shared(self._team_of(profile), patient_id)
+
+    def _compile(self, patient_id: str, profile: PatientProfile) -> PatientRules:
         if profile.override is not None:
-            return config.compile_for(patient_id)
-        team = profile.care_team_id if profile.care_team_id in config.protocols else None
-        return self._shared(team, patient_id).for_profile(profile)
+            return self.config.compile_for(patient_id)
+        return self._shared(self._team_of(profile), patient_id).for_profile(profile)
+
+    def _team_of(self, profile: PatientProfile) -> str | None:
+        """The care team whose protocol a patient without an override resolves by (None: the
+        defaults alone)."""
+        team = profile.care_team_id
+        return team if team in self.config.protocols else None
 
     def _shared(self, team: str | None, patient_id: str) -> PatientRules:
         shared = self._by_team.get(team)
