@@ -15,6 +15,11 @@ team of its own, then for each fleet size measures, in the same process:
   ``compile_each_ms``: the same patients compiled one by one with ``RulesConfig.compile_for``
   (what the service did before the compiler; each also compiled again in its engine), the
   baseline of ``compile_vs_each``.
+- ``change_stall_ms``: the longest the event loop went without running a 1 ms ticker while a
+  changed config was loaded (``RulesConfigSource.load``: read, build, record) and compiled (as
+  ``ConfigWatch.check_once`` does), both of which run their CPU work in a worker thread;
+  ``change_stall_on_loop_ms``: the same build and compile from the same rows run on the loop
+  itself, the baseline of ``stall_vs_on_loop`` (this is how long no alert could be decided).
 
 ONE JSON line of figures goes to stdout at the end; nothing asserts a speed. The rows it wrote
 are deleted at the end (the recorded configs and their audit entries stay, as the log is
@@ -30,6 +35,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +61,53 @@ async def add_patients(conn: asyncpg.Connection, team: str, names: list[str]) ->
         "signed_off_at) VALUES ($1, 1, '{\"fever_single_c\": 38.5}'::jsonb, 'bench', now())",
         [(name,) for name in names[::10]],
     )
+
+
+async def loop_stall_ms(work: Callable[[], Awaitable[object]]) -> float:
+    """The longest gap, in ms, between two runs of a ticker that asks for the loop every 1 ms,
+    while ``work`` runs."""
+    worst = 0.0
+    running = True
+
+    async def tick() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while running:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst = max(worst, now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0.02)
+    worst = 0.0
+    try:
+        await work()
+    finally:
+        running = False
+        await ticker
+    return worst * 1000
+
+
+async def measure_stalls(conn: asyncpg.Connection) -> dict[str, float]:
+    source = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        _, rows = await source._read(conn)
+    assert rows is not None
+
+    async def on_loop() -> None:
+        config, _ = source._build_with_text(*rows)
+        RulesCompiler(config).compile_profiles()
+
+    async def as_the_service_does() -> None:
+        # A source of its own remembers nothing: the load reads, builds and records.
+        fresh = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
+        config = await fresh.load(conn)
+        await asyncio.to_thread(RulesCompiler(config).compile_profiles)
+
+    on_loop_ms = min([await loop_stall_ms(on_loop) for _ in range(3)])
+    threaded_ms = min([await loop_stall_ms(as_the_service_does) for _ in range(3)])
+    return {"change_stall_ms": threaded_ms, "change_stall_on_loop_ms": on_loop_ms}
 
 
 async def measure(conn: asyncpg.Connection) -> dict[str, float]:
@@ -83,6 +136,7 @@ async def measure(conn: asyncpg.Connection) -> dict[str, float]:
     shared = [compiler.rules_for(patient_id) for patient_id in config.profiles]
     figures["compile_ms"] = (time.perf_counter() - started) * 1000
     assert shared == each  # the same rules, however they are compiled
+    figures.update(await measure_stalls(conn))
     figures["patients"] = len(config.profiles)
     return {key: round(value, 1) for key, value in figures.items()}
 
@@ -119,6 +173,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             last["unchanged_cpu_ms"] / max(last["build_cpu_ms"], 0.1), 4
         ),
         "compile_vs_each": round(last["compile_ms"] / max(last["compile_each_ms"], 0.1), 4),
+        "stall_vs_on_loop": round(
+            last["change_stall_ms"] / max(last["change_stall_on_loop_ms"], 0.1), 4
+        ),
     }
 
 

@@ -157,9 +157,10 @@ class ConfigWatch:
                 return None
             # Compile every patient's rules now, off the hot path: an override that validates as
             # JSON but not as thresholds must be refused here, not when its patient next reports.
+            # In a worker thread, as the build is: the loop goes on deciding alerts meanwhile
+            # (the compiler is new, and no engine sees it before the swap).
             compiler = RulesCompiler(config)
-            for patient_id in config.profiles:
-                compiler.rules_for(patient_id)
+            await asyncio.to_thread(compiler.compile_profiles)
         except Exception as error:  # any failure keeps the running config
             self.failures += 1
             if self._metrics is not None:

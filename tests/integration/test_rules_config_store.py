@@ -5,6 +5,7 @@ and the newest treatment cycle as the profile, and a digest version that follows
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -242,4 +243,32 @@ async def test_a_load_whose_recording_failed_is_built_and_recorded_by_the_next(
         assert source.skipped == 1
     finally:
         await holder.close()
+        await cleanup(conn, team, (child, other))
+
+
+async def test_a_changed_config_is_built_off_the_event_loop(
+    conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build (hundreds of ms of CPU at thousands of patients) runs in a worker thread, not
+    on the loop that decides alerts; the config it builds is the one the load returns, and an
+    unchanged reload builds nothing, in any thread."""
+    run = uuid.uuid4().hex[:8]
+    team, child, other = await seed(conn, run)
+    loop_thread = threading.get_ident()
+    built_in: list[int] = []
+    build = RulesConfigSource._build
+
+    def spying(self: RulesConfigSource, *rows: list[object]) -> object:
+        built_in.append(threading.get_ident())
+        return build(self, *rows)
+
+    monkeypatch.setattr(RulesConfigSource, "_build", spying)
+    try:
+        source = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
+        config = await source.load(conn)
+        assert child in config.profiles and other in config.profiles
+        assert len(built_in) == 1 and built_in[0] != loop_thread
+        assert await source.load(conn) is config
+        assert len(built_in) == 1
+    finally:
         await cleanup(conn, team, (child, other))

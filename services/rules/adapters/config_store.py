@@ -18,14 +18,15 @@ audit trail, and the next load records it.
 
 The rules service reloads every few seconds and the config rarely changes, so a reload first
 asks the server for a digest of the rows a config is made of (``RulesConfigSource``); when it is
-the last load's, nothing is read or built. Building a config costs the service's event loop
-about 100 ms of CPU at 4,600 patients and 260-290 ms at 9,600 (``make bench-config-reload``;
-most of it building and serialising the profiles); the digest is one query computed on the
-server.
+the last load's, nothing is read or built. Building a config costs about 100 ms of CPU at
+4,600 patients and 260-290 ms at 9,600 (``make bench-config-reload``; most of it building and
+serialising the profiles), spent in a worker thread so that the event loop goes on deciding
+alerts; the digest is one query computed on the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -96,16 +97,20 @@ def content_hash(config: RulesConfig) -> str:
     return hashlib.sha256(config_text(config).encode()).hexdigest()
 
 
-async def record_loaded_config(conn: asyncpg.Connection, config: RulesConfig) -> bool:
+async def record_loaded_config(
+    conn: asyncpg.Connection, config: RulesConfig, text: str | None = None
+) -> bool:
     """Store ``config`` (idempotent by content hash) and, unless it is already the newest
-    loaded one, audit that it is now loaded. Returns whether anything was written.
+    loaded one, audit that it is now loaded. Returns whether anything was written. ``text``:
+    ``config_text(config)``, when the caller already has it.
 
     The check and the writes run in one transaction under the audit log's append lock, taken
     before the check, so two instances loading the same new config at once write one entry,
     not two. Call it at READ COMMITTED (each statement then sees the other's commit). The
     common case, a reload that finds the config unchanged, is answered by one read without
     the lock, so polling never holds up the audit log's other writers."""
-    text = config_text(config)
+    if text is None:
+        text = config_text(config)
     digest = hashlib.sha256(text.encode()).hexdigest()
     if await conn.fetchval(_LAST_LOADED, CONFIG_LOADED) == digest:
         return False
@@ -162,7 +167,12 @@ class RulesConfigSource:
     and cycles a config is made of, and when it equals the last load's returns that load's
     config (the same object: ``skipped`` counts these). Otherwise it reads the rows, builds and
     validates the config, and records it (``record_loaded_config``). A load whose recording
-    failed is not remembered, so the next load builds and records again."""
+    failed is not remembered, so the next load builds and records again.
+
+    The build (and the config's canonical text, for the record) runs in a worker thread: it is
+    hundreds of milliseconds of CPU at thousands of patients, and on the event loop it would
+    hold up every alert that long. In a thread the interpreter hands the loop the GIL every
+    switch interval (5 ms), so alerts go on being decided while it builds."""
 
     def __init__(self, defaults: Thresholds, *, allowed_lateness_s: float) -> None:
         self.defaults = defaults
@@ -181,8 +191,8 @@ class RulesConfigSource:
             assert self._config is not None
             self.skipped += 1
             return self._config
-        config = self._build(*rows)
-        recorded = await _record(conn, config)
+        config, text = await asyncio.to_thread(self._build_with_text, *rows)
+        recorded = await _record(conn, config, text)
         self._fingerprint, self._config = (fingerprint, config) if recorded else (None, None)
         return config
 
@@ -198,6 +208,12 @@ class RulesConfigSource:
             await conn.fetch(_PATIENTS),
         )
         return fingerprint, rows
+
+    def _build_with_text(
+        self, protocol_rows: list[Any], override_rows: list[Any], patient_rows: list[Any]
+    ) -> tuple[RulesConfig, str]:
+        config = self._build(protocol_rows, override_rows, patient_rows)
+        return config, config_text(config)
 
     def _build(
         self, protocol_rows: list[Any], override_rows: list[Any], patient_rows: list[Any]
@@ -243,10 +259,10 @@ class RulesConfigSource:
         return draft.model_copy(update={"config_version": f"pg-{digest}"})
 
 
-async def _record(conn: asyncpg.Connection, config: RulesConfig) -> bool:
+async def _record(conn: asyncpg.Connection, config: RulesConfig, text: str) -> bool:
     """Record ``config`` as loaded; False (and a warning) if that failed."""
     try:
-        await record_loaded_config(conn, config)
+        await record_loaded_config(conn, config, text)
     except (asyncpg.PostgresError, OSError) as error:
         log.warning(
             "rules_config_not_recorded",

@@ -206,6 +206,11 @@ class RulesCompiler:
             rules = self._by_patient[patient_id] = self._compile(patient_id, profile)
         return rules
 
+    def compile_profiles(self) -> None:
+        """Compile every patient with a profile (what a config change does before the swap)."""
+        for patient_id in self.config.profiles:
+            self.rules_for(patient_id)
+
     def check(self) -> None:
         """Resolve every distinct threshold set the config's patients use (each care team's
         once, each patient override), raising for one the rules cannot read; compiles nothing
