@@ -6,24 +6,17 @@ import asyncio
 import contextlib
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.rules.settings import RulesSettings
+from vigil.replay.sources import topic_partitions
 
 
-async def telemetry_end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
-    """The end offset of every telemetry partition now: where a test's own records will start."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        parts = [
-            TopicPartition(TELEMETRY_TOPIC, p)
-            for p in await producer.partitions_for(TELEMETRY_TOPIC)
-        ]
-    finally:
-        await producer.stop()
+async def end_offsets(bootstrap: str, *topics: str) -> dict[TopicPartition, int]:
+    """The end offset of every partition of ``topics`` now: where a test's own records will
+    start."""
+    parts = [TopicPartition(t, p) for t in topics for p in await topic_partitions(bootstrap, t)]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:

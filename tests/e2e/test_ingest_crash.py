@@ -30,13 +30,14 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.ingest.adapters.registry_admin import (
     bind_device,
     upsert_care_team,
     upsert_device,
     upsert_patient,
 )
-from tests.kafka_helpers import telemetry_end_offsets
+from tests.kafka_helpers import end_offsets
 
 pytestmark = pytest.mark.stack
 
@@ -108,7 +109,7 @@ async def kafka_message_ids(
     bootstrap: str, start: dict[TopicPartition, int], devices: set[str]
 ) -> list[str]:
     """Every telemetry record of ``devices`` written since ``start``, as message ids."""
-    end = await telemetry_end_offsets(bootstrap)
+    end = await end_offsets(bootstrap, TELEMETRY_TOPIC)
     parts = [tp for tp in end if end[tp] > start.get(tp, 0)]
     ids: list[str] = []
     if not parts:
@@ -165,7 +166,7 @@ async def test_kill_9_ten_times_loses_nothing_and_stores_each_reading_once(
     """Every PUBACKed reading is in the DB exactly once and in Kafka (repeats: same id)."""
     dsn, bootstrap = stack_env["VIGIL_PG_DSN"], stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
     devices = await register(dsn, run_id)
-    start_offsets = await telemetry_end_offsets(bootstrap)
+    start_offsets = await end_offsets(bootstrap, TELEMETRY_TOPIC)
     ingest = IngestProcess(ingest_env, tmp_path / "ingest.log")
     ingest.start()
     await ingest.wait_subscribed()

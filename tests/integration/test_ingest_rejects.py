@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import aiomqtt
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 from services.ingest.adapters.registry_admin import (
@@ -25,6 +25,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
+from tests.kafka_helpers import end_offsets
 
 pytestmark = pytest.mark.stack
 
@@ -33,22 +34,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-async def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in await producer.partitions_for(topic)]
-    finally:
-        await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        return dict(await consumer.end_offsets(parts))
-    finally:
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer.stop()
 
 
 async def read_since(

@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.ingest.adapters.credentials import (
     LocalStackBroker,
     issue_credential,
@@ -32,7 +33,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
-from tests.kafka_helpers import telemetry_end_offsets
+from tests.kafka_helpers import end_offsets
 
 pytestmark = pytest.mark.stack
 
@@ -296,7 +297,7 @@ async def test_a_reading_over_tls_reaches_kafka_through_ingest_over_tls(
     finally:
         await conn.close()
 
-    start = await telemetry_end_offsets(bootstrap)
+    start = await end_offsets(bootstrap, TELEMETRY_TOPIC)
     metrics_port = free_port()
     client_id = f"ingest-tls-{run_id}"
     monkeypatch.setenv("VIGIL_MQTT_PORT", str(port))

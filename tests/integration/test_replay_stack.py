@@ -32,6 +32,7 @@ from services.ingest.adapters.registry_admin import upsert_care_team, upsert_pat
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
+from tests.kafka_helpers import end_offsets
 from vigil.kafka import encode, make_producer
 from vigil.replay import sources
 from vigil.replay.cli import main as replay_main
@@ -50,7 +51,6 @@ from vigil.replay.sources import (
     ReadStats,
     Selection,
     read_archive,
-    topic_partitions,
 )
 from vigil.replay.synthetic import FeverEpisode, PumpPause, course
 from vigil.settings import KafkaSettings
@@ -193,7 +193,7 @@ async def test_kafka_time_range_replays_to_exactly_the_recorded_alerts(
 
 async def test_kafka_offsets_pick_exactly_the_named_records(recording: Recording) -> None:
     """An explicit range reads exactly its offsets; a later start time skips what is before."""
-    ends = await end_offsets((recording.topic,))
+    ends = await end_offsets(KafkaSettings().bootstrap_servers, recording.topic)
     partition_ranges = tuple(PartitionRange(tp.partition, 10, 110) for tp in ends)
     outcome = await run_replay(
         ReplayRequest(source="kafka", topic=recording.topic, offsets=partition_ranges, audit=False)
@@ -352,17 +352,6 @@ async def test_a_kafka_replay_from_mid_stream_decides_what_the_full_replay_and_l
     assert window.recorded_diff.identical, window.recorded_diff.counts()
 
 
-async def end_offsets(topics: tuple[str, ...]) -> dict[TopicPartition, int]:
-    bootstrap = KafkaSettings().bootstrap_servers
-    tps = [TopicPartition(t, p) for t in topics for p in await topic_partitions(bootstrap, t)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        return dict(await consumer.end_offsets(tps))
-    finally:
-        await consumer.stop()
-
-
 async def records_between(
     before: dict[TopicPartition, int], after: dict[TopicPartition, int]
 ) -> list[bytes]:
@@ -441,9 +430,10 @@ async def test_a_replay_writes_nothing_live_and_pages_no_one(
     monkeypatch.setenv("VIGIL_NOTIFY_SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("VIGIL_NOTIFY_SMTP_PORT", str(port))
     actor = f"replay-test-{recording.run}"
+    kafka = KafkaSettings().bootstrap_servers
     conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
     try:
-        offsets_before = await end_offsets((*LIVE_TOPICS, recording.topic))
+        offsets_before = await end_offsets(kafka, *LIVE_TOPICS, recording.topic)
         rows_before = await row_counts(conn, recording.patients)
         runs = [
             [
@@ -490,7 +480,7 @@ async def test_a_replay_writes_nothing_live_and_pages_no_one(
             )
             assert code == 0, argv
             assert out.stat().st_size > 0
-        offsets_after = await end_offsets((*LIVE_TOPICS, recording.topic))
+        offsets_after = await end_offsets(kafka, *LIVE_TOPICS, recording.topic)
         rows_after = await row_counts(conn, recording.patients)
         audit_rows = await conn.fetch(
             "SELECT action, details::text AS details FROM audit_log WHERE actor = $1 ORDER BY seq",
