@@ -10,6 +10,7 @@ from services.rules.domain.engine import RulesEngine
 from vigil.replay.compare import Outcome, diff_alerts
 from vigil.replay.engine_port import default_rules, from_telemetry, pin, with_overrides
 from vigil.replay.runner import Replay, replay_events
+from vigil.replay.sources import ARCHIVED, CONTEXT, AsRead
 from vigil.replay.synthetic import FeverEpisode, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -188,3 +189,47 @@ def test_each_kafka_partition_has_its_own_engine_as_live() -> None:
 
     assert not any(a.code == "device_silent" for a in replay(busy_partition=1))
     assert any(a.code == "device_silent" for a in replay(busy_partition=0))
+
+
+def test_archive_events_replayed_as_read_decide_as_pairs_marked_archived() -> None:
+    """The archive reader's common case hands over ``AsRead`` batches (no position per event):
+    the same alerts at the same positions, the same counts, span and timelines, and the same
+    last event per lane, to which a later context event's timer alerts are attributed."""
+    lanes = {"P-a": 0, "P-b": 1, "P-q": 0}
+    fevers = (FeverEpisode(timedelta(days=1, hours=4), timedelta(minutes=100), 38.6),)
+    events = sorted(
+        course("P-a", START, days=2, fevers=fevers)
+        + course("P-b", START + timedelta(hours=3), days=2)
+        + course("P-q", START, days=0.25, fevers=(), pauses=()),
+        key=lambda e: (e.device_time, e.ingest_time),
+    )
+    # Later events of another patient on P-q's lane, read as context: they move the lane's
+    # time past P-q's silence limit.
+    context = [
+        (from_telemetry(e), (CONTEXT, None, None))
+        for e in course("P-r", START + timedelta(days=2), days=0.5, fevers=(), pauses=())
+    ]
+    lanes["P-r"] = 0
+
+    def run(as_read: bool) -> Replay:
+        replay = Replay(default_rules(), keep_timelines=True, patient_lane=lanes.__getitem__)
+        for start in range(0, len(events), 500):
+            part = [from_telemetry(e) for e in events[start : start + 500]]
+            replay.feed(AsRead(part) if as_read else [(e, ARCHIVED) for e in part])
+        replay.feed(context)
+        replay.finish()
+        return replay
+
+    pairs, as_read = run(False), run(True)
+    assert any(i.alert.rule_id == "fever" for i in pairs.alerts)
+    silent = [i for i in pairs.alerts if i.alert.code == "device_silent"]
+    assert silent and all(i.position[0] == "pg" for i in silent)
+    assert [(i.alert, i.position) for i in as_read.alerts] == [
+        (i.alert, i.position) for i in pairs.alerts
+    ]
+    assert as_read.events == pairs.events == len(events)
+    assert (as_read.first_device_time, as_read.last_device_time) == (
+        pairs.first_device_time,
+        pairs.last_device_time,
+    )
+    assert as_read.timelines == pairs.timelines

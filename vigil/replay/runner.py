@@ -33,7 +33,9 @@ from vigil.replay.sources import (
     CONTEXT,
     WARMUP,
     WARMUP_CONTEXT,
+    AsRead,
     Batch,
+    Feed,
     Position,
     archive_position,
 )
@@ -51,6 +53,7 @@ def _placed(item: tuple[ReplayEvent, Position]) -> Position:
 
 _EVENT = itemgetter(0)
 _SECONDS = attrgetter("t")
+_PATIENT = attrgetter("patient_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,8 @@ class Replay:
         self._patient_lane = patient_lane
         self._lanes: dict[str, Any] = {}
         self._engines: dict[Any, ReplayEngine] = {}
+        # Each patient's engine entry point, for events replayed as read (``_feed_as_read``).
+        self._routes: dict[str, Callable[[ReplayEvent], list[Alert]]] = {}
         self._last: dict[Any, tuple[ReplayEvent, Position]] = {}
         self._keep_timelines = keep_timelines
         self.alerts: list[ReplayedAlert] = []
@@ -125,11 +130,27 @@ class Replay:
             engine = self._engines[lane] = self.rules.new_engine()
         return engine
 
-    def feed(self, batch: Batch) -> None:
+    def _lane_of_patient(self, patient_id: str) -> Any:
+        lane = self._lanes.get(patient_id)
+        if lane is None:
+            patient_lane = self._patient_lane
+            # An archive event's lane without a partitioner is the one lane of ``ARCHIVED``.
+            lane = self._lanes[patient_id] = (
+                patient_lane(patient_id)
+                if patient_lane is not None
+                else self.rules.lane_of(ARCHIVED)
+            )
+        return lane
+
+    def feed(self, batch: Feed) -> None:
         """Replay a batch. A ``CONTEXT`` item is an event of the stream that is not replayed
         (another patient's, on the same partition) but moves event time as it did live;
         ``WARMUP`` and ``WARMUP_CONTEXT`` items are the same before the window: the engine
-        sees them, the replay reports nothing they decide."""
+        sees them, the replay reports nothing they decide. An ``AsRead`` batch is archive
+        events all replayed as read, as if each were paired with ``ARCHIVED``."""
+        if isinstance(batch, AsRead):
+            self._feed_as_read(batch)
+            return
         content_hash = self.rules.content_hash
         lane_of = self.rules.lane_of
         patient_lane = self._patient_lane
@@ -174,12 +195,45 @@ class Replay:
                 decided = engine.advance_from(event)
                 if decided:
                     warm.extend(ReplayedAlert(a, position, content_hash) for a in decided)
-        self.events += len(replayed)
-        if replayed:
-            self._note_span(replayed)
+        self._note_replayed(list(map(_EVENT, replayed)))
+
+    def _feed_as_read(self, events: AsRead) -> None:
+        """``feed`` for events replayed as read: the same decisions, with the per-event work cut
+        to the engine call (the archive replay's hot loop)."""
+        content_hash = self.rules.content_hash
+        routes = self._routes
+        alerts = self.alerts
+        for event in events:
+            on_event = routes.get(event.patient_id)
+            if on_event is None:
+                lane = self._lane_of_patient(event.patient_id)
+                on_event = routes[event.patient_id] = self._engine(lane).on_event
+            decided = on_event(event)
+            if decided:
+                placed = archive_position(event)
+                alerts.extend(ReplayedAlert(a, placed, content_hash) for a in decided)
+        if not events:
+            return
+        # Each lane's last event, as ``feed`` keeps it (a later context event's timers are
+        # attributed to it): the last index of each patient, found in C loops.
+        last_of_patient = dict(zip(map(_PATIENT, events), range(len(events)), strict=True))
+        newest: dict[Any, int] = {}
+        for patient_id, index in last_of_patient.items():
+            lane = self._lanes[patient_id]
+            if index > newest.get(lane, -1):
+                newest[lane] = index
+        for lane, index in newest.items():
+            self._last[lane] = (events[index], ARCHIVED)
+        self._note_replayed(events)
+
+    def _note_replayed(self, events: list[ReplayEvent]) -> None:
+        """Count the replayed events of a batch, their span, and (if kept) their timelines."""
+        self.events += len(events)
+        if events:
+            self._note_span(events)
         if self._keep_timelines:
             timelines = self.timelines
-            for event, _ in replayed:
+            for event in events:
                 timeline = timelines.get(event.patient_id)
                 if timeline is None:
                     timeline = timelines[event.patient_id] = Timeline()
@@ -231,6 +285,7 @@ class Replay:
         spent once the stream is finished) nor the lane function (a closure)."""
         state = dict(self.__dict__)
         state["_engines"] = {}
+        state["_routes"] = {}
         state["_last"] = {}
         state["_patient_lane"] = None
         return state
@@ -241,15 +296,15 @@ class Replay:
         if self.last_device_time is None or moment > self.last_device_time:
             self.last_device_time = moment
 
-    def _note_span(self, batch: Batch) -> None:
+    def _note_span(self, events: list[ReplayEvent]) -> None:
         # By the epoch seconds (an archived event makes its datetime only when asked), in C
         # loops: this runs over every replayed event.
-        seconds = list(map(_SECONDS, map(_EVENT, batch)))
+        seconds = list(map(_SECONDS, events))
         low, high = min(seconds), max(seconds)
         if self.first_device_time is None or low < self.first_device_time.timestamp():
-            self.first_device_time = batch[seconds.index(low)][0].device_time
+            self.first_device_time = events[seconds.index(low)].device_time
         if self.last_device_time is None or high > self.last_device_time.timestamp():
-            self.last_device_time = batch[seconds.index(high)][0].device_time
+            self.last_device_time = events[seconds.index(high)].device_time
 
     def finish(self, advance_to: datetime | None = None) -> list[ReplayedAlert]:
         """End the stream. With ``advance_to``, first move event time there so the timers due

@@ -43,7 +43,7 @@ from vigil.replay.progress import ProgressBar
 from vigil.replay.runner import Replay
 from vigil.replay.sources import (
     ArchiveOrder,
-    Batch,
+    Feed,
     PartitionRange,
     ReadStats,
     Selection,
@@ -287,7 +287,7 @@ class _Feeder:
         self.patient_lane = patient_lane
 
     async def feed(
-        self, batches: AsyncIterator[Batch], stats: ReadStats, progress: Callable[[int], None]
+        self, batches: AsyncIterator[Feed], stats: ReadStats, progress: Callable[[int], None]
     ) -> _Share:
         request = self.request
         primary = Replay(

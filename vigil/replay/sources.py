@@ -28,7 +28,7 @@ from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from itertools import repeat, starmap
+from itertools import starmap
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -58,6 +58,18 @@ CONTEXT = "context"
 WARMUP = "warmup"
 WARMUP_CONTEXT = "warmup-context"
 Batch = list[tuple[ReplayEvent, Position]]
+
+
+class AsRead(list[ReplayEvent]):
+    """A batch of archive events that are all replayed as read: each one's position is
+    ``ARCHIVED``, and none is context or warm-up. The archive reader's common case, fed by
+    ``Replay.feed`` without a position per event (one tuple and one test less per row)."""
+
+    __slots__ = ()
+
+
+#: What a reader yields and ``Replay.feed`` takes.
+Feed = Batch | AsRead
 
 ArchiveOrder = Literal["device", "ingest"]
 
@@ -592,7 +604,7 @@ async def read_archive(
     warmup: bool = False,
     warmup_since: datetime | None = None,
     snapshot: str | None = None,
-) -> AsyncIterator[Batch]:
+) -> AsyncIterator[Feed]:
     """Yield archive rows as replay events, in the chosen order, inside a read-only snapshot.
 
     ``context_patients``: other patients whose rows are read too and passed on as context
@@ -743,15 +755,15 @@ def _archive_batch(
     stats: ReadStats,
     with_context: bool,
     window_start: datetime | None,
-) -> Batch:
+) -> Feed:
     """Rows -> events, each marked replayed, context, warm-up or warm-up context."""
     convert = build_archived
     start_t = window_start.timestamp() if window_start is not None else None
     if start_t is None and not with_context:
-        # The common case (every row is replayed): built in C loops, one call per row.
+        # The common case (every row is replayed): built in a C loop, one call per row.
         stats.read += len(rows)
         stats.admitted += len(rows)
-        return list(zip(starmap(convert, rows), repeat(ARCHIVED)))
+        return AsRead(starmap(convert, rows))
     batch: Batch = []
     append = batch.append
     admits = selection.admits
@@ -902,7 +914,9 @@ __all__ = [
     "ARCHIVED",
     "TELEMETRY_TOPIC",
     "ArchiveOrder",
+    "AsRead",
     "Batch",
+    "Feed",
     "PartitionRange",
     "Position",
     "ReadStats",
