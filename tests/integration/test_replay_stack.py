@@ -726,3 +726,35 @@ async def test_an_archive_read_in_small_chunks_decides_what_one_query_decides(
                     chunked.stats.read + chunked.stats.warmup_read
                 )
                 assert max(chunks) < 1000
+
+
+async def test_the_archive_bounds_of_named_patients_are_those_of_their_rows(
+    recording: Recording, stack_env: dict[str, str]
+) -> None:
+    """The first and last device time of a selection, read from each patient's index ends, are
+    those of its rows (aggregated over every row in one scan), whatever the time range and
+    device filter, and there are none for a patient without rows."""
+    middle = recording.start + timedelta(days=1, hours=5, minutes=3)
+    patients = frozenset(recording.patients)
+    thermometer = f"th-{recording.patients[0]}"  # the course's thermometer (synthetic.course)
+    assert any(e.device_id == thermometer for e in recording.events)
+    selections = [
+        Selection(patient_ids=patients),
+        Selection(patient_ids=frozenset(recording.patients[:1])),
+        Selection(patient_ids=patients, since=middle),
+        Selection(patient_ids=patients, until=middle),
+        Selection(patient_ids=patients, since=middle, until=middle + timedelta(hours=7)),
+        Selection(patient_ids=patients, device_ids=frozenset({thermometer}), since=middle),
+        Selection(patient_ids=frozenset({f"nobody-{recording.run}"})),
+        Selection(patient_ids=patients, since=recording.start + timedelta(days=30)),
+    ]
+    conn = await read_only_connection(stack_env["VIGIL_PG_DSN"])
+    try:
+        for selection in selections:
+            where, args = sources.selection_where(selection)
+            scanned = tuple(await conn.fetchrow(sources._BOUNDS_SCAN.format(where=where), *args))
+            assert await sources._bounds(conn, selection) == scanned, selection
+        assert scanned == (None, None)
+        assert (await sources._bounds(conn, selections[0]))[0] == recording.start
+    finally:
+        await conn.close()

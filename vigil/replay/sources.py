@@ -538,23 +538,24 @@ _ORDERS: dict[str, str] = {
 _TABLES = ("temperature_readings", "pump_status", "pump_events")
 
 
-def selection_where(selection: Selection) -> tuple[str, list[Any]]:
+def selection_where(selection: Selection, *, after: int = 0) -> tuple[str, list[Any]]:
     """The SQL condition and its arguments selecting rows by patient, device and device time
-    (the readings tables and the ``alerts`` table name these columns alike)."""
+    (the readings tables and the ``alerts`` table name these columns alike). ``after``: how
+    many parameters the statement has before these (the first is then ``$after+1``)."""
     clauses: list[str] = []
     args: list[Any] = []
     if selection.patient_ids is not None:
         args.append(sorted(selection.patient_ids))
-        clauses.append(f"patient_id = ANY(${len(args)}::text[])")
+        clauses.append(f"patient_id = ANY(${after + len(args)}::text[])")
     if selection.device_ids is not None:
         args.append(sorted(selection.device_ids))
-        clauses.append(f"device_id = ANY(${len(args)}::text[])")
+        clauses.append(f"device_id = ANY(${after + len(args)}::text[])")
     if selection.since is not None:
         args.append(selection.since)
-        clauses.append(f"device_time >= ${len(args)}")
+        clauses.append(f"device_time >= ${after + len(args)}")
     if selection.until is not None:
         args.append(selection.until)
-        clauses.append(f"device_time < ${len(args)}")
+        clauses.append(f"device_time < ${after + len(args)}")
     where = " AND ".join(clauses) or "TRUE"
     return where, args
 
@@ -653,7 +654,21 @@ ARCHIVE_CHUNK_ROWS = 200_000
 ARCHIVE_FIRST_SPAN = timedelta(days=1)
 _MIN_SPAN = timedelta(minutes=1)
 
+# The first and last device time of a selection that names its patients: per patient and
+# table, the two ends of its (patient_id, device_time) index (two index probes, not a pass over
+# the patient's rows). With a device filter the index ends may not be the device's rows, so
+# those rows are aggregated (``_BOUNDS_SCAN``).
 _BOUNDS = """
+SELECT min(lo), max(hi) FROM unnest($1::text[]) AS p(pid) CROSS JOIN LATERAL (
+    SELECT min(device_time) AS lo, max(device_time) AS hi FROM temperature_readings
+    WHERE patient_id = p.pid AND {where}
+    UNION ALL
+    SELECT min(device_time), max(device_time) FROM pump_status WHERE patient_id = p.pid AND {where}
+    UNION ALL
+    SELECT min(device_time), max(device_time) FROM pump_events WHERE patient_id = p.pid AND {where}
+) AS bounds
+"""
+_BOUNDS_SCAN = """
 SELECT min(lo), max(hi) FROM (
     SELECT min(device_time) AS lo, max(device_time) AS hi FROM temperature_readings WHERE {where}
     UNION ALL
@@ -662,6 +677,19 @@ SELECT min(lo), max(hi) FROM (
     SELECT min(device_time), max(device_time) FROM pump_events WHERE {where}
 ) AS bounds
 """
+
+
+async def _bounds(conn: Any, wanted: Selection) -> tuple[datetime | None, datetime | None]:
+    """The first and last device time of the rows of ``wanted`` (its patients named); None,
+    None when it has none."""
+    assert wanted.patient_ids is not None
+    if wanted.device_ids is not None:
+        where, args = selection_where(wanted)
+        lo, hi = await conn.fetchrow(_BOUNDS_SCAN.format(where=where), *args)
+        return lo, hi
+    where, args = selection_where(replace(wanted, patient_ids=None), after=1)
+    lo, hi = await conn.fetchrow(_BOUNDS.format(where=where), sorted(wanted.patient_ids), *args)
+    return lo, hi
 
 
 def next_span(span: timedelta, rows: int, target: int) -> timedelta:
@@ -697,8 +725,7 @@ async def _chunked_fetch(
 
         return whole
 
-    where, args = selection_where(wanted)
-    lo, hi = await conn.fetchrow(_BOUNDS.format(where=where), *args)
+    lo, hi = await _bounds(conn, wanted)
     target = ARCHIVE_CHUNK_ROWS
     state: dict[str, Any] = {"lo": lo, "span": ARCHIVE_FIRST_SPAN, "cursor": None, "rows": 0}
 
@@ -723,8 +750,7 @@ async def _chunked_fetch(
                 state["lo"] = state["end"]
                 if state["rows"] == 0:
                     # A gap in the record: the next chunk starts at the next row.
-                    where, args = selection_where(replace(wanted, since=state["end"]))
-                    state["lo"] = (await conn.fetchrow(_BOUNDS.format(where=where), *args))[0]
+                    state["lo"] = (await _bounds(conn, replace(wanted, since=state["end"])))[0]
                 if not rows:
                     continue
             return rows
