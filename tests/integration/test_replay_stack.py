@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -758,3 +759,84 @@ async def test_the_archive_bounds_of_named_patients_are_those_of_their_rows(
         assert (await sources._bounds(conn, selections[0]))[0] == recording.start
     finally:
         await conn.close()
+
+
+async def test_a_kafka_replay_counts_records_that_break_the_contract_and_decides_the_rest(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records the live service would dead-letter (not JSON, empty, a tombstone, a reading in
+    an unknown unit) among one partition's valid records: a replay of the whole topic decides
+    exactly what one engine per partition decided over the valid records, each alert at the
+    offset of the record that decided it, and counts each bad record at its position. The
+    partitions without a bad record are decoded in one pass (``PartitionRun``); the one with
+    them falls back to deciding record by record."""
+    del stack_env  # the stack must be up
+    run = uuid.uuid4().hex[:8]
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)
+    patients = distinct_partitions(run, 3)
+    fevers = (FeverEpisode(timedelta(hours=10), timedelta(minutes=90), 38.6),)
+    events = sorted(
+        (e for p in patients for e in course(p, start, days=1, fevers=fevers, pauses=())),
+        key=lambda e: (e.ingest_time, e.patient_id),
+    )
+    unit_k = json.loads(encode(events[0]))
+    unit_k["temperature_c"] = None
+    unit_k["message"]["unit"] = "K"
+    bad: list[bytes | None] = [b"not json", b"", None, json.dumps(unit_k).encode()]
+    kafka = KafkaSettings()
+    topic = f"replaytest.badrecords.{run}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={"retention.ms": "-1"})])
+    producer = make_producer(kafka, f"replaytest-{run}")
+    await producer.start()
+    expected: list[tuple[object, object]] = []
+    bad_positions: list[tuple[str, int, int]] = []
+    engines: dict[int, RulesEngine] = {}
+    try:
+        for n, event in enumerate(events):
+            if n in (40, 41, 300, 301):  # among the first patient's valid records
+                meta = await (await producer.send(topic, bad.pop(0), key=patients[0].encode()))
+                bad_positions.append(("kafka", meta.partition, meta.offset))
+            meta = await (
+                await producer.send(
+                    topic,
+                    encode(event),
+                    key=event.patient_id.encode(),
+                    timestamp_ms=int(event.ingest_time.timestamp() * 1000),
+                )
+            )
+            engine = engines.setdefault(meta.partition, RulesEngine(RulesConfig()))
+            expected += [
+                (a.alert_id, ("kafka", meta.partition, meta.offset))
+                for a in engine.on_telemetry(event)
+            ]
+    finally:
+        await producer.stop()
+    decoded: list[bool] = []
+    real_decode_run = sources._decode_run
+
+    def counted(records: Any, stats: ReadStats) -> sources.PartitionRun | None:
+        run = real_decode_run(records, stats)
+        decoded.append(run is not None)
+        return run
+
+    monkeypatch.setattr(sources, "_decode_run", counted)
+    try:
+        outcome = await run_replay(
+            ReplayRequest(source="kafka", topic=topic, audit=False, workers=1)
+        )
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
+    assert not bad and any(a[0] for a in expected)
+    assert outcome.stats.read == len(events) + 4 and outcome.primary.events == len(events)
+    assert outcome.stats.rejected == 4
+    assert sorted(outcome.stats.rejected_positions) == sorted(bad_positions)
+    replayed = [(i.alert.alert_id, i.position) for i in outcome.primary.alerts]
+    assert sorted(replayed, key=str) == sorted(expected, key=str)
+    assert any(
+        i.alert.rule_id == "fever" and i.alert.patient_id == patients[0]
+        for i in outcome.primary.alerts
+    )
+    assert True in decoded and False in decoded

@@ -8,9 +8,15 @@ from schemas.events import Alert, Telemetry
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from vigil.replay.compare import Outcome, diff_alerts
-from vigil.replay.engine_port import default_rules, from_telemetry, pin, with_overrides
+from vigil.replay.engine_port import (
+    ReplayEvent,
+    default_rules,
+    from_telemetry,
+    pin,
+    with_overrides,
+)
 from vigil.replay.runner import Replay, replay_events
-from vigil.replay.sources import ARCHIVED, CONTEXT, AsRead
+from vigil.replay.sources import ARCHIVED, CONTEXT, AsRead, PartitionRun
 from vigil.replay.synthetic import FeverEpisode, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -233,3 +239,62 @@ def test_archive_events_replayed_as_read_decide_as_pairs_marked_archived() -> No
         pairs.last_device_time,
     )
     assert as_read.timelines == pairs.timelines
+
+
+def test_kafka_records_replayed_as_read_decide_as_pairs_at_their_offsets() -> None:
+    """The Kafka reader's common case hands over one ``PartitionRun`` per partition and fetch
+    (no position per record): the same alerts at the same (partition, offset) positions, the
+    same counts, span and timelines as the records paired with their positions, and the same
+    last event per lane for a later context event's timers; also in a replay laid out by
+    patient, which takes the general path."""
+    fevers = (FeverEpisode(timedelta(days=1, hours=4), timedelta(minutes=100), 38.6),)
+    partition_of = {"P-a": 0, "P-b": 1, "P-q": 0, "P-r": 0}
+    events = sorted(
+        course("P-a", START, days=2, fevers=fevers)
+        + course("P-b", START + timedelta(hours=3), days=2)
+        + course("P-q", START, days=0.25, fevers=(), pauses=()),
+        key=lambda e: e.ingest_time,
+    )
+    offsets = {0: 0, 1: 0}
+    placed: list[tuple[ReplayEvent, int, int]] = []
+    for e in events:
+        partition = partition_of[e.patient_id]
+        placed.append((from_telemetry(e), partition, offsets[partition]))
+        offsets[partition] += 1
+    context = [
+        (from_telemetry(e), (CONTEXT, 0, 10_000 + n))
+        for n, e in enumerate(course("P-r", START + timedelta(days=2), days=0.5, pauses=()))
+    ]
+
+    def run(as_runs: bool, by_patient: bool) -> Replay:
+        replay = Replay(
+            default_rules(),
+            keep_timelines=True,
+            patient_lane=partition_of.__getitem__ if by_patient else None,
+        )
+        for start in range(0, len(placed), 700):
+            part = placed[start : start + 700]
+            if not as_runs:
+                replay.feed([(e, ("kafka", p, o)) for e, p, o in part])
+                continue
+            for partition in (0, 1):
+                mine = [(e, o) for e, p, o in part if p == partition]
+                replay.feed(PartitionRun(partition, [e for e, _ in mine], [o for _, o in mine]))
+        replay.feed(context)
+        replay.finish()
+        return replay
+
+    for by_patient in (False, True):
+        pairs, runs = run(False, by_patient), run(True, by_patient)
+        assert any(i.alert.rule_id == "fever" for i in pairs.alerts)
+        silent = [i for i in pairs.alerts if i.alert.code == "device_silent"]
+        assert silent and all(i.position[0] == "kafka" for i in silent)
+        assert sorted(((i.alert, i.position) for i in runs.alerts), key=str) == sorted(
+            ((i.alert, i.position) for i in pairs.alerts), key=str
+        )
+        assert runs.events == pairs.events == len(events)
+        assert (runs.first_device_time, runs.last_device_time) == (
+            pairs.first_device_time,
+            pairs.last_device_time,
+        )
+        assert runs.timelines == pairs.timelines

@@ -36,6 +36,7 @@ from vigil.replay.sources import (
     AsRead,
     Batch,
     Feed,
+    PartitionRun,
     Position,
     archive_position,
 )
@@ -147,9 +148,13 @@ class Replay:
         (another patient's, on the same partition) but moves event time as it did live;
         ``WARMUP`` and ``WARMUP_CONTEXT`` items are the same before the window: the engine
         sees them, the replay reports nothing they decide. An ``AsRead`` batch is archive
-        events all replayed as read, as if each were paired with ``ARCHIVED``."""
+        events all replayed as read, as if each were paired with ``ARCHIVED``; a
+        ``PartitionRun`` is Kafka records of one partition, each paired with its offset."""
         if isinstance(batch, AsRead):
             self._feed_as_read(batch)
+            return
+        if isinstance(batch, PartitionRun):
+            self._feed_run(batch)
             return
         content_hash = self.rules.content_hash
         lane_of = self.rules.lane_of
@@ -225,6 +230,30 @@ class Replay:
         for lane, index in newest.items():
             self._last[lane] = (events[index], ARCHIVED)
         self._note_replayed(events)
+
+    def _feed_run(self, run: PartitionRun) -> None:
+        """``feed`` for one partition's records replayed as read: one engine for the run, and a
+        position made only for a record that decides something."""
+        partition = run.partition
+        if self._patient_lane is not None:
+            # Lanes by patient (not a Kafka replay's layout): the general path decides.
+            self.feed(
+                [(e, ("kafka", partition, o)) for e, o in zip(run.events, run.offsets, strict=True)]
+            )
+            return
+        if not run.events:
+            return
+        lane = self.rules.lane_of(("kafka", partition, run.offsets[0]))
+        on_event = self._engine(lane).on_event
+        content_hash = self.rules.content_hash
+        alerts = self.alerts
+        for event, offset in zip(run.events, run.offsets, strict=True):
+            decided = on_event(event)
+            if decided:
+                placed = ("kafka", partition, offset)
+                alerts.extend(ReplayedAlert(a, placed, content_hash) for a in decided)
+        self._last[lane] = (run.events[-1], ("kafka", partition, run.offsets[-1]))
+        self._note_replayed(run.events)
 
     def _note_replayed(self, events: list[ReplayEvent]) -> None:
         """Count the replayed events of a batch, their span, and (if kept) their timelines."""

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import starmap
+from operator import attrgetter
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -68,8 +69,19 @@ class AsRead(list[ReplayEvent]):
     __slots__ = ()
 
 
+@dataclass(slots=True)
+class PartitionRun:
+    """Records of one telemetry partition, in log order, all replayed as read (none is context
+    or warm-up): event ``i`` is at ``("kafka", partition, offsets[i])``. The Kafka reader's
+    common case, fed by ``Replay.feed`` without a position per record."""
+
+    partition: int
+    events: list[ReplayEvent]
+    offsets: list[int]
+
+
 #: What a reader yields and ``Replay.feed`` takes.
-Feed = Batch | AsRead
+Feed = Batch | AsRead | PartitionRun
 
 ArchiveOrder = Literal["device", "ingest"]
 
@@ -363,7 +375,7 @@ async def read_kafka(
     decode: bool = True,
     context: bool = True,
     warmup_from: dict[TopicPartition, int] | None = None,
-) -> AsyncIterator[Batch]:
+) -> AsyncIterator[Feed]:
     """Yield admitted telemetry until every planned end, each partition in log order.
 
     Partitions are not merged with one another: the rules service runs one engine per
@@ -387,8 +399,11 @@ async def read_kafka(
         if selection.patient_ids is not None and not keep_context
         else None
     )
+    # Every record replayed as read: a fetch becomes one run per partition.
+    as_read = decode and not filtered
     async for fetched in read_ranges(consumer, reading):
         batch: Batch = []
+        runs: list[PartitionRun] = []
         for tp, records in fetched:
             if records[0].offset < window[tp]:
                 # Records are in offset order: the warm-up is a prefix of the fetch.
@@ -397,16 +412,43 @@ async def read_kafka(
                     records[:cut], selection, stats, keys, decode, keep_context, warm=True
                 )
                 records = records[cut:]
-            if records:
+            if not records:
+                continue
+            run = _decode_run(records, stats) if as_read else None
+            if run is not None:
+                runs.append(run)
+            else:
                 batch += _decode_records(
                     records, selection, stats, keys, decode, keep_context, warm=False
                 )
         if batch:
             yield batch
+        for run in runs:
+            yield run
 
 
 def _offset(record: ConsumerRecord[bytes, bytes]) -> int:
     return int(record.offset)
+
+
+_VALUE = attrgetter("value")
+_OFFSET = attrgetter("offset")
+
+
+def _decode_run(
+    records: Sequence[ConsumerRecord[bytes, bytes]], stats: ReadStats
+) -> PartitionRun | None:
+    """One partition's records, all replayed, decoded in C loops; None when one of them is not
+    a valid telemetry record (``_decode_records`` then decides them one by one, counting the
+    rejected)."""
+    try:
+        # A record without a value (a tombstone) fails here too.
+        events = list(map(decode_record, map(_VALUE, records)))
+    except ValidationError:
+        return None
+    stats.read += len(records)
+    stats.admitted += len(records)
+    return PartitionRun(records[0].partition, events, list(map(_OFFSET, records)))
 
 
 def _decode_records(
@@ -944,6 +986,7 @@ __all__ = [
     "Batch",
     "Feed",
     "PartitionRange",
+    "PartitionRun",
     "Position",
     "ReadStats",
     "Selection",
