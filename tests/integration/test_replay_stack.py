@@ -10,6 +10,7 @@ repository, exactly as a live run records them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
@@ -96,6 +97,21 @@ def distinct_partitions(run: str, partitions: int) -> tuple[str, ...]:
     return tuple(chosen[p] for p in sorted(chosen))
 
 
+@contextlib.asynccontextmanager
+async def private_topic(topic: str) -> AsyncIterator[None]:
+    """A three-partition topic no service consumes, kept until the block ends."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=KafkaSettings().bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={"retention.ms": "-1"})])
+        try:
+            yield
+        finally:
+            await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="module")
 async def recording(stack_env: dict[str, str]) -> AsyncIterator[Recording]:
     """Three patients' three days, recorded to a private topic, the archive and the alerts."""
@@ -121,45 +137,39 @@ async def recording(stack_env: dict[str, str]) -> AsyncIterator[Recording]:
 
     kafka = KafkaSettings()
     topic = f"replaytest.telemetry.{run}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={"retention.ms": "-1"})])
-    producer = make_producer(kafka, f"replaytest-{run}")
-    await producer.start()
-    try:
-        sends = [
-            await producer.send(
-                topic,
-                encode(e),
-                key=e.patient_id.encode(),
-                timestamp_ms=int(e.ingest_time.timestamp() * 1000),
-            )
-            for e in events
-        ]
-        written = await asyncio.gather(*sends)
-    finally:
-        await producer.stop()
+    async with private_topic(topic):
+        producer = make_producer(kafka, f"replaytest-{run}")
+        await producer.start()
+        try:
+            sends = [
+                await producer.send(
+                    topic,
+                    encode(e),
+                    key=e.patient_id.encode(),
+                    timestamp_ms=int(e.ingest_time.timestamp() * 1000),
+                )
+                for e in events
+            ]
+            written = await asyncio.gather(*sends)
+        finally:
+            await producer.stop()
 
-    pool = await asyncpg.create_pool(stack_env["VIGIL_PG_DSN"], min_size=1, max_size=2)
-    assert pool is not None
-    live = live_alerts(events, [meta.partition for meta in written])
-    try:
-        await upsert_care_team(pool, team, "Replay test team", f"{team}@example.org")
-        await upsert_care_team(pool, f"{team}-x", "Other team", f"{team}-x@example.org")
-        for patient in patients:
-            await upsert_patient(pool, patient, team if patient != patients[2] else f"{team}-x")
-        for offset in range(0, len(events), 5000):
-            await store_telemetry(pool, events[offset : offset + 5000])
-        repository = PostgresNotifyRepository(pool)
-        for alert in live:
-            await repository.record_alert(alert)
-    finally:
-        await pool.close()
-    try:
+        pool = await asyncpg.create_pool(stack_env["VIGIL_PG_DSN"], min_size=1, max_size=2)
+        assert pool is not None
+        live = live_alerts(events, [meta.partition for meta in written])
+        try:
+            await upsert_care_team(pool, team, "Replay test team", f"{team}@example.org")
+            await upsert_care_team(pool, f"{team}-x", "Other team", f"{team}-x@example.org")
+            for patient in patients:
+                await upsert_patient(pool, patient, team if patient != patients[2] else f"{team}-x")
+            for offset in range(0, len(events), 5000):
+                await store_telemetry(pool, events[offset : offset + 5000])
+            repository = PostgresNotifyRepository(pool)
+            for alert in live:
+                await repository.record_alert(alert)
+        finally:
+            await pool.close()
         yield Recording(run, topic, team, patients, events, live, start)
-    finally:
-        await admin.delete_topics([topic])
-        await admin.close()
 
 
 def of(alerts: list[Alert], patients: set[str]) -> list[Alert]:
@@ -783,36 +793,10 @@ async def test_a_kafka_replay_counts_records_that_break_the_contract_and_decides
     unit_k["temperature_c"] = None
     unit_k["message"]["unit"] = "K"
     bad: list[bytes | None] = [b"not json", b"", None, json.dumps(unit_k).encode()]
-    kafka = KafkaSettings()
     topic = f"replaytest.badrecords.{run}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 3, 1, topic_configs={"retention.ms": "-1"})])
-    producer = make_producer(kafka, f"replaytest-{run}")
-    await producer.start()
     expected: list[tuple[object, object]] = []
     bad_positions: list[tuple[str, int, int]] = []
     engines: dict[int, RulesEngine] = {}
-    try:
-        for n, event in enumerate(events):
-            if n in (40, 41, 300, 301):  # among the first patient's valid records
-                meta = await (await producer.send(topic, bad.pop(0), key=patients[0].encode()))
-                bad_positions.append(("kafka", meta.partition, meta.offset))
-            meta = await (
-                await producer.send(
-                    topic,
-                    encode(event),
-                    key=event.patient_id.encode(),
-                    timestamp_ms=int(event.ingest_time.timestamp() * 1000),
-                )
-            )
-            engine = engines.setdefault(meta.partition, RulesEngine(RulesConfig()))
-            expected += [
-                (a.alert_id, ("kafka", meta.partition, meta.offset))
-                for a in engine.on_telemetry(event)
-            ]
-    finally:
-        await producer.stop()
     decoded: list[bool] = []
     real_decode_run = sources._decode_run
 
@@ -822,13 +806,32 @@ async def test_a_kafka_replay_counts_records_that_break_the_contract_and_decides
         return run
 
     monkeypatch.setattr(sources, "_decode_run", counted)
-    try:
+    async with private_topic(topic):
+        producer = make_producer(KafkaSettings(), f"replaytest-{run}")
+        await producer.start()
+        try:
+            for n, event in enumerate(events):
+                if n in (40, 41, 300, 301):  # among the first patient's valid records
+                    meta = await (await producer.send(topic, bad.pop(0), key=patients[0].encode()))
+                    bad_positions.append(("kafka", meta.partition, meta.offset))
+                meta = await (
+                    await producer.send(
+                        topic,
+                        encode(event),
+                        key=event.patient_id.encode(),
+                        timestamp_ms=int(event.ingest_time.timestamp() * 1000),
+                    )
+                )
+                engine = engines.setdefault(meta.partition, RulesEngine(RulesConfig()))
+                expected += [
+                    (a.alert_id, ("kafka", meta.partition, meta.offset))
+                    for a in engine.on_telemetry(event)
+                ]
+        finally:
+            await producer.stop()
         outcome = await run_replay(
             ReplayRequest(source="kafka", topic=topic, audit=False, workers=1)
         )
-    finally:
-        await admin.delete_topics([topic])
-        await admin.close()
     assert not bad and any(a[0] for a in expected)
     assert outcome.stats.read == len(events) + 4 and outcome.primary.events == len(events)
     assert outcome.stats.rejected == 4
