@@ -201,7 +201,7 @@ def test_archive_events_replayed_as_read_decide_as_pairs_marked_archived() -> No
     """The archive reader's common case hands over ``AsRead`` batches (no position per event):
     the same alerts at the same positions, the same counts, span and timelines, and the same
     last event per lane, to which a later context event's timer alerts are attributed."""
-    lanes = {"P-a": 0, "P-b": 1, "P-q": 0}
+    lanes = {"P-a": 0, "P-b": 1, "P-q": 0, "P-r": 0}
     fevers = (FeverEpisode(timedelta(days=1, hours=4), timedelta(minutes=100), 38.6),)
     events = sorted(
         course("P-a", START, days=2, fevers=fevers)
@@ -215,7 +215,6 @@ def test_archive_events_replayed_as_read_decide_as_pairs_marked_archived() -> No
         (from_telemetry(e), (CONTEXT, None, None))
         for e in course("P-r", START + timedelta(days=2), days=0.5, fevers=(), pauses=())
     ]
-    lanes["P-r"] = 0
 
     def run(as_read: bool) -> Replay:
         replay = Replay(default_rules(), keep_timelines=True, patient_lane=lanes.__getitem__)

@@ -438,9 +438,9 @@ _OFFSET = attrgetter("offset")
 def _decode_run(
     records: Sequence[ConsumerRecord[bytes, bytes]], stats: ReadStats
 ) -> PartitionRun | None:
-    """One partition's records, all replayed, decoded in C loops; None when one of them is not
-    a valid telemetry record (``_decode_records`` then decides them one by one, counting the
-    rejected)."""
+    """One partition's records, all replayed, decoded in one pass (no test or tuple per record
+    around the decoder); None when one of them is not a valid telemetry record
+    (``_decode_records`` then decides them one by one, counting the rejected)."""
     try:
         # A record without a value (a tombstone) fails here too.
         events = list(map(decode_record, map(_VALUE, records)))
