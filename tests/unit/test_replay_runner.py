@@ -16,7 +16,7 @@ from vigil.replay.engine_port import (
     with_overrides,
 )
 from vigil.replay.runner import Replay, replay_events
-from vigil.replay.sources import ARCHIVED, CONTEXT, AsRead, PartitionRun
+from vigil.replay.sources import ARCHIVED, CONTEXT, AsRead, AsReadByDeviceTime, PartitionRun
 from vigil.replay.synthetic import FeverEpisode, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -216,28 +216,42 @@ def test_archive_events_replayed_as_read_decide_as_pairs_marked_archived() -> No
         for e in course("P-r", START + timedelta(days=2), days=0.5, fevers=(), pauses=())
     ]
 
-    def run(as_read: bool) -> Replay:
+    def run(batch: type[AsRead] | None) -> Replay:
         replay = Replay(default_rules(), keep_timelines=True, patient_lane=lanes.__getitem__)
         for start in range(0, len(events), 500):
             part = [from_telemetry(e) for e in events[start : start + 500]]
-            replay.feed(AsRead(part) if as_read else [(e, ARCHIVED) for e in part])
+            replay.feed(batch(part) if batch is not None else [(e, ARCHIVED) for e in part])
         replay.feed(context)
         replay.finish()
         return replay
 
-    pairs, as_read = run(False), run(True)
+    pairs = run(None)
     assert any(i.alert.rule_id == "fever" for i in pairs.alerts)
     silent = [i for i in pairs.alerts if i.alert.code == "device_silent"]
     assert silent and all(i.position[0] == "pg" for i in silent)
-    assert [(i.alert, i.position) for i in as_read.alerts] == [
-        (i.alert, i.position) for i in pairs.alerts
-    ]
-    assert as_read.events == pairs.events == len(events)
-    assert (as_read.first_device_time, as_read.last_device_time) == (
-        pairs.first_device_time,
-        pairs.last_device_time,
+    # The events are in device-time order, so both kinds of batch hold.
+    for as_read in (run(AsRead), run(AsReadByDeviceTime)):
+        assert [(i.alert, i.position) for i in as_read.alerts] == [
+            (i.alert, i.position) for i in pairs.alerts
+        ]
+        assert as_read.events == pairs.events == len(events)
+        assert (as_read.first_device_time, as_read.last_device_time) == (
+            pairs.first_device_time,
+            pairs.last_device_time,
+        )
+        assert as_read.timelines == pairs.timelines
+
+
+def test_a_batch_not_in_device_time_order_is_spanned_by_its_times() -> None:
+    """Only a batch in device-time order is spanned by its ends: one in another order (here
+    the latest first) is spanned by its earliest and latest device time."""
+    events = [from_telemetry(e) for e in course("P-s", START, days=0.5, fevers=(), pauses=())]
+    replay = Replay(default_rules())
+    replay.feed(AsRead(events[::-1]))
+    assert (replay.first_device_time, replay.last_device_time) == (
+        events[0].device_time,
+        events[-1].device_time,
     )
-    assert as_read.timelines == pairs.timelines
 
 
 def test_kafka_records_replayed_as_read_decide_as_pairs_at_their_offsets() -> None:

@@ -12,8 +12,12 @@ from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
 from vigil.replay.engine_port import build_archived, decode_record, from_telemetry
 from vigil.replay.sources import (
+    AsRead,
+    AsReadByDeviceTime,
     PartitionRange,
+    ReadStats,
     Selection,
+    _archive_batch,
     archive_query,
     archive_reading,
     event_from_row,
@@ -121,6 +125,18 @@ def test_archive_rows_become_the_same_engine_input_as_the_kafka_records() -> Non
         from_row = event_from_row(_row(event))
         from_kafka = decode_record(event.model_dump_json(by_alias=True).encode())
         assert _fields(from_row) == _fields(from_kafka) == _fields(from_telemetry(event))
+
+
+def test_only_rows_read_in_device_time_order_make_a_batch_marked_so() -> None:
+    """A batch read in device order is marked as in device-time order (the replay then takes
+    its span from its ends); one read in ingest order is not."""
+    rows = [_row(e) for e in course("P-1", START, days=0.1)]
+    for by_device_time, kind in ((True, AsReadByDeviceTime), (False, AsRead)):
+        stats = ReadStats()
+        batch = _archive_batch(rows, Selection(), stats, False, None, by_device_time)
+        assert type(batch) is kind
+        assert [_fields(e) for e in batch] == [_fields(event_from_row(r)) for r in rows]
+        assert stats.read == stats.admitted == len(rows)
 
 
 def test_archive_pump_event_rows_with_flags_become_the_same_engine_input() -> None:

@@ -34,6 +34,7 @@ from vigil.replay.sources import (
     WARMUP,
     WARMUP_CONTEXT,
     AsRead,
+    AsReadByDeviceTime,
     Batch,
     Feed,
     PartitionRun,
@@ -220,15 +221,17 @@ class Replay:
         if not events:
             return
         # Each lane's last event, as ``feed`` keeps it (a later context event's timers are
-        # attributed to it): the last index of each patient, found in C loops.
-        last_of_patient = dict(zip(map(_PATIENT, events), range(len(events)), strict=True))
-        newest: dict[Any, int] = {}
-        for patient_id, index in last_of_patient.items():
-            lane = self._lanes[patient_id]
-            if index > newest.get(lane, -1):
-                newest[lane] = index
-        for lane, index in newest.items():
-            self._last[lane] = (events[index], ARCHIVED)
+        # attributed to it): the batch's lanes are found in a C loop, their last events by
+        # walking back from the end, which meets every lane of a stream in time order soon.
+        lanes = self._lanes
+        left = {lanes[patient_id] for patient_id in set(map(_PATIENT, events))}
+        for event in reversed(events):
+            lane = lanes[event.patient_id]
+            if lane in left:
+                self._last[lane] = (event, ARCHIVED)
+                left.remove(lane)
+                if not left:
+                    break
         self._note_replayed(events)
 
     def _feed_run(self, run: PartitionRun) -> None:
@@ -327,13 +330,17 @@ class Replay:
 
     def _note_span(self, events: list[ReplayEvent]) -> None:
         # By the epoch seconds (an archived event makes its datetime only when asked), in C
-        # loops: this runs over every replayed event.
-        seconds = list(map(_SECONDS, events))
-        low, high = min(seconds), max(seconds)
-        if self.first_device_time is None or low < self.first_device_time.timestamp():
-            self.first_device_time = events[seconds.index(low)].device_time
-        if self.last_device_time is None or high > self.last_device_time.timestamp():
-            self.last_device_time = events[seconds.index(high)].device_time
+        # loops: this runs over every replayed event, unless the batch is in device-time order.
+        if isinstance(events, AsReadByDeviceTime):
+            earliest, latest = events[0], events[-1]
+        else:
+            seconds = list(map(_SECONDS, events))
+            earliest = events[seconds.index(min(seconds))]
+            latest = events[seconds.index(max(seconds))]
+        if self.first_device_time is None or earliest.t < self.first_device_time.timestamp():
+            self.first_device_time = earliest.device_time
+        if self.last_device_time is None or latest.t > self.last_device_time.timestamp():
+            self.last_device_time = latest.device_time
 
     def finish(self, advance_to: datetime | None = None) -> list[ReplayedAlert]:
         """End the stream. With ``advance_to``, first move event time there so the timers due

@@ -69,6 +69,13 @@ class AsRead(list[ReplayEvent]):
     __slots__ = ()
 
 
+class AsReadByDeviceTime(AsRead):
+    """An ``AsRead`` batch in device-time order (the archive's default order): its first
+    event is its earliest and its last the latest, so its span needs no pass over it."""
+
+    __slots__ = ()
+
+
 @dataclass(slots=True)
 class PartitionRun:
     """Records of one telemetry partition, in log order, all replayed as read (none is context
@@ -682,7 +689,9 @@ async def read_archive(
                     stats.read += len(rows)
                     stats.admitted += len(rows)
                     continue
-                yield _archive_batch(rows, selection, stats, bool(context_patients), window_start)
+                yield _archive_batch(
+                    rows, selection, stats, bool(context_patients), window_start, order == "device"
+                )
         finally:
             if not ahead.done():
                 ahead.cancel()
@@ -823,15 +832,18 @@ def _archive_batch(
     stats: ReadStats,
     with_context: bool,
     window_start: datetime | None,
+    by_device_time: bool,
 ) -> Feed:
-    """Rows -> events, each marked replayed, context, warm-up or warm-up context."""
+    """Rows -> events, each marked replayed, context, warm-up or warm-up context;
+    ``by_device_time``: the rows are in device-time order."""
     convert = build_archived
     start_t = window_start.timestamp() if window_start is not None else None
     if start_t is None and not with_context:
         # The common case (every row is replayed): built in a C loop, one call per row.
         stats.read += len(rows)
         stats.admitted += len(rows)
-        return AsRead(starmap(convert, rows))
+        as_read = AsReadByDeviceTime if by_device_time else AsRead
+        return as_read(starmap(convert, rows))
     batch: Batch = []
     append = batch.append
     admits = selection.admits
@@ -983,6 +995,7 @@ __all__ = [
     "TELEMETRY_TOPIC",
     "ArchiveOrder",
     "AsRead",
+    "AsReadByDeviceTime",
     "Batch",
     "Feed",
     "PartitionRange",

@@ -250,7 +250,23 @@ def fold_temperature(
         state.seen = None
         state.newest = t
         return []
+    return _fold_into_window(state, obs, limits, high_risk, config_version, value)
 
+
+def _fold_into_window(
+    state: FeverState,
+    obs: Observation,
+    limits: FeverLimits,
+    high_risk: HighRisk | None,
+    config_version: str | None,
+    value: float,
+) -> list[Alert]:
+    """``fold_temperature`` past its common case: the reading joins the window and the rule
+    decides. Apart so that the common case's call makes none of the closure cells ``make``
+    needs (one cell per captured variable, on every call)."""
+    t = obs.t
+    message_id = obs.message_id
+    seen = state.seen
     reading = (t, value, message_id, obs.temperature_c, obs.site)
     window = state.window
     if seen is None:
