@@ -691,7 +691,7 @@ async def test_the_archive_reads_stored_microseconds_back_exactly(
     finally:
         await conn.close()
     back = [
-        build_archived(0, "P", "d", r[0], r[0], "m", None, 37.0, None, None, None, None, None)
+        build_archived(0, "P", "d", r[0], r[0], "m", False, 37.0, "oral", *(None,) * 7)
         for r in rows
     ]
     assert [e.device_time for e in back] == instants

@@ -10,7 +10,15 @@ import pytest
 
 from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
-from vigil.replay.engine_port import build_archived, decode_record, from_telemetry
+from vigil.replay.engine_port import (
+    CHANNEL_PUMP_EVENT,
+    CHANNEL_PUMP_STATUS,
+    CHANNEL_TEMPERATURE,
+    ReplayEvent,
+    build_archived,
+    decode_record,
+    from_telemetry,
+)
 from vigil.replay.sources import (
     AsRead,
     AsReadByDeviceTime,
@@ -65,7 +73,8 @@ def test_archive_query_filters_each_table_and_orders_with_a_stable_tie_break() -
 
 
 def _row(event: Telemetry) -> tuple[Any, ...]:
-    """The archive row the query returns for what ingest stored of ``event``."""
+    """The archive row the query returns for what ingest stored of ``event``: the fields of
+    ``ArchivedObservation`` in order, NULL where the kind has no such field."""
     m = event.message
     common = (
         event.patient_id,
@@ -75,45 +84,50 @@ def _row(event: Telemetry) -> tuple[Any, ...]:
         str(m.message_id),
         "device_clock_skew" in event.flags,
     )
+    none5 = (None,) * 5
     if isinstance(m, TemperatureReading):
-        return (0, *common, event.temperature_c, None, None, None, m.site.value, None)
+        return (0, *common, event.temperature_c, m.site.value, *none5, None, None)
     if isinstance(m, PumpStatus):
-        return (
-            1,
-            *common,
-            m.rate_ml_h,
-            m.volume_remaining_ml,
-            m.bag_volume_ml,
-            m.battery_pct,
-            m.state.value,
-            None,
-        )
+        pump = (m.state.value, m.rate_ml_h, m.volume_remaining_ml, m.bag_volume_ml, m.battery_pct)
+        return (1, *common, None, None, *pump, None, None)
     assert isinstance(m, PumpEvent)
-    return (2, *common, None, None, None, None, m.event.value, m.alarm.value if m.alarm else None)
+    return (2, *common, None, None, *none5, m.event.value, m.alarm.value if m.alarm else "")
 
 
-def _fields(event: object) -> tuple[object, ...]:
-    names = (
-        "patient_id",
-        "device_id",
-        "channel",
-        "device_time",
-        "ingest_time",
-        "message_id",
-        "temperature_c",
-        "site",
+_COMMON = (
+    "patient_id",
+    "device_id",
+    "channel",
+    "device_time",
+    "ingest_time",
+    "message_id",
+    "clock_skew",
+    "t",
+    "ingest_t",
+)
+#: The fields each kind of observation has, besides the common ones.
+_OWN = {
+    CHANNEL_TEMPERATURE: ("temperature_c", "site"),
+    CHANNEL_PUMP_STATUS: (
         "pump_state",
         "rate_ml_h",
         "volume_remaining_ml",
         "bag_volume_ml",
         "battery_pct",
-        "event",
-        "alarm",
-        "clock_skew",
-        "t",
-        "ingest_t",
-    )
-    return tuple(getattr(event, name) for name in names)
+    ),
+    CHANNEL_PUMP_EVENT: ("event", "alarm"),
+}
+
+
+def _fields(event: ReplayEvent) -> tuple[object, ...]:
+    """The fields of ``event`` that its kind has (what the rules read of it)."""
+    return tuple(getattr(event, name) for name in (*_COMMON, *_OWN[event.channel]))
+
+
+def _others_absent(event: ReplayEvent) -> bool:
+    """An archived event's fields that its kind does not have are None."""
+    others = {name for own in _OWN.values() for name in own} - set(_OWN[event.channel])
+    return all(getattr(event, name) is None for name in others)
 
 
 def test_archive_rows_become_the_same_engine_input_as_the_kafka_records() -> None:
@@ -125,6 +139,7 @@ def test_archive_rows_become_the_same_engine_input_as_the_kafka_records() -> Non
         from_row = event_from_row(_row(event))
         from_kafka = decode_record(event.model_dump_json(by_alias=True).encode())
         assert _fields(from_row) == _fields(from_kafka) == _fields(from_telemetry(event))
+        assert _others_absent(from_row)
 
 
 def test_only_rows_read_in_device_time_order_make_a_batch_marked_so() -> None:
@@ -162,6 +177,7 @@ def test_archive_pump_event_rows_with_flags_become_the_same_engine_input() -> No
     from_row = event_from_row(_row(event))
     assert _fields(from_row) == _fields(from_telemetry(event))
     assert from_row.clock_skew and from_row.alarm == "occlusion_downstream"
+    assert _others_absent(from_row)
 
 
 def test_selection_admits_by_patient_and_device() -> None:
@@ -189,13 +205,10 @@ def test_archived_times_are_made_exactly_from_epoch_seconds() -> None:
             instant.timestamp(),
             instant.timestamp(),
             "m",
-            None,
+            False,
             37.0,
-            None,
-            None,
-            None,
             "oral",
-            None,
+            *(None,) * 7,
         )
         assert event.device_time == instant and event.ingest_time == instant
         assert event.device_time.utcoffset() == timedelta(0)

@@ -38,15 +38,16 @@ from services.rules.domain.observation import (
     PUMP_EVENT,
     PUMP_STATUS,
     TEMPERATURE,
-    Observation,
-    archived,
+    ArchivedObservation,
+    ObservationLike,
     observe,
 )
 
-#: One event as replay carries it: the engine's own input form. Attributes replay reads:
-#: ``patient_id``, ``device_id``, ``device_time``, ``channel``, ``temperature_c``,
-#: ``pump_state``, ``event``, ``alarm``.
-ReplayEvent = Observation
+#: One event as replay carries it: the engine's own input form (a live ``Observation``, or an
+#: ``ArchivedObservation`` read from the archive). Attributes replay reads: ``patient_id``,
+#: ``device_id``, ``device_time``, ``t``, ``channel``, ``message_id``, ``clock_skew``, and by
+#: kind ``temperature_c``, ``pump_state``, ``event``, ``alarm``.
+ReplayEvent = ObservationLike
 CHANNEL_TEMPERATURE = TEMPERATURE
 CHANNEL_PUMP_STATUS = PUMP_STATUS
 CHANNEL_PUMP_EVENT = PUMP_EVENT
@@ -60,8 +61,8 @@ decode_record: Callable[[bytes], ReplayEvent] = decode_observation
 
 #: The positional builder of an archived event (the rules' own, see ``observation.py``): what
 #: the archive reader calls once per row, with the row's columns in order
-#: (``sources.archive_query``).
-build_archived = archived
+#: (``sources.archive_query``). The record's class itself: built in C.
+build_archived = ArchivedObservation
 
 
 def from_telemetry(event: Telemetry) -> ReplayEvent:
@@ -88,7 +89,7 @@ class ConfigError(ValueError):
 class EnginePort(Protocol):
     """What replay needs from the rules engine, and nothing more."""
 
-    def on_observation(self, obs: Observation) -> list[Alert]: ...
+    def on_observation(self, obs: ObservationLike) -> list[Alert]: ...
 
     def on_time(self, watermark: datetime) -> list[Alert]: ...
 

@@ -76,11 +76,16 @@ class Timeline:
     pump_events: list[tuple[datetime, str, str | None]] = field(default_factory=list)
 
     def add(self, event: ReplayEvent) -> None:
-        if event.channel == CHANNEL_TEMPERATURE:
-            self.temperatures.append((event.device_time, event.temperature_c))
-        elif event.channel == CHANNEL_PUMP_STATUS:
-            self.pump_states.append((event.device_time, event.pump_state))
-        else:
+        """Draw ``event``; the engine has already refused one without the fields of its kind,
+        so the checks below never skip a replayed event."""
+        channel = event.channel
+        if channel == CHANNEL_TEMPERATURE:
+            if event.temperature_c is not None:
+                self.temperatures.append((event.device_time, event.temperature_c))
+        elif channel == CHANNEL_PUMP_STATUS:
+            if event.pump_state is not None:
+                self.pump_states.append((event.device_time, event.pump_state))
+        elif event.event is not None:
             self.pump_events.append((event.device_time, event.event, event.alarm or None))
 
     def sort(self) -> None:

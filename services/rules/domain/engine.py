@@ -52,7 +52,7 @@ from services.rules.domain.alerting import at, build_alert, evidence, stamp
 from services.rules.domain.config import PatientRules, RulesCompiler, RulesConfig
 from services.rules.domain.fever import FeverState, fold_temperature
 from services.rules.domain.heartbeat import heartbeat_alert
-from services.rules.domain.observation import HEARTBEAT, TEMPERATURE, Observation, observe
+from services.rules.domain.observation import HEARTBEAT, TEMPERATURE, ObservationLike, observe
 from services.rules.domain.pump import (
     PumpTrack,
     bag_due_deadline,
@@ -262,7 +262,7 @@ class RulesEngine:
     def on_telemetry(self, event: Telemetry) -> list[Alert]:
         return self.on_observation(observe(event))
 
-    def on_observation(self, obs: Observation) -> list[Alert]:
+    def on_observation(self, obs: ObservationLike) -> list[Alert]:
         if obs.channel == HEARTBEAT:
             # Checked first: a heartbeat touches no patient, device, timer or watermark state
             # (it is the pipeline's pulse, not a patient's data), so nothing below may see it.
@@ -546,7 +546,7 @@ class RulesEngine:
         )
 
     def _end_silence(
-        self, patient_id: str, obs: Observation, device: DeviceTrack, rules: PatientRules
+        self, patient_id: str, obs: ObservationLike, device: DeviceTrack, rules: PatientRules
     ) -> Alert:
         key, device.silent_key = device.silent_key, None
         assert key is not None
@@ -575,7 +575,7 @@ class RulesEngine:
         )
 
     def _end_unobserved(
-        self, patient_id: str, obs: Observation, patient: PatientTrack, rules: PatientRules
+        self, patient_id: str, obs: ObservationLike, patient: PatientTrack, rules: PatientRules
     ) -> Alert:
         key, patient.unobserved_key = patient.unobserved_key, None
         assert key is not None
@@ -621,7 +621,7 @@ class RulesEngine:
         rule: _Absence,
         key: str,
         patient_id: str,
-        obs: Observation,
+        obs: ObservationLike,
         title: str,
         rules: PatientRules,
     ) -> Alert:

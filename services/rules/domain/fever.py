@@ -33,7 +33,7 @@ from typing import Any
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Evidence, Telemetry
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
-from services.rules.domain.observation import Observation, observe
+from services.rules.domain.observation import ObservationLike, observe
 
 RULE_ID = "fever"
 RULE_LOGIC_VERSION = "1.1.0"
@@ -124,6 +124,10 @@ class HighRisk:
     reason: str
 
 
+#: One reading in a fever window: (device time, corrected °C, message id, measured °C, site).
+Reading = tuple[float, float, str, float, str]
+
+
 class FeverState:
     """What the rule remembers about one patient's temperatures."""
 
@@ -138,9 +142,9 @@ class FeverState:
     )
 
     def __init__(self) -> None:
-        # (device time, corrected °C, message id, measured °C, site), sorted by device time and
-        # pruned to the span the sustained criterion can look back over.
-        self.window: list[tuple[float, float, str, float, str]] = []
+        # Readings sorted by device time and pruned to the span the sustained criterion can
+        # look back over.
+        self.window: list[Reading] = []
         # Message ids of the window; None while the window holds at most one reading (the
         # common case), whose id is then compared directly: a set per patient costs 200 bytes.
         self.seen: set[str] | None = None
@@ -194,7 +198,7 @@ class FeverState:
 
 def _temperature_evidence(
     name: str,
-    reading: tuple[float, float, str, float, str],
+    reading: Reading,
     limit: float,
     comparator: str,
     limits: FeverLimits,
@@ -221,7 +225,7 @@ def _temperature_evidence(
 
 def fold_temperature(
     state: FeverState,
-    obs: Observation,
+    obs: ObservationLike,
     limits: FeverLimits,
     high_risk: HighRisk | None = None,
     config_version: str | None = None,
@@ -234,40 +238,38 @@ def fold_temperature(
             return []
     elif message_id in seen:
         return []
+    celsius, site = obs.temperature_c, obs.site
+    if celsius is None or site is None:
+        raise ValueError(f"temperature {message_id} without its reading or site")
     t = obs.t
     offsets = limits.site_offsets
-    value = (
-        obs.temperature_c + offsets[obs.site]
-        if offsets and obs.site in offsets
-        else (obs.temperature_c)
-    )
+    value = celsius + offsets[site] if offsets and site in offsets else celsius
+    reading = (t, value, message_id, celsius, site)
 
     # The common case: a normal reading, newest so far, no fever open. Nothing older can make a
     # sustained run that ends after it, so it alone is the window (it still breaks runs for
     # readings that arrive late).
     if state.episode_key is None and value < limits.sustained_c and t >= state.newest:
-        state.window = [(t, value, message_id, obs.temperature_c, obs.site)]
+        state.window = [reading]
         state.seen = None
         state.newest = t
         return []
-    return _fold_into_window(state, obs, limits, high_risk, config_version, value)
+    return _fold_into_window(state, obs, limits, high_risk, config_version, reading)
 
 
 def _fold_into_window(
     state: FeverState,
-    obs: Observation,
+    obs: ObservationLike,
     limits: FeverLimits,
     high_risk: HighRisk | None,
     config_version: str | None,
-    value: float,
+    reading: Reading,
 ) -> list[Alert]:
-    """``fold_temperature`` past its common case: the reading joins the window and the rule
-    decides. Apart so that the common case's call makes none of the closure cells ``make``
-    needs (one cell per captured variable, on every call)."""
-    t = obs.t
-    message_id = obs.message_id
+    """``fold_temperature`` past its common case: ``reading`` (the observation's) joins the
+    window and the rule decides. Apart so that the common case's call makes none of the closure
+    cells ``make`` needs (one cell per captured variable, on every call)."""
+    t, value, message_id, _, site_name = reading
     seen = state.seen
-    reading = (t, value, message_id, obs.temperature_c, obs.site)
     window = state.window
     if seen is None:
         state.seen = {r[2] for r in window}
@@ -335,7 +337,7 @@ def _fold_into_window(
             state.episode_key = f"{obs.patient_id}:{RULE_ID}:{stamp(t)}"
             state.opened_at = t
             state.escalated = critical
-            site = "" if obs.site == "unknown" else f" ({obs.site})"
+            site = "" if site_name == "unknown" else f" ({site_name})"
             return [
                 make(
                     AlertPhase.START,
@@ -409,9 +411,7 @@ def _raised(priority: AlertPriority, high_risk: HighRisk | None) -> AlertPriorit
     return ladder[min(3, ladder.index(priority) + 1)]
 
 
-def _sustained_run(
-    window: list[tuple[float, float, str, float, str]], limits: FeverLimits
-) -> tuple[tuple[float, float, str, float, str], tuple[float, float, str, float, str]] | None:
+def _sustained_run(window: list[Reading], limits: FeverLimits) -> tuple[Reading, Reading] | None:
     """First and last reading of the unbroken run >= sustained_c that ends at the newest."""
     if not window or window[-1][1] < limits.sustained_c:
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState
 from services.rules.domain.identity import alert_id_for
-from services.rules.domain.observation import Observation
+from services.rules.domain.observation import ObservationLike
 
 HEARTBEAT_CODE = "pipeline.heartbeat"
 HEARTBEAT_RULE_ID = "pipeline.heartbeat"
@@ -22,7 +22,7 @@ def heartbeat_dedup_key(device_id: str) -> str:
     return f"pipeline:heartbeat:{device_id}"
 
 
-def heartbeat_alert(obs: Observation) -> Alert:
+def heartbeat_alert(obs: ObservationLike) -> Alert:
     """The alert that tells notify this heartbeat made it through.
 
     Its id is fresh per heartbeat message and derived from the message id, so a redelivered

@@ -7,9 +7,10 @@ the original ``datetime`` objects so an alert reproduces them exactly (offset in
 
 Two ways in: the keyword constructor (readable, for tests and tools) and the positional builders
 ``temperature``, ``pump_status``, ``pump_event`` and ``heartbeat``, which the edge decoders call
-once per record, and ``archived``, which the replay's archive reader calls once per row. The
-builders fill the slots directly, with no keyword binding and no defaults to merge, at well
-under half the cost of the keyword call; both give equal records (tested).
+once per record. The builders fill the slots directly, with no keyword binding and no defaults
+to merge, at well under half the cost of the keyword call; both give equal records (tested).
+The replay's archive reader makes an ``ArchivedObservation`` instead, in C, from each row: the
+rules take either (``ObservationLike``).
 Identifiers are not interned: the engine keeps the first copy of each id as its dict key, and
 interning only added the interpreter's interned-string table to the state (+0.95 MB per 10,000
 devices under tracemalloc, measured with ``bench/rules.py``).
@@ -18,6 +19,8 @@ devices under tracemalloc, measured with ``bench/rules.py``).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+
+import msgspec
 
 from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
@@ -98,24 +101,50 @@ class Observation:
         self.clock_skew = clock_skew
 
 
-class ArchivedObservation(Observation):
-    """An ``Observation`` made from POSIX seconds alone (the readings archive's replay reader
-    asks PostgreSQL for epoch seconds). Its ``device_time`` and ``ingest_time`` are made from
-    ``t`` and ``ingest_t`` when read, in UTC: the engine reads them only to build an alert, so
-    most events never make them. An archived time is UTC with microseconds, and the seconds
-    carry it exactly (a double holds microseconds to within a tenth of one at today's epoch).
-    """
+class ArchivedObservation(msgspec.Struct, gc=False):
+    """An observation as the readings archive stores it, built in C from one row of the
+    replay's archive query (``ArchivedObservation(*row)``: the query sends these fields in this
+    order). Times are POSIX seconds; ``device_time`` and ``ingest_time`` are made from them
+    when read, in UTC: the engine reads them only to build an alert, so most events never make
+    them. An archived time is UTC with microseconds, and the seconds carry it exactly (a
+    double holds microseconds to within a tenth of one at today's epoch).
 
-    __slots__ = ()
+    A field the row's kind does not have is None (the query sends NULL, which costs neither
+    the server nor the client a value): ``temperature_c`` and ``site`` are set on a
+    temperature; ``pump_state``, ``rate_ml_h`` and ``volume_remaining_ml`` on a pump status
+    (``bag_volume_ml`` and ``battery_pct`` when the pump reported them); ``event`` and
+    ``alarm`` (``""`` when the event names none) on a pump event. The rules read a field
+    only for the kinds that have it, and say so where they read it (``ObservationLike``).
+    Not tracked by the cyclic collector: it holds strings and numbers only."""
 
-    # Read-only here: the times follow the seconds.
+    channel: int
+    patient_id: str
+    device_id: str
+    t: float
+    ingest_t: float
+    message_id: str
+    clock_skew: bool
+    temperature_c: float | None
+    site: str | None
+    pump_state: str | None
+    rate_ml_h: float | None
+    volume_remaining_ml: float | None
+    bag_volume_ml: float | None
+    battery_pct: float | None
+    event: str | None
+    alarm: str | None
+
     @property
-    def device_time(self) -> datetime:  # type: ignore[override]
+    def device_time(self) -> datetime:
         return datetime.fromtimestamp(self.t, UTC)
 
     @property
-    def ingest_time(self) -> datetime:  # type: ignore[override]
+    def ingest_time(self) -> datetime:
         return datetime.fromtimestamp(self.ingest_t, UTC)
+
+
+#: What the rules take: a live observation or an archived one (the replay's).
+ObservationLike = Observation | ArchivedObservation
 
 
 def temperature(
@@ -238,61 +267,6 @@ def heartbeat(
         message_id=message_id,
         clock_skew=clock_skew,
     )
-
-
-def archived(
-    kind: int,
-    patient_id: str,
-    device_id: str,
-    t: float,
-    ingest_t: float,
-    message_id: str,
-    clock_skew: bool | None,
-    f1: float | None,
-    f2: float | None,
-    f3: float | None,
-    f4: float | None,
-    s1: str | None,
-    s2: str | None,
-) -> Observation:
-    """The ``Observation`` one readings-archive row stands for, positionally (the replay's
-    archive reader calls it once per row with the row's columns). ``kind`` 0 is a
-    temperature (f1 °C, s1 site), 1 a pump status (f1 rate, f2 volume left, f3 bag volume,
-    f4 battery, s1 state), 2 a pump event (s1 event, s2 alarm). Times are epoch seconds; the
-    event makes its datetimes when an alert needs them (``ArchivedObservation``). Every slot
-    is filled here, in one call, as the rules' positional builders fill theirs."""
-    obs: ArchivedObservation = _new(ArchivedObservation)
-    obs.patient_id = patient_id
-    obs.device_id = device_id
-    obs.t = t
-    obs.ingest_t = ingest_t
-    obs.message_id = message_id
-    obs.clock_skew = bool(clock_skew)
-    obs.temperature_c = 0.0
-    obs.site = "unknown"
-    obs.pump_state = ""
-    obs.rate_ml_h = 0.0
-    obs.volume_remaining_ml = 0.0
-    obs.bag_volume_ml = None
-    obs.battery_pct = None
-    obs.event = ""
-    obs.alarm = ""
-    if kind == 0:
-        obs.channel = TEMPERATURE
-        obs.temperature_c = f1 if f1 is not None else 0.0
-        obs.site = s1 or "unknown"
-    elif kind == 1:
-        obs.channel = PUMP_STATUS
-        obs.pump_state = s1 or ""
-        obs.rate_ml_h = f1 if f1 is not None else 0.0
-        obs.volume_remaining_ml = f2 if f2 is not None else 0.0
-        obs.bag_volume_ml = f3
-        obs.battery_pct = f4
-    else:
-        obs.channel = PUMP_EVENT
-        obs.event = s1 or ""
-        obs.alarm = s2 or ""
-    return obs
 
 
 def observe(event: Telemetry) -> Observation:

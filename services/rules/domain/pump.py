@@ -31,7 +31,7 @@ from schemas.device import PumpAlarmCode, PumpEventKind, PumpState
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Evidence
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
 from services.rules.domain.config import PatientRules
-from services.rules.domain.observation import Observation
+from services.rules.domain.observation import ObservationLike
 
 ALARM_RULE_ID = "pump_alarm"
 BAG_RULE_ID = "bag_clock"
@@ -180,7 +180,7 @@ def _alert(
 
 
 def _all_clear(
-    obs: Observation,
+    obs: ObservationLike,
     key: str,
     *,
     code: str,
@@ -209,7 +209,7 @@ def _all_clear(
 
 
 def _alarm_alert(
-    obs: Observation,
+    obs: ObservationLike,
     key: str,
     *,
     phase: AlertPhase,
@@ -222,7 +222,7 @@ def _alarm_alert(
 ) -> Alert:
     """A forwarded pump alarm (raised or cleared), with the alarm as its evidence. Its times
     are the event's own, as received (``_alert`` gives a time as UTC)."""
-    code = obs.alarm
+    code = obs.alarm or ""
     found = (
         evidence(
             f"pump_alarm_{code}",
@@ -252,28 +252,31 @@ def _alarm_alert(
     )
 
 
-def refresh_running_status(track: PumpTrack, obs: Observation) -> bool:
+def refresh_running_status(track: PumpTrack, obs: ObservationLike) -> bool:
     """Apply a routine status of a running pump that changes nothing but the volume left
-    (same rate, same bag, still running, newest); False when the full rule must look at it."""
+    (same rate, same bag, still running, newest); False when the full rule must look at it
+    (which also refuses a status without its volume)."""
+    remaining = obs.volume_remaining_ml
     if (
         obs.event
+        or remaining is None
         or obs.t < track.status_t
         or track.flowing is not True
         or obs.pump_state != "running"
         or obs.rate_ml_h != track.rate
-        or obs.volume_remaining_ml > track.remaining + 1.0
+        or remaining > track.remaining + 1.0
         or track.bag_key is None
         or obs.t < track.state_t
     ):
         return False
     track.status_t = track.state_t = obs.t
     track.status_ingest_t = obs.ingest_t
-    track.remaining = obs.volume_remaining_ml
+    track.remaining = remaining
     return True
 
 
 def fold_pump(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack, obs: ObservationLike, rules: PatientRules, config_version: str | None
 ) -> list[Alert]:
     """Fold one pump status or pump event into ``track``; return the alerts decided."""
     if obs.event:
@@ -282,8 +285,11 @@ def fold_pump(
 
 
 def _fold_status(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack, obs: ObservationLike, rules: PatientRules, config_version: str | None
 ) -> list[Alert]:
+    rate, remaining, state = obs.rate_ml_h, obs.volume_remaining_ml, obs.pump_state
+    if rate is None or remaining is None or state is None:
+        raise ValueError(f"pump status {obs.message_id} without its rate, volume or state")
     t = obs.t
     if t < track.status_t:
         # An older status describes a past the newer one already replaced.
@@ -292,21 +298,21 @@ def _fold_status(
     previous_remaining = track.remaining if track.status_t > _NEG_INF else None
     track.status_t = t
     track.status_ingest_t = obs.ingest_t
-    track.rate = obs.rate_ml_h
-    track.remaining = obs.volume_remaining_ml
+    track.rate = rate
+    track.remaining = remaining
     # A bag hung without a bag_changed event shows as volume going up.
     if track.bag_key is None or (
-        previous_remaining is not None and obs.volume_remaining_ml > previous_remaining + 1.0
+        previous_remaining is not None and remaining > previous_remaining + 1.0
     ):
         alerts += _new_bag(track, obs, rules, config_version)
-    flowing = obs.pump_state == PumpState.RUNNING.value and obs.rate_ml_h > 0
+    flowing = state == PumpState.RUNNING.value and rate > 0
     alerts += _set_flowing(track, flowing, obs, rules, config_version)
-    alerts += _check_profile(track, obs, rules, config_version)
+    alerts += _check_profile(track, obs, rate, rules, config_version)
     return alerts
 
 
 def _fold_event(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack, obs: ObservationLike, rules: PatientRules, config_version: str | None
 ) -> list[Alert]:
     kind = obs.event
     if kind == PumpEventKind.ALARM_RAISED.value:
@@ -323,9 +329,9 @@ def _fold_event(
 
 
 def _raise_alarm(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack, obs: ObservationLike, rules: PatientRules, config_version: str | None
 ) -> list[Alert]:
-    code, t = obs.alarm, obs.t
+    code, t = obs.alarm or "", obs.t
     alerts: list[Alert] = []
     if track.alarms is None or track.cleared is None or track.inhibited is None:
         track.alarms, track.cleared, track.inhibited = {}, {}, {}
@@ -357,9 +363,9 @@ def _raise_alarm(
 
 
 def _clear_alarm(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack, obs: ObservationLike, rules: PatientRules, config_version: str | None
 ) -> list[Alert]:
-    code, t = obs.alarm, obs.t
+    code, t = obs.alarm or "", obs.t
     if track.alarms is None or track.cleared is None or track.inhibited is None:
         track.alarms, track.cleared, track.inhibited = {}, {}, {}
     if t > track.cleared.get(code, _NEG_INF):
@@ -387,7 +393,7 @@ def _clear_alarm(
 
 
 def _new_bag(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack, obs: ObservationLike, rules: PatientRules, config_version: str | None
 ) -> list[Alert]:
     track.bag_key = stamp(obs.t)
     track.bag_t = obs.t
@@ -411,7 +417,7 @@ def _new_bag(
 def _set_flowing(
     track: PumpTrack,
     flowing: bool,
-    obs: Observation,
+    obs: ObservationLike,
     rules: PatientRules,
     config_version: str | None,
 ) -> list[Alert]:
@@ -469,9 +475,14 @@ def _set_flowing(
 
 
 def _check_profile(
-    track: PumpTrack, obs: Observation, rules: PatientRules, config_version: str | None
+    track: PumpTrack,
+    obs: ObservationLike,
+    rate: float,
+    rules: PatientRules,
+    config_version: str | None,
 ) -> list[Alert]:
-    seven_day = abs(obs.rate_ml_h - rules.seven_day_rate) <= rules.seven_day_tolerance
+    """The 7-day bag rule, for a pump status programmed at ``rate``."""
+    seven_day = abs(rate - rules.seven_day_rate) <= rules.seven_day_tolerance
     weight = rules.weight_kg
     if seven_day and weight is not None and weight < rules.seven_day_min_weight_kg:
         if track.underweight_key is not None:
@@ -486,7 +497,7 @@ def _check_profile(
                 code="seven_day_bag_underweight",
                 priority=AlertPriority.HIGH,
                 title=(
-                    f"7-day bag rate ({obs.rate_ml_h:g} mL/h) programmed for a {weight:g} kg "
+                    f"7-day bag rate ({rate:g} mL/h) programmed for a {weight:g} kg "
                     f"patient: contains benzyl alcohol, not for patients under "
                     f"{rules.seven_day_min_weight_kg:g} kg"
                 ),
@@ -503,7 +514,7 @@ def _check_profile(
                     ),
                     evidence(
                         "rate_ml_h",
-                        obs.rate_ml_h,
+                        rate,
                         rules.seven_day_rate,
                         "==",
                         obs.device_time,
@@ -523,7 +534,7 @@ def _check_profile(
                 obs,
                 key,
                 code="seven_day_bag_underweight",
-                title=f"All clear: pump no longer at the 7-day bag rate ({obs.rate_ml_h:g} mL/h)",
+                title=f"All clear: pump no longer at the 7-day bag rate ({rate:g} mL/h)",
                 rule_id=PROFILE_RULE_ID,
                 rules=rules,
                 config_version=config_version,
