@@ -104,13 +104,21 @@ def test_lanes_replayed_apart_and_absorbed_decide_what_one_replay_decides() -> N
 
 
 def test_a_replay_pickles_without_its_engines_or_lane_function() -> None:
+    """A worker's replay comes back with its decisions (the alerts as JSON on the way, equal
+    field for field on arrival) and without its engines or lane function."""
     replay = Replay(default_rules(), patient_lane=lambda patient: len(patient))
     batch, _ = two_lane_stream()
-    replay.feed(batch[:500])  # type: ignore[arg-type]
+    replay.feed(batch)  # type: ignore[arg-type]
     back = pickle.loads(pickle.dumps(replay))
-    assert back.events == replay.events == 500
+    assert back.events == replay.events == len(batch)
     assert back._engines == {} and back._patient_lane is None
     assert replay._engines  # the original keeps its own
+    assert back.alerts and back.alerts == replay.alerts
+    assert [i.alert.model_dump_json() for i in back.alerts] == [
+        i.alert.model_dump_json() for i in replay.alerts
+    ]
+    assert all(i.alert.device_time.utcoffset() == timedelta(0) for i in back.alerts)
+    assert back.warmup_alerts == replay.warmup_alerts
 
 
 def test_read_stats_add_up() -> None:

@@ -371,7 +371,10 @@ class _Feeder:
                 return await self.feed(batches, stats, progress)
             finally:
                 if conn is None:
-                    await reader.close()
+                    # The worker's own connection, its read-only transaction already ended:
+                    # dropped at once (a graceful close waits ~10 ms for the server, and the
+                    # last worker's result waits for it).
+                    reader.terminate()
 
         return job
 
