@@ -211,3 +211,61 @@ async def test_a_failing_worker_stops_the_others_without_waiting_for_them(
     if started.exists():  # it may have been killed before it got that far
         with pytest.raises(ProcessLookupError):
             os.kill(int(started.read_text()), 0)
+
+
+@needs_fork
+async def test_a_job_run_here_runs_in_this_process_and_its_result_comes_first() -> None:
+    seen: list[int] = []
+    results = await run_jobs(
+        [lambda p, n=n: _identify(n, p) for n in (10, 100)],  # type: ignore[misc]
+        seen.append,
+        here=lambda p: _identify(1, p),
+    )
+    assert [n for n, _ in results] == [1, 10, 100]
+    assert results[0][1] == os.getpid()
+    assert len({pid for _, pid in results[1:]} - {os.getpid()}) == 2
+    await asyncio.sleep(0)
+    assert sum(seen) == 3 * 111
+
+
+@needs_fork
+async def test_a_failing_worker_cancels_the_job_run_here() -> None:
+    outcome: list[str] = []
+
+    async def slow_here(progress: Callable[[int], None]) -> int:
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+        outcome.append("finished")
+        return 1
+
+    with pytest.raises(WorkerFailed, match="LookupError"):
+        await asyncio.wait_for(run_jobs([_raises], lambda n: None, here=slow_here), 15)
+    assert outcome == ["cancelled"]
+
+
+@needs_fork
+async def test_a_job_run_here_that_raises_fails_the_run_and_stops_the_workers(
+    tmp_path: pathlib.Path,
+) -> None:
+    started = tmp_path / "slow-pid"
+
+    async def slow(progress: Callable[[int], None]) -> int:
+        started.write_text(str(os.getpid()))
+        await asyncio.sleep(20)
+        return 1
+
+    async def raises_here(progress: Callable[[int], None]) -> int:
+        for _ in range(200):  # give the worker a moment to start
+            if started.exists():
+                break
+            await asyncio.sleep(0.01)
+        raise LookupError("no such patient")
+
+    with pytest.raises(LookupError, match="no such patient"):
+        await asyncio.wait_for(run_jobs([slow], lambda n: None, here=raises_here), 15)
+    assert started.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(started.read_text()), 0)

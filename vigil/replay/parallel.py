@@ -10,6 +10,8 @@ record and deciding on it is Python work, one core per process.
 Workers are forked, not spawned: they start in milliseconds with the parent's modules and its
 pinned config already loaded, and each opens its own connections (nothing of the parent's is
 used in a child, which leaves with ``os._exit`` and so closes nothing of the parent's either).
+One share runs in the parent itself, on its own connection or consumer, while the workers run
+theirs: it needs no fork, no connection and no trip back through a pipe.
 Where ``fork`` does not exist the replay runs in one process. A worker sends its progress and
 then its result (or its error) back through a pipe; a worker that dies without a word fails the
 replay with its exit code, never a silently partial result.
@@ -125,14 +127,20 @@ def _drain(pipe: Connection, on_progress: Callable[[int], None]) -> tuple[str, A
         pipe.close()
 
 
-async def run_jobs(jobs: Sequence[Job[T]], on_progress: Callable[[int], None]) -> list[T]:
-    """Run each job in a forked worker process; their results in job order.
+async def run_jobs(
+    jobs: Sequence[Job[T]], on_progress: Callable[[int], None], *, here: Job[T] | None = None
+) -> list[T]:
+    """Run each job in a forked worker process, and ``here`` (if given) in this process, on
+    the caller's loop, meanwhile; their results, ``here``'s first, then the jobs' in order.
 
+    Running one share here spares it a fork, a connection and the trip of its result back
+    through a pipe (the last share to finish is the replay's critical path).
     ``on_progress`` is called on the caller's loop. The first worker to fail or die raises
-    ``WorkerFailed`` at once, and the others are stopped; so are they when the caller is
-    cancelled.
+    ``WorkerFailed`` at once, and the others are stopped, as they are when ``here`` raises
+    (its exception propagates) or the caller is cancelled; ``here`` is cancelled when a worker
+    fails.
     """
-    if not jobs:
+    if not jobs and here is None:
         return []
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("fork")
@@ -171,11 +179,19 @@ async def run_jobs(jobs: Sequence[Job[T]], on_progress: Callable[[int], None]) -
 
     for index in range(len(processes)):
         threading.Thread(target=read, args=(index,), daemon=True).start()
+    local: asyncio.Future[T] | None = (
+        asyncio.ensure_future(here(on_progress)) if here is not None else None
+    )
     try:
-        pending: set[asyncio.Future[tuple[str, Any] | None]] = set(outcomes)
+        pending: set[asyncio.Future[Any]] = set(outcomes)
+        if local is not None:
+            pending.add(local)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for future in done:
+                if future is local:
+                    future.result()  # raises what ``here`` raised
+                    continue
                 outcome = future.result()
                 process = processes[outcomes.index(future)]
                 if outcome is None:
@@ -188,8 +204,13 @@ async def run_jobs(jobs: Sequence[Job[T]], on_progress: Callable[[int], None]) -
                     raise WorkerFailed(f"replay worker {process.pid} failed: {outcome[1]}")
         for process in processes:
             await asyncio.to_thread(process.join)
-        return [future.result()[1] for future in outcomes]  # type: ignore[index]
+        results: list[T] = [local.result()] if local is not None else []
+        return results + [future.result()[1] for future in outcomes]  # type: ignore[index]
     finally:
+        if local is not None and not local.done():
+            local.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await local
         for process in processes:
             if process.is_alive():
                 process.kill()

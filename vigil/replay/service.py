@@ -491,15 +491,16 @@ async def run_replay(
             shares = split_lanes(sizes, wanted) if wanted > 1 and can_fork() else []
             if len(shares) > 1:
                 warm_from = warm or {}
+                # The first share is read here, by this process's own consumer.
                 jobs = [
                     feeder.kafka_job(
                         kafka,
-                        None,
+                        consumer if n == 0 else None,
                         {tp: plan[tp] for tp in share},
                         {tp: warm_from[tp] for tp in share if tp in warm_from},
                         reading,
                     )
-                    for share in shares
+                    for n, share in enumerate(shares)
                 ]
             else:
                 jobs = [feeder.kafka_job(kafka, consumer, plan, warm, reading)]
@@ -532,9 +533,18 @@ async def run_replay(
             )
             total = await count_archive(conn, counted) if request.progress else None
             if len(shares_of) > 1:
+                # The first share is read here, in the very transaction that exported the
+                # snapshot (the same instant); the others by workers that import it.
                 jobs = [
-                    feeder.archive_job(dsn, None, share, context, warm_archive, snapshot)
-                    for share, context in shares_of
+                    feeder.archive_job(
+                        dsn,
+                        conn if n == 0 else None,
+                        share,
+                        context,
+                        warm_archive,
+                        None if n == 0 else snapshot,
+                    )
+                    for n, (share, context) in enumerate(shares_of)
                 ]
             else:
                 jobs = [
@@ -543,7 +553,8 @@ async def run_replay(
         progress = ProgressBar(total, enabled=request.progress)
         with tuned_collector():
             if len(jobs) > 1:
-                shares_done = await run_jobs(jobs, progress.advance)
+                # One share in this process, the others in forked workers.
+                shares_done = await run_jobs(jobs[1:], progress.advance, here=jobs[0])
             else:
                 shares_done = [await jobs[0](progress.advance)]
         progress.close()
