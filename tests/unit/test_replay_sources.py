@@ -10,6 +10,8 @@ import pytest
 
 from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
+from services.rules.domain.engine import RulesEngine
+from services.rules.domain.observation import ArchivedObservation
 from vigil.replay.engine_port import (
     CHANNEL_PUMP_EVENT,
     CHANNEL_PUMP_STATUS,
@@ -178,6 +180,22 @@ def test_archive_pump_event_rows_with_flags_become_the_same_engine_input() -> No
     assert _fields(from_row) == _fields(from_telemetry(event))
     assert from_row.clock_skew and from_row.alarm == "occlusion_downstream"
     assert _others_absent(from_row)
+
+
+@pytest.mark.parametrize(
+    ("kind", "blank"),
+    [(0, "temperature_c"), (0, "site"), (1, "rate_ml_h"), (1, "volume_remaining_ml")],
+)
+def test_an_archived_row_without_a_field_of_its_kind_is_refused_not_read_as_zero(
+    kind: int, blank: str
+) -> None:
+    """The rules read a kind's fields where they check them: a row that lacks one (None, as
+    for the fields the kind does not have) raises instead of deciding on a made-up value."""
+    event = next(e for e in course("P-1", START, days=0.1) if _row(e)[0] == kind)
+    fields = list(_row(event))
+    fields[ArchivedObservation.__struct_fields__.index(blank)] = None
+    with pytest.raises(ValueError, match="without its"):
+        RulesEngine().on_observation(event_from_row(fields))
 
 
 def test_selection_admits_by_patient_and_device() -> None:
