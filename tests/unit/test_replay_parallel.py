@@ -114,9 +114,11 @@ def test_a_replay_pickles_without_its_engines_or_lane_function() -> None:
     assert back._engines == {} and back._patient_lane is None
     assert replay._engines  # the original keeps its own
     assert back.alerts and back.alerts == replay.alerts
-    assert [i.alert.model_dump_json() for i in back.alerts] == [
-        i.alert.model_dump_json() for i in replay.alerts
-    ]
+    for sent, came in zip(replay.alerts, back.alerts, strict=True):
+        assert came.alert.model_dump_json(by_alias=True, exclude_unset=True) == (
+            sent.alert.model_dump_json(by_alias=True, exclude_unset=True)
+        )
+        assert came.alert.model_fields_set == sent.alert.model_fields_set
     assert all(i.alert.device_time.utcoffset() == timedelta(0) for i in back.alerts)
     assert back.warmup_alerts == replay.warmup_alerts
 

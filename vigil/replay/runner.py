@@ -75,7 +75,9 @@ _Packed = tuple[bytes, list[Position], list[str]]
 
 def _packed(items: list[ReplayedAlert]) -> _Packed:
     return (
-        _ALERTS.dump_json([i.alert for i in items]),
+        # Unset fields stay unset (left out, then defaulted), so each model comes back as it
+        # left, down to which fields were set.
+        _ALERTS.dump_json([i.alert for i in items], exclude_unset=True),
         [i.position for i in items],
         [i.config_hash for i in items],
     )
