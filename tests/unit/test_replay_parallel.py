@@ -260,7 +260,7 @@ async def test_a_job_run_here_that_raises_fails_the_run_and_stops_the_workers(
         return 1
 
     async def raises_here(progress: Callable[[int], None]) -> int:
-        for _ in range(200):  # give the worker a moment to start
+        for _ in range(1000):  # give the worker time to start (10 s at most)
             if started.exists():
                 break
             await asyncio.sleep(0.01)
