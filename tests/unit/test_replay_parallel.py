@@ -244,7 +244,8 @@ async def test_a_failing_worker_cancels_the_job_run_here() -> None:
         return 1
 
     with pytest.raises(WorkerFailed, match="LookupError"):
-        await asyncio.wait_for(run_jobs([_raises], lambda n: None, here=slow_here), 15)
+        await run_jobs([_raises], lambda n: None, here=slow_here)
+    # Cancelled, not waited out (that would have ended in "finished", 20 s later).
     assert outcome == ["cancelled"]
 
 
