@@ -24,11 +24,13 @@ recorded fleet (``--patients`` full 28-day courses: a reading every 5 min and a 
   archive row (real ``asyncpg`` records of the archive query) -> event. Steadier than the rates
   above on a shared machine.
 
-Each read and replay rate is measured ``--repeats`` times (default 3) in this process: the plain
-key is the median, ``…_best`` the fastest. Other processes on a shared machine only ever slow a
-run down, so the fastest is the code's attainable speed (the convention of ``timeit``) and the
-median what a run on this machine at this hour gives; both are reported, the ratios use the
-medians.
+Each read and replay rate is measured ``--repeats`` times (default 5) in this process, in
+rounds: raw read, replay in one process, replay, then again, so that a rate and its baseline
+are measured seconds apart and under the same load of the machine (the ratios are the medians
+of the rounds' ratios). The plain key is the median, ``…_best`` the fastest;
+``pg_replay_rows_per_s_runs`` lists every round's archive replay. Other processes on a shared
+machine only ever slow a run down, so the fastest is the code's attainable speed (the
+convention of ``timeit``) and the median what a run on this machine at this hour gives.
 
 Progress goes to stderr; ONE JSON line of figures goes to stdout at the end. Nothing here
 asserts a speed. The private topic and the archive rows are removed at the end.
@@ -144,34 +146,51 @@ def rate_figures(figures: dict[str, object], key: str, rates: list[float]) -> fl
     return median
 
 
-async def timed_reads(
-    read: Callable[[], Awaitable[tuple[int, float]]], repeats: int
-) -> list[float]:
-    """Rates (items/s) of ``repeats`` runs of ``read`` (returning items read, seconds)."""
-    rates = []
+async def interleaved(
+    runs: dict[str, Callable[[], Awaitable[float]]], repeats: int
+) -> dict[str, list[float]]:
+    """Rates of ``repeats`` rounds of ``runs``, each round running every one of them in turn:
+    a rate and the baseline it is divided by are measured seconds apart, not minutes, so a
+    ratio compares them under the same load of the machine."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        count, seconds = await read()
-        rates.append(count / seconds)
+        for name, run in runs.items():
+            rates[name].append(await run())
     return rates
 
 
-async def timed_replays(
-    request: ReplayRequest, repeats: int, total: int, kafka: KafkaSettings | None = None
-) -> tuple[list[float], ReplayOutcome]:
-    """Rates (events/s) of ``repeats`` replays of ``request``, and the last outcome; every run
-    must replay all ``total`` events and decide what the first run decided."""
-    rates: list[float] = []
-    first: ReplayOutcome | None = None
-    outcome: ReplayOutcome | None = None
-    for _ in range(repeats):
-        outcome = await run_replay(request, kafka=kafka)
-        assert outcome.primary.events == total, outcome.summary()
-        if first is None:
-            first = outcome
-        assert same_decisions(outcome, first)
-        rates.append(outcome.primary.events / outcome.elapsed_s)
-    assert outcome is not None
-    return rates, outcome
+def read_rate(read: Callable[[], Awaitable[tuple[int, float]]]) -> Callable[[], Awaitable[float]]:
+    """A run of ``read`` (returning items read, seconds) as its rate in items/s."""
+
+    async def run() -> float:
+        count, seconds = await read()
+        return count / seconds
+
+    return run
+
+
+class TimedReplays:
+    """Replays of one request, each a rate (events/s); every run must replay all ``total``
+    events and decide what the first run decided. ``last``: the last run's outcome."""
+
+    def __init__(self, request: ReplayRequest, total: int, kafka: KafkaSettings | None = None):
+        self.request, self.total, self.kafka = request, total, kafka
+        self.first: ReplayOutcome | None = None
+        self.last: ReplayOutcome | None = None
+
+    async def run(self) -> float:
+        outcome = await run_replay(self.request, kafka=self.kafka)
+        assert outcome.primary.events == self.total, outcome.summary()
+        if self.first is None:
+            self.first = outcome
+        assert same_decisions(outcome, self.first)
+        self.last = outcome
+        return outcome.primary.events / outcome.elapsed_s
+
+
+def median_ratio(rates: list[float], baselines: list[float]) -> float:
+    """The median of the rounds' ratios of ``rates`` to ``baselines``."""
+    return round(statistics.median(r / b for r, b in zip(rates, baselines, strict=True)), 3)
 
 
 def same_decisions(one: ReplayOutcome, other: ReplayOutcome) -> bool:
@@ -271,28 +290,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
         repeats = args.repeats
         figures["repeats"] = repeats
-        log("kafka: raw read")
-        kafka_raw_rate = rate_figures(
-            figures, "kafka_raw_per_s", await timed_reads(lambda: kafka_raw(topic, kafka), repeats)
-        )
-        log("kafka: replay, one process")
+        log(f"kafka: {repeats} rounds of raw read, replay in one process, replay")
         kafka_request = ReplayRequest(source="kafka", topic=topic, audit=False, progress=False)
-        rates, alone = await timed_replays(replace(kafka_request, workers=1), repeats, total, kafka)
-        rate_figures(figures, "kafka_replay_one_process_per_s", rates)
-        log("kafka: replay")
-        rates, outcome = await timed_replays(kafka_request, repeats, total, kafka)
-        assert same_decisions(outcome, alone)
-        kafka_replay = rate_figures(figures, "kafka_replay_per_s", rates)
-        figures["workers"] = outcome.workers
-        figures["kafka_ratio"] = round(kafka_replay / kafka_raw_rate, 3)
-        figures["alerts"] = len(outcome.primary.alerts)
-
-        log("postgres: raw read")
-        pg_raw_rate = rate_figures(
-            figures,
-            "pg_raw_rows_per_s",
-            await timed_reads(lambda: pg_raw(dsn, frozenset(patients)), repeats),
+        kafka_alone = TimedReplays(replace(kafka_request, workers=1), total, kafka)
+        kafka_shared = TimedReplays(kafka_request, total, kafka)
+        rates = await interleaved(
+            {
+                "kafka_raw_per_s": read_rate(lambda: kafka_raw(topic, kafka)),
+                "kafka_replay_one_process_per_s": kafka_alone.run,
+                "kafka_replay_per_s": kafka_shared.run,
+            },
+            repeats,
         )
+        for key, values in rates.items():
+            rate_figures(figures, key, values)
+        assert kafka_shared.last is not None and kafka_alone.last is not None
+        assert same_decisions(kafka_shared.last, kafka_alone.last)
+        figures["workers"] = kafka_shared.last.workers
+        figures["kafka_ratio"] = median_ratio(rates["kafka_replay_per_s"], rates["kafka_raw_per_s"])
+        figures["alerts"] = len(kafka_shared.last.primary.alerts)
+
+        log(f"postgres: {repeats} rounds of raw read, replay in one process, replay")
         pg_request = ReplayRequest(
             source="archive",
             patient_ids=frozenset(patients),
@@ -301,14 +319,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             audit=False,
             progress=False,
         )
-        log("postgres: replay, one process")
-        rates, alone = await timed_replays(replace(pg_request, workers=1), repeats, total)
-        rate_figures(figures, "pg_replay_one_process_per_s", rates)
-        log("postgres: replay")
-        rates, outcome = await timed_replays(pg_request, repeats, total)
-        assert same_decisions(outcome, alone)
-        pg_replay = rate_figures(figures, "pg_replay_rows_per_s", rates)
-        figures["pg_ratio"] = round(pg_replay / pg_raw_rate, 3)
+        pg_alone = TimedReplays(replace(pg_request, workers=1), total)
+        pg_shared = TimedReplays(pg_request, total)
+        rates = await interleaved(
+            {
+                "pg_raw_rows_per_s": read_rate(lambda: pg_raw(dsn, frozenset(patients))),
+                "pg_replay_one_process_per_s": pg_alone.run,
+                "pg_replay_rows_per_s": pg_shared.run,
+            },
+            repeats,
+        )
+        for key, values in rates.items():
+            rate_figures(figures, key, values)
+        assert pg_shared.last is not None and pg_alone.last is not None
+        assert same_decisions(pg_shared.last, pg_alone.last)
+        figures["pg_ratio"] = median_ratio(
+            rates["pg_replay_rows_per_s"], rates["pg_raw_rows_per_s"]
+        )
+        figures["pg_replay_rows_per_s_runs"] = [
+            round(rate) for rate in rates["pg_replay_rows_per_s"]
+        ]
 
         log("one 28-day course")
         started = time.perf_counter()
@@ -369,7 +399,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=20, help="28-day courses to record")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="runs of each read and replay rate (median, best)"
+        "--repeats", type=int, default=5, help="runs of each read and replay rate (median, best)"
     )
     args = parser.parse_args()
     figures = asyncio.run(main_async(args))
