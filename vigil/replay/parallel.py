@@ -93,7 +93,7 @@ def split_lanes(weights: Mapping[K, int], shares: int) -> list[list[K]]:
     worker per core on two cores, a topic's partitions as lanes) are then split exactly when
     that is more even, since a replay takes as long as its largest share: for 20 patients of
     equal weight on 6 lanes, dealing alone left 11 patients in one share for 26 % of random
-    sets of patient ids, the exact split for 7 % (the rest of those have no 10-10 split)."""
+    sets of patient ids, the exact split for about 7 % (those have no 10-10 split at all)."""
     lanes = sorted((k for k, w in weights.items() if w > 0), key=lambda k: (-weights[k], str(k)))
     count = max(1, min(shares, len(lanes)))
     groups: list[list[K]] = [[] for _ in range(count)]
