@@ -189,6 +189,31 @@ class TimedReplays:
         return outcome.primary.events / outcome.elapsed_s
 
 
+async def replay_rounds(
+    figures: dict[str, object],
+    repeats: int,
+    baseline: tuple[str, Callable[[], Awaitable[float]]],
+    keys: tuple[str, str],
+    request: ReplayRequest,
+    total: int,
+    kafka: KafkaSettings | None = None,
+) -> tuple[dict[str, list[float]], ReplayOutcome]:
+    """``repeats`` rounds of the baseline read, ``request`` replayed in one process and
+    ``request`` as asked (``keys``: the figures' names of the two replays); records each
+    figure's median and best, checks the two replays decided alike, and returns every round's
+    rates by name and the last outcome of ``request``."""
+    alone = TimedReplays(replace(request, workers=1), total, kafka)
+    shared = TimedReplays(request, total, kafka)
+    name, read = baseline
+    log(f"{request.source}: {repeats} rounds of raw read, replay in one process, replay")
+    rates = await interleaved({name: read, keys[0]: alone.run, keys[1]: shared.run}, repeats)
+    for key, values in rates.items():
+        rate_figures(figures, key, values)
+    assert shared.last is not None and alone.last is not None
+    assert same_decisions(shared.last, alone.last)
+    return rates, shared.last
+
+
 def median_ratio(rates: list[float], baselines: list[float]) -> float:
     """The median of the rounds' ratios of ``rates`` to ``baselines``."""
     return round(statistics.median(r / b for r, b in zip(rates, baselines, strict=True)), 3)
@@ -291,27 +316,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
         repeats = args.repeats
         figures["repeats"] = repeats
-        log(f"kafka: {repeats} rounds of raw read, replay in one process, replay")
         kafka_request = ReplayRequest(source="kafka", topic=topic, audit=False, progress=False)
-        kafka_alone = TimedReplays(replace(kafka_request, workers=1), total, kafka)
-        kafka_shared = TimedReplays(kafka_request, total, kafka)
-        rates = await interleaved(
-            {
-                "kafka_raw_per_s": read_rate(lambda: kafka_raw(topic, kafka)),
-                "kafka_replay_one_process_per_s": kafka_alone.run,
-                "kafka_replay_per_s": kafka_shared.run,
-            },
+        rates, outcome = await replay_rounds(
+            figures,
             repeats,
+            ("kafka_raw_per_s", read_rate(lambda: kafka_raw(topic, kafka))),
+            ("kafka_replay_one_process_per_s", "kafka_replay_per_s"),
+            kafka_request,
+            total,
+            kafka,
         )
-        for key, values in rates.items():
-            rate_figures(figures, key, values)
-        assert kafka_shared.last is not None and kafka_alone.last is not None
-        assert same_decisions(kafka_shared.last, kafka_alone.last)
-        figures["workers"] = kafka_shared.last.workers
+        figures["workers"] = outcome.workers
         figures["kafka_ratio"] = median_ratio(rates["kafka_replay_per_s"], rates["kafka_raw_per_s"])
-        figures["alerts"] = len(kafka_shared.last.primary.alerts)
+        figures["alerts"] = len(outcome.primary.alerts)
 
-        log(f"postgres: {repeats} rounds of raw read, replay in one process, replay")
         pg_request = ReplayRequest(
             source="archive",
             patient_ids=frozenset(patients),
@@ -320,20 +338,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             audit=False,
             progress=False,
         )
-        pg_alone = TimedReplays(replace(pg_request, workers=1), total)
-        pg_shared = TimedReplays(pg_request, total)
-        rates = await interleaved(
-            {
-                "pg_raw_rows_per_s": read_rate(lambda: pg_raw(dsn, frozenset(patients))),
-                "pg_replay_one_process_per_s": pg_alone.run,
-                "pg_replay_rows_per_s": pg_shared.run,
-            },
+        rates, _ = await replay_rounds(
+            figures,
             repeats,
+            ("pg_raw_rows_per_s", read_rate(lambda: pg_raw(dsn, frozenset(patients)))),
+            ("pg_replay_one_process_per_s", "pg_replay_rows_per_s"),
+            pg_request,
+            total,
         )
-        for key, values in rates.items():
-            rate_figures(figures, key, values)
-        assert pg_shared.last is not None and pg_alone.last is not None
-        assert same_decisions(pg_shared.last, pg_alone.last)
         figures["pg_ratio"] = median_ratio(
             rates["pg_replay_rows_per_s"], rates["pg_raw_rows_per_s"]
         )
