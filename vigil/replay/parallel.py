@@ -103,9 +103,8 @@ def split_lanes(weights: Mapping[K, int], shares: int) -> list[list[K]]:
         groups[lightest].append(lane)
         totals[lightest] += weights[lane]
     if count == 2 and len(lanes) <= EXACT_SPLIT_MAX_LANES:
-        lighter = _lightest_half(lanes, weights)
-        if max(totals) > sum(totals) - lighter[0]:
-            mask = lighter[1]
+        light_total, mask = _lightest_half(lanes, weights)
+        if max(totals) > sum(totals) - light_total:
             light = [lane for n, lane in enumerate(lanes) if mask >> n & 1]
             heavy = [lane for n, lane in enumerate(lanes) if not mask >> n & 1]
             groups = [heavy, light]

@@ -624,8 +624,7 @@ def archive_query(selection: Selection, order: ArchiveOrder) -> tuple[str, list[
 def event_from_row(row: Sequence[Any]) -> ReplayEvent:
     """The event one archive row stands for (column order of ``_SELECT``); ingest stored the
     normalised values, so a row maps field for field."""
-    event: ReplayEvent = build_archived(*row)
-    return event
+    return build_archived(*row)
 
 
 def archive_reading(
