@@ -4,7 +4,9 @@ up what each decided to exactly what one process decides."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
+import multiprocessing
 import itertools
 import os
 import pathlib
@@ -19,7 +21,9 @@ from vigil.replay.engine_port import default_rules, from_telemetry
 from vigil.replay.parallel import (
     EXACT_SPLIT_MAX_LANES,
     REPLAY_GC_THRESHOLDS,
+    WORKER_PIPE_BYTES,
     WorkerFailed,
+    _widen,
     can_fork,
     run_jobs,
     split_lanes,
@@ -211,6 +215,32 @@ async def test_jobs_run_in_their_own_processes_and_return_in_order() -> None:
     assert len(pids) == 3 and os.getpid() not in pids
     await asyncio.sleep(0)  # progress arrives through the loop
     assert sum(seen) == 3 * 111
+
+
+@needs_fork
+async def test_a_result_larger_than_the_pipe_arrives_whole() -> None:
+    big = os.urandom(3 * WORKER_PIPE_BYTES + 17)
+
+    async def sends_big(progress: Callable[[int], None]) -> bytes:
+        return big
+
+    assert await run_jobs([sends_big], lambda n: None) == [big]
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+def test_a_worker_pipe_is_widened_to_hold_a_result_at_once() -> None:
+    limit = int(pathlib.Path("/proc/sys/fs/pipe-max-size").read_text())
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    try:
+        before = fcntl.fcntl(send.fileno(), fcntl.F_GETPIPE_SZ)
+        _widen(send)
+        after = fcntl.fcntl(send.fileno(), fcntl.F_GETPIPE_SZ)
+    finally:
+        receive.close()
+        send.close()
+    assert before < WORKER_PIPE_BYTES
+    # A limit below the wanted size is refused and leaves the default.
+    assert after == (WORKER_PIPE_BYTES if limit >= WORKER_PIPE_BYTES else before)
 
 
 @needs_fork

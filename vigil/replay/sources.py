@@ -675,13 +675,18 @@ async def read_archive(
     window_start = selection.since if warmup else None
     wanted = archive_reading(selection, context_patients, warmup, warmup_since)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        # One round trip for the transaction's settings (a statement string without
+        # arguments may hold several): the snapshot, which must come first; read-only; and a
+        # ``work_mem`` that keeps each chunk's ORDER BY in memory, not in temporary files.
+        settings = [
+            "SET TRANSACTION READ ONLY",
+            f"SET LOCAL work_mem = '{ARCHIVE_WORK_MEM}'",
+        ]
         if snapshot is not None:
             if not _SNAPSHOT_ID.fullmatch(snapshot):
                 raise ValueError(f"not a snapshot id: {snapshot!r}")
-            await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-        await conn.execute("SET TRANSACTION READ ONLY")
-        # Each chunk's ORDER BY sorts in memory, not in temporary files.
-        await conn.execute(f"SET LOCAL work_mem = '{ARCHIVE_WORK_MEM}'")
+            settings.insert(0, f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        await conn.execute("; ".join(settings))
         fetch = await _chunked_fetch(conn, wanted, order, batch_size)
         ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(fetch())
         try:
