@@ -50,10 +50,12 @@ class CpuMeter:
         self._started = time.monotonic()
 
     @staticmethod
-    def _machine() -> tuple[int, int]:
+    def _machine() -> tuple[int, int, int]:
+        """All CPU time since boot, its idle part, and its steal (time the hypervisor gave
+        to other guests), in ticks. Guest time is counted inside user time, so it is left
+        out of the sum."""
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields), idle
+        return sum(fields[:8]), fields[3] + fields[4], fields[7]
 
     def _process(self, pid: int) -> float:
         try:
@@ -64,13 +66,15 @@ class CpuMeter:
         return (int(parts[11]) + int(parts[12])) / self._tick
 
     def stop(self) -> dict[str, float]:
-        total, idle = self._machine()
-        start_total, start_idle = self._start_total
-        busy = 1.0 - (idle - start_idle) / max(1, total - start_total)
+        total, idle, steal = self._machine()
+        start_total, start_idle, start_steal = self._start_total
+        elapsed = max(1, total - start_total)
+        busy = 1.0 - (idle - start_idle) / elapsed
         wall = time.monotonic() - self._started
         procs = sum(self._process(pid) - self._start_procs[pid] for pid in self._pids)
         return {
             "machine_busy_pct": round(100 * busy, 1),
+            "machine_steal_pct": round(100 * (steal - start_steal) / elapsed, 1),
             "cores": os.cpu_count() or 0,
             "processes_cpu_pct_of_one_core": round(100 * procs / max(wall, 1e-9), 1),
         }

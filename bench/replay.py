@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.common import stack_environment
+from bench.common import CpuMeter, stack_environment
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
 from vigil.kafka import encode, make_producer
@@ -172,15 +172,20 @@ def read_rate(read: Callable[[], Awaitable[tuple[int, float]]]) -> Callable[[], 
 
 class TimedReplays:
     """Replays of one request, each a rate (events/s); every run must replay all ``total``
-    events and decide what the first run decided. ``last``: the last run's outcome."""
+    events and decide what the first run decided. ``last``: the last run's outcome;
+    ``steal``: the share (%) of the machine's CPU time its hypervisor gave to other guests
+    during each run (``CpuMeter``): how much of its cores the run did not have."""
 
     def __init__(self, request: ReplayRequest, total: int, kafka: KafkaSettings | None = None):
         self.request, self.total, self.kafka = request, total, kafka
         self.first: ReplayOutcome | None = None
         self.last: ReplayOutcome | None = None
+        self.steal: list[float] = []
 
     async def run(self) -> float:
+        meter = CpuMeter()
         outcome = await run_replay(self.request, kafka=self.kafka)
+        self.steal.append(meter.stop()["machine_steal_pct"])
         assert outcome.primary.events == self.total, outcome.summary()
         if self.first is None:
             self.first = outcome
@@ -200,8 +205,9 @@ async def replay_rounds(
 ) -> tuple[dict[str, list[float]], ReplayOutcome]:
     """``repeats`` rounds of the baseline read, ``request`` replayed in one process and
     ``request`` as asked (``keys``: the figures' names of the two replays); records each
-    figure's median and best, checks the two replays decided alike, and returns every round's
-    rates by name and the last outcome of ``request``."""
+    figure's median and best, and the hypervisor's steal during each replay as asked
+    (``<source>_replay_steal_pct_runs``); checks the two replays decided alike, and returns
+    every round's rates by name and the last outcome of ``request``."""
     alone = TimedReplays(replace(request, workers=1), total, kafka)
     shared = TimedReplays(request, total, kafka)
     name, read = baseline
@@ -209,6 +215,7 @@ async def replay_rounds(
     rates = await interleaved({name: read, keys[0]: alone.run, keys[1]: shared.run}, repeats)
     for key, values in rates.items():
         rate_figures(figures, key, values)
+    figures[f"{keys[1].split('_replay')[0]}_replay_steal_pct_runs"] = shared.steal
     assert shared.last is not None and alone.last is not None
     assert same_decisions(shared.last, alone.last)
     return rates, shared.last
