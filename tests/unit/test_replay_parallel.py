@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import gc
-import multiprocessing
 import itertools
+import multiprocessing
 import os
 import pathlib
 import pickle
