@@ -57,7 +57,8 @@ def test_malformed_offset_ranges_are_refused(text: str) -> None:
 
 def test_archive_query_filters_each_table_and_orders_with_a_stable_tie_break() -> None:
     """One filter, applied to all three readings tables, bound as parameters; device order
-    breaks ties by ingest time, device, sequence number and message id."""
+    breaks ties by ingest time, device, sequence number and message id (text byte for byte,
+    whatever the database's collation)."""
     selection = Selection(
         patient_ids=frozenset({"P-2", "P-1"}),
         device_ids=None,
@@ -68,10 +69,12 @@ def test_archive_query_filters_each_table_and_orders_with_a_stable_tie_break() -
     assert args == [["P-1", "P-2"], START, START + timedelta(days=1)]
     assert sql.count("patient_id = ANY($1::text[])") == 3
     assert sql.count("device_time >= $2") == 3 and sql.count("device_time < $3") == 3
-    assert sql.rstrip().endswith("ORDER BY t, it, device_id, seq, mid")
+    assert sql.rstrip().endswith('ORDER BY t, it, device_id COLLATE "C", seq, mid COLLATE "C"')
     ingest_sql, _ = archive_query(Selection(), "ingest")
     assert "WHERE TRUE" in ingest_sql
-    assert ingest_sql.rstrip().endswith("ORDER BY it, t, device_id, seq, mid")
+    assert ingest_sql.rstrip().endswith(
+        'ORDER BY it, t, device_id COLLATE "C", seq, mid COLLATE "C"'
+    )
 
 
 def _row(event: Telemetry) -> tuple[Any, ...]:

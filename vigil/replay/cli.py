@@ -7,7 +7,9 @@
                  [--against-config FILE | --against-version HASH | --what-if KEY=VALUE ...]
                  [--compare-recorded table|topic] [--advance-to T]
                  [--out FILE] [--format jsonl|csv] [--html FILE] [--diff-json FILE]
-                 [--diff-csv FILE] [--progress] [--actor NAME] [--no-audit] [--fail-on-diff]
+                 [--diff-csv FILE] [--unsealed] [--progress] [--actor NAME] [--no-audit]
+                 [--fail-on-diff]
+    vigil replay seal [--patient P ...] [--lag-hours H] [--verify]
     vigil replay config save FILE --by ACTOR [--note TEXT]
     vigil replay config list
     vigil replay config show HASH
@@ -26,14 +28,14 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from vigil.replay import config_store
+from vigil.replay import config_store, seal
 from vigil.replay.engine_port import ConfigError, load_rules_file
 from vigil.replay.parallel import WorkerFailed
 from vigil.replay.report import (
@@ -158,6 +160,12 @@ def _run_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes sharing the engine lanes (default: one per core for a long stream)",
     )
+    p.add_argument(
+        "--unsealed",
+        action="store_true",
+        help="archive: read every row from the readings tables, not the sealed days (the same "
+        "events in the same order; slower)",
+    )
     p.add_argument("--progress", action="store_true", default=None, help="force the bar")
     p.add_argument("--actor", default=None, help="who runs the replay (audit log)")
     p.add_argument("--no-audit", action="store_true", help="do not record the run")
@@ -198,6 +206,7 @@ async def _request(args: argparse.Namespace) -> ReplayRequest:
         warmup=not args.no_warmup,
         warmup_since=args.warmup_since,
         workers=args.workers,
+        sealed=not args.unsealed,
     )
     if args.topic:
         request = replace(request, topic=args.topic)
@@ -339,17 +348,54 @@ async def _config(argv: list[str]) -> int:
         await conn.close()
 
 
+async def _seal(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vigil replay seal",
+        description="Seal the readings archive's finished days for fast archive replays, and "
+        "seal again the days changed since (stale); with --verify, check every sealed day "
+        "against the rows instead (exit 1 when one differs).",
+    )
+    parser.add_argument("--patient", action="append", help="a patient id (repeatable)")
+    parser.add_argument(
+        "--lag-hours",
+        type=float,
+        default=seal.DEFAULT_SEAL_LAG.total_seconds() / 3600,
+        help="seal the UTC days that ended at least this long ago (default %(default)s)",
+    )
+    parser.add_argument("--verify", action="store_true", help="verify, seal nothing")
+    args = parser.parse_args(argv)
+    conn = await asyncpg.connect(PostgresSettings().dsn)
+    try:
+        if args.verify:
+            problems = await seal.verify_seals(conn, args.patient)
+            for problem in problems:
+                print(problem.describe())
+            print(json.dumps({"sealed_day_problems": len(problems)}), file=sys.stderr)
+            return 1 if problems else 0
+        horizon = seal.seal_horizon(utcnow(), timedelta(hours=args.lag_hours))
+        stats = await seal.seal_archive(conn, horizon, args.patient)
+        print(json.dumps({"sealed_until": horizon.isoformat(), **stats.describe()}))
+        return 0
+    finally:
+        await conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["config"]:
             return asyncio.run(_config(args[1:]))
+        if args[:1] == ["seal"]:
+            return asyncio.run(_seal(args[1:]))
         return asyncio.run(_replay(args))
     except (ConfigError, LookupError, ValueError) as error:
         print(f"vigil replay: {error}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError, KafkaError) as error:
         print(f"vigil replay: cannot reach the stack: {error}", file=sys.stderr)
+        return 2
+    except seal.SealingUnavailable as error:
+        print(f"vigil replay seal: {error}", file=sys.stderr)
         return 2
     except WorkerFailed as error:
         print(f"vigil replay: {error}", file=sys.stderr)

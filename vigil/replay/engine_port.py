@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
@@ -63,6 +64,13 @@ decode_record: Callable[[bytes], ReplayEvent] = decode_observation
 #: the archive reader calls once per row, with the row's columns in order
 #: (``sources.archive_query``). The record's class itself: built in C.
 build_archived = ArchivedObservation
+
+#: A sealed archive day (``seal``) to and from its stored form: a MessagePack array of two
+#: arrays, the rows' order keys (``sources.order_key``) and the rows as ``ArchivedObservation``
+#: arrays, decoded into the records in one C call.
+SealedDay = tuple[list[bytes], list[ArchivedObservation]]
+encode_sealed_day: Callable[[SealedDay], bytes] = msgspec.msgpack.Encoder().encode
+decode_sealed_day: Callable[[bytes], SealedDay] = msgspec.msgpack.Decoder(SealedDay).decode
 
 
 def from_telemetry(event: Telemetry) -> ReplayEvent:

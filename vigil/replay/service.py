@@ -136,6 +136,9 @@ class ReplayRequest:
     # Worker processes sharing the lanes (``parallel``): None picks one per core for a stream
     # long enough to gain from it; 1 reads in this process.
     workers: int | None = None
+    # Archive: read the days sealed for every selected patient as sealed days (``seal``);
+    # False reads every row from the readings tables (the same events, in the same order).
+    sealed: bool = True
 
     def needs_database(self) -> bool:
         return (
@@ -191,6 +194,7 @@ class ReplayOutcome:
             "alerts": len(self.primary.alerts),
             "open_at_window_start": len(self.primary.open_at_start()),
             "warmup_events_read": self.stats.warmup_read,
+            "events_from_sealed_days": self.stats.sealed,
             "warmup_truncated": bool(self.truncated),
             "truncated_partitions": [t.describe() for t in self.truncated],
             "candidate_alerts": len(self.candidate.alerts) if self.candidate else None,
@@ -367,6 +371,7 @@ class _Feeder:
                     warmup=warmup,
                     warmup_since=request.warmup_since,
                     snapshot=snapshot,
+                    sealed=request.sealed,
                 )
                 return await self.feed(batches, stats, progress)
             finally:

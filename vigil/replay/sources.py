@@ -24,10 +24,11 @@ import asyncio
 import contextlib
 import json
 import re
+import struct
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from itertools import starmap
 from operator import attrgetter
 from typing import Any, Literal
@@ -46,6 +47,8 @@ from vigil.replay.engine_port import (
     ReplayEvent,
     build_archived,
     decode_record,
+    decode_sealed_day,
+    encode_sealed_day,
 )
 from vigil.settings import KafkaSettings
 
@@ -130,6 +133,8 @@ class ReadStats:
     rejected_positions: list[Position] = field(default_factory=list)
     # Records read before the window to rebuild the rule state (not counted in ``read``).
     warmup_read: int = 0
+    # Archive events (of ``read`` and ``warmup_read``) read from sealed days.
+    sealed: int = 0
 
     def absorb(self, other: ReadStats) -> None:
         """Add what another reader of other lanes saw."""
@@ -140,6 +145,7 @@ class ReadStats:
             [*self.rejected_positions, *other.rejected_positions], key=str
         )
         self.warmup_read += other.warmup_read
+        self.sealed += other.sealed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,9 +591,11 @@ FROM pump_events WHERE {where}
 ORDER BY {order}
 """
 
+# Text compared byte for byte whatever the database's collation: the same order on every
+# server, and the one sealed days are merged in (``order_key``).
 _ORDERS: dict[str, str] = {
-    "device": "t, it, device_id, seq, mid",
-    "ingest": "it, t, device_id, seq, mid",
+    "device": 't, it, device_id COLLATE "C", seq, mid COLLATE "C"',
+    "ingest": 'it, t, device_id COLLATE "C", seq, mid COLLATE "C"',
 }
 
 _TABLES = ("temperature_readings", "pump_status", "pump_events")
@@ -660,6 +668,7 @@ async def read_archive(
     warmup: bool = False,
     warmup_since: datetime | None = None,
     snapshot: str | None = None,
+    sealed: bool = True,
 ) -> AsyncIterator[Feed]:
     """Yield archive rows as replay events, in the chosen order, inside a read-only snapshot.
 
@@ -671,6 +680,8 @@ async def read_archive(
     write. The next batch is fetched while the caller replays this one, so the server's work
     overlaps the engine's. ``snapshot``: a snapshot another transaction exported
     (``pg_export_snapshot``), so the worker processes of one replay all read one instant.
+    ``sealed``: read the sealed days of the selection's patients (``seal``) as such; False
+    reads every row from the readings tables (the same events in the same order).
     """
     window_start = selection.since if warmup else None
     wanted = archive_reading(selection, context_patients, warmup, warmup_since)
@@ -687,11 +698,11 @@ async def read_archive(
                 raise ValueError(f"not a snapshot id: {snapshot!r}")
             settings.insert(0, f"SET TRANSACTION SNAPSHOT '{snapshot}'")
         await conn.execute("; ".join(settings))
-        fetch = await _chunked_fetch(conn, wanted, order, batch_size)
-        ahead: asyncio.Future[list[Any]] = asyncio.ensure_future(fetch())
+        fetch = await _chunked_fetch(conn, wanted, order, batch_size, sealed)
+        ahead: asyncio.Future[tuple[list[Any], int | None]] = asyncio.ensure_future(fetch())
         try:
             while True:
-                rows = await ahead
+                rows, sealed_events = await ahead
                 if not rows:
                     break
                 ahead = asyncio.ensure_future(fetch())
@@ -701,7 +712,13 @@ async def read_archive(
                     stats.admitted += len(rows)
                     continue
                 yield _archive_batch(
-                    rows, selection, stats, bool(context_patients), window_start, order == "device"
+                    rows,
+                    selection,
+                    stats,
+                    bool(context_patients),
+                    window_start,
+                    order == "device",
+                    sealed_events,
                 )
         finally:
             if not ahead.done():
@@ -764,9 +781,11 @@ def next_span(span: timedelta, rows: int, target: int) -> timedelta:
 
 
 async def _chunked_fetch(
-    conn: Any, wanted: Selection, order: ArchiveOrder, batch_size: int
-) -> Callable[[], Awaitable[list[Any]]]:
-    """A function returning the next batch of rows of ``wanted`` in ``order`` ([] at the end).
+    conn: Any, wanted: Selection, order: ArchiveOrder, batch_size: int, sealed: bool = True
+) -> Callable[[], Awaitable[tuple[list[Any], int | None]]]:
+    """A function returning the next batch of ``wanted`` in ``order`` ([] at the end), with
+    None for a batch of rows, or for a batch of events already built (from sealed days) how
+    many of them were read from sealed days.
 
     In device order the selection is read in consecutive device-time chunks, one query each,
     sized to about ``ARCHIVE_CHUNK_ROWS`` rows: the server sorts one chunk at a time, in
@@ -777,21 +796,30 @@ async def _chunked_fetch(
     the caller's work on the last batch. Chunks need the patients named: the index a chunk's
     device-time range is read through is (patient_id, device_time). A selection of every
     patient, and ingest order (no index on ingest time), are read in one query. Runs in the
-    caller's transaction."""
+    caller's transaction.
+
+    With ``sealed``, the days every selected patient has sealed come first, read as sealed
+    days (``_sealed_fetch``); the rows after them as above."""
     if order != "device" or wanted.patient_ids is None:
         sql, args = archive_query(wanted, order)
         cursor = await conn.cursor(sql, *args)
 
-        async def whole() -> list[Any]:
-            return list(await cursor.fetch(batch_size))
+        async def whole() -> tuple[list[Any], int | None]:
+            return list(await cursor.fetch(batch_size)), None
 
         return whole
 
     lo, hi = await _bounds(conn, wanted)
     target = ARCHIVE_CHUNK_ROWS
     state: dict[str, Any] = {"lo": lo, "span": ARCHIVE_FIRST_SPAN, "cursor": None, "rows": 0}
+    sealed_part = None
+    if sealed and lo is not None and hi is not None and wanted.device_ids is None:
+        sealed_part = await _sealed_fetch(conn, wanted, lo, hi)
+        if sealed_part is not None:
+            read_sealed, sealed_end = sealed_part
+            state["lo"] = max(lo, sealed_end)
 
-    async def fetch() -> list[Any]:
+    async def rows_fetch() -> list[Any]:
         while True:
             if state["cursor"] is None:
                 start = state["lo"]
@@ -817,7 +845,173 @@ async def _chunked_fetch(
                     continue
             return rows
 
+    async def fetch() -> tuple[list[Any], int | None]:
+        if sealed_part is not None and not state.get("sealed_done"):
+            events, from_bodies = await read_sealed()
+            if events:
+                return events, from_bodies
+            state["sealed_done"] = True
+        return await rows_fetch(), None
+
     return fetch
+
+
+# ---------------------------------------------------------------------------------------------
+# Sealed days (``seal``, migration 0011): a patient's rows of one finished UTC day as one value.
+
+#: The advisory lock class of sealing: a seal takes its exclusive form per patient
+#: (``hashtext(patient_id)``), 0011's triggers its shared form.
+SEAL_LOCK = 1447642945
+#: The layout of the sealed days this code writes and reads (``archive_days.format``): the
+#: order keys and the ``ArchivedObservation`` arrays. A day of another layout reads as stale.
+SEALED_FORMAT = 1
+#: About how many events one batch of sealed days holds (after a first batch of one day).
+ARCHIVE_SEALED_ROWS = 50_000
+_DAY_S = 86_400
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+
+
+def day_of(t: float) -> date:
+    """The UTC day of POSIX seconds ``t`` (a stored microsecond never rounds across midnight:
+    a double holds today's epoch seconds to within a tenth of one)."""
+    return date.fromordinal(_EPOCH_DAY + int(t // _DAY_S))
+
+
+def day_start(day: date) -> datetime:
+    """The first instant of a UTC day."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+_PAIR = struct.Struct(">QQ").pack
+_DOUBLE = struct.Struct(">d").pack
+_BITS = struct.Struct(">Q").unpack
+_SIGN = 1 << 63
+_ALL = (1 << 64) - 1
+
+
+def _ordered_bits(x: float) -> int:
+    """A double's bits as an unsigned integer that orders as the doubles do."""
+    bits: int = _BITS(_DOUBLE(x))[0]
+    return bits ^ _ALL if bits & _SIGN else bits | _SIGN
+
+
+def order_key(event: ReplayEvent) -> bytes:
+    """An archived event's place in the archive's device order, as bytes that compare as the
+    order's first three keys do (device time, ingest time, device id byte for byte; see
+    ``_merge_sealed`` for why three are enough)."""
+    return _PAIR(_ordered_bits(event.t), _ordered_bits(event.ingest_t)) + event.device_id.encode()
+
+
+def encode_day(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Archive rows (``archive_query``'s columns, in its device order) as a sealed day's body:
+    their order keys and the rows."""
+    events = [build_archived(*row) for row in rows]
+    return encode_sealed_day((list(map(order_key, events)), events))
+
+
+def _merge_sealed(keys: list[bytes], events: list[Any]) -> list[Any]:
+    """Sealed days' events (each day's body one patient's, in the archive's device order;
+    a stale day's all patients', from the server in that order) in the archive's device order.
+
+    Sorted stably on the order key: the order's first three keys. Rows that tie on all three
+    keep their order, which is the whole order as long as they come from one body or one
+    stale day. They do: ingest stamps one ingest time on a batch and binds each reading of a
+    device to one patient for its device time within it, so such rows are one patient's, of one
+    day. Sorting indexes on the keys (bytes, compared in C) costs a third of sorting the events
+    on a tuple of their attributes."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return list(map(events.__getitem__, order))
+
+
+_T = attrgetter("t")
+
+_SEALED_PLAN = """
+SELECT (SELECT count(*) FROM archive_seal WHERE patient_id = ANY($1::text[])),
+       (SELECT min(sealed_until) FROM archive_seal WHERE patient_id = ANY($1::text[])),
+       ARRAY(SELECT DISTINCT day FROM archive_days
+             WHERE patient_id = ANY($1::text[]) AND (body IS NULL OR format <> $2)
+             ORDER BY day)
+"""
+_SEALED_DAYS = """
+SELECT body FROM archive_days
+WHERE patient_id = ANY($1::text[]) AND day >= $2 AND day < $3 AND format = $5
+  AND day <> ALL($4::date[])
+ORDER BY day, patient_id
+"""
+
+
+async def _sealed_fetch(
+    conn: Any, wanted: Selection, lo: datetime, hi: datetime
+) -> tuple[Callable[[], Awaitable[tuple[list[Any], int]]], datetime] | None:
+    """For a selection whose every patient has sealed days (and no device filter): a function
+    returning the next batch of its events from the sealed days between ``lo`` and ``hi``
+    (its first and last rows), in the archive's device order ([] at the end), with how many
+    of them came from sealed days' bodies; and the instant the sealed days end at. None when
+    no day of the range is sealed for every patient.
+
+    A day some selected patient has stale is read from the readings tables, for every selected
+    patient (so that each day comes from one source). Batches grow from one day to about
+    ``ARCHIVE_SEALED_ROWS`` events."""
+    assert wanted.patient_ids is not None
+    patients = sorted(wanted.patient_ids)
+    count, horizon, stale_days = await conn.fetchrow(_SEALED_PLAN, patients, SEALED_FORMAT)
+    if count < len(patients) or horizon is None:
+        return None
+    first = day_of(lo.timestamp())
+    end = min(day_of(horizon.timestamp()), day_of(hi.timestamp()) + timedelta(days=1))
+    if end <= first:
+        return None
+    stale = sorted(day for day in stale_days if first <= day < end)
+    since_t = wanted.since.timestamp() if wanted.since is not None else None
+    until_t = wanted.until.timestamp() if wanted.until is not None else None
+    next_day, span_days = first, 1
+
+    async def fetch() -> tuple[list[Any], int]:
+        nonlocal next_day, span_days
+        while next_day < end:
+            day = next_day
+            stop = min(end, day + timedelta(days=span_days))
+            keys: list[bytes] = []
+            events: list[Any] = []
+            from_rows = 0
+            for (body,) in await conn.fetch(
+                _SEALED_DAYS, patients, day, stop, stale, SEALED_FORMAT
+            ):
+                day_keys, day_events = decode_sealed_day(body)
+                keys += day_keys
+                events += day_events
+            for stale_day in stale:
+                if day <= stale_day < stop:
+                    since, until = day_start(stale_day), day_start(stale_day + timedelta(days=1))
+                    part = replace(
+                        wanted,
+                        since=max(since, wanted.since) if wanted.since is not None else since,
+                        until=min(until, wanted.until) if wanted.until is not None else until,
+                    )
+                    sql, args = archive_query(part, "device")
+                    read = list(starmap(build_archived, await conn.fetch(sql, *args)))
+                    keys += map(order_key, read)
+                    events += read
+                    from_rows += len(read)
+            done = (stop - day).days
+            next_day = stop
+            span_days = (
+                max(1, round(done * ARCHIVE_SEALED_ROWS / len(events))) if events else done * 2
+            )
+            if not events:
+                continue
+            events = _merge_sealed(keys, events)
+            # The selection's bounds cut its first and last day.
+            if since_t is not None and events[0].t < since_t:
+                del events[: bisect_left(events, since_t, key=_T)]
+            if until_t is not None and events and events[-1].t >= until_t:
+                del events[bisect_left(events, until_t, key=_T) :]
+            if events:
+                # The bounds cut sealed days only: a stale day is read within them.
+                return events, len(events) - from_rows
+        return [], 0
+
+    return fetch, day_start(end)
 
 
 #: The position of an archive event replayed as read, the common case: the row's real position
@@ -844,9 +1038,12 @@ def _archive_batch(
     with_context: bool,
     window_start: datetime | None,
     by_device_time: bool,
+    sealed: int | None = None,
 ) -> Feed:
     """Rows -> events, each marked replayed, context, warm-up or warm-up context;
-    ``by_device_time``: the rows are in device-time order."""
+    ``by_device_time``: the rows are in device-time order; ``sealed``: None for rows; for events
+    already built (read through sealed days), how many came from sealed days' bodies."""
+    built = sealed is not None
     convert = build_archived
     start_t = window_start.timestamp() if window_start is not None else None
     if start_t is None and not with_context:
@@ -854,14 +1051,15 @@ def _archive_batch(
         # loop once per row.
         stats.read += len(rows)
         stats.admitted += len(rows)
+        stats.sealed += sealed or 0
         as_read = AsReadByDeviceTime if by_device_time else AsRead
-        return as_read(starmap(convert, rows))
+        return as_read(rows if built else starmap(convert, rows))
     batch: Batch = []
     append = batch.append
     admits = selection.admits
     admitted = read = warm = 0
     for row in rows:
-        event = convert(*row)
+        event = row if built else convert(*row)
         before = start_t is not None and event.t < start_t
         if before:
             warm += 1
@@ -878,6 +1076,7 @@ def _archive_batch(
     stats.read += read
     stats.warmup_read += warm
     stats.admitted += admitted
+    stats.sealed += sealed or 0
     return batch
 
 

@@ -101,7 +101,7 @@ class Observation:
         self.clock_skew = clock_skew
 
 
-class ArchivedObservation(msgspec.Struct, gc=False):
+class ArchivedObservation(msgspec.Struct, gc=False, array_like=True):
     """An observation as the readings archive stores it, built in C from one row of the
     replay's archive query (``ArchivedObservation(*row)``: the query sends these fields in this
     order). Times are POSIX seconds; ``device_time`` and ``ingest_time`` are made from them
@@ -115,7 +115,9 @@ class ArchivedObservation(msgspec.Struct, gc=False):
     (``bag_volume_ml`` and ``battery_pct`` when the pump reported them); ``event`` and
     ``alarm`` (``""`` when the event names none) on a pump event. The rules read a field
     only for the kinds that have it, and say so where they read it (``ObservationLike``).
-    Not tracked by the cyclic collector: it holds strings and numbers only."""
+    Not tracked by the cyclic collector: it holds strings and numbers only. Encoded as an
+    array of its fields (``array_like``): the form a sealed archive day stores its rows in
+    (``vigil.replay.seal``)."""
 
     channel: int
     patient_id: str
