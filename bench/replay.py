@@ -9,9 +9,15 @@ recorded fleet (``--patients`` full 28-day courses: a reading every 5 min and a 
   engine, as ``vigil replay --kafka --all`` does, by default with one worker process per core
   (``workers``); ``kafka_replay_one_process_per_s``: the same with ``--workers 1``;
   ``kafka_ratio`` = replay / raw (above 1 when the workers read in parallel).
-- ``pg_raw_rows_per_s``: archive rows fetched by one connection (server-side cursor,
-  20,000-row batches) with no conversion; ``pg_replay_rows_per_s``: fetched, converted and
-  replayed with the default workers; ``pg_replay_one_process_per_s``; ``pg_ratio``.
+- ``seal_rows_per_s``: the archive's rows sealed into days (``vigil replay seal``), once,
+  after writing: the courses ended two days before the run, so their days are sealed, as the
+  periodic pass would have sealed them.
+- ``pg_raw_rows_per_s``: archive rows fetched from the readings tables by one connection
+  (server-side cursor, 20,000-row batches) with no conversion; ``pg_replay_rows_per_s``: the
+  archive replayed through its sealed days with the default workers;
+  ``pg_replay_one_process_per_s``; ``pg_replay_unsealed_rows_per_s``: replayed from the rows
+  alone (``--unsealed``) with the default workers; ``pg_ratio`` (replay / raw read) and
+  ``pg_sealed_ratio`` (sealed / unsealed replay).
 - Both replays are checked to decide the same alerts at the same positions in the same order
   with workers as in one process.
 - ``course_28d_s``: one patient's full course (10,752 events) replayed from the archive, end
@@ -63,6 +69,7 @@ from services.ingest.adapters.postgres import store_telemetry
 from vigil.kafka import encode, make_producer
 from vigil.replay.engine_port import decode_record, default_rules, from_telemetry
 from vigil.replay.runner import Replay
+from vigil.replay.seal import seal_archive, seal_horizon
 from vigil.replay.service import ReplayOutcome, ReplayRequest, run_replay
 from vigil.replay.sources import (
     ReadStats,
@@ -132,7 +139,10 @@ async def pg_raw(dsn: str, patients: frozenset[str]) -> tuple[int, float]:
     try:
         stats = ReadStats()
         started = time.perf_counter()
-        async for _ in read_archive(conn, Selection(patient_ids=patients), stats, decode=False):
+        rows = read_archive(
+            conn, Selection(patient_ids=patients), stats, decode=False, sealed=False
+        )
+        async for _ in rows:
             pass
         return stats.read, time.perf_counter() - started
     finally:
@@ -202,22 +212,30 @@ async def replay_rounds(
     request: ReplayRequest,
     total: int,
     kafka: KafkaSettings | None = None,
+    also: tuple[str, ReplayRequest] | None = None,
 ) -> tuple[dict[str, list[float]], ReplayOutcome]:
     """``repeats`` rounds of the baseline read, ``request`` replayed in one process and
-    ``request`` as asked (``keys``: the figures' names of the two replays); records each
-    figure's median and best, and the hypervisor's steal during each replay as asked
-    (``<source>_replay_steal_pct_runs``); checks the two replays decided alike, and returns
-    every round's rates by name and the last outcome of ``request``."""
+    ``request`` as asked (``keys``: the figures' names of the two replays), and ``also`` (a
+    figure's name and another request) if given; records each figure's median and best, and
+    the hypervisor's steal during each replay as asked (``<source>_replay_steal_pct_runs``);
+    checks the replays decided alike, and returns every round's rates by name and the last
+    outcome of ``request``."""
     alone = TimedReplays(replace(request, workers=1), total, kafka)
     shared = TimedReplays(request, total, kafka)
     name, read = baseline
-    log(f"{request.source}: {repeats} rounds of raw read, replay in one process, replay")
-    rates = await interleaved({name: read, keys[0]: alone.run, keys[1]: shared.run}, repeats)
+    runs = {name: read, keys[0]: alone.run, keys[1]: shared.run}
+    other = TimedReplays(also[1], total, kafka) if also is not None else None
+    if also is not None and other is not None:
+        runs[also[0]] = other.run
+    log(f"{request.source}: {repeats} rounds of {', '.join(runs)}")
+    rates = await interleaved(runs, repeats)
     for key, values in rates.items():
         rate_figures(figures, key, values)
     figures[f"{keys[1].split('_replay')[0]}_replay_steal_pct_runs"] = shared.steal
     assert shared.last is not None and alone.last is not None
     assert same_decisions(shared.last, alone.last)
+    if other is not None:
+        assert other.last is not None and same_decisions(other.last, shared.last)
     return rates, shared.last
 
 
@@ -302,6 +320,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 await pool.execute(f"VACUUM (ANALYZE) {table}")
         finally:
             await pool.close()
+        # The courses ended two days ago: their days are sealed, as the periodic pass would
+        # have sealed them by now.
+        log("sealing the archive's days")
+        conn = await asyncpg.connect(dsn)
+        try:
+            started = time.perf_counter()
+            sealed = await seal_archive(conn, seal_horizon(datetime.now(UTC)), patients)
+            figures["seal_rows_per_s"] = round(sealed.rows / (time.perf_counter() - started))
+            assert sealed.rows == len(events), sealed.describe()
+        finally:
+            await conn.close()
 
         figures.update(await micro_timings(events, dsn, frozenset(patients)))
 
@@ -352,11 +381,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             ("pg_replay_one_process_per_s", "pg_replay_rows_per_s"),
             pg_request,
             total,
+            also=("pg_replay_unsealed_rows_per_s", replace(pg_request, sealed=False)),
         )
         figures["pg_ratio"] = median_ratio(
             rates["pg_replay_rows_per_s"], rates["pg_raw_rows_per_s"]
         )
-        for key in ("pg_raw_rows_per_s", "pg_replay_rows_per_s"):
+        figures["pg_sealed_ratio"] = median_ratio(
+            rates["pg_replay_rows_per_s"], rates["pg_replay_unsealed_rows_per_s"]
+        )
+        for key in (
+            "pg_raw_rows_per_s",
+            "pg_replay_rows_per_s",
+            "pg_replay_unsealed_rows_per_s",
+        ):
             figures[f"{key}_runs"] = [round(rate) for rate in rates[key]]
 
         log("one 28-day course")
@@ -400,7 +437,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         await admin.close()
         conn = await asyncpg.connect(dsn)
         try:
-            for table in TABLES:
+            # The seal first: the rows' delete then marks no sealed day stale.
+            for table in ("archive_seal", *TABLES, "archive_days"):
                 await conn.execute(
                     f"DELETE FROM {table} WHERE patient_id = ANY($1::text[])", list(patients)
                 )

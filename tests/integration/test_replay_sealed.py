@@ -10,6 +10,7 @@ their sealed days relies on the device id to break the ties.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ import pytest
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
 from vigil.replay import seal
+from vigil.replay.cli import main as replay_main
 from vigil.replay.engine_port import PinnedRules
 from vigil.replay.service import ReplayOutcome, ReplayRequest, RulesChoice, run_replay
 from vigil.replay.sources import day_of, day_start
@@ -356,3 +358,40 @@ async def test_a_seal_waits_for_a_write_in_flight_and_reads_it(archive: Archive)
         await sealer.execute("DELETE FROM archive_seal WHERE patient_id = $1", patient)
         await writer.close()
         await sealer.close()
+
+
+async def test_the_seal_command_seals_and_verifies(
+    archive: Archive, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``vigil replay seal`` seals a patient's finished days (here: none left to seal, the
+    others' passes sealed them) and ``--verify`` exits 0 on days that match their rows, 1 on
+    one that does not."""
+    patient = archive.patients[0]
+    assert await asyncio.to_thread(replay_main, ["seal", "--patient", patient]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["patients"] == 1 and summary["sealed_until"]
+    assert await asyncio.to_thread(replay_main, ["seal", "--verify", "--patient", patient]) == 0
+    conn = await asyncpg.connect(archive.dsn)
+    try:
+        day = await conn.fetchval(
+            "SELECT min(day) FROM archive_days WHERE patient_id = $1 AND body IS NOT NULL",
+            patient,
+        )
+        await conn.execute(
+            "UPDATE archive_days SET rows = rows + 1 WHERE patient_id = $1 AND day = $2",
+            patient,
+            day,
+        )
+        verify = ["seal", "--verify", "--patient", patient]
+        assert await asyncio.to_thread(replay_main, verify) == 1
+        assert f"{patient} {day.isoformat()}:" in capsys.readouterr().out
+        await conn.execute(
+            "UPDATE archive_days SET rows = NULL, format = NULL, body = NULL "
+            "WHERE patient_id = $1 AND day = $2",
+            patient,
+            day,
+        )
+        assert await asyncio.to_thread(replay_main, ["seal", "--patient", patient]) == 0
+        assert await asyncio.to_thread(replay_main, verify) == 0
+    finally:
+        await conn.close()

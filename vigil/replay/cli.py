@@ -9,7 +9,7 @@
                  [--out FILE] [--format jsonl|csv] [--html FILE] [--diff-json FILE]
                  [--diff-csv FILE] [--unsealed] [--progress] [--actor NAME] [--no-audit]
                  [--fail-on-diff]
-    vigil replay seal [--patient P ...] [--lag-hours H] [--verify]
+    vigil replay seal [--patient P ...] [--lag-hours H] [--every SECONDS] [--verify]
     vigil replay config save FILE --by ACTOR [--note TEXT]
     vigil replay config list
     vigil replay config show HASH
@@ -363,6 +363,11 @@ async def _seal(argv: list[str]) -> int:
         help="seal the UTC days that ended at least this long ago (default %(default)s)",
     )
     parser.add_argument("--verify", action="store_true", help="verify, seal nothing")
+    parser.add_argument(
+        "--every",
+        type=float,
+        help="seal again every this many seconds, until stopped (a deployment's sealing pass)",
+    )
     args = parser.parse_args(argv)
     conn = await asyncpg.connect(PostgresSettings().dsn)
     try:
@@ -372,10 +377,13 @@ async def _seal(argv: list[str]) -> int:
                 print(problem.describe())
             print(json.dumps({"sealed_day_problems": len(problems)}), file=sys.stderr)
             return 1 if problems else 0
-        horizon = seal.seal_horizon(utcnow(), timedelta(hours=args.lag_hours))
-        stats = await seal.seal_archive(conn, horizon, args.patient)
-        print(json.dumps({"sealed_until": horizon.isoformat(), **stats.describe()}))
-        return 0
+        while True:
+            horizon = seal.seal_horizon(utcnow(), timedelta(hours=args.lag_hours))
+            stats = await seal.seal_archive(conn, horizon, args.patient)
+            print(json.dumps({"sealed_until": horizon.isoformat(), **stats.describe()}), flush=True)
+            if not args.every:
+                return 0
+            await asyncio.sleep(args.every)
     finally:
         await conn.close()
 
