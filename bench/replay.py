@@ -224,8 +224,9 @@ async def replay_rounds(
     shared = TimedReplays(request, total, kafka)
     name, read = baseline
     runs = {name: read, keys[0]: alone.run, keys[1]: shared.run}
-    other = TimedReplays(also[1], total, kafka) if also is not None else None
-    if also is not None and other is not None:
+    other = None
+    if also is not None:
+        other = TimedReplays(also[1], total, kafka)
         runs[also[0]] = other.run
     log(f"{request.source}: {repeats} rounds of {', '.join(runs)}")
     rates = await interleaved(runs, repeats)

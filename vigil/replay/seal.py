@@ -21,7 +21,7 @@ makes no triggers there, and sealing refuses to run (``SealingUnavailable``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -42,11 +42,12 @@ from vigil.replay.sources import (
 #: pass seals it again.
 DEFAULT_SEAL_LAG = timedelta(hours=24)
 
-_TRIGGERS = """
-SELECT count(*) FROM pg_trigger
-WHERE tgname IN ('temperature_readings_sealed_insert', 'pump_status_sealed_insert',
-                 'pump_events_sealed_insert')
-"""
+# Every trigger of 0011: a write of any kind to any readings table must mark its days stale.
+_TRIGGER_NAMES = [
+    f"{table}_sealed_{op}"
+    for table in ("temperature_readings", "pump_status", "pump_events")
+    for op in ("insert", "update", "delete", "truncate")
+]
 
 _UPSERT_DAYS = """
 INSERT INTO archive_days (patient_id, day, rows, format, body, sealed_at)
@@ -70,12 +71,11 @@ class SealStats:
     emptied: int = 0  # stale days whose rows are all gone: their entry removed
 
     def describe(self) -> dict[str, int]:
-        return {
-            "patients": self.patients,
-            "days": self.days,
-            "rows": self.rows,
-            "emptied": self.emptied,
-        }
+        return asdict(self)
+
+    def absorb(self, other: SealStats) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
 
 
 def seal_horizon(now: datetime, lag: timedelta = DEFAULT_SEAL_LAG) -> datetime:
@@ -89,7 +89,10 @@ def seal_horizon(now: datetime, lag: timedelta = DEFAULT_SEAL_LAG) -> datetime:
 
 async def sealing_available(conn: Any) -> bool:
     """Whether the readings tables carry the triggers that mark sealed days stale."""
-    return int(await conn.fetchval(_TRIGGERS)) == 3
+    found = await conn.fetchval(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = ANY($1::text[])", _TRIGGER_NAMES
+    )
+    return int(found) == len(_TRIGGER_NAMES)
 
 
 def split_days(rows: Iterable[Any]) -> dict[date, list[Any]]:
@@ -183,11 +186,7 @@ async def seal_archive(
         names = sorted(set(patients))
     total = SealStats()
     for patient in names:
-        one = await seal_patient(conn, patient, horizon)
-        total.patients += 1
-        total.days += one.days
-        total.rows += one.rows
-        total.emptied += one.emptied
+        total.absorb(await seal_patient(conn, patient, horizon))
     return total
 
 
@@ -237,10 +236,14 @@ async def verify_seals(conn: Any, patients: Iterable[str] | None = None) -> list
                 patient,
                 SEALED_FORMAT,
             )
+            if not sealed:
+                continue
+            # The patient's rows up to the last sealed day, read once and split by day.
+            by_day = split_days(
+                await _rows(conn, patient, None, day_start(sealed[-1]["day"] + timedelta(days=1)))
+            )
             for day, count, body in sealed:
-                rows = await _rows(
-                    conn, patient, day_start(day), day_start(day + timedelta(days=1))
-                )
+                rows = by_day.get(day, [])
                 if count != len(rows) or encode_day(rows) != body:
                     problems.append(
                         SealProblem(
