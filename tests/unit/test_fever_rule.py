@@ -160,6 +160,23 @@ def test_critical_first_reading_starts_as_critical() -> None:
     assert [(a.phase, a.code) for a in alerts] == [(AlertPhase.START, "fever_critical")]
 
 
+def test_critical_first_reading_shows_the_critical_limit_in_its_evidence() -> None:
+    """A first reading of 39.7 °C crossed 39.5 °C: the evidence names that limit, not 38.3 °C;
+    a reading of 39.0 °C (single, not critical) keeps the 38.3 °C limit."""
+    critical = run([reading(0, 39.7)])[0]
+    assert [(e.name, e.value, e.limit) for e in critical.evidence] == [("temperature", 39.7, 39.5)]
+    single = run([reading(0, 39.0)])[0]
+    assert single.code == "fever_single"
+    assert [(e.name, e.limit) for e in single.evidence] == [("temperature", 38.3)]
+
+
+def test_critical_edge_exactly_at_the_limit() -> None:
+    """Exactly 39.5 °C is critical (>=) and shows 39.5 as its limit."""
+    alert = run([reading(0, 39.5)])[0]
+    assert alert.code == "fever_critical"
+    assert alert.evidence[0].limit == 39.5 and alert.evidence[0].comparator == ">="
+
+
 def test_late_reading_from_a_cleared_fever_does_not_reopen_it() -> None:
     """A febrile reading arriving late from inside an already cleared episode pages no one again."""
     alerts = run([reading(0, 38.5), reading(30, 37.5), reading(10, 38.6)])

@@ -32,7 +32,44 @@ def test_bag_change_due_pages_two_hours_before_predicted_empty() -> None:
     assert len(due) == 1
     assert due[0].priority is AlertPriority.MEDIUM
     assert due[0].device_time == T0 + timedelta(hours=22)
-    assert due[0].evidence[0].name == "minutes_to_empty" and due[0].evidence[0].value == 120
+    left = due[0].evidence[0]
+    # Counted from the newest status (22:05 device time), which arrived before the timer fired:
+    # 115 min left then, and its device time plus the minutes is the predicted empty time.
+    assert left.name == "minutes_to_empty" and left.value == 115
+    assert left.device_time == T0 + timedelta(hours=22, minutes=5)
+    assert left.device_time + timedelta(minutes=left.value) == T0 + timedelta(hours=24)
+
+
+def test_bag_change_title_carries_no_relative_or_clock_time() -> None:
+    """The title is read long after the timer fired, in the care team's zone: it must carry
+    neither a countdown nor a UTC clock time (the evidence carries both, anchored)."""
+    home = Home("P-bag-title", T0)
+    due = [
+        a
+        for a in run_stream(RulesEngine(), running_statuses(home, 22 * 60 + 5))
+        if a.code == "bag_change_due"
+    ]
+    assert due[0].title == "Bag change due: bag predicted to run empty"
+    assert "min" not in due[0].title and "UTC" not in due[0].title
+
+
+def test_bag_change_when_the_deadline_had_passed_before_the_data_arrived() -> None:
+    """The first status already has only 10 min left (the lead is 120): the page's time left is
+    the 10 min of that status, at its device time, not the 120-min lead counted from the
+    deadline (which lies before the data)."""
+    home = Home("P-bag-late", T0)
+    # 10 mL/h with 10 min of drug left (1.67 mL), reporting every minute.
+    events = [
+        home.status(m, rate_ml_h=10.0, remaining_ml=10.0 * (10 - m) / 60) for m in (0, 1, 2, 3)
+    ]
+    due = [a for a in run_stream(RulesEngine(), events) if a.code == "bag_change_due"]
+    assert len(due) == 1
+    left = due[0].evidence[0]
+    assert left.name == "minutes_to_empty"
+    assert left.value <= 10.0
+    assert left.value != 120
+    # The time left plus its device time is the predicted empty time of the data, never later.
+    assert left.device_time + timedelta(minutes=left.value) <= T0 + timedelta(minutes=10)
 
 
 def test_bag_change_not_due_one_minute_before() -> None:

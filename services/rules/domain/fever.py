@@ -344,7 +344,14 @@ def _fold_into_window(
                     "fever_critical" if critical else "fever_single",
                     f"Fever {value:.1f} °C{site}",
                     _raised(limits.single_priority, high_risk),
-                    _temperature_evidence("temperature", reading, limits.single_c, ">=", limits),
+                    # A critical reading shows the critical limit it crossed, not the single one.
+                    _temperature_evidence(
+                        "temperature",
+                        reading,
+                        limits.critical_c if critical else limits.single_c,
+                        ">=",
+                        limits,
+                    ),
                 )
             ]
         run = _sustained_run(window, limits)

@@ -581,7 +581,13 @@ def fire_bag_due(
         return []
     track.bag_due_fired = track.bag_key
     track.bag_due_key = f"{patient_id}:{BAG_RULE_ID}:{device_id}:{track.bag_key}"
-    minutes_left = (empty - deadline) / 60
+    # The time left is counted from a device time the evidence names: the deadline, or the
+    # newest status when it is later than the deadline (data that arrived after the deadline
+    # had passed: less time left than the lead). The title carries no relative time and no
+    # clock time: a page is read later than it is decided, and clock times are shown in the
+    # care team's zone by whoever renders them.
+    as_of = max(deadline, track.status_t)
+    minutes_left = max(0.0, (empty - as_of) / 60)
     return [
         _alert(
             patient_id,
@@ -590,10 +596,7 @@ def fire_bag_due(
             phase=AlertPhase.START,
             code="bag_change_due",
             priority=AlertPriority.MEDIUM,
-            title=(
-                f"Bag change due: predicted empty at {at(empty):%H:%M} UTC "
-                f"(in {int(minutes_left)} min)"
-            ),
+            title="Bag change due: bag predicted to run empty",
             t=deadline,
             ingest_t=track.status_ingest_t,
             found=(
@@ -602,7 +605,7 @@ def fire_bag_due(
                     round(minutes_left, 2),
                     rules.bag_change_lead_s / 60,
                     "<=",
-                    at(deadline),
+                    at(as_of),
                     unit="min",
                 ),
                 evidence(
