@@ -93,6 +93,40 @@ class EscalationPolicyIn(_Body):
     repeat_count: int = Field(default=0, ge=0, le=100)
 
 
+class EarlyCycleEscalationIn(_Body):
+    """A care team's early-cycle escalation: how a fever in the cytokine-release-syndrome window
+    (cycle day 1-3, the dose step-up day or the day after) is escalated instead of the team's
+    usual chain. Sets a shorter acknowledgement wait, extra targets paged at once, or both."""
+
+    ack_wait_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        le=24 * 60,
+        description="Caps the wait of every step of the usual chain (a shorter step keeps its "
+        "own); the chain then repeats so that it pages at least as long as the usual one.",
+    )
+    extra_targets: tuple[TargetIn, ...] = Field(
+        default=(), description="Paged with the first step, at once, e.g. the on-call physician."
+    )
+    changed_by: str = Field(min_length=1, description="Who sets it, e.g. person:lead-nurse.")
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> EarlyCycleEscalationIn:
+        if self.ack_wait_minutes is None and not self.extra_targets:
+            raise ValueError("set ack_wait_minutes, extra_targets or both")
+        if self.ack_wait_minutes is not None and self.ack_wait_minutes * 60 < 1:
+            raise ValueError("ack_wait_minutes is at least one second")
+        return self
+
+
+class EarlyCycleEscalationOut(BaseModel):
+    care_team_id: str
+    ack_wait_minutes: float | None
+    extra_targets: tuple[TargetIn, ...]
+    updated_at: AwareDatetime
+    updated_by: str
+
+
 class AcknowledgeIn(_Body):
     by: str = Field(min_length=1, description="Who acknowledges, e.g. person:nurse-1.")
 

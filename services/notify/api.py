@@ -28,12 +28,15 @@ from schemas.notify import (
     AcknowledgeIn,
     AckOut,
     CareTeamIn,
+    EarlyCycleEscalationIn,
+    EarlyCycleEscalationOut,
     EscalationPolicyIn,
     OnCallOut,
     OverrideIn,
     PersonIn,
     ScheduleIn,
     SnoozeIn,
+    TargetIn,
 )
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.twilio import twilio_signature
@@ -300,6 +303,77 @@ def create_app(
             await _bring_digests_forward(conn, care_team_id, now)
             await _audit_quiet_hours(conn, by, care_team_id, before, None, now)
 
+    # -- early-cycle escalation ---------------------------------------------------------------
+
+    @app.put(
+        "/care-teams/{care_team_id}/early-cycle-escalation", dependencies=managed, status_code=204
+    )
+    async def put_early_cycle(
+        care_team_id: str, body: EarlyCycleEscalationIn, service: Service, pool: Pool
+    ) -> None:
+        after = _early_cycle_json(body)
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT 1 FROM care_teams WHERE care_team_id = $1", care_team_id
+            ):
+                raise HTTPException(status_code=404, detail="no such care team")
+            before = await _early_cycle_row(conn, care_team_id)
+            now = service.now()
+            await conn.execute(
+                """
+                INSERT INTO escalation_early_cycle (care_team_id, ack_wait_s, extra_targets,
+                                                    updated_at, updated_by)
+                VALUES ($1, $2, $3::jsonb, $4, $5)
+                ON CONFLICT (care_team_id) DO UPDATE
+                    SET ack_wait_s = EXCLUDED.ack_wait_s,
+                        extra_targets = EXCLUDED.extra_targets,
+                        updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by
+                """,
+                care_team_id,
+                after["ack_wait_s"],
+                json.dumps(after["extra_targets"]),
+                now,
+                body.changed_by,
+            )
+            # Who is paged, and how soon, for a fever that may be CRS: audited like quiet hours.
+            await _audit_early_cycle(conn, body.changed_by, care_team_id, before, after, now)
+
+    @app.get("/care-teams/{care_team_id}/early-cycle-escalation", dependencies=managed)
+    async def get_early_cycle(care_team_id: str, pool: Pool) -> EarlyCycleEscalationOut:
+        row = await pool.fetchrow(
+            "SELECT * FROM escalation_early_cycle WHERE care_team_id = $1", care_team_id
+        )
+        if row is None:
+            raise HTTPException(
+                status_code=404,
+                detail="no early-cycle escalation: early-cycle fevers page the usual chain",
+            )
+        wait = row["ack_wait_s"]
+        return EarlyCycleEscalationOut(
+            care_team_id=care_team_id,
+            ack_wait_minutes=None if wait is None else wait / 60,
+            extra_targets=tuple(
+                TargetIn(kind=t["kind"], ref=t["ref"]) for t in json.loads(row["extra_targets"])
+            ),
+            updated_at=row["updated_at"],
+            updated_by=row["updated_by"],
+        )
+
+    @app.delete(
+        "/care-teams/{care_team_id}/early-cycle-escalation", dependencies=managed, status_code=204
+    )
+    async def delete_early_cycle(care_team_id: str, by: str, service: Service, pool: Pool) -> None:
+        if not by.strip():
+            raise HTTPException(status_code=422, detail="by names who removes it")
+        async with pool.acquire() as conn, conn.transaction():
+            before = await _early_cycle_row(conn, care_team_id)
+            if before is None:
+                raise HTTPException(status_code=404, detail="no early-cycle escalation")
+            await conn.execute(
+                "DELETE FROM escalation_early_cycle WHERE care_team_id = $1", care_team_id
+            )
+            await _audit_early_cycle(conn, by, care_team_id, before, None, service.now())
+
     # -- alerts -------------------------------------------------------------------------------
 
     @app.get("/alerts/{dedup_key}/timeline", dependencies=managed)
@@ -486,6 +560,47 @@ async def _audit_quiet_hours(
         conn,
         actor,
         QUIET_HOURS_CHANGED,
+        f"care_team:{care_team_id}",
+        {"before": before, "after": after},
+        at=at,
+    )
+
+
+def _early_cycle_json(body: EarlyCycleEscalationIn) -> dict[str, Any]:
+    """The override as stored (seconds, targets) and as audited."""
+    return {
+        "ack_wait_s": None
+        if body.ack_wait_minutes is None
+        else max(1, round(body.ack_wait_minutes * 60)),
+        "extra_targets": [{"kind": t.kind, "ref": t.ref} for t in body.extra_targets],
+    }
+
+
+async def _early_cycle_row(conn: Any, care_team_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT ack_wait_s, extra_targets FROM escalation_early_cycle "
+        "WHERE care_team_id = $1 FOR UPDATE",
+        care_team_id,
+    )
+    if row is None:
+        return None
+    return {"ack_wait_s": row["ack_wait_s"], "extra_targets": json.loads(row["extra_targets"])}
+
+
+async def _audit_early_cycle(
+    conn: Any,
+    actor: str,
+    care_team_id: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    at: datetime,
+) -> None:
+    from vigil.audit import append as audit_append
+
+    await audit_append(
+        conn,
+        actor,
+        AuditAction.EARLY_CYCLE_ESCALATION_CHANGED,
         f"care_team:{care_team_id}",
         {"before": before, "after": after},
         at=at,

@@ -11,4 +11,5 @@ class AuditAction(StrEnum):
     RULES_CONFIG_SAVED = "rules_config.saved"
     RULES_CONFIG_LOADED = "rules_config.loaded"
     QUIET_HOURS_CHANGED = "notify.quiet_hours_changed"
+    EARLY_CYCLE_ESCALATION_CHANGED = "notify.early_cycle_escalation_changed"
     REPLAY_RUN = "replay.run"

@@ -28,11 +28,13 @@ from services.notify.domain.channel_failover import (
     NextChannel,
     RetryLater,
 )
+from services.notify.domain.early_cycle import EarlyCycleOverride
 from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     DEFAULT_POLICY_REPEATS,
     DEFAULT_POLICY_WAIT_S,
     Acknowledge,
+    EarlyCycle,
     EscalationEvent,
     EscalationState,
     EscalationStatus,
@@ -47,6 +49,8 @@ from services.notify.domain.escalation import (
     TimelineEntry,
     Transition,
     advance,
+    early_cycle_from_json,
+    early_cycle_to_json,
     opened,
     page_until_acknowledged,
     snapshot_from_json,
@@ -83,7 +87,8 @@ _JOB_SELECT = """
            a.device_id, a.kind, a.code, a.priority, a.phase, a.state, a.title,
            a.device_time, a.ingest_time, a.evidence, a.rule_id, a.rule_version,
            (SELECT nb.kind FROM notify_bundles nb WHERE nb.bundle_id = p.bundle_id)
-               AS bundle_kind
+               AS bundle_kind,
+           e.snapshot -> 'early_cycle' AS early_cycle
     FROM pages p
     JOIN escalations e ON e.escalation_id = p.escalation_id
     JOIN alerts a ON a.alert_id = p.alert_id
@@ -155,30 +160,10 @@ class PostgresEscalationStore:
             )
             for s in json.loads(row["steps"])
         )
-        names = sorted({t.ref for s in steps for t in s.targets if t.kind == "schedule"})
-        schedules: dict[str, Rotation] = {}
-        for name in names:
-            schedule = await conn.fetchrow(
-                "SELECT * FROM oncall_schedules WHERE schedule_id = $1", name
-            )
-            if schedule is None:
-                continue
-            overrides = await conn.fetch(
-                "SELECT person_id, starts_at, ends_at FROM oncall_overrides "
-                "WHERE schedule_id = $1 ORDER BY starts_at, override_id",
-                name,
-            )
-            schedules[name] = _rotation(schedule, overrides)
+        schedules = await _schedules(conn, [t for s in steps for t in s.targets])
         # A step naming a deleted schedule keeps its place: it pages the fallback instead.
         steps = tuple(
-            StepSnapshot(
-                wait_s=s.wait_s,
-                targets=tuple(
-                    t if t.kind != "schedule" or t.ref in schedules else Target("email", "")
-                    for t in s.targets
-                ),
-            )
-            for s in steps
+            StepSnapshot(wait_s=s.wait_s, targets=_known(s.targets, schedules)) for s in steps
         )
         return PolicySnapshot(
             policy_id=str(row["policy_id"]),
@@ -200,6 +185,29 @@ class PostgresEscalationStore:
             str(address),
             wait_s=self._default_wait_s,
             repeats=self._default_repeats,
+        )
+
+    async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None:
+        """The team's early-cycle override (migration 0025) with the schedules its extra
+        targets name, as it stands now (to be frozen); None when the team has none."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT ack_wait_s, extra_targets FROM escalation_early_cycle "
+                "WHERE care_team_id = $1",
+                care_team_id,
+            )
+            if row is None:
+                return None
+            targets = tuple(
+                Target(kind=t["kind"], ref=str(t["ref"])) for t in json.loads(row["extra_targets"])
+            )
+            schedules = await _schedules(conn, list(targets))
+        wait = row["ack_wait_s"]
+        return EarlyCycleOverride(
+            ack_wait_s=None if wait is None else int(wait),
+            # A target naming a deleted schedule pages the fallback instead, as in a policy.
+            extra_targets=_known(targets, schedules),
+            schedules=schedules,
         )
 
     async def rotation(self, schedule_id: str) -> Rotation | None:
@@ -1223,13 +1231,7 @@ async def _hold_in(
                 escalation_id,
                 at,
                 "opened",
-                json.dumps(
-                    {
-                        "alert_id": str(alert.alert_id),
-                        "policy_id": snapshot.policy_id,
-                        "care_team_id": care_team_id,
-                    }
-                ),
+                json.dumps(_opened_detail(alert, snapshot, care_team_id)),
             ),
             (
                 escalation_id,
@@ -1279,16 +1281,11 @@ async def _open_in(
     )
     if inserted is None:
         return None
+    if snapshot.early_cycle is not None:
+        writer.early_cycle[escalation_id] = snapshot.early_cycle
     writer.event(
         escalation_id,
-        TimelineEntry(
-            "opened",
-            {
-                "alert_id": str(alert.alert_id),
-                "policy_id": snapshot.policy_id,
-                "care_team_id": care_team_id,
-            },
-        ),
+        TimelineEntry("opened", _opened_detail(alert, snapshot, care_team_id)),
     )
     for entry in transition.timeline:
         writer.event(escalation_id, entry)
@@ -1401,6 +1398,8 @@ class _Writer:
         self._upstream: list[tuple[Any, ...]] = []
         # The bundle the page being added belongs to (set per command by pages_for).
         self._bundle_id: UUID | None = None
+        # The frozen ``early_cycle`` of each escalation opened here, for the pages sent at once.
+        self.early_cycle: dict[UUID, EarlyCycle] = {}
 
     def event(self, escalation_id: UUID, entry: TimelineEntry) -> None:
         self._events.append(
@@ -1808,6 +1807,7 @@ class _Writer:
                 claimed_at=at,
                 updated_at=at,
                 bundle_id=p.bundle_id,
+                early_cycle=self.early_cycle.get(p.escalation_id),
             )
             for p in self._pages
         ]
@@ -1901,6 +1901,9 @@ def _job(row: Any, now: datetime, bundle: tuple[Alert, ...] = ()) -> PageJob:
         bundle_id=None if row["bundle_id"] is None else UUID(str(row["bundle_id"])),
         bundle=bundle,
         bundle_kind=row["bundle_kind"],
+        early_cycle=early_cycle_from_json(
+            None if row["early_cycle"] is None else json.loads(row["early_cycle"])
+        ),
     )
 
 
@@ -1916,6 +1919,44 @@ def _state(row: Any) -> EscalationState:
         resolved_at=row["resolved_at"],
         snoozed_until=row["snoozed_until"],
         round_no=int(row["round_no"]),
+    )
+
+
+def _opened_detail(alert: Alert, snapshot: PolicySnapshot, care_team_id: str) -> dict[str, Any]:
+    """The timeline's ``opened`` entry: the alert, the policy frozen for it and, for an alert in
+    the CRS window, why that policy (``early_cycle``: cycle day, override or the usual chain)."""
+    detail: dict[str, Any] = {
+        "alert_id": str(alert.alert_id),
+        "policy_id": snapshot.policy_id,
+        "care_team_id": care_team_id,
+    }
+    if snapshot.early_cycle is not None:
+        detail["early_cycle"] = early_cycle_to_json(snapshot.early_cycle)
+    return detail
+
+
+async def _schedules(conn: Any, targets: list[Target]) -> dict[str, Rotation]:
+    """The rotations (with overrides) of the schedules ``targets`` name that still exist."""
+    schedules: dict[str, Rotation] = {}
+    for name in sorted({t.ref for t in targets if t.kind == "schedule"}):
+        schedule = await conn.fetchrow(
+            "SELECT * FROM oncall_schedules WHERE schedule_id = $1", name
+        )
+        if schedule is None:
+            continue
+        overrides = await conn.fetch(
+            "SELECT person_id, starts_at, ends_at FROM oncall_overrides "
+            "WHERE schedule_id = $1 ORDER BY starts_at, override_id",
+            name,
+        )
+        schedules[name] = _rotation(schedule, overrides)
+    return schedules
+
+
+def _known(targets: tuple[Target, ...], schedules: dict[str, Rotation]) -> tuple[Target, ...]:
+    """``targets`` with each schedule that no longer exists replaced by the fallback address."""
+    return tuple(
+        t if t.kind != "schedule" or t.ref in schedules else Target("email", "") for t in targets
     )
 
 
@@ -1946,3 +1987,4 @@ def _key_base(idempotency_key: str) -> str:
 
 def _iso(at: datetime | None) -> str | None:
     return None if at is None else at.isoformat()
+

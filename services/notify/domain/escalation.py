@@ -40,16 +40,37 @@ class StepSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class EarlyCycle:
+    """Why an escalation runs the early-cycle variant of its team's chain, frozen with it.
+
+    Set on a snapshot opened for an alert in the cytokine-release-syndrome window (cycle day 1-3,
+    the step-up day or the day after: the rules' ``cycle_day`` evidence); ``domain.early_cycle``
+    builds it. ``overridden`` is False when the team has no early-cycle override: the usual
+    chain runs unchanged and only the page says which day of the cycle it is.
+    """
+
+    cycle_day: int
+    usual_policy_id: str
+    overridden: bool
+    # The acknowledgement wait the override caps every step at (None: the usual waits).
+    ack_wait_s: int | None = None
+    # Paged with the first step, at once, on every pass of the chain.
+    extra_targets: tuple[Target, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySnapshot:
     """An escalation policy as it was when the alert opened, with the schedules it names.
 
-    The whole chain runs ``1 + repeat_count`` times before it is exhausted.
+    The whole chain runs ``1 + repeat_count`` times before it is exhausted. ``early_cycle`` is
+    set when the policy was chosen for an alert in the CRS window (see ``EarlyCycle``).
     """
 
     policy_id: str
     steps: tuple[StepSnapshot, ...]
     repeat_count: int
     schedules: dict[str, Rotation] = field(default_factory=dict)
+    early_cycle: EarlyCycle | None = None
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -374,7 +395,7 @@ def _aware(at: datetime) -> None:
 
 
 def snapshot_to_json(snapshot: PolicySnapshot) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "policy_id": snapshot.policy_id,
         "repeat_count": snapshot.repeat_count,
         "steps": [
@@ -400,6 +421,36 @@ def snapshot_to_json(snapshot: PolicySnapshot) -> dict[str, Any]:
             for key, r in snapshot.schedules.items()
         },
     }
+    if snapshot.early_cycle is not None:
+        data["early_cycle"] = early_cycle_to_json(snapshot.early_cycle)
+    return data
+
+
+def early_cycle_to_json(early: EarlyCycle) -> dict[str, Any]:
+    return {
+        "cycle_day": early.cycle_day,
+        "usual_policy_id": early.usual_policy_id,
+        "overridden": early.overridden,
+        "ack_wait_s": early.ack_wait_s,
+        "extra_targets": [{"kind": t.kind, "ref": t.ref} for t in early.extra_targets],
+    }
+
+
+def early_cycle_from_json(data: dict[str, Any] | None) -> EarlyCycle | None:
+    """The ``early_cycle`` of a stored snapshot; None for a snapshot without one (every snapshot
+    frozen before early-cycle policies existed)."""
+    if not data:
+        return None
+    wait = data.get("ack_wait_s")
+    return EarlyCycle(
+        cycle_day=int(data["cycle_day"]),
+        usual_policy_id=str(data["usual_policy_id"]),
+        overridden=bool(data["overridden"]),
+        ack_wait_s=None if wait is None else int(wait),
+        extra_targets=tuple(
+            Target(kind=t["kind"], ref=str(t["ref"])) for t in data.get("extra_targets", ())
+        ),
+    )
 
 
 def snapshot_from_json(data: dict[str, Any]) -> PolicySnapshot:
@@ -432,4 +483,5 @@ def snapshot_from_json(data: dict[str, Any]) -> PolicySnapshot:
             )
             for key, r in data.get("schedules", {}).items()
         },
+        early_cycle=early_cycle_from_json(data.get("early_cycle")),
     )

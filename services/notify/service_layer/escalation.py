@@ -41,6 +41,13 @@ from services.notify.domain.channel_failover import (
     NextChannel,
     after_attempt,
 )
+from services.notify.domain.early_cycle import (
+    EarlyCycleOverride,
+    crs_cycle_day,
+    crs_note,
+    crs_sms_note,
+    select_policy,
+)
 from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     DEFAULT_POLICY_REPEATS,
@@ -106,6 +113,7 @@ class EscalationStore(Protocol):
 
     async def team_of_patient(self, patient_id: str) -> str | None: ...
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None: ...
+    async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None: ...
     async def open_and_fire(
         self,
         alert: Alert,
@@ -342,6 +350,7 @@ class EscalationService:
         team = await self._store.team_of_patient(alert.patient_id)
         snapshot = None if team is None else await self._store.load_policy(team)
         await self._alerts.record_alert(alert)
+        team_known = team is not None and snapshot is not None
         if team is None or snapshot is None:
             reason = (
                 f"patient {alert.patient_id} is not registered with a care team"
@@ -358,12 +367,40 @@ class EscalationService:
                     reason=reason,
                 ),
             )
-        elif await self._held_for_quiet_hours(alert, team, snapshot, now):
+        snapshot = await self._early_cycle(alert, team, snapshot)
+        if team_known and await self._held_for_quiet_hours(alert, team, snapshot, now):
             return
         if self._config.group_wait_s > 0:
             await self._open_in_window(alert, team, snapshot, now)
         else:
             await self._open(alert, team, snapshot, now)
+
+    async def _early_cycle(
+        self, alert: Alert, team: str, snapshot: PolicySnapshot
+    ) -> PolicySnapshot:
+        """The policy to freeze for an alert in the CRS window (``domain.early_cycle``): the
+        team's chain changed by its early-cycle override, or unchanged when it has none; any
+        other alert keeps ``snapshot``. The override is read only for an alert in the window.
+        A team whose chain is the fallback (no policy, no on-call address) still gets its
+        override's shorter wait and extra targets: paging more people sooner is the safe side."""
+        day = crs_cycle_day(alert)
+        if day is None:
+            return snapshot
+        override = (
+            None if team == UNASSIGNED_CARE_TEAM else await self._store.early_cycle_override(team)
+        )
+        selected = select_policy(snapshot, override, alert)
+        log.info(
+            "early_cycle_policy",
+            extra=log_fields(
+                alert_id=str(alert.alert_id),
+                care_team_id=team,
+                cycle_day=day,
+                policy_id=selected.policy_id,
+                overridden=override is not None,
+            ),
+        )
+        return selected
 
     async def _held_for_quiet_hours(
         self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
@@ -624,6 +661,8 @@ class EscalationService:
                 route_detail=route_detail,
             )
             return await self._email.send(message, recipient=page.recipient)
+        # A page about an alert in the CRS window says so, and how its chain differs for it.
+        early = job.early_cycle if job.purpose in _CRS_NOTED else None
         if page.channel == "email":
             message = compose_page_email(
                 alert,
@@ -633,6 +672,7 @@ class EscalationService:
                 purpose=job.purpose,
                 ack_url=ack_url,
                 route_detail=route_detail,
+                note=None if early is None else crs_note(early),
             )
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
@@ -643,6 +683,8 @@ class EscalationService:
                 if bundled
                 else compose_sms_text(alert, job.purpose, reference=sms_reference(job))
             )
+            if early is not None and not bundled:
+                body = f"{body} {crs_sms_note(early)}"
             return await self._sms.send_sms(to=page.recipient, body=body)
         if self._webhook is None:
             return _not_configured("webhook")
@@ -655,6 +697,11 @@ class EscalationService:
             dedup_key=job.alert.dedup_key,
             bundle=job.bundle,
         )
+        payload = event.get("payload")
+        if early is not None and not bundled and isinstance(payload, dict):
+            details = payload.setdefault("custom_details", {})
+            if isinstance(details, dict):
+                details["crs_window"] = crs_note(early)
         return await self._webhook.enqueue(event)
 
     async def _send_digest(self, job: PageJob, ack_url: str | None) -> SendOutcome:
@@ -822,6 +869,10 @@ async def _first(*awaitables: Any) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+#: The pages that carry the CRS-window note: the alert's own pages and its escalation notice.
+_CRS_NOTED = frozenset({PagePurpose.ALERT, PagePurpose.ESCALATION})
 
 
 def _not_configured(channel: str) -> SendOutcome:

@@ -13,6 +13,7 @@ from uuid import UUID
 
 from schemas.events import Alert, Page
 from services.notify.domain import PagePurpose
+from services.notify.domain.escalation import EarlyCycle
 
 # recipient_ref of a page sent to a care team's fallback address.
 FALLBACK_PREFIX = "fallback:"
@@ -42,6 +43,9 @@ class PageJob:
     bundle_kind: str | None = None
     # For each alert of ``bundle``: when it resolved, None while it is still active.
     resolved_at: tuple[datetime | None, ...] = ()
+    # The escalation's frozen ``PolicySnapshot.early_cycle``: the alert is in the CRS window
+    # (the page says so, and how the chain differs for it). None for any other alert.
+    early_cycle: EarlyCycle | None = None
 
     @property
     def is_digest(self) -> bool:
