@@ -74,6 +74,14 @@ class TemperatureSite(StrEnum):
     UNKNOWN = "unknown"
 
 
+# The plausible range of a body temperature. Outside it a reading is a sensor fault (probe off
+# the skin, a broken thermometer), not a fever or hypothermia: ingest keeps it, flagged
+# ``implausible_temperature``, and the rules raise a technical sensor-fault alert for it and
+# never read it as a temperature (docs/mqtt.md).
+PLAUSIBLE_MIN_C = 30.0
+PLAUSIBLE_MAX_C = 43.0
+
+
 class TemperatureReading(_DeviceMessageBase):
     """One body-temperature measurement from a spot-check thermometer or a wearable patch."""
 

@@ -211,16 +211,23 @@ class IngestPipeline:
     async def _produce(self, admission: Admission, progress: _Progress) -> None:
         started = time.perf_counter()
         # Telemetry goes one batch per partition (see PartitionBatches); dead letters are rare
-        # and go one record at a time.
+        # and go one record at a time. A pipeline heartbeat goes to every partition: it is each
+        # partition's arrival clock, so the rules notice a silent home where nothing else
+        # arrives (docs/rules.md, "Time").
         telemetry = [
             (i, t.patient_id.encode(), _encode(t))
             for i, t in enumerate(admission.accepted)
             if not progress.telemetry_sent[i]
         ]
+        everywhere = {
+            i
+            for i, t in enumerate(admission.accepted)
+            if not progress.telemetry_sent[i] and not is_reading(t)
+        }
         pending: list[tuple[list[int], asyncio.Future[object]]] = []
         async with self._produce_lock:
             if telemetry:
-                pending = await self._telemetry_batches.send(TELEMETRY_TOPIC, telemetry)
+                pending = await self._telemetry_batches.send(TELEMETRY_TOPIC, telemetry, everywhere)
             for j, dead in enumerate(admission.rejected):
                 if not progress.dead_sent[j]:
                     future = await self._producer.send(
@@ -231,11 +238,18 @@ class IngestPipeline:
                     pending.append(([-1 - j], future))
         results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
         failure: BaseException | None = None
+        # A heartbeat is in one batch per partition: it is sent only when every one is.
+        failed: set[int] = set()
         for (indices, _), result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
                 failure = failure or result
+                failed.update(indices)
+        for (indices, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
                 continue
             for index in indices:
+                if index in failed:
+                    continue
                 if index >= 0:
                     progress.telemetry_sent[index] = True
                 else:

@@ -251,7 +251,9 @@ class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
         engine.take_dirty()
         self.engines[partition] = engine
         self.metrics.restore_seconds.observe(time.perf_counter() - started)
-        self.metrics.track_watermark(partition, lambda: engine.watermark, utcnow)
+        self.metrics.track_watermark(
+            partition, lambda: engine.watermark, utcnow, lambda: engine.arrival_clock
+        )
         self.readiness.restored.add(partition)
         log.info(
             "rules_partition_restored",

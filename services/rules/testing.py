@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from schemas.device import (
+    HeartbeatMessage,
     PumpAlarmCode,
     PumpEvent,
     PumpEventKind,
@@ -143,6 +144,56 @@ class Home:
 
     def clear(self, minutes: float, code: PumpAlarmCode) -> Telemetry:
         return self.pump_event(minutes, PumpEventKind.ALARM_CLEARED, code)
+
+
+def delivered_at(event: Telemetry, ingest_time: datetime) -> Telemetry:
+    """``event`` as it reaches ingest at ``ingest_time`` (a hub forwarding its buffer late)."""
+    return event.model_copy(update={"ingest_time": ingest_time})
+
+
+class Pulse:
+    """The pipeline heartbeat as ingest writes it to a partition: the arrival clock of a
+    partition where no patient's data arrives."""
+
+    def __init__(
+        self,
+        start: datetime,
+        *,
+        device_id: str = "heartbeat-pipeline",
+        patient_id: str = "pipeline-team-tech",
+    ) -> None:
+        self.start = start
+        self.device_id = device_id
+        self.patient_id = patient_id
+        self._seq = 0
+
+    def beat(self, minutes: float) -> Telemetry:
+        """A heartbeat that reaches ingest ``minutes`` after ``start`` (sent 1 s before)."""
+        self._seq += 1
+        ingest = self.start + timedelta(minutes=minutes)
+        message = HeartbeatMessage.model_validate(
+            {
+                "schema": "vigil.device.heartbeat.v1",
+                "message_id": uuid.uuid5(_STREAM_NAMESPACE, f"{self.device_id}|{self._seq}"),
+                "device_id": self.device_id,
+                "seq": self._seq,
+                "device_time": ingest - timedelta(seconds=1),
+            }
+        )
+        return Telemetry.model_validate(
+            {
+                "patient_id": self.patient_id,
+                "device_id": self.device_id,
+                "mqtt_topic": f"vigil/v1/dev/{self.device_id}/heartbeat",
+                "ingest_time": ingest,
+                "message": message,
+            }
+        )
+
+    def every(self, seconds: float, from_minutes: float, to_minutes: float) -> list[Telemetry]:
+        """Heartbeats every ``seconds`` from ``from_minutes`` through ``to_minutes``."""
+        count = int((to_minutes - from_minutes) * 60 // seconds) + 1
+        return [self.beat(from_minutes + i * seconds / 60) for i in range(count)]
 
 
 def run_stream(engine: RulesEngine, events: Iterable[Telemetry]) -> list[Alert]:

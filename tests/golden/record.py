@@ -55,6 +55,9 @@ def stream(prefix: str = "") -> list[Telemetry]:
             events.append(quiet.pump_event(m, PumpEventKind.BAG_CHANGED))
         if m % 60 == 0:
             events.append(quiet.temp(m, 36.7 + (m % 120) / 600, site=TemperatureSite.ORAL))
+    # A broken reading from G-QUIET's thermometer: a sensor fault, never a fever; the next
+    # plausible reading is its all clear.
+    events.append(quiet.temp(200, 45.0, site=TemperatureSite.ORAL))
     # G-FEVER (cycle day 2): a sustained axillary fever, a critical reading, a thermometer that
     # goes quiet during the fever, then back and clearing; one duplicate, one late reading.
     for m in range(0, 61, 10):

@@ -97,3 +97,36 @@ async def test_a_record_larger_than_a_batch_is_refused() -> None:
     producer = FakeProducer({0}, capacity=5)
     with pytest.raises(RecordTooLarge):
         await PartitionBatches(producer).send("t", _records(1))
+
+
+async def test_a_record_named_everywhere_reaches_every_partition_in_its_place() -> None:
+    """The pipeline heartbeat is every partition's arrival clock: named in ``everywhere`` it is
+    appended to each partition, after the records before it and before those after it there,
+    and its index is in one batch per partition. The other records still go by their key."""
+    producer = FakeProducer({0, 1, 2, 3})
+    records = _records(12, patients=12)
+    beat = (12, b"pipeline", b"heartbeat")
+    records = [*records[:6], beat, *records[6:]]
+    sent = await PartitionBatches(producer).send("t", records, everywhere={12})
+    default = DefaultPartitioner()
+    assert {p for _, p, _ in producer.sent} == {0, 1, 2, 3}
+    for _, partition, batch in producer.sent:
+        values = [v for _, v in batch]
+        assert values.count(b"heartbeat") == 1
+        at = values.index(b"heartbeat")
+        keys = [k for k, _ in batch]
+        for position, key in enumerate(keys):
+            if key == b"pipeline":
+                continue
+            assert partition == default(key, [0, 1, 2, 3], [0, 1, 2, 3])
+            index = int(batch[position][1])
+            assert (index < 6) == (position < at)
+    assert sum(1 for indices, _ in sent if 12 in indices) == 4
+
+
+async def test_without_everywhere_the_same_record_goes_to_its_key_alone() -> None:
+    """Positive control for the test above: the heartbeat's key alone decides its partition
+    when it is not named in ``everywhere``."""
+    producer = FakeProducer({0, 1, 2, 3})
+    await PartitionBatches(producer).send("t", [(0, b"pipeline", b"heartbeat")])
+    assert len(producer.sent) == 1

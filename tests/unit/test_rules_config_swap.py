@@ -79,7 +79,8 @@ def test_a_lowered_silence_limit_fires_at_the_new_earlier_deadline() -> None:
     assert run_stream(engine, [home.temp(9, 36.8)]) == []
     (silent,) = run_stream(engine, [home.temp(11, 36.8)])
     assert silent.code == "device_silent" and silent.config_version == "v-new"
-    assert silent.device_time == home.start.replace(minute=10)
+    # The deadline counts from the last message's arrival (ingest 1 s after its device time).
+    assert silent.device_time == home.start.replace(minute=10, second=1)
 
 
 def test_a_raised_silence_limit_does_not_fire_at_the_old_deadline() -> None:
@@ -92,7 +93,7 @@ def test_a_raised_silence_limit_does_not_fire_at_the_old_deadline() -> None:
     assert run_stream(engine, [home.temp(m, 36.8) for m in (10, 16, 29)]) == []
     (silent,) = run_stream(engine, [home.temp(31, 36.8)])
     assert silent.code == "device_silent"
-    assert silent.device_time == home.start.replace(minute=30)
+    assert silent.device_time == home.start.replace(minute=30, second=1)
 
 
 def test_a_lowered_interruption_page_moves_the_armed_clock() -> None:

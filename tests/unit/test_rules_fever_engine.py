@@ -59,27 +59,30 @@ def fever_then_silence(home: Home, last_minute: int) -> list:
 
 
 def test_thermometer_silent_during_fever_pages_high() -> None:
-    """A fever open and no temperature for 30 min (on the watermark) pages high priority."""
+    """A fever open and no temperature reaching us for 30 min pages high priority, dated at
+    the deadline: the last reading's ingest time (1 s after its device time) + 30 min."""
     home = Home("P-unobs-1", T0)
     alerts = run_stream(RulesEngine(), fever_then_silence(home, 20))
     unobserved = [a for a in alerts if a.code == "fever_unobserved"]
     assert len(unobserved) == 1
     assert unobserved[0].priority is AlertPriority.HIGH
-    assert unobserved[0].device_time == T0 + timedelta(minutes=50)
+    assert unobserved[0].device_time == T0 + timedelta(minutes=50, seconds=1)
     assert unobserved[0].device_id == home.thermometer_id
 
 
 def test_thermometer_silence_edge_one_minute_before_and_at_the_limit() -> None:
-    """Watermark 29 min after the last reading of a fever: quiet; at 30 min: pages."""
+    """Arrival clock just short of 30 min after the last reading of a fever: quiet; past it:
+    pages. Arrival lateness 5 s: the clock is the newest ingest time - 5 s."""
     home = Home("P-unobs-2", T0)
-    engine = RulesEngine()  # allowed lateness 60 s: watermark = newest device time - 1 min
+    engine = RulesEngine()
     events = [home.temp(0, 38.6), home.temp(29, 38.6)]
     events += [home.status(m) for m in range(0, 60)]
     alerts = run_stream(engine, sorted(events, key=lambda e: e.device_time))
-    assert [a.code for a in alerts] == ["fever_single"]  # watermark 58 min, deadline 59 min
+    # Last reading reached us at 29:01: deadline 59:01; the clock stands at 59:01 - 5 s.
+    assert [a.code for a in alerts] == ["fever_single"]
     later = engine.on_telemetry(home.status(60))
     assert [a.code for a in later] == ["fever_unobserved"]
-    assert later[0].device_time == T0 + timedelta(minutes=59)
+    assert later[0].device_time == T0 + timedelta(minutes=59, seconds=1)
 
 
 def test_thermometer_back_ends_the_unobserved_alert() -> None:

@@ -1,4 +1,6 @@
-"""The rules pass the pipeline heartbeat on to notify and keep it away from the clinical rules."""
+"""The rules pass the pipeline heartbeat on to notify and keep it away from the clinical rules;
+it moves the arrival clock of its partition (ingest writes it to every partition), so a
+silence is noticed where nothing else arrives."""
 
 from __future__ import annotations
 
@@ -76,33 +78,39 @@ def test_redelivered_heartbeat_has_the_same_alert_id_and_a_new_one_a_new_id() ->
     assert following.dedup_key == first.dedup_key
 
 
-def test_heartbeat_moves_no_state_and_no_watermark() -> None:
-    """A heartbeat touches no patient or device state, marks nobody dirty and does not move the
-    watermark: the engine's snapshot is the same before and after."""
+def test_heartbeat_moves_no_patient_state_and_no_watermark_only_the_arrival_clock() -> None:
+    """A heartbeat touches no patient or device state, marks nobody dirty and does not move
+    the event-time watermark; what it moves is the arrival clock (its ingest time - 5 s)."""
     engine = RulesEngine()
     home = Home("P-0001", START)
     run_stream(engine, [home.temp(0, 37.0), home.status(0)])
     engine.take_dirty()
     before = engine.snapshot()
-    engine.on_telemetry(heartbeat(30))
-    assert engine.snapshot() == before
+    beat = heartbeat(10)  # before any deadline: nothing fires
+    engine.on_telemetry(beat)
+    after = engine.snapshot()
+    assert after["patients"] == before["patients"]
+    assert after["watermark"] == before["watermark"]
     assert engine.take_dirty() == set()
     assert engine.patient_count == 1
+    assert after["max_ingest_t"] == beat.ingest_time.timestamp() > before["max_ingest_t"]
+    assert engine.arrival_clock == beat.ingest_time - timedelta(seconds=5)
 
 
-def test_a_later_heartbeat_fires_no_clinical_timer_but_a_reading_does() -> None:
-    """Edge of 'no state': a heartbeat hours after the last reading does not fire the device
-    silent timer (it would, if heartbeats moved the watermark); a reading at that time does."""
+def test_a_heartbeat_past_a_deadline_fires_the_silence_alone_on_its_partition() -> None:
+    """A home that goes quiet with nothing else arriving: the heartbeat is what moves time.
+    Just before the pump's deadline (last arrival + 15 min) a heartbeat fires nothing; the
+    next one, past it, fires device_silent dated at the deadline, not at the heartbeat."""
     home = Home("P-0001", START)
     engine = RulesEngine()
-    run_stream(engine, [home.temp(0, 37.0)])
-    late = 6 * 60.0
-    assert [a.code for a in engine.on_telemetry(heartbeat(late))] == ["pipeline.heartbeat"]
-
-    reference = RulesEngine()
-    run_stream(reference, [home.temp(0, 37.0)])
-    fired = Home("P-0002", START).temp(late, 37.0)
-    assert "device_silent" in [a.code for a in reference.on_telemetry(fired)]
+    run_stream(engine, [home.temp(0, 37.0), home.status(0)])
+    deadline = START + timedelta(minutes=15, seconds=1)
+    # heartbeat(m) reaches ingest at m + 1 s; the clock is that - 5 s.
+    early = engine.on_telemetry(heartbeat(15 + 4 / 60, seq=1))
+    assert [a.code for a in early] == ["pipeline.heartbeat"]
+    late = engine.on_telemetry(heartbeat(15 + 5 / 60, seq=2))
+    assert [a.code for a in late] == ["pipeline.heartbeat", "device_silent"]
+    assert late[1].device_id == home.pump_id and late[1].device_time == deadline
 
 
 def test_heartbeats_interleaved_with_a_fever_change_no_clinical_alert() -> None:

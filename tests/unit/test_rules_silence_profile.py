@@ -1,5 +1,6 @@
-"""Device silent (a technical alert on the event-time watermark) and the patient-profile rule
-(a 7-day bag programmed for a patient under 22 kg)."""
+"""Device silent (a technical alert on the arrival clock: nothing from the device has reached
+us for its limit) and the patient-profile rule (a 7-day bag programmed for a patient under
+22 kg)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 
 
 def clock_stream(until: int) -> list:
-    """Another home whose pump reports every minute: it moves the watermark."""
+    """Another home whose pump reports every minute: it moves the partition's clocks."""
     other = Home("P-clock", T0)
     return [other.status(m) for m in range(0, until + 1)]
 
@@ -24,14 +25,15 @@ def merged(*streams: list) -> list:
 
 
 def test_pump_silent_for_15_min_is_a_technical_alert() -> None:
-    """A pump that stops reporting for 15 min (watermark) raises device_silent, medium."""
+    """A pump from which nothing arrives for 15 min raises device_silent, medium, dated at the
+    deadline: its last message's ingest time (1 s after its device time here) plus 15 min."""
     home = Home("P-silent-1", T0)
     alerts = run_stream(RulesEngine(), merged([home.status(0)], clock_stream(20)))
     mine = [a for a in alerts if a.patient_id == "P-silent-1"]
     assert [(a.code, a.kind, a.priority) for a in mine] == [
         ("device_silent", AlertKind.TECHNICAL, AlertPriority.MEDIUM)
     ]
-    assert mine[0].device_time == T0 + timedelta(minutes=15)
+    assert mine[0].device_time == T0 + timedelta(minutes=15, seconds=1)
     assert mine[0].device_id == home.pump_id
 
 
@@ -63,20 +65,36 @@ def test_thermometer_has_its_own_silence_limit() -> None:
 
 
 def test_device_clock_ahead_does_not_advance_the_watermark() -> None:
-    """A message flagged device_clock_skew (clock in the future) does not make others silent."""
-    home = Home("P-silent-5", T0)
-    skewed = Home("P-skew", T0).status(600).model_copy(update={"flags": ("device_clock_skew",)})
-    alerts = run_stream(RulesEngine(), [home.status(0), skewed])
-    assert [a for a in alerts if a.patient_id == "P-silent-5"] == []
+    """A message whose device clock ingest flagged as ahead (``device_clock_ahead``, or the
+    older ``device_clock_skew``) does not move event time: another pump's bag clock does not
+    fire from it. The positive control: the same message unflagged does fire it."""
+    low = {"remaining_ml": 21.0}  # 126 min left at 10 mL/h: bag change due at +6 min
+    ahead_ingest = T0 + timedelta(minutes=1)
+
+    def run(flags: tuple[str, ...]) -> list[str]:
+        home = Home("P-silent-5", T0)
+        skewed = (
+            Home("P-skew", T0)
+            .status(10)
+            .model_copy(update={"flags": flags, "ingest_time": ahead_ingest})
+        )
+        alerts = run_stream(RulesEngine(), [home.status(0, **low), skewed])
+        return [a.code for a in alerts if a.patient_id == "P-silent-5"]
+
+    assert run(("device_clock_ahead",)) == []
+    assert run(("device_clock_skew",)) == []
+    assert run(()) == ["bag_change_due"]
 
 
 def test_on_time_fires_due_timers_explicitly() -> None:
-    """on_time moves the watermark by hand (end of a replay): the silence fires."""
+    """on_time moves both clocks by hand (end of a replay): the silence fires at its deadline
+    (ingest time of the last message + 15 min), not a moment before."""
     home = Home("P-silent-6", T0)
     engine = RulesEngine()
     assert engine.on_telemetry(home.status(0)) == []
-    assert engine.on_time(T0 + timedelta(minutes=14, seconds=59)) == []
-    assert [a.code for a in engine.on_time(T0 + timedelta(minutes=15))] == ["device_silent"]
+    assert engine.on_time(T0 + timedelta(minutes=15)) == []
+    deadline = T0 + timedelta(minutes=15, seconds=1)
+    assert [a.code for a in engine.on_time(deadline)] == ["device_silent"]
 
 
 def weighted(patient_id: str, weight_kg: float | None) -> RulesConfig:

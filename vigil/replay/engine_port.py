@@ -32,7 +32,6 @@ from schemas.events import Alert, Telemetry
 from services.rules.adapters.codec import decode_observation
 from services.rules.adapters.config_store import canonical_json
 from services.rules.adapters.config_store import content_hash as config_content_hash
-from services.rules.domain.alerting import at
 from services.rules.domain.config import RULES_LOGIC_VERSION, RulesConfig
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import (
@@ -101,6 +100,8 @@ class EnginePort(Protocol):
 
     def on_time(self, watermark: datetime) -> list[Alert]: ...
 
+    def on_context(self, obs: ObservationLike) -> list[Alert]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class PinnedRules:
@@ -154,21 +155,22 @@ class PinnedRules:
 
 
 class ReplayEngine:
-    """The engine as a replay drives it: the events it replays, plus the stream's clock.
+    """The engine as a replay drives it: the events it replays, plus the stream's clocks.
 
-    The live engine sees every patient's events, and its timers fire on one watermark that any
-    event moves. A replay of one patient still has to move that watermark when the other
-    patients' events would have, or a silence timer fires later than it did live (or never).
-    ``advance_from`` moves event time for an event that is *not* replayed, exactly as the
-    engine's own arrival of it would have, and returns the alerts of the timers that fall due.
+    The live engine sees every patient's events of its partition, and its timers fire on
+    clocks that any of them moves (the event-time watermark and the arrival clock, see
+    ``services.rules.domain.engine``). A replay of one patient still has to move those clocks
+    when the other patients' events (and the pipeline heartbeats) would have, or a silence
+    timer fires later than it did live (or never). ``advance_from`` moves them for an event
+    that is *not* replayed, exactly as the engine's own arrival of it would have, and returns
+    the alerts of the timers that fall due.
     """
 
-    __slots__ = ("_engine", "_lateness", "_mark", "on_event")
+    __slots__ = ("_engine", "on_event")
 
     def __init__(self, engine: EnginePort, lateness_s: float) -> None:
+        """``lateness_s`` is the config's ``allowed_lateness_s``; the engine applies it."""
         self._engine = engine
-        self._lateness = lateness_s
-        self._mark = float("-inf")
         # The engine's own method, bound once: one call per replayed event, not two.
         self.on_event: Callable[[ReplayEvent], list[Alert]] = engine.on_observation
 
@@ -176,16 +178,7 @@ class ReplayEngine:
         return self._engine.on_time(watermark)
 
     def advance_from(self, event: ReplayEvent) -> list[Alert]:
-        if event.clock_skew:
-            return []  # a skewed device clock does not move the live watermark either
-        return self._advance(event.t)
-
-    def _advance(self, t: float) -> list[Alert]:
-        mark = t - self._lateness
-        if mark <= self._mark:
-            return []
-        self._mark = mark
-        return self._engine.on_time(at(mark))
+        return self._engine.on_context(event)
 
 
 def pin(config: Mapping[str, Any] | RulesConfig) -> PinnedRules:

@@ -558,7 +558,8 @@ def alert_from_json(raw: bytes) -> Alert | None:
 # that a row becomes one in a single C call (``ArchivedObservation(*row)``). A field the
 # table's kind does not have is NULL, which the server sends and the client decodes for next
 # to nothing (a constant would cost both a value per row). The client decodes every column of
-# every row, so the flags arrive as the one boolean the rules use, and times as epoch seconds
+# every row, so the flags arrive as the one boolean the rules use (a device clock ingest found
+# far off: ``observation.CLOCK_SKEW_FLAGS``), and times as epoch seconds
 # (float8): a ``timestamptz`` costs the client ~0.75 µs to decode into a datetime and the
 # engine needs one only to build an alert; a float8 costs ~0.05 µs (server side ~0.2 µs).
 # Epoch seconds order exactly as the times do (distinct microseconds stay distinct doubles).
@@ -569,7 +570,8 @@ SELECT kind, patient_id, device_id, t, it, mid, skew,
        battery_pct, event, alarm FROM (
 SELECT 0::int2 AS kind, patient_id, device_id,
        date_part('epoch', device_time) AS t, date_part('epoch', ingest_time) AS it,
-       message_id::text AS mid, 'device_clock_skew' = ANY(flags) AS skew,
+       message_id::text AS mid,
+       flags && ARRAY['device_clock_ahead', 'device_clock_behind', 'device_clock_skew'] AS skew,
        value_c AS temperature_c, site, NULL::text AS pump_state, NULL::float8 AS rate_ml_h,
        NULL::float8 AS volume_remaining_ml, NULL::float8 AS bag_volume_ml,
        NULL::float8 AS battery_pct, NULL::text AS event, NULL::text AS alarm, seq
@@ -577,14 +579,16 @@ FROM temperature_readings WHERE {where}
 UNION ALL
 SELECT 1::int2, patient_id, device_id,
        date_part('epoch', device_time), date_part('epoch', ingest_time),
-       message_id::text, 'device_clock_skew' = ANY(flags),
+       message_id::text,
+       flags && ARRAY['device_clock_ahead', 'device_clock_behind', 'device_clock_skew'],
        NULL, NULL, state, rate_ml_h, volume_remaining_ml, bag_volume_ml, battery_pct,
        NULL, NULL, seq
 FROM pump_status WHERE {where}
 UNION ALL
 SELECT 2::int2, patient_id, device_id,
        date_part('epoch', device_time), date_part('epoch', ingest_time),
-       message_id::text, 'device_clock_skew' = ANY(flags),
+       message_id::text,
+       flags && ARRAY['device_clock_ahead', 'device_clock_behind', 'device_clock_skew'],
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, event, coalesce(alarm, ''), seq
 FROM pump_events WHERE {where}
 ) AS archived

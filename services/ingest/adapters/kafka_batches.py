@@ -11,12 +11,15 @@ Partitions are chosen exactly as the default partitioner chooses them for a key 
 key modulo the partition count, over partitions sorted by id), so a patient's records land on the
 same partition as with ``send(key=...)`` and stay in order there; a key's partition is cached
 until the topic's partition count changes.
+
+A record named in ``everywhere`` goes to every partition instead, in its place in each one's
+order: the pipeline heartbeat, which is every partition's arrival clock (docs/rules.md, "Time").
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -48,31 +51,53 @@ class PartitionBatches:
             known = self._by_key[topic] = (partitions, {})
         return known[1]
 
-    async def send(self, topic: str, records: Iterable[KeyedRecord]) -> list[SentBatch]:
+    async def send(
+        self, topic: str, records: Iterable[KeyedRecord], everywhere: Collection[int] = ()
+    ) -> list[SentBatch]:
         """Append ``records`` in order, one batch per partition (more when one fills up), and
-        return each batch's record indices with the future that resolves when Kafka has it."""
+        return each batch's record indices with the future that resolves when Kafka has it.
+        A record whose index is in ``everywhere`` is appended to every partition (its index is
+        then in several batches: it is durable only when all of them are)."""
         producer = self._producer
         by_key = await self._partition_of(topic)
         partitions = self._by_key[topic][0]
         open_batches: dict[int, tuple[Any, list[int]]] = {}
         sent: list[SentBatch] = []
         for index, key, value in records:
+            if everywhere and index in everywhere:
+                for each in partitions:
+                    await self._append(topic, open_batches, sent, each, index, key, value)
+                continue
             partition = by_key.get(key)
             if partition is None:
                 partition = by_key[key] = self._partitioner(key, partitions, partitions)
-            entry = open_batches.get(partition)
-            if entry is None:
-                entry = open_batches[partition] = (producer.create_batch(), [])
-            if entry[0].append(key=key, value=value, timestamp=None) is None:
-                if not entry[1]:
-                    raise RecordTooLarge(f"a {len(value)}-byte record exceeds the batch size")
-                # Full: send it now, so this partition's batches reach Kafka in record order.
-                future = await producer.send_batch(entry[0], topic, partition=partition)
-                sent.append((entry[1], future))
-                entry = open_batches[partition] = (producer.create_batch(), [])
-                if entry[0].append(key=key, value=value, timestamp=None) is None:
-                    raise RecordTooLarge(f"a {len(value)}-byte record exceeds the batch size")
-            entry[1].append(index)
+            await self._append(topic, open_batches, sent, partition, index, key, value)
         for partition, (builder, indices) in open_batches.items():
             sent.append((indices, await producer.send_batch(builder, topic, partition=partition)))
         return sent
+
+    async def _append(
+        self,
+        topic: str,
+        open_batches: dict[int, tuple[Any, list[int]]],
+        sent: list[SentBatch],
+        partition: int,
+        index: int,
+        key: bytes,
+        value: bytes,
+    ) -> None:
+        """One record into its partition's open batch (a full batch is sent first)."""
+        producer = self._producer
+        entry = open_batches.get(partition)
+        if entry is None:
+            entry = open_batches[partition] = (producer.create_batch(), [])
+        if entry[0].append(key=key, value=value, timestamp=None) is None:
+            if not entry[1]:
+                raise RecordTooLarge(f"a {len(value)}-byte record exceeds the batch size")
+            # Full: send it now, so this partition's batches reach Kafka in record order.
+            future = await producer.send_batch(entry[0], topic, partition=partition)
+            sent.append((entry[1], future))
+            entry = open_batches[partition] = (producer.create_batch(), [])
+            if entry[0].append(key=key, value=value, timestamp=None) is None:
+                raise RecordTooLarge(f"a {len(value)}-byte record exceeds the batch size")
+        entry[1].append(index)

@@ -21,6 +21,8 @@ import orjson
 from pydantic import ValidationError
 
 from schemas.device import (
+    PLAUSIBLE_MAX_C,
+    PLAUSIBLE_MIN_C,
     HeartbeatMessage,
     PumpEvent,
     PumpStatus,
@@ -63,8 +65,8 @@ class ValidationLimits:
     max_clock_behind: timedelta = timedelta(days=7)
     # Outside this range a body temperature is a sensor fault (probe off the skin, a fault),
     # not a fever or hypothermia: it is kept and flagged, and no fever rule sees it.
-    plausible_min_c: float = 30.0
-    plausible_max_c: float = 43.0
+    plausible_min_c: float = PLAUSIBLE_MIN_C
+    plausible_max_c: float = PLAUSIBLE_MAX_C
 
 
 @dataclass(frozen=True, slots=True)

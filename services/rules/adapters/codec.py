@@ -21,8 +21,8 @@ import msgspec
 
 from schemas.events import Telemetry
 from services.rules.domain.observation import (
-    CLOCK_SKEW_FLAG,
     Observation,
+    clock_skewed,
     heartbeat,
     observe,
     pump_event,
@@ -87,7 +87,7 @@ def _fahrenheit_to_celsius(value: float) -> float:
 def _observation(record: _Record) -> Observation:
     message = record.message
     flags = record.flags
-    skew = CLOCK_SKEW_FLAG in flags if flags else False
+    skew = clock_skewed(flags) if flags else False
     # The common channels first: this runs for every record the service consumes.
     if isinstance(message, _Temperature):
         celsius = record.temperature_c

@@ -79,6 +79,15 @@ class RulesMetrics:
             ["partition"],
             registry=r,
         )
+        self.arrival_lag = Gauge(
+            "vigil_rules_arrival_clock_lag_seconds",
+            "Wall clock minus the arrival clock, per assigned telemetry partition: how late "
+            "absence rules (device silent, fever unobserved) fire. The pipeline heartbeat moves "
+            "it on every partition, so it stays within a heartbeat interval plus the arrival "
+            "lateness while the pipeline runs.",
+            ["partition"],
+            registry=r,
+        )
         self.config = Info("vigil_rules_config", "The rules configuration in force.", registry=r)
         self.config_reload_failures = Counter(
             "vigil_rules_config_reload_failures",
@@ -107,20 +116,30 @@ class RulesMetrics:
         self.config.info({"config_version": config_version})
 
     def track_watermark(
-        self, partition: int, watermark: Callable[[], datetime | None], now: Callable[[], datetime]
+        self,
+        partition: int,
+        watermark: Callable[[], datetime | None],
+        now: Callable[[], datetime],
+        arrival: Callable[[], datetime | None] | None = None,
     ) -> None:
-        """Report ``now() - watermark()`` for ``partition`` at every scrape (NaN before the
-        partition's first event), so an idle partition's lag keeps growing between batches."""
+        """Report ``now() - watermark()`` (and ``now() - arrival()``) for ``partition`` at every
+        scrape (NaN before the partition's first event), so an idle partition's lag keeps
+        growing between batches."""
 
-        def lag() -> float:
-            mark = watermark()
-            return float("nan") if mark is None else (now() - mark).total_seconds()
+        def lag_of(clock: Callable[[], datetime | None]) -> Callable[[], float]:
+            def lag() -> float:
+                mark = clock()
+                return float("nan") if mark is None else (now() - mark).total_seconds()
 
-        self.watermark_lag.labels(str(partition)).set_function(lag)
+            return lag
+
+        self.watermark_lag.labels(str(partition)).set_function(lag_of(watermark))
+        if arrival is not None:
+            self.arrival_lag.labels(str(partition)).set_function(lag_of(arrival))
 
     def forget_partition(self, partition: int) -> None:
         """Drop the per-partition series of a partition this instance no longer owns."""
-        for gauge in (self.consumer_lag, self.watermark_lag):
+        for gauge in (self.consumer_lag, self.watermark_lag, self.arrival_lag):
             with contextlib.suppress(KeyError):
                 gauge.remove(str(partition))
 

@@ -159,6 +159,10 @@ class RulesConfig(_Plain):
     # How far behind the newest device time an event may arrive and still be placed before the
     # timers that depend on it fire. Timers fire at (max device time seen) - allowed_lateness.
     allowed_lateness_s: float = Field(default=60.0, ge=0)
+    # The same for the arrival clock of the absence timers (device silent, fever unobserved):
+    # how far out of ingest-time order records of one partition may land (several ingest
+    # processes write to it). Absence timers fire at (max ingest time seen) - this.
+    arrival_lateness_s: float = Field(default=5.0, ge=0)
 
     def thresholds_for(self, patient_id: str) -> Thresholds:
         profile = self.profiles.get(patient_id)

@@ -23,16 +23,27 @@
     run (tested in tests/golden). ``snapshot_patients(ids)``/``restore_patients`` do the same
     for a subset (the service persists only the patients a batch touched).
 
-Time: every decision uses device time. Timers (device silent, a fever going unobserved, bag
-change due, the interruption clock) fire on a *watermark*: the largest device time seen in the
-stream this engine consumes, minus ``allowed_lateness_s``; events flagged
-``device_clock_skew`` do not advance it. A timer fires when the watermark passes its deadline,
-and the alert carries the deadline as its device time and the ingest time of the last message
-the deadline was computed from, so the alert's content does not depend on which event happened
-to move the watermark. Timers that fall due together fire in (deadline, kind, patient, device)
-order, so a restored engine fires them in the same order. When no event arrives at all, the
-watermark does not move and no timer fires: a stream that stops entirely is the pipeline
-heartbeat's alarm, not a rule's.
+Time: every clinical decision uses device time. Rules that fire on the *absence* of something
+run on timers, and there are two clocks, because "no data has reached us" and "when the
+child's temperature was taken" are different questions:
+
+- **Arrival time** (the absence rules: device silent, a fever going unobserved): a device is
+  silent when nothing from it has *arrived* for its limit, whatever device times its messages
+  carry. The clock is the largest ingest time this engine has seen (any record of its
+  partition, including the pipeline heartbeat, which ingest writes to every partition so an
+  idle partition's clock still moves), minus ``arrival_lateness_s``. A home forwarding an hour
+  of buffered readings is not silent while they arrive, and its silence ends when data arrive.
+- **Clinical time** (the pump clocks: bag change due, the interruption clock): deadlines are
+  device times computed from the pump's data. They fire when the later of the event-time
+  watermark (the largest device time seen, minus ``allowed_lateness_s``; events whose device
+  clock ingest flagged as off do not move it) and the arrival clock passes them, so they fire
+  on time on a partition where nothing else arrives.
+
+A timer's alert carries its deadline as device time and the ingest time of the last message
+the deadline was computed from, so its content does not depend on which record moved the
+clock. Timers that fall due together fire in (deadline, kind, patient, device) order, so a
+restored engine fires them in the same order. Both clocks are in the record (ingest times and
+heartbeats are on the telemetry topic), so a replay of the topic fires the same alerts.
 
 The engine is synchronous and does no I/O; its state is mutable records per patient and
 device, owned here and changed only by the methods above.
@@ -62,6 +73,7 @@ from services.rules.domain.pump import (
     interruption_deadline,
     refresh_running_status,
 )
+from services.rules.domain.sensor import SENSOR_FAULT_RULE_ID, plausible, sensor_fault_alert
 
 SNAPSHOT_FORMAT = 1
 SILENCE_RULE_ID = "device_silent"
@@ -92,6 +104,13 @@ _SILENCE_ALERTS = _Absence(
     AlertPriority.MEDIUM,
     "minutes_since_last_message",
 )
+_FAULT_ALERTS = _Absence(
+    SENSOR_FAULT_RULE_ID,
+    "implausible_temperature",
+    AlertKind.TECHNICAL,
+    AlertPriority.MEDIUM,
+    "temperature",
+)
 _UNOBSERVED_ALERTS = _Absence(
     UNOBSERVED_RULE_ID,
     "fever_unobserved",
@@ -102,19 +121,38 @@ _UNOBSERVED_ALERTS = _Absence(
 
 
 class DeviceTrack:
-    """When the engine last heard from one device, and whether it is alerted as silent; for a
-    pump, also the pump rules' record of it (``pump``: one dict of pumps per patient beside the
-    dict of devices cost more memory than the pump record itself). In a snapshot the pump
-    record is under the patient's ``pumps``, as before."""
+    """When the engine last heard from one device, and whether it is alerted as silent or as a
+    faulty sensor; for a pump, also the pump rules' record of it (``pump``: one dict of pumps
+    per patient beside the dict of devices cost more memory than the pump record itself). In a
+    snapshot the pump record is under the patient's ``pumps``, as before.
 
-    __slots__ = ("is_thermometer", "last_ingest_t", "last_t", "pump", "silent_key", "timer_at")
+    ``last_t``/``last_ingest_t``: the newest device time the device reported, and the ingest
+    time of that message (what the evidence names). ``heard_t``: the latest ingest time of any
+    of its messages, whatever its device time (what the silence timer counts from).
+    ``silent_at``: the deadline its open silence alert fired at (an all clear is never dated
+    before it)."""
+
+    __slots__ = (
+        "fault_key",
+        "heard_t",
+        "is_thermometer",
+        "last_ingest_t",
+        "last_t",
+        "pump",
+        "silent_at",
+        "silent_key",
+        "timer_at",
+    )
 
     def __init__(self, is_thermometer: bool) -> None:
         self.is_thermometer = is_thermometer
         self.last_t = _NEG_INF
         self.last_ingest_t = 0.0
+        self.heard_t = 0.0
         self.silent_key: str | None = None
+        self.silent_at: float | None = None
         self.timer_at: float | None = None
+        self.fault_key: str | None = None
         self.pump: PumpTrack | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,8 +160,11 @@ class DeviceTrack:
             "is_thermometer": self.is_thermometer,
             "last_t": self.last_t,
             "last_ingest_t": self.last_ingest_t,
+            "heard_t": self.heard_t,
             "silent_key": self.silent_key,
+            "silent_at": self.silent_at,
             "timer_at": self.timer_at,
+            "fault_key": self.fault_key,
         }
 
     def silent_limit(self, rules: PatientRules) -> float:
@@ -135,8 +176,13 @@ class DeviceTrack:
         track = cls(bool(data["is_thermometer"]))
         track.last_t = float(data["last_t"])
         track.last_ingest_t = float(data["last_ingest_t"])
+        # Snapshots written before the arrival clock have no heard_t: the ingest time of the
+        # newest message is the best they know.
+        track.heard_t = float(data.get("heard_t", track.last_ingest_t))
         track.silent_key = data["silent_key"]
+        track.silent_at = data.get("silent_at")
         track.timer_at = data["timer_at"]
+        track.fault_key = data.get("fault_key")
         return track
 
 
@@ -147,8 +193,10 @@ class PatientTrack:
         "devices",
         "fever",
         "rules",
+        "temp_heard_t",
         "thermometer_id",
         "thermometer_ingest_t",
+        "unobserved_at",
         "unobserved_key",
         "unobserved_timer_at",
     )
@@ -160,7 +208,11 @@ class PatientTrack:
         self.devices: dict[str, DeviceTrack] = {}
         self.thermometer_id = ""
         self.thermometer_ingest_t = 0.0
+        # The latest ingest time of a plausible temperature: "no temperature for 30 min"
+        # counts from when the last one reached us.
+        self.temp_heard_t = 0.0
         self.unobserved_key: str | None = None
+        self.unobserved_at: float | None = None
         self.unobserved_timer_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,7 +230,9 @@ class PatientTrack:
             "pumps": pumps,
             "thermometer_id": self.thermometer_id,
             "thermometer_ingest_t": self.thermometer_ingest_t,
+            "temp_heard_t": self.temp_heard_t,
             "unobserved_key": self.unobserved_key,
+            "unobserved_at": self.unobserved_at,
             # Armed deadlines are state too: restoring them as they were (not recomputing them)
             # makes a restored engine fire exactly when the uninterrupted one would.
             "unobserved_timer_at": self.unobserved_timer_at,
@@ -212,7 +266,9 @@ class PatientTrack:
             device.pump = PumpTrack.from_dict(pump)
         track.thermometer_id = data["thermometer_id"]
         track.thermometer_ingest_t = float(data["thermometer_ingest_t"])
+        track.temp_heard_t = float(data.get("temp_heard_t", track.thermometer_ingest_t))
         track.unobserved_key = data["unobserved_key"]
+        track.unobserved_at = data.get("unobserved_at")
         track.unobserved_timer_at = data["unobserved_timer_at"]
         for kind, device_id, deadline in data["pump_timers"]:
             pump = track.devices[device_id].pump
@@ -251,10 +307,17 @@ class RulesEngine:
         self._config_version = self.config.config_version
         self._lateness = self.config.allowed_lateness_s
         self._compiler = _compiler_of(self.config, compiler)
+        self._arrival_lateness = self.config.arrival_lateness_s
         self._patients: dict[str, PatientTrack] = {}
+        # Pump clocks (deadlines in device time) and absence timers (deadlines in arrival
+        # time), each a heap of (deadline, kind, patient, device).
         self._timers: list[tuple[float, str, str, str]] = []
+        self._absent: list[tuple[float, str, str, str]] = []
         self._max_t = _NEG_INF
         self._watermark = _NEG_INF
+        # The arrival clock: the largest ingest time seen, and that minus the arrival lateness.
+        self._max_ingest_t = _NEG_INF
+        self._heard = _NEG_INF
         self._dirty: set[str] = set()
 
     # --- the per-event path -----------------------------------------------------------------
@@ -264,9 +327,12 @@ class RulesEngine:
 
     def on_observation(self, obs: ObservationLike) -> list[Alert]:
         if obs.channel == HEARTBEAT:
-            # Checked first: a heartbeat touches no patient, device, timer or watermark state
-            # (it is the pipeline's pulse, not a patient's data), so nothing below may see it.
-            return [heartbeat_alert(obs)]
+            # A heartbeat touches no patient or device: it is the pipeline's pulse, and the
+            # arrival clock of every partition (ingest writes each one to all of them).
+            beat = [heartbeat_alert(obs)]
+            if self._advance(obs.ingest_t, _NEG_INF):
+                beat += self._fire_due()
+            return beat
         patient_id = obs.patient_id
         self._dirty.add(patient_id)
         patient = self._patients.get(patient_id)
@@ -281,35 +347,35 @@ class RulesEngine:
         if t > device.last_t:
             device.last_t = t
             device.last_ingest_t = obs.ingest_t
-            if device.silent_key is not None:
-                alerts.append(self._end_silence(patient_id, obs, device, rules))
-            if device.timer_at is None:
-                self._arm_device(patient_id, obs.device_id, device, rules)
+        # Any message that arrives ends a silence: the device (or its hub) is reaching us,
+        # even when what it sends is an old reading from its buffer.
+        if obs.ingest_t > device.heard_t:
+            device.heard_t = obs.ingest_t
+        if device.silent_key is not None:
+            alerts.append(self._end_silence(patient_id, obs, device, rules))
+        if device.timer_at is None:
+            self._arm_device(patient_id, obs.device_id, device, rules)
 
         if obs.channel == TEMPERATURE:
-            if t >= patient.fever.newest:
-                if patient.thermometer_id != obs.device_id:
-                    # Compared first: keeping the string already held, not each event's equal
-                    # copy, is one string less per patient.
-                    patient.thermometer_id = obs.device_id
-                patient.thermometer_ingest_t = obs.ingest_t
-            was_open = patient.fever.episode_key is not None
-            newest_before = patient.fever.newest
-            found = fold_temperature(
-                patient.fever,
-                obs,
-                rules.fever,
-                rules.high_risk(t) if rules.cycle_start_s is not None else None,
-                self._config_version,
-            )
-            if found:
-                alerts += found
-            if patient.unobserved_key is not None and t > newest_before:
-                alerts.append(self._end_unobserved(patient_id, obs, patient, rules))
-            if patient.fever.episode_key is not None and (
-                not was_open or patient.unobserved_timer_at is None
-            ):
-                self._arm_unobserved(patient_id, patient, rules)
+            if obs.temperature_c is None:
+                # An archived row of this kind always has its reading; never read one as zero.
+                raise ValueError(f"temperature {obs.message_id} without its reading or site")
+            if not plausible(obs.temperature_c):
+                # A sensor fault (probe off, a broken thermometer), never a fever: no fever
+                # rule sees it, and it does not count as a temperature taken.
+                if device.fault_key is None:
+                    device.fault_key = (
+                        f"{patient_id}:{SENSOR_FAULT_RULE_ID}:{obs.device_id}:{stamp(t)}"
+                    )
+                    alerts.append(
+                        sensor_fault_alert(
+                            device.fault_key, obs, rules.rules_version, self._config_version
+                        )
+                    )
+            else:
+                if device.fault_key is not None:
+                    alerts.append(self._end_fault(patient_id, obs, device, rules))
+                alerts += self._fold_temperature(patient_id, patient, obs, rules)
         else:
             pump = device.pump
             if pump is None:
@@ -328,14 +394,75 @@ class RulesEngine:
                     alerts += found
                 self._arm_pump(patient_id, obs.device_id, patient, pump, rules)
 
-        if t > self._max_t and not obs.clock_skew:
+        if self._advance(obs.ingest_t, _NEG_INF if obs.clock_skew else t):
+            alerts += self._fire_due()
+        return alerts
+
+    def _fold_temperature(
+        self, patient_id: str, patient: PatientTrack, obs: ObservationLike, rules: PatientRules
+    ) -> list[Alert]:
+        """A plausible temperature: the fever rules, and the fever-unobserved timer."""
+        alerts: list[Alert] = []
+        t = obs.t
+        if t >= patient.fever.newest:
+            if patient.thermometer_id != obs.device_id:
+                # Compared first: keeping the string already held, not each event's equal
+                # copy, is one string less per patient.
+                patient.thermometer_id = obs.device_id
+            patient.thermometer_ingest_t = obs.ingest_t
+        if obs.ingest_t > patient.temp_heard_t:
+            patient.temp_heard_t = obs.ingest_t
+        was_open = patient.fever.episode_key is not None
+        found = fold_temperature(
+            patient.fever,
+            obs,
+            rules.fever,
+            rules.high_risk(t) if rules.cycle_start_s is not None else None,
+            self._config_version,
+        )
+        if found:
+            alerts += found
+        if patient.unobserved_key is not None:
+            # A temperature reached us: the fever is observed again.
+            alerts.append(self._end_unobserved(patient_id, obs, patient, rules))
+        if patient.fever.episode_key is not None and (
+            not was_open or patient.unobserved_timer_at is None
+        ):
+            self._arm_unobserved(patient_id, patient, rules)
+        return alerts
+
+    def _advance(self, ingest_t: float, t: float) -> bool:
+        """Move the arrival clock to ``ingest_t`` and the event-time watermark to ``t`` (each
+        only forward); whether a timer is now due."""
+        moved = False
+        if ingest_t > self._max_ingest_t:
+            self._max_ingest_t = ingest_t
+            heard = ingest_t - self._arrival_lateness
+            if heard > self._heard:
+                self._heard = heard
+                moved = True
+        if t > self._max_t:
             self._max_t = t
             watermark = t - self._lateness
             if watermark > self._watermark:
                 self._watermark = watermark
-                if self._timers and self._timers[0][0] <= watermark:
-                    alerts += self._fire_due(watermark)
-        return alerts
+                moved = True
+        return moved and self._due()
+
+    def _due(self) -> bool:
+        heard = self._heard
+        if self._absent and self._absent[0][0] <= heard:
+            return True
+        now = heard if heard > self._watermark else self._watermark
+        return bool(self._timers) and self._timers[0][0] <= now
+
+    def on_context(self, obs: ObservationLike) -> list[Alert]:
+        """Move the clocks as the arrival of ``obs`` would, without folding it (a replay's
+        event of a patient it does not replay); the alerts of the timers that fall due."""
+        still = obs.clock_skew or obs.channel == HEARTBEAT
+        if self._advance(obs.ingest_t, _NEG_INF if still else obs.t):
+            return self._fire_due()
+        return []
 
     def _rules_for(self, patient_id: str) -> PatientRules:
         return self._compiler.rules_for(patient_id)
@@ -358,6 +485,7 @@ class RulesEngine:
         self._config_version = config.config_version
         # The watermark never moves back: a larger lateness only holds it still for a while.
         self._lateness = config.allowed_lateness_s
+        self._arrival_lateness = config.arrival_lateness_s
         self._compiler = _compiler_of(config, compiler)
         moved: set[str] = set()
         for patient_id, patient in self._patients.items():
@@ -373,17 +501,17 @@ class RulesEngine:
             if device.timer_at is None:
                 continue
             limit = device.silent_limit(rules)
-            deadline = device.last_t + limit
+            deadline = device.heard_t + limit
             if deadline < device.timer_at:
                 device.timer_at = deadline
-                heapq.heappush(self._timers, (deadline, _SILENT, patient_id, device_id))
+                heapq.heappush(self._absent, (deadline, _SILENT, patient_id, device_id))
                 moved = True
         armed = patient.unobserved_timer_at
         if armed is not None:
-            deadline = patient.fever.newest + rules.fever_unobserved_s
+            deadline = patient.temp_heard_t + rules.fever_unobserved_s
             if deadline < armed:
                 patient.unobserved_timer_at = deadline
-                heapq.heappush(self._timers, (deadline, _UNOBSERVED, patient_id, ""))
+                heapq.heappush(self._absent, (deadline, _UNOBSERVED, patient_id, ""))
                 moved = True
         for device_id, pump in patient.pumps().items():
             for kind, new in (
@@ -400,16 +528,27 @@ class RulesEngine:
         return moved
 
     def on_time(self, watermark: datetime) -> list[Alert]:
-        """Move the watermark to ``watermark`` (if later) and fire the timers now due."""
+        """Move both clocks to ``watermark`` (each only forward) and fire the timers now due:
+        the end of a replayed stream, where "now" is known without a record that says so."""
         mark = watermark.timestamp()
-        if mark <= self._watermark:
-            return []
-        self._watermark = mark
-        return self._fire_due(mark)
+        moved = False
+        if mark > self._watermark:
+            self._watermark = mark
+            moved = True
+        if mark > self._heard:
+            self._heard = mark
+            moved = True
+        return self._fire_due() if moved else []
 
     @property
     def watermark(self) -> datetime | None:
         return None if self._watermark == _NEG_INF else at(self._watermark)
+
+    @property
+    def arrival_clock(self) -> datetime | None:
+        """The arrival clock the absence timers run on (largest ingest time seen, minus the
+        arrival lateness)."""
+        return None if self._heard == _NEG_INF else at(self._heard)
 
     # --- timers ------------------------------------------------------------------------------
 
@@ -417,15 +556,15 @@ class RulesEngine:
         self, patient_id: str, device_id: str, device: DeviceTrack, rules: PatientRules
     ) -> None:
         limit = device.silent_limit(rules)
-        deadline = device.last_t + limit
+        deadline = device.heard_t + limit
         device.timer_at = deadline
-        heapq.heappush(self._timers, (deadline, _SILENT, patient_id, device_id))
+        heapq.heappush(self._absent, (deadline, _SILENT, patient_id, device_id))
 
     def _arm_unobserved(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> None:
-        deadline = patient.fever.newest + rules.fever_unobserved_s
+        deadline = patient.temp_heard_t + rules.fever_unobserved_s
         if patient.unobserved_timer_at is None or deadline < patient.unobserved_timer_at:
             patient.unobserved_timer_at = deadline
-            heapq.heappush(self._timers, (deadline, _UNOBSERVED, patient_id, ""))
+            heapq.heappush(self._absent, (deadline, _UNOBSERVED, patient_id, ""))
 
     def _arm_pump(
         self,
@@ -448,15 +587,30 @@ class RulesEngine:
                 _set_armed(pump, kind, deadline)
                 heapq.heappush(self._timers, (deadline, kind, patient_id, device_id))
 
-    def _fire_due(self, watermark: float) -> list[Alert]:
-        """Pop every timer whose deadline the watermark passed. Entries are lazy: each names
-        the deadline it was armed with; if the state has since moved the real deadline later,
-        the entry is re-armed at the real deadline instead of firing (so firing order is always
+    def _fire_due(self) -> list[Alert]:
+        """Pop every timer whose clock passed its deadline: absence timers on the arrival
+        clock, pump clocks on the later of the watermark and the arrival clock; the two heaps
+        merged in (deadline, kind, patient, device) order. Entries are lazy: each names the
+        deadline it was armed with; if the state has since moved the real deadline later, the
+        entry is re-armed at the real deadline instead of firing (so firing order is always
         the order of real deadlines, with or without a restore in between)."""
         alerts: list[Alert] = []
         timers = self._timers
-        while timers and timers[0][0] <= watermark:
-            deadline, kind, patient_id, device_id = heapq.heappop(timers)
+        absent = self._absent
+        heard = self._heard
+        now = heard if heard > self._watermark else self._watermark
+        while True:
+            take_absent = bool(absent) and absent[0][0] <= heard
+            take_pump = bool(timers) and timers[0][0] <= now
+            if take_absent and take_pump:
+                take_pump = timers[0] < absent[0]
+                take_absent = not take_pump
+            if take_absent:
+                deadline, kind, patient_id, device_id = heapq.heappop(absent)
+            elif take_pump:
+                deadline, kind, patient_id, device_id = heapq.heappop(timers)
+            else:
+                break
             patient = self._patients.get(patient_id)
             if patient is None:
                 continue
@@ -469,10 +623,10 @@ class RulesEngine:
                 if device.silent_key is not None:
                     continue
                 limit = device.silent_limit(rules)
-                real = device.last_t + limit
+                real = device.heard_t + limit
                 if real > deadline:
                     device.timer_at = real
-                    heapq.heappush(timers, (real, kind, patient_id, device_id))
+                    heapq.heappush(absent, (real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
                 alerts.append(
@@ -484,10 +638,10 @@ class RulesEngine:
                 patient.unobserved_timer_at = None
                 if patient.fever.episode_key is None or patient.unobserved_key is not None:
                     continue
-                real = patient.fever.newest + rules.fever_unobserved_s
+                real = patient.temp_heard_t + rules.fever_unobserved_s
                 if real > deadline:
                     patient.unobserved_timer_at = real
-                    heapq.heappush(timers, (real, kind, patient_id, device_id))
+                    heapq.heappush(absent, (real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
                 alerts.append(self._start_unobserved(patient_id, patient, real, rules))
@@ -529,7 +683,8 @@ class RulesEngine:
         limit: float,
         rules: PatientRules,
     ) -> Alert:
-        device.silent_key = f"{patient_id}:{SILENCE_RULE_ID}:{device_id}:{stamp(device.last_t)}"
+        device.silent_key = f"{patient_id}:{SILENCE_RULE_ID}:{device_id}:{stamp(device.heard_t)}"
+        device.silent_at = deadline
         what = "Thermometer" if device.is_thermometer else "Infusion pump"
         title = f"{what} silent for {int(limit // 60)} min: no data, no clinical decisions"
         return self._absence_alert(
@@ -542,23 +697,31 @@ class RulesEngine:
             deadline=deadline,
             minutes=limit / 60,
             last_t=device.last_t,
-            ingest_t=device.last_ingest_t,
+            ingest_t=device.heard_t,
         )
 
     def _end_silence(
         self, patient_id: str, obs: ObservationLike, device: DeviceTrack, rules: PatientRules
     ) -> Alert:
         key, device.silent_key = device.silent_key, None
+        since, device.silent_at = device.silent_at, None
         assert key is not None
         return self._all_clear(
-            _SILENCE_ALERTS, key, patient_id, obs, "All clear: device reporting again", rules
+            _SILENCE_ALERTS,
+            key,
+            patient_id,
+            obs,
+            "All clear: device reporting again",
+            rules,
+            not_before=since,
         )
 
     def _start_unobserved(
         self, patient_id: str, patient: PatientTrack, deadline: float, rules: PatientRules
     ) -> Alert:
         episode = patient.fever.episode_key
-        patient.unobserved_key = f"{episode}:{UNOBSERVED_RULE_ID}:{stamp(patient.fever.newest)}"
+        patient.unobserved_key = f"{episode}:{UNOBSERVED_RULE_ID}:{stamp(patient.temp_heard_t)}"
+        patient.unobserved_at = deadline
         minutes = rules.fever_unobserved_s / 60
         title = f"Fever open and no temperature for {int(minutes)} min"
         return self._absence_alert(
@@ -571,16 +734,38 @@ class RulesEngine:
             deadline=deadline,
             minutes=minutes,
             last_t=patient.fever.newest,
-            ingest_t=patient.thermometer_ingest_t,
+            ingest_t=patient.temp_heard_t,
         )
 
     def _end_unobserved(
         self, patient_id: str, obs: ObservationLike, patient: PatientTrack, rules: PatientRules
     ) -> Alert:
         key, patient.unobserved_key = patient.unobserved_key, None
+        since, patient.unobserved_at = patient.unobserved_at, None
         assert key is not None
         return self._all_clear(
-            _UNOBSERVED_ALERTS, key, patient_id, obs, "All clear: temperature readings again", rules
+            _UNOBSERVED_ALERTS,
+            key,
+            patient_id,
+            obs,
+            "All clear: temperature readings again",
+            rules,
+            not_before=since,
+        )
+
+    def _end_fault(
+        self, patient_id: str, obs: ObservationLike, device: DeviceTrack, rules: PatientRules
+    ) -> Alert:
+        key, device.fault_key = device.fault_key, None
+        assert key is not None
+        return self._all_clear(
+            _FAULT_ALERTS,
+            key,
+            patient_id,
+            obs,
+            "All clear: thermometer readings plausible again",
+            rules,
+            not_before=None,
         )
 
     def _absence_alert(
@@ -624,9 +809,16 @@ class RulesEngine:
         obs: ObservationLike,
         title: str,
         rules: PatientRules,
+        *,
+        not_before: float | None,
     ) -> Alert:
         """The end of an absence, decided by the data that came again (``obs``), with the
-        times it carries as received."""
+        times it carries as received; never dated before the alert it ends (``not_before``):
+        an old reading from a hub's buffer ends a silence when it arrives, not when it was
+        taken."""
+        device_time = obs.device_time
+        if not_before is not None and obs.t < not_before:
+            device_time = at(not_before)
         return build_alert(
             dedup_key=key,
             phase=AlertPhase.END,
@@ -636,7 +828,7 @@ class RulesEngine:
             code=rule.code,
             priority=AlertPriority.INFO,
             title=title,
-            device_time=obs.device_time,
+            device_time=device_time,
             ingest_time=obs.ingest_time,
             evidence=(),
             rule_id=rule.rule_id,
@@ -657,6 +849,7 @@ class RulesEngine:
         """Replace the whole state with ``snapshot`` (from ``snapshot()``)."""
         self._patients.clear()
         self._timers.clear()
+        self._absent.clear()
         self._restore_meta(snapshot)
         self.restore_patients(snapshot["patients"])
 
@@ -666,6 +859,8 @@ class RulesEngine:
             "config_version": self._config_version,
             "max_t": None if self._max_t == _NEG_INF else self._max_t,
             "watermark": None if self._watermark == _NEG_INF else self._watermark,
+            "max_ingest_t": None if self._max_ingest_t == _NEG_INF else self._max_ingest_t,
+            "heard": None if self._heard == _NEG_INF else self._heard,
         }
 
     def _restore_meta(self, meta: dict[str, Any]) -> None:
@@ -673,6 +868,11 @@ class RulesEngine:
             raise ValueError(f"unknown snapshot format {meta.get('format')!r}")
         self._max_t = _NEG_INF if meta["max_t"] is None else float(meta["max_t"])
         self._watermark = _NEG_INF if meta["watermark"] is None else float(meta["watermark"])
+        # Meta written before the arrival clock has neither: the clock starts at the next record.
+        max_ingest_t = meta.get("max_ingest_t")
+        heard = meta.get("heard")
+        self._max_ingest_t = _NEG_INF if max_ingest_t is None else float(max_ingest_t)
+        self._heard = _NEG_INF if heard is None else float(heard)
 
     def meta_snapshot(self) -> dict[str, Any]:
         """The engine-wide part of the state (watermark), without any patient."""
@@ -701,15 +901,17 @@ class RulesEngine:
         for patient_id, data in patients.items():
             patient = PatientTrack.from_dict(data, self._rules_for(patient_id))
             self._patients[patient_id] = patient
-            push = self._timers.append
+            absent = self._absent.append
             for device_id, device in patient.devices.items():
                 if device.timer_at is not None:
-                    push((device.timer_at, _SILENT, patient_id, device_id))
+                    absent((device.timer_at, _SILENT, patient_id, device_id))
             if patient.unobserved_timer_at is not None:
-                push((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
+                absent((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
+            push = self._timers.append
             for kind, device_id, deadline in patient.pump_timers():
                 push((deadline, kind, patient_id, device_id))
         heapq.heapify(self._timers)
+        heapq.heapify(self._absent)
 
     def drop_patients(self, patient_ids: set[str]) -> None:
         """Forget patients (their partition moved to another instance); stale timers lapse."""

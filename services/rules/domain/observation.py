@@ -31,7 +31,18 @@ PUMP_EVENT = 2
 # The pipeline heartbeat: passed through as one alert, never given to a clinical rule.
 HEARTBEAT = 3
 
-CLOCK_SKEW_FLAG = "device_clock_skew"
+# Ingest's flags for a device clock it found far off (services/ingest/domain/validation.py);
+# such an event does not move the event-time watermark. ``device_clock_skew`` is the name
+# records written before the split carried.
+CLOCK_SKEW_FLAGS = frozenset({"device_clock_ahead", "device_clock_behind", "device_clock_skew"})
+
+
+def clock_skewed(flags: tuple[str, ...] | list[str] | None) -> bool:
+    """Whether ingest flagged the device clock of a record as far off."""
+    if not flags:
+        return False
+    return not CLOCK_SKEW_FLAGS.isdisjoint(flags)
+
 
 _new = object.__new__
 
@@ -274,7 +285,7 @@ def heartbeat(
 def observe(event: Telemetry) -> Observation:
     """The Observation of a validated telemetry event."""
     message = event.message
-    skew = CLOCK_SKEW_FLAG in event.flags
+    skew = clock_skewed(event.flags)
     if isinstance(message, TemperatureReading):
         celsius = event.temperature_c if event.temperature_c is not None else message.celsius()
         return Observation(
