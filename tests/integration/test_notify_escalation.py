@@ -38,6 +38,7 @@ from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
 from services.notify.api import create_app
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
+from services.notify.domain.message import clock_time
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
     EscalationConfig,
@@ -199,14 +200,24 @@ async def _put(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
 
 
 async def _team(
-    rig: Rig, *, people: dict[str, list[dict[str, str]]], steps: Any, repeat: int = 0
+    rig: Rig,
+    *,
+    people: dict[str, list[dict[str, str]]],
+    steps: Any,
+    repeat: int = 0,
+    timezone: str = "UTC",
 ) -> tuple[str, str]:
     """A care team with a nurse rotation, the given people and policy; returns (team, patient)."""
     team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
     await _put(
         rig.api,
         f"/care-teams/{team}",
-        {"care_team_id": team, "name": "Onc", "oncall_email": f"fallback-{rig.tag}@h.test"},
+        {
+            "care_team_id": team,
+            "name": "Onc",
+            "oncall_email": f"fallback-{rig.tag}@h.test",
+            "timezone": timezone,
+        },
     )
     for person, methods in people.items():
         await _put(
@@ -520,6 +531,42 @@ async def test_all_clear_reaches_everyone_paged_when_the_alert_ends(rig: Rig) ->
     await rig.service.tick()
     await rig.service.deliver_due()
     assert rig.smtp.to(f"attending-{rig.tag}@h.test") == []
+
+
+async def test_pages_speak_in_the_team_zone_number_repeats_and_carry_the_all_clear(
+    rig: Rig,
+) -> None:
+    """A Berlin team: the first page's times are in Berlin time, named; the repeat 5 min later
+    says "Repeat 1 of 2" and since when the episode is open; the all clear is marked as one
+    (end / info) and says what cleared it, from the stored end alert."""
+    steps = [{"targets": [{"kind": "person", "ref": f"primary-{rig.tag}"}], "wait_minutes": 5}]
+    await _team(rig, people=_email_people(rig.tag), steps=steps, repeat=2, timezone="Europe/Berlin")
+    patient = f"P-{rig.tag}"
+    opened = rig.clock.now
+    await rig.service.handle_alert(_alert(patient))
+    first = _modern(rig.smtp.to(f"primary-{rig.tag}@h.test")[0])
+    assert first["Subject"] == f"[VIGIL HIGH] Fever 38.6 °C — patient {patient}"
+    assert first["X-Vigil-Repeat"] is None
+    body = first.get_content()
+    assert f"Device time:  {clock_time(T0, 'Europe/Berlin')} by the device's clock" in body
+    assert "(Europe/Berlin)" in body and "REPEAT" not in body
+
+    rig.clock.advance(minutes=5)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    second = _modern(rig.smtp.to(f"primary-{rig.tag}@h.test")[1])
+    assert second["Subject"] == f"[VIGIL HIGH] Repeat 1 of 2: Fever 38.6 °C — patient {patient}"
+    assert second["X-Vigil-Repeat"] == "1"
+    assert f"Open since {clock_time(opened, 'Europe/Berlin')} (first paged)" in second.get_content()
+
+    ended = _alert(patient, AlertPhase.END).model_copy(
+        update={"title": "All clear: temperature 37.5 °C", "priority": AlertPriority.INFO}
+    )
+    await rig.service.handle_alert(ended)
+    clear = _modern(rig.smtp.to(f"primary-{rig.tag}@h.test")[-1])
+    assert clear["Subject"] == f"[VIGIL ALL CLEAR] Fever 38.6 °C — patient {patient}"
+    assert clear["X-Vigil-Phase"] == "end" and clear["X-Vigil-Priority"] == "info"
+    assert "Cleared:      All clear: temperature 37.5 °C" in clear.get_content()
 
 
 async def test_repeated_start_updates_one_escalation(rig: Rig) -> None:
@@ -961,8 +1008,12 @@ async def test_end_of_an_alarm_still_held_pages_the_follow_up_at_once(rig: Rig) 
     assert await service.handle_alert(ended)
     assert _subjects(rig, "primary")[1:] == [
         f"[VIGIL HIGH] {stopped.title} — patient {patient}",
-        f"[VIGIL HIGH] All clear: {stopped.title} — patient {patient}",
+        f"[VIGIL ALL CLEAR] {stopped.title} — patient {patient}",
     ]
+    all_clear = _modern(rig.smtp.to(f"primary-{rig.tag}@h.test")[-1])
+    # The all clear's own phase and priority, not the start's HIGH.
+    assert all_clear["X-Vigil-Phase"] == "end" and all_clear["X-Vigil-Priority"] == "info"
+    assert all_clear["X-Vigil-All-Clear"] == "yes" and all_clear["Importance"] is None
 
 
 # -- PagerDuty acknowledge and resolve upstream ------------------------------------------------
@@ -1242,7 +1293,8 @@ async def test_low_alerts_are_paged_as_one_digest_when_quiet_hours_end(rig: Rig)
     for alert in (battery, info, gone):
         assert alert.dedup_key in body
     assert acked.dedup_key not in body
-    assert f"RESOLVED at {resolved_at.isoformat()}" in body
+    # In the team's zone (UTC by default), on Vigil's clock.
+    assert f"RESOLVED at {clock_time(resolved_at, 'UTC')} by Vigil's clock" in body
     assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
 
     rig.clock.advance(minutes=5)

@@ -134,7 +134,7 @@ def test_subject_marks_escalation_all_clear_and_fallback() -> None:
         "[VIGIL HIGH] Escalated: Fever"
     )
     assert composed(fever_alert(AlertPhase.END))["Subject"].startswith(
-        "[VIGIL HIGH] All clear: Fever"
+        "[VIGIL ALL CLEAR] Fever"
     )
     message = composed(
         fever_alert(), route_detail="patient P-0001 is not registered with a care team"

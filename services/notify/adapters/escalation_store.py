@@ -12,6 +12,7 @@ and an acknowledgement that committed first is seen by every later tick. Sending
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -56,6 +57,7 @@ from services.notify.domain.escalation import (
     snapshot_from_json,
     snapshot_to_json,
 )
+from services.notify.domain.message import PageContext
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.routing import PagePurpose, page_id_for
 from services.notify.domain.schedule import Override, Rotation
@@ -816,6 +818,7 @@ class PostgresEscalationStore:
                     continue
                 jobs.append(_job(row, now))
             jobs = await _with_bundles(conn, jobs)
+            jobs = await _with_context(conn, jobs)
             if cancelled:
                 await conn.execute(
                     "UPDATE pages SET status = 'cancelled', next_attempt_at = NULL, "
@@ -1783,7 +1786,7 @@ class _Writer:
         )
         if claim_until is None:
             return []
-        return [
+        jobs = [
             PageJob(
                 page=Page(
                     page_id=page_id_for(p.key),
@@ -1811,6 +1814,7 @@ class _Writer:
             )
             for p in self._pages
         ]
+        return await _with_context(self._conn, jobs)
 
 
 async def _event(conn: Any, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
@@ -1988,3 +1992,106 @@ def _key_base(idempotency_key: str) -> str:
 def _iso(at: datetime | None) -> str | None:
     return None if at is None else at.isoformat()
 
+
+# Where a page stands in its chain, from its idempotency key (``pages_for``, ``fallback``):
+# ``esc:<id>[~round<r>]:<purpose>:<pass>:<step>:…`` or ``…:<pass>:<step>:fallback…``.
+_KEY_POSITION = re.compile(
+    r"^(?:esc|bundle):[0-9a-f-]+(?:~round(\d+))?:(?:[a-z_]+:)?(\d+):(-?\d+):"
+)
+
+
+_REPEATABLE = (PagePurpose.ALERT, PagePurpose.QUIET_DIGEST)
+
+
+def page_position(idempotency_key: str) -> tuple[int, int]:
+    """``(round_no, pass_no)`` of an escalation page; ``(0, 0)`` for a key of another shape."""
+    found = _KEY_POSITION.match(idempotency_key)
+    if found is None:
+        return 0, 0
+    return int(found.group(1) or 0), int(found.group(2))
+
+
+async def _with_context(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
+    """Attach to each page what its words need beyond the alert (``PageContext``): the care
+    team's time zone, the page's round and pass, when the episode opened and how many passes
+    its policy sends, an all clear's own ``end`` alert, and the value and unit a thermometer
+    sent for each temperature in the evidence (a reading sent in °F is shown in °F too)."""
+    if not jobs:
+        return jobs
+    zones = {
+        str(r["care_team_id"]): str(r["timezone"])
+        for r in await conn.fetch(
+            "SELECT care_team_id, timezone FROM care_teams WHERE care_team_id = ANY($1::text[])",
+            sorted({j.page.care_team_id for j in jobs}),
+        )
+    }
+    episodes = {
+        r["escalation_id"]: r
+        for r in await conn.fetch(
+            "SELECT escalation_id, opened_at, snapshot ->> 'repeat_count' AS repeat_count "
+            "FROM escalations WHERE escalation_id = ANY($1::uuid[])",
+            sorted({j.escalation_id for j in jobs}, key=str),
+        )
+    }
+    ended = sorted({j.alert.dedup_key for j in jobs if j.purpose is PagePurpose.ALL_CLEAR})
+    cleared: dict[str, Alert] = {}
+    if ended:
+        for r in await conn.fetch(
+            "SELECT DISTINCT ON (dedup_key) * FROM alerts "
+            "WHERE dedup_key = ANY($1::text[]) AND phase = 'end' "
+            "ORDER BY dedup_key, received_at DESC",
+            ended,
+        ):
+            cleared[str(r["dedup_key"])] = alert_from_row(r)
+    readings = {
+        (a.patient_id, e.device_time, e.message_id)
+        for j in jobs
+        for a in (
+            j.alert,
+            *j.bundle,
+            *([cleared[j.alert.dedup_key]] if j.alert.dedup_key in cleared else []),
+        )
+        for e in a.evidence
+        if e.message_id is not None and e.unit == "Cel"
+    }
+    measured: dict[str, tuple[float, str]] = {}
+    if readings:
+        patients, times, ids = zip(*sorted(readings, key=str), strict=True)
+        for r in await conn.fetch(
+            """
+            SELECT r.message_id, r.original_value, r.original_unit
+            FROM unnest($1::text[], $2::timestamptz[], $3::uuid[]) AS q(patient_id, at, message_id)
+            JOIN temperature_readings r
+              ON r.patient_id = q.patient_id AND r.device_time = q.at
+             AND r.message_id = q.message_id
+            WHERE r.original_unit <> 'C'
+            """,
+            list(patients),
+            list(times),
+            list(ids),
+        ):
+            measured[str(r["message_id"])] = (float(r["original_value"]), str(r["original_unit"]))
+    out: list[PageJob] = []
+    for j in jobs:
+        # Only a page of the chain itself repeats: an escalation notice or an all clear sent
+        # during a later pass is not a repeat of anything.
+        round_no, pass_no = (
+            page_position(j.page.idempotency_key) if j.purpose in _REPEATABLE else (0, 0)
+        )
+        episode = episodes.get(j.escalation_id)
+        repeats = None if episode is None else episode["repeat_count"]
+        out.append(
+            replace(
+                j,
+                context=PageContext(
+                    zone=zones.get(j.page.care_team_id, "UTC"),
+                    pass_no=pass_no,
+                    round_no=round_no,
+                    passes=None if repeats is None else 1 + int(repeats),
+                    opened_at=None if episode is None else episode["opened_at"],
+                    cleared_by=cleared.get(j.alert.dedup_key),
+                    measured=measured,
+                ),
+            )
+        )
+    return out

@@ -659,6 +659,7 @@ class EscalationService:
                 composed_at=self._clock(),
                 ack_url=ack_url,
                 route_detail=route_detail,
+                context=job.context,
             )
             return await self._email.send(message, recipient=page.recipient)
         # A page about an alert in the CRS window says so, and how its chain differs for it.
@@ -673,15 +674,18 @@ class EscalationService:
                 ack_url=ack_url,
                 route_detail=route_detail,
                 note=None if early is None else crs_note(early),
+                context=job.context,
             )
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
             if self._sms is None:
                 return _not_configured("sms")
             body = (
-                compose_bundle_sms(job.bundle, reference=sms_reference(job))
+                compose_bundle_sms(job.bundle, reference=sms_reference(job), context=job.context)
                 if bundled
-                else compose_sms_text(alert, job.purpose, reference=sms_reference(job))
+                else compose_sms_text(
+                    alert, job.purpose, reference=sms_reference(job), context=job.context
+                )
             )
             if early is not None and not bundled:
                 body = f"{body} {crs_sms_note(early)}"
@@ -696,6 +700,7 @@ class EscalationService:
             routing_key=page.recipient,
             dedup_key=job.alert.dedup_key,
             bundle=job.bundle,
+            context=job.context,
         )
         payload = event.get("payload")
         if early is not None and not bundled and isinstance(payload, dict):
@@ -717,12 +722,13 @@ class EscalationService:
                 composed_at=self._clock(),
                 ack_url=ack_url,
                 route_detail=_route_detail(job, job.alert),
+                context=job.context,
             )
             return await self._email.send(message, recipient=page.recipient)
         if page.channel == "sms":
             if self._sms is None:
                 return _not_configured("sms")
-            body = compose_digest_sms(entries, reference=sms_reference(job))
+            body = compose_digest_sms(entries, reference=sms_reference(job), context=job.context)
             return await self._sms.send_sms(to=page.recipient, body=body)
         if self._webhook is None:
             return _not_configured("webhook")
@@ -732,6 +738,7 @@ class EscalationService:
             routing_key=page.recipient,
             dedup_key=job.alert.dedup_key,
             digest=entries,
+            context=job.context,
         )
         return await self._webhook.enqueue(event)
 

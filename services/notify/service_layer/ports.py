@@ -14,6 +14,7 @@ from uuid import UUID
 from schemas.events import Alert, Page
 from services.notify.domain import PagePurpose
 from services.notify.domain.escalation import EarlyCycle
+from services.notify.domain.message import FIRST_PAGE, PageContext
 
 # recipient_ref of a page sent to a care team's fallback address.
 FALLBACK_PREFIX = "fallback:"
@@ -46,6 +47,9 @@ class PageJob:
     # The escalation's frozen ``PolicySnapshot.early_cycle``: the alert is in the CRS window
     # (the page says so, and how the chain differs for it). None for any other alert.
     early_cycle: EarlyCycle | None = None
+    # What the page says beyond its alert: the care team's time zone, which repeat it is, since
+    # when the episode is open, the all clear's own alert, readings as the device sent them.
+    context: PageContext = FIRST_PAGE
 
     @property
     def is_digest(self) -> bool:
