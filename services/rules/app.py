@@ -79,9 +79,14 @@ async def build_config(
             config_version="settings",
             defaults=defaults,
             allowed_lateness_s=settings.allowed_lateness_s,
+            arrival_lateness_s=settings.arrival_lateness_s,
         )
     if source is None:
-        source = RulesConfigSource(defaults, allowed_lateness_s=settings.allowed_lateness_s)
+        source = RulesConfigSource(
+            defaults,
+            allowed_lateness_s=settings.allowed_lateness_s,
+            arrival_lateness_s=settings.arrival_lateness_s,
+        )
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
         return await source.load(conn)
@@ -392,7 +397,9 @@ async def _consume(
     readiness: RulesReadiness,
 ) -> None:
     config_source = RulesConfigSource(
-        settings.thresholds(), allowed_lateness_s=settings.allowed_lateness_s
+        settings.thresholds(),
+        allowed_lateness_s=settings.allowed_lateness_s,
+        arrival_lateness_s=settings.arrival_lateness_s,
     )
     config = await build_config(settings, config_source)
     metrics.set_config(config.config_version)

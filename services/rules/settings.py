@@ -46,6 +46,8 @@ class RulesSettings(BaseSettings):
     pump_silent_minutes: float = _as_in_thresholds("pump_silent_minutes")
     thermometer_silent_minutes: float = _as_in_thresholds("thermometer_silent_minutes")
     allowed_lateness_s: float = Field(default=60.0, ge=0)
+    # The arrival clock's lateness (absence timers): see RulesConfig.arrival_lateness_s.
+    arrival_lateness_s: float = Field(default=5.0, ge=0)
 
     group_id: str = "vigil-rules"
     # One per running instance (default: the group id + "-0"): Kafka fences a restarted

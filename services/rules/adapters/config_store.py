@@ -174,9 +174,12 @@ class RulesConfigSource:
     hold up every alert that long. In a thread the interpreter hands the loop the GIL every
     switch interval (5 ms), so alerts go on being decided while it builds."""
 
-    def __init__(self, defaults: Thresholds, *, allowed_lateness_s: float) -> None:
+    def __init__(
+        self, defaults: Thresholds, *, allowed_lateness_s: float, arrival_lateness_s: float = 5.0
+    ) -> None:
         self.defaults = defaults
         self.allowed_lateness_s = allowed_lateness_s
+        self.arrival_lateness_s = arrival_lateness_s
         self.skipped = 0
         self._fingerprint: str | None = None
         self._config: RulesConfig | None = None
@@ -249,6 +252,7 @@ class RulesConfigSource:
             protocols=protocols,
             profiles=profiles,
             allowed_lateness_s=self.allowed_lateness_s,
+            arrival_lateness_s=self.arrival_lateness_s,
         )
         # Raises on an override the rules cannot read: each distinct threshold set is resolved
         # once (a care team's patients without an override all resolve to the team's).
