@@ -8,11 +8,17 @@
 -- same columns from the rows. Either way: SELECT ... FROM temperature_hourly WHERE patient_id =
 -- $1 AND bucket >= $2 ORDER BY bucket. Hours are UTC hours of device time.
 DO $$
+DECLARE
+    hypertable boolean := false;
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
-       AND EXISTS (SELECT 1 FROM timescaledb_information.hypertables
-                   WHERE hypertable_schema = current_schema()
-                     AND hypertable_name = 'temperature_readings') THEN
+    -- Nested, not AND: PL/pgSQL plans a condition as a whole, and on plain PostgreSQL the
+    -- timescaledb_information schema does not exist.
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        hypertable := EXISTS (SELECT 1 FROM timescaledb_information.hypertables
+                              WHERE hypertable_schema = current_schema()
+                                AND hypertable_name = 'temperature_readings');
+    END IF;
+    IF hypertable THEN
         CREATE MATERIALIZED VIEW temperature_hourly
         WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
         SELECT time_bucket(INTERVAL '1 hour', device_time) AS bucket,
