@@ -99,8 +99,9 @@ class ApiRepository:
 
     async def patient(self, teams: frozenset[str], patient_id: str) -> Row | None:
         row = await self._pool.fetchrow(
-            "SELECT patient_id, care_team_id, weight_kg FROM patients "
-            "WHERE patient_id = $1 AND care_team_id = ANY($2::text[])",
+            "SELECT p.patient_id, p.care_team_id, p.weight_kg, t.timezone FROM patients p "
+            "JOIN care_teams t USING (care_team_id) "
+            "WHERE p.patient_id = $1 AND p.care_team_id = ANY($2::text[])",
             patient_id,
             list(teams),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +22,17 @@ class PumpReport:
 
 @dataclass(frozen=True, slots=True)
 class InfusionClocks:
+    """The clocks as of the pump's newest report (``as_of``, the pump's own clock): never
+    counted against the server's clock, which the pump's may be ahead of or behind."""
+
     state: str | None
     bag_empty_at: datetime | None
     interrupted_for: timedelta | None
+    as_of: datetime | None = None
+    stopped_since: datetime | None = None
 
 
-def infusion_clocks(reports: Sequence[PumpReport], now: datetime) -> InfusionClocks:
+def infusion_clocks(reports: Sequence[PumpReport]) -> InfusionClocks:
     """Clocks from reports sorted by device time (oldest first)."""
     if not reports:
         return InfusionClocks(None, None, None)
@@ -37,11 +43,26 @@ def infusion_clocks(reports: Sequence[PumpReport], now: datetime) -> InfusionClo
             hours=latest.volume_remaining_ml / latest.rate_ml_h
         )
     interrupted_for = None
+    since = None
     if latest.state != "running":
         since = latest.device_time
         for report in reversed(reports):
             if report.state == "running":
                 break
             since = report.device_time
-        interrupted_for = max(timedelta(0), now - since)
-    return InfusionClocks(latest.state, bag_empty_at, interrupted_for)
+        interrupted_for = latest.device_time - since
+    return InfusionClocks(latest.state, bag_empty_at, interrupted_for, latest.device_time, since)
+
+
+def local_time(at: datetime, zone: str) -> str:
+    """``2025-01-15 03:00 CET (Europe/Berlin)``: a time in the care team's zone, the zone named
+    (``… UTC`` for UTC; an unknown zone name is shown as UTC)."""
+    try:
+        tz = ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        tz = ZoneInfo("UTC")
+    local = at.astimezone(tz)
+    text = f"{local:%Y-%m-%d %H:%M}"
+    if tz.key in ("UTC", "Etc/UTC"):
+        return f"{text} UTC"
+    return f"{text} {local.tzname()} ({tz.key})"

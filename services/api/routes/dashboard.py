@@ -12,7 +12,7 @@ from fastapi.templating import Jinja2Templates
 
 from services.api.deps import SESSION_COOKIE, get_principal
 from services.api.domain.access import Action, Principal
-from services.api.domain.clocks import PumpReport, infusion_clocks
+from services.api.domain.clocks import PumpReport, infusion_clocks, local_time
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
@@ -125,8 +125,7 @@ async def patient_page(request: Request, patient_id: str) -> Response:
         [
             PumpReport(r["device_time"], r["state"], r["rate_ml_h"], r["volume_remaining_ml"])
             for r in reports
-        ],
-        now,
+        ]
     )
     thresholds = await _fever_lines(repository, patient)
     await request.app.state.audit.record(
@@ -145,5 +144,7 @@ async def patient_page(request: Request, patient_id: str) -> Response:
             "clocks": clocks,
             "events": await repository.pump_events(patient_id, start, 20),
             "now": now,
+            "zone": patient.get("timezone") or "UTC",
+            "local_time": local_time,
         },
     )

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
@@ -24,9 +24,14 @@ class PageOf(BaseModel):
 
 
 class PumpView(BaseModel):
+    """The pump's clocks as of its newest status (the pump's own clock, ``latest.device_time``):
+    never counted against the server's clock, which the pump's may be ahead of or behind."""
+
     state: str | None
-    bag_empty_at: datetime | None
-    interrupted_minutes: float | None
+    bag_empty_at: datetime | None = Field(description="Predicted on the pump's clock.")
+    interrupted_minutes: float | None = Field(
+        description="Minutes not flowing up to the newest status (device time), not up to now."
+    )
     latest: dict[str, Any] | None
     events: list[dict[str, Any]]
 
@@ -96,7 +101,7 @@ async def pump(
         PumpReport(r["device_time"], r["state"], r["rate_ml_h"], r["volume_remaining_ml"])
         for r in rows
     ]
-    clocks = infusion_clocks(reports, now)
+    clocks = infusion_clocks(reports)
     events = await repository.pump_events(patient_id, now - timedelta(hours=24), 50)
     await _audit(request, principal, "patient.pump", f"patient:{patient_id}")
     return PumpView(
