@@ -181,6 +181,15 @@ async def test_threshold_change_is_versioned_signed_and_scoped(api_world: World)
         assert bad.status_code == 422
         unknown = await client.put(path, json={"overrides": {"fever_c": 1}}, headers=nurse)
         assert unknown.status_code == 422
+        # 44.0 °C would switch fever paging off for the whole team (above 43.0 °C a reading
+        # is a sensor fault): refused; 43.0 °C is the edge that is still allowed (checked on
+        # the model in tests/unit/test_rules_sensor_fault.py).
+        unreachable = await client.put(
+            path,
+            json={"overrides": {"fever_single_c": 44.0, "fever_critical_c": 44.5}},
+            headers=nurse,
+        )
+        assert unreachable.status_code == 422 and "can never page" in unreachable.text
         assert len((await client.get(path, headers=nurse)).json()) == 2
 
         override = await client.put(

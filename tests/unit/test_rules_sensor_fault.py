@@ -8,10 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.device import TemperatureSite, TemperatureUnit
 from schemas.events import AlertKind, AlertPhase, AlertPriority, Telemetry
 from services.rules.adapters.codec import decode_observation
+from services.rules.domain.config import Thresholds
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import observe
 from services.rules.testing import Home, run_stream
@@ -107,3 +109,27 @@ def test_implausible_readings_do_not_keep_a_fever_observed() -> None:
     codes = [a.code for a in run_stream(engine, events)]
     assert codes.count("fever_unobserved") == 1
     assert "fever_single" in codes and codes.count("implausible_temperature") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        ({"fever_single_c": 44.0, "fever_critical_c": 44.5}, True),
+        ({"fever_critical_c": 43.01}, True),
+        ({"fever_critical_c": 43.0}, False),
+        ({"fever_clear_c": 30.0, "fever_sustained_c": 30.5}, True),
+        ({"fever_clear_c": 30.1, "fever_sustained_c": 30.5}, False),
+    ],
+)
+def test_a_threshold_no_body_temperature_can_reach_is_refused(
+    overrides: dict[str, float], refused: bool
+) -> None:
+    """A charge nurse's 44.0 °C fever threshold would switch fever paging off for the whole
+    team (every reading above 43.0 °C is a sensor fault): the protocol does not validate, so
+    it is refused at sign-off and a reload keeps the config in force. The edge: 43.0 °C is
+    allowed, 43.01 is not; a clear level at or under 30.0 °C is refused too."""
+    if refused:
+        with pytest.raises(ValidationError):
+            Thresholds(**overrides)
+    else:
+        Thresholds(**overrides)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from schemas.device import PumpAlarmCode
+from schemas.device import PLAUSIBLE_MAX_C, PLAUSIBLE_MIN_C, PumpAlarmCode
 from schemas.events import AlertPriority
 from services.rules.domain.fever import FeverLimits, FeverThresholds, HighRisk
 
@@ -94,6 +94,16 @@ class Thresholds(_Plain):
     @model_validator(mode="after")
     def _coherent(self) -> Thresholds:
         self.fever()  # FeverThresholds refuses incoherent temperature levels
+        # A level no body temperature can reach switches the rule off for every child it
+        # applies to (a reading above 43.0 °C is a sensor fault, never a fever): refused, as a
+        # clear level no reading can go under would keep every fever open forever.
+        if not self.fever_critical_c <= PLAUSIBLE_MAX_C:
+            raise ValueError(
+                f"fever levels above {PLAUSIBLE_MAX_C} °C can never page: no body temperature "
+                "reaches them"
+            )
+        if not self.fever_clear_c > PLAUSIBLE_MIN_C:
+            raise ValueError(f"a fever clear level must be above {PLAUSIBLE_MIN_C} °C")
         if not (
             self.interruption_page_minutes
             < self.interruption_escalate_minutes
