@@ -526,7 +526,10 @@ async def test_all_clear_reaches_everyone_paged_when_the_alert_ends(rig: Rig) ->
     for role, expected in (("primary", 2), ("secondary", 2), ("attending", 0)):
         mails = rig.smtp.to(f"{role}-{rig.tag}@h.test")
         assert len(mails) == expected, role
-    assert _mail(rig.smtp.to(f"primary-{rig.tag}@h.test")[-1])["Subject"].find("All clear") >= 0
+    assert (
+        _mail(rig.smtp.to(f"primary-{rig.tag}@h.test")[-1])["Subject"].find("[VIGIL ALL CLEAR]")
+        >= 0
+    )
     rig.clock.advance(minutes=30)
     await rig.service.tick()
     await rig.service.deliver_due()
@@ -731,7 +734,7 @@ async def _heartbeat_scenario(
     await service.handle_alert(beat.model_copy(update={"device_time": clock.now}))
     await service.check_heartbeat()
     pages = smtp.to(f"tech-{tag}@h.test")
-    assert len(pages) == 2 and "All clear" in _mail(pages[1])["Subject"]
+    assert len(pages) == 2 and "[VIGIL ALL CLEAR]" in _mail(pages[1])["Subject"]
 
 
 # -- burst bundling ---------------------------------------------------------------------------
@@ -1499,7 +1502,7 @@ async def test_all_clear_goes_where_each_person_was_actually_reached(rig: Rig) -
     for role in ("fellow", "nurse"):
         mails = rig.smtp.to(f"{role}-{rig.tag}@h.test")
         assert len(mails) == 2, role
-        assert "All clear" in _mail(mails[1])["Subject"], role
+        assert "[VIGIL ALL CLEAR]" in _mail(mails[1])["Subject"], role
     assert rig.smtp.to(f"attending-{rig.tag}@h.test") == []
     assert rig.twilio.create_calls == sms_tries
     assert _pd_events(rig, attending_key) == [
@@ -1587,7 +1590,7 @@ async def test_unknown_patient_pages_the_fallback_until_acknowledged_then_all_cl
         await service.handle_alert(_alert(alert.patient_id, AlertPhase.END))
         mails = rig.smtp.to(fallback)
         assert len(mails) == 3
-        assert "All clear" in _mail(mails[-1])["Subject"]
+        assert "[VIGIL ALL CLEAR]" in _mail(mails[-1])["Subject"]
     finally:
         await _close_by_dedup_key(rig.pool, alert.dedup_key)
 
