@@ -5,8 +5,17 @@ TEST_STACK := VIGIL_STACK_DATA_DIR=.vigil-test VIGIL_STACK_MQTT_PORT=21883 \
 	VIGIL_STACK_KAFKA_PORT=29092 VIGIL_STACK_KAFKA_CONTROLLER_PORT=29093 \
 	VIGIL_STACK_PG_PORT=25432 VIGIL_STACK_SMTP_PORT=20025
 
+# The TimescaleDB tests' stack: its own folder and ports, and the PostgreSQL named by
+# VIGIL_STACK_PG_BIN_DIR (one with TimescaleDB: deploy/timescaledb/build.sh prints it).
+TSDB_STACK := VIGIL_STACK_DATA_DIR=.vigil-tsdb VIGIL_STACK_MQTT_PORT=31883 \
+	VIGIL_STACK_KAFKA_PORT=39092 VIGIL_STACK_KAFKA_CONTROLLER_PORT=39093 \
+	VIGIL_STACK_PG_PORT=35432 VIGIL_STACK_SMTP_PORT=30025
+# The storage, replay, end-to-end and API tests: what depends on the database underneath.
+TSDB_TESTS := tests/integration tests/e2e tests/api
+
 .PHONY: setup run test test-unit stack-up stack-down test-stack-down schemas schemas-check lint clean \
-	bench-ingest bench-rules bench-notify bench-replay bench-config-reload
+	bench-ingest bench-rules bench-notify bench-replay bench-config-reload \
+	test-timescale test-timescale-down bench-replay-timescale
 
 setup:
 	@bash deploy/local/install.sh
@@ -28,6 +37,28 @@ stack-down:
 
 test-stack-down:
 	$(TEST_STACK) $(PY) -m vigil.stack down
+
+# Skips (exit 0, saying why) when no PostgreSQL with TimescaleDB is named; fails when the named
+# one has no TimescaleDB.
+test-timescale: setup
+	@if [ -z "$(VIGIL_STACK_PG_BIN_DIR)" ]; then \
+		echo "test-timescale: SKIPPED: no TimescaleDB PostgreSQL given. Build one with"; \
+		echo "  deploy/timescaledb/build.sh <timescaledb-2.28.x source dir>"; \
+		echo "and run: VIGIL_STACK_PG_BIN_DIR=<the bin dir it prints> make test-timescale"; \
+		exit 0; \
+	fi; \
+	lib=$$("$(VIGIL_STACK_PG_BIN_DIR)/pg_config" --pkglibdir) && test -f "$$lib/timescaledb.so" \
+		|| { echo "test-timescale: no timescaledb.so for $(VIGIL_STACK_PG_BIN_DIR)" >&2; exit 1; }; \
+	$(TSDB_STACK) VIGIL_STACK_PG_BIN_DIR="$(VIGIL_STACK_PG_BIN_DIR)" VIGIL_TEST_TIMESCALEDB=1 \
+		$(PY) -m pytest $(TSDB_TESTS)
+
+test-timescale-down:
+	$(TSDB_STACK) $(PY) -m vigil.stack down
+
+bench-replay-timescale: setup
+	@test -n "$(VIGIL_STACK_PG_BIN_DIR)" \
+		|| { echo "bench-replay-timescale: set VIGIL_STACK_PG_BIN_DIR (see test-timescale)" >&2; exit 1; }
+	$(TSDB_STACK) VIGIL_STACK_PG_BIN_DIR="$(VIGIL_STACK_PG_BIN_DIR)" $(PY) bench/replay.py
 
 schemas: setup
 	$(PY) -m schemas.export

@@ -40,12 +40,12 @@ sys_includedir=$("$SYSTEM_BIN/pg_config" --pkgincludedir)
 [[ -f "$("$SYSTEM_BIN/pg_config" --includedir-server)/postgres.h" ]] \
     || { echo "no PostgreSQL server headers; install postgresql-server-dev-15" >&2; exit 1; }
 
-mkdir -p "$PREFIX"
-PREFIX=$(cd "$PREFIX" && pwd)
+PREFIX=$(realpath -m "$PREFIX")
 case "$PREFIX" in
-    /|/usr|/usr/*|/usr/local|/usr/local/*)
+    /|/usr|/usr/*|/opt|/etc|/var|/var/*)
         echo "refusing to install into $PREFIX: the system PostgreSQL must stay plain" >&2; exit 1 ;;
 esac
+mkdir -p "$PREFIX"
 
 # The private PostgreSQL: the system's binaries, libraries and share files at the same relative
 # places under PREFIX (copied, not linked: PostgreSQL resolves links to find its own location).

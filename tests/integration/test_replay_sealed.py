@@ -21,6 +21,7 @@ import pytest
 
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
+from vigil.db.migrate import timescaledb_enabled
 from vigil.replay import seal
 from vigil.replay.cli import main as replay_main
 from vigil.replay.engine_port import PinnedRules
@@ -57,6 +58,15 @@ def lane_mates(run: str) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 async def archive(stack_env: dict[str, str]) -> AsyncIterator[Archive]:
+    conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
+    try:
+        if await timescaledb_enabled(conn):
+            pytest.skip(
+                "TimescaleDB: the readings are hypertables without sealing triggers; "
+                "compression replaces sealed days there (tests/integration/test_storage.py)"
+            )
+    finally:
+        await conn.close()
     run = uuid.uuid4().hex[:8]
     start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=5)
     patients = lane_mates(run)

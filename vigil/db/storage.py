@@ -131,6 +131,7 @@ async def apply_storage_policies(conn: Any, settings: StorageSettings) -> dict[s
             "start_offset",
             lookback,
         )
+        first = refresh is None
         if refresh is not None and (
             not refresh[1]
             or await conn.fetchval(
@@ -143,6 +144,14 @@ async def apply_storage_policies(conn: Any, settings: StorageSettings) -> dict[s
                 "SELECT remove_continuous_aggregate_policy($1::regclass)", TEMPERATURE_HOURLY
             )
             refresh = None
+        if first:
+            # The policy only ever looks back ``aggregate_lookback_days``: the hours before
+            # that (the archive of a database that had readings before 0013) are materialized
+            # once, here, before the policy exists and moves the materialized mark past them.
+            await conn.execute(
+                f"CALL refresh_continuous_aggregate('{TEMPERATURE_HOURLY}', NULL, "
+                "now() - INTERVAL '1 hour')"
+            )
         if refresh is None:
             await conn.execute(
                 "SELECT add_continuous_aggregate_policy($1::regclass, "

@@ -97,6 +97,16 @@ def timescaledb_available(settings: StackSettings) -> bool:
     return (Path(pkglibdir) / "timescaledb.so").exists()
 
 
+# A local stack has no business reporting usage to a third party. TimescaleDB runs each policy
+# job (compression, retention, aggregate refresh) in a background worker of its own: with
+# PostgreSQL's default of 8 worker processes a burst of jobs fails to start, and the scheduler
+# may exit when a job it failed to start was deleted meanwhile. Its guidance: worker processes
+# >= its background workers + parallel workers (8) + 3.
+_TIMESCALEDB_SETTINGS = """timescaledb.telemetry_level = off
+timescaledb.max_background_workers = 8
+max_worker_processes = 19"""
+
+
 def render_postgresql_conf(settings: StackSettings, *, timescaledb: bool) -> str:
     """The stack's server settings (pure: reads only the template)."""
     return render_template(
@@ -105,8 +115,7 @@ def render_postgresql_conf(settings: StackSettings, *, timescaledb: bool) -> str
             "port": settings.pg_port,
             "socket_dir": socket_dir(settings),
             "shared_preload_libraries": "timescaledb" if timescaledb else "",
-            # A local stack has no business reporting usage to a third party.
-            "extra_settings": "timescaledb.telemetry_level = off" if timescaledb else "",
+            "extra_settings": _TIMESCALEDB_SETTINGS if timescaledb else "",
         },
     )
 
@@ -250,6 +259,9 @@ async def _provision(settings: StackSettings, secrets: StackSecrets, timescaledb
         )
         try:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            # The database's job scheduler, started if it is not running (a scheduler that
+            # exited stays down until asked; this is idempotent).
+            await conn.execute("SELECT _timescaledb_functions.start_background_workers()")
         finally:
             await conn.close()
 
