@@ -18,6 +18,16 @@ recorded fleet (``--patients`` full 28-day courses: a reading every 5 min and a 
   ``pg_replay_one_process_per_s``; ``pg_replay_unsealed_rows_per_s``: replayed from the rows
   alone (``--unsealed``) with the default workers; ``pg_ratio`` (replay / raw read) and
   ``pg_sealed_ratio`` (sealed / unsealed replay).
+- On TimescaleDB the readings are hypertables and sealing refuses there: the archive's fast form
+  is compressed chunks (``archive_form``: ``sealed_days`` or ``compressed_chunks``). The
+  archive rounds then run twice, first on the rows as written (their replay with workers is
+  ``pg_replay_unsealed_rows_per_s``), then after the chunks holding them are compressed, as
+  the compression policy would have by then (``compress_rows_per_s``: rows compressed per
+  second; ``compression_ratio``: the chunks' bytes before / after); ``pg_raw_rows_per_s``,
+  ``pg_replay_rows_per_s`` and ``pg_ratio`` are from the compressed chunks, and
+  ``pg_sealed_ratio`` is the ratio of the two replays' medians (rounds minutes apart, not
+  interleaved). ``seal_rows_per_s`` is null there, ``compress_rows_per_s`` and
+  ``compression_ratio`` on plain PostgreSQL: the keys are the same on both.
 - Both replays are checked to decide the same alerts at the same positions in the same order
   with workers as in one process.
 - ``course_28d_s``: one patient's full course (10,752 events) replayed from the archive, end
@@ -66,6 +76,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bench.common import CpuMeter, stack_environment
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
+from vigil.db.migrate import timescaledb_enabled
 from vigil.kafka import encode, make_producer
 from vigil.replay.engine_port import decode_record, default_rules, from_telemetry
 from vigil.replay.runner import Replay
@@ -283,6 +294,43 @@ async def micro_timings(
     }
 
 
+async def compress_archive(dsn: str, start: datetime, total: int) -> dict[str, object]:
+    """Compress every chunk of the readings tables from ``start`` on (TimescaleDB): rows
+    compressed per second (``total``: the archive's rows) and the chunks' size ratio."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        chunks = [
+            row[0]
+            for table in TABLES
+            for row in await conn.fetch(
+                "SELECT c::text FROM show_chunks($1::regclass, newer_than => $2::timestamptz) c",
+                table,
+                start - timedelta(days=7),
+            )
+        ]
+        started = time.perf_counter()
+        for chunk in chunks:
+            await conn.execute(
+                "SELECT compress_chunk($1::regclass, if_not_compressed => true)", chunk
+            )
+        seconds = time.perf_counter() - started
+        before, after = await conn.fetchrow(
+            "SELECT sum(s.before_compression_total_bytes), sum(s.after_compression_total_bytes) "
+            "FROM unnest($2::text[]) AS t, chunk_compression_stats(t::regclass) AS s "
+            "WHERE s.chunk_schema || '.' || s.chunk_name = ANY($1::text[])",
+            chunks,
+            list(TABLES),
+        )
+        for table in TABLES:
+            await conn.execute(f"ANALYZE {table}")
+    finally:
+        await conn.close()
+    return {
+        "compress_rows_per_s": round(total / seconds),
+        "compression_ratio": round(float(before) / float(after), 2),
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     env = stack_environment()
     kafka = KafkaSettings()
@@ -321,15 +369,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 await pool.execute(f"VACUUM (ANALYZE) {table}")
         finally:
             await pool.close()
-        # The courses ended two days ago: their days are sealed, as the periodic pass would
-        # have sealed them by now.
-        log("sealing the archive's days")
         conn = await asyncpg.connect(dsn)
         try:
-            started = time.perf_counter()
-            sealed = await seal_archive(conn, seal_horizon(datetime.now(UTC)), patients)
-            figures["seal_rows_per_s"] = round(sealed.rows / (time.perf_counter() - started))
-            assert sealed.rows == len(events), sealed.describe()
+            timescaledb = await timescaledb_enabled(conn)
+            figures["archive_form"] = "compressed_chunks" if timescaledb else "sealed_days"
+            figures["seal_rows_per_s"] = None
+            figures["compress_rows_per_s"] = figures["compression_ratio"] = None
+            if not timescaledb:
+                # The courses ended two days ago: their days are sealed, as the periodic pass
+                # would have sealed them by now.
+                log("sealing the archive's days")
+                started = time.perf_counter()
+                sealed = await seal_archive(conn, seal_horizon(datetime.now(UTC)), patients)
+                figures["seal_rows_per_s"] = round(sealed.rows / (time.perf_counter() - started))
+                assert sealed.rows == len(events), sealed.describe()
         finally:
             await conn.close()
 
@@ -375,20 +428,50 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             audit=False,
             progress=False,
         )
-        rates, _ = await replay_rounds(
-            figures,
-            repeats,
-            ("pg_raw_rows_per_s", read_rate(lambda: pg_raw(dsn, frozenset(patients)))),
-            ("pg_replay_one_process_per_s", "pg_replay_rows_per_s"),
-            pg_request,
-            total,
-            also=("pg_replay_unsealed_rows_per_s", replace(pg_request, sealed=False)),
-        )
+        raw = ("pg_raw_rows_per_s", read_rate(lambda: pg_raw(dsn, frozenset(patients))))
+        if timescaledb:
+            # The rows as written first; of these rounds only the replay with workers is kept.
+            written: dict[str, object] = {}
+            before, _ = await replay_rounds(
+                written,
+                repeats,
+                raw,
+                ("pg_replay_one_process_per_s", "pg_replay_rows_per_s"),
+                pg_request,
+                total,
+            )
+            log("compressing the archive's chunks")
+            figures.update(await compress_archive(dsn, start, total))
+            rates, _ = await replay_rounds(
+                figures,
+                repeats,
+                raw,
+                ("pg_replay_one_process_per_s", "pg_replay_rows_per_s"),
+                pg_request,
+                total,
+            )
+            rates["pg_replay_unsealed_rows_per_s"] = before["pg_replay_rows_per_s"]
+            rate_figures(figures, "pg_replay_unsealed_rows_per_s", before["pg_replay_rows_per_s"])
+            figures["pg_sealed_ratio"] = round(
+                statistics.median(rates["pg_replay_rows_per_s"])
+                / statistics.median(before["pg_replay_rows_per_s"]),
+                3,
+            )
+        else:
+            rates, _ = await replay_rounds(
+                figures,
+                repeats,
+                raw,
+                ("pg_replay_one_process_per_s", "pg_replay_rows_per_s"),
+                pg_request,
+                total,
+                also=("pg_replay_unsealed_rows_per_s", replace(pg_request, sealed=False)),
+            )
+            figures["pg_sealed_ratio"] = median_ratio(
+                rates["pg_replay_rows_per_s"], rates["pg_replay_unsealed_rows_per_s"]
+            )
         figures["pg_ratio"] = median_ratio(
             rates["pg_replay_rows_per_s"], rates["pg_raw_rows_per_s"]
-        )
-        figures["pg_sealed_ratio"] = median_ratio(
-            rates["pg_replay_rows_per_s"], rates["pg_replay_unsealed_rows_per_s"]
         )
         for key in (
             "pg_raw_rows_per_s",
