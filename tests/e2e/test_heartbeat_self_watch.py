@@ -225,7 +225,8 @@ async def test_heartbeat_flows_and_its_silence_pages_the_technical_oncall(
         await publisher
     all_clear = self_watch.pages_about_source()[1]
     assert all_clear["To"] == self_watch.oncall
-    assert "All clear" in all_clear["Subject"]
+    assert all_clear["Subject"].startswith("[VIGIL ALL CLEAR]")
+    assert all_clear["X-Vigil-All-Clear"] == "yes" and all_clear["X-Vigil-Phase"] == "end"
 
     conn = await asyncpg.connect(dsn)
     try:
