@@ -27,6 +27,7 @@ from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
     NextChannel,
+    OutcomeUnknown,
     RetryLater,
 )
 from services.notify.domain.early_cycle import EarlyCycleOverride
@@ -733,7 +734,7 @@ class PostgresEscalationStore:
             attempts = await conn.fetch(
                 """
                 SELECT d.page_id, d.attempt, d.channel, d.recipient, d.status, d.at, d.detail,
-                       d.provider_message_id, p.recipient_ref, p.purpose
+                       d.provider_message_id, d.started_at, p.recipient_ref, p.purpose
                 FROM delivery_attempts d JOIN pages p ON p.page_id = d.page_id
                 WHERE p.escalation_id = $1
                 ORDER BY d.at, p.created_at, p.contact_rank, d.page_id, d.attempt
@@ -779,6 +780,7 @@ class PostgresEscalationStore:
                     "recipient_ref": a["recipient_ref"],
                     "purpose": a["purpose"],
                     "status": a["status"],
+                    "started_at": _iso(a["started_at"]),
                     "at": a["at"].isoformat(),
                     "detail": a["detail"],
                     "provider_message_id": a["provider_message_id"],
@@ -792,8 +794,12 @@ class PostgresEscalationStore:
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
         """Take due escalation pages for sending; pages of an acknowledged chain are cancelled.
 
-        A claimed page is marked ``sending`` with a lease: if this process dies before it records
-        the outcome, the page falls due again when the lease runs out and is reconciled.
+        A claimed page is marked ``sending`` with a lease and gets a delivery attempt
+        ``in_flight``, in the claim's transaction: durable before the page is handed to the
+        provider. If this process dies before it records the outcome, the page falls due again
+        when the lease runs out; that claim records the attempt ``unknown`` (the provider may
+        have taken it) and returns the page for resolving (``was_sending``), whatever happened
+        to its chain meanwhile: a page in flight is never cancelled.
         """
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -812,11 +818,16 @@ class PostgresEscalationStore:
             jobs: list[PageJob] = []
             cancelled: list[UUID] = []
             for row in rows:
-                chain_stopped = row["escalation_status"] in ("acknowledged", "resolved")
-                if chain_stopped and row["purpose"] in _CANCELLABLE:
+                chain_stopped = (
+                    row["escalation_status"] in ("acknowledged", "resolved")
+                    and row["purpose"] in _CANCELLABLE
+                )
+                if row["status"] == "sending":
+                    jobs.append(replace(_job(row, now), chain_stopped=chain_stopped))
+                elif chain_stopped:
                     cancelled.append(row["page_id"])
-                    continue
-                jobs.append(_job(row, now))
+                else:
+                    jobs.append(_job(row, now))
             jobs = await _with_bundles(conn, jobs)
             jobs = await _with_context(conn, jobs)
             if cancelled:
@@ -826,15 +837,41 @@ class PostgresEscalationStore:
                     cancelled,
                     now,
                 )
-            if jobs:
-                await conn.execute(
-                    "UPDATE pages SET status = 'sending', next_attempt_at = $2, updated_at = $3 "
-                    "WHERE page_id = ANY($1::uuid[])",
-                    [j.page.page_id for j in jobs],
-                    now + timedelta(seconds=lease_s),
-                    now,
+            if not jobs:
+                return jobs
+            await conn.execute(
+                "UPDATE pages SET status = 'sending', next_attempt_at = $2, updated_at = $3 "
+                "WHERE page_id = ANY($1::uuid[])",
+                [j.page.page_id for j in jobs],
+                now + timedelta(seconds=lease_s),
+                now,
+            )
+            unknown = await _attempts_cut_short(conn, [j for j in jobs if j.was_sending], now)
+            opened = await _open_attempts(
+                conn, [j.page.page_id for j in jobs if not j.was_sending], now
+            )
+            return [
+                replace(j, attempt=opened.get(j.page.page_id))
+                if not j.was_sending
+                else replace(
+                    j,
+                    attempt=unknown[j.page.page_id][0],
+                    resolving=True,
+                    tries=j.tries + unknown[j.page.page_id][1],
                 )
-            return jobs
+                for j in jobs
+            ]
+
+    async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob:
+        """Open a new attempt ``in_flight`` for a page about to be handed to its provider again
+        (one found in flight after a stop, its first attempt left ``unknown``); durable before
+        the send. Returns the job with the new attempt."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM pages WHERE page_id = $1 FOR UPDATE", job.page.page_id
+            )
+            opened = await _open_attempts(conn, [job.page.page_id], at)
+        return replace(job, attempt=opened.get(job.page.page_id), resolving=False)
 
     async def record_outcome(
         self,
@@ -855,11 +892,20 @@ class PostgresEscalationStore:
         One transaction for the batch. A claimed page is held by its lease, so no row lock is
         needed to number its attempts.
         """
-        attempts, delivered, retries, finished = [], [], [], []
+        attempts, delivered, retries, finished, unresolved = [], [], [], [], []
         async with self._pool.acquire() as conn, conn.transaction():
+            # Page rows first, then their attempts, in one order: the order of a claim (which
+            # may be recording a page of a stopped run unknown at this moment), so the two never
+            # deadlock.
+            await conn.execute(
+                "SELECT 1 FROM pages WHERE page_id = ANY($1::uuid[]) ORDER BY page_id FOR UPDATE",
+                sorted({job.page.page_id for job, _, _, _ in outcomes}),
+            )
             writer = _Writer(conn, at, self._fallback_email)
             for job, outcome, verdict, status in outcomes:
                 page = job.page
+                # An outcome that resolves the attempt left unknown adds no try.
+                counted = 0 if job.resolving else 1
                 attempts.append(
                     (
                         page.page_id,
@@ -869,23 +915,26 @@ class PostgresEscalationStore:
                         at,
                         outcome.detail,
                         outcome.provider_id,
+                        job.attempt,
                     )
                 )
-                writer.event(
-                    job.escalation_id,
-                    TimelineEntry(
-                        "attempt",
-                        {
-                            "page_id": str(page.page_id),
-                            "channel": page.channel,
-                            "recipient_ref": job.recipient_ref,
-                            "status": status,
-                            "detail": outcome.detail,
-                        },
-                    ),
-                )
+                detail: dict[str, Any] = {
+                    "page_id": str(page.page_id),
+                    "channel": page.channel,
+                    "recipient_ref": job.recipient_ref,
+                    "status": status,
+                    "detail": outcome.detail,
+                }
+                if job.attempt is not None:
+                    detail["attempt"] = job.attempt
+                if job.resolving:
+                    detail["resolves"] = "unknown"
+                writer.event(job.escalation_id, TimelineEntry("attempt", detail))
                 if isinstance(verdict, Delivered):
-                    delivered.append((page.page_id, status, outcome.provider_id, at))
+                    delivered.append((page.page_id, status, outcome.provider_id, at, counted))
+                    continue
+                if isinstance(verdict, OutcomeUnknown):
+                    unresolved.append((page.page_id, at, counted))
                     continue
                 if isinstance(verdict, RetryLater):
                     retries.append((page.page_id, at + timedelta(seconds=verdict.delay_s), at))
@@ -903,20 +952,36 @@ class PostgresEscalationStore:
                     )
                     continue
                 await writer.after_channel_failed(job, verdict)
+            # The attempt opened in flight (or left unknown) takes its outcome; an outcome
+            # without one (a provider's failure receipt) is a new row.
             await conn.executemany(
                 """
+                WITH recorded AS (
+                    UPDATE delivery_attempts
+                    SET status = $4, at = $5, detail = $6, provider_message_id = $7
+                    WHERE page_id = $1 AND attempt = $8::integer
+                      AND status IN ('in_flight', 'unknown')
+                    RETURNING attempt
+                )
                 INSERT INTO delivery_attempts (page_id, attempt, channel, recipient, status, at,
                                                detail, provider_message_id)
                 SELECT $1, COALESCE(MAX(attempt), 0) + 1, $2, $3, $4, $5, $6, $7
                 FROM delivery_attempts WHERE page_id = $1
+                HAVING NOT EXISTS (SELECT 1 FROM recorded)
                 """,
                 attempts,
             )
             if delivered:
                 await conn.executemany(
-                    "UPDATE pages SET status = $2, next_attempt_at = NULL, tries = tries + 1, "
+                    "UPDATE pages SET status = $2, next_attempt_at = NULL, tries = tries + $5, "
                     "provider_ref = $3, updated_at = $4 WHERE page_id = $1",
                     delivered,
+                )
+            if unresolved:
+                await conn.executemany(
+                    "UPDATE pages SET status = 'unknown', next_attempt_at = NULL, "
+                    "tries = tries + $3, updated_at = $2 WHERE page_id = $1",
+                    unresolved,
                 )
             if retries:
                 await conn.executemany(
@@ -933,13 +998,15 @@ class PostgresEscalationStore:
             triggered = [
                 job.escalation_id
                 for job, _, verdict, _ in outcomes
-                if isinstance(verdict, Delivered)
+                if isinstance(verdict, Delivered | OutcomeUnknown)
                 and job.page.channel == "webhook"
                 and job.purpose not in _UPSTREAM
             ]
             if triggered:
                 # A trigger accepted after its alert was acknowledged or resolved (it was in
-                # flight when the ack committed) is followed by the acknowledge / resolve at once.
+                # flight when the ack committed) is followed by the acknowledge / resolve at once;
+                # so is one whose outcome stays unknown (PagerDuty ignores the event for an
+                # incident it never opened).
                 await _upstream_sync(conn, writer, triggered)
             await writer.flush(claim_until=None)
 
@@ -1037,7 +1104,8 @@ _TRIGGERS = (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST
 async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) -> None:
     """Queue PagerDuty acknowledge / resolve events for the incidents these escalations opened.
 
-    The incidents are the webhook pages PagerDuty accepted (status sent or delivered), each
+    The incidents are the webhook pages PagerDuty accepted (status sent or delivered), or may
+    have accepted (unknown: in flight when a process stopped), each
     with the routing key it went to and the dedup_key its trigger used. A shared bundle page's
     incident follows the whole bundle: acknowledged when no escalation of it is still open,
     resolved when all are resolved. Keys ``pd:<action>:<page>`` make a repeated sync a no-op.
@@ -1072,7 +1140,7 @@ async def _upstream_sync(conn: Any, writer: _Writer, escalation_ids: list[Any]) 
                END AS incident_status
         FROM triggers p JOIN escalations e ON e.escalation_id = p.escalation_id
         WHERE p.channel = 'webhook' AND p.purpose IN ('alert', 'escalation', 'quiet_digest')
-          AND p.status IN ('sent', 'delivered')
+          AND p.status IN ('sent', 'delivered', 'unknown')
         ORDER BY p.created_at, p.page_id
         """,
         [r["escalation_id"] for r in stopped],
@@ -1534,16 +1602,17 @@ class _Writer:
     async def _reached(
         self, escalation_id: UUID, bundle_id: UUID | None, recipient: str
     ) -> list[tuple[str, int, str, str]]:
-        """Where ``recipient`` was actually reached about this escalation: the channels whose
-        page the provider accepted (their own, after a failover, or the team's fallback address
-        when every channel of theirs failed), as (recipient_ref, rank, channel, address)."""
+        """Where ``recipient`` was reached, or may have been, about this escalation: the channels
+        whose page the provider accepted, or may have (in flight, or its outcome unknown after a
+        stop): their own, after a failover, or the team's fallback address when every channel of
+        theirs failed; as (recipient_ref, rank, channel, address)."""
         rows = await self._conn.fetch(
             """
             SELECT DISTINCT p.recipient_ref, p.contact_rank, p.channel, p.recipient
             FROM pages p
             WHERE (p.escalation_id = $1 OR ($2::uuid IS NOT NULL AND p.bundle_id = $2))
               AND p.purpose = ANY($4::text[])
-              AND p.status IN ('sent', 'delivered')
+              AND p.status IN ('sent', 'delivered', 'sending', 'unknown')
               AND (p.recipient_ref = $3
                    OR (p.recipient_ref LIKE 'fallback:%'
                        AND position(':' || $3 || ':undeliverable#' IN p.idempotency_key) > 0))
@@ -1814,6 +1883,9 @@ class _Writer:
             )
             for p in self._pages
         ]
+        # Durable before the caller hands them to their providers, like a claim.
+        opened = await _open_attempts(self._conn, [j.page.page_id for j in jobs], at)
+        jobs = [replace(j, attempt=opened.get(j.page.page_id)) for j in jobs]
         return await _with_context(self._conn, jobs)
 
 
@@ -1826,6 +1898,122 @@ async def _event(conn: Any, escalation_id: UUID, at: datetime, entry: TimelineEn
         entry.kind,
         json.dumps(entry.detail, default=str),
     )
+
+
+_IN_FLIGHT_DETAIL = "being handed to the provider; no answer recorded yet"
+_CUT_SHORT_DETAIL = (
+    "notify stopped before this attempt's outcome was recorded: "
+    "the provider may have accepted the page"
+)
+
+
+async def _open_attempts(conn: Any, page_ids: list[UUID], at: datetime) -> dict[UUID, int]:
+    """A delivery attempt ``in_flight`` for each of these pages (claimed, about to be handed to
+    the provider); returns each page's attempt number. A page that already has an attempt in
+    flight (a page written earlier under the same key) gets no second one."""
+    if not page_ids:
+        return {}
+    rows = await conn.fetch(
+        """
+        INSERT INTO delivery_attempts (page_id, attempt, channel, recipient, status, at, detail,
+                                       started_at)
+        SELECT p.page_id,
+               COALESCE((SELECT max(d.attempt) FROM delivery_attempts d
+                         WHERE d.page_id = p.page_id), 0) + 1,
+               p.channel, p.recipient, 'in_flight', $2, $3, $2
+        FROM pages p
+        WHERE p.page_id = ANY($1::uuid[])
+          AND NOT EXISTS (SELECT 1 FROM delivery_attempts d
+                          WHERE d.page_id = p.page_id AND d.status = 'in_flight')
+        RETURNING page_id, attempt
+        """,
+        page_ids,
+        at,
+        _IN_FLIGHT_DETAIL,
+    )
+    return {UUID(str(r["page_id"])): int(r["attempt"]) for r in rows}
+
+
+async def _attempts_cut_short(
+    conn: Any, jobs: list[PageJob], at: datetime
+) -> dict[UUID, tuple[int, int]]:
+    """For pages found ``sending`` after their lease ran out (the process that claimed them
+    stopped): their last attempt, recorded ``unknown``; returns page -> (attempt, tries added).
+
+    The attempt in flight becomes unknown (one try, and an ``attempt`` timeline entry); an
+    attempt already unknown (a stop while resolving it) is kept as it is; a page in flight with
+    no attempt (claimed by a version that opened none) gets an unknown attempt written now.
+    """
+    if not jobs:
+        return {}
+    ids = [j.page.page_id for j in jobs]
+    latest = {
+        UUID(str(r["page_id"])): (int(r["attempt"]), str(r["status"]))
+        for r in await conn.fetch(
+            """
+            SELECT DISTINCT ON (page_id) page_id, attempt, status FROM delivery_attempts
+            WHERE page_id = ANY($1::uuid[]) ORDER BY page_id, attempt DESC
+            """,
+            ids,
+        )
+    }
+    result: dict[UUID, tuple[int, int]] = {}
+    marked: list[tuple[Any, ...]] = []
+    written: list[tuple[Any, ...]] = []
+    for job in jobs:
+        page = job.page
+        attempt, status = latest.get(page.page_id, (0, ""))
+        if status == "unknown":
+            result[page.page_id] = (attempt, 0)
+            continue
+        if status == "in_flight":
+            marked.append((page.page_id, attempt, at, _CUT_SHORT_DETAIL))
+        else:
+            attempt += 1
+            written.append(
+                (
+                    page.page_id,
+                    attempt,
+                    page.channel,
+                    page.recipient,
+                    at,
+                    _CUT_SHORT_DETAIL,
+                    job.updated_at,
+                )
+            )
+        result[page.page_id] = (attempt, 1)
+        await _event(
+            conn,
+            job.escalation_id,
+            at,
+            TimelineEntry(
+                "attempt",
+                {
+                    "page_id": str(page.page_id),
+                    "channel": page.channel,
+                    "recipient_ref": job.recipient_ref,
+                    "status": "unknown",
+                    "detail": _CUT_SHORT_DETAIL,
+                    "attempt": attempt,
+                },
+            ),
+        )
+    if marked:
+        await conn.executemany(
+            "UPDATE delivery_attempts SET status = 'unknown', at = $3, detail = $4 "
+            "WHERE page_id = $1 AND attempt = $2",
+            marked,
+        )
+    if written:
+        await conn.executemany(
+            "INSERT INTO delivery_attempts (page_id, attempt, channel, recipient, status, at, "
+            "detail, started_at) VALUES ($1, $2, $3, $4, 'unknown', $5, $6, $7)",
+            written,
+        )
+    added = [(pid, n) for pid, (_, n) in result.items() if n]
+    if added:
+        await conn.executemany("UPDATE pages SET tries = tries + $2 WHERE page_id = $1", added)
+    return result
 
 
 async def _alert(conn: Any, alert_id: UUID) -> Alert:

@@ -96,7 +96,8 @@ class NotifyMetrics:
         )
         self.attempts = Counter(
             "vigil_notify_delivery_attempts",
-            "Delivery attempts and receipts, by channel and status (sent, failed, delivered).",
+            "Delivery attempts and receipts, by channel and status (sent, failed, unknown, "
+            "delivered).",
             ["channel", "status"],
             registry=r,
         )
@@ -159,9 +160,9 @@ class NotifyMetrics:
         self, outcomes: Iterable[tuple[PageJob, SendOutcome, AttemptVerdict, str]]
     ) -> None:
         """The recorded outcomes of a batch of escalation pages."""
-        for job, outcome, verdict, _status in outcomes:
+        for job, outcome, verdict, status in outcomes:
             channel = job.page.channel
-            self.attempts.labels(channel, "sent" if outcome.accepted else "failed").inc()
+            self.attempts.labels(channel, status).inc()
             if outcome.accepted:
                 self.pages_sent.labels(channel).inc()
             if isinstance(verdict, NextChannel):

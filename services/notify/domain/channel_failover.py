@@ -34,7 +34,16 @@ class GiveUp:
     reason: str
 
 
-AttemptVerdict = Delivered | RetryLater | NextChannel | GiveUp
+@dataclass(frozen=True, slots=True)
+class OutcomeUnknown:
+    """An attempt cut short by a stopped process whose outcome nothing can tell (e-mail has no
+    lookup; an SMS the provider's list does not show), on a page that is not sent again because
+    its chain stopped meanwhile: recorded as unknown, never as not sent."""
+
+    reason: str
+
+
+AttemptVerdict = Delivered | RetryLater | NextChannel | GiveUp | OutcomeUnknown
 
 
 def after_attempt(

@@ -39,6 +39,7 @@ from services.notify.domain.channel_failover import (
     AttemptVerdict,
     GiveUp,
     NextChannel,
+    OutcomeUnknown,
     after_attempt,
 )
 from services.notify.domain.early_cycle import (
@@ -163,6 +164,7 @@ class EscalationStore(Protocol):
         self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
     ) -> int: ...
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]: ...
+    async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob: ...
     async def record_outcomes(
         self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
     ) -> None: ...
@@ -577,32 +579,47 @@ class EscalationService:
     async def _deliver_batch(self, jobs: list[PageJob]) -> None:
         if not jobs:
             return
-        outcomes = await asyncio.gather(*(self._deliver_bounded(job) for job in jobs))
+        delivered = await asyncio.gather(*(self._deliver_bounded(job) for job in jobs))
         results = [
-            (job, outcome, self._verdict(job, outcome), "sent" if outcome.accepted else "failed")
-            for job, outcome in zip(jobs, outcomes, strict=True)
+            (job, outcome, self._verdict(job, outcome), _status(outcome))
+            for job, outcome in delivered
         ]
         await self._store.record_outcomes(results, at=self._clock())
         if any(isinstance(verdict, NextChannel | GiveUp) for _, _, verdict, _ in results):
             # The failover page is due now: send it without waiting for the next round.
             await self.deliver_due(max_batches=1)
 
-    async def _deliver_bounded(self, job: PageJob) -> SendOutcome:
+    async def _deliver_bounded(self, job: PageJob) -> tuple[PageJob, SendOutcome]:
         async with self._sending:
             return await self._deliver(job)
 
-    async def _deliver(self, job: PageJob) -> SendOutcome:
+    async def _deliver(self, job: PageJob) -> tuple[PageJob, SendOutcome]:
+        """Send one claimed page; returns the job (with the attempt its outcome belongs to) and
+        the outcome.
+
+        A page found in flight after a stop (``was_sending``: its last attempt is recorded
+        ``unknown`` by the claim) is resolved first: an SMS the provider lists is recorded sent
+        on that attempt, nothing is sent again. Otherwise, while its chain runs, it is sent again
+        on a new attempt opened in flight first (a duplicate rather than a miss; same Message-ID,
+        SMS reference, PagerDuty dedup_key). A page whose chain was acknowledged or resolved
+        meanwhile is not sent again: its attempt stays unknown, never "not sent".
+        """
         if job.was_sending:
             reconciled = await self._reconcile(job)
             if reconciled is not None:
-                return reconciled
+                return job, reconciled
+            if job.chain_stopped:
+                return job, _left_unknown(job)
+            job = await self._store.begin_attempt(job, at=self._clock())
         try:
-            return await self._send(job)
+            return job, await self._send(job)
         except Exception as exc:
             log.exception("page_send_crashed", extra=log_fields(page_id=str(job.page.page_id)))
-            return SendOutcome(accepted=False, detail=f"{type(exc).__name__}: {exc}")
+            return job, SendOutcome(accepted=False, detail=f"{type(exc).__name__}: {exc}")
 
     def _verdict(self, job: PageJob, outcome: SendOutcome) -> AttemptVerdict:
+        if outcome.unknown:
+            return OutcomeUnknown(outcome.detail)
         return after_attempt(
             accepted=outcome.accepted,
             permanent=outcome.permanent,
@@ -614,10 +631,11 @@ class EscalationService:
         )
 
     async def _reconcile(self, job: PageJob) -> SendOutcome | None:
-        """A page a crashed run may have sent: find out before sending it again.
+        """A page a stopped run may have sent: find out before sending it again.
 
-        SMS: ask the provider by the reference in the body. E-mail and PagerDuty: send again;
-        the stable Message-ID and the dedup_key fold the duplicate on the receiving side.
+        SMS: ask the provider by the reference in the body. E-mail and PagerDuty have no lookup
+        (None): the caller sends again while the chain runs, and the stable Message-ID and the
+        dedup_key fold the duplicate on the receiving side.
         """
         if job.page.channel != "sms" or self._sms is None:
             return None
@@ -880,6 +898,33 @@ async def _first(*awaitables: Any) -> None:
 
 #: The pages that carry the CRS-window note: the alert's own pages and its escalation notice.
 _CRS_NOTED = frozenset({PagePurpose.ALERT, PagePurpose.ESCALATION})
+
+
+def _status(outcome: SendOutcome) -> str:
+    """The delivery log's status for an attempt's outcome."""
+    if outcome.accepted:
+        return "sent"
+    return "unknown" if outcome.unknown else "failed"
+
+
+def _left_unknown(job: PageJob) -> SendOutcome:
+    """The outcome of a page found in flight after a stop whose chain stopped meanwhile, when
+    nothing can tell whether the provider took it: unknown, and not sent again."""
+    looked_up = (
+        "the provider's message list did not confirm it"
+        if job.page.channel == "sms"
+        else "e-mail has no delivery lookup"
+        if job.page.channel == "email"
+        else "PagerDuty has no lookup of an event"
+    )
+    return SendOutcome(
+        accepted=False,
+        unknown=True,
+        detail=(
+            f"outcome unknown ({looked_up}); not sent again: the alert was acknowledged "
+            "or resolved before the outcome was known"
+        ),
+    )
 
 
 def _not_configured(channel: str) -> SendOutcome:

@@ -50,6 +50,17 @@ class PageJob:
     # What the page says beyond its alert: the care team's time zone, which repeat it is, since
     # when the episode is open, the all clear's own alert, readings as the device sent them.
     context: PageContext = FIRST_PAGE
+    # The ``delivery_attempts.attempt`` this job's outcome is recorded on: the attempt written
+    # ``in_flight`` before the page is handed to the provider or, for a page found in flight
+    # after a stop (``was_sending``), the attempt then recorded ``unknown`` until it is resolved.
+    # None: no attempt was opened (a provider's failure receipt), a new row is written.
+    attempt: int | None = None
+    # ``attempt`` is that unknown attempt, already counted in ``tries``: its outcome resolves
+    # it rather than adding one.
+    resolving: bool = False
+    # Found in flight after a stop, and its chain was acknowledged or resolved since: its outcome
+    # is looked up where the provider allows it, and it is not sent again.
+    chain_stopped: bool = False
 
     @property
     def is_digest(self) -> bool:
@@ -67,6 +78,9 @@ class SendOutcome:
     provider_id: str | None = None
     # Set by non-SMTP channels for an answer that no retry can change (bad number, bad key).
     refused_for_good: bool = False
+    # Nothing can tell whether the provider took the page (an attempt cut short by a stop):
+    # recorded ``unknown``, neither sent nor failed.
+    unknown: bool = False
 
     @property
     def permanent(self) -> bool:
