@@ -341,7 +341,7 @@ async def replayed_alert_ids(home: QuietHome) -> set[str]:
             reader.seek(tp, home.start_offsets[tp])
         engines = {tp.partition: RulesEngine(config) for tp in partitions}
         limit = time.monotonic() + 60
-        while any(await reader.position(tp) < ends[tp] for tp in partitions):
+        while [tp for tp in partitions if await reader.position(tp) < ends[tp]]:
             assert time.monotonic() < limit, "the telemetry topic could not be read to its end"
             for tp, records in (await reader.getmany(timeout_ms=500)).items():
                 for record in records:
