@@ -15,6 +15,7 @@ TSDB_TESTS := tests/integration tests/e2e tests/api
 
 .PHONY: setup run test test-unit stack-up stack-down test-stack-down schemas schemas-check lint clean \
 	bench-ingest bench-rules bench-notify bench-replay bench-config-reload \
+	bench-alarm-burden \
 	test-timescale test-timescale-down bench-replay-timescale
 
 setup:
@@ -90,3 +91,9 @@ bench-replay: setup
 
 bench-config-reload: setup
 	$(TEST_STACK) $(PY) bench/config_reload.py
+
+# Seeded home courses (default 10 children x 6 days, on a simulated clock: about 6 min) through
+# MQTT, ingest, rules and notify; every page e-mail classified against the ground truth.
+# Arguments: make bench-alarm-burden ARGS="--patients 10 --days 2 --seed 2"
+bench-alarm-burden: setup
+	$(TEST_STACK) $(PY) bench/alarm_burden.py $(ARGS)

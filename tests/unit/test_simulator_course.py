@@ -1,0 +1,116 @@
+"""Simulated home courses: deterministic per seed, and the device behaviours they claim."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+from schemas.device import PumpEvent, PumpEventKind, PumpStatus, TemperatureReading
+from vigil.simulator.course import (
+    CourseSpec,
+    EventKind,
+    ThermometerKind,
+    plan_course,
+)
+
+SPEC = CourseSpec(patients=4, days=3.0, seed=7, id_prefix="PT")
+
+
+def _stream(spec: CourseSpec) -> list[tuple[str, bytes, str]]:
+    return [
+        (d.topic, d.payload(), d.deliver_at.isoformat()) for d in plan_course(spec).deliveries()
+    ]
+
+
+def test_same_seed_same_course_other_seed_another() -> None:
+    first, again = plan_course(SPEC), plan_course(SPEC)
+    assert [e.to_json() for e in first.ground_truth] == [e.to_json() for e in again.ground_truth]
+    assert _stream(SPEC) == _stream(SPEC)
+    other = CourseSpec(patients=4, days=3.0, seed=8, id_prefix="PT")
+    assert _stream(other) != _stream(SPEC)
+
+
+def test_spot_checks_follow_home_times_and_re_measure_during_a_fever() -> None:
+    spec = CourseSpec(patients=6, days=6.0, seed=3, id_prefix="PT")
+    course = plan_course(spec)
+    zone = ZoneInfo(spec.zone)
+    for home in course.homes:
+        readings = [
+            d.message
+            for d in course.deliveries()
+            if isinstance(d.message, TemperatureReading) and d.device_id == home.thermometer_id
+        ]
+        times = sorted(r.device_time for r in readings)
+        fevers = [e for e in home.events if e.kind is EventKind.FEVER]
+        if home.thermometer is ThermometerKind.PATCH:
+            gaps = {b - a for a, b in itertools.pairwise(times)}
+            assert gaps == {timedelta(minutes=5)}
+            probe_off = [e for e in home.events if e.kind is EventKind.PROBE_OFF]
+            off = [r for r in readings if r.value < 35.05]
+            assert off and all(
+                any(e.start <= r.device_time < e.end for e in probe_off) for r in off
+            )
+            assert all(33.0 <= r.value <= 35.0 for r in off)
+            continue
+        in_fever = [
+            t for t in times if any(f.start <= t <= f.end + timedelta(hours=3) for f in fevers)
+        ]
+        routine = [t for t in times if t not in in_fever]
+        # About four a day, all at waking hours (06:45-22:00 local).
+        assert 3.0 * spec.days <= len(routine) <= 4.0 * spec.days
+        for t in routine:
+            local = t.astimezone(zone)
+            assert 6 <= local.hour < 22, local
+        # During each fever: noticed, then re-measured about hourly.
+        for fever in fevers:
+            during = [t for t in times if fever.start <= t <= fever.end]
+            gaps = [b - a for a, b in itertools.pairwise(during)]
+            assert during and all(g <= timedelta(minutes=75) for g in gaps)
+
+
+def test_dropouts_buffer_with_original_times_ids_and_seqs() -> None:
+    course = plan_course(SPEC)
+    deliveries = list(course.deliveries())
+    assert [d.deliver_at for d in deliveries] == sorted(d.deliver_at for d in deliveries)
+    buffered = [d for d in deliveries if d.buffered]
+    assert buffered
+    dropouts = {h.patient_id: h.dropouts() for h in course.homes}
+    for d in buffered:
+        patient = d.device_id.split("-", 1)[1]
+        (window,) = [w for w in dropouts[patient] if w.start <= d.message.device_time < w.end]
+        # Forwarded when the link is back, carrying the time the device measured it.
+        assert d.deliver_at == window.end > d.message.device_time
+    # Per device: seqs count up without a gap in delivery order, ids are unique.
+    per_device: dict[str, list[int]] = {}
+    for d in deliveries:
+        per_device.setdefault(d.device_id, []).append(d.message.seq)
+    for seqs in per_device.values():
+        assert seqs == list(range(1, len(seqs) + 1))
+    assert len({d.message.message_id for d in deliveries}) == len(deliveries)
+
+
+def test_pumps_report_every_minute_change_bags_and_show_their_events() -> None:
+    course = plan_course(SPEC)
+    deliveries = list(course.deliveries())
+    for home in course.homes:
+        statuses = [
+            d.message
+            for d in deliveries
+            if d.device_id == home.pump_id and isinstance(d.message, PumpStatus)
+        ]
+        times = sorted(s.device_time for s in statuses)
+        assert {b - a for a, b in itertools.pairwise(times)} == {timedelta(minutes=1)}
+        events = Counter(
+            d.message.event
+            for d in deliveries
+            if d.device_id == home.pump_id and isinstance(d.message, PumpEvent)
+        )
+        # A 24-hour bag: about one change a day, before it runs dry.
+        assert SPEC.days - 1 <= events[PumpEventKind.BAG_CHANGED] <= SPEC.days + 1
+        assert min(s.volume_remaining_ml for s in statuses) > 0
+    truth = Counter(e.kind for e in course.ground_truth)
+    assert truth[EventKind.OCCLUSION] and truth[EventKind.FEVER] and truth[EventKind.DROPOUT]
+    for e in course.ground_truth:
+        assert e.start < e.end and e.start.tzinfo is not None
