@@ -51,7 +51,7 @@ from services.ingest.domain.registry import BindingIndex
 from services.ingest.domain.validation import ValidationLimits
 from services.ingest.settings import IngestSettings
 from vigil.kafka import make_producer
-from vigil.ops import OpsServer, start_ops_server
+from vigil.ops import OpsServer, Outage, kafka_probe, start_ops_server, watch_dependency
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.ingest")
@@ -87,13 +87,22 @@ class IngestPipeline:
         self._produce_lock = asyncio.Lock()
         self._telemetry_batches = PartitionBatches(producer)
         self.subscribed = False
+        self.subscriptions = 0  # connections that got as far as subscribing
         self.durable_ok = True
+        # Outages of the broker (seen by the consume loop) and of Kafka (probed, so an idle
+        # ingest notices too): each logged once when it starts and once when it ends.
+        self.broker = Outage("mqtt broker", log)
+        self.kafka = Outage("kafka", log)
         # Newest last-seen record per device since the last flush (see keep_liveness).
         self._liveness: dict[str, DeviceSeen] = {}
 
     def ready(self) -> tuple[bool, str]:
+        if not self.broker.up:
+            return self.broker.readiness()
         if not self.subscribed:
             return False, "not subscribed to the broker"
+        if not self.kafka.up:
+            return self.kafka.readiness()
         if not self.durable_ok:
             return False, "last batch could not be made durable; retrying"
         return True, "ready"
@@ -340,6 +349,13 @@ async def _next_batch(
     return batch
 
 
+def subscription(settings: IngestSettings) -> str:
+    """The device topics directly, or through the share group when one is set."""
+    if not settings.mqtt_share_group:
+        return MQTT_SUBSCRIPTION
+    return f"$share/{settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
+
+
 def _mqtt_client(settings: IngestSettings) -> aiomqtt.Client:
     connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     # MQTT 5 persistent session: clean start off plus an expiry, so messages published while
@@ -377,9 +393,11 @@ async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asy
     inbox.install(paho)
     metrics = pipeline.metrics
     async with client:
-        topic = f"$share/{settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
+        topic = subscription(settings)
         await client.subscribe(topic, qos=1)
         pipeline.subscribed = True
+        pipeline.subscriptions += 1
+        pipeline.broker.observe(True, time.monotonic())
         metrics.mqtt_connected.set(1)
         log.info("ingest_subscribed", extra=log_fields(topic=topic))
         in_flight: asyncio.Queue[tuple[asyncio.Task[bool], list[InboundMessage]] | None]
@@ -403,6 +421,9 @@ async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asy
         finally:
             pipeline.subscribed = False
             metrics.mqtt_connected.set(0)
+            if not stop.is_set():
+                # Seen now, not after the batches in flight are done (they may wait on Kafka).
+                pipeline.broker.observe(False, time.monotonic(), "disconnected from the broker")
             # Let every batch already read finish (durable, then acknowledged) before the
             # connection goes: a redelivery of a message still in flight here would otherwise
             # race its original into Kafka.
@@ -478,17 +499,28 @@ async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
         )
     liveness_stop = asyncio.Event()
     liveness = asyncio.create_task(pipeline.keep_liveness(liveness_stop))
+    kafka_watch = asyncio.create_task(
+        watch_dependency(
+            pipeline.kafka,
+            lambda: kafka_probe(settings.kafka.bootstrap_servers),
+            liveness_stop,
+            interval_s=settings.kafka_probe_interval_s,
+        )
+    )
     try:
-        backoff = 1.0
+        backoff = settings.reconnect_min_s
         while not stop.is_set():
+            subscribed_before = pipeline.subscriptions
             try:
                 await pipeline.refresh_registry(loaded_before=asyncio.get_running_loop().time())
                 await _consume(settings, pipeline, stop)
-                backoff = 1.0
+                backoff = settings.reconnect_min_s
             except (aiomqtt.MqttError, OSError, asyncpg.PostgresError) as error:
-                log.warning(
-                    "ingest_reconnecting", extra=log_fields(error=str(error), retry_s=backoff)
-                )
+                if isinstance(error, aiomqtt.MqttError | OSError):
+                    pipeline.broker.observe(False, time.monotonic(), str(error))
+                if pipeline.subscriptions != subscribed_before:
+                    backoff = settings.reconnect_min_s  # that connection had subscribed
+                log.info("ingest_reconnecting", extra=log_fields(error=str(error), retry_s=backoff))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, settings.reconnect_max_s)
@@ -503,6 +535,7 @@ async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
         )
         liveness_stop.set()
         await liveness
+        await kafka_watch
         if ops is not None:
             await ops.stop()
         await producer.stop()

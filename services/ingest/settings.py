@@ -1,23 +1,45 @@
-"""Ingest settings (env prefix ``VIGIL_INGEST_``), built at start-up."""
+"""Ingest settings (env prefix ``VIGIL_INGEST_``), built at start-up.
+
+Outside development (``VIGIL_ENVIRONMENT``, see vigil.environment) ingest refuses to start without
+its broker password or a database password.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vigil.environment import (
+    Environment,
+    dsn_password_problem,
+    environment_field,
+    refuse_outside_development,
+    secret_problem,
+)
 from vigil.settings import KafkaSettings, MqttSettings, PostgresSettings
 
 
 class IngestSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VIGIL_INGEST_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="VIGIL_INGEST_", extra="ignore", populate_by_name=True
+    )
+
+    environment: Environment = environment_field()
 
     mqtt_username: str = "vigil-ingest"
     mqtt_password: str = ""
     mqtt_client_id: str = "vigil-ingest-1"
-    # Several ingest processes with the same group split the device topics between them.
-    mqtt_share_group: str = "vigil-ingest"
+    # Empty (the default): one ingest process subscribes to the device topics directly, a
+    # subscription Mosquitto keeps across its own restarts, so messages published while ingest
+    # reconnects are queued for it. A group name: several ingest processes with the same group
+    # split the device topics through $share/<group>/...; Mosquitto 2.0 does not persist shared
+    # subscriptions, so after a broker restart messages published before ingest has subscribed
+    # again have no subscriber (docs/reliability.md). Never run two processes with it empty:
+    # each would receive every message.
+    mqtt_share_group: str = ""
     max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
     max_clock_ahead_s: float = Field(default=300.0, ge=0)
     max_clock_behind_s: float = Field(default=7 * 24 * 3600.0, ge=0)
@@ -34,7 +56,14 @@ class IngestSettings(BaseSettings):
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=60)
     # Device liveness (device_last_seen) is written at most this often, off the batch path.
     liveness_flush_s: float = Field(default=1.0, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    # Reconnect to the broker after reconnect_min_s, doubling up to reconnect_max_s; back to the
+    # minimum once a connection got subscribed. Short on purpose: until ingest has subscribed
+    # again after a broker restart, a shared subscription does not exist on the broker.
+    reconnect_min_s: float = Field(default=0.25, gt=0)
+    reconnect_max_s: float = Field(default=2.0, gt=0)
+    # Kafka is probed this often while ingest runs, so /readyz reports an outage even when no
+    # message is being produced (vigil.ops.watch_dependency).
+    kafka_probe_interval_s: float = Field(default=2.0, gt=0)
     # Prometheus /metrics, /healthz and /readyz; 0 disables the server.
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -50,3 +79,15 @@ class IngestSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     pg: PostgresSettings = Field(default_factory=PostgresSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+
+    @model_validator(mode="after")
+    def _secrets_outside_development(self) -> Self:
+        refuse_outside_development(
+            self.environment,
+            "ingest",
+            [
+                secret_problem("VIGIL_INGEST_MQTT_PASSWORD", self.mqtt_password),
+                dsn_password_problem("VIGIL_PG_DSN", self.pg.dsn),
+            ],
+        )
+        return self
