@@ -42,7 +42,7 @@ from services.notify.adapters.twilio import TwilioSms
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
-from vigil.ops import serving_ops
+from vigil.ops import kafka_outage, serving_ops
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.notify")
@@ -236,6 +236,8 @@ async def run(
         host="127.0.0.1",
         port=settings.ops_port,
         listening=listening,
+        # An idle consumer does not notice Kafka going away: probe it (docs/reliability.md).
+        watches=[kafka_outage(settings.kafka.bootstrap_servers)],
     ):
         await _serve(settings, stop, metrics, readiness)
 

@@ -55,9 +55,10 @@ from services.rules.adapters.config_store import RulesConfigSource
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.domain.config import RulesCompiler, RulesConfig
 from services.rules.domain.engine import RulesEngine
+from services.rules.domain.heartbeat import HEARTBEAT_CODE
 from services.rules.settings import RulesSettings
 from vigil.kafka import encode, make_consumer, make_producer
-from vigil.ops import serving_ops
+from vigil.ops import kafka_outage, serving_ops
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 
 log = logging.getLogger("vigil.rules")
@@ -386,6 +387,8 @@ async def run(
         host=settings.ops_host,
         port=settings.ops_port,
         listening=listening,
+        # An idle consumer does not notice Kafka going away: probe it (docs/reliability.md).
+        watches=[kafka_outage(settings.kafka.bootstrap_servers)],
     ):
         await _consume(settings, stop, metrics, readiness)
 
@@ -537,6 +540,7 @@ async def process_batch(
     offsets: dict[TopicPartition, int] = {}
     alerts_sent = 0
     emitted: Counter[tuple[str, str]] = Counter()
+    gaps: list[tuple[str, str, int]] = []
     dead = 0
     owned = assignment()
     await partitions.prepare(
@@ -571,7 +575,10 @@ async def process_batch(
                 for alert in engine.on_observation(obs):
                     alerts_sent += 1
                     emitted[(alert.priority.value, alert.rule_id)] += 1
-                    log.info(
+                    # A heartbeat reaches every partition: logged at debug, not once per
+                    # partition at info.
+                    log.log(
+                        logging.DEBUG if alert.code == HEARTBEAT_CODE else logging.INFO,
                         "alert_decided",
                         extra=log_fields(
                             alert_id=str(alert.alert_id),
@@ -585,6 +592,7 @@ async def process_batch(
                             settings.alerts_topic, encode(alert), key=alert.patient_id.encode()
                         )
                     )
+            gaps += engine.take_seq_gaps()
             sends += await send_state(
                 producer,
                 settings.state_topic,
@@ -624,6 +632,9 @@ async def process_batch(
         m.alerts.labels(priority, rule_id).inc(count)
     if dead:
         m.dead_letters.labels("telemetry_contract").inc(dead)
+    if gaps:
+        m.seq_gaps.inc(len(gaps))
+        m.seq_missing.inc(sum(missing for _, _, missing in gaps))
     log.debug(
         "rules_batch_committed",
         extra=log_fields(
