@@ -44,7 +44,15 @@ class _DeviceMessageBase(BaseModel):
 
     message_id: UUID = Field(description="Unique per message; a retransmission reuses it.")
     device_id: DeviceId
-    seq: int = Field(ge=0, le=2**63 - 1, description="Per-device sequence number, monotonic.")
+    seq: int = Field(
+        ge=0,
+        le=2**63 - 1,
+        description=(
+            "Per-device sequence number, shared by the device's channels: +1 with every new "
+            "message, never reused. A gap still open 30 min after it is seen is raised as data "
+            "lost (docs/mqtt.md, section 4)."
+        ),
+    )
     device_time: AwareDatetime = Field(
         description="When the device measured or observed this, RFC 3339 with an offset."
     )
@@ -183,6 +191,12 @@ class HeartbeatMessage(_DeviceMessageBase):
     clinical value can travel on it by mistake."""
 
     schema_: Literal["vigil.device.heartbeat.v1"] = Field(alias="schema")
+    seq: int = Field(
+        ge=0,
+        le=2**63 - 1,
+        description="The publisher's sequence number, +1 per heartbeat, never reused; no "
+        "data-lost alert is decided from it (a missing heartbeat is the self-watch's page).",
+    )
 
 
 AnyDeviceMessage = TemperatureReading | PumpStatus | PumpEvent | HeartbeatMessage

@@ -45,11 +45,12 @@ class Home:
         self.thermometer_id = thermometer_id or f"thermo-{patient_id}"
         self.pump_id = pump_id or f"pump-{patient_id}"
         self.ingest_delay = ingest_delay
-        self._seq = 0
+        # One counter per device, as the device contract asks (docs/mqtt.md, section 4).
+        self._seq: dict[str, int] = {}
 
     def _next(self, device_id: str) -> tuple[str, int]:
-        self._seq += 1
-        return str(uuid.uuid5(_STREAM_NAMESPACE, f"{device_id}|{self._seq}")), self._seq
+        seq = self._seq[device_id] = self._seq.get(device_id, 0) + 1
+        return str(uuid.uuid5(_STREAM_NAMESPACE, f"{device_id}|{seq}")), seq
 
     def _telemetry(
         self,

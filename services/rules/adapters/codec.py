@@ -38,6 +38,7 @@ _AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 # for one record, so the cycle collector need not track them.
 class _Temperature(msgspec.Struct, tag_field="schema", tag="vigil.device.temperature.v1", gc=False):
     message_id: str
+    seq: int
     device_time: _AwareTime
     value: float
     unit: str = "C"
@@ -46,6 +47,7 @@ class _Temperature(msgspec.Struct, tag_field="schema", tag="vigil.device.tempera
 
 class _PumpStatus(msgspec.Struct, tag_field="schema", tag="vigil.device.pump_status.v1", gc=False):
     message_id: str
+    seq: int
     device_time: _AwareTime
     state: str
     rate_ml_h: float
@@ -56,6 +58,7 @@ class _PumpStatus(msgspec.Struct, tag_field="schema", tag="vigil.device.pump_sta
 
 class _PumpEvent(msgspec.Struct, tag_field="schema", tag="vigil.device.pump_event.v1", gc=False):
     message_id: str
+    seq: int
     device_time: _AwareTime
     event: str
     alarm: str | None = None
@@ -99,7 +102,7 @@ def _observation(record: _Record) -> Observation:
                 celsius = _fahrenheit_to_celsius(message.value)
             else:
                 raise ValueError("unknown unit")
-        return temperature(
+        obs = temperature(
             record.patient_id,
             record.device_id,
             message.device_time,
@@ -109,8 +112,10 @@ def _observation(record: _Record) -> Observation:
             celsius,
             message.site,
         )
+        obs.seq = message.seq
+        return obs
     if isinstance(message, _PumpStatus):
-        return pump_status(
+        obs = pump_status(
             record.patient_id,
             record.device_id,
             message.device_time,
@@ -123,8 +128,10 @@ def _observation(record: _Record) -> Observation:
             message.bag_volume_ml,
             message.battery_pct,
         )
+        obs.seq = message.seq
+        return obs
     if isinstance(message, _PumpEvent):
-        return pump_event(
+        obs = pump_event(
             record.patient_id,
             record.device_id,
             message.device_time,
@@ -134,6 +141,8 @@ def _observation(record: _Record) -> Observation:
             message.event,
             message.alarm or "",
         )
+        obs.seq = message.seq
+        return obs
     return heartbeat(
         record.patient_id,
         record.device_id,

@@ -40,6 +40,17 @@ class RulesMetrics:
             ["priority", "rule_id"],
             registry=r,
         )
+        self.seq_gaps = Counter(
+            "vigil_rules_seq_gaps",
+            "Gaps seen in a device's seq (messages skipped: lost, or still in a hub's buffer).",
+            registry=r,
+        )
+        self.seq_missing = Counter(
+            "vigil_rules_seq_missing_messages",
+            "Messages skipped in those gaps when they were seen (a gap filled later counts too; "
+            "what stays missing is raised as a data_lost alert).",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "vigil_rules_dead_letters",
             "Telemetry records dead-lettered, by reason code.",

@@ -84,6 +84,9 @@ class Thresholds(_Plain):
 
     pump_silent_minutes: float = Field(default=15.0, gt=0)
     thermometer_silent_minutes: float = Field(default=240.0, gt=0)
+    # How long a gap in a device's seq may stay open (a hub still forwarding its buffer) before
+    # it is raised as data lost.
+    data_lost_wait_minutes: float = Field(default=30.0, gt=0)
 
     seven_day_bag_rate_ml_h: float = Field(default=0.6, gt=0)
     seven_day_bag_rate_tolerance_ml_h: float = Field(default=0.05, ge=0)
@@ -275,6 +278,7 @@ class PatientRules:
     interruption_grace_s: float
     pump_silent_s: float
     thermometer_silent_s: float
+    data_lost_wait_s: float
     seven_day_rate: float
     seven_day_tolerance: float
     seven_day_min_weight_kg: float
@@ -318,6 +322,7 @@ class PatientRules:
             interruption_grace_s=thresholds.interruption_resume_grace_minutes * _MIN,
             pump_silent_s=thresholds.pump_silent_minutes * _MIN,
             thermometer_silent_s=thresholds.thermometer_silent_minutes * _MIN,
+            data_lost_wait_s=thresholds.data_lost_wait_minutes * _MIN,
             seven_day_rate=thresholds.seven_day_bag_rate_ml_h,
             seven_day_tolerance=thresholds.seven_day_bag_rate_tolerance_ml_h,
             seven_day_min_weight_kg=thresholds.seven_day_bag_min_weight_kg,

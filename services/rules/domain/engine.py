@@ -74,6 +74,7 @@ from services.rules.domain.pump import (
     refresh_running_status,
 )
 from services.rules.domain.sensor import SENSOR_FAULT_RULE_ID, plausible, sensor_fault_alert
+from services.rules.domain.sequence import COUNTER_RESTART_JUMP, Gap, data_lost_alert, fill
 
 SNAPSHOT_FORMAT = 1
 SILENCE_RULE_ID = "device_silent"
@@ -82,6 +83,7 @@ UNOBSERVED_RULE_ID = "fever_unobserved"
 # Timer kinds; the names order timers that fall due at the same instant.
 _BAG = "bag"
 _INTERRUPTION = "interruption"
+_LOST = "lost"
 _SILENT = "silent"
 _UNOBSERVED = "unobserved"
 _NEG_INF = float("-inf")
@@ -134,11 +136,14 @@ class DeviceTrack:
 
     __slots__ = (
         "fault_key",
+        "gap_timer_at",
+        "gaps",
         "heard_t",
         "is_thermometer",
         "last_ingest_t",
         "last_t",
         "pump",
+        "seq_hi",
         "silent_at",
         "silent_key",
         "timer_at",
@@ -153,6 +158,10 @@ class DeviceTrack:
         self.silent_at: float | None = None
         self.timer_at: float | None = None
         self.fault_key: str | None = None
+        # The highest seq seen, the gaps below it still open, and the data-lost timer.
+        self.seq_hi: int | None = None
+        self.gaps: list[Gap] = []
+        self.gap_timer_at: float | None = None
         self.pump: PumpTrack | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +174,9 @@ class DeviceTrack:
             "silent_at": self.silent_at,
             "timer_at": self.timer_at,
             "fault_key": self.fault_key,
+            "seq_hi": self.seq_hi,
+            "gaps": self.gaps,
+            "gap_timer_at": self.gap_timer_at,
         }
 
     def silent_limit(self, rules: PatientRules) -> float:
@@ -183,6 +195,9 @@ class DeviceTrack:
         track.silent_at = data.get("silent_at")
         track.timer_at = data["timer_at"]
         track.fault_key = data.get("fault_key")
+        track.seq_hi = data.get("seq_hi")
+        track.gaps = [list(g) for g in data.get("gaps") or ()]
+        track.gap_timer_at = data.get("gap_timer_at")
         return track
 
 
@@ -319,6 +334,9 @@ class RulesEngine:
         self._max_ingest_t = _NEG_INF
         self._heard = _NEG_INF
         self._dirty: set[str] = set()
+        # Gaps seen since ``take_seq_gaps`` (the service counts them), and counter restarts.
+        self._seq_gaps: list[tuple[str, str, int]] = []
+        self.seq_restarts = 0
 
     # --- the per-event path -----------------------------------------------------------------
 
@@ -355,6 +373,15 @@ class RulesEngine:
             alerts.append(self._end_silence(patient_id, obs, device, rules))
         if device.timer_at is None:
             self._arm_device(patient_id, obs.device_id, device, rules)
+        seq = obs.seq
+        if seq is not None:
+            hi = device.seq_hi
+            if hi is None or seq > hi:
+                device.seq_hi = seq
+                if hi is not None and seq > hi + 1:
+                    self._open_gap(patient_id, obs, device, rules, hi + 1, seq - 1)
+            elif device.gaps:
+                fill(device.gaps, seq)
 
         if obs.channel == TEMPERATURE:
             if obs.temperature_c is None:
@@ -397,6 +424,33 @@ class RulesEngine:
         if self._advance(obs.ingest_t, _NEG_INF if obs.clock_skew else t):
             alerts += self._fire_due()
         return alerts
+
+    def _open_gap(
+        self,
+        patient_id: str,
+        obs: ObservationLike,
+        device: DeviceTrack,
+        rules: PatientRules,
+        low: int,
+        high: int,
+    ) -> None:
+        """Messages ``low``..``high`` were skipped: lost, or still in a buffer. A jump too large
+        to be a loss is a counter that restarted."""
+        missing = high - low + 1
+        if missing > COUNTER_RESTART_JUMP:
+            self.seq_restarts += 1
+            return
+        device.gaps.append([low, high, obs.ingest_t])
+        self._seq_gaps.append((patient_id, obs.device_id, missing))
+        if device.gap_timer_at is None:
+            deadline = obs.ingest_t + rules.data_lost_wait_s
+            device.gap_timer_at = deadline
+            heapq.heappush(self._absent, (deadline, _LOST, patient_id, obs.device_id))
+
+    def take_seq_gaps(self) -> list[tuple[str, str, int]]:
+        """The (patient, device, messages missing) of every gap seen since the last call."""
+        gaps, self._seq_gaps = self._seq_gaps, []
+        return gaps
 
     def _fold_temperature(
         self, patient_id: str, patient: PatientTrack, obs: ObservationLike, rules: PatientRules
@@ -498,6 +552,12 @@ class RulesEngine:
     def _rearm_earlier(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> bool:
         moved = False
         for device_id, device in patient.devices.items():
+            if device.gap_timer_at is not None and device.gaps:
+                lost_at = min(g[2] for g in device.gaps) + rules.data_lost_wait_s
+                if lost_at < device.gap_timer_at:
+                    device.gap_timer_at = lost_at
+                    heapq.heappush(self._absent, (lost_at, _LOST, patient_id, device_id))
+                    moved = True
             if device.timer_at is None:
                 continue
             limit = device.silent_limit(rules)
@@ -632,6 +692,35 @@ class RulesEngine:
                 alerts.append(
                     self._start_silence(patient_id, device_id, device, real, limit, rules)
                 )
+            elif kind == _LOST:
+                gapped = patient.devices.get(device_id)
+                if gapped is None or gapped.gap_timer_at != deadline:
+                    continue
+                gapped.gap_timer_at = None
+                if not gapped.gaps:
+                    continue
+                wait = rules.data_lost_wait_s
+                real = min(g[2] for g in gapped.gaps) + wait
+                if real <= deadline:
+                    due = [g for g in gapped.gaps if g[2] + wait <= real]
+                    gapped.gaps = [g for g in gapped.gaps if g[2] + wait > real]
+                    self._dirty.add(patient_id)
+                    alerts.append(
+                        data_lost_alert(
+                            patient_id=patient_id,
+                            device_id=device_id,
+                            is_thermometer=gapped.is_thermometer,
+                            gaps=due,
+                            deadline=real,
+                            rule_version=rules.rules_version,
+                            config_version=self._config_version,
+                        )
+                    )
+                    if not gapped.gaps:
+                        continue
+                    real = min(g[2] for g in gapped.gaps) + wait
+                gapped.gap_timer_at = real
+                heapq.heappush(absent, (real, kind, patient_id, device_id))
             elif kind == _UNOBSERVED:
                 if patient.unobserved_timer_at != deadline:
                     continue
@@ -905,6 +994,8 @@ class RulesEngine:
             for device_id, device in patient.devices.items():
                 if device.timer_at is not None:
                     absent((device.timer_at, _SILENT, patient_id, device_id))
+                if device.gap_timer_at is not None:
+                    absent((device.gap_timer_at, _LOST, patient_id, device_id))
             if patient.unobserved_timer_at is not None:
                 absent((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
             push = self._timers.append

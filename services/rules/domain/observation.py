@@ -66,6 +66,7 @@ class Observation:
         "patient_id",
         "pump_state",
         "rate_ml_h",
+        "seq",
         "site",
         "t",
         "temperature_c",
@@ -91,6 +92,7 @@ class Observation:
         event: str = "",
         alarm: str = "",
         clock_skew: bool = False,
+        seq: int | None = None,
     ) -> None:
         self.patient_id = patient_id
         self.device_id = device_id
@@ -110,6 +112,8 @@ class Observation:
         self.event = event
         self.alarm = alarm
         self.clock_skew = clock_skew
+        # The device's sequence number (docs/mqtt.md, section 4); None where it is not known.
+        self.seq = seq
 
 
 class ArchivedObservation(msgspec.Struct, gc=False, array_like=True):
@@ -155,6 +159,12 @@ class ArchivedObservation(msgspec.Struct, gc=False, array_like=True):
     def ingest_time(self) -> datetime:
         return datetime.fromtimestamp(self.ingest_t, UTC)
 
+    @property
+    def seq(self) -> int | None:
+        """Not read from the archive: an archive replay decides no sequence gap (the rows of
+        a day are read in device order, not in the order the device numbered them)."""
+        return None
+
 
 #: What the rules take: a live observation or an archived one (the replay's).
 ObservationLike = Observation | ArchivedObservation
@@ -190,6 +200,7 @@ def temperature(
     obs.event = ""
     obs.alarm = ""
     obs.clock_skew = clock_skew
+    obs.seq = None
     return obs
 
 
@@ -226,6 +237,7 @@ def pump_status(
     obs.event = ""
     obs.alarm = ""
     obs.clock_skew = clock_skew
+    obs.seq = None
     return obs
 
 
@@ -259,6 +271,7 @@ def pump_event(
     obs.event = event
     obs.alarm = alarm
     obs.clock_skew = clock_skew
+    obs.seq = None
     return obs
 
 
@@ -298,6 +311,7 @@ def observe(event: Telemetry) -> Observation:
             ingest_time=event.ingest_time,
             message_id=str(message.message_id),
             clock_skew=skew,
+            seq=message.seq,
         )
     if isinstance(message, PumpStatus):
         return Observation(
@@ -313,6 +327,7 @@ def observe(event: Telemetry) -> Observation:
             ingest_time=event.ingest_time,
             message_id=str(message.message_id),
             clock_skew=skew,
+            seq=message.seq,
         )
     if isinstance(message, HeartbeatMessage):
         return Observation(
@@ -335,4 +350,5 @@ def observe(event: Telemetry) -> Observation:
         ingest_time=event.ingest_time,
         message_id=str(message.message_id),
         clock_skew=skew,
+        seq=message.seq,
     )

@@ -1,0 +1,83 @@
+"""The data-lost rule: a gap in a device's ``seq`` that stays open is a technical alarm.
+
+A device numbers its messages one by one (docs/mqtt.md, section 4). When a message arrives whose
+``seq`` skips numbers, the skipped messages were lost on the way or are still in a hub's buffer.
+The gap is noted with the ingest time it was seen at; every message that arrives later with a
+number inside it fills it. If any of it is still missing ``data_lost_wait`` after it was seen
+(on the arrival clock, like the other absence rules), the rules raise one technical
+``data_lost`` alert for the device and patient, naming the range and how many are missing: a
+reading or an alarm may have been in them, and nobody saw it.
+
+A jump of more than ``COUNTER_RESTART_JUMP`` numbers is a device that started its counter
+afresh (docs/mqtt.md allows starting from the clock in milliseconds after a reboot that lost
+it): counted, not alerted. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority
+from services.rules.domain.alerting import at, build_alert, evidence
+
+DATA_LOST_RULE_ID = "data_lost"
+DATA_LOST_CODE = "data_lost"
+# More numbers skipped than this is a counter that restarted, not a loss (at one message a
+# minute, ten thousand messages are a week: a silence that long is paged as device silent).
+COUNTER_RESTART_JUMP = 10_000
+
+# One open gap: [first missing seq, last missing seq, ingest time it was seen at].
+Gap = list[float]
+
+
+def fill(gaps: list[Gap], seq: int) -> bool:
+    """Take ``seq`` out of the open gaps it falls in; whether it was in one."""
+    for index, (low, high, seen) in enumerate(gaps):
+        if low <= seq <= high:
+            parts = [[low, seq - 1, seen]] if low < seq else []
+            if seq < high:
+                parts.append([seq + 1, high, seen])
+            gaps[index : index + 1] = parts
+            return True
+    return False
+
+
+def missing_count(gaps: list[Gap]) -> int:
+    return int(sum(high - low + 1 for low, high, _ in gaps))
+
+
+def data_lost_alert(
+    *,
+    patient_id: str,
+    device_id: str,
+    is_thermometer: bool,
+    gaps: list[Gap],
+    deadline: float,
+    rule_version: str,
+    config_version: str,
+) -> Alert:
+    """The alert for ``gaps`` (seen at the same time) still open at ``deadline``."""
+    low = int(min(g[0] for g in gaps))
+    high = int(max(g[1] for g in gaps))
+    seen = min(g[2] for g in gaps)
+    count = missing_count(gaps)
+    what = "thermometer" if is_thermometer else "infusion pump"
+    ranges = ", ".join(f"{int(a)}" if a == b else f"{int(a)}-{int(b)}" for a, b, _ in sorted(gaps))
+    plural = "message" if count == 1 else "messages"
+    return build_alert(
+        dedup_key=f"{patient_id}:{DATA_LOST_RULE_ID}:{device_id}:{low}-{high}",
+        phase=AlertPhase.START,
+        patient_id=patient_id,
+        device_id=device_id,
+        kind=AlertKind.TECHNICAL,
+        code=DATA_LOST_CODE,
+        priority=AlertPriority.MEDIUM,
+        title=(
+            f"Data lost: {count} {plural} from the {what} never arrived (seq {ranges}); "
+            "a reading or an alarm in them was not seen"
+        ),
+        device_time=at(deadline),
+        ingest_time=at(seen),
+        evidence=(evidence("missing_messages", float(count), 0.0, ">", at(seen), unit="1"),),
+        rule_id=DATA_LOST_RULE_ID,
+        rule_version=rule_version,
+        config_version=config_version,
+    )
