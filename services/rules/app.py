@@ -37,6 +37,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -541,6 +542,7 @@ async def process_batch(
     alerts_sent = 0
     emitted: Counter[tuple[str, str]] = Counter()
     gaps: list[tuple[str, str, int]] = []
+    outages: list[tuple[int, datetime, datetime]] = []
     dead = 0
     owned = assignment()
     await partitions.prepare(
@@ -593,6 +595,8 @@ async def process_batch(
                         )
                     )
             gaps += engine.take_seq_gaps()
+            for began, ended in engine.take_outages():
+                outages.append((tp.partition, began, ended))
             sends += await send_state(
                 producer,
                 settings.state_topic,
@@ -632,6 +636,19 @@ async def process_batch(
         m.alerts.labels(priority, rule_id).inc(count)
     if dead:
         m.dead_letters.labels("telemetry_contract").inc(dead)
+    for partition, began, ended in outages:
+        m.outages.labels(str(partition)).inc()
+        # Recorded once per partition: the timers that fell due inside it waited for the
+        # data queued meanwhile (docs/rules.md, "After an outage").
+        log.warning(
+            "rules_pipeline_outage",
+            extra=log_fields(
+                partition=partition,
+                last_arrival_before=began.isoformat(),
+                first_arrival_after=ended.isoformat(),
+                seconds=round((ended - began).total_seconds(), 1),
+            ),
+        )
     if gaps:
         m.seq_gaps.inc(len(gaps))
         m.seq_missing.inc(sum(missing for _, _, missing in gaps))

@@ -40,6 +40,13 @@ class RulesMetrics:
             ["priority", "rule_id"],
             registry=r,
         )
+        self.outages = Counter(
+            "vigil_rules_pipeline_outages",
+            "Pipeline outages seen on a partition's arrival clock (nothing delivered, heartbeats "
+            "included, for longer than outage_gap_s), per partition.",
+            ["partition"],
+            registry=r,
+        )
         self.seq_gaps = Counter(
             "vigil_rules_seq_gaps",
             "Gaps seen in a device's seq (messages skipped: lost, or still in a hub's buffer).",

@@ -176,6 +176,11 @@ class RulesConfig(_Plain):
     # how far out of ingest-time order records of one partition may land (several ingest
     # processes write to it). Absence timers fire at (max ingest time seen) - this.
     arrival_lateness_s: float = Field(default=5.0, ge=0)
+    # Once pipeline heartbeats flow on a partition, a jump of its arrival clock by more than
+    # this is an outage of the pipeline (nothing was delivered): timers that fell due inside
+    # it wait ``resume_grace_s`` after it for the data queued meanwhile before they fire.
+    outage_gap_s: float = Field(default=60.0, gt=0)
+    resume_grace_s: float = Field(default=120.0, ge=0)
 
     def thresholds_for(self, patient_id: str) -> Thresholds:
         profile = self.profiles.get(patient_id)

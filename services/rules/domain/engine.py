@@ -87,6 +87,7 @@ _LOST = "lost"
 _SILENT = "silent"
 _UNOBSERVED = "unobserved"
 _NEG_INF = float("-inf")
+_ABSENCE_KINDS = frozenset({"lost", "silent", "unobserved"})
 
 
 class _Absence(NamedTuple):
@@ -333,6 +334,12 @@ class RulesEngine:
         # The arrival clock: the largest ingest time seen, and that minus the arrival lateness.
         self._max_ingest_t = _NEG_INF
         self._heard = _NEG_INF
+        # Pipeline outages seen on this partition's arrival clock (module docstring): whether
+        # heartbeats flow here, the last outage's start and when its grace ends.
+        self._beating = False
+        self._outage_from = _NEG_INF
+        self._hold_until = _NEG_INF
+        self._outages: list[tuple[float, float]] = []
         self._dirty: set[str] = set()
         # Gaps seen since ``take_seq_gaps`` (the service counts them), and counter restarts.
         self._seq_gaps: list[tuple[str, str, int]] = []
@@ -348,7 +355,10 @@ class RulesEngine:
             # A heartbeat touches no patient or device: it is the pipeline's pulse, and the
             # arrival clock of every partition (ingest writes each one to all of them).
             beat = [heartbeat_alert(obs)]
-            if self._advance(obs.ingest_t, _NEG_INF):
+            due = self._advance(obs.ingest_t, _NEG_INF)
+            # From the first heartbeat on, a partition whose clock then jumps was not watched.
+            self._beating = True
+            if due:
                 beat += self._fire_due()
             return beat
         patient_id = obs.patient_id
@@ -447,6 +457,12 @@ class RulesEngine:
             device.gap_timer_at = deadline
             heapq.heappush(self._absent, (deadline, _LOST, patient_id, obs.device_id))
 
+    def take_outages(self) -> list[tuple[datetime, datetime]]:
+        """The (last arrival before, first arrival after) of each pipeline outage seen on this
+        partition since the last call."""
+        outages, self._outages = self._outages, []
+        return [(at(start), at(end)) for start, end in outages]
+
     def take_seq_gaps(self) -> list[tuple[str, str, int]]:
         """The (patient, device, messages missing) of every gap seen since the last call."""
         gaps, self._seq_gaps = self._seq_gaps, []
@@ -490,6 +506,12 @@ class RulesEngine:
         only forward); whether a timer is now due."""
         moved = False
         if ingest_t > self._max_ingest_t:
+            if self._beating and ingest_t - self._max_ingest_t > self.config.outage_gap_s:
+                # Nothing was delivered to this partition, heartbeats included: the pipeline
+                # was not watching. Timers due inside the outage wait for what was queued.
+                self._outage_from = self._max_ingest_t
+                self._hold_until = ingest_t + self.config.resume_grace_s
+                self._outages.append((self._max_ingest_t, ingest_t))
             self._max_ingest_t = ingest_t
             heard = ingest_t - self._arrival_lateness
             if heard > self._heard:
@@ -674,6 +696,11 @@ class RulesEngine:
             patient = self._patients.get(patient_id)
             if patient is None:
                 continue
+            if self._outage_from < deadline < self._hold_until and (
+                (heard if kind in _ABSENCE_KINDS else now) < self._hold_until
+            ):
+                self._defer(patient, kind, patient_id, device_id, deadline)
+                continue
             rules = patient.rules
             if kind == _SILENT:
                 device = patient.devices.get(device_id)
@@ -760,6 +787,37 @@ class RulesEngine:
                 # later deadline is re-armed, so a timer that decided nothing cannot spin.
                 self._arm_pump(patient_id, device_id, patient, pump, rules, after=real_or_none)
         return alerts
+
+    def _defer(
+        self, patient: PatientTrack, kind: str, patient_id: str, device_id: str, deadline: float
+    ) -> None:
+        """Hold a timer that fell due inside a pipeline outage until its grace ends (if it is
+        still the armed one): the data queued during the outage may yet show the device was
+        not silent, or the pump restarted. It then fires on its own, real deadline."""
+        hold = self._hold_until
+        device = patient.devices.get(device_id)
+        if kind == _SILENT:
+            if device is None or device.timer_at != deadline:
+                return
+            device.timer_at = hold
+        elif kind == _LOST:
+            if device is None or device.gap_timer_at != deadline:
+                return
+            device.gap_timer_at = hold
+        elif kind == _UNOBSERVED:
+            if patient.unobserved_timer_at != deadline:
+                return
+            patient.unobserved_timer_at = hold
+        else:
+            pump = device.pump if device is not None else None
+            if pump is None or _armed(pump, kind) != deadline:
+                return
+            _set_armed(pump, kind, hold)
+            heapq.heappush(self._timers, (hold, kind, patient_id, device_id))
+            self._dirty.add(patient_id)
+            return
+        heapq.heappush(self._absent, (hold, kind, patient_id, device_id))
+        self._dirty.add(patient_id)
 
     # --- device silent and fever unobserved --------------------------------------------------
 
@@ -950,6 +1008,9 @@ class RulesEngine:
             "watermark": None if self._watermark == _NEG_INF else self._watermark,
             "max_ingest_t": None if self._max_ingest_t == _NEG_INF else self._max_ingest_t,
             "heard": None if self._heard == _NEG_INF else self._heard,
+            "beating": self._beating,
+            "outage_from": None if self._outage_from == _NEG_INF else self._outage_from,
+            "hold_until": None if self._hold_until == _NEG_INF else self._hold_until,
         }
 
     def _restore_meta(self, meta: dict[str, Any]) -> None:
@@ -962,6 +1023,11 @@ class RulesEngine:
         heard = meta.get("heard")
         self._max_ingest_t = _NEG_INF if max_ingest_t is None else float(max_ingest_t)
         self._heard = _NEG_INF if heard is None else float(heard)
+        self._beating = bool(meta.get("beating", False))
+        outage_from = meta.get("outage_from")
+        hold_until = meta.get("hold_until")
+        self._outage_from = _NEG_INF if outage_from is None else float(outage_from)
+        self._hold_until = _NEG_INF if hold_until is None else float(hold_until)
 
     def meta_snapshot(self) -> dict[str, Any]:
         """The engine-wide part of the state (watermark), without any patient."""
