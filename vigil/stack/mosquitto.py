@@ -103,6 +103,8 @@ def render_conf(settings: StackSettings) -> str:
             "password_file": passwd_file(settings),
             "acl_file": acl_file(settings),
             "persistence_location": settings.mosquitto_dir,
+            "autosave_interval": settings.mqtt_autosave_interval,
+            "autosave_on_changes": "true" if settings.mqtt_autosave_on_changes else "false",
             "log_file": component(settings).log_file,
         },
     )

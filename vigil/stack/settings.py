@@ -51,6 +51,12 @@ class StackSettings(BaseSettings):
     pg_port: int = Field(default=15432, ge=1, le=65535)
     smtp_port: int = Field(default=10025, ge=1, le=65535)
 
+    # Mosquitto's persistence (deploy/local/mosquitto/mosquitto.conf.tmpl, docs/reliability.md):
+    # with autosave_on_changes the broker saves its state once this many messages, sessions or
+    # subscriptions changed; without it, every this many seconds.
+    mqtt_autosave_interval: int = Field(default=1, ge=1)
+    mqtt_autosave_on_changes: bool = True
+
     kafka_heap_mb: int = Field(default=512, ge=128)
     kafka_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
     kafka_libs_dir: Path = Field(default_factory=_default_kafka_libs_dir)
