@@ -88,9 +88,16 @@ def seal_horizon(now: datetime, lag: timedelta = DEFAULT_SEAL_LAG) -> datetime:
 
 
 async def sealing_available(conn: Any) -> bool:
-    """Whether the readings tables carry the triggers that mark sealed days stale."""
+    """Whether the readings tables carry the triggers that mark sealed days stale. Only the
+    tables the connection's search path names count (another schema may have copies)."""
     found = await conn.fetchval(
-        "SELECT count(*) FROM pg_trigger WHERE tgname = ANY($1::text[])", _TRIGGER_NAMES
+        """
+        SELECT count(*) FROM pg_trigger
+        WHERE tgname = ANY($1::text[])
+          AND tgrelid IN (to_regclass('temperature_readings'), to_regclass('pump_status'),
+                          to_regclass('pump_events'))
+        """,
+        _TRIGGER_NAMES,
     )
     return int(found) == len(_TRIGGER_NAMES)
 
