@@ -9,6 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+# The tests run every service in development mode, explicitly (vigil.environment): production,
+# the default, refuses the development secrets the tests use. Tests of that refusal pass
+# environment="production" themselves.
+os.environ["VIGIL_ENVIRONMENT"] = "development"
+
 # The same values as TEST_STACK in the Makefile, so a bare `pytest` uses the test stack too.
 TEST_STACK_DEFAULTS = {
     "VIGIL_STACK_DATA_DIR": ".vigil-test",

@@ -7,6 +7,10 @@ broker, account checks and ingest validation as any home device. Rules turn each
 arriving (docs/notify.md, "Self-watch"). The publisher decides nothing about health itself: its
 only job is to keep beating, reconnecting after a broker outage, so that silence means a stage
 downstream stopped (or this process did, which is also worth a page).
+
+Outside development (``VIGIL_ENVIRONMENT``, see vigil.environment) it refuses to start without
+its account's password; ``VIGIL_HEARTBEAT_MQTT_TLS_CA_FILE`` makes it connect over TLS (with
+``VIGIL_MQTT_PORT`` the broker's TLS listener), as a deployment's devices do.
 """
 
 from __future__ import annotations
@@ -19,15 +23,21 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, Self
 
 import aiomqtt
 import orjson
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from schemas.device import DEVICE_ID_PATTERN
 from schemas.topics import HEARTBEAT_CHANNEL, topic_for
+from vigil.environment import (
+    ServiceSettings,
+    refuse_outside_development,
+    secret_problem,
+)
 from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
 from vigil.settings import MqttSettings
 
@@ -36,7 +46,7 @@ log = logging.getLogger("vigil.heartbeat")
 HEARTBEAT_SCHEMA = "vigil.device.heartbeat.v1"
 
 
-class HeartbeatSettings(BaseSettings):
+class HeartbeatSettings(ServiceSettings):
     """Read from ``VIGIL_HEARTBEAT_*``; the broker's address from ``VIGIL_MQTT_*``."""
 
     model_config = SettingsConfigDict(env_prefix="VIGIL_HEARTBEAT_", extra="ignore")
@@ -53,11 +63,22 @@ class HeartbeatSettings(BaseSettings):
     mqtt_password: SecretStr | None = None
     # None: the device id, as the device contract asks (one connection per device).
     mqtt_client_id: str | None = None
+    # CA certificate of the broker's TLS listener; set it to connect over TLS.
+    mqtt_tls_ca_file: Path | None = None
     publish_timeout_s: float = Field(default=10.0, gt=0)
     reconnect_max_s: float = Field(default=15.0, gt=0)
     log_level: str = "INFO"
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+
+    @model_validator(mode="after")
+    def _secrets_outside_development(self) -> Self:
+        refuse_outside_development(
+            self.environment,
+            "the heartbeat publisher",
+            [secret_problem("VIGIL_HEARTBEAT_MQTT_PASSWORD", self.mqtt_password)],
+        )
+        return self
 
 
 class PublishClient(Protocol):
@@ -127,6 +148,9 @@ async def run(
     """
     counter = HeartbeatCounter(clock())
     password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
+    tls = None
+    if settings.mqtt_tls_ca_file is not None:
+        tls = aiomqtt.TLSParameters(ca_certs=str(settings.mqtt_tls_ca_file))
     backoff = 0.5
     log.info(
         "heartbeat_started",
@@ -144,6 +168,7 @@ async def run(
             password=password,
             identifier=settings.mqtt_client_id or settings.device_id,
             keepalive=settings.mqtt.keepalive_s,
+            tls_params=tls,
             # A clean session: a heartbeat that missed its moment proves nothing later, and the
             # next one replaces it; a persistent session would only replay stale beats.
             clean_session=True,

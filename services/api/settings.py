@@ -1,25 +1,32 @@
 """API settings (env prefix ``VIGIL_API_``), built at start-up.
 
-Outside development the token secret must be set: a default secret would let anyone who read
-this file mint tokens for any care team.
+Outside development (``VIGIL_ENVIRONMENT``, see vigil.environment) the token secret and a
+database password must be set: a default secret would let anyone who read this file mint tokens
+for any care team.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from vigil.environment import (
+    MIN_SECRET_LENGTH,
+    ServiceSettings,
+    dsn_password_problem,
+    refuse_outside_development,
+    secret_problem,
+)
 from vigil.settings import PostgresSettings
 
 DEVELOPMENT_SECRET = "development-only-not-a-secret-0000000000"
 
 
-class ApiSettings(BaseSettings):
+class ApiSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIGIL_API_", extra="ignore")
 
-    environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     token_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
@@ -34,8 +41,18 @@ class ApiSettings(BaseSettings):
     pg: PostgresSettings = Field(default_factory=PostgresSettings)
 
     @model_validator(mode="after")
-    def _no_default_secret_in_production(self) -> Self:
-        secret = self.token_secret.get_secret_value()
-        if self.environment != "development" and (secret == DEVELOPMENT_SECRET or len(secret) < 32):
-            raise ValueError("VIGIL_API_TOKEN_SECRET must be set (32+ chars) outside development")
+    def _secrets_outside_development(self) -> Self:
+        refuse_outside_development(
+            self.environment,
+            "the care-team API",
+            [
+                secret_problem(
+                    "VIGIL_API_TOKEN_SECRET",
+                    self.token_secret,
+                    published={DEVELOPMENT_SECRET},
+                    min_length=MIN_SECRET_LENGTH,
+                ),
+                dsn_password_problem("VIGIL_PG_DSN", self.pg.dsn),
+            ],
+        )
         return self

@@ -10,24 +10,19 @@ from pathlib import Path
 from typing import Self
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from vigil.environment import (
-    Environment,
+    ServiceSettings,
     dsn_password_problem,
-    environment_field,
     refuse_outside_development,
     secret_problem,
 )
 from vigil.settings import KafkaSettings, MqttSettings, PostgresSettings
 
 
-class IngestSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="VIGIL_INGEST_", extra="ignore", populate_by_name=True
-    )
-
-    environment: Environment = environment_field()
+class IngestSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="VIGIL_INGEST_", extra="ignore")
 
     mqtt_username: str = "vigil-ingest"
     mqtt_password: str = ""

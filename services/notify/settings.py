@@ -2,6 +2,8 @@
 
 Built once in ``app.main`` at start-up, never at import, so tests and tools can build their own.
 The Kafka and PostgreSQL blocks read their own shared prefixes (``VIGIL_KAFKA_``, ``VIGIL_PG_``).
+Outside development (``VIGIL_ENVIRONMENT``, see vigil.environment) notify refuses to start without
+its acknowledgement-link secret, its API token and a database password.
 """
 
 from __future__ import annotations
@@ -9,17 +11,24 @@ from __future__ import annotations
 from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
 from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
+from vigil.environment import (
+    MIN_SECRET_LENGTH,
+    ServiceSettings,
+    dsn_password_problem,
+    refuse_outside_development,
+    secret_problem,
+)
 from vigil.settings import KafkaSettings, PostgresSettings
 
 # Published in the source, so it is refused anywhere but a developer's machine.
 DEVELOPMENT_ACK_SECRET = "vigil-development-ack-secret-not-for-real-use"
 
 
-class NotifySettings(BaseSettings):
+class NotifySettings(ServiceSettings):
     """Everything the notify service needs, read from ``VIGIL_NOTIFY_*``."""
 
     model_config = SettingsConfigDict(env_prefix="VIGIL_NOTIFY_", extra="ignore")
@@ -46,10 +55,6 @@ class NotifySettings(BaseSettings):
     retry_base_s: float = Field(default=2.0, gt=0, description="Delay after the first failed try.")
     retry_cap_s: float = Field(default=60.0, gt=0, description="Longest delay between two tries.")
 
-    environment: str = Field(
-        default="development",
-        description="'development' allows the built-in acknowledgement secret; nothing else does.",
-    )
     public_base_url: str = Field(
         default="http://127.0.0.1:8085",
         description="Where the notify API is reached from a phone; acknowledgement links use it.",
@@ -112,15 +117,23 @@ class NotifySettings(BaseSettings):
             raise ValueError("smtp_username and smtp_password are set together or not at all")
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("retry_cap_s must be at least retry_base_s")
-        if self.environment != "development":
-            secret = self.ack_secret.get_secret_value()
-            if secret == DEVELOPMENT_ACK_SECRET or len(secret) < 32:
-                raise ValueError(
-                    "set VIGIL_NOTIFY_ACK_SECRET (32+ characters) outside development: "
-                    "anyone who knows the built-in one can acknowledge any page"
-                )
-            if self.api_token is None:
-                raise ValueError("set VIGIL_NOTIFY_API_TOKEN outside development")
+        # Anyone who knows the built-in acknowledgement secret can acknowledge any page.
+        refuse_outside_development(
+            self.environment,
+            "notify",
+            [
+                secret_problem(
+                    "VIGIL_NOTIFY_ACK_SECRET",
+                    self.ack_secret,
+                    published={DEVELOPMENT_ACK_SECRET},
+                    min_length=MIN_SECRET_LENGTH,
+                ),
+                secret_problem(
+                    "VIGIL_NOTIFY_API_TOKEN", self.api_token, min_length=MIN_SECRET_LENGTH
+                ),
+                dsn_password_problem("VIGIL_PG_DSN", self.pg.dsn),
+            ],
+        )
         return self
 
     @property

@@ -2,17 +2,19 @@
 
 The thresholds here are the built-in default protocol; sites differ (some page on any 38.0 °C
 reading), so every value is configurable, and care-team protocols and patient overrides from
-PostgreSQL (migration 0004) are laid on top when ``config_from_postgres`` is on.
+PostgreSQL (migration 0004) are laid on top when ``config_from_postgres`` is on. Outside
+development (``VIGIL_ENVIRONMENT``, see vigil.environment) rules refuses to start when it reads
+PostgreSQL without a password.
 """
 
 from __future__ import annotations
 
 from copy import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from schemas.kafka_topics import (
     ALERTS_TOPIC,
@@ -21,6 +23,11 @@ from schemas.kafka_topics import (
     TELEMETRY_TOPIC,
 )
 from services.rules.domain.config import Thresholds
+from vigil.environment import (
+    ServiceSettings,
+    dsn_password_problem,
+    refuse_outside_development,
+)
 from vigil.settings import KafkaSettings, PostgresSettings
 
 
@@ -30,7 +37,7 @@ def _as_in_thresholds(name: str) -> Any:
     return copy(Thresholds.model_fields[name])
 
 
-class RulesSettings(BaseSettings):
+class RulesSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VIGIL_RULES_", extra="ignore")
 
     # The default protocol's thresholds the environment may set (the rest are built in).
@@ -77,6 +84,16 @@ class RulesSettings(BaseSettings):
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+
+    @model_validator(mode="after")
+    def _secrets_outside_development(self) -> Self:
+        reads_postgres = self.config_file is None and self.config_from_postgres
+        refuse_outside_development(
+            self.environment,
+            "rules",
+            [dsn_password_problem("VIGIL_PG_DSN", self.postgres.dsn) if reads_postgres else None],
+        )
+        return self
 
     def thresholds(self) -> Thresholds:
         """The default protocol: every threshold this class declares, the rest built in."""

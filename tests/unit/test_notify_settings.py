@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.notify.settings import NotifySettings
+from vigil.settings import PostgresSettings
 
 
 @pytest.fixture(autouse=True)
@@ -77,4 +78,9 @@ def test_built_in_ack_secret_is_refused_outside_development() -> None:
         NotifySettings(environment="production", ack_secret="short", api_token="t" * 32)
     with pytest.raises(ValidationError, match="API_TOKEN"):
         NotifySettings(environment="production", ack_secret="s" * 40)
-    NotifySettings(environment="production", ack_secret="s" * 40, api_token="t" * 32)
+    NotifySettings(
+        environment="production",
+        ack_secret="s" * 40,
+        api_token="t" * 32,
+        pg=PostgresSettings(dsn="postgresql://vigil_app:pw@db:5432/vigil"),
+    )

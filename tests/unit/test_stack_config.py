@@ -292,6 +292,7 @@ def test_stack_env_exposes_exactly_what_services_read(settings: StackSettings) -
     settings.secrets_file.write_text(secrets.model_dump_json())
     env = stack_env(settings)
     assert env == {
+        "VIGIL_ENVIRONMENT": "development",
         "VIGIL_MQTT_HOST": "127.0.0.1",
         "VIGIL_MQTT_PORT": "21883",
         "VIGIL_MQTT_TLS_PORT": "21884",

@@ -143,6 +143,9 @@ def stack_env(settings: StackSettings) -> dict[str, str]:
     """The environment services need to reach this stack (reads the generated secrets)."""
     secrets = load_secrets(settings)
     return {
+        # The local stack is a developer's: its services may use the development secrets
+        # (vigil.environment). Deployments leave this unset and run in production.
+        "VIGIL_ENVIRONMENT": "development",
         "VIGIL_MQTT_HOST": "127.0.0.1",
         "VIGIL_MQTT_PORT": str(settings.mqtt_port),
         # The TLS listener and the CA that signed it. Not named VIGIL_INGEST_MQTT_TLS_CA_FILE on
