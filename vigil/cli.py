@@ -43,8 +43,29 @@ def _migrate(argv: list[str]) -> int:
     from vigil.db.migrate import apply_migrations
     from vigil.settings import PostgresSettings
 
-    applied = asyncio.run(apply_migrations(PostgresSettings().dsn))
+    parser = argparse.ArgumentParser(
+        prog="vigil migrate",
+        description="Apply the database migrations to VIGIL_PG_DSN (as the schema's owner).",
+    )
+    parser.add_argument(
+        "--grant-to",
+        metavar="ROLE",
+        help="then grant this existing role the services' privileges on the schema "
+        "(rows only; the append-only tables insert-only): see vigil/db/privileges.py",
+    )
+    args = parser.parse_args(argv)
+    dsn = PostgresSettings().dsn
+    applied = asyncio.run(apply_migrations(dsn))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    if args.grant_to:
+        from vigil.db.privileges import grant_service_role
+
+        granted = asyncio.run(grant_service_role(dsn, args.grant_to))
+        print(
+            f"granted to {args.grant_to}: {len(granted['tables'])} tables, "
+            f"{len(granted['append_only'])} append-only tables (insert only), "
+            f"{len(granted['views'])} views"
+        )
     return 0
 
 
