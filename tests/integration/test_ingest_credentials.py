@@ -26,7 +26,7 @@ def device_client(env: dict[str, str], device_id: str, password: str) -> aiomqtt
         int(env["VIGIL_MQTT_PORT"]),
         username=device_id,
         password=password,
-        identifier=f"{device_id}-{uuid.uuid4().hex[:6]}",
+        identifier=device_id,  # the only client id the broker lets a device account use
         protocol=aiomqtt.ProtocolVersion.V5,
     )
 

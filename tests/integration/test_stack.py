@@ -149,7 +149,11 @@ def mqtt_clients() -> Iterator[list[Mqtt]]:
 def connect(
     clients: list[Mqtt], settings: StackSettings, username: str | None, password: str | None
 ) -> tuple[Mqtt, ReasonCode]:
-    client = Mqtt(settings.mqtt_port, f"it-{uuid.uuid4().hex[:8]}", username, password)
+    # A device account may connect only with its own id as client id (the broker refuses any
+    # other); service accounts and anonymous attempts take a random one.
+    device = username is not None and not username.startswith("vigil-")
+    client_id = username if username is not None and device else f"it-{uuid.uuid4().hex[:8]}"
+    client = Mqtt(settings.mqtt_port, client_id, username, password)
     clients.append(client)
     return client, client.connect()
 

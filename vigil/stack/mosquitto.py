@@ -2,24 +2,33 @@
 
 Owns rendering ``deploy/local/mosquitto/*.tmpl``, the password file (service accounts plus one
 account per device), starting the broker with its plain and TLS listeners (the certificates come
-from :mod:`vigil.stack.tls`), and adding or revoking device credentials while it runs (Mosquitto
-re-reads its password and ACL files on SIGHUP).
+from :mod:`vigil.stack.tls`), binding each device account to its own client id (Mosquitto's
+dynamic security plugin, written at start and changed through its ``$CONTROL`` topic while the
+broker runs), and adding or revoking device credentials while it runs (Mosquitto re-reads its
+password and ACL files on SIGHUP).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import pwd
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import paho.mqtt.client as paho_mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from vigil.stack.credentials import (
     INGEST_MQTT_USER,
@@ -55,6 +64,11 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _RESERVED_PREFIX: Final = "vigil-"
 _RELOAD_LINE: Final = b"Reloading config."
 _RELOAD_TIMEOUT_S: Final = 5.0
+# The stack's own account for the dynamic security plugin's $CONTROL topic (a reserved name: no
+# device id may start with "vigil-"). It exists only in the plugin's file, not in passwd.
+DYNSEC_ADMIN: Final = "vigil-stack-admin"
+_DYNSEC_TOPIC: Final = "$CONTROL/dynamic-security/v1"
+_DYNSEC_TIMEOUT_S: Final = 10.0
 
 
 def conf_file(settings: StackSettings) -> Path:
@@ -67,6 +81,14 @@ def passwd_file(settings: StackSettings) -> Path:
 
 def acl_file(settings: StackSettings) -> Path:
     return settings.mosquitto_dir / "acl"
+
+
+def dynsec_file(settings: StackSettings) -> Path:
+    return settings.mosquitto_dir / "dynamic-security.json"
+
+
+def dynsec_admin_file(settings: StackSettings) -> Path:
+    return settings.mosquitto_dir / "dynsec-admin.secret"
 
 
 def component(settings: StackSettings) -> Component:
@@ -102,6 +124,8 @@ def render_conf(settings: StackSettings) -> str:
             "run_as_user": run_as_user(),
             "password_file": passwd_file(settings),
             "acl_file": acl_file(settings),
+            "dynsec_plugin": settings.mosquitto_dynsec_plugin,
+            "dynsec_file": dynsec_file(settings),
             "persistence_location": settings.mosquitto_dir,
             "autosave_interval": settings.mqtt_autosave_interval,
             "autosave_on_changes": "true" if settings.mqtt_autosave_on_changes else "false",
@@ -151,12 +175,133 @@ def _own_passwd(path: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
-def _has_account(settings: StackSettings, username: str) -> bool:
+def _accounts(settings: StackSettings) -> list[str]:
     try:
         lines = passwd_file(settings).read_text().splitlines()
     except FileNotFoundError:
+        return []
+    return [line.split(":", 1)[0] for line in lines if line.strip()]
+
+
+def _has_account(settings: StackSettings, username: str) -> bool:
+    return username in _accounts(settings)
+
+
+def _dynsec_admin_password(settings: StackSettings) -> str:
+    path = dynsec_admin_file(settings)
+    if not path.exists():
+        write_file(path, new_password() + "\n", mode=0o600)
+    return path.read_text().strip()
+
+
+def _dynsec_hash(password: str, salt: bytes) -> dict[str, Any]:
+    # The plugin's own format: PBKDF2-SHA512, 101 iterations, salt and hash in base64.
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": 101,
+    }
+
+
+def render_dynsec(devices: list[str], admin_password: str) -> dict[str, Any]:
+    """The dynamic security plugin's file: every device account bound to its own id as client
+    id (no password there: the plugin defers to the password file), the stack's admin account,
+    and a default ACL access of "deny", which defers every topic decision to acl_file."""
+    deny = {"publishClientSend": False, "publishClientReceive": False}
+    return {
+        "defaultACLAccess": {**deny, "subscribe": False, "unsubscribe": False},
+        "clients": [
+            {
+                "username": DYNSEC_ADMIN,
+                "textname": "vigil stack administration",
+                "roles": [{"rolename": "vigil-dynsec-admin"}],
+                **_dynsec_hash(admin_password, os.urandom(12)),
+            },
+            *({"username": device, "clientid": device, "roles": []} for device in devices),
+        ],
+        "roles": [
+            {
+                "rolename": "vigil-dynsec-admin",
+                "acls": [
+                    {"acltype": kind, "topic": f"{_DYNSEC_TOPIC}/#", "allow": True}
+                    for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")
+                ],
+            }
+        ],
+        "groups": [],
+    }
+
+
+def _dynsec_active(settings: StackSettings) -> bool:
+    """The running broker loaded the plugin: its configuration is written only when it starts,
+    so the file on disk is the one it runs with (a broker started before the plugin was part
+    of the configuration keeps passwords and ACL only, until `down` and `up`)."""
+    if running_pid(component(settings)) is None:
         return False
-    return any(line.split(":", 1)[0] == username for line in lines)
+    try:
+        return "dynamic_security" in conf_file(settings).read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _dynsec_command(settings: StackSettings, command: dict[str, Any], tolerate: str) -> None:
+    """Send one command to the running broker's plugin and wait for its answer; an error other
+    than ``tolerate`` (e.g. "Client already exists") raises."""
+    answer: list[dict[str, Any]] = []
+    answered = threading.Event()
+    client = paho_mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{DYNSEC_ADMIN}-{os.getpid()}-{threading.get_ident()}",
+        protocol=paho_mqtt.MQTTv5,
+    )
+    client.username_pw_set(DYNSEC_ADMIN, _dynsec_admin_password(settings))
+    subscribed = threading.Event()
+
+    def on_subscribe(*_: object) -> None:
+        subscribed.set()
+
+    def on_message(_c: object, _u: object, message: paho_mqtt.MQTTMessage) -> None:
+        answer.extend(json.loads(message.payload).get("responses", []))
+        answered.set()
+
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    try:
+        client.connect("127.0.0.1", settings.mqtt_port, keepalive=30)
+        client.loop_start()
+        client.subscribe(f"{_DYNSEC_TOPIC}/response", qos=1)
+        if not subscribed.wait(_DYNSEC_TIMEOUT_S):
+            raise StackError("Mosquitto's dynamic security plugin: no SUBACK")
+        client.publish(_DYNSEC_TOPIC, json.dumps({"commands": [command]}), qos=1)
+        if not answered.wait(_DYNSEC_TIMEOUT_S):
+            raise StackError(f"Mosquitto's dynamic security plugin did not answer {command}")
+    except OSError as exc:
+        raise StackError(f"cannot reach Mosquitto for {command['command']}: {exc}") from exc
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    error = next((r.get("error") for r in answer if r.get("error")), None)
+    if error is not None and error != tolerate:
+        raise StackError(f"Mosquitto's dynamic security plugin refused {command}: {error}")
+
+
+def _bind_client_id(settings: StackSettings, device_id: str) -> None:
+    if _dynsec_active(settings):
+        _dynsec_command(
+            settings,
+            {"command": "createClient", "username": device_id, "clientid": device_id},
+            tolerate="Client already exists",
+        )
+
+
+def _unbind_client_id(settings: StackSettings, device_id: str) -> None:
+    if _dynsec_active(settings):
+        _dynsec_command(
+            settings,
+            {"command": "deleteClient", "username": device_id},
+            tolerate="Client not found",
+        )
 
 
 def _write_config(settings: StackSettings, secrets: StackSecrets) -> None:
@@ -169,6 +314,12 @@ def _write_config(settings: StackSettings, secrets: StackSecrets) -> None:
     with _passwd_lock(settings):
         _set_password(settings, INGEST_MQTT_USER, secrets.mqtt_ingest_password)
         _set_password(settings, SIM_MQTT_USER, secrets.mqtt_sim_password)
+        devices = [name for name in _accounts(settings) if not name.startswith(_RESERVED_PREFIX)]
+    write_file(
+        dynsec_file(settings),
+        json.dumps(render_dynsec(devices, _dynsec_admin_password(settings)), indent=1) + "\n",
+        mode=0o600,
+    )
     # The broker opens its own log file after dropping privileges; create it first so it is ours
     # to hand over.
     component(settings).log_file.touch()
@@ -262,6 +413,9 @@ def add_device_credential(settings: StackSettings, device_id: str) -> str:
     password = new_password()
     with _passwd_lock(settings):
         _set_password(settings, device_id, password)
+    # Bound before the password works: there is no moment in which this account could connect
+    # with another client's id.
+    _bind_client_id(settings, device_id)
     _reload(settings)
     return password
 
@@ -302,3 +456,4 @@ def revoke_device_credential(settings: StackSettings, device_id: str) -> None:
         )
         _own_passwd(path)
     _reload(settings)
+    _unbind_client_id(settings, device_id)

@@ -65,6 +65,8 @@ class StackSettings(BaseSettings):
 
     mosquitto_bin: Path = Path("/usr/sbin/mosquitto")
     mosquitto_passwd_bin: Path = Path("/usr/bin/mosquitto_passwd")
+    # Debian's mosquitto package ships it; it binds each device account to its own client id.
+    mosquitto_dynsec_plugin: Path = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
     pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     java_bin: str = "java"
     mvn_bin: str = "mvn"
