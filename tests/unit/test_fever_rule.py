@@ -207,3 +207,13 @@ def test_incoherent_thresholds_are_refused(kwargs: dict) -> None:
     """A threshold set whose levels are out of order cannot be built."""
     with pytest.raises(ValueError):
         FeverThresholds(**kwargs)
+
+
+def test_a_probe_off_reading_does_not_end_a_fever_and_a_normal_one_does() -> None:
+    """A patch off the skin reads 34.0 °C in the middle of a fever: the episode stays open
+    (no all clear, no second page when the fever reads again). The edge: 35.4 °C clears
+    nothing, 35.5 °C is a reading that ends it."""
+    events = [reading(0, 38.9), reading(5, 34.0), reading(10, 35.4), reading(15, 38.8)]
+    assert [a.phase for a in run(events)] == [AlertPhase.START]
+    ended = run([*events, reading(20, 35.5)])
+    assert [a.phase for a in ended] == [AlertPhase.START, AlertPhase.END]

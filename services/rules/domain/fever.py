@@ -98,6 +98,12 @@ class FeverThresholds:
         )
 
 
+# A reading this low does not end a fever: a continuous patch off the skin reads 33-35 °C in the
+# middle of a real fever, and a febrile child does not defervesce to below 35.5 °C. Such a
+# reading is still a temperature (it is within the plausible range); it just clears nothing.
+CLEAR_FLOOR_C = 35.5
+
+
 @dataclass(frozen=True, slots=True)
 class FeverLimits:
     """FeverThresholds compiled for the hot path: seconds and °C as plain floats."""
@@ -396,7 +402,7 @@ def _fold_into_window(
                 _temperature_evidence("temperature", reading, limits.critical_c, ">=", limits),
             )
         ]
-    if value < limits.clear_c and t >= newest:
+    if CLEAR_FLOOR_C <= value < limits.clear_c and t >= newest:
         alert = make(
             AlertPhase.END,
             "fever_cleared",
