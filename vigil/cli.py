@@ -93,6 +93,12 @@ def _run(argv: list[str]) -> int:
     return main(argv)
 
 
+def _register_heartbeat(argv: list[str]) -> int:
+    from vigil.localrun import register_heartbeat_main
+
+    return register_heartbeat_main(argv)
+
+
 def _pages(argv: list[str]) -> int:
     from vigil.localrun import pages_main
 
@@ -112,6 +118,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "audit": ("the tamper-evident audit log: list | verify", _audit),
     "pages": ("list the pages recorded by notify on the local stack", _pages),
     "heartbeat": ("publish the pipeline heartbeat that notify watches", _heartbeat),
+    "register-heartbeat": ("register the heartbeat device and technical team", _register_heartbeat),
 }
 
 
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vigil",
         description="Vigil: remote monitoring of home blinatumomab infusions.",
-        epilog="\n".join(f"  {name:<9} {help_}" for name, (help_, _) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<18} {help_}" for name, (help_, _) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="command")

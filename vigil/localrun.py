@@ -51,22 +51,51 @@ HEARTBEAT_DEVICE_MODEL = "vigil-heartbeat"
 HEARTBEAT_BOUND_FROM = datetime(2000, 1, 1, tzinfo=UTC)
 
 
-async def register_heartbeat(dsn: str) -> None:
+async def register_heartbeat(
+    dsn: str,
+    *,
+    care_team_id: str = TECH_TEAM_ID,
+    oncall_email: str = TECH_ONCALL_EMAIL,
+    device_id: str = HEARTBEAT_DEVICE_ID,
+) -> None:
     """The technical care team, its pseudo-patient and the heartbeat device bound to it, so the
-    heartbeat passes ingest's registry and binding checks exactly as a device's message does."""
+    heartbeat passes ingest's registry and binding checks exactly as a device's message does.
+    Idempotent; ``vigil register-heartbeat`` runs it for a deployment."""
+    patient_id = f"pipeline-{care_team_id}"
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            await upsert_care_team(
-                conn, TECH_TEAM_ID, "Technical on-call (pipeline)", TECH_ONCALL_EMAIL
-            )
-            await upsert_patient(conn, HEARTBEAT_PATIENT_ID, TECH_TEAM_ID)
-            await upsert_device(
-                conn, HEARTBEAT_DEVICE_ID, HEARTBEAT_DEVICE_KIND, HEARTBEAT_DEVICE_MODEL
-            )
-            await bind_device(conn, HEARTBEAT_DEVICE_ID, HEARTBEAT_PATIENT_ID, HEARTBEAT_BOUND_FROM)
+            await upsert_care_team(conn, care_team_id, "Technical on-call (pipeline)", oncall_email)
+            await upsert_patient(conn, patient_id, care_team_id)
+            await upsert_device(conn, device_id, HEARTBEAT_DEVICE_KIND, HEARTBEAT_DEVICE_MODEL)
+            await bind_device(conn, device_id, patient_id, HEARTBEAT_BOUND_FROM)
     finally:
         await conn.close()
+
+
+def register_heartbeat_main(argv: list[str] | None = None) -> int:
+    """``vigil register-heartbeat``: the registry entries of a deployment's heartbeat device."""
+    parser = argparse.ArgumentParser(
+        prog="vigil register-heartbeat",
+        description="Register the technical care team, its pseudo-patient and the heartbeat "
+        "device bound to it in VIGIL_PG_DSN (idempotent).",
+    )
+    parser.add_argument("--care-team-id", default=TECH_TEAM_ID)
+    parser.add_argument("--oncall-email", required=True, help="the technical on-call address")
+    parser.add_argument("--device-id", default=HEARTBEAT_DEVICE_ID)
+    args = parser.parse_args(argv)
+    from vigil.settings import PostgresSettings
+
+    asyncio.run(
+        register_heartbeat(
+            PostgresSettings().dsn,
+            care_team_id=args.care_team_id,
+            oncall_email=args.oncall_email,
+            device_id=args.device_id,
+        )
+    )
+    print(f"heartbeat device {args.device_id} bound to care team {args.care_team_id}")
+    return 0
 
 
 def heartbeat_env(env: dict[str, str]) -> dict[str, str]:
