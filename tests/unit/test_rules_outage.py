@@ -115,3 +115,33 @@ def test_a_sparse_stream_without_heartbeats_is_never_taken_for_an_outage() -> No
     alerts = run_stream(engine, [home.status(0), other.status(0), other.status(60)])
     assert codes(alerts, "P-out-4") == [("device_silent", AlertPhase.START)]
     assert engine.take_outages() == []
+
+
+def test_heartbeats_sent_far_apart_are_not_taken_for_outages() -> None:
+    """A publisher beating every 5 min (above the 60 s outage gap): the outage threshold
+    follows the heartbeats' own spacing, so a quiet pump is paged within one beat of its
+    deadline, not held again at every beat."""
+    home = Home("P-out-6", T0)
+    engine = RulesEngine()
+    fired: list[datetime] = []
+    events = sorted([home.status(0), *Pulse(T0).every(300, 0, 40)], key=lambda e: e.ingest_time)
+    for event in events:
+        if any(a.code == "device_silent" for a in engine.on_telemetry(event)):
+            fired.append(event.ingest_time)
+    deadline = T0 + timedelta(minutes=15, seconds=1)
+    assert len(fired) == 1 and deadline <= fired[0] <= deadline + timedelta(minutes=5, seconds=5)
+    assert engine.take_outages() == []
+
+
+def test_a_timer_is_held_once_however_many_outages_follow() -> None:
+    """Two outages in a row: a silence held by the first fires when that grace ends, even if
+    the second outage begins before it (a hold is never renewed)."""
+    home = Home("P-out-7", T0)
+    pulse = Pulse(T0)
+    engine = RulesEngine()
+    run_stream(engine, [home.status(0), *pulse.every(15, 0, 5)])
+    # Nothing from 5 to 30 min, one heartbeat at 30, nothing again until 60.
+    first = run_stream(engine, [pulse.beat(30)])
+    assert [a.code for a in first if a.code == "device_silent"] == []
+    second = run_stream(engine, [pulse.beat(60)])
+    assert [a.code for a in second if a.code == "device_silent"] == ["device_silent"]

@@ -45,16 +45,24 @@ async def upsert_patient(
 
 
 async def upsert_device(
-    conn: asyncpg.Connection | asyncpg.Pool, device_id: str, kind: str, model: str | None = None
+    conn: asyncpg.Connection | asyncpg.Pool,
+    device_id: str,
+    kind: str,
+    model: str | None = None,
+    reporting: str = "continuous",
 ) -> None:
+    """Register a device. ``reporting``: ``continuous`` or, for a thermometer a caregiver reads a
+    few times a day, ``spot_check`` (the rules' silence limits follow it, docs/rules.md)."""
     await conn.execute(
         """
-        INSERT INTO devices (device_id, kind, model) VALUES ($1, $2, $3)
-        ON CONFLICT (device_id) DO UPDATE SET kind = EXCLUDED.kind, model = EXCLUDED.model
+        INSERT INTO devices (device_id, kind, model, reporting) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (device_id) DO UPDATE
+            SET kind = EXCLUDED.kind, model = EXCLUDED.model, reporting = EXCLUDED.reporting
         """,
         device_id,
         kind,
         model,
+        reporting,
     )
 
 

@@ -56,12 +56,17 @@ SELECT DISTINCT ON (patient_id) patient_id, version, overrides
 FROM patient_rule_overrides ORDER BY patient_id, version DESC
 """
 _PATIENTS = """
-SELECT p.patient_id, p.care_team_id, p.weight_kg, c.cycle_start, c.step_up_day
+SELECT p.patient_id, p.care_team_id, p.weight_kg, c.cycle_start, c.step_up_day, s.spot_checks
 FROM patients p
 LEFT JOIN LATERAL (
     SELECT cycle_start, step_up_day FROM patient_cycles pc
     WHERE pc.patient_id = p.patient_id ORDER BY cycle_start DESC LIMIT 1
 ) c ON true
+LEFT JOIN LATERAL (
+    SELECT array_agg(DISTINCT d.device_id ORDER BY d.device_id) AS spot_checks
+    FROM device_bindings b JOIN devices d ON d.device_id = b.device_id
+    WHERE b.patient_id = p.patient_id AND d.kind = 'thermometer' AND d.reporting = 'spot_check'
+) s ON true
 """
 
 
@@ -243,6 +248,7 @@ class RulesConfigSource:
                 weight_kg=float(row["weight_kg"]) if row["weight_kg"] is not None else None,
                 cycle_start=row["cycle_start"],
                 step_up_day=row["step_up_day"] if row["cycle_start"] is not None else 8,
+                spot_check_thermometers=tuple(row["spot_checks"] or ()),
                 override=overrides.get(row["patient_id"]),
             )
             for row in patient_rows

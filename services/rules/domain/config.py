@@ -87,6 +87,11 @@ class Thresholds(_Plain):
     # How long a gap in a device's seq may stay open (a hub still forwarding its buffer) before
     # it is raised as data lost.
     data_lost_wait_minutes: float = Field(default=30.0, gt=0)
+    # A spot-check thermometer (registered as such) is read a few times a day: silent means
+    # later than its usual longest gap (overnight), and during a fever the caregiver re-measures
+    # about hourly, so "no temperature" counts from that rhythm.
+    spot_check_silent_minutes: float = Field(default=720.0, gt=0)
+    spot_check_unobserved_minutes: float = Field(default=75.0, gt=0)
 
     seven_day_bag_rate_ml_h: float = Field(default=0.6, gt=0)
     seven_day_bag_rate_tolerance_ml_h: float = Field(default=0.05, ge=0)
@@ -158,6 +163,12 @@ class PatientProfile(_Plain):
     )
     step_up_day: int | None = Field(
         default=8, ge=1, description="Cycle day of the dose step-up (day 8 in the PI schedule)."
+    )
+    spot_check_thermometers: tuple[str, ...] = Field(
+        default=(),
+        description="The patient's thermometers registered as spot-check (a caregiver reads "
+        "them a few times a day): their silence and fever-unobserved limits are the "
+        "spot-check ones.",
     )
     override: PatientOverride | None = None
 
@@ -284,6 +295,9 @@ class PatientRules:
     pump_silent_s: float
     thermometer_silent_s: float
     data_lost_wait_s: float
+    spot_check_silent_s: float
+    spot_check_unobserved_s: float
+    spot_checks: frozenset[str]
     seven_day_rate: float
     seven_day_tolerance: float
     seven_day_min_weight_kg: float
@@ -306,6 +320,7 @@ class PatientRules:
             weight_kg=profile.weight_kg,
             cycle_start_s=cycle_start.timestamp() if cycle_start is not None else None,
             step_up_day=profile.step_up_day,
+            spot_checks=frozenset(profile.spot_check_thermometers),
         )
 
     @classmethod
@@ -328,6 +343,9 @@ class PatientRules:
             pump_silent_s=thresholds.pump_silent_minutes * _MIN,
             thermometer_silent_s=thresholds.thermometer_silent_minutes * _MIN,
             data_lost_wait_s=thresholds.data_lost_wait_minutes * _MIN,
+            spot_check_silent_s=thresholds.spot_check_silent_minutes * _MIN,
+            spot_check_unobserved_s=thresholds.spot_check_unobserved_minutes * _MIN,
+            spot_checks=frozenset(),
             seven_day_rate=thresholds.seven_day_bag_rate_ml_h,
             seven_day_tolerance=thresholds.seven_day_bag_rate_tolerance_ml_h,
             seven_day_min_weight_kg=thresholds.seven_day_bag_min_weight_kg,
@@ -336,6 +354,20 @@ class PatientRules:
             step_up_day=None,
             high_risk_cycle_days=frozenset(thresholds.high_risk_cycle_days),
         )
+
+    def silent_s(self, device_id: str, is_thermometer: bool) -> float:
+        """How long a device may stay silent before it is alerted (s)."""
+        if not is_thermometer:
+            return self.pump_silent_s
+        if device_id in self.spot_checks:
+            return self.spot_check_silent_s
+        return self.thermometer_silent_s
+
+    def unobserved_s(self, thermometer_id: str) -> float:
+        """How long an open fever may go without a temperature, by the thermometer's rhythm."""
+        if thermometer_id in self.spot_checks:
+            return self.spot_check_unobserved_s
+        return self.fever_unobserved_s
 
     def cycle_day(self, t: float) -> int | None:
         """Day of the cycle at device time ``t`` (day 1 starts at cycle_start)."""

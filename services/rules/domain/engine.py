@@ -180,9 +180,10 @@ class DeviceTrack:
             "gap_timer_at": self.gap_timer_at,
         }
 
-    def silent_limit(self, rules: PatientRules) -> float:
-        """How long this device may stay silent before it is alerted (s)."""
-        return rules.thermometer_silent_s if self.is_thermometer else rules.pump_silent_s
+    def silent_limit(self, rules: PatientRules, device_id: str) -> float:
+        """How long this device may stay silent before it is alerted (s): its kind's limit,
+        a spot-check thermometer's own (its registration)."""
+        return rules.silent_s(device_id, self.is_thermometer)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeviceTrack:
@@ -304,6 +305,10 @@ def _set_armed(pump: PumpTrack, kind: str, deadline: float | None) -> None:
         pump.int_timer_at = deadline
 
 
+def _float_or(value: Any, default: float) -> float:
+    return default if value is None else float(value)
+
+
 def _compiler_of(config: RulesConfig, compiler: RulesCompiler | None) -> RulesCompiler:
     if compiler is None:
         return RulesCompiler(config)
@@ -337,8 +342,13 @@ class RulesEngine:
         # Pipeline outages seen on this partition's arrival clock (module docstring): whether
         # heartbeats flow here, the last outage's start and when its grace ends.
         self._beating = False
+        self._last_beat_t = _NEG_INF
+        self._beat_gap = 0.0
         self._outage_from = _NEG_INF
+        self._outage_to = _NEG_INF
         self._hold_until = _NEG_INF
+        # Timers already held once (kind, patient, device): a hold is never renewed for them.
+        self._held: set[tuple[str, str, str]] = set()
         self._outages: list[tuple[float, float]] = []
         self._dirty: set[str] = set()
         # Gaps seen since ``take_seq_gaps`` (the service counts them), and counter restarts.
@@ -356,8 +366,13 @@ class RulesEngine:
             # arrival clock of every partition (ingest writes each one to all of them).
             beat = [heartbeat_alert(obs)]
             due = self._advance(obs.ingest_t, _NEG_INF)
-            # From the first heartbeat on, a partition whose clock then jumps was not watched.
-            self._beating = True
+            # Once two heartbeats have shown their rhythm, a partition whose clock then jumps
+            # by several of their intervals was not watched.
+            if obs.ingest_t > self._last_beat_t:
+                if self._last_beat_t != _NEG_INF:
+                    self._beat_gap = obs.ingest_t - self._last_beat_t
+                    self._beating = True
+                self._last_beat_t = obs.ingest_t
             if due:
                 beat += self._fire_due()
             return beat
@@ -506,10 +521,13 @@ class RulesEngine:
         only forward); whether a timer is now due."""
         moved = False
         if ingest_t > self._max_ingest_t:
-            if self._beating and ingest_t - self._max_ingest_t > self.config.outage_gap_s:
+            # Several heartbeats missing, however far apart the publisher sends them.
+            gap = max(self.config.outage_gap_s, 4 * self._beat_gap)
+            if self._beating and ingest_t - self._max_ingest_t > gap:
                 # Nothing was delivered to this partition, heartbeats included: the pipeline
                 # was not watching. Timers due inside the outage wait for what was queued.
                 self._outage_from = self._max_ingest_t
+                self._outage_to = ingest_t
                 self._hold_until = ingest_t + self.config.resume_grace_s
                 self._outages.append((self._max_ingest_t, ingest_t))
             self._max_ingest_t = ingest_t
@@ -582,7 +600,7 @@ class RulesEngine:
                     moved = True
             if device.timer_at is None:
                 continue
-            limit = device.silent_limit(rules)
+            limit = device.silent_limit(rules, device_id)
             deadline = device.heard_t + limit
             if deadline < device.timer_at:
                 device.timer_at = deadline
@@ -590,7 +608,7 @@ class RulesEngine:
                 moved = True
         armed = patient.unobserved_timer_at
         if armed is not None:
-            deadline = patient.temp_heard_t + rules.fever_unobserved_s
+            deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
             if deadline < armed:
                 patient.unobserved_timer_at = deadline
                 heapq.heappush(self._absent, (deadline, _UNOBSERVED, patient_id, ""))
@@ -637,13 +655,13 @@ class RulesEngine:
     def _arm_device(
         self, patient_id: str, device_id: str, device: DeviceTrack, rules: PatientRules
     ) -> None:
-        limit = device.silent_limit(rules)
+        limit = device.silent_limit(rules, device_id)
         deadline = device.heard_t + limit
         device.timer_at = deadline
         heapq.heappush(self._absent, (deadline, _SILENT, patient_id, device_id))
 
     def _arm_unobserved(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> None:
-        deadline = patient.temp_heard_t + rules.fever_unobserved_s
+        deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
         if patient.unobserved_timer_at is None or deadline < patient.unobserved_timer_at:
             patient.unobserved_timer_at = deadline
             heapq.heappush(self._absent, (deadline, _UNOBSERVED, patient_id, ""))
@@ -696,11 +714,14 @@ class RulesEngine:
             patient = self._patients.get(patient_id)
             if patient is None:
                 continue
-            if self._outage_from < deadline < self._hold_until and (
-                (heard if kind in _ABSENCE_KINDS else now) < self._hold_until
+            if (
+                self._outage_from < deadline <= self._outage_to
+                and (heard if kind in _ABSENCE_KINDS else now) < self._hold_until
+                and (kind, patient_id, device_id) not in self._held
             ):
                 self._defer(patient, kind, patient_id, device_id, deadline)
                 continue
+            self._held.discard((kind, patient_id, device_id))
             rules = patient.rules
             if kind == _SILENT:
                 device = patient.devices.get(device_id)
@@ -709,7 +730,7 @@ class RulesEngine:
                 device.timer_at = None
                 if device.silent_key is not None:
                     continue
-                limit = device.silent_limit(rules)
+                limit = device.silent_limit(rules, device_id)
                 real = device.heard_t + limit
                 if real > deadline:
                     device.timer_at = real
@@ -754,7 +775,7 @@ class RulesEngine:
                 patient.unobserved_timer_at = None
                 if patient.fever.episode_key is None or patient.unobserved_key is not None:
                     continue
-                real = patient.temp_heard_t + rules.fever_unobserved_s
+                real = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
                 if real > deadline:
                     patient.unobserved_timer_at = real
                     heapq.heappush(absent, (real, kind, patient_id, device_id))
@@ -795,6 +816,7 @@ class RulesEngine:
         still the armed one): the data queued during the outage may yet show the device was
         not silent, or the pump restarted. It then fires on its own, real deadline."""
         hold = self._hold_until
+        self._held.add((kind, patient_id, device_id))
         device = patient.devices.get(device_id)
         if kind == _SILENT:
             if device is None or device.timer_at != deadline:
@@ -869,7 +891,7 @@ class RulesEngine:
         episode = patient.fever.episode_key
         patient.unobserved_key = f"{episode}:{UNOBSERVED_RULE_ID}:{stamp(patient.temp_heard_t)}"
         patient.unobserved_at = deadline
-        minutes = rules.fever_unobserved_s / 60
+        minutes = rules.unobserved_s(patient.thermometer_id) / 60
         title = f"Fever open and no temperature for {int(minutes)} min"
         return self._absence_alert(
             _UNOBSERVED_ALERTS,
@@ -1009,8 +1031,12 @@ class RulesEngine:
             "max_ingest_t": None if self._max_ingest_t == _NEG_INF else self._max_ingest_t,
             "heard": None if self._heard == _NEG_INF else self._heard,
             "beating": self._beating,
+            "last_beat_t": None if self._last_beat_t == _NEG_INF else self._last_beat_t,
+            "beat_gap": self._beat_gap,
             "outage_from": None if self._outage_from == _NEG_INF else self._outage_from,
+            "outage_to": None if self._outage_to == _NEG_INF else self._outage_to,
             "hold_until": None if self._hold_until == _NEG_INF else self._hold_until,
+            "held": sorted(list(k) for k in self._held),
         }
 
     def _restore_meta(self, meta: dict[str, Any]) -> None:
@@ -1024,10 +1050,12 @@ class RulesEngine:
         self._max_ingest_t = _NEG_INF if max_ingest_t is None else float(max_ingest_t)
         self._heard = _NEG_INF if heard is None else float(heard)
         self._beating = bool(meta.get("beating", False))
-        outage_from = meta.get("outage_from")
-        hold_until = meta.get("hold_until")
-        self._outage_from = _NEG_INF if outage_from is None else float(outage_from)
-        self._hold_until = _NEG_INF if hold_until is None else float(hold_until)
+        self._last_beat_t = _float_or(meta.get("last_beat_t"), _NEG_INF)
+        self._beat_gap = float(meta.get("beat_gap") or 0.0)
+        self._outage_from = _float_or(meta.get("outage_from"), _NEG_INF)
+        self._outage_to = _float_or(meta.get("outage_to"), _NEG_INF)
+        self._hold_until = _float_or(meta.get("hold_until"), _NEG_INF)
+        self._held = {(k, p, d) for k, p, d in meta.get("held") or ()}
 
     def meta_snapshot(self) -> dict[str, Any]:
         """The engine-wide part of the state (watermark), without any patient."""
