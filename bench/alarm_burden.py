@@ -80,7 +80,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from vigil.heartbeat import heartbeat_payload
-from vigil.simulator.course import Course, CourseSpec, plan_course
+from vigil.simulator.course import Course, CourseSpec, ThermometerKind, plan_course
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = (
@@ -241,7 +241,13 @@ async def register(dsn: str, course: Course, run: str) -> tuple[str, str, str]:
         )
         for number, home in enumerate(course.homes, start=1):
             await upsert_patient(conn, home.patient_id, team, weight_kg=15.0 + 3 * number)
-            await upsert_device(conn, home.thermometer_id, "thermometer", home.thermometer.value)
+            # Registered as it reports: a spot-check thermometer as such (docs/rules.md).
+            reporting = (
+                "spot_check" if home.thermometer is ThermometerKind.SPOT_CHECK else "continuous"
+            )
+            await upsert_device(
+                conn, home.thermometer_id, "thermometer", home.thermometer.value, reporting
+            )
             await upsert_device(conn, home.pump_id, "pump", "bench pump")
             await bind_device(conn, home.thermometer_id, home.patient_id, since)
             await bind_device(conn, home.pump_id, home.patient_id, since)
