@@ -29,7 +29,8 @@ _NUMBERED = uuid.UUID("6f1c1e0a-3b7d-4c52-9a0e-2d8b5f4c7e19")
 def config(prefix: str = "") -> RulesConfig:
     return RulesConfig(
         config_version="golden-1",
-        defaults=Thresholds(fever_site_offsets_c={"axillary": 0.5}),
+        # A team that wants the bag page two hours ahead (the default lead is 30 min).
+        defaults=Thresholds(fever_site_offsets_c={"axillary": 0.5}, bag_change_lead_minutes=120),
         profiles={
             f"{prefix}G-FEVER": PatientProfile(
                 patient_id=f"{prefix}G-FEVER", weight_kg=30.0, cycle_start=T0 - timedelta(days=1)

@@ -103,12 +103,12 @@ def test_the_interruption_clock_of_a_stopped_pump_that_went_quiet_fires_on_heart
 
 
 def test_the_bag_clock_fires_on_heartbeats_alone() -> None:
-    """A bag predicted to need changing in 10 min (130 min left at 10 mL/h, lead 120 min) with
-    nothing else arriving: "bag change due" fires from heartbeats at its deadline."""
+    """A bag at risk in 10 min (40 min left at 10 mL/h, lead 30 min) with nothing else
+    arriving: "bag change due" fires from heartbeats at its deadline."""
     home = Home("P-alone-6", T0)
     pulse = Pulse(T0)
     engine = RulesEngine()
-    run_stream(engine, [home.status(0, remaining_ml=130 * 10 / 60)])
+    run_stream(engine, [home.status(0, remaining_ml=40 * 10 / 60)])
     later = run_stream(engine, pulse.every(BEAT_S, 0.25, 14))
     assert [a.code for a in later if a.patient_id == "P-alone-6"] == ["bag_change_due"]
 

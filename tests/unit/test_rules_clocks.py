@@ -1,5 +1,6 @@
-"""InfusionClocks: the bag clock (bag change due ahead of the pump's low-volume alarm) and the
-interruption clock (page at 30 min, escalate at 2 h, before the 4-hour restart limit)."""
+"""InfusionClocks: the bag clock (a bag at risk of running dry: no new bag recorded and predicted
+empty within the care team's lead time) and the interruption clock (page at 30 min, escalate
+at 2 h, before the 4-hour restart limit)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from services.rules.domain.engine import RulesEngine
 from services.rules.testing import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
+# The bag tests below check the clock's mechanics with a two-hour lead (a team that wants the
+# page that early); the default lead is 30 min (test_routine_bag_change_pages_no_one).
+LEAD_120 = RulesConfig(defaults=Thresholds(bag_change_lead_minutes=120))
 
 
 def running_statuses(
@@ -27,7 +31,7 @@ def running_statuses(
 def test_bag_change_due_pages_two_hours_before_predicted_empty() -> None:
     """240 mL at 10 mL/h is empty at 24 h: 'bag change due' fires at 22 h, medium."""
     home = Home("P-bag-1", T0)
-    alerts = run_stream(RulesEngine(), running_statuses(home, 22 * 60 + 5))
+    alerts = run_stream(RulesEngine(LEAD_120), running_statuses(home, 22 * 60 + 5))
     due = [a for a in alerts if a.code == "bag_change_due"]
     assert len(due) == 1
     assert due[0].priority is AlertPriority.MEDIUM
@@ -46,10 +50,10 @@ def test_bag_change_title_carries_no_relative_or_clock_time() -> None:
     home = Home("P-bag-title", T0)
     due = [
         a
-        for a in run_stream(RulesEngine(), running_statuses(home, 22 * 60 + 5))
+        for a in run_stream(RulesEngine(LEAD_120), running_statuses(home, 22 * 60 + 5))
         if a.code == "bag_change_due"
     ]
-    assert due[0].title == "Bag change due: bag predicted to run empty"
+    assert due[0].title == "Bag at risk of running dry: no new bag recorded"
     assert "min" not in due[0].title and "UTC" not in due[0].title
 
 
@@ -62,7 +66,7 @@ def test_bag_change_when_the_deadline_had_passed_before_the_data_arrived() -> No
     events = [
         home.status(m, rate_ml_h=10.0, remaining_ml=10.0 * (10 - m) / 60) for m in (0, 1, 2, 3)
     ]
-    due = [a for a in run_stream(RulesEngine(), events) if a.code == "bag_change_due"]
+    due = [a for a in run_stream(RulesEngine(LEAD_120), events) if a.code == "bag_change_due"]
     assert len(due) == 1
     left = due[0].evidence[0]
     assert left.name == "minutes_to_empty"
@@ -76,14 +80,14 @@ def test_bag_change_not_due_one_minute_before() -> None:
     """With the watermark one minute short of 22 h, no bag alert yet."""
     home = Home("P-bag-2", T0)
     events = running_statuses(home, 22 * 60, every=1)  # newest 22:00, watermark 21:59
-    assert "bag_change_due" not in {a.code for a in run_stream(RulesEngine(), events)}
+    assert "bag_change_due" not in {a.code for a in run_stream(RulesEngine(LEAD_120), events)}
 
 
 def test_bag_change_resolved_by_a_new_bag_and_the_clock_restarts() -> None:
     """A bag_changed event ends the alert; the new bag gets its own clock and dedup key."""
     home = Home("P-bag-3", T0)
     events = running_statuses(home, 22 * 60 + 5, every=5)
-    engine = RulesEngine()
+    engine = RulesEngine(LEAD_120)
     first = [a for a in run_stream(engine, events) if a.code == "bag_change_due"]
     ended = engine.on_telemetry(home.pump_event(22 * 60 + 10, PumpEventKind.BAG_CHANGED))
     assert [(a.code, a.phase) for a in ended] == [("bag_change_due", AlertPhase.END)]
@@ -100,7 +104,7 @@ def test_stopped_pump_has_no_bag_prediction() -> None:
     """A stopped pump is not emptying its bag: no 'bag change due' from it."""
     home = Home("P-bag-4", T0)
     events = [home.status(m, state=PumpState.STOPPED, remaining_ml=10) for m in range(0, 60, 5)]
-    assert "bag_change_due" not in {a.code for a in run_stream(RulesEngine(), events)}
+    assert "bag_change_due" not in {a.code for a in run_stream(RulesEngine(LEAD_120), events)}
 
 
 def test_bag_prediction_from_stale_status_does_not_page() -> None:
@@ -109,7 +113,7 @@ def test_bag_prediction_from_stale_status_does_not_page() -> None:
     events = running_statuses(home, 20 * 60)
     other = Home("P-bag-5-clock", T0)  # another patient keeps the stream (watermark) moving
     events += [other.temp(m, 36.8) for m in range(20 * 60, 22 * 60 + 10, 5)]
-    codes = [a.code for a in run_stream(RulesEngine(), events) if a.patient_id == "P-bag-5"]
+    codes = [a.code for a in run_stream(RulesEngine(LEAD_120), events) if a.patient_id == "P-bag-5"]
     assert codes == ["device_silent"]
 
 
@@ -201,3 +205,25 @@ def test_out_of_order_old_status_does_not_restart_the_clock() -> None:
     events.insert(2, early)
     clock = [a for a in run_stream(RulesEngine(), events) if a.code == "infusion_interrupted"]
     assert [a.phase for a in clock] == [AlertPhase.START]
+
+
+def test_routine_bag_change_pages_no_one_and_a_forgotten_one_pages_at_30_min() -> None:
+    """Default lead 30 min. A bag changed on schedule, 40 min before the old one would run
+    empty, pages no one (routine work is not an alarm). The same bag not changed pages "at
+    risk of running dry" 30 min before empty. The edge: changed 31 min before empty, no
+    page; the clock at 30 min before empty with no change, the page."""
+    home = Home("P-bag-routine", T0)
+    # 240 mL at 10 mL/h: empty at 24 h (1440 min).
+    routine = running_statuses(home, 1400, every=1)
+    routine.append(home.pump_event(1400, PumpEventKind.BAG_CHANGED))
+    routine += [home.status(m, remaining_ml=250 - 10 * (m - 1400) / 60) for m in range(1401, 1500)]
+    assert "bag_change_due" not in {a.code for a in run_stream(RulesEngine(), routine)}
+    forgotten = Home("P-bag-forgotten", T0)
+    alerts = run_stream(RulesEngine(), running_statuses(forgotten, 1420, every=1))
+    due = [a for a in alerts if a.code == "bag_change_due"]
+    assert len(due) == 1 and due[0].device_time == T0 + timedelta(minutes=1410)
+    edge = Home("P-bag-edge", T0)
+    just_in_time = running_statuses(edge, 1409, every=1)
+    just_in_time.append(edge.pump_event(1409, PumpEventKind.BAG_CHANGED))
+    just_in_time += [edge.status(m, remaining_ml=250.0) for m in range(1410, 1420)]
+    assert "bag_change_due" not in {a.code for a in run_stream(RulesEngine(), just_in_time)}

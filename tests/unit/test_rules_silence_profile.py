@@ -68,7 +68,7 @@ def test_device_clock_ahead_does_not_advance_the_watermark() -> None:
     """A message whose device clock ingest flagged as ahead (``device_clock_ahead``, or the
     older ``device_clock_skew``) does not move event time: another pump's bag clock does not
     fire from it. The positive control: the same message unflagged does fire it."""
-    low = {"remaining_ml": 21.0}  # 126 min left at 10 mL/h: bag change due at +6 min
+    low = {"remaining_ml": 6.0}  # 36 min left at 10 mL/h: at risk (30 min lead) at +6 min
     ahead_ingest = T0 + timedelta(minutes=1)
 
     def run(flags: tuple[str, ...]) -> list[str]:

@@ -72,9 +72,10 @@ class Thresholds(_Plain):
         default_factory=lambda: dict(DEFAULT_PUMP_ALARM_PRIORITIES)
     )
 
-    # "Bag change due" pages this long before the predicted empty time, ahead of the pump's
-    # own reservoir-low alarm.
-    bag_change_lead_minutes: float = Field(default=120.0, gt=0)
+    # A bag with no new one recorded pages the care team this long before its predicted empty
+    # time: it is at risk of running dry. Routine changes are earlier than this and page no
+    # one (a team that wants the page ahead of the pump's own reservoir-low alarm sets more).
+    bag_change_lead_minutes: float = Field(default=30.0, gt=0)
     interruption_page_minutes: float = Field(default=30.0, gt=0)
     # Well before the 4-hour supervised-restart limit (Blincyto PI): time to reach the family.
     interruption_escalate_minutes: float = Field(default=120.0, gt=0)

@@ -596,7 +596,7 @@ def fire_bag_due(
             phase=AlertPhase.START,
             code="bag_change_due",
             priority=AlertPriority.MEDIUM,
-            title="Bag change due: bag predicted to run empty",
+            title="Bag at risk of running dry: no new bag recorded",
             t=deadline,
             ingest_t=track.status_ingest_t,
             found=(
