@@ -21,6 +21,7 @@ ENTRY_POINTS = {
     "audit": ("vigil.audit.cli", "main"),
     "migrate": ("vigil.db.migrate", "apply_migrations"),
     "heartbeat": ("vigil.heartbeat", "main"),
+    "register-heartbeat": ("vigil.localrun", "register_heartbeat_main"),
 }
 
 
