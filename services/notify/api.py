@@ -376,6 +376,21 @@ def create_app(
 
     # -- alerts -------------------------------------------------------------------------------
 
+    @app.get("/pipeline-outages", dependencies=managed)
+    async def get_pipeline_outages(
+        pool: Pool, since: datetime | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """When Vigil was not watching (read-only): each heartbeat silence, newest first."""
+        from services.notify.adapters.outage_store import PostgresOutageStore
+
+        if since is not None and since.tzinfo is None:
+            raise HTTPException(422, "since must carry a UTC offset")
+        rows = await PostgresOutageStore(pool).outages(since=since, limit=max(1, min(limit, 500)))
+        return [
+            {key: (str(value) if key == "outage_id" else value) for key, value in row.items()}
+            for row in rows
+        ]
+
     @app.get("/alerts/{dedup_key}/timeline", dependencies=managed)
     async def get_timeline(dedup_key: str, pool: Pool) -> dict[str, Any]:
         timeline = await PostgresEscalationStore(pool).timeline(dedup_key)

@@ -35,11 +35,13 @@ from services.notify.adapters.metrics import (
     ObservedEscalationStore,
     poll_database,
 )
+from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
+from services.notify.service_layer.outage import OutageConfig, OutageWatch
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
 from vigil.ops import kafka_outage, serving_ops
@@ -178,10 +180,28 @@ def build_escalation(
             pool, metrics, now=clock, fallback_email=settings.fallback_email
         )
     )
+    email = smtp_sender(settings)
+    outages = OutageWatch(
+        store=PostgresOutageStore(pool),
+        load_policy=store.load_policy,
+        email=email,
+        sms=sms,
+        webhook=webhook,
+        config=OutageConfig(
+            sender_address=settings.smtp_from,
+            fallback_email=settings.fallback_email,
+            hold_s=settings.group_wait_s,
+            settle_s=settings.outage_settle_s,
+            technical_care_team_id=settings.technical_care_team_id,
+            retry_base_s=settings.retry_base_s,
+            retry_cap_s=settings.retry_cap_s,
+        ),
+        clock=clock,
+    )
     service = EscalationService(
         store=store,
         alerts=PostgresNotifyRepository(pool),
-        email=smtp_sender(settings),
+        email=email,
         sms=sms,
         webhook=webhook,
         config=EscalationConfig(
@@ -198,6 +218,7 @@ def build_escalation(
             group_wait_s=settings.group_wait_s,
         ),
         clock=clock,
+        outages=outages,
     )
     return service, closers
 

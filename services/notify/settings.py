@@ -104,6 +104,14 @@ class NotifySettings(ServiceSettings):
         description="Heartbeat sources watched from start-up even if never seen.",
     )
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    outage_settle_s: float = Field(
+        default=150.0,
+        ge=0,
+        description=(
+            "After the heartbeat returns from an outage, wait this long (the rules' 120 s resume "
+            "grace and a heartbeat interval) before each care team's summary is composed."
+        ),
+    )
     technical_care_team_id: str | None = Field(
         default=None, description="Care team paged when the pipeline heartbeat stops."
     )

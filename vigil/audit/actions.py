@@ -13,3 +13,4 @@ class AuditAction(StrEnum):
     QUIET_HOURS_CHANGED = "notify.quiet_hours_changed"
     EARLY_CYCLE_ESCALATION_CHANGED = "notify.early_cycle_escalation_changed"
     REPLAY_RUN = "replay.run"
+    PIPELINE_OUTAGE_RECORDED = "notify.pipeline_outage_recorded"

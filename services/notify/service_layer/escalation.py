@@ -81,8 +81,11 @@ from services.notify.domain.message import (
 )
 from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
+from services.notify.domain.technical_hold import technical_hold_until
+from services.notify.service_layer.outage import OutageWatch
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
+    TECHNICAL_HOLD_KIND,
     NotifyRepository,
     PageJob,
     PageSender,
@@ -155,7 +158,19 @@ class EscalationStore(Protocol):
         at: datetime,
         until: datetime,
     ) -> UUID | None: ...
-    async def release_from_quiet_hours(self, dedup_key: str, at: datetime, reason: str) -> bool: ...
+    async def release_from_quiet_hours(
+        self, dedup_key: str, at: datetime, reason: str, *, kind: str = ...
+    ) -> bool: ...
+    async def hold_technical(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        until: datetime,
+    ) -> UUID | None: ...
+    async def resolve_in_technical_hold(self, dedup_key: str, at: datetime) -> bool: ...
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
     async def flush_bundles(
         self, now: datetime, *, limit: int, only: UUID | None = None
@@ -206,6 +221,10 @@ class EscalationConfig:
     # policy's figures).
     fallback_wait_s: int = DEFAULT_POLICY_WAIT_S
     fallback_repeats: int = DEFAULT_POLICY_REPEATS
+    # A technical MEDIUM / LOW / INFO alert is paged only if still open this long after it
+    # arrived (``domain.technical_hold``); 0 pages it at once (the composition root passes the
+    # setting, 300 s by default).
+    technical_hold_s: float = 0.0
 
 
 def fallback_chain(
@@ -248,8 +267,12 @@ class EscalationService:
         webhook: WebhookChannel | None,
         config: EscalationConfig,
         clock: Callable[[], datetime],
+        outages: OutageWatch | None = None,
     ) -> None:
         self._store = store
+        # After a pipeline outage: the outage record, start phases held for their end, the care
+        # teams' summaries (service_layer/outage.py); None: none of it (unit tests' fakes).
+        self._outages = outages
         self._alerts = alerts
         self._email = email
         self._sms = sms
@@ -310,6 +333,15 @@ class EscalationService:
             )
             return False
         if alert.phase is AlertPhase.END:
+            await self._alerts.record_alert(alert)
+            if await self._store.resolve_in_technical_hold(alert.dedup_key, now):
+                # A technical condition that ended inside its hold: recorded (alert, timeline),
+                # never paged, and so no all clear either.
+                log.info(
+                    "technical_alert_ended_in_hold",
+                    extra=log_fields(alert_id=str(alert.alert_id), dedup_key=alert.dedup_key),
+                )
+                return True
             pending = await self._store.pending_bundle_of(alert.dedup_key)
             if pending is not None:
                 # The alert ends while still held for its follow-up: page the follow-up now,
@@ -318,7 +350,8 @@ class EscalationService:
                 # cancel a page whose every alert has stopped.
                 await self._store.flush_bundles(now, limit=1, only=pending)
                 await self.deliver_due()
-        await self._alerts.record_alert(alert)
+        else:
+            await self._alerts.record_alert(alert)
         if alert.phase is AlertPhase.END:
             await self._store.apply(escalation_id, Resolve(at=now), at=now)
         elif alert.phase is AlertPhase.ESCALATE:
@@ -332,6 +365,13 @@ class EscalationService:
                 await self._store.release_from_quiet_hours(
                     alert.dedup_key, now, f"escalated to {alert.priority.value}"
                 )
+            # A worsening is not flapping: a technical alert still in its hold is paged now.
+            await self._store.release_from_quiet_hours(
+                alert.dedup_key,
+                now,
+                f"escalated to {alert.priority.value}",
+                kind=TECHNICAL_HOLD_KIND,
+            )
             await self._store.apply(escalation_id, Worsen(at=now), at=now)
         else:
             # continue / de-escalate: the open thread is updated in the timeline, nobody is paged.
@@ -345,10 +385,12 @@ class EscalationService:
         await self.deliver_due()
         return True
 
-    async def _start(self, alert: Alert, now: datetime) -> None:
+    async def _start(self, alert: Alert, now: datetime, *, outage_hold: bool = True) -> None:
         """Open the alert's escalation under its team's policy, or under the fallback chain
         when no policy covers it; quiet hours and the bundling window apply as for any alert,
-        except that quiet hours never hold the fallback chain (it pages no team)."""
+        except that quiet hours never hold the fallback chain (it pages no team). A start that
+        began inside a pipeline outage just ended may first wait briefly for its end
+        (``OutageWatch.hold``; never HIGH, never the fallback chain)."""
         team = await self._store.team_of_patient(alert.patient_id)
         snapshot = None if team is None else await self._store.load_policy(team)
         await self._alerts.record_alert(alert)
@@ -370,7 +412,16 @@ class EscalationService:
                 ),
             )
         snapshot = await self._early_cycle(alert, team, snapshot)
+        if (
+            team_known
+            and outage_hold
+            and self._outages is not None
+            and await self._outages.hold(alert, now)
+        ):
+            return
         if team_known and await self._held_for_quiet_hours(alert, team, snapshot, now):
+            return
+        if await self._held_technical(alert, team, snapshot, now):
             return
         if self._config.group_wait_s > 0:
             await self._open_in_window(alert, team, snapshot, now)
@@ -426,6 +477,32 @@ class EscalationService:
                 until=until.isoformat(),
             ),
         )
+        return True
+
+    async def _held_technical(
+        self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
+    ) -> bool:
+        """Hold a technical MEDIUM / LOW / INFO alert for the technical hold (paged only if
+        still open at its end); True when held. HIGH and physiological alerts return at once."""
+        until = technical_hold_until(
+            alert.kind, alert.priority, now, self._config.technical_hold_s
+        )
+        if until is None:
+            return False
+        escalation_id = await self._store.hold_technical(
+            alert, care_team_id=team, snapshot=snapshot, at=now, until=until
+        )
+        log.info(
+            "alert_held_technical",
+            extra=log_fields(
+                alert_id=str(alert.alert_id),
+                escalation_id=None if escalation_id is None else str(escalation_id),
+                care_team_id=team,
+                until=until.isoformat(),
+            ),
+        )
+        delay = max(0.0, (until - now).total_seconds())
+        asyncio.get_running_loop().call_later(delay, self._bundle_due.set)
         return True
 
     async def _open_in_window(
@@ -821,6 +898,8 @@ class EscalationService:
         # mark first: a crash after it re-pages nothing, a crash before it re-pages once
         # (the escalation's dedup key makes the second open a no-op).
         await self._open(alert, team or "technical", snapshot, now)
+        if self._outages is not None:
+            await self._outages.went_silent(source, last_seen, now)
         await self._store.mark_silent(source, alert.device_time)
         log.error("pipeline_silent", extra=log_fields(source=source))
 
@@ -835,6 +914,10 @@ class EscalationService:
             await self._alerts.record_alert(alert)
             await self._store.apply(escalation_id, Resolve(at=now), at=now)
             await self.deliver_due()
+        if self._outages is not None:
+            # Recorded before the silence is cleared: a crash between records it again (a
+            # no-op), never not at all.
+            await self._outages.recovered(source, silent_since, last_seen, now)
         await self._store.mark_silent(source, None)
         log.info("pipeline_recovered", extra=log_fields(source=source))
 
@@ -857,7 +940,19 @@ class EscalationService:
         if await self.tick():
             self._wakeup.set()  # new pages are queued: wake the delivery loop
         await self.check_heartbeat()
+        await self.outage_round()
         return False
+
+    async def outage_round(self) -> None:
+        """Page the start phases held after an outage that are still open when their wait is
+        over, fold those that ended, and send the care teams' outage summaries that are due."""
+        if self._outages is None:
+            return
+        await self._outages.round(self._release_after_outage)
+
+    async def _release_after_outage(self, alert: Alert, now: datetime) -> None:
+        if await self._store.escalation_id_for(alert.dedup_key) is None:
+            await self._start(alert, now, outage_hold=False)
 
     async def _delivery_round(self) -> bool:
         """One batch; True when it was full, so the loop goes on without waiting."""
