@@ -432,7 +432,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         if timescaledb:
             # The rows as written first; of these rounds only the replay with workers is kept.
             written: dict[str, object] = {}
-            before, _ = await replay_rounds(
+            before, written_outcome = await replay_rounds(
                 written,
                 repeats,
                 raw,
@@ -442,7 +442,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             )
             log("compressing the archive's chunks")
             figures.update(await compress_archive(dsn, start, total))
-            rates, _ = await replay_rounds(
+            rates, compressed_outcome = await replay_rounds(
                 figures,
                 repeats,
                 raw,
@@ -450,6 +450,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 pg_request,
                 total,
             )
+            # Compression changed nothing a replay decides.
+            assert same_decisions(compressed_outcome, written_outcome)
             rates["pg_replay_unsealed_rows_per_s"] = before["pg_replay_rows_per_s"]
             rate_figures(figures, "pg_replay_unsealed_rows_per_s", before["pg_replay_rows_per_s"])
             figures["pg_sealed_ratio"] = round(
