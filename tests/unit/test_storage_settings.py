@@ -79,3 +79,21 @@ def test_the_build_script_never_installs_into_the_system_postgresql(
     done = run_build(str(fake_source(tmp_path, "2.28.3")), prefix)
     assert done.returncode == 1
     assert "refusing" in done.stderr or "server headers" in done.stderr
+
+
+def test_a_timescaledb_stack_has_worker_processes_for_its_jobs(tmp_path: Path) -> None:
+    """TimescaleDB's guidance: worker processes >= its background workers + parallel workers
+    (8) + 3; the plain stack keeps PostgreSQL's defaults."""
+    from vigil.stack import postgres
+    from vigil.stack.settings import StackSettings
+
+    settings = StackSettings(data_dir=tmp_path / "stack", repo_root=BUILD.parents[2])
+    conf = postgres.render_postgresql_conf(settings, timescaledb=True)
+    values = dict(
+        line.split(" = ", 1) for line in conf.splitlines() if " = " in line and line[0] != "#"
+    )
+    workers = int(values["max_worker_processes"])
+    assert workers >= int(values["timescaledb.max_background_workers"]) + 8 + 3
+    plain = postgres.render_postgresql_conf(settings, timescaledb=False)
+    assert "max_worker_processes" not in plain
+    assert not [line for line in plain.splitlines() if line.startswith("timescaledb.")]
