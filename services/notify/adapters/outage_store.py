@@ -274,7 +274,9 @@ class PostgresOutageStore:
             for r in rows
         ]
 
-    async def accounts(self, window: OutageWindow, *, exclude: set[str]) -> list[TeamAccount]:
+    async def accounts(
+        self, window: OutageWindow, *, exclude: set[str], only: frozenset[str] | None = None
+    ) -> list[TeamAccount]:
         """Each care team with monitored patients, with its episodes during ``window`` and its
         episodes from before it still open and unacknowledged."""
         teams = await self._pool.fetch(
@@ -282,8 +284,10 @@ class PostgresOutageStore:
             SELECT t.care_team_id, t.name, t.timezone, t.oncall_email,
                    array_agg(p.patient_id ORDER BY p.patient_id) AS patients
             FROM care_teams t JOIN patients p ON p.care_team_id = t.care_team_id
+            WHERE $1::text[] IS NULL OR t.care_team_id = ANY($1::text[])
             GROUP BY t.care_team_id ORDER BY t.care_team_id
-            """
+            """,
+            None if only is None else sorted(only),
         )
         accounts: list[TeamAccount] = []
         for team in teams:

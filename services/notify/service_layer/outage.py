@@ -57,6 +57,8 @@ class OutageConfig:
     settle_s: float = DEFAULT_SETTLE_S
     #: The technical team: told by the self-watch's own page and all clear, not summarised.
     technical_care_team_id: str | None = None
+    #: The care teams summarised; None (the default) is every care team with patients.
+    care_team_ids: frozenset[str] | None = None
     max_tries: int = 5
     retry_base_s: float = 2.0
     retry_cap_s: float = 60.0
@@ -156,7 +158,10 @@ class OutageWatch:
         exclude = {t for t in (self._config.technical_care_team_id,) if t}
         for outage in await self._store.due_outages(now):
             pages: list[tuple[str, str, str, str, str, str, str]] = []
-            for account in await self._store.accounts(outage.window, exclude=exclude):
+            accounts = await self._store.accounts(
+                outage.window, exclude=exclude, only=self._config.care_team_ids
+            )
+            for account in accounts:
                 pages.extend(await self._pages_for(account, outage.window, now))
             if await self._store.write_summaries(outage.outage_id, pages, now):
                 written += 1
