@@ -216,6 +216,7 @@ def build_escalation(
             technical_care_team_id=settings.technical_care_team_id,
             fallback_email=settings.fallback_email,
             group_wait_s=settings.group_wait_s,
+            technical_hold_s=settings.technical_hold_s,
         ),
         clock=clock,
         outages=outages,

@@ -15,6 +15,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
 from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
+from services.notify.domain.technical_hold import DEFAULT_TECHNICAL_HOLD_S
 from vigil.environment import (
     MIN_SECRET_LENGTH,
     ServiceSettings,
@@ -97,6 +98,15 @@ class NotifySettings(ServiceSettings):
         description=(
             "A patient's first alert is paged at once and opens a window this long; alerts in "
             "it share one follow-up page at its end (0: off)."
+        ),
+    )
+    technical_hold_s: float = Field(
+        default=DEFAULT_TECHNICAL_HOLD_S,
+        ge=0,
+        le=3600,
+        description=(
+            "A technical alert of medium, low or info priority is paged only if still open this "
+            "long after it arrived; one that ends sooner is recorded, not paged (0: off)."
         ),
     )
     heartbeat_sources: list[str] = Field(

@@ -98,7 +98,11 @@ class Rig:
     closers: list[Any]
 
     def new_instance(
-        self, store: Any = None, group_wait_s: float = 0.0, fallback_email: str = FALLBACK
+        self,
+        store: Any = None,
+        group_wait_s: float = 0.0,
+        fallback_email: str = FALLBACK,
+        technical_hold_s: float = 0.0,
     ) -> EscalationService:
         """Another notify process over the same database (a restart)."""
         return _service(
@@ -110,6 +114,7 @@ class Rig:
             store,
             group_wait_s,
             fallback_email,
+            technical_hold_s,
         )
 
 
@@ -122,6 +127,7 @@ def _service(
     store: Any = None,
     group_wait_s: float = 0.0,
     fallback_email: str = "vigil-oncall-fallback@localhost",
+    technical_hold_s: float = 0.0,
 ) -> EscalationService:
     return EscalationService(
         store=store or PostgresEscalationStore(pool, fallback_email=fallback_email),
@@ -145,6 +151,7 @@ def _service(
             heartbeat_timeout_s=60,
             group_wait_s=group_wait_s,
             fallback_email=fallback_email,
+            technical_hold_s=technical_hold_s,
         ),
         clock=clock,
     )
@@ -1719,3 +1726,204 @@ async def test_end_of_an_episode_never_escalated_is_only_recorded(rig: Rig) -> N
         assert len(rig.smtp.to(fallback)) == 1
     finally:
         await _close_by_dedup_key(rig.pool, worsened.dedup_key)
+
+
+# -- alarm burden: the technical hold, a held alarm never dropped, all clears at night ----------
+
+HOLD_S = 300.0
+
+
+def _technical(
+    patient: str,
+    code: str,
+    priority: AlertPriority = AlertPriority.MEDIUM,
+    phase: AlertPhase = AlertPhase.START,
+) -> Alert:
+    return _alert(patient, phase, code=code).model_copy(
+        update={
+            "kind": AlertKind.TECHNICAL,
+            "priority": priority,
+            "title": f"{code} ({priority.value})",
+            "state": AlertState.INACTIVE if phase is AlertPhase.END else AlertState.ACTIVE,
+        }
+    )
+
+
+def _events(timeline: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e["detail"] for e in timeline["events"] if e["kind"] == kind]
+
+
+async def test_technical_alert_that_ends_inside_its_hold_is_recorded_never_paged(rig: Rig) -> None:
+    """Must not: a MEDIUM device-silent alarm that ends 299 s after it started (hold 300 s)
+    pages nobody, neither the alarm nor an all clear; its timeline says it was held and why it
+    was not paged. Positive control in the same run: a second technical alarm still open when
+    its hold ends is paged at exactly 300 s, not at 299 s."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", rig.new_instance(technical_hold_s=HOLD_S)
+    flapping = _technical(patient, "DEVICE_SILENT")
+    lasting = _technical(patient, "SENSOR_FAULT")
+    assert await service.handle_alert(flapping)
+    assert await service.handle_alert(lasting)
+    rig.clock.advance(seconds=299)
+    await _round(service)
+    end = _technical(patient, "DEVICE_SILENT", phase=AlertPhase.END)
+    assert await service.handle_alert(end)
+    await _round(service)
+    assert _subjects(rig, "primary") == []
+    rig.clock.advance(seconds=1)
+    await _round(service)
+    assert _subjects(rig, "primary") == [f"[VIGIL MEDIUM] {lasting.title} — patient {patient}"]
+    quiet = (await rig.api.get(f"/alerts/{flapping.dedup_key}/timeline")).json()
+    assert quiet["status"] == "resolved"
+    assert [d["due_at"] for d in _events(quiet, "held_technical")] == [
+        (T0 + timedelta(seconds=HOLD_S)).isoformat()
+    ]
+    [ended] = _events(quiet, "technical_hold_ended")
+    assert (ended["paged"], ended["open_s"], ended["hold_s"]) == (False, 299.0, HOLD_S)
+    assert (
+        await rig.pool.fetchval(
+            "SELECT count(*) FROM pages WHERE dedup_key = $1", flapping.dedup_key
+        )
+        == 0
+    )
+    paged = (await rig.api.get(f"/alerts/{lasting.dedup_key}/timeline")).json()
+    assert [d["paged"] for d in _events(paged, "technical_hold_ended")] == [True]
+
+
+async def test_high_and_physiological_alerts_are_never_held_by_the_technical_hold(
+    rig: Rig,
+) -> None:
+    """Must: with the hold on, a HIGH technical alarm (occlusion) and a MEDIUM physiological
+    one (sustained fever) are each paged inside handle_alert, at once."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", rig.new_instance(technical_hold_s=HOLD_S)
+    occlusion = _technical(patient, "OCCLUSION", AlertPriority.HIGH)
+    fever = _prioritised(patient, "FEVER_SUSTAINED", AlertPriority.MEDIUM)
+    assert await service.handle_alert(occlusion)
+    assert await service.handle_alert(fever)
+    assert sorted(_subjects(rig, "primary")) == sorted(
+        [
+            f"[VIGIL HIGH] {occlusion.title} — patient {patient}",
+            f"[VIGIL MEDIUM] {fever.title} — patient {patient}",
+        ]
+    )
+
+
+async def test_technical_hold_survives_a_restart_and_a_worsening_releases_it(rig: Rig) -> None:
+    """Nothing held is dropped: a held technical alarm is paged at its hold's end by another
+    notify instance (a restart). Edge: a held one that escalates to HIGH is paged at once."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient = f"P-{rig.tag}"
+    first = rig.new_instance(technical_hold_s=HOLD_S)
+    battery = _technical(patient, "BATTERY_LOW")
+    silent = _technical(patient, "DEVICE_SILENT")
+    assert await first.handle_alert(battery)
+    assert await first.handle_alert(silent)
+    rig.clock.advance(seconds=10)
+    worse = _technical(patient, "BATTERY_LOW", AlertPriority.HIGH, AlertPhase.ESCALATE)
+    assert await first.handle_alert(worse)
+    # Sent concurrently, in either order: its page and the escalation notice, both HIGH.
+    assert sorted(_subjects(rig, "primary")) == [
+        f"[VIGIL HIGH] {worse.title} — patient {patient}",
+        f"[VIGIL HIGH] Escalated: {worse.title} — patient {patient}",
+    ]
+    restarted = rig.new_instance(technical_hold_s=HOLD_S)
+    rig.clock.now = T0 + timedelta(seconds=HOLD_S - 1)
+    await _round(restarted)
+    assert len(_subjects(rig, "primary")) == 2
+    rig.clock.now = T0 + timedelta(seconds=HOLD_S)
+    await _round(restarted)
+    assert _subjects(rig, "primary")[2:] == [f"[VIGIL MEDIUM] {silent.title} — patient {patient}"]
+
+
+async def test_held_alarm_whose_end_arrives_after_its_follow_up_was_written_is_still_paged(
+    rig: Rig,
+) -> None:
+    """Nothing held is dropped: the follow-up of a held alarm is written at the window's end,
+    and the alarm's end arrives before the page was sent (the 63 ms of issue 31, where only
+    the all clear went out). The alarm's page is sent, then its all clear, in that order.
+    Positive control: the repeat of a chain that ended is still cancelled."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", _bundling(rig)
+    occlusion, stopped, _ = (_burst_alert(patient, *spec) for spec in _BURST)
+    await service.handle_alert(occlusion)
+    await service.handle_alert(stopped)
+    rig.clock.now = T0 + timedelta(seconds=GROUP_WAIT_S)
+    await service.tick()  # the follow-up is written, not yet sent
+    rig.clock.advance(seconds=0.063)
+    ended = stopped.model_copy(
+        update={"alert_id": uuid.uuid4(), "phase": AlertPhase.END, "state": AlertState.INACTIVE}
+    )
+    assert await service.handle_alert(ended)
+    await service.deliver_due()
+    assert _subjects(rig, "primary")[1:] == [
+        f"[VIGIL HIGH] {stopped.title} — patient {patient}",
+        f"[VIGIL ALL CLEAR] {stopped.title} — patient {patient}",
+    ]
+    # The occlusion's second step (secondary, due at 5 min) after its end: cancelled, not sent.
+    await service.handle_alert(
+        occlusion.model_copy(
+            update={"alert_id": uuid.uuid4(), "phase": AlertPhase.END, "state": AlertState.INACTIVE}
+        )
+    )
+    rig.clock.now = T0 + timedelta(minutes=6)
+    await _round(service)
+    assert _subjects(rig, "secondary") == []
+
+
+BERLIN_2130 = datetime(2025, 2, 28, 20, 30, tzinfo=UTC)  # 21:30 CET, before quiet hours
+
+
+async def test_all_clear_at_night_reaches_whoever_the_alarm_woke_and_waits_for_the_others(
+    rig: Rig,
+) -> None:
+    """Quiet hours 22:00-07:00 Europe/Berlin. A MEDIUM alarm paged the primary at 21:30 (before
+    them) and, unacknowledged, the secondary at 22:05 (woken by it). It ends at 03:00: the
+    secondary gets the all clear at once; the primary's waits for 07:00 (must not wake them),
+    recorded as deferred, and is sent then, not a minute before (edge)."""
+    _, patient = await _quiet_team(rig)
+    alert = _prioritised(patient, "INTERRUPTED", AlertPriority.MEDIUM)
+    rig.clock.now = BERLIN_2130
+    assert await rig.service.handle_alert(alert)
+    rig.clock.now = BERLIN_2130 + timedelta(minutes=35)
+    await _round(rig.service)
+    assert len(_subjects(rig, "secondary")) == 1
+    rig.clock.now = T0
+    end = _prioritised(patient, "INTERRUPTED", AlertPriority.MEDIUM, AlertPhase.END)
+    assert await rig.service.handle_alert(end)
+    await rig.service.deliver_due()
+    clear = f"[VIGIL ALL CLEAR] {alert.title} — patient {patient}"
+    assert _subjects(rig, "secondary")[1:] == [clear]
+    assert _subjects(rig, "primary") == [f"[VIGIL MEDIUM] {alert.title} — patient {patient}"]
+    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    assert [(d["recipient"], d["until"]) for d in _events(timeline, "all_clear_deferred")] == [
+        (f"person:primary-{rig.tag}", QUIET_END.isoformat())
+    ]
+    rig.clock.now = QUIET_END - timedelta(minutes=1)
+    await _round(rig.service)
+    assert _subjects(rig, "primary")[1:] == []
+    rig.clock.now = QUIET_END
+    await _round(rig.service)
+    assert _subjects(rig, "primary")[1:] == [clear]
+
+
+async def test_all_clear_of_a_high_alarm_is_never_held_by_quiet_hours(rig: Rig) -> None:
+    """Must: a HIGH alarm paged at 21:30, ending at 03:00 inside quiet hours: its all clear is
+    sent at once (whoever it paged may be acting on it). Positive control: a MEDIUM one paged
+    at the same time and ending with it is deferred to 07:00."""
+    _, patient = await _quiet_team(rig)
+    high = _prioritised(patient, "OCCLUSION", AlertPriority.HIGH)
+    medium = _prioritised(patient, "RESERVOIR_LOW", AlertPriority.MEDIUM)
+    rig.clock.now = BERLIN_2130
+    for alert in (high, medium):
+        assert await rig.service.handle_alert(alert)
+        await rig.api.post(
+            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:primary-{rig.tag}"}
+        )
+    rig.clock.now = T0
+    for alert in (high, medium):
+        assert await rig.service.handle_alert(
+            _prioritised(patient, alert.code, alert.priority, AlertPhase.END)
+        )
+    await rig.service.deliver_due()
+    assert _subjects(rig, "primary")[2:] == [f"[VIGIL ALL CLEAR] {high.title} — patient {patient}"]

@@ -35,6 +35,7 @@ from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     DEFAULT_POLICY_REPEATS,
     DEFAULT_POLICY_WAIT_S,
+    FALLBACK_RECIPIENT,
     Acknowledge,
     EarlyCycle,
     EscalationEvent,
@@ -59,12 +60,13 @@ from services.notify.domain.escalation import (
     snapshot_to_json,
 )
 from services.notify.domain.message import PageContext
-from services.notify.domain.quiet_hours import QuietHours
+from services.notify.domain.quiet_hours import QuietHours, all_clear_deferred_until
 from services.notify.domain.routing import PagePurpose, page_id_for
 from services.notify.domain.schedule import Override, Rotation
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
     QUIET_DIGEST_KIND,
+    TECHNICAL_HOLD_KIND,
     PageJob,
     SendOutcome,
 )
@@ -91,6 +93,15 @@ _JOB_SELECT = """
            a.device_time, a.ingest_time, a.evidence, a.rule_id, a.rule_version,
            (SELECT nb.kind FROM notify_bundles nb WHERE nb.bundle_id = p.bundle_id)
                AS bundle_kind,
+           -- The alert (a bundle page: one of its alerts) ended with nobody acknowledging it:
+           -- the first page about it is still sent, then its all clear (claim_pages).
+           CASE WHEN p.bundle_id IS NULL
+                    THEN e.status = 'resolved' AND e.acknowledged_by IS NULL
+                ELSE EXISTS (SELECT 1 FROM escalations o
+                             WHERE o.bundle_id = p.bundle_id AND o.status = 'resolved'
+                               AND o.acknowledged_by IS NULL) END
+               AS resolved_unacknowledged,
+           e.bundle_id AS escalation_bundle_id,
            e.snapshot -> 'early_cycle' AS early_cycle
     FROM pages p
     JOIN escalations e ON e.escalation_id = p.escalation_id
@@ -439,19 +450,125 @@ class PostgresEscalationStore:
                 alert_id,
             )
 
-    async def release_from_quiet_hours(self, dedup_key: str, at: datetime, reason: str) -> bool:
-        """Take a held alert out of its pending digest and fire its first step now (it became
-        urgent: HIGH and MEDIUM are never held). False when it is not held in a pending digest
-        (the digest was paged already, or it never was held)."""
+    async def hold_technical(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        until: datetime,
+    ) -> UUID | None:
+        """Hold a technical alert until ``until`` (the end of its technical hold); None when the
+        dedup key already has an escalation.
+
+        The escalation is opened now (policy frozen, on the timeline, can be acknowledged) with
+        no timer, in a ``notify_bundles`` row of kind ``technical_hold`` with this one member,
+        committed before the alert's offset: the ticker pages it at ``until`` if it is still
+        open (``flush_bundles``), also after a restart; ``resolve_in_technical_hold`` ends it
+        unpaged.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(
+                "SELECT 1 FROM escalations WHERE dedup_key = $1", alert.dedup_key
+            ):
+                return None
+            hold_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO notify_bundles (bundle_id, patient_id, care_team_id, opened_at, "
+                "due_at, status, kind) VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
+                hold_id,
+                alert.patient_id,
+                care_team_id,
+                at,
+                until,
+                TECHNICAL_HOLD_KIND,
+            )
+            return await _hold_in(
+                conn,
+                alert,
+                care_team_id,
+                snapshot,
+                at,
+                hold_id,
+                until,
+                held_kind="held_technical",
+            )
+
+    async def resolve_in_technical_hold(self, dedup_key: str, at: datetime) -> bool:
+        """The alert's end arrived while it was held by the technical hold: resolve its
+        escalation (nobody was paged, so no all clear), record why in the timeline
+        (``technical_hold_ended``, paged false) and close the hold, in one transaction. False
+        when it is not held in a pending technical hold (never held, or already paged)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            hold = await conn.fetchrow(
+                """
+                SELECT b.bundle_id, b.opened_at, b.due_at FROM notify_bundles b
+                JOIN notify_bundle_members m ON m.bundle_id = b.bundle_id
+                WHERE m.dedup_key = $1 AND b.status = 'pending' AND b.kind = $2
+                FOR UPDATE OF b
+                """,
+                dedup_key,
+                TECHNICAL_HOLD_KIND,
+            )
+            if hold is None:
+                return False
+            rows = await conn.fetch(
+                "SELECT * FROM escalations WHERE dedup_key = $1 AND bundle_id = $2 FOR UPDATE",
+                dedup_key,
+                hold["bundle_id"],
+            )
+            if rows:
+                await _apply_rows(
+                    conn, [(row, Resolve(at=at)) for row in rows], at, self._fallback_email
+                )
+                for row in rows:
+                    await _event(
+                        conn,
+                        row["escalation_id"],
+                        at,
+                        TimelineEntry(
+                            "technical_hold_ended",
+                            {
+                                "paged": False,
+                                "open_s": round((at - hold["opened_at"]).total_seconds(), 3),
+                                "hold_s": round(
+                                    (hold["due_at"] - hold["opened_at"]).total_seconds(), 3
+                                ),
+                                "reason": "ended inside the technical hold: not paged",
+                            },
+                        ),
+                    )
+            await conn.execute(
+                "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 "
+                "WHERE bundle_id = $1",
+                hold["bundle_id"],
+                at,
+            )
+            return True
+
+    async def release_from_quiet_hours(
+        self,
+        dedup_key: str,
+        at: datetime,
+        reason: str,
+        *,
+        kind: str = QUIET_DIGEST_KIND,
+    ) -> bool:
+        """Take a held alert out of its pending digest (or, with ``kind`` ``technical_hold``,
+        its technical hold) and fire its first step now (it became urgent: HIGH and MEDIUM are
+        never held by quiet hours, a worsened alert is not flapping). False when it is not held
+        in a pending one (paged already, or never held)."""
         async with self._pool.acquire() as conn, conn.transaction():
             digest = await conn.fetchrow(
                 """
                 SELECT b.bundle_id FROM notify_bundles b
                 JOIN notify_bundle_members m ON m.bundle_id = b.bundle_id
-                WHERE m.dedup_key = $1 AND b.status = 'pending' AND b.kind = 'quiet_digest'
+                WHERE m.dedup_key = $1 AND b.status = 'pending' AND b.kind = $2
                 FOR UPDATE OF b
                 """,
                 dedup_key,
+                kind,
             )
             if digest is None:
                 return False
@@ -478,7 +595,9 @@ class PostgresEscalationStore:
                     row["escalation_id"],
                     at,
                     TimelineEntry(
-                        "released_from_quiet_hours",
+                        "released_from_quiet_hours"
+                        if kind == QUIET_DIGEST_KIND
+                        else "released_from_technical_hold",
                         {"bundle_id": str(digest["bundle_id"]), "reason": reason},
                     ),
                 )
@@ -487,6 +606,14 @@ class PostgresEscalationStore:
             ]
             if due:
                 await _apply_rows(conn, due, at, self._fallback_email)
+            if kind != QUIET_DIGEST_KIND:
+                # The hold had this one alert: nothing is left for it to page.
+                await conn.execute(
+                    "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 "
+                    "WHERE bundle_id = $1",
+                    digest["bundle_id"],
+                    at,
+                )
             return True
 
     async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
@@ -544,6 +671,21 @@ class PostgresEscalationStore:
             await _apply_rows(
                 conn, [(row, Tick(now=now)) for row in rows], now, self._fallback_email
             )
+        if bundle["kind"] == TECHNICAL_HOLD_KIND:
+            for row in rows:
+                await _event(
+                    conn,
+                    row["escalation_id"],
+                    now,
+                    TimelineEntry(
+                        "technical_hold_ended",
+                        {
+                            "paged": True,
+                            "open_s": round((now - bundle["opened_at"]).total_seconds(), 3),
+                            "reason": "still open when the technical hold ended",
+                        },
+                    ),
+                )
         members = await conn.fetch(
             "SELECT dedup_key FROM notify_bundle_members WHERE bundle_id = $1 "
             "ORDER BY joined_at, dedup_key",
@@ -817,17 +959,47 @@ class PostgresEscalationStore:
             )
             jobs: list[PageJob] = []
             cancelled: list[UUID] = []
+            taken = []
             for row in rows:
                 chain_stopped = (
                     row["escalation_status"] in ("acknowledged", "resolved")
                     and row["purpose"] in _CANCELLABLE
+                    # The first page about an alert that ended before anyone acknowledged it (a
+                    # held alarm whose follow-up was written, then its end arrived before the
+                    # page was sent) is still sent: its all clear follows it, and an all clear
+                    # of an alarm never told would be the only word of it.
+                    and not (
+                        row["purpose"] == PagePurpose.ALERT.value
+                        and row["resolved_unacknowledged"]
+                        and _first_step(str(row["idempotency_key"]))
+                    )
                 )
                 if row["status"] == "sending":
-                    jobs.append(replace(_job(row, now), chain_stopped=chain_stopped))
+                    taken.append((row, replace(_job(row, now), chain_stopped=chain_stopped)))
                 elif chain_stopped:
                     cancelled.append(row["page_id"])
                 else:
-                    jobs.append(_job(row, now))
+                    taken.append((row, _job(row, now)))
+            # An all clear claimed together with a page about its alert waits for the next
+            # claim, so it is never handed over before (or beside) the alarm it clears.
+            told = {j.escalation_id for _, j in taken if j.purpose in _TRIGGERS}
+            told_bundles = {
+                j.bundle_id for _, j in taken if j.purpose in _TRIGGERS and j.bundle_id is not None
+            }
+            for row, job in taken:
+                if (
+                    job.purpose is PagePurpose.ALL_CLEAR
+                    and row["status"] != "sending"
+                    and (
+                        job.escalation_id in told
+                        or (
+                            row["escalation_bundle_id"] is not None
+                            and UUID(str(row["escalation_bundle_id"])) in told_bundles
+                        )
+                    )
+                ):
+                    continue
+                jobs.append(job)
             jobs = await _with_bundles(conn, jobs)
             jobs = await _with_context(conn, jobs)
             if cancelled:
@@ -1239,6 +1411,7 @@ async def _window_of(conn: Any, patient_id: str) -> tuple[BundleWindow | None, U
         SELECT b.bundle_id, m.dedup_key
         FROM notify_bundles b JOIN notify_bundle_members m ON m.bundle_id = b.bundle_id
         WHERE b.patient_id = $1 AND b.status = 'pending' AND b.due_at = $2
+          AND b.kind = 'burst'
         ORDER BY m.joined_at, m.dedup_key
         FOR UPDATE OF b
         """,
@@ -1452,6 +1625,8 @@ class _NewPage:
     route_detail: str | None
     has_next_channel: bool
     bundle_id: UUID | None = None
+    # An all clear deferred to the end of quiet hours (``_all_clear_due``); None: due now.
+    due_at: datetime | None = None
 
 
 class _Writer:
@@ -1469,6 +1644,9 @@ class _Writer:
         self._upstream: list[tuple[Any, ...]] = []
         # The bundle the page being added belongs to (set per command by pages_for).
         self._bundle_id: UUID | None = None
+        # When the page being added is due, if later than now (a deferred all clear).
+        self._due: datetime | None = None
+        self._quiet: dict[str, QuietHours | None] = {}
         # The frozen ``early_cycle`` of each escalation opened here, for the pages sent at once.
         self.early_cycle: dict[UUID, EarlyCycle] = {}
 
@@ -1548,6 +1726,11 @@ class _Writer:
                 f":{command.step_index}:{command.recipient}"
             )
             kind, _, ref = command.recipient.partition(":")
+            self._due = None
+            if command.purpose is PagePurpose.ALL_CLEAR:
+                self._due = await self._all_clear_due(
+                    alert, escalation_id, bundle_id, care_team_id, command.recipient
+                )
             if kind == "email" and ref:
                 self._add(
                     alert,
@@ -1598,6 +1781,72 @@ class _Writer:
             await self.fallback(
                 alert, escalation_id, care_team_id, command.purpose, key_base, reason
             )
+
+    async def _all_clear_due(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        bundle_id: UUID | None,
+        care_team_id: str,
+        recipient: str,
+    ) -> datetime | None:
+        """When ``recipient``'s all clear is sent, if not now (pure rule:
+        ``all_clear_deferred_until``): during the team's quiet hours, the all clear of a MEDIUM,
+        LOW or INFO alert that did not page this recipient since they began waits for their
+        end. Recorded in the timeline (``all_clear_deferred``)."""
+        if alert.priority.value == "high":
+            return None
+        if care_team_id not in self._quiet:
+            row = await self._conn.fetchrow(
+                "SELECT timezone, starts_local, ends_local FROM notify_quiet_hours "
+                "WHERE care_team_id = $1",
+                care_team_id,
+            )
+            self._quiet[care_team_id] = (
+                None
+                if row is None
+                else QuietHours(
+                    timezone=str(row["timezone"]), start=row["starts_local"], end=row["ends_local"]
+                )
+            )
+        quiet = self._quiet[care_team_id]
+        if quiet is None:
+            return None
+        last_paged = await self._conn.fetchval(
+            """
+            SELECT max(GREATEST(p.created_at, COALESCE(p.updated_at, p.created_at)))
+            FROM pages p
+            WHERE (p.escalation_id = $1 OR ($2::uuid IS NOT NULL AND p.bundle_id = $2))
+              AND p.purpose = ANY($4::text[])
+              AND p.status IN ('sent', 'delivered', 'sending', 'unknown')
+              AND (p.recipient_ref = $3
+                   OR ($3 = $5 AND p.recipient_ref LIKE 'fallback:%')
+                   OR (p.recipient_ref LIKE 'fallback:%'
+                       AND position(':' || $3 || ':undeliverable#' IN p.idempotency_key) > 0))
+            """,
+            escalation_id,
+            bundle_id,
+            recipient,
+            [p.value for p in _TRIGGERS],
+            FALLBACK_RECIPIENT,
+        )
+        until = all_clear_deferred_until(alert.priority, quiet, self._at, last_paged)
+        if until is not None:
+            self.event(
+                escalation_id,
+                TimelineEntry(
+                    "all_clear_deferred",
+                    {
+                        "recipient": recipient,
+                        "until": until.isoformat(),
+                        "reason": (
+                            f"quiet hours of care team {care_team_id}: a {alert.priority.value} "
+                            "alert that has not paged this recipient since they began"
+                        ),
+                    },
+                ),
+            )
+        return until
 
     async def _reached(
         self, escalation_id: UUID, bundle_id: UUID | None, recipient: str
@@ -1808,6 +2057,7 @@ class _Writer:
                 route_detail=route_detail,
                 has_next_channel=has_next_channel,
                 bundle_id=self._bundle_id,
+                due_at=self._due,
             )
         )
 
@@ -1847,7 +2097,7 @@ class _Writer:
                     p.recipient_ref,
                     p.rank,
                     p.purpose.value,
-                    due,
+                    due if p.due_at is None or claim_until is not None else p.due_at,
                     p.bundle_id,
                 )
                 for p in self._pages
@@ -2189,6 +2439,18 @@ _KEY_POSITION = re.compile(
 
 
 _REPEATABLE = (PagePurpose.ALERT, PagePurpose.QUIET_DIGEST)
+
+
+def _first_step(idempotency_key: str) -> bool:
+    """The page is of the first step of the first pass of the chain's first round: the first
+    page anyone got about the alert."""
+    found = _KEY_POSITION.match(idempotency_key)
+    return (
+        found is not None
+        and found.group(1) is None
+        and int(found.group(2)) == 0
+        and int(found.group(3)) == 0
+    )
 
 
 def page_position(idempotency_key: str) -> tuple[int, int]:

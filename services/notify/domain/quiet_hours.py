@@ -75,6 +75,32 @@ def held_until(priority: AlertPriority, quiet: QuietHours | None, at: datetime) 
     return None if span is None else span.ends_at
 
 
+def all_clear_deferred_until(
+    priority: AlertPriority,
+    quiet: QuietHours | None,
+    at: datetime,
+    last_paged_at: datetime | None,
+) -> datetime | None:
+    """When the all clear of an alert of ``priority`` resolving ``at`` is sent to one recipient,
+    if not now: the end of the quiet hours ``at`` falls in. None: send it now.
+
+    An all clear is information, not a page, and must not wake anyone at night for an alarm
+    that did not: during quiet hours it waits for their end, **unless** the alert is HIGH (its
+    all clear is never held, like its page) or ``last_paged_at`` (the latest page about the
+    alert that reached this recipient, or may have) falls inside these quiet hours: the alarm
+    woke them tonight, they are awake and waiting to hear how it ended.
+    """
+    _aware(at)
+    if priority is AlertPriority.HIGH or quiet is None:
+        return None
+    span = quiet_span_at(quiet, at)
+    if span is None:
+        return None
+    if last_paged_at is not None and last_paged_at >= span.starts_at:
+        return None
+    return span.ends_at
+
+
 def _instant(day: date, wall: time, zone: ZoneInfo, *, latest: bool) -> datetime:
     """The UTC instant ``wall`` on ``day`` in ``zone``: the later of two readings when the clock
     shows it twice and ``latest``, else the earlier; the jump itself when the clock skips it."""

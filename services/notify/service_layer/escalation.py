@@ -484,9 +484,7 @@ class EscalationService:
     ) -> bool:
         """Hold a technical MEDIUM / LOW / INFO alert for the technical hold (paged only if
         still open at its end); True when held. HIGH and physiological alerts return at once."""
-        until = technical_hold_until(
-            alert.kind, alert.priority, now, self._config.technical_hold_s
-        )
+        until = technical_hold_until(alert.kind, alert.priority, now, self._config.technical_hold_s)
         if until is None:
             return False
         escalation_id = await self._store.hold_technical(

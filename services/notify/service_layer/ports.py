@@ -20,6 +20,8 @@ from services.notify.domain.message import FIRST_PAGE, PageContext
 FALLBACK_PREFIX = "fallback:"
 # notify_bundles.kind of the alerts quiet hours held.
 QUIET_DIGEST_KIND = "quiet_digest"
+# notify_bundles.kind of a technical alert held to see whether it outlasts the technical hold.
+TECHNICAL_HOLD_KIND = "technical_hold"
 
 
 @dataclass(frozen=True, slots=True)
