@@ -54,7 +54,7 @@ from schemas.events import DeadLetter
 from services.rules.adapters.codec import decode_observation
 from services.rules.adapters.config_store import RulesConfigSource
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
-from services.rules.domain.config import RulesCompiler, RulesConfig
+from services.rules.domain.config import RulesCompiler, RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.heartbeat import HEARTBEAT_CODE
 from services.rules.settings import RulesSettings
@@ -66,6 +66,16 @@ log = logging.getLogger("vigil.rules")
 
 META_KEY = "__meta__/{partition}"
 CONFIG_KEY = "__config__/{version}"
+
+
+def _config_source(settings: RulesSettings, defaults: Thresholds) -> RulesConfigSource:
+    return RulesConfigSource(
+        defaults,
+        allowed_lateness_s=settings.allowed_lateness_s,
+        arrival_lateness_s=settings.arrival_lateness_s,
+        outage_gap_s=settings.outage_gap_s,
+        resume_grace_s=settings.resume_grace_s,
+    )
 
 
 async def build_config(
@@ -82,13 +92,11 @@ async def build_config(
             defaults=defaults,
             allowed_lateness_s=settings.allowed_lateness_s,
             arrival_lateness_s=settings.arrival_lateness_s,
+            outage_gap_s=settings.outage_gap_s,
+            resume_grace_s=settings.resume_grace_s,
         )
     if source is None:
-        source = RulesConfigSource(
-            defaults,
-            allowed_lateness_s=settings.allowed_lateness_s,
-            arrival_lateness_s=settings.arrival_lateness_s,
-        )
+        source = _config_source(settings, defaults)
     conn = await asyncpg.connect(settings.postgres.dsn)
     try:
         return await source.load(conn)
@@ -400,11 +408,7 @@ async def _consume(
     metrics: RulesMetrics,
     readiness: RulesReadiness,
 ) -> None:
-    config_source = RulesConfigSource(
-        settings.thresholds(),
-        allowed_lateness_s=settings.allowed_lateness_s,
-        arrival_lateness_s=settings.arrival_lateness_s,
-    )
+    config_source = _config_source(settings, settings.thresholds())
     config = await build_config(settings, config_source)
     metrics.set_config(config.config_version)
     transactional_id = settings.transactional_id or f"{settings.group_id}-0"

@@ -55,6 +55,9 @@ class RulesSettings(ServiceSettings):
     allowed_lateness_s: float = Field(default=60.0, ge=0)
     # The arrival clock's lateness (absence timers): see RulesConfig.arrival_lateness_s.
     arrival_lateness_s: float = Field(default=5.0, ge=0)
+    # After a pipeline outage (docs/rules.md, "After an outage"): see RulesConfig.
+    outage_gap_s: float = Field(default=60.0, gt=0)
+    resume_grace_s: float = Field(default=120.0, ge=0)
 
     group_id: str = "vigil-rules"
     # One per running instance (default: the group id + "-0"): Kafka fences a restarted

@@ -145,3 +145,21 @@ def test_a_timer_is_held_once_however_many_outages_follow() -> None:
     assert [a.code for a in first if a.code == "device_silent"] == []
     second = run_stream(engine, [pulse.beat(60)])
     assert [a.code for a in second if a.code == "device_silent"] == ["device_silent"]
+
+
+def test_a_config_swap_during_the_grace_does_not_undo_the_hold() -> None:
+    """Found end to end: a new config arriving during the grace re-armed the held silence at
+    its earlier deadline, and it fired at once, though the pump resumed 30 s later (inside the
+    grace). The hold stays; nothing is paged."""
+    home = Home("P-out-8", T0)
+    before = [home.status(m) for m in range(0, DOWN_FROM)]
+    resumed = [home.status(DOWN_TO + 0.5 + m) for m in range(0, 9)]
+    engine = RulesEngine()
+    alerts: list[Alert] = []
+    swapped = False
+    for event in pipeline(before + resumed):
+        alerts += engine.on_telemetry(event)
+        if not swapped and event.ingest_time >= at_minutes(DOWN_TO):
+            engine.reconfigure(RulesConfig(config_version="swapped"))
+            swapped = True
+    assert swapped and codes(alerts, "P-out-8") == []

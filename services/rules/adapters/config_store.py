@@ -180,11 +180,19 @@ class RulesConfigSource:
     switch interval (5 ms), so alerts go on being decided while it builds."""
 
     def __init__(
-        self, defaults: Thresholds, *, allowed_lateness_s: float, arrival_lateness_s: float = 5.0
+        self,
+        defaults: Thresholds,
+        *,
+        allowed_lateness_s: float,
+        arrival_lateness_s: float = 5.0,
+        outage_gap_s: float = 60.0,
+        resume_grace_s: float = 120.0,
     ) -> None:
         self.defaults = defaults
         self.allowed_lateness_s = allowed_lateness_s
         self.arrival_lateness_s = arrival_lateness_s
+        self.outage_gap_s = outage_gap_s
+        self.resume_grace_s = resume_grace_s
         self.skipped = 0
         self._fingerprint: str | None = None
         self._config: RulesConfig | None = None
@@ -259,6 +267,8 @@ class RulesConfigSource:
             profiles=profiles,
             allowed_lateness_s=self.allowed_lateness_s,
             arrival_lateness_s=self.arrival_lateness_s,
+            outage_gap_s=self.outage_gap_s,
+            resume_grace_s=self.resume_grace_s,
         )
         # Raises on an override the rules cannot read: each distinct threshold set is resolved
         # once (a care team's patients without an override all resolve to the team's).

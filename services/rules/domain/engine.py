@@ -591,14 +591,20 @@ class RulesEngine:
 
     def _rearm_earlier(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> bool:
         moved = False
+        held = self._held
         for device_id, device in patient.devices.items():
-            if device.gap_timer_at is not None and device.gaps:
+            # A timer held after an outage keeps its hold: a new config does not undo it.
+            if (
+                device.gap_timer_at is not None
+                and device.gaps
+                and (_LOST, patient_id, device_id) not in held
+            ):
                 lost_at = min(g[2] for g in device.gaps) + rules.data_lost_wait_s
                 if lost_at < device.gap_timer_at:
                     device.gap_timer_at = lost_at
                     heapq.heappush(self._absent, (lost_at, _LOST, patient_id, device_id))
                     moved = True
-            if device.timer_at is None:
+            if device.timer_at is None or (_SILENT, patient_id, device_id) in held:
                 continue
             limit = device.silent_limit(rules, device_id)
             deadline = device.heard_t + limit
@@ -607,7 +613,7 @@ class RulesEngine:
                 heapq.heappush(self._absent, (deadline, _SILENT, patient_id, device_id))
                 moved = True
         armed = patient.unobserved_timer_at
-        if armed is not None:
+        if armed is not None and (_UNOBSERVED, patient_id, "") not in held:
             deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
             if deadline < armed:
                 patient.unobserved_timer_at = deadline
@@ -621,7 +627,12 @@ class RulesEngine:
                 armed = _armed(pump, kind)
                 # Only an armed clock is moved: an unarmed one is unarmed by the rules' own
                 # decision (already fired, or waiting for the next status).
-                if armed is not None and new is not None and new < armed:
+                if (
+                    armed is not None
+                    and new is not None
+                    and new < armed
+                    and (kind, patient_id, device_id) not in held
+                ):
                     _set_armed(pump, kind, new)
                     heapq.heappush(self._timers, (new, kind, patient_id, device_id))
                     moved = True

@@ -1,0 +1,285 @@
+"""End to end on the real stack: the pipeline stops for longer than the silence limits while the
+devices go on publishing into the broker's queue, then starts again. No page storm: no
+start/all-clear pairs for devices whose queued or resumed data arrive; a device that went
+quiet before the outage and stayed quiet is paged once.
+
+Three pumps of one patient each (silence limit 1 min by the care team's protocol): A publishes
+all along (its messages queue in the broker for ingest's persistent session), B stops when the
+pipeline stops and starts again when it is back, C stops when the pipeline stops and never
+comes back. The heartbeat publisher beats every 2 s throughout. Ingest, rules (its own
+process) and notify are stopped for 75 s, then started again on the same client id, consumer
+groups and transactional id. Rules run with a 20 s outage gap and a 30 s grace (settings), so
+the test takes about two and a half minutes rather than five.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import Message
+from pathlib import Path
+
+import aiomqtt
+import asyncpg
+import pytest
+from aiosmtpd.controller import Controller
+
+from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
+from schemas.topics import MQTT_SUBSCRIPTION
+from services.ingest.adapters.registry_admin import (
+    bind_device,
+    upsert_care_team,
+    upsert_device,
+    upsert_patient,
+)
+from tests.e2e.conftest import (
+    MailCollector,
+    drop_mqtt_session,
+    free_port,
+    open_mqtt_session,
+    start_group_at_end,
+)
+from vigil.heartbeat import HeartbeatSettings
+from vigil.heartbeat import run as run_heartbeat
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[2]
+OUTAGE_S = 75.0
+GRACE_S = 30.0
+PUMPS = ("A", "B", "C")
+
+
+@dataclass
+class Site:
+    env: dict[str, str]
+    run_id: str
+    mail: MailCollector
+    logs: Path
+    pumps: dict[str, tuple[str, str]]  # label -> (patient, pump device)
+    publishing: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(PUMPS, True))
+
+    def header(self, message: Message, name: str) -> str:
+        return "".join(str(message.get(name) or "").split())
+
+    def silence_pages(self, label: str) -> list[tuple[str, str]]:
+        patient, pump = self.pumps[label]
+        prefix = f"{patient}:device_silent:{pump}:"
+        return [
+            (self.header(m, "X-Vigil-Phase"), self.header(m, "X-Vigil-Dedup-Key"))
+            for m in self.mail.messages
+            if self.header(m, "X-Vigil-Dedup-Key").startswith(prefix)
+        ]
+
+
+async def register(dsn: str, run_id: str) -> tuple[str, str, dict[str, tuple[str, str]]]:
+    team = f"team-outage-{run_id}"
+    tech = f"team-outage-tech-{run_id}"
+    since = datetime.now(UTC) - timedelta(days=1)
+    pumps = {label: (f"P-out-{label}-{run_id}", f"pump-out-{label}-{run_id}") for label in PUMPS}
+    conn = await asyncpg.connect(dsn)
+    try:
+        await upsert_care_team(conn, team, "Outage team", f"oncall-{run_id}@hospital.test")
+        await upsert_care_team(conn, tech, "Technical", f"tech-{run_id}@hospital.test")
+        await upsert_patient(conn, f"pipeline-{tech}", tech)
+        beat = f"heartbeat-out-{run_id}"
+        await upsert_device(conn, beat, "thermometer", "vigil-heartbeat")
+        await bind_device(conn, beat, f"pipeline-{tech}", since)
+        for patient, pump in pumps.values():
+            await upsert_patient(conn, patient, team, weight_kg=25.0)
+            await upsert_device(conn, pump, "pump", "test-pump")
+            await bind_device(conn, pump, patient, since)
+        await conn.execute(
+            "INSERT INTO rule_protocols (care_team_id, version, overrides, signed_off_by, "
+            "signed_off_at) VALUES ($1, 1, $2::jsonb, 'charge-nurse', now())",
+            team,
+            json.dumps({"pump_silent_minutes": 1.0}),
+        )
+    finally:
+        await conn.close()
+    return tech, beat, pumps
+
+
+async def publish_statuses(site: Site, stop: asyncio.Event) -> None:
+    """Each pump reports every 5 s while it is publishing, as the device itself would (QoS 1,
+    one counter per device); the broker holds what ingest is not there to take."""
+    seqs = dict.fromkeys(PUMPS, 0)
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        int(site.env["VIGIL_MQTT_PORT"]),
+        username=site.env["VIGIL_SIM_MQTT_USERNAME"],
+        password=site.env["VIGIL_SIM_MQTT_PASSWORD"],
+        identifier=f"outage-pumps-{site.run_id}",
+    ) as client:
+        while not stop.is_set():
+            for label, (_patient, pump) in site.pumps.items():
+                if not site.publishing[label]:
+                    continue
+                seqs[label] += 1
+                body = {
+                    "schema": "vigil.device.pump_status.v1",
+                    "message_id": str(uuid.uuid4()),
+                    "device_id": pump,
+                    "seq": seqs[label],
+                    "device_time": datetime.now(UTC).isoformat(),
+                    "state": "running",
+                    "rate_ml_h": 10.0,
+                    "volume_remaining_ml": 200.0,
+                }
+                await client.publish(
+                    f"vigil/v1/dev/{pump}/pump-status", json.dumps(body).encode(), qos=1
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5.0)
+
+
+@pytest.fixture
+async def site(stack_env: dict[str, str], tmp_path: Path) -> AsyncIterator[Site]:
+    run_id = uuid.uuid4().hex[:8]
+    tech, beat, pumps = await register(stack_env["VIGIL_PG_DSN"], run_id)
+    mail = MailCollector()
+    mail.bind(asyncio.get_running_loop())
+    controller = Controller(mail, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    made = Site(stack_env, run_id, mail, tmp_path, pumps)
+    made.env = {**stack_env, "TECH": tech, "BEAT": beat, "SMTP": str(controller.port)}
+    try:
+        yield made
+    finally:
+        controller.stop()
+        conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
+        try:
+            await conn.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", beat)
+            await conn.execute(
+                "UPDATE device_bindings SET valid_to = now() WHERE device_id = $1", beat
+            )
+        finally:
+            await conn.close()
+
+
+def rules_process(site: Site) -> subprocess.Popen[bytes]:
+    group = f"rules-outage-{site.run_id}"
+    env = {
+        **os.environ,
+        **site.env,
+        "VIGIL_RULES_GROUP_ID": group,
+        "VIGIL_RULES_TRANSACTIONAL_ID": group,
+        "VIGIL_RULES_OPS_PORT": str(free_port()),
+        "VIGIL_RULES_OUTAGE_GAP_S": "20",
+        "VIGIL_RULES_RESUME_GRACE_S": str(GRACE_S),
+    }
+    log = (site.logs / f"rules-{time.monotonic_ns()}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "vigil.cli", "rules"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+
+
+def stop_rules(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+async def run_pipeline(site: Site) -> Callable[[], Awaitable[None]]:
+    """Ingest and notify in this process, rules as its own; returns how to stop all three."""
+    from services.ingest.app import run as run_ingest
+    from services.ingest.settings import IngestSettings
+    from services.notify.app import run as run_notify
+    from services.notify.settings import NotifySettings
+
+    ingest = IngestSettings(mqtt_client_id=f"ingest-outage-{site.run_id}")
+    notify = NotifySettings(
+        smtp_port=int(site.env["SMTP"]),
+        group_id=f"notify-outage-{site.run_id}",
+        technical_care_team_id=site.env["TECH"],
+        escalation_tick_s=0.5,
+    )
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_ingest(ingest, stop), name="ingest"),
+        asyncio.create_task(run_notify(notify, stop), name="notify"),
+    ]
+    rules = rules_process(site)
+
+    async def halt() -> None:
+        stop.set()
+        stop_rules(rules)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for name, result in zip(("ingest", "notify"), results, strict=True):
+            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
+
+    return halt
+
+
+async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_still_silent(
+    site: Site,
+) -> None:
+    """A kept publishing (queued), B resumed after the restart, C never came back: no page at
+    all for A or B, exactly one silence page for C, and no start/all-clear pair anywhere."""
+    bootstrap = site.env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    client_id = f"ingest-outage-{site.run_id}"
+    await start_group_at_end(bootstrap, f"rules-outage-{site.run_id}", TELEMETRY_TOPIC)
+    await start_group_at_end(bootstrap, f"notify-outage-{site.run_id}", ALERTS_TOPIC)
+    await open_mqtt_session(site.env, client_id, MQTT_SUBSCRIPTION)
+    stop_devices = asyncio.Event()
+    beating = asyncio.Event()
+    heartbeat = asyncio.create_task(
+        run_heartbeat(
+            HeartbeatSettings(
+                device_id=site.env["BEAT"],
+                interval_s=2.0,
+                mqtt_username=site.env["VIGIL_SIM_MQTT_USERNAME"],
+                mqtt_password=site.env["VIGIL_SIM_MQTT_PASSWORD"],
+                mqtt_client_id=f"heartbeat-outage-{site.run_id}",
+            ),
+            beating,
+        )
+    )
+    devices = asyncio.create_task(publish_statuses(site, stop_devices))
+    try:
+        halt = await run_pipeline(site)
+        await asyncio.sleep(25)  # the pipeline watching, heartbeats flowing: the rhythm is known
+        assert site.silence_pages("C") == [], "paged before the outage"
+        site.publishing["B"] = site.publishing["C"] = False
+        await halt()
+        await asyncio.sleep(OUTAGE_S)  # nobody watching; A and the heartbeat go on publishing
+        halt = await run_pipeline(site)
+        site.publishing["B"] = True
+        limit = time.monotonic() + GRACE_S + 90
+        while not site.silence_pages("C"):
+            assert time.monotonic() < limit, f"C was never paged: {tail(site.logs)}"
+            await asyncio.sleep(0.5)
+        # Positive control above (C paged): the pipeline was listening. Give A and B as long
+        # again to show that nothing comes for them.
+        await asyncio.sleep(GRACE_S)
+        await halt()
+    finally:
+        stop_devices.set()
+        beating.set()
+        await asyncio.gather(devices, heartbeat, return_exceptions=True)
+        await drop_mqtt_session(site.env, client_id)
+    assert site.silence_pages("A") == []
+    assert site.silence_pages("B") == []
+    assert [phase for phase, _ in site.silence_pages("C")] == ["start"]
+
+
+def tail(logs: Path) -> str:
+    return "\n".join(p.read_text()[-2000:] for p in sorted(logs.glob("rules-*.log")))
