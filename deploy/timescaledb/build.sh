@@ -79,5 +79,11 @@ cmake --install "$build"
 if [[ -e "$sys_libdir/timescaledb.so" ]]; then
     echo "warning: the system PostgreSQL ($sys_libdir) has its own timescaledb.so" >&2
 fi
+# PostgreSQL 15.20 refuses to drop a portal that was never started, which TimescaleDB 2.28's job
+# runner does after every background job: the jobs do their work, then fail (docs/storage.md).
+if grep -q "while it is being set up" "$bin/postgres"; then
+    echo "warning: this PostgreSQL ($("$bin/postgres" --version)) fails TimescaleDB's background" \
+        "jobs at their end (cannot drop portal); see docs/storage.md" >&2
+fi
 echo "TimescaleDB $version installed into the PostgreSQL at $bin" >&2
 echo "$bin"

@@ -25,11 +25,9 @@ from importlib import resources
 
 import asyncpg
 
-from vigil.db.storage import StorageSettings, apply_storage_policies
+from vigil.db.storage import READINGS_TABLES, StorageSettings, apply_storage_policies
 
 _LOCK_KEY = 0x5649_4749  # "VIGI": one migrator at a time across processes
-
-_READINGS_TABLES = ("temperature_readings", "pump_status", "pump_events")
 
 # Before 0003 on TimescaleDB: the readings hypertables without compression, their compressed
 # chunks decompressed (a database that stopped at 0003 may have some), the policy removed.
@@ -49,7 +47,7 @@ BEGIN
     END LOOP;
 END
 $$
-""".replace("$1", "ARRAY[" + ", ".join(f"'{t}'" for t in _READINGS_TABLES) + "]")
+""".replace("$1", "ARRAY[" + ", ".join(f"'{t}'" for t in READINGS_TABLES) + "]")
 
 _TIMESCALEDB_BEFORE: dict[str, str] = {"0003_ingest.sql": _SUSPEND_COMPRESSION}
 
