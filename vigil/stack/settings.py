@@ -52,10 +52,10 @@ class StackSettings(BaseSettings):
     smtp_port: int = Field(default=10025, ge=1, le=65535)
 
     # Mosquitto's persistence (deploy/local/mosquitto/mosquitto.conf.tmpl, docs/reliability.md):
-    # with autosave_on_changes the broker saves its state once this many messages, sessions or
-    # subscriptions changed; without it, every this many seconds.
+    # the broker saves its state every this many seconds, or, with autosave_on_changes, once this
+    # many messages, sessions or subscriptions changed.
     mqtt_autosave_interval: int = Field(default=1, ge=1)
-    mqtt_autosave_on_changes: bool = True
+    mqtt_autosave_on_changes: bool = False
 
     kafka_heap_mb: int = Field(default=512, ge=128)
     kafka_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
