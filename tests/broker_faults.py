@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -38,7 +39,9 @@ from vigil.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER, ensure_secr
 from vigil.stack.process import await_exit, port_accepts, running_pid
 from vigil.stack.settings import StackSettings
 
-SHARED_TOPIC = os.environ.get("BROKER_FAULTS_TOPIC", "$share/vigil-ingest/vigil/v1/dev/#")
+# What the subscriber subscribes to: ingest's default (the device topics directly); --topic
+# "$share/vigil-ingest/vigil/v1/dev/#" for a share group.
+SHARED_TOPIC = "vigil/v1/dev/#"
 
 
 def free_port() -> int:
@@ -306,6 +309,7 @@ class FaultFigures:
             "acked": self.acked,
             "refused": self.refused,
             "received": self.received,
+            "unacked": self.published - self.acked - self.refused,
             "lost_acked": len(self.lost_acked),
             "duplicates": self.duplicates,
             "resume_s": self.resume_s,
@@ -314,16 +318,27 @@ class FaultFigures:
 
 
 def figures(
-    fault: str, pub: PacedPublisher, sub: ShareSubscriber, fault_at_ns: int | None
+    fault: str,
+    pub: PacedPublisher,
+    sub: ShareSubscriber,
+    fault_at_ns: int | None,
+    back_at_ns: int | None = None,
 ) -> FaultFigures:
     acked = set(pub.counts.acked)
     lost = sorted(acked - set(sub.received))
     resume = None
     if fault_at_ns is not None:
-        # Seconds from the fault to the first message published after it reaching the subscriber.
-        after = [t for m, t in sub.received.items() if pub.counts.published.get(m, 0) > fault_at_ns]
+        # Seconds from the fault to the first message reaching the subscriber once the broker
+        # (and, when it was away, the subscriber) is back.
+        since = back_at_ns or fault_at_ns
+        after = [t for t in sub.received.values() if t > since]
         if after:
             resume = round((min(after) - fault_at_ns) / 1e9, 2)
+    extra: dict[str, Any] = {}
+    if lost and fault_at_ns is not None:
+        # When the lost messages were published, in seconds before the fault (negative: after).
+        before = [(fault_at_ns - pub.counts.published[m]) / 1e9 for m in lost]
+        extra["lost_published_s_before_fault"] = [round(min(before), 2), round(max(before), 2)]
     return FaultFigures(
         fault=fault,
         published=len(pub.counts.published),
@@ -333,6 +348,7 @@ def figures(
         lost_acked=lost,
         duplicates=sub.copies - len(sub.received),
         resume_s=resume,
+        extra=extra,
     )
 
 
@@ -371,7 +387,7 @@ def run_scenario(data_dir: Path, scenario: Scenario) -> FaultFigures:
         [f"fault-dev-{i}" for i in range(4)],
         scenario.rate,
     )
-    fault_at = None
+    fault_at = back_at = None
     try:
         sub.connect()
         pub.connect()
@@ -387,19 +403,23 @@ def run_scenario(data_dir: Path, scenario: Scenario) -> FaultFigures:
             time.sleep(scenario.broker_down_s)
             broker.start()
             time.sleep(max(0.0, scenario.subscriber_away_s - scenario.broker_down_s - 1.0))
+            back_at = time.monotonic_ns()
             sub = _reconnect(broker, sub)
         else:
             fault_at = time.monotonic_ns()
             broker.stop(signal.SIGKILL if scenario.fault == "sigkill" else signal.SIGTERM)
             time.sleep(scenario.broker_down_s)
+            back_at = time.monotonic_ns()
             broker.start()
         pub.join()
-        wait_for(pub.all_acked, scenario.drain_timeout_s, "every message to be acknowledged")
+        # A message never acknowledged is the publisher's to keep; counted as "unacked".
+        with contextlib.suppress(TimeoutError):
+            wait_for(pub.all_acked, scenario.drain_timeout_s, "every message to be acknowledged")
         acked = set(pub.counts.acked)
         # Whatever has not arrived by then is counted as lost.
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: acked <= set(sub.received), 10.0, "acknowledged messages to arrive")
-        return figures(scenario.fault, pub, sub, fault_at)
+        return figures(scenario.fault, pub, sub, fault_at, back_at)
     finally:
         pub.close()
         sub.close()
@@ -420,6 +440,7 @@ def _iter_faults(names: str) -> Iterator[str]:
 
 
 def main() -> None:
+    global SHARED_TOPIC
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -427,9 +448,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--away-s", type=float, default=60.0)
+    parser.add_argument("--topic", default=SHARED_TOPIC, help="the subscriber's subscription")
     parser.add_argument("--autosave-interval", type=int, default=None)
     parser.add_argument("--autosave-on-changes", choices=("true", "false"), default=None)
     args = parser.parse_args()
+    # `timeout` and Ctrl-C stop the run through its finally blocks, which stop its broker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    SHARED_TOPIC = args.topic
     broker: dict[str, Any] = {}
     if args.autosave_interval is not None:
         broker["mqtt_autosave_interval"] = args.autosave_interval
