@@ -1927,3 +1927,24 @@ async def test_all_clear_of_a_high_alarm_is_never_held_by_quiet_hours(rig: Rig) 
         )
     await rig.service.deliver_due()
     assert _subjects(rig, "primary")[2:] == [f"[VIGIL ALL CLEAR] {high.title} — patient {patient}"]
+
+
+async def test_technical_alert_whose_start_and_end_arrive_together_after_a_dropout_is_paged(
+    rig: Rig,
+) -> None:
+    """Edge: a low battery that lasted 22 min by the pump's clock, hidden by a dropout, arrives
+    with its end in one burst: no flap, so it is paged, then its all clear, in that order."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient, service = f"P-{rig.tag}", rig.new_instance(technical_hold_s=HOLD_S)
+    start = _technical(patient, "BATTERY_LOW")
+    end = _technical(patient, "BATTERY_LOW", phase=AlertPhase.END).model_copy(
+        update={"device_time": T0 + timedelta(minutes=22)}
+    )
+    rig.clock.now = T0 + timedelta(minutes=30)
+    assert await service.handle_alert(start)
+    assert await service.handle_alert(end)
+    await service.deliver_due()
+    assert _subjects(rig, "primary") == [
+        f"[VIGIL MEDIUM] {start.title} — patient {patient}",
+        f"[VIGIL ALL CLEAR] {start.title} — patient {patient}",
+    ]

@@ -495,7 +495,9 @@ class PostgresEscalationStore:
                 held_kind="held_technical",
             )
 
-    async def resolve_in_technical_hold(self, dedup_key: str, at: datetime) -> bool:
+    async def resolve_in_technical_hold(
+        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
+    ) -> bool:
         """The alert's end arrived while it was held by the technical hold: resolve its
         escalation (nobody was paged, so no all clear), record why in the timeline
         (``technical_hold_ended``, paged false) and close the hold, in one transaction. False
@@ -512,6 +514,21 @@ class PostgresEscalationStore:
                 TECHNICAL_HOLD_KIND,
             )
             if hold is None:
+                return False
+            started_at = await conn.fetchval(
+                "SELECT a.device_time FROM notify_bundle_members m "
+                "JOIN alerts a ON a.alert_id = m.alert_id WHERE m.bundle_id = $1",
+                hold["bundle_id"],
+            )
+            hold_span = hold["due_at"] - hold["opened_at"]
+            if (
+                ended_at is not None
+                and started_at is not None
+                and ended_at - started_at >= hold_span
+            ):
+                # Start and end arrived together (a hub's buffer after a dropout): on the
+                # device's clock the condition outlasted the hold, so it is no flap. Left for
+                # the caller to release and page, then clear.
                 return False
             rows = await conn.fetch(
                 "SELECT * FROM escalations WHERE dedup_key = $1 AND bundle_id = $2 FOR UPDATE",

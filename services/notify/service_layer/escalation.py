@@ -170,7 +170,9 @@ class EscalationStore(Protocol):
         at: datetime,
         until: datetime,
     ) -> UUID | None: ...
-    async def resolve_in_technical_hold(self, dedup_key: str, at: datetime) -> bool: ...
+    async def resolve_in_technical_hold(
+        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
+    ) -> bool: ...
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
     async def flush_bundles(
         self, now: datetime, *, limit: int, only: UUID | None = None
@@ -334,7 +336,9 @@ class EscalationService:
             return False
         if alert.phase is AlertPhase.END:
             await self._alerts.record_alert(alert)
-            if await self._store.resolve_in_technical_hold(alert.dedup_key, now):
+            if await self._store.resolve_in_technical_hold(
+                alert.dedup_key, now, ended_at=alert.device_time
+            ):
                 # A technical condition that ended inside its hold: recorded (alert, timeline),
                 # never paged, and so no all clear either.
                 log.info(
@@ -342,6 +346,10 @@ class EscalationService:
                     extra=log_fields(alert_id=str(alert.alert_id), dedup_key=alert.dedup_key),
                 )
                 return True
+            # Still held but it lasted the hold by the device's clock: paged now, then cleared.
+            await self._store.release_from_quiet_hours(
+                alert.dedup_key, now, "ended, open longer than the hold", kind=TECHNICAL_HOLD_KIND
+            )
             pending = await self._store.pending_bundle_of(alert.dedup_key)
             if pending is not None:
                 # The alert ends while still held for its follow-up: page the follow-up now,
