@@ -211,6 +211,9 @@ async def run_pipeline(site: Site) -> Callable[[], Awaitable[None]]:
         group_id=f"notify-outage-{site.run_id}",
         technical_care_team_id=site.env["TECH"],
         escalation_tick_s=0.5,
+        # What is tested here is which alerts the rules decide after an outage; notify's hold
+        # of technical alerts (default 5 min) would only delay C's page.
+        technical_hold_s=0,
     )
     stop = asyncio.Event()
     tasks = [
