@@ -137,9 +137,11 @@ class PacedPublisher:
         client_id: str,
         device_ids: list[str],
         rate: float,
+        payload: Callable[[str, int], bytes] | None = None,
     ) -> None:
         self.device_ids = device_ids
         self.rate = rate
+        self._payload = payload or _payload
         self.counts = PublisherCounts()
         self._mid_to_id: dict[int, str] = {}
         self._early: dict[int, bool] = {}
@@ -208,7 +210,7 @@ class PacedPublisher:
                 time.sleep(delay)
             device = self.device_ids[n % len(self.device_ids)]
             self._seq += 1
-            body = _payload(device, self._seq)
+            body = self._payload(device, self._seq)
             message_id = json.loads(body)["message_id"]
             with self._lock:
                 self.counts.published[message_id] = time.monotonic_ns()
