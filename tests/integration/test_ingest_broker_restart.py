@@ -43,8 +43,8 @@ def broker() -> Iterator[OwnBroker]:
     path = Path(tempfile.mkdtemp(prefix="vigil-ingest-restart-"))
     os.chmod(path, 0o755)  # as root the broker drops to its own user
     own = OwnBroker(path)
-    own.start()
     try:
+        own.start()
         yield own
     finally:
         own.stop(signal.SIGTERM)
