@@ -79,7 +79,7 @@ async def test_a_probe_that_hangs_is_an_outage() -> None:
     assert not outage.up and "TimeoutError" in outage.detail
 
 
-async def fake_kafka(error_code: int = 0, echo: bool = True) -> asyncio.Server:
+async def fake_kafka(error_code: int = 0, echo: bool = True, port: int = 0) -> asyncio.Server:
     """Answers one ApiVersions v0 request per connection, as a Kafka broker would."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -93,7 +93,7 @@ async def fake_kafka(error_code: int = 0, echo: bool = True) -> asyncio.Server:
         await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
+    return await asyncio.start_server(serve, "127.0.0.1", port)
 
 
 def port_of(server: asyncio.Server) -> int:
