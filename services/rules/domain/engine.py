@@ -129,23 +129,20 @@ class DeviceTrack:
     per patient beside the dict of devices cost more memory than the pump record itself). In a
     snapshot the pump record is under the patient's ``pumps``, as before.
 
-    ``last_t``/``last_ingest_t``: the newest device time the device reported, and the ingest
-    time of that message (what the evidence names). ``heard_t``: the latest ingest time of any
-    of its messages, whatever its device time (what the silence timer counts from).
+    ``last_t``: the newest device time the device reported. ``heard_t``: the latest ingest time
+    of any of its messages, whatever its device time (what the silence timer counts from).
+    The rarely set state (an open silence's deadline, a sensor fault, seq gaps and their timer)
+    lives in one ``_RareState`` that most devices never have: it is memory per device.
     ``silent_at``: the deadline its open silence alert fired at (an all clear is never dated
     before it)."""
 
     __slots__ = (
-        "fault_key",
-        "gap_timer_at",
-        "gaps",
         "heard_t",
         "is_thermometer",
-        "last_ingest_t",
         "last_t",
         "pump",
+        "rare",
         "seq_hi",
-        "silent_at",
         "silent_key",
         "timer_at",
     )
@@ -153,30 +150,68 @@ class DeviceTrack:
     def __init__(self, is_thermometer: bool) -> None:
         self.is_thermometer = is_thermometer
         self.last_t = _NEG_INF
-        self.last_ingest_t = 0.0
         self.heard_t = 0.0
         self.silent_key: str | None = None
-        self.silent_at: float | None = None
         self.timer_at: float | None = None
-        self.fault_key: str | None = None
-        # The highest seq seen, the gaps below it still open, and the data-lost timer.
+        # The highest seq seen (docs/mqtt.md, section 4).
         self.seq_hi: int | None = None
-        self.gaps: list[Gap] = []
-        self.gap_timer_at: float | None = None
+        self.rare: _RareState | None = None
         self.pump: PumpTrack | None = None
+
+    def _rare(self) -> _RareState:
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = _RareState()
+        return rare
+
+    @property
+    def silent_at(self) -> float | None:
+        return None if self.rare is None else self.rare.silent_at
+
+    @silent_at.setter
+    def silent_at(self, value: float | None) -> None:
+        if value is not None or self.rare is not None:
+            self._rare().silent_at = value
+
+    @property
+    def fault_key(self) -> str | None:
+        return None if self.rare is None else self.rare.fault_key
+
+    @fault_key.setter
+    def fault_key(self, value: str | None) -> None:
+        if value is not None or self.rare is not None:
+            self._rare().fault_key = value
+
+    @property
+    def gaps(self) -> list[Gap] | None:
+        """The gaps below ``seq_hi`` still open, None while there are none."""
+        return None if self.rare is None else self.rare.gaps
+
+    @gaps.setter
+    def gaps(self, value: list[Gap] | None) -> None:
+        if value is not None or self.rare is not None:
+            self._rare().gaps = value
+
+    @property
+    def gap_timer_at(self) -> float | None:
+        return None if self.rare is None else self.rare.gap_timer_at
+
+    @gap_timer_at.setter
+    def gap_timer_at(self, value: float | None) -> None:
+        if value is not None or self.rare is not None:
+            self._rare().gap_timer_at = value
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "is_thermometer": self.is_thermometer,
             "last_t": self.last_t,
-            "last_ingest_t": self.last_ingest_t,
             "heard_t": self.heard_t,
             "silent_key": self.silent_key,
             "silent_at": self.silent_at,
             "timer_at": self.timer_at,
             "fault_key": self.fault_key,
             "seq_hi": self.seq_hi,
-            "gaps": self.gaps,
+            "gaps": self.gaps or [],
             "gap_timer_at": self.gap_timer_at,
         }
 
@@ -189,18 +224,29 @@ class DeviceTrack:
     def from_dict(cls, data: dict[str, Any]) -> DeviceTrack:
         track = cls(bool(data["is_thermometer"]))
         track.last_t = float(data["last_t"])
-        track.last_ingest_t = float(data["last_ingest_t"])
         # Snapshots written before the arrival clock have no heard_t: the ingest time of the
         # newest message is the best they know.
-        track.heard_t = float(data.get("heard_t", track.last_ingest_t))
+        track.heard_t = float(data["heard_t"] if "heard_t" in data else data["last_ingest_t"])
         track.silent_key = data["silent_key"]
         track.silent_at = data.get("silent_at")
         track.timer_at = data["timer_at"]
         track.fault_key = data.get("fault_key")
         track.seq_hi = data.get("seq_hi")
-        track.gaps = [list(g) for g in data.get("gaps") or ()]
+        track.gaps = [list(g) for g in data.get("gaps") or ()] or None
         track.gap_timer_at = data.get("gap_timer_at")
         return track
+
+
+class _RareState:
+    """A device's state that most devices never have (``DeviceTrack``)."""
+
+    __slots__ = ("fault_key", "gap_timer_at", "gaps", "silent_at")
+
+    def __init__(self) -> None:
+        self.silent_at: float | None = None
+        self.fault_key: str | None = None
+        self.gaps: list[Gap] | None = None
+        self.gap_timer_at: float | None = None
 
 
 class PatientTrack:
@@ -212,7 +258,6 @@ class PatientTrack:
         "rules",
         "temp_heard_t",
         "thermometer_id",
-        "thermometer_ingest_t",
         "unobserved_at",
         "unobserved_key",
         "unobserved_timer_at",
@@ -224,7 +269,6 @@ class PatientTrack:
         self.fever = FeverState()
         self.devices: dict[str, DeviceTrack] = {}
         self.thermometer_id = ""
-        self.thermometer_ingest_t = 0.0
         # The latest ingest time of a plausible temperature: "no temperature for 30 min"
         # counts from when the last one reached us.
         self.temp_heard_t = 0.0
@@ -246,7 +290,6 @@ class PatientTrack:
             "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
             "pumps": pumps,
             "thermometer_id": self.thermometer_id,
-            "thermometer_ingest_t": self.thermometer_ingest_t,
             "temp_heard_t": self.temp_heard_t,
             "unobserved_key": self.unobserved_key,
             "unobserved_at": self.unobserved_at,
@@ -282,8 +325,10 @@ class PatientTrack:
                 device = track.devices[device_id] = DeviceTrack(False)
             device.pump = PumpTrack.from_dict(pump)
         track.thermometer_id = data["thermometer_id"]
-        track.thermometer_ingest_t = float(data["thermometer_ingest_t"])
-        track.temp_heard_t = float(data.get("temp_heard_t", track.thermometer_ingest_t))
+        # Snapshots written before the arrival clock name the newest reading's ingest time.
+        track.temp_heard_t = float(
+            data["temp_heard_t"] if "temp_heard_t" in data else data["thermometer_ingest_t"]
+        )
         track.unobserved_key = data["unobserved_key"]
         track.unobserved_at = data.get("unobserved_at")
         track.unobserved_timer_at = data["unobserved_timer_at"]
@@ -349,6 +394,7 @@ class RulesEngine:
         self._hold_until = _NEG_INF
         # Timers already held once (kind, patient, device): a hold is never renewed for them.
         self._held: set[tuple[str, str, str]] = set()
+        self._outage_after = self.config.outage_gap_s
         self._outages: list[tuple[float, float]] = []
         self._dirty: set[str] = set()
         # Gaps seen since ``take_seq_gaps`` (the service counts them), and counter restarts.
@@ -372,6 +418,7 @@ class RulesEngine:
                 if self._last_beat_t != _NEG_INF:
                     self._beat_gap = obs.ingest_t - self._last_beat_t
                     self._beating = True
+                    self._set_outage_after()
                 self._last_beat_t = obs.ingest_t
             if due:
                 beat += self._fire_due()
@@ -389,7 +436,6 @@ class RulesEngine:
         t = obs.t
         if t > device.last_t:
             device.last_t = t
-            device.last_ingest_t = obs.ingest_t
         # Any message that arrives ends a silence: the device (or its hub) is reaching us,
         # even when what it sends is an old reading from its buffer.
         if obs.ingest_t > device.heard_t:
@@ -407,6 +453,8 @@ class RulesEngine:
                     self._open_gap(patient_id, obs, device, rules, hi + 1, seq - 1)
             elif device.gaps:
                 fill(device.gaps, seq)
+                if not device.gaps:
+                    device.gaps = None
 
         if obs.channel == TEMPERATURE:
             if obs.temperature_c is None:
@@ -446,7 +494,24 @@ class RulesEngine:
                     alerts += found
                 self._arm_pump(patient_id, obs.device_id, patient, pump, rules)
 
-        if self._advance(obs.ingest_t, _NEG_INF if obs.clock_skew else t):
+        # The clocks, as ``_advance`` moves them, inline: this runs for every record.
+        moved = False
+        ingest_t = obs.ingest_t
+        if ingest_t > self._max_ingest_t:
+            if self._beating and ingest_t - self._max_ingest_t > self._outage_after:
+                self._note_outage(ingest_t)
+            self._max_ingest_t = ingest_t
+            heard = ingest_t - self._arrival_lateness
+            if heard > self._heard:
+                self._heard = heard
+                moved = True
+        if t > self._max_t and not obs.clock_skew:
+            self._max_t = t
+            watermark = t - self._lateness
+            if watermark > self._watermark:
+                self._watermark = watermark
+                moved = True
+        if moved and self._due():
             alerts += self._fire_due()
         return alerts
 
@@ -465,6 +530,8 @@ class RulesEngine:
         if missing > COUNTER_RESTART_JUMP:
             self.seq_restarts += 1
             return
+        if device.gaps is None:
+            device.gaps = []
         device.gaps.append([low, high, obs.ingest_t])
         self._seq_gaps.append((patient_id, obs.device_id, missing))
         if device.gap_timer_at is None:
@@ -489,12 +556,10 @@ class RulesEngine:
         """A plausible temperature: the fever rules, and the fever-unobserved timer."""
         alerts: list[Alert] = []
         t = obs.t
-        if t >= patient.fever.newest:
-            if patient.thermometer_id != obs.device_id:
-                # Compared first: keeping the string already held, not each event's equal
-                # copy, is one string less per patient.
-                patient.thermometer_id = obs.device_id
-            patient.thermometer_ingest_t = obs.ingest_t
+        if t >= patient.fever.newest and patient.thermometer_id != obs.device_id:
+            # Compared first: keeping the string already held, not each event's equal copy,
+            # is one string less per patient.
+            patient.thermometer_id = obs.device_id
         if obs.ingest_t > patient.temp_heard_t:
             patient.temp_heard_t = obs.ingest_t
         was_open = patient.fever.episode_key is not None
@@ -521,15 +586,8 @@ class RulesEngine:
         only forward); whether a timer is now due."""
         moved = False
         if ingest_t > self._max_ingest_t:
-            # Several heartbeats missing, however far apart the publisher sends them.
-            gap = max(self.config.outage_gap_s, 4 * self._beat_gap)
-            if self._beating and ingest_t - self._max_ingest_t > gap:
-                # Nothing was delivered to this partition, heartbeats included: the pipeline
-                # was not watching. Timers due inside the outage wait for what was queued.
-                self._outage_from = self._max_ingest_t
-                self._outage_to = ingest_t
-                self._hold_until = ingest_t + self.config.resume_grace_s
-                self._outages.append((self._max_ingest_t, ingest_t))
+            if self._beating and ingest_t - self._max_ingest_t > self._outage_after:
+                self._note_outage(ingest_t)
             self._max_ingest_t = ingest_t
             heard = ingest_t - self._arrival_lateness
             if heard > self._heard:
@@ -542,6 +600,18 @@ class RulesEngine:
                 self._watermark = watermark
                 moved = True
         return moved and self._due()
+
+    def _note_outage(self, ingest_t: float) -> None:
+        """Nothing was delivered to this partition, heartbeats included, since the last arrival:
+        the pipeline was not watching. Timers due inside the outage wait for what was queued."""
+        self._outage_from = self._max_ingest_t
+        self._outage_to = ingest_t
+        self._hold_until = ingest_t + self.config.resume_grace_s
+        self._outages.append((self._max_ingest_t, ingest_t))
+
+    def _set_outage_after(self) -> None:
+        # Several heartbeats missing, however far apart the publisher sends them.
+        self._outage_after = max(self.config.outage_gap_s, 4 * self._beat_gap)
 
     def _due(self) -> bool:
         heard = self._heard
@@ -580,6 +650,7 @@ class RulesEngine:
         # The watermark never moves back: a larger lateness only holds it still for a while.
         self._lateness = config.allowed_lateness_s
         self._arrival_lateness = config.arrival_lateness_s
+        self._set_outage_after()
         self._compiler = _compiler_of(config, compiler)
         moved: set[str] = set()
         for patient_id, patient in self._patients.items():
@@ -756,13 +827,15 @@ class RulesEngine:
                 if gapped is None or gapped.gap_timer_at != deadline:
                     continue
                 gapped.gap_timer_at = None
-                if not gapped.gaps:
+                gaps = gapped.gaps
+                if not gaps:
                     continue
                 wait = rules.data_lost_wait_s
-                real = min(g[2] for g in gapped.gaps) + wait
+                real = min(g[2] for g in gaps) + wait
                 if real <= deadline:
-                    due = [g for g in gapped.gaps if g[2] + wait <= real]
-                    gapped.gaps = [g for g in gapped.gaps if g[2] + wait > real]
+                    due = [g for g in gaps if g[2] + wait <= real]
+                    gaps = [g for g in gaps if g[2] + wait > real]
+                    gapped.gaps = gaps or None
                     self._dirty.add(patient_id)
                     alerts.append(
                         data_lost_alert(
@@ -775,9 +848,9 @@ class RulesEngine:
                             config_version=self._config_version,
                         )
                     )
-                    if not gapped.gaps:
+                    if not gaps:
                         continue
-                    real = min(g[2] for g in gapped.gaps) + wait
+                    real = min(g[2] for g in gaps) + wait
                 gapped.gap_timer_at = real
                 heapq.heappush(absent, (real, kind, patient_id, device_id))
             elif kind == _UNOBSERVED:
@@ -1067,6 +1140,7 @@ class RulesEngine:
         self._outage_to = _float_or(meta.get("outage_to"), _NEG_INF)
         self._hold_until = _float_or(meta.get("hold_until"), _NEG_INF)
         self._held = {(k, p, d) for k, p, d in meta.get("held") or ()}
+        self._set_outage_after()
 
     def meta_snapshot(self) -> dict[str, Any]:
         """The engine-wide part of the state (watermark), without any patient."""
