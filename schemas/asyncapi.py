@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from schemas import kafka_topics
+from schemas.ack import ACK_PREFIX, ACK_SCHEMA
 from schemas.export import CONTRACTS, SCHEMA_DIR, Contract, render
 from schemas.topics import CHANNEL_SCHEMAS, MQTT_PREFIX
 
@@ -266,6 +267,32 @@ def build_document() -> dict[str, Any]:
                 "mqtt": {"qos": 1, "retain": False, "bindingVersion": MQTT_BINDING_VERSION}
             },
         }
+
+    ack = contracts[ACK_SCHEMA]
+    messages[ACK_SCHEMA] = _contract_message(ack, None)
+    channels["device.ack"] = {
+        "address": f"{ACK_PREFIX}/{{device_id}}",
+        "title": "End-to-end acknowledgements to a device",
+        "description": (
+            "Ingest answers every message of a device once it is stored in Kafka and PostgreSQL "
+            "(or rejected for good, with its reason), batched per device. Only ingest may write "
+            "here; only the device itself (or the hub publishing for it) may read. A device "
+            "keeps each message until it is answered here and sends it again, unchanged, after "
+            "a timeout (docs/mqtt.md, section 4.1)."
+        ),
+        "servers": mqtt_servers,
+        "parameters": {"device_id": {"description": _DEVICE_ID_DESCRIPTION}},
+        "messages": {ACK_SCHEMA: {"$ref": f"#/components/messages/{ACK_SCHEMA}"}},
+    }
+    operations["ingest.send.ack"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/device.ack"},
+        "summary": (
+            "Ingest publishes with QoS 1, retain 0, after the messages it answers are durable; "
+            "devices subscribe with QoS 1 and a persistent session."
+        ),
+        "bindings": {"mqtt": {"qos": 1, "retain": False, "bindingVersion": MQTT_BINDING_VERSION}},
+    }
 
     for spec in KAFKA_CHANNELS:
         channel_id = spec.topic

@@ -21,6 +21,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from schemas.ack import IngestAck
 from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Alert, DeadLetter, DeliveryAttempt, Page, Telemetry
 
@@ -68,6 +69,12 @@ CONTRACTS: tuple[Contract, ...] = (
         HeartbeatMessage,
         "The pipeline heartbeat a service device publishes on "
         "vigil/v1/dev/{device_id}/heartbeat (MQTT, QoS 1).",
+    ),
+    Contract(
+        "ingest-ack.v1.schema.json",
+        IngestAck,
+        "Ingest's end-to-end acknowledgement of a device's messages, published on "
+        "vigil/v1/ack/{device_id} (MQTT, QoS 1); only that device (or its hub) may read it.",
     ),
     Contract(
         "telemetry.v1.schema.json",

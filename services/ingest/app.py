@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 from schemas.events import DeadLetter, Telemetry
 from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
 from schemas.topics import MQTT_SUBSCRIPTION, parse_topic
+from services.ingest.adapters.ack_publisher import AckPublisher
 from services.ingest.adapters.kafka_batches import PartitionBatches
 from services.ingest.adapters.metrics import IngestMetrics
 from services.ingest.adapters.mqtt_inbound import InboundMessage, Inbox
@@ -95,6 +96,16 @@ class IngestPipeline:
         self.kafka = Outage("kafka", log)
         # Newest last-seen record per device since the last flush (see keep_liveness).
         self._liveness: dict[str, DeviceSeen] = {}
+        # End-to-end acknowledgements to the devices, published off the batch path.
+        self.acks: AckPublisher | None = None
+        if settings.acks_enabled:
+            self.acks = AckPublisher(
+                self.metrics,
+                linger_s=settings.ack_linger_ms / 1000,
+                max_entries=settings.ack_max_entries,
+                capacity=settings.ack_pending_max,
+                clock=clock,
+            )
 
     def ready(self) -> tuple[bool, str]:
         if not self.broker.up:
@@ -137,8 +148,10 @@ class IngestPipeline:
         await self.persist(admission, _Progress(admission))
         self.record(len(messages), admission)
 
-    async def process(self, messages: Sequence[tuple[str, bytes]], stop: asyncio.Event) -> bool:
-        """Admit a batch and retry until it is durable; False only when stopped before that."""
+    async def process(
+        self, messages: Sequence[tuple[str, bytes]], stop: asyncio.Event
+    ) -> Admission | None:
+        """Admit a batch and retry until it is durable; None only when stopped before that."""
         started = time.perf_counter()
         backoff = 0.5
         while True:
@@ -147,7 +160,7 @@ class IngestPipeline:
                 break
             except Exception as error:
                 if not await self._failed("registry", error, len(messages), backoff, stop):
-                    return False
+                    return None
                 backoff = min(backoff * 2, 15.0)
         progress = _Progress(admission)
         backoff = 0.5
@@ -159,12 +172,12 @@ class IngestPipeline:
             except Exception as error:
                 stage = "kafka" if not progress.kafka_done else "db"
                 if not await self._failed(stage, error, len(messages), backoff, stop):
-                    return False
+                    return None
                 backoff = min(backoff * 2, 15.0)
         self.record(len(messages), admission)
         merge_seen(self._liveness, admission.seen)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        return True
+        return admission
 
     async def flush_liveness(self) -> None:
         """Write the last-seen records gathered since the previous flush; on failure keep them
@@ -400,9 +413,13 @@ async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asy
         pipeline.broker.observe(True, time.monotonic())
         metrics.mqtt_connected.set(1)
         log.info("ingest_subscribed", extra=log_fields(topic=topic))
-        in_flight: asyncio.Queue[tuple[asyncio.Task[bool], list[InboundMessage]] | None]
+        in_flight: asyncio.Queue[tuple[asyncio.Task[Admission | None], list[InboundMessage]] | None]
         in_flight = asyncio.Queue(maxsize=settings.batches_in_flight)
-        acker = asyncio.create_task(_acknowledge_in_order(in_flight, paho, metrics))
+        acker = asyncio.create_task(_acknowledge_in_order(in_flight, paho, metrics, pipeline.acks))
+        acks_stop = asyncio.Event()
+        acks = None
+        if pipeline.acks is not None:
+            acks = asyncio.create_task(pipeline.acks.run(paho, acks_stop))
         try:
             while not stop.is_set() and not acker.done():
                 batch = await _next_batch(
@@ -434,24 +451,34 @@ async def _consume(settings: IngestSettings, pipeline: IngestPipeline, stop: asy
             except Exception as error:
                 # Unacknowledged messages are redelivered on the next connection.
                 log.error("ack_failed", extra=log_fields(error=repr(error)))
+            if acks is not None:
+                # Answer what the last batches made durable, while the connection may still be
+                # up; what cannot be published waits for the next connection.
+                acks_stop.set()
+                await acks
 
 
 async def _acknowledge_in_order(
-    in_flight: asyncio.Queue[tuple[asyncio.Task[bool], list[InboundMessage]] | None],
+    in_flight: asyncio.Queue[tuple[asyncio.Task[Admission | None], list[InboundMessage]] | None],
     paho: paho_mqtt.Client,
     metrics: IngestMetrics,
+    acks: AckPublisher | None = None,
 ) -> None:
     """PUBACK each batch once it is durable, in the order the batches arrived (MQTT requires
-    acknowledgements in arrival order). A batch that is not durable ends acknowledging: the
-    broker redelivers it and everything after it."""
+    acknowledgements in arrival order), and hand it to the end-to-end acknowledgements. A batch
+    that is not durable ends acknowledging: the broker redelivers it and everything after it, and
+    no device is told about any of them (a retransmission answered as stored must never point at
+    an original in a batch that was not made durable)."""
     acknowledging = True
     while (item := await in_flight.get()) is not None:
         work, batch = item
-        durable = await work
+        admission = await work
         metrics.batches_in_flight.dec()
-        acknowledging = acknowledging and durable
+        acknowledging = acknowledging and admission is not None
         if acknowledging:
             _acknowledge(paho, batch)
+            if acks is not None and admission is not None:
+                acks.add(admission)
 
 
 def _acknowledge(paho: paho_mqtt.Client, batch: Sequence[InboundMessage]) -> None:

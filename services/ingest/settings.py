@@ -69,6 +69,14 @@ class IngestSettings(ServiceSettings):
     # VIGIL_MQTT_PORT, pointed at the TLS listener).
     mqtt_tls_ca_file: Path | None = None
     registry_refresh_s: float = Field(default=30.0, gt=0)
+    # End-to-end acknowledgements (vigil/v1/ack/{device_id}, docs/mqtt.md 4.1): published every
+    # ack_linger_ms, one message per device with at most ack_max_entries messages answered;
+    # at most ack_pending_max answers wait (beyond that, answers are dropped and counted: the
+    # devices resend and are answered then). False turns acknowledgements off.
+    acks_enabled: bool = True
+    ack_linger_ms: int = Field(default=100, ge=1)
+    ack_max_entries: int = Field(default=500, ge=1)
+    ack_pending_max: int = Field(default=200_000, ge=1)
     log_level: str = "INFO"
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)

@@ -39,6 +39,10 @@ class SimulatorSettings(BaseSettings):
     # 65,535 message ids of MQTT are far above this; the point is memory and fairness.
     max_inflight: int = Field(default=200, ge=1, le=10_000)
     publish_timeout_s: float = Field(default=30.0, gt=0)
+    # The device contract's end-to-end acknowledgement (docs/mqtt.md 4.1): keep every message
+    # until ingest answers it on vigil/v1/ack/{device_id}; send it again after resend_after_s.
+    end_to_end_acks: bool = True
+    resend_after_s: float = Field(default=60.0, gt=0)
     fever_onset_s: float = Field(default=20.0, ge=0)
     occlusion_after_s: float = Field(default=30.0, ge=0)
     occlusion_clear_after_s: float | None = Field(default=None, gt=0)

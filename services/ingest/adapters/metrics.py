@@ -93,6 +93,28 @@ class IngestMetrics:
             "Batches received but not yet acknowledged to the broker.",
             registry=r,
         )
+        self.acks_published = Counter(
+            "vigil_ingest_acks_published",
+            "End-to-end acknowledgement messages published to devices (vigil/v1/ack/...).",
+            registry=r,
+        )
+        self.acks_answered = Counter(
+            "vigil_ingest_acks_answered",
+            "Device messages answered in a published acknowledgement, by outcome "
+            "(stored, rejected).",
+            ["outcome"],
+            registry=r,
+        )
+        self.acks_not_sent = Counter(
+            "vigil_ingest_acks_not_sent",
+            "Answers never published: dropped because too many were pending, or a reject whose "
+            "topic names no device; the device resends and is answered then.",
+            ["reason"],
+            registry=r,
+        )
+        self.acks_pending = Gauge(
+            "vigil_ingest_acks_pending", "Answers waiting to be published.", registry=r
+        )
         self.mqtt_connected = Gauge(
             "vigil_ingest_mqtt_connected", "1 while subscribed to the broker.", registry=r
         )

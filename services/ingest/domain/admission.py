@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from uuid import UUID
 
 from schemas.events import DeadLetter, Telemetry
 from services.ingest.domain.dedup import Duplicate, RecentMessages
@@ -62,6 +63,9 @@ class Admission:
     rejected: list[DeadLetter] = field(default_factory=list)
     duplicates: Counter[str] = field(default_factory=Counter)
     seen: list[DeviceSeen] = field(default_factory=list)
+    # Retransmissions of messages accepted before (device id, message id, seq): dropped here,
+    # yet stored, so the device is told they are (the end-to-end acknowledgement).
+    stored_before: list[tuple[str, UUID, int]] = field(default_factory=list)
 
     @property
     def rejected_by_reason(self) -> Counter[str]:
@@ -93,6 +97,7 @@ def admit(
         duplicate = window.check(telemetry.device_id, message.message_id, message.seq)
         if duplicate is Duplicate.MESSAGE_ID:
             result.duplicates[duplicate.value] += 1
+            result.stored_before.append((telemetry.device_id, message.message_id, message.seq))
             continue
         if duplicate is Duplicate.SEQ:
             result.duplicates[duplicate.value] += 1
