@@ -74,17 +74,25 @@ class OutboxPublisher(PacedPublisher):
     """The reference hub: PacedPublisher (QoS 1, persistent session, resend after reconnect)
     plus the outbox of docs/mqtt.md 4.1, settled by ingest's answers on vigil/v1/ack/+."""
 
-    def __init__(self, *args: Any, resend_after_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, payload=reading, **kwargs)
+    def __init__(
+        self,
+        port: int,
+        username: str,
+        password: str,
+        client_id: str,
+        device_ids: list[str],
+        rate: float,
+        resend_after_s: float,
+    ) -> None:
+        super().__init__(port, username, password, client_id, device_ids, rate, payload=reading)
         self.outbox = Outbox(resend_after_s)
         self.answered: dict[str, int] = {}  # message_id -> answer time (ns)
         self.rejected = 0
         self._box = threading.Lock()
         self.client.on_message = self._on_answer
-        previous = self.client.on_connect
 
         def on_connect(client: mqtt.Client, *args: Any) -> None:
-            previous(client, *args)
+            self._on_connect(client, *args)
             client.subscribe(f"{ACK_PREFIX}/+", qos=1)
 
         self.client.on_connect = on_connect
