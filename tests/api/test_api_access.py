@@ -231,7 +231,8 @@ async def test_patient_page_renders_plot_clocks_and_devices(api_world: World) ->
         page = await client.get(f"/patients/{api_world.patient_a}")
         assert page.status_code == 200
         html = page.text
-        assert 'id="temperature-plot"' in html and html.count('class="threshold"') == 2
+        # Two plots (24 hours, whole course), each with the single and sustained lines.
+        assert 'id="temperature-plot"' in html and html.count('class="threshold"') == 4
         nurse = bearer(await api_world.token("nurse_a"))
         override = await client.put(
             f"/api/patients/{api_world.patient_a}/overrides",

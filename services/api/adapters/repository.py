@@ -142,6 +142,30 @@ class ApiRepository:
             )
         )
 
+    async def temperature_hourly(self, patient_id: str, since: datetime) -> list[Row]:
+        """Hours of ``temperature_hourly`` (UTC hours of device time) from ``since`` on: the
+        continuous aggregate on TimescaleDB, a view over the rows on plain PostgreSQL."""
+        return _rows(
+            await self._pool.fetch(
+                """
+            SELECT bucket, readings, min_c, max_c, mean_c FROM temperature_hourly
+            WHERE patient_id = $1 AND bucket >= $2 ORDER BY bucket
+            """,
+                patient_id,
+                since,
+            )
+        )
+
+    async def current_cycle_start(self, patient_id: str, now: datetime) -> datetime | None:
+        """The start of the patient's current cycle: the newest ``cycle_start`` not after now."""
+        value = await self._pool.fetchval(
+            "SELECT max(cycle_start) FROM patient_cycles "
+            "WHERE patient_id = $1 AND cycle_start <= $2",
+            patient_id,
+            now,
+        )
+        return value if isinstance(value, datetime) else None
+
     async def pump_reports(self, patient_id: str, since: datetime) -> list[Row]:
         return _rows(
             await self._pool.fetch(
@@ -340,7 +364,7 @@ class ApiRepository:
 # Episode status: "open" until acknowledged, "acknowledged" once someone has, "resolved" once the
 # condition cleared (the END phase) — acknowledged and cleared are separate facts, both shown.
 _EPISODES_SQL = """
-    SELECT a.dedup_key, a.patient_id, p.care_team_id,
+    SELECT a.dedup_key, a.patient_id, p.care_team_id, t.timezone,
            (array_agg(a.code ORDER BY a.received_at) FILTER (WHERE a.phase <> 'end'))[1] AS code,
            (array_agg(a.title ORDER BY a.received_at DESC))[1] AS title,
            (array_agg(a.priority ORDER BY a.received_at DESC)
@@ -360,8 +384,9 @@ _EPISODES_SQL = """
                 ELSE 'open' END AS status
     FROM alerts a
     JOIN patients p ON p.patient_id = a.patient_id AND p.care_team_id = ANY($1::text[])
+    JOIN care_teams t ON t.care_team_id = p.care_team_id
     -- notify keeps one escalation per episode, with who acknowledged and when it was resolved.
     LEFT JOIN escalations e ON e.dedup_key = a.dedup_key
-    GROUP BY a.dedup_key, a.patient_id, p.care_team_id, e.acknowledged_by,
+    GROUP BY a.dedup_key, a.patient_id, p.care_team_id, t.timezone, e.acknowledged_by,
              e.acknowledged_at, e.resolved_at
 """

@@ -13,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 from services.api.deps import SESSION_COOKIE, get_principal
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks, local_time
+from services.api.domain.course import CourseWindow, course_window, reading_text
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
@@ -51,6 +52,7 @@ def temperature_plot(
             "x": x(r["device_time"]),
             "y": y(r["value_c"]),
             "value": r["value_c"],
+            "text": reading_text(r),
             "at": r["device_time"],
         }
         for r in readings
@@ -67,6 +69,74 @@ def temperature_plot(
         "lines": lines,
         "ticks": ticks,
         "hours": hours,
+    }
+
+
+def course_plot(
+    hours: list[dict[str, Any]], window: CourseWindow, thresholds: dict[str, float]
+) -> dict[str, Any]:
+    """SVG coordinates for the whole-course plot over the window: for each hour with readings a
+    min-max bar one hour wide, the hourly means joined while the hours are consecutive (a gap in
+    the readings stays a gap), threshold lines, and day ticks (course days from the cycle start
+    when the window starts there, else days back from now)."""
+    low, high = 35.0, 41.0
+    start, end = window.since, window.until
+    span = (end - start).total_seconds() or 1.0
+    hour = timedelta(hours=1)
+
+    def x(at: datetime) -> float:
+        at = min(max(at, start), end)
+        return PAD + (PLOT_W - 2 * PAD) * (at - start).total_seconds() / span
+
+    def y(celsius: float) -> float:
+        clamped = min(max(celsius, low), high)
+        return PLOT_H - PAD - (PLOT_H - 2 * PAD) * (clamped - low) / (high - low)
+
+    bars = []
+    runs: list[list[str]] = []
+    previous: datetime | None = None
+    for h in hours:
+        bucket: datetime = h["bucket"]
+        x0, x1 = x(bucket), x(bucket + hour)
+        top, bottom = y(h["max_c"]), y(h["min_c"])
+        bars.append(
+            {
+                "x": x0,
+                "width": max(x1 - x0, 1.0),
+                "y": top,
+                "height": max(bottom - top, 1.0),
+                "at": bucket,
+                "readings": h["readings"],
+                "min_c": h["min_c"],
+                "max_c": h["max_c"],
+                "mean_c": h["mean_c"],
+            }
+        )
+        point = f"{(x0 + x1) / 2:.1f},{y(h['mean_c']):.1f}"
+        if previous is not None and bucket - previous == hour:
+            runs[-1].append(point)
+        else:
+            runs.append([point])
+        previous = bucket
+    lines = [{"name": name, "value": value, "y": y(value)} for name, value in thresholds.items()]
+    ticks = [{"y": y(t), "label": f"{t:.0f}"} for t in range(36, 42)]
+    days = []
+    for n in range(0, 29, 7):
+        if window.basis == "cycle_start" and not window.capped:
+            at, label = start + timedelta(days=n), f"day {n + 1}"
+        else:
+            at, label = end - timedelta(days=n), f"-{n}d" if n else "now"
+        if start <= at <= end:
+            days.append({"x": x(at), "label": label})
+    return {
+        "width": PLOT_W,
+        "height": PLOT_H,
+        "pad": PAD,
+        "bars": bars,
+        "means": [" ".join(run) for run in runs],
+        "lines": lines,
+        "ticks": ticks,
+        "days": days,
     }
 
 
@@ -128,6 +198,10 @@ async def patient_page(request: Request, patient_id: str) -> Response:
         ]
     )
     thresholds = await _fever_lines(repository, patient)
+    window = course_window(
+        now, requested=None, cycle_start=await repository.current_cycle_start(patient_id, now)
+    )
+    hourly = await repository.temperature_hourly(patient_id, window.since)
     await request.app.state.audit.record(
         principal.user_id, "patient.dashboard", f"patient:{patient_id}", {}
     )
@@ -139,6 +213,9 @@ async def patient_page(request: Request, patient_id: str) -> Response:
             "patient": patient,
             "devices": await repository.devices(patient_id),
             "plot": temperature_plot(readings, start, now, thresholds),
+            "course": course_plot(hourly, window, thresholds),
+            "window": window,
+            "reading_text": reading_text,
             "latest": readings[-1] if readings else None,
             "pump": reports[-1] if reports else None,
             "clocks": clocks,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks
+from services.api.domain.course import Basis, course_window
 
 router = APIRouter(prefix="/api/patients", tags=["patients"])
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
@@ -34,6 +35,32 @@ class PumpView(BaseModel):
     )
     latest: dict[str, Any] | None
     events: list[dict[str, Any]]
+
+
+class TemperatureHour(BaseModel):
+    bucket: datetime = Field(description="Start of the UTC hour (device time).")
+    readings: int
+    min_c: float
+    max_c: float
+    mean_c: float
+
+
+class TemperatureHourly(BaseModel):
+    """Hourly temperature over a course window, from the ``temperature_hourly`` aggregate."""
+
+    patient_id: str
+    timezone: str = Field(description="The care team's zone, for showing the hours.")
+    since: datetime = Field(description="Start of the first hour served (on the hour).")
+    until: datetime = Field(description="The server's time when the window was taken.")
+    basis: Basis = Field(
+        description="Where `since` came from: the `since` asked for, the current cycle's "
+        "start, or 28 days back (course_length) when the patient has no cycle recorded."
+    )
+    capped: bool = Field(
+        description="The start lay more than 28 days before the current hour and was moved "
+        "up to it."
+    )
+    hours: list[TemperatureHour] = Field(description="Hours with readings, oldest first.")
 
 
 async def _audit(
@@ -88,6 +115,53 @@ async def readings(
     items = await repository.temperatures(patient_id, since, limit)
     await _audit(request, principal, "patient.readings", f"patient:{patient_id}", hours=hours)
     return PageOf(items=items, total=len(items), limit=limit, offset=0)
+
+
+@router.get("/{patient_id}/temperature-hourly", response_model=TemperatureHourly)
+async def temperature_hourly(
+    request: Request,
+    patient_id: str,
+    principal: Reader,
+    repository: Repository,
+    clock: Clock,
+    since: Annotated[
+        datetime | None,
+        Query(
+            description="With a UTC offset, not after now. Default: the current cycle's "
+            "start, or 28 days back without one. Taken to the start of its UTC hour; a start "
+            "more than 28 days before the current hour is moved up to it (`capped`)."
+        ),
+    ] = None,
+) -> TemperatureHourly:
+    """Hourly min, max and mean of the patient's temperature (°C) over the course: the
+    dashboard's whole-course plot. Hours without a reading are absent."""
+    if since is not None and since.utcoffset() is None:
+        raise HTTPException(422, "since needs a UTC offset, e.g. Z or +01:00")
+    patient = await _patient_or_404(repository, principal, patient_id)
+    now = clock()
+    cycle_start = None if since else await repository.current_cycle_start(patient_id, now)
+    try:
+        window = course_window(now, requested=since, cycle_start=cycle_start)
+    except ValueError as exc:  # a since after now
+        raise HTTPException(422, str(exc)) from exc
+    hours = await repository.temperature_hourly(patient_id, window.since)
+    await _audit(
+        request,
+        principal,
+        "patient.temperature_hourly",
+        f"patient:{patient_id}",
+        since=window.since.isoformat(),
+        hours=len(hours),
+    )
+    return TemperatureHourly(
+        patient_id=patient_id,
+        timezone=patient.get("timezone") or "UTC",
+        since=window.since,
+        until=window.until,
+        basis=window.basis,
+        capped=window.capped,
+        hours=[TemperatureHour(**h) for h in hours],
+    )
 
 
 @router.get("/{patient_id}/pump", response_model=PumpView)
