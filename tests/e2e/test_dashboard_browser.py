@@ -1,16 +1,23 @@
-"""In a real browser: a clinician sees a simulated fever appear live and acknowledges it.
+"""In a real browser: a clinician sees a simulated fever appear live and acknowledges it, with
+the alert's time in the care team's zone (not the browser's), then opens the patient page: a
+reading sent in °F shown in both units and the whole-course plot drawn.
 
 Debian's Chromium driven by Playwright (no browser downloaded by the test tool), the API served
 over HTTP on loopback, and the whole pipeline (Mosquitto, ingest, Kafka, rules, notify,
-PostgreSQL) behind it. A screenshot of the dashboard is kept in ``test-artifacts/``.
+PostgreSQL) behind it. Screenshots of the dashboard and the patient page are kept in
+``test-artifacts/``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
@@ -28,6 +35,9 @@ pytestmark = pytest.mark.stack
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 PASSWORD = "a long enough test password"
+#: The care team's zone, and a different one for the browser: the list must show the team's.
+TEAM_ZONE = "Asia/Kolkata"
+BROWSER_ZONE = "America/New_York"
 # The flags keep Chromium from reaching for the network this machine does not have.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -69,15 +79,19 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
     dsn = stack_env["VIGIL_PG_DSN"]
     patient, device, _ = await register_patient(dsn, pipeline.run_id, "browser")
     username = f"nurse-{pipeline.run_id}"
+    team = f"team-e2e-{pipeline.run_id}"
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     try:
+        await pool.execute(
+            "UPDATE care_teams SET timezone = $1 WHERE care_team_id = $2", TEAM_ZONE, team
+        )
         await ApiRepository(pool).create_user(
             f"u-{pipeline.run_id}",
             username,
             "Night nurse",
             hash_password(PASSWORD),
             Role.CLINICIAN,
-            [f"team-e2e-{pipeline.run_id}"],
+            [team],
         )
     finally:
         await pool.close()
@@ -86,7 +100,9 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page(viewport={"width": 1200, "height": 700})
+            page = await browser.new_page(
+                viewport={"width": 1200, "height": 700}, timezone_id=BROWSER_ZONE
+            )
             await page.goto(f"{api_base_url}/login")
             await page.fill("#username", username)
             await page.fill("#password", PASSWORD)
@@ -103,6 +119,12 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             await row.wait_for(timeout=60_000)
             assert await row.get_attribute("data-status") == "open"
             assert "Fever 39.1" in (await row.inner_text())
+            # Opened at the reading's device time, shown in the team's zone with the zone named.
+            opened_at = await _opened_at(dsn, patient)
+            local = opened_at.astimezone(ZoneInfo(TEAM_ZONE))
+            opened = await row.locator("td.opened").inner_text()
+            assert opened.startswith(f"{local:%Y-%m-%d %H:%M} ")
+            assert opened.endswith(f"({TEAM_ZONE})")
             await page.screenshot(path=str(ARTIFACTS / "dashboard-alert-open.png"))
 
             await row.locator("button.ack").click()
@@ -111,6 +133,31 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             )
             assert username in (await row.inner_text())
             await page.screenshot(path=str(ARTIFACTS / "dashboard-alert-acknowledged.png"))
+
+            # The patient page: the caregiver read 98.6 °F; the course began ten days ago.
+            await _course_history(dsn, patient, device)
+            fahrenheit = json.loads(temperature(device, 98.6, 2))
+            fahrenheit["unit"] = "F"
+            await publish(
+                stack_env, f"vigil/v1/dev/{device}/temperature", json.dumps(fahrenheit).encode()
+            )
+            await _stored_in_fahrenheit(dsn, patient)
+            await page.goto(f"{api_base_url}/patients/{patient}")
+            assert await page.locator("#latest-temperature").inner_text() == "37.0 °C"
+            assert await page.locator("#latest-original").inner_text() == "98.6 °F as sent"
+            course = page.locator("#course-plot")
+            await course.scroll_into_view_if_needed()
+            # One bar per hour with readings (all of them fall in this cycle's window).
+            bars = await course.locator("rect.hour").count()
+            assert bars == await _hours_with_readings(dsn, patient) >= 240
+            assert await course.locator("polyline.mean").count() >= 1
+            assert await course.locator("line.threshold").count() == 2
+            assert "day 8" in (await course.text_content() or "")
+            box = await course.bounding_box()
+            assert box is not None and box["width"] > 700 and box["height"] > 200
+            await page.screenshot(
+                path=str(ARTIFACTS / "dashboard-patient-course.png"), full_page=True
+            )
         finally:
             await browser.close()
 
@@ -122,3 +169,76 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
     finally:
         await conn.close()
     assert acknowledged_by == username
+
+
+async def _opened_at(dsn: str, patient: str) -> datetime:
+    conn = await asyncpg.connect(dsn)
+    try:
+        value = await conn.fetchval(
+            "SELECT min(device_time) FROM alerts WHERE patient_id = $1", patient
+        )
+    finally:
+        await conn.close()
+    assert isinstance(value, datetime)
+    return value
+
+
+async def _course_history(dsn: str, patient: str, device: str) -> None:
+    """A cycle that started ten days ago on the hour, and a reading every 20 minutes from its
+    start up to the current hour (one hour of them with a fever)."""
+    now = datetime.now(UTC)
+    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(days=10)
+    end = now.replace(minute=0, second=0, microsecond=0)
+    rows = []
+    at = start
+    while at < end:
+        fever = timedelta(days=2) <= at - start < timedelta(days=2, hours=1)
+        value = 38.6 if fever else 36.8 + 0.4 * ((at.hour % 6) / 6)
+        rows.append((at, patient, device, uuid.uuid4(), value))
+        at += timedelta(minutes=20)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO patient_cycles (patient_id, cycle_start, step_up_day) VALUES ($1, $2, 8)",
+            patient,
+            start,
+        )
+        await conn.executemany(
+            """
+            INSERT INTO temperature_readings (device_time, ingest_time, patient_id, device_id,
+                message_id, seq, value_c, original_value, original_unit, site)
+            VALUES ($1, $1, $2, $3, $4, 0, $5, $5, 'C', 'axillary')
+            """,
+            rows,
+        )
+    finally:
+        await conn.close()
+
+
+async def _hours_with_readings(dsn: str, patient: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        value = await conn.fetchval(
+            "SELECT count(DISTINCT date_trunc('hour', device_time AT TIME ZONE 'UTC')) "
+            "FROM temperature_readings WHERE patient_id = $1",
+            patient,
+        )
+    finally:
+        await conn.close()
+    return int(value)
+
+
+async def _stored_in_fahrenheit(dsn: str, patient: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(300):
+            if await conn.fetchval(
+                "SELECT count(*) FROM temperature_readings "
+                "WHERE patient_id = $1 AND original_unit = 'F'",
+                patient,
+            ):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    raise AssertionError("the °F reading was not stored within 30 s")
