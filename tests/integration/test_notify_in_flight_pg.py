@@ -276,12 +276,14 @@ async def test_email_accepted_then_killed_then_acknowledged_is_unknown_never_can
     acked = await restarted.acknowledge(escalation_id, by=f"person:nurse-{world.tag}", via="api")
     assert acked.outcome.value == "acknowledged"
     # Before the lease runs out the page is still the dead run's: the record keeps it in flight.
-    assert await restarted.deliver_due() == 0
+    # (What deliver_due returns is not asserted: it counts every due page of the shared
+    # database, other tests' included; this page's own record is what is checked.)
+    await restarted.deliver_due()
     page = await _alert_page(world, "email")
     assert await _attempts(world, page["page_id"]) == [(1, "in_flight")]
 
     world.clock.advance(seconds=LEASE_S + 1)
-    assert await restarted.deliver_due() == 1
+    await restarted.deliver_due()
 
     page = await _alert_page(world, "email")
     assert (page["status"], page["tries"]) == ("unknown", 1)

@@ -984,9 +984,13 @@ class PostgresEscalationStore:
                     # The first page about an alert that ended before anyone acknowledged it (a
                     # held alarm whose follow-up was written, then its end arrived before the
                     # page was sent) is still sent: its all clear follows it, and an all clear
-                    # of an alarm never told would be the only word of it.
+                    # of an alarm never told would be the only word of it. A page in flight
+                    # when notify stopped is not such a page: it may have reached the person,
+                    # and the all clear went there (``_all_clear_where_reached``); it is left
+                    # unknown, never sent again after the end.
                     and not (
-                        row["purpose"] == PagePurpose.ALERT.value
+                        row["status"] != "sending"
+                        and row["purpose"] == PagePurpose.ALERT.value
                         and row["resolved_unacknowledged"]
                         and _first_step(str(row["idempotency_key"]))
                     )
