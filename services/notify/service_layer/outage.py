@@ -197,8 +197,9 @@ class OutageWatch:
         ]
 
     async def _recipients(self, account: TeamAccount, now: datetime) -> list[tuple[str, str, str]]:
-        """Whom the team's first step names now, each on its first contact method; the team's
-        on-call address (else the fallback address) when that leaves nobody."""
+        """Whom the team's first step names now, each on the first of their contact methods this
+        instance has a sender for; the team's on-call address (else the fallback address) when
+        that leaves nobody."""
         found: list[tuple[str, str, str]] = []
         policy = await self._load_policy(account.care_team_id)
         targets = () if policy is None else policy.steps[0].targets
@@ -214,7 +215,10 @@ class OutageWatch:
                 person = None if rotation is None else on_call_at(rotation, now)
             if person is None:
                 continue
-            methods = await self._store.contacts(person)
+            # The person's first contact method this instance can send on: a summary queued
+            # for a channel with no sender here (no SMS provider, no PagerDuty integration)
+            # would only fail for good (``outage_summary_failed``) and the team hear nothing.
+            methods = [m for m in await self._store.contacts(person) if self._can_send(m[0])]
             if methods:
                 channel, address = methods[0]
                 found.append((f"person:{person}", channel, address))
@@ -222,6 +226,13 @@ class OutageWatch:
             address = account.oncall_email or self._config.fallback_email
             found.append((f"email:{address}", "email", address))
         return list(dict.fromkeys(found))
+
+    def _can_send(self, channel: str) -> bool:
+        if channel == "sms":
+            return self._sms is not None
+        if channel == "webhook":
+            return self._webhook is not None
+        return channel == "email"
 
     async def send_due(self) -> int:
         now = self._clock()
