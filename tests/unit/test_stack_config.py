@@ -140,17 +140,21 @@ def test_mosquitto_lets_a_10_mb_payload_reach_ingest(settings: StackSettings) ->
 
 
 def test_mosquitto_acl_pins_devices_to_their_own_topics(settings: StackSettings) -> None:
-    """Devices write only under their own id (%u); ingest reads all device topics and owns the
-    system channel; the simulator writes device topics and reads nothing."""
+    """Devices write only under their own id (%u) and read only their own acknowledgements;
+    ingest reads all device topics, owns the system channel and alone writes acknowledgements;
+    the simulator (the fleet's gateway) writes device topics and reads their acknowledgements."""
     acl = mosquitto.render_acl(settings)
     lines = [line.strip() for line in acl.splitlines() if line.strip() and line[0] != "#"]
     assert lines == [
         "pattern write vigil/v1/dev/%u/#",
+        "pattern read vigil/v1/ack/%u",
         "user vigil-ingest",
         "topic read vigil/v1/dev/#",
         "topic readwrite vigil/v1/system/#",
+        "topic write vigil/v1/ack/#",
         "user vigil-sim",
         "topic write vigil/v1/dev/#",
+        "topic read vigil/v1/ack/#",
     ]
     assert "$share/" in acl  # the escaped $$ of the template rendered in the comment
 
