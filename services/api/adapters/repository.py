@@ -4,12 +4,13 @@ filters by them in SQL, so a forgotten check in a route cannot leak another team
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from services.api.domain.access import Principal, Role
+from vigil.db.storage import StorageSettings
 
 Row = dict[str, Any]
 
@@ -19,8 +20,13 @@ def _rows(records: Sequence[asyncpg.Record]) -> list[Row]:
 
 
 class ApiRepository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, aggregate_lookback: timedelta | None = None) -> None:
+        """``aggregate_lookback``: how far back the hourly aggregate's refresh reaches
+        (``VIGIL_STORAGE_AGGREGATE_LOOKBACK_DAYS``); hours that recent are read from the rows."""
         self._pool = pool
+        self._lookback = aggregate_lookback or timedelta(
+            days=StorageSettings().aggregate_lookback_days
+        )
 
     # -- people -------------------------------------------------------------------------------
 
@@ -142,17 +148,34 @@ class ApiRepository:
             )
         )
 
-    async def temperature_hourly(self, patient_id: str, since: datetime) -> list[Row]:
-        """Hours of ``temperature_hourly`` (UTC hours of device time) from ``since`` on: the
-        continuous aggregate on TimescaleDB, a view over the rows on plain PostgreSQL."""
+    async def temperature_hourly(
+        self, patient_id: str, since: datetime, now: datetime
+    ) -> list[Row]:
+        """Hourly temperature (UTC hours of device time) from ``since`` on. Hours older than the
+        aggregate's refresh look-back come from ``temperature_hourly`` (the continuous aggregate
+        on TimescaleDB, a view on plain PostgreSQL); the recent ones from the rows, the same
+        columns computed the same way. On TimescaleDB an hour already materialized does not
+        show a reading that arrives late for it (a hub's buffer) until a refresh covers it, and
+        the refresh policy reaches back only the look-back: reading those hours from the rows
+        keeps them current (docs/storage.md)."""
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        fresh_from = hour - self._lookback
         return _rows(
             await self._pool.fetch(
                 """
             SELECT bucket, readings, min_c, max_c, mean_c FROM temperature_hourly
-            WHERE patient_id = $1 AND bucket >= $2 ORDER BY bucket
+            WHERE patient_id = $1 AND bucket >= $2 AND bucket < $3
+            UNION ALL
+            SELECT date_bin(INTERVAL '1 hour', device_time, TIMESTAMPTZ '2000-01-03 00:00:00+00'),
+                   count(*), min(value_c), max(value_c), avg(value_c)
+            FROM temperature_readings
+            WHERE patient_id = $1 AND device_time >= greatest($2, $3)
+            GROUP BY 1
+            ORDER BY 1
             """,
                 patient_id,
                 since,
+                fresh_from,
             )
         )
 

@@ -201,7 +201,7 @@ async def patient_page(request: Request, patient_id: str) -> Response:
     window = course_window(
         now, requested=None, cycle_start=await repository.current_cycle_start(patient_id, now)
     )
-    hourly = await repository.temperature_hourly(patient_id, window.since)
+    hourly = await repository.temperature_hourly(patient_id, window.since, now)
     await request.app.state.audit.record(
         principal.user_id, "patient.dashboard", f"patient:{patient_id}", {}
     )

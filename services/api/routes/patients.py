@@ -144,7 +144,7 @@ async def temperature_hourly(
         window = course_window(now, requested=since, cycle_start=cycle_start)
     except ValueError as exc:  # a since after now
         raise HTTPException(422, str(exc)) from exc
-    hours = await repository.temperature_hourly(patient_id, window.since)
+    hours = await repository.temperature_hourly(patient_id, window.since, now)
     await _audit(
         request,
         principal,
