@@ -236,16 +236,13 @@ class IngestPipeline:
         # and go one record at a time. A pipeline heartbeat goes to every partition: it is each
         # partition's arrival clock, so the rules notice a silent home where nothing else
         # arrives (docs/rules.md, "Time").
-        telemetry = [
-            (i, t.patient_id.encode(), _encode(t))
-            for i, t in enumerate(admission.accepted)
-            if not progress.telemetry_sent[i]
-        ]
-        everywhere = {
-            i
-            for i, t in enumerate(admission.accepted)
-            if not progress.telemetry_sent[i] and not is_reading(t)
-        }
+        telemetry: list[tuple[int, bytes, bytes]] = []
+        everywhere: set[int] = set()
+        for i, t in enumerate(admission.accepted):
+            if not progress.telemetry_sent[i]:
+                telemetry.append((i, t.patient_id.encode(), _encode(t)))
+                if not is_reading(t):
+                    everywhere.add(i)
         pending: list[tuple[list[int], asyncio.Future[object]]] = []
         async with self._produce_lock:
             if telemetry:

@@ -151,7 +151,7 @@ class PinnedRules:
 
     def new_engine(self) -> ReplayEngine:
         """A fresh engine with empty state, as the live service has after a cold start."""
-        return ReplayEngine(RulesEngine(self.config), self.config.allowed_lateness_s)
+        return ReplayEngine(RulesEngine(self.config))
 
 
 class ReplayEngine:
@@ -168,8 +168,7 @@ class ReplayEngine:
 
     __slots__ = ("_engine", "on_event")
 
-    def __init__(self, engine: EnginePort, lateness_s: float) -> None:
-        """``lateness_s`` is the config's ``allowed_lateness_s``; the engine applies it."""
+    def __init__(self, engine: EnginePort) -> None:
         self._engine = engine
         # The engine's own method, bound once: one call per replayed event, not two.
         self.on_event: Callable[[ReplayEvent], list[Alert]] = engine.on_observation

@@ -73,7 +73,12 @@ from services.rules.domain.pump import (
     interruption_deadline,
     refresh_running_status,
 )
-from services.rules.domain.sensor import SENSOR_FAULT_RULE_ID, plausible, sensor_fault_alert
+from services.rules.domain.sensor import (
+    SENSOR_FAULT_CODE,
+    SENSOR_FAULT_RULE_ID,
+    plausible,
+    sensor_fault_alert,
+)
 from services.rules.domain.sequence import COUNTER_RESTART_JUMP, Gap, data_lost_alert, fill
 
 SNAPSHOT_FORMAT = 1
@@ -109,7 +114,7 @@ _SILENCE_ALERTS = _Absence(
 )
 _FAULT_ALERTS = _Absence(
     SENSOR_FAULT_RULE_ID,
-    "implausible_temperature",
+    SENSOR_FAULT_CODE,
     AlertKind.TECHNICAL,
     AlertPriority.MEDIUM,
     "temperature",
