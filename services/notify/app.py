@@ -255,7 +255,7 @@ async def run(
     async with serving_ops(
         metrics.registry,
         readiness.check,
-        host="127.0.0.1",
+        host=settings.ops_host,
         port=settings.ops_port,
         listening=listening,
         # An idle consumer does not notice Kafka going away: probe it (docs/reliability.md).
@@ -282,6 +282,9 @@ async def _serve(
         escalation, closers = build_escalation(settings, pool, metrics=metrics)
         for source in settings.heartbeat_sources:
             await PostgresEscalationStore(pool).watch_source(source, utcnow())
+        # Before the first alert is consumed: a heartbeat silence this notify was down through
+        # is an outage, and a current heartbeat handled first would hide it.
+        await escalation.resume_watch()
         await consumer.start()
         readiness.consumer_assigned = lambda: bool(consumer.assignment())
         log.info(

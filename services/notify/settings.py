@@ -72,7 +72,11 @@ class NotifySettings(ServiceSettings):
         default=9103,
         ge=0,
         le=65535,
-        description="Prometheus /metrics, /healthz and /readyz on 127.0.0.1 (0: a free port).",
+        description="Prometheus /metrics, /healthz and /readyz on ops_host (0: a free port).",
+    )
+    ops_host: str = Field(
+        default="127.0.0.1",
+        description="Interface of the ops server; 0.0.0.0 lets Prometheus and a kubelet reach it.",
     )
     api_token: SecretStr | None = Field(
         default=None,
