@@ -283,10 +283,11 @@ def apply_migrations(settings: StackSettings, secrets: StackSecrets) -> list[str
     return applied
 
 
-def start(settings: StackSettings) -> None:
-    """Start PostgreSQL unless it runs; block until the role, database and migrations exist."""
+def start_server(settings: StackSettings, secrets: StackSecrets) -> None:
+    """Start the server unless it runs (``initdb`` first when the cluster does not exist yet);
+    block until the superuser can log in. Creates no role, database or schema: ``start`` does
+    that; a restore (docs/backup.md) brings its own."""
     comp = component(settings)
-    secrets = ensure_secrets(settings)
     _check_paths(settings)
     if running_pid(comp) is None:
         ensure_port_free(settings.pg_port, "PostgreSQL")
@@ -312,10 +313,24 @@ def start(settings: StackSettings) -> None:
             pid=pid,
             log_offset=offset,
         )
+
+
+def provision(settings: StackSettings, secrets: StackSecrets) -> bool:
+    """Create (or re-align) the application role and its empty database, and TimescaleDB in it
+    when the extension is installed; idempotent. Returns whether TimescaleDB is there."""
+    timescaledb = timescaledb_available(settings)
+    asyncio.run(_provision(settings, secrets, timescaledb))
+    return timescaledb
+
+
+def start(settings: StackSettings) -> None:
+    """Start PostgreSQL unless it runs; block until the role, database and migrations exist."""
+    comp = component(settings)
+    secrets = ensure_secrets(settings)
+    start_server(settings, secrets)
     started = time.monotonic()
     try:
-        timescaledb = timescaledb_available(settings)
-        asyncio.run(_provision(settings, secrets, timescaledb))
+        provision(settings, secrets)
         apply_migrations(settings, secrets)
     except (OSError, asyncpg.PostgresError) as exc:
         raise StackError(
