@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -240,17 +241,48 @@ class RulesCompiler:
             rules = self._by_patient[patient_id] = self._compile(patient_id, profile)
         return rules
 
+    def keep_from(
+        self, previous: RulesCompiler, patients: set[str] | None, teams: frozenset[str]
+    ) -> None:
+        """Take over what ``previous`` (a compiler of the config this one's replaces, with the
+        same defaults) compiled, but for ``patients`` (None: all) and the teams in ``teams``:
+        a change to one patient or one protocol recompiles only the patients it touches."""
+        if patients is None:
+            return
+        self._by_team = {t: r for t, r in previous._by_team.items() if t not in teams}
+        by_patient = dict(previous._by_patient)
+        for patient_id in patients:
+            by_patient.pop(patient_id, None)
+        self._by_patient = by_patient
+
+    def compile_patients(self, patients: set[str] | None) -> None:
+        """Compile ``patients`` that have a profile (None: every patient with a profile)."""
+        if patients is None:
+            self.compile_profiles()
+            return
+        profiles = self.config.profiles
+        for patient_id in patients:
+            if patient_id in profiles:
+                self.rules_for(patient_id)
+
     def compile_profiles(self) -> None:
         """Compile every patient with a profile (what a config change does before the swap)."""
         for patient_id in self.config.profiles:
             self.rules_for(patient_id)
 
-    def check(self) -> None:
+    def check(self, patients: Iterable[str] | None = None) -> None:
         """Resolve every distinct threshold set the config's patients use (each care team's
         once, each patient override), raising for one the rules cannot read; compiles nothing
-        per patient (a config being loaded is checked before it is compiled for use)."""
+        per patient (a config being loaded is checked before it is compiled for use).
+        ``patients``: only these (the ones a reload changed); None: every profile."""
         config = self.config
-        for patient_id, profile in config.profiles.items():
+        profiles = config.profiles
+        chosen = (
+            profiles.items()
+            if patients is None
+            else [(p, profiles[p]) for p in patients if p in profiles]
+        )
+        for patient_id, profile in chosen:
             if profile.override is not None:
                 config.thresholds_for(patient_id)
             else:

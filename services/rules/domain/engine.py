@@ -636,7 +636,12 @@ class RulesEngine:
     def _rules_for(self, patient_id: str) -> PatientRules:
         return self._compiler.rules_for(patient_id)
 
-    def reconfigure(self, config: RulesConfig, compiler: RulesCompiler | None = None) -> set[str]:
+    def reconfigure(
+        self,
+        config: RulesConfig,
+        compiler: RulesCompiler | None = None,
+        patients: Iterable[str] | None = None,
+    ) -> set[str]:
         """Run on ``config`` from now on, keeping every patient's state; returns the patients
         whose armed deadlines moved (their state must be persisted with the new config).
 
@@ -649,7 +654,9 @@ class RulesEngine:
         already passed fires with the next event that moves the watermark. An open episode
         stays open (its all clear follows the new clear level); alerts decided from now on
         carry the new ``config_version`` and ``rule_version``. ``compiler``: one that already
-        compiled ``config`` (the service's check before the swap), so nothing is compiled twice."""
+        compiled ``config`` (the service's check before the swap), so nothing is compiled twice.
+        ``patients``: the only patients whose rules the new config changes (a reload that
+        changed one profile or one protocol); None: any patient's may have changed."""
         self.config = config
         self._config_version = config.config_version
         # The watermark never moves back: a larger lateness only holds it still for a while.
@@ -658,7 +665,13 @@ class RulesEngine:
         self._set_outage_after()
         self._compiler = _compiler_of(config, compiler)
         moved: set[str] = set()
-        for patient_id, patient in self._patients.items():
+        tracked = self._patients
+        chosen = (
+            tracked.items()
+            if patients is None
+            else [(p, tracked[p]) for p in patients if p in tracked]
+        )
+        for patient_id, patient in chosen:
             rules = patient.rules = self._rules_for(patient_id)
             if self._rearm_earlier(patient_id, patient, rules):
                 moved.add(patient_id)
