@@ -660,6 +660,34 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def reclassify(run_dir: Path) -> dict[str, Any]:
+    """A finished run's pages classified again against its course's ground truth as this
+    version of the simulator and the classifier define it: the course is planned again from the
+    run's seed, size and patient ids (the same seed gives the same messages). Writes nothing."""
+    figures = json.loads((run_dir / "figures.json").read_text())
+    first = json.loads((run_dir / "ground_truth.jsonl").read_text().splitlines()[0])
+    spec = CourseSpec(
+        patients=int(figures["patients"]),
+        days=float(figures["days"]),
+        seed=int(figures["seed"]),
+        id_prefix=str(first["patient_id"]).rsplit("-", 1)[0],
+    )
+    course = plan_course(spec)
+    rows = [json.loads(line) for line in (run_dir / "pages.jsonl").read_text().splitlines()]
+    unique = {row.get("Message-ID") or str(i): row for i, row in enumerate(rows)}
+    return {
+        "reclassified": str(run_dir),
+        "seed": spec.seed,
+        **classify(
+            course.ground_truth,
+            [Page.from_headers(row) for row in unique.values()],
+            patients=[h.patient_id for h in course.homes],
+            days=spec.days,
+            zone=spec.zone,
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--patients", type=int, default=10)
@@ -671,7 +699,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wall-s", type=float, default=900.0)
     parser.add_argument("--out", default=str(ROOT / ".vigil-test" / "bench" / "alarm-burden"))
     parser.add_argument("--keep", action="store_true", help="keep the database and topics")
+    parser.add_argument(
+        "--reclassify",
+        metavar="RUN_DIR",
+        help="classify a finished run's pages again (no stack, no run); prints one JSON line",
+    )
     args = parser.parse_args(argv)
+    if args.reclassify:
+        print(json.dumps(reclassify(Path(args.reclassify))))
+        return 0
     figures = asyncio.run(asyncio.wait_for(run_course(args), args.max_wall_s + 180))
     print(json.dumps(figures))
     return 0

@@ -7,13 +7,16 @@ separated, in a bundle page), ``X-Vigil-Phase``, ``X-Vigil-Priority``, ``X-Vigil
 - **all clear** (``X-Vigil-All-Clear: yes``);
 - **true page** of an event kind: a dedup key's patient had a true event of a kind that key's
   rule speaks of, between ``EARLY`` before its start and ``GRACE`` after its end (buffered data
-  is paged when it arrives, up to a dropout later);
+  is paged when it arrives, up to a dropout later). A fever page during a borderline fever (the
+  core within the thermometers' error of the definition, ``vigil.simulator.course``) is true:
+  the readings may well have met the definition;
 - **false page**: anything else about a patient of the course;
 - **other**: not about a patient of the course (the pipeline's self-watch).
 
 A **night page** is any page (all clears included) composed 22:00-07:00 in the homes' zone.
 An event is **recalled** when at least one true page of its kind, for its patient, falls in its
-window.
+window. Recall is measured for the kinds owed a page (``PAGED_KINDS``); borderline fevers are
+counted apart (``borderline_fevers``: how many, how many paged), owed nothing.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def kinds_for(dedup_key: str) -> tuple[EventKind, ...]:
     parts = dedup_key.split(":")
     rule = rule_of(dedup_key)
     if rule in ("fever", "fever_unobserved"):
-        return (EventKind.FEVER,)
+        return (EventKind.FEVER, EventKind.BORDERLINE_FEVER)
     if rule == "pump_alarm":
         code = parts[3] if len(parts) > 3 else ""
         if code.startswith("occlusion"):
@@ -90,7 +93,7 @@ def kinds_for(dedup_key: str) -> tuple[EventKind, ...]:
     # A rule this classifier does not know yet: judged by the device its key names.
     device = parts[2] if len(parts) > 2 else ""
     if device.startswith("thermo-"):
-        return (EventKind.FEVER,)
+        return (EventKind.FEVER, EventKind.BORDERLINE_FEVER)
     if device.startswith("pump-"):
         return _PUMP_KINDS
     return ()
@@ -164,6 +167,7 @@ def classify(
             "paged": got,
             "recall": round(got / len(owed), 3) if owed else None,
         }
+    borderline = [e for e in events if e.kind is EventKind.BORDERLINE_FEVER]
     return {
         "patient_days": round(patient_days, 3),
         "pages": counts["pages"],
@@ -179,5 +183,9 @@ def classify(
         "night_pages_per_patient_night": per_day(counts["night"]),
         "true_pages_by_kind": dict(sorted(true_by_kind.items())),
         "recall": recall,
+        "borderline_fevers": {
+            "events": len(borderline),
+            "paged": sum(1 for e in borderline if e in recalled),
+        },
         "by_rule": {k: dict(sorted(v.items())) for k, v in sorted(by_rule.items())},
     }

@@ -30,7 +30,7 @@ def test_rule_and_kinds_are_read_from_the_dedup_key() -> None:
     assert kinds_for("P-1:bag_clock:pump-P-1:x") == ()
     assert EventKind.PUMP_STOP in kinds_for("P-1:interruption_clock:pump-P-1:x")
     # A rule the classifier does not know is judged by its device.
-    assert kinds_for("P-1:new_rule:thermo-P-1:x") == (EventKind.FEVER,)
+    assert kinds_for("P-1:new_rule:thermo-P-1:x") == (EventKind.FEVER, EventKind.BORDERLINE_FEVER)
 
 
 def test_true_false_all_clear_night_and_recall() -> None:
@@ -102,3 +102,25 @@ def test_page_is_read_from_the_e_mail_headers() -> None:
     assert parsed.dedup_keys == ("P-1:bag_clock:pump-P-1:a", "P-1:fever:b")
     assert parsed.all_clear and parsed.phase == "end" and not parsed.repeat
     assert parsed.sent_at == datetime(2025, 1, 6, 12, 9, tzinfo=UTC)
+
+
+def test_a_borderline_fever_is_owed_nothing_and_its_page_is_not_false() -> None:
+    """A fever within the thermometers' error of the definition: a fever page during it is a
+    true page (the readings may have met the definition), its absence is no miss (recall counts
+    owed fevers only), and both are counted apart."""
+    events = [
+        event(EventKind.BORDERLINE_FEVER, "P-1", 0, 3),
+        event(EventKind.BORDERLINE_FEVER, "P-2", 0, 3),
+        event(EventKind.FEVER, "P-2", 10, 12),
+    ]
+    pages = [
+        page("P-1:fever:a", T0 + timedelta(minutes=70)),
+        page("P-2:fever:b", T0 + timedelta(hours=10, minutes=5)),
+        # Outside every window of P-1: false, as for any fever page.
+        page("P-1:fever:c", T0 + timedelta(hours=8)),
+    ]
+    figures = classify(events, pages, patients=["P-1", "P-2"], days=1.0, zone="UTC")
+    assert figures["true_pages"] == 2 and figures["false_pages"] == 1
+    assert figures["true_pages_by_kind"] == {"borderline_fever": 1, "fever": 1}
+    assert figures["recall"]["fever"] == {"events": 1, "paged": 1, "recall": 1.0}
+    assert figures["borderline_fevers"] == {"events": 2, "paged": 1}

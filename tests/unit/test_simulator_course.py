@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from schemas.device import PumpEvent, PumpEventKind, PumpStatus, TemperatureReading
@@ -12,6 +12,9 @@ from vigil.simulator.course import (
     CourseSpec,
     EventKind,
     ThermometerKind,
+    _Body,
+    _Fever,
+    _fever_truth,
     plan_course,
 )
 
@@ -66,8 +69,8 @@ def test_spot_checks_follow_home_times_and_re_measure_during_a_fever() -> None:
         # During each fever: noticed, then re-measured about hourly.
         for fever in fevers:
             during = [t for t in times if fever.start <= t <= fever.end]
-            gaps = [b - a for a, b in itertools.pairwise(during)]
-            assert during and all(g <= timedelta(minutes=75) for g in gaps)
+            spacing = [b - a for a, b in itertools.pairwise(during)]
+            assert during and all(g <= timedelta(minutes=75) for g in spacing)
 
 
 def test_dropouts_buffer_with_original_times_ids_and_seqs() -> None:
@@ -114,3 +117,64 @@ def test_pumps_report_every_minute_change_bags_and_show_their_events() -> None:
     assert truth[EventKind.OCCLUSION] and truth[EventKind.FEVER] and truth[EventKind.DROPOUT]
     for e in course.ground_truth:
         assert e.start < e.end and e.start.tzinfo is not None
+
+
+def _body(baseline: float = 36.8) -> _Body:
+    import random
+
+    body = _Body(random.Random(0), ZoneInfo("Europe/Berlin"))
+    body.baseline = baseline
+    return body
+
+
+def _local(day: int, hour: int) -> datetime:
+    return datetime(2025, 1, day, hour, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+
+
+def test_a_fever_is_owed_only_when_the_core_meets_the_definition_beyond_the_margin() -> None:
+    """The ground truth applies the documented definition to the core with the readings' error
+    on the safe side: a plateau nominally 38.1 °C that the 04:00 low pulls to 37.95 °C is
+    borderline (readings may show 37.9 or 38.0), the same plateau in the afternoon is a fever."""
+    body = _body()
+    night = _Fever(_local(7, 2), 38.1, timedelta(hours=4))
+    body.fevers.append(night)
+    truth = _fever_truth(body, night, "P-1", "thermo-P-1")
+    assert truth is not None and truth.kind is EventKind.BORDERLINE_FEVER
+    # Its span opens where a reading may first show 38.0 °C (core 37.9 °C).
+    assert truth.start < _local(7, 3)
+    afternoon = _Fever(_local(8, 13), 38.1, timedelta(hours=4))
+    body.fevers.append(afternoon)
+    truth = _fever_truth(body, afternoon, "P-1", "thermo-P-1")
+    assert truth is not None and truth.kind is EventKind.FEVER
+    assert "min at >= 38.1" in truth.detail
+
+
+def test_single_and_sustained_edges_of_the_owed_fever() -> None:
+    """Owed: the core at 38.4 °C at some minute, or at 38.1 °C for 60 minutes in a row; a peak
+    within the margin of 38.3 °C that is brief is borderline; a bump that never nears 38.0 °C is
+    no fever at all."""
+    flat = _body()
+    # Mid-morning the circadian swing is about -0.04 °C.
+    single = _Fever(_local(9, 9), 38.5, timedelta(minutes=5), rise=timedelta(minutes=10))
+    flat.fevers.append(single)
+    owed = _fever_truth(flat, single, "P-1", "t")
+    assert owed is not None and owed.kind is EventKind.FEVER
+    brief = _Fever(_local(10, 9), 38.3, timedelta(minutes=20), rise=timedelta(minutes=10))
+    flat.fevers.append(brief)
+    edge = _fever_truth(flat, brief, "P-1", "t")
+    assert edge is not None and edge.kind is EventKind.BORDERLINE_FEVER
+    low = _Fever(_local(11, 9), 37.6, timedelta(hours=3))
+    flat.fevers.append(low)
+    assert _fever_truth(flat, low, "P-1", "t") is None
+
+
+def test_every_fever_of_the_truth_says_its_shape_and_core() -> None:
+    """A fever's detail explains its class: its shape and the core's peak and time at 38.1 °C."""
+    course = plan_course(CourseSpec(patients=4, days=6.0, seed=1, id_prefix="PT"))
+    fevers = [
+        e for e in course.ground_truth if e.kind in (EventKind.FEVER, EventKind.BORDERLINE_FEVER)
+    ]
+    assert fevers
+    for event in fevers:
+        assert event.detail.split(":")[0] in ("single", "sustained")
+        assert "core peak" in event.detail and "min at >= 38.1" in event.detail

@@ -16,9 +16,24 @@ Each simulated home has an ambulatory pump and one thermometer, behind a home hu
   messages and forwards them when the link is back, with their original device times, message
   ids and seqs, in device-time order, so they reach the broker late.
 - **True events**: fevers (``single``: a peak of 38.4-39.2 °C for 1-3 h; ``sustained``: a
-  plateau of 38.1-38.2 °C for 3-6 h), occlusions (downstream, cleared after 5-40 min), low
-  batteries (cleared by a battery swap after 20-90 min) and pump stops (the infusion stopped for
-  45-150 min, then restarted).
+  plateau of 38.1-38.2 °C for 3-6 h; both on top of the circadian swing of ±0.15 °C, so a
+  sustained fever near the 04:00 low sits at 37.95-38.05 °C), occlusions (downstream, cleared
+  after 5-40 min), low batteries (cleared by a battery swap after 20-90 min) and pump stops (the
+  infusion stopped for 45-150 min, then restarted).
+
+**What counts as a fever** in the ground truth is the documented fever definition (one reading
+≥ 38.3 °C, or ≥ 38.0 °C for 60 min; docs/rules.md) applied to the child's simulated core
+temperature, minute by minute, with the thermometers' error (``READING_MARGIN_C``: readings are
+the core plus noise of sd 0.03-0.04 °C, rounded to 0.1 °C) on the safe side of each limit:
+
+- ``fever``: the core was ≥ 38.4 °C at some minute, or ≥ 38.1 °C for 60 minutes in a row. Every
+  thermometer reading then meets the definition too: a page is owed (recall is measured on these).
+- ``borderline_fever``: the core came within the margin of a limit (≥ 37.9 °C) but did not meet
+  the definition by more than the margin: the readings may or may not show a fever, so no page
+  is owed and a fever page during it is not a false page.
+
+A fever's span runs from the first minute the core is ≥ 37.9 °C (a reading may show 38.0) to
+the last minute it is ≥ 37.7 °C (a reading may still show 37.8, which clears nothing).
 
 ``plan_course`` returns a ``Course``: its homes, ``ground_truth`` (every true event, probe-off
 episode and dropout, with patient, device, start and end) and ``deliveries()``, every message in
@@ -55,6 +70,14 @@ _MESSAGE_ID_NAMESPACE = uuid5(NAMESPACE_URL, "urn:vigil:simulator:course-message
 BAG_RATE_ML_H = 10.0
 BAG_VOLUME_ML = 240.0
 PUMP_STATUS_INTERVAL = timedelta(minutes=1)
+#: The documented fever definition (docs/rules.md, the rules' defaults).
+FEVER_SINGLE_C = 38.3
+FEVER_SUSTAINED_C = 38.0
+FEVER_SUSTAINED_FOR = timedelta(minutes=60)
+FEVER_CLEAR_C = 37.8
+#: How far a thermometer reading can sit from the core it measures: rounding to 0.1 °C
+#: (±0.05) plus the simulated noise (sd 0.03-0.04 °C), rounded up.
+READING_MARGIN_C = 0.1
 PATCH_INTERVAL = timedelta(minutes=5)
 #: Local times a caregiver usually takes a spot-check reading, with how far they wander.
 SPOT_CHECK_TIMES: tuple[tuple[time, int], ...] = (
@@ -87,6 +110,9 @@ class EventKind(StrEnum):
     OCCLUSION = "occlusion"
     LOW_BATTERY = "low_battery"
     PUMP_STOP = "pump_stop"
+    #: A fever within the thermometers' error of the definition: never owed a page, and a
+    #: fever page during it is not false.
+    BORDERLINE_FEVER = "borderline_fever"
     #: Not clinical: recorded so a page can be explained, never owed a page.
     DROPOUT = "dropout"
     PROBE_OFF = "probe_off"
@@ -298,6 +324,7 @@ def _plan_home(spec: CourseSpec, number: int) -> Home:
     body = _Body(rng, zone)
 
     # Fevers: alternately single and sustained, away from each other.
+    noticed_from: list[datetime] = []
     fever_windows = _windows(rng, start, end, RATES_PER_DAY["fever"], (240, 480), [])
     for i, (begin, _) in enumerate(fever_windows):
         if (i + number) % 2:
@@ -305,17 +332,10 @@ def _plan_home(spec: CourseSpec, number: int) -> Home:
         else:
             fever = _Fever(begin, rng.uniform(38.1, 38.2), timedelta(minutes=rng.uniform(180, 360)))
         body.fevers.append(fever)
-        first, last = _fever_span(body, fever)
-        home.events.append(
-            TrueEvent(
-                EventKind.FEVER,
-                patient_id,
-                home.thermometer_id,
-                first,
-                last,
-                f"{'single' if fever.peak_c >= 38.3 else 'sustained'} peak {fever.peak_c:.1f}",
-            )
-        )
+        truth = _fever_truth(body, fever, patient_id, home.thermometer_id)
+        if truth is not None:
+            home.events.append(truth)
+        noticed_from.append(_noticeable_from(body, fever))
 
     # Pump events, none overlapping another.
     taken: list[tuple[datetime, datetime]] = []
@@ -336,7 +356,7 @@ def _plan_home(spec: CourseSpec, number: int) -> Home:
 
     messages: list[tuple[datetime, str, Any]] = []
     if home.thermometer is ThermometerKind.SPOT_CHECK:
-        messages += _spot_checks(rng, spec, home, body)
+        messages += _spot_checks(rng, spec, home, body, noticed_from)
     else:
         probe_off = _windows(
             rng, start, end, RATES_PER_DAY["probe_off"], DURATIONS_MIN["probe_off"], []
@@ -366,20 +386,54 @@ def _plan_home(spec: CourseSpec, number: int) -> Home:
     return home
 
 
-def _fever_span(body: _Body, fever: _Fever) -> tuple[datetime, datetime]:
-    """When the core temperature was first >= 38.0 °C and when it was last >= 37.8 °C."""
+def _core_minutes(body: _Body, fever: _Fever) -> list[tuple[datetime, float]]:
+    """The core temperature minute by minute over the fever's whole bump."""
     t = fever.rise_at
     stop = fever.rise_at + fever.rise + fever.plateau + fever.fall
-    first: datetime | None = None
-    last = fever.rise_at
+    out: list[tuple[datetime, float]] = []
     while t <= stop:
-        value = body.core(t)
-        if first is None and value >= 38.0:
-            first = t
-        if value >= 37.8:
-            last = t
+        out.append((t, body.core(t)))
         t += timedelta(minutes=1)
-    return (first or fever.rise_at + fever.rise), last
+    return out
+
+
+def _noticeable_from(body: _Body, fever: _Fever) -> datetime:
+    """When a caregiver starts noticing the fever (the core first at 38.0 °C, or the end of
+    its rise when it never gets there): the re-measuring rhythm starts from here."""
+    for t, value in _core_minutes(body, fever):
+        if value >= FEVER_SUSTAINED_C:
+            return t
+    return fever.rise_at + fever.rise
+
+
+def _fever_truth(body: _Body, fever: _Fever, patient_id: str, device_id: str) -> TrueEvent | None:
+    """The fever as the ground truth records it (see the module docstring): ``fever`` when the
+    core met the definition by more than the reading margin, ``borderline_fever`` when it came
+    within the margin of a limit, None when it never came near 38.0 °C."""
+    minutes = _core_minutes(body, fever)
+    margin = READING_MARGIN_C
+    near = [t for t, v in minutes if v >= FEVER_SUSTAINED_C - margin]
+    if not near:
+        return None
+    above = [t for t, v in minutes if v >= FEVER_CLEAR_C - margin]
+    peak = max(v for _, v in minutes)
+    longest = run = 0
+    for _, value in minutes:
+        run = run + 1 if value >= FEVER_SUSTAINED_C + margin else 0
+        longest = max(longest, run)
+    # ``run`` counts minutes at the level: n samples a minute apart span n - 1 minutes.
+    sustained = timedelta(minutes=max(0, longest - 1)) >= FEVER_SUSTAINED_FOR
+    owed = peak >= FEVER_SINGLE_C + margin or sustained
+    shape = "single" if fever.peak_c >= FEVER_SINGLE_C else "sustained"
+    return TrueEvent(
+        EventKind.FEVER if owed else EventKind.BORDERLINE_FEVER,
+        patient_id,
+        device_id,
+        near[0],
+        above[-1],
+        f"{shape}: core peak {peak:.2f} °C, {max(0, longest - 1)} min at >= "
+        f"{FEVER_SUSTAINED_C + margin:.1f} °C",
+    )
 
 
 def _reading(device_id: str, at: datetime, value: float, site: TemperatureSite) -> Any:
@@ -399,7 +453,7 @@ def _reading(device_id: str, at: datetime, value: float, site: TemperatureSite) 
 
 
 def _spot_checks(
-    rng: random.Random, spec: CourseSpec, home: Home, body: _Body
+    rng: random.Random, spec: CourseSpec, home: Home, body: _Body, noticed_from: list[datetime]
 ) -> list[tuple[datetime, str, Any]]:
     zone = ZoneInfo(spec.zone)
     times: list[datetime] = []
@@ -416,8 +470,8 @@ def _spot_checks(
             break
     # During a fever: noticed within 45 min, then about hourly until a reading under 37.8 °C,
     # and once more after it.
-    for fever in (e for e in home.events if e.kind is EventKind.FEVER):
-        at = fever.start + timedelta(minutes=rng.uniform(5, 45))
+    for start in noticed_from:
+        at = start + timedelta(minutes=rng.uniform(5, 45))
         normal_after = 0
         while at < spec.end and normal_after < 2:
             times.append(at)
