@@ -1,4 +1,6 @@
-"""The stack's Kafka: a single KRaft node (broker + controller) under ``data_dir/kafka``.
+"""The stack's Kafka: a single KRaft node (broker + controller) under ``data_dir/kafka``, or with
+``VIGIL_STACK_KAFKA_BROKERS=3`` a cluster of three such nodes (node 1 there, nodes 2 and 3 under
+``data_dir/kafka/node-N``).
 
 Owns fetching the broker jars with Maven (once per machine, into a cache outside data_dir),
 rendering ``deploy/local/kafka/server.properties.tmpl``, formatting the storage on first start,
@@ -12,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -48,36 +51,81 @@ _COMPLETE_MARKER: Final = ".complete"
 _TOOL_HEAP_MB: Final = 256
 
 
-def conf_file(settings: StackSettings) -> Path:
-    return settings.kafka_dir / "server.properties"
+_CLUSTER_NODES: Final = (2, 3)  # the nodes a cluster has beside node 1
 
 
-def log_dir(settings: StackSettings) -> Path:
-    return settings.kafka_dir / "data"
+def node_dir(settings: StackSettings, node: int = 1) -> Path:
+    return settings.kafka_dir if node == 1 else settings.kafka_dir / f"node-{node}"
+
+
+def conf_file(settings: StackSettings, node: int = 1) -> Path:
+    return node_dir(settings, node) / "server.properties"
+
+
+def log_dir(settings: StackSettings, node: int = 1) -> Path:
+    return node_dir(settings, node) / "data"
 
 
 def log4j_file(settings: StackSettings) -> Path:
     return settings.kafka_dir / "log4j2.yaml"
 
 
-def component(settings: StackSettings) -> Component:
+def cluster_id_file(settings: StackSettings) -> Path:
+    return settings.kafka_dir / "cluster-id"
+
+
+def _ports(settings: StackSettings, node: int) -> tuple[int, int]:
+    for node_id, port, controller_port in settings.kafka_nodes:
+        if node_id == node:
+            return port, controller_port
+    return 0, 0  # a node this configuration does not have (down still stops it)
+
+
+def component(settings: StackSettings, node: int = 1) -> Component:
+    name = NAME if node == 1 else f"{NAME}-{node}"
     return Component(
-        name=NAME,
-        pid_file=settings.pids_dir / f"{NAME}.pid",
-        log_file=settings.kafka_dir / "kafka.log",
-        marker=str(conf_file(settings)),
-        port=settings.kafka_port,
+        name=name,
+        pid_file=settings.pids_dir / f"{name}.pid",
+        log_file=node_dir(settings, node) / "kafka.log",
+        marker=str(conf_file(settings, node)),
+        port=_ports(settings, node)[0],
     )
 
 
-def render_server_properties(settings: StackSettings) -> str:
-    """The broker configuration for ``settings`` (pure: reads only the template)."""
+def cluster_components(settings: StackSettings) -> list[Component]:
+    """Nodes 2 and 3, whether this configuration has them or not (``down`` stops them anyway, so
+    a cluster is not left running by a ``down`` without the cluster's variables)."""
+    return [component(settings, node) for node in _CLUSTER_NODES]
+
+
+def bootstrap_servers(settings: StackSettings) -> str:
+    """Every node's client listener, comma-separated (one node down, clients still bootstrap)."""
+    return ",".join(f"127.0.0.1:{port}" for _, port, _ in settings.kafka_nodes)
+
+
+def render_server_properties(settings: StackSettings, node: int = 1) -> str:
+    """The broker configuration of ``node`` for ``settings`` (pure: reads only the template)."""
+    if settings.kafka_brokers == 1:
+        return render_template(
+            settings.deploy_dir / "kafka" / "server.properties.tmpl",
+            {
+                "kafka_port": settings.kafka_port,
+                "controller_port": settings.kafka_controller_port,
+                "log_dirs": log_dir(settings),
+            },
+        )
+    port, controller_port = _ports(settings, node)
     return render_template(
-        settings.deploy_dir / "kafka" / "server.properties.tmpl",
+        settings.deploy_dir / "kafka" / "cluster.properties.tmpl",
         {
-            "kafka_port": settings.kafka_port,
-            "controller_port": settings.kafka_controller_port,
-            "log_dirs": log_dir(settings),
+            "node_id": node,
+            "voters": ",".join(
+                f"{node_id}@127.0.0.1:{controller}"
+                for node_id, _, controller in settings.kafka_nodes
+            ),
+            "kafka_port": port,
+            "controller_port": controller_port,
+            "log_dirs": log_dir(settings, node),
         },
     )
 
@@ -177,6 +225,31 @@ def new_cluster_id() -> str:
             return text
 
 
+def _format_cluster_node(settings: StackSettings, node: int) -> None:
+    if (log_dir(settings, node) / "meta.properties").exists():
+        return
+    log_dir(settings, node).mkdir(parents=True, exist_ok=True)
+    # One cluster id for the three nodes, chosen by whichever is formatted first.
+    if not cluster_id_file(settings).exists():
+        write_file(cluster_id_file(settings), new_cluster_id() + "\n")
+    cluster_id = cluster_id_file(settings).read_text().strip()
+    log.info("formatting Kafka node %d storage in %s", node, log_dir(settings, node))
+    run_checked(
+        java_argv(
+            settings,
+            "kafka.tools.StorageTool",
+            "format",
+            "--cluster-id",
+            cluster_id,
+            "--config",
+            str(conf_file(settings, node)),
+            heap_mb=_TOOL_HEAP_MB,
+        ),
+        what=f"formatting Kafka node {node}'s storage",
+        timeout_s=120.0,
+    )
+
+
 def _format_storage(settings: StackSettings) -> None:
     if (log_dir(settings) / "meta.properties").exists():
         return
@@ -205,7 +278,7 @@ def _format_storage(settings: StackSettings) -> None:
 
 def _admin(settings: StackSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(
-        bootstrap_servers=f"127.0.0.1:{settings.kafka_port}",
+        bootstrap_servers=bootstrap_servers(settings),
         client_id="vigil-stack",
         request_timeout_ms=10_000,
     )
@@ -298,7 +371,7 @@ async def _ensure_topics_once(admin: AIOKafkaAdminClient, specs: tuple[TopicSpec
 
 async def ensure_topics(settings: StackSettings, timeout_s: float) -> None:
     """Create or fix the stack's topics; retried until the controller accepts them."""
-    specs = topic_specs(settings.kafka_partitions)
+    specs = topic_specs(settings.kafka_partitions, replication_factor=settings.kafka_brokers)
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -322,8 +395,55 @@ async def ensure_topics(settings: StackSettings, timeout_s: float) -> None:
 # Life cycle.
 
 
+def _start_cluster(settings: StackSettings) -> None:
+    """Start each node of the cluster that is not running, all before waiting on any: a KRaft
+    controller quorum elects a leader only once a majority of its voters is up."""
+    ensure_jars(settings)
+    deadline = time.monotonic() + settings.kafka_start_timeout_s
+    settings.kafka_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(settings.deploy_dir / "kafka" / "log4j2.yaml", log4j_file(settings))
+    started: list[tuple[Component, int, int, int]] = []
+    for node, port, controller_port in settings.kafka_nodes:
+        comp = component(settings, node)
+        if running_pid(comp) is not None:
+            continue
+        ensure_port_free(port, f"Kafka node {node}")
+        ensure_port_free(controller_port, f"the Kafka controller of node {node}")
+        node_dir(settings, node).mkdir(parents=True, exist_ok=True)
+        write_file(conf_file(settings, node), render_server_properties(settings, node))
+        _format_cluster_node(settings, node)
+        pid, offset = spawn(
+            comp,
+            java_argv(
+                settings,
+                "kafka.Kafka",
+                str(conf_file(settings, node)),
+                heap_mb=settings.kafka_cluster_heap_mb,
+            ),
+            cwd=node_dir(settings, node),
+        )
+        started.append((comp, port, pid, offset))
+    for comp, port, pid, offset in started:
+        wait_until(
+            comp,
+            functools.partial(port_accepts, port),
+            timeout_s=max(deadline - time.monotonic(), 1.0),
+            what=f"Kafka listener on 127.0.0.1:{port}",
+            pid=pid,
+            log_offset=offset,
+        )
+    try:
+        asyncio.run(ensure_topics(settings, timeout_s=max(deadline - time.monotonic(), 10.0)))
+    except StackError as exc:
+        comp = component(settings)
+        raise StackError(f"{exc}; last lines of {comp.log_file}:\n{tail(comp.log_file)}") from exc
+
+
 def start(settings: StackSettings) -> None:
     """Start the broker unless it runs; block until it accepts clients and the topics exist."""
+    if settings.kafka_brokers > 1:
+        _start_cluster(settings)
+        return
     comp = component(settings)
     deadline = time.monotonic() + settings.kafka_start_timeout_s
     if running_pid(comp) is None:

@@ -7,6 +7,7 @@ tests' ``.vigil-test``) can run side by side by changing only ``VIGIL_STACK_*`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,14 @@ class StackSettings(BaseSettings):
     mqtt_autosave_on_changes: bool = False
 
     kafka_heap_mb: int = Field(default=512, ge=128)
+    # 1: one KRaft node, broker and controller (the default). 3: a KRaft cluster of three such
+    # nodes, topics at replication factor 3 and min.insync.replicas 2 (docs/scaling.md). Node 1
+    # listens on kafka_port and kafka_controller_port; nodes 2 and 3 on kafka_cluster_ports:
+    # client port and controller port of node 2, then of node 3 (JSON, e.g. [14092,14093,14094,
+    # 14095]). Each node of a cluster has kafka_cluster_heap_mb.
+    kafka_brokers: Literal[1, 3] = 1
+    kafka_cluster_ports: tuple[int, ...] = ()
+    kafka_cluster_heap_mb: int = Field(default=256, ge=128)
     kafka_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
     kafka_libs_dir: Path = Field(default_factory=_default_kafka_libs_dir)
     # Lets CI (or a cold-start measurement) use its own Maven repository instead of ~/.m2.
@@ -100,6 +109,17 @@ class StackSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _cluster_ports(self) -> StackSettings:
+        wanted = 2 * (self.kafka_brokers - 1)
+        if self.kafka_brokers > 1 and len(self.kafka_cluster_ports) != wanted:
+            raise ValueError(
+                f"{self.kafka_brokers} Kafka brokers need VIGIL_STACK_KAFKA_CLUSTER_PORTS with "
+                f"{wanted} ports (client and controller port of each node after the first), "
+                f"got {list(self.kafka_cluster_ports)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _distinct_ports(self) -> StackSettings:
         ports = [
             self.mqtt_port,
@@ -109,6 +129,8 @@ class StackSettings(BaseSettings):
             self.pg_port,
             self.smtp_port,
         ]
+        if self.kafka_brokers > 1:
+            ports.extend(self.kafka_cluster_ports)
         if len(set(ports)) != len(ports):
             raise ValueError(f"the stack's ports must all differ, got {ports}")
         return self
@@ -144,6 +166,15 @@ class StackSettings(BaseSettings):
     @property
     def kafka_dir(self) -> Path:
         return self.data_dir / "kafka"
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int, int]]:
+        """(node id, client port, controller port) of each Kafka node, node 1 first."""
+        nodes = [(1, self.kafka_port, self.kafka_controller_port)]
+        if self.kafka_brokers > 1:
+            extra = self.kafka_cluster_ports
+            nodes += [(2 + i, extra[2 * i], extra[2 * i + 1]) for i in range(len(extra) // 2)]
+        return nodes
 
     @property
     def postgres_dir(self) -> Path:

@@ -38,12 +38,15 @@ _MARKER_TEXT: Final = "This directory holds a Vigil local stack; `down --purge` 
 
 
 def components(settings: StackSettings) -> list[Component]:
-    return [
+    listed = [
         mosquitto.component(settings),
         kafka.component(settings),
         postgres.component(settings),
         mail.component(settings),
     ]
+    if settings.kafka_brokers > 1:
+        listed[2:2] = kafka.cluster_components(settings)
+    return listed
 
 
 def _starters() -> dict[str, Callable[[StackSettings], None]]:
@@ -103,7 +106,11 @@ def down(settings: StackSettings, purge: bool = False) -> None:
 
     Safe when nothing runs and when data_dir does not exist.
     """
-    stopping = [(comp, pid) for comp in components(settings) if (pid := signal_component(comp))]
+    every = components(settings)
+    if settings.kafka_brokers == 1:
+        # A cluster's other nodes, should one run here: stopped too.
+        every += kafka.cluster_components(settings)
+    stopping = [(comp, pid) for comp in every if (pid := signal_component(comp))]
     # Signalled all at once above, then awaited: the components shut down in parallel.
     errors: list[str] = []
     for comp, pid in stopping:
@@ -152,7 +159,7 @@ def stack_env(settings: StackSettings) -> dict[str, str]:
         # purpose: that switches ingest to TLS, right only with VIGIL_MQTT_PORT on the TLS port.
         "VIGIL_MQTT_TLS_PORT": str(settings.mqtt_tls_port),
         "VIGIL_MQTT_TLS_CA_FILE": str(ca_cert_file(settings)),
-        "VIGIL_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{settings.kafka_port}",
+        "VIGIL_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers(settings),
         "VIGIL_PG_DSN": postgres.app_dsn(settings, secrets.pg_vigil_password),
         "VIGIL_INGEST_MQTT_USERNAME": INGEST_MQTT_USER,
         "VIGIL_INGEST_MQTT_PASSWORD": secrets.mqtt_ingest_password,
