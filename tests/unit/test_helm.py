@@ -448,3 +448,28 @@ def test_smtp_login_is_optional_and_complete(helm: str) -> None:
     rendered = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
     env = env_of(container(rendered, "notify"))
     assert "VIGIL_NOTIFY_SMTP_USERNAME" not in env and "VIGIL_NOTIFY_SMTP_PASSWORD" not in env
+
+
+def test_the_kubernetes_scrape_config_finds_the_pods_the_rules_name(
+    manifests: list[dict[str, Any]],
+) -> None:
+    """deploy/prometheus/scrape-kubernetes.yml keeps the chart's annotated pods and names their
+    jobs vigil-<component>: exactly the jobs the alerting rules expect."""
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "scrape-kubernetes.yml").read_text())
+    (scrape,) = config["scrape_configs"]
+    relabel = {tuple(r["source_labels"]): r for r in scrape["relabel_configs"]}
+    name_rule = relabel[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)]
+    job_rule = relabel[("__meta_kubernetes_pod_label_app_kubernetes_io_component",)]
+    assert job_rule["target_label"] == "job" and job_rule["replacement"] == "vigil-$1"
+    scraped = set()
+    for manifest in manifests:
+        if manifest["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = manifest["spec"]["template"]["metadata"]
+        if pod.get("annotations", {}).get("prometheus.io/scrape") == "true":
+            assert re.fullmatch(name_rule["regex"], pod["labels"]["app.kubernetes.io/name"])
+            scraped.add(f"vigil-{pod['labels']['app.kubernetes.io/component']}")
+    rules = (ROOT / "deploy" / "prometheus" / "vigil-alerts.yml").read_text()
+    expected = re.search(r'up\{job=~"vigil-\((\w+(?:\|\w+)*)\)"\}', rules)
+    assert expected
+    assert scraped == {f"vigil-{job}" for job in expected.group(1).split("|")}
