@@ -14,13 +14,16 @@ state and its watermark, to another instance as a unit. The watermark is therefo
 partition (the largest device time seen on it, minus the allowed lateness).
 
 Configuration: the built-in defaults from settings, then care-team protocols, patient overrides
-and profiles from PostgreSQL (migration 0004), pinned into one ``RulesConfig`` at start-up. The
-config JSON is also written to the state topic under ``__config__/<config_version>``, so a
-replay can load exactly the configuration an alert names. ``ConfigWatch`` re-reads the
-configuration every ``config_reload_s`` seconds while the service runs; a new ``config_version``
-is swapped into every engine between two transactions (patient state kept, timers armed from
-old thresholds re-armed when the new ones bring them forward), in a transaction of its own that
-writes the new ``__config__/<config_version>`` record and the state of every patient whose
+and the profiles of monitored patients from PostgreSQL (migration 0004), pinned into one
+``RulesConfig`` at start-up and recorded there in pieces (``adapters/config_store.py``). The
+state topic gets a record of constant size under ``__config__/<config_version>``: the label,
+the content hash that names the stored config, and the config without its patient profiles
+(whole, when it has none), so a replay can load exactly the configuration an alert names.
+``ConfigWatch`` re-reads the configuration every ``config_reload_s`` seconds while the service
+runs; a new ``config_version`` is swapped into every engine between two transactions (patient
+state kept, timers armed from old thresholds re-armed when the new ones bring them forward;
+only the patients the change touched are recompiled and re-armed), in a transaction of its own
+that writes the new ``__config__/<config_version>`` record and the state of every patient whose
 deadlines moved. A configuration that fails to load or to compile keeps the old one running.
 
 Operations: ``RulesMetrics`` (``adapters/metrics.py``) is fed from the processing loop and
@@ -55,6 +58,11 @@ from services.rules.adapters.codec import decode_observation
 from services.rules.adapters.config_store import RulesConfigSource
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.domain.config import RulesCompiler, RulesConfig, Thresholds
+from services.rules.domain.config_pieces import (
+    ConfigDelta,
+    changed_patients,
+    content_hash,
+)
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.heartbeat import HEARTBEAT_CODE
 from services.rules.settings import RulesSettings
@@ -75,6 +83,8 @@ def _config_source(settings: RulesSettings, defaults: Thresholds) -> RulesConfig
         arrival_lateness_s=settings.arrival_lateness_s,
         outage_gap_s=settings.outage_gap_s,
         resume_grace_s=settings.resume_grace_s,
+        unbound_days=settings.monitor_unbound_days,
+        cycle_days=settings.monitor_cycle_days,
     )
 
 
@@ -151,15 +161,28 @@ class ConfigWatch:
         current: RulesConfig,
         interval_s: float,
         metrics: RulesMetrics | None = None,
+        *,
+        delta: Callable[[], tuple[str | None, ConfigDelta]] | None = None,
+        compiler: RulesCompiler | None = None,
     ) -> None:
+        """``delta``: what the last load changed, and the ``config_version`` it changed from
+        (``RulesConfigSource.delta``); without it every change recompiles every patient.
+        ``compiler``: the one compiling ``current``."""
         self._load = load
+        self._delta = delta
         self._metrics = metrics
         self.current_version = current.config_version
         self.interval_s = interval_s
         self.pending: RulesConfig | None = None
         # The compiler of the newest config checked: it has compiled every patient, and the
         # swap hands it to the engines, so they compile nothing again.
-        self.compiled: RulesCompiler | None = None
+        self.compiled: RulesCompiler | None = (
+            compiler if compiler is not None and compiler.config is current else None
+        )
+        # The patients whose rules differ between the config in force and the pending one
+        # (None: any may), so the swap re-arms only them.
+        self.pending_patients: set[str] | None = set()
+        self.taken_patients: set[str] | None = set()
         self.failures = 0
         self.swaps = 0
 
@@ -167,15 +190,27 @@ class ConfigWatch:
         """Load the configuration once; the changed config (also left pending), or None."""
         try:
             config = await asyncio.wait_for(self._load(), timeout=max(30.0, self.interval_s))
+            previous = self.compiled
             if config.config_version == self.current_version:
                 self.pending = None
+                self.pending_patients = set()
                 return None
-            # Compile every patient's rules now, off the hot path: an override that validates as
-            # JSON but not as thresholds must be refused here, not when its patient next reports.
-            # In a worker thread, as the build is: the loop goes on deciding alerts meanwhile
-            # (the compiler is new, and no engine sees it before the swap).
+            if previous is not None and previous.config.config_version == config.config_version:
+                return config  # already checked and pending
+            patients: set[str] | None = None
+            if self._delta is not None and previous is not None:
+                since, delta = self._delta()
+                if since == previous.config.config_version:
+                    patients = changed_patients(config, delta)
+            # Compile the changed patients' rules now, off the hot path: an override that
+            # validates as JSON but not as thresholds must be refused here, not when its
+            # patient next reports. In a worker thread, as the build is: the loop goes on
+            # deciding alerts meanwhile (the compiler is new, and no engine sees it before the
+            # swap). Every other patient keeps what the previous compiler compiled.
             compiler = RulesCompiler(config)
-            await asyncio.to_thread(compiler.compile_profiles)
+            if previous is not None and patients is not None:
+                compiler.keep_from(previous, patients, since_teams(self._delta))
+            await asyncio.to_thread(compiler.compile_patients, patients)
         except Exception as error:  # any failure keeps the running config
             self.failures += 1
             if self._metrics is not None:
@@ -191,11 +226,17 @@ class ConfigWatch:
             return None
         self.pending = config
         self.compiled = compiler
+        if patients is None or self.pending_patients is None:
+            self.pending_patients = None
+        else:
+            self.pending_patients |= patients
         return config
 
     def take(self) -> RulesConfig | None:
-        """The changed configuration to swap in now, if any; marks it current."""
+        """The changed configuration to swap in now, if any; marks it current.
+        ``taken_patients`` then names the patients it changes (None: any)."""
         config, self.pending = self.pending, None
+        self.taken_patients, self.pending_patients = self.pending_patients, set()
         if config is not None:
             self.current_version = config.config_version
             self.swaps += 1
@@ -209,6 +250,11 @@ class ConfigWatch:
                 await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
             except TimeoutError:
                 await self.check_once()
+
+
+def since_teams(delta: Callable[[], tuple[str | None, ConfigDelta]] | None) -> frozenset[str]:
+    """The care teams whose protocol the last load changed."""
+    return delta()[1].teams if delta is not None else frozenset()
 
 
 class PartitionEngines(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -306,13 +352,31 @@ async def send_state(
     return futures
 
 
+def config_record(config: RulesConfig, digest: str | None = None) -> bytes:
+    """The state topic's record of ``config``: its label, the content hash it is stored under
+    in PostgreSQL (``digest``, when the caller has it), how many patient profiles it has, and
+    the config without them (the whole config, when it has none). Its size does not grow with
+    the number of patients; a replay loads the profiles by the content hash."""
+    return orjson.dumps(
+        {
+            "config_version": config.config_version,
+            "content_hash": digest if digest is not None else content_hash(config),
+            "profiles": len(config.profiles),
+            "config": config.model_dump(mode="json", exclude={"profiles"}),
+        }
+    )
+
+
 async def write_config(
-    settings: RulesSettings, producer: AIOKafkaProducer, config: RulesConfig
+    settings: RulesSettings,
+    producer: AIOKafkaProducer,
+    config: RulesConfig,
+    digest: str | None = None,
 ) -> Any:
-    """Pin ``config`` on the state topic (inside the caller's transaction)."""
+    """Pin ``config`` on the state topic (inside the caller's transaction): ``config_record``."""
     return await producer.send(
         settings.state_topic,
-        config.model_dump_json().encode(),
+        config_record(config, digest),
         key=CONFIG_KEY.format(version=config.config_version).encode(),
         partition=0,
     )
@@ -324,11 +388,15 @@ async def swap_config(
     partitions: PartitionEngines,
     config: RulesConfig,
     compiler: RulesCompiler | None = None,
+    patients: set[str] | None = None,
+    digest: str | None = None,
 ) -> None:
     """Put ``config`` in force in every engine, between two batches, in one transaction: the
     config record and the state of every patient whose armed deadlines moved. A restart after
     it finds the re-armed deadlines; a crash before it commits restarts on the store's config.
-    ``compiler``: the one that checked ``config`` (``ConfigWatch.compiled``), if at hand."""
+    ``compiler``: the one that checked ``config`` (``ConfigWatch.compiled``), if at hand;
+    ``patients``: the only patients whose rules changed (None: any); ``digest``: the config's
+    content hash, if known."""
     old = partitions.config.config_version
     if compiler is None or compiler.config is not config:
         compiler = RulesCompiler(config)
@@ -337,9 +405,9 @@ async def swap_config(
     moved = 0
     await producer.begin_transaction()
     try:
-        sends = [await write_config(settings, producer, config)]
+        sends = [await write_config(settings, producer, config, digest)]
         for partition, engine in partitions.engines.items():
-            moved += len(engine.reconfigure(config, compiler))
+            moved += len(engine.reconfigure(config, compiler, patients))
             sends += await send_state(
                 producer,
                 settings.state_topic,
@@ -433,11 +501,13 @@ async def _consume(
         config,
         settings.config_reload_s,
         metrics=metrics,
+        delta=lambda: (config_source.delta_from, config_source.delta),
+        compiler=partitions.compiler,
     )
     watching: asyncio.Future[None] | None = None
     try:
         async with producer.transaction():
-            await (await write_config(settings, producer, config))
+            await (await write_config(settings, producer, config, _digest(config_source, config)))
         readiness.last_transaction_committed = True
         await consumer.start()
         log.info(
@@ -453,7 +523,15 @@ async def _consume(
         while not stop.is_set():
             changed = watch.take()
             if changed is not None:
-                await swap_config(settings, producer, partitions, changed, watch.compiled)
+                await swap_config(
+                    settings,
+                    producer,
+                    partitions,
+                    changed,
+                    watch.compiled,
+                    watch.taken_patients,
+                    _digest(config_source, changed),
+                )
             owned = consumer.assignment()
             readiness.assigned = frozenset(tp.partition for tp in owned)
             await partitions.prepare(sorted(readiness.assigned))
@@ -479,6 +557,14 @@ async def _consume(
         readiness.producer_started = False
         await consumer.stop()
         await producer.stop()
+
+
+def _digest(source: RulesConfigSource, config: RulesConfig) -> str | None:
+    """The content hash of ``config`` when ``source`` loaded it (None: compute it)."""
+    manifest = source.manifest
+    if manifest is not None and manifest.label == config.config_version:
+        return manifest.content_hash
+    return None
 
 
 async def _update_lag(

@@ -76,6 +76,13 @@ class RulesSettings(ServiceSettings):
     # How often the running service re-reads its configuration (a threshold a charge nurse
     # signed off, a new patient's profile); 0 turns hot reload off.
     config_reload_s: float = Field(default=5.0, ge=0)
+    # Which patients are in the configuration (the monitored ones, adapters/config_store.py):
+    # those with a device binding open or closed less than this many days ago (ingest accepts
+    # readings up to its clock-behind limit late, a week by default) ...
+    monitor_unbound_days: float = Field(default=7.0, ge=0)
+    # ... or whose newest cycle started less than this many days ago (a 28-day infusion and
+    # up to 7 days of interruption within the same cycle).
+    monitor_cycle_days: float = Field(default=35.0, ge=0)
     # A pinned RulesConfig JSON file (e.g. the one an alert's config_version names): when set,
     # it is the whole configuration, and neither the thresholds above nor PostgreSQL apply.
     config_file: Path | None = None

@@ -5,7 +5,8 @@ The service runs in this process on private topics with its configuration from t
 PostgreSQL, re-read every half second. A 38.1 °C reading does not page under the default
 38.3 °C; the test then inserts an override lowering the patient's threshold to 38.0 °C, waits
 until the service has pinned a configuration holding it (its ``__config__/<version>`` record on
-the state topic), and a second 38.1 °C reading pages, naming that new ``config_version``.
+the state topic names the content hash under which the config is stored in PostgreSQL), and a
+second 38.1 °C reading pages, naming that new ``config_version``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.events import Alert
-from services.rules.domain.config import RulesConfig
 from services.rules.testing import Home
+from tests.integration.test_rules_config_store import bind, unbind
 from tests.kafka_helpers import create_rules_topics, rules_settings
 from vigil.kafka import encode, make_producer
+from vigil.replay import config_store
+from vigil.replay.engine_port import PinnedRules
 from vigil.settings import KafkaSettings
 
 pytestmark = pytest.mark.stack
@@ -84,9 +87,11 @@ async def registered(pg_dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str
         patient,
         team,
     )
+    await bind(conn, patient)  # monitored: only monitored patients are in the config
     try:
         yield conn, patient
     finally:
+        await unbind(conn, [patient])
         await conn.execute("DELETE FROM patient_rule_overrides WHERE patient_id = $1", patient)
         await conn.execute("DELETE FROM patients WHERE patient_id = $1", patient)
         await conn.execute("DELETE FROM care_teams WHERE care_team_id = $1", team)
@@ -150,13 +155,21 @@ async def test_an_override_signed_off_while_rules_runs_pages_the_next_reading(
             datetime.now(UTC),
         )
 
+        async def pinned(record: bytes) -> PinnedRules:
+            """The config a state-topic record names, loaded from PostgreSQL by its hash."""
+            named = orjson.loads(record)
+            rules = await config_store.load_config(conn, named["content_hash"])
+            assert rules.label == named["config_version"]
+            assert rules.content_hash == named["content_hash"]
+            return rules
+
         async def pinned_with_override() -> str | None:
             for key, value in await state_records():
                 if not key.startswith(b"__config__/"):
                     continue
-                config = RulesConfig.model_validate(orjson.loads(value))
-                if config.thresholds_for(patient).fever_single_c == 38.0:
-                    return config.config_version
+                rules = await pinned(value)
+                if rules.config.thresholds_for(patient).fever_single_c == 38.0:
+                    return rules.label
             return None
 
         version = await wait_for(pinned_with_override, "a reloaded config with the override")
@@ -170,14 +183,16 @@ async def test_an_override_signed_off_while_rules_runs_pages_the_next_reading(
         # The alert names a config the service pinned, and that config holds the override (a
         # later reload, from another run's rows, may have superseded the first one we saw).
         assert alert.config_version is not None and alert.config_version.startswith("pg-")
-        pinned = {
+        pinned_records = {
             key.decode().removeprefix("__config__/"): value
             for key, value in await state_records()
             if key.startswith(b"__config__/")
         }
-        named = RulesConfig.model_validate(orjson.loads(pinned[alert.config_version]))
+        named = (await pinned(pinned_records[alert.config_version])).config
         assert named.thresholds_for(patient).fever_single_c == 38.0
-        assert version in pinned
+        assert version in pinned_records
+        # The records do not carry the profiles: each is far smaller than the config.
+        assert all(len(value) < 8_192 for value in pinned_records.values())
     finally:
         await producer.stop()
         stop.set()

@@ -1,6 +1,7 @@
 """Per-patient thresholds from the real PostgreSQL (migration 0004) into a pinned RulesConfig:
 the care-team protocol, the patient's override on top, the newest version of each, the weight
-and the newest treatment cycle as the profile, and a digest version that follows the content."""
+and the newest treatment cycle as the profile, and a digest version that follows the content.
+Only monitored patients (a binding open or closed lately, or a recent cycle) are in it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -36,6 +37,37 @@ async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await connection.close()
 
 
+async def bind(
+    conn: asyncpg.Connection,
+    patient: str,
+    *,
+    ago: timedelta = timedelta(days=1),
+    closed_ago: timedelta | None = None,
+) -> None:
+    """Bind a thermometer of the patient's own (open, or closed ``closed_ago`` back)."""
+    device = f"thermo-{patient}"
+    now = datetime.now(UTC)
+    await conn.execute(
+        "INSERT INTO devices (device_id, kind) VALUES ($1, 'thermometer') ON CONFLICT DO NOTHING",
+        device,
+    )
+    await conn.execute(
+        "INSERT INTO device_bindings (device_id, patient_id, valid_from, valid_to)"
+        " VALUES ($1, $2, $3, $4)",
+        device,
+        patient,
+        now - ago,
+        None if closed_ago is None else now - closed_ago,
+    )
+
+
+async def unbind(conn: asyncpg.Connection, patients: list[str]) -> None:
+    await conn.execute("DELETE FROM device_bindings WHERE patient_id = ANY($1)", patients)
+    await conn.execute(
+        "DELETE FROM devices WHERE device_id = ANY($1)", [f"thermo-{p}" for p in patients]
+    )
+
+
 async def seed(conn: asyncpg.Connection, run: str) -> tuple[str, str, str]:
     team, child, other = f"team-{run}", f"P-{run}-child", f"P-{run}-other"
     await conn.execute(
@@ -50,6 +82,7 @@ async def seed(conn: asyncpg.Connection, run: str) -> tuple[str, str, str]:
             team,
             weight,
         )
+        await bind(conn, patient)
     for version, overrides in ((1, {"fever_single_c": 38.5}), (2, {"fever_single_c": 38.2})):
         await conn.execute(
             "INSERT INTO rule_protocols (care_team_id, version, overrides, signed_off_by, "
@@ -76,6 +109,7 @@ async def seed(conn: asyncpg.Connection, run: str) -> tuple[str, str, str]:
 
 
 async def cleanup(conn: asyncpg.Connection, team: str, patients: tuple[str, ...]) -> None:
+    await unbind(conn, list(patients))
     await conn.execute("DELETE FROM patient_cycles WHERE patient_id = ANY($1)", list(patients))
     await conn.execute(
         "DELETE FROM patient_rule_overrides WHERE patient_id = ANY($1)", list(patients)
@@ -272,3 +306,38 @@ async def test_a_changed_config_is_built_off_the_event_loop(
         assert len(built_in) == 1
     finally:
         await cleanup(conn, team, (child, other))
+
+
+async def test_only_monitored_patients_are_in_the_config(conn: asyncpg.Connection) -> None:
+    """An open binding, a binding closed two days ago and a cycle started ten days ago each
+    make a patient monitored; a binding closed eight days ago (past the seven-day window) with
+    no recent cycle, or an old cycle alone, does not: a discharged patient is not loaded."""
+    run = uuid.uuid4().hex[:8]
+    team = f"team-{run}"
+    await conn.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) "
+        "VALUES ($1, $1, 'x@example.org')",
+        team,
+    )
+    names = {k: f"P-{run}-{k}" for k in ("open", "closed2", "cycle10", "closed8", "cycle60")}
+    for patient in names.values():
+        await conn.execute(
+            "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+        )
+    now = datetime.now(UTC)
+    try:
+        await bind(conn, names["open"])
+        await bind(conn, names["closed2"], ago=timedelta(days=30), closed_ago=timedelta(days=2))
+        await bind(conn, names["closed8"], ago=timedelta(days=30), closed_ago=timedelta(days=8))
+        for key, days in (("cycle10", 10), ("cycle60", 60)):
+            await conn.execute(
+                "INSERT INTO patient_cycles (patient_id, cycle_start, step_up_day)"
+                " VALUES ($1, $2, 8)",
+                names[key],
+                now - timedelta(days=days),
+            )
+        config = await load_rules_config(conn, Thresholds(), allowed_lateness_s=60)
+        inside = {k for k, p in names.items() if p in config.profiles}
+        assert inside == {"open", "closed2", "cycle10"}
+    finally:
+        await cleanup(conn, team, tuple(names.values()))

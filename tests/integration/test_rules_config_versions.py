@@ -23,6 +23,7 @@ from services.rules.adapters.config_store import (
 )
 from services.rules.domain.config import RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
+from tests.integration.test_rules_config_store import bind, unbind
 from vigil.replay import config_store
 from vigil.replay.cli import main as replay_main
 from vigil.replay.synthetic import FeverEpisode, course
@@ -58,9 +59,11 @@ async def child(conn: asyncpg.Connection) -> AsyncIterator[str]:
         team,
     )
     await protocol(conn, team, 1, {"fever_single_c": 38.2})
+    await bind(conn, patient)
     try:
         yield patient
     finally:
+        await unbind(conn, [patient])
         await conn.execute("DELETE FROM patients WHERE patient_id = $1", patient)
         await conn.execute("DELETE FROM rule_protocols WHERE care_team_id = $1", team)
         await conn.execute("DELETE FROM care_teams WHERE care_team_id = $1", team)
@@ -102,7 +105,7 @@ async def test_a_loaded_config_is_stored_once_and_an_alerts_label_loads_its_thre
     config = await load(conn)
     digest = content_hash(config)
     row = await conn.fetchrow(
-        "SELECT config->>'config_version' AS label, created_by FROM rules_config_versions"
+        "SELECT config_version AS label, created_by FROM rules_config_manifests"
         " WHERE content_hash = $1",
         digest,
     )

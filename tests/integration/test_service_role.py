@@ -48,7 +48,13 @@ async def test_the_service_role_writes_rows_and_only_appends_to_the_audit_log(
     pg_dsn: str, service_role: str
 ) -> None:
     granted = await grant_service_role(pg_dsn, service_role)
-    assert {"audit_log", "rules_config_versions"} == set(granted["append_only"])
+    assert {
+        "audit_log",
+        "rules_config_versions",
+        "rules_config_pieces",
+        "rules_config_manifests",
+        "rules_config_manifest_changes",
+    } == set(granted["append_only"])
     assert {"alerts", "pages", "escalations", "temperature_readings"} <= set(granted["tables"])
     assert "schema_migrations" in granted["tables"]
 

@@ -8,10 +8,10 @@ very decoder the live service uses, from archive rows (``sources.event_from_row`
 field, since ingest stored the normalised values), or from ``Telemetry``: no per-event
 pydantic validation on the hot path, and no second decoder that could disagree with the live one.
 The config is the rules service's own ``RulesConfig`` (JSON: defaults, care-team protocols, patient
-profiles and overrides, allowed lateness); its content hash (sha256 of the canonical JSON of the
-validated config, so two spellings of one config hash alike) is the rules adapter's
-(``services/rules/adapters/config_store.py``), the very name under which the rules service
-records each config it loads; this module pins a config by it and builds the engine from it.
+profiles and overrides, allowed lateness); its content hash (the sha256 of its label and of
+the canonical JSON of each of its pieces, ``services/rules/domain/config_pieces.py``, so two
+spellings of one config hash alike) is the very name under which the rules service records each
+config it loads; this module pins a config by it and builds the engine from it.
 When the engine's construction changes, only this file changes.
 """
 

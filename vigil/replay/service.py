@@ -25,6 +25,7 @@ from vigil.audit.actions import AuditAction
 from vigil.replay import config_store
 from vigil.replay.compare import AlertDiffReport, diff_alerts
 from vigil.replay.engine_port import (
+    ConfigError,
     PinnedRules,
     default_rules,
     load_rules_file,
@@ -215,8 +216,29 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
+async def _pin_live(raw: dict[str, Any], label: str, conn: Any, dsn: str) -> PinnedRules:
+    """The config a state-topic record names: whole in the record when it has no patient
+    profiles, else loaded from PostgreSQL by the content hash the record names (on ``conn``,
+    or a read-only connection of its own); either way checked against that hash."""
+    if "content_hash" not in raw:
+        return pin(raw)  # written whole, before the config was stored in pieces
+    digest = str(raw["content_hash"])
+    if int(raw.get("profiles", 0)) == 0:
+        rules = pin({**raw["config"], "config_version": label})
+    else:
+        own = None if conn is not None else await read_only_connection(dsn)
+        try:
+            rules = await config_store.load_config(conn if own is None else own, digest)
+        finally:
+            if own is not None:
+                await own.close()
+    if rules.content_hash != digest or rules.label != label:
+        raise ConfigError(f"the state topic's config {label} does not load as {digest}")
+    return rules
+
+
 async def _pin(
-    choice: RulesChoice, conn: Any, kafka: KafkaSettings, state_topic: str
+    choice: RulesChoice, conn: Any, kafka: KafkaSettings, state_topic: str, dsn: str
 ) -> PinnedRules:
     if choice.file is not None:
         return load_rules_file(choice.file)
@@ -229,7 +251,7 @@ async def _pin(
             )
         finally:
             await consumer.stop()
-        return pin(raw)
+        return await _pin_live(raw, choice.live, conn, dsn)
     if choice.version is not None:
         return await config_store.load_config(conn, choice.version)
     if choice.at is not None:
@@ -431,12 +453,12 @@ async def run_replay(
             conn = await read_only_connection(dsn)
             stack.push_async_callback(conn.close)
         kafka = kafka or KafkaSettings()
-        primary_rules = await _pin(request.rules, conn, kafka, request.state_topic)
+        primary_rules = await _pin(request.rules, conn, kafka, request.state_topic, dsn)
         candidate_rules: PinnedRules | None = None
         if request.candidate is not None and request.candidate.what_if:
             candidate_rules = with_overrides(primary_rules, dict(request.candidate.what_if))
         elif request.candidate is not None:
-            candidate_rules = await _pin(request.candidate, conn, kafka, request.state_topic)
+            candidate_rules = await _pin(request.candidate, conn, kafka, request.state_topic, dsn)
 
         patients = request.patient_ids
         if request.care_team_id is not None:

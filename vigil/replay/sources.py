@@ -519,8 +519,11 @@ CONFIG_KEY_PREFIX = "__config__/"
 async def config_from_state_topic(
     consumer: AIOKafkaConsumer, bootstrap_servers: str, state_topic: str, version: str
 ) -> dict[str, Any]:
-    """The RulesConfig JSON the live rules service pinned as ``version`` (what an alert's
-    ``config_version`` names), read from partition 0 of its compacted state topic."""
+    """The record the live rules service pinned ``version`` with (what an alert's
+    ``config_version`` names), read from partition 0 of its compacted state topic: the label,
+    the content hash the config is stored under in PostgreSQL, its number of patient profiles
+    and the config without them (``services.rules.app.config_record``); or, written before
+    the config was stored in pieces, the whole RulesConfig JSON."""
     plan = await plan_partitions(
         consumer,
         state_topic,
