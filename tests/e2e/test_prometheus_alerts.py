@@ -1,0 +1,229 @@
+"""A real Prometheus (Debian's package, on loopback, its own temporary configuration and
+storage, scraping and evaluating every second) scrapes ingest, rules and notify running against
+the real stack, loads deploy/prometheus/vigil-alerts.yml, and fires VigilDeadLetters when ingest
+dead-letters a message this test publishes; before that, with every target up and the rules
+evaluated, the alert is not firing (the positive control). Bounded in time; Prometheus is
+stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
+from schemas.topics import MQTT_PREFIX, MQTT_SUBSCRIPTION
+from tests.broker_faults import free_port
+from tests.e2e.conftest import drop_mqtt_session, open_mqtt_session, publish, start_group_at_end
+from tests.ops_scrape import http_get, scrape, value
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "vigil-alerts.yml"
+T = TypeVar("T")
+
+
+@dataclass
+class Services:
+    ports: dict[str, int]  # job name -> ops port
+
+
+async def until(
+    check: Callable[[], Awaitable[T | None]], within_s: float, what: str, every_s: float = 0.25
+) -> T:
+    """Poll ``check`` until it returns something other than None, at most ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = await check()
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, f"not within {within_s} s: {what}"
+        await asyncio.sleep(every_s)
+
+
+@pytest.fixture
+async def services(stack_env: dict[str, str]) -> AsyncIterator[Services]:
+    """Ingest, rules and notify on ops ports of their own, on fresh groups, until /readyz."""
+    from services.ingest.app import run as run_ingest
+    from services.ingest.settings import IngestSettings
+    from services.notify.app import run as run_notify
+    from services.notify.settings import NotifySettings
+    from services.rules.app import run as run_rules
+    from services.rules.settings import RulesSettings
+
+    run_id = uuid.uuid4().hex[:8]
+    ports = {"vigil-ingest": free_port(), "vigil-rules": free_port(), "vigil-notify": free_port()}
+    ingest = IngestSettings(
+        mqtt_client_id=f"ingest-prom-{run_id}",
+        mqtt_share_group=f"ingest-prom-{run_id}",
+        metrics_port=ports["vigil-ingest"],
+    )
+    rules = RulesSettings(
+        group_id=f"rules-prom-{run_id}",
+        transactional_id=f"rules-prom-{run_id}",
+        ops_port=ports["vigil-rules"],
+    )
+    notify = NotifySettings(group_id=f"notify-prom-{run_id}", ops_port=ports["vigil-notify"])
+    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    await start_group_at_end(bootstrap, rules.group_id, TELEMETRY_TOPIC)
+    await start_group_at_end(bootstrap, notify.group_id, ALERTS_TOPIC)
+    await open_mqtt_session(
+        stack_env, ingest.mqtt_client_id, f"$share/{ingest.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
+    )
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_ingest(ingest, stop), name="ingest"),
+        asyncio.create_task(run_rules(rules, stop), name="rules"),
+        asyncio.create_task(run_notify(notify, stop), name="notify"),
+    ]
+    try:
+        for job, port in ports.items():
+
+            async def ready(port: int = port) -> bool | None:
+                for task in tasks:
+                    if task.done():
+                        task.result()  # a start-up failure is the test's error
+                try:
+                    status, _ = await http_get(port, "/readyz")
+                except OSError:
+                    return None
+                return True if status == 200 else None
+
+            await until(ready, 90, f"{job} ready")
+        yield Services(ports=ports)
+    finally:
+        stop.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await drop_mqtt_session(stack_env, ingest.mqtt_client_id)
+        for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
+            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
+
+
+@pytest.fixture
+def prometheus(services: Services, tmp_path: Path) -> Any:
+    """Prometheus scraping the three services every second, with Vigil's alerting rules."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: `make setup` installs Debian's prometheus package"
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+            for job, port in services.ports.items()
+        ],
+    }
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+
+
+async def api(base: str, path: str) -> Any:
+    """GET a Prometheus API path; None while Prometheus is not answering yet."""
+
+    def get() -> Any:
+        try:
+            with urllib.request.urlopen(f"{base}{path}", timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    return await asyncio.to_thread(get)
+
+
+def firing(alerts: Any, name: str, **labels: str) -> list[dict[str, Any]]:
+    return [
+        alert
+        for alert in alerts["data"]["alerts"]
+        if alert["labels"]["alertname"] == name
+        and alert["state"] == "firing"
+        and all(alert["labels"].get(k) == v for k, v in labels.items())
+    ]
+
+
+async def test_a_dead_letter_fires_the_alert_in_a_real_prometheus(
+    stack_env: dict[str, str], services: Services, prometheus: str
+) -> None:
+    async def targets_up() -> bool | None:
+        found = await api(prometheus, "/api/v1/targets")
+        if found is None:
+            return None
+        health = {t["labels"]["job"]: t["health"] for t in found["data"]["activeTargets"]}
+        return True if health == dict.fromkeys(services.ports, "up") else None
+
+    await until(targets_up, 60, "Prometheus scraping all three services")
+    scraped_at = time.time()
+
+    async def evaluated() -> bool | None:
+        found = await api(prometheus, "/api/v1/rules")
+        (group,) = found["data"]["groups"]
+        if group["lastEvaluation"].startswith("0001"):
+            return None
+        names = {rule["name"] for rule in group["rules"]}
+        assert "VigilDeadLetters" in names and all(r["health"] == "ok" for r in group["rules"])
+        last = group["lastEvaluation"].rstrip("Z")[:26]
+        at = datetime.fromisoformat(last).replace(tzinfo=UTC).timestamp()
+        return True if at > scraped_at + 1 else None
+
+    await until(evaluated, 30, "the rules evaluated after the targets came up")
+    before = await api(prometheus, "/api/v1/alerts")
+    assert not firing(before, "VigilDeadLetters"), before
+    assert not firing(before, "VigilServiceDown"), before
+
+    # An unregistered device's garbage: ingest dead-letters it as invalid_json.
+    device = f"prom-{uuid.uuid4().hex[:8]}"
+    await publish(stack_env, f"{MQTT_PREFIX}/{device}/temperature", b"not json at all")
+
+    async def rejected() -> float | None:
+        count = value(
+            await scrape(services.ports["vigil-ingest"]),
+            "vigil_ingest_rejected_total",
+            reason="invalid_json",
+        )
+        return count if count >= 1 else None
+
+    await until(rejected, 30, "ingest dead-lettered the message")
+
+    async def alert_fired() -> list[dict[str, Any]] | None:
+        alerts = await api(prometheus, "/api/v1/alerts")
+        found = firing(alerts, "VigilDeadLetters", job="vigil-ingest", reason="invalid_json")
+        return found or None
+
+    (alert,) = await until(alert_fired, 60, "VigilDeadLetters firing in Prometheus")
+    assert alert["labels"]["severity"] == "warning"
+    assert "invalid_json" in alert["annotations"]["summary"]
+    assert float(alert["value"]) >= 1
