@@ -217,6 +217,7 @@ def build_escalation(
             fallback_email=settings.fallback_email,
             group_wait_s=settings.group_wait_s,
             technical_hold_s=settings.technical_hold_s,
+            silence_hold_s=settings.silence_hold_s,
         ),
         clock=clock,
         outages=outages,

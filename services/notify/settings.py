@@ -15,7 +15,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
 from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
-from services.notify.domain.technical_hold import DEFAULT_TECHNICAL_HOLD_S
+from services.notify.domain.technical_hold import DEFAULT_SILENCE_HOLD_S, DEFAULT_TECHNICAL_HOLD_S
 from vigil.environment import (
     MIN_SECRET_LENGTH,
     ServiceSettings,
@@ -111,6 +111,16 @@ class NotifySettings(ServiceSettings):
         description=(
             "A technical alert of medium, low or info priority is paged only if still open this "
             "long after it arrived; one that ends sooner is recorded, not paged (0: off)."
+        ),
+    )
+    silence_hold_s: float = Field(
+        default=DEFAULT_SILENCE_HOLD_S,
+        ge=0,
+        le=3600,
+        description=(
+            "The technical hold of a device silence (rule device_silent): a hub dropout shorter "
+            "than the rules' silence limit plus this is recorded, not paged. Never shorter than "
+            "technical_hold_s; a technical_hold_s of 0 turns it off too."
         ),
     )
     heartbeat_sources: list[str] = Field(

@@ -103,6 +103,7 @@ class Rig:
         group_wait_s: float = 0.0,
         fallback_email: str = FALLBACK,
         technical_hold_s: float = 0.0,
+        silence_hold_s: float = 0.0,
     ) -> EscalationService:
         """Another notify process over the same database (a restart)."""
         return _service(
@@ -115,6 +116,7 @@ class Rig:
             group_wait_s,
             fallback_email,
             technical_hold_s,
+            silence_hold_s,
         )
 
 
@@ -128,6 +130,7 @@ def _service(
     group_wait_s: float = 0.0,
     fallback_email: str = "vigil-oncall-fallback@localhost",
     technical_hold_s: float = 0.0,
+    silence_hold_s: float = 0.0,
 ) -> EscalationService:
     return EscalationService(
         store=store or PostgresEscalationStore(pool, fallback_email=fallback_email),
@@ -152,6 +155,7 @@ def _service(
             group_wait_s=group_wait_s,
             fallback_email=fallback_email,
             technical_hold_s=technical_hold_s,
+            silence_hold_s=silence_hold_s,
         ),
         clock=clock,
     )
@@ -1788,6 +1792,47 @@ async def test_technical_alert_that_ends_inside_its_hold_is_recorded_never_paged
     )
     paged = (await rig.api.get(f"/alerts/{lasting.dedup_key}/timeline")).json()
     assert [d["paged"] for d in _events(paged, "technical_hold_ended")] == [True]
+
+
+async def test_a_device_silence_shorter_than_the_silence_hold_is_never_paged(rig: Rig) -> None:
+    """Must not / must / edge: with the technical hold at 300 s and the silence hold at 2700 s,
+    a pump silence (rule device_silent) that ends 2699 s after it arrived (a hub dropout whose
+    buffer came back) pages nobody, neither the alarm nor an all clear; a second silence still
+    open at 2700 s is paged then, not at 2699 s; a sensor fault arriving with them (positive
+    control for the shorter hold) is paged at 300 s."""
+    await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
+    patient = f"P-{rig.tag}"
+    service = rig.new_instance(technical_hold_s=HOLD_S, silence_hold_s=2700.0)
+
+    def silence(code: str, phase: AlertPhase = AlertPhase.START) -> Alert:
+        return _technical(patient, code, phase=phase).model_copy(
+            update={"rule_id": "device_silent"}
+        )
+
+    dropout, dead_hub = silence("PUMP_SILENT"), silence("THERMO_SILENT")
+    fault = _technical(patient, "SENSOR_FAULT")
+    for alert in (dropout, dead_hub, fault):
+        assert await service.handle_alert(alert)
+    rig.clock.advance(seconds=HOLD_S)
+    await _round(service)
+    assert _subjects(rig, "primary") == [f"[VIGIL MEDIUM] {fault.title} — patient {patient}"]
+    rig.clock.advance(seconds=2699 - HOLD_S)
+    await _round(service)
+    assert await service.handle_alert(silence("PUMP_SILENT", AlertPhase.END))
+    await _round(service)
+    assert len(_subjects(rig, "primary")) == 1
+    rig.clock.advance(seconds=1)
+    await _round(service)
+    assert _subjects(rig, "primary")[1:] == [f"[VIGIL MEDIUM] {dead_hub.title} — patient {patient}"]
+    quiet = (await rig.api.get(f"/alerts/{dropout.dedup_key}/timeline")).json()
+    [ended] = _events(quiet, "technical_hold_ended")
+    assert (ended["paged"], ended["open_s"], ended["hold_s"]) == (False, 2699.0, 2700.0)
+    assert (
+        await rig.pool.fetchval(
+            "SELECT count(*) FROM pages WHERE dedup_key = $1", dropout.dedup_key
+        )
+        == 0
+    )
 
 
 async def test_high_and_physiological_alerts_are_never_held_by_the_technical_hold(

@@ -8,7 +8,12 @@ import pytest
 
 from schemas.events import AlertKind, AlertPriority
 from services.notify.domain.quiet_hours import QuietHours, all_clear_deferred_until
-from services.notify.domain.technical_hold import technical_hold_until
+from services.notify.domain.technical_hold import (
+    DEFAULT_SILENCE_HOLD_S,
+    DEFAULT_TECHNICAL_HOLD_S,
+    hold_seconds,
+    technical_hold_until,
+)
 
 AT = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)  # 03:00 in Berlin
 NIGHT = QuietHours(timezone="Europe/Berlin", start=time(22, 0), end=time(7, 0))
@@ -38,6 +43,29 @@ def test_technical_hold_refuses_a_naive_time() -> None:
         technical_hold_until(
             AlertKind.TECHNICAL, AlertPriority.MEDIUM, AT.replace(tzinfo=None), 300
         )
+
+
+def test_a_device_silence_waits_the_silence_hold_other_rules_the_technical_hold() -> None:
+    """A hub dropout forwards its buffer within the hour: a device silence waits the silence
+    hold (45 min by default: a pump unheard for 60 min pages); a sensor fault, a data loss or a
+    pump alarm keep the 5-min technical hold."""
+    silence = hold_seconds("device_silent", DEFAULT_TECHNICAL_HOLD_S, DEFAULT_SILENCE_HOLD_S)
+    assert silence == 2700.0
+    for rule in ("sensor_fault", "data_lost", "pump_alarm", "bag_clock"):
+        assert hold_seconds(rule, DEFAULT_TECHNICAL_HOLD_S, DEFAULT_SILENCE_HOLD_S) == 300.0
+    until = technical_hold_until(AlertKind.TECHNICAL, AlertPriority.MEDIUM, AT, silence)
+    assert until == AT + timedelta(minutes=45)
+
+
+def test_the_silence_hold_is_never_shorter_than_the_technical_hold_and_off_with_it() -> None:
+    """Edges: a silence hold under the technical hold (or 0) gives the technical hold; a
+    technical hold of 0 turns both off, so a silence pages at once; a HIGH silence is never
+    held whatever the hold."""
+    assert hold_seconds("device_silent", 300, 120) == 300
+    assert hold_seconds("device_silent", 300, 0) == 300
+    assert hold_seconds("device_silent", 0, 2700) == 0
+    assert technical_hold_until(AlertKind.TECHNICAL, AlertPriority.MEDIUM, AT, 0) is None
+    assert technical_hold_until(AlertKind.TECHNICAL, AlertPriority.HIGH, AT, 2700) is None
 
 
 def test_all_clear_at_night_waits_for_morning_when_the_alarm_paged_before_the_night() -> None:

@@ -81,7 +81,7 @@ from services.notify.domain.message import (
 )
 from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
-from services.notify.domain.technical_hold import technical_hold_until
+from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
 from services.notify.service_layer.outage import OutageWatch
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
@@ -227,6 +227,9 @@ class EscalationConfig:
     # arrived (``domain.technical_hold``); 0 pages it at once (the composition root passes the
     # setting, 300 s by default).
     technical_hold_s: float = 0.0
+    # The hold of a device silence (``domain.technical_hold.hold_seconds``: never shorter than
+    # ``technical_hold_s``, off with it; the composition root passes the setting, 2700 s).
+    silence_hold_s: float = 0.0
 
 
 def fallback_chain(
@@ -492,7 +495,10 @@ class EscalationService:
     ) -> bool:
         """Hold a technical MEDIUM / LOW / INFO alert for the technical hold (paged only if
         still open at its end); True when held. HIGH and physiological alerts return at once."""
-        until = technical_hold_until(alert.kind, alert.priority, now, self._config.technical_hold_s)
+        hold_s = hold_seconds(
+            alert.rule_id, self._config.technical_hold_s, self._config.silence_hold_s
+        )
+        until = technical_hold_until(alert.kind, alert.priority, now, hold_s)
         if until is None:
             return False
         escalation_id = await self._store.hold_technical(
