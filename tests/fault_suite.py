@@ -1,19 +1,37 @@
-"""Fault suite: paced QoS 1 readings from a device with an outbox (the end-to-end acknowledgement
-of docs/mqtt.md 4.1), through a Mosquitto of the suite's own (the stack's configuration, a
-temporary directory, free loopback ports) and real ingest processes, into the test stack's Kafka
-and PostgreSQL; one fault after another; one JSON line of figures; exit 1 on any reading that was
-acknowledged end to end and is not stored, or any reading never answered.
+"""Fault suite: paced QoS 1 readings from a hub with an outbox (the end-to-end acknowledgement of
+docs/mqtt.md 4.1) through real ingest, rules and notify processes on the local stack named by the
+``VIGIL_STACK_*`` environment; one fault after another; after each, a fever that must be paged
+exactly once; one JSON line of figures; exit 1 on any reading answered as stored that is not in
+PostgreSQL or not in Kafka, any reading never answered, and any fever not paged exactly once.
 
-``python -m tests.fault_suite`` (``make test-faults``). Figures per fault:
+``python -m tests.fault_suite`` (``make test-faults``). The stack is started if it is not running
+and stopped at the end if the suite started it. Its Kafka and PostgreSQL are faulted, so it must
+be a stack nothing else is using. Each fault has a Mosquitto of its own (the stack's
+configuration, a temporary directory, free loopback ports), its own ingest processes, devices and
+patients; one rules and one notify process (consumer groups of the run's own, starting at the
+current end of their topics) serve the whole run, restarted like a supervisor would if they exit.
+
+Per fault: the hub publishes ``--rate`` readings a second for ``--seconds`` (longer for the
+faults that last longer), the fault strikes a third of the way in; once every reading is
+answered (or ``--settle-s`` passed) one fever reading (38.9 °C) is published for a patient of the
+fault's own, then, once its page is in the stack's SMTP sink, a fever for a marker patient; once
+the marker's page is in too, the fever's first pages and alerts are counted. Figures per fault:
 
 - ``published``: distinct readings sent; ``puback``: of those, PUBACKed by the broker;
-- ``answered``: answered as stored by ingest (end-to-end acknowledgement); ``resent``: copies
-  sent again because no answer came within ``--resend-after-s``;
-- ``stored``: distinct readings in ``temperature_readings``; ``lost``: answered yet not stored
-  (must be 0); ``unanswered``: still in the outbox at the end (must be 0);
-- ``in_kafka_dupes``: not measured here; ``db_duplicates``: rows beyond one per reading (0 by the
-  unique key); ``resume_s``: from the fault until the first answer to a reading published after
-  the fault was over.
+- ``answered``: answered as stored by ingest; ``resent``: copies the hub sent again because no
+  answer came within ``--resend-after-s``; ``unanswered``: still in the outbox at the end;
+- ``stored``: distinct readings in ``temperature_readings``; ``db_duplicates``: rows beyond one a
+  reading; ``lost``: answered yet not stored;
+- ``in_kafka``: distinct readings in the telemetry topic (from its end offsets before the load);
+  ``kafka_duplicates``: records beyond one a reading; ``lost_kafka``: answered yet not in Kafka;
+- ``resume_s``: from the fault to the end of the longest pause in ingest's answers after it
+  (about 0 when ingest never stopped answering); ``ready_s``: from killing rules or notify until
+  the new process's ``/readyz`` answered 200;
+- ``fever_page_s``: from publishing the fever to its first page in the sink; ``fever_pages``:
+  first pages about the fever patient (must be 1); ``fever_alerts``: alerts recorded as an
+  episode's start for them (must be 1); ``marker_pages``: the positive control (must be 1);
+- ``service_exits``: processes that exited by themselves and were restarted; ``seconds``: the
+  fault's wall time; ``down_s``: how long Kafka or PostgreSQL was away.
 """
 
 from __future__ import annotations
@@ -24,12 +42,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,21 +56,34 @@ import asyncpg
 import paho.mqtt.client as mqtt
 
 from schemas.ack import ACK_PREFIX
-from tests.broker_faults import OwnBroker, PacedPublisher, free_port, wait_for
+from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
+from tests.broker_faults import OwnBroker, PacedPublisher, wait_for
+from tests.e2e.conftest import register_patient, start_group_at_end, temperature
+from tests.fault_checks import MailSink, alerts_started, telemetry_copies, telemetry_ends
+from tests.fault_services import (
+    Service,
+    Supervisor,
+    kill_kafka,
+    start_postgres,
+    stop_postgres,
+)
 from tests.integration.test_ingest_broker_restart import register
 from vigil.simulator.outbox import Outbox
 from vigil.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
+from vigil.stack.settings import StackSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_STACK = {
-    "VIGIL_STACK_DATA_DIR": str(ROOT / ".vigil-test"),
-    "VIGIL_STACK_MQTT_PORT": "21883",
-    "VIGIL_STACK_KAFKA_PORT": "29092",
-    "VIGIL_STACK_KAFKA_CONTROLLER_PORT": "29093",
-    "VIGIL_STACK_PG_PORT": "25432",
-    "VIGIL_STACK_SMTP_PORT": "20025",
-}
-FAULTS = ("graceful", "sigkill", "offline-restart", "ingest-sigkill", "share-sigkill")
+FAULTS = (
+    "graceful",
+    "sigkill",
+    "offline-restart",
+    "ingest-sigkill",
+    "share-sigkill",
+    "kafka-sigkill",
+    "postgres-down",
+    "rules-sigkill",
+    "notify-sigkill",
+)
+FEVER_C = 38.9  # above the default single-reading fever limit (38.3 °C), below critical (39.5)
 
 
 def reading(device: str, seq: int) -> bytes:
@@ -72,7 +103,8 @@ def reading(device: str, seq: int) -> bytes:
 
 class OutboxPublisher(PacedPublisher):
     """The reference hub: PacedPublisher (QoS 1, persistent session, resend after reconnect)
-    plus the outbox of docs/mqtt.md 4.1, settled by ingest's answers on vigil/v1/ack/+."""
+    plus the outbox of docs/mqtt.md 4.1, settled by ingest's answers on vigil/v1/ack/+. Each
+    device counts its own ``seq`` from 1, as a device does (rules count gaps per device)."""
 
     def __init__(
         self,
@@ -88,6 +120,7 @@ class OutboxPublisher(PacedPublisher):
         self.outbox = Outbox(resend_after_s)
         self.answered: dict[str, int] = {}  # message_id -> answer time (ns)
         self.rejected = 0
+        self.seqs = dict.fromkeys(device_ids, 0)
         self._box = threading.Lock()
         self.client.on_message = self._on_answer
 
@@ -120,6 +153,15 @@ class OutboxPublisher(PacedPublisher):
             else:
                 self._mid_to_id[info.mid] = message_id
 
+    def publish_other(self, device: str, body: bytes) -> str:
+        """Send one reading of another device through the outbox, outside the load's counts."""
+        message_id = str(json.loads(body)["message_id"])
+        with self._box:
+            topic = f"vigil/v1/dev/{device}/temperature"
+            self.outbox.add(device, message_id, 1, topic, body, time.monotonic())
+        self.client.publish(f"vigil/v1/dev/{device}/temperature", body, qos=1)
+        return message_id
+
     def _run(self, seconds: float) -> None:
         if not self._resender.is_alive():
             self._resender.start()
@@ -134,9 +176,9 @@ class OutboxPublisher(PacedPublisher):
             if delay > 0:
                 time.sleep(delay)
             device = self.device_ids[n % len(self.device_ids)]
-            self._seq += 1
-            body = reading(device, self._seq)
-            self.publish_one(device, body, json.loads(body)["message_id"], self._seq)
+            self.seqs[device] += 1
+            body = reading(device, self.seqs[device])
+            self.publish_one(device, body, json.loads(body)["message_id"], self.seqs[device])
             n += 1
 
     def _resend_loop(self) -> None:
@@ -151,52 +193,98 @@ class OutboxPublisher(PacedPublisher):
             return len(self.outbox)
 
 
-class Ingest:
-    """One ingest process (``vigil ingest``) against the suite's broker."""
+@dataclass
+class Run:
+    """What every fault shares: the stack, the long-running services, the sink, the options."""
 
-    def __init__(self, env: dict[str, str], broker: OwnBroker, client_id: str, group: str) -> None:
-        self.ops_port = free_port()
-        self.env = {
-            **os.environ,
-            **env,
-            "VIGIL_ENVIRONMENT": "development",
-            "VIGIL_MQTT_HOST": "127.0.0.1",
-            "VIGIL_MQTT_PORT": str(broker.port),
-            "VIGIL_INGEST_MQTT_USERNAME": INGEST_MQTT_USER,
-            "VIGIL_INGEST_MQTT_PASSWORD": broker.secrets.mqtt_ingest_password,
-            "VIGIL_INGEST_MQTT_CLIENT_ID": client_id,
-            "VIGIL_INGEST_MQTT_SHARE_GROUP": group,
-            "VIGIL_INGEST_METRICS_PORT": str(self.ops_port),
-            "VIGIL_INGEST_LOG_LEVEL": "WARNING",
-        }
-        self.log = broker.settings.data_dir / f"{client_id}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+    settings: StackSettings
+    env: dict[str, str]
+    args: argparse.Namespace
+    logs: Path
+    supervisor: Supervisor
+    rules: Service
+    notify: Service
+    mail: MailSink
+    fevers: dict[str, str]  # fault -> the fever patient
 
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vigil.cli", "ingest"],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for(self.ready, 60.0, "ingest's /readyz")
 
-    def ready(self) -> bool:
-        import urllib.request
+def ingest_service(run: Run, broker: OwnBroker, client_id: str, group: str) -> Service:
+    env = {
+        **run.env,
+        "VIGIL_MQTT_HOST": "127.0.0.1",
+        "VIGIL_MQTT_PORT": str(broker.port),
+        "VIGIL_INGEST_MQTT_USERNAME": INGEST_MQTT_USER,
+        "VIGIL_INGEST_MQTT_PASSWORD": broker.secrets.mqtt_ingest_password,
+        "VIGIL_INGEST_MQTT_CLIENT_ID": client_id,
+        "VIGIL_INGEST_MQTT_SHARE_GROUP": group,
+        "VIGIL_INGEST_LOG_LEVEL": "WARNING",
+    }
+    return Service("ingest", client_id, env, run.logs)
 
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/readyz", timeout=1):
-                return True
-        except OSError:
-            return False
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(60)
-        self.proc = None
+def inject(fault: str, run: Run, broker: OwnBroker, ingests: list[Service]) -> dict[str, float]:
+    """Strike ``fault`` and repair it; returns how long Kafka or PostgreSQL was away
+    (``down_s``), or how long a killed rules or notify took to be ready again (``ready_s``)."""
+    args = run.args
+    if fault in ("graceful", "sigkill"):
+        broker.stop(signal.SIGTERM if fault == "graceful" else signal.SIGKILL)
+        time.sleep(2.0)  # the broker stays down this long
+        broker.start()
+    elif fault == "offline-restart":
+        ingests[0].stop()
+        time.sleep(1.0)
+        broker.stop(signal.SIGTERM)
+        time.sleep(2.0)
+        broker.start()
+        time.sleep(max(0.0, args.away_s - 3.0))  # ingest stays away this long in all
+        ingests[0].start()
+    elif fault == "ingest-sigkill":
+        ingests[0].kill_and_restart()
+    elif fault == "share-sigkill":
+        for ingest in ingests:
+            ingest.kill_and_restart()
+    elif fault == "kafka-sigkill":
+        return {"down_s": round(kill_kafka(run.settings), 1)}
+    elif fault == "postgres-down":
+        stopped = time.monotonic()
+        stop_postgres(run.settings)
+        time.sleep(args.postgres_down_s)  # the outage's length
+        start_postgres(run.settings)
+        return {"down_s": round(time.monotonic() - stopped, 1)}
+    elif fault in ("rules-sigkill", "notify-sigkill"):
+        killed = time.monotonic()
+        (run.rules if fault == "rules-sigkill" else run.notify).kill_and_restart()
+        return {"ready_s": round(time.monotonic() - killed, 1)}
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+    return {}
+
+
+def check_fever(
+    run: Run,
+    publisher: OutboxPublisher,
+    fault: str,
+    fever: tuple[str, str],
+    marker: tuple[str, str],
+) -> dict[str, Any]:
+    """A fever after the fault: paged once, one alert; the marker's page closes the window."""
+    figures: dict[str, Any] = {}
+    patient, device = fever
+    sent = time.monotonic()
+    publisher.publish_other(device, temperature(device, FEVER_C, 1))
+    try:
+        run.mail.wait_first_page(patient, run.args.page_timeout_s)
+        figures["fever_page_s"] = round(time.monotonic() - sent, 2)
+        marker_patient, marker_device = marker
+        publisher.publish_other(marker_device, temperature(marker_device, FEVER_C, 1))
+        run.mail.wait_first_page(marker_patient, run.args.page_timeout_s)
+    except TimeoutError as exc:
+        figures["page_timeout"] = str(exc)
+    figures["fever_pages"] = len(run.mail.first_pages(patient))
+    figures["fever_alerts"] = asyncio.run(alerts_started(run.env["VIGIL_PG_DSN"], patient))
+    figures["marker_pages"] = len(run.mail.first_pages(marker[0]))
+    run.fevers[fault] = patient
+    return figures
 
 
 async def stored_rows(dsn: str, devices: list[str]) -> dict[str, int]:
@@ -212,28 +300,41 @@ async def stored_rows(dsn: str, devices: list[str]) -> dict[str, int]:
     return {r["id"]: r["n"] for r in rows}
 
 
-def run_fault(fault: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+async def register_fault(dsn: str, tag: str, devices: list[str]) -> tuple[tuple[str, str], ...]:
+    await register(dsn, tag, devices)
+    fever = await register_patient(dsn, tag, "fever")
+    marker = await register_patient(dsn, tag, "marker")
+    return (fever[0], fever[1]), (marker[0], marker[1])
+
+
+def run_fault(fault: str, run: Run) -> dict[str, Any]:
+    args = run.args
     data = Path(tempfile.mkdtemp(prefix=f"vigil-faults-{fault}-"))
     os.chmod(data, 0o755)  # as root the broker drops to its own user
     broker = OwnBroker(data)
-    run = uuid.uuid4().hex[:8]
-    devices = [f"flt-{run}-{i}" for i in range(4)]
-    dsn = env["VIGIL_PG_DSN"]
-    asyncio.run(register(dsn, run, devices))
+    tag = uuid.uuid4().hex[:8]
+    devices = [f"flt-{tag}-{i}" for i in range(4)]
+    dsn = run.env["VIGIL_PG_DSN"]
+    bootstrap = run.env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    fever, marker = asyncio.run(register_fault(dsn, tag, devices))
     shared = fault == "share-sigkill"
-    group = f"vigil-ingest-{run}" if shared else ""
-    ingests = [Ingest(env, broker, f"ingest-{run}-{i}", group) for i in range(2 if shared else 1)]
+    group = f"vigil-ingest-{tag}" if shared else ""
+    ingests = [
+        run.supervisor.watch(ingest_service(run, broker, f"ingest-{tag}-{i}", group))
+        for i in range(2 if shared else 1)
+    ]
     publisher = OutboxPublisher(
-        0,
-        SIM_MQTT_USER,
-        "",
-        f"hub-{run}",
-        devices,
-        args.rate,
-        resend_after_s=args.resend_after_s,
+        0, SIM_MQTT_USER, "", f"hub-{tag}", devices, args.rate, args.resend_after_s
     )
+    seconds = args.seconds + {
+        "offline-restart": args.away_s,
+        "postgres-down": args.postgres_down_s,
+    }.get(fault, 0.0)
     started = time.monotonic()
-    fault_at = fault_end = time.monotonic_ns()
+    fault_at = time.monotonic_ns()
+    since = telemetry_ends(bootstrap)
+    exits_before = {s.label: len(s.exits) for s in (run.rules, run.notify)}
+    figures: dict[str, Any] = {"fault": fault}
     try:
         broker.start()
         publisher._port = broker.port
@@ -241,62 +342,109 @@ def run_fault(fault: str, env: dict[str, str], args: argparse.Namespace) -> dict
         for ingest in ingests:
             ingest.start()
         publisher.connect()
-        publisher.start(args.seconds + (args.away_s if fault == "offline-restart" else 0))
+        publisher.start(seconds)
         time.sleep(args.seconds / 3)
         fault_at = time.monotonic_ns()
-        if fault in ("graceful", "sigkill"):
-            broker.stop(signal.SIGTERM if fault == "graceful" else signal.SIGKILL)
-            time.sleep(2.0)
-            broker.start()
-        elif fault == "offline-restart":
-            ingests[0].stop()
-            time.sleep(1.0)
-            broker.stop(signal.SIGTERM)
-            time.sleep(2.0)
-            broker.start()
-            time.sleep(max(0.0, args.away_s - 3.0))
-            ingests[0].start()
-        elif fault == "ingest-sigkill":
-            ingests[0].stop(signal.SIGKILL)
-            ingests[0].start()
-        elif fault == "share-sigkill":
-            for ingest in ingests:
-                ingest.stop(signal.SIGKILL)
-                ingest.start()
-                time.sleep(1.0)
-        fault_end = time.monotonic_ns()
+        figures |= inject(fault, run, broker, ingests)
         publisher.join()
-        wait_for(lambda: publisher.unanswered() == 0, args.settle_s, "every reading answered")
-    except TimeoutError:
-        pass
+        try:
+            wait_for(lambda: publisher.unanswered() == 0, args.settle_s, "every reading answered")
+        except TimeoutError as exc:
+            figures["settle_timeout"] = str(exc)
+        figures |= check_fever(run, publisher, fault, fever, marker)
     finally:
         publisher.close()
         for ingest in ingests:
+            run.supervisor.forget(ingest)
             ingest.stop()
         broker.stop(signal.SIGTERM)
     rows = asyncio.run(stored_rows(dsn, devices))
     published = publisher.counts.published
-    answered = set(publisher.answered)
-    answered_after = [
-        publisher.answered[m] for m, t in published.items() if t > fault_end and m in answered
-    ]
-    figures: dict[str, Any] = {
-        "fault": fault,
+    in_kafka = telemetry_copies(bootstrap, since, published)
+    answered = set(publisher.answered) & set(published)
+    figures |= {
         "published": len(published),
         "puback": len(publisher.counts.acked),
-        "answered": len(answered & set(published)),
+        "answered": len(answered),
         "resent": publisher.outbox.resent,
-        "stored": len(set(rows) & set(published)),
-        "lost": len(answered - set(rows)),
         "unanswered": publisher.unanswered(),
         "rejected": publisher.rejected,
+        "stored": len(set(rows) & set(published)),
         "db_duplicates": sum(n - 1 for n in rows.values()),
+        "lost": len(answered - set(rows)),
+        "in_kafka": len(in_kafka),
+        "kafka_duplicates": sum(n - 1 for n in in_kafka.values()),
+        "lost_kafka": len(answered - set(in_kafka)),
         "seconds": round(time.monotonic() - started, 1),
     }
-    if answered_after:
-        figures["resume_s"] = round((min(answered_after) - fault_at) / 1e9, 2)
+    exits = {s.label: len(s.exits) for s in ingests} | {
+        s.label: len(s.exits) - exits_before[s.label] for s in (run.rules, run.notify)
+    }
+    if any(exits.values()):
+        figures["service_exits"] = {name: n for name, n in exits.items() if n}
+    if (resumed := resume_ns(sorted(publisher.answered.values()), fault_at)) is not None:
+        figures["resume_s"] = round((resumed - fault_at) / 1e9, 2)
     shutil.rmtree(data, ignore_errors=True)
     return figures
+
+
+def resume_ns(answers: list[int], fault_at: int) -> int | None:
+    """When answers came again: the end of the longest pause in them after ``fault_at``
+    (``answers`` sorted, monotonic ns). None when no answer came after the fault."""
+    best: tuple[int, int] | None = None
+    previous = fault_at
+    for at in answers:
+        if at <= fault_at:
+            continue
+        if best is None or at - previous > best[0]:
+            best = (at - previous, at)
+        previous = at
+    return None if best is None else best[1]
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """Why a fault's figures fail the suite (empty: they pass)."""
+    if "error" in result:
+        return [result["error"]]
+    reasons = [name for name in ("lost", "lost_kafka", "unanswered") if result.get(name)]
+    if not result.get("answered"):
+        reasons.append("nothing answered")
+    for name in ("fever_pages", "fever_alerts", "marker_pages"):
+        if result.get(name) != 1:
+            reasons.append(f"{name}={result.get(name)}")
+    return reasons
+
+
+def start_run(settings: StackSettings, args: argparse.Namespace) -> Run:
+    from vigil.stack import stack_env
+
+    env = stack_env(settings)
+    tag = uuid.uuid4().hex[:8]
+    logs = settings.data_dir / "fault-suite" / tag
+    logs.mkdir(parents=True, exist_ok=True)
+    bootstrap = env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    rules_env = {
+        **env,
+        "VIGIL_RULES_GROUP_ID": f"rules-faults-{tag}",
+        "VIGIL_RULES_TRANSACTIONAL_ID": f"rules-faults-{tag}",
+    }
+    notify_env = {**env, "VIGIL_NOTIFY_GROUP_ID": f"notify-faults-{tag}"}
+
+    async def groups_at_end() -> None:
+        # The run's services read what it produces, not what earlier runs left in the topics.
+        await start_group_at_end(bootstrap, rules_env["VIGIL_RULES_GROUP_ID"], TELEMETRY_TOPIC)
+        await start_group_at_end(bootstrap, notify_env["VIGIL_NOTIFY_GROUP_ID"], ALERTS_TOPIC)
+
+    asyncio.run(groups_at_end())
+    supervisor = Supervisor()
+    rules = supervisor.watch(Service("rules", "rules", rules_env, logs))
+    notify = supervisor.watch(Service("notify", "notify", notify_env, logs))
+    mail = MailSink(settings.mail_dir)
+    mail.refresh()
+    rules.start()
+    notify.start()
+    supervisor.start()
+    return Run(settings, env, args, logs, supervisor, rules, notify, mail, {})
 
 
 def main() -> None:
@@ -305,21 +453,57 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--away-s", type=float, default=60.0)
+    parser.add_argument("--postgres-down-s", type=float, default=20.0)
     parser.add_argument("--resend-after-s", type=float, default=10.0)
     parser.add_argument("--settle-s", type=float, default=60.0)
+    parser.add_argument("--page-timeout-s", type=float, default=60.0)
     args = parser.parse_args()
-    from vigil.stack import StackSettings, up
-    from vigil.stack import stack_env as read_env
+    if not os.environ.get("VIGIL_STACK_DATA_DIR"):
+        # The suite kills the stack's Kafka and stops its PostgreSQL: never a stack by default.
+        sys.exit("set the VIGIL_STACK_* variables to a stack nothing else uses (make test-faults)")
+    faults = [f for f in args.faults.split(",") if f]
+    if unknown := set(faults) - set(FAULTS):
+        sys.exit(f"unknown faults: {', '.join(sorted(unknown))}")
+    # `timeout` and Ctrl-C stop the run through its finally blocks, which stop its processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from vigil.stack import down, status, up
 
-    for key, value in TEST_STACK.items():
-        os.environ.setdefault(key, value)
     settings = StackSettings()
-    up(settings)  # the test stack, started if it is not running; never stopped here
-    env = read_env(settings)
-    results = [run_fault(f, env, args) for f in args.faults.split(",") if f]
-    failed = [r["fault"] for r in results if r["lost"] or r["unanswered"] or not r["answered"]]
-    print(json.dumps({"faults": results, "failed": failed}), flush=True)
-    sys.exit(1 if failed else 0)
+    was_running = any(c["running"] for c in status(settings).values())
+    up(settings)
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    run: Run | None = None
+    try:
+        run = start_run(settings, args)
+        for fault in faults:
+            try:
+                results.append(run_fault(fault, run))
+            except Exception as exc:  # reported in the JSON line; the stack may be broken now
+                results.append({"fault": fault, "error": f"{type(exc).__name__}: {exc}"})
+                break
+        # The whole run is the last window: no second first page arrived for any fever since.
+        for result in results:
+            if "error" in result:
+                continue
+            later = len(run.mail.first_pages(run.fevers[result["fault"]]))
+            if later != result["fever_pages"]:
+                result["fever_pages_at_end"] = later
+                result["fever_pages"] = later
+    finally:
+        if run is not None:
+            run.supervisor.close()
+        if not was_running:
+            down(settings)
+    failed = {r["fault"]: why for r in results if (why := failures(r))}
+    line = {
+        "faults": results,
+        "failed": failed,
+        "rate": args.rate,
+        "minutes": round((time.monotonic() - started) / 60, 1),
+    }
+    print(json.dumps(line), flush=True)
+    sys.exit(1 if failed or len(results) != len(faults) else 0)
 
 
 if __name__ == "__main__":
