@@ -2,8 +2,8 @@
 storage, scraping and evaluating every second) scrapes ingest, rules and notify running against
 the real stack, loads deploy/prometheus/vigil-alerts.yml, and fires VigilDeadLetters when ingest
 dead-letters a message this test publishes; before that, with every target up and the rules
-evaluated, the alert is not firing (the positive control). Bounded in time; Prometheus is
-stopped at the end."""
+evaluated, the alert is not firing (the positive control). The same Prometheus evaluates every
+query of the Grafana dashboard. Bounded in time; Prometheus is stopped at the end."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "vigil-alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vigil-pipeline.json"
 T = TypeVar("T")
 
 
@@ -227,3 +229,26 @@ async def test_a_dead_letter_fires_the_alert_in_a_real_prometheus(
     assert alert["labels"]["severity"] == "warning"
     assert "invalid_json" in alert["annotations"]["summary"]
     assert float(alert["value"]) >= 1
+
+
+async def test_every_dashboard_query_evaluates_in_a_real_prometheus(
+    services: Services, prometheus: str
+) -> None:
+    """Grafana's $__rate_interval given as 1m; each query parses and evaluates, and at least
+    one returns series from the running services (positive control: the scrape works)."""
+    from tests.unit.test_prometheus_rules_dashboard import queries
+
+    async def scraped() -> bool | None:
+        found = await api(prometheus, "/api/v1/query?query=" + urllib.parse.quote("up"))
+        if found is None or len(found["data"]["result"]) < len(services.ports):
+            return None
+        return True
+
+    await until(scraped, 60, "Prometheus scraping all three services")
+    with_data = 0
+    for title, expr in queries():
+        query = expr.replace("$__rate_interval", "1m")
+        found = await api(prometheus, "/api/v1/query?query=" + urllib.parse.quote(query))
+        assert found is not None and found["status"] == "success", (title, found)
+        with_data += bool(found["data"]["result"])
+    assert with_data > 0
