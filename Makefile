@@ -16,7 +16,7 @@ TSDB_TESTS := tests/integration tests/e2e tests/api
 .PHONY: setup run test test-unit test-faults test-faults-down stack-up stack-down test-stack-down schemas schemas-check lint clean \
 	bench-ingest bench-rules bench-notify bench-replay bench-config-reload \
 	bench-alarm-burden \
-	test-timescale test-timescale-down bench-replay-timescale
+	test-timescale test-timescale-down bench-replay-timescale helm test-deploy
 
 setup:
 	@bash deploy/local/install.sh
@@ -29,6 +29,16 @@ test: setup
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
+
+# The pinned helm, built once from its Go module into .tools/ (deploy/helm/install-helm.sh).
+helm:
+	@bash deploy/helm/install-helm.sh
+
+# The Helm chart (helm lint, helm template), the alerting rules (promtool check and test) and
+# the Grafana dashboard, checked against the code; no stack needed.
+test-deploy: setup helm
+	$(PY) -m pytest tests/unit/test_helm.py tests/unit/test_prometheus_rules.py \
+		tests/unit/test_prometheus_rules_dashboard.py
 
 # The fault suite kills its stack's Kafka and stops its PostgreSQL, so it has a stack of its own
 # (started by the suite, stopped at its end).
