@@ -180,6 +180,9 @@ def firing(alerts: Any, name: str, **labels: str) -> list[dict[str, Any]]:
 async def test_a_dead_letter_fires_the_alert_in_a_real_prometheus(
     stack_env: dict[str, str], services: Services, prometheus: str
 ) -> None:
+    """Quiet while every target is up and the rules have been evaluated; firing for ingest's
+    first invalid_json dead letter (a series that did not exist before) within a minute."""
+
     async def targets_up() -> bool | None:
         found = await api(prometheus, "/api/v1/targets")
         if found is None:
