@@ -87,8 +87,10 @@ def kinds_for(dedup_key: str) -> tuple[EventKind, ...]:
         return _PUMP_KINDS
     if rule == "interruption_clock":
         return (EventKind.PUMP_STOP, EventKind.OCCLUSION)
-    # Device silence, bag clock, sensor fault, 7-day bag: nothing in the course needs them.
-    if rule in ("device_silent", "bag_clock", "sensor_fault", "seven_day_bag_weight"):
+    if rule == "bag_clock":
+        return (EventKind.BAG_AT_RISK,)
+    # Device silence, sensor fault, 7-day bag: nothing in the course needs them.
+    if rule in ("device_silent", "sensor_fault", "seven_day_bag_weight"):
         return ()
     # A rule this classifier does not know yet: judged by the device its key names.
     device = parts[2] if len(parts) > 2 else ""

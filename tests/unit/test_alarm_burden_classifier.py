@@ -27,7 +27,7 @@ def test_rule_and_kinds_are_read_from_the_dedup_key() -> None:
     assert kinds_for("P-1:pump_alarm:pump-P-1:occlusion_downstream:x") == (EventKind.OCCLUSION,)
     assert kinds_for("P-1:pump_alarm:pump-P-1:battery_low:x") == (EventKind.LOW_BATTERY,)
     assert kinds_for("P-1:device_silent:pump-P-1:x") == ()
-    assert kinds_for("P-1:bag_clock:pump-P-1:x") == ()
+    assert kinds_for("P-1:bag_clock:pump-P-1:x") == (EventKind.BAG_AT_RISK,)
     assert EventKind.PUMP_STOP in kinds_for("P-1:interruption_clock:pump-P-1:x")
     # A rule the classifier does not know is judged by its device.
     assert kinds_for("P-1:new_rule:thermo-P-1:x") == (EventKind.FEVER, EventKind.BORDERLINE_FEVER)

@@ -178,3 +178,25 @@ def test_every_fever_of_the_truth_says_its_shape_and_core() -> None:
     for event in fevers:
         assert event.detail.split(":")[0] in ("single", "sustained")
         assert "core peak" in event.detail and "min at >= 38.1" in event.detail
+
+
+def test_a_bag_change_held_up_by_another_pump_event_is_a_true_bag_at_risk() -> None:
+    """Seed 1's home 7: a low battery is going on when its bag is due, the change waits, and the
+    running bag goes under 30 min of drug (5 mL at 10 mL/h) with no change recorded. The truth
+    records it from that status to the bag change; a bag changed on time is never at risk."""
+    course = plan_course(CourseSpec(patients=7, days=6.0, seed=1, id_prefix="PT"))
+    deliveries = list(course.deliveries())
+    at_risk = [e for e in course.ground_truth if e.kind is EventKind.BAG_AT_RISK]
+    assert [e.patient_id for e in at_risk] == ["PT-07"]
+    for e in at_risk:
+        pump = [d.message for d in deliveries if d.device_id == e.device_id]
+        (first,) = [m for m in pump if isinstance(m, PumpStatus) and m.device_time == e.start]
+        assert first.volume_remaining_ml <= 5.0 and first.state.value == "running"
+        before = [m for m in pump if isinstance(m, PumpStatus) and m.device_time < e.start]
+        assert before[-1].volume_remaining_ml > 5.0
+        changed = [
+            m.device_time
+            for m in pump
+            if isinstance(m, PumpEvent) and m.event is PumpEventKind.BAG_CHANGED
+        ]
+        assert e.end in changed

@@ -11,7 +11,9 @@ Each simulated home has an ambulatory pump and one thermometer, behind a home hu
   about 1.5 probe-off episodes a day (10-40 min) whose readings are 33-35 °C.
 - **Pump**: a status every minute; a 24-hour bag (240 mL at 10 mL/h) changed routinely a little
   before it runs out (30-100 min of drug left): paused 3-8 min, ``bag_changed``, restarted; the
-  battery swapped at each bag change.
+  battery swapped at each bag change. A change falls behind only when another pump event is
+  going on at its time; a running bag with 30 min of drug or less left and no change recorded
+  is then a true ``bag_at_risk``.
 - **Hub dropouts** (home Wi-Fi): about one a day, 10-60 min; the hub buffers both devices'
   messages and forwards them when the link is back, with their original device times, message
   ids and seqs, in device-time order, so they reach the broker late.
@@ -78,6 +80,8 @@ FEVER_CLEAR_C = 37.8
 #: How far a thermometer reading can sit from the core it measures: rounding to 0.1 °C
 #: (±0.05) plus the simulated noise (sd 0.03-0.04 °C), rounded up.
 READING_MARGIN_C = 0.1
+#: The rules' default lead of "bag at risk of running dry" (``bag_change_lead_minutes``).
+BAG_AT_RISK_LEAD = timedelta(minutes=30)
 PATCH_INTERVAL = timedelta(minutes=5)
 #: Local times a caregiver usually takes a spot-check reading, with how far they wander.
 SPOT_CHECK_TIMES: tuple[tuple[time, int], ...] = (
@@ -113,6 +117,9 @@ class EventKind(StrEnum):
     #: A fever within the thermometers' error of the definition: never owed a page, and a
     #: fever page during it is not false.
     BORDERLINE_FEVER = "borderline_fever"
+    #: A running bag with no change recorded and at most ``BAG_AT_RISK_LEAD`` of drug left (a
+    #: routine change held up by another pump event): owed the bag-at-risk page.
+    BAG_AT_RISK = "bag_at_risk"
     #: Not clinical: recorded so a page can be explained, never owed a page.
     DROPOUT = "dropout"
     PROBE_OFF = "probe_off"
@@ -124,6 +131,7 @@ PAGED_KINDS: tuple[EventKind, ...] = (
     EventKind.OCCLUSION,
     EventKind.PUMP_STOP,
     EventKind.LOW_BATTERY,
+    EventKind.BAG_AT_RISK,
 )
 
 
@@ -540,6 +548,7 @@ def _pump(
     battery = rng.uniform(70.0, 100.0)
     change_at_ml = rng.uniform(5.0, 16.7)
     bag_change_until: datetime | None = None
+    at_risk_since: datetime | None = None
     active: tuple[EventKind, datetime, datetime] | None = None
     pending = list(plan)
     t = spec.start + PUMP_STATUS_INTERVAL * rng.random()
@@ -588,6 +597,11 @@ def _pump(
         # End of what is going on.
         if bag_change_until is not None and t >= bag_change_until:
             event(t, PumpEventKind.BAG_CHANGED)
+            if at_risk_since is not None:
+                events.append(
+                    TrueEvent(EventKind.BAG_AT_RISK, home.patient_id, device_id, at_risk_since, t)
+                )
+                at_risk_since = None
             event(t, PumpEventKind.INFUSION_STARTED)
             volume, battery, state = BAG_VOLUME_ML, 100.0, PumpState.RUNNING
             change_at_ml = rng.uniform(5.0, 16.7)
@@ -632,11 +646,22 @@ def _pump(
             state = PumpState.PAUSED
             bag_change_until = t + timedelta(minutes=rng.uniform(3, 8))
             changed = True
+        if (
+            state is PumpState.RUNNING
+            and at_risk_since is None
+            # As the status reports it (0.1 mL).
+            and round(volume, 1) <= BAG_RATE_ML_H * BAG_AT_RISK_LEAD.total_seconds() / 3600
+        ):
+            at_risk_since = t
         status(t)
         del changed
         t += PUMP_STATUS_INTERVAL
     if active is not None:
         events.append(TrueEvent(active[0], home.patient_id, device_id, active[1], spec.end))
+    if at_risk_since is not None:
+        events.append(
+            TrueEvent(EventKind.BAG_AT_RISK, home.patient_id, device_id, at_risk_since, spec.end)
+        )
     return out, events
 
 
