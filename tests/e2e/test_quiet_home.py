@@ -161,8 +161,8 @@ async def quiet_home(stack_env: dict[str, str], tmp_path: Path) -> AsyncIterator
         technical_care_team_id=tech,
         escalation_tick_s=0.5,
         # The delay measured is the pipeline's, from the deadline to the page; notify's hold of
-        # technical alerts (VIGIL_NOTIFY_TECHNICAL_HOLD_S, default 5 min, docs/notify.md) adds
-        # its own wait on top and is set to none here.
+        # a device silence (VIGIL_NOTIFY_SILENCE_HOLD_S, default 45 min, docs/notify.md) adds
+        # its own wait on top and is set to none here (a technical hold of 0 turns it off too).
         technical_hold_s=0,
     )
     rules_group = f"rules-quiet-{run_id}"
