@@ -352,6 +352,11 @@ def run_fault(fault: str, run: Run) -> dict[str, Any]:
         except TimeoutError as exc:
             figures["settle_timeout"] = str(exc)
         figures |= check_fever(run, publisher, fault, fever, marker)
+        # The fever's and the marker's answers too (a page can overtake its reading's answer).
+        try:
+            wait_for(lambda: publisher.unanswered() == 0, args.settle_s, "the fevers answered")
+        except TimeoutError as exc:
+            figures["settle_timeout"] = str(exc)
     finally:
         publisher.close()
         for ingest in ingests:
@@ -382,7 +387,8 @@ def run_fault(fault: str, run: Run) -> dict[str, Any]:
     }
     if any(exits.values()):
         figures["service_exits"] = {name: n for name, n in exits.items() if n}
-    if (resumed := resume_ns(sorted(publisher.answered.values()), fault_at)) is not None:
+    answer_times = sorted(publisher.answered[m] for m in answered)  # the load's, not the fevers'
+    if (resumed := resume_ns(answer_times, fault_at)) is not None:
         figures["resume_s"] = round((resumed - fault_at) / 1e9, 2)
     shutil.rmtree(data, ignore_errors=True)
     return figures
