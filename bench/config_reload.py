@@ -1,39 +1,49 @@
-"""Benchmark of the rules service's config reload: what one reload costs the service's event
-loop, at fleet sizes, when nothing changed (the every-few-seconds case) and when it did.
+"""Benchmark of the rules service's configuration at network scale: start-up and reload with
+100,000 registered patients of whom 10,000 are monitored.
 
-``make bench-config-reload`` (or ``python bench/config_reload.py`` with ``VIGIL_STACK_*`` set).
-Registers ``--patients`` patients per step (a cycle each, an override for one in ten) in a care
-team of its own, then for each fleet size measures, in the same process:
+``make bench-config-reload`` (its own stack, BENCH_STACK in the Makefile), or ``python
+bench/config_reload.py`` with ``VIGIL_STACK_*`` set. Registers ``--registered`` patients in
+twenty care teams of their own (``services.rules.testing.register_fleet``: a thermometer and a
+cycle each, an override for one in ten), the first ``--active`` monitored, the rest discharged
+long ago, then measures:
 
-- ``build_ms``: a one-shot load (``load_rules_config``: read the rows, build, validate and
-  record the config), the baseline; its ``build_cpu_ms`` is this process's CPU time, which is
-  time the rules service's event loop cannot page anyone.
-- ``unchanged_ms`` / ``unchanged_cpu_ms``: a reload through ``RulesConfigSource`` when the rows
-  did not change (best of five): the digest query only.
-- ``compile_ms``: compiling every patient's rules with a ``RulesCompiler``, as the service
-  does once per changed config (``ConfigWatch.check_once``; the engines then reuse the result);
-  ``compile_each_ms``: the same patients compiled one by one with ``RulesConfig.compile_for``
-  (what the service did before the compiler; each also compiled again in its engine), the
-  baseline of ``compile_vs_each``.
-- ``change_stall_ms``: the longest the event loop went without running a 1 ms ticker while a
-  changed config was loaded (``RulesConfigSource.load``: read, build, record) and compiled (as
-  ``ConfigWatch.check_once`` does), both of which run their CPU work in a worker thread;
-  ``change_stall_on_loop_ms``: the same build and compile from the same rows run on the loop
-  itself, the baseline of ``stall_vs_on_loop`` (this is how long no alert could be decided).
+- ``startup_s``: the real rules service (``services.rules.app.run``, on topics of its own, in
+  this process) from its start to ``/readyz`` answering 200: config read, built, recorded and
+  pinned on the state topic, partitions assigned and restored. ``rss_mb``: this process's
+  resident memory once it is ready (``rss_before_mb``: before it started).
+- ``reload_unchanged_cpu_ms``: a reload when nothing changed (best of five), in CPU time;
+  ``reload_unchanged_ms`` the same in wall time (mostly the server computing its digest).
+- ``patient_reload_cpu_ms`` / ``patient_stall_ms``: one patient's override signed off, then the
+  reload the service runs (``ConfigWatch.check_once``: read what changed, rebuild, record,
+  compile) and the swap's re-arming of an engine holding every monitored patient's state
+  (``RulesEngine.reconfigure``): CPU time of the whole (``_reload_ms``: wall time), and the
+  longest the event loop went without running a 1 ms ticker meanwhile (how long no alert
+  could be decided). Measured after the service has stopped, so nothing else runs here.
+  ``team_reload_cpu_ms`` / ``team_stall_ms``: the same for one care team's protocol (500
+  monitored patients at the defaults).
+- ``full_build_cpu_ms``: a load by a source that remembers nothing (what every change cost
+  before reloads were incremental), for comparison.
+- ``largest_record_bytes``: the largest record on the service's state topic after start-up
+  and a reload (its key in ``largest_record_key``); ``largest_piece_bytes``: the largest
+  stored piece of the config; ``changes_per_patient_reload``: rows the one-patient reload
+  stored for its version.
 
-ONE JSON line of figures goes to stdout at the end; nothing asserts a speed. The rows it wrote
-are deleted at the end (the recorded configs and their audit entries stay, as the log is
-append-only).
+ONE JSON line of figures goes to stdout at the end; nothing asserts a speed. Everything it
+registered is deleted at the end, and its topics (the recorded configs and their audit entries
+stay, as they are append-only).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
+import pstats
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -41,26 +51,28 @@ from datetime import UTC, datetime
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.common import stack_environment
-from services.rules.adapters.config_store import RulesConfigSource, load_rules_config
+from services.rules.adapters.config_store import RulesConfigSource
+from services.rules.app import ConfigWatch
 from services.rules.domain.config import RulesCompiler, Thresholds
+from services.rules.domain.engine import RulesEngine
+from services.rules.settings import RulesSettings
+from services.rules.testing import Home, register_fleet, remove_fleet
 
 
-async def add_patients(conn: asyncpg.Connection, team: str, names: list[str]) -> None:
-    await conn.executemany(
-        "INSERT INTO patients (patient_id, care_team_id, weight_kg) VALUES ($1, $2, 20.0)",
-        [(name, team) for name in names],
-    )
-    await conn.executemany(
-        "INSERT INTO patient_cycles (patient_id, cycle_start, step_up_day) VALUES ($1, $2, 8)",
-        [(name, datetime(2026, 11, 1, tzinfo=UTC)) for name in names],
-    )
-    await conn.executemany(
-        "INSERT INTO patient_rule_overrides (patient_id, version, overrides, signed_off_by, "
-        "signed_off_at) VALUES ($1, 1, '{\"fever_single_c\": 38.5}'::jsonb, 'bench', now())",
-        [(name,) for name in names[::10]],
-    )
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def loop_stall_ms(work: Callable[[], Awaitable[object]]) -> float:
@@ -89,100 +101,246 @@ async def loop_stall_ms(work: Callable[[], Awaitable[object]]) -> float:
     return worst * 1000
 
 
-async def measure_stalls(conn: asyncpg.Connection) -> dict[str, float]:
-    source = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        _, rows = await source._read(conn)
-    assert rows is not None
-
-    async def on_loop() -> None:
-        config, _ = source._build_with_text(*rows)
-        RulesCompiler(config).compile_profiles()
-
-    async def as_the_service_does() -> None:
-        # A source of its own remembers nothing: the load reads, builds and records.
-        fresh = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
-        config = await fresh.load(conn)
-        await asyncio.to_thread(RulesCompiler(config).compile_profiles)
-
-    on_loop_ms = min([await loop_stall_ms(on_loop) for _ in range(3)])
-    threaded_ms = min([await loop_stall_ms(as_the_service_does) for _ in range(3)])
-    return {"change_stall_ms": threaded_ms, "change_stall_on_loop_ms": on_loop_ms}
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+            return int(answer.status) == 200
+    except OSError:
+        return False
 
 
-async def measure(conn: asyncpg.Connection) -> dict[str, float]:
-    started, cpu = time.perf_counter(), time.process_time()
-    config = await load_rules_config(conn, Thresholds(), allowed_lateness_s=60)
+async def state_records(bootstrap: str, topic: str) -> list[tuple[bytes, bytes]]:
+    """Every committed (key, value) of the one-partition ``topic``."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    found: list[tuple[bytes, bytes]] = []
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        while await consumer.position(tp) < end:
+            for records in (await consumer.getmany(tp, timeout_ms=200)).values():
+                found += [(r.key or b"", r.value) for r in records if r.value is not None]
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def start_service(
+    env: dict[str, str], prefix: str
+) -> tuple[dict[str, float], asyncio.Event, asyncio.Task[None], RulesSettings, list[str]]:
+    from services.rules.app import run
+
+    bootstrap = env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    topics = {k: f"{prefix}.{k}" for k in ("telemetry", "alerts", "state", "dlq")}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topics[k], 1, 1) for k in ("telemetry", "alerts", "dlq")]
+            + [NewTopic(topics["state"], 1, 1, topic_configs={"cleanup.policy": "compact"})]
+        )
+    finally:
+        await admin.close()
+    settings = RulesSettings(
+        group_id=f"{prefix}-group",
+        telemetry_topic=topics["telemetry"],
+        alerts_topic=topics["alerts"],
+        state_topic=topics["state"],
+        deadletter_topic=topics["dlq"],
+        ops_port=0,
+        config_reload_s=0.5,
+        log_level="WARNING",
+    )
+    ports: list[int] = []
+    stop = asyncio.Event()
+    before = rss_mb()
+    started = time.perf_counter()
+    task = asyncio.create_task(run(settings, stop, listening=ports.append))
+    while not (ports and await asyncio.to_thread(ready, ports[0])):
+        if task.done():
+            task.result()
+            raise RuntimeError("the rules service stopped before it was ready")
+        await asyncio.sleep(0.05)
     figures = {
-        "build_ms": (time.perf_counter() - started) * 1000,
-        "build_cpu_ms": (time.process_time() - cpu) * 1000,
+        "startup_s": time.perf_counter() - started,
+        "rss_before_mb": before,
+        "rss_mb": rss_mb(),
     }
+    return figures, stop, task, settings, list(topics.values())
+
+
+async def measure_reloads(
+    conn: asyncpg.Connection, patients: list[str], active: int, profile: bool
+) -> dict[str, float]:
+    figures: dict[str, float] = {}
     source = RulesConfigSource(Thresholds(), allowed_lateness_s=60)
-    await source.load(conn)
-    best, best_cpu = float("inf"), float("inf")
+    config = await source.load(conn)
+    compiler = RulesCompiler(config)
+    compiler.compile_profiles()
+    engine = RulesEngine(config, compiler)
+    start = datetime.now(UTC)
+    for patient in patients[:active]:
+        engine.on_telemetry(Home(patient, start, thermometer_id=f"{patient}-t").temp(0, 36.8))
+    assert engine.patient_count == active
+
+    best, best_wall = float("inf"), float("inf")
     for _ in range(5):
         started, cpu = time.perf_counter(), time.process_time()
-        assert (await source.load(conn)).config_version == config.config_version
-        best = min(best, time.perf_counter() - started)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
-    assert source.skipped == 5
-    figures["unchanged_ms"] = best * 1000
-    figures["unchanged_cpu_ms"] = best_cpu * 1000
-    started = time.perf_counter()
-    each = [config.compile_for(patient_id) for patient_id in config.profiles]
-    figures["compile_each_ms"] = (time.perf_counter() - started) * 1000
-    started = time.perf_counter()
-    compiler = RulesCompiler(config)
-    shared = [compiler.rules_for(patient_id) for patient_id in config.profiles]
-    figures["compile_ms"] = (time.perf_counter() - started) * 1000
-    assert shared == each  # the same rules, however they are compiled
-    figures.update(await measure_stalls(conn))
-    figures["patients"] = len(config.profiles)
-    return {key: round(value, 1) for key, value in figures.items()}
+        assert await source.load(conn) is config
+        best = min(best, time.process_time() - cpu)
+        best_wall = min(best_wall, time.perf_counter() - started)
+    figures["reload_unchanged_cpu_ms"] = best * 1000
+    # Wall time: mostly the server computing the digest of every monitored patient's rows.
+    figures["reload_unchanged_ms"] = best_wall * 1000
+
+    watch = ConfigWatch(
+        lambda: source.load(conn),
+        config,
+        5,
+        delta=lambda: (source.delta_from, source.delta),
+        compiler=compiler,
+    )
+
+    async def reload() -> None:
+        changed = await watch.check_once()
+        assert changed is not None and watch.take() is changed and watch.compiled is not None
+        engine.reconfigure(changed, watch.compiled, watch.taken_patients)
+
+    async def timed(change: Callable[[int], Awaitable[object]], name: str) -> None:
+        """Two changes of the same kind: the first reloaded alone, for its CPU time (and a
+        profile), the second beside a 1 ms ticker, for the stall (the ticker costs CPU)."""
+        await change(2)
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
+        started, cpu = time.perf_counter(), time.process_time()
+        await reload()
+        figures[f"{name}_reload_cpu_ms"] = (time.process_time() - cpu) * 1000
+        figures[f"{name}_reload_ms"] = (time.perf_counter() - started) * 1000
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(15)
+        await change(3)
+        figures[f"{name}_stall_ms"] = await loop_stall_ms(reload)
+
+    one = patients[7]
+    await timed(
+        lambda version: conn.execute(
+            "INSERT INTO patient_rule_overrides (patient_id, version, overrides, signed_off_by,"
+            " signed_off_at) VALUES ($1, $2, $3::jsonb, 'bench', now())",
+            one,
+            version + 10,
+            json.dumps({"fever_single_c": 38.0 + version / 10}),
+        ),
+        "patient",
+    )
+    assert engine.config.thresholds_for(one).fever_single_c == 38.3
+    manifest = source.manifest
+    assert manifest is not None
+    figures["changes_per_patient_reload"] = float(
+        await conn.fetchval(
+            "SELECT count(*) FROM rules_config_manifest_changes WHERE content_hash = $1",
+            manifest.content_hash,
+        )
+    )
+    team = str(await conn.fetchval("SELECT care_team_id FROM patients WHERE patient_id = $1", one))
+    await timed(
+        lambda version: conn.execute(
+            "INSERT INTO rule_protocols (care_team_id, version, overrides, signed_off_by,"
+            " signed_off_at) VALUES ($1, $2, $3::jsonb, 'bench', now())",
+            team,
+            version + 10,
+            json.dumps({"fever_single_c": 38.0 + version / 10}),
+        ),
+        "team",
+    )
+    figures["changes_per_team_reload"] = float(
+        await conn.fetchval(
+            "SELECT count(*) FROM rules_config_manifest_changes WHERE content_hash = $1",
+            source.manifest.content_hash if source.manifest else "",
+        )
+    )
+    figures["largest_piece_bytes"] = float(
+        await conn.fetchval(
+            "SELECT max(octet_length(piece_text)) FROM rules_config_pieces WHERE piece_hash ="
+            " ANY($1::text[])",
+            list(source.pieces[p].digest for p in source.pieces),
+        )
+    )
+    cpu = time.process_time()
+    await RulesConfigSource(Thresholds(), allowed_lateness_s=60).load(conn)
+    figures["full_build_cpu_ms"] = (time.process_time() - cpu) * 1000
+    figures["monitored_in_config"] = float(len(source.pieces) - 1 - len(config.protocols))
+    return figures
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     env = stack_environment()
     conn = await asyncpg.connect(env["VIGIL_PG_DSN"])
-    run = uuid.uuid4().hex[:8]
-    team = f"bench-reload-{run}"
-    names: list[str] = []
-    steps = []
+    prefix = f"bench-cfg-{uuid.uuid4().hex[:8]}"
+    figures: dict[str, float] = {}
+    topics: list[str] = []
     try:
-        await conn.execute(
-            "INSERT INTO care_teams (care_team_id, name, oncall_email) "
-            "VALUES ($1, $1, 'bench@example.org')",
-            team,
+        started = time.perf_counter()
+        patients = await register_fleet(
+            conn, prefix, registered=args.registered, active=args.active, now=datetime.now(UTC)
         )
-        for _ in range(args.steps):
-            new = [f"{team}-{n}" for n in range(len(names), len(names) + args.patients)]
-            await add_patients(conn, team, new)
-            names += new
-            steps.append(await measure(conn))
-            print(f"{steps[-1]}", file=sys.stderr, flush=True)
+        figures["register_s"] = time.perf_counter() - started
+        log(f"registered {len(patients)} patients, {args.active} monitored")
+        service, stop, task, settings, topics = await start_service(env, prefix)
+        figures.update(service)
+        log(f"rules service ready in {service['startup_s']:.2f} s")
+        try:
+            # A change the running service reloads (every 0.5 s): its second config record.
+            await conn.execute(
+                "INSERT INTO patient_rule_overrides (patient_id, version, overrides,"
+                " signed_off_by, signed_off_at)"
+                " VALUES ($1, 3, '{\"fever_single_c\": 38.2}'::jsonb, 'bench', now())",
+                patients[3],
+            )
+            bootstrap = env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+            for _ in range(300):
+                records = await state_records(bootstrap, settings.state_topic)
+                if sum(1 for k, _ in records if k.startswith(b"__config__/")) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            key, value = max(records, key=lambda r: len(r[1]))
+            figures["state_records"] = float(len(records))
+            figures["largest_record_bytes"] = float(len(value))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+        # The reloads, measured with the service stopped: nothing else runs in this process.
+        figures.update(await measure_reloads(conn, patients, args.active, args.profile))
     finally:
-        for table in ("patient_cycles", "patient_rule_overrides", "patients"):
-            await conn.execute(f"DELETE FROM {table} WHERE patient_id = ANY($1)", names)
-        await conn.execute("DELETE FROM care_teams WHERE care_team_id = $1", team)
+        await remove_fleet(conn, prefix)
         await conn.close()
-    last = steps[-1]
-    return {
+        if topics:
+            admin = AIOKafkaAdminClient(bootstrap_servers=env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"])
+            await admin.start()
+            try:
+                await admin.delete_topics(topics)
+            finally:
+                await admin.close()
+    result: dict[str, object] = {
         "bench": "config_reload",
-        "steps": steps,
-        "unchanged_vs_build_cpu": round(
-            last["unchanged_cpu_ms"] / max(last["build_cpu_ms"], 0.1), 4
-        ),
-        "compile_vs_each": round(last["compile_ms"] / max(last["compile_each_ms"], 0.1), 4),
-        "stall_vs_on_loop": round(
-            last["change_stall_ms"] / max(last["change_stall_on_loop_ms"], 0.1), 4
-        ),
+        "registered": args.registered,
+        "active": args.active,
     }
+    result.update({k: round(v, 2) for k, v in figures.items()})
+    result["largest_record_key"] = key.decode()
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=2_500, help="patients added per step")
-    parser.add_argument("--steps", type=int, default=3, help="fleet sizes measured")
+    parser.add_argument("--registered", type=int, default=100_000, help="patients registered")
+    parser.add_argument("--active", type=int, default=10_000, help="of them, monitored")
+    parser.add_argument("--profile", action="store_true", help="profile the reloads (stderr)")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from schemas.device import (
     HeartbeatMessage,
@@ -203,3 +204,86 @@ def run_stream(engine: RulesEngine, events: Iterable[Telemetry]) -> list[Alert]:
     for event in events:
         alerts += engine.on_telemetry(event)
     return alerts
+
+
+async def register_fleet(
+    conn: Any,
+    prefix: str,
+    *,
+    registered: int,
+    active: int,
+    teams: int = 20,
+    now: datetime,
+) -> list[str]:
+    """Register ``registered`` patients named ``{prefix}-NNNNNN`` in ``teams`` care teams of
+    their own (``{prefix}-team-K``, a protocol each), each with a thermometer and a treatment
+    cycle, and one in ten with an override; the first ``active`` are monitored (an open
+    binding, a cycle started ten days before ``now``), the rest discharged long ago (binding
+    closed 100 days back, cycle 150 days back). Bulk-loaded with COPY; returns the patient ids.
+    ``remove_fleet`` takes it all away again (the recorded configs stay: they are append-only).
+    """
+    team_ids = [f"{prefix}-team-{k}" for k in range(teams)]
+    patients = [f"{prefix}-{n:06d}" for n in range(registered)]
+    await conn.copy_records_to_table(
+        "care_teams",
+        records=[(t, t, "fleet@example.org") for t in team_ids],
+        columns=["care_team_id", "name", "oncall_email"],
+    )
+    await conn.copy_records_to_table(
+        "rule_protocols",
+        records=[(t, 1, '{"fever_single_c": 38.3}', "fleet", now) for t in team_ids],
+        columns=["care_team_id", "version", "overrides", "signed_off_by", "signed_off_at"],
+    )
+    await conn.copy_records_to_table(
+        "patients",
+        records=[(p, team_ids[n % teams], 20.0 + n % 40) for n, p in enumerate(patients)],
+        columns=["patient_id", "care_team_id", "weight_kg"],
+    )
+    await conn.copy_records_to_table(
+        "devices",
+        records=[(f"{p}-t", "thermometer") for p in patients],
+        columns=["device_id", "kind"],
+    )
+    day = timedelta(days=1)
+    await conn.copy_records_to_table(
+        "device_bindings",
+        records=[
+            (f"{p}-t", p, now - 10 * day, None)
+            if n < active
+            else (f"{p}-t", p, now - 200 * day, now - 100 * day)
+            for n, p in enumerate(patients)
+        ],
+        columns=["device_id", "patient_id", "valid_from", "valid_to"],
+    )
+    await conn.copy_records_to_table(
+        "patient_cycles",
+        records=[(p, now - (10 if n < active else 150) * day, 8) for n, p in enumerate(patients)],
+        columns=["patient_id", "cycle_start", "step_up_day"],
+    )
+    await conn.copy_records_to_table(
+        "patient_rule_overrides",
+        records=[(p, 1, '{"fever_single_c": 38.5}', "fleet", now) for p in patients[::10]],
+        columns=["patient_id", "version", "overrides", "signed_off_by", "signed_off_at"],
+    )
+    # Planner statistics, as a registry that grew over years has them (autovacuum has not
+    # looked at rows loaded a second ago; without them a plan may scan per patient).
+    for table in (
+        "patients",
+        "devices",
+        "device_bindings",
+        "patient_cycles",
+        "patient_rule_overrides",
+    ):
+        await conn.execute(f"ANALYZE {table}")
+    return patients
+
+
+async def remove_fleet(conn: Any, prefix: str) -> None:
+    """Remove what ``register_fleet`` registered under ``prefix``."""
+    like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "-%"
+    for table in ("patient_rule_overrides", "patient_cycles", "device_bindings"):
+        await conn.execute(f"DELETE FROM {table} WHERE patient_id LIKE $1", like)
+    await conn.execute("DELETE FROM devices WHERE device_id LIKE $1", like)
+    await conn.execute("DELETE FROM patients WHERE patient_id LIKE $1", like)
+    await conn.execute("DELETE FROM rule_protocols WHERE care_team_id LIKE $1", like)
+    await conn.execute("DELETE FROM care_teams WHERE care_team_id LIKE $1", like)

@@ -35,6 +35,7 @@ paging never waits on the audit trail, and the next load records it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from services.rules.domain.config_pieces import (
     canonical_json,
     content_hash_of,
     derived_label,
+    manifest_body,
     profile_piece,
     protocol_piece,
 )
@@ -100,8 +102,12 @@ SELECT patient_id FROM patient_cycles
 WHERE cycle_start > now() - make_interval(secs => $2::float8)
 """
 
+# Patients fall in 256 buckets by the first byte of the md5 of their id (the same in Python,
+# ``bucket_of``), so that a reload compares 256 digests, not one per patient.
+_BUCKET = "get_byte(decode(md5({}), 'hex'), 0)"
+
 # One row per monitored patient with everything their profile is made of. $3: only these
-# patients (NULL: all).
+# patients (NULL: all); $4: only the patients of these buckets (NULL: all).
 _PATIENTS = f"""
 SELECT p.patient_id, p.care_team_id, p.weight_kg, c.cycle_start, c.step_up_day, s.spot_checks,
        o.version AS override_version, o.overrides
@@ -120,7 +126,8 @@ LEFT JOIN LATERAL (
     SELECT version, overrides FROM patient_rule_overrides po
     WHERE po.patient_id = p.patient_id ORDER BY version DESC LIMIT 1
 ) o ON true
-WHERE $3::text[] IS NULL OR p.patient_id = ANY($3::text[])
+WHERE ($3::text[] IS NULL OR p.patient_id = ANY($3::text[]))
+  AND ($4::int[] IS NULL OR {_BUCKET.format("p.patient_id")} = ANY($4::int[]))
 """
 
 # Each patient's row spelled by PostgreSQL and hashed there: any change to a value read above
@@ -128,16 +135,22 @@ WHERE $3::text[] IS NULL OR p.patient_id = ANY($3::text[])
 _PATIENT_DIGESTS = f"SELECT q.patient_id, md5(row(q.*)::text) AS digest FROM ({_PATIENTS}) q"
 _PATIENT_ROWS = f"SELECT q.*, md5(row(q.*)::text) AS digest FROM ({_PATIENTS}) q"
 
-# A digest of every row a config is built from, in one snapshot with the reads that follow.
+# A digest of every row a config is built from, in one snapshot with the reads that follow:
+# one per bucket of patients, and the protocols' as bucket -1.
 _FINGERPRINT = f"""
-SELECT encode(sha256(convert_to(coalesce(string_agg(line, E'\\n' ORDER BY line), ''), 'UTF8')),
-              'hex')
-FROM (
-    SELECT 'protocol ' || row(p.*)::text AS line FROM ({_PROTOCOLS}) AS p
-    UNION ALL
-    SELECT 'patient ' || d.patient_id || ' ' || d.digest FROM ({_PATIENT_DIGESTS}) AS d
-) AS config_rows
+SELECT {_BUCKET.format("d.patient_id")} AS bucket,
+       md5(string_agg(d.patient_id || ' ' || d.digest, E'\\n' ORDER BY d.patient_id)) AS digest
+FROM ({_PATIENT_DIGESTS}) AS d GROUP BY 1
+UNION ALL
+SELECT -1, md5(coalesce(string_agg(row(p.*)::text, E'\\n' ORDER BY p.care_team_id), ''))
+FROM ({_PROTOCOLS}) AS p
 """
+
+
+def bucket_of(patient_id: str) -> int:
+    """A patient's bucket, as the server computes it (``_BUCKET``)."""
+    return hashlib.md5(patient_id.encode()).digest()[0]
+
 
 log = logging.getLogger("vigil.rules.config")
 
@@ -201,21 +214,27 @@ async def store_manifest(
     parent: Manifest | None,
     created_by: str,
     note: str | None,
+    known_changes: Mapping[PieceKey, str | None] | None = None,
 ) -> bool:
     """Store a version as changes against ``parent`` (a stored version; None: every piece),
     inside the caller's transaction; idempotent by content hash. ``pieces``: at least every
-    piece not in ``parent``. Returns whether the version was new."""
+    piece not in ``parent``; ``known_changes``: the changes against ``parent``, when the caller
+    knows them (else they are found by comparing every entry). Returns whether it was new."""
     exists = await conn.fetchval(
         "SELECT 1 FROM rules_config_manifests WHERE content_hash = $1", manifest.content_hash
     )
     if exists:
         return False
-    before: Mapping[PieceKey, str] = parent.entries if parent is not None else {}
-    entries = manifest.entries
-    changes: list[tuple[str, str, str | None]] = [
-        (kind, key, h) for (kind, key), h in entries.items() if before.get((kind, key)) != h
-    ]
-    changes += [(kind, key, None) for (kind, key) in before if (kind, key) not in entries]
+    changes: list[tuple[str, str, str | None]]
+    if known_changes is not None and parent is not None:
+        changes = [(kind, key, h) for (kind, key), h in known_changes.items()]
+    else:
+        before: Mapping[PieceKey, str] = parent.entries if parent is not None else {}
+        entries = manifest.entries
+        changes = [
+            (kind, key, h) for (kind, key), h in entries.items() if before.get((kind, key)) != h
+        ]
+        changes += [(kind, key, None) for (kind, key) in before if (kind, key) not in entries]
     new_pieces = [pieces[(kind, key)] for kind, key, h in changes if h is not None]
     if new_pieces:
         await conn.executemany(
@@ -248,6 +267,7 @@ async def record_loaded_config(
     manifest: Manifest,
     pieces: Mapping[PieceKey, Piece],
     parent: Manifest | None = None,
+    known_changes: Mapping[PieceKey, str | None] | None = None,
 ) -> bool:
     """Store ``manifest`` (idempotent by content hash, as changes against ``parent``, or when
     that is not given against the config loaded last) and, unless it is already the newest
@@ -262,10 +282,13 @@ async def record_loaded_config(
     if await conn.fetchval(_LAST_LOADED, CONFIG_LOADED) == digest:
         return False
     async with conn.transaction():
+        await conn.execute("SET LOCAL jit = off")  # as for the reads (RulesConfigSource._read)
         await conn.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
         last = await conn.fetchval(_LAST_LOADED, CONFIG_LOADED)
         if last == digest:
             return False
+        if parent is None:
+            known_changes = None
         if parent is None and last is not None:
             entries = await manifest_entries(conn, str(last))
             if entries:  # a version stored whole before migration 0032 has no pieces
@@ -277,6 +300,7 @@ async def record_loaded_config(
             parent=parent,
             created_by=LOADED_BY,
             note=f"loaded by the rules service ({manifest.label})",
+            known_changes=known_changes,
         )
         await append(
             conn,
@@ -305,6 +329,12 @@ class _Built:
     manifest: Manifest
     delta: ConfigDelta
     row_digests: dict[str, str] = field(default_factory=dict)
+    # The digest of each bucket (``_FINGERPRINT``) and the patients in it.
+    buckets: dict[int, str] = field(default_factory=dict)
+    members: dict[int, frozenset[str]] = field(default_factory=dict)
+    # The pieces put in place (a digest) or taken out (None) since the previous build, when
+    # there was one: what recording it against that build writes.
+    changes: dict[PieceKey, str | None] | None = None
 
 
 class RulesConfigSource:
@@ -345,9 +375,10 @@ class RulesConfigSource:
         # What the last new config changed, and the label of the config it changed from.
         self.delta: ConfigDelta = EVERYTHING
         self.delta_from: str | None = None
-        self._fingerprint: str | None = None
+        self._fingerprint: dict[int, str] | None = None
         self._built: _Built | None = None
         self._recorded: Manifest | None = None
+        self._previous_manifest: Manifest | None = None
 
     @property
     def manifest(self) -> Manifest | None:
@@ -369,6 +400,7 @@ class RulesConfigSource:
             self.skipped += 1
             return self._built.config
         if built is not self._built:
+            self._previous_manifest = self._built.manifest if self._built else None
             self.delta_from = self._built.config.config_version if self._built else None
             self.delta = built.delta
             self._built = built
@@ -376,25 +408,48 @@ class RulesConfigSource:
         self._fingerprint = fingerprint if recorded else None
         return built.config
 
-    async def _read(self, conn: asyncpg.Connection) -> tuple[str, _Built | None]:
-        fingerprint = str(await conn.fetchval(_FINGERPRINT, *self.windows, None))
+    async def _read(self, conn: asyncpg.Connection) -> tuple[dict[int, str], _Built | None]:
+        # These queries are short and run every few seconds: compiling them to machine code
+        # (PostgreSQL's JIT, which their estimated cost at 100,000 patients triggers) took
+        # longer than running them.
+        await conn.execute("SET LOCAL jit = off")
+        fingerprint = {
+            row["bucket"]: row["digest"]
+            for row in await conn.fetch(_FINGERPRINT, *self.windows, None, None)
+        }
         previous = self._built
         if previous is not None and fingerprint == self._fingerprint:
             return fingerprint, None
         protocol_rows = await conn.fetch(_PROTOCOLS)
         if previous is None:
-            rows = await conn.fetch(_PATIENT_ROWS, *self.windows, None)
-            built = await asyncio.to_thread(self._build, protocol_rows, rows, set(), None)
+            rows = await conn.fetch(_PATIENT_ROWS, *self.windows, None, None)
+            built = await asyncio.to_thread(
+                self._build, protocol_rows, rows, set(), None, fingerprint, sorted(fingerprint)
+            )
             return fingerprint, built
-        digests = {
-            row["patient_id"]: row["digest"]
-            for row in await conn.fetch(_PATIENT_DIGESTS, *self.windows, None)
-        }
+        before = previous.buckets
+        buckets = sorted(
+            b
+            for b in set(fingerprint) | set(before)
+            if b >= 0 and fingerprint.get(b) != before.get(b)
+        )
+        digests = (
+            {
+                row["patient_id"]: row["digest"]
+                for row in await conn.fetch(_PATIENT_DIGESTS, *self.windows, None, buckets)
+            }
+            if buckets
+            else {}
+        )
         known = previous.row_digests
         changed = [p for p, d in digests.items() if known.get(p) != d]
-        removed = {p for p in known if p not in digests}
-        rows = await conn.fetch(_PATIENT_ROWS, *self.windows, changed) if changed else []
-        built = await asyncio.to_thread(self._build, protocol_rows, rows, removed, previous)
+        removed = {
+            p for b in buckets for p in previous.members.get(b, frozenset()) if p not in digests
+        }
+        rows = await conn.fetch(_PATIENT_ROWS, *self.windows, changed, None) if changed else []
+        built = await asyncio.to_thread(
+            self._build, protocol_rows, rows, removed, previous, fingerprint, buckets
+        )
         return fingerprint, built
 
     def _build(
@@ -403,9 +458,12 @@ class RulesConfigSource:
         patient_rows: list[Any],
         removed: set[str],
         previous: _Built | None,
+        fingerprint: dict[int, str],
+        buckets: list[int],
     ) -> _Built:
         """A config from the protocols, the rows of the patients that changed and the ones that
-        went; the rest is ``previous``'s (None: ``patient_rows`` are every patient)."""
+        went; the rest is ``previous``'s (None: ``patient_rows`` are every patient).
+        ``fingerprint``: the digest of each bucket now; ``buckets``: the ones read again."""
         defaults = self.defaults
         protocols = {
             row["care_team_id"]: Protocol(
@@ -422,6 +480,10 @@ class RulesConfigSource:
             profiles.pop(patient_id, None)
             row_digests.pop(patient_id, None)
             pieces.pop((PROFILE, patient_id), None)
+        members = dict(previous.members) if previous is not None else {}
+        touched: dict[int, set[str]] = {b: set(members.get(b, ())) for b in buckets}
+        for patient_id in removed:
+            touched[bucket_of(patient_id)].discard(patient_id)
         rebuilt: set[str] = set()
         for row in patient_rows:
             patient_id = row["patient_id"]
@@ -443,6 +505,7 @@ class RulesConfigSource:
             )
             profiles[patient_id] = profile
             row_digests[patient_id] = row["digest"]
+            touched.setdefault(bucket_of(patient_id), set()).add(patient_id)
             piece = profile_piece(profile)
             if pieces.get(piece.place) != piece:
                 pieces[piece.place] = piece
@@ -470,7 +533,8 @@ class RulesConfigSource:
         everything = previous is None or pieces.get(BASE_KEY) != base
         pieces[BASE_KEY] = base
         entries = {place: piece.digest for place, piece in pieces.items()}
-        label = derived_label(entries)
+        body = manifest_body(entries)
+        label = derived_label(entries, body)
         config = draft.model_copy(update={"config_version": label})
         delta = (
             EVERYTHING
@@ -488,7 +552,29 @@ class RulesConfigSource:
             else rebuilt | {p for p, profile in profiles.items() if profile.care_team_id in teams}
         )
         RulesCompiler(config).check(checked)
-        return _Built(config, pieces, Manifest.of(label, entries), delta, row_digests)
+        manifest = Manifest(label, content_hash_of(label, entries, body), entries)
+        for b, patients in touched.items():
+            members[b] = frozenset(patients)
+        changes: dict[PieceKey, str | None] | None = None
+        if previous is not None:
+            places = {(PROFILE, p) for p in rebuilt | removed}
+            places |= {(PROTOCOL, t) for t in teams} | {BASE_KEY}
+            old = previous.manifest.entries
+            changes = {
+                place: entries.get(place)
+                for place in places
+                if entries.get(place) != old.get(place)
+            }
+        return _Built(
+            config,
+            pieces,
+            manifest,
+            delta,
+            row_digests,
+            buckets=fingerprint,
+            members=members,
+            changes=changes,
+        )
 
     async def _record(self, conn: asyncpg.Connection, built: _Built) -> bool:
         """Record ``built`` as loaded unless this source already did; False (and a warning)
@@ -496,8 +582,13 @@ class RulesConfigSource:
         manifest = built.manifest
         if self._recorded is not None and self._recorded.content_hash == manifest.content_hash:
             return True
+        parent = self._recorded
+        previous_manifest = self._previous_manifest
+        # The build's own changes hold against the build before it; recorded against another
+        # version (a recording failed in between), they are found by comparison.
+        known = built.changes if parent is not None and parent is previous_manifest else None
         try:
-            await record_loaded_config(conn, manifest, built.pieces, self._recorded)
+            await record_loaded_config(conn, manifest, built.pieces, parent, known)
         except (asyncpg.PostgresError, OSError) as error:
             log.warning(
                 "rules_config_not_recorded",

@@ -90,14 +90,16 @@ def manifest_body(entries: Mapping[PieceKey, str]) -> str:
     return "\n".join(sorted(f"{kind} {key} {h}" for (kind, key), h in entries.items()))
 
 
-def derived_label(entries: Mapping[PieceKey, str]) -> str:
-    """The label a config loaded from PostgreSQL carries: it follows the content."""
-    return "pg-" + digest(manifest_body(entries))[:12]
+def derived_label(entries: Mapping[PieceKey, str], body: str | None = None) -> str:
+    """The label a config loaded from PostgreSQL carries: it follows the content. ``body``:
+    ``manifest_body(entries)``, when the caller has it."""
+    return "pg-" + digest(manifest_body(entries) if body is None else body)[:12]
 
 
-def content_hash_of(label: str, entries: Mapping[PieceKey, str]) -> str:
+def content_hash_of(label: str, entries: Mapping[PieceKey, str], body: str | None = None) -> str:
     """The name of a config: sha256 of its label line and its manifest."""
-    return digest(f"config_version {label}\n{manifest_body(entries)}")
+    text = manifest_body(entries) if body is None else body
+    return digest(f"config_version {label}\n{text}")
 
 
 def content_hash(config: RulesConfig) -> str:
