@@ -123,7 +123,9 @@ KAFKA_CHANNELS: Final[tuple[KafkaChannel, ...]] = (
             ),
             InternalMessage(
                 "rules.config",
-                "The rules configuration in force, so a replay can pin the same version.",
+                "A rules configuration the service pinned, so a replay can pin the same "
+                "version: its label, content hash, number of patient profiles, and the "
+                "configuration without them (the profiles are in PostgreSQL, in pieces).",
                 key="'__config__/{config_version}', always on partition 0.",
             ),
         ),
