@@ -24,9 +24,9 @@ the marker's page is in too, the fever's first pages and alerts are counted. Fig
   reading; ``lost``: answered yet not stored;
 - ``in_kafka``: distinct readings in the telemetry topic (from its end offsets before the load);
   ``kafka_duplicates``: records beyond one a reading; ``lost_kafka``: answered yet not in Kafka;
-- ``resume_s``: from the fault to the end of the longest pause in ingest's answers after it
-  (about 0 when ingest never stopped answering); ``ready_s``: from killing rules or notify until
-  the new process's ``/readyz`` answered 200;
+- ``resume_s``: from the fault to the first answer to a reading published 0.5 s or more after
+  it (about 0.5 s when the fault did not interrupt ingest); ``ready_s``: from killing rules or
+  notify until the new process's ``/readyz`` answered 200;
 - ``fever_page_s``: from publishing the fever to its first page in the sink; ``fever_pages``:
   first pages about the fever patient (must be 1); ``fever_alerts``: alerts recorded as an
   episode's start for them (must be 1); ``marker_pages``: the positive control (must be 1);
@@ -83,6 +83,7 @@ FAULTS = (
     "rules-sigkill",
     "notify-sigkill",
 )
+RESUME_PROBE_S = 0.5
 FEVER_C = 38.9  # above the default single-reading fever limit (38.3 °C), below critical (39.5)
 
 
@@ -387,25 +388,20 @@ def run_fault(fault: str, run: Run) -> dict[str, Any]:
     }
     if any(exits.values()):
         figures["service_exits"] = {name: n for name, n in exits.items() if n}
-    answer_times = sorted(publisher.answered[m] for m in answered)  # the load's, not the fevers'
-    if (resumed := resume_ns(answer_times, fault_at)) is not None:
+    if (resumed := resume_ns(published, publisher.answered, fault_at)) is not None:
         figures["resume_s"] = round((resumed - fault_at) / 1e9, 2)
     shutil.rmtree(data, ignore_errors=True)
     return figures
 
 
-def resume_ns(answers: list[int], fault_at: int) -> int | None:
-    """When answers came again: the end of the longest pause in them after ``fault_at``
-    (``answers`` sorted, monotonic ns). None when no answer came after the fault."""
-    best: tuple[int, int] | None = None
-    previous = fault_at
-    for at in answers:
-        if at <= fault_at:
-            continue
-        if best is None or at - previous > best[0]:
-            best = (at - previous, at)
-        previous = at
-    return None if best is None else best[1]
+def resume_ns(published: dict[str, int], answered: dict[str, int], fault_at: int) -> int | None:
+    """When the pipeline answered again: the first answer to a reading published at least
+    ``RESUME_PROBE_S`` after the fault struck (one published sooner may have slipped through
+    before the fault took effect). Times in monotonic ns; None when no such reading was answered.
+    """
+    probe = fault_at + int(RESUME_PROBE_S * 1e9)
+    after = [answered[m] for m, t in published.items() if t >= probe and m in answered]
+    return min(after) if after else None
 
 
 def failures(result: dict[str, Any]) -> list[str]:

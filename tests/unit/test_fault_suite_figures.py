@@ -44,13 +44,14 @@ def test_each_loss_or_page_count_fails_the_fault() -> None:
     assert failures({"fault": "kafka-sigkill", "error": "StackError: x"}) == ["StackError: x"]
 
 
-def test_resume_is_the_end_of_the_longest_pause_after_the_fault() -> None:
-    """Answers before the fault are ignored; the pause may start at the fault itself."""
+def test_resume_is_the_first_answer_to_a_reading_published_after_the_fault() -> None:
+    """Readings published before the fault, or in the half second after it (they may have
+    slipped through before it took effect), do not show the pipeline answering again."""
     s = 1_000_000_000
-    answers = [1 * s, 2 * s, 10 * s, 11 * s, 14 * s, 15 * s]
-    assert resume_ns(answers, fault_at=3 * s) == 10 * s  # 3 -> 10 is the longest
-    assert resume_ns(answers, fault_at=10 * s + 1) == 14 * s  # 11 -> 14
-    assert resume_ns(answers, fault_at=16 * s) is None  # nothing answered after it
+    published = {"before": 1 * s, "slipped": 3 * s + s // 10, "after": 4 * s, "later": 5 * s}
+    answered = {"before": 2 * s, "slipped": 3 * s + s // 5, "after": 12 * s, "later": 11 * s}
+    assert resume_ns(published, answered, fault_at=3 * s) == 11 * s
+    assert resume_ns(published, {"before": 2 * s}, fault_at=3 * s) is None
 
 
 def mail(headers: str) -> Mail:
