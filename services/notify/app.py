@@ -213,6 +213,7 @@ def build_escalation(
             retry_base_s=settings.retry_base_s,
             retry_cap_s=settings.retry_cap_s,
             heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            heartbeat_start_grace_s=settings.heartbeat_start_grace_s,
             technical_care_team_id=settings.technical_care_team_id,
             fallback_email=settings.fallback_email,
             group_wait_s=settings.group_wait_s,

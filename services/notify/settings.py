@@ -128,6 +128,15 @@ class NotifySettings(ServiceSettings):
         description="Heartbeat sources watched from start-up even if never seen.",
     )
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    heartbeat_start_grace_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "At start-up, a heartbeat source found silent (notify was down through the silence) "
+            "is paged only if still silent this long after the start; unset: the heartbeat "
+            "timeout."
+        ),
+    )
     outage_settle_s: float = Field(
         default=150.0,
         ge=0,

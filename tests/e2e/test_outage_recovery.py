@@ -1,15 +1,18 @@
 """End to end on the real stack: the pipeline stops for longer than the silence limits while the
 devices go on publishing into the broker's queue, then starts again. No page storm: no
 start/all-clear pairs for devices whose queued or resumed data arrive; a device that went
-quiet before the outage and stayed quiet is paged once.
+quiet before the outage and stayed quiet is paged once; the care team gets one summary of the
+outage, although notify was down through it too, and nobody is paged that the pipeline was
+silent.
 
 Three pumps of one patient each (silence limit 1 min by the care team's protocol): A publishes
 all along (its messages queue in the broker for ingest's persistent session), B stops when the
 pipeline stops and starts again when it is back, C stops when the pipeline stops and never
 comes back. The heartbeat publisher beats every 2 s throughout. Ingest, rules (its own
 process) and notify are stopped for 75 s, then started again on the same client id, consumer
-groups and transactional id. Rules run with a 20 s outage gap and a 30 s grace (settings), so
-the test takes about two and a half minutes rather than five.
+groups and transactional id. Rules run with a 20 s outage gap and a 30 s grace, notify with a
+30 s heartbeat timeout and a 35 s settle time (settings), so the test takes about two and a half
+minutes rather than eight.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[2]
 OUTAGE_S = 75.0
 GRACE_S = 30.0
+HEARTBEAT_TIMEOUT_S = 30.0
 PUMPS = ("A", "B", "C")
 
 
@@ -71,6 +75,27 @@ class Site:
 
     def header(self, message: Message, name: str) -> str:
         return "".join(str(message.get(name) or "").split())
+
+    def summaries(self) -> list[Message]:
+        team = f"oncall-{self.run_id}@hospital.test"
+        return [
+            m
+            for m in self.mail.messages
+            if self.header(m, "X-Vigil-Purpose") == "outage_summary"
+            and self.header(m, "To") == team
+        ]
+
+    def subjects(self) -> list[str]:
+        return [str(m.get("Subject")) for m in self.mail.messages if self.run_id in str(m)]
+
+    def pipeline_pages(self) -> list[str]:
+        """Pages about this test's heartbeat source falling silent (start or all clear)."""
+        prefix = f"pipeline:silent:{self.env['BEAT']}:"
+        return [
+            self.header(m, "X-Vigil-Phase")
+            for m in self.mail.messages
+            if self.header(m, "X-Vigil-Dedup-Key").startswith(prefix)
+        ]
 
     def silence_pages(self, label: str) -> list[tuple[str, str]]:
         patient, pump = self.pumps[label]
@@ -214,6 +239,15 @@ async def run_pipeline(site: Site) -> Callable[[], Awaitable[None]]:
         # What is tested here is which alerts the rules decide after an outage; notify's hold
         # of technical alerts (default 5 min) would only delay C's page.
         technical_hold_s=0,
+        # Notify is down through the outage too: it finds the heartbeat silent when it starts
+        # again. A 30 s timeout (default 120 s) makes the 75 s outage one in notify's eyes, and
+        # the summary is composed once the rules' grace is over.
+        heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
+        outage_settle_s=GRACE_S + 5,
+        # Long enough for the rules to restore their state on a busy machine (about 50 s seen
+        # with other stacks running); a page before the heartbeat is back would be true, and
+        # followed by its all clear.
+        heartbeat_start_grace_s=150,
     )
     stop = asyncio.Event()
     tasks = [
@@ -257,24 +291,37 @@ async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_sti
         )
     )
     devices = asyncio.create_task(publish_statuses(site, stop_devices))
+    halt: Callable[[], Awaitable[None]] | None = None
     try:
         halt = await run_pipeline(site)
-        await asyncio.sleep(25)  # the pipeline watching, heartbeats flowing: the rhythm is known
+        # The pipeline watching: heartbeats made it through ingest, rules and notify three
+        # times (the rules know their rhythm); a fixed sleep was too short on a busy machine.
+        await through_pipeline(site, beats=3)
         assert site.silence_pages("C") == [], "paged before the outage"
         site.publishing["B"] = site.publishing["C"] = False
         await halt()
+        halt = None
         await asyncio.sleep(OUTAGE_S)  # nobody watching; A and the heartbeat go on publishing
         halt = await run_pipeline(site)
         site.publishing["B"] = True
-        limit = time.monotonic() + GRACE_S + 90
+        limit = (
+            time.monotonic() + GRACE_S + 210
+        )  # a bound, not a target: restores are slow on a busy machine
         while not site.silence_pages("C"):
-            assert time.monotonic() < limit, f"C was never paged: {tail(site.logs)}"
+            assert time.monotonic() < limit, (
+                f"C was never paged; mail: {site.subjects()}; rules: {tail(site.logs)}"
+            )
             await asyncio.sleep(0.5)
-        # Positive control above (C paged): the pipeline was listening. Give A and B as long
-        # again to show that nothing comes for them.
+        # Notify was down too: it still records the outage and tells the team once.
+        while not site.summaries():
+            assert time.monotonic() < limit, f"no outage summary; mail: {site.subjects()}"
+            await asyncio.sleep(0.5)
+        # Positive controls above (C paged, the summary sent): the pipeline was listening.
+        # Give A and B as long again to show that nothing comes for them.
         await asyncio.sleep(GRACE_S)
-        await halt()
     finally:
+        if halt is not None:
+            await halt()  # also when an assertion failed: no rules process outlives the test
         stop_devices.set()
         beating.set()
         await asyncio.gather(devices, heartbeat, return_exceptions=True)
@@ -282,6 +329,30 @@ async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_sti
     assert site.silence_pages("A") == []
     assert site.silence_pages("B") == []
     assert [phase for phase, _ in site.silence_pages("C")] == ["start"]
+    summaries = site.summaries()
+    assert len(summaries) == 1
+    assert "Vigil was not watching from" in str(summaries[0].get_payload(decode=True), "utf-8")
+    # The silence was over before notify could tell anyone: no "Pipeline silent", no all clear.
+    assert site.pipeline_pages() == []
+
+
+async def through_pipeline(site: Site, *, beats: int, bound_s: float = 180.0) -> None:
+    """Wait (bounded) until notify has recorded ``beats`` successive heartbeats of the test's
+    source: each went through ingest, the rules and notify, so all three are running."""
+    seen: set[datetime] = set()
+    limit = time.monotonic() + bound_s
+    conn = await asyncpg.connect(site.env["VIGIL_PG_DSN"])
+    try:
+        while len(seen) < beats:
+            assert time.monotonic() < limit, f"the heartbeat never got through: {tail(site.logs)}"
+            last = await conn.fetchval(
+                "SELECT last_seen_at FROM pipeline_heartbeats WHERE source = $1", site.env["BEAT"]
+            )
+            if last is not None:
+                seen.add(last)
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
 
 
 def tail(logs: Path) -> str:

@@ -144,13 +144,15 @@ async def _cleanup(pool: Any, tag: str, source: str) -> None:
             """
             WITH closed AS (
                 UPDATE escalations SET status = 'resolved', due_at = NULL
-                WHERE care_team_id = $1 RETURNING escalation_id
+                WHERE care_team_id = $1 OR dedup_key LIKE 'pipeline:silent:' || $2 || ':%'
+                RETURNING escalation_id
             )
             UPDATE pages SET status = 'cancelled', next_attempt_at = NULL
             WHERE escalation_id IN (SELECT escalation_id FROM closed)
               AND status IN ('queued', 'failed', 'sending')
             """,
             team,
+            source,
         )
     await pool.execute(
         "UPDATE pipeline_outages SET summarised_at = coalesce(summarised_at, now()), "
@@ -385,5 +387,100 @@ async def test_escalation_open_across_a_restart_resumes_as_a_numbered_repeat(
             f"Open since {clock_time(opened, 'Europe/Berlin')} (first paged)"
             in pages[1].get_content()
         )
+    finally:
+        await _cleanup(pool, tag, source)
+
+
+async def test_notify_down_through_the_outage_records_it_without_a_silence_page(
+    pool: Any, smtp: SmtpSink
+) -> None:
+    """Notify stops with the rest of the pipeline and starts again 40 min later; the first
+    alert it consumes is a current heartbeat. The silence it was down through is still an
+    outage (recorded, summarised for each team), and nobody is paged about a silence that was
+    over before anyone could be told (no start, no all clear)."""
+    tag = uuid.uuid4().hex[:8]
+    source = f"heartbeat-outage-{tag}"
+    await _teams(pool, tag)
+    clock = ManualClock(T0 + timedelta(days=402))
+    nurse, oncall_b, fallback = (
+        f"nurse-{tag}@h.test",
+        f"oncall-b-{tag}@h.test",
+        f"fallback-{tag}@h.test",
+    )
+    try:
+        await _service(pool, clock, smtp, tag).handle_alert(_beat(source, clock.now))
+        last = clock.now
+        clock.advance(minutes=40)
+        restarted = _service(pool, clock, smtp, tag)
+        assert source in await restarted.resume_watch()  # before the consumer starts
+        outage = await pool.fetchrow("SELECT * FROM pipeline_outages WHERE source = $1", source)
+        assert outage is not None and outage["started_at"] == last and outage["ended_at"] is None
+
+        # The consumer's first record is a current heartbeat, handled before any round.
+        clock.advance(seconds=2)
+        back = clock.now
+        assert await restarted.handle_alert(_beat(source, back))
+        await _round(restarted)
+        outage = await pool.fetchrow("SELECT * FROM pipeline_outages WHERE source = $1", source)
+        assert outage["ended_at"] == back
+        assert [m["Subject"] for m in _mails(smtp, fallback)] == []  # no silence page/all clear
+
+        clock.now = back + timedelta(seconds=SETTLE_S)
+        assert await restarted.handle_alert(_beat(source, clock.now))  # beating all along
+        await _round(restarted)
+        summaries = [p for p in _mails(smtp, nurse) if p["Subject"].startswith("[VIGIL] Not")]
+        assert len(summaries) == 1
+        text = summaries[0].get_content()
+        start, end = clock_time(last, "Europe/Berlin"), clock_time(back, "Europe/Berlin")
+        assert f"Vigil was not watching from {start} to {end}" in text
+        assert len(_mails(smtp, oncall_b)) == 1
+        assert _mails(smtp, fallback) == []
+    finally:
+        await _cleanup(pool, tag, source)
+
+
+async def test_silence_found_at_start_pages_once_its_wait_is_over(
+    pool: Any, smtp: SmtpSink
+) -> None:
+    """Notify starts into a silence that goes on: the technical page waits one heartbeat
+    timeout from the start (not paged a second before it, paged once at it), a restart inside
+    the wait starts the wait again, and once paged the silence gets its all clear."""
+    tag = uuid.uuid4().hex[:8]
+    source = f"heartbeat-outage-{tag}"
+    await _teams(pool, tag)
+    clock = ManualClock(T0 + timedelta(days=403))
+    fallback = f"fallback-{tag}@h.test"
+    timeout = timedelta(seconds=60)  # the services' heartbeat_timeout_s
+    try:
+        await _service(pool, clock, smtp, tag).handle_alert(_beat(source, clock.now))
+        last = clock.now
+        clock.advance(minutes=30)
+        assert source in await _service(pool, clock, smtp, tag).resume_watch()
+        clock.advance(seconds=30)  # restarted again inside the wait: the wait starts again
+        restarted = _service(pool, clock, smtp, tag)
+        assert source in await restarted.resume_watch()
+        started = clock.now
+        clock.now = started + timeout - timedelta(seconds=1)
+        await _round(restarted)
+        assert _mails(smtp, fallback) == []
+        clock.now = started + timeout
+        await _round(restarted)
+        await _round(restarted)
+        pages = _mails(smtp, fallback)
+        assert [p["Subject"] for p in pages] == [
+            f"[VIGIL HIGH] Pipeline silent: no heartbeat from {source} for over 60 s"
+            " — patient pipeline (no care team on record)"
+        ]
+        assert clock_time(last, "UTC") in pages[0].get_content()
+        # Paged already: a restart now does not wait again (its escalation goes on).
+        assert source not in await _service(pool, clock, smtp, tag).resume_watch()
+
+        clock.advance(seconds=5)
+        assert await restarted.handle_alert(_beat(source, clock.now))
+        await _round(restarted)
+        subjects = [p["Subject"] for p in _mails(smtp, fallback)]
+        assert len(subjects) == 2 and subjects[1].startswith("[VIGIL ALL CLEAR] Pipeline silent")
+        outage = await pool.fetchrow("SELECT * FROM pipeline_outages WHERE source = $1", source)
+        assert outage["started_at"] == last and outage["ended_at"] == clock.now
     finally:
         await _cleanup(pool, tag, source)

@@ -212,6 +212,9 @@ class EscalationConfig:
     batch: int = 200
     max_concurrent_sends: int = 32
     heartbeat_timeout_s: float = 120.0
+    #: At start-up, how long the page of a heartbeat found silent waits for the pipeline to
+    #: come back (``resume_watch``); None: ``heartbeat_timeout_s``.
+    heartbeat_start_grace_s: float | None = None
     technical_care_team_id: str | None = None
     fallback_email: str = DEFAULT_FALLBACK_EMAIL
     # A patient's first alert is paged at once and opens a window this long; alerts inside it
@@ -290,6 +293,10 @@ class EscalationService:
         # Set when a pending bundle falls due, so the clock loop pages it on time rather than on
         # its next round.
         self._bundle_due = asyncio.Event()
+        # Heartbeat sources found silent when this instance started (``resume_watch``): notify
+        # was down through the silence, so its page waits until this deadline for heartbeats
+        # to come back with the rest of the pipeline (docs/notify.md, "After an outage").
+        self._deferred_silence: dict[str, datetime] = {}
 
     def now(self) -> datetime:
         """The service's clock (injected: a test moves it by hand)."""
@@ -874,6 +881,53 @@ class EscalationService:
 
     # -- pipeline self-watch ------------------------------------------------------------------
 
+    async def resume_watch(self) -> list[str]:
+        """At start-up, before any alert is consumed: the heartbeat sources that went silent
+        while this notify was not running (nor any other: nobody marked them). Each has its
+        outage opened at once, from its last heartbeat, and its silence marked, but its page
+        waits ``heartbeat_start_grace_s`` (default: the heartbeat timeout) for the heartbeat to
+        come back with the rest of the pipeline: back in time, the outage is recorded and
+        summarised and nobody is paged about a silence that is already over; still silent,
+        the technical on-call is paged, dated from the last heartbeat. A source marked silent
+        whose silence was never paged (a restart inside that wait) waits again. Returns the
+        deferred sources.
+
+        Without this, the consumer's first current heartbeat could reach the store before the
+        first self-watch round, and an outage that notify itself was down through would go
+        unrecorded."""
+        now = self._clock()
+        grace_s = self._config.heartbeat_start_grace_s
+        if grace_s is None:
+            grace_s = self._config.heartbeat_timeout_s
+        deadline = now + timedelta(seconds=grace_s)
+        deferred: list[str] = []
+        for source, last_seen, silent_since in await self._store.heartbeats():
+            verdict = pipeline_verdict(
+                last_seen_at=last_seen,
+                silent_since=silent_since,
+                now=now,
+                timeout_s=self._config.heartbeat_timeout_s,
+            )
+            if verdict is PipelineVerdict.WENT_SILENT:
+                if self._outages is not None:
+                    await self._outages.went_silent(source, last_seen, now)
+                await self._store.mark_silent(source, last_seen)
+            elif verdict is PipelineVerdict.STILL_SILENT and silent_since is not None:
+                start = silence_alert(
+                    source, silent_since, now, AlertPhase.START, self._config.heartbeat_timeout_s
+                )
+                if await self._store.escalation_id_for(start.dedup_key) is not None:
+                    continue  # paged before this start: its escalation goes on
+            else:
+                continue
+            self._deferred_silence[source] = deadline
+            deferred.append(source)
+            log.warning(
+                "pipeline_silent_at_start",
+                extra=log_fields(source=source, last_seen=last_seen.isoformat()),
+            )
+        return deferred
+
     async def check_heartbeat(self) -> list[tuple[str, PipelineVerdict]]:
         now = self._clock()
         verdicts: list[tuple[str, PipelineVerdict]] = []
@@ -887,7 +941,14 @@ class EscalationService:
             verdicts.append((source, verdict))
             if verdict is PipelineVerdict.WENT_SILENT:
                 await self._page_silence(source, last_seen, now)
+            elif verdict is PipelineVerdict.STILL_SILENT and silent_since is not None:
+                due = self._deferred_silence.get(source)
+                if due is not None and now >= due:
+                    # Silent since before this start, and not back within the wait: page it.
+                    del self._deferred_silence[source]
+                    await self._page_silence(source, silent_since, now)
             elif verdict is PipelineVerdict.RECOVERED and silent_since is not None:
+                self._deferred_silence.pop(source, None)
                 await self._clear_silence(source, last_seen, silent_since, now)
         return verdicts
 
