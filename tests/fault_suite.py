@@ -364,6 +364,7 @@ def run_fault(fault: str, run: Run) -> dict[str, Any]:
             run.supervisor.forget(ingest)
             ingest.stop()
         broker.stop(signal.SIGTERM)
+        shutil.rmtree(data, ignore_errors=True)
     rows = asyncio.run(stored_rows(dsn, devices))
     published = publisher.counts.published
     in_kafka = telemetry_copies(bootstrap, since, published)
@@ -390,7 +391,6 @@ def run_fault(fault: str, run: Run) -> dict[str, Any]:
         figures["service_exits"] = {name: n for name, n in exits.items() if n}
     if (resumed := resume_ns(published, publisher.answered, fault_at)) is not None:
         figures["resume_s"] = round((resumed - fault_at) / 1e9, 2)
-    shutil.rmtree(data, ignore_errors=True)
     return figures
 
 
