@@ -1,0 +1,1 @@
+"""Notify's entry points: the HTTP routers of its API (``entrypoints/http``)."""
