@@ -22,10 +22,12 @@ from fastapi.responses import JSONResponse
 
 from services.api.adapters.audit import AuditTrail
 from services.api.adapters.credentials import hash_password
+from services.api.adapters.fhir import FhirRepository
+from services.api.adapters.fhir_export import ExportJobs
 from services.api.adapters.repository import ApiRepository
 from services.api.domain.access import Role
 from services.api.domain.throttle import LoginThrottle
-from services.api.routes import alerts, auth, dashboard, patients, protocols
+from services.api.routes import alerts, auth, dashboard, fhir, patients, protocols
 from services.api.settings import ApiSettings
 from vigil.runtime import configure_logging, utcnow
 
@@ -50,11 +52,19 @@ def create_app(
             from services.api.adapters.alert_actions import NotifyAlertActions
 
             app.state.alert_actions = NotifyAlertActions(pool)
+        # The FHIR application is mounted, so its lifespan does not run: it gets the same
+        # settings, clock, repository (for the caller's identity) and audit trail here.
+        fhir_app.state.repository = app.state.repository
+        fhir_app.state.audit = app.state.audit
+        fhir_app.state.fhir_repository = FhirRepository(pool)
+        fhir_app.state.fhir_exports = ExportJobs(fhir_app.state.fhir_repository, clock)
         try:
             yield
         finally:
+            await fhir_app.state.fhir_exports.close()
             await pool.close()
 
+    fhir_app = fhir.create_fhir_app()
     app = FastAPI(
         title="Vigil care-team API",
         version="1",
@@ -80,6 +90,9 @@ def create_app(
     app.include_router(alerts.router)
     app.include_router(protocols.router)
     app.include_router(dashboard.router)
+    fhir_app.state.settings = settings
+    fhir_app.state.clock = clock
+    app.mount("/fhir", fhir_app)
     return app
 
 

@@ -1,0 +1,177 @@
+"""Bulk export jobs (FHIR Bulk Data ``Patient/$export``): run in the API process, kept in memory.
+
+A kick-off starts a job as an asyncio task; the job reads each patient's course through
+:class:`~services.api.adapters.fhir.FhirRepository`, maps it with ``services.api.domain.fhir``
+and keeps one NDJSON file per resource type. Its owner polls the status URL and then downloads
+the files. Jobs live in the process that started them and are dropped ``RETENTION`` after they
+finish (or on restart, when a client kicks off again): with several API replicas the status and
+file URLs must reach the replica that answered the kick-off (docs/fhir.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from services.api.adapters.fhir import FhirRepository
+from services.api.domain import fhir
+from services.api.domain.fhir_capability import EXPORT_TYPES
+
+#: How long a finished job's files stay available.
+RETENTION = timedelta(hours=1)
+#: Jobs one user may have unfinished at once.
+MAX_RUNNING_PER_USER = 2
+
+
+@dataclass
+class ExportJob:
+    job_id: str
+    owner: str
+    request_url: str
+    transaction_time: datetime
+    patient_ids: list[str]
+    types: tuple[str, ...]
+    since: datetime | None
+    status: str = "running"  # running | complete | failed
+    done_patients: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    finished_at: datetime | None = None
+    task: asyncio.Task[None] | None = None
+
+
+async def patient_course(
+    repository: FhirRepository,
+    teams: frozenset[str],
+    patient_id: str,
+    types: Iterable[str],
+    since: datetime | None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every resource of one patient's course, by type: the patient, its devices, every
+    temperature reading and pump status, every alert episode and its pages."""
+    wanted = set(types)
+    out: dict[str, list[dict[str, Any]]] = {t: [] for t in EXPORT_TYPES if t in wanted}
+    if "Patient" in out:
+        out["Patient"].append(fhir.patient(patient_id))
+    if "Device" in out:
+        out["Device"] = [fhir.device(r) for r in await repository.devices_of(patient_id)]
+    if "Observation" in out:
+        temperatures = await repository.temperatures(patient_id, since)
+        observations = [fhir.temperature_observation(r) for r in temperatures]
+        del temperatures
+        pumps = await repository.pump_statuses(patient_id, since)
+        observations.extend(fhir.pump_status_observation(r) for r in pumps)
+        out["Observation"] = observations
+    if "Flag" in out or "Communication" in out:
+        episodes = await repository.episodes(teams, patient_id)
+        if since is not None:
+            episodes = [e for e in episodes if e["updated_at"] >= since]
+        if "Flag" in out:
+            out["Flag"] = [fhir.flag(e) for e in episodes]
+        if "Communication" in out:
+            pages = await repository.pages(patient_id, [e["dedup_key"] for e in episodes])
+            by_key: dict[str, list[dict[str, Any]]] = {}
+            for page in pages:
+                by_key.setdefault(page["dedup_key"], []).append(page)
+            for episode in episodes:
+                out["Communication"].extend(
+                    fhir.episode_communications(episode, by_key.get(episode["dedup_key"], []))
+                )
+    return out
+
+
+def ndjson(resources: Iterable[dict[str, Any]]) -> bytes:
+    """One resource per line, each line ending in a newline."""
+    return b"".join(orjson.dumps(r) + b"\n" for r in resources)
+
+
+class ExportJobs:
+    """The process's export jobs, by id."""
+
+    def __init__(self, repository: FhirRepository, clock: Callable[[], datetime]) -> None:
+        self._repository = repository
+        self._clock = clock
+        self._jobs: dict[str, ExportJob] = {}
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for job_id, job in list(self._jobs.items()):
+            if job.finished_at is not None and now - job.finished_at > RETENTION:
+                del self._jobs[job_id]
+
+    def running_for(self, owner: str) -> int:
+        self._expire()
+        return sum(1 for j in self._jobs.values() if j.owner == owner and j.status == "running")
+
+    def start(
+        self,
+        *,
+        owner: str,
+        teams: frozenset[str],
+        request_url: str,
+        patient_ids: list[str],
+        types: tuple[str, ...],
+        since: datetime | None,
+    ) -> ExportJob:
+        job = ExportJob(
+            job_id=uuid.uuid4().hex,
+            owner=owner,
+            request_url=request_url,
+            transaction_time=self._clock(),
+            patient_ids=patient_ids,
+            types=types,
+            since=since,
+        )
+        self._jobs[job.job_id] = job
+        job.task = asyncio.create_task(self._run(job, teams), name=f"fhir-export-{job.job_id}")
+        return job
+
+    async def _run(self, job: ExportJob, teams: frozenset[str]) -> None:
+        collected: dict[str, list[bytes]] = {t: [] for t in job.types}
+        counts = dict.fromkeys(job.types, 0)
+        try:
+            for patient_id in job.patient_ids:
+                course = await patient_course(
+                    self._repository, teams, patient_id, job.types, job.since
+                )
+                for resource_type, resources in course.items():
+                    collected[resource_type].append(ndjson(resources))
+                    counts[resource_type] += len(resources)
+                job.done_patients += 1
+        except Exception as exc:  # the job fails, the status URL says so; the API lives on
+            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            job.files = {t: b"".join(parts) for t, parts in collected.items() if counts[t]}
+            job.counts = {t: c for t, c in counts.items() if c}
+            job.status = "complete"
+        job.finished_at = self._clock()
+
+    def get(self, job_id: str, owner: str) -> ExportJob | None:
+        """The job, only for the user who started it."""
+        self._expire()
+        job = self._jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
+
+    def delete(self, job_id: str, owner: str) -> bool:
+        job = self.get(job_id, owner)
+        if job is None:
+            return False
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+        del self._jobs[job_id]
+        return True
+
+    async def close(self) -> None:
+        for job in self._jobs.values():
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+        await asyncio.gather(
+            *(j.task for j in self._jobs.values() if j.task is not None), return_exceptions=True
+        )
