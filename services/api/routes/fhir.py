@@ -69,8 +69,12 @@ Jobs = Annotated[ExportJobs, Depends(_jobs)]
 
 
 def base_url(request: Request) -> str:
-    """The FHIR base (``…/fhir``) as the client reached it."""
-    return str(request.base_url).rstrip("/")
+    """The FHIR base (``…/fhir``) as the client reached it. Starlette's ``base_url`` stops at
+    the root application; the mount's own prefix is what ``root_path`` adds to it."""
+    root = str(request.scope.get("root_path", ""))
+    app_root = str(request.scope.get("app_root_path", ""))
+    mount = root[len(app_root) :] if root.startswith(app_root) else root
+    return str(request.base_url).rstrip("/") + mount
 
 
 async def _audit(
