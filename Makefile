@@ -22,7 +22,7 @@ TSDB_TESTS := tests/integration tests/e2e tests/api
 
 .PHONY: setup run test test-unit test-faults test-faults-down stack-up stack-down test-stack-down schemas schemas-check lint clean \
 	bench-ingest bench-rules bench-notify bench-replay bench-config-reload \
-	bench-alarm-burden bench-stack-down \
+	bench-alarm-burden bench-fhir-export bench-stack-down \
 	test-timescale test-timescale-down bench-replay-timescale helm test-deploy
 
 setup:
@@ -132,6 +132,11 @@ bench-config-reload: setup
 # Arguments: make bench-alarm-burden ARGS="--patients 10 --days 2 --seed 2"
 bench-alarm-burden: setup
 	$(BENCH_STACK) $(PY) bench/alarm_burden.py $(ARGS)
+
+# One 28-day course (readings every 5 min and every minute, 40 alert episodes with their
+# pages) exported as FHIR NDJSON through the API's asynchronous $export (docs/fhir.md).
+bench-fhir-export: setup
+	$(BENCH_STACK) $(PY) bench/fhir_export.py
 
 bench-stack-down:
 	$(BENCH_STACK) $(PY) -m vigil.stack down
