@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from schemas.events import Alert
-from services.rules.domain.config import PatientProfile, RulesConfig
+import pytest
+from pydantic import ValidationError
+
+from schemas.events import Alert, AlertPriority
+from services.rules.domain.config import PatientProfile, Protocol, RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
 from services.rules.testing import Home, Pulse, run_stream
 
@@ -80,3 +83,39 @@ def test_during_a_fever_a_spot_check_home_re_measuring_hourly_is_observed() -> N
     continuous = run_stream(RulesEngine(config(home, spot_check=False)), stream)
     starts = [a for a in continuous if a.code == "fever_unobserved" and a.phase.value == "start"]
     assert len(starts) == 4
+
+
+def _silence_after_12_h(home: Home, overrides: dict[str, str], *, spot_check: bool) -> Alert:
+    """The silence alert of a thermometer unread for 12 h, under the care team's protocol."""
+    profile = PatientProfile(
+        patient_id=home.patient_id,
+        care_team_id="T-spot",
+        spot_check_thermometers=(home.thermometer_id,) if spot_check else (),
+    )
+    protocol = Protocol(care_team_id="T-spot", version=1, overrides=overrides)
+    engine = RulesEngine(
+        RulesConfig(protocols={"T-spot": protocol}, profiles={home.patient_id: profile})
+    )
+    run_stream(engine, [home.temp(0, 36.8)])
+    (alert,) = silent(run_stream(engine, Pulse(T0).every(60, 1, 12 * 60 + 1)), home)
+    return alert
+
+
+def test_a_protocol_can_let_a_missed_spot_check_wait_for_the_morning_round() -> None:
+    """By default a missed spot check pages at any hour (medium). A care team's protocol may
+    make it low, which notify holds through the team's quiet hours and pages as the morning
+    digest. Edge: the same protocol leaves a continuous thermometer's silence medium."""
+    morning = {"spot_check_silent_priority": "low"}
+    default = _silence_after_12_h(Home("P-spot-5", T0), {}, spot_check=True)
+    assert default.priority is AlertPriority.MEDIUM
+    waits = _silence_after_12_h(Home("P-spot-6", T0), morning, spot_check=True)
+    assert waits.priority is AlertPriority.LOW
+    assert waits.code == "device_silent" and "720 min" in waits.title
+    continuous = _silence_after_12_h(Home("P-spot-7", T0), morning, spot_check=False)
+    assert continuous.priority is AlertPriority.MEDIUM
+
+
+def test_a_missed_spot_check_is_medium_or_low_never_anything_else() -> None:
+    for refused in (AlertPriority.HIGH, AlertPriority.INFO):
+        with pytest.raises(ValidationError, match="morning round"):
+            Thresholds(spot_check_silent_priority=refused)

@@ -94,6 +94,10 @@ class Thresholds(_Plain):
     # about hourly, so "no temperature" counts from that rhythm.
     spot_check_silent_minutes: float = Field(default=720.0, gt=0)
     spot_check_unobserved_minutes: float = Field(default=75.0, gt=0)
+    # Whether a missed spot check pages at any hour (medium) or waits for the morning round
+    # (low: notify holds low alerts through the care team's quiet hours and pages them as the
+    # morning digest). The care team's protocol decides; only these two are allowed.
+    spot_check_silent_priority: AlertPriority = AlertPriority.MEDIUM
 
     seven_day_bag_rate_ml_h: float = Field(default=0.6, gt=0)
     seven_day_bag_rate_tolerance_ml_h: float = Field(default=0.05, ge=0)
@@ -114,6 +118,11 @@ class Thresholds(_Plain):
             )
         if not self.fever_clear_c > PLAUSIBLE_MIN_C:
             raise ValueError(f"a fever clear level must be above {PLAUSIBLE_MIN_C} °C")
+        if self.spot_check_silent_priority not in (AlertPriority.MEDIUM, AlertPriority.LOW):
+            raise ValueError(
+                "a missed spot check pages at any hour (medium) or waits for the morning round "
+                "(low)"
+            )
         if not (
             self.interruption_page_minutes
             < self.interruption_escalate_minutes
@@ -330,6 +339,7 @@ class PatientRules:
     data_lost_wait_s: float
     spot_check_silent_s: float
     spot_check_unobserved_s: float
+    spot_check_silent_priority: AlertPriority
     spot_checks: frozenset[str]
     seven_day_rate: float
     seven_day_tolerance: float
@@ -378,6 +388,7 @@ class PatientRules:
             data_lost_wait_s=thresholds.data_lost_wait_minutes * _MIN,
             spot_check_silent_s=thresholds.spot_check_silent_minutes * _MIN,
             spot_check_unobserved_s=thresholds.spot_check_unobserved_minutes * _MIN,
+            spot_check_silent_priority=thresholds.spot_check_silent_priority,
             spot_checks=frozenset(),
             seven_day_rate=thresholds.seven_day_bag_rate_ml_h,
             seven_day_tolerance=thresholds.seven_day_bag_rate_tolerance_ml_h,
@@ -395,6 +406,13 @@ class PatientRules:
         if device_id in self.spot_checks:
             return self.spot_check_silent_s
         return self.thermometer_silent_s
+
+    def silent_priority(self, device_id: str, is_thermometer: bool) -> AlertPriority:
+        """The priority of a device's silence: medium, or what the protocol says for a missed
+        spot check."""
+        if is_thermometer and device_id in self.spot_checks:
+            return self.spot_check_silent_priority
+        return AlertPriority.MEDIUM
 
     def unobserved_s(self, thermometer_id: str) -> float:
         """How long an open fever may go without a temperature, by the thermometer's rhythm."""

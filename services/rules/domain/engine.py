@@ -958,8 +958,11 @@ class RulesEngine:
         device.silent_at = deadline
         what = "Thermometer" if device.is_thermometer else "Infusion pump"
         title = f"{what} silent for {int(limit // 60)} min: no data, no clinical decisions"
+        priority = rules.silent_priority(device_id, device.is_thermometer)
         return self._absence_alert(
-            _SILENCE_ALERTS,
+            _SILENCE_ALERTS
+            if priority is _SILENCE_ALERTS.priority
+            else _SILENCE_ALERTS._replace(priority=priority),
             device.silent_key,
             patient_id,
             device_id,
