@@ -294,8 +294,10 @@ async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_sti
     halt: Callable[[], Awaitable[None]] | None = None
     try:
         halt = await run_pipeline(site)
-        # The pipeline watching: heartbeats made it through ingest, rules and notify three
-        # times (the rules know their rhythm); a fixed sleep was too short on a busy machine.
+        # The pipeline watching, each pump heard several times: every pump's third status is
+        # stored, then heartbeats made it through ingest, rules and notify three more times
+        # (the rules know their rhythm). A fixed sleep was too short on a busy machine.
+        await statuses_stored(site, each=3)
         await through_pipeline(site, beats=3)
         assert site.silence_pages("C") == [], "paged before the outage"
         site.publishing["B"] = site.publishing["C"] = False
@@ -334,6 +336,27 @@ async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_sti
     assert "Vigil was not watching from" in str(summaries[0].get_payload(decode=True), "utf-8")
     # The silence was over before notify could tell anyone: no "Pipeline silent", no all clear.
     assert site.pipeline_pages() == []
+
+
+async def statuses_stored(site: Site, *, each: int, bound_s: float = 180.0) -> None:
+    """Wait (bounded) until ingest has stored ``each`` statuses of every pump."""
+    pumps = [pump for _patient, pump in site.pumps.values()]
+    limit = time.monotonic() + bound_s
+    conn = await asyncpg.connect(site.env["VIGIL_PG_DSN"])
+    try:
+        while True:
+            counts = await conn.fetchval(
+                "SELECT count(DISTINCT device_id) FROM (SELECT device_id FROM pump_status "
+                "WHERE device_id = ANY($1::text[]) GROUP BY device_id HAVING count(*) >= $2) s",
+                pumps,
+                each,
+            )
+            if counts == len(pumps):
+                return
+            assert time.monotonic() < limit, f"pump statuses not stored: {tail(site.logs)}"
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
 
 
 async def through_pipeline(site: Site, *, beats: int, bound_s: float = 180.0) -> None:
