@@ -203,6 +203,14 @@ async def _dies(progress: Callable[[int], None]) -> int:
     os._exit(3)
 
 
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """Whoever sees ``path`` exist sees its whole text (a plain write_text is seen empty by a
+    reader that checks between its open and its write)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 @needs_fork
 async def test_jobs_run_in_their_own_processes_and_return_in_order() -> None:
     seen: list[int] = []
@@ -281,7 +289,7 @@ async def test_a_failing_worker_stops_the_others_without_waiting_for_them(
     started = tmp_path / "slow-pid"
 
     async def slow(progress: Callable[[int], None]) -> int:
-        started.write_text(str(os.getpid()))
+        _write_atomically(started, str(os.getpid()))
         await asyncio.sleep(20)
         finished.write_text("done")
         return 1
@@ -335,7 +343,7 @@ async def test_a_job_run_here_that_raises_fails_the_run_and_stops_the_workers(
     started = tmp_path / "slow-pid"
 
     async def slow(progress: Callable[[int], None]) -> int:
-        started.write_text(str(os.getpid()))
+        _write_atomically(started, str(os.getpid()))
         await asyncio.sleep(20)
         return 1
 
