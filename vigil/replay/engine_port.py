@@ -181,7 +181,7 @@ class ReplayEngine:
 
 
 def pin(config: Mapping[str, Any] | RulesConfig) -> PinnedRules:
-    """Validate a config and pin it; the hash is over its validated, canonical JSON."""
+    """Validate a config and pin it; the hash is over its label and its pieces (canonical JSON)."""
     try:
         validated = (
             config if isinstance(config, RulesConfig) else RulesConfig.model_validate(config)
