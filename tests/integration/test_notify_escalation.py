@@ -1885,8 +1885,9 @@ async def test_held_alarm_whose_end_arrives_after_its_follow_up_was_written_is_s
     rig: Rig,
 ) -> None:
     """Nothing held is dropped: the follow-up of a held alarm is written at the window's end,
-    and the alarm's end arrives before the page was sent (the 63 ms of issue 31, where only
-    the all clear went out). The alarm's page is sent, then its all clear, in that order.
+    and the alarm's end arrives before the page was sent (63 ms, as the alarm-burden benchmark
+    saw, where only the all clear went out). The alarm's page is sent, then its all clear, in
+    that order.
     Positive control: the repeat of a chain that ended is still cancelled."""
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     patient, service = f"P-{rig.tag}", _bundling(rig)
