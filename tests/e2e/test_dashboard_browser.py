@@ -28,6 +28,7 @@ from services.api.adapters.repository import ApiRepository
 from services.api.app import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
+from tests.api.test_api_temperature_hourly import refresh_backfill
 from tests.e2e.conftest import Pipeline, free_port, publish, register_patient, temperature
 
 pytestmark = pytest.mark.stack
@@ -211,6 +212,9 @@ async def _course_history(dsn: str, patient: str, device: str) -> None:
             """,
             rows,
         )
+        # Ten days back is older than the hourly aggregate's refresh look-back: on
+        # TimescaleDB the backfill reaches the plot after the refresh an operator runs.
+        await refresh_backfill(conn, start, end)
     finally:
         await conn.close()
 
