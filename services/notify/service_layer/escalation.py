@@ -913,10 +913,8 @@ class EscalationService:
                     await self._outages.went_silent(source, last_seen, now)
                 await self._store.mark_silent(source, last_seen)
             elif verdict is PipelineVerdict.STILL_SILENT and silent_since is not None:
-                start = silence_alert(
-                    source, silent_since, now, AlertPhase.START, self._config.heartbeat_timeout_s
-                )
-                if await self._store.escalation_id_for(start.dedup_key) is not None:
+                key = silence_dedup_key(source, silent_since)
+                if await self._store.escalation_id_for(key) is not None:
                     continue  # paged before this start: its escalation goes on
             else:
                 continue
@@ -1117,11 +1115,16 @@ def sms_reference(job: PageJob) -> str:
     return job.page.page_id.hex[:10].upper()
 
 
+def silence_dedup_key(source: str, since: datetime) -> str:
+    """One episode of silence of ``source``: the same for its start and its all clear."""
+    return f"pipeline:silent:{source}:{int(since.timestamp())}"
+
+
 def silence_alert(
     source: str, since: datetime, now: datetime, phase: AlertPhase, timeout_s: float
 ) -> Alert:
     """The alert notify raises itself when the heartbeat from ``source`` stops arriving."""
-    dedup_key = f"pipeline:silent:{source}:{int(since.timestamp())}"
+    dedup_key = silence_dedup_key(source, since)
     return Alert(
         alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:alert:{dedup_key}:{phase.value}"),
         dedup_key=dedup_key,
