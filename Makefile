@@ -29,7 +29,7 @@ setup:
 	@bash deploy/local/install.sh
 
 run: setup
-	$(PY) -m vigil.cli run
+	$(PY) -m vigil_tools.cli run
 
 test: setup
 	$(TEST_STACK) $(PY) -m pytest
@@ -63,16 +63,16 @@ test-faults: setup
 	$(FAULT_STACK) $(PY) -m tests.fault_suite
 
 test-faults-down:
-	$(FAULT_STACK) $(PY) -m vigil.stack down
+	$(FAULT_STACK) $(PY) -m vigil_tools.stack down
 
 stack-up: setup
-	$(PY) -m vigil.stack up
+	$(PY) -m vigil_tools.stack up
 
 stack-down:
-	$(PY) -m vigil.stack down
+	$(PY) -m vigil_tools.stack down
 
 test-stack-down:
-	$(TEST_STACK) $(PY) -m vigil.stack down
+	$(TEST_STACK) $(PY) -m vigil_tools.stack down
 
 # Skips (exit 0, saying why) when no PostgreSQL with TimescaleDB is named; fails when the named
 # one has no TimescaleDB.
@@ -89,7 +89,7 @@ test-timescale: setup
 		$(PY) -m pytest $(TSDB_TESTS)
 
 test-timescale-down:
-	$(TSDB_STACK) $(PY) -m vigil.stack down
+	$(TSDB_STACK) $(PY) -m vigil_tools.stack down
 
 bench-replay-timescale: setup
 	@test -n "$(VIGIL_STACK_PG_BIN_DIR)" \
@@ -106,7 +106,7 @@ schemas-check: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m mypy services schemas vigil
+	$(PY) -m mypy services schemas vigil vigil_tools
 
 clean: stack-down test-stack-down test-faults-down bench-stack-down
 	rm -rf .vigil .vigil-test .vigil-faults .vigil-bench
@@ -139,4 +139,4 @@ bench-fhir-export: setup
 	$(BENCH_STACK) $(PY) bench/fhir_export.py
 
 bench-stack-down:
-	$(BENCH_STACK) $(PY) -m vigil.stack down
+	$(BENCH_STACK) $(PY) -m vigil_tools.stack down

@@ -1,7 +1,7 @@
 """Alarm-burden benchmark: simulated home courses through the whole pipeline, every page e-mail
 classified against the ground truth.
 
-What runs: a seeded course (``vigil.simulator.course``: spot-check and patch thermometers,
+What runs: a seeded course (``vigil_tools.simulator.course``: spot-check and patch thermometers,
 pumps with routine bag changes, hub dropouts with buffered forwarding, probe-off readings,
 fevers, occlusions, low batteries, pump stops) published over MQTT to the test stack's broker;
 ingest, rules and notify in this process; the pipeline heartbeat; a local SMTP server keeping
@@ -79,8 +79,8 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
-from vigil.heartbeat import heartbeat_payload
-from vigil.simulator.course import Course, CourseSpec, ThermometerKind, plan_course
+from vigil_tools.heartbeat import heartbeat_payload
+from vigil_tools.simulator.course import Course, CourseSpec, ThermometerKind, plan_course
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = (
@@ -362,13 +362,14 @@ class Drain:
 async def run_course(args: argparse.Namespace) -> dict[str, Any]:
     import services.ingest.app as ingest_app
     from services.ingest.settings import IngestSettings
-    from services.notify.app import build_escalation, consume_alerts, open_pool
+    from services.notify.app import consume_alerts
+    from services.notify.bootstrap import build_escalation, open_pool
     from services.notify.settings import NotifySettings
     from services.rules.app import run as run_rules
     from services.rules.settings import RulesSettings
     from vigil.db.migrate import apply_migrations
     from vigil.kafka import make_consumer
-    from vigil.stack.topics import DEFAULT_PARTITIONS
+    from vigil_tools.stack.topics import DEFAULT_PARTITIONS
 
     env = stack_environment()
     run = uuid.uuid4().hex[:8]

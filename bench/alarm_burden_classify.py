@@ -8,7 +8,7 @@ separated, in a bundle page), ``X-Vigil-Phase``, ``X-Vigil-Priority``, ``X-Vigil
 - **true page** of an event kind: a dedup key's patient had a true event of a kind that key's
   rule speaks of, between ``EARLY`` before its start and ``GRACE`` after its end (buffered data
   is paged when it arrives, up to a dropout later). A fever page during a borderline fever (the
-  core within the thermometers' error of the definition, ``vigil.simulator.course``) is true:
+  core within the thermometers' error of the definition, ``vigil_tools.simulator.course``) is true:
   the readings may well have met the definition;
 - **false page**: anything else about a patient of the course;
 - **other**: not about a patient of the course (the pipeline's self-watch).
@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from vigil.simulator.course import PAGED_KINDS, EventKind, TrueEvent
+from vigil_tools.simulator.course import PAGED_KINDS, EventKind, TrueEvent
 
 EARLY = timedelta(minutes=5)
 GRACE = timedelta(hours=2)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 def stack_environment() -> dict[str, str]:
     """Start (or reuse) the local stack named by ``VIGIL_STACK_*`` and return its variables."""
-    from vigil.stack import StackSettings, up
-    from vigil.stack import stack_env as read_env
+    from vigil_tools.stack import StackSettings, up
+    from vigil_tools.stack import stack_env as read_env
 
     settings = StackSettings()
     up(settings)

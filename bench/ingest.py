@@ -134,7 +134,7 @@ def start_ingest(
         profile = os.environ.get("BENCH_INGEST_PROFILE")
         prefix = ["-m", "cProfile", "-o", f"{profile}/{client_id}.prof"] if profile else []
         return subprocess.Popen(
-            [sys.executable, *prefix, "-m", "vigil.cli", "ingest"],
+            [sys.executable, *prefix, "-m", "vigil_tools.cli", "ingest"],
             env=child,
             stdout=out,
             stderr=out,

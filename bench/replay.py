@@ -78,11 +78,12 @@ from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
 from vigil.db.migrate import timescaledb_enabled
 from vigil.kafka import encode, make_producer
-from vigil.replay.engine_port import decode_record, default_rules, from_telemetry
-from vigil.replay.runner import Replay
-from vigil.replay.seal import seal_archive, seal_horizon
-from vigil.replay.service import ReplayOutcome, ReplayRequest, run_replay
-from vigil.replay.sources import (
+from vigil.settings import KafkaSettings
+from vigil_tools.replay.engine_port import decode_record, default_rules, from_telemetry
+from vigil_tools.replay.runner import Replay
+from vigil_tools.replay.seal import seal_archive, seal_horizon
+from vigil_tools.replay.service import ReplayOutcome, ReplayRequest, run_replay
+from vigil_tools.replay.sources import (
     ReadStats,
     Selection,
     archive_query,
@@ -92,8 +93,7 @@ from vigil.replay.sources import (
     read_archive,
     read_kafka,
 )
-from vigil.replay.synthetic import course
-from vigil.settings import KafkaSettings
+from vigil_tools.replay.synthetic import course
 
 TABLES = ("temperature_readings", "pump_status", "pump_events")
 

@@ -34,7 +34,7 @@ SCHEMA_FORMAT: Final = "application/schema+json;version=draft-2020-12"
 MQTT_BINDING_VERSION: Final = "0.2.0"
 KAFKA_BINDING_VERSION: Final = "0.5.0"
 
-# Defaults of the local development stack (vigil.stack.StackSettings; a unit test keeps them
+# Defaults of the local development stack (vigil_tools.stack.StackSettings; a unit test keeps them
 # equal). A deployment's hosts and ports are given by its operator.
 LOCAL_HOST: Final = "127.0.0.1"
 LOCAL_MQTT_PORT: Final = 11883

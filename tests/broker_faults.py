@@ -1,12 +1,12 @@
 """A broker of a fault test's own, a paced QoS 1 publisher and an ingest-like subscriber.
 
-``OwnBroker`` runs Mosquitto with the local stack's own configuration (``vigil.stack.mosquitto``)
-in a temporary directory on free loopback ports, so a test can restart or kill it without
-touching the shared test stack. ``PacedPublisher`` is a device (or hub) as docs/mqtt.md asks
-for: QoS 1, a persistent session, every unacknowledged message kept and sent again after a
-reconnect. ``ShareSubscriber`` connects as ingest does (MQTT 5, clean start off, a session
-expiry, the shared subscription at QoS 1, re-subscribed on every connection) and acknowledges a
-message after recording it. Both run paho's network loop in a thread of their own.
+``OwnBroker`` runs Mosquitto with the local stack's own configuration
+(``vigil_tools.stack.mosquitto``) in a temporary directory on free loopback ports, so a test can
+restart or kill it without touching the shared test stack. ``PacedPublisher`` is a device (or hub)
+as docs/mqtt.md asks for: QoS 1, a persistent session, every unacknowledged message kept and sent
+again after a reconnect. ``ShareSubscriber`` connects as ingest does (MQTT 5, clean start off, a
+session expiry, the shared subscription at QoS 1, re-subscribed on every connection) and
+acknowledges a message after recording it. Both run paho's network loop in a thread of their own.
 
 ``python -m tests.broker_faults`` runs one fault and prints its figures as one JSON line (the
 figures in docs/reliability.md come from it).
@@ -34,10 +34,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from vigil.stack import mosquitto
-from vigil.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER, ensure_secrets
-from vigil.stack.process import await_exit, port_accepts, running_pid
-from vigil.stack.settings import StackSettings
+from vigil_tools.stack import mosquitto
+from vigil_tools.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER, ensure_secrets
+from vigil_tools.stack.process import await_exit, port_accepts, running_pid
+from vigil_tools.stack.settings import StackSettings
 
 # What the subscriber subscribes to: ingest's default (the device topics directly); --topic
 # "$share/vigil-ingest/vigil/v1/dev/#" for a share group.

@@ -28,8 +28,8 @@ TEST_STACK_DEFAULTS = {
 @pytest.fixture(scope="session")
 def stack_env() -> Iterator[dict[str, str]]:
     """Start (or reuse) the test stack and expose its connection variables to the process."""
-    from vigil.stack import StackSettings, up
-    from vigil.stack import stack_env as read_env
+    from vigil_tools.stack import StackSettings, up
+    from vigil_tools.stack import stack_env as read_env
 
     for key, value in TEST_STACK_DEFAULTS.items():
         os.environ.setdefault(key, value)

@@ -7,8 +7,8 @@ compose deployment's ``restart: unless-stopped`` does, and counts each such exit
 suite stops or kills on purpose is restarted by the suite, not by the supervisor.
 
 ``kill_kafka`` and ``stop_postgres`` / ``start_postgres`` act on the stack named by
-:class:`vigil.stack.StackSettings`: the Kafka JVM gets SIGKILL and is started again from the same
-log directories; PostgreSQL gets its fast shutdown and is started again on the same cluster.
+:class:`vigil_tools.stack.StackSettings`: the Kafka JVM gets SIGKILL and is started again from the
+same log directories; PostgreSQL gets its fast shutdown and is started again on the same cluster.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import urllib.request
 from pathlib import Path
 
 from tests.broker_faults import free_port, wait_for
-from vigil.stack import kafka, postgres
-from vigil.stack.process import await_exit, port_accepts, running_pid, signal_component
-from vigil.stack.settings import StackSettings
+from vigil_tools.stack import kafka, postgres
+from vigil_tools.stack.process import await_exit, port_accepts, running_pid, signal_component
+from vigil_tools.stack.settings import StackSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The environment variable that names each service's ops port (/readyz).
@@ -37,7 +37,7 @@ OPS_PORT_VARIABLE = {
 
 
 class Service:
-    """One ``python -m vigil.cli <name>`` process; its output goes to ``log``."""
+    """One ``python -m vigil_tools.cli <name>`` process; its output goes to ``log``."""
 
     def __init__(self, name: str, label: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
@@ -58,7 +58,7 @@ class Service:
     def spawn(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vigil.cli", self.name],
+                [sys.executable, "-m", "vigil_tools.cli", self.name],
                 env=self.env,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,

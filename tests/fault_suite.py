@@ -68,9 +68,9 @@ from tests.fault_services import (
     stop_postgres,
 )
 from tests.integration.test_ingest_broker_restart import register
-from vigil.simulator.outbox import Outbox
-from vigil.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
-from vigil.stack.settings import StackSettings
+from vigil_tools.simulator.outbox import Outbox
+from vigil_tools.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
+from vigil_tools.stack.settings import StackSettings
 
 FAULTS = (
     "graceful",
@@ -418,7 +418,7 @@ def failures(result: dict[str, Any]) -> list[str]:
 
 
 def start_run(settings: StackSettings, args: argparse.Namespace) -> Run:
-    from vigil.stack import stack_env
+    from vigil_tools.stack import stack_env
 
     env = stack_env(settings)
     tag = uuid.uuid4().hex[:8]
@@ -468,7 +468,7 @@ def main() -> None:
         sys.exit(f"unknown faults: {', '.join(sorted(unknown))}")
     # `timeout` and Ctrl-C stop the run through its finally blocks, which stop its processes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from vigil.stack import down, status, up
+    from vigil_tools.stack import down, status, up
 
     settings = StackSettings()
     was_running = any(c["running"] for c in status(settings).values())

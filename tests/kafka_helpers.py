@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.rules.settings import RulesSettings
-from vigil.replay.sources import topic_partitions
+from vigil_tools.replay.sources import topic_partitions
 
 
 async def end_offsets(bootstrap: str, *topics: str) -> dict[TopicPartition, int]:

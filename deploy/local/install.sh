@@ -42,4 +42,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-.venv/bin/python -m vigil.stack fetch
+.venv/bin/python -m vigil_tools.stack fetch

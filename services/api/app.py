@@ -49,9 +49,9 @@ def create_app(
         app.state.repository = ApiRepository(pool)
         app.state.audit = audit if audit is not None else AuditTrail(pool)
         if alert_actions is None:
-            from services.api.adapters.alert_actions import NotifyAlertActions
+            from services.notify.public import AlertActions
 
-            app.state.alert_actions = NotifyAlertActions(pool)
+            app.state.alert_actions = AlertActions(pool)
         # The FHIR application is mounted, so its lifespan does not run: it gets the same
         # settings, clock, repository (for the caller's identity) and audit trail here.
         fhir_app.state.repository = app.state.repository

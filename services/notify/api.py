@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.notify.adapters.api_queries import PostgresApiRepository
+from services.notify.bootstrap import build_escalation, open_pool
 from services.notify.entrypoints.http import ROUTERS
 from services.notify.service_layer.api_ports import ApiRepository, EscalationCommands
 from services.notify.settings import NotifySettings
@@ -38,16 +39,11 @@ def create_app(
         opened = pool
         if app.state.service is None or app.state.repository is None:
             if opened is None:
-                # Imported here: app imports this module to serve the API in-process.
-                from services.notify.app import open_pool
-
                 opened = await open_pool(settings)
                 owned.append(opened)
             if app.state.repository is None:
                 app.state.repository = PostgresApiRepository(opened)
             if app.state.service is None:
-                from services.notify.app import build_escalation
-
                 app.state.service, closers = build_escalation(settings, opened)
                 owned.extend(closers)
         try:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
-import asyncpg
 import uvicorn
 from pydantic import ValidationError
 
@@ -32,16 +31,10 @@ from services.notify.adapters.metrics import (
     NotifyReadiness,
     ObservedAlertHandler,
     ObservedDeadLetters,
-    ObservedEscalationStore,
     poll_database,
 )
-from services.notify.adapters.outage_store import PostgresOutageStore
-from services.notify.adapters.pagerduty import PagerDutyEvents
-from services.notify.adapters.postgres import PostgresNotifyRepository
-from services.notify.adapters.smtp import SmtpSender
-from services.notify.adapters.twilio import TwilioSms
-from services.notify.service_layer.escalation import EscalationConfig, EscalationService
-from services.notify.service_layer.outage import OutageConfig, OutageWatch
+from services.notify.api import create_app
+from services.notify.bootstrap import build_escalation, open_pool
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
 from vigil.ops import kafka_outage, serving_ops
@@ -125,107 +118,6 @@ async def _handle_record(
     await handler.handle_alert(alert)
 
 
-async def open_pool(settings: NotifySettings) -> Any:
-    return await asyncpg.create_pool(
-        settings.pg.dsn, min_size=settings.pg.pool_min_size, max_size=settings.pg.pool_max_size
-    )
-
-
-def smtp_sender(settings: NotifySettings) -> SmtpSender:
-    password = settings.smtp_password
-    return SmtpSender(
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-        envelope_from=settings.smtp_from,
-        timeout_s=settings.smtp_timeout_s,
-        starttls=settings.smtp_starttls,
-        username=settings.smtp_username,
-        password=None if password is None else password.get_secret_value(),
-    )
-
-
-def build_escalation(
-    settings: NotifySettings,
-    pool: Any,
-    *,
-    clock: Any = utcnow,
-    metrics: NotifyMetrics | None = None,
-) -> tuple[EscalationService, list[Any]]:
-    """The escalation service over ``pool`` with the channels the settings enable; with
-    ``metrics``, its store reports attempts, failovers, acknowledgements and heartbeats.
-
-    Returns the service and the HTTP clients to close at shutdown.
-    """
-    closers: list[Any] = []
-    sms: TwilioSms | None = None
-    if settings.sms_enabled:
-        assert settings.twilio_account_sid is not None and settings.twilio_auth_token is not None
-        assert settings.twilio_from is not None
-        sms = TwilioSms(
-            base_url=settings.twilio_base_url,
-            account_sid=settings.twilio_account_sid,
-            auth_token=settings.twilio_auth_token.get_secret_value(),
-            from_number=settings.twilio_from,
-            status_callback_url=settings.public_base_url.rstrip("/") + "/twilio/status",
-        )
-        closers.append(sms)
-    webhook: PagerDutyEvents | None = None
-    if settings.pagerduty_events_url is not None:
-        webhook = PagerDutyEvents(base_url=settings.pagerduty_events_url)
-        closers.append(webhook)
-    store = (
-        PostgresEscalationStore(pool, fallback_email=settings.fallback_email)
-        if metrics is None
-        else ObservedEscalationStore(
-            pool, metrics, now=clock, fallback_email=settings.fallback_email
-        )
-    )
-    email = smtp_sender(settings)
-    outages = OutageWatch(
-        store=PostgresOutageStore(pool),
-        load_policy=store.load_policy,
-        email=email,
-        sms=sms,
-        webhook=webhook,
-        config=OutageConfig(
-            sender_address=settings.smtp_from,
-            fallback_email=settings.fallback_email,
-            hold_s=settings.group_wait_s,
-            settle_s=settings.outage_settle_s,
-            technical_care_team_id=settings.technical_care_team_id,
-            retry_base_s=settings.retry_base_s,
-            retry_cap_s=settings.retry_cap_s,
-        ),
-        clock=clock,
-    )
-    service = EscalationService(
-        store=store,
-        alerts=PostgresNotifyRepository(pool),
-        email=email,
-        sms=sms,
-        webhook=webhook,
-        config=EscalationConfig(
-            sender_address=settings.smtp_from,
-            public_base_url=settings.public_base_url,
-            ack_secret=settings.ack_secret.get_secret_value().encode(),
-            ack_link_ttl_s=settings.ack_link_ttl_s,
-            max_tries_per_channel=settings.max_tries_per_channel,
-            retry_base_s=settings.retry_base_s,
-            retry_cap_s=settings.retry_cap_s,
-            heartbeat_timeout_s=settings.heartbeat_timeout_s,
-            heartbeat_start_grace_s=settings.heartbeat_start_grace_s,
-            technical_care_team_id=settings.technical_care_team_id,
-            fallback_email=settings.fallback_email,
-            group_wait_s=settings.group_wait_s,
-            technical_hold_s=settings.technical_hold_s,
-            silence_hold_s=settings.silence_hold_s,
-        ),
-        clock=clock,
-        outages=outages,
-    )
-    return service, closers
-
-
 class _EmbeddedServer(uvicorn.Server):
     """Serves the API inside notify, which owns SIGINT/SIGTERM: uvicorn must not take them."""
 
@@ -300,8 +192,6 @@ async def _serve(
             tasks.create_task(poll_database(pool, metrics, readiness, stop))
             tasks.create_task(escalation.run(stop, interval_s=settings.escalation_tick_s))
             if settings.api_enabled:
-                from services.notify.api import create_app
-
                 api = create_app(settings, service=escalation, pool=pool)
                 tasks.create_task(_serve_api(settings, api, stop))
     finally:

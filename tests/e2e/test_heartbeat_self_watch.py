@@ -34,8 +34,8 @@ from tests.e2e.conftest import (
     start_group_at_end,
     wait_for,
 )
-from vigil.heartbeat import HeartbeatSettings
-from vigil.heartbeat import run as run_heartbeat
+from vigil_tools.heartbeat import HeartbeatSettings
+from vigil_tools.heartbeat import run as run_heartbeat
 
 pytestmark = pytest.mark.stack
 

@@ -1,6 +1,6 @@
 """kill -9 ingest ten times in the middle of a stream: no reading the broker accepted is lost.
 
-Ingest runs as a real subprocess (``python -m vigil.cli ingest``) against the real stack. A
+Ingest runs as a real subprocess (``python -m vigil_tools.cli ingest``) against the real stack. A
 publisher sends a bounded QoS 1 stream; each message counts as accepted by the broker once its
 PUBACK arrives. Meanwhile ingest is SIGKILLed at random points and restarted, ten times. At the
 end every accepted message must be in PostgreSQL exactly once and in Kafka at least once, where
@@ -60,7 +60,7 @@ class IngestProcess:
     def start(self) -> None:
         with self._log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vigil.cli", "ingest"],
+                [sys.executable, "-m", "vigil_tools.cli", "ingest"],
                 env=self._env,
                 stdout=out,
                 stderr=out,

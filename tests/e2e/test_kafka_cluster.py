@@ -2,7 +2,7 @@
 after the loss is alerted and paged exactly once.
 
 The test starts a KRaft cluster of its own (``VIGIL_STACK_KAFKA_BROKERS=3`` through
-``vigil.stack``: three JVMs with small heaps on free loopback ports, topics at replication
+``vigil_tools.stack``: three JVMs with small heaps on free loopback ports, topics at replication
 factor 3 and ``min.insync.replicas`` 2) beside the stack's Mosquitto, PostgreSQL and a real SMTP
 server; ingest, rules and notify run against it (every node in their bootstrap list), restarted
 like a supervisor would if one exits. A device connection publishes paced QoS 1 readings for
@@ -51,9 +51,9 @@ from tests.e2e.conftest import (
     temperature,
     wait_for,
 )
-from vigil.stack import StackSettings, down, kafka
-from vigil.stack.process import running_pid
-from vigil.stack.topics import topic_specs
+from vigil_tools.stack import StackSettings, down, kafka
+from vigil_tools.stack.process import running_pid
+from vigil_tools.stack.topics import topic_specs
 
 pytestmark = pytest.mark.stack
 

@@ -53,8 +53,8 @@ from tests.e2e.conftest import (
     open_mqtt_session,
     start_group_at_end,
 )
-from vigil.heartbeat import HeartbeatSettings
-from vigil.heartbeat import run as run_heartbeat
+from vigil_tools.heartbeat import HeartbeatSettings
+from vigil_tools.heartbeat import run as run_heartbeat
 
 pytestmark = pytest.mark.stack
 
@@ -222,7 +222,7 @@ def rules_process(site: Site) -> subprocess.Popen[bytes]:
     }
     log = (site.logs / f"rules-{time.monotonic_ns()}.log").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "vigil.cli", "rules"],
+        [sys.executable, "-m", "vigil_tools.cli", "rules"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -9,7 +9,7 @@ bound. The same with the rules service SIGKILLed in the middle of the silence an
 again. Then a replay of the recorded telemetry topic (one engine per partition, in partition
 order, with the configuration the service loaded) reproduces the paged alert's id.
 
-Rules runs as its own process (``python -m vigil.cli rules``) so it can be killed; ingest,
+Rules runs as its own process (``python -m vigil_tools.cli rules``) so it can be killed; ingest,
 notify and the heartbeat publisher run in this process.
 """
 
@@ -55,8 +55,8 @@ from tests.e2e.conftest import (
     start_group_at_end,
     topic_partitions,
 )
-from vigil.heartbeat import HeartbeatSettings
-from vigil.heartbeat import run as run_heartbeat
+from vigil_tools.heartbeat import HeartbeatSettings
+from vigil_tools.heartbeat import run as run_heartbeat
 
 pytestmark = pytest.mark.stack
 
@@ -82,7 +82,7 @@ class QuietHome:
     def start_rules(self) -> subprocess.Popen[bytes]:
         log = (self.logs / f"rules-{time.monotonic_ns()}.log").open("wb")
         return subprocess.Popen(
-            [sys.executable, "-m", "vigil.cli", "rules"],
+            [sys.executable, "-m", "vigil_tools.cli", "rules"],
             cwd=ROOT,
             env=self.rules_env,
             stdout=subprocess.DEVNULL,

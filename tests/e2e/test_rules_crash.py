@@ -1,7 +1,7 @@
 """A crash in the middle of a stream, against the real stack: SIGKILL the rules service, start it
 again, and the alerts topic (read committed) holds exactly the alerts of an uninterrupted run.
 
-The rules service runs as its own process (``python -m vigil.cli rules``) on this run's own
+The rules service runs as its own process (``python -m vigil_tools.cli rules``) on this run's own
 topics, consumer group and transactional id, with a pinned configuration file. The stream is the
 golden recording, copied for many patients and spread over six partitions. The uninterrupted
 run is the pure engine over each partition's events in partition order (the service runs one
@@ -112,7 +112,7 @@ def start_rules(
         "VIGIL_RULES_LOG_LEVEL": "WARNING",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "vigil.cli", "rules"],
+        [sys.executable, "-m", "vigil_tools.cli", "rules"],
         cwd=ROOT,
         env=service_env,
         stdout=subprocess.DEVNULL,

@@ -16,9 +16,9 @@ import pytest
 
 from vigil.audit import append, list_entries, verify
 from vigil.audit.actions import AuditAction
-from vigil.replay import config_store
-from vigil.replay.engine_port import pin
 from vigil.runtime import utcnow
+from vigil_tools.replay import config_store
+from vigil_tools.replay.engine_port import pin
 
 pytestmark = pytest.mark.stack
 
@@ -39,9 +39,9 @@ def actor() -> str:
 
 async def superuser(stack_env: dict[str, str]) -> asyncpg.Connection:
     """The stack's superuser, over the Unix socket (the only way pg_hba lets it in)."""
-    from vigil.stack import StackSettings
-    from vigil.stack.credentials import load_secrets
-    from vigil.stack.postgres import socket_dir
+    from vigil_tools.stack import StackSettings
+    from vigil_tools.stack.credentials import load_secrets
+    from vigil_tools.stack.postgres import socket_dir
 
     settings = StackSettings()
     return await asyncpg.connect(

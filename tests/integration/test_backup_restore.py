@@ -40,9 +40,9 @@ from services.notify.settings import NotifySettings
 from services.notify.testing import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 from vigil.db.privileges import grant_service_role
-from vigil.stack import StackSettings
-from vigil.stack.credentials import PG_APP_DATABASE, PG_SUPERUSER, StackSecrets, load_secrets
-from vigil.stack.postgres import (
+from vigil_tools.stack import StackSettings
+from vigil_tools.stack.credentials import PG_APP_DATABASE, PG_SUPERUSER, StackSecrets, load_secrets
+from vigil_tools.stack.postgres import (
     app_dsn,
     cluster_dir,
     component,
@@ -50,7 +50,7 @@ from vigil.stack.postgres import (
     socket_dir,
     start_server,
 )
-from vigil.stack.process import await_exit, make_traversable, signal_component
+from vigil_tools.stack.process import await_exit, make_traversable, signal_component
 
 pytestmark = pytest.mark.stack
 
@@ -373,7 +373,7 @@ def _rows_of(snapshot: dict[str, Any], table: str, **match: str) -> list[dict[st
 def _audit_verify(dsn: str, *args: str) -> tuple[int, dict[str, Any]]:
     """`vigil audit verify --json` as an operator runs it, in a process of its own."""
     result = subprocess.run(
-        [sys.executable, "-m", "vigil.cli", "audit", "verify", "--json", *args],
+        [sys.executable, "-m", "vigil_tools.cli", "audit", "verify", "--json", *args],
         env={**os.environ, "VIGIL_PG_DSN": dsn},
         capture_output=True,
         text=True,

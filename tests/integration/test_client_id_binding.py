@@ -21,8 +21,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.broker_faults import OwnBroker, ShareSubscriber, wait_for
-from vigil.stack import mosquitto
-from vigil.stack.credentials import INGEST_MQTT_USER
+from vigil_tools.stack import mosquitto
+from vigil_tools.stack.credentials import INGEST_MQTT_USER
 
 
 @pytest.fixture

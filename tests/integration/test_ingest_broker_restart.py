@@ -31,7 +31,7 @@ from services.ingest.app import run as run_ingest
 from services.ingest.settings import IngestSettings
 from tests.broker_faults import OwnBroker, PacedPublisher, free_port, wait_for
 from vigil.settings import KafkaSettings, MqttSettings, PostgresSettings
-from vigil.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
+from vigil_tools.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
 
 pytestmark = pytest.mark.stack
 

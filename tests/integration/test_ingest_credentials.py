@@ -11,11 +11,11 @@ import asyncpg
 import pytest
 
 from services.ingest.adapters.credentials import (
-    LocalStackBroker,
     issue_credential,
     revoke_credential,
     rotate_credential,
 )
+from vigil_tools.stack.accounts import LocalStackBroker
 
 pytestmark = pytest.mark.stack
 
@@ -116,7 +116,7 @@ async def test_rotation_replaces_the_password(stack_env: dict[str, str]) -> None
 
 async def test_rotating_a_device_without_account_is_refused(stack_env: dict[str, str]) -> None:
     """Rotation never mints a credential for a device nobody issued one to."""
-    from vigil.stack import StackError
+    from vigil_tools.stack import StackError
 
     conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
     try:

@@ -23,7 +23,7 @@ from services.ingest.app import run as run_ingest
 from services.ingest.settings import IngestSettings
 from tests.broker_faults import OwnBroker, free_port
 from vigil.settings import KafkaSettings, MqttSettings, PostgresSettings
-from vigil.stack.credentials import INGEST_MQTT_USER
+from vigil_tools.stack.credentials import INGEST_MQTT_USER
 
 pytestmark = pytest.mark.stack
 

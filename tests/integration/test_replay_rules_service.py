@@ -23,10 +23,10 @@ from schemas.events import Alert
 from services.rules.settings import RulesSettings
 from tests.kafka_helpers import create_rules_topics, rules_settings
 from vigil.kafka import encode, make_producer
-from vigil.replay.service import ReplayRequest, RulesChoice, run_replay
-from vigil.replay.sources import topic_partitions
-from vigil.replay.synthetic import FeverEpisode, PumpPause, course
 from vigil.settings import KafkaSettings
+from vigil_tools.replay.service import ReplayRequest, RulesChoice, run_replay
+from vigil_tools.replay.sources import topic_partitions
+from vigil_tools.replay.synthetic import FeverEpisode, PumpPause, course
 
 pytestmark = pytest.mark.stack
 

@@ -22,12 +22,12 @@ import pytest
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
 from vigil.db.migrate import timescaledb_enabled
-from vigil.replay import seal
-from vigil.replay.cli import main as replay_main
-from vigil.replay.engine_port import PinnedRules
-from vigil.replay.service import ReplayOutcome, ReplayRequest, RulesChoice, run_replay
-from vigil.replay.sources import day_of, day_start
-from vigil.replay.synthetic import FeverEpisode, PumpPause, course
+from vigil_tools.replay import seal
+from vigil_tools.replay.cli import main as replay_main
+from vigil_tools.replay.engine_port import PinnedRules
+from vigil_tools.replay.service import ReplayOutcome, ReplayRequest, RulesChoice, run_replay
+from vigil_tools.replay.sources import day_of, day_start
+from vigil_tools.replay.synthetic import FeverEpisode, PumpPause, course
 
 pytestmark = pytest.mark.stack
 

@@ -36,26 +36,26 @@ from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from tests.kafka_helpers import end_offsets
 from vigil.kafka import encode, make_producer
-from vigil.replay import sources
-from vigil.replay.cli import main as replay_main
-from vigil.replay.compare import Outcome
-from vigil.replay.engine_port import PinnedRules, build_archived
-from vigil.replay.runner import ReplayedAlert
-from vigil.replay.service import (
+from vigil.settings import KafkaSettings
+from vigil_tools.replay import sources
+from vigil_tools.replay.cli import main as replay_main
+from vigil_tools.replay.compare import Outcome
+from vigil_tools.replay.engine_port import PinnedRules, build_archived
+from vigil_tools.replay.runner import ReplayedAlert
+from vigil_tools.replay.service import (
     ReplayOutcome,
     ReplayRequest,
     RulesChoice,
     read_only_connection,
     run_replay,
 )
-from vigil.replay.sources import (
+from vigil_tools.replay.sources import (
     PartitionRange,
     ReadStats,
     Selection,
     read_archive,
 )
-from vigil.replay.synthetic import FeverEpisode, PumpPause, course
-from vigil.settings import KafkaSettings
+from vigil_tools.replay.synthetic import FeverEpisode, PumpPause, course
 
 pytestmark = pytest.mark.stack
 

@@ -18,10 +18,10 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 
 from vigil.kafka import encode, make_producer
-from vigil.replay.cli import write_outputs
-from vigil.replay.service import ReplayRequest, run_replay
-from vigil.replay.synthetic import course
 from vigil.settings import KafkaSettings
+from vigil_tools.replay.cli import write_outputs
+from vigil_tools.replay.service import ReplayRequest, run_replay
+from vigil_tools.replay.synthetic import course
 
 pytestmark = pytest.mark.stack
 

@@ -28,9 +28,9 @@ from services.rules.testing import Home
 from tests.integration.test_rules_config_store import bind, unbind
 from tests.kafka_helpers import create_rules_topics, rules_settings
 from vigil.kafka import encode, make_producer
-from vigil.replay import config_store
-from vigil.replay.engine_port import PinnedRules
 from vigil.settings import KafkaSettings
+from vigil_tools.replay import config_store
+from vigil_tools.replay.engine_port import PinnedRules
 
 pytestmark = pytest.mark.stack
 

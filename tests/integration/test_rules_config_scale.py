@@ -26,8 +26,8 @@ from services.rules.testing import Home, register_fleet, remove_fleet
 from tests.integration.test_rules_config_reload import read_topic, wait_for
 from tests.kafka_helpers import create_rules_topics, rules_settings
 from vigil.kafka import encode, make_producer
-from vigil.replay import config_store
 from vigil.settings import KafkaSettings
+from vigil_tools.replay import config_store
 
 pytestmark = pytest.mark.stack
 

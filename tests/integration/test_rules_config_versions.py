@@ -24,10 +24,10 @@ from services.rules.adapters.config_store import (
 from services.rules.domain.config import RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
 from tests.integration.test_rules_config_store import bind, unbind
-from vigil.replay import config_store
-from vigil.replay.cli import main as replay_main
-from vigil.replay.synthetic import FeverEpisode, course
 from vigil.runtime import utcnow
+from vigil_tools.replay import config_store
+from vigil_tools.replay.cli import main as replay_main
+from vigil_tools.replay.synthetic import FeverEpisode, course
 
 pytestmark = pytest.mark.stack
 

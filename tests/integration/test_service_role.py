@@ -16,9 +16,9 @@ pytestmark = pytest.mark.stack
 
 async def superuser() -> asyncpg.Connection:
     """The test stack's superuser over the Unix socket (the only way pg_hba lets it in)."""
-    from vigil.stack import StackSettings
-    from vigil.stack.credentials import load_secrets
-    from vigil.stack.postgres import socket_dir
+    from vigil_tools.stack import StackSettings
+    from vigil_tools.stack.credentials import load_secrets
+    from vigil_tools.stack.postgres import socket_dir
 
     settings = StackSettings()
     return await asyncpg.connect(

@@ -31,9 +31,9 @@ from schemas.device import (
 )
 from schemas.topics import CHANNEL_SCHEMAS, MQTT_SUBSCRIPTION, parse_topic
 from vigil.settings import MqttSettings
-from vigil.simulator import SimulatorSettings
-from vigil.simulator.publisher import PUBLISHED, run
-from vigil.simulator.registry import fleet_registry
+from vigil_tools.simulator import SimulatorSettings
+from vigil_tools.simulator.publisher import PUBLISHED, run
+from vigil_tools.simulator.registry import fleet_registry
 
 pytestmark = pytest.mark.stack
 

@@ -25,7 +25,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from vigil.stack import (
+from vigil_tools.stack import (
     StackSettings,
     add_device_credential,
     down,
@@ -34,8 +34,8 @@ from vigil.stack import (
     status,
     up,
 )
-from vigil.stack.process import port_accepts
-from vigil.stack.topics import topic_specs
+from vigil_tools.stack.process import port_accepts
+from vigil_tools.stack.topics import topic_specs
 
 pytestmark = pytest.mark.stack
 

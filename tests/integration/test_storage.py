@@ -31,10 +31,10 @@ from services.ingest.adapters.postgres import store_telemetry
 from vigil.db.migrate import apply_migrations, migration_names, timescaledb_enabled
 from vigil.db.storage import READINGS_TABLES, TEMPERATURE_HOURLY, StorageSettings
 from vigil.db.storage import apply_storage_policies as apply_policies
-from vigil.replay import seal
-from vigil.replay.cli import main as replay_main
-from vigil.replay.service import ReplayOutcome, ReplayRequest, run_replay
-from vigil.replay.synthetic import FeverEpisode, course
+from vigil_tools.replay import seal
+from vigil_tools.replay.cli import main as replay_main
+from vigil_tools.replay.service import ReplayOutcome, ReplayRequest, run_replay
+from vigil_tools.replay.synthetic import FeverEpisode, course
 
 pytestmark = pytest.mark.stack
 

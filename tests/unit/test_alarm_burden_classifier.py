@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from bench.alarm_burden_classify import Page, classify, kinds_for, rule_of
-from vigil.simulator.course import EventKind, TrueEvent
+from vigil_tools.simulator.course import EventKind, TrueEvent
 
 T0 = datetime(2025, 1, 6, 12, 0, tzinfo=UTC)
 

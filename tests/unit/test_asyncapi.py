@@ -152,7 +152,7 @@ def test_telemetry_and_alerts_are_keyed_by_patient(document: dict[str, Any]) -> 
 
 def test_server_defaults_are_the_local_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The document's example ports are the development stack's defaults, TLS port included."""
-    from vigil.stack import StackSettings
+    from vigil_tools.stack import StackSettings
 
     for key in list(os.environ):
         if key.startswith("VIGIL_STACK_"):

@@ -6,22 +6,22 @@ import importlib
 
 import pytest
 
-from vigil.cli import COMMANDS, main
+from vigil_tools.cli import COMMANDS, main
 
 ENTRY_POINTS = {
-    "run": ("vigil.localrun", "main"),
-    "pages": ("vigil.localrun", "pages_main"),
-    "stack": ("vigil.stack", "main"),
+    "run": ("vigil_tools.localrun", "main"),
+    "pages": ("vigil_tools.localrun", "pages_main"),
+    "stack": ("vigil_tools.stack", "main"),
     "ingest": ("services.ingest.app", "main"),
     "rules": ("services.rules.app", "main"),
     "notify": ("services.notify.app", "main"),
-    "simulate": ("vigil.simulator.publisher", "main"),
+    "simulate": ("vigil_tools.simulator.publisher", "main"),
     "api": ("services.api.app", "main"),
-    "replay": ("vigil.replay.cli", "main"),
+    "replay": ("vigil_tools.replay.cli", "main"),
     "audit": ("vigil.audit.cli", "main"),
     "migrate": ("vigil.db.migrate", "apply_migrations"),
-    "heartbeat": ("vigil.heartbeat", "main"),
-    "register-heartbeat": ("vigil.localrun", "register_heartbeat_main"),
+    "heartbeat": ("vigil_tools.heartbeat", "main"),
+    "register-heartbeat": ("vigil_tools.localrun", "register_heartbeat_main"),
 }
 
 

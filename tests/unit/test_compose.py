@@ -23,12 +23,12 @@ from services.api.settings import ApiSettings
 from services.ingest.settings import IngestSettings
 from services.notify.settings import NotifySettings
 from services.rules.settings import RulesSettings
-from vigil.cli import COMMANDS
-from vigil.cli import main as vigil_main
 from vigil.db.storage import StorageSettings
-from vigil.heartbeat import HeartbeatSettings
 from vigil.settings import PostgresSettings
-from vigil.stack.topics import TOPICS
+from vigil_tools.cli import COMMANDS
+from vigil_tools.cli import main as vigil_main
+from vigil_tools.heartbeat import HeartbeatSettings
+from vigil_tools.stack.topics import TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -269,7 +269,7 @@ def test_served_ports_bind_every_interface_and_match_healthchecks(compose: dict[
             continue
         run = spec["command"][0]
         test = spec["healthcheck"]["test"]
-        assert test == ["CMD", "python", "-m", "vigil.healthcheck", run], name
+        assert test == ["CMD", "python", "-m", "vigil_tools.healthcheck", run], name
         if run in SERVED:
             port_var, host_var = SERVED[run]
             env = service_env(compose, name)
@@ -356,7 +356,7 @@ def test_secrets_come_from_the_committed_example_without_values() -> None:
 
 
 def test_compose_creates_the_same_topics_as_the_local_stack(compose: dict[str, Any]) -> None:
-    """Topic names, partitions and retention in compose match vigil/stack/topics.py."""
+    """Topic names, partitions and retention in compose match vigil_tools/stack/topics.py."""
     script = compose["services"]["kafka-topics"]["command"][0]
     created = {
         parts[1]: (int(parts[2]), int(parts[3]))

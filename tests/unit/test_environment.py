@@ -16,9 +16,9 @@ from services.ingest.settings import IngestSettings
 from services.notify.settings import DEVELOPMENT_ACK_SECRET, NotifySettings
 from services.rules.settings import RulesSettings
 from vigil.environment import dsn_password_problem, secret_problem
-from vigil.heartbeat import HeartbeatSettings
-from vigil.stack import StackSettings, stack_env
-from vigil.stack.credentials import ensure_secrets
+from vigil_tools.heartbeat import HeartbeatSettings
+from vigil_tools.stack import StackSettings, stack_env
+from vigil_tools.stack.credentials import ensure_secrets
 
 SECRET = "x" * 40
 DSN = "postgresql://vigil_app:a-database-password@timescaledb:5432/vigil"

@@ -1,4 +1,5 @@
-"""vigil.healthcheck, the image's HEALTHCHECK: the port from the service's settings, 200 only."""
+"""vigil_tools.healthcheck, the image's HEALTHCHECK: the port from the service's settings,
+200 only."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from vigil.healthcheck import check, container_service, health_url
 from vigil.ops import OpsServer
+from vigil_tools.healthcheck import check, container_service, health_url
 
 
 async def test_ready_is_healthy_and_unready_is_not() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from schemas.device import HeartbeatMessage, parse_device_message
 from schemas.topics import parse_topic
-from vigil.heartbeat import HeartbeatCounter, HeartbeatSettings, beat
+from vigil_tools.heartbeat import HeartbeatCounter, HeartbeatSettings, beat
 
 START = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 

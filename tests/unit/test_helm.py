@@ -21,8 +21,8 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from tests.unit.test_compose import COMMAND_SETTINGS, env_names
-from vigil.cli import COMMANDS
-from vigil.stack.topics import TOPICS
+from vigil_tools.cli import COMMANDS
+from vigil_tools.stack.topics import TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "vigil"
@@ -398,7 +398,7 @@ def test_self_watch_is_wired(manifests: list[dict[str, Any]]) -> None:
 def test_the_topics_job_creates_the_topics_of_the_local_stack(
     manifests: list[dict[str, Any]],
 ) -> None:
-    """Names, partitions, retention and cleanup policy match vigil/stack/topics.py."""
+    """Names, partitions, retention and cleanup policy match vigil_tools/stack/topics.py."""
     job = by_kind(manifests, "Job")["vigil-kafka-topics"]
     script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
     created = {

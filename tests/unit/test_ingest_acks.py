@@ -16,7 +16,7 @@ from services.ingest.domain.admission import admit
 from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import Binding, BindingIndex
 from services.ingest.domain.validation import ValidationLimits
-from vigil.simulator.outbox import Outbox
+from vigil_tools.simulator.outbox import Outbox
 
 NOW = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 REGISTRY = BindingIndex(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from vigil.stack.mosquitto import DYNSEC_ADMIN, render_dynsec
+from vigil_tools.stack.mosquitto import DYNSEC_ADMIN, render_dynsec
 
 
 def test_every_device_is_bound_to_its_own_id_and_to_nothing_else() -> None:

@@ -13,7 +13,7 @@ from schemas.events import (
     AlertState,
     Evidence,
 )
-from vigil.replay.compare import Outcome, diff_alerts
+from vigil_tools.replay.compare import Outcome, diff_alerts
 
 T0 = datetime(2026, 3, 1, 8, tzinfo=UTC)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vigil.replay.engine_port import (
+from vigil_tools.replay.engine_port import (
     ConfigError,
     default_rules,
     from_telemetry,
@@ -17,7 +17,7 @@ from vigil.replay.engine_port import (
     pin,
     with_overrides,
 )
-from vigil.replay.synthetic import FeverEpisode, course
+from vigil_tools.replay.synthetic import FeverEpisode, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 

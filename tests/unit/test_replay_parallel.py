@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from vigil.replay.engine_port import default_rules, from_telemetry
-from vigil.replay.parallel import (
+from vigil_tools.replay.engine_port import default_rules, from_telemetry
+from vigil_tools.replay.parallel import (
     EXACT_SPLIT_MAX_LANES,
     REPLAY_GC_THRESHOLDS,
     WORKER_PIPE_BYTES,
@@ -29,9 +29,9 @@ from vigil.replay.parallel import (
     split_lanes,
     tuned_collector,
 )
-from vigil.replay.runner import Replay
-from vigil.replay.sources import ReadStats
-from vigil.replay.synthetic import FeverEpisode, course
+from vigil_tools.replay.runner import Replay
+from vigil_tools.replay.sources import ReadStats
+from vigil_tools.replay.synthetic import FeverEpisode, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 

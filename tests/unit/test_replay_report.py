@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from xml.etree import ElementTree
 
 from schemas.events import Alert
-from vigil.replay.compare import diff_alerts
-from vigil.replay.engine_port import default_rules, from_telemetry, with_overrides
-from vigil.replay.progress import ProgressBar
-from vigil.replay.report import (
+from vigil_tools.replay.compare import diff_alerts
+from vigil_tools.replay.engine_port import default_rules, from_telemetry, with_overrides
+from vigil_tools.replay.progress import ProgressBar
+from vigil_tools.replay.report import (
     CSV_COLUMNS,
     PatientPanel,
     ReportContent,
@@ -24,8 +24,8 @@ from vigil.replay.report import (
     write_csv,
     write_jsonl,
 )
-from vigil.replay.runner import Replay, ReplayedAlert
-from vigil.replay.synthetic import FeverEpisode, PumpPause, course
+from vigil_tools.replay.runner import Replay, ReplayedAlert
+from vigil_tools.replay.synthetic import FeverEpisode, PumpPause, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -7,17 +7,17 @@ from datetime import UTC, datetime, timedelta
 from schemas.events import Alert, Telemetry
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
-from vigil.replay.compare import Outcome, diff_alerts
-from vigil.replay.engine_port import (
+from vigil_tools.replay.compare import Outcome, diff_alerts
+from vigil_tools.replay.engine_port import (
     ReplayEvent,
     default_rules,
     from_telemetry,
     pin,
     with_overrides,
 )
-from vigil.replay.runner import Replay, replay_events
-from vigil.replay.sources import ARCHIVED, CONTEXT, AsRead, AsReadByDeviceTime, PartitionRun
-from vigil.replay.synthetic import FeverEpisode, course
+from vigil_tools.replay.runner import Replay, replay_events
+from vigil_tools.replay.sources import ARCHIVED, CONTEXT, AsRead, AsReadByDeviceTime, PartitionRun
+from vigil_tools.replay.synthetic import FeverEpisode, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 

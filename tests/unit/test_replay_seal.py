@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from services.rules.domain.observation import ArchivedObservation
-from vigil.replay.engine_port import decode_sealed_day
-from vigil.replay.seal import seal_horizon, split_days
-from vigil.replay.sources import _merge_sealed, day_of, day_start, encode_day, order_key
+from vigil_tools.replay.engine_port import decode_sealed_day
+from vigil_tools.replay.seal import seal_horizon, split_days
+from vigil_tools.replay.sources import _merge_sealed, day_of, day_start, encode_day, order_key
 
 
 def row(t: float, it: float, device: str, n: int = 0) -> tuple[Any, ...]:

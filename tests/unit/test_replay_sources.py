@@ -12,7 +12,7 @@ from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import ArchivedObservation
-from vigil.replay.engine_port import (
+from vigil_tools.replay.engine_port import (
     CHANNEL_PUMP_EVENT,
     CHANNEL_PUMP_STATUS,
     CHANNEL_TEMPERATURE,
@@ -21,7 +21,7 @@ from vigil.replay.engine_port import (
     decode_record,
     from_telemetry,
 )
-from vigil.replay.sources import (
+from vigil_tools.replay.sources import (
     AsRead,
     AsReadByDeviceTime,
     PartitionRange,
@@ -34,7 +34,7 @@ from vigil.replay.sources import (
     next_span,
     parse_offsets,
 )
-from vigil.replay.synthetic import course
+from vigil_tools.replay.synthetic import course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from vigil.replay.report import ReportContent, render_html, truncation_warning
-from vigil.replay.sources import TruncatedStart, truncated_starts
+from vigil_tools.replay.report import ReportContent, render_html, truncation_warning
+from vigil_tools.replay.sources import TruncatedStart, truncated_starts
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 

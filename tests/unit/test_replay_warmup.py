@@ -13,10 +13,10 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.events import AlertPhase, Telemetry
 from services.rules.domain.pump import INTERRUPTION_RULE_ID
-from vigil.replay.engine_port import default_rules, from_telemetry
-from vigil.replay.runner import Replay, ReplayedAlert
-from vigil.replay.sources import WARMUP, Batch
-from vigil.replay.synthetic import FeverEpisode, PumpPause, course
+from vigil_tools.replay.engine_port import default_rules, from_telemetry
+from vigil_tools.replay.runner import Replay, ReplayedAlert
+from vigil_tools.replay.sources import WARMUP, Batch
+from vigil_tools.replay.synthetic import FeverEpisode, PumpPause, course
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 

@@ -23,8 +23,8 @@ from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import Observation, observe
 from services.rules.settings import RULES_STATE_TOPIC
 from services.rules.testing import Home
-from vigil.stack.topics import RULES_STATE_TOPIC as STACK_STATE_TOPIC
-from vigil.stack.topics import TOPICS
+from vigil_tools.stack.topics import RULES_STATE_TOPIC as STACK_STATE_TOPIC
+from vigil_tools.stack.topics import TOPICS
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "home_week.telemetry.jsonl"
 

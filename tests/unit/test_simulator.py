@@ -18,7 +18,7 @@ from schemas.device import (
     parse_device_message,
 )
 from schemas.topics import parse_topic
-from vigil.simulator import (
+from vigil_tools.simulator import (
     Fleet,
     Scenario,
     ScenarioSpecError,
@@ -27,9 +27,9 @@ from vigil.simulator import (
     fleet_registry,
     parse_scenario_spec,
 )
-from vigil.simulator.fleet import Outgoing
-from vigil.simulator.publisher import settings_from_args
-from vigil.simulator.registry import REGISTRY_VALID_FROM
+from vigil_tools.simulator.fleet import Outgoing
+from vigil_tools.simulator.publisher import settings_from_args
+from vigil_tools.simulator.registry import REGISTRY_VALID_FROM
 
 START = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
 

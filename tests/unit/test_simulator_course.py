@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from schemas.device import PumpEvent, PumpEventKind, PumpStatus, TemperatureReading
-from vigil.simulator.course import (
+from vigil_tools.simulator.course import (
     CourseSpec,
     EventKind,
     ThermometerKind,

@@ -12,8 +12,8 @@ import aiomqtt
 import pytest
 
 from schemas.device import parse_device_message
-from vigil.simulator import Fleet, ScenarioTiming, parse_scenario_spec
-from vigil.simulator.publisher import PUBLISHED, PublishFailed, publish_fleet
+from vigil_tools.simulator import Fleet, ScenarioTiming, parse_scenario_spec
+from vigil_tools.simulator.publisher import PUBLISHED, PublishFailed, publish_fleet
 
 START = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
 

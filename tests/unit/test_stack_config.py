@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from schemas import kafka_topics
-from vigil.stack import (
+from vigil_tools.stack import (
     StackError,
     StackSettings,
     down,
@@ -24,10 +24,10 @@ from vigil.stack import (
     stack_env,
     status,
 )
-from vigil.stack.credentials import StackSecrets
-from vigil.stack.mailsink import MaildirHandler, message_file_name
-from vigil.stack.process import Component, running_pid
-from vigil.stack.topics import DAY_MS, topic_specs
+from vigil_tools.stack.credentials import StackSecrets
+from vigil_tools.stack.mailsink import MaildirHandler, message_file_name
+from vigil_tools.stack.process import Component, running_pid
+from vigil_tools.stack.topics import DAY_MS, topic_specs
 
 
 def make_settings(data_dir: Path, smtp_port: int = 20025) -> StackSettings:
@@ -285,7 +285,7 @@ def test_app_dsn_targets_the_vigil_role_and_database(settings: StackSettings) ->
 
 def test_stack_env_needs_the_generated_secrets(settings: StackSettings) -> None:
     """Before the first `up` there are no secrets, and stack_env says how to create them."""
-    with pytest.raises(StackError, match=re.escape("run `python -m vigil.stack up`")):
+    with pytest.raises(StackError, match=re.escape("run `python -m vigil_tools.stack up`")):
         stack_env(settings)
 
 

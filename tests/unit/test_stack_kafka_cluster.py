@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from vigil.stack import StackSettings, kafka
-from vigil.stack.stack import components
-from vigil.stack.topics import topic_specs
+from vigil_tools.stack import StackSettings, kafka
+from vigil_tools.stack.stack import components
+from vigil_tools.stack.topics import topic_specs
 
 CLUSTER_PORTS = (14092, 14093, 14094, 14095)
 

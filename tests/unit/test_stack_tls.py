@@ -14,9 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from vigil.stack import mosquitto
-from vigil.stack.settings import StackSettings
-from vigil.stack.tls import RENEW_BEFORE, SERVER_LIFETIME, ensure_certificates
+from vigil_tools.stack import mosquitto
+from vigil_tools.stack.settings import StackSettings
+from vigil_tools.stack.tls import RENEW_BEFORE, SERVER_LIFETIME, ensure_certificates
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -84,8 +84,8 @@ def test_the_build_script_never_installs_into_the_system_postgresql(
 def test_a_timescaledb_stack_has_worker_processes_for_its_jobs(tmp_path: Path) -> None:
     """TimescaleDB's guidance: worker processes >= its background workers + parallel workers
     (8) + 3; the plain stack keeps PostgreSQL's defaults."""
-    from vigil.stack import postgres
-    from vigil.stack.settings import StackSettings
+    from vigil_tools.stack import postgres
+    from vigil_tools.stack.settings import StackSettings
 
     settings = StackSettings(data_dir=tmp_path / "stack", repo_root=BUILD.parents[2])
     conf = postgres.render_postgresql_conf(settings, timescaledb=True)

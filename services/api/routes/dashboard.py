@@ -145,20 +145,18 @@ async def _fever_lines(repository: Any, patient: dict[str, Any]) -> dict[str, fl
     protocol version, then the patient's newest override (the order the rules service uses)."""
     import json
 
-    from services.rules.domain.config import Thresholds
+    from services.rules.public import Thresholds, layered_thresholds
 
-    merged = Thresholds().model_dump()
+    layers: list[dict[str, Any]] = []
     for rows in (
         await repository.protocol_versions(patient["care_team_id"]),
         await repository.override_versions(patient["patient_id"]),
     ):
         if rows:
             latest = rows[-1]["overrides"]
-            merged.update(json.loads(latest) if isinstance(latest, str) else dict(latest))
-    return {
-        "single": float(merged["fever_single_c"]),
-        "sustained": float(merged["fever_sustained_c"]),
-    }
+            layers.append(json.loads(latest) if isinstance(latest, str) else dict(latest))
+    merged = layered_thresholds(Thresholds(), *layers)
+    return {"single": merged.fever_single_c, "sustained": merged.fever_sustained_c}
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
-from services.rules.domain.config import Thresholds
+from services.rules.public import Thresholds
 
 router = APIRouter(prefix="/api", tags=["protocols"])
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]

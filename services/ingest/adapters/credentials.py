@@ -1,9 +1,9 @@
 """Device credential lifecycle: issue, rotate and revoke a device's MQTT account, with an audit row.
 
 The broker owns the credential itself (a hashed password file plus an ACL that pins a device to
-``vigil/v1/dev/<its id>/#``); this module changes it through a ``BrokerAccounts`` (the local
-stack's Mosquitto by default) and records each change in ``device_credential_events`` so an
-auditor can see who could speak for which device, and when. The password is returned to the
+``vigil/v1/dev/<its id>/#``); this module changes it through a ``BrokerAccounts`` (the local stack's
+Mosquitto: ``vigil_tools.stack.accounts``) and records each change in ``device_credential_events``
+so an auditor can see who could speak for which device, and when. The password is returned to the
 caller once and stored nowhere else.
 """
 
@@ -22,30 +22,6 @@ class BrokerAccounts(Protocol):
     def issue(self, device_id: str) -> str: ...
     def rotate(self, device_id: str) -> str: ...
     def revoke(self, device_id: str) -> None: ...
-
-
-class LocalStackBroker:
-    """The local stack's Mosquitto: password file and ACL under its data directory."""
-
-    def __init__(self) -> None:
-        from vigil.stack import StackSettings
-
-        self._settings = StackSettings()
-
-    def issue(self, device_id: str) -> str:
-        from vigil.stack import add_device_credential
-
-        return add_device_credential(self._settings, device_id)
-
-    def rotate(self, device_id: str) -> str:
-        from vigil.stack import rotate_device_credential
-
-        return rotate_device_credential(self._settings, device_id)
-
-    def revoke(self, device_id: str) -> None:
-        from vigil.stack import revoke_device_credential
-
-        revoke_device_credential(self._settings, device_id)
 
 
 async def _record(

@@ -601,6 +601,14 @@ class EscalationService:
         )
         return AckResult(AckOutcome.ACKNOWLEDGED, escalation_id, by)
 
+    async def escalation_id_for(self, dedup_key: str) -> UUID | None:
+        """The escalation of the alert episode ``dedup_key``, if notify opened one."""
+        return await self._store.escalation_id_for(dedup_key)
+
+    async def resolve(self, escalation_id: UUID, *, at: datetime) -> bool:
+        """A person closed the alert (the care-team API's resolve): its chain stops."""
+        return await self._store.apply(escalation_id, Resolve(at=at), at=at) is not None
+
     def ack_link(self, escalation_id: UUID, recipient: str) -> str:
         claim = AckClaim(
             escalation_id=escalation_id,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -148,6 +148,15 @@ class Thresholds(_Plain):
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def layered_thresholds(base: Thresholds, *layers: Mapping[str, Any]) -> Thresholds:
+    """``base`` with each layer's overrides laid over it in order: the care team's protocol,
+    then the patient's override. The one place that order is written."""
+    merged = base.model_dump()
+    for layer in layers:
+        merged.update(layer)
+    return Thresholds.model_validate(merged)
+
+
 class Protocol(_Plain):
     """A care team's protocol: a signed-off, versioned set of threshold overrides."""
 
@@ -206,12 +215,12 @@ class RulesConfig(_Plain):
 
     def thresholds_for(self, patient_id: str) -> Thresholds:
         profile = self.profiles.get(patient_id)
-        merged = self.defaults.model_dump()
+        layers: list[Mapping[str, Any]] = []
         if profile is not None and profile.care_team_id in self.protocols:
-            merged.update(self.protocols[profile.care_team_id].overrides)
+            layers.append(self.protocols[profile.care_team_id].overrides)
         if profile is not None and profile.override is not None:
-            merged.update(profile.override.overrides)
-        return Thresholds.model_validate(merged)
+            layers.append(profile.override.overrides)
+        return layered_thresholds(self.defaults, *layers)
 
     def compile_for(self, patient_id: str) -> PatientRules:
         return PatientRules.build(self.thresholds_for(patient_id), self.profiles.get(patient_id))

@@ -13,7 +13,7 @@ manifest's digest without the label (``derived_label``): the label follows the c
 label names one stored config.
 
 Pure: no I/O. Storing pieces is ``adapters/config_store.py``'s job, loading them back a
-replay's (``vigil/replay/config_store.py``).
+replay's (``vigil_tools/replay/config_store.py``).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class ArchivedObservation(msgspec.Struct, gc=False, array_like=True):
     only for the kinds that have it, and say so where they read it (``ObservationLike``).
     Not tracked by the cyclic collector: it holds strings and numbers only. Encoded as an
     array of its fields (``array_like``): the form a sealed archive day stores its rows in
-    (``vigil.replay.seal``)."""
+    (``vigil_tools.replay.seal``)."""
 
     channel: int
     patient_id: str
