@@ -13,7 +13,12 @@ separated, in a bundle page), ``X-Vigil-Phase``, ``X-Vigil-Priority``, ``X-Vigil
 - **false page**: anything else about a patient of the course;
 - **other**: not about a patient of the course (the pipeline's self-watch).
 
-A **night page** is any page (all clears included) composed 22:00-07:00 in the homes' zone.
+**Pages** are the true and false pages; **e-mails** are all of them about patients of the
+course, all clears included.
+
+A **night page** is a page composed 22:00-07:00 in the homes' zone, true or false; an all clear
+then is counted apart (``night_all_clears``): all clears are information, not pages (they go
+only to those the alarm paged, marked as such; docs/notify.md, "All clear at night").
 An event is **recalled** when at least one true page of its kind, for its patient, falls in its
 window. Recall is measured for the kinds owed a page (``PAGED_KINDS``); borderline fevers are
 counted apart (``borderline_fevers``: how many, how many paged), owed nothing.
@@ -129,9 +134,10 @@ def classify(
             counts["other"] += 1
             continue
         local = page.sent_at.astimezone(tz)
-        if local.hour >= NIGHT_FROM_HOUR or local.hour < NIGHT_TO_HOUR:
-            counts["night"] += 1
-        counts["pages"] += 1
+        at_night = local.hour >= NIGHT_FROM_HOUR or local.hour < NIGHT_TO_HOUR
+        if at_night:
+            counts["night_all_clear" if page.all_clear else "night"] += 1
+        counts["emails"] += 1
         if page.repeat:
             counts["repeats"] += 1
         rules = sorted({rule_of(k) for k in page.dedup_keys})
@@ -172,17 +178,21 @@ def classify(
     borderline = [e for e in events if e.kind is EventKind.BORDERLINE_FEVER]
     return {
         "patient_days": round(patient_days, 3),
-        "pages": counts["pages"],
+        "emails": counts["emails"],
+        "pages": counts["true"] + counts["false"],
         "true_pages": counts["true"],
         "false_pages": counts["false"],
         "all_clears": counts["all_clear"],
         "night_pages": counts["night"],
+        "night_all_clears": counts["night_all_clear"],
         "repeat_pages": counts["repeats"],
         "other_pages": counts["other"],
-        "pages_per_patient_day": per_day(counts["pages"]),
+        "emails_per_patient_day": per_day(counts["emails"]),
+        "pages_per_patient_day": per_day(counts["true"] + counts["false"]),
         "false_pages_per_patient_day": per_day(counts["false"]),
         "all_clears_per_patient_day": per_day(counts["all_clear"]),
         "night_pages_per_patient_night": per_day(counts["night"]),
+        "night_all_clears_per_patient_night": per_day(counts["night_all_clear"]),
         "true_pages_by_kind": dict(sorted(true_by_kind.items())),
         "recall": recall,
         "borderline_fevers": {

@@ -62,7 +62,8 @@ def test_true_false_all_clear_night_and_recall() -> None:
         ),
     ]
     figures = classify(events, pages, patients=["P-1", "P-2"], days=1.0, zone="UTC")
-    assert figures["pages"] == 7
+    assert figures["emails"] == 7
+    assert figures["pages"] == 6
     assert figures["other_pages"] == 1
     assert figures["all_clears"] == 1
     assert figures["true_pages"] == 4
@@ -70,8 +71,10 @@ def test_true_false_all_clear_night_and_recall() -> None:
     assert figures["true_pages_by_kind"] == {"fever": 1, "occlusion": 1, "pump_stop": 2}
     # 22:00 and 01:31 UTC are night; 12:00-18:00 are not.
     assert figures["night_pages"] == 2
+    assert figures["night_all_clears"] == 0
     assert figures["false_pages_per_patient_day"] == 1.0
-    assert figures["pages_per_patient_day"] == 3.5
+    assert figures["pages_per_patient_day"] == 3.0
+    assert figures["emails_per_patient_day"] == 3.5
     assert figures["recall"]["fever"] == {"events": 1, "paged": 1, "recall": 1.0}
     assert figures["recall"]["occlusion"] == {"events": 2, "paged": 1, "recall": 0.5}
     assert figures["recall"]["pump_stop"]["recall"] == 1.0
@@ -87,6 +90,21 @@ def test_night_is_counted_in_the_homes_zone() -> None:
     berlin = classify([], pages, patients=["P-1"], days=1, zone="Europe/Berlin")
     utc = classify([], pages, patients=["P-1"], days=1, zone="UTC")
     assert (berlin["night_pages"], utc["night_pages"]) == (1, 0)
+
+
+def test_an_all_clear_at_night_is_counted_apart_from_night_pages() -> None:
+    # All clears are information, not pages: a night's start and all clear are one night page
+    # and one night all clear.
+    night = datetime(2025, 1, 6, 23, 0, tzinfo=UTC)
+    pages = [
+        page("P-1:pump_alarm:pump-P-1:occlusion_downstream:x", night),
+        page("P-1:pump_alarm:pump-P-1:occlusion_downstream:x", night, all_clear=True),
+        page("P-1:fever:y", night.replace(hour=12), all_clear=True),  # by day: neither
+    ]
+    figures = classify([], pages, patients=["P-1"], days=1, zone="UTC")
+    assert (figures["night_pages"], figures["night_all_clears"]) == (1, 1)
+    assert figures["night_all_clears_per_patient_night"] == 1.0
+    assert figures["all_clears"] == 2
 
 
 def test_page_is_read_from_the_e_mail_headers() -> None:
