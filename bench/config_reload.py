@@ -3,7 +3,7 @@
 
 ``make bench-config-reload`` (its own stack, BENCH_STACK in the Makefile), or ``python
 bench/config_reload.py`` with ``VIGIL_STACK_*`` set. Registers ``--registered`` patients in
-twenty care teams of their own (``services.rules.testing.register_fleet``: a thermometer and a
+twenty care teams of their own (``tests.support.rules.register_fleet``: a thermometer and a
 cycle each, an override for one in ten), the first ``--active`` monitored, the rest discharged
 long ago, then measures:
 
@@ -60,7 +60,7 @@ from services.rules.app import ConfigWatch
 from services.rules.domain.config import RulesCompiler, Thresholds
 from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
-from services.rules.testing import Home, register_fleet, remove_fleet
+from tests.support.rules import Home, register_fleet, remove_fleet
 
 
 def log(message: str) -> None:

@@ -56,7 +56,7 @@ from services.notify.service_layer.escalation import (
     EscalationService,
 )
 from services.notify.settings import NotifySettings
-from services.notify.testing import SmtpSink
+from tests.support.notify import SmtpSink
 from vigil.db.migrate import apply_migrations
 from vigil.runtime import utcnow
 
@@ -521,7 +521,8 @@ def main() -> int:
     # The webhook server runs in its own process: in this one it would compete with the
     # measured service for the interpreter lock and inflate the figures.
     server = subprocess.Popen(
-        [sys.executable, "-m", "services.notify.testing", "pagerduty"],
+        [sys.executable, "-m", "tests.support.notify", "pagerduty"],
+        cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,
         text=True,
     )

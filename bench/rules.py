@@ -144,7 +144,7 @@ def bench_decode(count: int = 100_000, repeats: int = 5) -> dict[str, float]:
     """The edge codec over alternating temperature and pump-status records; the best of
     ``repeats`` passes (the machine is shared: the best pass is the steadiest figure)."""
     from services.rules.adapters.codec import decode_observation
-    from services.rules.testing import Home
+    from tests.support.rules import Home
 
     home = Home("B-DECODE", T0)
     payloads = [
@@ -169,7 +169,7 @@ async def bench_kafka(records: int, patients: int) -> dict[str, float]:
 
     from services.rules.app import run
     from services.rules.settings import RulesSettings
-    from services.rules.testing import Home
+    from tests.support.rules import Home
 
     bootstrap = os.environ.get("VIGIL_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:29092")
     run_id = uuid.uuid4().hex[:8]

@@ -18,7 +18,7 @@ from schemas.device import PumpAlarmCode, PumpEventKind, PumpState, TemperatureS
 from schemas.events import Telemetry
 from services.rules.domain.config import PatientProfile, RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home
+from tests.support.rules import Home
 
 HERE = Path(__file__).resolve().parent
 T0 = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)

@@ -37,7 +37,7 @@ from services.notify.adapters.smtp import SmtpSender
 from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
-from services.notify.testing import ManualClock, SmtpSink
+from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 from vigil.db.privileges import grant_service_role
 from vigil_tools.stack import StackSettings

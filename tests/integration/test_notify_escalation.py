@@ -45,7 +45,7 @@ from services.notify.service_layer.escalation import (
     EscalationService,
 )
 from services.notify.settings import NotifySettings
-from services.notify.testing import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
+from tests.support.notify import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
 from vigil.db.migrate import apply_migrations
 
 pytestmark = pytest.mark.stack

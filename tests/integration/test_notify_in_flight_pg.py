@@ -33,7 +33,7 @@ from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.service_layer.ports import SendOutcome
 from services.notify.settings import NotifySettings
-from services.notify.testing import ManualClock, SmtpSink, TwilioLikeServer
+from tests.support.notify import ManualClock, SmtpSink, TwilioLikeServer
 from vigil.db.migrate import apply_migrations
 
 pytestmark = pytest.mark.stack

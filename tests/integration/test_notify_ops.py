@@ -26,8 +26,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence
 from schemas.kafka_topics import ALERTS_TOPIC
 from services.notify.settings import NotifySettings
-from services.notify.testing import SmtpSink
 from tests.ops_scrape import Samples, http_get, label_values, scrape, value
+from tests.support.notify import SmtpSink
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 

@@ -33,7 +33,7 @@ from services.notify.service_layer.escalation import (
     EscalationService,
 )
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
-from services.notify.testing import ManualClock, SmtpSink
+from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 
 pytestmark = pytest.mark.stack

@@ -24,9 +24,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.events import Alert
-from services.rules.testing import Home
 from tests.integration.test_rules_config_store import bind, unbind
 from tests.kafka_helpers import create_rules_topics, rules_settings
+from tests.support.rules import Home
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 from vigil_tools.replay import config_store

@@ -22,9 +22,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.events import Alert
-from services.rules.testing import Home, register_fleet, remove_fleet
 from tests.integration.test_rules_config_reload import read_topic, wait_for
 from tests.kafka_helpers import create_rules_topics, rules_settings
+from tests.support.rules import Home, register_fleet, remove_fleet
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 from vigil_tools.replay import config_store

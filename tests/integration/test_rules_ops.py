@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.rules.testing import Home
 from tests.kafka_helpers import create_rules_topics, rules_settings
 from tests.ops_scrape import Samples, http_get, label_values, scrape, value
+from tests.support.rules import Home
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 

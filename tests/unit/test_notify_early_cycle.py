@@ -43,7 +43,7 @@ from services.notify.service_layer.escalation import (
 )
 from services.rules.domain.config import PatientProfile, RulesConfig
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 
 CYCLE_START = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -16,7 +16,7 @@ from schemas.device import PumpState
 from schemas.events import Alert, AlertPhase
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import observe
-from services.rules.testing import Home, Pulse, delivered_at, run_stream
+from tests.support.rules import Home, Pulse, delivered_at, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 BEAT_S = 15.0  # the heartbeat publisher's default interval

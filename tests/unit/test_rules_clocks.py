@@ -10,7 +10,7 @@ from schemas.device import PumpAlarmCode, PumpEventKind, PumpState
 from schemas.events import AlertPhase, AlertPriority
 from services.rules.domain.config import RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 # The bag tests below check the clock's mechanics with a two-hour lead (a team that wants the

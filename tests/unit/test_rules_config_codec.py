@@ -22,7 +22,7 @@ from services.rules.domain.config import (
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import Observation, observe
 from services.rules.settings import RULES_STATE_TOPIC
-from services.rules.testing import Home
+from tests.support.rules import Home
 from vigil_tools.stack.topics import RULES_STATE_TOPIC as STACK_STATE_TOPIC
 from vigil_tools.stack.topics import TOPICS
 

@@ -28,7 +28,7 @@ from services.rules.domain.config_pieces import (
     pieces_of,
 )
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home
+from tests.support.rules import Home
 
 
 def fleet(n: int, *, override_for: str | None = None, single_c: float = 38.0) -> RulesConfig:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from schemas.events import AlertKind, AlertPhase, AlertPriority, Telemetry
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import observe
-from services.rules.testing import Home, Pulse, delivered_at, run_stream
+from tests.support.rules import Home, Pulse, delivered_at, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 

@@ -9,7 +9,7 @@ from schemas.device import TemperatureSite
 from schemas.events import AlertPhase, AlertPriority, AlertState
 from services.rules.domain.config import PatientProfile, RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ from services.notify.service_layer.escalation import HEARTBEAT_CODE as NOTIFY_HE
 from services.rules.adapters.codec import decode_observation
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import observe
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 from vigil.kafka import encode
 
 START = datetime(2026, 11, 21, 2, 0, tzinfo=UTC)

@@ -15,7 +15,7 @@ from schemas.device import PumpState
 from schemas.events import Alert, AlertPhase, Telemetry
 from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, Pulse, delivered_at, run_stream
+from tests.support.rules import Home, Pulse, delivered_at, run_stream
 
 T0 = datetime(2026, 11, 21, 1, 0, tzinfo=UTC)
 BEAT_S = 15.0

@@ -11,7 +11,7 @@ from schemas.device import PumpAlarmCode, PumpEventKind, PumpState
 from schemas.events import AlertKind, AlertPhase, AlertPriority, AlertState
 from services.rules.domain.config import RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 

@@ -16,7 +16,7 @@ from services.rules.adapters.codec import decode_observation
 from services.rules.domain.config import Thresholds
 from services.rules.domain.engine import RulesEngine
 from services.rules.domain.observation import observe
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 from vigil.kafka import encode
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from schemas.events import AlertKind, AlertPhase, AlertPriority
 from services.rules.domain.config import PatientProfile, RulesConfig
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, run_stream
+from tests.support.rules import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from schemas.events import Alert, AlertPriority
 from services.rules.domain.config import PatientProfile, Protocol, RulesConfig, Thresholds
 from services.rules.domain.engine import RulesEngine
-from services.rules.testing import Home, Pulse, run_stream
+from tests.support.rules import Home, Pulse, run_stream
 
 T0 = datetime(2026, 11, 21, 8, 0, tzinfo=UTC)
 SPOT_READINGS_H = (0, 4, 10, 14, 24)  # 08:00, 12:00, 18:00, 22:00, then 08:00 the next day

@@ -257,14 +257,14 @@ class SmtpSink:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m services.notify.testing pagerduty``: serve a PagerDuty-shaped endpoint in its
+    """``python -m tests.support.notify pagerduty``: serve a PagerDuty-shaped endpoint in its
     own process (the benchmark uses it so the server does not share the measured process)."""
     import sys
     import time
 
     args = sys.argv[1:] if argv is None else argv
     if args != ["pagerduty"]:
-        print("usage: python -m services.notify.testing pagerduty", file=sys.stderr)
+        print("usage: python -m tests.support.notify pagerduty", file=sys.stderr)
         return 2
     with PagerDutyLikeServer() as server:
         print(server.url, flush=True)
