@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +35,6 @@ from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     DEFAULT_POLICY_REPEATS,
     DEFAULT_POLICY_WAIT_S,
-    FALLBACK_RECIPIENT,
     Acknowledge,
     EarlyCycle,
     EscalationEvent,
@@ -61,7 +60,22 @@ from services.notify.domain.escalation import (
 )
 from services.notify.domain.message import PageContext
 from services.notify.domain.quiet_hours import QuietHours, all_clear_deferred_until
-from services.notify.domain.routing import PagePurpose, page_id_for
+from services.notify.domain.routing import (
+    EMAIL,
+    UNDELIVERABLE,
+    ContactMethod,
+    Deliver,
+    PagePurpose,
+    Recipient,
+    RecipientKind,
+    ResolveUpstream,
+    SentPage,
+    ToFallback,
+    after_failure,
+    last_paged_at,
+    page_id_for,
+    route,
+)
 from services.notify.domain.schedule import Override, Rotation
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
@@ -1607,14 +1621,7 @@ async def _apply_rows(
             "SELECT * FROM alerts WHERE alert_id = ANY($1::uuid[])", needed
         ):
             alerts[alert_row["alert_id"]] = alert_from_row(alert_row)
-        await writer.prefetch_contacts(
-            {
-                c.recipient.removeprefix("person:")
-                for t in transitions
-                for c in t.commands
-                if isinstance(c, NotifyRecipient) and c.recipient.startswith("person:")
-            }
-        )
+        await writer.prefetch_contacts(_people_of(c for t in transitions for c in t.commands))
     for (row, _), transition in zip(items, transitions, strict=True):
         for entry in transition.timeline:
             writer.event(row["escalation_id"], entry)
@@ -1630,6 +1637,12 @@ async def _apply_rows(
             )
     await writer.flush(claim_until=None)
     return transitions
+
+
+def _people_of(commands: Iterable[PageCommand]) -> set[str]:
+    """The people the commands page (whose contact methods their routing needs)."""
+    recipients = (Recipient.parse(c.recipient) for c in commands if isinstance(c, NotifyRecipient))
+    return {r.id for r in recipients if r.kind is RecipientKind.PERSON}
 
 
 @dataclass(frozen=True, slots=True)
@@ -1659,7 +1672,7 @@ class _Writer:
         self._fallback_email = fallback_email
         self._events: list[tuple[Any, ...]] = []
         self._pages: list[_NewPage] = []
-        self._contacts: dict[str, list[tuple[int, str, str]]] = {}
+        self._contacts: dict[str, list[ContactMethod]] = {}
         self._fallbacks: dict[str, str] = {}
         self._keys: set[str] = set()
         self._upstream: list[tuple[Any, ...]] = []
@@ -1689,7 +1702,7 @@ class _Writer:
         )
         for row in rows:
             self._contacts[row["person_id"]].append(
-                (int(row["rank"]), str(row["channel"]), str(row["address"]))
+                ContactMethod(int(row["rank"]), str(row["channel"]), str(row["address"]))
             )
 
     async def _fallback_address(self, care_team_id: str) -> str:
@@ -1715,13 +1728,7 @@ class _Writer:
         (whichever writes first; the others' inserts fold on the key). ``alert_purpose`` names
         the alert pages differently (a quiet-hours digest)."""
         self._bundle_id = bundle_id
-        await self.prefetch_contacts(
-            {
-                c.recipient.removeprefix("person:")
-                for c in commands
-                if isinstance(c, NotifyRecipient) and c.recipient.startswith("person:")
-            }
-        )
+        await self.prefetch_contacts(_people_of(commands))
         for command in commands:
             if isinstance(command, NotifyRecipient) and command.purpose is PagePurpose.ALERT:
                 command = replace(command, purpose=alert_purpose)
@@ -1746,70 +1753,83 @@ class _Writer:
                 f"{owner}:{command.purpose.value}:{command.pass_no}"
                 f":{command.step_index}:{command.recipient}"
             )
-            kind, _, ref = command.recipient.partition(":")
+            recipient = Recipient.parse(command.recipient)
             self._due = None
+            sent: list[SentPage] = []
             if command.purpose is PagePurpose.ALL_CLEAR:
+                sent = await self._sent_pages(escalation_id, bundle_id, recipient)
                 self._due = await self._all_clear_due(
-                    alert, escalation_id, bundle_id, care_team_id, command.recipient
+                    alert, escalation_id, care_team_id, recipient, sent
                 )
-            if kind == "email" and ref:
-                self._add(
-                    alert,
-                    escalation_id,
-                    care_team_id,
-                    command.recipient,
-                    0,
-                    "email",
-                    ref,
-                    command.purpose,
-                    key_base,
-                    None,
-                    False,
-                )
-                continue
-            if command.purpose is PagePurpose.ALL_CLEAR and kind == "person":
-                reached = await self._reached(escalation_id, bundle_id, command.recipient)
-                if reached:
-                    self._all_clear_where_reached(
-                        alert, escalation_id, care_team_id, command.recipient, key_base, reached
+            contacts = (
+                self._contacts.get(recipient.id, [])
+                if recipient.kind is RecipientKind.PERSON
+                else []
+            )
+            for step in route(recipient, command.purpose, contacts, sent):
+                if isinstance(step, ResolveUpstream):
+                    # Queued by ``_upstream_sync`` with the dedup_key its trigger used.
+                    continue
+                if isinstance(step, ToFallback):
+                    await self.fallback(
+                        alert, escalation_id, care_team_id, command.purpose, key_base, step.reason
                     )
                     continue
-            if kind == "person" and self._contacts.get(ref):
-                methods = self._contacts[ref]
-                rank, channel, address = methods[0]
-                if command.purpose is PagePurpose.ALL_CLEAR and channel == "webhook":
-                    # A PagerDuty integration's all-clear is the upstream resolve, sent with the
-                    # dedup_key its trigger used (``_upstream_sync``), not a second resolve here.
-                    continue
                 self._add(
                     alert,
                     escalation_id,
                     care_team_id,
-                    command.recipient,
-                    rank,
-                    channel,
-                    address,
+                    step.recipient.ref,
+                    step.rank,
+                    step.channel,
+                    step.address,
                     command.purpose,
-                    key_base,
-                    None,
-                    len(methods) > 1,
+                    key_base + step.key_suffix,
+                    step.route_detail,
+                    step.has_next_channel,
                 )
-                continue
-            reason = {
-                "email": "escalation step names a schedule that no longer exists",
-                "person": f"person {ref} has no contact method",
-            }.get(kind, "paged through the fallback address before")
-            await self.fallback(
-                alert, escalation_id, care_team_id, command.purpose, key_base, reason
+
+    async def _sent_pages(
+        self, escalation_id: UUID, bundle_id: UUID | None, recipient: Recipient
+    ) -> list[SentPage]:
+        """The pages about this escalation (its own, or its bundle's or digest's shared ones)
+        that asked ``recipient`` to act, or were sent for them to the fallback address: what
+        their all clear is routed from (``routing.route``, ``routing.last_paged_at``)."""
+        rows = await self._conn.fetch(
+            """
+            SELECT p.recipient_ref, p.contact_rank, p.channel, p.recipient, p.idempotency_key,
+                   p.status, p.created_at, p.updated_at
+            FROM pages p
+            WHERE (p.escalation_id = $1 OR ($2::uuid IS NOT NULL AND p.bundle_id = $2))
+              AND p.purpose = ANY($4::text[])
+              AND (p.recipient_ref = $3 OR p.recipient_ref LIKE 'fallback:%')
+            """,
+            escalation_id,
+            bundle_id,
+            recipient.ref,
+            [p.value for p in _TRIGGERS],
+        )
+        return [
+            SentPage(
+                recipient=Recipient.parse(str(r["recipient_ref"])),
+                rank=int(r["contact_rank"]),
+                channel=str(r["channel"]),
+                address=str(r["recipient"]),
+                idempotency_key=str(r["idempotency_key"]),
+                status=str(r["status"]),
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
             )
+            for r in rows
+        ]
 
     async def _all_clear_due(
         self,
         alert: Alert,
         escalation_id: UUID,
-        bundle_id: UUID | None,
         care_team_id: str,
-        recipient: str,
+        recipient: Recipient,
+        sent: list[SentPage],
     ) -> datetime | None:
         """When ``recipient``'s all clear is sent, if not now (pure rule:
         ``all_clear_deferred_until``): during the team's quiet hours, the all clear of a MEDIUM,
@@ -1833,24 +1853,7 @@ class _Writer:
         quiet = self._quiet[care_team_id]
         if quiet is None:
             return None
-        last_paged = await self._conn.fetchval(
-            """
-            SELECT max(GREATEST(p.created_at, COALESCE(p.updated_at, p.created_at)))
-            FROM pages p
-            WHERE (p.escalation_id = $1 OR ($2::uuid IS NOT NULL AND p.bundle_id = $2))
-              AND p.purpose = ANY($4::text[])
-              AND p.status IN ('sent', 'delivered', 'sending', 'unknown')
-              AND (p.recipient_ref = $3
-                   OR ($3 = $5 AND p.recipient_ref LIKE 'fallback:%')
-                   OR (p.recipient_ref LIKE 'fallback:%'
-                       AND position(':' || $3 || ':undeliverable#' IN p.idempotency_key) > 0))
-            """,
-            escalation_id,
-            bundle_id,
-            recipient,
-            [p.value for p in _TRIGGERS],
-            FALLBACK_RECIPIENT,
-        )
+        last_paged = last_paged_at(recipient, sent)
         until = all_clear_deferred_until(alert.priority, quiet, self._at, last_paged)
         if until is not None:
             self.event(
@@ -1858,7 +1861,7 @@ class _Writer:
                 TimelineEntry(
                     "all_clear_deferred",
                     {
-                        "recipient": recipient,
+                        "recipient": recipient.ref,
                         "until": until.isoformat(),
                         "reason": (
                             f"quiet hours of care team {care_team_id}: a {alert.priority.value} "
@@ -1868,70 +1871,6 @@ class _Writer:
                 ),
             )
         return until
-
-    async def _reached(
-        self, escalation_id: UUID, bundle_id: UUID | None, recipient: str
-    ) -> list[tuple[str, int, str, str]]:
-        """Where ``recipient`` was reached, or may have been, about this escalation: the channels
-        whose page the provider accepted, or may have (in flight, or its outcome unknown after a
-        stop): their own, after a failover, or the team's fallback address when every channel of
-        theirs failed; as (recipient_ref, rank, channel, address)."""
-        rows = await self._conn.fetch(
-            """
-            SELECT DISTINCT p.recipient_ref, p.contact_rank, p.channel, p.recipient
-            FROM pages p
-            WHERE (p.escalation_id = $1 OR ($2::uuid IS NOT NULL AND p.bundle_id = $2))
-              AND p.purpose = ANY($4::text[])
-              AND p.status IN ('sent', 'delivered', 'sending', 'unknown')
-              AND (p.recipient_ref = $3
-                   OR (p.recipient_ref LIKE 'fallback:%'
-                       AND position(':' || $3 || ':undeliverable#' IN p.idempotency_key) > 0))
-            ORDER BY p.recipient_ref, p.contact_rank, p.channel, p.recipient
-            """,
-            escalation_id,
-            bundle_id,
-            recipient,
-            [p.value for p in _TRIGGERS],
-        )
-        return [
-            (
-                str(r["recipient_ref"]),
-                int(r["contact_rank"]),
-                str(r["channel"]),
-                str(r["recipient"]),
-            )
-            for r in rows
-        ]
-
-    def _all_clear_where_reached(
-        self,
-        alert: Alert,
-        escalation_id: UUID,
-        care_team_id: str,
-        recipient: str,
-        key_base: str,
-        reached: list[tuple[str, int, str, str]],
-    ) -> None:
-        """The all-clear on every channel the alert reached this person on. A PagerDuty
-        incident that was triggered gets its resolve upstream (``_upstream_sync``, keyed on the
-        trigger), so the webhook is skipped here; the e-mail or SMS a failover used is not."""
-        for recipient_ref, rank, channel, address in reached:
-            if channel == "webhook":
-                continue
-            fallback = recipient_ref.startswith(FALLBACK_PREFIX)
-            self._add(
-                alert,
-                escalation_id,
-                care_team_id,
-                recipient_ref,
-                rank,
-                channel,
-                address,
-                PagePurpose.ALL_CLEAR,
-                key_base + (":undeliverable" if fallback else ""),
-                f"every channel of {recipient} failed" if fallback else None,
-                False,
-            )
 
     async def fallback(
         self,
@@ -1948,9 +1887,9 @@ class _Writer:
             alert,
             escalation_id,
             care_team_id,
-            f"{FALLBACK_PREFIX}{care_team_id}",
+            Recipient.fallback_of(care_team_id).ref,
             0,
-            "email",
+            EMAIL,
             address,
             purpose,
             key_base,
@@ -1996,45 +1935,52 @@ class _Writer:
         )
 
     async def after_channel_failed(self, job: PageJob, verdict: AttemptVerdict) -> None:
-        """The next contact method of the person, or the fallback address when none is left."""
+        """The next contact method of the person, or the fallback address when none is left
+        (``routing.after_failure``)."""
         page = job.page
         key_base = _key_base(page.idempotency_key)
         reason = getattr(verdict, "reason", "failed")
         self._bundle_id = job.bundle_id
-        if isinstance(verdict, NextChannel) and job.recipient_ref.startswith("person:"):
-            person = job.recipient_ref.removeprefix("person:")
-            await self.prefetch_contacts({person})
-            later = [m for m in self._contacts[person] if m[0] > job.contact_rank]
-            if later:
-                rank, channel, address = later[0]
-                self.event(
-                    job.escalation_id,
-                    TimelineEntry(
-                        "channel_failover",
-                        {"from": page.channel, "to": channel, "reason": reason},
-                    ),
-                )
-                self._add(
-                    job.alert,
-                    job.escalation_id,
-                    page.care_team_id,
-                    job.recipient_ref,
-                    rank,
-                    channel,
-                    address,
-                    job.purpose,
-                    key_base,
-                    None,
-                    len(later) > 1,
-                )
-                return
+        recipient = Recipient.parse(job.recipient_ref)
+        contacts: list[ContactMethod] = []
+        if isinstance(verdict, NextChannel) and recipient.kind is RecipientKind.PERSON:
+            await self.prefetch_contacts({recipient.id})
+            contacts = self._contacts[recipient.id]
+        then = after_failure(
+            recipient,
+            job.contact_rank,
+            contacts,
+            next_channel=isinstance(verdict, NextChannel),
+        )
+        if isinstance(then, Deliver):
+            self.event(
+                job.escalation_id,
+                TimelineEntry(
+                    "channel_failover",
+                    {"from": page.channel, "to": then.channel, "reason": reason},
+                ),
+            )
+            self._add(
+                job.alert,
+                job.escalation_id,
+                page.care_team_id,
+                then.recipient.ref,
+                then.rank,
+                then.channel,
+                then.address,
+                job.purpose,
+                key_base,
+                None,
+                then.has_next_channel,
+            )
+            return
         self.event(
             job.escalation_id,
             TimelineEntry(
                 "delivery_failed", {"recipient_ref": job.recipient_ref, "reason": reason}
             ),
         )
-        if not job.recipient_ref.startswith(FALLBACK_PREFIX):
+        if then is not None:
             # Every channel of this person failed: the team's fallback address is told, so a
             # page never ends in silence.
             await self.fallback(
@@ -2042,8 +1988,8 @@ class _Writer:
                 job.escalation_id,
                 page.care_team_id,
                 job.purpose,
-                key_base + ":undeliverable",
-                f"every channel of {job.recipient_ref} failed",
+                key_base + UNDELIVERABLE,
+                then.reason,
             )
 
     def _add(
