@@ -12,10 +12,11 @@ import email
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import Message
+from typing import Any
 
 import aiomqtt
 import asyncpg
@@ -32,6 +33,8 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
+from tests.ops_scrape import http_get
+from tests.polling import eventually
 
 
 class MailCollector:
@@ -88,11 +91,16 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     # Fresh consumer groups per run: the services see this run's events from the start. Its own
     # MQTT share group: Mosquitto also routes shared-subscription messages to offline sessions of
     # a group, so sharing one with another test's ingest could strand a message there.
+    ports = ops_ports()
     ingest_settings = IngestSettings(
-        mqtt_client_id=f"ingest-e2e-{run_id}", mqtt_share_group=f"ingest-e2e-{run_id}"
+        mqtt_client_id=f"ingest-e2e-{run_id}",
+        mqtt_share_group=f"ingest-e2e-{run_id}",
+        metrics_port=ports["ingest"],
     )
-    rules_settings = RulesSettings(group_id=f"rules-e2e-{run_id}")
-    notify_settings = NotifySettings(smtp_port=smtp_port, group_id=f"notify-e2e-{run_id}")
+    rules_settings = RulesSettings(group_id=f"rules-e2e-{run_id}", ops_port=ports["rules"])
+    notify_settings = NotifySettings(
+        smtp_port=smtp_port, group_id=f"notify-e2e-{run_id}", ops_port=ports["notify"]
+    )
     # Fresh groups start at the current end of their topics, not at the beginning: on a shared
     # stack the topics hold every earlier run (and benchmark), and replaying all of it first
     # would hold this run's events back for minutes.
@@ -111,11 +119,8 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
         asyncio.create_task(run_rules(rules_settings, stop), name="rules"),
         asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
     ]
-    await asyncio.sleep(3)  # let consumers join their groups and ingest subscribe
-    for task in tasks:
-        if task.done():
-            task.result()  # surface a start-up failure as the test error it is
     try:
+        await until_ready(tasks, ports)
         yield Pipeline(mail=mail, rules_group=f"rules-e2e-{run_id}", run_id=run_id)
     finally:
         stop.set()
@@ -124,6 +129,35 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
         await drop_mqtt_session(stack_env, f"ingest-e2e-{run_id}")
         for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
             assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
+
+
+def ops_ports() -> dict[str, int]:
+    """A free ops port for each service, so ``until_ready`` asks this run's services (another
+    run on the machine may hold the default ports)."""
+    return {"ingest": free_port(), "rules": free_port(), "notify": free_port()}
+
+
+async def until_ready(
+    tasks: Sequence[asyncio.Task[Any]], ports: dict[str, int], within_s: float = 90
+) -> None:
+    """Poll each service's ``/readyz`` until it answers 200: ingest subscribed to the broker,
+    rules with its partitions assigned and restored, notify with its consumer assigned. A
+    service that stopped meanwhile raises its start-up failure as the test's error."""
+    for name, port in ports.items():
+
+        async def ready(port: int = port) -> bool:
+            for task in tasks:
+                if task.done():
+                    task.result()
+            try:
+                status, _ = await http_get(port, "/readyz")
+            except OSError:
+                return False
+            return status == 200
+
+        await eventually(
+            ready, timeout_s=within_s, interval_s=0.1, what=f"{name}'s /readyz to answer 200"
+        )
 
 
 async def open_mqtt_session(env: dict[str, str], client_id: str, topic: str) -> None:
@@ -204,17 +238,24 @@ async def rules_caught_up(bootstrap: str, group: str, within_s: float = 30) -> N
         # and an empty partition list would end the wait below at once.
         partitions = await topic_partitions(bootstrap, TELEMETRY_TOPIC)
         ends = await probe.end_offsets(partitions)
-        deadline = asyncio.get_running_loop().time() + within_s
-        while True:
-            committed = await admin.list_consumer_group_offsets(group)
-            if all(
+        committed: dict[TopicPartition, Any] = {}
+
+        async def caught_up() -> bool:
+            offsets = await admin.list_consumer_group_offsets(group)
+            committed.clear()
+            committed.update(offsets)
+            return all(
                 ends[tp] == 0 or (tp in committed and committed[tp].offset >= ends[tp])
                 for tp in partitions
-            ):
-                return
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"rules did not catch up: {committed} < {ends}")
-            await asyncio.sleep(0.2)
+            )
+
+        await eventually(
+            caught_up,
+            timeout_s=within_s,
+            interval_s=0.2,
+            what="rules to catch up",
+            detail=lambda: f"{committed} < {ends}",
+        )
     finally:
         await probe.stop()
         await admin.close()
@@ -246,11 +287,3 @@ async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
         await committer.commit(ends)
     finally:
         await committer.stop()
-
-
-async def wait_for(predicate: object, within_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():  # type: ignore[operator]
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)

@@ -14,7 +14,8 @@ from email.message import Message
 import asyncpg
 import pytest
 
-from tests.e2e.conftest import Pipeline, publish, register_patient, temperature, wait_for
+from tests.e2e.conftest import Pipeline, publish, register_patient, temperature
+from tests.polling import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -111,12 +112,13 @@ async def test_day_two_fever_pages_both_targets_at_once_then_again_after_the_sho
         stack_env, f"vigil/v1/dev/{crs.device}/temperature", temperature(crs.device, 38.6, 1)
     )
 
-    await wait_for(
+    await eventually(
         lambda: (
             _to(pipeline, crs.patient, crs.oncall) and _to(pipeline, crs.patient, crs.physician)
         ),
-        60,
-        "the day-2 fever page to the on-call address and the physician",
+        timeout_s=60,
+        interval_s=0.1,
+        what="the day-2 fever page to the on-call address and the physician",
     )
     for page in (
         _to(pipeline, crs.patient, crs.oncall)[0],
@@ -127,13 +129,14 @@ async def test_day_two_fever_pages_both_targets_at_once_then_again_after_the_sho
         assert f"acknowledge within {EARLY_WAIT_S} s" in body
         assert "38.6" in body
 
-    await wait_for(
+    await eventually(
         lambda: (
             len(_to(pipeline, crs.patient, crs.oncall)) >= 2
             and len(_to(pipeline, crs.patient, crs.physician)) >= 2
         ),
-        60,
-        "the repeat page after the early-cycle wait",
+        timeout_s=60,
+        interval_s=0.1,
+        what="the repeat page after the early-cycle wait",
     )
     conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
     try:

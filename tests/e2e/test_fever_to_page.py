@@ -18,10 +18,25 @@ from tests.e2e.conftest import (
     register_patient,
     rules_caught_up,
     temperature,
-    wait_for,
 )
+from tests.polling import eventually
 
 pytestmark = pytest.mark.stack
+
+
+async def control_page(pipeline: Pipeline, stack_env: dict[str, str]) -> None:
+    """Positive control before a "no (further) page" check: a fever of another patient,
+    published now, is paged; any page decided earlier has had the same way to go."""
+    patient, device, _ = await register_patient(
+        stack_env["VIGIL_PG_DSN"], pipeline.run_id, f"control-{uuid.uuid4().hex[:6]}"
+    )
+    await publish(stack_env, f"vigil/v1/dev/{device}/temperature", temperature(device, 38.6, 1))
+    await eventually(
+        lambda: pipeline.mail.for_patient(patient),
+        timeout_s=60,
+        interval_s=0.1,
+        what="the control patient's fever page",
+    )
 
 
 async def test_normal_reading_pages_no_one(pipeline: Pipeline, stack_env: dict[str, str]) -> None:
@@ -41,14 +56,11 @@ async def test_normal_reading_pages_no_one(pipeline: Pipeline, stack_env: dict[s
                 )
             )
 
-        deadline = asyncio.get_running_loop().time() + 30
-        while await stored() == 0:
-            assert asyncio.get_running_loop().time() < deadline, "reading never stored"
-            await asyncio.sleep(0.2)
+        await eventually(stored, timeout_s=30, interval_s=0.2, what="the reading to be stored")
     finally:
         await conn.close()
     await rules_caught_up(stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"], pipeline.rules_group)
-    await asyncio.sleep(1.0)  # any page rules decided has had time to reach notify and SMTP
+    await control_page(pipeline, stack_env)
     assert pipeline.mail.for_patient(patient) == []
 
 
@@ -64,7 +76,12 @@ async def test_fever_reading_reaches_the_oncall_by_email(
     await publish(stack_env, topic, temperature(device, 37.2, 1))
     await publish(stack_env, topic, temperature(device, 38.6, 2))
 
-    await wait_for(lambda: pipeline.mail.for_patient(patient), 60, "the fever page")
+    await eventually(
+        lambda: pipeline.mail.for_patient(patient),
+        timeout_s=60,
+        interval_s=0.1,
+        what="the fever page",
+    )
     page = pipeline.mail.for_patient(patient)[0]
     body = page.get_payload(decode=True).decode()  # type: ignore[union-attr]
     assert page["To"] == oncall
@@ -83,7 +100,7 @@ async def test_fever_reading_reaches_the_oncall_by_email(
     assert rows[0]["status"] in ("sent", "delivered")
     # The 37.2 °C reading before it paged no one; the fever paged exactly once.
     await rules_caught_up(stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"], pipeline.rules_group)
-    await asyncio.sleep(1.0)
+    await control_page(pipeline, stack_env)
     assert len(pipeline.mail.for_patient(patient)) == 1
 
 
@@ -101,8 +118,13 @@ async def test_invalid_payload_goes_to_dead_letter_with_reason(
     )
     await consumer.start()
     try:
-        while not consumer.assignment():  # noqa: ASYNC110 - aiokafka offers no assignment event
-            await asyncio.sleep(0.1)
+        # aiokafka offers no assignment event.
+        await eventually(
+            consumer.assignment,
+            timeout_s=30,
+            interval_s=0.1,
+            what="the dead-letter consumer's assignment",
+        )
         await consumer.seek_to_end()
         for tp in consumer.assignment():
             await consumer.position(tp)
@@ -132,4 +154,9 @@ async def test_invalid_payload_goes_to_dead_letter_with_reason(
     await publish(
         stack_env, f"vigil/v1/dev/{good_device}/temperature", temperature(good_device, 38.9, 1)
     )
-    await wait_for(lambda: pipeline.mail.for_patient(patient), 60, "a page after a bad message")
+    await eventually(
+        lambda: pipeline.mail.for_patient(patient),
+        timeout_s=60,
+        interval_s=0.1,
+        what="a page after a bad message",
+    )

@@ -31,9 +31,11 @@ from tests.e2e.conftest import (
     drop_mqtt_session,
     free_port,
     open_mqtt_session,
+    ops_ports,
     start_group_at_end,
-    wait_for,
+    until_ready,
 )
+from tests.polling import eventually
 from vigil_tools.heartbeat import HeartbeatSettings
 from vigil_tools.heartbeat import run as run_heartbeat
 
@@ -107,10 +109,13 @@ async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
     controller = Controller(mail, hostname="127.0.0.1", port=free_port())
     controller.start()
 
+    ports = ops_ports()
     ingest_settings = IngestSettings(
-        mqtt_client_id=f"ingest-hb-{run_id}", mqtt_share_group=f"ingest-hb-{run_id}"
+        mqtt_client_id=f"ingest-hb-{run_id}",
+        mqtt_share_group=f"ingest-hb-{run_id}",
+        metrics_port=ports["ingest"],
     )
-    rules_settings = RulesSettings(group_id=f"rules-hb-{run_id}")
+    rules_settings = RulesSettings(group_id=f"rules-hb-{run_id}", ops_port=ports["rules"])
     # No heartbeat_sources: the source is watched from its first heartbeat, so a slow start of
     # this process's services cannot be mistaken for the silence the test is about.
     notify_settings = NotifySettings(
@@ -119,6 +124,7 @@ async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
         technical_care_team_id=team,
         heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S,
         escalation_tick_s=0.5,
+        ops_port=ports["notify"],
     )
     await open_mqtt_session(
         stack_env,
@@ -137,11 +143,8 @@ async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
         asyncio.create_task(run_rules(rules_settings, stop), name="rules"),
         asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
     ]
-    await asyncio.sleep(3)  # let consumers join their groups and ingest subscribe
-    for task in tasks:
-        if task.done():
-            task.result()
     try:
+        await until_ready(tasks, ports)
         yield SelfWatch(stack_env, mail, device, oncall, run_id)
     finally:
         stop.set()
@@ -173,14 +176,16 @@ async def last_seen(dsn: str, source: str) -> datetime | None:
 async def wait_for_last_seen_after(
     dsn: str, source: str, after: datetime | None, within_s: float
 ) -> datetime:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
+    async def seen_after() -> datetime | None:
         seen = await last_seen(dsn, source)
-        if seen is not None and (after is None or seen > after):
-            return seen
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"heartbeat of {source} not recorded after {after} (got {seen})")
-        await asyncio.sleep(0.3)
+        return seen if seen is not None and (after is None or seen > after) else None
+
+    return await eventually(
+        seen_after,
+        timeout_s=within_s,
+        interval_s=0.3,
+        what=f"heartbeat of {source} recorded after {after}",
+    )
 
 
 async def test_heartbeat_flows_and_its_silence_pages_the_technical_oncall(
@@ -202,8 +207,11 @@ async def test_heartbeat_flows_and_its_silence_pages_the_technical_oncall(
 
     beating.set()
     assert await publisher >= 2
-    await wait_for(
-        lambda: self_watch.pages_about_source(), HEARTBEAT_TIMEOUT_S + 50, "the silence page"
+    await eventually(
+        lambda: self_watch.pages_about_source(),
+        timeout_s=HEARTBEAT_TIMEOUT_S + 50,
+        interval_s=0.1,
+        what="the silence page",
     )
     (page,) = self_watch.pages_about_source()
     assert page["To"] == self_watch.oncall
@@ -217,8 +225,11 @@ async def test_heartbeat_flows_and_its_silence_pages_the_technical_oncall(
     resumed = asyncio.Event()
     publisher = self_watch.publisher(resumed)
     try:
-        await wait_for(
-            lambda: len(self_watch.pages_about_source()) >= 2, 60, "the all-clear after recovery"
+        await eventually(
+            lambda: len(self_watch.pages_about_source()) >= 2,
+            timeout_s=60,
+            interval_s=0.1,
+            what="the all-clear after recovery",
         )
     finally:
         resumed.set()

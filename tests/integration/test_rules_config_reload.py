@@ -26,6 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas.events import Alert
 from tests.integration.test_rules_config_store import bind, unbind
 from tests.kafka_helpers import create_rules_topics, rules_settings
+from tests.polling import eventually
 from tests.support.rules import Home
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
@@ -59,16 +60,6 @@ async def read_topic(topic: str, partitions: int) -> list[tuple[bytes, bytes]]:
     finally:
         await consumer.stop()
     return found
-
-
-async def wait_for(probe: object, what: str, seconds: float = 60.0) -> object:
-    """Poll the async ``probe`` until it returns something truthy."""
-    for _ in range(int(seconds / 0.5)):
-        result = await probe()  # type: ignore[operator]
-        if result:
-            return result
-        await asyncio.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -144,7 +135,12 @@ async def test_an_override_signed_off_while_rules_runs_pages_the_next_reading(
             # The patient's state record is committed with the offsets of the first reading.
             return any(key == patient.encode() for key, _ in await state_records())
 
-        await wait_for(first_reading_stored, "the first reading to be processed")
+        await eventually(
+            first_reading_stored,
+            timeout_s=60,
+            interval_s=0.5,
+            what="the first reading to be processed",
+        )
         assert await alerts() == [], "38.1 °C must not page under the default 38.3 °C"
 
         await conn.execute(
@@ -172,10 +168,17 @@ async def test_an_override_signed_off_while_rules_runs_pages_the_next_reading(
                     return rules.label
             return None
 
-        version = await wait_for(pinned_with_override, "a reloaded config with the override")
+        version = await eventually(
+            pinned_with_override,
+            timeout_s=60,
+            interval_s=0.5,
+            what="a reloaded config with the override",
+        )
 
         await producer.send_and_wait(names["telemetry"], encode(home.temp(5, 38.1)))
-        paged = await wait_for(alerts, "the alert under the new threshold")
+        paged = await eventually(
+            alerts, timeout_s=60, interval_s=0.5, what="the alert under the new threshold"
+        )
         assert isinstance(paged, list)
         (alert,) = paged
         assert alert.code == "fever_single"

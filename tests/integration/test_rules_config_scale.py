@@ -22,8 +22,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.events import Alert
-from tests.integration.test_rules_config_reload import read_topic, wait_for
+from tests.integration.test_rules_config_reload import read_topic
 from tests.kafka_helpers import create_rules_topics, rules_settings
+from tests.polling import eventually
 from tests.support.rules import Home, register_fleet, remove_fleet
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
@@ -81,7 +82,9 @@ async def test_rules_starts_on_a_large_registry_and_writes_no_record_that_grows_
         ]
 
     try:
-        first = await wait_for(config_records, "the service to pin its config", seconds=120)
+        first = await eventually(
+            config_records, timeout_s=120, interval_s=0.5, what="the service to pin its config"
+        )
         assert isinstance(first, list)
         pinned = await config_store.load_config(conn, str(first[0]["content_hash"]))
         profiles = pinned.config.profiles
@@ -108,7 +111,9 @@ async def test_rules_starts_on_a_large_registry_and_writes_no_record_that_grows_
                     return record
             return None
 
-        second = await wait_for(reloaded, "the reloaded config", seconds=60)
+        second = await eventually(
+            reloaded, timeout_s=60, interval_s=0.5, what="the reloaded config"
+        )
         assert isinstance(second, dict)
         changes = await conn.fetch(
             "SELECT kind, piece_key FROM rules_config_manifest_changes WHERE content_hash = $1",
@@ -131,7 +136,9 @@ async def test_rules_starts_on_a_large_registry_and_writes_no_record_that_grows_
                 if alert.patient_id == patient
             ]
 
-        alerts = await wait_for(paged, "the alert on the new threshold", seconds=60)
+        alerts = await eventually(
+            paged, timeout_s=60, interval_s=0.5, what="the alert on the new threshold"
+        )
         assert isinstance(alerts, list)
         assert [a.code for a in alerts] == ["fever_single"]
         assert alerts[0].config_version == second["config_version"]

@@ -15,21 +15,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.kafka_helpers import create_rules_topics, rules_settings
 from tests.ops_scrape import Samples, http_get, label_values, scrape, value
+from tests.polling import eventually
 from tests.support.rules import Home
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 
 pytestmark = pytest.mark.stack
-
-
-async def eventually(probe: object, what: str, seconds: float = 60.0) -> object:
-    """Poll the async ``probe`` until it returns something truthy."""
-    for _ in range(int(seconds / 0.25)):
-        result = await probe()  # type: ignore[operator]
-        if result:
-            return result
-        await asyncio.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 async def test_rules_metrics_move_with_one_reading_and_readyz_turns_ready(
@@ -74,7 +65,7 @@ async def test_rules_metrics_move_with_one_reading_and_readyz_turns_ready(
                 service.result()
             return (await http_get(ops_port, "/readyz"))[0] == 200
 
-        await eventually(ready, "/readyz to turn ready")
+        await eventually(ready, timeout_s=60, interval_s=0.25, what="/readyz to turn ready")
         before = await page()
         assert value(before, "vigil_rules_state_restore_seconds_count") == 1
         assert value(before, "vigil_rules_config_info", config_version=_version(before)) == 1
@@ -87,7 +78,9 @@ async def test_rules_metrics_move_with_one_reading_and_readyz_turns_ready(
             now = await page()
             return now if value(now, "vigil_rules_events_consumed_total") >= 2 else None
 
-        await eventually(both_consumed, "both records to be committed")
+        await eventually(
+            both_consumed, timeout_s=60, interval_s=0.25, what="both records to be committed"
+        )
 
         async def caught_up() -> Samples | None:
             # The lag gauge is refreshed at most once a second, so it may trail the commit.
@@ -95,7 +88,12 @@ async def test_rules_metrics_move_with_one_reading_and_readyz_turns_ready(
             lag = now.get(("vigil_rules_consumer_lag", (("partition", "0"),)))
             return now if lag == 0 else None
 
-        after = await eventually(caught_up, "the lag gauge to show the partition caught up")
+        after = await eventually(
+            caught_up,
+            timeout_s=60,
+            interval_s=0.25,
+            what="the lag gauge to show the partition caught up",
+        )
         assert isinstance(after, dict)
         assert value(after, "vigil_rules_events_consumed_total") == 2
         alerts = value(after, "vigil_rules_alerts_emitted_total", priority="high", rule_id="fever")

@@ -28,6 +28,7 @@ import asyncpg
 import pytest
 
 from services.ingest.adapters.postgres import store_telemetry
+from tests.polling import eventually
 from vigil.db.migrate import apply_migrations, migration_names, timescaledb_enabled
 from vigil.db.storage import READINGS_TABLES, TEMPERATURE_HOURLY, StorageSettings
 from vigil.db.storage import apply_storage_policies as apply_policies
@@ -79,18 +80,6 @@ async def test_the_stack_database_is_the_kind_this_run_asked_for(database: Datab
 
 
 # --- TimescaleDB, first: before the upgrades make and drop jobs ---------------------------
-
-
-async def wait_for(check: Any, timeout_s: float, what: str) -> Any:
-    """Poll ``check`` (async, returns a value or None) until it returns a value."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = await check()
-        if value is not None:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 async def store_course(dsn: str, patient: str, start: datetime, days: int) -> int:
@@ -145,7 +134,9 @@ async def test_the_compression_policy_runs_in_the_background_scheduler(
             done = row is not None and row[0] > runs and row[2] != "Running"
             return str(row[1]) if done else None
 
-        status = await wait_for(finished, 60.0, f"compression job {job} to run")
+        status = await eventually(
+            finished, timeout_s=60, interval_s=0.2, what=f"compression job {job} to run"
+        )
         errors = await conn.fetch(
             "SELECT err_message FROM timescaledb_information.job_history "
             "WHERE job_id = $1 AND NOT succeeded",
@@ -311,7 +302,9 @@ async def scratch(database: Database) -> AsyncIterator[list[str]]:
                     )
                     return True if running == 0 else None
 
-                await wait_for(idle, 60.0, f"the jobs of {schema} to finish")
+                await eventually(
+                    idle, timeout_s=60, interval_s=0.2, what=f"the jobs of {schema} to finish"
+                )
                 await conn.execute(
                     "SELECT delete_job(job_id) FROM timescaledb_information.jobs "
                     "WHERE hypertable_schema = $1",
