@@ -30,13 +30,14 @@ import asyncpg
 import httpx
 import pytest
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence
+from schemas.events import Alert, AlertPhase
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.settings import NotifySettings
+from tests.factories import fever_evidence, make_alert
 from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 from vigil.db.privileges import grant_service_role
@@ -142,32 +143,12 @@ def fresh_cluster(stack_env: dict[str, str]) -> Iterator[Cluster]:
 
 
 def _alert(patient: str, at: datetime, phase: AlertPhase = AlertPhase.START) -> Alert:
-    dedup_key = f"{patient}:FEVER"
-    return Alert(
-        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:{phase.value}"),
-        dedup_key=dedup_key,
+    return make_alert(
         patient_id=patient,
-        device_id=f"thermo-{patient}",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="FEVER",
-        priority=AlertPriority.HIGH,
         phase=phase,
-        state=AlertState.ACTIVE if phase is not AlertPhase.END else AlertState.INACTIVE,
+        at=at,
         title="Fever 38.7 °C",
-        device_time=at,
-        ingest_time=at,
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.7,
-                unit="°C",
-                limit=38.3,
-                comparator=">=",
-                device_time=at,
-            ),
-        ),
-        rule_id="fever.single",
-        rule_version="1",
+        evidence=(fever_evidence(at, value=38.7),),
     )
 
 

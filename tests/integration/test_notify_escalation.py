@@ -29,7 +29,6 @@ from schemas.events import (
     AlertPhase,
     AlertPriority,
     AlertState,
-    Evidence,
 )
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.pagerduty import PagerDutyEvents
@@ -45,6 +44,7 @@ from services.notify.service_layer.escalation import (
     EscalationService,
 )
 from services.notify.settings import NotifySettings
+from tests.factories import make_alert
 from tests.support.notify import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
 from vigil.db.migrate import apply_migrations
 
@@ -253,33 +253,7 @@ async def _team(
 
 
 def _alert(patient: str, phase: AlertPhase = AlertPhase.START, code: str = "FEVER") -> Alert:
-    dedup_key = f"{patient}:{code}"
-    return Alert(
-        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:{phase.value}"),
-        dedup_key=dedup_key,
-        patient_id=patient,
-        device_id=f"thermo-{patient}",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code=code,
-        priority=AlertPriority.HIGH,
-        phase=phase,
-        state=AlertState.ACTIVE if phase is not AlertPhase.END else AlertState.INACTIVE,
-        title="Fever 38.6 °C",
-        device_time=T0,
-        ingest_time=T0,
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6,
-                unit="°C",
-                limit=38.3,
-                comparator=">=",
-                device_time=T0,
-            ),
-        ),
-        rule_id="fever.single",
-        rule_version="1",
-    )
+    return make_alert(patient_id=patient, phase=phase, code=code, at=T0)
 
 
 def _mail(raw: bytes) -> Message:

@@ -24,7 +24,7 @@ import asyncpg
 import httpx
 import pytest
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence
+from schemas.events import Alert, AlertPhase
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
@@ -33,6 +33,7 @@ from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.service_layer.ports import SendOutcome
 from services.notify.settings import NotifySettings
+from tests.factories import fever_evidence, make_alert
 from tests.support.notify import ManualClock, SmtpSink, TwilioLikeServer
 from vigil.db.migrate import apply_migrations
 
@@ -194,33 +195,18 @@ async def _team(world: World, methods: list[dict[str, str]]) -> None:
 
 
 def _alert(world: World, phase: AlertPhase = AlertPhase.START) -> Alert:
-    dedup_key = f"{world.patient}:FEVER"
     at = world.clock()
-    return Alert(
-        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:{phase.value}"),
-        dedup_key=dedup_key,
+    ended = phase is AlertPhase.END
+    return make_alert(
         patient_id=world.patient,
-        device_id=f"thermo-{world.tag}",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="FEVER",
-        priority=AlertPriority.HIGH,
         phase=phase,
-        state=AlertState.ACTIVE if phase is not AlertPhase.END else AlertState.INACTIVE,
-        title="Fever 38.6 °C",
-        device_time=at,
-        ingest_time=at,
+        at=at,
+        device_id=f"thermo-{world.tag}",
         evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6 if phase is not AlertPhase.END else 37.2,
-                unit="°C",
-                limit=38.3 if phase is not AlertPhase.END else 37.8,
-                comparator=">=" if phase is not AlertPhase.END else "<",
-                device_time=at,
-            ),
+            fever_evidence(at, value=37.2, limit=37.8, comparator="<")
+            if ended
+            else fever_evidence(at),
         ),
-        rule_id="fever.single",
-        rule_version="1",
     )
 
 

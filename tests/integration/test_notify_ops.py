@@ -23,10 +23,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence
+from schemas.events import Alert
 from schemas.kafka_topics import ALERTS_TOPIC
 from services.notify.settings import NotifySettings
+from tests.factories import make_alert
 from tests.ops_scrape import Samples, http_get, label_values, scrape, value
+from tests.polling import eventually
 from tests.support.notify import SmtpSink
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
@@ -60,43 +62,13 @@ async def start_group_at_end(bootstrap: str, group: str) -> None:
         await committer.stop()
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, seconds: float = 60) -> Any:
-    for _ in range(int(seconds / 0.25)):
-        result = await probe()
-        if result:
-            return result
-        await asyncio.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def fever(patient: str) -> Alert:
-    now = datetime.now(UTC)
-    dedup_key = f"{patient}:fever_single:{uuid.uuid4().hex[:6]}"
-    return Alert(
-        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:start"),
-        dedup_key=dedup_key,
+    return make_alert(
         patient_id=patient,
-        device_id=f"thermo-{patient}",
-        kind=AlertKind.PHYSIOLOGICAL,
         code="fever_single",
-        priority=AlertPriority.HIGH,
-        phase=AlertPhase.START,
-        state=AlertState.ACTIVE,
-        title="Fever 38.6 °C",
-        device_time=now,
-        ingest_time=now,
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6,
-                unit="°C",
-                limit=38.3,
-                comparator=">=",
-                device_time=now,
-            ),
-        ),
+        at=datetime.now(UTC),
+        dedup_key=f"{patient}:fever_single:{uuid.uuid4().hex[:6]}",
         rule_id="fever",
-        rule_version="1",
     )
 
 
@@ -155,14 +127,16 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
                 alive()
                 return (await http_get(ops_port, "/readyz"))[0] == 200
 
-            await eventually(ready, "/readyz to turn ready")
+            await eventually(ready, timeout_s=60, interval_s=0.25, what="/readyz to turn ready")
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as api:
 
                 async def put(path: str, body: dict[str, Any]) -> None:
                     response = await api.put(path, json=body)
                     assert response.status_code == 204, response.text
 
-                await eventually(_answers(api), "the embedded API")
+                await eventually(
+                    _answers(api), timeout_s=60, interval_s=0.25, what="the embedded API"
+                )
                 await put(
                     f"/care-teams/{policy_team}",
                     {"care_team_id": policy_team, "name": "Onc", "oncall_email": oncall},
@@ -206,14 +180,18 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
                     alive()
                     return bool(smtp.to(oncall)) and bool(smtp.to(nurse))
 
-                await eventually(both_paged, "both pages by e-mail")
+                await eventually(
+                    both_paged, timeout_s=60, interval_s=0.25, what="both pages by e-mail"
+                )
 
                 async def counted() -> Samples | None:
                     now = await page()
                     sent = _delta(now, before, "vigil_notify_pages_sent_total", channel="email")
                     return now if sent >= 2 else None
 
-                after = await eventually(counted, "both pages to be counted")
+                after = await eventually(
+                    counted, timeout_s=60, interval_s=0.25, what="both pages to be counted"
+                )
                 received = {"kind": "physiological", "priority": "high", "phase": "start"}
                 assert _delta(after, before, "vigil_notify_alerts_received_total", **received) == 2
                 attempts = "vigil_notify_delivery_attempts_total"
@@ -227,7 +205,12 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
                     return value(await page(), "vigil_notify_open_escalations") >= 1
 
                 # Polled every 5 s; other tests' open escalations may add to it, never subtract.
-                await eventually(escalation_counted, "the open escalation to be counted")
+                await eventually(
+                    escalation_counted,
+                    timeout_s=60,
+                    interval_s=0.25,
+                    what="the open escalation to be counted",
+                )
 
                 response = await api.post(
                     f"/alerts/{escalated.dedup_key}/acknowledge", json={"by": f"person:nurse-{run}"}

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence
+from schemas.events import Alert, AlertPhase, AlertPriority, Evidence
 from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.postgres import PostgresNotifyRepository
@@ -33,6 +33,7 @@ from services.notify.service_layer.escalation import (
     EscalationService,
 )
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
+from tests.factories import make_alert
 from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 
@@ -180,25 +181,19 @@ def _alert(
     at: datetime,
     phase: AlertPhase = AlertPhase.START,
 ) -> Alert:
-    dedup_key = f"{patient}:{code}"
-    return Alert(
-        alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{dedup_key}:{phase.value}"),
-        dedup_key=dedup_key,
+    ended = phase is AlertPhase.END
+    return make_alert(
         patient_id=patient,
-        device_id=f"dev-{patient}",
-        kind=AlertKind.PHYSIOLOGICAL,
         code=code,
-        priority=AlertPriority.INFO if phase is AlertPhase.END else priority,
         phase=phase,
-        state=AlertState.INACTIVE if phase is AlertPhase.END else AlertState.ACTIVE,
-        title=f"All clear: {title}" if phase is AlertPhase.END else title,
-        device_time=at,
-        ingest_time=at,
+        at=at,
+        device_id=f"dev-{patient}",
+        priority=AlertPriority.INFO if ended else priority,
+        title=f"All clear: {title}" if ended else title,
         evidence=(
             Evidence(name="value", value=1.0, unit="", limit=0.0, comparator=">", device_time=at),
         ),
         rule_id=code.lower(),
-        rule_version="1",
     )
 
 

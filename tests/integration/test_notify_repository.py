@@ -17,13 +17,11 @@ import pytest
 
 from schemas.events import (
     Alert,
-    AlertKind,
     AlertPhase,
-    AlertPriority,
     AlertState,
-    Evidence,
 )
 from services.notify.adapters.postgres import PostgresNotifyRepository, alert_from_row
+from tests.factories import fever_evidence, make_alert
 from vigil.db.migrate import apply_migrations
 
 pytestmark = pytest.mark.stack
@@ -51,31 +49,17 @@ def _tag() -> str:
 
 
 def _alert(patient_id: str, phase: AlertPhase = AlertPhase.START) -> Alert:
-    return Alert(
+    return make_alert(
+        patient_id=patient_id,
+        code="FEVER_SINGLE",
+        phase=phase,
+        at=T0 + timedelta(seconds=2),
         alert_id=uuid.uuid4(),
         dedup_key=f"{patient_id}:fever",
-        patient_id=patient_id,
         device_id="thermo-17",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="FEVER_SINGLE",
-        priority=AlertPriority.HIGH,
-        phase=phase,
         state=AlertState.ACTIVE,
-        title="Fever 38.6 °C",
         device_time=T0,
-        ingest_time=T0 + timedelta(seconds=2),
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6,
-                unit="°C",
-                limit=38.3,
-                comparator=">=",
-                device_time=T0,
-                message_id=uuid.uuid4(),
-            ),
-        ),
-        rule_id="fever.single",
+        evidence=(fever_evidence(T0, message_id=uuid.uuid4()),),
         rule_version="2025.03.1",
     )
 

@@ -14,9 +14,10 @@ from uuid import UUID
 import pytest
 from aiosmtpd.controller import Controller
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence, Page
+from schemas.events import Page
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.domain import compose_page_email, message_id_for, page_id_for
+from tests.factories import make_alert
 
 REFUSED = "nobody@hospital.example"
 ONCALL_EMAIL = "oncall-onc1@hospital.example"
@@ -69,30 +70,13 @@ def _sender(port: int) -> SmtpSender:
 
 
 def _page_email(recipient: str) -> EmailMessage:
-    alert = Alert(
+    alert = make_alert(
+        patient_id="P-0001",
+        code="FEVER_SINGLE",
+        at=AT,
         alert_id=UUID("00000000-0000-5000-8000-000000000001"),
         dedup_key="P-0001:fever",
-        patient_id="P-0001",
         device_id="thermo-17",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="FEVER_SINGLE",
-        priority=AlertPriority.HIGH,
-        phase=AlertPhase.START,
-        state=AlertState.ACTIVE,
-        title="Fever 38.6 °C",
-        device_time=AT,
-        ingest_time=AT,
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6,
-                unit="°C",
-                limit=38.3,
-                comparator=">=",
-                device_time=AT,
-            ),
-        ),
-        rule_id="fever.single",
         rule_version="2025.03.1",
     )
     key = f"{alert.alert_id}:email:{recipient}"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Page
+from schemas.events import Alert, AlertKind, AlertPriority, Page
 from services.notify.domain.bundling import (
     BundleWindow,
     Placement,
@@ -21,6 +21,7 @@ from services.notify.domain.message import (
     pagerduty_event,
 )
 from services.notify.domain.routing import PagePurpose
+from tests.factories import make_alert
 
 T0 = datetime(2025, 3, 1, 2, 0, tzinfo=UTC)
 WAIT = 5.0
@@ -167,22 +168,17 @@ def test_bundle_priority_is_its_most_urgent_alert() -> None:
 
 
 def _alert(code: str, title: str, priority: AlertPriority) -> Alert:
-    return Alert(
-        alert_id=uuid.uuid4(),
-        dedup_key=f"P-1:{code}",
+    return make_alert(
         patient_id="P-1",
+        code=code,
+        at=T0,
+        alert_id=uuid.uuid4(),
         device_id="pump-1",
         kind=AlertKind.TECHNICAL,
-        code=code,
         priority=priority,
-        phase=AlertPhase.START,
-        state=AlertState.ACTIVE,
         title=title,
-        device_time=T0,
-        ingest_time=T0,
         evidence=(),
         rule_id="pump.alarm",
-        rule_version="1",
     )
 
 

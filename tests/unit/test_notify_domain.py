@@ -5,16 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from typing import Any
 from uuid import UUID
 
 import pytest
 
 from schemas.events import (
     Alert,
-    AlertKind,
     AlertPhase,
-    AlertPriority,
-    AlertState,
     Evidence,
     Page,
 )
@@ -24,6 +22,7 @@ from services.notify.domain import (
     message_id_for,
     page_id_for,
 )
+from tests.factories import fever_evidence, make_alert
 
 PARIS = timezone(timedelta(hours=1))
 DEVICE_TIME = datetime(2025, 3, 1, 3, 0, 0, tzinfo=PARIS)
@@ -42,34 +41,20 @@ ALERT_IDS = {
 
 
 def fever_alert(phase: AlertPhase = AlertPhase.START, **changes: object) -> Alert:
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
+        patient_id="P-0001",
+        code="FEVER_SINGLE",
+        phase=phase,
+        at=INGEST_TIME,
+        device_time=DEVICE_TIME,
         alert_id=ALERT_IDS[phase],
         dedup_key="P-0001:fever",
-        patient_id="P-0001",
         device_id="thermo-17",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="FEVER_SINGLE",
-        priority=AlertPriority.HIGH,
-        phase=phase,
-        state=AlertState.INACTIVE if phase is AlertPhase.END else AlertState.ACTIVE,
-        title="Fever 38.6 °C",
-        device_time=DEVICE_TIME,
-        ingest_time=INGEST_TIME,
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6,
-                unit="°C",
-                limit=38.3,
-                comparator=">=",
-                device_time=DEVICE_TIME,
-            ),
-        ),
-        rule_id="fever.single",
+        evidence=(fever_evidence(DEVICE_TIME),),
         rule_version="2025.03.1",
     )
     fields.update(changes)
-    return Alert.model_validate(fields)
+    return make_alert(**fields)
 
 
 def page_for(alert: Alert, recipient: str = ONCALL_EMAIL) -> Page:
@@ -133,9 +118,7 @@ def test_subject_marks_escalation_all_clear_and_fallback() -> None:
     assert composed(fever_alert(AlertPhase.ESCALATE))["Subject"].startswith(
         "[VIGIL HIGH] Escalated: Fever"
     )
-    assert composed(fever_alert(AlertPhase.END))["Subject"].startswith(
-        "[VIGIL ALL CLEAR] Fever"
-    )
+    assert composed(fever_alert(AlertPhase.END))["Subject"].startswith("[VIGIL ALL CLEAR] Fever")
     message = composed(
         fever_alert(), route_detail="patient P-0001 is not registered with a care team"
     )

@@ -15,7 +15,7 @@ from email.message import EmailMessage
 from typing import Any, cast
 from uuid import uuid4
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Page
+from schemas.events import Alert, Page
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -29,28 +29,19 @@ from services.notify.service_layer.escalation import (
     sms_reference,
 )
 from services.notify.service_layer.ports import PageJob, SendOutcome
+from tests.factories import make_alert
 
 NOW = datetime(2025, 3, 1, 2, 5, tzinfo=UTC)
 CLAIMED_BEFORE = NOW - timedelta(seconds=61)
 
 
 def _alert() -> Alert:
-    return Alert(
-        alert_id=uuid4(),
-        dedup_key="P-1:FEVER",
+    return make_alert(
         patient_id="P-1",
+        at=NOW - timedelta(minutes=5),
+        alert_id=uuid4(),
         device_id="thermo-1",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="FEVER",
-        priority=AlertPriority.HIGH,
-        phase=AlertPhase.START,
-        state=AlertState.ACTIVE,
-        title="Fever 38.6 °C",
-        device_time=NOW - timedelta(minutes=5),
-        ingest_time=NOW - timedelta(minutes=5),
         evidence=(),
-        rule_id="fever.single",
-        rule_version="1",
     )
 
 

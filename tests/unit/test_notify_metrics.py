@@ -11,9 +11,7 @@ from prometheus_client import generate_latest
 
 from schemas.events import (
     Alert,
-    AlertKind,
     AlertPhase,
-    AlertPriority,
     AlertState,
     DeadLetter,
     Page,
@@ -28,6 +26,7 @@ from services.notify.domain.channel_failover import Delivered, GiveUp, NextChann
 from services.notify.domain.routing import PagePurpose
 from services.notify.service_layer.ports import PageJob, SendOutcome
 from services.notify.settings import NotifySettings
+from tests.factories import make_alert
 from tests.ops_scrape import Samples, label_values, parse, value
 
 T0 = datetime(2026, 3, 1, 3, 0, tzinfo=UTC)
@@ -43,22 +42,17 @@ class Monotonic:
 
 
 def alert(phase: AlertPhase = AlertPhase.START) -> Alert:
-    return Alert(
+    return make_alert(
+        patient_id=PATIENT,
+        code="fever_single",
+        phase=phase,
+        at=T0,
         alert_id=uuid.uuid4(),
         dedup_key=f"{PATIENT}:fever",
-        patient_id=PATIENT,
         device_id=DEVICE,
-        kind=AlertKind.PHYSIOLOGICAL,
-        code="fever_single",
-        priority=AlertPriority.HIGH,
-        phase=phase,
         state=AlertState.ACTIVE,
-        title="Fever 38.6 °C",
-        device_time=T0,
-        ingest_time=T0,
         evidence=(),
         rule_id="fever",
-        rule_version="1",
     )
 
 

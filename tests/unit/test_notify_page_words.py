@@ -9,7 +9,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from uuid import UUID
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Evidence, Page
+from schemas.events import Alert, AlertPhase, AlertPriority, Evidence, Page
 from services.notify.adapters.escalation_store import page_position
 from services.notify.domain import page_id_for
 from services.notify.domain.message import (
@@ -22,6 +22,7 @@ from services.notify.domain.message import (
     pagerduty_event,
 )
 from services.notify.domain.routing import PagePurpose
+from tests.factories import fever_evidence, make_alert
 
 READING_ID = UUID("00000000-0000-4000-8000-00000000f00d")
 # 03:00 in Berlin (winter, CET = UTC+1) is 02:00 UTC.
@@ -41,36 +42,22 @@ def alert(
     code: str = "fever_single",
 ) -> Alert:
     ended = phase is AlertPhase.END
-    return Alert.model_validate(
-        dict(
-            alert_id=UUID(int=1 if not ended else 2),
-            dedup_key="P-1:fever:x",
-            patient_id="P-1",
-            device_id="thermo-1",
-            kind=AlertKind.PHYSIOLOGICAL,
-            code=code,
-            priority=AlertPriority.INFO if ended else AlertPriority.HIGH,
-            phase=phase,
-            state=AlertState.INACTIVE if ended else AlertState.ACTIVE,
-            title=title,
-            device_time=device_time,
-            ingest_time=ingest_time,
-            evidence=evidence
-            if evidence is not None
-            else (
-                Evidence(
-                    name="temperature",
-                    value=38.6,
-                    unit="Cel",
-                    limit=38.3,
-                    comparator=">=",
-                    device_time=device_time,
-                    message_id=READING_ID,
-                ),
-            ),
-            rule_id="fever",
-            rule_version="1.1.0+x",
-        )
+    return make_alert(
+        patient_id="P-1",
+        code=code,
+        phase=phase,
+        at=ingest_time,
+        device_time=device_time,
+        alert_id=UUID(int=1 if not ended else 2),
+        dedup_key="P-1:fever:x",
+        device_id="thermo-1",
+        priority=AlertPriority.INFO if ended else AlertPriority.HIGH,
+        title=title,
+        evidence=evidence
+        if evidence is not None
+        else (fever_evidence(device_time, unit="Cel", message_id=READING_ID),),
+        rule_id="fever",
+        rule_version="1.1.0+x",
     )
 
 

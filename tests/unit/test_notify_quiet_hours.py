@@ -9,11 +9,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, AlertState, Page
+from schemas.events import Alert, AlertKind, AlertPriority, Page
 from services.notify.domain.message import compose_digest_email, compose_digest_sms
 from services.notify.domain.message import pagerduty_event as pd_event
 from services.notify.domain.quiet_hours import QuietHours, held_until, quiet_span_at
 from services.notify.domain.routing import PagePurpose
+from tests.factories import make_alert
 
 BERLIN_NIGHT = QuietHours("Europe/Berlin", time(22, 0), time(7, 0))
 BERLIN_NIGHT_ZONE = ZoneInfo("Europe/Berlin")
@@ -139,23 +140,17 @@ def test_invalid_quiet_hours_and_naive_times_are_refused() -> None:
 
 
 def _low(patient: str, code: str) -> Alert:
-    at = _utc(2025, 6, 1, 23, 0)
-    return Alert(
-        alert_id=uuid.uuid4(),
-        dedup_key=f"{patient}:{code}",
+    return make_alert(
         patient_id=patient,
+        code=code,
+        at=_utc(2025, 6, 1, 23, 0),
+        alert_id=uuid.uuid4(),
         device_id=f"pump-{patient}",
         kind=AlertKind.TECHNICAL,
-        code=code,
         priority=AlertPriority.LOW,
-        phase=AlertPhase.START,
-        state=AlertState.ACTIVE,
         title=f"{code} low",
-        device_time=at,
-        ingest_time=at,
         evidence=(),
         rule_id="pump",
-        rule_version="1",
     )
 
 

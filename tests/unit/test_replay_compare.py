@@ -7,12 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.events import (
     Alert,
-    AlertKind,
     AlertPhase,
-    AlertPriority,
     AlertState,
-    Evidence,
 )
+from tests.factories import fever_evidence, make_alert
 from vigil_tools.replay.compare import Outcome, diff_alerts
 
 T0 = datetime(2026, 3, 1, 8, tzinfo=UTC)
@@ -28,29 +26,18 @@ def alert(
     patient: str = "P-1",
     limit: float = 38.3,
 ) -> Alert:
-    return Alert(
+    return make_alert(
+        patient_id=patient,
+        code=code,
+        phase=phase,
+        at=at + timedelta(seconds=2),
+        device_time=at,
         alert_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{key}|{phase}"),
         dedup_key=key,
-        patient_id=patient,
         device_id="th-1",
-        kind=AlertKind.PHYSIOLOGICAL,
-        code=code,
-        priority=AlertPriority.HIGH,
-        phase=phase,
         state=AlertState.ACTIVE,
         title="Fever",
-        device_time=at,
-        ingest_time=at + timedelta(seconds=2),
-        evidence=(
-            Evidence(
-                name="temperature",
-                value=38.6,
-                unit="Cel",
-                limit=limit,
-                comparator=">=",
-                device_time=at,
-            ),
-        ),
+        evidence=(fever_evidence(at, unit="Cel", limit=limit),),
         rule_id="fever",
         rule_version=version,
     )
