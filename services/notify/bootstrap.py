@@ -17,6 +17,13 @@ from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
+from services.notify.service_layer.channels import (
+    Channel,
+    ChannelRegistry,
+    EmailChannel,
+    PagerDutyChannel,
+    SmsChannel,
+)
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
 from services.notify.settings import NotifySettings
@@ -40,6 +47,20 @@ def smtp_sender(settings: NotifySettings) -> SmtpSender:
         username=settings.smtp_username,
         password=None if password is None else password.get_secret_value(),
     )
+
+
+def channel_registry(
+    settings: NotifySettings, *, sms: TwilioSms | None, webhook: PagerDutyEvents | None
+) -> ChannelRegistry:
+    """The channels pages are sent on: e-mail always, SMS and PagerDuty when the settings enable
+    them. A new channel is its adapter (implementing ``service_layer.channels.Channel``) and
+    one more entry here."""
+    channels: list[Channel] = [EmailChannel(smtp_sender(settings))]
+    if sms is not None:
+        channels.append(SmsChannel(sms))
+    if webhook is not None:
+        channels.append(PagerDutyChannel(webhook))
+    return ChannelRegistry(channels)
 
 
 def build_escalation(
@@ -78,13 +99,11 @@ def build_escalation(
             pool, metrics, now=clock, fallback_email=settings.fallback_email
         )
     )
-    email = smtp_sender(settings)
+    channels = channel_registry(settings, sms=sms, webhook=webhook)
     outages = OutageWatch(
         store=PostgresOutageStore(pool),
         load_policy=store.load_policy,
-        email=email,
-        sms=sms,
-        webhook=webhook,
+        channels=channels,
         config=OutageConfig(
             sender_address=settings.smtp_from,
             fallback_email=settings.fallback_email,
@@ -99,9 +118,7 @@ def build_escalation(
     service = EscalationService(
         store=store,
         alerts=PostgresNotifyRepository(pool),
-        email=email,
-        sms=sms,
-        webhook=webhook,
+        channels=channels,
         config=EscalationConfig(
             sender_address=settings.smtp_from,
             public_base_url=settings.public_base_url,

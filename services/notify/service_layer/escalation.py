@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 from enum import StrEnum
 from typing import Any, Protocol
 from uuid import UUID
@@ -82,6 +83,14 @@ from services.notify.domain.message import (
 from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
+from services.notify.service_layer.channels import (
+    ChannelRegistry,
+    EventProvider,
+    OutboundPage,
+    SmsProvider,
+    not_configured,
+    provider_channels,
+)
 from services.notify.service_layer.outage import OutageWatch
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
@@ -100,16 +109,6 @@ HEARTBEAT_CODE = "pipeline.heartbeat"
 PIPELINE_SILENT_CODE = "pipeline.silent"
 # policy_id of the fallback chain (``fallback_chain``), followed by the care team it is filed under.
 UNROUTABLE_POLICY_PREFIX = "unroutable:"
-
-
-class SmsChannel(Protocol):
-    async def send_sms(self, *, to: str, body: str) -> SendOutcome: ...
-
-    async def find_sent(self, *, to: str, reference: str, since: datetime) -> str | None: ...
-
-
-class WebhookChannel(Protocol):
-    async def enqueue(self, event: dict[str, object]) -> SendOutcome: ...
 
 
 class EscalationStore(Protocol):
@@ -270,21 +269,29 @@ class EscalationService:
         *,
         store: EscalationStore,
         alerts: NotifyRepository,
-        email: PageSender,
-        sms: SmsChannel | None,
-        webhook: WebhookChannel | None,
         config: EscalationConfig,
         clock: Callable[[], datetime],
+        channels: ChannelRegistry | None = None,
+        email: PageSender | None = None,
+        sms: SmsProvider | None = None,
+        webhook: EventProvider | None = None,
         outages: OutageWatch | None = None,
     ) -> None:
+        """``channels``: what pages are sent on, by name (``bootstrap`` builds it); without
+        it, the channels over the providers given as ``email``, ``sms`` and ``webhook``."""
         self._store = store
         # After a pipeline outage: the outage record, start phases held for their end, the care
         # teams' summaries (service_layer/outage.py); None: none of it (unit tests' fakes).
         self._outages = outages
         self._alerts = alerts
+        self._channels = (
+            channels
+            if channels is not None
+            else provider_channels(email=email, sms=sms, webhook=webhook)
+        )
+        # The e-mail provider given, if any: not sent through directly (pages go through
+        # ``_channels``); kept so a test can look at the provider it passed in.
         self._email = email
-        self._sms = sms
-        self._webhook = webhook
         self._config = config
         self._clock = clock
         self._wakeup = asyncio.Event()
@@ -741,16 +748,17 @@ class EscalationService:
         (None): the caller sends again while the chain runs, and the stable Message-ID and the
         dedup_key fold the duplicate on the receiving side.
         """
-        if job.page.channel != "sms" or self._sms is None:
+        channel = self._channels.get(job.page.channel)
+        if channel is None:
             return None
         since = job.updated_at or job.page.created_at
         try:
-            sid = await self._sms.find_sent(
+            sid = await channel.find_sent(
                 to=job.page.recipient, reference=sms_reference(job), since=since
             )
         except Exception as exc:
             log.warning(
-                "sms_reconcile_failed",
+                f"{channel.name}_reconcile_failed",
                 extra=log_fields(page_id=str(job.page.page_id), error=type(exc).__name__),
             )
             return None
@@ -762,32 +770,40 @@ class EscalationService:
 
     async def _send(self, job: PageJob) -> SendOutcome:
         page = job.page
+        channel = self._channels.get(page.channel)
+        if channel is None:
+            return not_configured(page.channel)
         ack_url = (
             self.ack_link(job.escalation_id, job.recipient_ref)
             if job.purpose in (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)
             else None
         )
         if job.is_digest and job.purpose is not PagePurpose.ALL_CLEAR:
-            return await self._send_digest(job, ack_url)
+            return await channel.send(self._digest_page(job, ack_url))
+        return await channel.send(self._outbound(job, ack_url))
+
+    def _outbound(self, job: PageJob, ack_url: str | None) -> OutboundPage:
+        """The page in each channel's form: a bundle page lists its alerts, a page about an
+        alert in the CRS window says so, and how its chain differs for it."""
+        page = job.page
         bundled = len(job.bundle) > 1
         # A shared page whose other alerts were acknowledged speaks of the one still unanswered.
         alert = job.bundle[0] if len(job.bundle) == 1 else job.alert
         route_detail = _route_detail(job, alert)
-        if page.channel == "email" and bundled:
-            message = compose_bundle_email(
-                job.bundle,
-                page,
-                sender=self._config.sender_address,
-                composed_at=self._clock(),
-                ack_url=ack_url,
-                route_detail=route_detail,
-                context=job.context,
-            )
-            return await self._email.send(message, recipient=page.recipient)
-        # A page about an alert in the CRS window says so, and how its chain differs for it.
         early = job.early_cycle if job.purpose in _CRS_NOTED else None
-        if page.channel == "email":
-            message = compose_page_email(
+
+        def email() -> EmailMessage:
+            if bundled:
+                return compose_bundle_email(
+                    job.bundle,
+                    page,
+                    sender=self._config.sender_address,
+                    composed_at=self._clock(),
+                    ack_url=ack_url,
+                    route_detail=route_detail,
+                    context=job.context,
+                )
+            return compose_page_email(
                 alert,
                 page,
                 sender=self._config.sender_address,
@@ -798,10 +814,8 @@ class EscalationService:
                 note=None if early is None else crs_note(early),
                 context=job.context,
             )
-            return await self._email.send(message, recipient=page.recipient)
-        if page.channel == "sms":
-            if self._sms is None:
-                return _not_configured("sms")
+
+        def text() -> str:
             body = (
                 compose_bundle_sms(job.bundle, reference=sms_reference(job), context=job.context)
                 if bundled
@@ -811,33 +825,36 @@ class EscalationService:
             )
             if early is not None and not bundled:
                 body = f"{body} {crs_sms_note(early)}"
-            return await self._sms.send_sms(to=page.recipient, body=body)
-        if self._webhook is None:
-            return _not_configured("webhook")
-        # The page's alert is the bundle's first one, so acknowledge and resolve reuse the
-        # dedup_key the trigger went out with.
-        event = pagerduty_event(
-            job.alert,
-            job.purpose,
-            routing_key=page.recipient,
-            dedup_key=job.alert.dedup_key,
-            bundle=job.bundle,
-            context=job.context,
-        )
-        payload = event.get("payload")
-        if early is not None and not bundled and isinstance(payload, dict):
-            details = payload.setdefault("custom_details", {})
-            if isinstance(details, dict):
-                details["crs_window"] = crs_note(early)
-        return await self._webhook.enqueue(event)
+            return body
 
-    async def _send_digest(self, job: PageJob, ack_url: str | None) -> SendOutcome:
+        def event() -> dict[str, object]:
+            # The page's alert is the bundle's first one, so acknowledge and resolve reuse the
+            # dedup_key the trigger went out with.
+            event = pagerduty_event(
+                job.alert,
+                job.purpose,
+                routing_key=page.recipient,
+                dedup_key=job.alert.dedup_key,
+                bundle=job.bundle,
+                context=job.context,
+            )
+            payload = event.get("payload")
+            if early is not None and not bundled and isinstance(payload, dict):
+                details = payload.setdefault("custom_details", {})
+                if isinstance(details, dict):
+                    details["crs_window"] = crs_note(early)
+            return event
+
+        return OutboundPage(recipient=page.recipient, email=email, text=text, event=event)
+
+    def _digest_page(self, job: PageJob, ack_url: str | None) -> OutboundPage:
         """One page listing the alerts quiet hours held (and, for later steps of their chains,
         those still unacknowledged), each resolved one marked "resolved at"."""
         page = job.page
         entries = tuple(zip(job.bundle or (job.alert,), job.resolved_at or (None,), strict=False))
-        if page.channel == "email":
-            message = compose_digest_email(
+
+        def email() -> EmailMessage:
+            return compose_digest_email(
                 entries,
                 page,
                 sender=self._config.sender_address,
@@ -846,23 +863,21 @@ class EscalationService:
                 route_detail=_route_detail(job, job.alert),
                 context=job.context,
             )
-            return await self._email.send(message, recipient=page.recipient)
-        if page.channel == "sms":
-            if self._sms is None:
-                return _not_configured("sms")
-            body = compose_digest_sms(entries, reference=sms_reference(job), context=job.context)
-            return await self._sms.send_sms(to=page.recipient, body=body)
-        if self._webhook is None:
-            return _not_configured("webhook")
-        event = pagerduty_event(
-            job.alert,
-            job.purpose,
-            routing_key=page.recipient,
-            dedup_key=job.alert.dedup_key,
-            digest=entries,
-            context=job.context,
-        )
-        return await self._webhook.enqueue(event)
+
+        def text() -> str:
+            return compose_digest_sms(entries, reference=sms_reference(job), context=job.context)
+
+        def event() -> dict[str, object]:
+            return pagerduty_event(
+                job.alert,
+                job.purpose,
+                routing_key=page.recipient,
+                dedup_key=job.alert.dedup_key,
+                digest=entries,
+                context=job.context,
+            )
+
+        return OutboundPage(recipient=page.recipient, email=email, text=text, event=event)
 
     async def sms_status(self, *, message_sid: str, status: str, error_code: str | None) -> bool:
         """Twilio's status callback: a delivered receipt, or a failure that moves to the next
@@ -1098,14 +1113,6 @@ def _left_unknown(job: PageJob) -> SendOutcome:
             f"outcome unknown ({looked_up}); not sent again: the alert was acknowledged "
             "or resolved before the outcome was known"
         ),
-    )
-
-
-def _not_configured(channel: str) -> SendOutcome:
-    """A page for a channel this instance has no sender for: refused for good, never retried
-    on that channel."""
-    return SendOutcome(
-        accepted=False, detail=f"{channel} channel not configured", refused_for_good=True
     )
 
 

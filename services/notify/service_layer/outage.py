@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
-from typing import Any, Protocol
+from typing import Any
 
 from schemas.events import Alert
 from services.notify.adapters.outage_store import (
@@ -28,6 +28,14 @@ from services.notify.domain.escalation import PolicySnapshot
 from services.notify.domain.message import message_id_for
 from services.notify.domain.outage import OutageWindow, compose_summary, should_hold
 from services.notify.domain.schedule import on_call_at
+from services.notify.service_layer.channels import (
+    ChannelRegistry,
+    EventProvider,
+    OutboundPage,
+    SmsProvider,
+    not_configured,
+    provider_channels,
+)
 from services.notify.service_layer.ports import PageSender, SendOutcome
 from vigil.runtime import log_fields
 
@@ -37,14 +45,6 @@ log = logging.getLogger("vigil.notify.outage")
 #: that fell due inside an outage for 120 s (``resume_grace_s``) while the devices' queued data
 #: arrive; a heartbeat interval (15 s) and a margin on top.
 DEFAULT_SETTLE_S = 150.0
-
-
-class SmsSender(Protocol):
-    async def send_sms(self, *, to: str, body: str) -> SendOutcome: ...
-
-
-class EventSender(Protocol):
-    async def enqueue(self, event: dict[str, object]) -> SendOutcome: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,17 +70,22 @@ class OutageWatch:
         *,
         store: PostgresOutageStore,
         load_policy: Callable[[str], Awaitable[PolicySnapshot | None]],
-        email: PageSender,
-        sms: SmsSender | None,
-        webhook: EventSender | None,
         config: OutageConfig,
         clock: Callable[[], datetime],
+        channels: ChannelRegistry | None = None,
+        email: PageSender | None = None,
+        sms: SmsProvider | None = None,
+        webhook: EventProvider | None = None,
     ) -> None:
+        """``channels``: what summaries are sent on, by name (``bootstrap`` builds it); without
+        it, the channels over the providers given as ``email``, ``sms`` and ``webhook``."""
         self._store = store
         self._load_policy = load_policy
-        self._email = email
-        self._sms = sms
-        self._webhook = webhook
+        self._channels = (
+            channels
+            if channels is not None
+            else provider_channels(email=email, sms=sms, webhook=webhook)
+        )
         self._config = config
         self._clock = clock
 
@@ -228,11 +233,7 @@ class OutageWatch:
         return list(dict.fromkeys(found))
 
     def _can_send(self, channel: str) -> bool:
-        if channel == "sms":
-            return self._sms is not None
-        if channel == "webhook":
-            return self._webhook is not None
-        return channel == "email"
+        return channel in self._channels
 
     async def send_due(self) -> int:
         now = self._clock()
@@ -260,16 +261,18 @@ class OutageWatch:
         return sent
 
     async def _send(self, page: SummaryPage, now: datetime) -> SendOutcome:
+        channel = self._channels.get(page.channel)
+        if channel is None:
+            return not_configured(page.channel)
         try:
-            if page.channel == "email":
-                return await self._email.send(self._email_of(page, now), recipient=page.recipient)
-            if page.channel == "sms":
-                if self._sms is None:
-                    return SendOutcome(False, "sms channel not configured", refused_for_good=True)
-                return await self._sms.send_sms(to=page.recipient, body=page.short_text)
-            if self._webhook is None:
-                return SendOutcome(False, "webhook channel not configured", refused_for_good=True)
-            return await self._webhook.enqueue(self._event_of(page))
+            return await channel.send(
+                OutboundPage(
+                    recipient=page.recipient,
+                    email=lambda: self._email_of(page, now),
+                    text=lambda: page.short_text,
+                    event=lambda: self._event_of(page),
+                )
+            )
         except Exception as exc:  # a channel's bug must not stop the clock round
             log.exception(
                 "outage_summary_send_crashed", extra=log_fields(page_id=str(page.page_id))
