@@ -1,0 +1,505 @@
+"""An in-memory escalation store for unit tests of ``EscalationService``.
+
+It implements the part of the ``EscalationStore`` port the paging path uses, the way
+``PostgresEscalationStore`` does it, on lists and dicts: an escalation is opened and advanced
+with the pure engine (``domain.escalation.advance``), whom its commands page and on which
+channel is the pure routing (``domain.routing.route``, ``after_failure``), pages carry the
+same idempotency keys, are claimed, attempted, retried and failed over. What it does not model
+raises ``NotImplementedError`` or answers "nothing": bundling windows, quiet hours and their
+digests, the technical hold, PagerDuty's upstream acknowledge / resolve, delivery receipts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
+from uuid import UUID
+
+from schemas.events import Alert, Page
+from services.notify.domain.bundling import Placement
+from services.notify.domain.channel_failover import (
+    AttemptVerdict,
+    Delivered,
+    NextChannel,
+    OutcomeUnknown,
+    RetryLater,
+)
+from services.notify.domain.early_cycle import EarlyCycleOverride
+from services.notify.domain.escalation import (
+    DEFAULT_FALLBACK_EMAIL,
+    EscalationEvent,
+    EscalationState,
+    EscalationStatus,
+    NotifyFallback,
+    PageCommand,
+    PolicySnapshot,
+    Tick,
+    TimelineEntry,
+    Transition,
+    advance,
+    opened,
+)
+from services.notify.domain.quiet_hours import QuietHours
+from services.notify.domain.routing import (
+    EMAIL,
+    UNDELIVERABLE,
+    ContactMethod,
+    Deliver,
+    PagePurpose,
+    Recipient,
+    ResolveUpstream,
+    SentPage,
+    ToFallback,
+    after_failure,
+    page_id_for,
+    route,
+)
+from services.notify.service_layer.ports import PageJob, SendOutcome
+
+# Pages that asked someone to act: what an all clear is routed from.
+_TRIGGERS = (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)
+
+
+@dataclass
+class StoredPage:
+    """A row of ``pages``, as far as the paging path reads it."""
+
+    key: str
+    escalation_id: UUID
+    alert: Alert
+    care_team_id: str
+    recipient: Recipient
+    rank: int
+    channel: str
+    address: str
+    purpose: PagePurpose
+    has_next_channel: bool
+    created_at: datetime
+    route_detail: str | None = None
+    status: str = "queued"
+    tries: int = 0
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    updated_at: datetime | None = None
+    provider_ref: str | None = None
+
+    @property
+    def page_id(self) -> UUID:
+        return page_id_for(self.key)
+
+
+@dataclass
+class StoredEscalation:
+    escalation_id: UUID
+    alert: Alert
+    care_team_id: str
+    snapshot: PolicySnapshot
+    state: EscalationState
+    timeline: list[TimelineEntry] = field(default_factory=list)
+
+
+class MemoryAlerts:
+    """``NotifyRepository``: the alert log, every phase once."""
+
+    def __init__(self) -> None:
+        self.alerts: dict[UUID, Alert] = {}
+
+    async def record_alert(self, alert: Alert) -> bool:
+        if alert.alert_id in self.alerts:
+            return False
+        self.alerts[alert.alert_id] = alert
+        return True
+
+
+class MemoryEscalationStore:
+    def __init__(self, *, fallback_email: str = DEFAULT_FALLBACK_EMAIL) -> None:
+        self.fallback_email = fallback_email
+        self.teams: dict[str, str] = {}
+        self.policies: dict[str, PolicySnapshot] = {}
+        self.oncall_emails: dict[str, str] = {}
+        self.contacts: dict[str, list[ContactMethod]] = {}
+        self.escalations: dict[UUID, StoredEscalation] = {}
+        self.pages: list[StoredPage] = []
+        self.tokens: set[str] = set()
+        self.heartbeat_at: dict[str, tuple[datetime, datetime | None]] = {}
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def add_team(
+        self, care_team_id: str, policy: PolicySnapshot, *, oncall_email: str | None = None
+    ) -> None:
+        self.policies[care_team_id] = policy
+        if oncall_email is not None:
+            self.oncall_emails[care_team_id] = oncall_email
+
+    def add_patient(self, patient_id: str, care_team_id: str) -> None:
+        self.teams[patient_id] = care_team_id
+
+    def add_person(self, person_id: str, *methods: tuple[str, str]) -> None:
+        """``methods``: (channel, address) in rank order."""
+        self.contacts[person_id] = [
+            ContactMethod(rank, channel, address) for rank, (channel, address) in enumerate(methods)
+        ]
+
+    def pages_of(self, escalation_id: UUID) -> list[StoredPage]:
+        return [p for p in self.pages if p.escalation_id == escalation_id]
+
+    # -- policies ------------------------------------------------------------------------------
+
+    async def team_of_patient(self, patient_id: str) -> str | None:
+        return self.teams.get(patient_id)
+
+    async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
+        return self.policies.get(care_team_id)
+
+    async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None:
+        return None
+
+    async def quiet_hours(self, care_team_id: str) -> QuietHours | None:
+        return None
+
+    # -- escalations ---------------------------------------------------------------------------
+
+    async def open_and_fire(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        at: datetime,
+        lease_s: float,
+    ) -> tuple[UUID | None, list[PageJob]]:
+        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+        if escalation_id in self.escalations:
+            return None, []
+        transition = advance(snapshot, opened(at), Tick(now=at))
+        escalation = StoredEscalation(
+            escalation_id, alert, care_team_id, snapshot, transition.state
+        )
+        self.escalations[escalation_id] = escalation
+        escalation.timeline.append(TimelineEntry("opened", {"policy_id": snapshot.policy_id}))
+        escalation.timeline.extend(transition.timeline)
+        new = self._pages_for(escalation, transition.commands, at)
+        # Claimed for the caller, their first attempt opened (in flight).
+        for page in new:
+            page.status, page.attempts = "sending", 1
+        return escalation_id, [self._job(page, at, attempt=1) for page in new]
+
+    async def escalation_id_for(self, dedup_key: str) -> UUID | None:
+        for escalation in self.escalations.values():
+            if escalation.alert.dedup_key == dedup_key:
+                return escalation.escalation_id
+        return None
+
+    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
+        self.escalations[escalation_id].timeline.append(entry)
+
+    async def apply(
+        self,
+        escalation_id: UUID,
+        event: EscalationEvent,
+        *,
+        at: datetime,
+        whole_bundle: bool = False,
+    ) -> Transition | None:
+        escalation = self.escalations.get(escalation_id)
+        if escalation is None:
+            return None
+        transition = advance(escalation.snapshot, escalation.state, event)
+        escalation.state = transition.state
+        escalation.timeline.extend(transition.timeline)
+        self._pages_for(escalation, transition.commands, at)
+        return transition
+
+    async def tick_due(
+        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
+    ) -> int:
+        due = [
+            e.escalation_id
+            for e in self.escalations.values()
+            if e.state.status is EscalationStatus.OPEN
+            and e.state.due_at is not None
+            and e.state.due_at <= now
+        ][:limit]
+        for escalation_id in due:
+            await self.apply(escalation_id, event_for(now), at=now)
+        return len(due)
+
+    async def state_of(self, escalation_id: UUID) -> EscalationState | None:
+        escalation = self.escalations.get(escalation_id)
+        return None if escalation is None else escalation.state
+
+    async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
+        return None
+
+    # -- what this fake does not hold: nothing is ever held or bundled -------------------------
+
+    async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
+        return None
+
+    async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
+        return 0
+
+    async def release_from_quiet_hours(
+        self, dedup_key: str, at: datetime, reason: str, *, kind: str = ""
+    ) -> bool:
+        return False
+
+    async def resolve_in_technical_hold(
+        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
+    ) -> bool:
+        return False
+
+    async def open_in_window(
+        self, alert: Alert, **_: Any
+    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]:
+        _not_modelled("bundling windows (group_wait_s > 0)")
+
+    async def hold_for_quiet_hours(self, alert: Alert, **_: Any) -> UUID | None:
+        _not_modelled("quiet hours")
+
+    async def hold_technical(self, alert: Alert, **_: Any) -> UUID | None:
+        _not_modelled("the technical hold (technical_hold_s > 0)")
+
+    async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None:
+        _not_modelled("delivery receipts")
+
+    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
+        _not_modelled("delivery receipts")
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
+        jobs: list[PageJob] = []
+        for page in self.pages:
+            if len(jobs) >= limit:
+                break
+            if page.status not in ("queued", "failed") or page.next_attempt_at is None:
+                continue
+            if page.next_attempt_at > now:
+                continue
+            state = self.escalations[page.escalation_id].state
+            if page.purpose is PagePurpose.ALERT and state.status in (
+                EscalationStatus.ACKNOWLEDGED,
+                EscalationStatus.RESOLVED,
+            ):
+                # Asks for an action already taken or called off.
+                page.status, page.next_attempt_at = "cancelled", None
+                continue
+            page.status = "sending"
+            jobs.append(self._job(page, now, attempt=None))
+        return jobs
+
+    async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob:
+        page = self._page(job.page.page_id)
+        page.attempts += 1
+        return replace(job, attempt=page.attempts, resolving=False)
+
+    async def record_outcomes(
+        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
+    ) -> None:
+        for job, outcome, verdict, status in outcomes:
+            page = self._page(job.page.page_id)
+            page.updated_at = at
+            page.tries += 0 if job.resolving else 1
+            if isinstance(verdict, Delivered):
+                page.status, page.next_attempt_at = status, None
+                page.provider_ref = outcome.provider_id
+            elif isinstance(verdict, OutcomeUnknown):
+                page.status, page.next_attempt_at = "unknown", None
+            elif isinstance(verdict, RetryLater):
+                page.status = "failed"
+                page.next_attempt_at = at + timedelta(seconds=verdict.delay_s)
+            else:
+                page.status, page.next_attempt_at = "failed", None
+                self._after_failure(page, isinstance(verdict, NextChannel), at)
+
+    async def open_paged_to(self, channel: str, address: str) -> UUID | None:
+        for page in reversed(self.pages):
+            escalation = self.escalations[page.escalation_id]
+            if (
+                page.channel == channel
+                and page.address == address
+                and page.status in ("sent", "delivered")
+                and escalation.state.status in (EscalationStatus.OPEN, EscalationStatus.EXHAUSTED)
+            ):
+                return page.escalation_id
+        return None
+
+    async def person_for_address(self, channel: str, address: str) -> str | None:
+        for person, methods in self.contacts.items():
+            if any(m.channel == channel and m.address == address for m in methods):
+                return person
+        return None
+
+    async def spend_token(self, digest: str, at: datetime) -> bool:
+        if digest in self.tokens:
+            return False
+        self.tokens.add(digest)
+        return True
+
+    # -- the self-watch ------------------------------------------------------------------------
+
+    async def watch_source(self, source: str, at: datetime) -> None:
+        self.heartbeat_at.setdefault(source, (at, None))
+
+    async def heartbeat_seen(self, source: str, at: datetime) -> None:
+        _, silent = self.heartbeat_at.get(source, (at, None))
+        self.heartbeat_at[source] = (at, silent)
+
+    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
+        return [(s, seen, silent) for s, (seen, silent) in sorted(self.heartbeat_at.items())]
+
+    async def mark_silent(self, source: str, since: datetime | None) -> None:
+        seen, _ = self.heartbeat_at[source]
+        self.heartbeat_at[source] = (seen, since)
+
+    # -- writing pages, as ``_Writer`` does ----------------------------------------------------
+
+    def _pages_for(
+        self, escalation: StoredEscalation, commands: tuple[PageCommand, ...], at: datetime
+    ) -> list[StoredPage]:
+        owner = f"esc:{escalation.escalation_id}" + (
+            "" if escalation.state.round_no == 0 else f"~round{escalation.state.round_no}"
+        )
+        new: list[StoredPage] = []
+        for command in commands:
+            if isinstance(command, NotifyFallback):
+                key_base = f"{owner}:{command.pass_no}:{command.step_index}:fallback"
+                new += self._fallback(escalation, PagePurpose.ALERT, key_base, command.reason, at)
+                continue
+            key_base = (
+                f"{owner}:{command.purpose.value}:{command.pass_no}"
+                f":{command.step_index}:{command.recipient}"
+            )
+            recipient = Recipient.parse(command.recipient)
+            sent = (
+                [
+                    SentPage(
+                        p.recipient,
+                        p.rank,
+                        p.channel,
+                        p.address,
+                        p.key,
+                        p.status,
+                        p.created_at,
+                        p.updated_at,
+                    )
+                    for p in self.pages_of(escalation.escalation_id)
+                    if p.purpose in _TRIGGERS
+                ]
+                if command.purpose is PagePurpose.ALL_CLEAR
+                else []
+            )
+            for step in route(
+                recipient, command.purpose, self.contacts.get(recipient.id, []), sent
+            ):
+                if isinstance(step, ResolveUpstream):
+                    continue  # PagerDuty's upstream resolve is not modelled here
+                if isinstance(step, ToFallback):
+                    new += self._fallback(escalation, command.purpose, key_base, step.reason, at)
+                    continue
+                new += self._add(escalation, step, command.purpose, key_base, at)
+        return new
+
+    def _fallback(
+        self,
+        escalation: StoredEscalation,
+        purpose: PagePurpose,
+        key_base: str,
+        reason: str,
+        at: datetime,
+    ) -> list[StoredPage]:
+        team = escalation.care_team_id
+        address = self.oncall_emails.get(team) or self.fallback_email
+        escalation.timeline.append(TimelineEntry("fallback", {"reason": reason, "to": address}))
+        step = Deliver(Recipient.fallback_of(team), 0, EMAIL, address, route_detail=reason)
+        return self._add(escalation, step, purpose, key_base, at)
+
+    def _add(
+        self,
+        escalation: StoredEscalation,
+        step: Deliver,
+        purpose: PagePurpose,
+        key_base: str,
+        at: datetime,
+    ) -> list[StoredPage]:
+        key = f"{key_base}{step.key_suffix}#{step.rank}"
+        if any(p.key == key for p in self.pages):
+            return []
+        page = StoredPage(
+            key=key,
+            escalation_id=escalation.escalation_id,
+            alert=escalation.alert,
+            care_team_id=escalation.care_team_id,
+            recipient=step.recipient,
+            rank=step.rank,
+            channel=step.channel,
+            address=step.address,
+            purpose=purpose,
+            has_next_channel=step.has_next_channel,
+            created_at=at,
+            route_detail=step.route_detail,
+            next_attempt_at=at,
+        )
+        self.pages.append(page)
+        return [page]
+
+    def _after_failure(self, page: StoredPage, next_channel: bool, at: datetime) -> None:
+        escalation = self.escalations[page.escalation_id]
+        key_base = page.key.rpartition("#")[0]
+        then = after_failure(
+            page.recipient,
+            page.rank,
+            self.contacts.get(page.recipient.id, []),
+            next_channel=next_channel,
+        )
+        if isinstance(then, Deliver):
+            escalation.timeline.append(
+                TimelineEntry("channel_failover", {"from": page.channel, "to": then.channel})
+            )
+            self._add(escalation, then, page.purpose, key_base, at)
+            return
+        escalation.timeline.append(
+            TimelineEntry("delivery_failed", {"recipient_ref": page.recipient.ref})
+        )
+        if then is not None:
+            self._fallback(escalation, page.purpose, key_base + UNDELIVERABLE, then.reason, at)
+
+    def _page(self, page_id: UUID) -> StoredPage:
+        return next(p for p in self.pages if p.page_id == page_id)
+
+    def _job(self, page: StoredPage, now: datetime, *, attempt: int | None) -> PageJob:
+        escalation = self.escalations[page.escalation_id]
+        return PageJob(
+            page=Page(
+                page_id=page.page_id,
+                alert_id=page.alert.alert_id,
+                dedup_key=page.alert.dedup_key,
+                patient_id=page.alert.patient_id,
+                care_team_id=page.care_team_id,
+                channel=page.channel,
+                recipient=page.address,
+                idempotency_key=page.key,
+                created_at=page.created_at,
+            ),
+            alert=page.alert,
+            escalation_id=page.escalation_id,
+            recipient_ref=page.recipient.ref,
+            contact_rank=page.rank,
+            purpose=page.purpose,
+            tries=page.tries,
+            was_sending=False,
+            has_next_channel=page.has_next_channel,
+            claimed_at=now,
+            updated_at=page.updated_at,
+            early_cycle=escalation.snapshot.early_cycle,
+            attempt=attempt,
+        )
+
+
+def _not_modelled(what: str) -> NoReturn:
+    raise NotImplementedError(f"MemoryEscalationStore does not model {what}")
