@@ -34,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.polling import eventually_sync
 from vigil_tools.stack import mosquitto
 from vigil_tools.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER, ensure_secrets
 from vigil_tools.stack.process import await_exit, port_accepts, running_pid
@@ -48,14 +49,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class OwnBroker:
@@ -99,7 +92,12 @@ class OwnBroker:
             return
         os.kill(pid, sig)
         await_exit(mosquitto.component(self.settings), pid, timeout_s=30.0)
-        wait_for(lambda: not port_accepts(self.port), 10.0, "the broker's port to close")
+        eventually_sync(
+            lambda: not port_accepts(self.port),
+            timeout_s=10.0,
+            interval_s=0.02,
+            what="the broker's port to close",
+        )
 
     def add_device(self, device_id: str) -> str:
         return mosquitto.add_device_credential(self.settings, device_id)
@@ -191,7 +189,12 @@ class PacedPublisher:
             "127.0.0.1", self._port, keepalive=30, clean_start=False, properties=session
         )
         self.client.loop_start()
-        wait_for(self.client.is_connected, 10.0, "the publisher to connect")
+        eventually_sync(
+            self.client.is_connected,
+            timeout_s=10.0,
+            interval_s=0.02,
+            what="the publisher to connect",
+        )
 
     def start(self, seconds: float) -> None:
         self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
@@ -251,6 +254,7 @@ class ShareSubscriber:
         self.received: dict[str, int] = {}  # message_id -> first receipt (ns)
         self.copies = 0
         self.connects = 0
+        self.subacks = 0
         self.session_present: list[bool] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(
@@ -260,6 +264,7 @@ class ShareSubscriber:
         self.client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._port = port
 
     def _on_connect(
@@ -270,6 +275,11 @@ class ShareSubscriber:
         self.connects += 1
         self.session_present.append(bool(flags.session_present))
         client.subscribe(SHARED_TOPIC, qos=1)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, reasons: Any, props: Any
+    ) -> None:
+        self.subacks += 1
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         message_id = json.loads(message.payload)["message_id"]
@@ -284,8 +294,13 @@ class ShareSubscriber:
             "127.0.0.1", self._port, keepalive=30, clean_start=False, properties=session
         )
         self.client.loop_start()
-        wait_for(lambda: self.connects > 0, 10.0, "the subscriber to subscribe")
-        time.sleep(0.2)  # SUBACK; paho gives no blocking subscribe in the threaded loop
+        # paho gives no blocking subscribe in the threaded loop: wait for the SUBACK.
+        eventually_sync(
+            lambda: self.subacks > 0,
+            timeout_s=10.0,
+            interval_s=0.02,
+            what="the subscriber's SUBACK",
+        )
 
     def close(self) -> None:
         self.client.disconnect()
@@ -416,11 +431,21 @@ def run_scenario(data_dir: Path, scenario: Scenario) -> FaultFigures:
         pub.join()
         # A message never acknowledged is the publisher's to keep; counted as "unacked".
         with contextlib.suppress(TimeoutError):
-            wait_for(pub.all_acked, scenario.drain_timeout_s, "every message to be acknowledged")
+            eventually_sync(
+                pub.all_acked,
+                timeout_s=scenario.drain_timeout_s,
+                interval_s=0.02,
+                what="every message to be acknowledged",
+            )
         acked = set(pub.counts.acked)
         # Whatever has not arrived by then is counted as lost.
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: acked <= set(sub.received), 10.0, "acknowledged messages to arrive")
+            eventually_sync(
+                lambda: acked <= set(sub.received),
+                timeout_s=10.0,
+                interval_s=0.02,
+                what="acknowledged messages to arrive",
+            )
         return figures(scenario.fault, pub, sub, fault_at, back_at)
     finally:
         pub.close()

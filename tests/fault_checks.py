@@ -27,8 +27,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from schemas.kafka_topics import TELEMETRY_TOPIC
-from tests.broker_faults import wait_for
 from tests.e2e.conftest import topic_partitions
+from tests.polling import eventually_sync
 
 
 def telemetry_ends(bootstrap: str) -> dict[int, int]:
@@ -123,7 +123,12 @@ class MailSink:
     def wait_first_page(self, patient_id: str, timeout_s: float) -> float:
         """Wait until a first page about ``patient_id`` is in the sink; the seconds it took."""
         started = time.monotonic()
-        wait_for(lambda: bool(self.first_pages(patient_id)), timeout_s, f"a page {patient_id}")
+        eventually_sync(
+            lambda: bool(self.first_pages(patient_id)),
+            timeout_s=timeout_s,
+            interval_s=0.02,
+            what=f"a page {patient_id}",
+        )
         return time.monotonic() - started
 
 

@@ -22,7 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.broker_faults import free_port, wait_for
+from tests.broker_faults import free_port
+from tests.polling import eventually_sync
 from vigil_tools.stack import kafka, postgres
 from vigil_tools.stack.process import await_exit, port_accepts, running_pid, signal_component
 from vigil_tools.stack.settings import StackSettings
@@ -74,7 +75,9 @@ class Service:
             return False
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
-        wait_for(self.ready, timeout_s, f"{self.label}'s /readyz")
+        eventually_sync(
+            self.ready, timeout_s=timeout_s, interval_s=0.02, what=f"{self.label}'s /readyz"
+        )
 
     def start(self, timeout_s: float = 90.0) -> None:
         with self.lock:
@@ -153,7 +156,12 @@ def kill_kafka(settings: StackSettings) -> float:
     await_exit(comp, pid, timeout_s=30.0)
     # The JVM's main thread can be reaped before its other threads have let go of its sockets.
     ports = (settings.kafka_port, settings.kafka_controller_port)
-    wait_for(lambda: not any(map(port_accepts, ports)), 30.0, "Kafka's ports to close")
+    eventually_sync(
+        lambda: not any(map(port_accepts, ports)),
+        timeout_s=30.0,
+        interval_s=0.02,
+        what="Kafka's ports to close",
+    )
     kafka.start(settings)  # blocks until it accepts clients and its topics exist
     return time.monotonic() - killed
 
@@ -165,7 +173,12 @@ def stop_postgres(settings: StackSettings) -> None:
     if pid is None:
         raise RuntimeError("the stack's PostgreSQL is not running")
     await_exit(comp, pid, timeout_s=60.0)
-    wait_for(lambda: not port_accepts(settings.pg_port), 30.0, "PostgreSQL's port to close")
+    eventually_sync(
+        lambda: not port_accepts(settings.pg_port),
+        timeout_s=30.0,
+        interval_s=0.02,
+        what="PostgreSQL's port to close",
+    )
 
 
 def start_postgres(settings: StackSettings) -> None:

@@ -57,7 +57,7 @@ import paho.mqtt.client as mqtt
 
 from schemas.ack import ACK_PREFIX
 from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
-from tests.broker_faults import OwnBroker, PacedPublisher, wait_for
+from tests.broker_faults import OwnBroker, PacedPublisher
 from tests.e2e.conftest import register_patient, start_group_at_end, temperature
 from tests.fault_checks import MailSink, alerts_started, telemetry_copies, telemetry_ends
 from tests.fault_services import (
@@ -68,6 +68,7 @@ from tests.fault_services import (
     stop_postgres,
 )
 from tests.integration.test_ingest_broker_restart import register
+from tests.polling import eventually_sync
 from vigil_tools.simulator.outbox import Outbox
 from vigil_tools.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
 from vigil_tools.stack.settings import StackSettings
@@ -349,13 +350,23 @@ def run_fault(fault: str, run: Run) -> dict[str, Any]:
         figures |= inject(fault, run, broker, ingests)
         publisher.join()
         try:
-            wait_for(lambda: publisher.unanswered() == 0, args.settle_s, "every reading answered")
+            eventually_sync(
+                lambda: publisher.unanswered() == 0,
+                timeout_s=args.settle_s,
+                interval_s=0.02,
+                what="every reading answered",
+            )
         except TimeoutError as exc:
             figures["settle_timeout"] = str(exc)
         figures |= check_fever(run, publisher, fault, fever, marker)
         # The fever's and the marker's answers too (a page can overtake its reading's answer).
         try:
-            wait_for(lambda: publisher.unanswered() == 0, args.settle_s, "the fevers answered")
+            eventually_sync(
+                lambda: publisher.unanswered() == 0,
+                timeout_s=args.settle_s,
+                interval_s=0.02,
+                what="the fevers answered",
+            )
         except TimeoutError as exc:
             figures["settle_timeout"] = str(exc)
     finally:

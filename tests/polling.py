@@ -5,6 +5,9 @@ returns something truthy, and return that; after ``timeout_s`` they fail the tes
 ``what`` (and ``detail()``, when given, for what the test saw meanwhile), by raising
 ``NotInTime``. ``check`` may be a plain function or a coroutine function. A check that is met
 at once returns without sleeping.
+
+``until_ready`` waits for a service started by the test to say it is ready on its ops port
+(``/readyz``), instead of guessing how long it takes to subscribe or join its group.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from tests.ops_scrape import http_get
 
 T = TypeVar("T")
 
@@ -69,3 +74,28 @@ def eventually_sync(
         if time.monotonic() >= deadline:
             raise _failure(what, timeout_s, detail)
         time.sleep(interval_s)
+
+
+async def until_ready(
+    port: int,
+    *,
+    what: str,
+    timeout_s: float = 60,
+    tasks: Sequence[asyncio.Task[Any]] = (),
+) -> None:
+    """Poll ``/readyz`` on 127.0.0.1:``port`` until it answers 200. A task in ``tasks`` (the
+    services under test) that ended meanwhile raises its error as the test's."""
+
+    async def ready() -> bool:
+        for task in tasks:
+            if task.done():
+                task.result()
+        try:
+            status, _ = await http_get(port, "/readyz")
+        except OSError:
+            return False
+        return status == 200
+
+    await eventually(
+        ready, timeout_s=timeout_s, interval_s=0.1, what=f"{what}'s /readyz to answer 200"
+    )

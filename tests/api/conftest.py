@@ -29,6 +29,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from services.rules.domain.identity import alert_id_for
+from tests.polling import eventually
 
 PASSWORD = "correct horse battery staple"
 
@@ -186,6 +187,17 @@ async def build_world(
     return world
 
 
+async def until_serving(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    """Wait for uvicorn to have bound its socket; a server that failed to start raises."""
+
+    def started() -> bool:
+        if task.done():
+            task.result()
+        return bool(server.started)
+
+    await eventually(started, timeout_s=30, what="the API server to start")
+
+
 @pytest.fixture(scope="module")
 async def api_world(stack_env: dict[str, str]) -> AsyncIterator[World]:
     """The API served over real HTTP on loopback, against the test stack's PostgreSQL."""
@@ -198,10 +210,7 @@ async def api_world(stack_env: dict[str, str]) -> AsyncIterator[World]:
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.05)
+    await until_serving(server, task)
     try:
         yield await build_world(
             stack_env["VIGIL_PG_DSN"], f"http://127.0.0.1:{port}", actions, audit

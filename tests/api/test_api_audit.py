@@ -11,7 +11,13 @@ import uvicorn
 
 from services.api.app import create_app
 from services.api.settings import ApiSettings
-from tests.api.conftest import PASSWORD, RecordingAlertActions, build_world, free_port
+from tests.api.conftest import (
+    PASSWORD,
+    RecordingAlertActions,
+    build_world,
+    free_port,
+    until_serving,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -32,10 +38,7 @@ async def test_patient_read_is_written_to_the_audit_log(stack_env: dict[str, str
         )
     )
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.05)
+    await until_serving(server, task)
     try:
         base = f"http://127.0.0.1:{port}"
         world = await build_world(dsn, base, RecordingAlertActions(), None)

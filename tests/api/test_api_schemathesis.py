@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import hypothesis
@@ -17,6 +16,7 @@ from schemathesis.checks import ignored_auth, not_a_server_error
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 from tests.api.conftest import PASSWORD, RecordingAlertActions, build_world, free_port
+from tests.polling import eventually_sync
 
 pytestmark = pytest.mark.stack
 
@@ -33,11 +33,13 @@ class ThreadedServer:
 
     def __enter__(self) -> ThreadedServer:
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
+
+        def started() -> bool:
+            if not self.thread.is_alive():
                 raise RuntimeError("API server did not start")
-            time.sleep(0.05)
+            return bool(self.server.started)
+
+        eventually_sync(started, timeout_s=20, what="the API server to start")
         return self
 
     def __exit__(self, *exc: object) -> None:

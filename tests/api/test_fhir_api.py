@@ -4,7 +4,6 @@ Every resource an answer carries is validated with the R4 models of ``fhir.resou
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from services.api.settings import ApiSettings
 from services.ingest.adapters.registry_admin import bind_device, upsert_device
 from tests.api.conftest import World, bearer
 from tests.api.test_fhir_mapping import validate
+from tests.polling import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -321,13 +321,17 @@ async def test_capability_statement(api_world: World) -> None:
 
 async def wait_for_export(client: httpx.AsyncClient, status_url: str) -> dict[str, Any]:
     """Poll the status URL as a Bulk Data client does, until it is no longer 202."""
-    while True:
+
+    async def finished() -> httpx.Response | None:
         response = await client.get(status_url)
-        if response.status_code != 202:
-            assert response.status_code == 200, response.text
-            return dict(response.json())
-        assert "X-Progress" in response.headers
-        await asyncio.sleep(0.05)
+        if response.status_code == 202:
+            assert "X-Progress" in response.headers
+            return None
+        return response
+
+    response = await eventually(finished, timeout_s=60, what="the export to finish")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
 
 
 async def test_bulk_export_of_a_patient_course(api_world: World, course: Course) -> None:

@@ -33,8 +33,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
-from tests.ops_scrape import http_get
-from tests.polling import eventually
+from tests.polling import eventually, until_ready
 
 
 class MailCollector:
@@ -120,7 +119,7 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
         asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
     ]
     try:
-        await until_ready(tasks, ports)
+        await until_all_ready(tasks, ports)
         yield Pipeline(mail=mail, rules_group=f"rules-e2e-{run_id}", run_id=run_id)
     finally:
         stop.set()
@@ -132,32 +131,19 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
 
 
 def ops_ports() -> dict[str, int]:
-    """A free ops port for each service, so ``until_ready`` asks this run's services (another
+    """A free ops port for each service, so ``until_all_ready`` asks this run's services (another
     run on the machine may hold the default ports)."""
     return {"ingest": free_port(), "rules": free_port(), "notify": free_port()}
 
 
-async def until_ready(
+async def until_all_ready(
     tasks: Sequence[asyncio.Task[Any]], ports: dict[str, int], within_s: float = 90
 ) -> None:
-    """Poll each service's ``/readyz`` until it answers 200: ingest subscribed to the broker,
+    """Wait for each service's ``/readyz`` to answer 200: ingest subscribed to the broker,
     rules with its partitions assigned and restored, notify with its consumer assigned. A
     service that stopped meanwhile raises its start-up failure as the test's error."""
     for name, port in ports.items():
-
-        async def ready(port: int = port) -> bool:
-            for task in tasks:
-                if task.done():
-                    task.result()
-            try:
-                status, _ = await http_get(port, "/readyz")
-            except OSError:
-                return False
-            return status == 200
-
-        await eventually(
-            ready, timeout_s=within_s, interval_s=0.1, what=f"{name}'s /readyz to answer 200"
-        )
+        await until_ready(port, what=name, timeout_s=within_s, tasks=tasks)
 
 
 async def open_mqtt_session(env: dict[str, str], client_id: str, topic: str) -> None:

@@ -33,7 +33,7 @@ from tests.e2e.conftest import (
     open_mqtt_session,
     ops_ports,
     start_group_at_end,
-    until_ready,
+    until_all_ready,
 )
 from tests.polling import eventually
 from vigil_tools.heartbeat import HeartbeatSettings
@@ -144,7 +144,7 @@ async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
         asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
     ]
     try:
-        await until_ready(tasks, ports)
+        await until_all_ready(tasks, ports)
         yield SelfWatch(stack_env, mail, device, oncall, run_id)
     finally:
         stop.set()

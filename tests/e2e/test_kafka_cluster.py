@@ -40,7 +40,6 @@ from aiosmtpd.controller import Controller
 from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
 from schemas.topics import MQTT_SUBSCRIPTION
 from tests.broker_faults import PacedPublisher
-from tests.broker_faults import wait_for as wait_in_thread
 from tests.e2e.conftest import (
     MailCollector,
     drop_mqtt_session,
@@ -49,8 +48,8 @@ from tests.e2e.conftest import (
     publish,
     register_patient,
     temperature,
-    wait_for,
 )
+from tests.polling import eventually
 from vigil_tools.stack import StackSettings, down, kafka
 from vigil_tools.stack.process import running_pid
 from vigil_tools.stack.topics import topic_specs
@@ -216,13 +215,6 @@ async def _stored(dsn: str, message_ids: set[str], devices: list[str]) -> int:
     return len({r["id"] for r in rows} & message_ids)
 
 
-async def _wait(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
 async def test_losing_one_of_three_brokers_loses_nothing_and_pages_once(
     cluster: StackSettings, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,7 +222,12 @@ async def test_losing_one_of_three_brokers_loses_nothing_and_pages_once(
     monkeypatch.setenv("VIGIL_KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     env = {**stack_env, "VIGIL_KAFKA_BOOTSTRAP_SERVERS": bootstrap}
     dsn = stack_env["VIGIL_PG_DSN"]
-    await _wait(lambda: _fully_replicated(bootstrap), 60, "every partition on three nodes")
+    await eventually(
+        lambda: _fully_replicated(bootstrap),
+        timeout_s=60,
+        interval_s=0.2,
+        what="every partition on three nodes",
+    )
 
     run_id = uuid.uuid4().hex[:8]
     load = [await register_patient(dsn, run_id, f"load{i}") for i in range(DEVICES)]
@@ -268,11 +265,11 @@ async def test_losing_one_of_three_brokers_loses_nothing_and_pages_once(
             started = time.monotonic()
             publisher.start(LOAD_S)
             third = int(RATE * LOAD_S / 3)
-            await asyncio.to_thread(
-                wait_in_thread,
+            await eventually(
                 lambda: len(publisher.counts.acked) >= third,
-                LOAD_S,
-                "a third acked",
+                timeout_s=LOAD_S,
+                interval_s=0.02,
+                what="a third acked",
             )
             pid = running_pid(kafka.component(cluster, victim))
             assert pid is not None
@@ -280,13 +277,20 @@ async def test_losing_one_of_three_brokers_loses_nothing_and_pages_once(
             figures["killed_at_s"] = round(time.monotonic() - started, 1)
 
             await asyncio.to_thread(publisher.join)
-            await asyncio.to_thread(wait_in_thread, publisher.all_acked, 30, "every reading acked")
+            await eventually(
+                publisher.all_acked, timeout_s=30, interval_s=0.02, what="every reading acked"
+            )
             acked = set(publisher.counts.acked)
             # The partition failed over to a surviving node.
             figures["new_leader"] = (await _leaders(bootstrap, TELEMETRY_TOPIC))[partition]
             assert figures["new_leader"] not in (victim, -1)
             assert running_pid(kafka.component(cluster, victim)) is None
-            await _wait(lambda: _stored_all(dsn, acked, devices), 120, "every acked reading stored")
+            await eventually(
+                lambda: _stored_all(dsn, acked, devices),
+                timeout_s=120,
+                interval_s=0.2,
+                what="every acked reading stored",
+            )
             figures["load_s"] = round(time.monotonic() - started, 1)
 
             # The fever, after the loss, through the failed-over partition.
@@ -294,7 +298,12 @@ async def test_losing_one_of_three_brokers_loses_nothing_and_pages_once(
             await publish(env, topic, temperature(fever_device, 37.2, 1))
             fever_sent = time.monotonic()
             await publish(env, topic, temperature(fever_device, 38.6, 2))
-            await wait_for(lambda: mail.for_patient(fever_patient), 90, "the fever page")
+            await eventually(
+                lambda: mail.for_patient(fever_patient),
+                timeout_s=90,
+                interval_s=0.1,
+                what="the fever page",
+            )
             figures["fever_page_s"] = round(time.monotonic() - fever_sent, 2)
             # Positive control: a later fever's page has arrived, so a duplicate of the first
             # would have too.
@@ -303,7 +312,12 @@ async def test_losing_one_of_three_brokers_loses_nothing_and_pages_once(
                 f"vigil/v1/dev/{marker_device}/temperature",
                 temperature(marker_device, 38.6, 1),
             )
-            await wait_for(lambda: mail.for_patient(marker_patient), 90, "the marker's page")
+            await eventually(
+                lambda: mail.for_patient(marker_patient),
+                timeout_s=90,
+                interval_s=0.1,
+                what="the marker's page",
+            )
             figures["service_exits"] = dict(services.exits)
             figures["service_errors"] = list(services.errors)
     finally:

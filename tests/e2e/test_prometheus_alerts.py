@@ -15,11 +15,11 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -28,32 +28,19 @@ from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
 from schemas.topics import MQTT_PREFIX, MQTT_SUBSCRIPTION
 from tests.broker_faults import free_port
 from tests.e2e.conftest import drop_mqtt_session, open_mqtt_session, publish, start_group_at_end
-from tests.ops_scrape import http_get, scrape, value
+from tests.ops_scrape import scrape, value
+from tests.polling import eventually, until_ready
 
 pytestmark = pytest.mark.stack
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "vigil-alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vigil-pipeline.json"
-T = TypeVar("T")
 
 
 @dataclass
 class Services:
     ports: dict[str, int]  # job name -> ops port
-
-
-async def until(
-    check: Callable[[], Awaitable[T | None]], within_s: float, what: str, every_s: float = 0.25
-) -> T:
-    """Poll ``check`` until it returns something other than None, at most ``within_s``."""
-    deadline = time.monotonic() + within_s
-    while True:
-        found = await check()
-        if found is not None:
-            return found
-        assert time.monotonic() < deadline, f"not within {within_s} s: {what}"
-        await asyncio.sleep(every_s)
 
 
 @pytest.fixture
@@ -93,18 +80,7 @@ async def services(stack_env: dict[str, str]) -> AsyncIterator[Services]:
     ]
     try:
         for job, port in ports.items():
-
-            async def ready(port: int = port) -> bool | None:
-                for task in tasks:
-                    if task.done():
-                        task.result()  # a start-up failure is the test's error
-                try:
-                    status, _ = await http_get(port, "/readyz")
-                except OSError:
-                    return None
-                return True if status == 200 else None
-
-            await until(ready, 90, f"{job} ready")
+            await until_ready(port, what=job, timeout_s=90, tasks=tasks)
         yield Services(ports=ports)
     finally:
         stop.set()
@@ -190,7 +166,9 @@ async def test_a_dead_letter_fires_the_alert_in_a_real_prometheus(
         health = {t["labels"]["job"]: t["health"] for t in found["data"]["activeTargets"]}
         return True if health == dict.fromkeys(services.ports, "up") else None
 
-    await until(targets_up, 60, "Prometheus scraping all three services")
+    await eventually(
+        targets_up, timeout_s=60, interval_s=0.25, what="Prometheus scraping all three services"
+    )
     scraped_at = time.time()
 
     async def evaluated() -> bool | None:
@@ -204,7 +182,12 @@ async def test_a_dead_letter_fires_the_alert_in_a_real_prometheus(
         at = datetime.fromisoformat(last).replace(tzinfo=UTC).timestamp()
         return True if at > scraped_at + 1 else None
 
-    await until(evaluated, 30, "the rules evaluated after the targets came up")
+    await eventually(
+        evaluated,
+        timeout_s=30,
+        interval_s=0.25,
+        what="the rules evaluated after the targets came up",
+    )
     before = await api(prometheus, "/api/v1/alerts")
     assert not firing(before, "VigilDeadLetters"), before
     assert not firing(before, "VigilServiceDown"), before
@@ -221,14 +204,18 @@ async def test_a_dead_letter_fires_the_alert_in_a_real_prometheus(
         )
         return count if count >= 1 else None
 
-    await until(rejected, 30, "ingest dead-lettered the message")
+    await eventually(
+        rejected, timeout_s=30, interval_s=0.25, what="ingest dead-lettered the message"
+    )
 
     async def alert_fired() -> list[dict[str, Any]] | None:
         alerts = await api(prometheus, "/api/v1/alerts")
         found = firing(alerts, "VigilDeadLetters", job="vigil-ingest", reason="invalid_json")
         return found or None
 
-    (alert,) = await until(alert_fired, 60, "VigilDeadLetters firing in Prometheus")
+    (alert,) = await eventually(
+        alert_fired, timeout_s=60, interval_s=0.25, what="VigilDeadLetters firing in Prometheus"
+    )
     assert alert["labels"]["severity"] == "warning"
     assert "invalid_json" in alert["annotations"]["summary"]
     assert float(alert["value"]) >= 1
@@ -247,7 +234,9 @@ async def test_every_dashboard_query_evaluates_in_a_real_prometheus(
             return None
         return True
 
-    await until(scraped, 60, "Prometheus scraping all three services")
+    await eventually(
+        scraped, timeout_s=60, interval_s=0.25, what="Prometheus scraping all three services"
+    )
     with_data = 0
     for title, expr in queries():
         query = expr.replace("$__rate_interval", "1m")

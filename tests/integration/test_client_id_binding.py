@@ -20,7 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker_faults import OwnBroker, ShareSubscriber, wait_for
+from tests.broker_faults import OwnBroker, ShareSubscriber
+from tests.polling import eventually_sync
 from vigil_tools.stack import mosquitto
 from vigil_tools.stack.credentials import INGEST_MQTT_USER
 
@@ -67,7 +68,9 @@ def publish_one(port: int, device: str, password: str) -> str:
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        wait_for(client.is_connected, 10, "the device to connect")
+        eventually_sync(
+            client.is_connected, timeout_s=10, interval_s=0.02, what="the device to connect"
+        )
         client.publish(f"vigil/v1/dev/{device}/temperature", body, qos=1).wait_for_publish(10)
     finally:
         client.disconnect()
@@ -84,14 +87,24 @@ def check_binding(broker: OwnBroker, a: str, pw_a: str, b: str) -> None:
         # Positive control first: the device's own id works and ingest gets its message.
         assert connect_reason(broker.port, a, pw_a, a) == "Success"
         first = publish_one(broker.port, a, pw_a)
-        wait_for(lambda: first in ingest.received, 10, "ingest to receive the control message")
+        eventually_sync(
+            lambda: first in ingest.received,
+            timeout_s=10,
+            interval_s=0.02,
+            what="ingest to receive the control message",
+        )
         # Valid password, someone else's client id: refused.
         assert connect_reason(broker.port, a, pw_a, "vigil-ingest-1") == "Not authorized"
         assert connect_reason(broker.port, a, pw_a, b) == "Not authorized"
         assert connect_reason(broker.port, a, pw_a, f"{a}-2") == "Not authorized"
         # Ingest's session was never taken over: one connection, still delivering.
         second = publish_one(broker.port, a, pw_a)
-        wait_for(lambda: second in ingest.received, 10, "ingest to receive after the attempts")
+        eventually_sync(
+            lambda: second in ingest.received,
+            timeout_s=10,
+            interval_s=0.02,
+            what="ingest to receive after the attempts",
+        )
         time.sleep(0.5)  # a takeover would have made paho reconnect by now
         assert ingest.connects == 1
         assert ingest.client.is_connected()

@@ -29,7 +29,8 @@ from services.ingest.adapters.registry_admin import (
 )
 from services.ingest.app import run as run_ingest
 from services.ingest.settings import IngestSettings
-from tests.broker_faults import OwnBroker, PacedPublisher, free_port, wait_for
+from tests.broker_faults import OwnBroker, PacedPublisher, free_port
+from tests.polling import eventually, until_ready
 from vigil.settings import KafkaSettings, MqttSettings, PostgresSettings
 from vigil_tools.stack.credentials import INGEST_MQTT_USER, SIM_MQTT_USER
 
@@ -78,22 +79,6 @@ async def register(dsn: str, run: str, devices: list[str]) -> None:
         await conn.close()
 
 
-async def wait_ready(port: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /readyz HTTP/1.0\r\n\r\n")
-            status = (await reader.read()).split(b" ", 2)[1]
-            writer.close()
-            if status == b"200":
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "ingest never became ready"
-        await asyncio.sleep(0.1)
-
-
 async def stored(dsn: str, devices: list[str]) -> set[str]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -137,7 +122,7 @@ async def test_every_acknowledged_reading_is_stored_across_a_broker_restart(
     try:
         # Publishing starts once ingest is ready (subscribed): what a broker receives before a
         # subscription exists for the first time goes nowhere, restart or not.
-        await wait_ready(ops_port)
+        await until_ready(ops_port, what="ingest", timeout_s=30, tasks=[ingest])
         await asyncio.to_thread(publisher.connect)
         publisher.start(16.0)
         await asyncio.sleep(4.0)
@@ -159,7 +144,7 @@ async def test_every_acknowledged_reading_is_stored_across_a_broker_restart(
             await asyncio.sleep(2.0)
             await asyncio.to_thread(broker.start)
         await asyncio.to_thread(publisher.join)
-        await asyncio.to_thread(wait_for, publisher.all_acked, 60.0, "every PUBACK")
+        await eventually(publisher.all_acked, timeout_s=60, what="every PUBACK", interval_s=0.02)
         acked = set(publisher.counts.acked)
         deadline = time.monotonic() + 60
         while not acked <= (have := await stored(dsn, devices)):

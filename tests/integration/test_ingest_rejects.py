@@ -27,6 +27,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from tests.kafka_helpers import end_offsets
+from tests.polling import eventually, until_ready
 
 pytestmark = pytest.mark.stack
 
@@ -151,8 +152,8 @@ async def test_bad_inputs_are_dead_lettered_with_reasons_and_the_stream_keeps_fl
             password=stack_env["VIGIL_SIM_MQTT_PASSWORD"],
             identifier=f"rejects-pub-{run_id}",
         ) as client:
-            await asyncio.sleep(2)  # let ingest subscribe (the share group starts with it)
-            assert not ingest.done(), ingest
+            # Ingest subscribed (the share group starts with it).
+            await until_ready(metrics_port, what="ingest", tasks=[ingest])
             for case, (payload, _) in cases.items():
                 await client.publish(bad(case), payload, qos=1)
             # The same good reading twice: stored once, counted as a duplicate.
@@ -176,31 +177,32 @@ async def test_bad_inputs_are_dead_lettered_with_reasons_and_the_stream_keeps_fl
         conn = await asyncpg.connect(dsn)
         try:
             # Kafka and PostgreSQL are written concurrently: the row may trail the record.
-            deadline = time.monotonic() + 30
-            while True:
-                rows = await conn.fetch(
+            rows = await eventually(
+                lambda: conn.fetch(
                     "SELECT flags, value_c FROM temperature_readings WHERE device_id = $1", good
-                )
-                if rows or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
+                ),
+                timeout_s=30,
+                what="the good reading to be stored",
+                interval_s=0.1,
+            )
             # Liveness is flushed about once a second, after the readings are stored.
-            while True:
-                seen = await conn.fetchrow(
-                    "SELECT * FROM device_last_seen WHERE device_id = $1", good
-                )
-                if seen is not None or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
+            seen = await eventually(
+                lambda: conn.fetchrow("SELECT * FROM device_last_seen WHERE device_id = $1", good),
+                timeout_s=30,
+                what="the good device's liveness to be stored",
+                interval_s=0.1,
+            )
         finally:
             await conn.close()
         duplicate_line = 'vigil_ingest_duplicates_total{kind="message_id"} 1.0'
-        deadline = time.monotonic() + 30
-        while True:
-            metrics = await scrape(metrics_port)
-            if duplicate_line in metrics or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+
+        async def counted() -> str | None:
+            page = await scrape(metrics_port)
+            return page if duplicate_line in page else None
+
+        metrics = await eventually(
+            counted, timeout_s=30, what="the duplicate to be counted", interval_s=0.1
+        )
     finally:
         stop.set()
         await asyncio.wait_for(ingest, 30)

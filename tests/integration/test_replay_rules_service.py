@@ -21,7 +21,9 @@ from aiokafka.errors import KafkaError
 
 from schemas.events import Alert
 from services.rules.settings import RulesSettings
+from tests.broker_faults import free_port
 from tests.kafka_helpers import create_rules_topics, rules_settings
+from tests.polling import eventually, until_ready
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 from vigil_tools.replay.service import ReplayRequest, RulesChoice, run_replay
@@ -96,6 +98,7 @@ async def live_run(stack_env: dict[str, str]) -> AsyncIterator[LiveRun]:
         names,
         group_id=f"rules-replaytest-{run}",
         config_from_postgres=False,
+        ops_port=free_port(),
     )
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)
     patients = tuple(f"rs-{run}-{n}" for n in range(3))
@@ -111,10 +114,11 @@ async def live_run(stack_env: dict[str, str]) -> AsyncIterator[LiveRun]:
     events.sort(key=lambda e: e.ingest_time)
     stop = asyncio.Event()
     service = asyncio.create_task(run_rules(settings, stop))
-    await asyncio.sleep(3)  # let the service join its group and restore its partitions
     producer = make_producer(kafka, f"replaytest-{run}")
-    await producer.start()
     try:
+        # Joined its group, partitions assigned and restored.
+        await until_ready(settings.ops_port, what="rules", tasks=[service])
+        await producer.start()
         await asyncio.gather(
             *[
                 await producer.send(
@@ -127,14 +131,15 @@ async def live_run(stack_env: dict[str, str]) -> AsyncIterator[LiveRun]:
             ]
         )
         await producer.stop()
-        for _ in range(240):
+
+        async def consumed() -> bool:
             if service.done():
                 service.result()  # surface a start-up failure as the error it is
-            if await consumed_everything(admin, settings.group_id, names["telemetry"]):
-                break
-            await asyncio.sleep(0.5)
-        else:
-            pytest.fail("the rules service did not consume the stream within 120 s")
+            return await consumed_everything(admin, settings.group_id, names["telemetry"])
+
+        await eventually(
+            consumed, timeout_s=120, interval_s=0.5, what="the rules service to consume the stream"
+        )
         alerts = [Alert.model_validate_json(v) for v in await read_all(names["alerts"])]
         yield LiveRun(settings, patients, alerts, len(events), start)
     finally:

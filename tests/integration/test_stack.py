@@ -25,6 +25,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from tests.polling import eventually_sync
 from vigil_tools.stack import (
     StackSettings,
     add_device_credential,
@@ -327,9 +328,9 @@ def test_mail_sink_stores_each_message_as_an_eml_file(stack: StackSettings) -> N
     message.set_content("Temperature 38.6 C")
     with smtplib.SMTP("127.0.0.1", stack.smtp_port, timeout=WAIT_S) as smtp:
         smtp.send_message(message)
-    deadline = time.monotonic() + WAIT_S
-    while not (stored := list(stack.mail_dir.glob("*.eml"))) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    stored = eventually_sync(
+        lambda: list(stack.mail_dir.glob("*.eml")), timeout_s=WAIT_S, what="the stored e-mail"
+    )
     assert len(stored) == 1
     content = stored[0].read_text()
     assert "Subject: PAGE fever dev-0001" in content

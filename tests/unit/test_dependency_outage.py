@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from services.ingest.app import subscription
 from services.ingest.settings import IngestSettings
+from tests.polling import eventually
 from vigil.ops import Outage, kafka_probe, serving_ops, watch_dependency
 
 OUTAGE_EVENTS = ("dependency_unavailable", "dependency_recovered")
@@ -146,16 +147,14 @@ async def test_readyz_turns_503_while_a_watched_dependency_is_out() -> None:
     ):
         assert await readyz(ports[0]) == (200, "ready")
         up.clear()
-        for _ in range(500):
-            if not outage.up:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: not outage.up, timeout_s=5, interval_s=0.01, what="the outage to be seen"
+        )
         assert await readyz(ports[0]) == (503, "kafka unreachable: ConnectionRefusedError: refused")
         up.set()
-        for _ in range(500):
-            if outage.up:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(
+            lambda: outage.up, timeout_s=5, interval_s=0.01, what="the recovery to be seen"
+        )
         assert await readyz(ports[0]) == (200, "ready")
 
 

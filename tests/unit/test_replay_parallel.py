@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.polling import eventually
 from vigil_tools.replay.engine_port import default_rules, from_telemetry
 from vigil_tools.replay.parallel import (
     EXACT_SPLIT_MAX_LANES,
@@ -348,10 +349,8 @@ async def test_a_job_run_here_that_raises_fails_the_run_and_stops_the_workers(
         return 1
 
     async def raises_here(progress: Callable[[int], None]) -> int:
-        for _ in range(1000):  # give the worker time to start (10 s at most)
-            if started.exists():
-                break
-            await asyncio.sleep(0.01)
+        # The worker has started (10 s at most).
+        await eventually(started.exists, timeout_s=10, interval_s=0.01, what="the slow job")
         raise LookupError("no such patient")
 
     with pytest.raises(LookupError, match="no such patient"):

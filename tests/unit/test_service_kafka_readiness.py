@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ import services.rules.app as rules_app
 from services.notify.settings import NotifySettings
 from services.rules.settings import RulesSettings
 from tests.broker_faults import free_port
+from tests.polling import eventually
 from tests.unit.test_dependency_outage import fake_kafka, readyz
 from vigil.settings import KafkaSettings
 
@@ -26,13 +26,19 @@ async def idle(*args: Any) -> None:
 
 
 async def until(port: int, predicate: Any, within_s: float) -> tuple[int, str]:
-    deadline = time.monotonic() + within_s
-    while True:
-        status = await readyz(port)
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, f"/readyz still {status}"
-        await asyncio.sleep(0.1)
+    seen: list[tuple[int, str]] = []
+
+    async def matching() -> tuple[int, str] | None:
+        seen.append(await readyz(port))
+        return seen[-1] if predicate(seen[-1]) else None
+
+    return await eventually(
+        matching,
+        timeout_s=within_s,
+        interval_s=0.1,
+        what="/readyz to answer as expected",
+        detail=lambda: f"still {seen[-1]}",
+    )
 
 
 @pytest.mark.parametrize("service", ["rules", "notify"])
