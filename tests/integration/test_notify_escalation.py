@@ -45,6 +45,7 @@ from services.notify.service_layer.escalation import (
 )
 from services.notify.settings import NotifySettings
 from tests.factories import make_alert
+from tests.polling import eventually
 from tests.support.notify import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
 from vigil.db.migrate import apply_migrations
 
@@ -480,8 +481,12 @@ async def test_crash_between_provider_accept_and_record_neither_loses_nor_duplic
     alert = _alert(f"P-{rig.tag}")
     with pytest.raises(Crash):
         await crashing.handle_alert(alert)
-    # Give the concurrent send of the other page (gathered) time to reach its provider too.
-    await asyncio.sleep(0.2)
+    # The concurrent send of the other page (gathered) reaches its provider too.
+    await eventually(
+        lambda: rig.twilio.sent_to(phone),
+        timeout_s=10,
+        what="the SMS page to reach its provider",
+    )
     assert len(rig.twilio.sent_to(phone)) == 1
     pages = await rig.pool.fetch("SELECT status FROM pages WHERE dedup_key = $1", alert.dedup_key)
     assert {p["status"] for p in pages} == {"sending"}

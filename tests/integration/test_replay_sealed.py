@@ -21,6 +21,7 @@ import pytest
 
 from schemas.events import Telemetry
 from services.ingest.adapters.postgres import store_telemetry
+from tests.polling import eventually
 from vigil.db.migrate import timescaledb_enabled
 from vigil_tools.replay import seal
 from vigil_tools.replay.cli import main as replay_main
@@ -356,8 +357,21 @@ async def test_a_seal_waits_for_a_write_in_flight_and_reads_it(archive: Archive)
         sealing = asyncio.ensure_future(
             seal.seal_archive(sealer, seal.seal_horizon(datetime.now(UTC)), [patient])
         )
-        await asyncio.sleep(0.5)
-        assert not sealing.done()  # waiting for the writer's lock
+        # The sealer is seen waiting on a lock (the writer's), not merely not finished yet.
+        sealer_pid = sealer.get_server_pid()
+        watcher = await asyncpg.connect(archive.dsn)
+        try:
+            await eventually(
+                lambda: watcher.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                    sealer_pid,
+                ),
+                timeout_s=30,
+                what="the seal to wait for the writer's lock",
+            )
+        finally:
+            await watcher.close()
+        assert not sealing.done()
         await transaction.commit()
         stats = await asyncio.wait_for(sealing, 30)
         assert (stats.days, stats.rows) == (1, 1)
