@@ -28,8 +28,10 @@ from services.api.adapters.repository import ApiRepository
 from services.api.app import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
+from tests.api.conftest import until_serving
 from tests.api.test_api_temperature_hourly import refresh_backfill
 from tests.e2e.conftest import Pipeline, free_port, publish, register_patient, temperature
+from tests.polling import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -59,10 +61,7 @@ async def api_base_url(stack_env: dict[str, str]) -> AsyncIterator[str]:
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.05)
+    await until_serving(server, task)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -235,14 +234,15 @@ async def _hours_with_readings(dsn: str, patient: str) -> int:
 async def _stored_in_fahrenheit(dsn: str, patient: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        for _ in range(300):
-            if await conn.fetchval(
+        await eventually(
+            lambda: conn.fetchval(
                 "SELECT count(*) FROM temperature_readings "
                 "WHERE patient_id = $1 AND original_unit = 'F'",
                 patient,
-            ):
-                return
-            await asyncio.sleep(0.1)
+            ),
+            timeout_s=30,
+            interval_s=0.1,
+            what="the °F reading to be stored",
+        )
     finally:
         await conn.close()
-    raise AssertionError("the °F reading was not stored within 30 s")

@@ -38,6 +38,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from tests.kafka_helpers import end_offsets
+from tests.polling import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -69,11 +70,11 @@ class IngestProcess:
         self.starts += 1
 
     async def wait_subscribed(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self._log.read_bytes().count(b"ingest_subscribed") < self.starts:
+        def subscribed() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self._log.read_text()
-            assert time.monotonic() < deadline, "ingest did not subscribe in time"
-            await asyncio.sleep(0.05)
+            return self._log.read_bytes().count(b"ingest_subscribed") >= self.starts
+
+        await eventually(subscribed, timeout_s=timeout_s, what="ingest to subscribe")
 
     def kill(self) -> None:
         assert self.proc is not None

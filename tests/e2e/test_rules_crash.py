@@ -33,6 +33,7 @@ from services.rules.domain.config import RulesConfig
 from services.rules.domain.engine import RulesEngine
 from tests.golden.record import config as golden_config
 from tests.golden.record import stream as golden_stream
+from tests.polling import eventually
 
 pytestmark = pytest.mark.stack
 
@@ -142,15 +143,23 @@ async def wait_committed(
     limit_s: float,
     logs: Path,
 ) -> int:
-    deadline = time.monotonic() + limit_s
-    while True:
+    done = 0
+
+    async def enough() -> int | None:
+        nonlocal done
         done = await committed(admin, group, topic)
         if done >= at_least:
             return done
         if process.poll() is not None:
             raise AssertionError(f"rules exited with {process.returncode}: {tail(logs)}")
-        assert time.monotonic() < deadline, f"{done}/{at_least} committed: {tail(logs)}"
-        await asyncio.sleep(0.05)
+        return None
+
+    return await eventually(
+        enough,
+        timeout_s=limit_s,
+        what=f"{at_least} records committed",
+        detail=lambda: f"{done}/{at_least} committed: {tail(logs)}",
+    )
 
 
 async def read_alerts(bootstrap: str, topic: str) -> list[Alert]:
