@@ -41,6 +41,7 @@ class FakeChannel:
 
     def __init__(self, name: str, outcome: SendOutcome | None = None) -> None:
         self.name = name
+        self.lookup_note = f"{name} listed nothing"
         self.outcome = outcome or SendOutcome(accepted=True, detail="taken")
         self.sent: list[tuple[str, str]] = []
         self.listed: dict[str, str] = {}
@@ -81,7 +82,9 @@ def _alert() -> Alert:
     )
 
 
-def _job(channel: str, recipient: str, *, was_sending: bool = False) -> PageJob:
+def _job(
+    channel: str, recipient: str, *, was_sending: bool = False, chain_stopped: bool = False
+) -> PageJob:
     alert = _alert()
     return PageJob(
         page=Page(
@@ -107,6 +110,7 @@ def _job(channel: str, recipient: str, *, was_sending: bool = False) -> PageJob:
         updated_at=NOW - timedelta(seconds=61),
         attempt=1,
         resolving=was_sending,
+        chain_stopped=chain_stopped,
     )
 
 
@@ -174,6 +178,28 @@ async def test_page_in_flight_after_a_stop_is_looked_up_through_its_channel() ->
     assert sms.sent == []
     [(_, outcome, status)] = store.recorded
     assert status == "sent" and outcome.provider_id == "SM0001"
+
+
+async def test_page_in_flight_whose_chain_stopped_stays_unknown_in_its_channel_words() -> None:
+    """Nothing found by the lookup and the alert acknowledged meanwhile: not sent again, unknown,
+    with why in the channel's own words."""
+    job = _job("sms", "+15550001111", was_sending=True, chain_stopped=True)
+    store = Store([job])
+    sms = FakeChannel("sms")
+
+    await _service(store, ChannelRegistry([FakeChannel("email"), sms])).deliver_due()
+
+    assert sms.sent == []
+    [(_, outcome, status)] = store.recorded
+    assert status == "unknown" and outcome.unknown
+    assert outcome.detail.startswith("outcome unknown (sms listed nothing); not sent again")
+    # The providers' channels keep the delivery log's words.
+    p = Providers()
+    assert [c.lookup_note for c in provider_channels(email=p, sms=p, webhook=p).values()] == [
+        "e-mail has no delivery lookup",
+        "the provider's message list did not confirm it",
+        "PagerDuty has no lookup of an event",
+    ]
 
 
 class Providers:

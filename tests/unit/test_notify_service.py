@@ -54,6 +54,7 @@ class Channel:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.lookup_note = "no lookup"
         self.sent: list[tuple[str, str]] = []
         self.refusing: set[str] = set()
 

@@ -50,6 +50,12 @@ class Channel(Protocol):
         ``since``; None when it has none or cannot tell (a channel with no lookup)."""
         ...
 
+    @property
+    def lookup_note(self) -> str:
+        """Why a page cut short by a stop stays unknown on this channel (``find_sent`` found
+        nothing, or there is no lookup): the delivery log's words."""
+        ...
+
 
 class ChannelRegistry(Mapping[str, Channel]):
     """The channels this instance can send on, by name."""
@@ -97,6 +103,7 @@ class EmailChannel:
     delivery lookup."""
 
     name = EMAIL
+    lookup_note = "e-mail has no delivery lookup"
 
     def __init__(self, sender: PageSender) -> None:
         self._sender = sender
@@ -113,6 +120,7 @@ class SmsChannel:
     its text."""
 
     name = SMS
+    lookup_note = "the provider's message list did not confirm it"
 
     def __init__(self, provider: SmsProvider) -> None:
         self._provider = provider
@@ -129,6 +137,7 @@ class PagerDutyChannel:
     resent with the same dedup_key folds onto its incident, and there is no lookup."""
 
     name = PAGERDUTY
+    lookup_note = "PagerDuty has no lookup of an event"
 
     def __init__(self, provider: EventProvider) -> None:
         self._provider = provider

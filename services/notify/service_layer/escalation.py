@@ -84,6 +84,7 @@ from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
 from services.notify.service_layer.channels import (
+    Channel,
     ChannelRegistry,
     EventProvider,
     OutboundPage,
@@ -720,7 +721,7 @@ class EscalationService:
             if reconciled is not None:
                 return job, reconciled
             if job.chain_stopped:
-                return job, _left_unknown(job)
+                return job, _left_unknown(job, self._channels.get(job.page.channel))
             job = await self._store.begin_attempt(job, at=self._clock())
         try:
             return job, await self._send(job)
@@ -1096,15 +1097,13 @@ def _status(outcome: SendOutcome) -> str:
     return "unknown" if outcome.unknown else "failed"
 
 
-def _left_unknown(job: PageJob) -> SendOutcome:
+def _left_unknown(job: PageJob, channel: Channel | None) -> SendOutcome:
     """The outcome of a page found in flight after a stop whose chain stopped meanwhile, when
     nothing can tell whether the provider took it: unknown, and not sent again."""
     looked_up = (
-        "the provider's message list did not confirm it"
-        if job.page.channel == "sms"
-        else "e-mail has no delivery lookup"
-        if job.page.channel == "email"
-        else "PagerDuty has no lookup of an event"
+        f"no {job.page.channel} channel is configured to look it up"
+        if channel is None
+        else channel.lookup_note
     )
     return SendOutcome(
         accepted=False,
