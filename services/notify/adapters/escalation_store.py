@@ -1757,10 +1757,15 @@ class _Writer:
             self._due = None
             sent: list[SentPage] = []
             if command.purpose is PagePurpose.ALL_CLEAR:
-                sent = await self._sent_pages(escalation_id, bundle_id, recipient)
-                self._due = await self._all_clear_due(
-                    alert, escalation_id, care_team_id, recipient, sent
-                )
+                quiet = await self._quiet_hours_of(alert, care_team_id)
+                # Read only when something decides from them: a person's routing, or a
+                # deferral in quiet hours.
+                if recipient.kind is RecipientKind.PERSON or quiet is not None:
+                    sent = await self._sent_pages(escalation_id, bundle_id, recipient)
+                if quiet is not None:
+                    self._due = self._all_clear_due(
+                        alert, escalation_id, care_team_id, recipient, quiet, sent
+                    )
             contacts = (
                 self._contacts.get(recipient.id, [])
                 if recipient.kind is RecipientKind.PERSON
@@ -1823,18 +1828,8 @@ class _Writer:
             for r in rows
         ]
 
-    async def _all_clear_due(
-        self,
-        alert: Alert,
-        escalation_id: UUID,
-        care_team_id: str,
-        recipient: Recipient,
-        sent: list[SentPage],
-    ) -> datetime | None:
-        """When ``recipient``'s all clear is sent, if not now (pure rule:
-        ``all_clear_deferred_until``): during the team's quiet hours, the all clear of a MEDIUM,
-        LOW or INFO alert that did not page this recipient since they began waits for their
-        end. Recorded in the timeline (``all_clear_deferred``)."""
+    async def _quiet_hours_of(self, alert: Alert, care_team_id: str) -> QuietHours | None:
+        """The team's quiet hours, when they can defer this alert's all clear (not HIGH)."""
         if alert.priority.value == "high":
             return None
         if care_team_id not in self._quiet:
@@ -1850,9 +1845,21 @@ class _Writer:
                     timezone=str(row["timezone"]), start=row["starts_local"], end=row["ends_local"]
                 )
             )
-        quiet = self._quiet[care_team_id]
-        if quiet is None:
-            return None
+        return self._quiet[care_team_id]
+
+    def _all_clear_due(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        recipient: Recipient,
+        quiet: QuietHours,
+        sent: list[SentPage],
+    ) -> datetime | None:
+        """When ``recipient``'s all clear is sent, if not now (pure rule:
+        ``all_clear_deferred_until``): during the team's quiet hours, the all clear of a MEDIUM,
+        LOW or INFO alert that did not page this recipient since they began waits for their
+        end. Recorded in the timeline (``all_clear_deferred``)."""
         last_paged = last_paged_at(recipient, sent)
         until = all_clear_deferred_until(alert.priority, quiet, self._at, last_paged)
         if until is not None:
