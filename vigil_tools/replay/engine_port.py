@@ -134,8 +134,8 @@ class PinnedRules:
     @staticmethod
     def lane_of(position: tuple[str, Any, int]) -> Any:
         """Which engine an event goes to. The rules service runs one engine per telemetry
-        partition (services/rules/app.py, ``PartitionEngines``), each with its own watermark;
-        a replay from Kafka does the same. Other sources have one lane."""
+        partition (services/rules/service_layer/partitions.py, ``PartitionEngines``), each with
+        its own watermark; a replay from Kafka does the same. Other sources have one lane."""
         source, where, _ = position
         return where if source in _PARTITIONED else None
 

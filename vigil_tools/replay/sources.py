@@ -522,8 +522,8 @@ async def config_from_state_topic(
     """The record the live rules service pinned ``version`` with (what an alert's
     ``config_version`` names), read from partition 0 of its compacted state topic: the label,
     the content hash the config is stored under in PostgreSQL, its number of patient profiles
-    and the config without them (``services.rules.app.config_record``); or, written before
-    the config was stored in pieces, the whole RulesConfig JSON."""
+    and the config without them (``services.rules.service_layer.config_swap.config_record``);
+    or, written before the config was stored in pieces, the whole RulesConfig JSON."""
     plan = await plan_partitions(
         consumer,
         state_topic,

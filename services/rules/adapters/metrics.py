@@ -2,7 +2,8 @@
 
 ``RulesMetrics`` owns every metric object, in a registry of its own (several services, or
 several test runs, in one process must not collide). ``RulesReadiness`` holds the facts
-``/readyz`` is decided from. ``app.py`` feeds both; the HTTP side is ``vigil.ops.OpsServer``.
+``/readyz`` is decided from. The service layer and the consumer loop feed both; the HTTP side
+is ``vigil.ops.OpsServer``.
 
 No label ever carries a patient id, device id or reading: label values are alert priorities,
 rule ids (names of rules, the same for every patient), dead-letter reason codes and telemetry

@@ -1,0 +1,1 @@
+"""The rules service's consumer loop (``consumer.py``)."""
