@@ -22,11 +22,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.kafka_topics import TELEMETRY_TOPIC
-from services.ingest.adapters.credentials import (
-    LocalStackBroker,
-    issue_credential,
-    revoke_credential,
-)
+from services.ingest.adapters.credentials import issue_credential, revoke_credential
 from services.ingest.adapters.registry_admin import (
     bind_device,
     upsert_care_team,
@@ -34,6 +30,8 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from tests.kafka_helpers import end_offsets
+from tests.polling import eventually, until_ready
+from vigil_tools.stack.accounts import LocalStackBroker
 
 pytestmark = pytest.mark.stack
 
@@ -240,19 +238,6 @@ async def http_status(port: int, path: str) -> int:
     return int(status_line.split()[1])
 
 
-async def wait_ready(port: int, ingest: asyncio.Task[None]) -> None:
-    """Until ingest's /readyz says it is subscribed (a new share group gets only what is
-    published after it subscribed)."""
-    deadline = time.monotonic() + 60
-    while True:
-        assert not ingest.done(), ingest
-        with contextlib.suppress(OSError):
-            if await http_status(port, "/readyz") == 200:
-                return
-        assert time.monotonic() < deadline, "ingest never became ready over TLS"
-        await asyncio.sleep(0.1)
-
-
 async def read_telemetry(
     bootstrap: str, start: dict[TopicPartition, int], match: Callable[[dict[str, object]], bool]
 ) -> list[dict[str, object]]:
@@ -319,7 +304,8 @@ async def test_a_reading_over_tls_reaches_kafka_through_ingest_over_tls(
     ingest = asyncio.create_task(run(IngestSettings(), stop))
     try:
         async with device_account(stack_env, device) as password:
-            await wait_ready(metrics_port, ingest)
+            # Subscribed: a new share group gets only what is published after it subscribed.
+            await until_ready(metrics_port, what="ingest over TLS", tasks=[ingest])
             async with tls_client(port, ca_file, device, password, device) as client:
                 await client.publish(
                     f"vigil/v1/dev/{device}/temperature", json.dumps(payload).encode(), qos=1
@@ -327,15 +313,15 @@ async def test_a_reading_over_tls_reaches_kafka_through_ingest_over_tls(
             found = await read_telemetry(bootstrap, start, lambda d: d["device_id"] == device)
             conn = await asyncpg.connect(dsn)
             try:
-                deadline = time.monotonic() + 30
-                while True:
-                    rows = await conn.fetch(
+                rows = await eventually(
+                    lambda: conn.fetch(
                         "SELECT patient_id, value_c FROM temperature_readings WHERE device_id = $1",
                         device,
-                    )
-                    if rows or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.1)
+                    ),
+                    timeout_s=30,
+                    what="the reading to be stored",
+                    interval_s=0.1,
+                )
             finally:
                 await conn.close()
     finally:
