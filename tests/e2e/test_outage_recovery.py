@@ -53,6 +53,7 @@ from tests.e2e.conftest import (
     open_mqtt_session,
     start_group_at_end,
 )
+from tests.polling import eventually
 from vigil_tools.heartbeat import HeartbeatSettings
 from vigil_tools.heartbeat import run as run_heartbeat
 
@@ -326,18 +327,23 @@ async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_sti
         restarted = datetime.now(UTC)
         halt = await run_pipeline(site)
         site.publishing["B"] = True
-        limit = (
-            time.monotonic() + GRACE_S + 210
-        )  # a bound, not a target: restores are slow on a busy machine
-        while not site.silence_pages("C"):
-            assert time.monotonic() < limit, (
-                f"C was never paged; mail: {site.subjects()}; rules: {tail(site.logs)}"
-            )
-            await asyncio.sleep(0.5)
+        # A bound, not a target: restores are slow on a busy machine.
+        limit = time.monotonic() + GRACE_S + 210
+        await eventually(
+            lambda: site.silence_pages("C"),
+            timeout_s=limit - time.monotonic(),
+            interval_s=0.5,
+            what="C to be paged",
+            detail=lambda: f"mail: {site.subjects()}; rules: {tail(site.logs)}",
+        )
         # Notify was down too: it still records the outage and tells the team once.
-        while not site.summaries(halted, restarted):
-            assert time.monotonic() < limit, f"no outage summary; mail: {site.subjects()}"
-            await asyncio.sleep(0.5)
+        await eventually(
+            lambda: site.summaries(halted, restarted),
+            timeout_s=max(0.0, limit - time.monotonic()),
+            interval_s=0.5,
+            what="the outage summary",
+            detail=lambda: f"mail: {site.subjects()}",
+        )
         # Positive controls above (C paged, the summary sent): the pipeline was listening.
         # Give A and B as long again to show that nothing comes for them.
         await asyncio.sleep(GRACE_S)
@@ -361,20 +367,25 @@ async def test_an_outage_longer_than_the_silence_limit_pages_only_the_device_sti
 async def statuses_stored(site: Site, *, each: int, bound_s: float = 180.0) -> None:
     """Wait (bounded) until ingest has stored ``each`` statuses of every pump."""
     pumps = [pump for _patient, pump in site.pumps.values()]
-    limit = time.monotonic() + bound_s
     conn = await asyncpg.connect(site.env["VIGIL_PG_DSN"])
     try:
-        while True:
+
+        async def stored() -> bool:
             counts = await conn.fetchval(
                 "SELECT count(DISTINCT device_id) FROM (SELECT device_id FROM pump_status "
                 "WHERE device_id = ANY($1::text[]) GROUP BY device_id HAVING count(*) >= $2) s",
                 pumps,
                 each,
             )
-            if counts == len(pumps):
-                return
-            assert time.monotonic() < limit, f"pump statuses not stored: {tail(site.logs)}"
-            await asyncio.sleep(0.5)
+            return bool(counts == len(pumps))
+
+        await eventually(
+            stored,
+            timeout_s=bound_s,
+            interval_s=0.5,
+            what=f"{each} statuses of every pump stored",
+            detail=lambda: tail(site.logs),
+        )
     finally:
         await conn.close()
 
@@ -383,17 +394,24 @@ async def through_pipeline(site: Site, *, beats: int, bound_s: float = 180.0) ->
     """Wait (bounded) until notify has recorded ``beats`` successive heartbeats of the test's
     source: each went through ingest, the rules and notify, so all three are running."""
     seen: set[datetime] = set()
-    limit = time.monotonic() + bound_s
     conn = await asyncpg.connect(site.env["VIGIL_PG_DSN"])
     try:
-        while len(seen) < beats:
-            assert time.monotonic() < limit, f"the heartbeat never got through: {tail(site.logs)}"
+
+        async def got_through() -> bool:
             last = await conn.fetchval(
                 "SELECT last_seen_at FROM pipeline_heartbeats WHERE source = $1", site.env["BEAT"]
             )
             if last is not None:
                 seen.add(last)
-            await asyncio.sleep(0.5)
+            return len(seen) >= beats
+
+        await eventually(
+            got_through,
+            timeout_s=bound_s,
+            interval_s=0.5,
+            what=f"{beats} heartbeats through the pipeline",
+            detail=lambda: tail(site.logs),
+        )
     finally:
         await conn.close()
 

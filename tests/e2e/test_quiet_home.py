@@ -55,6 +55,7 @@ from tests.e2e.conftest import (
     start_group_at_end,
     topic_partitions,
 )
+from tests.polling import eventually
 from vigil_tools.heartbeat import HeartbeatSettings
 from vigil_tools.heartbeat import run as run_heartbeat
 
@@ -276,17 +277,17 @@ async def report_once(home: QuietHome) -> None:
 
 async def pump_ingest_time(home: QuietHome, within_s: float = 60) -> datetime:
     """When ingest received the pump's status (stored with it): the silence counts from it."""
-    deadline = time.monotonic() + within_s
     conn = await asyncpg.connect(home.env["VIGIL_PG_DSN"])
     try:
-        while True:
-            at = await conn.fetchval(
+        at: datetime = await eventually(
+            lambda: conn.fetchval(
                 "SELECT max(ingest_time) FROM pump_status WHERE device_id = $1", home.pump
-            )
-            if at is not None:
-                return at  # type: ignore[no-any-return]
-            assert time.monotonic() < deadline, "the pump's status was never stored"
-            await asyncio.sleep(0.2)
+            ),
+            timeout_s=within_s,
+            interval_s=0.2,
+            what="the pump's status to be stored",
+        )
+        return at
     finally:
         await conn.close()
 
@@ -294,16 +295,16 @@ async def pump_ingest_time(home: QuietHome, within_s: float = 60) -> datetime:
 async def wait_for_page(home: QuietHome, deadline: datetime) -> tuple[Message, float]:
     """The device-silent page, and how long after the deadline it arrived (s)."""
     limit = deadline + timedelta(seconds=WAIT_AFTER_DEADLINE_S)
-    while True:
-        pages = home.silent_pages()
-        if pages:
-            return pages[0], (datetime.now(UTC) - deadline).total_seconds()
-        assert datetime.now(UTC) < limit, (
-            f"no device-silent page {WAIT_AFTER_DEADLINE_S:.0f} s after the deadline {deadline}"
-            f"; mail: {[m.get('Subject') for m in home.mail.messages]}; "
-            f"rules log: {tail(home.logs)}"
-        )
-        await asyncio.sleep(0.1)
+    pages = await eventually(
+        home.silent_pages,
+        timeout_s=max(0.0, (limit - datetime.now(UTC)).total_seconds()),
+        interval_s=0.1,
+        what=f"a device-silent page {WAIT_AFTER_DEADLINE_S:.0f} s after the deadline {deadline}",
+        detail=lambda: (
+            f"mail: {[m.get('Subject') for m in home.mail.messages]}; rules log: {tail(home.logs)}"
+        ),
+    )
+    return pages[0], (datetime.now(UTC) - deadline).total_seconds()
 
 
 def tail(logs: Path) -> str:
