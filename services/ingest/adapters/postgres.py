@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from schemas.device import HeartbeatMessage, PumpEvent, PumpStatus, TemperatureReading
+from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
 from services.ingest.domain.admission import DeviceSeen
+from services.ingest.domain.admission import is_reading as is_reading  # where callers found it
 from services.ingest.domain.registry import Binding, BindingIndex
 
 
@@ -70,11 +71,6 @@ FROM unnest($1::timestamptz[], $2::timestamptz[], $3::text[], $4::text[], $5::uu
          event, alarm, detail, flags)
 ON CONFLICT DO NOTHING
 """
-
-
-def is_reading(t: Telemetry) -> bool:
-    """Whether ``t`` has a readings table (a pipeline heartbeat has none)."""
-    return not isinstance(t.message, HeartbeatMessage)
 
 
 def _common(t: Telemetry) -> tuple[object, ...]:
@@ -200,3 +196,19 @@ async def store_telemetry(
         return 0
     sql, args = _one_statement(parts)
     return int(await pool.fetchval(sql, *args))
+
+
+class PostgresTelemetryStore:
+    """The pipeline's store port (``service_layer.ports.TelemetryStore``) on an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load_bindings(self) -> BindingIndex:
+        return await load_bindings(self._pool)
+
+    async def store_telemetry(self, accepted: Sequence[Telemetry]) -> int:
+        return await store_telemetry(self._pool, accepted)
+
+    async def store_last_seen(self, seen: Sequence[DeviceSeen]) -> None:
+        await store_last_seen(self._pool, seen)

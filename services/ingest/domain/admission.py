@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+from schemas.device import HeartbeatMessage
 from schemas.events import DeadLetter, Telemetry
 from services.ingest.domain.dedup import Duplicate, RecentMessages
 from services.ingest.domain.registry import BindingIndex
@@ -24,6 +25,12 @@ from services.ingest.domain.validation import (
     ValidationLimits,
     validate_message,
 )
+
+
+def is_reading(t: Telemetry) -> bool:
+    """Whether ``t`` is a reading, stored in a table of its own; a pipeline heartbeat is not:
+    it goes to Kafka only (to every partition), and moves its device's last-seen row."""
+    return not isinstance(t.message, HeartbeatMessage)
 
 
 @dataclass(frozen=True, slots=True)

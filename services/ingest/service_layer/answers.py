@@ -1,11 +1,12 @@
 """Publishes the end-to-end acknowledgements (``services.ingest.domain.acks``) off the batch path.
 
 The batch path only hands each durable admission to ``AckPublisher.add`` (appending to per-device
-lists); a task of its own publishes what gathered every ``ack_linger_ms``, with QoS 1, on the
-ingest connection (the ACL lets only ingest write ``vigil/v1/ack/#``). An acknowledgement is a
-courtesy that saves the device a resend, not a guarantee: one lost with the connection, or never
-published, makes the device send its message again after its timeout, and the duplicate is
-answered as stored. So nothing here waits on the broker, and nothing here can hold ingest back.
+lists); a task of its own publishes what gathered every ``ack_linger_ms``, with QoS 1, through an
+``AnswerSink`` port: the ingest connection (the ACL lets only ingest write ``vigil/v1/ack/#``).
+An acknowledgement is a courtesy that saves the device a resend, not a guarantee: one lost with
+the connection, or never published, makes the device send its message again after its timeout,
+and the duplicate is answered as stored. So nothing here waits on the broker, and nothing here
+can hold ingest back.
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-import paho.mqtt.client as paho_mqtt
-from paho.mqtt.enums import MQTTErrorCode
-
 from services.ingest.adapters.metrics import IngestMetrics
 from services.ingest.domain.acks import PendingAcks
 from services.ingest.domain.admission import Admission
+from services.ingest.service_layer.ports import AnswerSink
 from vigil.runtime import log_fields, utcnow
 
 log = logging.getLogger("vigil.ingest.acks")
 
-# paho keeps QoS 1 messages beyond its in-flight window in a queue of its own; past this many the
-# publisher holds its answers back instead of growing that queue.
-_PAHO_QUEUE_LIMIT = 10_000
+# The connection keeps QoS 1 messages beyond the broker's receive maximum in a queue of its own;
+# past this many unacknowledged or queued, the publisher holds its answers back instead.
+_BACKLOG_LIMIT = 10_000
 
 
 class AckPublisher:
@@ -52,10 +51,10 @@ class AckPublisher:
         """Answer every message of a batch that is now durable (hot path: appends only)."""
         self.pending.add(admission)
 
-    def publish_pending(self, paho: paho_mqtt.Client) -> int:
+    def publish_pending(self, sink: AnswerSink) -> int:
         """Publish every pending answer now; returns the messages published."""
         self._count_not_sent()
-        if len(self.pending) == 0 or len(paho._out_messages) > _PAHO_QUEUE_LIMIT:
+        if len(self.pending) == 0 or sink.backlog() > _BACKLOG_LIMIT:
             self._metrics.acks_pending.set(len(self.pending))
             return 0
         published = 0
@@ -64,8 +63,7 @@ class AckPublisher:
             if failed:
                 self.pending.put_back(message)
                 continue
-            info = paho.publish(message.topic, message.payload, qos=1)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if not sink.publish(message.topic, message.payload):
                 # Not connected: keep the answers for the next connection.
                 failed = True
                 self.pending.put_back(message)
@@ -90,12 +88,12 @@ class AckPublisher:
             )
             self._unaddressable_seen = pending.unaddressable
 
-    async def run(self, paho: paho_mqtt.Client, stop: asyncio.Event) -> None:
+    async def run(self, sink: AnswerSink, stop: asyncio.Event) -> None:
         """Publish what gathered every ``linger_s`` until ``stop``, then once more."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._linger_s)
             try:
-                self.publish_pending(paho)
+                self.publish_pending(sink)
             except Exception as error:  # never let acknowledgements take ingest down
                 log.error("acks_not_published", extra=log_fields(error=repr(error)))

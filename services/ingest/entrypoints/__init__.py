@@ -1,0 +1,1 @@
+"""Ingest's consumer loop: the broker connection around the service layer."""
