@@ -11,6 +11,10 @@ is derived from what is, as rules derives it:
 - ``state``: inactive for the ``END`` phase, active otherwise;
 - ``device_time`` and ``ingest_time``: ``at``;
 - ``evidence``: one temperature reading (``fever_evidence``) at ``device_time``.
+
+``temperature_message`` is what a thermometer publishes over MQTT (docs/mqtt.md): a fresh
+message id and the current time unless given; ``unit`` and ``site`` only when given, as a
+device may leave them out.
 """
 
 from __future__ import annotations
@@ -85,3 +89,29 @@ def make_alert(
         raise TypeError(f"Alert has no field {sorted(unknown)}")
     fields.update(overrides)
     return Alert.model_validate(fields)
+
+
+def temperature_message(
+    device_id: str,
+    value: float,
+    *,
+    seq: int = 1,
+    unit: str | None = None,
+    site: str | None = None,
+    message_id: str | None = None,
+    device_time: datetime | None = None,
+) -> dict[str, Any]:
+    """A ``vigil.device.temperature.v1`` payload, as a dict to encode or to spoil."""
+    payload: dict[str, Any] = {
+        "schema": "vigil.device.temperature.v1",
+        "message_id": message_id or str(uuid.uuid4()),
+        "device_id": device_id,
+        "seq": seq,
+        "device_time": (device_time or datetime.now(UTC)).isoformat(),
+        "value": value,
+    }
+    if unit is not None:
+        payload["unit"] = unit
+    if site is not None:
+        payload["site"] = site
+    return payload

@@ -48,7 +48,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from schemas.ack import ACK_PREFIX
 from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
 from tests.broker_faults import OwnBroker, PacedPublisher
 from tests.e2e.conftest import register_patient, start_group_at_end, temperature
+from tests.factories import temperature_message
 from tests.fault_checks import MailSink, alerts_started, telemetry_copies, telemetry_ends
 from tests.fault_services import (
     Service,
@@ -89,18 +89,8 @@ FEVER_C = 38.9  # above the default single-reading fever limit (38.3 °C), below
 
 
 def reading(device: str, seq: int) -> bytes:
-    return json.dumps(
-        {
-            "schema": "vigil.device.temperature.v1",
-            "message_id": str(uuid.uuid4()),
-            "device_id": device,
-            "seq": seq,
-            "device_time": datetime.now(UTC).isoformat(),
-            "value": 37.0,
-            "unit": "C",
-            "site": "oral",
-        }
-    ).encode()
+    message = temperature_message(device, 37.0, seq=seq, unit="C", site="oral")
+    return json.dumps(message).encode()
 
 
 class OutboxPublisher(PacedPublisher):

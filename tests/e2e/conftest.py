@@ -33,6 +33,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
+from tests.factories import temperature_message
 from tests.polling import eventually, until_ready
 
 
@@ -199,18 +200,8 @@ async def publish(env: dict[str, str], topic: str, payload: bytes) -> None:
 
 
 def temperature(device_id: str, value: float, seq: int) -> bytes:
-    return json.dumps(
-        {
-            "schema": "vigil.device.temperature.v1",
-            "message_id": str(uuid.uuid4()),
-            "device_id": device_id,
-            "seq": seq,
-            "device_time": datetime.now(UTC).isoformat(),
-            "value": value,
-            "unit": "C",
-            "site": "axillary",
-        }
-    ).encode()
+    message = temperature_message(device_id, value, seq=seq, unit="C", site="axillary")
+    return json.dumps(message).encode()
 
 
 async def rules_caught_up(bootstrap: str, group: str, within_s: float = 30) -> None:

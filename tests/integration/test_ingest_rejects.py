@@ -26,6 +26,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
+from tests.factories import temperature_message
 from tests.kafka_helpers import end_offsets
 from tests.polling import eventually, until_ready
 
@@ -84,14 +85,7 @@ async def scrape(port: int) -> str:
 
 
 def reading(device: str, **overrides: object) -> dict[str, object]:
-    payload: dict[str, object] = {
-        "schema": "vigil.device.temperature.v1",
-        "message_id": str(uuid.uuid4()),
-        "device_id": device,
-        "seq": 1,
-        "device_time": datetime.now(UTC).isoformat(),
-        "value": 37.4,
-    }
+    payload = temperature_message(device, 37.4)
     payload.update(overrides)
     return payload
 

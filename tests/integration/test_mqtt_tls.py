@@ -29,6 +29,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_device,
     upsert_patient,
 )
+from tests.factories import temperature_message
 from tests.kafka_helpers import end_offsets
 from tests.polling import eventually, until_ready
 from vigil_tools.stack.accounts import LocalStackBroker
@@ -291,15 +292,7 @@ async def test_a_reading_over_tls_reaches_kafka_through_ingest_over_tls(
     monkeypatch.setenv("VIGIL_INGEST_MQTT_SHARE_GROUP", client_id)
     monkeypatch.setenv("VIGIL_INGEST_METRICS_PORT", str(metrics_port))
     message_id = str(uuid.uuid4())
-    payload = {
-        "schema": "vigil.device.temperature.v1",
-        "message_id": message_id,
-        "device_id": device,
-        "seq": 1,
-        "device_time": datetime.now(UTC).isoformat(),
-        "value": 38.4,
-        "site": "axillary",
-    }
+    payload = temperature_message(device, 38.4, message_id=message_id, site="axillary")
     stop = asyncio.Event()
     ingest = asyncio.create_task(run(IngestSettings(), stop))
     try:

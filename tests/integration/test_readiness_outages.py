@@ -22,6 +22,7 @@ import pytest
 from services.ingest.app import run as run_ingest
 from services.ingest.settings import IngestSettings
 from tests.broker_faults import OwnBroker, free_port
+from tests.polling import eventually
 from vigil.settings import KafkaSettings, MqttSettings, PostgresSettings
 from vigil_tools.stack.credentials import INGEST_MQTT_USER
 
@@ -92,13 +93,20 @@ async def readyz(port: int) -> tuple[int, str]:
 
 async def wait_status(port: int, status: int, within_s: float) -> tuple[float, str]:
     started = time.monotonic()
-    while True:
-        code, body = await readyz(port)
-        if code == status:
-            return time.monotonic() - started, body
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"/readyz still {code} {body!r} after {within_s} s")
-        await asyncio.sleep(0.1)
+    seen: list[tuple[int, str]] = []
+
+    async def answers() -> bool:
+        seen.append(await readyz(port))
+        return seen[-1][0] == status
+
+    await eventually(
+        answers,
+        timeout_s=within_s,
+        interval_s=0.1,
+        what=f"/readyz to answer {status}",
+        detail=lambda: f"still {seen[-1][0]} {seen[-1][1]!r}",
+    )
+    return time.monotonic() - started, seen[-1][1]
 
 
 @contextlib.asynccontextmanager
