@@ -1,6 +1,6 @@
 """Ingest's MQTT 5 connection (adapters/mqtt_session.py) against a scripted broker on a local
 socket: what it sends, what it makes of what the broker sends, and how it ends. The same client
-against a real Mosquitto: tests/integration/test_ingest_mqtt_session.py."""
+against a real Mosquitto: tests/integration/test_ingest_mqtt_session_broker.py."""
 
 from __future__ import annotations
 
