@@ -56,9 +56,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.common import stack_environment
 from services.rules.adapters.config_store import RulesConfigSource
-from services.rules.app import ConfigWatch
 from services.rules.domain.config import RulesCompiler, Thresholds
 from services.rules.domain.engine import RulesEngine
+from services.rules.service_layer.config_swap import ConfigWatch
 from services.rules.settings import RulesSettings
 from tests.support.rules import Home, register_fleet, remove_fleet
 

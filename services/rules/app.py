@@ -19,14 +19,11 @@ from collections.abc import Callable
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.bootstrap import wire
 from services.rules.entrypoints.consumer import serve
-
-# Importable from here too: tests and benchmarks name them as services.rules.app.*.
-from services.rules.service_layer.config_swap import ConfigWatch, config_record
 from services.rules.settings import RulesSettings
 from vigil.ops import kafka_outage, serving_ops
 from vigil.runtime import configure_logging, run_until_signalled
 
-__all__ = ["ConfigWatch", "config_record", "main", "run"]
+__all__ = ["main", "run"]
 
 
 async def run(

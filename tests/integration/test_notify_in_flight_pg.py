@@ -15,7 +15,7 @@ from __future__ import annotations
 import email
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
@@ -78,6 +78,8 @@ class World:
     twilio: TwilioLikeServer
     api: Any  # httpx.AsyncClient over the notify API, set once the app is built
     tag: str
+    # The e-mail provider each instance was given, by the instance's id.
+    senders: dict[int, WatchedSender] = field(default_factory=dict)
 
     @property
     def team(self) -> str:
@@ -97,7 +99,7 @@ class World:
             SmtpSender(host="127.0.0.1", port=self.smtp.port, envelope_from="vigil@localhost"),
             self.pool,
         )
-        return EscalationService(
+        service = EscalationService(
             store=store or PostgresEscalationStore(self.pool),
             alerts=PostgresNotifyRepository(self.pool),
             email=sender,
@@ -119,6 +121,11 @@ class World:
             ),
             clock=self.clock,
         )
+        self.senders[id(service)] = sender
+        return service
+
+    def sender_of(self, service: EscalationService) -> WatchedSender:
+        return self.senders[id(service)]
 
 
 @pytest.fixture
@@ -242,7 +249,7 @@ async def _killed_after_the_mail_server_accepted(world: World) -> Alert:
     # Written before the hand-over and still there after the kill: the attempt is in flight.
     assert page["status"] == "sending"
     assert await _attempts(world, page["page_id"]) == [(1, "in_flight")]
-    assert killed._email.seen_at_handover == [[(1, "in_flight")]]  # type: ignore[attr-defined]
+    assert world.sender_of(killed).seen_at_handover == [[(1, "in_flight")]]
     return alert
 
 
@@ -314,7 +321,7 @@ async def test_email_accepted_then_killed_while_the_chain_runs_is_sent_again_sam
     page = await _alert_page(world, "email")
     assert (page["status"], page["tries"]) == ("sent", 2)
     assert await _attempts(world, page["page_id"]) == [(1, "unknown"), (2, "sent")]
-    assert restarted._email.seen_at_handover == [  # type: ignore[attr-defined]
+    assert world.sender_of(restarted).seen_at_handover == [
         [(1, "unknown"), (2, "in_flight")]
     ]
     mails = [email.message_from_bytes(raw) for raw in world.smtp.to(world.nurse_email)]

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas.events import AlertPriority
-from services.rules.app import ConfigWatch
 from services.rules.domain.config import (
     PatientOverride,
     PatientProfile,
@@ -19,6 +18,7 @@ from services.rules.domain.config import (
     Thresholds,
 )
 from services.rules.domain.engine import RulesEngine
+from services.rules.service_layer.config_swap import ConfigWatch
 from tests.support.rules import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)

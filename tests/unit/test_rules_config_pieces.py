@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.rules.app import ConfigWatch, config_record
 from services.rules.domain.config import (
     PatientOverride,
     PatientProfile,
@@ -28,6 +27,7 @@ from services.rules.domain.config_pieces import (
     pieces_of,
 )
 from services.rules.domain.engine import RulesEngine
+from services.rules.service_layer.config_swap import ConfigWatch, config_record
 from tests.support.rules import Home
 
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 
 from schemas.device import PumpState
 from schemas.events import AlertPhase
-from services.rules.app import ConfigWatch
 from services.rules.domain.config import PatientOverride, PatientProfile, RulesConfig
 from services.rules.domain.engine import RulesEngine
+from services.rules.service_layer.config_swap import ConfigWatch
 from tests.support.rules import Home, run_stream
 
 T0 = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
-from services.rules.app import ConfigWatch
 from services.rules.domain.config import RulesConfig
+from services.rules.service_layer.config_swap import ConfigWatch
 from services.rules.settings import RulesSettings
 from tests.ops_scrape import parse, value
 

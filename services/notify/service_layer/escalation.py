@@ -290,9 +290,6 @@ class EscalationService:
             if channels is not None
             else provider_channels(email=email, sms=sms, webhook=webhook)
         )
-        # The e-mail provider given, if any: not sent through directly (pages go through
-        # ``_channels``); kept so a test can look at the provider it passed in.
-        self._email = email
         self._config = config
         self._clock = clock
         self._wakeup = asyncio.Event()
