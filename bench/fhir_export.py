@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import stack_environment
 from services.api.adapters.credentials import hash_password
 from services.api.adapters.repository import ApiRepository
-from services.api.app import create_app
+from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
 from services.ingest.adapters.registry_admin import (

@@ -1,7 +1,6 @@
-"""API composition root: settings, the database pool, the audit trail and the routes.
+"""The ``vigil api`` command: serve the API and dashboard, or create a login.
 
-``create_app`` takes its collaborators as arguments so tests can pass their own clock; the
-defaults are the real adapters.
+The application itself is wired in ``bootstrap.create_app``.
 """
 
 from __future__ import annotations
@@ -11,89 +10,15 @@ import asyncio
 import getpass
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from services.api.adapters.audit import AuditTrail
 from services.api.adapters.credentials import hash_password
-from services.api.adapters.fhir import FhirRepository
-from services.api.adapters.fhir_export import ExportJobs
 from services.api.adapters.repository import ApiRepository
+from services.api.bootstrap import create_app
 from services.api.domain.access import Role
-from services.api.domain.throttle import LoginThrottle
-from services.api.routes import alerts, auth, dashboard, fhir, patients, protocols
 from services.api.settings import ApiSettings
-from vigil.runtime import configure_logging, utcnow
-
-
-def create_app(
-    settings: ApiSettings,
-    *,
-    clock: Callable[[], datetime] = utcnow,
-    alert_actions: Any = None,
-    audit: Any = None,
-) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(
-            settings.pg.dsn,
-            min_size=settings.pg.pool_min_size,
-            max_size=max(settings.pg.pool_max_size, 4),
-        )
-        app.state.repository = ApiRepository(pool)
-        app.state.audit = audit if audit is not None else AuditTrail(pool)
-        if alert_actions is None:
-            from services.notify.public import AlertActions
-
-            app.state.alert_actions = AlertActions(pool)
-        # The FHIR application is mounted, so its lifespan does not run: it gets the same
-        # settings, clock, repository (for the caller's identity) and audit trail here.
-        fhir_app.state.repository = app.state.repository
-        fhir_app.state.audit = app.state.audit
-        fhir_app.state.fhir_repository = FhirRepository(pool)
-        fhir_app.state.fhir_exports = ExportJobs(fhir_app.state.fhir_repository, clock)
-        try:
-            yield
-        finally:
-            await fhir_app.state.fhir_exports.close()
-            await pool.close()
-
-    fhir_app = fhir.create_fhir_app()
-    app = FastAPI(
-        title="Vigil care-team API",
-        version="1",
-        description="Patients, alerts and acknowledgements of the caller's care teams.",
-        lifespan=lifespan,
-    )
-
-    @app.exception_handler(asyncpg.exceptions.DataError)
-    async def invalid_input(request: Request, error: asyncpg.exceptions.DataError) -> JSONResponse:
-        # Input the database cannot even represent (a NUL byte, an out-of-range number) is the
-        # caller's error, not the server's.
-        return JSONResponse({"detail": "invalid input"}, status_code=422)
-
-    app.state.settings = settings
-    app.state.clock = clock
-    app.state.alert_actions = alert_actions
-    app.state.login_throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s)
-    app.state.address_throttle = LoginThrottle(
-        settings.login_max_failures * 10, settings.login_window_s
-    )
-    app.include_router(auth.router)
-    app.include_router(patients.router)
-    app.include_router(alerts.router)
-    app.include_router(protocols.router)
-    app.include_router(dashboard.router)
-    fhir_app.state.settings = settings
-    fhir_app.state.clock = clock
-    app.mount("/fhir", fhir_app)
-    return app
+from vigil.runtime import configure_logging
 
 
 async def _create_user(settings: ApiSettings, args: argparse.Namespace, password: str) -> None:

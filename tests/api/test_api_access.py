@@ -7,7 +7,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from services.api.app import create_app
+from services.api.bootstrap import create_app
 from services.api.settings import ApiSettings
 from tests.api.conftest import PASSWORD, World, bearer
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import uvicorn
 
-from services.api.app import create_app
+from services.api.bootstrap import create_app
 from services.api.settings import ApiSettings
 from tests.api.conftest import (
     PASSWORD,

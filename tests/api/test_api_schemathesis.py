@@ -13,7 +13,7 @@ import schemathesis
 import uvicorn
 from schemathesis.checks import ignored_auth, not_a_server_error
 
-from services.api.app import create_app
+from services.api.bootstrap import create_app
 from services.api.settings import ApiSettings
 from tests.api.conftest import PASSWORD, RecordingAlertActions, build_world, free_port
 from tests.polling import eventually_sync

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from services.api.app import create_app
+from services.api.bootstrap import create_app
 from services.api.settings import ApiSettings
 from services.ingest.adapters.registry_admin import bind_device, upsert_device
 from tests.api.conftest import World, bearer

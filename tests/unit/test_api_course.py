@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from services.api.domain.course import CourseWindow, course_window, floor_hour, reading_text
-from services.api.routes.dashboard import course_plot
+from services.api.entrypoints.http.dashboard import course_plot
 
 NOW = datetime(2025, 3, 10, 14, 37, 12, tzinfo=UTC)
 HOUR = NOW.replace(minute=0, second=0)

@@ -1,6 +1,6 @@
 """The FHIR interface's CapabilityStatement and its bulk-export manifest, built without I/O.
 
-The statement lists exactly what ``services.api.routes.fhir`` serves; a test reads every
+The statement lists exactly what ``services.api.entrypoints.http.fhir`` serves; a test reads every
 interaction and search parameter it names back from the live server.
 """
 

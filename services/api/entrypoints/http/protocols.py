@@ -13,8 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field, ValidationError
 
-from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
+from services.api.entrypoints.http.deps import Clock, Repository, require
 from services.rules.public import Thresholds
 
 router = APIRouter(prefix="/api", tags=["protocols"])

@@ -10,8 +10,14 @@ from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel
 
 from services.api.adapters.credentials import DUMMY_HASH, issue_token, verify_password
-from services.api.deps import SESSION_COOKIE, Clock, CurrentPrincipal, Repository, Settings
 from services.api.domain.throttle import LoginThrottle
+from services.api.entrypoints.http.deps import (
+    SESSION_COOKIE,
+    Clock,
+    CurrentPrincipal,
+    Repository,
+    Settings,
+)
 
 router = APIRouter(tags=["auth"])
 

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
+from services.api.entrypoints.http.deps import Clock, Repository, require
 
 router = APIRouter(prefix="/api/alerts", tags=["alerts"])
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]

@@ -23,8 +23,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.adapters.fhir import FhirRepository
-from services.api.adapters.fhir_export import MAX_RUNNING_PER_USER, ExportJob, ExportJobs
-from services.api.deps import Clock, require
 from services.api.domain import fhir
 from services.api.domain.access import Action, Principal
 from services.api.domain.fhir_capability import (
@@ -38,6 +36,8 @@ from services.api.domain.fhir_search import (
     observation_kinds,
     reference_id,
 )
+from services.api.entrypoints.http.deps import Clock, require
+from services.api.service_layer.fhir_export import MAX_RUNNING_PER_USER, ExportJob, ExportJobs
 
 FHIR_JSON = "application/fhir+json"
 FHIR_NDJSON = "application/fhir+ndjson"

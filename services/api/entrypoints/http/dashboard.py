@@ -10,13 +10,13 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from services.api.deps import SESSION_COOKIE, get_principal
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks, local_time
 from services.api.domain.course import CourseWindow, course_window, reading_text
+from services.api.entrypoints.http.deps import SESSION_COOKIE, get_principal
 
 router = APIRouter(include_in_schema=False)
-templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent.parent / "templates"))
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "templates"))
 
 PLOT_W, PLOT_H, PAD = 760, 240, 36
 

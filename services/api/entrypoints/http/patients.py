@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
 
-from services.api.deps import Clock, Repository, require
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks
 from services.api.domain.course import Basis, course_window
+from services.api.entrypoints.http.deps import Clock, Repository, require
 
 router = APIRouter(prefix="/api/patients", tags=["patients"])
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]

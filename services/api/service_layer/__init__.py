@@ -1,0 +1,1 @@
+"""Use cases of the API that are more than one query: the FHIR bulk export jobs."""
