@@ -361,6 +361,7 @@ class Drain:
 
 async def run_course(args: argparse.Namespace) -> dict[str, Any]:
     import services.ingest.app as ingest_app
+    import services.ingest.bootstrap as ingest_wiring
     from services.ingest.settings import IngestSettings
     from services.notify.app import consume_alerts
     from services.notify.bootstrap import build_escalation, open_pool
@@ -409,7 +410,7 @@ async def run_course(args: argparse.Namespace) -> dict[str, Any]:
     saved_env = os.environ.get("VIGIL_PG_DSN")
     # The hooks ingest lacks (topic names, its pipeline's clock), set for this process only.
     hooked = ("TELEMETRY_TOPIC", "DEADLETTER_TOPIC", "IngestPipeline")
-    saved_ingest = {name: getattr(ingest_app, name) for name in hooked}
+    saved_ingest = {name: getattr(ingest_wiring, name) for name in hooked}
     mailbox = Mailbox(clock)
     controller: Controller | None = None
     stop = asyncio.Event()
@@ -428,7 +429,7 @@ async def run_course(args: argparse.Namespace) -> dict[str, Any]:
         mine.add(beat)
         admitted = [0]
 
-        class SimPipeline(ingest_app.IngestPipeline):
+        class SimPipeline(ingest_wiring.IngestPipeline):
             def __init__(self, *a: Any, **k: Any) -> None:
                 k["clock"] = clock.now
                 super().__init__(*a, **k)
@@ -438,9 +439,9 @@ async def run_course(args: argparse.Namespace) -> dict[str, Any]:
                 admitted[0] += sum(1 for topic, _ in messages if topic.split("/")[3] in mine)
                 return result
 
-        setattr(ingest_app, "TELEMETRY_TOPIC", topics.telemetry)  # noqa: B010
-        setattr(ingest_app, "DEADLETTER_TOPIC", topics.deadletter)  # noqa: B010
-        setattr(ingest_app, "IngestPipeline", SimPipeline)  # noqa: B010
+        setattr(ingest_wiring, "TELEMETRY_TOPIC", topics.telemetry)  # noqa: B010
+        setattr(ingest_wiring, "DEADLETTER_TOPIC", topics.deadletter)  # noqa: B010
+        setattr(ingest_wiring, "IngestPipeline", SimPipeline)  # noqa: B010
         ingest_settings = IngestSettings(
             mqtt_client_id=ingest_id,
             mqtt_share_group=ingest_id,
@@ -530,7 +531,7 @@ async def run_course(args: argparse.Namespace) -> dict[str, Any]:
         if controller is not None:
             controller.stop()
         for name, value in saved_ingest.items():
-            setattr(ingest_app, name, value)
+            setattr(ingest_wiring, name, value)
         if saved_env is None:
             os.environ.pop("VIGIL_PG_DSN", None)
         else:

@@ -1,4 +1,5 @@
-"""Ingest composition root: wires the broker connection, the pipeline, Kafka and PostgreSQL.
+"""Ingest process: the pipeline (wired in ``bootstrap``), the ops server and the consumer loop
+until a signal.
 
 No logic of its own: what is decided lives in ``domain``, the use cases (admit, make durable,
 acknowledge in order, answer devices) in ``service_layer``, the consumer loop in
@@ -14,86 +15,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Callable
-from datetime import datetime, timedelta
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
-from schemas.kafka_topics import DEADLETTER_TOPIC, TELEMETRY_TOPIC
-from services.ingest.adapters.kafka_batches import KafkaTelemetry
-from services.ingest.adapters.metrics import IngestMetrics
-from services.ingest.adapters.postgres import PostgresTelemetryStore
-from services.ingest.domain.validation import ValidationLimits
+from services.ingest.bootstrap import build_pipeline, make_ingest_producer
 from services.ingest.entrypoints.consumer import consume_until_stopped, subscription
-from services.ingest.service_layer.answers import AckPublisher
-from services.ingest.service_layer.pipeline import IngestPipeline, PipelineConfig
 from services.ingest.settings import IngestSettings
-from vigil.kafka import make_producer
 from vigil.ops import OpsServer, kafka_probe, start_ops_server, watch_dependency
-from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
+from vigil.runtime import configure_logging, log_fields, run_until_signalled
 
-__all__ = ["IngestPipeline", "build_pipeline", "main", "run", "subscription"]
+__all__ = ["main", "run", "subscription"]
 
 log = logging.getLogger("vigil.ingest")
 
 
-def pipeline_config(settings: IngestSettings) -> PipelineConfig:
-    return PipelineConfig(
-        limits=ValidationLimits(
-            max_payload_bytes=settings.max_payload_bytes,
-            max_clock_ahead=timedelta(seconds=settings.max_clock_ahead_s),
-            max_clock_behind=timedelta(seconds=settings.max_clock_behind_s),
-        ),
-        dedup_window=settings.dedup_window,
-        registry_refresh_s=settings.registry_refresh_s,
-        liveness_flush_s=settings.liveness_flush_s,
-    )
-
-
-def build_pipeline(
-    settings: IngestSettings,
-    producer: AIOKafkaProducer,
-    pool: asyncpg.Pool,
-    clock: Callable[[], datetime] = utcnow,
-) -> IngestPipeline:
-    """The pipeline over Kafka and PostgreSQL. The topics and the pipeline class are this
-    module's names, read at call time: a benchmark on its own topics or clock replaces them."""
-    metrics = IngestMetrics()
-    answers = None
-    if settings.acks_enabled:
-        answers = AckPublisher(
-            metrics,
-            linger_s=settings.ack_linger_ms / 1000,
-            max_entries=settings.ack_max_entries,
-            capacity=settings.ack_pending_max,
-            clock=clock,
-        )
-    return IngestPipeline(
-        pipeline_config(settings),
-        KafkaTelemetry(producer, TELEMETRY_TOPIC, DEADLETTER_TOPIC),
-        PostgresTelemetryStore(pool),
-        metrics=metrics,
-        answers=answers,
-        clock=clock,
-    )
-
-
-def _producer(settings: IngestSettings) -> AIOKafkaProducer:
-    """The shared producer settings (idempotent, acks=all) with batches big enough for a whole
-    ingest batch: aiokafka's default 16 KiB per partition split one 500-message batch into
-    several produce requests sent one after another (one in flight with idempotence), which
-    made Kafka the slowest step at a few thousand messages a second."""
-    return make_producer(
-        settings.kafka,
-        "ingest",
-        linger_ms=settings.kafka_linger_ms,
-        max_batch_bytes=settings.kafka_max_batch_bytes,
-    )
-
-
 async def run(settings: IngestSettings, stop: asyncio.Event) -> None:
-    producer = _producer(settings)
+    producer = make_ingest_producer(settings)
     pool = await asyncpg.create_pool(
         settings.pg.dsn, min_size=settings.pg.pool_min_size, max_size=settings.pg.pool_max_size
     )

@@ -109,7 +109,7 @@ def _service(module: str) -> str | None:
 def test_the_graph_sees_imports() -> None:
     # Positive control: known edges are found, a relative import and a local import among them.
     assert "vigil.runtime" in GRAPH["services.notify.app"]
-    assert "services.ingest.domain.validation" in GRAPH["services.ingest.app"]
+    assert "services.ingest.domain.validation" in GRAPH["services.ingest.bootstrap"]
     assert any(_layer(m) == "services" for m in GRAPH["vigil_tools.cli"])
     assert len(MODULES) > 150
 
@@ -210,3 +210,36 @@ def test_the_cycle_finder_finds_a_cycle(
 ) -> None:
     monkeypatch.setattr(f"{__name__}.GRAPH", graph)
     assert _cycles() == expected
+
+
+SKELETON = ("domain/", "service_layer/", "adapters/", "entrypoints/", "bootstrap.py", "settings.py")
+SERVICES = ("ingest", "rules", "notify", "api")
+
+
+def _missing_parts(service_dir: Path) -> list[str]:
+    missing = []
+    for part in SKELETON:
+        path = service_dir / part.rstrip("/")
+        present = (path / "__init__.py").is_file() if part.endswith("/") else path.is_file()
+        if not present:
+            missing.append(part)
+    return missing
+
+
+def test_the_skeleton_check_sees_a_missing_part(tmp_path: Path) -> None:
+    # Positive control: a service without its wiring module or entrypoints is reported.
+    for part in ("domain", "service_layer", "adapters"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "__init__.py").write_text("")
+    (tmp_path / "settings.py").write_text("")
+    assert _missing_parts(tmp_path) == ["entrypoints/", "bootstrap.py"]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_has_the_same_skeleton(service: str) -> None:
+    assert _missing_parts(ROOT / "services" / service) == []
+
+
+def test_every_service_is_checked() -> None:
+    found = {p.parent.name for p in (ROOT / "services").glob("*/settings.py")}
+    assert found == set(SERVICES)
