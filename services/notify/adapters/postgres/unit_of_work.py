@@ -1,0 +1,99 @@
+"""One unit of work over PostgreSQL: a connection from the pool, a transaction on it, and the
+notify repositories sharing both (``service_layer.unit_of_work.UnitOfWork``).
+
+``async with uow:`` acquires the connection and begins the transaction; ``await uow.commit()``
+commits it; leaving the block without a commit rolls it back. The connection goes back to the
+pool either way.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from services.notify.adapters.postgres.bundles import PostgresBundles
+from services.notify.adapters.postgres.escalations import PostgresEscalations
+from services.notify.adapters.postgres.heartbeats import PostgresHeartbeats
+from services.notify.adapters.postgres.outbox import PostgresOutbox
+from services.notify.adapters.postgres.policies import PostgresPolicies
+from services.notify.domain.escalation import (
+    DEFAULT_FALLBACK_EMAIL,
+    DEFAULT_POLICY_REPEATS,
+    DEFAULT_POLICY_WAIT_S,
+)
+
+
+class PostgresUnitOfWork:
+    escalations: PostgresEscalations
+    outbox: PostgresOutbox
+    bundles: PostgresBundles
+    policies: PostgresPolicies
+    heartbeats: PostgresHeartbeats
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        fallback_email: str = DEFAULT_FALLBACK_EMAIL,
+        default_wait_s: int = DEFAULT_POLICY_WAIT_S,
+        default_repeats: int = DEFAULT_POLICY_REPEATS,
+        transaction: bool = True,
+    ) -> None:
+        # asyncpg ships no type information; the pool is an asyncpg.Pool.
+        self._pool = pool
+        self._fallback_email = fallback_email
+        self._default_wait_s = default_wait_s
+        self._default_repeats = default_repeats
+        # False: the repositories share one connection but each statement commits on its own
+        # (reads of several statements that need no snapshot or lock: a policy, a timeline).
+        self._transactional = transaction
+        self._conn: Any = None
+        self._transaction: Any = None
+
+    async def __aenter__(self) -> PostgresUnitOfWork:
+        self._conn = await self._pool.acquire()
+        try:
+            if self._transactional:
+                self._transaction = self._conn.transaction()
+                await self._transaction.start()
+        except BaseException:
+            await self._pool.release(self._conn)
+            raise
+        self.escalations = PostgresEscalations(self._conn, fallback_email=self._fallback_email)
+        self.outbox = PostgresOutbox(self._conn, fallback_email=self._fallback_email)
+        self.bundles = PostgresBundles(self._conn, fallback_email=self._fallback_email)
+        self.heartbeats = PostgresHeartbeats(self._conn)
+        self.policies = PostgresPolicies(
+            self._conn, default_wait_s=self._default_wait_s, default_repeats=self._default_repeats
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._transaction is not None:
+                await self.rollback()
+        finally:
+            conn, self._conn = self._conn, None
+            await self._pool.release(conn)
+
+    async def commit(self) -> None:
+        if self._transaction is not None:
+            transaction, self._transaction = self._transaction, None
+            await transaction.commit()
+
+    async def rollback(self) -> None:
+        if self._transaction is not None:
+            transaction, self._transaction = self._transaction, None
+            await transaction.rollback()
+
+
+if TYPE_CHECKING:
+    from services.notify.service_layer.unit_of_work import UnitOfWork
+
+    def _conforms(uow: PostgresUnitOfWork) -> UnitOfWork:
+        return uow
