@@ -3,9 +3,10 @@
 Starts the local stack, registers the simulated fleet (one care team whose on-call address is
 ``oncall@vigil.local``) and the pipeline heartbeat (a technical care team ``team-tech`` paged at
 ``tech-oncall@vigil.local``, its pseudo-patient and the heartbeat device), starts ingest, rules,
-notify and the heartbeat publisher as separate processes, then runs the simulator until Ctrl-C,
-printing each page notify records. The pages themselves are e-mails
-caught by the stack's SMTP sink as ``.eml`` files in ``<data_dir>/mail``.
+notify (with its API, so the acknowledgement link in every page answers), the care-team API and
+the heartbeat publisher as separate processes, then runs the simulator until Ctrl-C, printing
+each page notify records. The pages themselves are e-mails caught by the stack's SMTP sink as
+``.eml`` files in ``<data_dir>/mail``.
 """
 
 from __future__ import annotations
@@ -161,6 +162,27 @@ async def register_demo_user(dsn: str, data_dir: Path) -> str:
     return password
 
 
+def notify_api_env(data_dir: Path, environ: dict[str, str]) -> dict[str, str]:
+    """Notify's API for the local run: served on ``VIGIL_NOTIFY_API_PORT`` (8085), the address
+    the acknowledgement links in pages point to, with a bearer token for its management routes
+    generated once into ``<data_dir>/notify-api-token``. What the caller's environment already
+    sets is kept."""
+    import secrets
+
+    token_file = data_dir / "notify-api-token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_urlsafe(32) + "\n")
+        token_file.chmod(0o600)
+    port = environ.get("VIGIL_NOTIFY_API_PORT", "8085")
+    wanted = {
+        "VIGIL_NOTIFY_API_ENABLED": "true",
+        "VIGIL_NOTIFY_API_PORT": port,
+        "VIGIL_NOTIFY_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "VIGIL_NOTIFY_API_TOKEN": token_file.read_text().strip(),
+    }
+    return {name: environ.get(name, value) for name, value in wanted.items()}
+
+
 async def _watch_pages(dsn: str, since: datetime, mail_dir: Path, stop: asyncio.Event) -> None:
     """Print one line per page recorded since the run started."""
     seen: set[str] = set()
@@ -223,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(stack.data_dir)
     password = asyncio.run(register_demo_user(dsn, data_dir))
     api_port = os.environ.setdefault("VIGIL_API_PORT", "8080")
+    os.environ.update(notify_api_env(data_dir, dict(os.environ)))
 
     log_dir = Path(stack.data_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"vigil run: dashboard at http://127.0.0.1:{api_port}/ "
         f"(user {DEMO_USER}, password {password}, also in {data_dir / 'dashboard-password'})",
+        flush=True,
+    )
+    print(
+        f"vigil run: notify's API at {os.environ['VIGIL_NOTIFY_PUBLIC_BASE_URL']} "
+        "(the acknowledgement links in pages; bearer token in "
+        f"{data_dir / 'notify-api-token'})",
         flush=True,
     )
     configure_logging("WARNING")
