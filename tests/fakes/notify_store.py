@@ -1,21 +1,25 @@
-"""An in-memory escalation store for unit tests of ``EscalationService``.
+"""An in-memory escalation store and unit of work for unit tests of ``EscalationService``.
 
-It implements the part of the ``EscalationStore`` port the paging path uses, the way
-``PostgresEscalationStore`` does it, on lists and dicts: an escalation is opened and advanced
-with the pure engine (``domain.escalation.advance``), whom its commands page and on which
-channel is the pure routing (``domain.routing.route``, ``after_failure``), pages carry the
-same idempotency keys, are claimed, attempted, retried and failed over. What it does not model
-raises ``NotImplementedError`` or answers "nothing": bundling windows, quiet hours and their
-digests, the technical hold, PagerDuty's upstream acknowledge / resolve, delivery receipts.
+``MemoryEscalationStore`` implements the part of the ``EscalationStore`` port the paging path
+uses, the way ``PostgresEscalationStore`` does it, on lists and dicts; its ``unit_of_work()``
+is a ``FakeUnitOfWork`` whose repositories (``FakeEscalations``, ``FakeOutbox``) write into the
+same lists and dicts, kept when the block commits and put back as they were when it does not.
+The service opens and advances escalations with the pure engine through them; whom the
+commands page and on which channel is the pure routing (``domain.routing.route``,
+``after_failure``); pages carry the same idempotency keys, are claimed, attempted, retried and
+failed over. What it does not model raises ``NotImplementedError`` or answers "nothing":
+bundling windows, quiet hours and their digests, the technical hold, PagerDuty's upstream
+acknowledge / resolve, delivery receipts.
 """
 
 from __future__ import annotations
 
+import copy
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from uuid import UUID
 
 from schemas.events import Alert, Page
@@ -30,17 +34,14 @@ from services.notify.domain.channel_failover import (
 from services.notify.domain.early_cycle import EarlyCycleOverride
 from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
-    EscalationEvent,
+    Acknowledge,
     EscalationState,
     EscalationStatus,
     NotifyFallback,
     PageCommand,
     PolicySnapshot,
-    Tick,
     TimelineEntry,
     Transition,
-    advance,
-    opened,
 )
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.routing import (
@@ -58,6 +59,7 @@ from services.notify.domain.routing import (
     route,
 )
 from services.notify.service_layer.ports import PageJob, SendOutcome
+from services.notify.service_layer.unit_of_work import Change, EscalationRecord
 
 # Pages that asked someone to act: what an all clear is routed from.
 _TRIGGERS = (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)
@@ -98,7 +100,21 @@ class StoredEscalation:
     care_team_id: str
     snapshot: PolicySnapshot
     state: EscalationState
+    opened_at: datetime
     timeline: list[TimelineEntry] = field(default_factory=list)
+
+    def record(self) -> EscalationRecord:
+        return EscalationRecord(
+            escalation_id=self.escalation_id,
+            dedup_key=self.alert.dedup_key,
+            alert_id=self.alert.alert_id,
+            patient_id=self.alert.patient_id,
+            care_team_id=self.care_team_id,
+            bundle_id=None,
+            opened_at=self.opened_at,
+            snapshot=self.snapshot,
+            state=self.state,
+        )
 
 
 class MemoryAlerts:
@@ -125,6 +141,13 @@ class MemoryEscalationStore:
         self.pages: list[StoredPage] = []
         self.tokens: set[str] = set()
         self.heartbeat_at: dict[str, tuple[datetime, datetime | None]] = {}
+        # (by, via, dedup_key) of each acknowledgement, as the audit log records it.
+        self.audit: list[tuple[str, str, str]] = []
+        self.commits = 0
+        self.rollbacks = 0
+
+    def unit_of_work(self) -> FakeUnitOfWork:
+        return FakeUnitOfWork(self)
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -163,31 +186,6 @@ class MemoryEscalationStore:
 
     # -- escalations ---------------------------------------------------------------------------
 
-    async def open_and_fire(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        lease_s: float,
-    ) -> tuple[UUID | None, list[PageJob]]:
-        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
-        if escalation_id in self.escalations:
-            return None, []
-        transition = advance(snapshot, opened(at), Tick(now=at))
-        escalation = StoredEscalation(
-            escalation_id, alert, care_team_id, snapshot, transition.state
-        )
-        self.escalations[escalation_id] = escalation
-        escalation.timeline.append(TimelineEntry("opened", {"policy_id": snapshot.policy_id}))
-        escalation.timeline.extend(transition.timeline)
-        new = self._pages_for(escalation, transition.commands, at)
-        # Claimed for the caller, their first attempt opened (in flight).
-        for page in new:
-            page.status, page.attempts = "sending", 1
-        return escalation_id, [self._job(page, at, attempt=1) for page in new]
-
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
         for escalation in self.escalations.values():
             if escalation.alert.dedup_key == dedup_key:
@@ -196,37 +194,6 @@ class MemoryEscalationStore:
 
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
         self.escalations[escalation_id].timeline.append(entry)
-
-    async def apply(
-        self,
-        escalation_id: UUID,
-        event: EscalationEvent,
-        *,
-        at: datetime,
-        whole_bundle: bool = False,
-    ) -> Transition | None:
-        escalation = self.escalations.get(escalation_id)
-        if escalation is None:
-            return None
-        transition = advance(escalation.snapshot, escalation.state, event)
-        escalation.state = transition.state
-        escalation.timeline.extend(transition.timeline)
-        self._pages_for(escalation, transition.commands, at)
-        return transition
-
-    async def tick_due(
-        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
-    ) -> int:
-        due = [
-            e.escalation_id
-            for e in self.escalations.values()
-            if e.state.status is EscalationStatus.OPEN
-            and e.state.due_at is not None
-            and e.state.due_at <= now
-        ][:limit]
-        for escalation_id in due:
-            await self.apply(escalation_id, event_for(now), at=now)
-        return len(due)
 
     async def state_of(self, escalation_id: UUID) -> EscalationState | None:
         escalation = self.escalations.get(escalation_id)
@@ -499,6 +466,145 @@ class MemoryEscalationStore:
             early_cycle=escalation.snapshot.early_cycle,
             attempt=attempt,
         )
+
+
+class FakeEscalations:
+    """``EscalationRepository`` over the store's escalations."""
+
+    def __init__(self, store: MemoryEscalationStore) -> None:
+        self._store = store
+
+    async def add(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        state: EscalationState,
+        at: datetime,
+    ) -> UUID | None:
+        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+        if escalation_id in self._store.escalations:
+            return None
+        self._store.escalations[escalation_id] = StoredEscalation(
+            escalation_id, alert, care_team_id, snapshot, state, opened_at=at
+        )
+        return escalation_id
+
+    async def lock(
+        self, escalation_id: UUID, *, whole_bundle: bool = False
+    ) -> list[EscalationRecord]:
+        escalation = self._store.escalations.get(escalation_id)
+        return [] if escalation is None else [escalation.record()]
+
+    async def lock_due(self, now: datetime, *, limit: int) -> list[EscalationRecord]:
+        due = [
+            e.record()
+            for e in self._store.escalations.values()
+            if e.state.status is EscalationStatus.OPEN
+            and e.state.due_at is not None
+            and e.state.due_at <= now
+        ]
+        return sorted(due, key=lambda r: cast(datetime, r.state.due_at))[:limit]
+
+    async def save(self, changes: Sequence[Change]) -> None:
+        for record, transition in changes:
+            self._store.escalations[record.escalation_id].state = transition.state
+
+    async def record_acknowledged(
+        self, record: EscalationRecord, event: Acknowledge, *, at: datetime
+    ) -> None:
+        self._store.audit.append((event.by, event.via, record.dedup_key))
+
+    async def escalation_id_for(self, dedup_key: str) -> UUID | None:
+        return await self._store.escalation_id_for(dedup_key)
+
+    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
+        await self._store.note(escalation_id, at, entry)
+
+
+class FakeOutbox:
+    """``OutboxRepository``: the pages the engine's commands ask for, written as the store's
+    ``_pages_for`` writes them (the pure routing over the store's contact methods)."""
+
+    def __init__(self, store: MemoryEscalationStore) -> None:
+        self._store = store
+
+    async def add_opened(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        transition: Transition,
+        at: datetime,
+        claim_until: datetime,
+    ) -> list[PageJob]:
+        escalation = self._store.escalations[escalation_id]
+        escalation.timeline.append(TimelineEntry("opened", {"policy_id": snapshot.policy_id}))
+        escalation.timeline.extend(transition.timeline)
+        new = self._store._pages_for(escalation, transition.commands, at)
+        # Claimed for the caller, their first attempt opened (in flight).
+        for page in new:
+            page.status, page.attempts = "sending", 1
+            page.next_attempt_at = claim_until
+        return [self._store._job(page, at, attempt=1) for page in new]
+
+    async def add_effects(self, changes: Sequence[Change], *, at: datetime) -> None:
+        for record, transition in changes:
+            escalation = self._store.escalations[record.escalation_id]
+            escalation.timeline.extend(transition.timeline)
+            self._store._pages_for(escalation, transition.commands, at)
+
+    async def sync_upstream(self, escalation_ids: Sequence[UUID], *, at: datetime) -> None:
+        return None  # PagerDuty's upstream acknowledge / resolve is not modelled here
+
+    async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
+        return await self._store.claim_pages(now, limit=limit, lease_s=lease_s)
+
+    async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob:
+        return await self._store.begin_attempt(job, at=at)
+
+    async def record_outcomes(
+        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
+    ) -> None:
+        await self._store.record_outcomes(outcomes, at=at)
+
+
+class FakeUnitOfWork:
+    """``UnitOfWork`` over a ``MemoryEscalationStore``: ``async with`` it, write through its
+    repositories, ``await commit()``; a block left without a commit puts the store's
+    escalations, pages and audit entries back as they were when it began."""
+
+    def __init__(self, store: MemoryEscalationStore) -> None:
+        self.store = store
+        self.escalations = FakeEscalations(store)
+        self.outbox = FakeOutbox(store)
+        self.committed = False
+        self._saved: tuple[Any, ...] | None = None
+
+    async def __aenter__(self) -> FakeUnitOfWork:
+        store = self.store
+        self._saved = copy.deepcopy((store.escalations, store.pages, store.audit))
+        self.committed = False
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.committed:
+            await self.rollback()
+
+    async def commit(self) -> None:
+        self.committed = True
+        self._saved = None
+        self.store.commits += 1
+
+    async def rollback(self) -> None:
+        if self._saved is None:
+            return
+        self.store.escalations, self.store.pages, self.store.audit = self._saved
+        self._saved = None
+        self.store.rollbacks += 1
 
 
 def _not_modelled(what: str) -> NoReturn:

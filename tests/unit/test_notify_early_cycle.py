@@ -343,17 +343,34 @@ class MemoryStore:
     async def quiet_hours(self, care_team_id: str) -> None:
         return None
 
-    async def open_and_fire(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        lease_s: float,
-    ) -> tuple[UUID | None, list[Any]]:
-        self.frozen[alert.dedup_key] = (care_team_id, snapshot)
-        return uuid4(), []
+    def unit_of_work(self) -> _Opening:
+        return _Opening(self)
+
+
+class _Opening:
+    """The unit of work ``handle_alert`` opens an escalation in: notes the policy frozen."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.escalations = self.outbox = self
+        self._store = store
+
+    async def __aenter__(self) -> _Opening:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def add(
+        self, alert: Alert, *, care_team_id: str, snapshot: PolicySnapshot, **_: Any
+    ) -> UUID | None:
+        self._store.frozen[alert.dedup_key] = (care_team_id, snapshot)
+        return uuid4()
+
+    async def add_opened(self, *_: Any, **__: Any) -> list[Any]:
+        return []
+
+    async def commit(self) -> None:
+        return None
 
 
 class MemoryAlerts:

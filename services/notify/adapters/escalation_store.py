@@ -1,12 +1,12 @@
-"""The escalation store's old interface over the notify repositories: each method is one unit of
-work (``adapters.postgres.unit_of_work``) running the repository method of the same name, so
-callers written against one object keep working while the service layer moves to the unit of
-work. The SQL lives in ``adapters/postgres/``.
+"""The escalation store over the notify repositories: ``unit_of_work()`` for what the service
+layer does in one transaction around the pure engine (open an escalation, apply an event, fire
+the due steps), and, for the steps that are one transaction of a single repository, a method
+each that runs it as one unit of work (``adapters.postgres.unit_of_work``) or, for a statement
+that stands alone, on the pool. The SQL lives in ``adapters/postgres/``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -25,11 +25,9 @@ from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     DEFAULT_POLICY_REPEATS,
     DEFAULT_POLICY_WAIT_S,
-    EscalationEvent,
     EscalationState,
     PolicySnapshot,
     TimelineEntry,
-    Transition,
 )
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.schedule import Rotation
@@ -63,7 +61,8 @@ class PostgresEscalationStore:
         )
 
     def unit_of_work(self, *, transaction: bool = True) -> PostgresUnitOfWork:
-        """A new unit of work over this store's pool (``async with`` it)."""
+        """A new unit of work over this store's pool (``async with`` it): what the service
+        layer opens, loads, runs through the pure engine and commits in one transaction."""
         return PostgresUnitOfWork(
             self._pool,
             fallback_email=self._fallback_email,
@@ -97,51 +96,12 @@ class PostgresEscalationStore:
 
     # -- escalations --------------------------------------------------------------------------
 
-    async def open_and_fire(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        lease_s: float,
-    ) -> tuple[UUID | None, list[PageJob]]:
-        async with self.unit_of_work() as uow:
-            opened = await uow.escalations.open_and_fire(
-                alert, care_team_id=care_team_id, snapshot=snapshot, at=at, lease_s=lease_s
-            )
-            await uow.commit()
-        return opened
-
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
         return await self._escalations.escalation_id_for(dedup_key)
 
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
         async with self.unit_of_work(transaction=False) as uow:
             await uow.escalations.note(escalation_id, at, entry)
-
-    async def apply(
-        self,
-        escalation_id: UUID,
-        event: EscalationEvent,
-        *,
-        at: datetime,
-        whole_bundle: bool = False,
-    ) -> Transition | None:
-        async with self.unit_of_work() as uow:
-            found = await uow.escalations.apply(
-                escalation_id, event, at=at, whole_bundle=whole_bundle
-            )
-            await uow.commit()
-        return found
-
-    async def tick_due(
-        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
-    ) -> int:
-        async with self.unit_of_work() as uow:
-            fired = await uow.escalations.tick_due(now, limit=limit, event_for=event_for)
-            await uow.commit()
-        return fired
 
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
         async with self.unit_of_work() as uow:

@@ -34,9 +34,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.events import Alert, DeadLetter
 from services.notify.adapters.escalation_store import PostgresEscalationStore
+from services.notify.adapters.postgres.escalations import PostgresEscalations
+from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.domain.channel_failover import AttemptVerdict, GiveUp, NextChannel
-from services.notify.domain.escalation import Acknowledge, EscalationEvent, Transition
+from services.notify.domain.escalation import Acknowledge
 from services.notify.service_layer.ports import PageJob, SendOutcome
+from services.notify.service_layer.unit_of_work import EscalationRecord
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.ops")
@@ -256,35 +259,66 @@ class ObservedEscalationStore(PostgresEscalationStore):
         await super().record_receipt(job, status=status, at=at)
         self._metrics.receipt(job.page.channel, status)
 
-    async def apply(
-        self,
-        escalation_id: UUID,
-        event: EscalationEvent,
-        *,
-        at: datetime,
-        whole_bundle: bool = False,
-    ) -> Transition | None:
-        transition = await super().apply(escalation_id, event, at=at, whole_bundle=whole_bundle)
-        if (
-            isinstance(event, Acknowledge)
-            and transition is not None
-            and not any(entry.kind == "ack_repeated" for entry in transition.timeline)
-        ):
-            try:
-                opened_at = await self._pool.fetchval(
-                    "SELECT opened_at FROM escalations WHERE escalation_id = $1", escalation_id
-                )
-            except Exception as error:  # the acknowledgement stands; only its figure is lost
-                log.warning("ack_latency_unavailable", extra=log_fields(error=repr(error)))
-            else:
-                if opened_at is not None:
-                    self._metrics.acknowledged(event.via, opened_at, at)
-        return transition
+    def unit_of_work(self, *, transaction: bool = True) -> PostgresUnitOfWork:
+        return _ObservedUnitOfWork(
+            self._pool,
+            self._metrics,
+            fallback_email=self._fallback_email,
+            default_wait_s=self._default_wait_s,
+            default_repeats=self._default_repeats,
+            transaction=transaction,
+        )
 
     async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
         rows = await super().heartbeats()
         self._metrics.heartbeats_seen(rows, self._now)
         return rows
+
+
+class _ObservedEscalations(PostgresEscalations):
+    """Notes the acknowledgement of the escalation an event was applied to (not the other
+    escalations of its bundle acknowledged with it), for its latency once committed."""
+
+    def __init__(self, db: Any, acked: list[tuple[str, datetime, datetime]], **kwargs: Any) -> None:
+        super().__init__(db, **kwargs)
+        self._acked = acked
+        self._named: UUID | None = None
+
+    async def lock(
+        self, escalation_id: UUID, *, whole_bundle: bool = False
+    ) -> list[EscalationRecord]:
+        self._named = escalation_id
+        return await super().lock(escalation_id, whole_bundle=whole_bundle)
+
+    async def record_acknowledged(
+        self, record: EscalationRecord, event: Acknowledge, *, at: datetime
+    ) -> None:
+        await super().record_acknowledged(record, event, at=at)
+        if record.escalation_id == self._named:
+            self._acked.append((event.via, record.opened_at, at))
+
+
+class _ObservedUnitOfWork(PostgresUnitOfWork):
+    """A unit of work that reports the acknowledgements it committed (their latency from the
+    escalation's opening) to ``NotifyMetrics``."""
+
+    def __init__(self, pool: Any, metrics: NotifyMetrics, **kwargs: Any) -> None:
+        super().__init__(pool, **kwargs)
+        self._metrics = metrics
+        self._acked: list[tuple[str, datetime, datetime]] = []
+
+    async def __aenter__(self) -> _ObservedUnitOfWork:
+        await super().__aenter__()
+        self.escalations = _ObservedEscalations(
+            self._conn, self._acked, fallback_email=self._fallback_email
+        )
+        return self
+
+    async def commit(self) -> None:
+        await super().commit()
+        acked, self._acked[:] = list(self._acked), []
+        for via, opened_at, at in acked:
+            self._metrics.acknowledged(via, opened_at, at)
 
 
 async def poll_database(

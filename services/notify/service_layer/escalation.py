@@ -64,6 +64,8 @@ from services.notify.domain.escalation import (
     TimelineEntry,
     Transition,
     Worsen,
+    advance,
+    opened,
     page_until_acknowledged,
 )
 from services.notify.domain.heartbeat import (
@@ -101,6 +103,7 @@ from services.notify.service_layer.ports import (
     PageSender,
     SendOutcome,
 )
+from services.notify.service_layer.unit_of_work import UnitOfWork
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.escalation")
@@ -113,30 +116,17 @@ UNROUTABLE_POLICY_PREFIX = "unroutable:"
 
 
 class EscalationStore(Protocol):
-    """Implemented by ``adapters.escalation_store.PostgresEscalationStore``."""
+    """Implemented by ``adapters.escalation_store.PostgresEscalationStore``: a unit of work for
+    what is decided around the pure engine in one transaction (``unit_of_work``), and the steps
+    that are one repository call each."""
+
+    def unit_of_work(self) -> UnitOfWork: ...
 
     async def team_of_patient(self, patient_id: str) -> str | None: ...
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None: ...
     async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None: ...
-    async def open_and_fire(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        lease_s: float,
-    ) -> tuple[UUID | None, list[PageJob]]: ...
     async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
-    async def apply(
-        self,
-        escalation_id: UUID,
-        event: EscalationEvent,
-        *,
-        at: datetime,
-        whole_bundle: bool = False,
-    ) -> Transition | None: ...
     async def open_in_window(
         self,
         alert: Alert,
@@ -176,9 +166,6 @@ class EscalationStore(Protocol):
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
     async def flush_bundles(
         self, now: datetime, *, limit: int, only: UUID | None = None
-    ) -> int: ...
-    async def tick_due(
-        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
     ) -> int: ...
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]: ...
     async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob: ...
@@ -376,7 +363,7 @@ class EscalationService:
         else:
             await self._alerts.record_alert(alert)
         if alert.phase is AlertPhase.END:
-            await self._store.apply(escalation_id, Resolve(at=now), at=now)
+            await self._apply(escalation_id, Resolve(at=now), at=now)
         elif alert.phase is AlertPhase.ESCALATE:
             # From now on the episode's pages (the escalation notice, the next steps, a bundle
             # that lists it) speak of the worsened alert: its priority and title, not the
@@ -395,7 +382,7 @@ class EscalationService:
                 f"escalated to {alert.priority.value}",
                 kind=TECHNICAL_HOLD_KIND,
             )
-            await self._store.apply(escalation_id, Worsen(at=now), at=now)
+            await self._apply(escalation_id, Worsen(at=now), at=now)
         else:
             # continue / de-escalate: the open thread is updated in the timeline, nobody is paged.
             await self._store.note(
@@ -561,16 +548,82 @@ class EscalationService:
     async def _open(
         self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime
     ) -> UUID | None:
-        escalation_id, jobs = await self._store.open_and_fire(
-            alert, care_team_id=team, snapshot=snapshot, at=now, lease_s=self._config.send_lease_s
-        )
-        if escalation_id is None:
-            return None
-        # The first step fired with the open; its pages are claimed for this call, so the first
-        # attempt waits for neither the ticker nor the delivery loop.
+        """Open the alert's escalation and fire its first step, in one transaction: the pure
+        engine decides the step, the escalation and its pages are written together, the pages
+        claimed for this call (an attempt in flight each), so the first attempt waits for
+        neither the ticker nor the delivery loop. None when the episode has an escalation."""
+        transition = advance(snapshot, opened(now), Tick(now=now))
+        async with self._store.unit_of_work() as uow:
+            escalation_id = await uow.escalations.add(
+                alert, care_team_id=team, snapshot=snapshot, state=transition.state, at=now
+            )
+            if escalation_id is None:
+                return None
+            jobs = await uow.outbox.add_opened(
+                alert,
+                escalation_id,
+                care_team_id=team,
+                snapshot=snapshot,
+                transition=transition,
+                at=now,
+                claim_until=now + timedelta(seconds=self._config.send_lease_s),
+            )
+            await uow.commit()
         await self._deliver_batch(jobs)
         self._opened(alert, escalation_id, team, snapshot)
         return escalation_id
+
+    async def _apply(
+        self,
+        escalation_id: UUID,
+        event: EscalationEvent,
+        *,
+        at: datetime,
+        whole_bundle: bool = False,
+    ) -> Transition | None:
+        """Run one event through the pure engine under the escalation's row lock, in one
+        transaction: lock, decide, save the state, queue the pages its commands ask for.
+
+        With ``whole_bundle`` the event goes to every escalation of the escalation's bundle
+        (an acknowledgement from a bundled page acknowledges every alert it listed); the
+        transition returned is the named escalation's, None when there is no such escalation.
+        An acknowledgement goes into the audit log; acknowledge and resolve queue PagerDuty's
+        acknowledge / resolve in the same transaction.
+        """
+        async with self._store.unit_of_work() as uow:
+            records = await uow.escalations.lock(escalation_id, whole_bundle=whole_bundle)
+            if not records:
+                return None
+            changes = [
+                (record, advance(record.snapshot, record.state, event)) for record in records
+            ]
+            await uow.escalations.save(changes)
+            await uow.outbox.add_effects(changes, at=at)
+            found = None
+            for record, transition in changes:
+                if isinstance(event, Acknowledge) and not _ack_repeated(transition):
+                    await uow.escalations.record_acknowledged(record, event, at=at)
+                if record.escalation_id == escalation_id:
+                    found = transition
+            if isinstance(event, Acknowledge | Resolve):
+                await uow.outbox.sync_upstream([r.escalation_id for r in records], at=at)
+            await uow.commit()
+        return found
+
+    async def _fire_due(self, now: datetime) -> int:
+        """Fire the steps that are due (one batch, one transaction); escalations another ticker
+        holds are skipped, not waited for. Returns how many fired."""
+        async with self._store.unit_of_work() as uow:
+            records = await uow.escalations.lock_due(now, limit=self._config.batch)
+            if records:
+                changes = [
+                    (record, advance(record.snapshot, record.state, Tick(now=now)))
+                    for record in records
+                ]
+                await uow.escalations.save(changes)
+                await uow.outbox.add_effects(changes, at=now)
+            await uow.commit()
+        return len(records)
 
     def _opened(
         self, alert: Alert, escalation_id: UUID, team: str, snapshot: PolicySnapshot
@@ -593,12 +646,12 @@ class EscalationService:
         """Acknowledge one alert's escalation; with ``whole_bundle``, every alert of the bundle
         it was paged in (what acknowledging from a bundled page means)."""
         now = self._clock()
-        transition = await self._store.apply(
+        transition = await self._apply(
             escalation_id, Acknowledge(by=by, at=now, via=via), at=now, whole_bundle=whole_bundle
         )
         if transition is None:
             return AckResult(AckOutcome.NOT_FOUND)
-        if any(entry.kind == "ack_repeated" for entry in transition.timeline):
+        if _ack_repeated(transition):
             return AckResult(AckOutcome.ALREADY, escalation_id, transition.state.acknowledged_by)
         log.info(
             "escalation_acknowledged",
@@ -612,7 +665,7 @@ class EscalationService:
 
     async def resolve(self, escalation_id: UUID, *, at: datetime) -> bool:
         """A person closed the alert (the care-team API's resolve): its chain stops."""
-        return await self._store.apply(escalation_id, Resolve(at=at), at=at) is not None
+        return await self._apply(escalation_id, Resolve(at=at), at=at) is not None
 
     def ack_link(self, escalation_id: UUID, recipient: str) -> str:
         claim = AckClaim(
@@ -651,9 +704,7 @@ class EscalationService:
 
     async def snooze(self, escalation_id: UUID, *, until: datetime, by: str) -> bool:
         now = self._clock()
-        transition = await self._store.apply(
-            escalation_id, Snooze(until=until, at=now, by=by), at=now
-        )
+        transition = await self._apply(escalation_id, Snooze(until=until, at=now, by=by), at=now)
         self._wakeup.set()
         return transition is not None
 
@@ -664,9 +715,7 @@ class EscalationService:
         self._bundle_due.clear()
         total = await self._store.flush_bundles(self._clock(), limit=self._config.batch)
         while True:
-            fired = await self._store.tick_due(
-                self._clock(), limit=self._config.batch, event_for=lambda now: Tick(now=now)
-            )
+            fired = await self._fire_due(self._clock())
             total += fired
             if fired < self._config.batch:
                 return total
@@ -1004,7 +1053,7 @@ class EscalationService:
         escalation_id = await self._store.escalation_id_for(alert.dedup_key)
         if escalation_id is not None:
             await self._alerts.record_alert(alert)
-            await self._store.apply(escalation_id, Resolve(at=now), at=now)
+            await self._apply(escalation_id, Resolve(at=now), at=now)
             await self.deliver_due()
         if self._outages is not None:
             # Recorded before the silence is cleared: a crash between records it again (a
@@ -1085,6 +1134,11 @@ async def _first(*awaitables: Any) -> None:
 
 #: The pages that carry the CRS-window note: the alert's own pages and its escalation notice.
 _CRS_NOTED = frozenset({PagePurpose.ALERT, PagePurpose.ESCALATION})
+
+
+def _ack_repeated(transition: Transition) -> bool:
+    """The acknowledgement found the escalation already acknowledged."""
+    return any(entry.kind == "ack_repeated" for entry in transition.timeline)
 
 
 def _status(outcome: SendOutcome) -> str:

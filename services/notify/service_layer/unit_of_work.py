@@ -8,7 +8,8 @@ shared through ``PostgresUnitOfWork``); unit tests pass in-memory fakes (``tests
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -19,7 +20,7 @@ from services.notify.domain.bundling import Placement
 from services.notify.domain.channel_failover import AttemptVerdict
 from services.notify.domain.early_cycle import EarlyCycleOverride
 from services.notify.domain.escalation import (
-    EscalationEvent,
+    Acknowledge,
     EscalationState,
     PolicySnapshot,
     TimelineEntry,
@@ -30,31 +31,65 @@ from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.ports import PageJob, SendOutcome
 
 
-class EscalationRepository(Protocol):
-    """Escalations: opened, their state changed under a row lock, their timeline."""
+@dataclass(frozen=True, slots=True)
+class EscalationRecord:
+    """One escalation as loaded under its row lock: what the engine needs (its frozen policy
+    and its state) and what its pages are filed under."""
 
-    async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
-    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
-    async def open_and_fire(
+    escalation_id: UUID
+    dedup_key: str
+    alert_id: UUID
+    patient_id: str
+    care_team_id: str
+    bundle_id: UUID | None
+    opened_at: datetime
+    snapshot: PolicySnapshot
+    state: EscalationState
+
+
+#: An escalation and what the engine made of an event for it.
+Change = tuple[EscalationRecord, Transition]
+
+
+class EscalationRepository(Protocol):
+    """Escalations: opened, locked and saved around the pure engine, their timeline."""
+
+    async def add(
         self,
         alert: Alert,
         *,
         care_team_id: str,
         snapshot: PolicySnapshot,
+        state: EscalationState,
         at: datetime,
-        lease_s: float,
-    ) -> tuple[UUID | None, list[PageJob]]: ...
-    async def apply(
-        self,
-        escalation_id: UUID,
-        event: EscalationEvent,
-        *,
-        at: datetime,
-        whole_bundle: bool = False,
-    ) -> Transition | None: ...
-    async def tick_due(
-        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
-    ) -> int: ...
+    ) -> UUID | None:
+        """Insert the episode's escalation in ``state``; None when its dedup key has one."""
+        ...
+
+    async def lock(
+        self, escalation_id: UUID, *, whole_bundle: bool = False
+    ) -> list[EscalationRecord]:
+        """The escalation, or with ``whole_bundle`` every escalation of its bundle, locked
+        until the unit of work ends; empty when there is none."""
+        ...
+
+    async def lock_due(self, now: datetime, *, limit: int) -> list[EscalationRecord]:
+        """Open escalations whose next step is due, locked; those another unit of work holds
+        are skipped, not waited for."""
+        ...
+
+    async def save(self, changes: Sequence[Change]) -> None:
+        """Write each escalation's new state."""
+        ...
+
+    async def record_acknowledged(
+        self, record: EscalationRecord, event: Acknowledge, *, at: datetime
+    ) -> None:
+        """The acknowledgement in the audit log, in the same transaction as the ack."""
+        ...
+
+    async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
+    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
     async def open_paged_to(self, channel: str, address: str) -> UUID | None: ...
     async def spend_token(self, digest: str, at: datetime) -> bool: ...
@@ -63,7 +98,33 @@ class EscalationRepository(Protocol):
 
 
 class OutboxRepository(Protocol):
-    """The page outbox: claimed under a lease, attempts opened, outcomes and receipts."""
+    """The page outbox: the pages the engine's commands ask for, claimed under a lease,
+    attempts opened, outcomes and receipts."""
+
+    async def add_opened(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        transition: Transition,
+        at: datetime,
+        claim_until: datetime,
+    ) -> list[PageJob]:
+        """The ``opened`` timeline entry, the first transition's entries and the pages its
+        commands ask for, claimed until ``claim_until`` (an attempt in flight each) and
+        returned for the caller to send at once."""
+        ...
+
+    async def add_effects(self, changes: Sequence[Change], *, at: datetime) -> None:
+        """Each transition's timeline entries and the pages its commands ask for, queued."""
+        ...
+
+    async def sync_upstream(self, escalation_ids: Sequence[UUID], *, at: datetime) -> None:
+        """Queue PagerDuty's acknowledge / resolve for the incidents these escalations opened,
+        when they stopped."""
+        ...
 
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]: ...
     async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob: ...

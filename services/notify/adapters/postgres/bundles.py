@@ -15,9 +15,8 @@ from services.notify.adapters.postgres.escalations import (
     apply_rows,
     load_alert,
     open_in,
-    opened_detail,
 )
-from services.notify.adapters.postgres.outbox import PageWriter, write_event
+from services.notify.adapters.postgres.outbox import PageWriter, opened_detail, write_event
 from services.notify.domain.bundling import BundleWindow, Placement, is_bundled, place
 from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,

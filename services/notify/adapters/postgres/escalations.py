@@ -1,17 +1,18 @@
 """The escalation repository in PostgreSQL: ``escalations`` and their timeline
 (``escalation_events``), ``used_ack_tokens``. Every state change of an escalation happens in the
-caller's transaction with its row locked: the pure ``advance`` runs and the new state, its
-timeline entries and the pages its commands ask for are written together, so a command is never
-lost between deciding and queueing, and an acknowledgement that committed first is seen by every
-later tick.
+caller's transaction with its row locked (``lock``, ``lock_due``): the pure ``advance`` runs
+(in ``EscalationService``, or in ``apply_rows`` for the escalations a bundle releases) and the
+new state (``save``), its timeline entries and the pages its commands ask for (the outbox) are
+written together, so a command is never lost between deciding and queueing, and an
+acknowledgement that committed first is seen by every later tick.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -19,8 +20,7 @@ from schemas.events import Alert
 from services.notify.adapters.postgres.alerts import alert_from_row
 from services.notify.adapters.postgres.outbox import (
     PageWriter,
-    people_of,
-    upstream_sync,
+    write_effects,
     write_event,
 )
 from services.notify.domain.escalation import (
@@ -30,12 +30,10 @@ from services.notify.domain.escalation import (
     EscalationState,
     EscalationStatus,
     PolicySnapshot,
-    Resolve,
     Tick,
     TimelineEntry,
     Transition,
     advance,
-    early_cycle_to_json,
     opened,
     snapshot_from_json,
     snapshot_to_json,
@@ -43,9 +41,7 @@ from services.notify.domain.escalation import (
 from services.notify.domain.routing import (
     PagePurpose,
 )
-from services.notify.service_layer.ports import (
-    PageJob,
-)
+from services.notify.service_layer.unit_of_work import Change, EscalationRecord
 
 
 class PostgresEscalations:
@@ -69,44 +65,47 @@ class PostgresEscalations:
         conn = self._db
         await write_event(conn, escalation_id, at, entry)
 
-    async def open_and_fire(
+    async def add(
         self,
         alert: Alert,
         *,
         care_team_id: str,
         snapshot: PolicySnapshot,
+        state: EscalationState,
         at: datetime,
-        lease_s: float,
-    ) -> tuple[UUID | None, list[PageJob]]:
-        """Start the episode's escalation and fire its first step in the same transaction.
+    ) -> UUID | None:
+        """Insert the episode's escalation in ``state`` (its first step fired); None when the
+        dedup key already has an escalation."""
+        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+        inserted = await self._db.fetchval(
+            """
+            INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                                     care_team_id, snapshot, status, step_index, pass_no,
+                                     due_at, paged, opened_at)
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
+            ON CONFLICT (dedup_key) DO NOTHING
+            RETURNING escalation_id
+            """,
+            escalation_id,
+            alert.dedup_key,
+            alert.alert_id,
+            alert.patient_id,
+            care_team_id,
+            json.dumps(snapshot_to_json(snapshot)),
+            state.status.value,
+            state.step_index,
+            state.pass_no,
+            state.due_at,
+            list(state.paged),
+            at,
+        )
+        return None if inserted is None else escalation_id
 
-        Returns the escalation id (None when the dedup key already has one) and the first
-        step's pages, already claimed for this caller to send, so the first attempt does not
-        wait for a ticker.
-        """
-        conn = self._db
-        writer = PageWriter(conn, at, self._fallback_email)
-        escalation_id = await open_in(conn, writer, alert, care_team_id, snapshot, at)
-        if escalation_id is None:
-            return None, []
-        jobs = await writer.flush(claim_until=at + timedelta(seconds=lease_s))
-        return escalation_id, jobs
-
-    async def apply(
-        self,
-        escalation_id: UUID,
-        event: EscalationEvent,
-        *,
-        at: datetime,
-        whole_bundle: bool = False,
-    ) -> Transition | None:
-        """Run one event through the engine under the escalation's row lock.
-
-        With ``whole_bundle`` the event goes to every escalation of the escalation's bundle
-        (an acknowledgement from a bundled page acknowledges every alert it listed); the
-        transition returned is the named escalation's. Acknowledge and resolve queue the
-        PagerDuty acknowledge / resolve events in the same transaction.
-        """
+    async def lock(
+        self, escalation_id: UUID, *, whole_bundle: bool = False
+    ) -> list[EscalationRecord]:
+        """The escalation under its row lock; with ``whole_bundle``, every escalation of its
+        bundle (an acknowledgement from a bundled page acknowledges every alert it listed)."""
         conn = self._db
         bundle_id = None
         if whole_bundle:
@@ -124,53 +123,12 @@ class PostgresEscalations:
                 "SELECT * FROM escalations WHERE bundle_id = $1 ORDER BY escalation_id FOR UPDATE",
                 bundle_id,
             )
-        if not rows:
-            return None
-        transitions = await apply_rows(
-            conn, [(row, event) for row in rows], at, self._fallback_email
-        )
-        found = None
-        for row, transition in zip(rows, transitions, strict=True):
-            await self._after_event(conn, row, event, transition, at)
-            if row["escalation_id"] == escalation_id:
-                found = transition
-        if isinstance(event, Acknowledge | Resolve):
-            writer = PageWriter(conn, at, self._fallback_email)
-            await upstream_sync(conn, writer, [row["escalation_id"] for row in rows])
-            await writer.flush(claim_until=None)
-        return found
+        return [record_from_row(row) for row in rows]
 
-    async def _after_event(
-        self, conn: Any, row: Any, event: EscalationEvent, transition: Transition, at: datetime
-    ) -> None:
-        if not isinstance(event, Acknowledge) or any(
-            entry.kind == "ack_repeated" for entry in transition.timeline
-        ):
-            return
-        # Whoever acknowledged, by whatever channel (API, signed link, SMS reply), goes into the
-        # tamper-evident audit log in the same transaction as the ack itself.
-        from vigil.audit import append as audit_append
-        from vigil.audit.actions import AuditAction
-
-        await audit_append(
-            conn,
-            event.by,
-            AuditAction.ALERT_ACKNOWLEDGED.value,
-            f"patient:{row['patient_id']}",
-            {
-                "dedup_key": row["dedup_key"],
-                "via": event.via,
-                "escalation_id": str(row["escalation_id"]),
-            },
-            at=at,
-        )
-
-    async def tick_due(
-        self, now: datetime, *, limit: int, event_for: Callable[[datetime], EscalationEvent]
-    ) -> int:
-        """Fire the steps that are due; escalations another ticker holds are skipped, not waited."""
-        conn = self._db
-        rows = await conn.fetch(
+    async def lock_due(self, now: datetime, *, limit: int) -> list[EscalationRecord]:
+        """The escalations whose next step is due; those another ticker holds are skipped, not
+        waited for."""
+        rows = await self._db.fetch(
             """
             SELECT * FROM escalations
             WHERE status = 'open' AND due_at <= $1
@@ -181,11 +139,31 @@ class PostgresEscalations:
             now,
             limit,
         )
-        if rows:
-            await apply_rows(
-                conn, [(row, event_for(now)) for row in rows], now, self._fallback_email
-            )
-        return len(rows)
+        return [record_from_row(row) for row in rows]
+
+    async def save(self, changes: Sequence[Change]) -> None:
+        await save_states(self._db, changes)
+
+    async def record_acknowledged(
+        self, record: EscalationRecord, event: Acknowledge, *, at: datetime
+    ) -> None:
+        # Whoever acknowledged, by whatever channel (API, signed link, SMS reply), goes into the
+        # tamper-evident audit log in the same transaction as the ack itself.
+        from vigil.audit import append as audit_append
+        from vigil.audit.actions import AuditAction
+
+        await audit_append(
+            self._db,
+            event.by,
+            AuditAction.ALERT_ACKNOWLEDGED.value,
+            f"patient:{record.patient_id}",
+            {
+                "dedup_key": record.dedup_key,
+                "via": event.via,
+                "escalation_id": str(record.escalation_id),
+            },
+            at=at,
+        )
 
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
         """Make ``alert_id`` (a newer phase of the episode, already recorded) the alert that
@@ -316,42 +294,13 @@ async def open_in(
 ) -> UUID | None:
     """Insert the episode's escalation and fire its first step into ``writer``; None when the
     dedup key already has an escalation."""
-    escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
     transition = advance(snapshot, opened(at), Tick(now=at))
-    state = transition.state
-    inserted = await conn.fetchval(
-        """
-        INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
-                                 care_team_id, snapshot, status, step_index, pass_no,
-                                 due_at, paged, opened_at)
-        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)
-        ON CONFLICT (dedup_key) DO NOTHING
-        RETURNING escalation_id
-        """,
-        escalation_id,
-        alert.dedup_key,
-        alert.alert_id,
-        alert.patient_id,
-        care_team_id,
-        json.dumps(snapshot_to_json(snapshot)),
-        state.status.value,
-        state.step_index,
-        state.pass_no,
-        state.due_at,
-        list(state.paged),
-        at,
+    escalation_id = await PostgresEscalations(conn).add(
+        alert, care_team_id=care_team_id, snapshot=snapshot, state=transition.state, at=at
     )
-    if inserted is None:
+    if escalation_id is None:
         return None
-    if snapshot.early_cycle is not None:
-        writer.early_cycle[escalation_id] = snapshot.early_cycle
-    writer.event(
-        escalation_id,
-        TimelineEntry("opened", opened_detail(alert, snapshot, care_team_id)),
-    )
-    for entry in transition.timeline:
-        writer.event(escalation_id, entry)
-    await writer.pages_for(alert, escalation_id, care_team_id, transition.commands)
+    await writer.opened(alert, escalation_id, care_team_id, snapshot, transition)
     return escalation_id
 
 
@@ -364,16 +313,22 @@ async def apply_rows(
     alert_purpose: PagePurpose = PagePurpose.ALERT,
 ) -> list[Transition]:
     """Run events through the engine for locked escalation rows and write everything back."""
-    transitions: list[Transition] = []
-    updates: list[tuple[Any, ...]] = []
+    changes: list[Change] = []
     for row, event in items:
-        snapshot = snapshot_from_json(json.loads(row["snapshot"]))
-        transition = advance(snapshot, state_from_row(row), event)
-        transitions.append(transition)
+        record = record_from_row(row)
+        changes.append((record, advance(record.snapshot, record.state, event)))
+    await save_states(conn, changes)
+    await write_effects(conn, changes, at, fallback_email, alert_purpose=alert_purpose)
+    return [transition for _, transition in changes]
+
+
+async def save_states(conn: Any, changes: Sequence[Change]) -> None:
+    updates: list[tuple[Any, ...]] = []
+    for record, transition in changes:
         state = transition.state
         updates.append(
             (
-                row["escalation_id"],
+                record.escalation_id,
                 state.status.value,
                 state.step_index,
                 state.pass_no,
@@ -396,30 +351,21 @@ async def apply_rows(
         """,
         updates,
     )
-    writer = PageWriter(conn, at, fallback_email)
-    needed = [row["alert_id"] for (row, _), t in zip(items, transitions, strict=True) if t.commands]
-    alerts: dict[Any, Alert] = {}
-    if needed:
-        for alert_row in await conn.fetch(
-            "SELECT * FROM alerts WHERE alert_id = ANY($1::uuid[])", needed
-        ):
-            alerts[alert_row["alert_id"]] = alert_from_row(alert_row)
-        await writer.prefetch_contacts(people_of(c for t in transitions for c in t.commands))
-    for (row, _), transition in zip(items, transitions, strict=True):
-        for entry in transition.timeline:
-            writer.event(row["escalation_id"], entry)
-        if transition.commands:
-            await writer.pages_for(
-                alerts[row["alert_id"]],
-                row["escalation_id"],
-                str(row["care_team_id"]),
-                transition.commands,
-                row["bundle_id"],
-                _round_tag(transition.state.round_no),
-                alert_purpose=alert_purpose,
-            )
-    await writer.flush(claim_until=None)
-    return transitions
+
+
+def record_from_row(row: Any) -> EscalationRecord:
+    """An ``escalations`` row as the engine's input."""
+    return EscalationRecord(
+        escalation_id=UUID(str(row["escalation_id"])),
+        dedup_key=str(row["dedup_key"]),
+        alert_id=UUID(str(row["alert_id"])),
+        patient_id=str(row["patient_id"]),
+        care_team_id=str(row["care_team_id"]),
+        bundle_id=None if row["bundle_id"] is None else UUID(str(row["bundle_id"])),
+        opened_at=row["opened_at"],
+        snapshot=snapshot_from_json(json.loads(row["snapshot"])),
+        state=state_from_row(row),
+    )
 
 
 async def load_alert(conn: Any, alert_id: UUID) -> Alert:
@@ -440,25 +386,6 @@ def state_from_row(row: Any) -> EscalationState:
         snoozed_until=row["snoozed_until"],
         round_no=int(row["round_no"]),
     )
-
-
-def opened_detail(alert: Alert, snapshot: PolicySnapshot, care_team_id: str) -> dict[str, Any]:
-    """The timeline's ``opened`` entry: the alert, the policy frozen for it and, for an alert in
-    the CRS window, why that policy (``early_cycle``: cycle day, override or the usual chain)."""
-    detail: dict[str, Any] = {
-        "alert_id": str(alert.alert_id),
-        "policy_id": snapshot.policy_id,
-        "care_team_id": care_team_id,
-    }
-    if snapshot.early_cycle is not None:
-        detail["early_cycle"] = early_cycle_to_json(snapshot.early_cycle)
-    return detail
-
-
-def _round_tag(round_no: int) -> str:
-    """Tells apart the pages of a chain that restarted from its first step after a snooze:
-    without it they would carry the first round's keys and fold into pages already sent."""
-    return "" if round_no == 0 else f"~round{round_no}"
 
 
 def _iso(at: datetime | None) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,8 +31,11 @@ from services.notify.domain.escalation import (
     NotifyFallback,
     NotifyRecipient,
     PageCommand,
+    PolicySnapshot,
     TimelineEntry,
+    Transition,
     early_cycle_from_json,
+    early_cycle_to_json,
 )
 from services.notify.domain.message import PageContext
 from services.notify.domain.quiet_hours import QuietHours, all_clear_deferred_until
@@ -57,6 +60,7 @@ from services.notify.service_layer.ports import (
     PageJob,
     SendOutcome,
 )
+from services.notify.service_layer.unit_of_work import Change
 
 JOB_SELECT = """
     SELECT p.*,
@@ -126,6 +130,31 @@ class PostgresOutbox:
         self._db = db
         # Paged for a team that has no on-call address of its own (``PageWriter.fallback``).
         self._fallback_email = fallback_email
+
+    async def add_opened(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        transition: Transition,
+        at: datetime,
+        claim_until: datetime,
+    ) -> list[PageJob]:
+        """The ``opened`` entry, the first step's timeline and its pages, claimed for the
+        caller to send at once (so the first attempt waits for no ticker)."""
+        writer = PageWriter(self._db, at, self._fallback_email)
+        await writer.opened(alert, escalation_id, care_team_id, snapshot, transition)
+        return await writer.flush(claim_until=claim_until)
+
+    async def add_effects(self, changes: Sequence[Change], *, at: datetime) -> None:
+        await write_effects(self._db, changes, at, self._fallback_email)
+
+    async def sync_upstream(self, escalation_ids: Sequence[UUID], *, at: datetime) -> None:
+        writer = PageWriter(self._db, at, self._fallback_email)
+        await upstream_sync(self._db, writer, list(escalation_ids))
+        await writer.flush(claim_until=None)
 
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
         """Take due escalation pages for sending; pages of an acknowledged chain are cancelled.
@@ -517,6 +546,26 @@ class PageWriter:
         self._events.append(
             (escalation_id, self._at, entry.kind, json.dumps(entry.detail, default=str))
         )
+
+    async def opened(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        transition: Transition,
+    ) -> None:
+        """An escalation just inserted: its ``opened`` entry, its first transition's entries
+        and the pages its commands ask for."""
+        if snapshot.early_cycle is not None:
+            self.early_cycle[escalation_id] = snapshot.early_cycle
+        self.event(
+            escalation_id,
+            TimelineEntry("opened", opened_detail(alert, snapshot, care_team_id)),
+        )
+        for entry in transition.timeline:
+            self.event(escalation_id, entry)
+        await self.pages_for(alert, escalation_id, care_team_id, transition.commands)
 
     async def prefetch_contacts(self, people: set[str]) -> None:
         missing = sorted(p for p in people if p not in self._contacts)
@@ -940,6 +989,60 @@ class PageWriter:
         opened = await open_attempts(self._conn, [j.page.page_id for j in jobs], at)
         jobs = [replace(j, attempt=opened.get(j.page.page_id)) for j in jobs]
         return await with_context(self._conn, jobs)
+
+
+async def write_effects(
+    conn: Any,
+    changes: Sequence[Change],
+    at: datetime,
+    fallback_email: str,
+    *,
+    alert_purpose: PagePurpose = PagePurpose.ALERT,
+) -> None:
+    """Each transition's timeline entries and the pages its commands ask for (its alert and
+    the contact methods of the people it pages read once for all), queued."""
+    writer = PageWriter(conn, at, fallback_email)
+    needed = [record.alert_id for record, t in changes if t.commands]
+    alerts: dict[UUID, Alert] = {}
+    if needed:
+        for alert_row in await conn.fetch(
+            "SELECT * FROM alerts WHERE alert_id = ANY($1::uuid[])", needed
+        ):
+            alerts[UUID(str(alert_row["alert_id"]))] = alert_from_row(alert_row)
+        await writer.prefetch_contacts(people_of(c for _, t in changes for c in t.commands))
+    for record, transition in changes:
+        for entry in transition.timeline:
+            writer.event(record.escalation_id, entry)
+        if transition.commands:
+            await writer.pages_for(
+                alerts[record.alert_id],
+                record.escalation_id,
+                record.care_team_id,
+                transition.commands,
+                record.bundle_id,
+                _round_tag(transition.state.round_no),
+                alert_purpose=alert_purpose,
+            )
+    await writer.flush(claim_until=None)
+
+
+def opened_detail(alert: Alert, snapshot: PolicySnapshot, care_team_id: str) -> dict[str, Any]:
+    """The timeline's ``opened`` entry: the alert, the policy frozen for it and, for an alert in
+    the CRS window, why that policy (``early_cycle``: cycle day, override or the usual chain)."""
+    detail: dict[str, Any] = {
+        "alert_id": str(alert.alert_id),
+        "policy_id": snapshot.policy_id,
+        "care_team_id": care_team_id,
+    }
+    if snapshot.early_cycle is not None:
+        detail["early_cycle"] = early_cycle_to_json(snapshot.early_cycle)
+    return detail
+
+
+def _round_tag(round_no: int) -> str:
+    """Tells apart the pages of a chain that restarted from its first step after a snooze:
+    without it they would carry the first round's keys and fold into pages already sent."""
+    return "" if round_no == 0 else f"~round{round_no}"
 
 
 async def write_event(conn: Any, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
