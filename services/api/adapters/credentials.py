@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import jwt
@@ -30,22 +32,50 @@ def verify_password(password_hash: str, password: str) -> bool:
 DUMMY_HASH = hash_password("not-a-user-password")
 
 
-def issue_token(principal: Principal, secret: str, now: datetime, ttl: timedelta) -> str:
-    claims = {
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """What a valid token says: the user, the role, the granted scopes (space-separated, empty
+    on a token without any) and the patient of a patient-level scope."""
+
+    user_id: str
+    role: Role
+    scope: str = ""
+    patient: str | None = None
+
+
+def issue_token(
+    principal: Principal,
+    secret: str,
+    now: datetime,
+    ttl: timedelta,
+    *,
+    scopes: Sequence[str] = (),
+    patient: str | None = None,
+) -> str:
+    claims: dict[str, object] = {
         "sub": principal.user_id,
         "name": principal.username,
         "role": principal.role.value,
         "iat": int(now.timestamp()),
         "exp": int((now + ttl).timestamp()),
+        "scope": " ".join(scopes),
     }
+    if patient is not None:
+        claims["patient"] = patient
     return jwt.encode(claims, secret, algorithm=_ALGORITHM)
 
 
-def read_token(token: str, secret: str) -> tuple[str, Role] | None:
-    """The user id and role a valid token names, or None. Care teams are read fresh from the
-    database on each request, so removing someone from a team takes effect at once."""
+def read_token(token: str, secret: str) -> TokenClaims | None:
+    """The claims of a valid token, or None. Care teams are read fresh from the database on
+    each request, so removing someone from a team takes effect at once."""
     try:
         claims = jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": ["exp"]})
-        return str(claims["sub"]), Role(claims["role"])
+        scope, patient = claims.get("scope", ""), claims.get("patient")
+        return TokenClaims(
+            user_id=str(claims["sub"]),
+            role=Role(claims["role"]),
+            scope=scope if isinstance(scope, str) else "",
+            patient=patient if isinstance(patient, str) else None,
+        )
     except (jwt.PyJWTError, KeyError, ValueError):
         return None

@@ -8,13 +8,15 @@ always given (open ends as far-off instants), so TimescaleDB prunes chunks on de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
 Row = dict[str, Any]
+#: A row as the driver returns it (``asyncpg.Record``: read by column name, ``.get`` too).
+Record = Mapping[str, Any]
 
 #: Stand-ins for an open end of a time range (PostgreSQL's infinities do not map to Python).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -23,6 +25,10 @@ LATEST = datetime(9999, 12, 31, tzinfo=UTC)
 
 def _rows(records: Sequence[asyncpg.Record]) -> list[Row]:
     return [dict(r) for r in records]
+
+
+def _records(records: list[asyncpg.Record]) -> list[Record]:
+    return cast(list[Record], records)
 
 
 _TEMPERATURE_COLUMNS = (
@@ -206,9 +212,11 @@ class FhirRepository:
         )
         return dict(row) if row else None
 
-    async def temperatures(self, patient_id: str, since: datetime | None) -> list[Row]:
-        """Every temperature reading of the patient (ingested at or after ``since``)."""
-        return _rows(
+    async def temperatures(self, patient_id: str, since: datetime | None) -> list[Record]:
+        """Every temperature reading of the patient (ingested at or after ``since``), as the
+        driver's records: a course's readings are mapped once, copying them into dicts first
+        would only add to the export's time."""
+        return _records(
             await self._pool.fetch(
                 f"SELECT {_TEMPERATURE_COLUMNS} FROM temperature_readings "
                 "WHERE patient_id = $1 AND ingest_time >= $2 ORDER BY device_time",
@@ -217,9 +225,9 @@ class FhirRepository:
             )
         )
 
-    async def pump_statuses(self, patient_id: str, since: datetime | None) -> list[Row]:
-        """Every pump status of the patient (ingested at or after ``since``)."""
-        return _rows(
+    async def pump_statuses(self, patient_id: str, since: datetime | None) -> list[Record]:
+        """Every pump status of the patient (ingested at or after ``since``), as records."""
+        return _records(
             await self._pool.fetch(
                 f"SELECT {_PUMP_COLUMNS} FROM pump_status "
                 "WHERE patient_id = $1 AND ingest_time >= $2 ORDER BY device_time",

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 FHIR_VERSION = "4.0.1"
 
@@ -315,6 +317,143 @@ def pump_status_observation(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def _millilitres(value: float, unit: str) -> dict[str, Any]:
     return {"value": float(value), "unit": unit, "system": UCUM, "code": unit}
+
+
+# Pump statuses as NDJSON lines for bulk export, without building the dicts: the constant parts
+# of the resource are serialised once, from the same constants as ``pump_status_observation``,
+# and each row fills in its values. The bytes are those of ``orjson.dumps`` of that mapping
+# (the tests compare the two); a flagged row (meta tags, notes) takes the dict path.
+def _json_piece(value: object) -> bytes:
+    return orjson.dumps(value)
+
+
+def _pump_line_pieces() -> tuple[bytes, ...]:
+    sample = pump_status_observation(
+        {
+            "message_id": "\x00id",
+            "patient_id": "\x00patient",
+            "device_id": "\x00device",
+            "device_time": datetime(2000, 1, 1, tzinfo=UTC),
+            "ingest_time": datetime(2000, 1, 2, tzinfo=UTC),
+            "state": "\x00state",
+            "rate_ml_h": 1.0,
+            "volume_remaining_ml": 2.0,
+            "bag_volume_ml": 3.0,
+            "battery_pct": 4.0,
+            "flags": [],
+        }
+    )
+    components = sample["component"]
+    quantity = [c.pop("valueQuantity") for c in components[1:]]
+    state = components[0]
+    head = {k: v for k, v in sample.items() if k in ("resourceType",)}
+    return (
+        # {"resourceType":"Observation","id":"pump-
+        _json_piece(head)[:-1] + b',"id":"' + PUMP_STATUS_PREFIX.encode(),
+        # ","status":…,"subject":{"reference":
+        b'","status":'
+        + _json_piece(sample["status"])
+        + b',"category":'
+        + _json_piece(sample["category"])
+        + b',"code":'
+        + _json_piece(sample["code"])
+        + b',"subject":{"reference":',
+        b'},"effectiveDateTime":"',
+        b'","issued":"',
+        b'","device":{"reference":',
+        # },"component":[{"code":…,"valueCodeableConcept":{"coding":[{"system":…,"code":
+        b'},"component":[{"code":'
+        + _json_piece(state["code"])
+        + b',"valueCodeableConcept":{"coding":[{"system":'
+        + _json_piece(PUMP_STATES)
+        + b',"code":',
+        b'}],"text":',
+        b'}},{"code":' + _json_piece(components[1]["code"]) + b',"valueQuantity":{"value":',
+        b',"unit":'
+        + _json_piece(quantity[0]["unit"])
+        + b',"system":'
+        + _json_piece(UCUM)
+        + b',"code":'
+        + _json_piece(quantity[0]["code"])
+        + b"}}",
+        b',{"code":' + _json_piece(components[2]["code"]) + b',"valueQuantity":{"value":',
+        b',"unit":"mL","system":' + _json_piece(UCUM) + b',"code":"mL"}}',
+        b',{"code":' + _json_piece(components[3]["code"]) + b',"valueQuantity":{"value":',
+        b',{"code":' + _json_piece(components[4]["code"]) + b',"valueQuantity":{"value":',
+        b',"unit":"%","system":' + _json_piece(UCUM) + b',"code":"%"}}',
+        b"]}\n",
+    )
+
+
+(
+    _P_HEAD,
+    _P_SUBJECT,
+    _P_EFFECTIVE,
+    _P_ISSUED,
+    _P_DEVICE,
+    _P_STATE,
+    _P_STATE_TEXT,
+    _P_RATE,
+    _P_RATE_END,
+    _P_VOLUME,
+    _P_ML_END,
+    _P_BAG,
+    _P_BATTERY,
+    _P_PERCENT_END,
+    _P_END,
+) = _pump_line_pieces()
+
+
+def pump_status_lines(rows: Iterable[Mapping[str, Any]]) -> tuple[int, bytes]:
+    """Pump statuses as NDJSON (one ``pump_status_observation`` per line, each ending in a
+    newline), and how many: byte for byte ``orjson.dumps`` of the mapping, about half its
+    cost. ``rows`` are ``pump_status`` rows (mappings or database records)."""
+    dumps = orjson.dumps
+    references: dict[str, bytes] = {}
+    lines: list[bytes] = []
+    append = lines.append
+    for row in rows:
+        if row["flags"]:
+            append(dumps(pump_status_observation(row), option=orjson.OPT_APPEND_NEWLINE))
+            continue
+        patient_id, device_id = row["patient_id"], row["device_id"]
+        subject = references.get(patient_id)
+        if subject is None:
+            subject = references[patient_id] = dumps(f"Patient/{patient_id}")
+        device_ref = references.get("\x00" + device_id)
+        if device_ref is None:
+            device_ref = references["\x00" + device_id] = dumps(f"Device/{device_id}")
+        state = dumps(row["state"])
+        parts = [
+            _P_HEAD,
+            str(row["message_id"]).encode(),
+            _P_SUBJECT,
+            subject,
+            _P_EFFECTIVE,
+            instant(row["device_time"]).encode(),
+            _P_ISSUED,
+            instant(row["ingest_time"]).encode(),
+            _P_DEVICE,
+            device_ref,
+            _P_STATE,
+            state,
+            _P_STATE_TEXT,
+            state,
+            _P_RATE,
+            dumps(float(row["rate_ml_h"])),
+            _P_RATE_END,
+            _P_VOLUME,
+            dumps(float(row["volume_remaining_ml"])),
+            _P_ML_END,
+        ]
+        bag, battery = row["bag_volume_ml"], row["battery_pct"]
+        if bag is not None:
+            parts += (_P_BAG, dumps(float(bag)), _P_ML_END)
+        if battery is not None:
+            parts += (_P_BATTERY, dumps(float(battery)), _P_PERCENT_END)
+        parts.append(_P_END)
+        append(b"".join(parts))
+    return len(lines), b"".join(lines)
 
 
 # IEC 60601-1-8 priority -> the flag-priority extension's code (PH, PM, PL, PN).

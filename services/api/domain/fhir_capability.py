@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from services.api.domain import fhir
+from services.api.domain.fhir_scopes import PATIENT_READ, USER_READ
 
 #: Resource types a bulk export can hold, in the order their files are listed.
 EXPORT_TYPES = ("Patient", "Device", "Observation", "Flag", "Communication")
@@ -83,6 +84,12 @@ def capability_statement(
                 "resource is limited to the patients of the caller's care teams.",
                 "security": {
                     "cors": False,
+                    "description": "SMART on FHIR style scopes on the bearer token's `scope` "
+                    f"claim: `{USER_READ}` reads every resource of the patients of the "
+                    f"user's care teams (granted by default to a role that reads patients); "
+                    f"`{PATIENT_READ}` reads only the patient of the token's `patient` claim "
+                    "(ask for it with the `scope` and `patient` fields of POST /auth/token). "
+                    "A token without either is refused (403).",
                     "service": [
                         {
                             "coding": [

@@ -33,6 +33,8 @@ MAX_RUNNING_PER_USER = 2
 class ExportJob:
     job_id: str
     owner: str
+    #: The one patient of a patient-level token that started the job (None: user-level).
+    scope_patient: str | None
     request_url: str
     transaction_time: datetime
     patient_ids: list[str]
@@ -67,15 +69,17 @@ async def patient_course(
     if "Device" in wanted:
         out["Device"] = _ndjson(_line_of(fhir.device), await repository.devices_of(patient_id))
     if "Observation" in wanted:
-        count, temperatures = _ndjson(
-            _line_of(fhir.temperature_observation),
-            await repository.temperatures(patient_id, since),
+        # The two reads run at once, on two of the pool's connections: the database works on
+        # the pump statuses while the temperatures arrive.
+        pumps, temperatures = await asyncio.gather(
+            repository.pump_statuses(patient_id, since),
+            repository.temperatures(patient_id, since),
         )
-        more, pumps = _ndjson(
-            _line_of(fhir.pump_status_observation),
-            await repository.pump_statuses(patient_id, since),
-        )
-        out["Observation"] = (count + more, temperatures + pumps)
+        count, temperature_lines = _ndjson(_line_of(fhir.temperature_observation), temperatures)
+        del temperatures
+        more, pump_lines = fhir.pump_status_lines(pumps)
+        del pumps
+        out["Observation"] = (count + more, temperature_lines + pump_lines)
     if "Flag" in wanted or "Communication" in wanted:
         episodes = await repository.episodes(teams, patient_id)
         if since is not None:
@@ -136,6 +140,7 @@ class ExportJobs:
         self,
         *,
         owner: str,
+        scope_patient: str | None = None,
         teams: frozenset[str],
         request_url: str,
         patient_ids: list[str],
@@ -145,6 +150,7 @@ class ExportJobs:
         job = ExportJob(
             job_id=uuid.uuid4().hex,
             owner=owner,
+            scope_patient=scope_patient,
             request_url=request_url,
             transaction_time=self._clock(),
             patient_ids=patient_ids,
@@ -175,14 +181,19 @@ class ExportJobs:
             job.status = "complete"
         job.finished_at = self._clock()
 
-    def get(self, job_id: str, owner: str) -> ExportJob | None:
-        """The job, only for the user who started it."""
+    def get(self, job_id: str, owner: str, patient: str | None = None) -> ExportJob | None:
+        """The job, only for the user who started it; for a caller limited to one ``patient``,
+        only a job started with that same limit."""
         self._expire()
         job = self._jobs.get(job_id)
-        return job if job is not None and job.owner == owner else None
+        if job is None or job.owner != owner:
+            return None
+        if patient is not None and job.scope_patient != patient:
+            return None
+        return job
 
-    def delete(self, job_id: str, owner: str) -> bool:
-        job = self.get(job_id, owner)
+    def delete(self, job_id: str, owner: str, patient: str | None = None) -> bool:
+        job = self.get(job_id, owner, patient)
         if job is None:
             return False
         if job.task is not None and not job.task.done():

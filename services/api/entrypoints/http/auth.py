@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response, status
 from fastapi.security import OAuth2PasswordRequestForm
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.api.adapters.credentials import DUMMY_HASH, issue_token, verify_password
+from services.api.domain import fhir_scopes
+from services.api.domain.access import Action
 from services.api.domain.throttle import LoginThrottle
 from services.api.entrypoints.http.deps import (
     SESSION_COOKIE,
@@ -26,6 +28,8 @@ class TokenResponse(BaseModel):
     access_token: str
     token_type: str = "bearer"
     expires_in: int
+    scope: str = Field("", description="The FHIR scopes granted (space-separated; docs/fhir.md)")
+    patient: str | None = Field(None, description="The patient of a patient/*.read scope")
 
 
 class Me(BaseModel):
@@ -43,7 +47,18 @@ async def login(
     settings: Settings,
     repository: Repository,
     clock: Clock,
+    patient: Annotated[
+        str | None,
+        Form(
+            max_length=64,
+            description="With scope patient/*.read: the one patient (of the user's care "
+            "teams) the token may read through /fhir",
+        ),
+    ] = None,
 ) -> TokenResponse:
+    """A bearer token (OAuth 2.0 password flow). ``scope`` may ask for FHIR scopes
+    (``user/*.read``, the default for a role that reads patients, or ``patient/*.read`` with a
+    ``patient``); the answer's ``scope`` says which were granted."""
     # Per username, a few failures a minute; per address ten times more, since a ward's
     # workstations often share one address and must not lock each other out.
     throttles: tuple[tuple[LoginThrottle, str], ...] = (
@@ -72,8 +87,24 @@ async def login(
     principal = await repository.principal(user["user_id"])
     if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
+    try:
+        scopes = fhir_scopes.grant(
+            " ".join(form.scopes), principal.may(Action.READ_PATIENT), patient
+        )
+    except fhir_scopes.ScopeError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"invalid_scope: {exc}") from exc
+    if patient is not None and await repository.patient(principal.care_teams, patient) is None:
+        # The same answer for a patient of another team as for none at all.
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid_scope: no such patient")
     ttl = timedelta(minutes=settings.token_ttl_minutes)
-    token = issue_token(principal, settings.token_secret.get_secret_value(), now, ttl)
+    token = issue_token(
+        principal,
+        settings.token_secret.get_secret_value(),
+        now,
+        ttl,
+        scopes=scopes,
+        patient=patient if fhir_scopes.PATIENT_READ in scopes else None,
+    )
     # The dashboard uses the same token as an HttpOnly cookie so that page scripts never hold it.
     response.set_cookie(
         SESSION_COOKIE,
@@ -83,7 +114,12 @@ async def login(
         samesite="strict",
         secure=settings.cookie_secure,
     )
-    return TokenResponse(access_token=token, expires_in=int(ttl.total_seconds()))
+    return TokenResponse(
+        access_token=token,
+        expires_in=int(ttl.total_seconds()),
+        scope=" ".join(scopes),
+        patient=patient if fhir_scopes.PATIENT_READ in scopes else None,
+    )
 
 
 @router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)

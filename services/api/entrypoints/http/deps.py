@@ -71,9 +71,11 @@ async def get_principal(
     claims = read_token(token, settings.token_secret.get_secret_value())
     if claims is None:
         raise _UNAUTHENTICATED
-    principal = await repository.principal(claims[0])
+    principal = await repository.principal(claims.user_id)
     if principal is None:
         raise _UNAUTHENTICATED
+    # The FHIR interface reads the token's scopes (services.api.domain.fhir_scopes) from here.
+    request.state.token_claims = claims
     return principal
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -19,7 +21,7 @@ import asyncpg
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api.adapters.fhir import FhirRepository
@@ -30,6 +32,7 @@ from services.api.domain.fhir_capability import (
     capability_statement,
     export_manifest,
 )
+from services.api.domain.fhir_scopes import PATIENT_READ, USER_READ, fhir_access
 from services.api.domain.fhir_search import (
     SearchError,
     date_range,
@@ -44,7 +47,36 @@ FHIR_NDJSON = "application/fhir+ndjson"
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 router = APIRouter(tags=["fhir"])
-Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who reads through /fhir: the user, the user's care teams and, for a token with only a
+    patient-level scope (``patient/*.read``), the one patient it may read."""
+
+    user_id: str
+    care_teams: frozenset[str]
+    patient: str | None
+
+    def sees(self, patient_id: object) -> bool:
+        """Whether a patient of the caller's teams is within the token's scope."""
+        return self.patient is None or patient_id == self.patient
+
+
+def _caller(
+    request: Request, principal: Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+) -> Caller:
+    claims = getattr(request.state, "token_claims", None)
+    access = fhir_access(claims.scope, claims.patient) if claims is not None else None
+    if access is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"the token has no FHIR read scope ({USER_READ} or {PATIENT_READ})",
+        )
+    return Caller(principal.user_id, principal.care_teams, access.patient)
+
+
+Reader = Annotated[Caller, Depends(_caller)]
 
 
 class FhirResponse(JSONResponse):
@@ -78,7 +110,7 @@ def base_url(request: Request) -> str:
 
 
 async def _audit(
-    request: Request, principal: Principal, action: str, subject: str, **details: Any
+    request: Request, principal: Caller, action: str, subject: str, **details: Any
 ) -> None:
     await request.app.state.audit.record(principal.user_id, action, subject, details)
 
@@ -87,12 +119,14 @@ def _not_found(what: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"no such {what}")
 
 
-async def _patient_id(repository: FhirRepository, principal: Principal, value: str) -> str:
+async def _patient_id(repository: FhirRepository, principal: Caller, value: str) -> str:
     """The patient a ``patient`` parameter names, if the caller's teams have it (else 404)."""
     try:
         patient_id = reference_id(value, "Patient")
     except SearchError as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
+    if not principal.sees(patient_id):
+        raise _not_found("patient")
     if await repository.patient(principal.care_teams, patient_id) is None:
         # 404, not 403: a patient of another team is indistinguishable from no patient.
         raise _not_found("patient")
@@ -142,7 +176,7 @@ def _since(value: str | None) -> datetime | None:
 
 async def _kick_off(
     request: Request,
-    principal: Principal,
+    principal: Caller,
     repository: FhirRepository,
     jobs: ExportJobs,
     prefer: str | None,
@@ -159,7 +193,9 @@ async def _kick_off(
     if patients:
         patient_ids = [await _patient_id(repository, principal, p) for p in patients]
     else:
-        patient_ids = await repository.patient_ids(principal.care_teams)
+        patient_ids = [
+            p for p in await repository.patient_ids(principal.care_teams) if principal.sees(p)
+        ]
     if jobs.running_for(principal.user_id) >= MAX_RUNNING_PER_USER:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -168,6 +204,7 @@ async def _kick_off(
         )
     job = jobs.start(
         owner=principal.user_id,
+        scope_patient=principal.patient,
         teams=principal.care_teams,
         request_url=str(request.url),
         patient_ids=list(dict.fromkeys(patient_ids)),
@@ -261,8 +298,8 @@ async def export_kick_off_post(
     )
 
 
-def _own_job(jobs: ExportJobs, job_id: str, principal: Principal) -> ExportJob:
-    job = jobs.get(job_id, principal.user_id)
+def _own_job(jobs: ExportJobs, job_id: str, principal: Caller) -> ExportJob:
+    job = jobs.get(job_id, principal.user_id, principal.patient)
     if job is None:
         raise _not_found("export")
     return job
@@ -298,7 +335,7 @@ async def export_status(request: Request, job_id: str, principal: Reader, jobs: 
 @router.delete("/$export-status/{job_id}", status_code=202, response_class=Response)
 async def export_cancel(job_id: str, principal: Reader, jobs: Jobs) -> Response:
     """Cancel a running export or delete a finished one's files."""
-    if not jobs.delete(job_id, principal.user_id):
+    if not jobs.delete(job_id, principal.user_id, principal.patient):
         raise _not_found("export")
     return Response(status_code=status.HTTP_202_ACCEPTED)
 
@@ -310,7 +347,23 @@ async def export_file(job_id: str, file_name: str, principal: Reader, jobs: Jobs
     resource_type = file_name.removesuffix(".ndjson")
     if job.status != "complete" or resource_type not in job.files:
         raise _not_found("export file")
-    return Response(job.files[resource_type], media_type=FHIR_NDJSON)
+    content = job.files[resource_type]
+    return StreamingResponse(
+        _pieces(content),
+        media_type=FHIR_NDJSON,
+        headers={"Content-Length": str(len(content))},
+    )
+
+
+#: A file is sent in pieces of this size: handing the server tens of megabytes at once made it
+#: copy them whole (once to frame the body, again into the socket's send buffer).
+FILE_PIECE = 1 << 20
+
+
+async def _pieces(content: bytes) -> AsyncIterator[memoryview]:
+    view = memoryview(content)
+    for start in range(0, len(view), FILE_PIECE):
+        yield view[start : start + FILE_PIECE]
 
 
 # -- Patient ----------------------------------------------------------------------------------
@@ -320,8 +373,10 @@ async def export_file(job_id: str, file_name: str, principal: Reader, jobs: Jobs
 async def read_patient(
     request: Request, patient_id: str, principal: Reader, repository: Repository
 ) -> FhirResponse:
-    found = await repository.patient(principal.care_teams, patient_id)
-    if found is None:
+    found = principal.sees(patient_id) and await repository.patient(
+        principal.care_teams, patient_id
+    )
+    if not found:
         raise _not_found("patient")
     await _audit(request, principal, "fhir.patient.read", f"patient:{patient_id}")
     return FhirResponse(fhir.patient(patient_id))
@@ -337,7 +392,12 @@ async def search_patients(
     system, _, value = identifier.rpartition("|")
     found: list[dict[str, Any]] = []
     known_system = system in ("", fhir.PATIENT_IDENTIFIER)
-    if known_system and value and await repository.patient(principal.care_teams, value):
+    if (
+        known_system
+        and value
+        and principal.sees(value)
+        and await repository.patient(principal.care_teams, value)
+    ):
         found.append(fhir.patient(value))
         await _audit(request, principal, "fhir.patient.search", f"patient:{value}")
     return FhirResponse(
@@ -358,7 +418,21 @@ async def search_patients(
 async def read_device(
     request: Request, device_id: str, principal: Reader, repository: Repository
 ) -> FhirResponse:
-    row = await repository.device(principal.care_teams, device_id)
+    if principal.patient is None:
+        row = await repository.device(principal.care_teams, device_id)
+    elif await repository.patient(principal.care_teams, principal.patient) is None:
+        row = None
+    else:
+        # A patient-level token reads the devices ever bound to its patient, and names no other
+        # patient (the newest binding may be someone else's by now).
+        row = next(
+            (
+                d
+                for d in await repository.devices_of(principal.patient)
+                if d["device_id"] == device_id
+            ),
+            None,
+        )
     if row is None:
         raise _not_found("device")
     await _audit(request, principal, "fhir.device.read", f"device:{device_id}")
@@ -405,7 +479,7 @@ async def read_observation(
             if not _is_uuid(message_id):
                 break
             row = await repository.observation(principal.care_teams, kind, message_id)
-            if row is None:
+            if row is None or not principal.sees(row["patient_id"]):
                 break
             await _audit(
                 request,
@@ -484,7 +558,11 @@ async def read_flag(
     if not _is_uuid(flag_id):
         raise _not_found("flag")
     episodes = await repository.episodes(principal.care_teams, alert_id=flag_id)
-    if not episodes or str(episodes[0]["flag_id"]) != str(uuid.UUID(flag_id)):
+    if (
+        not episodes
+        or str(episodes[0]["flag_id"]) != str(uuid.UUID(flag_id))
+        or not principal.sees(episodes[0]["patient_id"])
+    ):
         raise _not_found("flag")
     episode = episodes[0]
     await _audit(
@@ -517,7 +595,7 @@ async def search_flags(
 
 
 async def _communications(
-    repository: FhirRepository, principal: Principal, patient_id: str
+    repository: FhirRepository, principal: Caller, patient_id: str
 ) -> list[dict[str, Any]]:
     episodes = await repository.episodes(principal.care_teams, patient_id)
     pages = await repository.pages(patient_id, [e["dedup_key"] for e in episodes])
@@ -544,7 +622,7 @@ async def read_communication(
     elif _is_uuid(communication_id):
         found = await repository.page_episode(principal.care_teams, communication_id)
         patient_id = found[0] if found else None
-    if patient_id is not None:
+    if patient_id is not None and principal.sees(patient_id):
         for resource in await _communications(repository, principal, patient_id):
             if resource["id"] == communication_id:
                 await _audit(
