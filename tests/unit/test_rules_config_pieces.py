@@ -151,11 +151,11 @@ def test_a_reconfigure_limited_to_the_changed_patient_touches_only_them() -> Non
     homes = {p: Home(p, start) for p in old.profiles}
     for home in homes.values():
         engine.on_telemetry(home.temp(0, 37.0))
-    kept = engine._patients["P-1"].rules
+    kept = engine._rules["P-1"]
     new = fleet(4, override_for="P-2", single_c=38.1)
     compiler = RulesCompiler(new)
     engine.reconfigure(new, compiler, {"P-2"})
-    assert engine._patients["P-1"].rules is kept
+    assert engine._rules["P-1"] is kept
     alerts = engine.on_telemetry(homes["P-2"].temp(5, 38.2))
     assert [a.code for a in alerts] == ["fever_single"]
     assert engine.on_telemetry(homes["P-1"].temp(5, 38.2)) == []

@@ -53,16 +53,18 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import orjson
+import msgspec
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Telemetry
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
 from services.rules.domain.config import PatientRules, RulesCompiler, RulesConfig
 from services.rules.domain.fever import FeverState, fold_temperature
 from services.rules.domain.heartbeat import heartbeat_alert
+from services.rules.domain.instant import NEVER, Instant, never_if_none
 from services.rules.domain.observation import HEARTBEAT, TEMPERATURE, ObservationLike, observe
 from services.rules.domain.pump import (
     PumpTrack,
@@ -91,7 +93,8 @@ _INTERRUPTION = "interruption"
 _LOST = "lost"
 _SILENT = "silent"
 _UNOBSERVED = "unobserved"
-_NEG_INF = float("-inf")
+_NEG_INF = NEVER
+_TIMER_FIELDS = {_BAG: "bag_timer_at", _INTERRUPTION: "int_timer_at"}
 _ABSENCE_KINDS = frozenset({"lost", "silent", "unobserved"})
 
 
@@ -128,220 +131,96 @@ _UNOBSERVED_ALERTS = _Absence(
 )
 
 
+@dataclass(slots=True)
 class DeviceTrack:
     """When the engine last heard from one device, and whether it is alerted as silent or as a
-    faulty sensor; for a pump, also the pump rules' record of it (``pump``: one dict of pumps
-    per patient beside the dict of devices cost more memory than the pump record itself). In a
-    snapshot the pump record is under the patient's ``pumps``, as before.
+    faulty sensor; for a pump, also the pump rules' record of it (``pump``). Encoded and
+    decoded by ``msgspec`` as part of its patient's state record.
 
     ``last_t``: the newest device time the device reported. ``heard_t``: the latest ingest time
     of any of its messages, whatever its device time (what the silence timer counts from).
-    The rarely set state (an open silence's deadline, a sensor fault, seq gaps and their timer)
-    lives in one ``_RareState`` that most devices never have: it is memory per device.
     ``silent_at``: the deadline its open silence alert fired at (an all clear is never dated
-    before it)."""
+    before it). ``seq_hi``: the highest seq seen (docs/mqtt.md, section 4); ``gaps``: the gaps
+    below it still open, None while there are none."""
 
-    __slots__ = (
-        "heard_t",
-        "is_thermometer",
-        "last_t",
-        "pump",
-        "rare",
-        "seq_hi",
-        "silent_key",
-        "timer_at",
-    )
+    is_thermometer: bool
+    last_t: Instant = NEVER
+    heard_t: float = 0.0
+    silent_key: str | None = None
+    silent_at: float | None = None
+    timer_at: float | None = None
+    fault_key: str | None = None
+    seq_hi: int | None = None
+    gaps: list[Gap] | None = None
+    gap_timer_at: float | None = None
+    pump: PumpTrack | None = None
 
-    def __init__(self, is_thermometer: bool) -> None:
-        self.is_thermometer = is_thermometer
-        self.last_t = _NEG_INF
-        self.heard_t = 0.0
-        self.silent_key: str | None = None
-        self.timer_at: float | None = None
-        # The highest seq seen (docs/mqtt.md, section 4).
-        self.seq_hi: int | None = None
-        self.rare: _RareState | None = None
-        self.pump: PumpTrack | None = None
-
-    def _rare(self) -> _RareState:
-        rare = self.rare
-        if rare is None:
-            rare = self.rare = _RareState()
-        return rare
-
-    @property
-    def silent_at(self) -> float | None:
-        return None if self.rare is None else self.rare.silent_at
-
-    @silent_at.setter
-    def silent_at(self, value: float | None) -> None:
-        if value is not None or self.rare is not None:
-            self._rare().silent_at = value
-
-    @property
-    def fault_key(self) -> str | None:
-        return None if self.rare is None else self.rare.fault_key
-
-    @fault_key.setter
-    def fault_key(self, value: str | None) -> None:
-        if value is not None or self.rare is not None:
-            self._rare().fault_key = value
-
-    @property
-    def gaps(self) -> list[Gap] | None:
-        """The gaps below ``seq_hi`` still open, None while there are none."""
-        return None if self.rare is None else self.rare.gaps
-
-    @gaps.setter
-    def gaps(self, value: list[Gap] | None) -> None:
-        if value is not None or self.rare is not None:
-            self._rare().gaps = value
-
-    @property
-    def gap_timer_at(self) -> float | None:
-        return None if self.rare is None else self.rare.gap_timer_at
-
-    @gap_timer_at.setter
-    def gap_timer_at(self, value: float | None) -> None:
-        if value is not None or self.rare is not None:
-            self._rare().gap_timer_at = value
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "is_thermometer": self.is_thermometer,
-            "last_t": self.last_t,
-            "heard_t": self.heard_t,
-            "silent_key": self.silent_key,
-            "silent_at": self.silent_at,
-            "timer_at": self.timer_at,
-            "fault_key": self.fault_key,
-            "seq_hi": self.seq_hi,
-            "gaps": self.gaps or [],
-            "gap_timer_at": self.gap_timer_at,
-        }
+    def __post_init__(self) -> None:
+        self.last_t = never_if_none(self.last_t)
+        if not self.gaps:  # the previous version wrote no gaps as []
+            self.gaps = None
 
     def silent_limit(self, rules: PatientRules, device_id: str) -> float:
         """How long this device may stay silent before it is alerted (s): its kind's limit,
         a spot-check thermometer's own (its registration)."""
         return rules.silent_s(device_id, self.is_thermometer)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DeviceTrack:
-        track = cls(bool(data["is_thermometer"]))
-        track.last_t = float(data["last_t"])
-        # Snapshots written before the arrival clock have no heard_t: the ingest time of the
-        # newest message is the best they know.
-        track.heard_t = float(data["heard_t"] if "heard_t" in data else data["last_ingest_t"])
-        track.silent_key = data["silent_key"]
-        track.silent_at = data.get("silent_at")
-        track.timer_at = data["timer_at"]
-        track.fault_key = data.get("fault_key")
-        track.seq_hi = data.get("seq_hi")
-        track.gaps = [list(g) for g in data.get("gaps") or ()] or None
-        track.gap_timer_at = data.get("gap_timer_at")
-        return track
 
-
-class _RareState:
-    """A device's state that most devices never have (``DeviceTrack``)."""
-
-    __slots__ = ("fault_key", "gap_timer_at", "gaps", "silent_at")
-
-    def __init__(self) -> None:
-        self.silent_at: float | None = None
-        self.fault_key: str | None = None
-        self.gaps: list[Gap] | None = None
-        self.gap_timer_at: float | None = None
-
-
+@dataclass(slots=True)
 class PatientTrack:
-    """Everything the rules remember about one patient."""
+    """Everything the rules remember about one patient: its state record, encoded and decoded
+    by ``msgspec``. The patient's compiled rules are not state (the config is): the engine
+    keeps them beside it."""
 
-    __slots__ = (
-        "devices",
-        "fever",
-        "rules",
-        "temp_heard_t",
-        "thermometer_id",
-        "unobserved_at",
-        "unobserved_key",
-        "unobserved_timer_at",
-    )
-
-    def __init__(self, rules: PatientRules) -> None:
-        # Compiled from the engine's config; not part of the snapshot (the config is).
-        self.rules = rules
-        self.fever = FeverState()
-        self.devices: dict[str, DeviceTrack] = {}
-        self.thermometer_id = ""
-        # The latest ingest time of a plausible temperature: "no temperature for 30 min"
-        # counts from when the last one reached us.
-        self.temp_heard_t = 0.0
-        self.unobserved_key: str | None = None
-        self.unobserved_at: float | None = None
-        self.unobserved_timer_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._fields({d: track.to_dict() for d, track in sorted(self.pumps().items())})
-
-    def record(self) -> dict[str, Any]:
-        """``to_dict`` for immediate serialisation by ``orjson``: the pump records are the live
-        dataclasses (serialised natively, in C), not copies as dicts."""
-        return self._fields(dict(sorted(self.pumps().items())))
-
-    def _fields(self, pumps: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "fever": self.fever.to_dict(),
-            "devices": {d: track.to_dict() for d, track in sorted(self.devices.items())},
-            "pumps": pumps,
-            "thermometer_id": self.thermometer_id,
-            "temp_heard_t": self.temp_heard_t,
-            "unobserved_key": self.unobserved_key,
-            "unobserved_at": self.unobserved_at,
-            # Armed deadlines are state too: restoring them as they were (not recomputing them)
-            # makes a restored engine fire exactly when the uninterrupted one would.
-            "unobserved_timer_at": self.unobserved_timer_at,
-            "pump_timers": self.pump_timers(),
-        }
+    fever: FeverState = field(default_factory=FeverState)
+    devices: dict[str, DeviceTrack] = field(default_factory=dict)
+    thermometer_id: str = ""
+    # The latest ingest time of a plausible temperature: "no temperature for 30 min" counts
+    # from when the last one reached us.
+    temp_heard_t: float = 0.0
+    unobserved_key: str | None = None
+    unobserved_at: float | None = None
+    # Armed deadlines are state too: restoring them as they were (not recomputing them) makes
+    # a restored engine fire exactly when the uninterrupted one would.
+    unobserved_timer_at: float | None = None
 
     def pumps(self) -> dict[str, PumpTrack]:
         """The pump record of each of the patient's pumps, by device id."""
         return {d: track.pump for d, track in self.devices.items() if track.pump is not None}
 
-    def pump_timers(self) -> list[list[Any]]:
-        """[[kind, device, deadline], ...] of the pump clocks armed, in (kind, device) order."""
-        armed: list[list[Any]] = []
-        for device_id, pump in self.pumps().items():
-            if pump.bag_timer_at is not None:
-                armed.append([_BAG, device_id, pump.bag_timer_at])
-            if pump.int_timer_at is not None:
-                armed.append([_INTERRUPTION, device_id, pump.int_timer_at])
-        armed.sort(key=lambda entry: (entry[0], entry[1]))
-        return armed
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], rules: PatientRules) -> PatientTrack:
-        track = cls(rules)
-        track.fever = FeverState.from_dict(data["fever"])
-        track.devices = {d: DeviceTrack.from_dict(v) for d, v in data["devices"].items()}
-        for device_id, pump in data["pumps"].items():
-            device = track.devices.get(device_id)
-            if device is None:  # every pump has reported, so this is only a defensive default
-                device = track.devices[device_id] = DeviceTrack(False)
-            device.pump = PumpTrack.from_dict(pump)
-        track.thermometer_id = data["thermometer_id"]
-        # Snapshots written before the arrival clock name the newest reading's ingest time.
-        track.temp_heard_t = float(
-            data["temp_heard_t"] if "temp_heard_t" in data else data["thermometer_ingest_t"]
-        )
-        track.unobserved_key = data["unobserved_key"]
-        track.unobserved_at = data.get("unobserved_at")
-        track.unobserved_timer_at = data["unobserved_timer_at"]
-        for kind, device_id, deadline in data["pump_timers"]:
-            pump = track.devices[device_id].pump
-            assert pump is not None, "an armed pump clock names a pump"
-            _set_armed(pump, kind, float(deadline))
-        return track
+# "deterministic": sets and dicts written in sorted order, so equal states give equal bytes.
+_ENCODER = msgspec.json.Encoder(order="deterministic")
+
+
+def patient_from_record(data: dict[str, Any]) -> PatientTrack:
+    """A patient's state from its record as JSON data: this version's (the ``PatientTrack``
+    as ``msgspec`` encodes it), or the previous version's (``_previous_record``)."""
+    if "pumps" in data:
+        data = _previous_record(data)
+    return msgspec.convert(data, PatientTrack)
+
+
+def _previous_record(data: dict[str, Any]) -> dict[str, Any]:
+    """The previous version's patient record in this version's shape. It held each pump's
+    record under the patient's ``pumps`` (not on its device) and the armed pump clocks also
+    as ``pump_timers`` ([kind, device, deadline]: the only record of them in records older
+    than the pumps' own ``bag_timer_at``/``int_timer_at``); records from before the arrival
+    clock name the newest message's ingest time instead of ``heard_t``/``temp_heard_t``."""
+    devices = {d: dict(v) for d, v in data["devices"].items()}
+    for device in devices.values():
+        if "heard_t" not in device:
+            device["heard_t"] = device["last_ingest_t"]
+    for device_id, pump in data["pumps"].items():
+        # Every pump has reported, so a pump without its device is only a defensive default.
+        devices.setdefault(device_id, {"is_thermometer": False})["pump"] = dict(pump)
+    for kind, device_id, deadline in data.get("pump_timers") or ():
+        devices[device_id]["pump"][_TIMER_FIELDS[kind]] = float(deadline)
+    upgraded = {k: v for k, v in data.items() if k not in ("pumps", "pump_timers")}
+    upgraded["devices"] = devices
+    if "temp_heard_t" not in upgraded:
+        upgraded["temp_heard_t"] = upgraded["thermometer_ingest_t"]
+    return upgraded
 
 
 def _armed(pump: PumpTrack, kind: str) -> float | None:
@@ -380,6 +259,8 @@ class RulesEngine:
         self._compiler = _compiler_of(self.config, compiler)
         self._arrival_lateness = self.config.arrival_lateness_s
         self._patients: dict[str, PatientTrack] = {}
+        # Each tracked patient's rules, compiled from the config (not state: not persisted).
+        self._rules: dict[str, PatientRules] = {}
         # Pump clocks (deadlines in device time) and absence timers (deadlines in arrival
         # time), each a heap of (deadline, kind, patient, device).
         self._timers: list[tuple[float, str, str, str]] = []
@@ -432,8 +313,10 @@ class RulesEngine:
         self._dirty.add(patient_id)
         patient = self._patients.get(patient_id)
         if patient is None:
-            patient = self._patients[patient_id] = PatientTrack(self._rules_for(patient_id))
-        rules = patient.rules
+            patient = self._patients[patient_id] = PatientTrack()
+            rules = self._rules[patient_id] = self._rules_for(patient_id)
+        else:
+            rules = self._rules[patient_id]
         device = patient.devices.get(obs.device_id)
         if device is None:
             device = patient.devices[obs.device_id] = DeviceTrack(obs.channel == TEMPERATURE)
@@ -537,7 +420,7 @@ class RulesEngine:
             return
         if device.gaps is None:
             device.gaps = []
-        device.gaps.append([low, high, obs.ingest_t])
+        device.gaps.append(Gap(low, high, obs.ingest_t))
         self._seq_gaps.append((patient_id, obs.device_id, missing))
         if device.gap_timer_at is None:
             deadline = obs.ingest_t + rules.data_lost_wait_s
@@ -672,7 +555,7 @@ class RulesEngine:
             else [(p, tracked[p]) for p in patients if p in tracked]
         )
         for patient_id, patient in chosen:
-            rules = patient.rules = self._rules_for(patient_id)
+            rules = self._rules[patient_id] = self._rules_for(patient_id)
             if self._rearm_earlier(patient_id, patient, rules):
                 moved.add(patient_id)
         self._dirty |= moved
@@ -688,7 +571,7 @@ class RulesEngine:
                 and device.gaps
                 and (_LOST, patient_id, device_id) not in held
             ):
-                lost_at = min(g[2] for g in device.gaps) + rules.data_lost_wait_s
+                lost_at = min(g.seen for g in device.gaps) + rules.data_lost_wait_s
                 if lost_at < device.gap_timer_at:
                     device.gap_timer_at = lost_at
                     heapq.heappush(self._absent, (lost_at, _LOST, patient_id, device_id))
@@ -822,7 +705,7 @@ class RulesEngine:
                 self._defer(patient, kind, patient_id, device_id, deadline)
                 continue
             self._held.discard((kind, patient_id, device_id))
-            rules = patient.rules
+            rules = self._rules[patient_id]
             if kind == _SILENT:
                 device = patient.devices.get(device_id)
                 if device is None or device.timer_at != deadline:
@@ -849,10 +732,10 @@ class RulesEngine:
                 if not gaps:
                     continue
                 wait = rules.data_lost_wait_s
-                real = min(g[2] for g in gaps) + wait
+                real = min(g.seen for g in gaps) + wait
                 if real <= deadline:
-                    due = [g for g in gaps if g[2] + wait <= real]
-                    gaps = [g for g in gaps if g[2] + wait > real]
+                    due = [g for g in gaps if g.seen + wait <= real]
+                    gaps = [g for g in gaps if g.seen + wait > real]
                     gapped.gaps = gaps or None
                     self._dirty.add(patient_id)
                     alerts.append(
@@ -868,7 +751,7 @@ class RulesEngine:
                     )
                     if not gaps:
                         continue
-                    real = min(g[2] for g in gaps) + wait
+                    real = min(g.seen for g in gaps) + wait
                 gapped.gap_timer_at = real
                 heapq.heappush(absent, (real, kind, patient_id, device_id))
             elif kind == _UNOBSERVED:
@@ -1114,14 +997,12 @@ class RulesEngine:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole state, JSON-ready."""
-        return {
-            **self._meta(),
-            "patients": {p: track.to_dict() for p, track in sorted(self._patients.items())},
-        }
+        return {**self._meta(), "patients": self.snapshot_patients(set(self._patients))}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Replace the whole state with ``snapshot`` (from ``snapshot()``)."""
         self._patients.clear()
+        self._rules.clear()
         self._timers.clear()
         self._absent.clear()
         self._restore_meta(snapshot)
@@ -1176,31 +1057,40 @@ class RulesEngine:
         return dirty
 
     def snapshot_patients(self, patient_ids: set[str]) -> dict[str, dict[str, Any]]:
-        return {p: self._patients[p].to_dict() for p in sorted(patient_ids) if p in self._patients}
+        """Each patient's state record as JSON data (what ``encode_patients`` writes)."""
+        decode = msgspec.json.decode
+        return {p: decode(record) for p, record in self.encode_patients(patient_ids)}
 
     def encode_patients(self, patient_ids: Iterable[str]) -> list[tuple[str, bytes]]:
-        """``snapshot_patients`` as JSON bytes, one (patient, bytes) per patient in id order:
-        what the service writes to its state topic, built without intermediate dicts."""
-        dumps = orjson.dumps
+        """Each patient's state record as JSON bytes, one (patient, bytes) per patient in id
+        order: what the service writes to its state topic, encoded by ``msgspec`` straight
+        from the live ``PatientTrack``."""
+        encode = _ENCODER.encode
         patients = self._patients
-        return [(p, dumps(patients[p].record())) for p in sorted(patient_ids) if p in patients]
+        return [(p, encode(patients[p])) for p in sorted(patient_ids) if p in patients]
 
     def restore_patients(self, patients: dict[str, dict[str, Any]]) -> None:
-        """Load patients' state and re-arm their timers from it."""
+        """Load patients' state (records of this version or the previous one, as JSON data)
+        and re-arm their timers from it."""
+        absent = self._absent.append
+        push = self._timers.append
         for patient_id, data in patients.items():
-            patient = PatientTrack.from_dict(data, self._rules_for(patient_id))
+            patient = patient_from_record(data)
             self._patients[patient_id] = patient
-            absent = self._absent.append
+            self._rules[patient_id] = self._rules_for(patient_id)
             for device_id, device in patient.devices.items():
                 if device.timer_at is not None:
                     absent((device.timer_at, _SILENT, patient_id, device_id))
                 if device.gap_timer_at is not None:
                     absent((device.gap_timer_at, _LOST, patient_id, device_id))
+                pump = device.pump
+                if pump is not None:
+                    if pump.bag_timer_at is not None:
+                        push((pump.bag_timer_at, _BAG, patient_id, device_id))
+                    if pump.int_timer_at is not None:
+                        push((pump.int_timer_at, _INTERRUPTION, patient_id, device_id))
             if patient.unobserved_timer_at is not None:
                 absent((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
-            push = self._timers.append
-            for kind, device_id, deadline in patient.pump_timers():
-                push((deadline, kind, patient_id, device_id))
         heapq.heapify(self._timers)
         heapq.heapify(self._absent)
 
@@ -1208,6 +1098,7 @@ class RulesEngine:
         """Forget patients (their partition moved to another instance); stale timers lapse."""
         for patient_id in patient_ids:
             self._patients.pop(patient_id, None)
+            self._rules.pop(patient_id, None)
             self._dirty.discard(patient_id)
 
     @property

@@ -16,8 +16,9 @@ device time and evaluates the sustained criterion over that order, not over arri
 reading already seen (same message id) changes nothing. Two febrile readings further apart than
 ``max_gap`` are not one sustained run: no alert is computed from data that old.
 
-The state is a small mutable record per patient (``FeverState``); ``fold_temperature`` updates
-it in place and returns the alerts, which is what the engine's hot path calls.
+The state is a small typed record per patient (``FeverState``, its window a list of ``Reading``
+structs); ``fold_temperature`` updates it in place and returns the alerts, which
+is what the engine's hot path calls.
 ``evaluate_fever`` is the same rule as a pure ``(state, event) -> (state, alerts)`` function.
 A thermometer going silent during an open episode is timed by the engine (it needs event-time
 timers); this module only says whether an episode is open.
@@ -27,12 +28,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+
+import msgspec
 
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Evidence, Telemetry
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
+from services.rules.domain.instant import NEVER, Instant, never_if_none
 from services.rules.domain.observation import ObservationLike, observe
 
 RULE_ID = "fever"
@@ -130,76 +133,54 @@ class HighRisk:
     reason: str
 
 
-#: One reading in a fever window: (device time, corrected °C, message id, measured °C, site).
-Reading = tuple[float, float, str, float, str]
+class Reading(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One reading in a fever window. In a state record it is the array
+    ``[t, value, message_id, measured, site]`` (``array_like``)."""
+
+    t: float  # device time
+    value: float  # corrected by the site's offset: what the limits are compared with
+    message_id: str
+    measured: float  # as the thermometer showed it
+    site: str
 
 
+@dataclass(slots=True)
 class FeverState:
-    """What the rule remembers about one patient's temperatures."""
+    """What the rule remembers about one patient's temperatures; encoded and decoded by
+    ``msgspec`` as part of the patient's state record (docs/rules.md, "Rule state", says why
+    the records that change on every event are slotted dataclasses, not structs)."""
 
-    __slots__ = (
-        "closed_until",
-        "episode_key",
-        "escalated",
-        "newest",
-        "opened_at",
-        "seen",
-        "window",
-    )
+    # Readings sorted by device time and pruned to the span the sustained criterion can look
+    # back over.
+    window: list[Reading] = field(default_factory=list)
+    # The newest device time in the window (never while the window is empty).
+    newest: Instant = NEVER
+    episode_key: str | None = None
+    opened_at: float = 0.0
+    escalated: bool = False
+    # End of the last closed episode: a late reading from inside it belongs to a fever that
+    # was already paged and cleared, and must not open a second one.
+    closed_until: float | None = None
+    # Message ids of the window; None while the window holds at most one reading (the common
+    # case), whose id is then compared directly: a set per patient costs 200 bytes. Written
+    # with the window; a record without it (the previous version's) makes it from the window.
+    seen: set[str] | None = None
 
-    def __init__(self) -> None:
-        # Readings sorted by device time and pruned to the span the sustained criterion can
-        # look back over.
-        self.window: list[Reading] = []
-        # Message ids of the window; None while the window holds at most one reading (the
-        # common case), whose id is then compared directly: a set per patient costs 200 bytes.
-        self.seen: set[str] | None = None
-        self.newest = float("-inf")
-        self.episode_key: str | None = None
-        self.opened_at = 0.0
-        self.escalated = False
-        # End of the last closed episode: a late reading from inside it belongs to a fever that
-        # was already paged and cleared, and must not open a second one.
-        self.closed_until: float | None = None
+    def __post_init__(self) -> None:
+        self.newest = never_if_none(self.newest)
+        if self.seen is None and len(self.window) > 1:
+            self.seen = {r.message_id for r in self.window}
 
     @property
     def episode_open(self) -> bool:
         return self.episode_key is not None
 
     def copy(self) -> FeverState:
-        twin = FeverState()
-        twin.window = list(self.window)
-        twin.seen = set(self.seen) if self.seen is not None else None
-        twin.newest = self.newest
-        twin.episode_key = self.episode_key
-        twin.opened_at = self.opened_at
-        twin.escalated = self.escalated
-        twin.closed_until = self.closed_until
-        return twin
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "window": [list(r) for r in self.window],
-            "newest": self.newest if self.window else None,
-            "episode_key": self.episode_key,
-            "opened_at": self.opened_at,
-            "escalated": self.escalated,
-            "closed_until": self.closed_until,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FeverState:
-        state = cls()
-        state.window = [
-            (float(t), float(v), str(m), float(x), str(s)) for t, v, m, x, s in data["window"]
-        ]
-        state.seen = {r[2] for r in state.window} if len(state.window) > 1 else None
-        state.newest = float("-inf") if data["newest"] is None else float(data["newest"])
-        state.episode_key = data["episode_key"]
-        state.opened_at = float(data["opened_at"])
-        state.escalated = bool(data["escalated"])
-        state.closed_until = data["closed_until"]
-        return state
+        return replace(
+            self,
+            window=list(self.window),
+            seen=set(self.seen) if self.seen is not None else None,
+        )
 
 
 def _temperature_evidence(
@@ -209,9 +190,9 @@ def _temperature_evidence(
     comparator: str,
     limits: FeverLimits,
 ) -> tuple[Evidence, ...]:
-    t, corrected, message_id, measured, site = reading
-    when = at(t)
-    first = evidence(name, corrected, limit, comparator, when, message_id=message_id)
+    when = at(reading.t)
+    message_id, site = reading.message_id, reading.site
+    first = evidence(name, reading.value, limit, comparator, when, message_id=message_id)
     offset = limits.site_offsets.get(site, 0.0)
     if offset == 0.0:
         return (first,)
@@ -220,7 +201,7 @@ def _temperature_evidence(
         first,
         evidence(
             f"{name}_as_measured_{site}",
-            measured,
+            reading.measured,
             round(limit - offset, 2),
             comparator,
             when,
@@ -240,7 +221,7 @@ def fold_temperature(
     message_id = obs.message_id
     seen = state.seen
     if seen is None:
-        if state.window and state.window[0][2] == message_id:
+        if state.window and state.window[0].message_id == message_id:
             return []
     elif message_id in seen:
         return []
@@ -250,7 +231,7 @@ def fold_temperature(
     t = obs.t
     offsets = limits.site_offsets
     value = celsius + offsets[site] if offsets and site in offsets else celsius
-    reading = (t, value, message_id, celsius, site)
+    reading = Reading(t, value, message_id, celsius, site)
 
     # The common case: a normal reading, newest so far, no fever open. Nothing older can make a
     # sustained run that ends after it, so it alone is the window (it still breaks runs for
@@ -274,21 +255,21 @@ def _fold_into_window(
     """``fold_temperature`` past its common case: ``reading`` (the observation's) joins the
     window and the rule decides. Apart so that the common case's call makes none of the closure
     cells ``make`` needs (one cell per captured variable, on every call)."""
-    t, value, message_id, _, site_name = reading
+    t, value, message_id, site_name = reading.t, reading.value, reading.message_id, reading.site
     seen = state.seen
     window = state.window
     if seen is None:
-        state.seen = {r[2] for r in window}
-    if not window or t >= window[-1][0]:
+        state.seen = {r.message_id for r in window}
+    if not window or t >= window[-1].t:
         window.append(reading)
     else:
-        window.insert(bisect.bisect_right([r[0] for r in window], t), reading)
-    newest = window[-1][0]
+        window.insert(bisect.bisect_right(window, t, key=_device_time), reading)
+    newest = window[-1].t
     state.newest = newest
     horizon = newest - limits.horizon_s
-    if window[0][0] < horizon:
-        window[:] = [r for r in window if r[0] >= horizon]
-        state.seen = {r[2] for r in window}
+    if window[0].t < horizon:
+        window[:] = [r for r in window if r.t >= horizon]
+        state.seen = {r.message_id for r in window}
     else:
         assert state.seen is not None
         state.seen.add(message_id)
@@ -364,13 +345,13 @@ def _fold_into_window(
         if run is None:
             return []
         first, last = run
-        duration = last[0] - first[0]
+        duration = last.t - first.t
         if duration < limits.sustained_for_s:
             return []
-        state.episode_key = f"{obs.patient_id}:{RULE_ID}:{stamp(first[0])}"
-        state.opened_at = first[0]
+        state.episode_key = f"{obs.patient_id}:{RULE_ID}:{stamp(first.t)}"
+        state.opened_at = first.t
         state.escalated = False
-        peak = max((r for r in window if first[0] <= r[0] <= last[0]), key=lambda r: r[1])
+        peak = max((r for r in window if first.t <= r.t <= last.t), key=_corrected)
         found = _temperature_evidence(
             "temperature_run_start", first, limits.sustained_c, ">=", limits
         ) + _temperature_evidence("temperature", last, limits.sustained_c, ">=", limits)
@@ -417,6 +398,14 @@ def _fold_into_window(
     return []
 
 
+def _device_time(reading: Reading) -> float:
+    return reading.t
+
+
+def _corrected(reading: Reading) -> float:
+    return reading.value
+
+
 def _raised(priority: AlertPriority, high_risk: HighRisk | None) -> AlertPriority:
     if high_risk is None:
         return priority
@@ -426,12 +415,12 @@ def _raised(priority: AlertPriority, high_risk: HighRisk | None) -> AlertPriorit
 
 def _sustained_run(window: list[Reading], limits: FeverLimits) -> tuple[Reading, Reading] | None:
     """First and last reading of the unbroken run >= sustained_c that ends at the newest."""
-    if not window or window[-1][1] < limits.sustained_c:
+    if not window or window[-1].value < limits.sustained_c:
         return None
     last = window[-1]
     start = last
     for reading in reversed(window[:-1]):
-        if reading[1] < limits.sustained_c or start[0] - reading[0] > limits.max_gap_s:
+        if reading.value < limits.sustained_c or start.t - reading.t > limits.max_gap_s:
             break
         start = reading
     return start, last

@@ -17,7 +17,7 @@ reservoir-low alarm (the bag is not emptying, and the interruption clock is alre
 ``SevenDayBagProfile``: a pump programmed at the 7-day-bag rate (0.6 mL/h) for a patient under
 22 kg (benzyl alcohol) is an alert while the programme stays.
 
-Everything here is pure: the state is a mutable per-pump record the engine owns; clock
+Everything here is pure: the state is a per-pump record (``PumpTrack``) the engine owns; clock
 deadlines are computed here and *timed* by the engine on its event-time watermark.
 """
 
@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+
+import msgspec
 
 from schemas.device import PumpAlarmCode, PumpEventKind, PumpState
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Evidence
 from services.rules.domain.alerting import at, build_alert, evidence, stamp
 from services.rules.domain.config import PatientRules
+from services.rules.domain.instant import NEVER, Instant, never_if_none
 from services.rules.domain.observation import ObservationLike
 
 ALARM_RULE_ID = "pump_alarm"
@@ -53,29 +55,33 @@ STOPPING_ALARMS = frozenset(
 )
 # Alarms a not-flowing pump inhibits: they warn about a bag that is emptying.
 INHIBITED_WHEN_STOPPED = frozenset({PumpAlarmCode.RESERVOIR_LOW.value})
-_NEG_INF = float("-inf")
 
 
-@dataclass(slots=True, eq=False)
+class RaisedAlarm(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """An alarm the pump raised and has not cleared: its episode's dedup key and when it was
+    raised. In a state record it is the array ``[key, raised_at]``."""
+
+    key: str
+    raised_at: float
+
+
+@dataclass(slots=True)
 class PumpTrack:
-    """What the rules remember about one pump.
-
-    A slotted dataclass, fields in alphabetical order: ``orjson`` serialises it natively (in
-    C, ``-inf`` as ``null``) to exactly what ``to_dict`` gives, which is what the service writes
-    for every touched pump in every transaction."""
+    """What the rules remember about one pump; encoded and decoded by ``msgspec`` as part of
+    its patient's state record (``null`` for a time that has not happened: ``Instant``)."""
 
     accumulated_s: float = 0.0
-    # code -> (dedup key, raised at); code -> last cleared at; code -> raised-but-inhibited at
+    # code -> the raised alarm; code -> last cleared at; code -> raised-but-inhibited at.
     # Created on a pump's first alarm: most pumps never raise one, and an empty dict per
     # pump is most of a pump's memory.
-    alarms: dict[str, tuple[str, float]] | None = None
+    alarms: dict[str, RaisedAlarm] | None = None
     bag_due_fired: str | None = None
     bag_due_key: str | None = None
     bag_key: str | None = None
     # The status time whose prediction was found stale at its deadline; a newer status
     # makes a new prediction.
     bag_skipped_for: float | None = None
-    bag_t: float = _NEG_INF
+    bag_t: Instant = NEVER
     # Armed deadlines of this pump's clocks (the engine times them): fields here rather than a
     # (kind, device) -> deadline dict per patient, which cost more than the pump itself.
     bag_timer_at: float | None = None
@@ -89,60 +95,16 @@ class PumpTrack:
     rate: float = 0.0
     remaining: float = 0.0
     resumed_at: float | None = None
-    state_t: float = _NEG_INF
+    state_t: Instant = NEVER
     status_ingest_t: float = 0.0
-    status_t: float = _NEG_INF
+    status_t: Instant = NEVER
     stopped_since: float | None = None
     underweight_key: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        # Written out field by field: this runs for every touched pump in every transaction.
-        neg = _NEG_INF
-        return {
-            "accumulated_s": self.accumulated_s,
-            "alarms": self.alarms,
-            "bag_due_fired": self.bag_due_fired,
-            "bag_due_key": self.bag_due_key,
-            "bag_key": self.bag_key,
-            "bag_skipped_for": self.bag_skipped_for,
-            "bag_t": None if self.bag_t == neg else self.bag_t,
-            "bag_timer_at": self.bag_timer_at,
-            "cleared": self.cleared,
-            "flowing": self.flowing,
-            "inhibited": self.inhibited,
-            "int_ingest_t": self.int_ingest_t,
-            "int_key": self.int_key,
-            "int_level": self.int_level,
-            "int_timer_at": self.int_timer_at,
-            "rate": self.rate,
-            "remaining": self.remaining,
-            "resumed_at": self.resumed_at,
-            "state_t": None if self.state_t == neg else self.state_t,
-            "status_ingest_t": self.status_ingest_t,
-            "status_t": None if self.status_t == neg else self.status_t,
-            "stopped_since": self.stopped_since,
-            "underweight_key": self.underweight_key,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PumpTrack:
-        track = cls()
-        for name in _FIELDS:
-            if name in _TIMERS:
-                # The patient's "pump_timers" list is the record of armed deadlines (it is what
-                # snapshots written before these fields hold); PatientTrack sets them from it.
-                continue
-            value = data[name]
-            if name == "alarms" and value is not None:
-                value = {code: (key, float(t)) for code, (key, t) in value.items()}
-            elif name in ("status_t", "state_t", "bag_t") and value is None:
-                value = _NEG_INF
-            setattr(track, name, value)
-        return track
-
-
-_FIELDS = tuple(PumpTrack.__dataclass_fields__)
-_TIMERS = frozenset({"bag_timer_at", "int_timer_at"})
+    def __post_init__(self) -> None:
+        self.bag_t = never_if_none(self.bag_t)
+        self.state_t = never_if_none(self.state_t)
+        self.status_t = never_if_none(self.status_t)
 
 
 def _alert(
@@ -295,7 +257,7 @@ def _fold_status(
         # An older status describes a past the newer one already replaced.
         return []
     alerts: list[Alert] = []
-    previous_remaining = track.remaining if track.status_t > _NEG_INF else None
+    previous_remaining = track.remaining if track.status_t > NEVER else None
     track.status_t = t
     track.status_ingest_t = obs.ingest_t
     track.rate = rate
@@ -339,13 +301,13 @@ def _raise_alarm(
         alerts += _set_flowing(track, False, obs, rules, config_version)
     if code in track.alarms or code in track.inhibited:
         return alerts  # the same alarm again, or a redelivery: one page per alarm
-    if track.cleared.get(code, _NEG_INF) >= t:
+    if track.cleared.get(code, NEVER) >= t:
         return alerts  # arrived late, after its own all clear: already over
     if code in INHIBITED_WHEN_STOPPED and track.flowing is False:
         track.inhibited[code] = t
         return alerts
     key = f"{obs.patient_id}:{ALARM_RULE_ID}:{obs.device_id}:{code}:{stamp(t)}"
-    track.alarms[code] = (key, t)
+    track.alarms[code] = RaisedAlarm(key, t)
     alerts.append(
         _alarm_alert(
             obs,
@@ -368,19 +330,19 @@ def _clear_alarm(
     code, t = obs.alarm or "", obs.t
     if track.alarms is None or track.cleared is None or track.inhibited is None:
         track.alarms, track.cleared, track.inhibited = {}, {}, {}
-    if t > track.cleared.get(code, _NEG_INF):
+    if t > track.cleared.get(code, NEVER):
         track.cleared[code] = t
     inhibited_at = track.inhibited.get(code)
     if inhibited_at is not None and inhibited_at <= t:
         del track.inhibited[code]
     opened = track.alarms.get(code)
-    if opened is None or opened[1] > t:
+    if opened is None or opened.raised_at > t:
         return []
     del track.alarms[code]
     return [
         _alarm_alert(
             obs,
-            opened[0],
+            opened.key,
             phase=AlertPhase.END,
             priority=AlertPriority.INFO,
             title=f"All clear: pump {code.replace('_', ' ')} cleared",

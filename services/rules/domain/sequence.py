@@ -15,6 +15,8 @@ it): counted, not alerted. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import msgspec
+
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority
 from services.rules.domain.alerting import at, build_alert, evidence
 
@@ -24,24 +26,35 @@ DATA_LOST_CODE = "data_lost"
 # minute, ten thousand messages are a week: a silence that long is paged as device silent).
 COUNTER_RESTART_JUMP = 10_000
 
-# One open gap: [first missing seq, last missing seq, ingest time it was seen at].
-Gap = list[float]
+
+class Gap(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One open gap: the first and last seq missing, and the ingest time it was seen at. In a
+    state record it is the array ``[low, high, seen]``."""
+
+    low: int
+    high: int
+    seen: float
 
 
 def fill(gaps: list[Gap], seq: int) -> bool:
     """Take ``seq`` out of the open gaps it falls in; whether it was in one."""
-    for index, (low, high, seen) in enumerate(gaps):
+    for index, gap in enumerate(gaps):
+        low, high, seen = gap.low, gap.high, gap.seen
         if low <= seq <= high:
-            parts = [[low, seq - 1, seen]] if low < seq else []
+            parts = [Gap(low, seq - 1, seen)] if low < seq else []
             if seq < high:
-                parts.append([seq + 1, high, seen])
+                parts.append(Gap(seq + 1, high, seen))
             gaps[index : index + 1] = parts
             return True
     return False
 
 
 def missing_count(gaps: list[Gap]) -> int:
-    return int(sum(high - low + 1 for low, high, _ in gaps))
+    return sum(g.high - g.low + 1 for g in gaps)
+
+
+def _order(gap: Gap) -> tuple[int, int, float]:
+    return (gap.low, gap.high, gap.seen)
 
 
 def data_lost_alert(
@@ -55,12 +68,14 @@ def data_lost_alert(
     config_version: str,
 ) -> Alert:
     """The alert for ``gaps`` (seen at the same time) still open at ``deadline``."""
-    low = int(min(g[0] for g in gaps))
-    high = int(max(g[1] for g in gaps))
-    seen = min(g[2] for g in gaps)
+    low = min(g.low for g in gaps)
+    high = max(g.high for g in gaps)
+    seen = min(g.seen for g in gaps)
     count = missing_count(gaps)
     what = "thermometer" if is_thermometer else "infusion pump"
-    ranges = ", ".join(f"{int(a)}" if a == b else f"{int(a)}-{int(b)}" for a, b, _ in sorted(gaps))
+    ranges = ", ".join(
+        f"{g.low}" if g.low == g.high else f"{g.low}-{g.high}" for g in sorted(gaps, key=_order)
+    )
     plural = "message" if count == 1 else "messages"
     return build_alert(
         dedup_key=f"{patient_id}:{DATA_LOST_RULE_ID}:{device_id}:{low}-{high}",
