@@ -20,8 +20,17 @@ from fastapi.responses import JSONResponse
 from services.api.adapters.audit import AuditTrail
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
+from services.api.adapters.roster import RosterQueries
 from services.api.domain.throttle import LoginThrottle
-from services.api.entrypoints.http import alerts, auth, dashboard, fhir, patients, protocols
+from services.api.entrypoints.http import (
+    alerts,
+    auth,
+    dashboard,
+    fhir,
+    patients,
+    protocols,
+    roster,
+)
 from services.api.service_layer.fhir_export import ExportJobs
 from services.api.settings import ApiSettings
 from vigil.runtime import utcnow
@@ -42,6 +51,7 @@ def create_app(
             max_size=max(settings.pg.pool_max_size, 4),
         )
         app.state.repository = ApiRepository(pool)
+        app.state.roster = RosterQueries(pool)
         app.state.audit = audit if audit is not None else AuditTrail(pool)
         if alert_actions is None:
             from services.notify.public import AlertActions
@@ -82,6 +92,7 @@ def create_app(
     )
     app.include_router(auth.router)
     app.include_router(patients.router)
+    app.include_router(roster.router)
     app.include_router(alerts.router)
     app.include_router(protocols.router)
     app.include_router(dashboard.router)

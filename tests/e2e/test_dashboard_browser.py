@@ -134,6 +134,17 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             assert username in (await row.inner_text())
             await page.screenshot(path=str(ARTIFACTS / "dashboard-alert-acknowledged.png"))
 
+            # The roster: the child's row, with the newest reading and the acknowledged fever.
+            await page.goto(f"{api_base_url}/roster")
+            roster_row = page.locator(f"tr[data-patient='{patient}']")
+            await roster_row.wait_for(timeout=15_000)
+            alerts_cell = await roster_row.locator("td.alerts").inner_text()
+            assert alerts_cell.startswith("1 open"), alerts_cell
+            assert "not acknowledged" not in alerts_cell and f"ack {username}" in alerts_cell
+            assert "Fever 39.1" in alerts_cell
+            assert (await roster_row.locator("td.temperature").inner_text()).startswith("39.1 °C")
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-roster.png"), full_page=True)
+
             # The patient page: the caregiver read 98.6 °F; the course began ten days ago.
             await _course_history(dsn, patient, device)
             fahrenheit = json.loads(temperature(device, 98.6, 2))

@@ -176,6 +176,15 @@ async def dashboard(request: Request) -> Response:
     )
 
 
+@router.get("/roster", response_class=HTMLResponse)
+async def roster_page(request: Request) -> Response:
+    """The roster; its rows come from ``GET /api/roster``, redrawn on every alert and every 30 s."""
+    principal = await _principal_or_none(request)
+    if principal is None:
+        return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    return templates.TemplateResponse(request, "roster.html", {"principal": principal})
+
+
 @router.get("/patients/{patient_id}", response_class=HTMLResponse)
 async def patient_page(request: Request, patient_id: str) -> Response:
     principal = await _principal_or_none(request)
