@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import sys
 import uuid
+from typing import Any
 
 import asyncpg
 
@@ -34,6 +35,16 @@ async def _create_user(settings: ApiSettings, args: argparse.Namespace, password
         )
     finally:
         await pool.close()
+
+
+def server_options(settings: ApiSettings) -> dict[str, Any]:
+    """How the HTTP server treats forwarded headers: believed only from the configured proxies.
+    Uvicorn's own default believes them from any loopback client, so a local process could
+    claim any address and dodge the per-address login limit."""
+    proxies = settings.trusted_proxies.strip()
+    if not proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": ""}
+    return {"proxy_headers": True, "forwarded_allow_ips": proxies}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,5 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        **server_options(settings),
     )
     return 0

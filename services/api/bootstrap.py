@@ -21,7 +21,7 @@ from services.api.adapters.audit import AuditTrail
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
 from services.api.adapters.roster import RosterQueries
-from services.api.domain.throttle import LoginThrottle
+from services.api.domain.throttle import LoginThrottles
 from services.api.entrypoints.http import (
     alerts,
     auth,
@@ -86,10 +86,7 @@ def create_app(
     app.state.settings = settings
     app.state.clock = clock
     app.state.alert_actions = alert_actions
-    app.state.login_throttle = LoginThrottle(settings.login_max_failures, settings.login_window_s)
-    app.state.address_throttle = LoginThrottle(
-        settings.login_max_failures * 10, settings.login_window_s
-    )
+    app.state.login_throttles = LoginThrottles(settings.login_max_failures, settings.login_window_s)
     app.include_router(auth.router)
     app.include_router(patients.router)
     app.include_router(roster.router)

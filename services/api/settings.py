@@ -34,6 +34,10 @@ class ApiSettings(ServiceSettings):
     login_max_failures: int = Field(default=5, ge=1)
     login_window_s: float = Field(default=60.0, gt=0)
     stream_poll_s: float = Field(default=1.0, gt=0)
+    # Addresses of the reverse proxies in front of the API (comma-separated; "*" for any), whose
+    # X-Forwarded-For and X-Forwarded-Proto are believed. Empty (the default): no forwarded
+    # header is believed, and a login's address (throttling, audit) is the connection's own.
+    trusted_proxies: str = ""
     # The dashboard's cookie is Secure in production; plain HTTP on loopback in development.
     cookie_secure: bool = False
     log_level: str = "INFO"

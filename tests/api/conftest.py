@@ -19,6 +19,7 @@ import uvicorn
 
 from services.api.adapters.credentials import hash_password
 from services.api.adapters.repository import ApiRepository
+from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
@@ -207,7 +208,14 @@ async def api_world(stack_env: dict[str, str]) -> AsyncIterator[World]:
     settings = ApiSettings(port=port, stream_poll_s=0.2)
     app = create_app(settings, alert_actions=actions, audit=audit)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            **server_options(settings),
+        )
     )
     task = asyncio.create_task(server.serve())
     await until_serving(server, task)

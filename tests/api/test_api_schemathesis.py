@@ -13,6 +13,7 @@ import schemathesis
 import uvicorn
 from schemathesis.checks import ignored_auth, not_a_server_error
 
+from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.settings import ApiSettings
 from tests.api.conftest import PASSWORD, RecordingAlertActions, build_world, free_port
@@ -25,9 +26,17 @@ class ThreadedServer:
     """The API in its own thread and event loop, because schemathesis calls it synchronously."""
 
     def __init__(self, port: int) -> None:
-        app = create_app(ApiSettings(port=port), alert_actions=RecordingAlertActions())
+        settings = ApiSettings(port=port)
+        app = create_app(settings, alert_actions=RecordingAlertActions())
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                lifespan="on",
+                **server_options(settings),
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

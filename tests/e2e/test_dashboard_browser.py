@@ -25,6 +25,7 @@ import uvicorn
 
 from services.api.adapters.credentials import hash_password
 from services.api.adapters.repository import ApiRepository
+from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
@@ -56,9 +57,17 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="module")
 async def api_base_url(stack_env: dict[str, str]) -> AsyncIterator[str]:
     port = free_port()
-    app = create_app(ApiSettings(port=port, stream_poll_s=0.3))
+    settings = ApiSettings(port=port, stream_poll_s=0.3)
+    app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            **server_options(settings),
+        )
     )
     task = asyncio.create_task(server.serve())
     await until_serving(server, task)

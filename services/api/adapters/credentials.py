@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import jwt
 from argon2 import PasswordHasher
@@ -41,6 +42,10 @@ class TokenClaims:
     role: Role
     scope: str = ""
     patient: str | None = None
+    # The token's own id (``jti``) and expiry: logout revokes it by id until then. None on a
+    # token issued before tokens had ids (it cannot be revoked; it expires by its ``exp``).
+    token_id: str | None = None
+    expires_at: datetime | None = None
 
 
 def issue_token(
@@ -59,6 +64,7 @@ def issue_token(
         "iat": int(now.timestamp()),
         "exp": int((now + ttl).timestamp()),
         "scope": " ".join(scopes),
+        "jti": uuid.uuid4().hex,
     }
     if patient is not None:
         claims["patient"] = patient
@@ -70,12 +76,14 @@ def read_token(token: str, secret: str) -> TokenClaims | None:
     each request, so removing someone from a team takes effect at once."""
     try:
         claims = jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": ["exp"]})
-        scope, patient = claims.get("scope", ""), claims.get("patient")
+        scope, patient, jti = claims.get("scope", ""), claims.get("patient"), claims.get("jti")
         return TokenClaims(
             user_id=str(claims["sub"]),
             role=Role(claims["role"]),
             scope=scope if isinstance(scope, str) else "",
             patient=patient if isinstance(patient, str) else None,
+            token_id=jti if isinstance(jti, str) else None,
+            expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
         )
     except (jwt.PyJWTError, KeyError, ValueError):
         return None

@@ -55,6 +55,25 @@ class ApiRepository:
             row["user_id"], row["username"], Role(row["role"]), frozenset(row["teams"])
         )
 
+    async def revoke_token(self, token_id: str, user_id: str, expires_at: datetime) -> None:
+        """Refuse the token from now until it expires; rows of expired tokens are dropped."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM api_revoked_tokens WHERE expires_at < now()")
+            await conn.execute(
+                "INSERT INTO api_revoked_tokens (token_id, user_id, expires_at) "
+                "VALUES ($1, $2, $3) ON CONFLICT (token_id) DO NOTHING",
+                token_id,
+                user_id,
+                expires_at,
+            )
+
+    async def token_revoked(self, token_id: str) -> bool:
+        return bool(
+            await self._pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM api_revoked_tokens WHERE token_id = $1)", token_id
+            )
+        )
+
     async def create_user(
         self,
         user_id: str,

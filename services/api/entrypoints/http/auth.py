@@ -9,16 +9,22 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response, 
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel, Field
 
-from services.api.adapters.credentials import DUMMY_HASH, issue_token, verify_password
+from services.api.adapters.credentials import (
+    DUMMY_HASH,
+    issue_token,
+    read_token,
+    verify_password,
+)
 from services.api.domain import fhir_scopes
 from services.api.domain.access import Action
-from services.api.domain.throttle import LoginThrottle
+from services.api.domain.throttle import LoginThrottles
 from services.api.entrypoints.http.deps import (
     SESSION_COOKIE,
     Clock,
     CurrentPrincipal,
     Repository,
     Settings,
+    bearer_token,
 )
 
 router = APIRouter(tags=["auth"])
@@ -59,18 +65,11 @@ async def login(
     """A bearer token (OAuth 2.0 password flow). ``scope`` may ask for FHIR scopes
     (``user/*.read``, the default for a role that reads patients, or ``patient/*.read`` with a
     ``patient``); the answer's ``scope`` says which were granted."""
-    # Per username, a few failures a minute; per address ten times more, since a ward's
-    # workstations often share one address and must not lock each other out.
-    throttles: tuple[tuple[LoginThrottle, str], ...] = (
-        (request.app.state.login_throttle, f"user:{form.username.lower()}"),
-        (
-            request.app.state.address_throttle,
-            f"addr:{request.client.host if request.client else 'unknown'}",
-        ),
-    )
+    throttles: LoginThrottles = request.app.state.login_throttles
+    address = request.client.host if request.client else "unknown"
     now = clock()
     moment = now.timestamp()
-    wait = max(throttle.retry_after(key, moment) for throttle, key in throttles)
+    wait = throttles.retry_after(form.username, address, moment)
     if wait > 0:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
@@ -80,10 +79,9 @@ async def login(
     user = await repository.user_by_username(form.username)
     valid = verify_password(user["password_hash"] if user else DUMMY_HASH, form.password)
     if not (user and valid and user["active"]):
-        for throttle, key in throttles:
-            throttle.failed(key, moment)
+        throttles.failed(form.username, address, moment)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
-    throttles[0][0].succeeded(throttles[0][1])
+    throttles.succeeded(form.username, address)
     principal = await repository.principal(user["user_id"])
     if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
@@ -123,7 +121,20 @@ async def login(
 
 
 @router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
-async def logout(response: Response) -> Response:
+async def logout(
+    request: Request,
+    response: Response,
+    settings: Settings,
+    repository: Repository,
+    bearer: Annotated[str | None, Depends(bearer_token)],
+) -> Response:
+    """Ends the session: the token sent (bearer, or the dashboard's cookie) is revoked until it
+    would have expired, on every replica, and the cookie is deleted. Without a valid token there
+    is nothing to revoke; the answer is the same."""
+    token = bearer or request.cookies.get(SESSION_COOKIE)
+    claims = read_token(token, settings.token_secret.get_secret_value()) if token else None
+    if claims is not None and claims.token_id is not None and claims.expires_at is not None:
+        await repository.revoke_token(claims.token_id, claims.user_id, claims.expires_at)
     response.delete_cookie(SESSION_COOKIE)
     response.status_code = status.HTTP_204_NO_CONTENT
     return response

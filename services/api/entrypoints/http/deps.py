@@ -22,7 +22,7 @@ from services.api.settings import ApiSettings
 SESSION_COOKIE = "vigil_session"
 CSRF_HEADER = "X-Requested-By"
 
-_bearer = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
+bearer_token = OAuth2PasswordBearer(tokenUrl="/auth/token", auto_error=False)
 
 
 def get_settings(request: Request) -> ApiSettings:
@@ -55,7 +55,7 @@ async def get_principal(
     request: Request,
     settings: Settings,
     repository: Repository,
-    bearer: Annotated[str | None, Depends(_bearer)],
+    bearer: Annotated[str | None, Depends(bearer_token)],
 ) -> Principal:
     token = bearer
     if token is None:
@@ -71,6 +71,8 @@ async def get_principal(
     claims = read_token(token, settings.token_secret.get_secret_value())
     if claims is None:
         raise _UNAUTHENTICATED
+    if claims.token_id is not None and await repository.token_revoked(claims.token_id):
+        raise _UNAUTHENTICATED  # logged out
     principal = await repository.principal(claims.user_id)
     if principal is None:
         raise _UNAUTHENTICATED
