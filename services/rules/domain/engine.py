@@ -42,8 +42,9 @@ child's temperature was taken" are different questions:
 A timer's alert carries its deadline as device time and the ingest time of the last message
 the deadline was computed from, so its content does not depend on which record moved the
 clock. Timers that fall due together fire in (deadline, kind, patient, device) order, so a
-restored engine fires them in the same order. Both clocks are in the record (ingest times and
-heartbeats are on the telemetry topic), so a replay of the topic fires the same alerts.
+restored engine fires them in the same order (``domain.timers.TimerWheel``). Both clocks are
+in the record (ingest times and heartbeats are on the telemetry topic), so a replay of the
+topic fires the same alerts.
 
 The engine is synchronous and does no I/O; its state is mutable records per patient and
 device, owned here and changed only by the methods above.
@@ -51,7 +52,6 @@ device, owned here and changed only by the methods above.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,6 +82,7 @@ from services.rules.domain.sensor import (
     sensor_fault_alert,
 )
 from services.rules.domain.sequence import COUNTER_RESTART_JUMP, Gap, data_lost_alert, fill
+from services.rules.domain.timers import ARRIVAL, CLINICAL, Timer, TimerWheel
 
 SNAPSHOT_FORMAT = 1
 SILENCE_RULE_ID = "device_silent"
@@ -261,10 +262,9 @@ class RulesEngine:
         self._patients: dict[str, PatientTrack] = {}
         # Each tracked patient's rules, compiled from the config (not state: not persisted).
         self._rules: dict[str, PatientRules] = {}
-        # Pump clocks (deadlines in device time) and absence timers (deadlines in arrival
-        # time), each a heap of (deadline, kind, patient, device).
-        self._timers: list[tuple[float, str, str, str]] = []
-        self._absent: list[tuple[float, str, str, str]] = []
+        # Pump clocks (deadlines in device time, the CLINICAL lane) and absence timers
+        # (deadlines in arrival time, the ARRIVAL lane).
+        self._wheel = TimerWheel()
         self._max_t = _NEG_INF
         self._watermark = _NEG_INF
         # The arrival clock: the largest ingest time seen, and that minus the arrival lateness.
@@ -375,7 +375,9 @@ class RulesEngine:
                     armed = pump.bag_timer_at
                     if armed is None or deadline < armed:
                         pump.bag_timer_at = deadline
-                        heapq.heappush(self._timers, (deadline, _BAG, patient_id, obs.device_id))
+                        self._wheel.schedule(
+                            CLINICAL, Timer(deadline, _BAG, patient_id, obs.device_id)
+                        )
             else:
                 found = fold_pump(pump, obs, rules, self._config_version)
                 if found:
@@ -399,7 +401,7 @@ class RulesEngine:
             if watermark > self._watermark:
                 self._watermark = watermark
                 moved = True
-        if moved and self._due():
+        if moved and self._wheel.due(self._heard, self._watermark):
             alerts += self._fire_due()
         return alerts
 
@@ -425,7 +427,7 @@ class RulesEngine:
         if device.gap_timer_at is None:
             deadline = obs.ingest_t + rules.data_lost_wait_s
             device.gap_timer_at = deadline
-            heapq.heappush(self._absent, (deadline, _LOST, patient_id, obs.device_id))
+            self._wheel.schedule(ARRIVAL, Timer(deadline, _LOST, patient_id, obs.device_id))
 
     def take_outages(self) -> list[tuple[datetime, datetime]]:
         """The (last arrival before, first arrival after) of each pipeline outage seen on this
@@ -487,7 +489,7 @@ class RulesEngine:
             if watermark > self._watermark:
                 self._watermark = watermark
                 moved = True
-        return moved and self._due()
+        return moved and self._wheel.due(self._heard, self._watermark)
 
     def _note_outage(self, ingest_t: float) -> None:
         """Nothing was delivered to this partition, heartbeats included, since the last arrival:
@@ -500,13 +502,6 @@ class RulesEngine:
     def _set_outage_after(self) -> None:
         # Several heartbeats missing, however far apart the publisher sends them.
         self._outage_after = max(self.config.outage_gap_s, 4 * self._beat_gap)
-
-    def _due(self) -> bool:
-        heard = self._heard
-        if self._absent and self._absent[0][0] <= heard:
-            return True
-        now = heard if heard > self._watermark else self._watermark
-        return bool(self._timers) and self._timers[0][0] <= now
 
     def on_context(self, obs: ObservationLike) -> list[Alert]:
         """Move the clocks as the arrival of ``obs`` would, without folding it (a replay's
@@ -574,7 +569,7 @@ class RulesEngine:
                 lost_at = min(g.seen for g in device.gaps) + rules.data_lost_wait_s
                 if lost_at < device.gap_timer_at:
                     device.gap_timer_at = lost_at
-                    heapq.heappush(self._absent, (lost_at, _LOST, patient_id, device_id))
+                    self._wheel.schedule(ARRIVAL, Timer(lost_at, _LOST, patient_id, device_id))
                     moved = True
             if device.timer_at is None or (_SILENT, patient_id, device_id) in held:
                 continue
@@ -582,14 +577,14 @@ class RulesEngine:
             deadline = device.heard_t + limit
             if deadline < device.timer_at:
                 device.timer_at = deadline
-                heapq.heappush(self._absent, (deadline, _SILENT, patient_id, device_id))
+                self._wheel.schedule(ARRIVAL, Timer(deadline, _SILENT, patient_id, device_id))
                 moved = True
         armed = patient.unobserved_timer_at
         if armed is not None and (_UNOBSERVED, patient_id, "") not in held:
             deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
             if deadline < armed:
                 patient.unobserved_timer_at = deadline
-                heapq.heappush(self._absent, (deadline, _UNOBSERVED, patient_id, ""))
+                self._wheel.schedule(ARRIVAL, Timer(deadline, _UNOBSERVED, patient_id, ""))
                 moved = True
         for device_id, pump in patient.pumps().items():
             for kind, new in (
@@ -606,7 +601,7 @@ class RulesEngine:
                     and (kind, patient_id, device_id) not in held
                 ):
                     _set_armed(pump, kind, new)
-                    heapq.heappush(self._timers, (new, kind, patient_id, device_id))
+                    self._wheel.schedule(CLINICAL, Timer(new, kind, patient_id, device_id))
                     moved = True
         return moved
 
@@ -641,13 +636,13 @@ class RulesEngine:
         limit = device.silent_limit(rules, device_id)
         deadline = device.heard_t + limit
         device.timer_at = deadline
-        heapq.heappush(self._absent, (deadline, _SILENT, patient_id, device_id))
+        self._wheel.schedule(ARRIVAL, Timer(deadline, _SILENT, patient_id, device_id))
 
     def _arm_unobserved(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> None:
         deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
         if patient.unobserved_timer_at is None or deadline < patient.unobserved_timer_at:
             patient.unobserved_timer_at = deadline
-            heapq.heappush(self._absent, (deadline, _UNOBSERVED, patient_id, ""))
+            self._wheel.schedule(ARRIVAL, Timer(deadline, _UNOBSERVED, patient_id, ""))
 
     def _arm_pump(
         self,
@@ -668,7 +663,7 @@ class RulesEngine:
             armed = _armed(pump, kind)
             if armed is None or deadline < armed:
                 _set_armed(pump, kind, deadline)
-                heapq.heappush(self._timers, (deadline, kind, patient_id, device_id))
+                self._wheel.schedule(CLINICAL, Timer(deadline, kind, patient_id, device_id))
 
     def _fire_due(self) -> list[Alert]:
         """Pop every timer whose clock passed its deadline: absence timers on the arrival
@@ -678,22 +673,10 @@ class RulesEngine:
         entry is re-armed at the real deadline instead of firing (so firing order is always
         the order of real deadlines, with or without a restore in between)."""
         alerts: list[Alert] = []
-        timers = self._timers
-        absent = self._absent
+        schedule = self._wheel.schedule
         heard = self._heard
         now = heard if heard > self._watermark else self._watermark
-        while True:
-            take_absent = bool(absent) and absent[0][0] <= heard
-            take_pump = bool(timers) and timers[0][0] <= now
-            if take_absent and take_pump:
-                take_pump = timers[0] < absent[0]
-                take_absent = not take_pump
-            if take_absent:
-                deadline, kind, patient_id, device_id = heapq.heappop(absent)
-            elif take_pump:
-                deadline, kind, patient_id, device_id = heapq.heappop(timers)
-            else:
-                break
+        for deadline, kind, patient_id, device_id in self._wheel.advance(heard, self._watermark):
             patient = self._patients.get(patient_id)
             if patient is None:
                 continue
@@ -717,7 +700,7 @@ class RulesEngine:
                 real = device.heard_t + limit
                 if real > deadline:
                     device.timer_at = real
-                    heapq.heappush(absent, (real, kind, patient_id, device_id))
+                    schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
                 alerts.append(
@@ -753,7 +736,7 @@ class RulesEngine:
                         continue
                     real = min(g.seen for g in gaps) + wait
                 gapped.gap_timer_at = real
-                heapq.heappush(absent, (real, kind, patient_id, device_id))
+                schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
             elif kind == _UNOBSERVED:
                 if patient.unobserved_timer_at != deadline:
                     continue
@@ -763,7 +746,7 @@ class RulesEngine:
                 real = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
                 if real > deadline:
                     patient.unobserved_timer_at = real
-                    heapq.heappush(absent, (real, kind, patient_id, device_id))
+                    schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
                 alerts.append(self._start_unobserved(patient_id, patient, real, rules))
@@ -782,7 +765,7 @@ class RulesEngine:
                     continue
                 if real_or_none > deadline:
                     _set_armed(pump, kind, real_or_none)
-                    heapq.heappush(timers, (real_or_none, kind, patient_id, device_id))
+                    schedule(CLINICAL, Timer(real_or_none, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
                 fire = fire_bag_due if kind == _BAG else fire_interruption
@@ -820,10 +803,10 @@ class RulesEngine:
             if pump is None or _armed(pump, kind) != deadline:
                 return
             _set_armed(pump, kind, hold)
-            heapq.heappush(self._timers, (hold, kind, patient_id, device_id))
+            self._wheel.schedule(CLINICAL, Timer(hold, kind, patient_id, device_id))
             self._dirty.add(patient_id)
             return
-        heapq.heappush(self._absent, (hold, kind, patient_id, device_id))
+        self._wheel.schedule(ARRIVAL, Timer(hold, kind, patient_id, device_id))
         self._dirty.add(patient_id)
 
     # --- device silent and fever unobserved --------------------------------------------------
@@ -1003,8 +986,7 @@ class RulesEngine:
         """Replace the whole state with ``snapshot`` (from ``snapshot()``)."""
         self._patients.clear()
         self._rules.clear()
-        self._timers.clear()
-        self._absent.clear()
+        self._wheel.clear()
         self._restore_meta(snapshot)
         self.restore_patients(snapshot["patients"])
 
@@ -1072,27 +1054,29 @@ class RulesEngine:
     def restore_patients(self, patients: dict[str, dict[str, Any]]) -> None:
         """Load patients' state (records of this version or the previous one, as JSON data)
         and re-arm their timers from it."""
-        absent = self._absent.append
-        push = self._timers.append
+        arrival: list[Timer] = []
+        clinical: list[Timer] = []
+        absent = arrival.append
+        push = clinical.append
         for patient_id, data in patients.items():
             patient = patient_from_record(data)
             self._patients[patient_id] = patient
             self._rules[patient_id] = self._rules_for(patient_id)
             for device_id, device in patient.devices.items():
                 if device.timer_at is not None:
-                    absent((device.timer_at, _SILENT, patient_id, device_id))
+                    absent(Timer(device.timer_at, _SILENT, patient_id, device_id))
                 if device.gap_timer_at is not None:
-                    absent((device.gap_timer_at, _LOST, patient_id, device_id))
+                    absent(Timer(device.gap_timer_at, _LOST, patient_id, device_id))
                 pump = device.pump
                 if pump is not None:
                     if pump.bag_timer_at is not None:
-                        push((pump.bag_timer_at, _BAG, patient_id, device_id))
+                        push(Timer(pump.bag_timer_at, _BAG, patient_id, device_id))
                     if pump.int_timer_at is not None:
-                        push((pump.int_timer_at, _INTERRUPTION, patient_id, device_id))
+                        push(Timer(pump.int_timer_at, _INTERRUPTION, patient_id, device_id))
             if patient.unobserved_timer_at is not None:
-                absent((patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
-        heapq.heapify(self._timers)
-        heapq.heapify(self._absent)
+                absent(Timer(patient.unobserved_timer_at, _UNOBSERVED, patient_id, ""))
+        self._wheel.extend(ARRIVAL, arrival)
+        self._wheel.extend(CLINICAL, clinical)
 
     def drop_patients(self, patient_ids: set[str]) -> None:
         """Forget patients (their partition moved to another instance); stale timers lapse."""
