@@ -23,7 +23,6 @@ from typing import Any, NoReturn, cast
 from uuid import UUID
 
 from schemas.events import Alert, Page
-from services.notify.domain.bundling import Placement
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -59,7 +58,7 @@ from services.notify.domain.routing import (
     route,
 )
 from services.notify.service_layer.ports import PageJob, SendOutcome
-from services.notify.service_layer.unit_of_work import Change, EscalationRecord
+from services.notify.service_layer.unit_of_work import Change, EscalationRecord, TechnicalHold
 
 # Pages that asked someone to act: what an all clear is routed from.
 _TRIGGERS = (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)
@@ -206,24 +205,6 @@ class MemoryEscalationStore:
 
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
         return None
-
-    async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
-        return 0
-
-    async def release_from_quiet_hours(
-        self, dedup_key: str, at: datetime, reason: str, *, kind: str = ""
-    ) -> bool:
-        return False
-
-    async def resolve_in_technical_hold(
-        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
-    ) -> bool:
-        return False
-
-    async def open_in_window(
-        self, alert: Alert, **_: Any
-    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]:
-        _not_modelled("bundling windows (group_wait_s > 0)")
 
     async def hold_for_quiet_hours(self, alert: Alert, **_: Any) -> UUID | None:
         _not_modelled("quiet hours")
@@ -572,6 +553,29 @@ class FakeOutbox:
         await self._store.record_outcomes(outcomes, at=at)
 
 
+class FakeBundles:
+    """``BundleRepository`` of a store that never holds or bundles an alert."""
+
+    async def technical_hold_of(
+        self, dedup_key: str, *, ended_at: datetime | None = None
+    ) -> TechnicalHold | None:
+        return None
+
+    async def release(
+        self, dedup_key: str, at: datetime, reason: str, *, kind: str = ""
+    ) -> tuple[UUID, list[EscalationRecord]] | None:
+        return None
+
+    async def close(self, bundle_id: UUID, at: datetime) -> None:
+        _not_modelled("bundles")
+
+    async def next_due(self, now: datetime, *, only: UUID | None = None) -> None:
+        return None
+
+    async def window_of(self, patient_id: str) -> NoReturn:
+        _not_modelled("bundling windows (group_wait_s > 0)")
+
+
 class FakeUnitOfWork:
     """``UnitOfWork`` over a ``MemoryEscalationStore``: ``async with`` it, write through its
     repositories, ``await commit()``; a block left without a commit puts the store's
@@ -581,6 +585,7 @@ class FakeUnitOfWork:
         self.store = store
         self.escalations = FakeEscalations(store)
         self.outbox = FakeOutbox(store)
+        self.bundles = FakeBundles()
         self.committed = False
         self._saved: tuple[Any, ...] | None = None
 

@@ -18,7 +18,6 @@ from services.notify.adapters.postgres.heartbeats import PostgresHeartbeats
 from services.notify.adapters.postgres.outbox import PostgresOutbox, page_position
 from services.notify.adapters.postgres.policies import PostgresPolicies
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
-from services.notify.domain.bundling import Placement
 from services.notify.domain.channel_failover import AttemptVerdict
 from services.notify.domain.early_cycle import EarlyCycleOverride
 from services.notify.domain.escalation import (
@@ -31,7 +30,7 @@ from services.notify.domain.escalation import (
 )
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.schedule import Rotation
-from services.notify.service_layer.ports import QUIET_DIGEST_KIND, PageJob, SendOutcome
+from services.notify.service_layer.ports import PageJob, SendOutcome
 
 __all__ = ["PostgresEscalationStore", "page_position"]
 
@@ -123,28 +122,6 @@ class PostgresEscalationStore:
 
     # -- bundles, quiet hours, technical holds ------------------------------------------------
 
-    async def open_in_window(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        group_wait_s: float,
-        lease_s: float,
-    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]:
-        async with self.unit_of_work() as uow:
-            placed = await uow.bundles.open_in_window(
-                alert,
-                care_team_id=care_team_id,
-                snapshot=snapshot,
-                at=at,
-                group_wait_s=group_wait_s,
-                lease_s=lease_s,
-            )
-            await uow.commit()
-        return placed
-
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
         return await self._bundles.pending_bundle_of(dedup_key)
 
@@ -179,44 +156,6 @@ class PostgresEscalationStore:
             )
             await uow.commit()
         return held
-
-    async def resolve_in_technical_hold(
-        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
-    ) -> bool:
-        async with self.unit_of_work() as uow:
-            resolved = await uow.bundles.resolve_in_technical_hold(dedup_key, at, ended_at=ended_at)
-            await uow.commit()
-        return resolved
-
-    async def release_from_quiet_hours(
-        self, dedup_key: str, at: datetime, reason: str, *, kind: str = QUIET_DIGEST_KIND
-    ) -> bool:
-        async with self.unit_of_work() as uow:
-            released = await uow.bundles.release_from_quiet_hours(dedup_key, at, reason, kind=kind)
-            await uow.commit()
-        return released
-
-    async def flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
-        """Page the bundles that are due (or bundle ``only``, due or not): one transaction each.
-
-        Every member gets its own escalation (its own state, acknowledgement and all-clear),
-        opened together from the same frozen policy; a bundle of two or more shares its alert
-        pages through an idempotency key on the bundle, so each recipient gets one page listing
-        every alert. Bundles another instance is flushing are skipped, not waited for.
-        """
-        flushed = 0
-        while flushed < limit:
-            async with self.unit_of_work() as uow:
-                row = await uow.bundles.next_due(now, only=only)
-                if row is None:
-                    await uow.commit()
-                    return flushed
-                await uow.bundles.flush(row, now)
-                await uow.commit()
-                flushed += 1
-            if only is not None:
-                return flushed
-        return flushed
 
     # -- page jobs ----------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from services.notify.domain.ack_token import (
     token_digest,
     verify_ack_token,
 )
-from services.notify.domain.bundling import Placement
+from services.notify.domain.bundling import Placement, is_bundled, place
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     GiveUp,
@@ -97,13 +97,14 @@ from services.notify.service_layer.channels import (
 from services.notify.service_layer.outage import OutageWatch
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
+    QUIET_DIGEST_KIND,
     TECHNICAL_HOLD_KIND,
     NotifyRepository,
     PageJob,
     PageSender,
     SendOutcome,
 )
-from services.notify.service_layer.unit_of_work import UnitOfWork
+from services.notify.service_layer.unit_of_work import PendingBundle, UnitOfWork
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.escalation")
@@ -127,16 +128,6 @@ class EscalationStore(Protocol):
     async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None: ...
     async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
-    async def open_in_window(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        group_wait_s: float,
-        lease_s: float,
-    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]: ...
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None: ...
     async def quiet_hours(self, care_team_id: str) -> QuietHours | None: ...
     async def hold_for_quiet_hours(
@@ -148,9 +139,6 @@ class EscalationStore(Protocol):
         at: datetime,
         until: datetime,
     ) -> UUID | None: ...
-    async def release_from_quiet_hours(
-        self, dedup_key: str, at: datetime, reason: str, *, kind: str = ...
-    ) -> bool: ...
     async def hold_technical(
         self,
         alert: Alert,
@@ -160,13 +148,7 @@ class EscalationStore(Protocol):
         at: datetime,
         until: datetime,
     ) -> UUID | None: ...
-    async def resolve_in_technical_hold(
-        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
-    ) -> bool: ...
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
-    async def flush_bundles(
-        self, now: datetime, *, limit: int, only: UUID | None = None
-    ) -> int: ...
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]: ...
     async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob: ...
     async def record_outcomes(
@@ -338,7 +320,7 @@ class EscalationService:
             return False
         if alert.phase is AlertPhase.END:
             await self._alerts.record_alert(alert)
-            if await self._store.resolve_in_technical_hold(
+            if await self._resolve_in_technical_hold(
                 alert.dedup_key, now, ended_at=alert.device_time
             ):
                 # A technical condition that ended inside its hold: recorded (alert, timeline),
@@ -349,7 +331,7 @@ class EscalationService:
                 )
                 return True
             # Still held but it lasted the hold by the device's clock: paged now, then cleared.
-            await self._store.release_from_quiet_hours(
+            await self._release_held(
                 alert.dedup_key, now, "ended, open longer than the hold", kind=TECHNICAL_HOLD_KIND
             )
             pending = await self._store.pending_bundle_of(alert.dedup_key)
@@ -358,7 +340,7 @@ class EscalationService:
                 # so an alarm that came and went is still told (then its all-clear follows); a
                 # duplicate is preferred to a miss. Sent before the resolve below, which would
                 # cancel a page whose every alert has stopped.
-                await self._store.flush_bundles(now, limit=1, only=pending)
+                await self._flush_bundles(now, limit=1, only=pending)
                 await self.deliver_due()
         else:
             await self._alerts.record_alert(alert)
@@ -372,11 +354,11 @@ class EscalationService:
             if alert.priority not in HOLDABLE:
                 # Held by quiet hours while low, now urgent: paged at once, then told it
                 # worsened, like any alert already paged. HIGH and MEDIUM are never held.
-                await self._store.release_from_quiet_hours(
+                await self._release_held(
                     alert.dedup_key, now, f"escalated to {alert.priority.value}"
                 )
             # A worsening is not flapping: a technical alert still in its hold is paged now.
-            await self._store.release_from_quiet_hours(
+            await self._release_held(
                 alert.dedup_key,
                 now,
                 f"escalated to {alert.priority.value}",
@@ -522,14 +504,55 @@ class EscalationService:
         """Page the alert at once when its patient has no open window (and open one), or hold
         it for the window's follow-up page; durable before the alert's Kafka offset is
         committed. A held alert wakes the clock loop when the follow-up falls due."""
-        placement, escalation_id, jobs, due_at = await self._store.open_in_window(
-            alert,
-            care_team_id=team,
-            snapshot=snapshot,
-            at=now,
-            group_wait_s=self._config.group_wait_s,
-            lease_s=self._config.send_lease_s,
-        )
+        group_wait_s = self._config.group_wait_s
+        escalation_id: UUID | None = None
+        jobs: list[PageJob] = []
+        async with self._store.unit_of_work() as uow:
+            window, follow_up_id = await uow.bundles.window_of(alert.patient_id)
+            decision = place(window, dedup_key=alert.dedup_key, at=now, group_wait_s=group_wait_s)
+            placement, due_at = decision.placement, decision.due_at
+            if placement is Placement.PAGE_NOW:
+                # As with bundling off (``_open``), plus the patient's new window.
+                transition = advance(snapshot, opened(now), Tick(now=now))
+                escalation_id = await uow.escalations.add(
+                    alert, care_team_id=team, snapshot=snapshot, state=transition.state, at=now
+                )
+                if escalation_id is None:
+                    placement, due_at = Placement.ALREADY, now
+                else:
+                    then: tuple[TimelineEntry, ...] = ()
+                    if decision.window != window:
+                        await uow.bundles.open_window(alert, decision.window)
+                        closes_at = decision.window.closes_at.isoformat()
+                        then = (TimelineEntry("bundle_window_opened", {"closes_at": closes_at}),)
+                    jobs = await uow.outbox.add_opened(
+                        alert,
+                        escalation_id,
+                        care_team_id=team,
+                        snapshot=snapshot,
+                        transition=transition,
+                        at=now,
+                        claim_until=now + timedelta(seconds=self._config.send_lease_s),
+                        then=then,
+                    )
+            elif placement is Placement.FOLLOW_UP:
+                if await uow.escalations.escalation_id_for(alert.dedup_key) is not None:
+                    # Another instance opened this alert's escalation first (a redelivery race).
+                    placement = Placement.ALREADY
+                else:
+                    if follow_up_id is None:
+                        follow_up_id = await uow.bundles.add_follow_up(
+                            alert, care_team_id=team, at=now, due_at=due_at
+                        )
+                    escalation_id = await uow.bundles.hold(
+                        alert,
+                        care_team_id=team,
+                        snapshot=snapshot,
+                        at=now,
+                        bundle_id=follow_up_id,
+                        due_at=due_at,
+                    )
+            await uow.commit()
         if placement is Placement.PAGE_NOW and escalation_id is not None:
             # Claimed for this call, as with bundling off: the first attempt waits for no loop.
             await self._deliver_batch(jobs)
@@ -609,6 +632,171 @@ class EscalationService:
                 await uow.outbox.sync_upstream([r.escalation_id for r in records], at=at)
             await uow.commit()
         return found
+
+    async def _resolve_in_technical_hold(
+        self, dedup_key: str, now: datetime, *, ended_at: datetime | None = None
+    ) -> bool:
+        """The alert's end arrived while the technical hold still held it: its escalation is
+        resolved (nobody was paged, so no all clear), the timeline says why
+        (``technical_hold_ended``, paged false) and the hold is closed, in one transaction.
+        False when it is not held in a pending technical hold (never held, already paged), or
+        when by the device's clock it outlasted the hold (the caller releases and pages it)."""
+        async with self._store.unit_of_work() as uow:
+            hold = await uow.bundles.technical_hold_of(dedup_key, ended_at=ended_at)
+            if hold is None:
+                await uow.commit()
+                return False
+            records = await uow.escalations.lock_held(dedup_key, hold.bundle_id)
+            if records:
+                changes = [
+                    (record, advance(record.snapshot, record.state, Resolve(at=now)))
+                    for record in records
+                ]
+                await uow.escalations.save(changes)
+                await uow.outbox.add_effects(changes, at=now)
+                for record in records:
+                    await uow.escalations.note(
+                        record.escalation_id,
+                        now,
+                        TimelineEntry(
+                            "technical_hold_ended",
+                            {
+                                "paged": False,
+                                "open_s": round((now - hold.opened_at).total_seconds(), 3),
+                                "hold_s": round((hold.due_at - hold.opened_at).total_seconds(), 3),
+                                "reason": "ended inside the technical hold: not paged",
+                            },
+                        ),
+                    )
+            await uow.bundles.close(hold.bundle_id, now)
+            await uow.commit()
+        return True
+
+    async def _release_held(
+        self, dedup_key: str, now: datetime, reason: str, *, kind: str = QUIET_DIGEST_KIND
+    ) -> bool:
+        """Take a held alert out of its pending quiet-hours digest (or, with ``kind``
+        ``technical_hold``, its technical hold) and fire its first step now, in one
+        transaction: it became urgent (HIGH and MEDIUM are never held by quiet hours, a
+        worsened alert is not flapping). False when it is not held in a pending one."""
+        async with self._store.unit_of_work() as uow:
+            released = await uow.bundles.release(dedup_key, now, reason, kind=kind)
+            if released is None:
+                await uow.commit()
+                return False
+            bundle_id, records = released
+            due = [record for record in records if record.state.due_at == now]
+            if due:
+                changes = [
+                    (record, advance(record.snapshot, record.state, Tick(now=now)))
+                    for record in due
+                ]
+                await uow.escalations.save(changes)
+                await uow.outbox.add_effects(changes, at=now)
+            if kind != QUIET_DIGEST_KIND:
+                # The hold had this one alert: nothing is left for it to page.
+                await uow.bundles.close(bundle_id, now)
+            await uow.commit()
+        return True
+
+    async def _flush_bundles(self, now: datetime, *, limit: int, only: UUID | None = None) -> int:
+        """Page the bundles that are due (or bundle ``only``, due or not): one unit of work
+        each, the bundle locked. Every held member fires its first step (its own escalation,
+        state, acknowledgement and all clear, from the policy frozen when it arrived); a bundle
+        of two or more shares its alert pages through an idempotency key on the bundle, so each
+        recipient gets one page listing every alert. Returns how many bundles were paged."""
+        flushed = 0
+        while flushed < limit:
+            async with self._store.unit_of_work() as uow:
+                bundle = await uow.bundles.next_due(now, only=only)
+                if bundle is None:
+                    await uow.commit()
+                    return flushed
+                if bundle.kind == QUIET_DIGEST_KIND:
+                    await self._page_digest(uow, bundle, now)
+                else:
+                    await self._page_bundle(uow, bundle, now)
+                await uow.bundles.close(bundle.bundle_id, now)
+                await uow.commit()
+                flushed += 1
+            if only is not None:
+                return flushed
+        return flushed
+
+    async def _page_bundle(self, uow: UnitOfWork, bundle: PendingBundle, now: datetime) -> None:
+        """A burst's follow-up or a technical hold that ran out: the first step of every held
+        escalation nobody acknowledged, resolved or snoozed while it waited; which alerts a
+        shared page lists is read when it is sent."""
+        released = await uow.bundles.release_all(bundle.bundle_id, now)
+        if released:
+            changes = [
+                (record, advance(record.snapshot, record.state, Tick(now=now)))
+                for record in released
+            ]
+            await uow.escalations.save(changes)
+            await uow.outbox.add_effects(changes, at=now)
+        if bundle.kind == TECHNICAL_HOLD_KIND:
+            for record in released:
+                await uow.escalations.note(
+                    record.escalation_id,
+                    now,
+                    TimelineEntry(
+                        "technical_hold_ended",
+                        {
+                            "paged": True,
+                            "open_s": round((now - bundle.opened_at).total_seconds(), 3),
+                            "reason": "still open when the technical hold ended",
+                        },
+                    ),
+                )
+        members = await uow.bundles.members(bundle.bundle_id)
+        if is_bundled(tuple(members)):
+            bundled = TimelineEntry(
+                "bundled",
+                {
+                    "bundle_id": str(bundle.bundle_id),
+                    "dedup_keys": members,
+                    "opened_at": bundle.opened_at.isoformat(),
+                },
+            )
+            await uow.escalations.note_all([(r.escalation_id, bundled) for r in released], now)
+
+    async def _page_digest(self, uow: UnitOfWork, digest: PendingBundle, now: datetime) -> None:
+        """A quiet-hours digest at the end of the quiet hours: each member nobody acknowledged
+        is listed. A held alert still open fires its first step now (its chain runs on from
+        here, later steps keyed on the digest so they fold into one page per recipient too);
+        one that resolved while held restarts no chain, but whom its first step would page now
+        is paged too, so it is still told ("resolved at ..."). Every such page is a
+        ``quiet_digest`` page keyed on the digest, so each recipient gets one."""
+        released = await uow.bundles.release_all(digest.bundle_id, now)
+        resolved = await uow.bundles.resolved_unpaged(digest.bundle_id)
+        listed = [record.dedup_key for record in [*released, *resolved]]
+        entry = TimelineEntry(
+            "quiet_digest",
+            {
+                "bundle_id": str(digest.bundle_id),
+                "dedup_keys": listed,
+                "held_since": digest.opened_at.isoformat(),
+            },
+        )
+        if released:
+            changes = [
+                (record, advance(record.snapshot, record.state, Tick(now=now)))
+                for record in released
+            ]
+            await uow.escalations.save(changes)
+            await uow.outbox.add_effects(changes, at=now, alert_purpose=PagePurpose.QUIET_DIGEST)
+        await uow.outbox.add_digest(
+            digest.bundle_id,
+            entries=[(record.escalation_id, entry) for record in [*released, *resolved]],
+            # Pure: whom the frozen policy's first step names now. The resolved chain stays
+            # resolved; only the digest page is written.
+            resolved=[
+                (record, advance(record.snapshot, opened(now), Tick(now=now)).commands)
+                for record in resolved
+            ],
+            at=now,
+        )
 
     async def _fire_due(self, now: datetime) -> int:
         """Fire the steps that are due (one batch, one transaction); escalations another ticker
@@ -713,7 +901,7 @@ class EscalationService:
     async def tick(self) -> int:
         """Page the bundles and fire the steps that are due now; returns how many moved."""
         self._bundle_due.clear()
-        total = await self._store.flush_bundles(self._clock(), limit=self._config.batch)
+        total = await self._flush_bundles(self._clock(), limit=self._config.batch)
         while True:
             fired = await self._fire_due(self._clock())
             total += fired

@@ -16,17 +16,19 @@ from typing import Any, Protocol, Self
 from uuid import UUID
 
 from schemas.events import Alert
-from services.notify.domain.bundling import Placement
+from services.notify.domain.bundling import BundleWindow
 from services.notify.domain.channel_failover import AttemptVerdict
 from services.notify.domain.early_cycle import EarlyCycleOverride
 from services.notify.domain.escalation import (
     Acknowledge,
     EscalationState,
+    PageCommand,
     PolicySnapshot,
     TimelineEntry,
     Transition,
 )
 from services.notify.domain.quiet_hours import QuietHours
+from services.notify.domain.routing import PagePurpose
 from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.ports import PageJob, SendOutcome
 
@@ -45,6 +47,25 @@ class EscalationRecord:
     opened_at: datetime
     snapshot: PolicySnapshot
     state: EscalationState
+
+
+@dataclass(frozen=True, slots=True)
+class TechnicalHold:
+    """A pending technical hold: opened when its alert arrived, paged at ``due_at``."""
+
+    bundle_id: UUID
+    opened_at: datetime
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBundle:
+    """A bundle due to be paged: a burst's follow-up, a quiet-hours digest or a technical
+    hold (``kind``)."""
+
+    bundle_id: UUID
+    kind: str
+    opened_at: datetime
 
 
 #: An escalation and what the engine made of an event for it.
@@ -73,6 +94,10 @@ class EscalationRepository(Protocol):
         until the unit of work ends; empty when there is none."""
         ...
 
+    async def lock_held(self, dedup_key: str, bundle_id: UUID) -> list[EscalationRecord]:
+        """The episode's escalation held in bundle ``bundle_id``, locked."""
+        ...
+
     async def lock_due(self, now: datetime, *, limit: int) -> list[EscalationRecord]:
         """Open escalations whose next step is due, locked; those another unit of work holds
         are skipped, not waited for."""
@@ -90,6 +115,9 @@ class EscalationRepository(Protocol):
 
     async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
+    async def note_all(
+        self, entries: Sequence[tuple[UUID, TimelineEntry]], at: datetime
+    ) -> None: ...
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
     async def open_paged_to(self, channel: str, address: str) -> UUID | None: ...
     async def spend_token(self, digest: str, at: datetime) -> bool: ...
@@ -111,14 +139,34 @@ class OutboxRepository(Protocol):
         transition: Transition,
         at: datetime,
         claim_until: datetime,
+        then: Sequence[TimelineEntry] = (),
     ) -> list[PageJob]:
-        """The ``opened`` timeline entry, the first transition's entries and the pages its
-        commands ask for, claimed until ``claim_until`` (an attempt in flight each) and
-        returned for the caller to send at once."""
+        """The ``opened`` timeline entry, the first transition's entries (then ``then``) and
+        the pages its commands ask for, claimed until ``claim_until`` (an attempt in flight
+        each) and returned for the caller to send at once."""
         ...
 
-    async def add_effects(self, changes: Sequence[Change], *, at: datetime) -> None:
-        """Each transition's timeline entries and the pages its commands ask for, queued."""
+    async def add_effects(
+        self,
+        changes: Sequence[Change],
+        *,
+        at: datetime,
+        alert_purpose: PagePurpose = PagePurpose.ALERT,
+    ) -> None:
+        """Each transition's timeline entries and the pages its commands ask for, queued
+        (the alert pages as ``alert_purpose``: a quiet-hours digest names them so)."""
+        ...
+
+    async def add_digest(
+        self,
+        digest_id: UUID,
+        *,
+        entries: Sequence[tuple[UUID, TimelineEntry]],
+        resolved: Sequence[tuple[EscalationRecord, tuple[PageCommand, ...]]],
+        at: datetime,
+    ) -> None:
+        """A digest's timeline entries, and its pages about the alerts that resolved while
+        held, to whom each one's ``commands`` name."""
         ...
 
     async def sync_upstream(self, escalation_ids: Sequence[UUID], *, at: datetime) -> None:
@@ -138,16 +186,28 @@ class OutboxRepository(Protocol):
 class BundleRepository(Protocol):
     """Bursts, quiet-hours digests and technical holds, and the escalations held in them."""
 
-    async def open_in_window(
+    async def window_of(self, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:
+        """The patient's latest window and its pending follow-up (None when there is none),
+        placement serialised per patient until the unit of work ends."""
+        ...
+
+    async def open_window(self, alert: Alert, window: BundleWindow) -> None: ...
+    async def add_follow_up(
+        self, alert: Alert, *, care_team_id: str, at: datetime, due_at: datetime
+    ) -> UUID: ...
+    async def hold(
         self,
         alert: Alert,
         *,
         care_team_id: str,
         snapshot: PolicySnapshot,
         at: datetime,
-        group_wait_s: float,
-        lease_s: float,
-    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]: ...
+        bundle_id: UUID,
+        due_at: datetime,
+    ) -> UUID | None:
+        """The alert's escalation opened held in the bundle; None when it has one."""
+        ...
+
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None: ...
     async def hold_for_quiet_hours(
         self,
@@ -167,14 +227,35 @@ class BundleRepository(Protocol):
         at: datetime,
         until: datetime,
     ) -> UUID | None: ...
-    async def resolve_in_technical_hold(
-        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
-    ) -> bool: ...
-    async def release_from_quiet_hours(
+    async def technical_hold_of(
+        self, dedup_key: str, *, ended_at: datetime | None = None
+    ) -> TechnicalHold | None:
+        """The pending technical hold the alert is held in, locked; None when it is not held,
+        or when the condition outlasted the hold by the device's clock."""
+        ...
+
+    async def release(
         self, dedup_key: str, at: datetime, reason: str, *, kind: str = ...
-    ) -> bool: ...
-    async def next_due(self, now: datetime, *, only: UUID | None = None) -> Any: ...
-    async def flush(self, bundle: Any, now: datetime) -> None: ...
+    ) -> tuple[UUID, list[EscalationRecord]] | None:
+        """Take a held alert out of its pending digest or technical hold: the bundle and the
+        escalations released (due at ``at`` unless acknowledged), None when not held."""
+        ...
+
+    async def close(self, bundle_id: UUID, at: datetime) -> None: ...
+    async def next_due(self, now: datetime, *, only: UUID | None = None) -> PendingBundle | None:
+        """The next pending bundle due (or bundle ``only``), locked; those another unit of work
+        holds are skipped, not waited for."""
+        ...
+
+    async def release_all(self, bundle_id: UUID, now: datetime) -> list[EscalationRecord]:
+        """The bundle's held escalations nobody acknowledged, made due ``now``."""
+        ...
+
+    async def resolved_unpaged(self, bundle_id: UUID) -> list[EscalationRecord]:
+        """The bundle's escalations that resolved while held, unpaged and unacknowledged."""
+        ...
+
+    async def members(self, bundle_id: UUID) -> list[str]: ...
 
 
 class PolicyRepository(Protocol):

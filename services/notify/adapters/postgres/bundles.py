@@ -6,37 +6,30 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from schemas.events import Alert
 from services.notify.adapters.postgres.escalations import (
-    apply_rows,
-    load_alert,
-    open_in,
+    record_from_row,
 )
-from services.notify.adapters.postgres.outbox import PageWriter, opened_detail, write_event
-from services.notify.domain.bundling import BundleWindow, Placement, is_bundled, place
+from services.notify.adapters.postgres.outbox import opened_detail, write_event
+from services.notify.domain.bundling import BundleWindow
 from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
-    EscalationEvent,
     PolicySnapshot,
-    Resolve,
-    Tick,
     TimelineEntry,
-    advance,
-    opened,
-    snapshot_from_json,
     snapshot_to_json,
-)
-from services.notify.domain.routing import (
-    PagePurpose,
 )
 from services.notify.service_layer.ports import (
     QUIET_DIGEST_KIND,
     TECHNICAL_HOLD_KIND,
-    PageJob,
+)
+from services.notify.service_layer.unit_of_work import (
+    EscalationRecord,
+    PendingBundle,
+    TechnicalHold,
 )
 
 _RELEASE_HELD = """
@@ -58,90 +51,70 @@ class PostgresBundles:
         # Paged for a team that has no on-call address of its own (``PageWriter.fallback``).
         self._fallback_email = fallback_email
 
-    async def open_in_window(
+    async def window_of(self, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:
+        """The patient's latest window with the members of its pending follow-up, and the
+        follow-up's id (None when there is none); placement stays serialised per patient
+        until the unit of work ends.
+
+        A transaction-scoped advisory lock, so two notify instances receiving the same burst
+        open one window, not two. A follow-up being flushed holds its row lock; a placement
+        waiting for it then finds no pending follow-up and opens a new one, due at the same
+        window end (so at once), and never joins a bundle whose page has already been
+        written."""
+        conn = self._db
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"notify-bundle:{patient_id}",
+        )
+        return await _window_of(conn, patient_id)
+
+    async def open_window(self, alert: Alert, window: BundleWindow) -> None:
+        """The patient's new window, opened by ``alert`` (paged at once)."""
+        await self._db.execute(
+            """
+            INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at,
+                                               opened_by)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (patient_id) DO UPDATE
+            SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
+                opened_by = EXCLUDED.opened_by
+            """,
+            alert.patient_id,
+            window.opened_at,
+            window.closes_at,
+            alert.dedup_key,
+        )
+
+    async def add_follow_up(
+        self, alert: Alert, *, care_team_id: str, at: datetime, due_at: datetime
+    ) -> UUID:
+        """A new pending follow-up bundle of the alert's patient, paged at ``due_at``."""
+        follow_up_id = uuid.uuid4()
+        await self._db.execute(
+            "INSERT INTO notify_bundles (bundle_id, patient_id, care_team_id, opened_at, "
+            "due_at, status) VALUES ($1, $2, $3, $4, $5, 'pending')",
+            follow_up_id,
+            alert.patient_id,
+            care_team_id,
+            at,
+            due_at,
+        )
+        return follow_up_id
+
+    async def hold(
         self,
         alert: Alert,
         *,
         care_team_id: str,
         snapshot: PolicySnapshot,
         at: datetime,
-        group_wait_s: float,
-        lease_s: float,
-    ) -> tuple[Placement, UUID | None, list[PageJob], datetime]:
-        """Page the alert at once or hold it for its patient's follow-up bundle (pure ``place``).
-
-        Returns the placement, the escalation opened (None when the dedup key already had one),
-        the pages to send now and when the alert is paged.
-
-        Paged at once: exactly ``open_and_fire`` (the first step fires in this transaction and
-        its pages are claimed for the caller), plus the patient's new window in
-        ``notify_bundle_windows``. Held: the escalation exists from now on (it can be
-        acknowledged, snoozed or resolved at once, its policy is frozen now) with no timer of
-        its own; the follow-up bundle's ``due_at`` (the window's end) fires the first step of
-        every held escalation of it together.
-
-        Placement is serialised per patient with a transaction-scoped advisory lock, so two
-        notify instances receiving the same burst open one window, not two. A follow-up being
-        flushed holds its row lock; a placement waiting for it then finds no pending follow-up
-        and opens a new one, due at the same window end (so at once), and never joins a
-        bundle whose page has already been written.
-        """
-        conn = self._db
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            f"notify-bundle:{alert.patient_id}",
-        )
-        window, follow_up_id = await _window_of(conn, alert.patient_id)
-        decision = place(window, dedup_key=alert.dedup_key, at=at, group_wait_s=group_wait_s)
-        if decision.placement is Placement.ALREADY:
-            return decision.placement, None, [], decision.due_at
-        if decision.placement is Placement.PAGE_NOW:
-            writer = PageWriter(conn, at, self._fallback_email)
-            escalation_id = await open_in(conn, writer, alert, care_team_id, snapshot, at)
-            if escalation_id is None:
-                return Placement.ALREADY, None, [], at
-            if decision.window != window:
-                await conn.execute(
-                    """
-                    INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at,
-                                                       opened_by)
-                    VALUES ($1, $2, $3, $4)
-                    ON CONFLICT (patient_id) DO UPDATE
-                    SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
-                        opened_by = EXCLUDED.opened_by
-                    """,
-                    alert.patient_id,
-                    decision.window.opened_at,
-                    decision.window.closes_at,
-                    alert.dedup_key,
-                )
-                writer.event(
-                    escalation_id,
-                    TimelineEntry(
-                        "bundle_window_opened",
-                        {"closes_at": decision.window.closes_at.isoformat()},
-                    ),
-                )
-            jobs = await writer.flush(claim_until=at + timedelta(seconds=lease_s))
-            return decision.placement, escalation_id, jobs, at
-        if await conn.fetchval("SELECT 1 FROM escalations WHERE dedup_key = $1", alert.dedup_key):
-            # Another instance opened this alert's escalation first (a redelivery race).
-            return Placement.ALREADY, None, [], decision.due_at
-        if follow_up_id is None:
-            follow_up_id = uuid.uuid4()
-            await conn.execute(
-                "INSERT INTO notify_bundles (bundle_id, patient_id, care_team_id, opened_at, "
-                "due_at, status) VALUES ($1, $2, $3, $4, $5, 'pending')",
-                follow_up_id,
-                alert.patient_id,
-                care_team_id,
-                at,
-                decision.due_at,
-            )
-        escalation_id = await hold_in(
-            conn, alert, care_team_id, snapshot, at, follow_up_id, decision.due_at
-        )
-        return decision.placement, escalation_id, [], decision.due_at
+        bundle_id: UUID,
+        due_at: datetime,
+    ) -> UUID | None:
+        """The alert's escalation opened held in the bundle (policy frozen now, no timer of its
+        own: the bundle's ``due_at`` fires its first step); None when the dedup key already
+        has an escalation."""
+        return await hold_in(self._db, alert, care_team_id, snapshot, at, bundle_id, due_at)
 
     async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
         value = await self._db.fetchval(
@@ -227,8 +200,8 @@ class PostgresBundles:
         The escalation is opened now (policy frozen, on the timeline, can be acknowledged) with
         no timer, in a ``notify_bundles`` row of kind ``technical_hold`` with this one member,
         committed before the alert's offset: the ticker pages it at ``until`` if it is still
-        open (``flush_bundles``), also after a restart; ``resolve_in_technical_hold`` ends it
-        unpaged.
+        open (``EscalationService._flush_bundles``), also after a restart; its end inside the hold
+        closes it unpaged (``EscalationService._resolve_in_technical_hold``).
         """
         conn = self._db
         if await conn.fetchval("SELECT 1 FROM escalations WHERE dedup_key = $1", alert.dedup_key):
@@ -255,13 +228,12 @@ class PostgresBundles:
             held_kind="held_technical",
         )
 
-    async def resolve_in_technical_hold(
-        self, dedup_key: str, at: datetime, *, ended_at: datetime | None = None
-    ) -> bool:
-        """The alert's end arrived while it was held by the technical hold: resolve its
-        escalation (nobody was paged, so no all clear), record why in the timeline
-        (``technical_hold_ended``, paged false) and close the hold, in one transaction. False
-        when it is not held in a pending technical hold (never held, or already paged)."""
+    async def technical_hold_of(
+        self, dedup_key: str, *, ended_at: datetime | None = None
+    ) -> TechnicalHold | None:
+        """The pending technical hold the alert is held in, locked; None when it is not held
+        in one (never held, or already paged), or when, by the device's clock, the condition
+        that ended at ``ended_at`` outlasted the hold."""
         conn = self._db
         hold = await conn.fetchrow(
             """
@@ -274,7 +246,7 @@ class PostgresBundles:
             TECHNICAL_HOLD_KIND,
         )
         if hold is None:
-            return False
+            return None
         started_at = await conn.fetchval(
             "SELECT a.device_time FROM notify_bundle_members m "
             "JOIN alerts a ON a.alert_id = m.alert_id WHERE m.bundle_id = $1",
@@ -285,52 +257,21 @@ class PostgresBundles:
             # Start and end arrived together (a hub's buffer after a dropout): on the
             # device's clock the condition outlasted the hold, so it is no flap. Left for
             # the caller to release and page, then clear.
-            return False
-        rows = await conn.fetch(
-            "SELECT * FROM escalations WHERE dedup_key = $1 AND bundle_id = $2 FOR UPDATE",
-            dedup_key,
-            hold["bundle_id"],
+            return None
+        return TechnicalHold(
+            bundle_id=UUID(str(hold["bundle_id"])),
+            opened_at=hold["opened_at"],
+            due_at=hold["due_at"],
         )
-        if rows:
-            await apply_rows(
-                conn, [(row, Resolve(at=at)) for row in rows], at, self._fallback_email
-            )
-            for row in rows:
-                await write_event(
-                    conn,
-                    row["escalation_id"],
-                    at,
-                    TimelineEntry(
-                        "technical_hold_ended",
-                        {
-                            "paged": False,
-                            "open_s": round((at - hold["opened_at"]).total_seconds(), 3),
-                            "hold_s": round(
-                                (hold["due_at"] - hold["opened_at"]).total_seconds(), 3
-                            ),
-                            "reason": "ended inside the technical hold: not paged",
-                        },
-                    ),
-                )
-        await conn.execute(
-            "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 WHERE bundle_id = $1",
-            hold["bundle_id"],
-            at,
-        )
-        return True
 
-    async def release_from_quiet_hours(
-        self,
-        dedup_key: str,
-        at: datetime,
-        reason: str,
-        *,
-        kind: str = QUIET_DIGEST_KIND,
-    ) -> bool:
+    async def release(
+        self, dedup_key: str, at: datetime, reason: str, *, kind: str = QUIET_DIGEST_KIND
+    ) -> tuple[UUID, list[EscalationRecord]] | None:
         """Take a held alert out of its pending digest (or, with ``kind`` ``technical_hold``,
-        its technical hold) and fire its first step now (it became urgent: HIGH and MEDIUM are
-        never held by quiet hours, a worsened alert is not flapping). False when it is not held
-        in a pending one (paged already, or never held)."""
+        its technical hold): its escalation leaves the bundle and, if nobody acknowledged it
+        while held, is due at ``at``; the release is on its timeline. Returns the bundle and
+        the escalations released (with their state now), None when the alert is not held in a
+        pending one (paged already, or never held)."""
         conn = self._db
         digest = await conn.fetchrow(
             """
@@ -343,7 +284,7 @@ class PostgresBundles:
             kind,
         )
         if digest is None:
-            return False
+            return None
         await conn.execute(
             "DELETE FROM notify_bundle_members WHERE bundle_id = $1 AND dedup_key = $2",
             digest["bundle_id"],
@@ -373,27 +314,22 @@ class PostgresBundles:
                     {"bundle_id": str(digest["bundle_id"]), "reason": reason},
                 ),
             )
-        due: list[tuple[Any, EscalationEvent]] = [
-            (row, Tick(now=at)) for row in rows if row["due_at"] == at
-        ]
-        if due:
-            await apply_rows(conn, due, at, self._fallback_email)
-        if kind != QUIET_DIGEST_KIND:
-            # The hold had this one alert: nothing is left for it to page.
-            await conn.execute(
-                "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 "
-                "WHERE bundle_id = $1",
-                digest["bundle_id"],
-                at,
-            )
-        return True
+        return UUID(str(digest["bundle_id"])), [record_from_row(row) for row in rows]
 
-    async def next_due(self, now: datetime, *, only: UUID | None = None) -> Any:
+    async def close(self, bundle_id: UUID, at: datetime) -> None:
+        """The bundle is done: nothing is left in it to page."""
+        await self._db.execute(
+            "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 WHERE bundle_id = $1",
+            bundle_id,
+            at,
+        )
+
+    async def next_due(self, now: datetime, *, only: UUID | None = None) -> PendingBundle | None:
         """The next pending bundle that is due (or bundle ``only``, due or not), locked; bundles
         another instance is flushing are skipped, not waited for. None when there is none."""
         conn = self._db
         if only is None:
-            return await conn.fetchrow(
+            row = await conn.fetchrow(
                 """
                 SELECT * FROM notify_bundles
                 WHERE status = 'pending' AND due_at <= $1
@@ -402,140 +338,47 @@ class PostgresBundles:
                 """,
                 now,
             )
-        return await conn.fetchrow(
-            "SELECT * FROM notify_bundles WHERE bundle_id = $1 AND status = 'pending' FOR UPDATE",
-            only,
-        )
-
-    async def flush(self, bundle: Any, now: datetime) -> None:
-        """Fire the first step of every held escalation of the bundle, in this transaction.
-
-        Held means still open with no timer: one acknowledged, resolved or snoozed while it
-        waited is left alone. Their alert pages share the bundle's keys, so each recipient
-        gets one page; which alerts it lists is read when it is sent.
-        """
-        conn = self._db
-        if bundle["kind"] == QUIET_DIGEST_KIND:
-            await flush_digest(conn, bundle, now, self._fallback_email)
-            return
-        bundle_id = UUID(str(bundle["bundle_id"]))
-        rows = await conn.fetch(
-            _RELEASE_HELD,
-            bundle_id,
-            now,
-        )
-        if rows:
-            await apply_rows(
-                conn, [(row, Tick(now=now)) for row in rows], now, self._fallback_email
+        else:
+            row = await conn.fetchrow(
+                "SELECT * FROM notify_bundles WHERE bundle_id = $1 AND status = 'pending' "
+                "FOR UPDATE",
+                only,
             )
-        if bundle["kind"] == TECHNICAL_HOLD_KIND:
-            for row in rows:
-                await write_event(
-                    conn,
-                    row["escalation_id"],
-                    now,
-                    TimelineEntry(
-                        "technical_hold_ended",
-                        {
-                            "paged": True,
-                            "open_s": round((now - bundle["opened_at"]).total_seconds(), 3),
-                            "reason": "still open when the technical hold ended",
-                        },
-                    ),
-                )
-        members = await conn.fetch(
+        if row is None:
+            return None
+        return PendingBundle(
+            bundle_id=UUID(str(row["bundle_id"])), kind=str(row["kind"]), opened_at=row["opened_at"]
+        )
+
+    async def release_all(self, bundle_id: UUID, now: datetime) -> list[EscalationRecord]:
+        """The bundle's held escalations nobody acknowledged (still open, no timer), made due
+        ``now``; one acknowledged, resolved or snoozed while it waited is left alone."""
+        rows = await self._db.fetch(_RELEASE_HELD, bundle_id, now)
+        return [record_from_row(row) for row in rows]
+
+    async def resolved_unpaged(self, bundle_id: UUID) -> list[EscalationRecord]:
+        """The bundle's escalations that resolved while held, paging nobody and acknowledged by
+        nobody, locked."""
+        rows = await self._db.fetch(
+            """
+            SELECT * FROM escalations
+            WHERE bundle_id = $1 AND status = 'resolved' AND acknowledged_by IS NULL
+              AND cardinality(paged) = 0
+            ORDER BY escalation_id
+            FOR UPDATE
+            """,
+            bundle_id,
+        )
+        return [record_from_row(row) for row in rows]
+
+    async def members(self, bundle_id: UUID) -> list[str]:
+        """The dedup keys of the bundle's alerts, in the order they joined."""
+        rows = await self._db.fetch(
             "SELECT dedup_key FROM notify_bundle_members WHERE bundle_id = $1 "
             "ORDER BY joined_at, dedup_key",
             bundle_id,
         )
-        if is_bundled(tuple(str(m["dedup_key"]) for m in members)):
-            writer = PageWriter(conn, now, self._fallback_email)
-            for row in rows:
-                writer.event(
-                    row["escalation_id"],
-                    TimelineEntry(
-                        "bundled",
-                        {
-                            "bundle_id": str(bundle_id),
-                            "dedup_keys": [str(m["dedup_key"]) for m in members],
-                            "opened_at": bundle["opened_at"].isoformat(),
-                        },
-                    ),
-                )
-            await writer.flush(claim_until=None)
-        await conn.execute(
-            "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 WHERE bundle_id = $1",
-            bundle_id,
-            now,
-        )
-
-
-async def flush_digest(conn: Any, digest: Any, now: datetime, fallback_email: str) -> None:
-    """Page a quiet-hours digest, in the caller's transaction (the digest row is locked).
-
-    Each member nobody acknowledged is listed: a held alert still open fires its first step
-    now (its chain runs on from here, later steps keyed on the digest so they fold into one
-    page per recipient too); one that resolved while held does not restart a chain, but whom
-    its first step would page now is paged too, so it is still told ("resolved at ...").
-    Every such page is a ``quiet_digest`` page keyed on the digest, so each recipient gets one.
-    """
-    digest_id = UUID(str(digest["bundle_id"]))
-    opened_rows = await conn.fetch(
-        _RELEASE_HELD,
-        digest_id,
-        now,
-    )
-    resolved_rows = await conn.fetch(
-        """
-        SELECT * FROM escalations
-        WHERE bundle_id = $1 AND status = 'resolved' AND acknowledged_by IS NULL
-          AND cardinality(paged) = 0
-        ORDER BY escalation_id
-        FOR UPDATE
-        """,
-        digest_id,
-    )
-    listed = [str(r["dedup_key"]) for r in [*opened_rows, *resolved_rows]]
-    writer = PageWriter(conn, now, fallback_email)
-    for row in [*opened_rows, *resolved_rows]:
-        writer.event(
-            row["escalation_id"],
-            TimelineEntry(
-                "quiet_digest",
-                {
-                    "bundle_id": str(digest_id),
-                    "dedup_keys": listed,
-                    "held_since": digest["opened_at"].isoformat(),
-                },
-            ),
-        )
-    if opened_rows:
-        await apply_rows(
-            conn,
-            [(row, Tick(now=now)) for row in opened_rows],
-            now,
-            fallback_email,
-            alert_purpose=PagePurpose.QUIET_DIGEST,
-        )
-    for row in resolved_rows:
-        # Pure: whom the frozen policy's first step names now. The resolved chain stays
-        # resolved; only the digest page is written.
-        snapshot = snapshot_from_json(json.loads(row["snapshot"]))
-        commands = advance(snapshot, opened(now), Tick(now=now)).commands
-        await writer.pages_for(
-            await load_alert(conn, row["alert_id"]),
-            row["escalation_id"],
-            str(row["care_team_id"]),
-            commands,
-            digest_id,
-            alert_purpose=PagePurpose.QUIET_DIGEST,
-        )
-    await writer.flush(claim_until=None)
-    await conn.execute(
-        "UPDATE notify_bundles SET status = 'flushed', flushed_at = $2 WHERE bundle_id = $1",
-        digest_id,
-        now,
-    )
+        return [str(m["dedup_key"]) for m in rows]
 
 
 async def _window_of(conn: Any, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:

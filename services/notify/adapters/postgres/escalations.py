@@ -1,10 +1,10 @@
 """The escalation repository in PostgreSQL: ``escalations`` and their timeline
 (``escalation_events``), ``used_ack_tokens``. Every state change of an escalation happens in the
-caller's transaction with its row locked (``lock``, ``lock_due``): the pure ``advance`` runs
-(in ``EscalationService``, or in ``apply_rows`` for the escalations a bundle releases) and the
-new state (``save``), its timeline entries and the pages its commands ask for (the outbox) are
-written together, so a command is never lost between deciding and queueing, and an
-acknowledgement that committed first is seen by every later tick.
+caller's transaction with its row locked (``lock``, ``lock_held``, ``lock_due``, or a bundle's
+release): the service layer runs the pure ``advance`` and writes the new state (``save``), its
+timeline entries and the pages its commands ask for (the outbox) in the same unit of work, so a
+command is never lost between deciding and queueing, and an acknowledgement that committed
+first is seen by every later tick.
 """
 
 from __future__ import annotations
@@ -17,29 +17,18 @@ from typing import Any
 from uuid import UUID
 
 from schemas.events import Alert
-from services.notify.adapters.postgres.alerts import alert_from_row
 from services.notify.adapters.postgres.outbox import (
-    PageWriter,
-    write_effects,
     write_event,
 )
 from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     Acknowledge,
-    EscalationEvent,
     EscalationState,
     EscalationStatus,
     PolicySnapshot,
-    Tick,
     TimelineEntry,
-    Transition,
-    advance,
-    opened,
     snapshot_from_json,
     snapshot_to_json,
-)
-from services.notify.domain.routing import (
-    PagePurpose,
 )
 from services.notify.service_layer.unit_of_work import Change, EscalationRecord
 
@@ -60,6 +49,18 @@ class PostgresEscalations:
             "SELECT escalation_id FROM escalations WHERE dedup_key = $1", dedup_key
         )
         return None if value is None else UUID(str(value))
+
+    async def note_all(self, entries: Sequence[tuple[UUID, TimelineEntry]], at: datetime) -> None:
+        """Timeline entries of several escalations, written together."""
+        if entries:
+            await self._db.executemany(
+                "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+                "VALUES ($1, $2, $3, $4::jsonb)",
+                [
+                    (escalation_id, at, entry.kind, json.dumps(entry.detail, default=str))
+                    for escalation_id, entry in entries
+                ],
+            )
 
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
         conn = self._db
@@ -123,6 +124,15 @@ class PostgresEscalations:
                 "SELECT * FROM escalations WHERE bundle_id = $1 ORDER BY escalation_id FOR UPDATE",
                 bundle_id,
             )
+        return [record_from_row(row) for row in rows]
+
+    async def lock_held(self, dedup_key: str, bundle_id: UUID) -> list[EscalationRecord]:
+        """The episode's escalation held in bundle ``bundle_id``, locked (none once released)."""
+        rows = await self._db.fetch(
+            "SELECT * FROM escalations WHERE dedup_key = $1 AND bundle_id = $2 FOR UPDATE",
+            dedup_key,
+            bundle_id,
+        )
         return [record_from_row(row) for row in rows]
 
     async def lock_due(self, now: datetime, *, limit: int) -> list[EscalationRecord]:
@@ -284,44 +294,6 @@ class PostgresEscalations:
         }
 
 
-async def open_in(
-    conn: Any,
-    writer: PageWriter,
-    alert: Alert,
-    care_team_id: str,
-    snapshot: PolicySnapshot,
-    at: datetime,
-) -> UUID | None:
-    """Insert the episode's escalation and fire its first step into ``writer``; None when the
-    dedup key already has an escalation."""
-    transition = advance(snapshot, opened(at), Tick(now=at))
-    escalation_id = await PostgresEscalations(conn).add(
-        alert, care_team_id=care_team_id, snapshot=snapshot, state=transition.state, at=at
-    )
-    if escalation_id is None:
-        return None
-    await writer.opened(alert, escalation_id, care_team_id, snapshot, transition)
-    return escalation_id
-
-
-async def apply_rows(
-    conn: Any,
-    items: list[tuple[Any, EscalationEvent]],
-    at: datetime,
-    fallback_email: str,
-    *,
-    alert_purpose: PagePurpose = PagePurpose.ALERT,
-) -> list[Transition]:
-    """Run events through the engine for locked escalation rows and write everything back."""
-    changes: list[Change] = []
-    for row, event in items:
-        record = record_from_row(row)
-        changes.append((record, advance(record.snapshot, record.state, event)))
-    await save_states(conn, changes)
-    await write_effects(conn, changes, at, fallback_email, alert_purpose=alert_purpose)
-    return [transition for _, transition in changes]
-
-
 async def save_states(conn: Any, changes: Sequence[Change]) -> None:
     updates: list[tuple[Any, ...]] = []
     for record, transition in changes:
@@ -366,11 +338,6 @@ def record_from_row(row: Any) -> EscalationRecord:
         snapshot=snapshot_from_json(json.loads(row["snapshot"])),
         state=state_from_row(row),
     )
-
-
-async def load_alert(conn: Any, alert_id: UUID) -> Alert:
-    row = await conn.fetchrow("SELECT * FROM alerts WHERE alert_id = $1", alert_id)
-    return alert_from_row(row)
 
 
 def state_from_row(row: Any) -> EscalationState:

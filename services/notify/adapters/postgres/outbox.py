@@ -60,7 +60,7 @@ from services.notify.service_layer.ports import (
     PageJob,
     SendOutcome,
 )
-from services.notify.service_layer.unit_of_work import Change
+from services.notify.service_layer.unit_of_work import Change, EscalationRecord
 
 JOB_SELECT = """
     SELECT p.*,
@@ -141,15 +141,54 @@ class PostgresOutbox:
         transition: Transition,
         at: datetime,
         claim_until: datetime,
+        then: Sequence[TimelineEntry] = (),
     ) -> list[PageJob]:
-        """The ``opened`` entry, the first step's timeline and its pages, claimed for the
-        caller to send at once (so the first attempt waits for no ticker)."""
+        """The ``opened`` entry, the first step's timeline (followed by ``then``) and its
+        pages, claimed for the caller to send at once (so the first attempt waits for no
+        ticker)."""
         writer = PageWriter(self._db, at, self._fallback_email)
         await writer.opened(alert, escalation_id, care_team_id, snapshot, transition)
+        for entry in then:
+            writer.event(escalation_id, entry)
         return await writer.flush(claim_until=claim_until)
 
-    async def add_effects(self, changes: Sequence[Change], *, at: datetime) -> None:
-        await write_effects(self._db, changes, at, self._fallback_email)
+    async def add_effects(
+        self,
+        changes: Sequence[Change],
+        *,
+        at: datetime,
+        alert_purpose: PagePurpose = PagePurpose.ALERT,
+    ) -> None:
+        await write_effects(
+            self._db, changes, at, self._fallback_email, alert_purpose=alert_purpose
+        )
+
+    async def add_digest(
+        self,
+        digest_id: UUID,
+        *,
+        entries: Sequence[tuple[UUID, TimelineEntry]],
+        resolved: Sequence[tuple[EscalationRecord, tuple[PageCommand, ...]]],
+        at: datetime,
+    ) -> None:
+        """A quiet-hours digest's timeline entries, and the ``quiet_digest`` pages (keyed on the
+        digest) of its alerts that resolved while held, to whom ``commands`` name."""
+        writer = PageWriter(self._db, at, self._fallback_email)
+        for escalation_id, entry in entries:
+            writer.event(escalation_id, entry)
+        for record, commands in resolved:
+            row = await self._db.fetchrow(
+                "SELECT * FROM alerts WHERE alert_id = $1", record.alert_id
+            )
+            await writer.pages_for(
+                alert_from_row(row),
+                record.escalation_id,
+                record.care_team_id,
+                commands,
+                digest_id,
+                alert_purpose=PagePurpose.QUIET_DIGEST,
+            )
+        await writer.flush(claim_until=None)
 
     async def sync_upstream(self, escalation_ids: Sequence[UUID], *, at: datetime) -> None:
         writer = PageWriter(self._db, at, self._fallback_email)
