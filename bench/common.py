@@ -11,12 +11,14 @@ under test, on a machine with two cores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def stack_environment() -> dict[str, str]:
@@ -207,3 +209,144 @@ async def paced(
     for publisher in publishers:
         await publisher.drain()
     return sent, start, time.time()
+
+
+# --- capacity search --------------------------------------------------------------------------
+
+
+@dataclass
+class CapacitySearch:
+    """Which offered load to try next, from the steps tried so far (pure: no clock, no I/O).
+
+    Upward by ``factor`` from ``start`` until the first step that is not sustained; then, between
+    the highest sustained rate and the lowest failed one above it, up to ``refine`` geometric
+    midpoints. A failed start steps downward by ``factor`` until one is sustained. ``stop()``
+    ends the search at once (after a loss: the system is no longer in a clean state).
+    """
+
+    start: float
+    factor: float = 1.25
+    refine: int = 2
+    max_steps: int = 12
+    ceiling: float | None = None
+    tried: list[tuple[float, bool]] = field(default_factory=list)
+    _refined: int = 0
+    _stopped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.start <= 0 or self.factor <= 1.0:
+            raise ValueError("start must be positive and factor above 1")
+
+    @property
+    def best(self) -> float | None:
+        """The highest sustained rate tried, None if none was."""
+        return max((rate for rate, ok in self.tried if ok), default=None)
+
+    def record(self, rate: float, sustained: bool) -> None:
+        self.tried.append((rate, sustained))
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def next_rate(self) -> float | None:
+        if self._stopped or len(self.tried) >= self.max_steps:
+            return None
+        if not self.tried:
+            return self.start
+        best = self.best
+        failed = [rate for rate, ok in self.tried if not ok]
+        if best is None:
+            return min(failed) / self.factor
+        above = [rate for rate in failed if rate > best]
+        if not above:
+            nxt = best * self.factor
+            if self.ceiling is not None and nxt > self.ceiling:
+                return None if best >= self.ceiling else self.ceiling
+            return nxt
+        if self._refined >= self.refine:
+            return None
+        low, high = best, min(above)
+        if high / low < 1.04:  # finer than the machine's own noise
+            return None
+        self._refined += 1
+        return float((low * high) ** 0.5)
+
+
+def backlog_growing(
+    samples: list[tuple[float, int]], rate: float, tolerance_s: float = 0.5
+) -> bool:
+    """Whether the backlog (messages accepted and not yet through) grew during a step.
+
+    ``samples`` are (seconds into the step, backlog). The mean backlog of the step's last
+    quarter is compared with that of its second quarter; growth of more than ``tolerance_s``
+    seconds of the offered load is a backlog the system is not working off. A backlog that only
+    rises and falls with the batches stays well under it."""
+    if len(samples) < 4:
+        return False
+    end = samples[-1][0]
+    second = [b for t, b in samples if end / 4 <= t < end / 2]
+    last = [b for t, b in samples if t >= 3 * end / 4]
+    if not second or not last:
+        return False
+    growth = sum(last) / len(last) - sum(second) / len(second)
+    return growth > tolerance_s * rate
+
+
+async def load_step(
+    publishers: list[QosOnePublisher],
+    make: Callable[[int], tuple[str, bytes]],
+    rate: float,
+    seconds: float,
+    backlog: Callable[[int], Awaitable[int]],
+    sample_every_s: float = 0.5,
+) -> dict[str, Any]:
+    """One step of a capacity search: ``rate`` offered for ``seconds`` through ``paced`` while
+    ``backlog(acked since the step began)`` is sampled. Returns what was published and whether
+    the backlog grew (``backlog_growing``)."""
+    acked_before = sum(p.acked for p in publishers)
+    samples: list[tuple[float, int]] = []
+    began = time.monotonic()
+    done = asyncio.Event()
+
+    async def sampler() -> None:
+        while not done.is_set():
+            acked = sum(p.acked for p in publishers) - acked_before
+            samples.append((time.monotonic() - began, await backlog(acked)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), sample_every_s)
+
+    task = asyncio.create_task(sampler())
+    try:
+        _, started, finished = await paced(
+            publishers, make, rate, seconds, max_messages=int(rate * seconds) + 1
+        )
+    finally:
+        done.set()
+        await task
+    offered_s = max(finished - started, 1e-9)
+    acked = sum(p.acked for p in publishers) - acked_before
+    return {
+        "offered_per_s": round(rate),
+        "published": acked,
+        "published_per_s": round(acked / offered_s),
+        "publish_seconds": round(offered_s, 2),
+        "backlog_mid": samples[len(samples) // 2][1] if samples else 0,
+        "backlog_end": samples[-1][1] if samples else 0,
+        "backlog_growing": backlog_growing(samples, rate),
+        # paced() waits for every PUBACK: a broker or publisher that cannot take the load
+        # stretches the step.
+        "kept_pace": acked >= 0.95 * rate * seconds and offered_s <= 1.1 * seconds,
+    }
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float, every_s: float = 0.25
+) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(every_s)

@@ -9,8 +9,17 @@ row's ``stored_at`` (start of ingest's write transaction). Then a bare baseline 
 machine: ``mosquitto_sub`` piped into Kafka's console producer (no validation, no storage, no
 ack-after-durable), and the ratio. Prints one JSON line at the end.
 
-    make bench-ingest                     # test stack, defaults
-    python bench/ingest.py --rate 12000 --seconds 20 --procs 1,2
+``--search``: capacity instead of one offered load. The offered load rises step by step
+(``--start-rate``, times ``--factor`` each ``--step-s`` step, then ``--refine`` midpoints between
+the last sustained and the first failed step) until a step loses a message (not stored within
+``--drain-timeout``, or short in Kafka) or its backlog grows through the step (published and not
+yet stored, sampled every 0.5 s; the last quarter's mean above the second quarter's by more
+than 0.5 s of the offered load), or the publisher cannot keep the pace. Each step starts with
+the previous one drained. The figure is the highest sustained zero-loss rate, for Vigil (1
+ingest process unless ``--procs``) and for the bridge baseline in the same run, and their ratio.
+
+    make bench-ingest                     # bench stack, capacity search
+    python bench/ingest.py --rate 12000 --seconds 20 --procs 1,2     # one offered load
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -26,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +49,16 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import CpuMeter, QosOnePublisher, paced, percentile, stack_environment
+from bench.common import (
+    CapacitySearch,
+    CpuMeter,
+    QosOnePublisher,
+    load_step,
+    paced,
+    percentile,
+    stack_environment,
+    wait_until,
+)
 from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.ingest.adapters.registry_admin import (
     bind_device,
@@ -54,8 +74,12 @@ def make_payload_factory(devices: list[str]) -> Any:
     prefix = uuid.uuid4().hex[:20]
     seqs = [0] * len(devices)
     topics = [f"vigil/v1/dev/{d}/temperature" for d in devices]
+    made = itertools.count()
 
-    def make(i: int) -> tuple[str, bytes]:
+    def make(_: int) -> tuple[str, bytes]:
+        # Its own counter, not the caller's index: every call of paced() counts from 0, and
+        # a message id used again would be a duplicate to ingest.
+        i = next(made)
         k = i % len(devices)
         seqs[k] += 1
         counter = f"{i:012x}"
@@ -369,19 +393,16 @@ async def ingest_phase(
     }
 
 
-async def baseline_phase(env: dict[str, str], run: str, args: argparse.Namespace) -> dict[str, Any]:
-    """mosquitto_sub | kafka ConsoleProducer: the same stream with nothing but transport."""
+def start_bridge(
+    env: dict[str, str], run: str, topic: str, devices: list[str]
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """``mosquitto_sub`` (one filter per device) piped into Kafka's console producer.
+    Started once, before the timed part."""
     bootstrap = env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    topic = f"bench.baseline.{run}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])
-    devices = [f"bench-{run}-base-{i:03d}" for i in range(args.devices)]
     libs = Path(
         os.environ.get("VIGIL_STACK_KAFKA_LIBS_DIR", Path.home() / ".cache/vigil/kafka-4.1.0/libs")
     )
-    # Started once, before the timed part; a blocking fork here costs the figures nothing.
-    sub = subprocess.Popen(  # noqa: ASYNC220
+    sub = subprocess.Popen(
         [
             "mosquitto_sub", "-h", "127.0.0.1", "-p", env["VIGIL_MQTT_PORT"],
             "-u", env["VIGIL_INGEST_MQTT_USERNAME"], "-P", env["VIGIL_INGEST_MQTT_PASSWORD"],
@@ -391,7 +412,7 @@ async def baseline_phase(env: dict[str, str], run: str, args: argparse.Namespace
         ],
         stdout=subprocess.PIPE,
     )  # fmt: skip
-    producer = subprocess.Popen(  # noqa: ASYNC220
+    producer = subprocess.Popen(
         [
             "java", "-Xmx512m", "-cp", f"{libs}/*", "org.apache.kafka.tools.ConsoleProducer",
             "--bootstrap-server", bootstrap, "--topic", topic,
@@ -401,6 +422,18 @@ async def baseline_phase(env: dict[str, str], run: str, args: argparse.Namespace
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    return sub, producer
+
+
+async def baseline_phase(env: dict[str, str], run: str, args: argparse.Namespace) -> dict[str, Any]:
+    """mosquitto_sub | kafka ConsoleProducer: the same stream with nothing but transport."""
+    bootstrap = env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    topic = f"bench.baseline.{run}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])
+    devices = [f"bench-{run}-base-{i:03d}" for i in range(args.devices)]
+    sub, producer = start_bridge(env, run, topic, devices)
     try:
         make = make_payload_factory(devices)
         publisher = QosOnePublisher(
@@ -476,6 +509,247 @@ async def baseline_phase(env: dict[str, str], run: str, args: argparse.Namespace
     }
 
 
+class OffsetProbe:
+    """End offsets of one topic, summed over its partitions, from one long-lived consumer (the
+    backlog is sampled every half second)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+        self.partitions: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        self.partitions = list(await end_offsets(self.bootstrap, self.topic))
+        await self.consumer.start()
+
+    async def total(self) -> int:
+        return sum((await self.consumer.end_offsets(self.partitions)).values())
+
+    async def stop(self) -> None:
+        await _stop(self.consumer)
+
+
+def step_reason(step: dict[str, Any]) -> str | None:
+    """Why a search step was not sustained (None: it was)."""
+    if not step["zero_loss"]:
+        return "loss"
+    if step["backlog_growing"]:
+        return "backlog growing"
+    if not step["kept_pace"]:
+        return "publisher could not keep the pace"
+    return None
+
+
+def search_figures(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    best = max((s for s in steps if s["sustained"]), key=lambda s: s["offered_per_s"], default=None)
+    first_failure = next((s["reason"] for s in steps if not s["sustained"]), None)
+    return {
+        "capacity_readings_per_s": best["published_per_s"] if best else None,
+        "capacity_offered_per_s": best["offered_per_s"] if best else None,
+        "first_failure": first_failure,
+        # No step failed, or only the load generator did: the capacity is at least this.
+        "lower_bound_only": first_failure in (None, "publisher could not keep the pace"),
+        "steps": steps,
+    }
+
+
+async def connect_publishers(
+    env: dict[str, str], prefix: str, args: argparse.Namespace
+) -> list[QosOnePublisher]:
+    publishers = [
+        QosOnePublisher(
+            "127.0.0.1",
+            int(env["VIGIL_MQTT_PORT"]),
+            f"{prefix}-{k}",
+            env["VIGIL_SIM_MQTT_USERNAME"],
+            env["VIGIL_SIM_MQTT_PASSWORD"],
+            window=args.window,
+        )
+        for k in range(args.connections)
+    ]
+    for publisher in publishers:
+        await publisher.connect()
+    return publishers
+
+
+async def search_steps(
+    args: argparse.Namespace,
+    publishers: list[QosOnePublisher],
+    make: Any,
+    through: Callable[[datetime], Awaitable[int]],
+    kafka: OffsetProbe,
+    label: str,
+    start_rate: float | None = None,
+) -> dict[str, Any]:
+    """The capacity search: ``through(since)`` counts the step's messages that have come
+    through (stored, or in the baseline's topic) since ``since``."""
+    search = CapacitySearch(
+        start=start_rate or args.start_rate,
+        factor=args.factor,
+        refine=args.refine,
+        max_steps=args.max_steps,
+    )
+    steps: list[dict[str, Any]] = []
+    while (rate := search.next_rate()) is not None:
+        since = datetime.now(UTC)
+        kafka_before = await kafka.total()
+        base = await through(since)
+
+        async def backlog(acked: int, since: datetime = since, base: int = base) -> int:
+            return acked - (await through(since) - base)
+
+        load1 = os.getloadavg()[0]
+        step = await load_step(publishers, make, rate, args.step_s, backlog)
+        acked = step["published"]
+        began = time.monotonic()
+
+        async def drained(since: datetime = since, base: int = base, acked: int = acked) -> bool:
+            return await through(since) - base >= acked
+
+        await wait_until(drained, args.drain_timeout)
+        arrived = await through(since) - base
+        in_kafka = await kafka.total() - kafka_before
+        step |= {
+            "load1": load1,
+            "came_through": arrived,
+            "drain_s": round(time.monotonic() - began, 2),
+            # Kafka: the topic's end offsets moved by at least as many records (a lower bound;
+            # transaction markers take offsets too); the database counts each message once.
+            "kafka_offsets_advanced": in_kafka,
+            "zero_loss": arrived == acked and in_kafka >= acked,
+        }
+        step["reason"] = step_reason(step)
+        step["sustained"] = step["reason"] is None
+        search.record(rate, step["sustained"])
+        if not step["zero_loss"]:
+            search.stop()
+        steps.append(step)
+        print(json.dumps({label: step}), file=sys.stderr, flush=True)
+    return search_figures(steps)
+
+
+async def ingest_search(
+    env: dict[str, str], run: str, procs: int, args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
+    dsn, bootstrap = env["VIGIL_PG_DSN"], env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    tag = f"s{procs}"
+    devices = await register(dsn, run, tag, args.devices)
+    patients = [f"P-{d}" for d in devices]
+    group = f"bench-{run}-{tag}"
+    client_ids = [f"bench-{run}-{tag}-ingest-{k}" for k in range(procs)]
+    logs = [log_dir / f"ingest-{tag}-{k}.log" for k in range(procs)]
+    children = [
+        start_ingest(env, c, group, log, free_port())
+        for c, log in zip(client_ids, logs, strict=True)
+    ]
+    conn = await asyncpg.connect(dsn)
+    kafka = OffsetProbe(bootstrap, TELEMETRY_TOPIC)
+    try:
+        for log in logs:
+            await wait_subscribed(log)
+        await kafka.start()
+        publishers = await connect_publishers(env, f"bench-{run}-{tag}-pub", args)
+
+        async def stored(since: datetime) -> int:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM temperature_readings "
+                    "WHERE patient_id = ANY($1::text[]) AND device_time >= $2",
+                    patients,
+                    since,
+                )
+            )
+
+        figures = await search_steps(
+            args, publishers, make_payload_factory(devices), stored, kafka, f"ingest_{procs}"
+        )
+        for publisher in publishers:
+            await publisher.close()
+    finally:
+        await kafka.stop()
+        await conn.close()
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for client_id in client_ids:
+            await drop_session(env, client_id)
+    return {"ingest_processes": procs, **figures}
+
+
+async def baseline_search(
+    env: dict[str, str], run: str, args: argparse.Namespace, start_rate: float | None
+) -> dict[str, Any]:
+    """The same search through ``mosquitto_sub | kafka ConsoleProducer``, from ``start_rate``
+    (Vigil's capacity: the question is whether the bridge carries more)."""
+    bootstrap = env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    topic = f"bench.baseline.{run}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])
+    devices = [f"bench-{run}-sbase-{i:03d}" for i in range(args.devices)]
+    sub, producer = start_bridge(env, run, topic, devices)
+    kafka = OffsetProbe(bootstrap, topic)
+    try:
+        make = make_payload_factory(devices)
+        publishers = await connect_publishers(env, f"bench-{run}-sbase-pub", args)
+        await kafka.start()
+        # Warm-up: the console producer's JVM is ready once one record arrives.
+        deadline = time.monotonic() + 60
+        while await kafka.total() == 0:
+            await publishers[0].publish(*make(10**9))
+            await publishers[0].drain()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the baseline console producer never produced")
+            await asyncio.sleep(0.5)
+
+        async def arrived(since: datetime) -> int:
+            return await kafka.total()
+
+        figures = await search_steps(
+            args, publishers, make, arrived, kafka, "baseline", start_rate=start_rate
+        )
+        for publisher in publishers:
+            await publisher.close()
+    finally:
+        await kafka.stop()
+        producer.terminate()
+        sub.terminate()
+        producer.wait(30)
+        sub.wait(30)
+        await admin.delete_topics([topic])
+        await admin.close()
+    return figures
+
+
+async def search_async(args: argparse.Namespace) -> dict[str, Any]:
+    env = stack_environment()
+    run = uuid.uuid4().hex[:6]
+    log_dir = Path(os.environ.get("VIGIL_STACK_DATA_DIR", ".vigil-test")) / "bench"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "bench": "ingest_capacity",
+        "start_rate": args.start_rate,
+        "factor": args.factor,
+        "step_s": args.step_s,
+        "devices": args.devices,
+        "load1_before": os.getloadavg()[0],
+    }
+    vigil = [await ingest_search(env, run, procs, args, log_dir) for procs in args.procs]
+    results["ingest"] = vigil
+    if not args.no_baseline:
+        best = max((v["capacity_readings_per_s"] or 0 for v in vigil), default=0)
+        offered = max((v["capacity_offered_per_s"] or 0 for v in vigil), default=0)
+        results["baseline"] = await baseline_search(env, run, args, offered or None)
+        base = results["baseline"]["capacity_readings_per_s"]
+        results["ratio_vigil_to_bridge"] = round(best / base, 2) if base else None
+    results["load1_after"] = os.getloadavg()[0]
+    return results
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     env = stack_environment()
     run = uuid.uuid4().hex[:6]
@@ -511,11 +785,29 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--connections", type=int, default=2)
     parser.add_argument("--window", type=int, default=500, help="QoS 1 in flight per connection")
-    parser.add_argument("--procs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument(
+        "--procs",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="ingest processes, e.g. 1,2 (default: 1,2; with --search: 1)",
+    )
     parser.add_argument("--drain-timeout", type=float, default=180.0)
     parser.add_argument("--no-baseline", action="store_true")
+    search = parser.add_argument_group("capacity search (--search)")
+    search.add_argument("--search", action="store_true", help="search for the capacity")
+    search.add_argument("--start-rate", type=float, default=2000.0, help="first offered load")
+    search.add_argument("--factor", type=float, default=1.25, help="each step's load increase")
+    search.add_argument("--step-s", type=float, default=15.0, help="seconds per step")
+    search.add_argument("--refine", type=int, default=2, help="midpoints after the first failure")
+    search.add_argument("--max-steps", type=int, default=14)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main_async(args))))
+    if args.procs is None:
+        args.procs = [1] if args.search else [1, 2]
+    if args.search:
+        args.drain_timeout = min(args.drain_timeout, 60.0)
+        print(json.dumps(asyncio.run(search_async(args))))
+    else:
+        print(json.dumps(asyncio.run(main_async(args))))
     return 0
 
 
