@@ -11,7 +11,12 @@ import hypothesis
 import pytest
 import schemathesis
 import uvicorn
-from schemathesis.checks import ignored_auth, not_a_server_error
+from schemathesis.checks import (
+    ignored_auth,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from services.api.app import server_options
 from services.api.bootstrap import create_app
@@ -83,6 +88,7 @@ def test_api_has_no_server_errors_and_no_ignored_auth(live_api: tuple[str, str])
     # The event stream never ends by design; the dashboard test covers it in a browser.
     operations = [op for op in operations if op.path != "/api/alerts/stream"]
     assert len(operations) >= 9
+    failures: list[str] = []
     for operation in operations:
 
         @hypothesis.given(case=operation.as_strategy())
@@ -96,8 +102,17 @@ def test_api_has_no_server_errors_and_no_ignored_auth(live_api: tuple[str, str])
             case.call_and_validate(
                 base_url=base,
                 headers={"Authorization": f"Bearer {token}"},
-                checks=[not_a_server_error, ignored_auth],
+                checks=[
+                    not_a_server_error,
+                    ignored_auth,
+                    status_code_conformance,
+                    response_schema_conformance,
+                ],
                 timeout=10,
             )
 
-        exercise()
+        try:
+            exercise()
+        except (Exception, BaseExceptionGroup) as error:  # every operation runs; all failures shown
+            failures.append(f"{operation.method.upper()} {operation.path}: {error}"[:1500])
+    assert not failures, "\n\n".join(failures)

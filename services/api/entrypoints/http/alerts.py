@@ -14,8 +14,9 @@ from pydantic import BaseModel
 
 from services.api.domain.access import Action, Principal
 from services.api.entrypoints.http.deps import Clock, Repository, require
+from services.api.entrypoints.http.responses import AUTHENTICATED, not_found
 
-router = APIRouter(prefix="/api/alerts", tags=["alerts"])
+router = APIRouter(prefix="/api/alerts", tags=["alerts"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
 Acknowledger = Annotated[Principal, Depends(require(Action.ACKNOWLEDGE))]
 Resolver = Annotated[Principal, Depends(require(Action.RESOLVE))]
@@ -95,7 +96,7 @@ async def stream(request: Request, principal: Reader, repository: Repository) ->
     )
 
 
-@router.get("/{dedup_key}")
+@router.get("/{dedup_key}", responses=not_found("alert"))
 async def get_alert(
     request: Request, dedup_key: str, principal: Reader, repository: Repository
 ) -> dict[str, Any]:
@@ -117,7 +118,7 @@ async def get_alert(
     return episode
 
 
-@router.post("/{dedup_key}/ack", response_model=ActionResult)
+@router.post("/{dedup_key}/ack", response_model=ActionResult, responses=not_found("alert"))
 async def acknowledge(
     request: Request,
     dedup_key: str,
@@ -139,7 +140,7 @@ async def acknowledge(
     return ActionResult(dedup_key=dedup_key, status=after["status"], changed=changed)
 
 
-@router.post("/{dedup_key}/resolve", response_model=ActionResult)
+@router.post("/{dedup_key}/resolve", response_model=ActionResult, responses=not_found("alert"))
 async def resolve(
     request: Request, dedup_key: str, principal: Resolver, repository: Repository, clock: Clock
 ) -> ActionResult:

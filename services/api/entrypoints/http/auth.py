@@ -26,6 +26,7 @@ from services.api.entrypoints.http.deps import (
     Settings,
     bearer_token,
 )
+from services.api.entrypoints.http.responses import AUTHENTICATED, Problem
 
 router = APIRouter(tags=["auth"])
 
@@ -45,7 +46,19 @@ class Me(BaseModel):
     care_teams: list[str]
 
 
-@router.post("/auth/token", response_model=TokenResponse)
+@router.post(
+    "/auth/token",
+    response_model=TokenResponse,
+    responses={
+        400: {"model": Problem, "description": "A scope or patient that cannot be granted."},
+        401: {"model": Problem, "description": "Wrong username or password."},
+        429: {
+            "model": Problem,
+            "description": "Too many failed logins from here or for this user; Retry-After "
+            "says when to try again.",
+        },
+    },
+)
 async def login(
     request: Request,
     response: Response,
@@ -140,7 +153,7 @@ async def logout(
     return response
 
 
-@router.get("/auth/me", response_model=Me)
+@router.get("/auth/me", response_model=Me, responses={401: AUTHENTICATED[401]})
 async def me(principal: CurrentPrincipal) -> Me:
     return Me(
         user_id=principal.user_id,

@@ -12,8 +12,9 @@ from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks
 from services.api.domain.course import Basis, course_window
 from services.api.entrypoints.http.deps import Clock, Repository, require
+from services.api.entrypoints.http.responses import AUTHENTICATED, invalid, not_found
 
-router = APIRouter(prefix="/api/patients", tags=["patients"])
+router = APIRouter(prefix="/api/patients", tags=["patients"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
 
 
@@ -90,7 +91,7 @@ async def list_patients(
     return PageOf(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{patient_id}")
+@router.get("/{patient_id}", responses=not_found("patient"))
 async def get_patient(
     request: Request, patient_id: str, principal: Reader, repository: Repository
 ) -> dict[str, Any]:
@@ -100,7 +101,7 @@ async def get_patient(
     return patient
 
 
-@router.get("/{patient_id}/readings", response_model=PageOf)
+@router.get("/{patient_id}/readings", response_model=PageOf, responses=not_found("patient"))
 async def readings(
     request: Request,
     patient_id: str,
@@ -117,7 +118,11 @@ async def readings(
     return PageOf(items=items, total=len(items), limit=limit, offset=0)
 
 
-@router.get("/{patient_id}/temperature-hourly", response_model=TemperatureHourly)
+@router.get(
+    "/{patient_id}/temperature-hourly",
+    response_model=TemperatureHourly,
+    responses=not_found("patient"),
+)
 async def temperature_hourly(
     request: Request,
     patient_id: str,
@@ -136,14 +141,14 @@ async def temperature_hourly(
     """Hourly min, max and mean of the patient's temperature (°C) over the course: the
     dashboard's whole-course plot. Hours without a reading are absent."""
     if since is not None and since.utcoffset() is None:
-        raise HTTPException(422, "since needs a UTC offset, e.g. Z or +01:00")
+        raise invalid("since", "since needs a UTC offset, e.g. Z or +01:00")
     patient = await _patient_or_404(repository, principal, patient_id)
     now = clock()
     cycle_start = None if since else await repository.current_cycle_start(patient_id, now)
     try:
         window = course_window(now, requested=since, cycle_start=cycle_start)
     except ValueError as exc:  # a since after now
-        raise HTTPException(422, str(exc)) from exc
+        raise invalid("since", str(exc)) from exc
     hours = await repository.temperature_hourly(patient_id, window.since, now)
     await _audit(
         request,
@@ -164,7 +169,7 @@ async def temperature_hourly(
     )
 
 
-@router.get("/{patient_id}/pump", response_model=PumpView)
+@router.get("/{patient_id}/pump", response_model=PumpView, responses=not_found("patient"))
 async def pump(
     request: Request, patient_id: str, principal: Reader, repository: Repository, clock: Clock
 ) -> PumpView:

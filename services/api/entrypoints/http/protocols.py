@@ -15,9 +15,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from services.api.domain.access import Action, Principal
 from services.api.entrypoints.http.deps import Clock, Repository, require
+from services.api.entrypoints.http.responses import AUTHENTICATED, invalid, not_found
 from services.rules.public import Thresholds
 
-router = APIRouter(prefix="/api", tags=["protocols"])
+router = APIRouter(prefix="/api", tags=["protocols"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
 Changer = Annotated[Principal, Depends(require(Action.CHANGE_THRESHOLDS))]
 
@@ -41,11 +42,11 @@ def _check(overrides: dict[str, Any]) -> None:
     """Refuse unknown names and incoherent values before anything is written."""
     unknown = set(overrides) - set(Thresholds.model_fields)
     if unknown:
-        raise HTTPException(422, f"unknown thresholds: {sorted(unknown)}")
+        raise invalid("overrides", f"unknown thresholds: {sorted(unknown)}", where="body")
     try:
         Thresholds.model_validate({**Thresholds().model_dump(), **overrides}).fever()
     except (ValidationError, ValueError) as error:
-        raise HTTPException(422, str(error)) from None
+        raise invalid("overrides", str(error), where="body") from None
 
 
 def _versions(rows: list[dict[str, Any]]) -> list[Version]:
@@ -68,7 +69,11 @@ async def care_teams(principal: Reader, repository: Repository) -> list[dict[str
     return await repository.care_teams(principal.care_teams)
 
 
-@router.get("/care-teams/{care_team_id}/protocol", response_model=list[Version])
+@router.get(
+    "/care-teams/{care_team_id}/protocol",
+    response_model=list[Version],
+    responses=not_found("care team"),
+)
 async def protocol_versions(
     care_team_id: str, principal: Reader, repository: Repository
 ) -> list[Version]:
@@ -77,7 +82,11 @@ async def protocol_versions(
     return _versions(await repository.protocol_versions(care_team_id))
 
 
-@router.put("/care-teams/{care_team_id}/protocol", response_model=Version)
+@router.put(
+    "/care-teams/{care_team_id}/protocol",
+    response_model=Version,
+    responses=not_found("care team"),
+)
 async def change_protocol(
     request: Request,
     care_team_id: str,
@@ -101,7 +110,11 @@ async def change_protocol(
     return _versions([new])[0]
 
 
-@router.get("/patients/{patient_id}/overrides", response_model=list[Version])
+@router.get(
+    "/patients/{patient_id}/overrides",
+    response_model=list[Version],
+    responses=not_found("patient"),
+)
 async def override_versions(
     request: Request, patient_id: str, principal: Reader, repository: Repository
 ) -> list[Version]:
@@ -113,7 +126,11 @@ async def override_versions(
     return _versions(await repository.override_versions(patient_id))
 
 
-@router.put("/patients/{patient_id}/overrides", response_model=Version)
+@router.put(
+    "/patients/{patient_id}/overrides",
+    response_model=Version,
+    responses=not_found("patient"),
+)
 async def change_overrides(
     request: Request,
     patient_id: str,
