@@ -438,6 +438,7 @@ class Pipeline:
         self.telemetry = OffsetProbe(self.bootstrap, TELEMETRY_TOPIC)
         self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         self.conn: asyncpg.Connection | None = None
+        self._committed_at: dict[datetime, int] = {}
 
     async def start(self) -> None:
         await self.telemetry.start()
@@ -469,12 +470,26 @@ class Pipeline:
             )
         )
 
+    async def rules_committed(self) -> int:
+        committed = await self.admin.list_consumer_group_offsets(self.rules_group)
+        return sum(meta.offset for tp, meta in committed.items() if tp.topic == TELEMETRY_TOPIC)
+
     async def through(self, since: datetime) -> int:
-        """Fleet readings stored since ``since``, less rules' lag: reaches the number published
-        once both have caught up. A lag of one record per partition is left out: the
-        heartbeat's and the injections' records, and transaction markers, come and go."""
-        slack = len(self.telemetry.partitions)
-        return await self.stored(since) - max(0, await self.rules_lag() - slack)
+        """What has come through since ``since``: the fewer of the fleet readings stored and
+        the telemetry records rules has committed since then. The first call for a ``since``
+        (the search step's start) waits until rules has caught up, then takes that as its
+        base: a batch ingest appended to Kafka after storing it must not count for the next
+        step. Rules' count includes heartbeats and transaction markers (a few records)."""
+        if since not in self._committed_at:
+            slack = len(self.telemetry.partitions)
+
+            async def caught_up() -> bool:
+                return await self.rules_lag() <= slack
+
+            await wait_until(caught_up, 60)
+            self._committed_at[since] = await self.rules_committed()
+        rules = await self.rules_committed() - self._committed_at[since]
+        return min(await self.stored(since), rules)
 
 
 async def run_level(

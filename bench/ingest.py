@@ -603,8 +603,15 @@ async def search_steps(
         acked = step["published"]
         began = time.monotonic()
 
-        async def drained(since: datetime = since, base: int = base, acked: int = acked) -> bool:
-            return await through(since) - base >= acked
+        async def drained(
+            since: datetime = since,
+            base: int = base,
+            acked: int = acked,
+            before: int = kafka_before,
+        ) -> bool:
+            # Both: ingest stores a batch and appends it to Kafka concurrently, either first.
+            stored = await through(since) - base
+            return stored >= acked and await kafka.total() - before >= acked
 
         await wait_until(drained, args.drain_timeout)
         arrived = await through(since) - base
