@@ -17,7 +17,7 @@ from services.api.domain import fhir
 def course_sample(count: int) -> list[dict[str, Any]]:
     """Pump statuses as a course has them and the awkward ones: every optional value missing
     or present, whole and fractional numbers, flags, text needing JSON escapes, microseconds
-    and offsets other than UTC."""
+    and offsets other than UTC; ids as UUIDs and as text."""
     chance = random.Random(7)
     start = datetime(2026, 11, 9, tzinfo=UTC)
     rows = []
@@ -30,8 +30,11 @@ def course_sample(count: int) -> list[dict[str, Any]]:
                 ),
                 "patient_id": chance.choice(["P-1", 'P-"2\\', "P-é"]),
                 "device_id": chance.choice(["pump-1", "pump-ü\n"]),
-                "message_id": uuid.UUID(int=chance.getrandbits(128)),
-                "flags": chance.choice([[], [], [], ["device_clock_ahead"], ["duplicate_seq"]]),
+                # As the export reads them: the id as text, no flags as None.
+                "message_id": chance.choice([uuid.UUID, str])(
+                    str(uuid.UUID(int=chance.getrandbits(128)))
+                ),
+                "flags": chance.choice([None, [], [], ["device_clock_ahead"], ["duplicate_seq"]]),
                 "state": chance.choice(["running", "paused", "alarm", 'odd "state"']),
                 "rate_ml_h": chance.choice([10, 10.0, 0.1 + 0.2, 1e17, -0.0, 5.5]),
                 "volume_remaining_ml": chance.random() * 240,

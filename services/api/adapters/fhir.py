@@ -8,7 +8,8 @@ always given (open ends as far-off instants), so TimescaleDB prunes chunks on de
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -39,6 +40,16 @@ _PUMP_COLUMNS = (
     "device_time, ingest_time, patient_id, device_id, message_id, flags, state, rate_ml_h, "
     "volume_remaining_ml, bag_volume_ml, battery_pct"
 )
+
+# The same columns for bulk export, cheaper for the driver to decode: the message id as text
+# (not a UUID object to format again) and no flags as NULL (not an empty list per row).
+_EXPORT_COLUMNS = {
+    table: columns.replace("message_id, flags", "message_id::text, nullif(flags, '{}') AS flags")
+    for table, columns in (
+        ("temperature_readings", _TEMPERATURE_COLUMNS),
+        ("pump_status", _PUMP_COLUMNS),
+    )
+}
 
 _OBSERVATIONS_SQL = f"""
     WITH found AS (
@@ -215,10 +226,11 @@ class FhirRepository:
     async def temperatures(self, patient_id: str, since: datetime | None) -> list[Record]:
         """Every temperature reading of the patient (ingested at or after ``since``), as the
         driver's records: a course's readings are mapped once, copying them into dicts first
-        would only add to the export's time."""
+        would only add to the export's time. ``message_id`` is text, ``flags`` None when
+        there are none."""
         return _records(
             await self._pool.fetch(
-                f"SELECT {_TEMPERATURE_COLUMNS} FROM temperature_readings "
+                f"SELECT {_EXPORT_COLUMNS['temperature_readings']} FROM temperature_readings "
                 "WHERE patient_id = $1 AND ingest_time >= $2 ORDER BY device_time",
                 patient_id,
                 since or EARLIEST,
@@ -226,10 +238,11 @@ class FhirRepository:
         )
 
     async def pump_statuses(self, patient_id: str, since: datetime | None) -> list[Record]:
-        """Every pump status of the patient (ingested at or after ``since``), as records."""
+        """Every pump status of the patient (ingested at or after ``since``), as records
+        (``message_id`` text, ``flags`` None when there are none)."""
         return _records(
             await self._pool.fetch(
-                f"SELECT {_PUMP_COLUMNS} FROM pump_status "
+                f"SELECT {_EXPORT_COLUMNS['pump_status']} FROM pump_status "
                 "WHERE patient_id = $1 AND ingest_time >= $2 ORDER BY device_time",
                 patient_id,
                 since or EARLIEST,
@@ -267,3 +280,129 @@ class FhirRepository:
             list(teams),
         )
         return (row["patient_id"], row["dedup_key"]) if row else None
+
+    # -- bulk export jobs (migration 0036): shared by the API replicas --------------------------
+
+    async def create_export(self, job: Row) -> None:
+        await self._pool.execute(
+            """
+            INSERT INTO fhir_export_jobs (job_id, owner, scope_patient, request_url,
+                transaction_time, patient_ids, types, status, alive_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, 'running', $5)
+            """,
+            job["job_id"],
+            job["owner"],
+            job["scope_patient"],
+            job["request_url"],
+            job["transaction_time"],
+            job["patient_ids"],
+            list(job["types"]),
+        )
+
+    async def export_alive(self, job_id: str, done_patients: int, at: datetime) -> None:
+        await self._pool.execute(
+            "UPDATE fhir_export_jobs SET alive_at = $2, done_patients = $3 "
+            "WHERE job_id = $1 AND status = 'running'",
+            job_id,
+            at,
+            done_patients,
+        )
+
+    async def finish_export(
+        self,
+        job_id: str,
+        pieces: Sequence[tuple[str, int, bytes | memoryview]],
+        counts: Mapping[str, int],
+        at: datetime,
+    ) -> None:
+        """Store the files (``(type, piece number, bytes)``) and mark the job complete, at once."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            for resource_type, piece, content in pieces:
+                await conn.execute(
+                    "INSERT INTO fhir_export_files (job_id, resource_type, piece, content) "
+                    "VALUES ($1, $2, $3, $4)",
+                    job_id,
+                    resource_type,
+                    piece,
+                    content,
+                )
+            await conn.execute(
+                "UPDATE fhir_export_jobs SET status = 'complete', counts = $2::jsonb, "
+                "done_patients = cardinality(patient_ids), finished_at = $3 "
+                "WHERE job_id = $1 AND status = 'running'",
+                job_id,
+                json.dumps(dict(counts)),
+                at,
+            )
+
+    async def fail_exports(
+        self,
+        error: str,
+        at: datetime,
+        *,
+        job_ids: Sequence[str] = (),
+        silent_since: datetime | None = None,
+    ) -> int:
+        """Mark failed the running jobs named, and every running job not touched since
+        ``silent_since`` (its replica stopped). Returns how many."""
+        result = await self._pool.execute(
+            "UPDATE fhir_export_jobs SET status = 'failed', error = $1, finished_at = $2 "
+            "WHERE status = 'running' AND (job_id = ANY($3::text[]) OR alive_at < $4)",
+            error,
+            at,
+            list(job_ids),
+            silent_since,
+        )
+        return int(result.split()[-1])
+
+    async def export_job(self, job_id: str) -> Row | None:
+        row = await self._pool.fetchrow(
+            "SELECT job_id, owner, scope_patient, request_url, transaction_time, patient_ids, "
+            "types, status, done_patients, counts, error, finished_at "
+            "FROM fhir_export_jobs WHERE job_id = $1",
+            job_id,
+        )
+        if row is None:
+            return None
+        found = dict(row)
+        found["counts"] = json.loads(found["counts"])
+        return found
+
+    async def export_exists(self, job_id: str) -> bool:
+        return bool(
+            await self._pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM fhir_export_jobs WHERE job_id = $1)", job_id
+            )
+        )
+
+    async def running_exports(self, owner: str) -> int:
+        return int(
+            await self._pool.fetchval(
+                "SELECT count(*) FROM fhir_export_jobs WHERE owner = $1 AND status = 'running'",
+                owner,
+            )
+        )
+
+    async def export_file(self, job_id: str, resource_type: str) -> AsyncIterator[bytes]:
+        """A stored file, piece by piece (one piece in memory at a time)."""
+        piece = 0
+        while True:
+            content = await self._pool.fetchval(
+                "SELECT content FROM fhir_export_files "
+                "WHERE job_id = $1 AND resource_type = $2 AND piece = $3",
+                job_id,
+                resource_type,
+                piece,
+            )
+            if content is None:
+                return
+            yield bytes(content)
+            piece += 1
+
+    async def delete_exports(self, *, job_id: str | None = None, finished_before: datetime) -> None:
+        """Delete a job (and its files), and every job finished before ``finished_before``."""
+        await self._pool.execute(
+            "DELETE FROM fhir_export_jobs WHERE job_id = $1 OR finished_at < $2",
+            job_id,
+            finished_before,
+        )

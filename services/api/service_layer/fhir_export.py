@@ -1,18 +1,21 @@
-"""Bulk export jobs (FHIR Bulk Data ``Patient/$export``): run in the API process, kept in memory.
+"""Bulk export jobs (FHIR Bulk Data ``Patient/$export``), shared by the API replicas.
 
-A kick-off starts a job as an asyncio task; the job reads each patient's course through
+A kick-off records the job in the repository (migration 0036) and starts it as an asyncio task
+of the replica that answered; the job reads each patient's course through
 :class:`~services.api.adapters.fhir.FhirRepository`, maps it with ``services.api.domain.fhir``
-and keeps one NDJSON file per resource type. Its owner polls the status URL and then downloads
-the files. Jobs live in the process that started them and are dropped ``RETENTION`` after they
-finish (or on restart, when a client kicks off again): with several API replicas the status and
-file URLs must reach the replica that answered the kick-off (docs/fhir.md).
+and makes one NDJSON file per resource type. That replica answers from memory as soon as the
+files are made; it then stores them, and the job is complete for every replica. Its owner
+polls the status URL and downloads the files from any replica. While a job runs its replica
+touches its row; a running job left untouched for ``SILENT`` (its replica stopped or restarted)
+is reported failed, and a replica that shuts down fails its running jobs at once. Jobs are
+dropped ``RETENTION`` after they finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +30,13 @@ from services.api.domain.fhir_capability import EXPORT_TYPES
 RETENTION = timedelta(hours=1)
 #: Jobs one user may have unfinished at once.
 MAX_RUNNING_PER_USER = 2
+#: A running job's replica touches its row this often; a running job silent for ``SILENT``
+#: is reported failed (its replica stopped or restarted).
+ALIVE_EVERY = timedelta(seconds=15)
+SILENT = timedelta(minutes=1)
+STOPPED = "the API replica running the export stopped"
+#: Files are stored, and sent, in pieces of this size.
+FILE_PIECE = 1 << 20
 
 
 @dataclass
@@ -47,6 +57,8 @@ class ExportJob:
     error: str | None = None
     finished_at: datetime | None = None
     task: asyncio.Task[None] | None = None
+    #: A job of another replica, read from the repository: its files are stored, not here.
+    stored: bool = False
 
 
 async def patient_course(
@@ -119,7 +131,8 @@ def ndjson(resources: Iterable[dict[str, Any]]) -> bytes:
 
 
 class ExportJobs:
-    """The process's export jobs, by id."""
+    """The export jobs: those this process runs, in memory, and every replica's in the
+    repository (migration 0036), so that any replica answers a job's status and files."""
 
     def __init__(self, repository: FhirRepository, clock: Callable[[], datetime]) -> None:
         self._repository = repository
@@ -132,11 +145,18 @@ class ExportJobs:
             if job.finished_at is not None and now - job.finished_at > RETENTION:
                 del self._jobs[job_id]
 
-    def running_for(self, owner: str) -> int:
-        self._expire()
-        return sum(1 for j in self._jobs.values() if j.owner == owner and j.status == "running")
+    async def _fail_silent(self) -> None:
+        """Fail the running jobs whose replica stopped touching them (it stopped or restarted)."""
+        now = self._clock()
+        await self._repository.fail_exports(STOPPED, now, silent_since=now - SILENT)
 
-    def start(
+    async def running_for(self, owner: str) -> int:
+        """The user's unfinished jobs, on every replica."""
+        self._expire()
+        await self._fail_silent()
+        return await self._repository.running_exports(owner)
+
+    async def start(
         self,
         *,
         owner: str,
@@ -157,11 +177,35 @@ class ExportJobs:
             types=types,
             since=since,
         )
+        await self._repository.delete_exports(finished_before=job.transaction_time - RETENTION)
+        await self._repository.create_export(
+            {
+                "job_id": job.job_id,
+                "owner": owner,
+                "scope_patient": scope_patient,
+                "request_url": request_url,
+                "transaction_time": job.transaction_time,
+                "patient_ids": patient_ids,
+                "types": types,
+            }
+        )
         self._jobs[job.job_id] = job
         job.task = asyncio.create_task(self._run(job, teams), name=f"fhir-export-{job.job_id}")
         return job
 
+    async def _keep_alive(self, job: ExportJob) -> None:
+        while True:
+            await asyncio.sleep(ALIVE_EVERY.total_seconds())
+            await self._repository.export_alive(job.job_id, job.done_patients, self._clock())
+
     async def _run(self, job: ExportJob, teams: frozenset[str]) -> None:
+        alive = asyncio.create_task(self._keep_alive(job), name=f"fhir-export-alive-{job.job_id}")
+        try:
+            await self._export(job, teams)
+        finally:
+            alive.cancel()
+
+    async def _export(self, job: ExportJob, teams: frozenset[str]) -> None:
         collected: dict[str, list[bytes]] = {t: [] for t in job.types}
         counts = dict.fromkeys(job.types, 0)
         try:
@@ -175,36 +219,97 @@ class ExportJobs:
                 job.done_patients += 1
         except Exception as exc:  # the job fails, the status URL says so; the API lives on
             job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
-        else:
-            job.files = {t: b"".join(parts) for t, parts in collected.items() if counts[t]}
-            job.counts = {t: c for t, c in counts.items() if c}
-            job.status = "complete"
-        job.finished_at = self._clock()
+            job.finished_at = self._clock()
+            await self._repository.fail_exports(job.error, job.finished_at, job_ids=[job.job_id])
+            return
+        job.files = {t: b"".join(parts) for t, parts in collected.items() if counts[t]}
+        job.counts = {t: c for t, c in counts.items() if c}
+        # This replica answers from memory from now on; the others once the files are stored.
+        job.status, job.finished_at = "complete", self._clock()
+        try:
+            await self._repository.finish_export(
+                job.job_id, list(_pieces(job.files)), job.counts, job.finished_at
+            )
+        except Exception as exc:  # the other replicas report the job failed; this one serves it
+            await self._repository.fail_exports(
+                f"storing the files failed: {type(exc).__name__}: {exc}",
+                self._clock(),
+                job_ids=[job.job_id],
+            )
 
-    def get(self, job_id: str, owner: str, patient: str | None = None) -> ExportJob | None:
+    async def get(self, job_id: str, owner: str, patient: str | None = None) -> ExportJob | None:
         """The job, only for the user who started it; for a caller limited to one ``patient``,
-        only a job started with that same limit."""
+        only a job started with that same limit. A job of another replica comes from the
+        repository, without its files (``stored_file`` reads them)."""
         self._expire()
         job = self._jobs.get(job_id)
-        if job is None or job.owner != owner:
+        if job is not None and not await self._repository.export_exists(job_id):
+            # Deleted through another replica.
+            self._jobs.pop(job_id, None)
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
             return None
-        if patient is not None and job.scope_patient != patient:
+        if job is None:
+            await self._fail_silent()
+            row = await self._repository.export_job(job_id)
+            if row is None:
+                return None
+            job = ExportJob(
+                job_id=row["job_id"],
+                owner=row["owner"],
+                scope_patient=row["scope_patient"],
+                request_url=row["request_url"],
+                transaction_time=row["transaction_time"],
+                patient_ids=list(row["patient_ids"]),
+                types=tuple(row["types"]),
+                since=None,
+                status=row["status"],
+                done_patients=row["done_patients"],
+                counts=dict(row["counts"]),
+                error=row["error"],
+                finished_at=row["finished_at"],
+                stored=True,
+            )
+            if job.finished_at is not None and self._clock() - job.finished_at > RETENTION:
+                return None
+        if job.owner != owner or (patient is not None and job.scope_patient != patient):
             return None
         return job
 
-    def delete(self, job_id: str, owner: str, patient: str | None = None) -> bool:
-        job = self.get(job_id, owner, patient)
+    def stored_file(self, job: ExportJob, resource_type: str) -> AsyncIterator[bytes]:
+        """A file of a job another replica ran, from the repository, piece by piece."""
+        return self._repository.export_file(job.job_id, resource_type)
+
+    async def delete(self, job_id: str, owner: str, patient: str | None = None) -> bool:
+        job = await self.get(job_id, owner, patient)
         if job is None:
             return False
-        if job.task is not None and not job.task.done():
-            job.task.cancel()
-        del self._jobs[job_id]
+        local = self._jobs.pop(job_id, None)
+        if local is not None and local.task is not None and not local.task.done():
+            local.task.cancel()
+            await asyncio.gather(local.task, return_exceptions=True)
+        await self._repository.delete_exports(
+            job_id=job_id, finished_before=self._clock() - RETENTION
+        )
         return True
 
     async def close(self) -> None:
-        for job in self._jobs.values():
-            if job.task is not None and not job.task.done():
-                job.task.cancel()
-        await asyncio.gather(
-            *(j.task for j in self._jobs.values() if j.task is not None), return_exceptions=True
-        )
+        """Stop the running jobs; the repository then says they failed (not lost silently)."""
+        unfinished = [j for j in self._jobs.values() if j.task is not None and not j.task.done()]
+        for job in unfinished:
+            assert job.task is not None
+            job.task.cancel()
+        await asyncio.gather(*(j.task for j in unfinished if j.task), return_exceptions=True)
+        if unfinished:
+            await self._repository.fail_exports(
+                "the API stopped while the export ran",
+                self._clock(),
+                job_ids=[j.job_id for j in unfinished],
+            )
+
+
+def _pieces(files: dict[str, bytes]) -> Iterator[tuple[str, int, memoryview]]:
+    for resource_type, content in files.items():
+        view = memoryview(content)
+        for number, start in enumerate(range(0, len(content), FILE_PIECE)):
+            yield resource_type, number, view[start : start + FILE_PIECE]

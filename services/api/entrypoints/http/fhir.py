@@ -40,7 +40,12 @@ from services.api.domain.fhir_search import (
     reference_id,
 )
 from services.api.entrypoints.http.deps import Clock, require
-from services.api.service_layer.fhir_export import MAX_RUNNING_PER_USER, ExportJob, ExportJobs
+from services.api.service_layer.fhir_export import (
+    FILE_PIECE,
+    MAX_RUNNING_PER_USER,
+    ExportJob,
+    ExportJobs,
+)
 
 FHIR_JSON = "application/fhir+json"
 FHIR_NDJSON = "application/fhir+ndjson"
@@ -196,13 +201,13 @@ async def _kick_off(
         patient_ids = [
             p for p in await repository.patient_ids(principal.care_teams) if principal.sees(p)
         ]
-    if jobs.running_for(principal.user_id) >= MAX_RUNNING_PER_USER:
+    if await jobs.running_for(principal.user_id) >= MAX_RUNNING_PER_USER:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             "too many exports running",
             headers={"Retry-After": "5"},
         )
-    job = jobs.start(
+    job = await jobs.start(
         owner=principal.user_id,
         scope_patient=principal.patient,
         teams=principal.care_teams,
@@ -298,8 +303,8 @@ async def export_kick_off_post(
     )
 
 
-def _own_job(jobs: ExportJobs, job_id: str, principal: Caller) -> ExportJob:
-    job = jobs.get(job_id, principal.user_id, principal.patient)
+async def _own_job(jobs: ExportJobs, job_id: str, principal: Caller) -> ExportJob:
+    job = await jobs.get(job_id, principal.user_id, principal.patient)
     if job is None:
         raise _not_found("export")
     return job
@@ -309,7 +314,7 @@ def _own_job(jobs: ExportJobs, job_id: str, principal: Caller) -> ExportJob:
 async def export_status(request: Request, job_id: str, principal: Reader, jobs: Jobs) -> Response:
     """202 while the export runs (``X-Progress``), then 200 and the manifest; 500 with an
     OperationOutcome if it failed."""
-    job = _own_job(jobs, job_id, principal)
+    job = await _own_job(jobs, job_id, principal)
     if job.status == "running":
         return Response(
             status_code=status.HTTP_202_ACCEPTED,
@@ -327,7 +332,7 @@ async def export_status(request: Request, job_id: str, principal: Reader, jobs: 
     outputs = [
         (t, f"{base}/$export-file/{job.job_id}/{t}.ndjson", job.counts[t])
         for t in EXPORT_TYPES
-        if t in job.files
+        if t in job.counts
     ]
     return JSONResponse(export_manifest(job.transaction_time, job.request_url, outputs))
 
@@ -335,7 +340,7 @@ async def export_status(request: Request, job_id: str, principal: Reader, jobs: 
 @router.delete("/$export-status/{job_id}", status_code=202, response_class=Response)
 async def export_cancel(job_id: str, principal: Reader, jobs: Jobs) -> Response:
     """Cancel a running export or delete a finished one's files."""
-    if not jobs.delete(job_id, principal.user_id, principal.patient):
+    if not await jobs.delete(job_id, principal.user_id, principal.patient):
         raise _not_found("export")
     return Response(status_code=status.HTTP_202_ACCEPTED)
 
@@ -343,11 +348,14 @@ async def export_cancel(job_id: str, principal: Reader, jobs: Jobs) -> Response:
 @router.get("/$export-file/{job_id}/{file_name}", response_class=Response)
 async def export_file(job_id: str, file_name: str, principal: Reader, jobs: Jobs) -> Response:
     """One NDJSON file of a finished export (``<ResourceType>.ndjson``)."""
-    job = _own_job(jobs, job_id, principal)
+    job = await _own_job(jobs, job_id, principal)
     resource_type = file_name.removesuffix(".ndjson")
-    if job.status != "complete" or resource_type not in job.files:
+    if job.status != "complete" or resource_type not in job.counts:
         raise _not_found("export file")
-    content = job.files[resource_type]
+    content = job.files.get(resource_type)
+    if content is None:
+        # A job another replica ran: its stored file, piece by piece.
+        return StreamingResponse(jobs.stored_file(job, resource_type), media_type=FHIR_NDJSON)
     return StreamingResponse(
         _pieces(content),
         media_type=FHIR_NDJSON,
@@ -355,12 +363,9 @@ async def export_file(job_id: str, file_name: str, principal: Reader, jobs: Jobs
     )
 
 
-#: A file is sent in pieces of this size: handing the server tens of megabytes at once made it
-#: copy them whole (once to frame the body, again into the socket's send buffer).
-FILE_PIECE = 1 << 20
-
-
 async def _pieces(content: bytes) -> AsyncIterator[memoryview]:
+    # In pieces: handing the server tens of megabytes at once made it copy them whole (once to
+    # frame the body, again into the socket's send buffer).
     view = memoryview(content)
     for start in range(0, len(view), FILE_PIECE):
         yield view[start : start + FILE_PIECE]
