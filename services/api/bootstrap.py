@@ -21,6 +21,7 @@ from services.api.adapters.audit import AuditTrail
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
 from services.api.adapters.roster import RosterQueries
+from services.api.adapters.thresholds import PostgresProposalStore
 from services.api.domain.throttle import LoginThrottles
 from services.api.entrypoints.http import (
     alerts,
@@ -32,6 +33,7 @@ from services.api.entrypoints.http import (
     roster,
 )
 from services.api.service_layer.fhir_export import ExportJobs
+from services.api.service_layer.thresholds import ThresholdChanges, check_overrides
 from services.api.settings import ApiSettings
 from vigil.runtime import utcnow
 
@@ -53,6 +55,10 @@ def create_app(
         app.state.repository = ApiRepository(pool)
         app.state.roster = RosterQueries(pool)
         app.state.audit = audit if audit is not None else AuditTrail(pool)
+        app.state.threshold_proposals = PostgresProposalStore(pool)
+        app.state.threshold_changes = ThresholdChanges(
+            app.state.threshold_proposals, app.state.audit, clock, check_overrides
+        )
         if alert_actions is None:
             from services.notify.public import AlertActions
 

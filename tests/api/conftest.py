@@ -175,6 +175,7 @@ async def build_world(
         for label, role, teams in (
             ("clinician_a", Role.CLINICIAN, [world.team_a]),
             ("nurse_a", Role.CHARGE_NURSE, [world.team_a]),
+            ("nurse2_a", Role.CHARGE_NURSE, [world.team_a]),
             ("auditor_a", Role.AUDITOR, [world.team_a]),
             ("clinician_b", Role.CLINICIAN, [world.team_b]),
         ):

@@ -21,6 +21,7 @@ def api_paths(world: World) -> list[tuple[str, str]]:
         "patient_id": world.patient_a,
         "dedup_key": quote(world.alert_a, safe=""),
         "care_team_id": world.team_a,
+        "proposal_id": "00000000-0000-4000-8000-000000000000",
     }
     return [
         (method.upper(), path.format(**fill))
@@ -150,25 +151,57 @@ async def test_lists_are_paginated(api_world: World) -> None:
     assert bad.status_code == 422
 
 
-async def test_threshold_change_is_versioned_signed_and_scoped(api_world: World) -> None:
-    """A charge nurse changes team A's fever threshold: a new version signed by them, audited
-    with old and new values; a clinician may not; team B's protocol is not team A's business;
-    an incoherent or unknown threshold is refused before anything is written."""
+async def test_threshold_change_needs_two_sign_offs_and_is_versioned_and_scoped(
+    api_world: World,
+) -> None:
+    """A charge nurse proposes a change to team A's fever threshold; it takes effect only when a
+    second charge nurse approves it: a new version signed off by the approver, audited with old
+    and new values and the proposer. The proposer cannot approve their own; a clinician may
+    not propose; team B's protocol is not team A's business; an incoherent or unknown threshold
+    is refused before anything is written."""
     team = api_world.team_a
     nurse = bearer(await api_world.token("nurse_a"))
+    nurse2 = bearer(await api_world.token("nurse2_a"))
     clinician = bearer(await api_world.token("clinician_a"))
     async with httpx.AsyncClient(base_url=api_world.base_url) as client:
         path = f"/api/care-teams/{team}/protocol"
-        first = await client.put(
+
+        async def change(overrides: dict[str, float], by: dict[str, str]) -> dict[str, object]:
+            proposed = await client.put(path, json={"overrides": overrides}, headers=nurse)
+            assert proposed.status_code == 202, proposed.text
+            assert proposed.json()["status"] == "pending"
+            proposal_id = proposed.json()["proposal_id"]
+            approved = await client.post(
+                f"/api/threshold-proposals/{proposal_id}/approve", headers=by
+            )
+            assert approved.status_code == 200, approved.text
+            return dict(approved.json())
+
+        # Proposed, not yet in effect; the proposer cannot approve it.
+        proposed = await client.put(
             path,
             json={"overrides": {"fever_single_c": 38.0, "fever_sustained_c": 38.0}},
             headers=nurse,
         )
+        assert proposed.status_code == 202, proposed.text
+        proposal_id = proposed.json()["proposal_id"]
+        assert (await client.get(path, headers=clinician)).json() == []
+        pending = await client.get("/api/threshold-proposals", headers=clinician)
+        assert proposal_id in [p["proposal_id"] for p in pending.json()]
+        own = await client.post(f"/api/threshold-proposals/{proposal_id}/approve", headers=nurse)
+        assert own.status_code == 403
+        assert (await client.get(path, headers=clinician)).json() == []
+        first = await client.post(f"/api/threshold-proposals/{proposal_id}/approve", headers=nurse2)
         assert first.status_code == 200, first.text
-        assert first.json()["version"] == 1
-        assert first.json()["signed_off_by"] == api_world.users["nurse_a"]
-        second = await client.put(path, json={"overrides": {"fever_single_c": 38.5}}, headers=nurse)
-        assert second.json()["version"] == 2
+        assert first.json()["version"] == 1 and first.json()["status"] == "approved"
+        versions = (await client.get(path, headers=clinician)).json()
+        assert [v["version"] for v in versions] == [1]
+        assert versions[0]["signed_off_by"] == api_world.users["nurse2_a"]
+        again = await client.post(f"/api/threshold-proposals/{proposal_id}/approve", headers=nurse2)
+        assert again.status_code == 409
+
+        second = await change({"fever_single_c": 38.5}, nurse2)
+        assert second["version"] == 2
         versions = (await client.get(path, headers=clinician)).json()
         assert [v["version"] for v in versions] == [1, 2]
         assert (
@@ -192,21 +225,47 @@ async def test_threshold_change_is_versioned_signed_and_scoped(api_world: World)
         assert unreachable.status_code == 422 and "can never page" in unreachable.text
         assert len((await client.get(path, headers=nurse)).json()) == 2
 
+        # A rejected proposal changes nothing.
+        proposed = await client.put(
+            path, json={"overrides": {"fever_single_c": 39.0}}, headers=nurse
+        )
+        rejected = await client.post(
+            f"/api/threshold-proposals/{proposed.json()['proposal_id']}/reject", headers=nurse2
+        )
+        assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+        assert len((await client.get(path, headers=nurse)).json()) == 2
+
         override = await client.put(
             f"/api/patients/{api_world.patient_a}/overrides",
             json={"overrides": {"fever_single_c": 38.1}, "reason": "oral thermometer"},
             headers=nurse,
         )
-        assert override.status_code == 200 and override.json()["reason"] == "oral thermometer"
+        assert override.status_code == 202 and override.json()["reason"] == "oral thermometer"
+        approved = await client.post(
+            f"/api/threshold-proposals/{override.json()['proposal_id']}/approve", headers=nurse2
+        )
+        assert approved.status_code == 200
+        overrides = (
+            await client.get(f"/api/patients/{api_world.patient_a}/overrides", headers=nurse)
+        ).json()
+        assert overrides[-1]["reason"] == "oral thermometer"
         other_patient = await client.put(
             f"/api/patients/{api_world.patient_b}/overrides",
             json={"overrides": {}},
             headers=nurse,
         )
         assert other_patient.status_code == 404
+        # Team B's clinician sees none of team A's proposals.
+        b = bearer(await api_world.token("clinician_b"))
+        listed = await client.get("/api/threshold-proposals?status=approved", headers=b)
+        assert listed.status_code == 200 and all(
+            p["care_team_id"] == api_world.team_b for p in listed.json()
+        )
     changes = [e for e in api_world.audit.entries if e[1] == "thresholds.changed"]
     assert changes[1][3]["old"] == {"fever_single_c": 38.0, "fever_sustained_c": 38.0}
     assert changes[1][3]["new"] == {"fever_single_c": 38.5}
+    assert changes[1][3]["proposed_by"] == api_world.users["nurse_a"]
+    assert changes[1][0] == f"nurse2_a-{api_world.run}"
 
 
 async def test_out_of_range_paging_is_a_client_error(api_world: World) -> None:
@@ -239,7 +298,12 @@ async def test_patient_page_renders_plot_clocks_and_devices(api_world: World) ->
             json={"overrides": {"fever_single_c": 38.6}},
             headers=nurse,
         )
-        assert override.status_code == 200
+        assert override.status_code == 202
+        approved = await client.post(
+            f"/api/threshold-proposals/{override.json()['proposal_id']}/approve",
+            headers=bearer(await api_world.token("nurse2_a")),
+        )
+        assert approved.status_code == 200
         # The lines follow the patient's newest override, not fixed defaults.
         html = (await client.get(f"/patients/{api_world.patient_a}")).text
         assert "single 38.6 °C" in html

@@ -3,6 +3,7 @@ filters by them in SQL, so a forgotten check in a route cannot leak another team
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -268,62 +269,6 @@ class ApiRepository:
             )
         )
 
-    async def add_protocol_version(
-        self, care_team_id: str, overrides: dict[str, Any], by: str, at: datetime
-    ) -> tuple[dict[str, Any], Row]:
-        """Append the next version; returns the previous overrides and the new row."""
-        return await self._add_version(
-            "rule_protocols", "care_team_id", care_team_id, overrides, by, at, None
-        )
-
-    async def add_override_version(
-        self,
-        patient_id: str,
-        overrides: dict[str, Any],
-        by: str,
-        at: datetime,
-        reason: str | None,
-    ) -> tuple[dict[str, Any], Row]:
-        return await self._add_version(
-            "patient_rule_overrides", "patient_id", patient_id, overrides, by, at, reason
-        )
-
-    async def _add_version(
-        self,
-        table: str,
-        key: str,
-        value: str,
-        overrides: dict[str, Any],
-        by: str,
-        at: datetime,
-        reason: str | None,
-    ) -> tuple[dict[str, Any], Row]:
-        import json
-
-        reason_column = ", reason" if reason is not None else ""
-        reason_value = ", $6" if reason is not None else ""
-        async with self._pool.acquire() as conn, conn.transaction():
-            # Serialise writers of one key so two sign-offs cannot claim the same version.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{table}:{value}")
-            previous = await conn.fetchrow(
-                f"SELECT version, overrides FROM {table} WHERE {key} = $1 "
-                "ORDER BY version DESC LIMIT 1",
-                value,
-            )
-            version = (previous["version"] + 1) if previous else 1
-            args: list[Any] = [value, version, json.dumps(overrides), by, at]
-            if reason is not None:
-                args.append(reason)
-            row = await conn.fetchrow(
-                f"INSERT INTO {table} ({key}, version, overrides, signed_off_by, signed_off_at"
-                f"{reason_column}) VALUES ($1, $2, $3::jsonb, $4, $5{reason_value}) "
-                "RETURNING version, overrides, signed_off_by, signed_off_at"
-                + (", reason" if reason is not None else ""),
-                *args,
-            )
-        old = json.loads(previous["overrides"]) if previous else {}
-        return old, dict(row)
-
     # -- alerts -------------------------------------------------------------------------------
 
     async def alert_episodes(
@@ -432,3 +377,51 @@ _EPISODES_SQL = """
     GROUP BY a.dedup_key, a.patient_id, p.care_team_id, t.timezone, e.acknowledged_by,
              e.acknowledged_at, e.resolved_at
 """
+
+
+async def lock_versions(
+    conn: asyncpg.Connection, table: str, key: str, value: str
+) -> asyncpg.Record | None:
+    """Hold off the other writers of one protocol's (or override's) versions until the
+    transaction ends, so two sign-offs cannot claim the same version; returns its newest
+    version (``version``, ``overrides``), None before the first."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{table}:{value}")
+    return await conn.fetchrow(
+        f"SELECT version, overrides FROM {table} WHERE {key} = $1 ORDER BY version DESC LIMIT 1",
+        value,
+    )
+
+
+def previous_overrides(previous: asyncpg.Record | None) -> dict[str, Any]:
+    if previous is None:
+        return {}
+    value = previous["overrides"]
+    return dict(json.loads(value) if isinstance(value, str) else value)
+
+
+async def append_version(
+    conn: asyncpg.Connection,
+    table: str,
+    key: str,
+    value: str,
+    previous: asyncpg.Record | None,
+    overrides: dict[str, Any],
+    by: str,
+    at: datetime,
+    reason: str | None,
+) -> Row:
+    """Append the next version after ``previous`` (from ``lock_versions``, same transaction)."""
+    reason_column = ", reason" if reason is not None else ""
+    reason_value = ", $6" if reason is not None else ""
+    version = (previous["version"] + 1) if previous else 1
+    args: list[Any] = [value, version, json.dumps(overrides), by, at]
+    if reason is not None:
+        args.append(reason)
+    row = await conn.fetchrow(
+        f"INSERT INTO {table} ({key}, version, overrides, signed_off_by, signed_off_at"
+        f"{reason_column}) VALUES ($1, $2, $3::jsonb, $4, $5{reason_value}) "
+        "RETURNING version, overrides, signed_off_by, signed_off_at"
+        + (", reason" if reason is not None else ""),
+        *args,
+    )
+    return dict(row)

@@ -1,22 +1,31 @@
 """Care-team protocols (fever and pump thresholds) and per-patient overrides.
 
-Both are versioned and append-only: a change writes a new version, signed off by the caller,
-and an audit entry with the old and new values. The rules service uses each key's newest
-version; a replay can rebuild any older one.
+Both are versioned and append-only. A change is proposed by one person and takes effect when a
+second person approves it (``service_layer/thresholds.py``): the approval writes the new version,
+signed off by the approver, and an audit entry with the old and new values and the proposer. The
+rules service uses each key's newest version; a replay can rebuild any older one.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
-from pydantic import BaseModel, Field, ValidationError
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel, Field
 
 from services.api.domain.access import Action, Principal
-from services.api.entrypoints.http.deps import Clock, Repository, require
-from services.api.entrypoints.http.responses import AUTHENTICATED, invalid, not_found
-from services.rules.public import Thresholds
+from services.api.entrypoints.http.deps import Repository, require
+from services.api.entrypoints.http.responses import AUTHENTICATED, Problem, invalid, not_found
+from services.api.service_layer.thresholds import (
+    Person,
+    Proposal,
+    ProposalRefused,
+    Scope,
+    ThresholdChanges,
+)
 
 router = APIRouter(prefix="/api", tags=["protocols"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
@@ -38,15 +47,64 @@ class Version(BaseModel):
     reason: str | None = None
 
 
-def _check(overrides: dict[str, Any]) -> None:
-    """Refuse unknown names and incoherent values before anything is written."""
-    unknown = set(overrides) - set(Thresholds.model_fields)
-    if unknown:
-        raise invalid("overrides", f"unknown thresholds: {sorted(unknown)}", where="body")
+class ProposalView(BaseModel):
+    proposal_id: UUID
+    scope: Literal["care_team", "patient"]
+    subject_id: str = Field(description="The care team's id, or the patient's.")
+    care_team_id: str
+    overrides: dict[str, Any]
+    reason: str | None
+    based_on_version: int = Field(description="The newest version when it was proposed (0: none).")
+    proposed_by: str
+    proposed_at: datetime
+    status: Literal["pending", "approved", "rejected", "withdrawn"]
+    decided_by: str | None
+    decided_at: datetime | None
+    version: int | None = Field(description="The version its approval wrote.")
+
+
+def _view(p: Proposal) -> ProposalView:
+    return ProposalView(
+        proposal_id=p.proposal_id,
+        scope=p.scope,
+        subject_id=p.subject_id,
+        care_team_id=p.care_team_id,
+        overrides=p.overrides,
+        reason=p.reason,
+        based_on_version=p.based_on,
+        proposed_by=p.proposed_by,
+        proposed_at=p.proposed_at,
+        status=p.status,
+        decided_by=p.decided_by,
+        decided_at=p.decided_at,
+        version=p.version,
+    )
+
+
+def _changes(request: Request) -> ThresholdChanges:
+    changes: ThresholdChanges = request.app.state.threshold_changes
+    return changes
+
+
+def _person(principal: Principal) -> Person:
+    return Person(principal.user_id, principal.username)
+
+
+async def _propose(
+    request: Request,
+    principal: Principal,
+    scope: Scope,
+    subject_id: str,
+    care_team_id: str,
+    change: ThresholdChange,
+) -> ProposalView:
     try:
-        Thresholds.model_validate({**Thresholds().model_dump(), **overrides}).fever()
-    except (ValidationError, ValueError) as error:
+        proposal = await _changes(request).propose(
+            _person(principal), scope, subject_id, care_team_id, change.overrides, change.reason
+        )
+    except ValueError as error:
         raise invalid("overrides", str(error), where="body") from None
+    return _view(proposal)
 
 
 def _versions(rows: list[dict[str, Any]]) -> list[Version]:
@@ -84,30 +142,17 @@ async def protocol_versions(
 
 @router.put(
     "/care-teams/{care_team_id}/protocol",
-    response_model=Version,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ProposalView,
     responses=not_found("care team"),
 )
 async def change_protocol(
-    request: Request,
-    care_team_id: str,
-    change: ThresholdChange,
-    principal: Changer,
-    repository: Repository,
-    clock: Clock,
-) -> Version:
+    request: Request, care_team_id: str, change: ThresholdChange, principal: Changer
+) -> ProposalView:
+    """Propose the care team's next protocol version (it replaces a pending proposal)."""
     if not principal.sees_team(care_team_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
-    _check(change.overrides)
-    old, new = await repository.add_protocol_version(
-        care_team_id, change.overrides, principal.username, clock()
-    )
-    await request.app.state.audit.record(
-        principal.user_id,
-        "thresholds.changed",
-        f"care_team:{care_team_id}",
-        {"old": old, "new": change.overrides, "version": new["version"], "reason": change.reason},
-    )
-    return _versions([new])[0]
+    return await _propose(request, principal, "care_team", care_team_id, care_team_id, change)
 
 
 @router.get(
@@ -128,7 +173,8 @@ async def override_versions(
 
 @router.put(
     "/patients/{patient_id}/overrides",
-    response_model=Version,
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ProposalView,
     responses=not_found("patient"),
 )
 async def change_overrides(
@@ -137,18 +183,69 @@ async def change_overrides(
     change: ThresholdChange,
     principal: Changer,
     repository: Repository,
-    clock: Clock,
-) -> Version:
-    if await repository.patient(principal.care_teams, patient_id) is None:
+) -> ProposalView:
+    """Propose the patient's next override version (it replaces a pending proposal)."""
+    patient = await repository.patient(principal.care_teams, patient_id)
+    if patient is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such patient")
-    _check(change.overrides)
-    old, new = await repository.add_override_version(
-        patient_id, change.overrides, principal.username, clock(), change.reason
+    return await _propose(
+        request, principal, "patient", patient_id, patient["care_team_id"], change
     )
-    await request.app.state.audit.record(
-        principal.user_id,
-        "thresholds.changed",
-        f"patient:{patient_id}",
-        {"old": old, "new": change.overrides, "version": new["version"], "reason": change.reason},
-    )
-    return _versions([new])[0]
+
+
+@router.get("/threshold-proposals", response_model=list[ProposalView])
+async def proposals(
+    request: Request,
+    principal: Reader,
+    status_: Annotated[
+        Literal["pending", "approved", "rejected", "withdrawn"] | None, Query(alias="status")
+    ] = "pending",
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[ProposalView]:
+    """Threshold proposals of the caller's care teams, newest first (default: pending ones)."""
+    store = request.app.state.threshold_proposals
+    return [_view(p) for p in await store.listed(principal.care_teams, status_, limit)]
+
+
+async def _decide(
+    request: Request, proposal_id: UUID, principal: Principal, approve: bool
+) -> ProposalView:
+    proposal = await request.app.state.threshold_proposals.get(proposal_id)
+    if proposal is None or not principal.sees_team(proposal.care_team_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such proposal")
+    changes = _changes(request)
+    try:
+        if approve:
+            decided = await changes.approve(_person(principal), proposal)
+        else:
+            decided = await changes.reject(_person(principal), proposal)
+    except ProposalRefused as refused:
+        raise HTTPException(refused.status, str(refused)) from None
+    return _view(decided)
+
+
+DECIDED = {
+    **not_found("proposal"),
+    409: {"model": Problem, "description": "Already decided, or a version was written since."},
+}
+
+
+@router.post(
+    "/threshold-proposals/{proposal_id}/approve",
+    response_model=ProposalView,
+    responses=DECIDED,
+)
+async def approve_proposal(request: Request, proposal_id: UUID, principal: Changer) -> ProposalView:
+    """The second sign-off: someone other than the proposer, who may change thresholds,
+    approves; the proposal becomes the next version, signed off by them. 403 for the proposer."""
+    return await _decide(request, proposal_id, principal, approve=True)
+
+
+@router.post(
+    "/threshold-proposals/{proposal_id}/reject",
+    response_model=ProposalView,
+    responses=DECIDED,
+)
+async def reject_proposal(request: Request, proposal_id: UUID, principal: Changer) -> ProposalView:
+    """Reject a pending proposal (``withdrawn`` when its proposer does it)."""
+    return await _decide(request, proposal_id, principal, approve=False)

@@ -1,0 +1,141 @@
+"""Threshold proposals in PostgreSQL (``threshold_proposals``, migration 0037); an approval
+appends the version in the same transaction as its decision."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import asyncpg
+
+from services.api.adapters.repository import append_version, lock_versions, previous_overrides
+from services.api.service_layer.thresholds import Approval, Proposal, Scope
+
+# Where each scope's versions are kept: (table, key column).
+VERSIONS: dict[str, tuple[str, str]] = {
+    "care_team": ("rule_protocols", "care_team_id"),
+    "patient": ("patient_rule_overrides", "patient_id"),
+}
+_COLUMNS = (
+    "proposal_id, scope, subject_id, care_team_id, overrides, reason, based_on, proposed_by, "
+    "proposed_at, decision, decided_by, decided_at, version"
+)
+
+
+def _proposal(row: asyncpg.Record) -> Proposal:
+    overrides = row["overrides"]
+    return Proposal(
+        proposal_id=row["proposal_id"],
+        scope=row["scope"],
+        subject_id=row["subject_id"],
+        care_team_id=row["care_team_id"],
+        overrides=dict(json.loads(overrides) if isinstance(overrides, str) else overrides),
+        reason=row["reason"],
+        based_on=row["based_on"],
+        proposed_by=row["proposed_by"],
+        proposed_at=row["proposed_at"],
+        decision=row["decision"],
+        decided_by=row["decided_by"],
+        decided_at=row["decided_at"],
+        version=row["version"],
+    )
+
+
+class PostgresProposalStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def newest_version(self, scope: Scope, subject_id: str) -> int:
+        table, key = VERSIONS[scope]
+        value = await self._pool.fetchval(
+            f"SELECT max(version) FROM {table} WHERE {key} = $1", subject_id
+        )
+        return int(value or 0)
+
+    async def pending_for(self, scope: Scope, subject_id: str) -> Proposal | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM threshold_proposals "
+            "WHERE scope = $1 AND subject_id = $2 AND decision IS NULL",
+            scope,
+            subject_id,
+        )
+        return _proposal(row) if row else None
+
+    async def get(self, proposal_id: uuid.UUID) -> Proposal | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM threshold_proposals WHERE proposal_id = $1", proposal_id
+        )
+        return _proposal(row) if row else None
+
+    async def listed(self, teams: frozenset[str], status: str | None, limit: int) -> list[Proposal]:
+        rows = await self._pool.fetch(
+            f"SELECT {_COLUMNS} FROM threshold_proposals WHERE care_team_id = ANY($1::text[]) "
+            "AND ($2::text IS NULL OR coalesce(decision, 'pending') = $2) "
+            "ORDER BY proposed_at DESC LIMIT $3",
+            list(teams),
+            status,
+            limit,
+        )
+        return [_proposal(r) for r in rows]
+
+    async def add(self, proposal: Proposal) -> None:
+        await self._pool.execute(
+            f"INSERT INTO threshold_proposals ({_COLUMNS}) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, NULL, NULL, NULL, NULL)",
+            proposal.proposal_id,
+            proposal.scope,
+            proposal.subject_id,
+            proposal.care_team_id,
+            json.dumps(proposal.overrides),
+            proposal.reason,
+            proposal.based_on,
+            proposal.proposed_by,
+            proposal.proposed_at,
+        )
+
+    async def decide(self, proposal: Proposal) -> bool:
+        status = await self._pool.execute(
+            "UPDATE threshold_proposals SET decision = $2, decided_by = $3, decided_at = $4 "
+            "WHERE proposal_id = $1 AND decision IS NULL",
+            proposal.proposal_id,
+            proposal.decision,
+            proposal.decided_by,
+            proposal.decided_at,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def approve(self, approved: Proposal) -> Approval:
+        assert approved.decided_by is not None and approved.decided_at is not None
+        table, key = VERSIONS[approved.scope]
+        async with self._pool.acquire() as conn, conn.transaction():
+            previous = await lock_versions(conn, table, key, approved.subject_id)
+            newest = previous["version"] if previous else 0
+            pending = await conn.fetchval(
+                "SELECT decision IS NULL FROM threshold_proposals WHERE proposal_id = $1 "
+                "FOR UPDATE",
+                approved.proposal_id,
+            )
+            if not pending:
+                return Approval("not_pending", newest, {})
+            if newest != approved.based_on:
+                return Approval("stale", newest, {})
+            row = await append_version(
+                conn,
+                table,
+                key,
+                approved.subject_id,
+                previous,
+                approved.overrides,
+                approved.decided_by,
+                approved.decided_at,
+                approved.reason if approved.scope == "patient" else None,
+            )
+            await conn.execute(
+                "UPDATE threshold_proposals SET decision = 'approved', decided_by = $2, "
+                "decided_at = $3, version = $4 WHERE proposal_id = $1",
+                approved.proposal_id,
+                approved.decided_by,
+                approved.decided_at,
+                row["version"],
+            )
+        return Approval("approved", int(row["version"]), previous_overrides(previous))
