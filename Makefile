@@ -121,7 +121,7 @@ bench-ingest: setup
 # Fevers and pump occlusions timed from the MQTT publish to the page accepted by the SMTP and
 # the PagerDuty-shaped servers (ingest, rules, notify and the heartbeat as in `vigil run`), on an
 # idle pipeline and under a background fleet at 50 % and 90 % of the capacity measured in the
-# same run: about 5 min; ARGS="--quick" about 2 min.
+# same run: about 3 min; ARGS="--quick" (fewer injections, shorter steps) under 2 min.
 bench-e2e: setup
 	$(BENCH_STACK) $(PY) bench/e2e.py $(ARGS)
 

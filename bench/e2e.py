@@ -2,26 +2,27 @@
 
 What runs: the local stack; ingest, rules, notify and the heartbeat as separate processes
 (``python -m vigil_tools.cli <service>``, as ``vigil run`` starts them), each on its defaults
-except its ports, its consumer groups (new per run, starting at the topics' ends) and notify's
-providers: a real SMTP server and a PagerDuty-shaped Events v2 server (``tests/support/notify``),
-both in a helper process of their own that stamps the time it accepts each page. One care team
-whose escalation policy's first tier pages two people at once: a nurse by e-mail and a pager by
-PagerDuty; no quiet hours; every injected fever or occlusion is its patient's first alert, which
-notify pages at once (the bundling window opens behind it).
+except its ports, its consumer groups (new per run, starting at the topics' ends), rules' state
+topic (new per run) and notify's providers: a real SMTP server and a PagerDuty-shaped Events v2
+server (``tests/support/notify``), both in a helper process of their own that stamps the time
+it accepts each page. One care team whose escalation policy's first tier pages two people at
+once: a nurse by e-mail and a pager by PagerDuty; no quiet hours; every injected fever or
+occlusion is its patient's first alert, which notify pages at once (the bundling window opens
+behind it).
 
 1. Capacity: unless ``--capacity`` is given, the offered fleet load is stepped upward with the
    whole pipeline running (the search of ``bench/ingest.py --search``: ``--start-rate``, times
    ``--factor`` per ``--step-s`` step, one midpoint after the first failure); a step is sustained
-   when every reading is stored, rules' consumer lag is worked off, and the backlog (published,
-   not stored, plus rules' lag) does not grow through it. The capacity is the highest sustained
-   rate.
+   when every reading is stored and in Kafka, rules has consumed them, and the backlog (published
+   and not yet both stored and consumed by rules) does not grow through it. The capacity is the
+   highest sustained rate.
 2. Levels: idle (no fleet), then the fleet at 50 % and 90 % of the capacity. At each level,
    after ``--warm-s`` of fleet, ``--events`` fevers and as many occlusions are published through
    MQTT, alternating, ``--gap-s`` apart, each for a patient of its own: a fever is one oral
    reading of 38.9 °C (the default fever rule pages one reading ≥ 38.3 °C, no confirming
    reading), an occlusion one pump event ``alarm_raised`` / ``occlusion_downstream``. Each is
    timed from its publish (its ``device_time``, stamped just before the PUBLISH is written) to
-   the page accepted by the SMTP server (after its 250 reply is decided) and by the
+   the page accepted by the SMTP server (before its 250 reply) and by the
    PagerDuty-shaped server (before its 202 reply).
 3. Per stage, from what the pipeline records: the reading's ``stored_at`` and its telemetry
    record's Kafka timestamp (ingest), the alert's record timestamp on the alerts topic (rules),
@@ -29,12 +30,12 @@ notify pages at once (the bundling window opens behind it).
    ``started_at`` and ``at`` (notify), the provider's acceptance.
 
 Figures: p50, p99 and max per level and channel, pages lost (an injection without its page on a
-channel within ``--page-timeout``), the ratio of each level's p99 to the idle one. Loopback
-only; bounded in count and time; prints progress on stderr and ONE JSON line on stdout. No
-assertions on the figures.
+channel when the run ends; each level waits up to ``--page-timeout`` for its pages), the ratio
+of each level's p99 to the idle one. Loopback only; bounded in count and time; prints progress
+on stderr and ONE JSON line on stdout. No assertions on the figures.
 
-    make bench-e2e                      # ~5 min
-    python bench/e2e.py --quick         # ~2 min smoke run
+    make bench-e2e                      # about 3 min
+    python bench/e2e.py --quick         # smoke run, under 2 min
     python bench/e2e.py --capacity 3500 # skip the search
 """
 
@@ -846,7 +847,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--providers", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="a ~2 min smoke run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under 2 min")
     parser.add_argument("--capacity", type=float, default=0, help="readings/s; skips the search")
     parser.add_argument("--events", type=int, default=20, help="fevers (and occlusions) a level")
     parser.add_argument("--gap-s", type=float, default=0.5, help="between two injections")
