@@ -59,9 +59,10 @@ def create_app(
         app.state.threshold_changes = ThresholdChanges(
             app.state.threshold_proposals, app.state.audit, clock, check_overrides
         )
-        if alert_actions is None:
-            from services.notify.public import AlertActions
+        from services.notify.public import AlertActions, AlertTimelines
 
+        app.state.alert_timelines = AlertTimelines(pool)
+        if alert_actions is None:
             app.state.alert_actions = AlertActions(pool)
         # The FHIR application is mounted, so its lifespan does not run: it gets the same
         # settings, clock, repository (for the caller's identity) and audit trail here.

@@ -1,18 +1,19 @@
 """What other services may use of notify (``tests/unit/test_layers.py``): acknowledging and
 resolving an alert by its dedup key through the escalation service, so the chain stops at once
-and the timeline records who did it. The care-team API's dashboard never writes escalation rows
-itself."""
+and the timeline records who did it; reading an alert's escalation timeline. The care-team API's
+dashboard never writes escalation rows itself."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.bootstrap import build_escalation
 from services.notify.service_layer.escalation import AckOutcome
 from services.notify.settings import NotifySettings
 
-__all__ = ["AlertActions"]
+__all__ = ["AlertActions", "AlertTimelines"]
 
 
 class AlertActions:
@@ -35,3 +36,17 @@ class AlertActions:
         if escalation_id is None:
             return False
         return await self._service.resolve(escalation_id, at=at)
+
+
+class AlertTimelines:
+    """An alert's escalation as notify records it, over ``pool``: status, who acknowledged,
+    the timeline's events and every delivery attempt: what notify's own
+    ``GET /alerts/{dedup_key}/timeline`` answers."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    async def timeline(self, dedup_key: str) -> dict[str, Any] | None:
+        async with PostgresUnitOfWork(self._pool, transaction=False) as uow:
+            result: dict[str, Any] | None = await uow.escalations.timeline(dedup_key)
+            return result

@@ -154,6 +154,22 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             assert (await roster_row.locator("td.temperature").inner_text()).startswith("39.1 °C")
             await page.screenshot(path=str(ARTIFACTS / "dashboard-roster.png"), full_page=True)
 
+            # The alert's own page, from the roster: raised, paged by e-mail, acknowledged.
+            await roster_row.locator("td.alerts a").first.click()
+            await page.wait_for_selector("#timeline")
+            assert await page.locator("#status").inner_text() == "acknowledged"
+            steps = await page.locator("#timeline tbody tr").all_inner_texts()
+            text = "\n".join(steps)
+            assert "Raised by the rules: Fever 39.1" in text, text
+            assert " by email: accepted" in text, text
+            assert f"Acknowledged by {username} (via dashboard)" in text, text
+            raised = next(i for i, s in enumerate(steps) if "Raised by the rules" in s)
+            acked = next(i for i, s in enumerate(steps) if "Acknowledged by" in s)
+            assert raised < acked
+            await page.screenshot(
+                path=str(ARTIFACTS / "dashboard-alert-timeline.png"), full_page=True
+            )
+
             # The patient page: the caregiver read 98.6 °F; the course began ten days ago.
             await _course_history(dsn, patient, device)
             fahrenheit = json.loads(temperature(device, 98.6, 2))

@@ -10,9 +10,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.api.domain.access import Action, Principal
+from services.api.domain.timeline import timeline
 from services.api.entrypoints.http.deps import Clock, Repository, require
 from services.api.entrypoints.http.responses import AUTHENTICATED, not_found
 
@@ -116,6 +117,62 @@ async def get_alert(
         {"dedup_key": dedup_key},
     )
     return episode
+
+
+class TimelineEntry(BaseModel):
+    at: datetime
+    kind: str = Field(
+        description="alert_start/alert_update/alert_end, delivery, or notify's event kind."
+    )
+    text: str = Field(
+        description="What happened, worded from the record; times in the team's zone."
+    )
+
+
+class AlertTimeline(BaseModel):
+    dedup_key: str
+    patient_id: str
+    timezone: str
+    status: str = Field(description="open, acknowledged or resolved (as in the alert list).")
+    acknowledged_by: str | None
+    acknowledged_at: datetime | None
+    entries: list[TimelineEntry]
+
+
+async def alert_timeline(
+    request: Request, principal: Principal, repository: Any, dedup_key: str
+) -> AlertTimeline:
+    """The episode's timeline: the rules' phases, notify's escalation events and every
+    delivery attempt, in time order. Audited as a read of the patient's alert."""
+    episode = await _episode_or_404(repository, principal, dedup_key)
+    zone = episode.get("timezone") or "UTC"
+    phases = await repository.alert_phases(dedup_key)
+    notify = await request.app.state.alert_timelines.timeline(dedup_key)
+    await request.app.state.audit.record(
+        principal.user_id,
+        "alert.timeline",
+        f"patient:{episode['patient_id']}",
+        {"dedup_key": dedup_key},
+    )
+    return AlertTimeline(
+        dedup_key=dedup_key,
+        patient_id=episode["patient_id"],
+        timezone=zone,
+        status=episode["status"],
+        acknowledged_by=episode.get("acknowledged_by"),
+        acknowledged_at=episode.get("acknowledged_at"),
+        entries=[
+            TimelineEntry(at=e.at, kind=e.kind, text=e.text) for e in timeline(phases, notify, zone)
+        ],
+    )
+
+
+@router.get("/{dedup_key}/timeline", response_model=AlertTimeline, responses=not_found("alert"))
+async def get_alert_timeline(
+    request: Request, dedup_key: str, principal: Reader, repository: Repository
+) -> AlertTimeline:
+    """Who was paged when, by which channel, what each provider answered, who acknowledged."""
+    return await alert_timeline(request, principal, repository, dedup_key)
 
 
 @router.post("/{dedup_key}/ack", response_model=ActionResult, responses=not_found("alert"))

@@ -13,6 +13,7 @@ from fastapi.templating import Jinja2Templates
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks, local_time
 from services.api.domain.course import CourseWindow, course_window, reading_text
+from services.api.entrypoints.http.alerts import alert_timeline
 from services.api.entrypoints.http.deps import SESSION_COOKIE, get_principal
 
 router = APIRouter(include_in_schema=False)
@@ -183,6 +184,29 @@ async def roster_page(request: Request) -> Response:
     if principal is None:
         return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
     return templates.TemplateResponse(request, "roster.html", {"principal": principal})
+
+
+@router.get("/alerts/{dedup_key}", response_class=HTMLResponse)
+async def alert_page(request: Request, dedup_key: str) -> Response:
+    """One alert: its timeline (raised, paged whom by which channel and what the provider said,
+    acknowledged by whom, ended), from ``GET /api/alerts/{dedup_key}/timeline``'s use case."""
+    principal = await _principal_or_none(request)
+    if principal is None:
+        return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    if not principal.may(Action.READ_PATIENT):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "role may not read patients")
+    found = await alert_timeline(request, principal, request.app.state.repository, dedup_key)
+    return templates.TemplateResponse(
+        request,
+        "alert.html",
+        {
+            "principal": principal,
+            "t": found,
+            "now": request.app.state.clock(),
+            "local_time": local_time,
+            "can_ack": principal.may(Action.ACKNOWLEDGE),
+        },
+    )
 
 
 @router.get("/patients/{patient_id}", response_class=HTMLResponse)

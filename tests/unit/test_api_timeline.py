@@ -1,0 +1,101 @@
+"""An alert's timeline as the care team reads it: the rules' phases, notify's events and every
+delivery attempt, in time order, worded from the record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from services.api.domain.timeline import timeline
+
+T0 = datetime(2026, 1, 15, 2, 0, tzinfo=UTC)
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+PHASES = [
+    {
+        "phase": "start",
+        "title": "Fever 39.1 °C",
+        "priority": "high",
+        "device_time": at(-1),
+        "received_at": at(0),
+    },
+    {
+        "phase": "end",
+        "title": "Fever cleared",
+        "priority": "high",
+        "device_time": at(59),
+        "received_at": at(60),
+    },
+]
+NOTIFY = {
+    "events": [
+        {"at": at(0).isoformat(), "kind": "opened", "detail": {"policy_id": "night"}},
+        {"at": at(0).isoformat(), "kind": "phase", "detail": {"phase": "start"}},
+        {
+            "at": at(0).isoformat(),
+            "kind": "step_fired",
+            "detail": {"step": 0, "pass": 0, "recipients": ["person:nurse"], "fallback": []},
+        },
+        {"at": at(0.1).isoformat(), "kind": "attempt", "detail": {"status": "accepted"}},
+        {"at": at(5).isoformat(), "kind": "acknowledged", "detail": {"by": "nurse", "via": "link"}},
+        {"at": at(61).isoformat(), "kind": "resolved", "detail": {"all_clear_to": ["nurse"]}},
+        {"at": at(62).isoformat(), "kind": "something_new", "detail": {"x": 1}},
+    ],
+    "attempts": [
+        {
+            "at": at(0.1).isoformat(),
+            "channel": "sms",
+            "recipient": "+15550100",
+            "purpose": "alert",
+            "status": "failed",
+            "detail": "Twilio 503",
+        },
+        {
+            "at": at(0.2).isoformat(),
+            "channel": "email",
+            "recipient": "nurse@ward.test",
+            "purpose": "alert",
+            "status": "accepted",
+            "detail": "250 OK",
+        },
+        {
+            "at": at(61).isoformat(),
+            "channel": "email",
+            "recipient": "nurse@ward.test",
+            "purpose": "all_clear",
+            "status": "accepted",
+            "detail": None,
+        },
+    ],
+}
+
+
+def test_the_timeline_in_order_worded_from_the_record() -> None:
+    entries = timeline(PHASES, NOTIFY, "Europe/Berlin")
+    assert [e.text for e in entries] == [
+        "Raised by the rules: Fever 39.1 °C [high] "
+        "(device time 2026-01-15 02:59 CET (Europe/Berlin))",
+        "Escalation opened under policy night",
+        "Step 1 of the escalation (pass 1): paging person:nurse",
+        "Page to +15550100 by sms: failed (Twilio 503)",
+        "Page to nurse@ward.test by email: accepted",
+        "Acknowledged by nurse (via link)",
+        "Ended by the rules: Fever cleared (device time 2026-01-15 03:59 CET (Europe/Berlin))",
+        "Resolved; all clear to nurse",
+        "All clear to nurse@ward.test by email: accepted",
+        "something_new: x=1",  # a kind this module does not know is shown, not dropped
+    ]
+    assert [e.at for e in entries] == sorted(e.at for e in entries)
+    # notify's own "attempt" and "phase" events repeat the attempts and phases: not shown twice
+    assert not any(e.kind in ("attempt", "phase") for e in entries)
+
+
+def test_an_alert_notify_never_escalated_still_shows_its_phases() -> None:
+    entries = timeline(PHASES[:1], None, "UTC")
+    assert [e.text for e in entries] == [
+        "Raised by the rules: Fever 39.1 °C [high] (device time 2026-01-15 01:59 UTC)"
+    ]
+    assert timeline([], None, "UTC") == []
