@@ -76,22 +76,43 @@ async def patient_course(
     re-scan an ever larger heap, six times the cost of mapping and serialising itself."""
     wanted = set(types)
     out: dict[str, tuple[int, bytes]] = {}
+    # The pump statuses, most of a course, are read first, on a connection of their own: the
+    # database works on them while this task reads and maps everything else.
+    pump_read = (
+        asyncio.ensure_future(repository.pump_statuses(patient_id, since))
+        if "Observation" in wanted
+        else None
+    )
+    try:
+        await _course_but_pumps(repository, teams, patient_id, wanted, since, out)
+        if pump_read is not None:
+            count, temperature_lines = out["Observation"]
+            more, pump_lines = fhir.pump_status_lines(await pump_read)
+            out["Observation"] = (count + more, temperature_lines + pump_lines)
+    finally:
+        if pump_read is not None:  # a failure elsewhere stops the read and collects it
+            pump_read.cancel()
+            await asyncio.gather(pump_read, return_exceptions=True)
+    return {t: out[t] for t in EXPORT_TYPES if t in out}
+
+
+async def _course_but_pumps(
+    repository: FhirRepository,
+    teams: frozenset[str],
+    patient_id: str,
+    wanted: set[str],
+    since: datetime | None,
+    out: dict[str, tuple[int, bytes]],
+) -> None:
     if "Patient" in wanted:
         out["Patient"] = (1, _line(fhir.patient(patient_id)))
     if "Device" in wanted:
         out["Device"] = _ndjson(_line_of(fhir.device), await repository.devices_of(patient_id))
     if "Observation" in wanted:
-        # The two reads run at once, on two of the pool's connections: the database works on
-        # the pump statuses while the temperatures arrive.
-        pumps, temperatures = await asyncio.gather(
-            repository.pump_statuses(patient_id, since),
-            repository.temperatures(patient_id, since),
+        out["Observation"] = _ndjson(
+            _line_of(fhir.temperature_observation),
+            await repository.temperatures(patient_id, since),
         )
-        count, temperature_lines = _ndjson(_line_of(fhir.temperature_observation), temperatures)
-        del temperatures
-        more, pump_lines = fhir.pump_status_lines(pumps)
-        del pumps
-        out["Observation"] = (count + more, temperature_lines + pump_lines)
     if "Flag" in wanted or "Communication" in wanted:
         episodes = await repository.episodes(teams, patient_id)
         if since is not None:
@@ -109,7 +130,6 @@ async def patient_course(
                 for c in fhir.episode_communications(episode, by_key.get(episode["dedup_key"], []))
             ]
             out["Communication"] = (len(communications), ndjson(communications))
-    return {t: out[t] for t in EXPORT_TYPES if t in out}
 
 
 def _line(resource: dict[str, Any]) -> bytes:
