@@ -139,7 +139,7 @@ def test_every_field_of_rule_state_is_in_the_snapshot() -> None:
     every event of the golden recording and of the compatibility test's edge stream (open seq
     gaps, a sensor fault, raised and inhibited pump alarms, held timers), each patient's record,
     encoded as the service writes it, decodes to a state equal to the live one in every field."""
-    from services.rules.domain.engine import patient_from_record
+    from services.rules.domain.state import patient_from_record
     from tests.unit.test_rules_state_compat import streams
 
     for config, events in streams().values():

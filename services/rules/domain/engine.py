@@ -53,40 +53,44 @@ device, owned here and changed only by the methods above.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 
-from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority, Telemetry
-from services.rules.domain.alerting import at, build_alert, evidence, stamp
+from schemas.events import Alert, Telemetry
+from services.rules.domain import absence, fever, sensor, sequence
+from services.rules.domain import pump as pump_rules
+from services.rules.domain.alerting import at
 from services.rules.domain.config import PatientRules, RulesCompiler, RulesConfig
-from services.rules.domain.fever import FeverState, fold_temperature
 from services.rules.domain.heartbeat import heartbeat_alert
-from services.rules.domain.instant import NEVER, Instant, never_if_none
-from services.rules.domain.observation import HEARTBEAT, TEMPERATURE, ObservationLike, observe
-from services.rules.domain.pump import (
-    PumpTrack,
+from services.rules.domain.infusion import (
     bag_due_deadline,
     fire_bag_due,
     fire_interruption,
-    fold_pump,
     interruption_deadline,
-    refresh_running_status,
 )
-from services.rules.domain.sensor import (
-    SENSOR_FAULT_CODE,
-    SENSOR_FAULT_RULE_ID,
-    plausible,
-    sensor_fault_alert,
+from services.rules.domain.instant import NEVER
+from services.rules.domain.observation import (
+    HEARTBEAT,
+    PUMP_EVENT,
+    PUMP_STATUS,
+    TEMPERATURE,
+    ObservationLike,
+    observe,
 )
-from services.rules.domain.sequence import COUNTER_RESTART_JUMP, Gap, data_lost_alert, fill
+from services.rules.domain.pump_track import PumpTrack
+from services.rules.domain.sequence import COUNTER_RESTART_JUMP, data_lost_alert
+from services.rules.domain.state import (
+    ENCODER,
+    DeviceTrack,
+    Gap,
+    PatientTrack,
+    patient_from_record,
+)
 from services.rules.domain.timers import ARRIVAL, CLINICAL, Timer, TimerWheel
 
 SNAPSHOT_FORMAT = 1
-SILENCE_RULE_ID = "device_silent"
-UNOBSERVED_RULE_ID = "fever_unobserved"
 
 # Timer kinds; the names order timers that fall due at the same instant.
 _BAG = "bag"
@@ -95,133 +99,7 @@ _LOST = "lost"
 _SILENT = "silent"
 _UNOBSERVED = "unobserved"
 _NEG_INF = NEVER
-_TIMER_FIELDS = {_BAG: "bag_timer_at", _INTERRUPTION: "int_timer_at"}
 _ABSENCE_KINDS = frozenset({"lost", "silent", "unobserved"})
-
-
-class _Absence(NamedTuple):
-    """A rule that pages when data stops coming: what its alerts say, start and all clear."""
-
-    rule_id: str
-    code: str
-    kind: AlertKind
-    priority: AlertPriority
-    measure: str  # the evidence: minutes since the last data of this kind
-
-
-_SILENCE_ALERTS = _Absence(
-    SILENCE_RULE_ID,
-    "device_silent",
-    AlertKind.TECHNICAL,
-    AlertPriority.MEDIUM,
-    "minutes_since_last_message",
-)
-_FAULT_ALERTS = _Absence(
-    SENSOR_FAULT_RULE_ID,
-    SENSOR_FAULT_CODE,
-    AlertKind.TECHNICAL,
-    AlertPriority.MEDIUM,
-    "temperature",
-)
-_UNOBSERVED_ALERTS = _Absence(
-    UNOBSERVED_RULE_ID,
-    "fever_unobserved",
-    AlertKind.PHYSIOLOGICAL,
-    AlertPriority.HIGH,
-    "minutes_since_last_temperature",
-)
-
-
-@dataclass(slots=True)
-class DeviceTrack:
-    """When the engine last heard from one device, and whether it is alerted as silent or as a
-    faulty sensor; for a pump, also the pump rules' record of it (``pump``). Encoded and
-    decoded by ``msgspec`` as part of its patient's state record.
-
-    ``last_t``: the newest device time the device reported. ``heard_t``: the latest ingest time
-    of any of its messages, whatever its device time (what the silence timer counts from).
-    ``silent_at``: the deadline its open silence alert fired at (an all clear is never dated
-    before it). ``seq_hi``: the highest seq seen (docs/mqtt.md, section 4); ``gaps``: the gaps
-    below it still open, None while there are none."""
-
-    is_thermometer: bool
-    last_t: Instant = NEVER
-    heard_t: float = 0.0
-    silent_key: str | None = None
-    silent_at: float | None = None
-    timer_at: float | None = None
-    fault_key: str | None = None
-    seq_hi: int | None = None
-    gaps: list[Gap] | None = None
-    gap_timer_at: float | None = None
-    pump: PumpTrack | None = None
-
-    def __post_init__(self) -> None:
-        self.last_t = never_if_none(self.last_t)
-        if not self.gaps:  # the previous version wrote no gaps as []
-            self.gaps = None
-
-    def silent_limit(self, rules: PatientRules, device_id: str) -> float:
-        """How long this device may stay silent before it is alerted (s): its kind's limit,
-        a spot-check thermometer's own (its registration)."""
-        return rules.silent_s(device_id, self.is_thermometer)
-
-
-@dataclass(slots=True)
-class PatientTrack:
-    """Everything the rules remember about one patient: its state record, encoded and decoded
-    by ``msgspec``. The patient's compiled rules are not state (the config is): the engine
-    keeps them beside it."""
-
-    fever: FeverState = field(default_factory=FeverState)
-    devices: dict[str, DeviceTrack] = field(default_factory=dict)
-    thermometer_id: str = ""
-    # The latest ingest time of a plausible temperature: "no temperature for 30 min" counts
-    # from when the last one reached us.
-    temp_heard_t: float = 0.0
-    unobserved_key: str | None = None
-    unobserved_at: float | None = None
-    # Armed deadlines are state too: restoring them as they were (not recomputing them) makes
-    # a restored engine fire exactly when the uninterrupted one would.
-    unobserved_timer_at: float | None = None
-
-    def pumps(self) -> dict[str, PumpTrack]:
-        """The pump record of each of the patient's pumps, by device id."""
-        return {d: track.pump for d, track in self.devices.items() if track.pump is not None}
-
-
-# "deterministic": sets and dicts written in sorted order, so equal states give equal bytes.
-_ENCODER = msgspec.json.Encoder(order="deterministic")
-
-
-def patient_from_record(data: dict[str, Any]) -> PatientTrack:
-    """A patient's state from its record as JSON data: this version's (the ``PatientTrack``
-    as ``msgspec`` encodes it), or the previous version's (``_previous_record``)."""
-    if "pumps" in data:
-        data = _previous_record(data)
-    return msgspec.convert(data, PatientTrack)
-
-
-def _previous_record(data: dict[str, Any]) -> dict[str, Any]:
-    """The previous version's patient record in this version's shape. It held each pump's
-    record under the patient's ``pumps`` (not on its device) and the armed pump clocks also
-    as ``pump_timers`` ([kind, device, deadline]: the only record of them in records older
-    than the pumps' own ``bag_timer_at``/``int_timer_at``); records from before the arrival
-    clock name the newest message's ingest time instead of ``heard_t``/``temp_heard_t``."""
-    devices = {d: dict(v) for d, v in data["devices"].items()}
-    for device in devices.values():
-        if "heard_t" not in device:
-            device["heard_t"] = device["last_ingest_t"]
-    for device_id, pump in data["pumps"].items():
-        # Every pump has reported, so a pump without its device is only a defensive default.
-        devices.setdefault(device_id, {"is_thermometer": False})["pump"] = dict(pump)
-    for kind, device_id, deadline in data.get("pump_timers") or ():
-        devices[device_id]["pump"][_TIMER_FIELDS[kind]] = float(deadline)
-    upgraded = {k: v for k, v in data.items() if k not in ("pumps", "pump_timers")}
-    upgraded["devices"] = devices
-    if "temp_heard_t" not in upgraded:
-        upgraded["temp_heard_t"] = upgraded["thermometer_ingest_t"]
-    return upgraded
 
 
 def _armed(pump: PumpTrack, kind: str) -> float | None:
@@ -283,6 +161,13 @@ class RulesEngine:
         self._outage_after = self.config.outage_gap_s
         self._outages: list[tuple[float, float]] = []
         self._dirty: set[str] = set()
+        # The dispatch table: the rules' steps for each kind of observation (a heartbeat is
+        # the pipeline's, before any patient).
+        self._steps = {
+            TEMPERATURE: self._on_temperature,
+            PUMP_STATUS: self._on_pump,
+            PUMP_EVENT: self._on_pump,
+        }
         # Gaps seen since ``take_seq_gaps`` (the service counts them), and counter restarts.
         self._seq_gaps: list[tuple[str, str, int]] = []
         self.seq_restarts = 0
@@ -321,68 +206,21 @@ class RulesEngine:
         if device is None:
             device = patient.devices[obs.device_id] = DeviceTrack(obs.channel == TEMPERATURE)
         alerts: list[Alert] = []
-        t = obs.t
-        if t > device.last_t:
-            device.last_t = t
-        # Any message that arrives ends a silence: the device (or its hub) is reaching us,
-        # even when what it sends is an old reading from its buffer.
-        if obs.ingest_t > device.heard_t:
-            device.heard_t = obs.ingest_t
-        if device.silent_key is not None:
-            alerts.append(self._end_silence(patient_id, obs, device, rules))
+        # The rules every message of a device goes through: device silence, then data lost.
+        ended = absence.arrive(patient_id, device, obs, rules, self._config_version)
+        if ended is not None:
+            alerts.append(ended)
         if device.timer_at is None:
             self._arm_device(patient_id, obs.device_id, device, rules)
         seq = obs.seq
         if seq is not None:
-            hi = device.seq_hi
-            if hi is None or seq > hi:
-                device.seq_hi = seq
-                if hi is not None and seq > hi + 1:
-                    self._open_gap(patient_id, obs, device, rules, hi + 1, seq - 1)
-            elif device.gaps:
-                fill(device.gaps, seq)
-                if not device.gaps:
-                    device.gaps = None
-
-        if obs.channel == TEMPERATURE:
-            if obs.temperature_c is None:
-                # An archived row of this kind always has its reading; never read one as zero.
-                raise ValueError(f"temperature {obs.message_id} without its reading or site")
-            if not plausible(obs.temperature_c):
-                # A sensor fault (probe off, a broken thermometer), never a fever: no fever
-                # rule sees it, and it does not count as a temperature taken.
-                if device.fault_key is None:
-                    device.fault_key = (
-                        f"{patient_id}:{SENSOR_FAULT_RULE_ID}:{obs.device_id}:{stamp(t)}"
-                    )
-                    alerts.append(
-                        sensor_fault_alert(
-                            device.fault_key, obs, rules.rules_version, self._config_version
-                        )
-                    )
-            else:
-                if device.fault_key is not None:
-                    alerts.append(self._end_fault(patient_id, obs, device, rules))
-                alerts += self._fold_temperature(patient_id, patient, obs, rules)
-        else:
-            pump = device.pump
-            if pump is None:
-                pump = device.pump = PumpTrack()
-            if refresh_running_status(pump, obs):
-                # The common case: a running pump's routine status; only the bag clock moves.
-                deadline = bag_due_deadline(pump, rules)
-                if deadline is not None:
-                    armed = pump.bag_timer_at
-                    if armed is None or deadline < armed:
-                        pump.bag_timer_at = deadline
-                        self._wheel.schedule(
-                            CLINICAL, Timer(deadline, _BAG, patient_id, obs.device_id)
-                        )
-            else:
-                found = fold_pump(pump, obs, rules, self._config_version)
-                if found:
-                    alerts += found
-                self._arm_pump(patient_id, obs.device_id, patient, pump, rules)
+            gap = sequence.step(device, seq, obs.ingest_t)
+            if gap is not None:
+                self._open_gap(patient_id, obs.device_id, device, rules, gap)
+        # Then the rules of its kind (the dispatch table).
+        found = self._steps[obs.channel](patient_id, patient, device, obs, rules)
+        if found:
+            alerts += found
 
         # The clocks, as ``_advance`` moves them, inline: this runs for every record.
         moved = False
@@ -395,6 +233,7 @@ class RulesEngine:
             if heard > self._heard:
                 self._heard = heard
                 moved = True
+        t = obs.t
         if t > self._max_t and not obs.clock_skew:
             self._max_t = t
             watermark = t - self._lateness
@@ -406,28 +245,65 @@ class RulesEngine:
         return alerts
 
     def _open_gap(
-        self,
-        patient_id: str,
-        obs: ObservationLike,
-        device: DeviceTrack,
-        rules: PatientRules,
-        low: int,
-        high: int,
+        self, patient_id: str, device_id: str, device: DeviceTrack, rules: PatientRules, gap: Gap
     ) -> None:
-        """Messages ``low``..``high`` were skipped: lost, or still in a buffer. A jump too large
-        to be a loss is a counter that restarted."""
-        missing = high - low + 1
+        """The messages of ``gap`` were skipped: lost, or still in a buffer. A jump too large to
+        be a loss is a counter that restarted."""
+        missing = gap.high - gap.low + 1
         if missing > COUNTER_RESTART_JUMP:
             self.seq_restarts += 1
             return
         if device.gaps is None:
             device.gaps = []
-        device.gaps.append(Gap(low, high, obs.ingest_t))
-        self._seq_gaps.append((patient_id, obs.device_id, missing))
+        device.gaps.append(gap)
+        self._seq_gaps.append((patient_id, device_id, missing))
         if device.gap_timer_at is None:
-            deadline = obs.ingest_t + rules.data_lost_wait_s
+            deadline = gap.seen + rules.data_lost_wait_s
             device.gap_timer_at = deadline
-            self._wheel.schedule(ARRIVAL, Timer(deadline, _LOST, patient_id, obs.device_id))
+            self._wheel.schedule(ARRIVAL, Timer(deadline, _LOST, patient_id, device_id))
+
+    # --- the rules of each kind of observation (the dispatch table's steps) -------------------
+
+    def _on_temperature(
+        self,
+        patient_id: str,
+        patient: PatientTrack,
+        device: DeviceTrack,
+        obs: ObservationLike,
+        rules: PatientRules,
+    ) -> list[Alert] | tuple[Alert, ...]:
+        """A temperature: the sensor-fault rule, then (a plausible reading only: a sensor
+        fault is never a fever and not a temperature taken) the fever rules."""
+        found = sensor.step(patient_id, device, obs, rules, self._config_version)
+        if device.fault_key is not None:
+            return found
+        alerts = self._fold_temperature(patient_id, patient, obs, rules)
+        return [*found, *alerts] if found else alerts
+
+    def _on_pump(
+        self,
+        patient_id: str,
+        patient: PatientTrack,
+        device: DeviceTrack,
+        obs: ObservationLike,
+        rules: PatientRules,
+    ) -> list[Alert]:
+        """A pump status or event: the pump rules, then the infusion clocks re-armed."""
+        pump = device.pump
+        if pump is None:
+            pump = device.pump = PumpTrack()
+        if pump_rules.refresh_running_status(pump, obs):
+            # The common case: a running pump's routine status; only the bag clock moves.
+            deadline = bag_due_deadline(pump, rules)
+            if deadline is not None:
+                armed = pump.bag_timer_at
+                if armed is None or deadline < armed:
+                    pump.bag_timer_at = deadline
+                    self._wheel.schedule(CLINICAL, Timer(deadline, _BAG, patient_id, obs.device_id))
+            return []
+        found = pump_rules.step(pump, obs, rules, self._config_version)
+        self._arm_pump(patient_id, obs.device_id, patient, pump, rules)
+        return found
 
     def take_outages(self) -> list[tuple[datetime, datetime]]:
         """The (last arrival before, first arrival after) of each pipeline outage seen on this
@@ -453,7 +329,7 @@ class RulesEngine:
         if obs.ingest_t > patient.temp_heard_t:
             patient.temp_heard_t = obs.ingest_t
         was_open = patient.fever.episode_key is not None
-        found = fold_temperature(
+        found = fever.step(
             patient.fever,
             obs,
             rules.fever,
@@ -464,7 +340,9 @@ class RulesEngine:
             alerts += found
         if patient.unobserved_key is not None:
             # A temperature reached us: the fever is observed again.
-            alerts.append(self._end_unobserved(patient_id, obs, patient, rules))
+            alerts.append(
+                absence.end_unobserved(patient_id, obs, patient, rules, self._config_version)
+            )
         if patient.fever.episode_key is not None and (
             not was_open or patient.unobserved_timer_at is None
         ):
@@ -704,7 +582,9 @@ class RulesEngine:
                     continue
                 self._dirty.add(patient_id)
                 alerts.append(
-                    self._start_silence(patient_id, device_id, device, real, limit, rules)
+                    absence.start_silence(
+                        patient_id, device_id, device, real, limit, rules, self._config_version
+                    )
                 )
             elif kind == _LOST:
                 gapped = patient.devices.get(device_id)
@@ -749,7 +629,9 @@ class RulesEngine:
                     schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
-                alerts.append(self._start_unobserved(patient_id, patient, real, rules))
+                alerts.append(
+                    absence.start_unobserved(patient_id, patient, real, rules, self._config_version)
+                )
             else:
                 pump_device = patient.devices.get(device_id)
                 pump = pump_device.pump if pump_device is not None else None
@@ -808,173 +690,6 @@ class RulesEngine:
             return
         self._wheel.schedule(ARRIVAL, Timer(hold, kind, patient_id, device_id))
         self._dirty.add(patient_id)
-
-    # --- device silent and fever unobserved --------------------------------------------------
-
-    def _start_silence(
-        self,
-        patient_id: str,
-        device_id: str,
-        device: DeviceTrack,
-        deadline: float,
-        limit: float,
-        rules: PatientRules,
-    ) -> Alert:
-        device.silent_key = f"{patient_id}:{SILENCE_RULE_ID}:{device_id}:{stamp(device.heard_t)}"
-        device.silent_at = deadline
-        what = "Thermometer" if device.is_thermometer else "Infusion pump"
-        title = f"{what} silent for {int(limit // 60)} min: no data, no clinical decisions"
-        priority = rules.silent_priority(device_id, device.is_thermometer)
-        return self._absence_alert(
-            _SILENCE_ALERTS
-            if priority is _SILENCE_ALERTS.priority
-            else _SILENCE_ALERTS._replace(priority=priority),
-            device.silent_key,
-            patient_id,
-            device_id,
-            title,
-            rules,
-            deadline=deadline,
-            minutes=limit / 60,
-            last_t=device.last_t,
-            ingest_t=device.heard_t,
-        )
-
-    def _end_silence(
-        self, patient_id: str, obs: ObservationLike, device: DeviceTrack, rules: PatientRules
-    ) -> Alert:
-        key, device.silent_key = device.silent_key, None
-        since, device.silent_at = device.silent_at, None
-        assert key is not None
-        return self._all_clear(
-            _SILENCE_ALERTS,
-            key,
-            patient_id,
-            obs,
-            "All clear: device reporting again",
-            rules,
-            not_before=since,
-        )
-
-    def _start_unobserved(
-        self, patient_id: str, patient: PatientTrack, deadline: float, rules: PatientRules
-    ) -> Alert:
-        episode = patient.fever.episode_key
-        patient.unobserved_key = f"{episode}:{UNOBSERVED_RULE_ID}:{stamp(patient.temp_heard_t)}"
-        patient.unobserved_at = deadline
-        minutes = rules.unobserved_s(patient.thermometer_id) / 60
-        title = f"Fever open and no temperature for {int(minutes)} min"
-        return self._absence_alert(
-            _UNOBSERVED_ALERTS,
-            patient.unobserved_key,
-            patient_id,
-            patient.thermometer_id,
-            title,
-            rules,
-            deadline=deadline,
-            minutes=minutes,
-            last_t=patient.fever.newest,
-            ingest_t=patient.temp_heard_t,
-        )
-
-    def _end_unobserved(
-        self, patient_id: str, obs: ObservationLike, patient: PatientTrack, rules: PatientRules
-    ) -> Alert:
-        key, patient.unobserved_key = patient.unobserved_key, None
-        since, patient.unobserved_at = patient.unobserved_at, None
-        assert key is not None
-        return self._all_clear(
-            _UNOBSERVED_ALERTS,
-            key,
-            patient_id,
-            obs,
-            "All clear: temperature readings again",
-            rules,
-            not_before=since,
-        )
-
-    def _end_fault(
-        self, patient_id: str, obs: ObservationLike, device: DeviceTrack, rules: PatientRules
-    ) -> Alert:
-        key, device.fault_key = device.fault_key, None
-        assert key is not None
-        return self._all_clear(
-            _FAULT_ALERTS,
-            key,
-            patient_id,
-            obs,
-            "All clear: thermometer readings plausible again",
-            rules,
-            not_before=None,
-        )
-
-    def _absence_alert(
-        self,
-        rule: _Absence,
-        key: str,
-        patient_id: str,
-        device_id: str,
-        title: str,
-        rules: PatientRules,
-        *,
-        deadline: float,
-        minutes: float,
-        last_t: float,
-        ingest_t: float,
-    ) -> Alert:
-        """The page that data stopped coming: decided at ``deadline``, ``minutes`` after the
-        last data (at ``last_t``, whose ingest time it carries)."""
-        return build_alert(
-            dedup_key=key,
-            phase=AlertPhase.START,
-            patient_id=patient_id,
-            device_id=device_id,
-            kind=rule.kind,
-            code=rule.code,
-            priority=rule.priority,
-            title=title,
-            device_time=at(deadline),
-            ingest_time=at(ingest_t),
-            evidence=(evidence(rule.measure, minutes, minutes, ">=", at(last_t), unit="min"),),
-            rule_id=rule.rule_id,
-            rule_version=rules.rules_version,
-            config_version=self._config_version,
-        )
-
-    def _all_clear(
-        self,
-        rule: _Absence,
-        key: str,
-        patient_id: str,
-        obs: ObservationLike,
-        title: str,
-        rules: PatientRules,
-        *,
-        not_before: float | None,
-    ) -> Alert:
-        """The end of an absence, decided by the data that came again (``obs``), with the
-        times it carries as received; never dated before the alert it ends (``not_before``):
-        an old reading from a hub's buffer ends a silence when it arrives, not when it was
-        taken."""
-        device_time = obs.device_time
-        if not_before is not None and obs.t < not_before:
-            device_time = at(not_before)
-        return build_alert(
-            dedup_key=key,
-            phase=AlertPhase.END,
-            patient_id=patient_id,
-            device_id=obs.device_id,
-            kind=rule.kind,
-            code=rule.code,
-            priority=AlertPriority.INFO,
-            title=title,
-            device_time=device_time,
-            ingest_time=obs.ingest_time,
-            evidence=(),
-            rule_id=rule.rule_id,
-            rule_version=rules.rules_version,
-            config_version=self._config_version,
-        )
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -1047,7 +762,7 @@ class RulesEngine:
         """Each patient's state record as JSON bytes, one (patient, bytes) per patient in id
         order: what the service writes to its state topic, encoded by ``msgspec`` straight
         from the live ``PatientTrack``."""
-        encode = _ENCODER.encode
+        encode = ENCODER.encode
         patients = self._patients
         return [(p, encode(patients[p])) for p in sorted(patient_ids) if p in patients]
 

@@ -17,7 +17,7 @@ reading already seen (same message id) changes nothing. Two febrile readings fur
 ``max_gap`` are not one sustained run: no alert is computed from data that old.
 
 The state is a small typed record per patient (``FeverState``, its window a list of ``Reading``
-structs); ``fold_temperature`` updates it in place and returns the alerts, which
+structs); the rule's ``step`` updates it in place and returns the alerts, which
 is what the engine's hot path calls.
 ``evaluate_fever`` is the same rule as a pure ``(state, event) -> (state, alerts)`` function.
 A thermometer going silent during an open episode is timed by the engine (it needs event-time
@@ -210,7 +210,7 @@ def _temperature_evidence(
     )
 
 
-def fold_temperature(
+def step(
     state: FeverState,
     obs: ObservationLike,
     limits: FeverLimits,
@@ -252,7 +252,7 @@ def _fold_into_window(
     config_version: str | None,
     reading: Reading,
 ) -> list[Alert]:
-    """``fold_temperature`` past its common case: ``reading`` (the observation's) joins the
+    """``step`` past its common case: ``reading`` (the observation's) joins the
     window and the rule decides. Apart so that the common case's call makes none of the closure
     cells ``make`` needs (one cell per captured variable, on every call)."""
     t, value, message_id, site_name = reading.t, reading.value, reading.message_id, reading.site
@@ -433,5 +433,5 @@ def evaluate_fever(
     if event.temperature_c is None:
         return state, []
     twin = state.copy()
-    alerts = fold_temperature(twin, observe(event), thresholds.limits())
+    alerts = step(twin, observe(event), thresholds.limits())
     return twin, alerts

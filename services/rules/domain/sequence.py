@@ -15,10 +15,9 @@ it): counted, not alerted. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import msgspec
-
 from schemas.events import Alert, AlertKind, AlertPhase, AlertPriority
 from services.rules.domain.alerting import at, build_alert, evidence
+from services.rules.domain.state import DeviceTrack, Gap
 
 DATA_LOST_RULE_ID = "data_lost"
 DATA_LOST_CODE = "data_lost"
@@ -27,13 +26,20 @@ DATA_LOST_CODE = "data_lost"
 COUNTER_RESTART_JUMP = 10_000
 
 
-class Gap(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """One open gap: the first and last seq missing, and the ingest time it was seen at. In a
-    state record it is the array ``[low, high, seen]``."""
-
-    low: int
-    high: int
-    seen: float
+def step(device: DeviceTrack, seq: int, ingest_t: float) -> Gap | None:
+    """The rule's step for a message of ``device`` numbered ``seq`` that arrived at
+    ``ingest_t``: the gap it shows (numbers skipped, to be timed), else None; a number inside
+    an open gap fills it."""
+    hi = device.seq_hi
+    if hi is None or seq > hi:
+        device.seq_hi = seq
+        if hi is not None and seq > hi + 1:
+            return Gap(hi + 1, seq - 1, ingest_t)
+    elif device.gaps:
+        fill(device.gaps, seq)
+        if not device.gaps:
+            device.gaps = None
+    return None
 
 
 def fill(gaps: list[Gap], seq: int) -> bool:
