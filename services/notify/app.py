@@ -24,7 +24,6 @@ from pydantic import ValidationError
 
 from schemas.events import Alert, DeadLetter
 from schemas.kafka_topics import ALERTS_TOPIC
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.kafka import KafkaDeadLetterPublisher
 from services.notify.adapters.metrics import (
     NotifyMetrics,
@@ -33,6 +32,7 @@ from services.notify.adapters.metrics import (
     ObservedDeadLetters,
     poll_database,
 )
+from services.notify.adapters.postgres.heartbeats import PostgresHeartbeats
 from services.notify.api import create_app
 from services.notify.bootstrap import build_escalation, open_pool
 from services.notify.settings import NotifySettings
@@ -175,7 +175,7 @@ async def _serve(
         publisher = KafkaDeadLetterPublisher(producer)
         escalation, closers = build_escalation(settings, pool, metrics=metrics)
         for source in settings.heartbeat_sources:
-            await PostgresEscalationStore(pool).watch_source(source, utcnow())
+            await PostgresHeartbeats(pool).watch_source(source, utcnow())
         # Before the first alert is consumed: a heartbeat silence this notify was down through
         # is an outage, and a current heartbeat handled first would hide it.
         await escalation.resume_watch()

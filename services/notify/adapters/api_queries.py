@@ -24,8 +24,9 @@ from schemas.notify import (
     PersonIn,
     ScheduleIn,
 )
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.outage_store import PostgresOutageStore
+from services.notify.adapters.postgres.escalations import PostgresEscalations
+from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.api_ports import EarlyCycleRecord, QuietHoursRecord
 from services.notify.service_layer.ports import QUIET_DIGEST_KIND
@@ -233,7 +234,8 @@ class PostgresApiRepository:
         )
 
     async def rotation(self, schedule_id: str) -> Rotation | None:
-        return await PostgresEscalationStore(self._pool).rotation(schedule_id)
+        async with PostgresUnitOfWork(self._pool, transaction=False) as uow:
+            return await uow.policies.rotation(schedule_id)
 
     async def put_policy(self, care_team_id: str, policy: EscalationPolicyIn) -> None:
         steps = [
@@ -290,7 +292,8 @@ class PostgresApiRepository:
         return await PostgresOutageStore(self._pool).outages(since=since, limit=limit)
 
     async def timeline(self, dedup_key: str) -> dict[str, Any] | None:
-        return await PostgresEscalationStore(self._pool).timeline(dedup_key)
+        async with PostgresUnitOfWork(self._pool, transaction=False) as uow:
+            return await uow.escalations.timeline(dedup_key)
 
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
-        return await PostgresEscalationStore(self._pool).escalation_id_for(dedup_key)
+        return await PostgresEscalations(self._pool).escalation_id_for(dedup_key)

@@ -24,12 +24,10 @@ from services.notify.domain.escalation import (
     DEFAULT_FALLBACK_EMAIL,
     DEFAULT_POLICY_REPEATS,
     DEFAULT_POLICY_WAIT_S,
-    EscalationState,
     PolicySnapshot,
     TimelineEntry,
 )
 from services.notify.domain.quiet_hours import QuietHours
-from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.ports import PageJob, SendOutcome
 
 __all__ = ["PostgresEscalationStore", "page_position"]
@@ -83,10 +81,6 @@ class PostgresEscalationStore:
         async with self.unit_of_work(transaction=False) as uow:
             return await uow.policies.early_cycle_override(care_team_id)
 
-    async def rotation(self, schedule_id: str) -> Rotation | None:
-        async with self.unit_of_work(transaction=False) as uow:
-            return await uow.policies.rotation(schedule_id)
-
     async def quiet_hours(self, care_team_id: str) -> QuietHours | None:
         return await self._policies.quiet_hours(care_team_id)
 
@@ -112,13 +106,6 @@ class PostgresEscalationStore:
 
     async def spend_token(self, digest: str, at: datetime) -> bool:
         return await self._escalations.spend_token(digest, at)
-
-    async def state_of(self, escalation_id: UUID) -> EscalationState | None:
-        return await self._escalations.state_of(escalation_id)
-
-    async def timeline(self, dedup_key: str) -> dict[str, Any] | None:
-        async with self.unit_of_work(transaction=False) as uow:
-            return await uow.escalations.timeline(dedup_key)
 
     # -- bundles, quiet hours, technical holds ------------------------------------------------
 
@@ -171,17 +158,6 @@ class PostgresEscalationStore:
             await uow.commit()
         return began
 
-    async def record_outcome(
-        self,
-        job: PageJob,
-        outcome: SendOutcome,
-        verdict: AttemptVerdict,
-        *,
-        at: datetime,
-        status: str,
-    ) -> None:
-        await self.record_outcomes([(job, outcome, verdict, status)], at=at)
-
     async def record_outcomes(
         self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
     ) -> None:
@@ -198,9 +174,6 @@ class PostgresEscalationStore:
             await uow.commit()
 
     # -- pipeline heartbeat -------------------------------------------------------------------
-
-    async def watch_source(self, source: str, at: datetime) -> None:
-        await self._heartbeats.watch_source(source, at)
 
     async def heartbeat_seen(self, source: str, at: datetime) -> None:
         await self._heartbeats.heartbeat_seen(source, at)
