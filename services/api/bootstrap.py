@@ -3,7 +3,8 @@ HTTP routes. No logic: what is decided lives in ``domain``, the SQL in ``adapter
 ``entrypoints/http``; ``app`` (the ``vigil api`` command) starts from here.
 
 ``create_app`` takes its collaborators as arguments so tests can pass their own clock; the
-defaults are the real adapters.
+defaults are the real adapters. ``broker_accounts`` and ``broker_endpoint``: the broker's device
+accounts and where devices connect, for device registration (none: it answers 503).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.api.adapters.audit import AuditTrail
+from services.api.adapters.enrolment import PostgresRegistryStore
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
 from services.api.adapters.roster import RosterQueries
@@ -27,11 +29,13 @@ from services.api.entrypoints.http import (
     alerts,
     auth,
     dashboard,
+    enrolment,
     fhir,
     patients,
     protocols,
     roster,
 )
+from services.api.service_layer.enrolment import BrokerAccounts, BrokerEndpoint, EnrolmentService
 from services.api.service_layer.fhir_export import ExportJobs
 from services.api.service_layer.thresholds import ThresholdChanges, check_overrides
 from services.api.settings import ApiSettings
@@ -44,6 +48,8 @@ def create_app(
     clock: Callable[[], datetime] = utcnow,
     alert_actions: Any = None,
     audit: Any = None,
+    broker_accounts: BrokerAccounts | None = None,
+    broker_endpoint: BrokerEndpoint | None = None,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +70,14 @@ def create_app(
         app.state.alert_timelines = AlertTimelines(pool)
         if alert_actions is None:
             app.state.alert_actions = AlertActions(pool)
+        # Without broker accounts, device registration and credential changes answer 503.
+        app.state.enrolment = EnrolmentService(
+            PostgresRegistryStore(pool),
+            app.state.audit,
+            clock,
+            broker=broker_accounts,
+            endpoint=broker_endpoint,
+        )
         # The FHIR application is mounted, so its lifespan does not run: it gets the same
         # settings, clock, repository (for the caller's identity) and audit trail here.
         fhir_app.state.repository = app.state.repository
@@ -99,6 +113,7 @@ def create_app(
     app.include_router(roster.router)
     app.include_router(alerts.router)
     app.include_router(protocols.router)
+    app.include_router(enrolment.router)
     app.include_router(dashboard.router)
     fhir_app.state.settings = settings
     fhir_app.state.clock = clock

@@ -21,6 +21,7 @@ def api_paths(world: World) -> list[tuple[str, str]]:
         "patient_id": world.patient_a,
         "dedup_key": quote(world.alert_a, safe=""),
         "care_team_id": world.team_a,
+        "device_id": f"thermo-{world.patient_a}",
         "proposal_id": "00000000-0000-4000-8000-000000000000",
     }
     return [

@@ -17,6 +17,7 @@ ENTRY_POINTS = {
     "notify": ("services.notify.app", "main"),
     "simulate": ("vigil_tools.simulator.publisher", "main"),
     "api": ("services.api.app", "main"),
+    "admin": ("vigil_tools.admin", "main"),
     "replay": ("vigil_tools.replay.cli", "main"),
     "audit": ("vigil.audit.cli", "main"),
     "migrate": ("vigil.db.migrate", "apply_migrations"),

@@ -114,7 +114,11 @@ def _populate(parser: argparse.ArgumentParser) -> None:
         "--export", action="store_true", help="prefix each line with `export `"
     )
     add(
-        "add-device", _add_device, "create a device's MQTT account; prints its password"
+        "add-device",
+        _add_device,
+        "create a device's MQTT account only; prints its password. Its messages are "
+        "dead-lettered as unknown_device until it is registered and bound: `vigil admin "
+        "add-device` does all of it in one step",
     ).add_argument("device_id")
     add(
         "rotate-device", _rotate_device, "replace a device's MQTT password; prints the new one"

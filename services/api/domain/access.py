@@ -24,13 +24,21 @@ class Action(StrEnum):
     READ_AUDIT = "read_audit"
     MANAGE_USERS = "manage_users"
     CHANGE_THRESHOLDS = "change_thresholds"
+    # Enrol patients, change their weight, register devices and bind, unbind or swap them.
+    MANAGE_PATIENTS = "manage_patients"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {
     Role.CLINICIAN: frozenset({Action.READ_PATIENT, Action.ACKNOWLEDGE}),
     # Threshold changes are signed off by the charge nurse (or an admin), never a clinician alone.
     Role.CHARGE_NURSE: frozenset(
-        {Action.READ_PATIENT, Action.ACKNOWLEDGE, Action.RESOLVE, Action.CHANGE_THRESHOLDS}
+        {
+            Action.READ_PATIENT,
+            Action.ACKNOWLEDGE,
+            Action.RESOLVE,
+            Action.CHANGE_THRESHOLDS,
+            Action.MANAGE_PATIENTS,
+        }
     ),
     # Engineers and auditors read everything of their teams and change nothing.
     Role.AUDITOR: frozenset({Action.READ_PATIENT, Action.READ_AUDIT}),
@@ -41,6 +49,7 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
             Action.RESOLVE,
             Action.READ_AUDIT,
             Action.MANAGE_USERS,
+            Action.MANAGE_PATIENTS,
         }
     ),
 }

@@ -48,7 +48,11 @@ class Conflict(EnrolmentError):
 
 
 class Invalid(EnrolmentError):
-    """The request itself is wrong, whatever the registry holds."""
+    """The request itself is wrong, whatever the registry holds; ``field`` names what."""
+
+    def __init__(self, message: str, field: str = "request") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class BrokerUnavailable(EnrolmentError):
@@ -238,26 +242,33 @@ class DeviceHistory:
 
 def _aware(at: datetime, name: str) -> datetime:
     if at.utcoffset() is None:
-        raise Invalid(f"{name} needs a UTC offset, e.g. Z or +01:00")
+        raise Invalid(f"{name} needs a UTC offset, e.g. Z or +01:00", name)
     return at
 
 
 def check_device_id(device_id: str) -> None:
     if not DEVICE_ID.fullmatch(device_id):
-        raise Invalid("a device id is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+        raise Invalid(
+            "a device id is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit", "device_id"
+        )
     if device_id.startswith(RESERVED_PREFIX):
-        raise Invalid(f"device ids starting with {RESERVED_PREFIX!r} are reserved for services")
+        raise Invalid(
+            f"device ids starting with {RESERVED_PREFIX!r} are reserved for services", "device_id"
+        )
 
 
 def check_patient_id(patient_id: str) -> None:
     if not PATIENT_ID.fullmatch(patient_id):
-        raise Invalid("a patient id is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+        raise Invalid(
+            "a patient id is 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit",
+            "patient_id",
+        )
 
 
 def check_weight(weight_kg: float) -> None:
     # patients.weight_kg is numeric(5, 2), positive.
     if not 0 < weight_kg < 1000:
-        raise Invalid("weight_kg must be above 0 and below 1000")
+        raise Invalid("weight_kg must be above 0 and below 1000", "weight_kg")
 
 
 def first_overlap(
@@ -293,13 +304,13 @@ class EnrolmentService:
         check_weight(enrolment.weight_kg)
         cycle_start = _aware(enrolment.cycle_start, "cycle_start")
         if (enrolment.birth_date is None) == (enrolment.age_years is None):
-            raise Invalid("give the date of birth or the age in years, one of them")
+            raise Invalid("give the date of birth or the age in years, one of them", "age_years")
         if enrolment.birth_date is not None and enrolment.birth_date > self._clock().date():
-            raise Invalid("the date of birth is in the future")
+            raise Invalid("the date of birth is in the future", "birth_date")
         if enrolment.age_years is not None and not 0 <= enrolment.age_years <= 130:
-            raise Invalid("age_years must be between 0 and 130")
+            raise Invalid("age_years must be between 0 and 130", "age_years")
         if enrolment.step_up_day is not None and enrolment.step_up_day < 1:
-            raise Invalid("step_up_day counts from day 1")
+            raise Invalid("step_up_day counts from day 1", "step_up_day")
         if not actor.sees(enrolment.care_team_id):
             raise NotFound("no such care team")
         patient = PatientRecord(
@@ -357,13 +368,13 @@ class EnrolmentService:
     async def register_device(self, actor: Actor, new: NewDevice) -> Registration:
         check_device_id(new.device_id)
         if new.kind not in CHANNELS:
-            raise Invalid("kind is pump or thermometer")
+            raise Invalid("kind is pump or thermometer", "kind")
         if new.reporting not in ("continuous", "spot_check"):
-            raise Invalid("reporting is continuous or spot_check")
+            raise Invalid("reporting is continuous or spot_check", "reporting")
         if new.kind == "pump" and new.reporting != "continuous":
-            raise Invalid("pumps report continuously")
+            raise Invalid("pumps report continuously", "reporting")
         if new.care_team_id is None and new.patient_id is None:
-            raise Invalid("name the care team, or the patient the device is for")
+            raise Invalid("name the care team, or the patient the device is for", "care_team_id")
         bound_from = _aware(new.bound_from or self._clock(), "bound_from")
         broker = self._broker
         if broker is None:
@@ -380,7 +391,10 @@ class EnrolmentService:
                 if new.patient_id is not None:
                     patient = await self._patient(registry, actor, new.patient_id)
                     if team is not None and team != patient.care_team_id:
-                        raise Invalid("the patient is in another care team than the one named")
+                        raise Invalid(
+                            "the patient is in another care team than the one named",
+                            "care_team_id",
+                        )
                     team = patient.care_team_id
                     binding = BindingRecord(
                         new.device_id, patient.patient_id, bound_from, None, team
@@ -433,7 +447,7 @@ class EnrolmentService:
         start = _aware(valid_from or self._clock(), "valid_from")
         end = None if valid_to is None else _aware(valid_to, "valid_to")
         if end is not None and end <= start:
-            raise Invalid("valid_to must be after valid_from")
+            raise Invalid("valid_to must be after valid_from", "valid_to")
         async with self._store.transaction() as registry:
             patient = await self._patient(registry, actor, patient_id)
             device, bindings = await self._device(registry, actor, device_id)
@@ -463,7 +477,7 @@ class EnrolmentService:
             if current is None or not actor.sees(current.care_team_id):
                 raise Conflict("the device is not bound to a patient of yours at that time")
             if current.valid_from == end:
-                raise Invalid("the binding begins at that instant; end it after it begins")
+                raise Invalid("the binding begins at that instant; end it after it begins", "at")
             await registry.end_binding(device_id, current.valid_from, end)
         ended = BindingRecord(
             current.device_id, current.patient_id, current.valid_from, end, current.care_team_id
@@ -492,7 +506,7 @@ class EnrolmentService:
         now): the old binding ends where the new one begins. Returns (ended, started)."""
         when = _aware(at or self._clock(), "at")
         if old_device_id == new_device_id:
-            raise Invalid("the new device must be another device")
+            raise Invalid("the new device must be another device", "new_device_id")
         async with self._store.transaction() as registry:
             patient = await self._patient(registry, actor, patient_id)
             # Locked in id order, so two swaps of the same pair cannot wait on each other.
@@ -504,14 +518,16 @@ class EnrolmentService:
             old, old_bindings = found[old_device_id]
             new, new_bindings = found[new_device_id]
             if old.kind != new.kind:
-                raise Invalid(f"a {old.kind} is swapped for a {old.kind}, not a {new.kind}")
+                raise Invalid(
+                    f"a {old.kind} is swapped for a {old.kind}, not a {new.kind}", "new_device_id"
+                )
             current = next(
                 (b for b in old_bindings if b.covers(when) and b.patient_id == patient_id), None
             )
             if current is None:
                 raise Conflict("the old device is not bound to this patient at that time")
             if current.valid_from == when:
-                raise Invalid("the old device's binding begins at that instant")
+                raise Invalid("the old device's binding begins at that instant", "at")
             self._refuse_overlap(actor, new_bindings, when, current.valid_to)
             started = BindingRecord(
                 new_device_id, patient_id, when, current.valid_to, patient.care_team_id
