@@ -2,9 +2,10 @@
 
 ``fixtures/rules_state_v1.jsonl`` holds state-topic records (one patient's state per record,
 and the partition's ``__meta__`` record) exactly as the rules service wrote them before rule
-state became typed ``msgspec`` structs: the engine's records after every 35th event of the
-golden recording, and after every fourth event of ``edge_stream`` below (sensor fault, seq gaps,
-inhibited and open pump alarms, an interruption clock, a pipeline outage with held timers).
+state was typed records encoded by ``msgspec`` (pumps under the patient, ``pump_timers``): the
+engine's records after every 35th event of the golden recording, and after every fourth event
+of ``edge_stream`` below (sensor fault, seq gaps, inhibited and open pump alarms, an
+interruption clock, a pipeline outage with held timers).
 Each line is ``{"stream", "cut", "key", "value"}`` with the record's bytes as ``value``.
 
 An engine restored from the records of a cut and fed the rest of the stream decides exactly the
