@@ -230,6 +230,16 @@ async def test_overlap_is_refused_and_a_swap_keeps_the_history(onboarding_world:
         {"old_device_id": pumps[0], "new_device_id": pumps[1]},
     )
     assert refused.status_code == 409
+    # A device swapped for itself is refused in FastAPI's validation shape, naming the field.
+    itself = await call(
+        w,
+        "nurse_a",
+        "POST",
+        f"/api/patients/{x}/swap",
+        {"old_device_id": pumps[0], "new_device_id": pumps[0]},
+    )
+    assert itself.status_code == 422
+    assert itself.json()["detail"][0]["loc"] == ["body", "new_device_id"]
 
     at = datetime.now(UTC).replace(microsecond=0)
     swapped = await call(
