@@ -178,6 +178,8 @@ async def build_world(
             ("nurse2_a", Role.CHARGE_NURSE, [world.team_a]),
             ("auditor_a", Role.AUDITOR, [world.team_a]),
             ("clinician_b", Role.CLINICIAN, [world.team_b]),
+            # Only the login-throttle test uses it: its failures lock no other test out.
+            ("lockout_b", Role.CLINICIAN, [world.team_b]),
         ):
             username = f"{label}-{run}"
             await repository.create_user(

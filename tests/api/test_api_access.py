@@ -119,8 +119,9 @@ async def test_cookie_writes_need_the_csrf_header(api_world: World) -> None:
 
 
 async def test_login_is_throttled_after_repeated_failures(api_world: World) -> None:
-    """Five wrong passwords for one user, then even the right one waits: 429 with Retry-After."""
-    username = api_world.users["clinician_b"]
+    """Five wrong passwords for one user from one place, then even the right one waits there:
+    429 with Retry-After."""
+    username = api_world.users["lockout_b"]
     async with httpx.AsyncClient(base_url=api_world.base_url) as client:
         for _ in range(5):
             r = await client.post("/auth/token", data={"username": username, "password": "nope"})

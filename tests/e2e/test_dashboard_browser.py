@@ -161,7 +161,7 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             steps = await page.locator("#timeline tbody tr").all_inner_texts()
             text = "\n".join(steps)
             assert "Raised by the rules: Fever 39.1" in text, text
-            assert " by email: accepted" in text, text
+            assert " by email: sent" in text, text
             assert f"Acknowledged by {username} (via dashboard)" in text, text
             raised = next(i for i, s in enumerate(steps) if "Raised by the rules" in s)
             acked = next(i for i, s in enumerate(steps) if "Acknowledged by" in s)

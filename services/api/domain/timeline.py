@@ -126,7 +126,7 @@ def _attempt_text(attempt: Mapping[str, Any]) -> str:
     status = attempt.get("status")
     text = f"{what} to {recipient} by {attempt.get('channel', '?')}: {status}"
     detail = attempt.get("detail")
-    if detail and status not in ("accepted", "delivered"):
+    if detail and status not in ("sent", "accepted", "delivered"):
         text += f" ({detail})"
     return text
 
