@@ -104,6 +104,7 @@ async def _course_but_pumps(
     since: datetime | None,
     out: dict[str, tuple[int, bytes]],
 ) -> None:
+    """Everything of the course but the pump statuses, as NDJSON by type, into ``out``."""
     if "Patient" in wanted:
         out["Patient"] = (1, _line(fhir.patient(patient_id)))
     if "Device" in wanted:
