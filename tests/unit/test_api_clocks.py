@@ -38,3 +38,10 @@ def test_local_time_names_the_zone() -> None:
     assert local_time(T0, "Europe/Berlin") == "2025-01-15 03:00 CET (Europe/Berlin)"
     assert local_time(T0, "UTC") == "2025-01-15 02:00 UTC"
     assert local_time(T0, "Not/AZone") == "2025-01-15 02:00 UTC"
+
+
+def test_local_time_with_seconds() -> None:
+    assert (
+        local_time(T0.replace(second=7), "Europe/Berlin", seconds=True)
+        == "2025-01-15 03:00:07 CET (Europe/Berlin)"
+    )

@@ -99,3 +99,13 @@ def test_an_alert_notify_never_escalated_still_shows_its_phases() -> None:
         "Raised by the rules: Fever 39.1 °C [high] (device time 2026-01-15 01:59 UTC)"
     ]
     assert timeline([], None, "UTC") == []
+
+
+def test_within_one_second_the_phase_that_caused_it_comes_first() -> None:
+    raised = {**PHASES[0], "received_at": T0 + timedelta(milliseconds=400)}
+    opened = {"events": [{"at": T0.isoformat(), "kind": "opened", "detail": {"policy_id": "p"}}]}
+    assert [e.kind for e in timeline([raised], opened, "UTC")] == ["alert_start", "opened"]
+    # A second apart, time decides.
+    later = {**PHASES[0], "received_at": T0 + timedelta(seconds=1)}
+    assert [e.kind for e in timeline([later], opened, "UTC")] == ["opened", "alert_start"]
+

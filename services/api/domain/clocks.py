@@ -54,15 +54,15 @@ def infusion_clocks(reports: Sequence[PumpReport]) -> InfusionClocks:
     return InfusionClocks(latest.state, bag_empty_at, interrupted_for, latest.device_time, since)
 
 
-def local_time(at: datetime, zone: str) -> str:
+def local_time(at: datetime, zone: str, *, seconds: bool = False) -> str:
     """``2025-01-15 03:00 CET (Europe/Berlin)``: a time in the care team's zone, the zone named
-    (``… UTC`` for UTC; an unknown zone name is shown as UTC)."""
+    (``… UTC`` for UTC; an unknown zone name is shown as UTC); ``03:00:07`` with ``seconds``."""
     try:
         tz = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
         tz = ZoneInfo("UTC")
     local = at.astimezone(tz)
-    text = f"{local:%Y-%m-%d %H:%M}"
+    text = f"{local:%Y-%m-%d %H:%M:%S}" if seconds else f"{local:%Y-%m-%d %H:%M}"
     if tz.key in ("UTC", "Etc/UTC"):
         return f"{text} UTC"
     return f"{text} {local.tzname()} ({tz.key})"

@@ -137,7 +137,9 @@ def timeline(
     zone: str,
 ) -> list[Entry]:
     """Entries in time order (phases at the time notify received them, events and attempts at
-    the time notify recorded them); ties keep that order: phases, events, attempts."""
+    the time notify recorded them), to the second: within one second (notify takes an alert,
+    opens its escalation and pages in one step) the phase comes first, then the events, then
+    the attempts, each in recorded order."""
     entries: list[tuple[datetime, int, int, Entry]] = []
     for n, phase in enumerate(phases):
         at = _when(phase.get("received_at")) or _when(phase.get("device_time"))
@@ -156,5 +158,5 @@ def timeline(
             at = _when(attempt.get("at"))
             if at is not None:
                 entries.append((at, 2, n, Entry(at, "delivery", _attempt_text(attempt))))
-    entries.sort(key=lambda e: (e[0], e[1], e[2]))
+    entries.sort(key=lambda e: (e[0].replace(microsecond=0), e[1], e[2]))
     return [e[3] for e in entries]
