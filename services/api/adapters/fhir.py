@@ -308,6 +308,17 @@ class FhirRepository:
             done_patients,
         )
 
+    async def export_files_made(self, job_id: str, counts: Mapping[str, int], at: datetime) -> None:
+        """Mark a running job's files made (``finished_at`` set, still ``running``): they are
+        being stored, and a replica asked for one waits for them."""
+        await self._pool.execute(
+            "UPDATE fhir_export_jobs SET counts = $2::jsonb, finished_at = $3, "
+            "done_patients = cardinality(patient_ids) WHERE job_id = $1 AND status = 'running'",
+            job_id,
+            json.dumps(dict(counts)),
+            at,
+        )
+
     async def finish_export(
         self,
         job_id: str,

@@ -37,6 +37,10 @@ SILENT = timedelta(minutes=1)
 STOPPED = "the API replica running the export stopped"
 #: Files are stored, and sent, in pieces of this size.
 FILE_PIECE = 1 << 20
+#: How long a replica asked for a file of a job another replica is storing waits for it, and
+#: how often it looks.
+STORE_WAIT = timedelta(minutes=1)
+STORE_POLL_S = 0.05
 
 
 @dataclass
@@ -59,6 +63,11 @@ class ExportJob:
     task: asyncio.Task[None] | None = None
     #: A job of another replica, read from the repository: its files are stored, not here.
     stored: bool = False
+
+    @property
+    def storing(self) -> bool:
+        """Its files are made (on the replica that ran it) and being stored."""
+        return self.stored and self.status == "running" and self.finished_at is not None
 
 
 async def patient_course(
@@ -245,8 +254,11 @@ class ExportJobs:
             return
         job.files = {t: b"".join(parts) for t, parts in collected.items() if counts[t]}
         job.counts = {t: c for t, c in counts.items() if c}
-        # This replica answers from memory from now on; the others once the files are stored.
-        job.status, job.finished_at = "complete", self._clock()
+        finished_at = self._clock()
+        # Said before this replica answers from memory: a client handed the manifest here may
+        # ask another replica for a file, which then waits for the files to be stored.
+        await self._repository.export_files_made(job.job_id, job.counts, finished_at)
+        job.status, job.finished_at = "complete", finished_at
         try:
             await self._repository.finish_export(
                 job.job_id, list(_pieces(job.files)), job.counts, job.finished_at
@@ -296,6 +308,18 @@ class ExportJobs:
         if job.owner != owner or (patient is not None and job.scope_patient != patient):
             return None
         return job
+
+    async def wait_stored(self, job: ExportJob) -> bool:
+        """For a job whose files are being stored: wait until they are (True) or the job
+        failed or went away (False)."""
+        deadline = self._clock() + STORE_WAIT
+        while job.storing and self._clock() < deadline:
+            await asyncio.sleep(STORE_POLL_S)
+            row = await self._repository.export_job(job.job_id)
+            if row is None:
+                return False
+            job.status, job.error = row["status"], row["error"]
+        return job.status == "complete"
 
     def stored_file(self, job: ExportJob, resource_type: str) -> AsyncIterator[bytes]:
         """A file of a job another replica ran, from the repository, piece by piece."""

@@ -316,10 +316,11 @@ async def export_status(request: Request, job_id: str, principal: Reader, jobs: 
     OperationOutcome if it failed."""
     job = await _own_job(jobs, job_id, principal)
     if job.status == "running":
+        progress = f"{job.done_patients} of {len(job.patient_ids)} patients"
         return Response(
             status_code=status.HTTP_202_ACCEPTED,
             headers={
-                "X-Progress": f"{job.done_patients} of {len(job.patient_ids)} patients",
+                "X-Progress": "storing the files" if job.storing else progress,
                 "Retry-After": "1",
             },
         )
@@ -350,7 +351,9 @@ async def export_file(job_id: str, file_name: str, principal: Reader, jobs: Jobs
     """One NDJSON file of a finished export (``<ResourceType>.ndjson``)."""
     job = await _own_job(jobs, job_id, principal)
     resource_type = file_name.removesuffix(".ndjson")
-    if job.status != "complete" or resource_type not in job.counts:
+    if resource_type not in job.counts or not (
+        job.status == "complete" or (job.storing and await jobs.wait_stored(job))
+    ):
         raise _not_found("export file")
     content = job.files.get(resource_type)
     if content is None:
