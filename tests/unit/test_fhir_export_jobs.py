@@ -1,6 +1,6 @@
-"""A replica asked for a file of an export another replica is still storing waits for the
-store to finish, and gives up when the job fails or is deleted (ExportJobs over a fake
-repository)."""
+"""A replica asked for a file of an export another replica holds asks for the files to be
+stored and waits for the store, and gives up when the job fails or is deleted (ExportJobs over
+a fake repository)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class StoringRepository:
 
     def __init__(self, storing_reads: int, then: str | None) -> None:
         self.reads = 0
+        self.wanted: list[str] = []
         self._storing_reads = storing_reads
         self._then = then
 
@@ -46,6 +47,9 @@ class StoringRepository:
     async def fail_exports(self, *args: Any, **kwargs: Any) -> int:
         return 0
 
+    async def want_export(self, job_id: str) -> None:
+        self.wanted.append(job_id)
+
     async def export_job(self, job_id: str) -> dict[str, Any] | None:
         self.reads += 1
         if self.reads <= self._storing_reads:
@@ -66,6 +70,7 @@ async def test_a_file_being_stored_elsewhere_is_waited_for(then: str | None, ser
     job = await jobs.get("job-1", "user-1")
     assert job is not None and job.storing and job.status == "running"
     assert await jobs.wait_stored(job) is served
+    assert repository.wanted == ["job-1"]  # the replica holding the files was asked for them
     assert repository.reads == 4  # get's read, then polled until the row changed, no more
 
 
@@ -75,4 +80,4 @@ async def test_a_job_not_being_stored_is_not_waited_for() -> None:
     job = await jobs.get("job-1", "user-1")
     assert job is not None and job.status == "complete" and not job.storing
     assert await jobs.wait_stored(job) is True
-    assert repository.reads == 1
+    assert repository.reads == 1 and repository.wanted == []

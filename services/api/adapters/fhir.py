@@ -9,7 +9,7 @@ always given (open ends as far-off instants), so TimescaleDB prunes chunks on de
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -18,6 +18,9 @@ import asyncpg
 Row = dict[str, Any]
 #: A row as the driver returns it (``asyncpg.Record``: read by column name, ``.get`` too).
 Record = Mapping[str, Any]
+
+#: The notification channel on which a replica asks for an export's files to be stored.
+EXPORT_WANTED = "fhir_export_wanted"
 
 #: Stand-ins for an open end of a time range (PostgreSQL's infinities do not map to Python).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -387,12 +390,38 @@ class FhirRepository:
         )
 
     async def running_exports(self, owner: str) -> int:
+        """The owner's jobs still making their files (not those made and held unsaved)."""
         return int(
             await self._pool.fetchval(
-                "SELECT count(*) FROM fhir_export_jobs WHERE owner = $1 AND status = 'running'",
+                "SELECT count(*) FROM fhir_export_jobs "
+                "WHERE owner = $1 AND status = 'running' AND finished_at IS NULL",
                 owner,
             )
         )
+
+    async def want_export(self, job_id: str) -> None:
+        """Ask every replica (the one holding the job's files stores them)."""
+        await self._pool.execute("SELECT pg_notify($1, $2)", EXPORT_WANTED, job_id)
+
+    async def listen_for_wanted(
+        self, callback: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Call ``callback(job id)`` for every ``want_export``, on a connection held for it;
+        returns the function that stops listening and gives the connection back."""
+        conn = await self._pool.acquire()
+
+        def wanted(connection: object, pid: int, channel: str, payload: object) -> None:
+            callback(str(payload))
+
+        await conn.add_listener(EXPORT_WANTED, wanted)
+
+        async def stop() -> None:
+            try:
+                await conn.remove_listener(EXPORT_WANTED, wanted)
+            finally:
+                await self._pool.release(conn)
+
+        return stop
 
     async def export_file(self, job_id: str, resource_type: str) -> AsyncIterator[bytes]:
         """A stored file, piece by piece (one piece in memory at a time)."""

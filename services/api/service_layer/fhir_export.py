@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -63,6 +63,9 @@ class ExportJob:
     task: asyncio.Task[None] | None = None
     #: A job of another replica, read from the repository: its files are stored, not here.
     stored: bool = False
+    #: Set once this replica's files of the job are stored for the other replicas.
+    saved: asyncio.Event = field(default_factory=asyncio.Event)
+    saving: asyncio.Task[None] | None = None
 
     @property
     def storing(self) -> bool:
@@ -168,12 +171,36 @@ class ExportJobs:
         self._repository = repository
         self._clock = clock
         self._jobs: dict[str, ExportJob] = {}
+        self._stop_listening: Callable[[], Awaitable[None]] | None = None
 
     def _expire(self) -> None:
         now = self._clock()
         for job_id, job in list(self._jobs.items()):
             if job.finished_at is not None and now - job.finished_at > RETENTION:
                 del self._jobs[job_id]
+                if job.task is not None:
+                    job.task.cancel()
+
+    def _wanted(self, job_id: str) -> None:
+        """Another replica was asked for a job: if this replica holds its files unsaved, it
+        stores them now."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.status == "complete" and job.saving is None:
+            job.saving = asyncio.create_task(self._save(job), name=f"fhir-export-save-{job_id}")
+
+    async def _save(self, job: ExportJob) -> None:
+        try:
+            await self._repository.finish_export(
+                job.job_id, list(_pieces(job.files)), job.counts, self._clock()
+            )
+        except Exception as exc:  # the other replicas report the job failed; this one serves it
+            await self._repository.fail_exports(
+                f"storing the files failed: {type(exc).__name__}: {exc}",
+                self._clock(),
+                job_ids=[job.job_id],
+            )
+        finally:
+            job.saved.set()
 
     async def _fail_silent(self) -> None:
         """Fail the running jobs whose replica stopped touching them (it stopped or restarted)."""
@@ -208,6 +235,8 @@ class ExportJobs:
             since=since,
         )
         await self._repository.delete_exports(finished_before=job.transaction_time - RETENTION)
+        if self._stop_listening is None:
+            self._stop_listening = await self._repository.listen_for_wanted(self._wanted)
         await self._repository.create_export(
             {
                 "job_id": job.job_id,
@@ -229,11 +258,17 @@ class ExportJobs:
             await self._repository.export_alive(job.job_id, job.done_patients, self._clock())
 
     async def _run(self, job: ExportJob, teams: frozenset[str]) -> None:
+        """The export, then, while this replica holds its files unsaved, its row kept touched
+        (the job lives here until another replica asks for it and it is stored)."""
         alive = asyncio.create_task(self._keep_alive(job), name=f"fhir-export-alive-{job.job_id}")
         try:
             await self._export(job, teams)
+            if job.status == "complete":
+                await job.saved.wait()
         finally:
             alive.cancel()
+            if job.saving is not None and not job.saving.done():
+                job.saving.cancel()
 
     async def _export(self, job: ExportJob, teams: frozenset[str]) -> None:
         collected: dict[str, list[bytes]] = {t: [] for t in job.types}
@@ -256,19 +291,10 @@ class ExportJobs:
         job.counts = {t: c for t, c in counts.items() if c}
         finished_at = self._clock()
         # Said before this replica answers from memory: a client handed the manifest here may
-        # ask another replica for a file, which then waits for the files to be stored.
+        # ask another replica for a file; that replica then asks for the files (``want``) and
+        # waits for them to be stored.
         await self._repository.export_files_made(job.job_id, job.counts, finished_at)
         job.status, job.finished_at = "complete", finished_at
-        try:
-            await self._repository.finish_export(
-                job.job_id, list(_pieces(job.files)), job.counts, job.finished_at
-            )
-        except Exception as exc:  # the other replicas report the job failed; this one serves it
-            await self._repository.fail_exports(
-                f"storing the files failed: {type(exc).__name__}: {exc}",
-                self._clock(),
-                job_ids=[job.job_id],
-            )
 
     async def get(self, job_id: str, owner: str, patient: str | None = None) -> ExportJob | None:
         """The job, only for the user who started it; for a caller limited to one ``patient``,
@@ -309,9 +335,15 @@ class ExportJobs:
             return None
         return job
 
+    async def want(self, job: ExportJob) -> None:
+        """Ask the replica holding a job's files to store them (``storing`` jobs)."""
+        await self._repository.want_export(job.job_id)
+
     async def wait_stored(self, job: ExportJob) -> bool:
-        """For a job whose files are being stored: wait until they are (True) or the job
-        failed or went away (False)."""
+        """For a job whose files another replica holds: ask for them and wait until they are
+        stored (True) or the job failed or went away (False)."""
+        if job.storing:
+            await self.want(job)
         deadline = self._clock() + STORE_WAIT
         while job.storing and self._clock() < deadline:
             await asyncio.sleep(STORE_POLL_S)
@@ -339,7 +371,11 @@ class ExportJobs:
         return True
 
     async def close(self) -> None:
-        """Stop the running jobs; the repository then says they failed (not lost silently)."""
+        """Stop the running jobs and drop the files not stored; the repository then says those
+        jobs failed (not lost silently)."""
+        if self._stop_listening is not None:
+            await self._stop_listening()
+            self._stop_listening = None
         unfinished = [j for j in self._jobs.values() if j.task is not None and not j.task.done()]
         for job in unfinished:
             assert job.task is not None
@@ -347,7 +383,7 @@ class ExportJobs:
         await asyncio.gather(*(j.task for j in unfinished if j.task), return_exceptions=True)
         if unfinished:
             await self._repository.fail_exports(
-                "the API stopped while the export ran",
+                "the API replica holding the export stopped",
                 self._clock(),
                 job_ids=[j.job_id for j in unfinished],
             )

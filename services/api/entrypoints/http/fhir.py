@@ -315,6 +315,8 @@ async def export_status(request: Request, job_id: str, principal: Reader, jobs: 
     """202 while the export runs (``X-Progress``), then 200 and the manifest; 500 with an
     OperationOutcome if it failed."""
     job = await _own_job(jobs, job_id, principal)
+    if job.storing:
+        await jobs.want(job)
     if job.status == "running":
         progress = f"{job.done_patients} of {len(job.patient_ids)} patients"
         return Response(
