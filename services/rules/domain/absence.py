@@ -5,10 +5,11 @@ plus ``rules.silent_s``), whatever device times its messages carry; a fever is u
 an episode is open and no plausible temperature has arrived for ``rules.unobserved_s``. Both run
 on the arrival clock, on the engine's timer wheel (docs/rules.md, "Time").
 
-``arrive`` is the silence rule's step for every message of a device: it notes the message and
-ends an open silence (any message that arrives ends it: the device or its hub is reaching us,
-even with an old reading from its buffer). ``start_silence``/``start_unobserved`` are what a
-timer decides at its deadline, ``end_unobserved`` what a temperature that arrives decides.
+``end_silence`` is the silence rule's step for a message of a device whose silence is open
+(any message that arrives ends it: the device or its hub is reaching us, even with an old
+reading from its buffer; the engine notes every message's arrival on the device's record and
+calls it only then). ``start_silence``/``start_unobserved`` are what a timer decides at its
+deadline, ``end_unobserved`` what a temperature that arrives decides.
 ``absence_alert`` and ``all_clear`` are the alerts' shape, shared with the sensor-fault rule.
 Pure: no I/O, no clock.
 """
@@ -51,24 +52,6 @@ UNOBSERVED = Absence(
     AlertPriority.HIGH,
     "minutes_since_last_temperature",
 )
-
-
-def arrive(
-    patient_id: str,
-    device: DeviceTrack,
-    obs: ObservationLike,
-    rules: PatientRules,
-    config_version: str,
-) -> Alert | None:
-    """The silence rule's step: a message of ``device`` arrived. Its device time and arrival
-    are noted; an open silence ends (its all clear, else None)."""
-    if obs.t > device.last_t:
-        device.last_t = obs.t
-    if obs.ingest_t > device.heard_t:
-        device.heard_t = obs.ingest_t
-    if device.silent_key is None:
-        return None
-    return end_silence(patient_id, obs, device, rules, config_version)
 
 
 def start_silence(

@@ -58,6 +58,7 @@ from typing import Any
 
 import msgspec
 
+from schemas.device import PLAUSIBLE_MAX_C, PLAUSIBLE_MIN_C
 from schemas.events import Alert, Telemetry
 from services.rules.domain import absence, fever, sensor, sequence
 from services.rules.domain import pump as pump_rules
@@ -207,16 +208,27 @@ class RulesEngine:
             device = patient.devices[obs.device_id] = DeviceTrack(obs.channel == TEMPERATURE)
         alerts: list[Alert] = []
         # The rules every message of a device goes through: device silence, then data lost.
-        ended = absence.arrive(patient_id, device, obs, rules, self._config_version)
-        if ended is not None:
-            alerts.append(ended)
+        # The device's last device time and arrival are noted here (every rule reads them);
+        # the silence rule's step runs when a silence is open, the seq rule's when a number
+        # is not the next one (this runs for every record: a call costs as much as the check).
+        t = obs.t
+        if t > device.last_t:
+            device.last_t = t
+        if obs.ingest_t > device.heard_t:
+            device.heard_t = obs.ingest_t
+        if device.silent_key is not None:
+            alerts.append(absence.end_silence(patient_id, obs, device, rules, self._config_version))
         if device.timer_at is None:
             self._arm_device(patient_id, obs.device_id, device, rules)
         seq = obs.seq
         if seq is not None:
-            gap = sequence.step(device, seq, obs.ingest_t)
-            if gap is not None:
-                self._open_gap(patient_id, obs.device_id, device, rules, gap)
+            hi = device.seq_hi
+            if hi is not None and seq == hi + 1:
+                device.seq_hi = seq  # the next number: no gap opened, none filled
+            else:
+                gap = sequence.step(device, seq, obs.ingest_t)
+                if gap is not None:
+                    self._open_gap(patient_id, obs.device_id, device, rules, gap)
         # Then the rules of its kind (the dispatch table).
         found = self._steps[obs.channel](patient_id, patient, device, obs, rules)
         if found:
@@ -233,7 +245,6 @@ class RulesEngine:
             if heard > self._heard:
                 self._heard = heard
                 moved = True
-        t = obs.t
         if t > self._max_t and not obs.clock_skew:
             self._max_t = t
             watermark = t - self._lateness
@@ -274,6 +285,15 @@ class RulesEngine:
     ) -> list[Alert] | tuple[Alert, ...]:
         """A temperature: the sensor-fault rule, then (a plausible reading only: a sensor
         fault is never a fever and not a temperature taken) the fever rules."""
+        celsius = obs.temperature_c
+        if (
+            device.fault_key is None
+            and celsius is not None
+            and PLAUSIBLE_MIN_C <= celsius <= PLAUSIBLE_MAX_C
+        ):
+            # A plausible reading with no fault open: the sensor rule has nothing to decide
+            # (sensor.step's first check, here because this runs for every temperature).
+            return self._fold_temperature(patient_id, patient, obs, rules)
         found = sensor.step(patient_id, device, obs, rules, self._config_version)
         if device.fault_key is not None:
             return found
