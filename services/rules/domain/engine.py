@@ -251,8 +251,15 @@ class RulesEngine:
             if watermark > self._watermark:
                 self._watermark = watermark
                 moved = True
-        if moved and self._wheel.due(self._heard, self._watermark):
-            alerts += self._fire_due()
+        if moved:
+            # The wheel's due(), inline: this runs for every record.
+            wheel = self._wheel
+            heard = self._heard
+            watermark = self._watermark
+            if wheel.arrival_next <= heard or wheel.clinical_next <= (
+                heard if heard > watermark else watermark
+            ):
+                alerts += self._fire_due()
         return alerts
 
     def _open_gap(
