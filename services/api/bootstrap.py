@@ -101,8 +101,9 @@ def create_app(
     @app.exception_handler(asyncpg.exceptions.DataError)
     async def invalid_input(request: Request, error: asyncpg.exceptions.DataError) -> JSONResponse:
         # Input the database cannot even represent (a NUL byte, an out-of-range number) is the
-        # caller's error, not the server's.
-        return JSONResponse({"detail": "invalid input"}, status_code=422)
+        # caller's error, not the server's; answered in the shape of every other 422.
+        detail = [{"loc": ["request"], "msg": "invalid input", "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     app.state.settings = settings
     app.state.clock = clock

@@ -277,9 +277,13 @@ async def test_out_of_range_paging_is_a_client_error(api_world: World) -> None:
         for path in ("/api/alerts", "/api/patients"):
             r = await client.get(path, params={"offset": 2**111})
             assert r.status_code == 422, (path, r.status_code)
-        # A NUL byte (also a schemathesis finding) cannot reach PostgreSQL as text: 422.
+        # A NUL byte (also a schemathesis finding) cannot reach PostgreSQL as text: 422, in
+        # the documented validation shape (a list of {loc, msg, type}).
         r = await client.get("/api/alerts", params={"patient_id": "\x00x"})
         assert r.status_code == 422
+        assert r.json()["detail"][0]["msg"] == "invalid input"
+        login = await client.post("/auth/token", data={"username": "\x00x", "password": "p"})
+        assert login.status_code == 422 and isinstance(login.json()["detail"], list)
 
 
 async def test_patient_page_renders_plot_clocks_and_devices(api_world: World) -> None:
