@@ -20,6 +20,18 @@ def _rows(records: Sequence[asyncpg.Record]) -> list[Row]:
     return [dict(r) for r in records]
 
 
+# When a bound device (``b``, a row of device_bindings) was last heard from for that patient:
+# its newest reading, pump status or pump event, by device time.
+LAST_SEEN_SQL = """greatest(
+    (SELECT max(device_time) FROM temperature_readings r
+      WHERE r.device_id = b.device_id AND r.patient_id = b.patient_id),
+    (SELECT max(device_time) FROM pump_status s
+      WHERE s.device_id = b.device_id AND s.patient_id = b.patient_id),
+    (SELECT max(device_time) FROM pump_events e
+      WHERE e.device_id = b.device_id AND e.patient_id = b.patient_id)
+) AS last_seen"""
+
+
 class ApiRepository:
     def __init__(self, pool: asyncpg.Pool, *, aggregate_lookback: timedelta | None = None) -> None:
         """``aggregate_lookback``: how far back the hourly aggregate's refresh reaches
@@ -136,16 +148,9 @@ class ApiRepository:
     async def devices(self, patient_id: str) -> list[Row]:
         return _rows(
             await self._pool.fetch(
-                """
+                f"""
             SELECT b.device_id, d.kind, d.model, b.valid_from, b.valid_to,
-                   greatest(
-                     (SELECT max(device_time) FROM temperature_readings r
-                       WHERE r.device_id = b.device_id AND r.patient_id = b.patient_id),
-                     (SELECT max(device_time) FROM pump_status s
-                       WHERE s.device_id = b.device_id AND s.patient_id = b.patient_id),
-                     (SELECT max(device_time) FROM pump_events e
-                       WHERE e.device_id = b.device_id AND e.patient_id = b.patient_id)
-                   ) AS last_seen
+                   {LAST_SEEN_SQL}
             FROM device_bindings b JOIN devices d USING (device_id)
             WHERE b.patient_id = $1 ORDER BY b.valid_from
             """,

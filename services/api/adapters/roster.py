@@ -9,7 +9,7 @@ from datetime import datetime
 
 import asyncpg
 
-from services.api.adapters.repository import _EPISODES_SQL
+from services.api.adapters.repository import _EPISODES_SQL, LAST_SEEN_SQL
 from services.api.domain.roster import BoundDevice, OpenAlert, PatientFacts
 
 _PATIENTS_SQL = """
@@ -35,16 +35,9 @@ LEFT JOIN LATERAL (
 WHERE p.care_team_id = ANY($1::text[])
 """
 
-_DEVICES_SQL = """
+_DEVICES_SQL = f"""
 SELECT b.patient_id, b.device_id, d.kind,
-       greatest(
-         (SELECT max(device_time) FROM temperature_readings r
-           WHERE r.device_id = b.device_id AND r.patient_id = b.patient_id),
-         (SELECT max(device_time) FROM pump_status s
-           WHERE s.device_id = b.device_id AND s.patient_id = b.patient_id),
-         (SELECT max(device_time) FROM pump_events e
-           WHERE e.device_id = b.device_id AND e.patient_id = b.patient_id)
-       ) AS last_seen
+       {LAST_SEEN_SQL}
 FROM device_bindings b
 JOIN devices d USING (device_id)
 JOIN patients p ON p.patient_id = b.patient_id AND p.care_team_id = ANY($1::text[])
