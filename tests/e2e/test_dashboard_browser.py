@@ -131,9 +131,10 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             # Opened at the reading's device time, shown in the team's zone with the zone named.
             opened_at = await _opened_at(dsn, patient)
             local = opened_at.astimezone(ZoneInfo(TEAM_ZONE))
-            opened = await row.locator("td.opened").inner_text()
-            assert opened.startswith(f"{local:%Y-%m-%d %H:%M} ")
-            assert opened.endswith(f"({TEAM_ZONE})")
+            opened = row.locator("td.opened time")
+            assert await opened.inner_text() == f"{local:%d %b %H:%M} ({TEAM_ZONE})"
+            iso = await opened.get_attribute("datetime")
+            assert iso is not None and datetime.fromisoformat(iso) == opened_at
             await page.screenshot(path=str(ARTIFACTS / "dashboard-alert-open.png"))
 
             await row.locator("button.ack").click()

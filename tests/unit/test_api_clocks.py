@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from services.api.domain.clocks import PumpReport, infusion_clocks, local_time
 
 T0 = datetime(2025, 1, 15, 2, 0, tzinfo=UTC)
@@ -35,13 +37,18 @@ def test_no_reports_no_clocks() -> None:
 
 
 def test_local_time_names_the_zone() -> None:
-    assert local_time(T0, "Europe/Berlin") == "2025-01-15 03:00 CET (Europe/Berlin)"
-    assert local_time(T0, "UTC") == "2025-01-15 02:00 UTC"
-    assert local_time(T0, "Not/AZone") == "2025-01-15 02:00 UTC"
+    assert local_time(T0, "Europe/Berlin") == "15 Jan 03:00 (Europe/Berlin)"
+    assert local_time(T0, "UTC") == "15 Jan 02:00 (UTC)"
+    assert local_time(T0, "Not/AZone") == "15 Jan 02:00 (UTC)"
 
 
 def test_local_time_with_seconds() -> None:
     assert (
         local_time(T0.replace(second=7), "Europe/Berlin", seconds=True)
-        == "2025-01-15 03:00:07 CET (Europe/Berlin)"
+        == "15 Jan 03:00:07 (Europe/Berlin)"
     )
+
+
+def test_local_time_refuses_a_time_without_an_offset() -> None:
+    with pytest.raises(ValueError, match="UTC offset"):
+        local_time(datetime(2025, 1, 15, 2, 0), "Europe/Berlin")  # noqa: DTZ001

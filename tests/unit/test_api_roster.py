@@ -81,7 +81,7 @@ def test_a_running_pump_predicts_its_bag_empty_on_its_own_clock() -> None:
         NOW,
     )
     assert row.bag_empty_at == reported + timedelta(hours=2.5)
-    assert row.bag_text == "25 mL at 10 mL/h, empty about 2026-03-10 05:20 CET (Europe/Berlin)"
+    assert row.bag_text == "25 mL at 10 mL/h, empty about 10 Mar 05:20 (Europe/Berlin)"
     assert row.pump_text == "running, reported 10 min ago"
 
 
@@ -99,9 +99,9 @@ def test_a_stopped_pump_has_no_empty_time_and_says_when_it_last_ran() -> None:
     )
     assert row.bag_empty_at is None
     assert row.bag_text == "25 mL, not running: no empty time"
+    assert row.pump_last_running_at == NOW - timedelta(minutes=40)
     assert row.pump_text == (
-        "stopped, reported 2 min ago; last running at 2026-03-10 02:20 CET (Europe/Berlin); "
-        "battery 81 %"
+        "stopped, reported 2 min ago; last running at 10 Mar 02:20 (Europe/Berlin); battery 81 %"
     )
     assert roster_row(facts(), NOW).pump_text == "no pump report"
 

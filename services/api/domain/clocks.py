@@ -54,15 +54,26 @@ def infusion_clocks(reports: Sequence[PumpReport]) -> InfusionClocks:
     return InfusionClocks(latest.state, bag_empty_at, interrupted_for, latest.device_time, since)
 
 
-def local_time(at: datetime, zone: str, *, seconds: bool = False) -> str:
-    """``2025-01-15 03:00 CET (Europe/Berlin)``: a time in the care team's zone, the zone named
-    (``… UTC`` for UTC; an unknown zone name is shown as UTC); ``03:00:07`` with ``seconds``."""
+def team_zone(zone: str) -> ZoneInfo:
+    """The care team's zone; an unknown zone name is UTC."""
     try:
-        tz = ZoneInfo(zone)
+        return ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
-        tz = ZoneInfo("UTC")
+        return ZoneInfo("UTC")
+
+
+def local_time(at: datetime, zone: str, *, seconds: bool = False) -> str:
+    """``15 Jan 03:00 (Europe/Berlin)``: a time in the care team's zone, the zone named
+    (``(UTC)`` for UTC and for an unknown zone name); ``03:00:07`` with ``seconds``. The month
+    is always the English abbreviation, whatever the process's locale. A time without a UTC
+    offset is refused: which instant it means is unknown."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("a time without a UTC offset cannot be shown in a zone")
+    tz = team_zone(zone)
     local = at.astimezone(tz)
-    text = f"{local:%Y-%m-%d %H:%M:%S}" if seconds else f"{local:%Y-%m-%d %H:%M}"
-    if tz.key in ("UTC", "Etc/UTC"):
-        return f"{text} UTC"
-    return f"{text} {local.tzname()} ({tz.key})"
+    clock = f"{local:%H:%M:%S}" if seconds else f"{local:%H:%M}"
+    name = "UTC" if tz.key in ("UTC", "Etc/UTC") else tz.key
+    return f"{local.day:02d} {MONTHS[local.month - 1]} {clock} ({name})"
+
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

@@ -79,6 +79,8 @@ class RosterRow:
     alerts: tuple[OpenAlert, ...]
     alerts_text: str
     urgency: tuple[int, float, str] = field(repr=False)
+    #: When a pump that is not running now last reported running (named in ``pump_text``).
+    pump_last_running_at: datetime | None = None
 
 
 def age_text(age: timedelta) -> str:
@@ -195,6 +197,11 @@ def roster_row(facts: PatientFacts, now: datetime) -> RosterRow:
         alerts=alerts,
         alerts_text=alerts_text,
         urgency=_urgency(facts),
+        pump_last_running_at=(
+            facts.pump_running_at
+            if facts.pump_state is not None and facts.pump_state != "running"
+            else None
+        ),
     )
 
 

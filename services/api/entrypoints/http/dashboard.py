@@ -1,4 +1,11 @@
-"""The dashboard: server-rendered pages with a little JavaScript, authenticated by cookie."""
+"""The dashboard: server-rendered pages with a little JavaScript, authenticated by cookie.
+
+Every time is shown in the care team's zone with the zone named, inside a ``<time>`` element
+whose ``datetime`` is the instant in ISO 8601 (``team_time``). The forms (enrol a patient,
+register and bind a device, swap a device) post JSON to the API's own routes with ``fetch``:
+the session cookie and the ``X-Requested-By`` header, as the acknowledge button does, so the
+same use cases, checks, audit entries and CSRF defence apply as for any other caller.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,30 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 
 from services.api.domain.access import Action, Principal
-from services.api.domain.clocks import PumpReport, infusion_clocks, local_time
+from services.api.domain.clocks import PumpReport, infusion_clocks, local_time, team_zone
 from services.api.domain.course import CourseWindow, course_window, reading_text
 from services.api.entrypoints.http.alerts import alert_timeline
 from services.api.entrypoints.http.deps import SESSION_COOKIE, get_principal
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "templates"))
+
+
+def team_time(at: datetime, zone: str, *, seconds: bool = False) -> Markup:
+    """``<time datetime="2026-12-07T02:12:00+00:00">07 Dec 03:12 (Europe/Oslo)</time>``: the
+    time as ``local_time`` words it, the instant kept in the element's ``datetime``."""
+    local = at.astimezone(team_zone(zone)).isoformat(timespec="seconds")
+    return Markup('<time datetime="{}" title="{}">{}</time>').format(
+        escape(at.isoformat()), escape(local), local_time(at, zone, seconds=seconds)
+    )
+
+
+templates.env.globals["team_time"] = team_time
+templates.env.globals["local_time"] = local_time
+templates.env.globals["Action"] = Action
 
 PLOT_W, PLOT_H, PAD = 760, 240, 36
 
@@ -207,6 +229,36 @@ async def alert_page(request: Request, dedup_key: str) -> Response:
             "can_ack": principal.may(Action.ACKNOWLEDGE),
         },
     )
+
+
+async def _manager_page(request: Request, template: str, **context: Any) -> Response:
+    """A page of forms for those who may enrol patients and onboard devices; the care teams
+    (id, name, zone) are what the forms offer and the zone their times are entered in."""
+    principal = await _principal_or_none(request)
+    if principal is None:
+        return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    if not principal.may(Action.MANAGE_PATIENTS):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "role may not manage patients")
+    teams = [
+        {"care_team_id": t["care_team_id"], "name": t["name"], "timezone": t["timezone"]}
+        for t in await request.app.state.repository.care_teams(principal.care_teams)
+    ]
+    return templates.TemplateResponse(
+        request, template, {"principal": principal, "teams": teams, **context}
+    )
+
+
+@router.get("/enrol", response_class=HTMLResponse)
+async def enrol_page(request: Request) -> Response:
+    """Enrol a child: the form posts to ``POST /api/patients``."""
+    return await _manager_page(request, "enrol.html")
+
+
+@router.get("/devices", response_class=HTMLResponse)
+async def device_page(request: Request, patient: str | None = None) -> Response:
+    """Register a device (``POST /api/devices``, its one-time configuration shown) or bind a
+    registered one to a patient (``POST /api/devices/{id}/bindings``)."""
+    return await _manager_page(request, "device.html", patient_id=patient or "")
 
 
 @router.get("/patients/{patient_id}", response_class=HTMLResponse)

@@ -37,6 +37,10 @@ class RosterEntry(BaseModel):
     infusion_day_text: str
     temperature: str = Field(description="Newest reading, its site and its age.")
     pump: str = Field(description="Newest pump state and its age, as the pump reported it.")
+    pump_last_running_at: datetime | None = Field(
+        default=None,
+        description="For a pump not running now: when it last reported running (in `pump`).",
+    )
     bag_empty_at: datetime | None = Field(
         description="Predicted from the newest report of a running pump, on the pump's clock."
     )
@@ -62,6 +66,7 @@ def entry(row: RosterRow) -> RosterEntry:
         infusion_day_text=row.infusion_day_text,
         temperature=row.temperature_text,
         pump=row.pump_text,
+        pump_last_running_at=row.pump_last_running_at,
         bag_empty_at=row.bag_empty_at,
         bag=row.bag_text,
         devices=list(row.devices_text),
