@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.api.adapters.audit import AuditTrail
+from services.api.adapters.caregivers import PostgresContactStore
 from services.api.adapters.enrolment import PostgresRegistryStore
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
@@ -28,6 +29,7 @@ from services.api.domain.throttle import LoginThrottles
 from services.api.entrypoints.http import (
     alerts,
     auth,
+    caregivers,
     dashboard,
     enrolment,
     fhir,
@@ -35,6 +37,7 @@ from services.api.entrypoints.http import (
     protocols,
     roster,
 )
+from services.api.service_layer.caregivers import CaregiverContacts
 from services.api.service_layer.enrolment import BrokerAccounts, BrokerEndpoint, EnrolmentService
 from services.api.service_layer.fhir_export import ExportJobs
 from services.api.service_layer.thresholds import ThresholdChanges, check_overrides
@@ -65,6 +68,8 @@ def create_app(
         app.state.threshold_changes = ThresholdChanges(
             app.state.threshold_proposals, app.state.audit, clock, check_overrides
         )
+        app.state.caregiver_store = PostgresContactStore(pool)
+        app.state.caregivers = CaregiverContacts(app.state.caregiver_store, app.state.audit, clock)
         from services.notify.public import AlertActions, AlertTimelines
 
         app.state.alert_timelines = AlertTimelines(pool)
@@ -115,6 +120,7 @@ def create_app(
     app.include_router(alerts.router)
     app.include_router(protocols.router)
     app.include_router(enrolment.router)
+    app.include_router(caregivers.router)
     app.include_router(dashboard.router)
     fhir_app.state.settings = settings
     fhir_app.state.clock = clock

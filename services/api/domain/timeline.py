@@ -93,6 +93,13 @@ def _event_text(kind: str, detail: Mapping[str, Any], zone: str) -> str:
         return f"Fallback address paged ({detail.get('reason', 'no one on call')})"
     if kind == "upstream_sync_failed":
         return f"Could not tell PagerDuty: {detail.get('reason', '?')}"
+    if kind == "caregiver_told":
+        what = _FAMILY.get(str(detail.get("kind")), str(detail.get("kind")))
+        channels = " and ".join(str(c) for c in detail.get("channels") or ()) or "?"
+        return f"Family told {what} by {channels}"
+    if kind == "caregiver_not_told":
+        what = _FAMILY.get(str(detail.get("kind")), str(detail.get("kind")))
+        return f"Family contact not told {what}: {detail.get('reason', '?')}"
     shown = ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))
     return f"{kind}" + (f": {shown}" if shown else "")
 
@@ -110,6 +117,14 @@ def _phase_text(phase: Mapping[str, Any], zone: str) -> str:
     return f"Updated by the rules: {title} [{priority}]{at}"
 
 
+# What a caregiver message (docs/caregivers.md) told the family, by its kind.
+_FAMILY = {
+    "paged": "that the care team was alerted",
+    "acknowledged": "that the care team has seen it and will call",
+    "exhausted": "to call the unit's 24-hour number",
+    "all_clear": "that the alert is over",
+}
+
 _PURPOSES = {
     "alert": "Page",
     "escalation": "Escalation page",
@@ -117,6 +132,7 @@ _PURPOSES = {
     "quiet_digest": "Morning digest",
     "upstream_acknowledge": "Acknowledgement passed to PagerDuty",
     "upstream_resolve": "Resolution passed to PagerDuty",
+    "caregiver": "Family message",
 }
 
 

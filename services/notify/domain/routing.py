@@ -38,6 +38,9 @@ class PagePurpose(StrEnum):
     # that was triggered, so its incident follows what happened in Vigil.
     UPSTREAM_ACKNOWLEDGE = "upstream_acknowledge"
     UPSTREAM_RESOLVE = "upstream_resolve"
+    # A message to a caregiver at home (``domain.caregiver``): its words are composed when it
+    # is decided; no acknowledgement link, never cancelled by an acknowledgement.
+    CAREGIVER = "caregiver"
 
 
 def page_id_for(key: str) -> uuid.UUID:
@@ -81,6 +84,9 @@ class RecipientKind(StrEnum):
     # The care team's fallback address: ``fallback:`` in the engine's ``paged``,
     # ``fallback:<care team>`` on a page.
     FALLBACK = "fallback"
+    # A caregiver contact of the patient (``caregiver:<contact id>``): no failover to the care
+    # team's addresses.
+    CAREGIVER = "caregiver"
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +282,6 @@ def after_failure(
                 later[0].address,
                 has_next_channel=len(later) > 1,
             )
-    if recipient.kind is RecipientKind.FALLBACK:
+    if recipient.kind in (RecipientKind.FALLBACK, RecipientKind.CAREGIVER):
         return None
     return ToFallback(f"every channel of {recipient.ref} failed")

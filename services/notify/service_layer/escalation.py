@@ -84,6 +84,7 @@ from services.notify.domain.message import (
 from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
+from services.notify.service_layer.caregivers import caregiver_outbound
 from services.notify.service_layer.channels import (
     Channel,
     ChannelRegistry,
@@ -1005,6 +1006,16 @@ class EscalationService:
         channel = self._channels.get(page.channel)
         if channel is None:
             return not_configured(page.channel)
+        if job.purpose is PagePurpose.CAREGIVER:
+            # A message to the family: its words were decided with it; no acknowledgement link.
+            outbound = caregiver_outbound(
+                job, sender=self._config.sender_address, reference=sms_reference(job)
+            )
+            if outbound is None:
+                return SendOutcome(
+                    accepted=False, detail="caregiver message has no words", refused_for_good=True
+                )
+            return await channel.send(outbound)
         ack_url = (
             self.ack_link(job.escalation_id, job.recipient_ref)
             if job.purpose in (PagePurpose.ALERT, PagePurpose.ESCALATION, PagePurpose.QUIET_DIGEST)

@@ -63,6 +63,9 @@ class PageJob:
     # Found in flight after a stop, and its chain was acknowledged or resolved since: its outcome
     # is looked up where the provider allows it, and it is not sent again.
     chain_stopped: bool = False
+    # A caregiver page (purpose ``caregiver``): its subject and body as decided
+    # (``caregiver_messages``); None for any other page, or when its words are missing.
+    caregiver: tuple[str, str] | None = None
 
     @property
     def is_digest(self) -> bool:

@@ -195,7 +195,9 @@ class PostgresEscalations:
             SELECT e.escalation_id FROM pages p JOIN escalations e
                 ON e.escalation_id = p.escalation_id
             WHERE p.channel = $1 AND p.recipient = $2
-              AND e.status IN ('open', 'exhausted') AND p.purpose <> 'all_clear'
+              AND e.status IN ('open', 'exhausted')
+              -- A caregiver's number never acknowledges for the care team.
+              AND p.purpose NOT IN ('all_clear', 'caregiver')
             ORDER BY p.created_at DESC
             LIMIT 1
             """,

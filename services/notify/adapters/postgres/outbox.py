@@ -18,6 +18,8 @@ from uuid import UUID
 
 from schemas.events import Alert, Page
 from services.notify.adapters.postgres.alerts import alert_from_row
+from services.notify.adapters.postgres.caregivers import CaregiverWriter, with_caregiver_words
+from services.notify.domain.caregiver import happenings
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -150,6 +152,10 @@ class PostgresOutbox:
         await writer.opened(alert, escalation_id, care_team_id, snapshot, transition)
         for entry in then:
             writer.event(escalation_id, entry)
+        # The family is told beside the care team's first page (``domain.caregiver``).
+        await CaregiverWriter(self._db, writer, at).tell(
+            [(alert, escalation_id, care_team_id, transition)]
+        )
         return await writer.flush(claim_until=claim_until)
 
     async def add_effects(
@@ -916,6 +922,36 @@ class PageWriter:
                 then.reason,
             )
 
+    def caregiver_page(
+        self,
+        alert: Alert,
+        escalation_id: UUID,
+        care_team_id: str,
+        recipient_ref: str,
+        rank: int,
+        channel: str,
+        address: str,
+        key_base: str,
+        due_at: datetime | None,
+    ) -> None:
+        """A message to a caregiver (``adapters.postgres.caregivers``): no bundle, no failover,
+        due at ``due_at`` when it waits for the contact's preferred hours."""
+        self._bundle_id, self._due = None, due_at
+        self._add(
+            alert,
+            escalation_id,
+            care_team_id,
+            recipient_ref,
+            rank,
+            channel,
+            address,
+            PagePurpose.CAREGIVER,
+            key_base,
+            None,
+            False,
+        )
+        self._due = None
+
     def _add(
         self,
         alert: Alert,
@@ -982,7 +1018,7 @@ class PageWriter:
                     p.key,
                     status,
                     at,
-                    "fallback" if p.recipient_ref.startswith(FALLBACK_PREFIX) else "care_team",
+                    _route_of(p.recipient_ref),
                     p.route_detail,
                     p.escalation_id,
                     p.recipient_ref,
@@ -1041,7 +1077,11 @@ async def write_effects(
     """Each transition's timeline entries and the pages its commands ask for (its alert and
     the contact methods of the people it pages read once for all), queued."""
     writer = PageWriter(conn, at, fallback_email)
-    needed = [record.alert_id for record, t in changes if t.commands]
+    # The transitions the family hears of (first page, acknowledged, exhausted, resolved).
+    told = [(r, t) for r, t in changes if happenings(t.timeline, round_no=t.state.round_no)]
+    needed = [record.alert_id for record, t in changes if t.commands] + [
+        record.alert_id for record, _ in told
+    ]
     alerts: dict[UUID, Alert] = {}
     if needed:
         for alert_row in await conn.fetch(
@@ -1062,7 +1102,20 @@ async def write_effects(
                 _round_tag(transition.state.round_no),
                 alert_purpose=alert_purpose,
             )
+    if told:
+        await CaregiverWriter(conn, writer, at).tell(
+            [(alerts[r.alert_id], r.escalation_id, r.care_team_id, t) for r, t in told]
+        )
     await writer.flush(claim_until=None)
+
+
+def _route_of(recipient_ref: str) -> str:
+    """``pages.route``: to the care team, its fallback address, or a caregiver at home."""
+    if recipient_ref.startswith(FALLBACK_PREFIX):
+        return "fallback"
+    if recipient_ref.startswith(f"{RecipientKind.CAREGIVER.value}:"):
+        return "caregiver"
+    return "care_team"
 
 
 def opened_detail(alert: Alert, snapshot: PolicySnapshot, care_team_id: str) -> dict[str, Any]:
@@ -1406,4 +1459,4 @@ async def with_context(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
                 ),
             )
         )
-    return out
+    return await with_caregiver_words(conn, out)
