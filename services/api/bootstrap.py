@@ -32,7 +32,9 @@ from services.api.entrypoints.http import (
     caregivers,
     dashboard,
     enrolment,
+    escalation_policy,
     fhir,
+    oncall,
     patients,
     protocols,
     roster,
@@ -70,9 +72,10 @@ def create_app(
         )
         app.state.caregiver_store = PostgresContactStore(pool)
         app.state.caregivers = CaregiverContacts(app.state.caregiver_store, app.state.audit, clock)
-        from services.notify.public import AlertActions, AlertTimelines
+        from services.notify.public import AlertActions, AlertTimelines, TeamRegistry
 
         app.state.alert_timelines = AlertTimelines(pool)
+        app.state.team_registry = TeamRegistry(pool, clock)
         if alert_actions is None:
             app.state.alert_actions = AlertActions(pool)
         # Without broker accounts, device registration and credential changes answer 503.
@@ -120,6 +123,8 @@ def create_app(
     app.include_router(alerts.router)
     app.include_router(protocols.router)
     app.include_router(enrolment.router)
+    app.include_router(oncall.router)
+    app.include_router(escalation_policy.router)
     app.include_router(caregivers.router)
     app.include_router(dashboard.router)
     fhir_app.state.settings = settings

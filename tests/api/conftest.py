@@ -55,6 +55,10 @@ class RecordingAlertActions:
         self.calls.append(("resolve", dedup_key, by))
         return True
 
+    async def snooze(self, dedup_key: str, by: str, minutes: float) -> datetime | None:
+        self.calls.append(("snooze", dedup_key, by))
+        return datetime.now(UTC) + timedelta(minutes=minutes)
+
 
 class RecordingAudit:
     """Audit port that keeps entries in memory, so tests can assert what was audited."""

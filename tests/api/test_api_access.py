@@ -23,6 +23,9 @@ def api_paths(world: World) -> list[tuple[str, str]]:
         "care_team_id": world.team_a,
         "device_id": f"thermo-{world.patient_a}",
         "proposal_id": "00000000-0000-4000-8000-000000000000",
+        "person_id": f"nobody-{world.run}",
+        "schedule_id": f"nothing-{world.run}",
+        "contact_id": "00000000-0000-4000-8000-000000000001",
     }
     return [
         (method.upper(), path.format(**fill))

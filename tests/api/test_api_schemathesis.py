@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import hypothesis
 import pytest
@@ -61,9 +62,17 @@ class ThreadedServer:
         self.thread.join(10)
 
 
+@dataclass(frozen=True)
+class LiveApi:
+    base: str
+    token: str  # a clinician's
+    manager_token: str  # a charge nurse's of team_a
+    team_a: str
+
+
 @pytest.fixture(scope="module")
-def live_api(stack_env: dict[str, str]) -> Iterator[tuple[str, str]]:
-    """Base URL of a live API and a clinician's bearer token."""
+def live_api(stack_env: dict[str, str]) -> Iterator[LiveApi]:
+    """Base URL of a live API, a clinician's and a charge nurse's bearer tokens."""
     import httpx
 
     port = free_port()
@@ -72,17 +81,22 @@ def live_api(stack_env: dict[str, str]) -> Iterator[tuple[str, str]]:
         world = asyncio.run(
             build_world(stack_env["VIGIL_PG_DSN"], base, RecordingAlertActions(), None)
         )
-        token = httpx.post(
-            f"{base}/auth/token",
-            data={"username": world.users["clinician_a"], "password": PASSWORD},
-        ).json()["access_token"]
-        yield base, token
+
+        def token(label: str) -> str:
+            return str(
+                httpx.post(
+                    f"{base}/auth/token",
+                    data={"username": world.users[label], "password": PASSWORD},
+                ).json()["access_token"]
+            )
+
+        yield LiveApi(base, token("clinician_a"), token("nurse_a"), world.team_a)
 
 
-def test_api_has_no_server_errors_and_no_ignored_auth(live_api: tuple[str, str]) -> None:
+def test_api_has_no_server_errors_and_no_ignored_auth(live_api: LiveApi) -> None:
     """Every operation, with generated inputs and a valid token: never a 5xx, and removing or
     corrupting the credentials never still gets a successful answer."""
-    base, token = live_api
+    base, token = live_api.base, live_api.token
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     # The event stream never ends by design; the dashboard test covers it in a browser.
@@ -108,6 +122,45 @@ def test_api_has_no_server_errors_and_no_ignored_auth(live_api: tuple[str, str])
                     status_code_conformance,
                     response_schema_conformance,
                 ],
+                timeout=10,
+            )
+
+        try:
+            exercise()
+        except (Exception, BaseExceptionGroup) as error:  # every operation runs; all failures shown
+            failures.append(f"{operation.method.upper()} {operation.path}: {error}"[:1500])
+    assert not failures, "\n\n".join(failures)
+
+
+def test_a_managers_changes_to_their_own_team_have_no_server_errors(live_api: LiveApi) -> None:
+    """The care team's paging routes (on-call, escalation) with generated inputs, as a charge
+    nurse of the team they name, so that writes reach validation and the database rather than
+    stopping at 403 or 404: never a 5xx, every answer as documented."""
+    base = live_api.base
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    operations = [
+        op
+        for op in (result.ok() for result in schema.get_all_operations())
+        if op.path.startswith("/api/care-teams/{care_team_id}")
+        and set(op.definition.raw.get("tags", ())) & {"on-call", "escalation"}
+    ]
+    assert len(operations) >= 15
+    failures: list[str] = []
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=15,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        def exercise(case: schemathesis.Case) -> None:
+            case.path_parameters = {**(case.path_parameters or {}), "care_team_id": live_api.team_a}
+            case.call_and_validate(
+                base_url=base,
+                headers={"Authorization": f"Bearer {live_api.manager_token}"},
+                checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
                 timeout=10,
             )
 

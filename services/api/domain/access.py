@@ -26,6 +26,9 @@ class Action(StrEnum):
     CHANGE_THRESHOLDS = "change_thresholds"
     # Enrol patients, change their weight, register devices and bind, unbind or swap them.
     MANAGE_PATIENTS = "manage_patients"
+    # Change who is paged and how: the care team, its people, on-call schedules and overrides,
+    # the escalation policy, quiet hours and the early-cycle escalation.
+    MANAGE_TEAM = "manage_team"
 
 
 _ALLOWED: dict[Role, frozenset[Action]] = {
@@ -38,6 +41,7 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
             Action.RESOLVE,
             Action.CHANGE_THRESHOLDS,
             Action.MANAGE_PATIENTS,
+            Action.MANAGE_TEAM,
         }
     ),
     # Engineers and auditors read everything of their teams and change nothing.
@@ -50,6 +54,7 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
             Action.READ_AUDIT,
             Action.MANAGE_USERS,
             Action.MANAGE_PATIENTS,
+            Action.MANAGE_TEAM,
         }
     ),
 }

@@ -1,4 +1,5 @@
-"""PostgreSQL side of notify's HTTP API: ``ApiRepository`` and ``SettingsChanges`` over asyncpg.
+"""PostgreSQL side of notify's HTTP API (and of the care-team API's ``public.TeamRegistry``):
+``ApiRepository`` and ``SettingsChanges`` over asyncpg.
 
 Owns the SQL against ``care_teams``, ``people``, ``contact_methods``, ``oncall_schedules``,
 ``oncall_overrides``, ``escalation_policies``, ``notify_quiet_hours`` and
@@ -237,6 +238,72 @@ class PostgresApiRepository:
         async with PostgresUnitOfWork(self._pool, transaction=False) as uow:
             return await uow.policies.rotation(schedule_id)
 
+    # Reads of one care team's registry, for the care-team API (``services/notify/public.py``),
+    # which scopes each of them to the caller's teams by the care team they name.
+
+    async def care_team(self, care_team_id: str) -> dict[str, Any] | None:
+        row = await self._pool.fetchrow(
+            "SELECT care_team_id, name, oncall_email, timezone FROM care_teams "
+            "WHERE care_team_id = $1",
+            care_team_id,
+        )
+        return None if row is None else dict(row)
+
+    async def people_of(self, care_team_id: str) -> list[dict[str, Any]]:
+        rows = await self._pool.fetch(
+            """
+            SELECT p.person_id, p.name, p.care_team_id,
+                   coalesce(jsonb_agg(jsonb_build_object('channel', c.channel,
+                                                         'address', c.address)
+                                      ORDER BY c.rank) FILTER (WHERE c.person_id IS NOT NULL),
+                            '[]'::jsonb) AS contact_methods
+            FROM people p LEFT JOIN contact_methods c USING (person_id)
+            WHERE p.care_team_id = $1
+            GROUP BY p.person_id ORDER BY p.person_id
+            """,
+            care_team_id,
+        )
+        return [{**dict(row), "contact_methods": _json(row["contact_methods"])} for row in rows]
+
+    async def schedule(self, schedule_id: str, *, since: datetime) -> dict[str, Any] | None:
+        """The schedule as defined, with its overrides that end after ``since``."""
+        row = await self._pool.fetchrow(
+            "SELECT schedule_id, care_team_id, name, timezone, start_date, handoff_time, "
+            "shift_days, participants FROM oncall_schedules WHERE schedule_id = $1",
+            schedule_id,
+        )
+        if row is None:
+            return None
+        overrides = await self._pool.fetch(
+            "SELECT override_id, person_id, starts_at, ends_at FROM oncall_overrides "
+            "WHERE schedule_id = $1 AND ends_at > $2 ORDER BY starts_at, override_id",
+            schedule_id,
+            since,
+        )
+        return {
+            **dict(row),
+            "participants": list(row["participants"]),
+            "overrides": [dict(o) for o in overrides],
+        }
+
+    async def schedule_ids_of(self, care_team_id: str) -> list[str]:
+        rows = await self._pool.fetch(
+            "SELECT schedule_id FROM oncall_schedules WHERE care_team_id = $1 ORDER BY schedule_id",
+            care_team_id,
+        )
+        return [str(r["schedule_id"]) for r in rows]
+
+    async def policy(self, care_team_id: str) -> dict[str, Any] | None:
+        """The team's escalation policy as stored (steps' waits in seconds)."""
+        row = await self._pool.fetchrow(
+            "SELECT policy_id, name, steps, repeat_count, updated_at FROM escalation_policies "
+            "WHERE care_team_id = $1",
+            care_team_id,
+        )
+        if row is None:
+            return None
+        return {**dict(row), "steps": _json(row["steps"])}
+
     async def put_policy(self, care_team_id: str, policy: EscalationPolicyIn) -> None:
         steps = [
             {
@@ -297,3 +364,8 @@ class PostgresApiRepository:
 
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
         return await PostgresEscalations(self._pool).escalation_id_for(dedup_key)
+
+
+def _json(value: Any) -> Any:
+    """A jsonb value, whether the pool decodes jsonb or hands it over as text."""
+    return json.loads(value) if isinstance(value, str) else value

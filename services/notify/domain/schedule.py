@@ -58,3 +58,29 @@ def on_call_at(rotation: Rotation, at: datetime) -> str | None:
         return None
     index = (days // rotation.shift_days) % len(rotation.participants)
     return rotation.participants[index]
+
+
+def next_change(rotation: Rotation, at: datetime) -> tuple[datetime, str | None] | None:
+    """When the person on call next changes after ``at``, and who takes over (None: nobody);
+    None when nobody else ever takes over (one participant and no override ahead).
+
+    The on-call person can only change at a hand-off or at an override's start or end, so those
+    instants are tried in order: every day's hand-off over one whole turn of the rotation (and
+    the day it starts, if later) and every override boundary after ``at``."""
+    if at.tzinfo is None:
+        raise ValueError("at must be timezone-aware")
+    now = on_call_at(rotation, at)
+    zone = ZoneInfo(rotation.timezone)
+    first_day = at.astimezone(zone).date() - timedelta(days=1)
+    turn = rotation.shift_days * max(1, len(rotation.participants)) + 2
+    days = [first_day + timedelta(days=n) for n in range(turn)]
+    if rotation.start_date > first_day:
+        days.append(rotation.start_date)
+    candidates = {datetime.combine(day, rotation.handoff_time, tzinfo=zone) for day in days}
+    for override in rotation.overrides:
+        candidates.update((override.starts_at, override.ends_at))
+    for instant in sorted(c for c in candidates if c > at):
+        who = on_call_at(rotation, instant)
+        if who != now:
+            return instant, who
+    return None

@@ -1,4 +1,5 @@
-"""Alerts of the caller's care teams: list, timeline, acknowledge, resolve, and a live stream."""
+"""Alerts of the caller's care teams: list, timeline, acknowledge, snooze, resolve, and a live
+stream."""
 
 from __future__ import annotations
 
@@ -195,6 +196,44 @@ async def acknowledge(
     )
     after = await _episode_or_404(repository, principal, dedup_key)
     return ActionResult(dedup_key=dedup_key, status=after["status"], changed=changed)
+
+
+class SnoozeRequest(BaseModel):
+    minutes: float = Field(gt=0, le=24 * 60, description="How long the chain pauses.")
+
+
+class SnoozeResult(BaseModel):
+    dedup_key: str
+    snoozed_until: datetime = Field(description="When the chain goes on paging if nobody acts.")
+
+
+@router.post(
+    "/{dedup_key}/snooze",
+    response_model=SnoozeResult,
+    responses=not_found("alert, or no escalation for it"),
+)
+async def snooze(
+    request: Request,
+    dedup_key: str,
+    body: SnoozeRequest,
+    principal: Acknowledger,
+    repository: Repository,
+) -> SnoozeResult:
+    """Pause the alert's escalation for ``minutes``: no further step is paged until then, and
+    the timeline records who snoozed it. Needs ``acknowledge``; audited."""
+    episode = await _episode_or_404(repository, principal, dedup_key)
+    until = await request.app.state.alert_actions.snooze(
+        dedup_key, principal.username, body.minutes
+    )
+    if until is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no escalation for this alert")
+    await request.app.state.audit.record(
+        principal.user_id,
+        "alert.snooze",
+        f"patient:{episode['patient_id']}",
+        {"dedup_key": dedup_key, "minutes": body.minutes, "until": until.isoformat()},
+    )
+    return SnoozeResult(dedup_key=dedup_key, snoozed_until=until)
 
 
 @router.post("/{dedup_key}/resolve", response_model=ActionResult, responses=not_found("alert"))
