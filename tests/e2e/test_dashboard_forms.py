@@ -499,3 +499,41 @@ async def test_the_forms_are_only_for_roles_that_may_manage_patients(ward: Ward)
         assert 'href="/enrol"' not in roster.text and 'href="/devices"' not in roster.text
         assert (await client.get("/enrol")).status_code == 403
         assert (await client.get("/devices")).status_code == 403
+
+
+async def test_the_roster_shows_who_is_on_call_now_and_next(ward: Ward, page: Any) -> None:
+    for person, name in (("ana", "Ana"), ("ben", "Ben")):
+        answer = await ward.call(
+            "PUT",
+            f"/api/care-teams/{ward.team}/people/{person}-{ward.run}",
+            {
+                "name": name,
+                "contact_methods": [{"channel": "email", "address": f"{person}@x.test"}],
+            },
+        )
+        assert answer.status_code < 300, answer.text
+    today = datetime.now(ZoneInfo(TEAM_ZONE)).date()
+    answer = await ward.call(
+        "PUT",
+        f"/api/care-teams/{ward.team}/schedules/nights-{ward.run}",
+        {
+            "name": "Nights",
+            "timezone": TEAM_ZONE,
+            "start_date": (today - timedelta(days=2)).isoformat(),
+            "handoff_time": "08:00",
+            "shift_days": 1,
+            "participants": [f"ana-{ward.run}", f"ben-{ward.run}"],
+        },
+    )
+    assert answer.status_code < 300, answer.text
+    expected = (await ward.call("GET", f"/api/care-teams/{ward.team}/on-call")).json()
+    (shift,) = expected["schedules"]
+
+    await page.goto(f"{ward.base_url}/roster")
+    card = page.locator(f"#oncall .card[data-team='{ward.team}']")
+    await card.locator(".shift").wait_for(timeout=15_000)
+    text = await card.inner_text()
+    assert shift["person_name"] in text and f"then {shift['next_person_name']}" in text
+    at, words = await shown_time(card.locator("time"))
+    assert at == datetime.fromisoformat(shift["until"]) and words == local_time(at, TEAM_ZONE)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-roster-on-call.png"), full_page=True)
