@@ -153,7 +153,7 @@ class ShiftView(BaseModel):
         "takes over)."
     )
     until_local: str | None = Field(
-        description="The same, e.g. 2025-01-15 08:00 CET (Europe/Berlin)."
+        description="The same, e.g. 15 Jan 08:00 (Europe/Berlin)."
     )
     next_person_id: str | None = Field(description="Who is on call from then.")
     next_person_name: str | None
