@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.api.adapters.audit import AuditTrail
+from services.api.adapters.caregiver_guidance import PostgresGuidanceStore
 from services.api.adapters.caregivers import PostgresContactStore
 from services.api.adapters.enrolment import PostgresRegistryStore
 from services.api.adapters.fhir import FhirRepository
@@ -39,6 +40,7 @@ from services.api.entrypoints.http import (
     protocols,
     roster,
 )
+from services.api.service_layer.caregiver_guidance import GuidanceChanges
 from services.api.service_layer.caregivers import CaregiverContacts
 from services.api.service_layer.enrolment import BrokerAccounts, BrokerEndpoint, EnrolmentService
 from services.api.service_layer.fhir_export import ExportJobs
@@ -72,6 +74,10 @@ def create_app(
         )
         app.state.caregiver_store = PostgresContactStore(pool)
         app.state.caregivers = CaregiverContacts(app.state.caregiver_store, app.state.audit, clock)
+        app.state.guidance_store = PostgresGuidanceStore(pool)
+        app.state.guidance_changes = GuidanceChanges(
+            app.state.guidance_store, app.state.audit, clock
+        )
         from services.notify.public import AlertActions, AlertTimelines, TeamRegistry
 
         app.state.alert_timelines = AlertTimelines(pool)

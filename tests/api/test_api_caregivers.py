@@ -135,3 +135,34 @@ async def test_unit_phone(api_world: World) -> None:
     assert (
         await call(w, "nurse_a", "PUT", other, {"unit_phone": "+441632960000"})
     ).status_code == 404
+
+
+async def test_guidance_takes_a_second_sign_off(api_world: World) -> None:
+    w = api_world
+    path = f"/api/care-teams/{w.team_a}/caregiver-guidance/pump_alarm/en"
+    text = {"text": "Check the pump line for kinks and keep the pump upright."}
+    assert (await call(w, "clinician_a", "PUT", path, text)).status_code == 403
+    other = f"/api/care-teams/{w.team_b}/caregiver-guidance/pump_alarm/en"
+    assert (await call(w, "nurse_a", "PUT", other, text)).status_code == 404
+    bad = f"/api/care-teams/{w.team_a}/caregiver-guidance/pump_alarm/de"
+    assert (await call(w, "nurse_a", "PUT", bad, text)).status_code == 422
+    r = await call(w, "nurse_a", "PUT", path, text)
+    assert r.status_code == 202, r.text
+    proposal = r.json()
+    assert proposal["status"] == "pending" and proposal["based_on_version"] == 0
+    current = f"/api/care-teams/{w.team_a}/caregiver-guidance"
+    assert (await call(w, "clinician_a", "GET", current)).json() == []
+    pending = await call(w, "clinician_a", "GET", "/api/caregiver-guidance-proposals")
+    assert [p["proposal_id"] for p in pending.json()] == [proposal["proposal_id"]]
+    approve = f"/api/caregiver-guidance-proposals/{proposal['proposal_id']}/approve"
+    assert (await call(w, "nurse_a", "POST", approve)).status_code == 403  # the proposer
+    assert (await call(w, "clinician_b", "POST", approve)).status_code == 403
+    r = await call(w, "nurse2_a", "POST", approve)
+    assert r.status_code == 200 and r.json()["version"] == 1
+    assert (await call(w, "nurse2_a", "POST", approve)).status_code == 409
+    (version,) = (await call(w, "clinician_a", "GET", current)).json()
+    assert version["text"] == text["text"] and version["version"] == 1
+    assert version["proposed_by"] == w.users["nurse_a"]
+    assert version["signed_off_by"] == w.users["nurse2_a"]
+    changed = actions(w, "caregiver_guidance.changed")[-1]
+    assert changed[2] == f"care_team:{w.team_a}" and changed[3]["new"] == text["text"]

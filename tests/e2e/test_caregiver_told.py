@@ -1,8 +1,9 @@
 """The family in the loop, end to end: a fever published over MQTT pages the care team, and the
 caregiver who consented is told by SMS (the Twilio-shaped server) and e-mail (a real SMTP
-server), in French; the clinician's acknowledgement and the all clear reach them the same way;
-a caregiver whose consent was withdrawn hears nothing; a refused SMS is retried and the retry
-shows in the timeline; the caregiver's SMS reply never acknowledges for the care team."""
+server), in French, with the care team's signed-off guidance; the clinician's acknowledgement
+and the all clear reach them the same way; a caregiver whose consent was withdrawn hears
+nothing; a refused SMS is retried and the retry shows in the delivery log; the caregiver's
+number finds no page to acknowledge."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ HOME_SMS = "+33612345678"
 HOME_EMAIL = "home-{run}@family.test"
 WITHDRAWN_SMS = "+33612345679"
 UNIT_PHONE = "+33140000000"
+FEVER_GUIDANCE = "Déshabillez légèrement votre enfant et reprenez sa température dans 15 minutes."
 
 
 @dataclass
@@ -151,6 +153,16 @@ async def _family_of(dsn: str, run_id: str, patient: str, team: str) -> str:
                 None if withdrawn is None else "charge-nurse",
                 withdrawn,
             )
+        # The care team's signed-off guidance for a fever, in French (proposed by one person,
+        # approved by another: docs/caregivers.md).
+        await conn.execute(
+            "INSERT INTO caregiver_guidance (care_team_id, alarm, language, version, text, "
+            "proposed_by, signed_off_by, signed_off_at) VALUES ($1, 'fever', 'fr', 1, $2, "
+            "'charge-nurse', 'second-nurse', $3)",
+            team,
+            FEVER_GUIDANCE,
+            now,
+        )
         await conn.execute(
             "INSERT INTO caregiver_team_settings (care_team_id, unit_phone, updated_by, "
             "updated_at) VALUES ($1, $2, 'charge-nurse', $3)",
@@ -214,7 +226,7 @@ async def test_caregiver_told_on_page_acknowledgement_and_all_clear(
     sms = family.twilio.sent_to(HOME_SMS)[0]["body"]
     assert refused and refused[0] == sms  # the retry sends the same words
     assert sms.startswith("Vigil a détecté une température élevée à ")
-    assert "Votre équipe soignante a été alertée." in sms
+    assert f"Votre équipe soignante a été alertée. {FEVER_GUIDANCE} (Ref " in sms
     mail = _home_mail(family)[0]
     assert _subject(mail) == "Vigil : votre équipe soignante a été alertée"
     assert "Votre équipe soignante a été alertée." in _body(mail)

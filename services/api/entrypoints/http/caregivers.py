@@ -1,8 +1,11 @@
-"""Caregiver contacts of a patient and the care team's 24-hour number (docs/caregivers.md).
+"""Caregiver contacts of a patient, the care team's 24-hour number and the first-response
+guidance for families (docs/caregivers.md).
 
-Reading needs ``read_patient`` and is audited (``caregivers.read``); changes need
-``manage_patients`` (charge nurse, admin). A patient or care team outside the caller's care
-teams is answered 404. The use cases are ``services.api.service_layer.caregivers``.
+Reading needs ``read_patient`` (contacts: audited, ``caregivers.read``); changes of contacts and
+of the number need ``manage_patients`` (charge nurse, admin); guidance is proposed and approved
+by two different people who may change thresholds (``change_thresholds``: charge nurse). A
+patient or care team outside the caller's care teams is answered 404. The use cases are
+``services.api.service_layer.caregivers`` and ``caregiver_guidance``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from datetime import datetime, time
 from typing import Annotated, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.domain.access import Action, Principal
 from services.api.entrypoints.http.deps import Repository, require
 from services.api.entrypoints.http.responses import AUTHENTICATED, Problem, invalid, not_found
+from services.api.service_layer.caregiver_guidance import (
+    GuidanceChanges,
+    GuidanceProposal,
+    InvalidGuidance,
+)
 from services.api.service_layer.caregivers import (
     CaregiverContacts,
     Contact,
@@ -24,6 +32,7 @@ from services.api.service_layer.caregivers import (
     Invalid,
     Refused,
 )
+from services.api.service_layer.thresholds import Person, ProposalRefused
 
 router = APIRouter(prefix="/api", tags=["caregivers"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
@@ -287,3 +296,171 @@ async def set_unit_phone(
         updated_by=principal.username,
         updated_at=at,
     )
+
+
+# -- first-response guidance, under two sign-offs --------------------------------------------
+
+Changer = Annotated[Principal, Depends(require(Action.CHANGE_THRESHOLDS))]
+
+
+class GuidanceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(
+        max_length=2000,
+        description="What the family is told to do meanwhile (1-200 characters once spaces are "
+        "collapsed); no names.",
+    )
+
+
+class GuidanceVersion(BaseModel):
+    alarm: str
+    language: str
+    version: int
+    text: str
+    proposed_by: str
+    signed_off_by: str
+    signed_off_at: datetime
+
+
+class GuidanceProposalView(BaseModel):
+    proposal_id: UUID
+    care_team_id: str
+    alarm: str
+    language: str
+    text: str
+    based_on_version: int = Field(description="The newest version when it was proposed (0: none).")
+    proposed_by: str
+    proposed_at: datetime
+    status: Literal["pending", "approved", "rejected", "withdrawn"]
+    decided_by: str | None
+    decided_at: datetime | None
+    version: int | None = Field(description="The version its approval wrote.")
+
+
+def _proposal_view(p: GuidanceProposal) -> GuidanceProposalView:
+    return GuidanceProposalView(
+        proposal_id=p.proposal_id,
+        care_team_id=p.care_team_id,
+        alarm=p.alarm,
+        language=p.language,
+        text=p.text,
+        based_on_version=p.based_on,
+        proposed_by=p.proposed_by,
+        proposed_at=p.proposed_at,
+        status=p.status,
+        decided_by=p.decided_by,
+        decided_at=p.decided_at,
+        version=p.version,
+    )
+
+
+def _guidance(request: Request) -> GuidanceChanges:
+    changes: GuidanceChanges = request.app.state.guidance_changes
+    return changes
+
+
+@router.get(
+    "/care-teams/{care_team_id}/caregiver-guidance",
+    response_model=list[GuidanceVersion],
+    responses=not_found("care team"),
+)
+async def guidance_in_force(
+    request: Request, care_team_id: str, principal: Reader
+) -> list[GuidanceVersion]:
+    """The newest signed-off version of each alarm and language of the team."""
+    if not principal.sees_team(care_team_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
+    rows = await request.app.state.guidance_store.current(care_team_id)
+    return [GuidanceVersion(**row) for row in rows]
+
+
+@router.put(
+    "/care-teams/{care_team_id}/caregiver-guidance/{alarm}/{language}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=GuidanceProposalView,
+    responses=not_found("care team"),
+)
+async def propose_guidance(
+    request: Request,
+    care_team_id: str,
+    alarm: str,
+    language: str,
+    body: GuidanceIn,
+    principal: Changer,
+) -> GuidanceProposalView:
+    """Propose the next version of the guidance for ``alarm`` (``fever``, ``pump_alarm``,
+    ``device_silent``, ``data_lost``, or one alert code such as ``pump_occlusion_downstream``)
+    in ``language``; it replaces a pending proposal and takes effect when a second person
+    approves it."""
+    if not principal.sees_team(care_team_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
+    try:
+        proposal = await _guidance(request).propose(
+            Person(principal.user_id, principal.username), care_team_id, alarm, language, body.text
+        )
+    except InvalidGuidance as error:
+        where = "body" if error.field == "text" else "path"
+        raise invalid(error.field, str(error), where=where) from None
+    return _proposal_view(proposal)
+
+
+@router.get("/caregiver-guidance-proposals", response_model=list[GuidanceProposalView])
+async def guidance_proposals(
+    request: Request,
+    principal: Reader,
+    status_: Annotated[
+        Literal["pending", "approved", "rejected", "withdrawn"] | None, Query(alias="status")
+    ] = "pending",
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[GuidanceProposalView]:
+    """Guidance proposals of the caller's care teams, newest first (default: pending ones)."""
+    store = request.app.state.guidance_store
+    return [_proposal_view(p) for p in await store.listed(principal.care_teams, status_, limit)]
+
+
+async def _decide_guidance(
+    request: Request, proposal_id: UUID, principal: Principal, approve: bool
+) -> GuidanceProposalView:
+    proposal = await request.app.state.guidance_store.get(proposal_id)
+    if proposal is None or not principal.sees_team(proposal.care_team_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such proposal")
+    person = Person(principal.user_id, principal.username)
+    try:
+        if approve:
+            decided = await _guidance(request).approve(person, proposal)
+        else:
+            decided = await _guidance(request).reject(person, proposal)
+    except ProposalRefused as refused:
+        raise HTTPException(refused.status, str(refused)) from None
+    return _proposal_view(decided)
+
+
+GUIDANCE_DECIDED = {
+    **not_found("proposal"),
+    409: {"model": Problem, "description": "Already decided, or a version was written since."},
+}
+
+
+@router.post(
+    "/caregiver-guidance-proposals/{proposal_id}/approve",
+    response_model=GuidanceProposalView,
+    responses=GUIDANCE_DECIDED,
+)
+async def approve_guidance(
+    request: Request, proposal_id: UUID, principal: Changer
+) -> GuidanceProposalView:
+    """The second sign-off: someone other than the proposer, who may change thresholds,
+    approves; the text becomes the next version. 403 for the proposer."""
+    return await _decide_guidance(request, proposal_id, principal, approve=True)
+
+
+@router.post(
+    "/caregiver-guidance-proposals/{proposal_id}/reject",
+    response_model=GuidanceProposalView,
+    responses=GUIDANCE_DECIDED,
+)
+async def reject_guidance(
+    request: Request, proposal_id: UUID, principal: Changer
+) -> GuidanceProposalView:
+    """Reject a pending proposal (``withdrawn`` when its proposer does it)."""
+    return await _decide_guidance(request, proposal_id, principal, approve=False)

@@ -2,8 +2,9 @@
 engine, written beside the care team's pages in the same transaction, on the same outbox.
 
 ``CaregiverWriter.tell`` reads the patient's caregiver contacts (``caregiver_contacts``,
-migration 0040), the care team's zone and 24-hour number, who was told of the alarm before and
-the alarm messages each contact had lately, asks the pure ``decide``, and writes each message
+migration 0040), the care team's zone and 24-hour number, its signed-off first-response
+guidance (``caregiver_guidance``, migration 0042), who was told of the alarm before and the
+alarm messages each contact had lately, asks the pure ``decide``, and writes each message
 as a ``pages`` row (purpose ``caregiver``, recipient ``caregiver:<contact id>``, route
 ``caregiver``) through the ``PageWriter`` (so claims, retries, attempts and the timeline are the
 pages' own), its words in ``caregiver_messages``, a ``caregiver_told`` or ``caregiver_not_told``
@@ -132,6 +133,23 @@ class CaregiverWriter:
                 prior.setdefault(uuid.UUID(str(r["contact_id"])), []).append(
                     PriorAlarm(at=r["at"], still_open=bool(r["still_open"]))
                 )
+        guidance: dict[str, str] | None = None
+        if happening is Happening.PAGED:
+            # The care team's signed-off words for this alert code, else for its rule's family,
+            # newest version, per language (migration 0042).
+            guidance = {
+                str(r["language"]): str(r["text"])
+                for r in await conn.fetch(
+                    """
+                    SELECT DISTINCT ON (language) language, text FROM caregiver_guidance
+                    WHERE care_team_id = $1 AND alarm IN ($2, $3)
+                    ORDER BY language, alarm = $2 DESC, version DESC
+                    """,
+                    team,
+                    alert.code,
+                    category.value,
+                )
+            }
         caller = None
         if happening is Happening.ACKNOWLEDGED:
             caller = await self._caller(transition.state.acknowledged_by)
@@ -143,6 +161,7 @@ class CaregiverWriter:
             zone=str(team_row["timezone"]) if team_row else "UTC",
             unit_phone=None if team_row is None else team_row["unit_phone"],
             caller=caller,
+            guidance=guidance,
         )
         messages, not_told = decide(situation, contacts, told_of_this=told, prior_alarms=prior)
         for message in messages:
