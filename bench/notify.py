@@ -47,9 +47,9 @@ from schemas.events import (
     AlertState,
     Evidence,
 )
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.service_layer.escalation import (
     EscalationConfig,
@@ -120,7 +120,7 @@ def _service(
     pool: Any, *, webhook_url: str, smtp_port: int, group_wait_s: float
 ) -> EscalationService:
     return EscalationService(
-        store=PostgresEscalationStore(pool),
+        unit_of_work=unit_of_work_factory(pool),
         alerts=PostgresNotifyRepository(pool),
         email=SmtpSender(host="127.0.0.1", port=smtp_port, envelope_from="bench@localhost"),
         sms=None,

@@ -6,15 +6,16 @@ here.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import asyncpg
 
-from services.notify.adapters.escalation_store import PostgresEscalationStore
-from services.notify.adapters.metrics import NotifyMetrics, ObservedEscalationStore
+from services.notify.adapters.metrics import NotifyMetrics, observed_unit_of_work
 from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
 from services.notify.service_layer.channels import (
@@ -24,7 +25,11 @@ from services.notify.service_layer.channels import (
     PagerDutyChannel,
     SmsChannel,
 )
-from services.notify.service_layer.escalation import EscalationConfig, EscalationService
+from services.notify.service_layer.escalation import (
+    EscalationConfig,
+    EscalationService,
+    load_policy,
+)
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
 from services.notify.settings import NotifySettings
 from vigil.runtime import utcnow
@@ -71,7 +76,8 @@ def build_escalation(
     metrics: NotifyMetrics | None = None,
 ) -> tuple[EscalationService, list[Any]]:
     """The escalation service over ``pool`` with the channels the settings enable; with
-    ``metrics``, its store reports attempts, failovers, acknowledgements and heartbeats.
+    ``metrics``, its units of work report attempts, failovers, acknowledgements and
+    heartbeats.
 
     Returns the service and the HTTP clients to close at shutdown.
     """
@@ -92,17 +98,15 @@ def build_escalation(
     if settings.pagerduty_events_url is not None:
         webhook = PagerDutyEvents(base_url=settings.pagerduty_events_url)
         closers.append(webhook)
-    store = (
-        PostgresEscalationStore(pool, fallback_email=settings.fallback_email)
+    unit_of_work = (
+        unit_of_work_factory(pool, fallback_email=settings.fallback_email)
         if metrics is None
-        else ObservedEscalationStore(
-            pool, metrics, now=clock, fallback_email=settings.fallback_email
-        )
+        else observed_unit_of_work(pool, metrics, now=clock, fallback_email=settings.fallback_email)
     )
     channels = channel_registry(settings, sms=sms, webhook=webhook)
     outages = OutageWatch(
         store=PostgresOutageStore(pool),
-        load_policy=store.load_policy,
+        load_policy=partial(load_policy, unit_of_work),
         channels=channels,
         config=OutageConfig(
             sender_address=settings.smtp_from,
@@ -116,7 +120,7 @@ def build_escalation(
         clock=clock,
     )
     service = EscalationService(
-        store=store,
+        unit_of_work=unit_of_work,
         alerts=PostgresNotifyRepository(pool),
         channels=channels,
         config=EscalationConfig(

@@ -1,15 +1,19 @@
-"""An in-memory escalation store and unit of work for unit tests of ``EscalationService``.
+"""An in-memory unit of work and repositories for unit tests of ``EscalationService``.
 
-``MemoryEscalationStore`` implements the part of the ``EscalationStore`` port the paging path
-uses, the way ``PostgresEscalationStore`` does it, on lists and dicts; its ``unit_of_work()``
-is a ``FakeUnitOfWork`` whose repositories (``FakeEscalations``, ``FakeOutbox``) write into the
-same lists and dicts, kept when the block commits and put back as they were when it does not.
-The service opens and advances escalations with the pure engine through them; whom the
-commands page and on which channel is the pure routing (``domain.routing.route``,
-``after_failure``); pages carry the same idempotency keys, are claimed, attempted, retried and
-failed over. What it does not model raises ``NotImplementedError`` or answers "nothing":
-bundling windows, quiet hours and their digests, the technical hold, PagerDuty's upstream
-acknowledge / resolve, delivery receipts.
+``MemoryNotifyDatabase`` holds what the paging path's tables hold, on lists and dicts; its
+``unit_of_work`` (the ``UnitOfWorkFactory`` the service is given) makes a ``FakeUnitOfWork``
+whose repositories (``FakeEscalations``, ``FakeOutbox``, ``FakeBundles``, ``FakePolicies``,
+``FakeHeartbeats``) read and write them the way the PostgreSQL repositories do: kept when the
+block commits and put back as they were when it does not (with ``transaction=False`` every
+write stands on its own, as each statement does on PostgreSQL). The service opens and advances
+escalations with the pure engine through them; whom the commands page and on which channel is
+the pure routing (``domain.routing.route``, ``after_failure``); pages carry the same idempotency
+keys, are claimed, attempted, retried and failed over. What it does not model raises
+``NotImplementedError`` or answers "nothing": bundling windows, quiet hours and their digests,
+the technical hold, PagerDuty's upstream acknowledge / resolve, delivery receipts.
+
+``AsItsOwnUnitOfWork`` makes one small test double stand for a unit of work and all of its
+repositories at once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, Self, cast
 from uuid import UUID
 
 from schemas.events import Alert, Page
@@ -129,7 +133,9 @@ class MemoryAlerts:
         return True
 
 
-class MemoryEscalationStore:
+class MemoryNotifyDatabase:
+    """What the paging path's tables hold, read and written by the fake repositories."""
+
     def __init__(self, *, fallback_email: str = DEFAULT_FALLBACK_EMAIL) -> None:
         self.fallback_email = fallback_email
         self.teams: dict[str, str] = {}
@@ -145,8 +151,8 @@ class MemoryEscalationStore:
         self.commits = 0
         self.rollbacks = 0
 
-    def unit_of_work(self) -> FakeUnitOfWork:
-        return FakeUnitOfWork(self)
+    def unit_of_work(self, *, transaction: bool = True) -> FakeUnitOfWork:
+        return FakeUnitOfWork(self, transaction=transaction)
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -168,142 +174,6 @@ class MemoryEscalationStore:
 
     def pages_of(self, escalation_id: UUID) -> list[StoredPage]:
         return [p for p in self.pages if p.escalation_id == escalation_id]
-
-    # -- policies ------------------------------------------------------------------------------
-
-    async def team_of_patient(self, patient_id: str) -> str | None:
-        return self.teams.get(patient_id)
-
-    async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
-        return self.policies.get(care_team_id)
-
-    async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None:
-        return None
-
-    async def quiet_hours(self, care_team_id: str) -> QuietHours | None:
-        return None
-
-    # -- escalations ---------------------------------------------------------------------------
-
-    async def escalation_id_for(self, dedup_key: str) -> UUID | None:
-        for escalation in self.escalations.values():
-            if escalation.alert.dedup_key == dedup_key:
-                return escalation.escalation_id
-        return None
-
-    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
-        self.escalations[escalation_id].timeline.append(entry)
-
-    async def state_of(self, escalation_id: UUID) -> EscalationState | None:
-        escalation = self.escalations.get(escalation_id)
-        return None if escalation is None else escalation.state
-
-    async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
-        return None
-
-    # -- what this fake does not hold: nothing is ever held or bundled -------------------------
-
-    async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
-        return None
-
-    async def hold_for_quiet_hours(self, alert: Alert, **_: Any) -> UUID | None:
-        _not_modelled("quiet hours")
-
-    async def hold_technical(self, alert: Alert, **_: Any) -> UUID | None:
-        _not_modelled("the technical hold (technical_hold_s > 0)")
-
-    async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None:
-        _not_modelled("delivery receipts")
-
-    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
-        _not_modelled("delivery receipts")
-
-    # -- pages ---------------------------------------------------------------------------------
-
-    async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
-        jobs: list[PageJob] = []
-        for page in self.pages:
-            if len(jobs) >= limit:
-                break
-            if page.status not in ("queued", "failed") or page.next_attempt_at is None:
-                continue
-            if page.next_attempt_at > now:
-                continue
-            state = self.escalations[page.escalation_id].state
-            if page.purpose is PagePurpose.ALERT and state.status in (
-                EscalationStatus.ACKNOWLEDGED,
-                EscalationStatus.RESOLVED,
-            ):
-                # Asks for an action already taken or called off.
-                page.status, page.next_attempt_at = "cancelled", None
-                continue
-            page.status = "sending"
-            jobs.append(self._job(page, now, attempt=None))
-        return jobs
-
-    async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob:
-        page = self._page(job.page.page_id)
-        page.attempts += 1
-        return replace(job, attempt=page.attempts, resolving=False)
-
-    async def record_outcomes(
-        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
-    ) -> None:
-        for job, outcome, verdict, status in outcomes:
-            page = self._page(job.page.page_id)
-            page.updated_at = at
-            page.tries += 0 if job.resolving else 1
-            if isinstance(verdict, Delivered):
-                page.status, page.next_attempt_at = status, None
-                page.provider_ref = outcome.provider_id
-            elif isinstance(verdict, OutcomeUnknown):
-                page.status, page.next_attempt_at = "unknown", None
-            elif isinstance(verdict, RetryLater):
-                page.status = "failed"
-                page.next_attempt_at = at + timedelta(seconds=verdict.delay_s)
-            else:
-                page.status, page.next_attempt_at = "failed", None
-                self._after_failure(page, isinstance(verdict, NextChannel), at)
-
-    async def open_paged_to(self, channel: str, address: str) -> UUID | None:
-        for page in reversed(self.pages):
-            escalation = self.escalations[page.escalation_id]
-            if (
-                page.channel == channel
-                and page.address == address
-                and page.status in ("sent", "delivered")
-                and escalation.state.status in (EscalationStatus.OPEN, EscalationStatus.EXHAUSTED)
-            ):
-                return page.escalation_id
-        return None
-
-    async def person_for_address(self, channel: str, address: str) -> str | None:
-        for person, methods in self.contacts.items():
-            if any(m.channel == channel and m.address == address for m in methods):
-                return person
-        return None
-
-    async def spend_token(self, digest: str, at: datetime) -> bool:
-        if digest in self.tokens:
-            return False
-        self.tokens.add(digest)
-        return True
-
-    # -- the self-watch ------------------------------------------------------------------------
-
-    async def watch_source(self, source: str, at: datetime) -> None:
-        self.heartbeat_at.setdefault(source, (at, None))
-
-    async def heartbeat_seen(self, source: str, at: datetime) -> None:
-        _, silent = self.heartbeat_at.get(source, (at, None))
-        self.heartbeat_at[source] = (at, silent)
-
-    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
-        return [(s, seen, silent) for s, (seen, silent) in sorted(self.heartbeat_at.items())]
-
-    async def mark_silent(self, source: str, since: datetime | None) -> None:
-        seen, _ = self.heartbeat_at[source]
-        self.heartbeat_at[source] = (seen, since)
 
     # -- writing pages, as ``_Writer`` does ----------------------------------------------------
 
@@ -450,10 +320,10 @@ class MemoryEscalationStore:
 
 
 class FakeEscalations:
-    """``EscalationRepository`` over the store's escalations."""
+    """``EscalationRepository`` over the database's escalations."""
 
-    def __init__(self, store: MemoryEscalationStore) -> None:
-        self._store = store
+    def __init__(self, db: MemoryNotifyDatabase) -> None:
+        self._db = db
 
     async def add(
         self,
@@ -465,9 +335,9 @@ class FakeEscalations:
         at: datetime,
     ) -> UUID | None:
         escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
-        if escalation_id in self._store.escalations:
+        if escalation_id in self._db.escalations:
             return None
-        self._store.escalations[escalation_id] = StoredEscalation(
+        self._db.escalations[escalation_id] = StoredEscalation(
             escalation_id, alert, care_team_id, snapshot, state, opened_at=at
         )
         return escalation_id
@@ -475,13 +345,13 @@ class FakeEscalations:
     async def lock(
         self, escalation_id: UUID, *, whole_bundle: bool = False
     ) -> list[EscalationRecord]:
-        escalation = self._store.escalations.get(escalation_id)
+        escalation = self._db.escalations.get(escalation_id)
         return [] if escalation is None else [escalation.record()]
 
     async def lock_due(self, now: datetime, *, limit: int) -> list[EscalationRecord]:
         due = [
             e.record()
-            for e in self._store.escalations.values()
+            for e in self._db.escalations.values()
             if e.state.status is EscalationStatus.OPEN
             and e.state.due_at is not None
             and e.state.due_at <= now
@@ -490,26 +360,55 @@ class FakeEscalations:
 
     async def save(self, changes: Sequence[Change]) -> None:
         for record, transition in changes:
-            self._store.escalations[record.escalation_id].state = transition.state
+            self._db.escalations[record.escalation_id].state = transition.state
 
     async def record_acknowledged(
         self, record: EscalationRecord, event: Acknowledge, *, at: datetime
     ) -> None:
-        self._store.audit.append((event.by, event.via, record.dedup_key))
+        self._db.audit.append((event.by, event.via, record.dedup_key))
 
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
-        return await self._store.escalation_id_for(dedup_key)
+        for escalation in self._db.escalations.values():
+            if escalation.alert.dedup_key == dedup_key:
+                return escalation.escalation_id
+        return None
 
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
-        await self._store.note(escalation_id, at, entry)
+        self._db.escalations[escalation_id].timeline.append(entry)
+
+    async def state_of(self, escalation_id: UUID) -> EscalationState | None:
+        escalation = self._db.escalations.get(escalation_id)
+        return None if escalation is None else escalation.state
+
+    async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
+        return None
+
+    async def open_paged_to(self, channel: str, address: str) -> UUID | None:
+        for page in reversed(self._db.pages):
+            escalation = self._db.escalations[page.escalation_id]
+            if (
+                page.channel == channel
+                and page.address == address
+                and page.status in ("sent", "delivered")
+                and escalation.state.status in (EscalationStatus.OPEN, EscalationStatus.EXHAUSTED)
+            ):
+                return page.escalation_id
+        return None
+
+    async def spend_token(self, digest: str, at: datetime) -> bool:
+        if digest in self._db.tokens:
+            return False
+        self._db.tokens.add(digest)
+        return True
 
 
 class FakeOutbox:
-    """``OutboxRepository``: the pages the engine's commands ask for, written as the store's
-    ``_pages_for`` writes them (the pure routing over the store's contact methods)."""
+    """``OutboxRepository``: the pages the engine's commands ask for, written as the
+    database's ``_pages_for`` writes them (the pure routing over its contact methods), claimed,
+    attempted and failed over."""
 
-    def __init__(self, store: MemoryEscalationStore) -> None:
-        self._store = store
+    def __init__(self, db: MemoryNotifyDatabase) -> None:
+        self._db = db
 
     async def add_opened(
         self,
@@ -522,39 +421,88 @@ class FakeOutbox:
         at: datetime,
         claim_until: datetime,
     ) -> list[PageJob]:
-        escalation = self._store.escalations[escalation_id]
+        escalation = self._db.escalations[escalation_id]
         escalation.timeline.append(TimelineEntry("opened", {"policy_id": snapshot.policy_id}))
         escalation.timeline.extend(transition.timeline)
-        new = self._store._pages_for(escalation, transition.commands, at)
+        new = self._db._pages_for(escalation, transition.commands, at)
         # Claimed for the caller, their first attempt opened (in flight).
         for page in new:
             page.status, page.attempts = "sending", 1
             page.next_attempt_at = claim_until
-        return [self._store._job(page, at, attempt=1) for page in new]
+        return [self._db._job(page, at, attempt=1) for page in new]
 
     async def add_effects(self, changes: Sequence[Change], *, at: datetime) -> None:
         for record, transition in changes:
-            escalation = self._store.escalations[record.escalation_id]
+            escalation = self._db.escalations[record.escalation_id]
             escalation.timeline.extend(transition.timeline)
-            self._store._pages_for(escalation, transition.commands, at)
+            self._db._pages_for(escalation, transition.commands, at)
 
     async def sync_upstream(self, escalation_ids: Sequence[UUID], *, at: datetime) -> None:
         return None  # PagerDuty's upstream acknowledge / resolve is not modelled here
 
     async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]:
-        return await self._store.claim_pages(now, limit=limit, lease_s=lease_s)
+        jobs: list[PageJob] = []
+        for page in self._db.pages:
+            if len(jobs) >= limit:
+                break
+            if page.status not in ("queued", "failed") or page.next_attempt_at is None:
+                continue
+            if page.next_attempt_at > now:
+                continue
+            state = self._db.escalations[page.escalation_id].state
+            if page.purpose is PagePurpose.ALERT and state.status in (
+                EscalationStatus.ACKNOWLEDGED,
+                EscalationStatus.RESOLVED,
+            ):
+                # Asks for an action already taken or called off.
+                page.status, page.next_attempt_at = "cancelled", None
+                continue
+            page.status = "sending"
+            jobs.append(self._db._job(page, now, attempt=None))
+        return jobs
 
     async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob:
-        return await self._store.begin_attempt(job, at=at)
+        page = self._db._page(job.page.page_id)
+        page.attempts += 1
+        return replace(job, attempt=page.attempts, resolving=False)
 
     async def record_outcomes(
         self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
     ) -> None:
-        await self._store.record_outcomes(outcomes, at=at)
+        for job, outcome, verdict, status in outcomes:
+            page = self._db._page(job.page.page_id)
+            page.updated_at = at
+            page.tries += 0 if job.resolving else 1
+            if isinstance(verdict, Delivered):
+                page.status, page.next_attempt_at = status, None
+                page.provider_ref = outcome.provider_id
+            elif isinstance(verdict, OutcomeUnknown):
+                page.status, page.next_attempt_at = "unknown", None
+            elif isinstance(verdict, RetryLater):
+                page.status = "failed"
+                page.next_attempt_at = at + timedelta(seconds=verdict.delay_s)
+            else:
+                page.status, page.next_attempt_at = "failed", None
+                self._db._after_failure(page, isinstance(verdict, NextChannel), at)
+
+    async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None:
+        _not_modelled("delivery receipts")
+
+    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
+        _not_modelled("delivery receipts")
 
 
 class FakeBundles:
-    """``BundleRepository`` of a store that never holds or bundles an alert."""
+    """``BundleRepository`` of a database that never holds or bundles an alert."""
+
+    async def pending_bundle_of(self, dedup_key: str) -> UUID | None:
+        return None
+
+    async def hold_for_quiet_hours(self, alert: Alert, **_: Any) -> UUID | None:
+        _not_modelled("quiet hours")
+
+    async def hold_technical(self, alert: Alert, **_: Any) -> UUID | None:
+        _not_modelled("the technical hold (technical_hold_s > 0)")
 
     async def technical_hold_of(
         self, dedup_key: str, *, ended_at: datetime | None = None
@@ -576,22 +524,75 @@ class FakeBundles:
         _not_modelled("bundling windows (group_wait_s > 0)")
 
 
-class FakeUnitOfWork:
-    """``UnitOfWork`` over a ``MemoryEscalationStore``: ``async with`` it, write through its
-    repositories, ``await commit()``; a block left without a commit puts the store's
-    escalations, pages and audit entries back as they were when it began."""
+class FakePolicies:
+    """``PolicyRepository``: the database's patients' teams, teams' policies and people's
+    contact methods; no team has an early-cycle override or quiet hours."""
 
-    def __init__(self, store: MemoryEscalationStore) -> None:
-        self.store = store
-        self.escalations = FakeEscalations(store)
-        self.outbox = FakeOutbox(store)
+    def __init__(self, db: MemoryNotifyDatabase) -> None:
+        self._db = db
+
+    async def team_of_patient(self, patient_id: str) -> str | None:
+        return self._db.teams.get(patient_id)
+
+    async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
+        return self._db.policies.get(care_team_id)
+
+    async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None:
+        return None
+
+    async def quiet_hours(self, care_team_id: str) -> QuietHours | None:
+        return None
+
+    async def person_for_address(self, channel: str, address: str) -> str | None:
+        for person, methods in self._db.contacts.items():
+            if any(m.channel == channel and m.address == address for m in methods):
+                return person
+        return None
+
+
+class FakeHeartbeats:
+    """``HeartbeatRepository``: each source's last heartbeat and since when it is silent."""
+
+    def __init__(self, db: MemoryNotifyDatabase) -> None:
+        self._db = db
+
+    async def watch_source(self, source: str, at: datetime) -> None:
+        self._db.heartbeat_at.setdefault(source, (at, None))
+
+    async def heartbeat_seen(self, source: str, at: datetime) -> None:
+        _, silent = self._db.heartbeat_at.get(source, (at, None))
+        self._db.heartbeat_at[source] = (at, silent)
+
+    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
+        return [(s, seen, silent) for s, (seen, silent) in sorted(self._db.heartbeat_at.items())]
+
+    async def mark_silent(self, source: str, since: datetime | None) -> None:
+        seen, _ = self._db.heartbeat_at[source]
+        self._db.heartbeat_at[source] = (seen, since)
+
+
+class FakeUnitOfWork:
+    """``UnitOfWork`` over a ``MemoryNotifyDatabase``: ``async with`` it, write through its
+    repositories, ``await commit()``; a block left without a commit puts the database's
+    escalations, pages and audit entries back as they were when it began. With
+    ``transaction=False`` each write stands on its own: nothing is put back, and ``commit``
+    has nothing to do."""
+
+    def __init__(self, db: MemoryNotifyDatabase, *, transaction: bool = True) -> None:
+        self.db = db
+        self.escalations = FakeEscalations(db)
+        self.outbox = FakeOutbox(db)
         self.bundles = FakeBundles()
+        self.policies = FakePolicies(db)
+        self.heartbeats = FakeHeartbeats(db)
         self.committed = False
+        self._transactional = transaction
         self._saved: tuple[Any, ...] | None = None
 
     async def __aenter__(self) -> FakeUnitOfWork:
-        store = self.store
-        self._saved = copy.deepcopy((store.escalations, store.pages, store.audit))
+        if self._transactional:
+            db = self.db
+            self._saved = copy.deepcopy((db.escalations, db.pages, db.audit))
         self.committed = False
         return self
 
@@ -600,17 +601,60 @@ class FakeUnitOfWork:
             await self.rollback()
 
     async def commit(self) -> None:
+        if self._saved is None:
+            return
         self.committed = True
         self._saved = None
-        self.store.commits += 1
+        self.db.commits += 1
 
     async def rollback(self) -> None:
         if self._saved is None:
             return
-        self.store.escalations, self.store.pages, self.store.audit = self._saved
+        self.db.escalations, self.db.pages, self.db.audit = self._saved
         self._saved = None
-        self.store.rollbacks += 1
+        self.db.rollbacks += 1
+
+
+class AsItsOwnUnitOfWork:
+    """A test double that is its own unit of work and every repository of it: the service
+    calls ``unit_of_work`` (as its ``UnitOfWorkFactory``) and finds the double's methods under
+    ``uow.escalations``, ``uow.outbox`` and the rest. Nothing is rolled back."""
+
+    def unit_of_work(self, *, transaction: bool = True) -> Self:
+        return self
+
+    @property
+    def escalations(self) -> Self:
+        return self
+
+    @property
+    def outbox(self) -> Self:
+        return self
+
+    @property
+    def bundles(self) -> Self:
+        return self
+
+    @property
+    def policies(self) -> Self:
+        return self
+
+    @property
+    def heartbeats(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def commit(self) -> None:
+        return None
+
+    async def rollback(self) -> None:
+        return None
 
 
 def _not_modelled(what: str) -> NoReturn:
-    raise NotImplementedError(f"MemoryEscalationStore does not model {what}")
+    raise NotImplementedError(f"the in-memory notify database does not model {what}")

@@ -31,8 +31,8 @@ import httpx
 import pytest
 
 from schemas.events import Alert, AlertPhase
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
@@ -184,7 +184,7 @@ async def activity(pg_dsn: str, source: Cluster) -> AsyncIterator[Activity]:
     fallback = f"fallback-{tag}@h.test"
     with SmtpSink() as smtp:
         service = EscalationService(
-            store=PostgresEscalationStore(pool, fallback_email=fallback),
+            unit_of_work=unit_of_work_factory(pool, fallback_email=fallback),
             alerts=PostgresNotifyRepository(pool),
             email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
             sms=None,
@@ -243,14 +243,12 @@ async def activity(pg_dsn: str, source: Cluster) -> AsyncIterator[Activity]:
             await pool.execute(
                 "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
             )
-        store = PostgresEscalationStore(pool)
-
         # Paged, not acknowledged for 5 minutes (the secondary is paged), then acknowledged.
         assert await service.handle_alert(_alert(acked, clock()))
         clock.advance(minutes=5)
         await service.tick()
         await service.deliver_due()
-        acked_id = await store.escalation_id_for(f"{acked}:FEVER")
+        acked_id = await service.escalation_id_for(f"{acked}:FEVER")
         assert acked_id is not None
         await service.acknowledge(acked_id, by=f"person:primary-{tag}", via="api")
         # Paged, then the fever ends: the all clear goes to whoever was paged.
@@ -258,7 +256,7 @@ async def activity(pg_dsn: str, source: Cluster) -> AsyncIterator[Activity]:
         clock.advance(minutes=1)
         await service.handle_alert(_alert(ended, clock(), AlertPhase.END))
         await service.deliver_due()
-        ended_id = await store.escalation_id_for(f"{ended}:FEVER")
+        ended_id = await service.escalation_id_for(f"{ended}:FEVER")
         assert ended_id is not None
         assert len(smtp.to(f"primary-{tag}@h.test")) == 3  # two pages, one all clear
         assert len(smtp.to(f"secondary-{tag}@h.test")) == 1

@@ -30,19 +30,25 @@ from schemas.events import (
     AlertPriority,
     AlertState,
 )
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.outbox import PostgresOutbox
+from services.notify.adapters.postgres.unit_of_work import (
+    PostgresUnitOfWork,
+    unit_of_work_factory,
+)
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
 from services.notify.api import create_app
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
+from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
 from services.notify.domain.message import clock_time
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
     EscalationConfig,
     EscalationService,
 )
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from services.notify.settings import NotifySettings
 from tests.factories import make_alert
 from tests.polling import eventually
@@ -100,7 +106,7 @@ class Rig:
 
     def new_instance(
         self,
-        store: Any = None,
+        unit_of_work: UnitOfWorkFactory | None = None,
         group_wait_s: float = 0.0,
         fallback_email: str = FALLBACK,
         technical_hold_s: float = 0.0,
@@ -113,7 +119,7 @@ class Rig:
             self.smtp,
             self.twilio,
             self.pagerduty,
-            store,
+            unit_of_work,
             group_wait_s,
             fallback_email,
             technical_hold_s,
@@ -127,14 +133,14 @@ def _service(
     smtp: SmtpSink,
     twilio: TwilioLikeServer,
     pagerduty: PagerDutyLikeServer,
-    store: Any = None,
+    unit_of_work: UnitOfWorkFactory | None = None,
     group_wait_s: float = 0.0,
     fallback_email: str = "vigil-oncall-fallback@localhost",
     technical_hold_s: float = 0.0,
     silence_hold_s: float = 0.0,
 ) -> EscalationService:
     return EscalationService(
-        store=store or PostgresEscalationStore(pool, fallback_email=fallback_email),
+        unit_of_work=unit_of_work or unit_of_work_factory(pool, fallback_email=fallback_email),
         alerts=PostgresNotifyRepository(pool),
         email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
         sms=TwilioSms(
@@ -160,6 +166,28 @@ def _service(
         ),
         clock=clock,
     )
+
+
+def _killed_before_recording(
+    pool: Any, error: Exception, *, fallback_email: str = DEFAULT_FALLBACK_EMAIL
+) -> UnitOfWorkFactory:
+    """Units of work over ``pool`` whose outbox raises ``error`` when asked to record what the
+    providers answered: notify killed after a provider accepted a page, before the write."""
+
+    class KilledOutbox(PostgresOutbox):
+        async def record_outcomes(self, *args: Any, **kwargs: Any) -> None:
+            raise error
+
+    class KilledUnitOfWork(PostgresUnitOfWork):
+        async def __aenter__(self) -> KilledUnitOfWork:
+            await super().__aenter__()
+            self.outbox = KilledOutbox(self._conn, fallback_email=self._fallback_email)
+            return self
+
+    def unit_of_work(*, transaction: bool = True) -> PostgresUnitOfWork:
+        return KilledUnitOfWork(pool, fallback_email=fallback_email, transaction=transaction)
+
+    return unit_of_work
 
 
 @pytest.fixture
@@ -421,7 +449,7 @@ async def test_ack_and_tick_race_never_fires_a_step_after_the_ack(rig: Rig) -> N
         )
         alert = _alert(patient)
         await rig.service.handle_alert(alert)
-        escalation_id = await PostgresEscalationStore(rig.pool).escalation_id_for(alert.dedup_key)
+        escalation_id = await rig.service.escalation_id_for(alert.dedup_key)
         assert escalation_id is not None
         rig.clock.advance(minutes=1)  # the next step is due exactly now: the race is real
         other = rig.new_instance()
@@ -473,11 +501,11 @@ async def test_crash_between_provider_accept_and_record_neither_loses_nor_duplic
     class Crash(Exception):
         pass
 
-    class CrashingStore(PostgresEscalationStore):
-        async def record_outcomes(self, *args: Any, **kwargs: Any) -> None:
-            raise Crash("killed after the provider accepted, before the write")
-
-    crashing = rig.new_instance(store=CrashingStore(rig.pool))
+    crashing = rig.new_instance(
+        unit_of_work=_killed_before_recording(
+            rig.pool, Crash("killed after the provider accepted, before the write")
+        )
+    )
     alert = _alert(f"P-{rig.tag}")
     with pytest.raises(Crash):
         await crashing.handle_alert(alert)
@@ -633,7 +661,7 @@ async def test_stopped_heartbeat_pages_the_technical_oncall(
     )
     clock = ManualClock(T0)
     service = EscalationService(
-        store=PostgresEscalationStore(pool),
+        unit_of_work=unit_of_work_factory(pool),
         alerts=PostgresNotifyRepository(pool),
         email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
         sms=None,
@@ -663,7 +691,7 @@ async def test_pipeline_silence_without_a_technical_team_pages_the_fallback_agai
     source, fallback = f"heartbeat-{tag}", f"fallback-{tag}@h.test"
     clock = ManualClock(T0)
     service = EscalationService(
-        store=PostgresEscalationStore(pool, fallback_email=fallback),
+        unit_of_work=unit_of_work_factory(pool, fallback_email=fallback),
         alerts=PostgresNotifyRepository(pool),
         email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
         sms=None,
@@ -1617,11 +1645,12 @@ async def test_unknown_patient_alert_survives_a_crash_before_it_is_recorded_sent
     class Crash(Exception):
         pass
 
-    class CrashingStore(PostgresEscalationStore):
-        async def record_outcomes(self, *args: Any, **kwargs: Any) -> None:
-            raise Crash("killed after the provider accepted, before the write")
-
-    crashing = rig.new_instance(store=CrashingStore(rig.pool), fallback_email=fallback)
+    crashing = rig.new_instance(
+        unit_of_work=_killed_before_recording(
+            rig.pool, Crash("killed after the provider accepted, before the write")
+        ),
+        fallback_email=fallback,
+    )
     alert = _alert(f"P-unregistered-{rig.tag}")
     try:
         with pytest.raises(Crash):

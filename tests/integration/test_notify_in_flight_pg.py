@@ -2,7 +2,7 @@
 
 Real PostgreSQL, a real SMTP server (aiosmtpd), a Twilio-shaped server and the notify API
 in-process. notify is "killed" right after the provider accepted a page and before the outcome
-was written (the store's ``record_outcomes`` raises, as in test_notify_escalation.py); a new
+was written (its outbox's ``record_outcomes`` raises, as in test_notify_escalation.py); a new
 instance over the same database takes the page when the lease runs out.
 
 The clock starts at the wall clock's now, so a page's lease also runs out on the wall clock only
@@ -25,13 +25,18 @@ import httpx
 import pytest
 
 from schemas.events import Alert, AlertPhase
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.outbox import PostgresOutbox
+from services.notify.adapters.postgres.unit_of_work import (
+    PostgresUnitOfWork,
+    unit_of_work_factory,
+)
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
 from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.service_layer.ports import SendOutcome
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from services.notify.settings import NotifySettings
 from tests.factories import fever_evidence, make_alert
 from tests.support.notify import ManualClock, SmtpSink, TwilioLikeServer
@@ -46,9 +51,25 @@ class Killed(Exception):
     """notify dies: after the provider accepted, before the outcome is written."""
 
 
-class KilledStore(PostgresEscalationStore):
+class KilledOutbox(PostgresOutbox):
     async def record_outcomes(self, *args: Any, **kwargs: Any) -> None:
         raise Killed("killed after the provider accepted, before the write")
+
+
+class KilledUnitOfWork(PostgresUnitOfWork):
+    """A unit of work whose outbox dies before it records what the provider answered."""
+
+    async def __aenter__(self) -> KilledUnitOfWork:
+        await super().__aenter__()
+        self.outbox = KilledOutbox(self._conn, fallback_email=self._fallback_email)
+        return self
+
+
+def killed_unit_of_work(pool: Any) -> UnitOfWorkFactory:
+    def unit_of_work(*, transaction: bool = True) -> PostgresUnitOfWork:
+        return KilledUnitOfWork(pool, transaction=transaction)
+
+    return unit_of_work
 
 
 class WatchedSender:
@@ -93,14 +114,14 @@ class World:
     def nurse_email(self) -> str:
         return f"nurse-{self.tag}@h.test"
 
-    def instance(self, store: PostgresEscalationStore | None = None) -> EscalationService:
+    def instance(self, unit_of_work: UnitOfWorkFactory | None = None) -> EscalationService:
         """One notify process over the shared database (a new one is a restart)."""
         sender = WatchedSender(
             SmtpSender(host="127.0.0.1", port=self.smtp.port, envelope_from="vigil@localhost"),
             self.pool,
         )
         service = EscalationService(
-            store=store or PostgresEscalationStore(self.pool),
+            unit_of_work=unit_of_work or unit_of_work_factory(self.pool),
             alerts=PostgresNotifyRepository(self.pool),
             email=sender,
             sms=TwilioSms(
@@ -241,7 +262,7 @@ async def _killed_after_the_mail_server_accepted(world: World) -> Alert:
     """The alert's first page goes to the nurse's e-mail; the SMTP server accepts it; notify
     dies before writing the outcome. Returns the alert."""
     alert = _alert(world)
-    killed = world.instance(store=KilledStore(world.pool))
+    killed = world.instance(unit_of_work=killed_unit_of_work(world.pool))
     with pytest.raises(Killed):
         await killed.handle_alert(alert)
     assert len(world.smtp.to(world.nurse_email)) == 1
@@ -264,7 +285,7 @@ async def test_email_accepted_then_killed_then_acknowledged_is_unknown_never_can
     alert = await _killed_after_the_mail_server_accepted(world)
 
     restarted = world.instance()
-    escalation_id = await PostgresEscalationStore(world.pool).escalation_id_for(alert.dedup_key)
+    escalation_id = await restarted.escalation_id_for(alert.dedup_key)
     assert escalation_id is not None
     acked = await restarted.acknowledge(escalation_id, by=f"person:nurse-{world.tag}", via="api")
     assert acked.outcome.value == "acknowledged"
@@ -321,9 +342,7 @@ async def test_email_accepted_then_killed_while_the_chain_runs_is_sent_again_sam
     page = await _alert_page(world, "email")
     assert (page["status"], page["tries"]) == ("sent", 2)
     assert await _attempts(world, page["page_id"]) == [(1, "unknown"), (2, "sent")]
-    assert world.sender_of(restarted).seen_at_handover == [
-        [(1, "unknown"), (2, "in_flight")]
-    ]
+    assert world.sender_of(restarted).seen_at_handover == [[(1, "unknown"), (2, "in_flight")]]
     mails = [email.message_from_bytes(raw) for raw in world.smtp.to(world.nurse_email)]
     assert len(mails) == 2
     assert mails[0]["Message-ID"] == mails[1]["Message-ID"] is not None
@@ -359,7 +378,7 @@ async def test_sms_accepted_then_killed_then_acknowledged_is_found_at_twilio_and
     phone = f"+1555{int(world.tag, 16) % 10**7:07d}"
     await _team(world, [{"channel": "sms", "address": phone}])
     alert = _alert(world)
-    killed = world.instance(store=KilledStore(world.pool))
+    killed = world.instance(unit_of_work=killed_unit_of_work(world.pool))
     with pytest.raises(Killed):
         await killed.handle_alert(alert)
     assert len(world.twilio.sent_to(phone)) == 1
@@ -367,7 +386,7 @@ async def test_sms_accepted_then_killed_then_acknowledged_is_found_at_twilio_and
     assert await _attempts(world, page["page_id"]) == [(1, "in_flight")]
 
     restarted = world.instance()
-    escalation_id = await PostgresEscalationStore(world.pool).escalation_id_for(alert.dedup_key)
+    escalation_id = await restarted.escalation_id_for(alert.dedup_key)
     assert escalation_id is not None
     await restarted.acknowledge(escalation_id, by="person:x", via="api")
     world.clock.advance(seconds=LEASE_S + 1)

@@ -16,21 +16,23 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from functools import partial
 from typing import Any
 
 import asyncpg
 import pytest
 
 from schemas.events import Alert, AlertPhase, AlertPriority, Evidence
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.domain.message import clock_time
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
     EscalationConfig,
     EscalationService,
+    load_policy,
 )
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
 from tests.factories import make_alert
@@ -63,11 +65,11 @@ def smtp() -> Iterator[SmtpSink]:
 
 def _service(pool: Any, clock: ManualClock, smtp: SmtpSink, tag: str) -> EscalationService:
     fallback = f"fallback-{tag}@h.test"
-    store = PostgresEscalationStore(pool, fallback_email=fallback)
+    unit_of_work = unit_of_work_factory(pool, fallback_email=fallback)
     sender = SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost")
     outages = OutageWatch(
         store=PostgresOutageStore(pool),
-        load_policy=store.load_policy,
+        load_policy=partial(load_policy, unit_of_work),
         email=sender,
         sms=None,
         webhook=None,
@@ -81,7 +83,7 @@ def _service(pool: Any, clock: ManualClock, smtp: SmtpSink, tag: str) -> Escalat
         clock=clock,
     )
     return EscalationService(
-        store=store,
+        unit_of_work=unit_of_work,
         alerts=PostgresNotifyRepository(pool),
         email=sender,
         sms=None,

@@ -26,12 +26,13 @@ from services.notify.service_layer.channels import (
 from services.notify.service_layer.escalation import (
     EscalationConfig,
     EscalationService,
-    EscalationStore,
     sms_reference,
 )
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
 from services.notify.service_layer.ports import PageJob, SendOutcome
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from tests.factories import make_alert
+from tests.fakes.notify_store import AsItsOwnUnitOfWork
 
 NOW = datetime(2026, 3, 1, 2, 5, tzinfo=UTC)
 
@@ -54,8 +55,8 @@ class FakeChannel:
         return self.listed.get(reference)
 
 
-class Store:
-    """The part of the escalation store ``deliver_due`` uses."""
+class Store(AsItsOwnUnitOfWork):
+    """The part of the outbox ``deliver_due`` uses, as its own unit of work."""
 
     def __init__(self, jobs: list[PageJob]) -> None:
         self.due = list(jobs)
@@ -116,7 +117,7 @@ def _job(
 
 def _service(store: Store, channels: ChannelRegistry) -> EscalationService:
     return EscalationService(
-        store=cast(EscalationStore, store),
+        unit_of_work=cast(UnitOfWorkFactory, store.unit_of_work),
         alerts=cast(Any, None),
         channels=channels,
         config=EscalationConfig(

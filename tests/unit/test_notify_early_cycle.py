@@ -39,10 +39,11 @@ from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.escalation import (
     EscalationConfig,
     EscalationService,
-    EscalationStore,
 )
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from services.rules.domain.config import PatientProfile, RulesConfig
 from services.rules.domain.engine import RulesEngine
+from tests.fakes.notify_store import AsItsOwnUnitOfWork
 from tests.support.rules import Home, run_stream
 
 CYCLE_START = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
@@ -317,12 +318,13 @@ def test_the_page_states_the_cycle_day_the_window_and_the_policy() -> None:
 # -- selection through the service, over an in-memory store --------------------------------------
 
 
-class MemoryStore:
-    """The part of the escalation store ``handle_alert`` uses to open an escalation."""
+class MemoryStore(AsItsOwnUnitOfWork):
+    """The part of the repositories ``handle_alert`` uses to open an escalation, as its own
+    unit of work for the reads (the escalation is opened in ``_Opening``)."""
 
     def __init__(self, teams: dict[str, str], policies: dict[str, PolicySnapshot]) -> None:
         self.teams = teams
-        self.policies = policies
+        self.team_policies = policies
         self.overrides: dict[str, EarlyCycleOverride] = {}
         self.override_reads: list[str] = []
         self.frozen: dict[str, tuple[str, PolicySnapshot]] = {}
@@ -331,7 +333,7 @@ class MemoryStore:
         return self.teams.get(patient_id)
 
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
-        return self.policies.get(care_team_id)
+        return self.team_policies.get(care_team_id)
 
     async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None:
         self.override_reads.append(care_team_id)
@@ -343,8 +345,10 @@ class MemoryStore:
     async def quiet_hours(self, care_team_id: str) -> None:
         return None
 
-    def unit_of_work(self) -> _Opening:
-        return _Opening(self)
+    def unit_of_work(self, *, transaction: bool = True) -> Any:
+        """Reads (no transaction) go to the store itself; the escalation is opened in an
+        ``_Opening``."""
+        return _Opening(self) if transaction else self
 
 
 class _Opening:
@@ -380,7 +384,7 @@ class MemoryAlerts:
 
 def _service(store: MemoryStore) -> EscalationService:
     return EscalationService(
-        store=cast(EscalationStore, store),
+        unit_of_work=cast(UnitOfWorkFactory, store.unit_of_work),
         alerts=MemoryAlerts(),
         email=cast(Any, None),
         sms=None,

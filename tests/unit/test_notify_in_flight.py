@@ -25,11 +25,12 @@ from services.notify.domain.routing import PagePurpose
 from services.notify.service_layer.escalation import (
     EscalationConfig,
     EscalationService,
-    EscalationStore,
     sms_reference,
 )
 from services.notify.service_layer.ports import PageJob, SendOutcome
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from tests.factories import make_alert
+from tests.fakes.notify_store import AsItsOwnUnitOfWork
 
 NOW = datetime(2025, 3, 1, 2, 5, tzinfo=UTC)
 CLAIMED_BEFORE = NOW - timedelta(seconds=61)
@@ -85,8 +86,8 @@ class Log:
         self.entries: list[tuple[str, Any]] = []
 
 
-class MemoryStore:
-    """The part of the escalation store ``deliver_due`` uses."""
+class MemoryStore(AsItsOwnUnitOfWork):
+    """The part of the outbox ``deliver_due`` uses, as its own unit of work."""
 
     def __init__(self, log: Log, jobs: list[PageJob]) -> None:
         self.log = log
@@ -145,7 +146,7 @@ class MemorySms:
 
 def _service(store: MemoryStore, email: MemoryEmail, sms: MemorySms) -> EscalationService:
     return EscalationService(
-        store=cast(EscalationStore, store),
+        unit_of_work=cast(UnitOfWorkFactory, store.unit_of_work),
         alerts=cast(Any, None),
         email=email,
         sms=sms,

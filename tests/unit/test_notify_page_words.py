@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from uuid import UUID
 
 from schemas.events import Alert, AlertPhase, AlertPriority, Evidence, Page
-from services.notify.adapters.escalation_store import page_position
+from services.notify.adapters.postgres.outbox import page_position
 from services.notify.domain import page_id_for
 from services.notify.domain.message import (
     PageContext,

@@ -1,4 +1,4 @@
-"""EscalationService on the in-memory escalation store (tests/fakes/notify_store.py) and fake
+"""EscalationService on the in-memory unit of work (tests/fakes/notify_store.py) and fake
 channels: no PostgreSQL. An alert starts and pages the first tier; an acknowledgement stops
 the chain; the all clear goes only to those paged, on the channel that reached them."""
 
@@ -17,14 +17,11 @@ from services.notify.domain.escalation import (
 )
 from services.notify.domain.routing import PagePurpose
 from services.notify.service_layer.channels import ChannelRegistry, OutboundPage
-from services.notify.service_layer.escalation import (
-    EscalationConfig,
-    EscalationService,
-    EscalationStore,
-)
+from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.service_layer.ports import SendOutcome
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from tests.factories import make_alert
-from tests.fakes.notify_store import MemoryAlerts, MemoryEscalationStore
+from tests.fakes.notify_store import FakeUnitOfWork, MemoryAlerts, MemoryNotifyDatabase
 
 T0 = datetime(2026, 3, 1, 14, 0, tzinfo=UTC)
 POLICY = PolicySnapshot(
@@ -72,7 +69,7 @@ class Channel:
 class World:
     def __init__(self) -> None:
         self.clock = Clock()
-        self.store = MemoryEscalationStore(fallback_email="fallback@h.test")
+        self.store = MemoryNotifyDatabase(fallback_email="fallback@h.test")
         self.store.add_team("onc", POLICY, oncall_email="oncall@h.test")
         self.store.add_patient("P-1", "onc")
         self.store.add_person("nurse", ("sms", "+15550001"), ("email", "nurse@h.test"))
@@ -80,7 +77,7 @@ class World:
         self.store.add_person("attending", ("email", "attending@h.test"))
         self.email, self.sms = Channel("email"), Channel("sms")
         self.service = EscalationService(
-            store=cast(EscalationStore, self.store),
+            unit_of_work=cast(UnitOfWorkFactory, self.unit_of_work),
             alerts=MemoryAlerts(),
             channels=ChannelRegistry([self.email, self.sms]),
             config=EscalationConfig(
@@ -90,6 +87,10 @@ class World:
             ),
             clock=self.clock,
         )
+
+    def unit_of_work(self, *, transaction: bool = True) -> FakeUnitOfWork:
+        """The database's unit of work, looked up at each call (a test may swap it)."""
+        return self.store.unit_of_work(transaction=transaction)
 
     async def start(self) -> UUID:
         assert await self.service.handle_alert(make_alert(patient_id="P-1", at=self.clock()))

@@ -7,9 +7,10 @@ root puts around the real adapters, so the paging code itself (``service_layer``
 about metrics:
 
 - ``ObservedAlertHandler`` / ``ObservedDeadLetters``: alerts received, records dead-lettered;
-- ``ObservedEscalationStore``: attempts, pages sent and failovers of escalation pages (from
-  ``record_outcomes``; every page is an escalation page, including the fallback chain of an
-  alert no policy covers), delivery receipts, acknowledgements, heartbeat ages;
+- ``ObservedUnitOfWork`` (``observed_unit_of_work``, the units of work the escalation service
+  is given): attempts, pages sent and failovers of escalation pages (from
+  ``outbox.record_outcomes``; every page is an escalation page, including the fallback chain
+  of an alert no policy covers), delivery receipts, acknowledgements, heartbeat ages;
 - ``poll_database``: the open-escalation count, and whether the database answers.
 
 No label ever carries a patient id, device id, recipient or page content: label values are
@@ -33,13 +34,14 @@ from uuid import UUID
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.events import Alert, DeadLetter
-from services.notify.adapters.escalation_store import PostgresEscalationStore
 from services.notify.adapters.postgres.escalations import PostgresEscalations
+from services.notify.adapters.postgres.heartbeats import PostgresHeartbeats
+from services.notify.adapters.postgres.outbox import PostgresOutbox
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.domain.channel_failover import AttemptVerdict, GiveUp, NextChannel
-from services.notify.domain.escalation import Acknowledge
+from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL, Acknowledge
 from services.notify.service_layer.ports import PageJob, SendOutcome
-from services.notify.service_layer.unit_of_work import EscalationRecord
+from services.notify.service_layer.unit_of_work import EscalationRecord, UnitOfWorkFactory
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.ops")
@@ -239,8 +241,32 @@ class ObservedDeadLetters:
         self._metrics.dead_letters.labels(letter.reason).inc()
 
 
-class ObservedEscalationStore(PostgresEscalationStore):
-    """The PostgreSQL escalation store, reporting what it records to ``NotifyMetrics``."""
+def observed_unit_of_work(
+    pool: Any,
+    metrics: NotifyMetrics,
+    *,
+    now: Callable[[], datetime],
+    fallback_email: str = DEFAULT_FALLBACK_EMAIL,
+) -> UnitOfWorkFactory:
+    """Units of work over ``pool`` that report what they record to ``metrics``
+    (``ObservedUnitOfWork``): what the composition root gives the service layer when metrics
+    are on."""
+
+    def unit_of_work(*, transaction: bool = True) -> ObservedUnitOfWork:
+        return ObservedUnitOfWork(
+            pool, metrics, now=now, fallback_email=fallback_email, transaction=transaction
+        )
+
+    return unit_of_work
+
+
+class ObservedUnitOfWork(PostgresUnitOfWork):
+    """A PostgreSQL unit of work that reports to ``NotifyMetrics`` what its repositories
+    recorded once it is durable (at its commit; at once without a transaction): attempts,
+    pages sent and failovers of escalation pages (``outbox.record_outcomes``; every page is an
+    escalation page, including the fallback chain of an alert no policy covers), delivery
+    receipts, acknowledgements (their latency from the escalation's opening); and the
+    heartbeat ages it reads."""
 
     def __init__(
         self, pool: Any, metrics: NotifyMetrics, *, now: Callable[[], datetime], **kwargs: Any
@@ -248,40 +274,45 @@ class ObservedEscalationStore(PostgresEscalationStore):
         super().__init__(pool, **kwargs)
         self._metrics = metrics
         self._now = now
+        self._pending: list[Callable[[NotifyMetrics], None]] = []
 
-    async def record_outcomes(
-        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
-    ) -> None:
-        await super().record_outcomes(outcomes, at=at)
-        self._metrics.escalation_outcomes(outcomes)
-
-    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
-        await super().record_receipt(job, status=status, at=at)
-        self._metrics.receipt(job.page.channel, status)
-
-    def unit_of_work(self, *, transaction: bool = True) -> PostgresUnitOfWork:
-        return _ObservedUnitOfWork(
-            self._pool,
-            self._metrics,
-            fallback_email=self._fallback_email,
-            default_wait_s=self._default_wait_s,
-            default_repeats=self._default_repeats,
-            transaction=transaction,
+    async def __aenter__(self) -> ObservedUnitOfWork:
+        await super().__aenter__()
+        self.escalations = _ObservedEscalations(
+            self._conn, self._report, fallback_email=self._fallback_email
         )
+        self.outbox = _ObservedOutbox(self._conn, self._report, fallback_email=self._fallback_email)
+        self.heartbeats = _ObservedHeartbeats(self._conn, self._metrics, self._now)
+        return self
 
-    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
-        rows = await super().heartbeats()
-        self._metrics.heartbeats_seen(rows, self._now)
-        return rows
+    def _report(self, report: Callable[[NotifyMetrics], None]) -> None:
+        if self._transactional:
+            self._pending.append(report)
+        else:
+            report(self._metrics)
+
+    async def commit(self) -> None:
+        await super().commit()
+        pending, self._pending[:] = list(self._pending), []
+        for report in pending:
+            report(self._metrics)
+
+    async def rollback(self) -> None:
+        self._pending.clear()
+        await super().rollback()
+
+
+#: Hands a report to the unit of work, for when what it observed is durable.
+_Report = Callable[[Callable[[NotifyMetrics], None]], None]
 
 
 class _ObservedEscalations(PostgresEscalations):
     """Notes the acknowledgement of the escalation an event was applied to (not the other
     escalations of its bundle acknowledged with it), for its latency once committed."""
 
-    def __init__(self, db: Any, acked: list[tuple[str, datetime, datetime]], **kwargs: Any) -> None:
+    def __init__(self, db: Any, report: _Report, **kwargs: Any) -> None:
         super().__init__(db, **kwargs)
-        self._acked = acked
+        self._report = report
         self._named: UUID | None = None
 
     async def lock(
@@ -295,30 +326,42 @@ class _ObservedEscalations(PostgresEscalations):
     ) -> None:
         await super().record_acknowledged(record, event, at=at)
         if record.escalation_id == self._named:
-            self._acked.append((event.via, record.opened_at, at))
+            via, opened_at = event.via, record.opened_at
+            self._report(lambda metrics: metrics.acknowledged(via, opened_at, at))
 
 
-class _ObservedUnitOfWork(PostgresUnitOfWork):
-    """A unit of work that reports the acknowledgements it committed (their latency from the
-    escalation's opening) to ``NotifyMetrics``."""
+class _ObservedOutbox(PostgresOutbox):
+    """Notes the outcomes of delivery attempts and the delivery receipts it records."""
 
-    def __init__(self, pool: Any, metrics: NotifyMetrics, **kwargs: Any) -> None:
-        super().__init__(pool, **kwargs)
+    def __init__(self, db: Any, report: _Report, **kwargs: Any) -> None:
+        super().__init__(db, **kwargs)
+        self._report = report
+
+    async def record_outcomes(
+        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
+    ) -> None:
+        await super().record_outcomes(outcomes, at=at)
+        recorded = list(outcomes)
+        self._report(lambda metrics: metrics.escalation_outcomes(recorded))
+
+    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None:
+        await super().record_receipt(job, status=status, at=at)
+        channel = job.page.channel
+        self._report(lambda metrics: metrics.receipt(channel, status))
+
+
+class _ObservedHeartbeats(PostgresHeartbeats):
+    """Reports the age of every heartbeat source it reads."""
+
+    def __init__(self, db: Any, metrics: NotifyMetrics, now: Callable[[], datetime]) -> None:
+        super().__init__(db)
         self._metrics = metrics
-        self._acked: list[tuple[str, datetime, datetime]] = []
+        self._now = now
 
-    async def __aenter__(self) -> _ObservedUnitOfWork:
-        await super().__aenter__()
-        self.escalations = _ObservedEscalations(
-            self._conn, self._acked, fallback_email=self._fallback_email
-        )
-        return self
-
-    async def commit(self) -> None:
-        await super().commit()
-        acked, self._acked[:] = list(self._acked), []
-        for via, opened_at, at in acked:
-            self._metrics.acknowledged(via, opened_at, at)
+    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]:
+        rows = await super().heartbeats()
+        self._metrics.heartbeats_seen(rows, self._now)
+        return rows
 
 
 async def poll_database(

@@ -3,7 +3,8 @@
 Owns the order of the steps around the pure engine (``domain.escalation``) and the channel
 failover rule (``domain.channel_failover``): record the alert, freeze the policy, fire due steps,
 claim due pages, compose them for their channel, send, record the outcome. Timers and page jobs
-live in PostgreSQL (the store), so a restarted process continues where the last one stopped.
+live in PostgreSQL (the repositories, through a unit of work per step), so a restarted process
+continues where the last one stopped.
 It never logs a page's content (PHI).
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 from schemas.events import (
@@ -81,7 +82,7 @@ from services.notify.domain.message import (
     compose_sms_text,
     pagerduty_event,
 )
-from services.notify.domain.quiet_hours import HOLDABLE, QuietHours, held_until
+from services.notify.domain.quiet_hours import HOLDABLE, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
 from services.notify.service_layer.caregivers import caregiver_outbound
@@ -104,7 +105,11 @@ from services.notify.service_layer.ports import (
     PageSender,
     SendOutcome,
 )
-from services.notify.service_layer.unit_of_work import PendingBundle, UnitOfWork
+from services.notify.service_layer.unit_of_work import (
+    PendingBundle,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.escalation")
@@ -114,54 +119,6 @@ HEARTBEAT_CODE = "pipeline.heartbeat"
 PIPELINE_SILENT_CODE = "pipeline.silent"
 # policy_id of the fallback chain (``fallback_chain``), followed by the care team it is filed under.
 UNROUTABLE_POLICY_PREFIX = "unroutable:"
-
-
-class EscalationStore(Protocol):
-    """Implemented by ``adapters.escalation_store.PostgresEscalationStore``: a unit of work for
-    what is decided around the pure engine in one transaction (``unit_of_work``), and the steps
-    that are one repository call each."""
-
-    def unit_of_work(self) -> UnitOfWork: ...
-
-    async def team_of_patient(self, patient_id: str) -> str | None: ...
-    async def load_policy(self, care_team_id: str) -> PolicySnapshot | None: ...
-    async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None: ...
-    async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
-    async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None: ...
-    async def pending_bundle_of(self, dedup_key: str) -> UUID | None: ...
-    async def quiet_hours(self, care_team_id: str) -> QuietHours | None: ...
-    async def hold_for_quiet_hours(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        until: datetime,
-    ) -> UUID | None: ...
-    async def hold_technical(
-        self,
-        alert: Alert,
-        *,
-        care_team_id: str,
-        snapshot: PolicySnapshot,
-        at: datetime,
-        until: datetime,
-    ) -> UUID | None: ...
-    async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None: ...
-    async def claim_pages(self, now: datetime, *, limit: int, lease_s: float) -> list[PageJob]: ...
-    async def begin_attempt(self, job: PageJob, *, at: datetime) -> PageJob: ...
-    async def record_outcomes(
-        self, outcomes: list[tuple[PageJob, SendOutcome, AttemptVerdict, str]], *, at: datetime
-    ) -> None: ...
-    async def open_paged_to(self, channel: str, address: str) -> UUID | None: ...
-    async def person_for_address(self, channel: str, address: str) -> str | None: ...
-    async def spend_token(self, digest: str, at: datetime) -> bool: ...
-    async def heartbeat_seen(self, source: str, at: datetime) -> None: ...
-    async def job_for_provider_ref(self, provider_ref: str, now: datetime) -> PageJob | None: ...
-    async def record_receipt(self, job: PageJob, *, status: str, at: datetime) -> None: ...
-    async def heartbeats(self) -> list[tuple[str, datetime, datetime | None]]: ...
-    async def mark_silent(self, source: str, since: datetime | None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +159,13 @@ class EscalationConfig:
     silence_hold_s: float = 0.0
 
 
+async def load_policy(unit_of_work: UnitOfWorkFactory, care_team_id: str) -> PolicySnapshot | None:
+    """The care team's escalation policy as frozen onto a new alert (its default policy when it
+    has none but an on-call address), None when it has neither; read without a transaction."""
+    async with unit_of_work(transaction=False) as uow:
+        return await uow.policies.load_policy(care_team_id)
+
+
 def fallback_chain(
     care_team_id: str | None, config: EscalationConfig
 ) -> tuple[str, PolicySnapshot]:
@@ -235,7 +199,7 @@ class EscalationService:
     def __init__(
         self,
         *,
-        store: EscalationStore,
+        unit_of_work: UnitOfWorkFactory,
         alerts: NotifyRepository,
         config: EscalationConfig,
         clock: Callable[[], datetime],
@@ -245,9 +209,12 @@ class EscalationService:
         webhook: EventProvider | None = None,
         outages: OutageWatch | None = None,
     ) -> None:
-        """``channels``: what pages are sent on, by name (``bootstrap`` builds it); without
-        it, the channels over the providers given as ``email``, ``sms`` and ``webhook``."""
-        self._store = store
+        """``unit_of_work``: a new unit of work over the repositories for each step (one
+        transaction, or with ``transaction=False`` none, for a read or a write that stands
+        alone). ``channels``: what pages are sent on, by name (``bootstrap`` builds it);
+        without it, the channels over the providers given as ``email``, ``sms`` and
+        ``webhook``."""
+        self._unit_of_work = unit_of_work
         # After a pipeline outage: the outage record, start phases held for their end, the care
         # teams' summaries (service_layer/outage.py); None: none of it (unit tests' fakes).
         self._outages = outages
@@ -296,9 +263,10 @@ class EscalationService:
                 now=now,
                 timeout_s=self._config.heartbeat_timeout_s,
             ):
-                await self._store.heartbeat_seen(alert.device_id, alert.device_time)
+                async with self._unit_of_work(transaction=False) as uow:
+                    await uow.heartbeats.heartbeat_seen(alert.device_id, alert.device_time)
             return True
-        escalation_id = await self._store.escalation_id_for(alert.dedup_key)
+        escalation_id = await self.escalation_id_for(alert.dedup_key)
         if alert.phase is AlertPhase.START or (
             escalation_id is None and alert.phase is AlertPhase.ESCALATE
         ):
@@ -332,7 +300,8 @@ class EscalationService:
             await self._release_held(
                 alert.dedup_key, now, "ended, open longer than the hold", kind=TECHNICAL_HOLD_KIND
             )
-            pending = await self._store.pending_bundle_of(alert.dedup_key)
+            async with self._unit_of_work(transaction=False) as uow:
+                pending = await uow.bundles.pending_bundle_of(alert.dedup_key)
             if pending is not None:
                 # The alert ends while still held for its follow-up: page the follow-up now,
                 # so an alarm that came and went is still told (then its all-clear follows); a
@@ -348,7 +317,9 @@ class EscalationService:
             # From now on the episode's pages (the escalation notice, the next steps, a bundle
             # that lists it) speak of the worsened alert: its priority and title, not the
             # start's. A de-escalation does not move them back: a repeat page errs high.
-            await self._store.follow_alert(alert.dedup_key, alert.alert_id)
+            async with self._unit_of_work() as uow:
+                await uow.escalations.follow_alert(alert.dedup_key, alert.alert_id)
+                await uow.commit()
             if alert.priority not in HOLDABLE:
                 # Held by quiet hours while low, now urgent: paged at once, then told it
                 # worsened, like any alert already paged. HIGH and MEDIUM are never held.
@@ -365,13 +336,14 @@ class EscalationService:
             await self._apply(escalation_id, Worsen(at=now), at=now)
         else:
             # continue / de-escalate: the open thread is updated in the timeline, nobody is paged.
-            await self._store.note(
-                escalation_id,
-                now,
-                TimelineEntry(
-                    "phase", {"phase": alert.phase.value, "alert_id": str(alert.alert_id)}
-                ),
-            )
+            async with self._unit_of_work(transaction=False) as uow:
+                await uow.escalations.note(
+                    escalation_id,
+                    now,
+                    TimelineEntry(
+                        "phase", {"phase": alert.phase.value, "alert_id": str(alert.alert_id)}
+                    ),
+                )
         await self.deliver_due()
         return True
 
@@ -381,8 +353,9 @@ class EscalationService:
         except that quiet hours never hold the fallback chain (it pages no team). A start that
         began inside a pipeline outage just ended may first wait briefly for its end
         (``OutageWatch.hold``; never HIGH, never the fallback chain)."""
-        team = await self._store.team_of_patient(alert.patient_id)
-        snapshot = None if team is None else await self._store.load_policy(team)
+        async with self._unit_of_work(transaction=False) as uow:
+            team = await uow.policies.team_of_patient(alert.patient_id)
+        snapshot = None if team is None else await load_policy(self._unit_of_work, team)
         await self._alerts.record_alert(alert)
         team_known = team is not None and snapshot is not None
         if team is None or snapshot is None:
@@ -429,9 +402,10 @@ class EscalationService:
         day = crs_cycle_day(alert)
         if day is None:
             return snapshot
-        override = (
-            None if team == UNASSIGNED_CARE_TEAM else await self._store.early_cycle_override(team)
-        )
+        override: EarlyCycleOverride | None = None
+        if team != UNASSIGNED_CARE_TEAM:
+            async with self._unit_of_work(transaction=False) as uow:
+                override = await uow.policies.early_cycle_override(team)
         selected = select_policy(snapshot, override, alert)
         log.info(
             "early_cycle_policy",
@@ -452,12 +426,16 @@ class EscalationService:
         when held. HIGH and MEDIUM return at once, before quiet hours are even read."""
         if alert.priority not in HOLDABLE:
             return False
-        until = held_until(alert.priority, await self._store.quiet_hours(team), now)
+        async with self._unit_of_work(transaction=False) as uow:
+            quiet_hours = await uow.policies.quiet_hours(team)
+        until = held_until(alert.priority, quiet_hours, now)
         if until is None:
             return False
-        escalation_id = await self._store.hold_for_quiet_hours(
-            alert, care_team_id=team, snapshot=snapshot, at=now, until=until
-        )
+        async with self._unit_of_work() as uow:
+            escalation_id = await uow.bundles.hold_for_quiet_hours(
+                alert, care_team_id=team, snapshot=snapshot, at=now, until=until
+            )
+            await uow.commit()
         log.info(
             "alert_held_for_quiet_hours",
             extra=log_fields(
@@ -480,9 +458,11 @@ class EscalationService:
         until = technical_hold_until(alert.kind, alert.priority, now, hold_s)
         if until is None:
             return False
-        escalation_id = await self._store.hold_technical(
-            alert, care_team_id=team, snapshot=snapshot, at=now, until=until
-        )
+        async with self._unit_of_work() as uow:
+            escalation_id = await uow.bundles.hold_technical(
+                alert, care_team_id=team, snapshot=snapshot, at=now, until=until
+            )
+            await uow.commit()
         log.info(
             "alert_held_technical",
             extra=log_fields(
@@ -505,7 +485,7 @@ class EscalationService:
         group_wait_s = self._config.group_wait_s
         escalation_id: UUID | None = None
         jobs: list[PageJob] = []
-        async with self._store.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             window, follow_up_id = await uow.bundles.window_of(alert.patient_id)
             decision = place(window, dedup_key=alert.dedup_key, at=now, group_wait_s=group_wait_s)
             placement, due_at = decision.placement, decision.due_at
@@ -574,7 +554,7 @@ class EscalationService:
         claimed for this call (an attempt in flight each), so the first attempt waits for
         neither the ticker nor the delivery loop. None when the episode has an escalation."""
         transition = advance(snapshot, opened(now), Tick(now=now))
-        async with self._store.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             escalation_id = await uow.escalations.add(
                 alert, care_team_id=team, snapshot=snapshot, state=transition.state, at=now
             )
@@ -611,7 +591,7 @@ class EscalationService:
         An acknowledgement goes into the audit log; acknowledge and resolve queue PagerDuty's
         acknowledge / resolve in the same transaction.
         """
-        async with self._store.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             records = await uow.escalations.lock(escalation_id, whole_bundle=whole_bundle)
             if not records:
                 return None
@@ -639,7 +619,7 @@ class EscalationService:
         (``technical_hold_ended``, paged false) and the hold is closed, in one transaction.
         False when it is not held in a pending technical hold (never held, already paged), or
         when by the device's clock it outlasted the hold (the caller releases and pages it)."""
-        async with self._store.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             hold = await uow.bundles.technical_hold_of(dedup_key, ended_at=ended_at)
             if hold is None:
                 await uow.commit()
@@ -677,7 +657,7 @@ class EscalationService:
         ``technical_hold``, its technical hold) and fire its first step now, in one
         transaction: it became urgent (HIGH and MEDIUM are never held by quiet hours, a
         worsened alert is not flapping). False when it is not held in a pending one."""
-        async with self._store.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             released = await uow.bundles.release(dedup_key, now, reason, kind=kind)
             if released is None:
                 await uow.commit()
@@ -705,7 +685,7 @@ class EscalationService:
         recipient gets one page listing every alert. Returns how many bundles were paged."""
         flushed = 0
         while flushed < limit:
-            async with self._store.unit_of_work() as uow:
+            async with self._unit_of_work() as uow:
                 bundle = await uow.bundles.next_due(now, only=only)
                 if bundle is None:
                     await uow.commit()
@@ -799,7 +779,7 @@ class EscalationService:
     async def _fire_due(self, now: datetime) -> int:
         """Fire the steps that are due (one batch, one transaction); escalations another ticker
         holds are skipped, not waited for. Returns how many fired."""
-        async with self._store.unit_of_work() as uow:
+        async with self._unit_of_work() as uow:
             records = await uow.escalations.lock_due(now, limit=self._config.batch)
             if records:
                 changes = [
@@ -847,7 +827,8 @@ class EscalationService:
 
     async def escalation_id_for(self, dedup_key: str) -> UUID | None:
         """The escalation of the alert episode ``dedup_key``, if notify opened one."""
-        return await self._store.escalation_id_for(dedup_key)
+        async with self._unit_of_work(transaction=False) as uow:
+            return await uow.escalations.escalation_id_for(dedup_key)
 
     async def resolve(self, escalation_id: UUID, *, at: datetime) -> bool:
         """A person closed the alert (the care-team API's resolve): its chain stops."""
@@ -870,7 +851,9 @@ class EscalationService:
             claim = self.check_token(token)
         except InvalidAckToken as exc:
             return AckResult(AckOutcome.REFUSED, detail=str(exc))
-        if not await self._store.spend_token(token_digest(token), self._clock()):
+        async with self._unit_of_work(transaction=False) as uow:
+            spent = await uow.escalations.spend_token(token_digest(token), self._clock())
+        if not spent:
             return AckResult(AckOutcome.REFUSED, claim.escalation_id, "link already used")
         # The link is in a page; when that page listed a bundle, it acknowledges all of it.
         return await self.acknowledge(
@@ -881,10 +864,12 @@ class EscalationService:
         """An SMS reply: "1" (or "ack") acknowledges the latest open page sent to that number."""
         if body.strip().lower() not in ("1", "ack", "ok"):
             return AckResult(AckOutcome.REFUSED, detail="reply 1 to acknowledge")
-        escalation_id = await self._store.open_paged_to("sms", sender)
+        async with self._unit_of_work(transaction=False) as uow:
+            escalation_id = await uow.escalations.open_paged_to("sms", sender)
         if escalation_id is None:
             return AckResult(AckOutcome.NOT_FOUND, detail="no open page for this number")
-        person = await self._store.person_for_address("sms", sender)
+        async with self._unit_of_work(transaction=False) as uow:
+            person = await uow.policies.person_for_address("sms", sender)
         by = f"person:{person}" if person is not None else f"sms:{sender}"
         return await self.acknowledge(escalation_id, by=by, via="sms", whole_bundle=True)
 
@@ -911,9 +896,11 @@ class EscalationService:
         total, batches = 0, 0
         while max_batches is None or batches < max_batches:
             batches += 1
-            jobs = await self._store.claim_pages(
-                self._clock(), limit=self._config.batch, lease_s=self._config.send_lease_s
-            )
+            async with self._unit_of_work() as uow:
+                jobs = await uow.outbox.claim_pages(
+                    self._clock(), limit=self._config.batch, lease_s=self._config.send_lease_s
+                )
+                await uow.commit()
             if not jobs:
                 return total
             await self._deliver_batch(jobs)
@@ -928,7 +915,9 @@ class EscalationService:
             (job, outcome, self._verdict(job, outcome), _status(outcome))
             for job, outcome in delivered
         ]
-        await self._store.record_outcomes(results, at=self._clock())
+        async with self._unit_of_work() as uow:
+            await uow.outbox.record_outcomes(results, at=self._clock())
+            await uow.commit()
         if any(isinstance(verdict, NextChannel | GiveUp) for _, _, verdict, _ in results):
             # The failover page is due now: send it without waiting for the next round.
             await self.deliver_due(max_batches=1)
@@ -954,7 +943,9 @@ class EscalationService:
                 return job, reconciled
             if job.chain_stopped:
                 return job, _left_unknown(job, self._channels.get(job.page.channel))
-            job = await self._store.begin_attempt(job, at=self._clock())
+            async with self._unit_of_work() as uow:
+                job = await uow.outbox.begin_attempt(job, at=self._clock())
+                await uow.commit()
         try:
             return job, await self._send(job)
         except Exception as exc:
@@ -1126,11 +1117,14 @@ class EscalationService:
         """Twilio's status callback: a delivered receipt, or a failure that moves to the next
         channel. Intermediate statuses (queued, sending, sent) only confirm what is recorded."""
         now = self._clock()
-        job = await self._store.job_for_provider_ref(message_sid, now)
+        async with self._unit_of_work(transaction=False) as uow:
+            job = await uow.outbox.job_for_provider_ref(message_sid, now)
         if job is None:
             return False
         if status == "delivered":
-            await self._store.record_receipt(job, status="delivered", at=now)
+            async with self._unit_of_work() as uow:
+                await uow.outbox.record_receipt(job, status="delivered", at=now)
+                await uow.commit()
         elif status in ("failed", "undelivered"):
             outcome = SendOutcome(
                 accepted=False,
@@ -1139,9 +1133,11 @@ class EscalationService:
                 # The carrier gave up on this message: resending the same SMS rarely helps.
                 refused_for_good=True,
             )
-            await self._store.record_outcomes(
-                [(job, outcome, self._verdict(job, outcome), "failed")], at=now
-            )
+            async with self._unit_of_work() as uow:
+                await uow.outbox.record_outcomes(
+                    [(job, outcome, self._verdict(job, outcome), "failed")], at=now
+                )
+                await uow.commit()
             await self.deliver_due()
         return True
 
@@ -1167,7 +1163,9 @@ class EscalationService:
             grace_s = self._config.heartbeat_timeout_s
         deadline = now + timedelta(seconds=grace_s)
         deferred: list[str] = []
-        for source, last_seen, silent_since in await self._store.heartbeats():
+        async with self._unit_of_work(transaction=False) as uow:
+            sources = await uow.heartbeats.heartbeats()
+        for source, last_seen, silent_since in sources:
             verdict = pipeline_verdict(
                 last_seen_at=last_seen,
                 silent_since=silent_since,
@@ -1177,10 +1175,11 @@ class EscalationService:
             if verdict is PipelineVerdict.WENT_SILENT:
                 if self._outages is not None:
                     await self._outages.went_silent(source, last_seen, now)
-                await self._store.mark_silent(source, last_seen)
+                async with self._unit_of_work(transaction=False) as uow:
+                    await uow.heartbeats.mark_silent(source, last_seen)
             elif verdict is PipelineVerdict.STILL_SILENT and silent_since is not None:
                 key = silence_dedup_key(source, silent_since)
-                if await self._store.escalation_id_for(key) is not None:
+                if await self.escalation_id_for(key) is not None:
                     continue  # paged before this start: its escalation goes on
             else:
                 continue
@@ -1195,7 +1194,9 @@ class EscalationService:
     async def check_heartbeat(self) -> list[tuple[str, PipelineVerdict]]:
         now = self._clock()
         verdicts: list[tuple[str, PipelineVerdict]] = []
-        for source, last_seen, silent_since in await self._store.heartbeats():
+        async with self._unit_of_work(transaction=False) as uow:
+            sources = await uow.heartbeats.heartbeats()
+        for source, last_seen, silent_since in sources:
             verdict = pipeline_verdict(
                 last_seen_at=last_seen,
                 silent_since=silent_since,
@@ -1222,7 +1223,7 @@ class EscalationService:
         )
         await self._alerts.record_alert(alert)
         team = self._config.technical_care_team_id
-        snapshot = None if team is None else await self._store.load_policy(team)
+        snapshot = None if team is None else await load_policy(self._unit_of_work, team)
         if snapshot is None:
             # No technical policy: the team's on-call address (or the fallback address), paged
             # until acknowledged like any unroutable alert, never once and then silence.
@@ -1237,7 +1238,8 @@ class EscalationService:
         await self._open(alert, team or "technical", snapshot, now)
         if self._outages is not None:
             await self._outages.went_silent(source, last_seen, now)
-        await self._store.mark_silent(source, alert.device_time)
+        async with self._unit_of_work(transaction=False) as uow:
+            await uow.heartbeats.mark_silent(source, alert.device_time)
         log.error("pipeline_silent", extra=log_fields(source=source))
 
     async def _clear_silence(
@@ -1246,7 +1248,7 @@ class EscalationService:
         alert = silence_alert(
             source, silent_since, now, AlertPhase.END, self._config.heartbeat_timeout_s
         )
-        escalation_id = await self._store.escalation_id_for(alert.dedup_key)
+        escalation_id = await self.escalation_id_for(alert.dedup_key)
         if escalation_id is not None:
             await self._alerts.record_alert(alert)
             await self._apply(escalation_id, Resolve(at=now), at=now)
@@ -1255,7 +1257,8 @@ class EscalationService:
             # Recorded before the silence is cleared: a crash between records it again (a
             # no-op), never not at all.
             await self._outages.recovered(source, silent_since, last_seen, now)
-        await self._store.mark_silent(source, None)
+        async with self._unit_of_work(transaction=False) as uow:
+            await uow.heartbeats.mark_silent(source, None)
         log.info("pipeline_recovered", extra=log_fields(source=source))
 
     # -- the loop -----------------------------------------------------------------------------
@@ -1288,7 +1291,7 @@ class EscalationService:
         await self._outages.round(self._release_after_outage)
 
     async def _release_after_outage(self, alert: Alert, now: datetime) -> None:
-        if await self._store.escalation_id_for(alert.dedup_key) is None:
+        if await self.escalation_id_for(alert.dedup_key) is None:
             await self._start(alert, now, outage_hold=False)
 
     async def _delivery_round(self) -> bool:

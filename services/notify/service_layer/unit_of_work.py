@@ -2,8 +2,10 @@
 
 ``async with uow:`` opens one transaction and exposes the repositories as attributes; ``await
 uow.commit()`` makes what they wrote durable; leaving the block without a commit rolls it all
-back. The PostgreSQL side is ``adapters.postgres`` (one module per repository, one connection
-shared through ``PostgresUnitOfWork``); unit tests pass in-memory fakes (``tests/fakes``).
+back. The service layer is given a ``UnitOfWorkFactory`` and opens a unit of work for each step
+(``transaction=False`` for one that needs no transaction). The PostgreSQL side is
+``adapters.postgres`` (one module per repository, one connection shared through
+``PostgresUnitOfWork``); unit tests pass in-memory fakes (``tests/fakes``).
 """
 
 from __future__ import annotations
@@ -302,3 +304,11 @@ class UnitOfWork(Protocol):
 
     async def commit(self) -> None: ...
     async def rollback(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    """A new unit of work each call (``async with`` it). With ``transaction=False`` its
+    repositories share one connection but each statement commits on its own: for a read that
+    needs no snapshot or lock, or a write that stands alone, at no cost of BEGIN and COMMIT."""
+
+    def __call__(self, *, transaction: bool = True) -> UnitOfWork: ...

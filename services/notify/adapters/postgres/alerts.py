@@ -2,7 +2,7 @@
 
 Owns the SQL against ``alerts``: every alert phase notify receives is recorded once (a
 redelivered alert is harmless), and ``alert_from_row`` reads one back. Pages and their attempts
-are written by the escalation store (``adapters.escalation_store``).
+are written by the outbox repository (``adapters.postgres.outbox``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ notify repositories sharing both (``service_layer.unit_of_work.UnitOfWork``).
 
 ``async with uow:`` acquires the connection and begins the transaction; ``await uow.commit()``
 commits it; leaving the block without a commit rolls it back. The connection goes back to the
-pool either way.
+pool either way. ``unit_of_work_factory`` is what the composition root gives the service
+layer: a new ``PostgresUnitOfWork`` on the pool for each step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from services.notify.domain.escalation import (
     DEFAULT_POLICY_REPEATS,
     DEFAULT_POLICY_WAIT_S,
 )
+from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 
 
 class PostgresUnitOfWork:
@@ -90,6 +92,29 @@ class PostgresUnitOfWork:
         if self._transaction is not None:
             transaction, self._transaction = self._transaction, None
             await transaction.rollback()
+
+
+def unit_of_work_factory(
+    pool: Any,
+    *,
+    fallback_email: str = DEFAULT_FALLBACK_EMAIL,
+    default_wait_s: int = DEFAULT_POLICY_WAIT_S,
+    default_repeats: int = DEFAULT_POLICY_REPEATS,
+) -> UnitOfWorkFactory:
+    """Units of work over ``pool`` (``service_layer.unit_of_work.UnitOfWorkFactory``), with the
+    address paged for a team that has no on-call address of its own (``fallback_email``) and
+    the default policy's figures for a team that has no policy."""
+
+    def unit_of_work(*, transaction: bool = True) -> PostgresUnitOfWork:
+        return PostgresUnitOfWork(
+            pool,
+            fallback_email=fallback_email,
+            default_wait_s=default_wait_s,
+            default_repeats=default_repeats,
+            transaction=transaction,
+        )
+
+    return unit_of_work
 
 
 if TYPE_CHECKING:
