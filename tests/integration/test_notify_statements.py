@@ -1,0 +1,155 @@
+"""What one alert costs notify in SQL: the statements a patient's first fever sends to
+PostgreSQL, from ``handle_alert`` to its first page recorded sent, counted on the connections
+themselves (asyncpg's query logger).
+
+25 with bundling off: four reads and writes that stand alone (is there an escalation, the
+patient's team, the team's policy, the alert logged), the escalation opened with its page
+claimed in one transaction, the outcome recorded in another, and asyncpg's reset statement each
+time a connection goes back to the pool. 28 with bundling on: the same, plus the patient's
+placement lock, the read of their window and the window opened, in the opening transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
+from services.notify.adapters.smtp import SmtpSender
+from services.notify.service_layer.escalation import EscalationConfig, EscalationService
+from tests.factories import make_alert
+from tests.support.notify import ManualClock, SmtpSink
+from vigil.db.migrate import apply_migrations
+
+pytestmark = pytest.mark.stack
+
+SECRET = b"statement-count-test-ack-secret-0123456789"
+
+
+@dataclass(eq=False)  # hashable: asyncpg keeps its query loggers in a set
+class Statements:
+    """Every statement sent on the pool's connections, in order."""
+
+    sent: list[str] = field(default_factory=list)
+
+    def __call__(self, record: Any) -> None:
+        self.sent.append(" ".join(record.query.split()))
+
+    def begins(self) -> int:
+        return sum(1 for q in self.sent if q.upper().startswith("BEGIN"))
+
+    def resets(self) -> int:
+        return sum(1 for q in self.sent if "RESET ALL" in q.upper())
+
+
+@pytest.fixture
+async def counted(pg_dsn: str) -> AsyncIterator[tuple[Any, Statements]]:
+    await apply_migrations(pg_dsn)
+    statements = Statements()
+
+    async def init(conn: Any) -> None:
+        conn.add_query_logger(statements)
+
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2, init=init)
+    try:
+        yield pool, statements
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    with SmtpSink() as sink:
+        yield sink
+
+
+async def _team(pool: Any, tag: str, patients: list[str]) -> str:
+    team, person = f"CT-sql-{tag}", f"nurse-sql-{tag}"
+    await pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'sql', $2)",
+        team,
+        f"oncall-{tag}@h.test",
+    )
+    await pool.execute(
+        "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'n', $2)", person, team
+    )
+    await pool.execute(
+        "INSERT INTO contact_methods (person_id, rank, channel, address) "
+        "VALUES ($1, 0, 'email', $2)",
+        person,
+        f"{person}@h.test",
+    )
+    steps = [{"wait_s": 3600, "targets": [{"kind": "person", "ref": person}]}]
+    await pool.execute(
+        "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps, repeat_count) "
+        "VALUES ($1, $1, 'sql', $2::jsonb, 0)",
+        team,
+        json.dumps(steps),
+    )
+    await pool.executemany(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)",
+        [(patient, team) for patient in patients],
+    )
+    return team
+
+
+async def _close(pool: Any, team: str) -> None:
+    await pool.execute(
+        "DELETE FROM notify_bundle_windows WHERE patient_id IN "
+        "(SELECT patient_id FROM patients WHERE care_team_id = $1)",
+        team,
+    )
+    await pool.execute(
+        "UPDATE escalations SET status = 'resolved', due_at = NULL WHERE care_team_id = $1", team
+    )
+
+
+@pytest.mark.parametrize(("group_wait_s", "expected"), [(0.0, 25), (5.0, 28)])
+async def test_a_patients_first_fever_costs_the_same_statements(
+    counted: tuple[Any, Statements], smtp: SmtpSink, group_wait_s: float, expected: int
+) -> None:
+    pool, statements = counted
+    tag = uuid.uuid4().hex[:8]
+    patients = [f"P-sql-{tag}-{i}" for i in range(3)]
+    team = await _team(pool, tag, patients)
+    # The wall clock's now: the pages' claims run out only in the future, so no other notify
+    # on the shared database takes them while this test counts.
+    clock = ManualClock(datetime.now(UTC))
+    service = EscalationService(
+        unit_of_work=unit_of_work_factory(pool),
+        alerts=PostgresNotifyRepository(pool),
+        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
+        sms=None,
+        webhook=None,
+        config=EscalationConfig(
+            sender_address="vigil@localhost",
+            public_base_url="http://notify.test",
+            ack_secret=SECRET,
+            group_wait_s=group_wait_s,
+        ),
+        clock=clock,
+    )
+    try:
+        # The first alert on a fresh pool also pays for asyncpg's type introspection.
+        assert await service.handle_alert(make_alert(patient_id=patients[0], at=clock()))
+        counts, shapes = [], []
+        for patient in patients[1:]:
+            statements.sent.clear()
+            assert await service.handle_alert(make_alert(patient_id=patient, at=clock()))
+            counts.append(len(statements.sent))
+            shapes.append((statements.begins(), statements.resets()))
+        assert len(smtp.to(f"nurse-sql-{tag}@h.test")) == len(patients)
+    finally:
+        await _close(pool, team)
+    assert counts == [expected, expected], statements.sent
+    # Two transactions (open and page; record the outcome), six times a connection went back
+    # to the pool (four statements that stand alone, the two transactions).
+    assert shapes == [(2, 6), (2, 6)]
