@@ -1,6 +1,7 @@
-"""``vigil admin``: enrol children and onboard their devices from the command line, over the same
-use cases as the care-team API (``services.api.service_layer.enrolment``), each change written
-to the audit trail under the operator's name.
+"""``vigil admin``: enrol children, onboard their devices, end their infusion and discharge them
+from the command line, over the same use cases as the care-team API
+(``services.api.service_layer.enrolment`` and ``discharge``), each change written to the audit
+trail under the operator's name.
 
 Against the local stack (``--local``, the default when ``VIGIL_PG_DSN`` is not set) it reads the
 stack's database settings and changes device accounts on the stack's Mosquitto; against another
@@ -23,7 +24,9 @@ from typing import Any
 import asyncpg
 
 from services.api.adapters.audit import AuditTrail
+from services.api.adapters.discharge import PostgresDischargeStore
 from services.api.adapters.enrolment import PostgresRegistryStore
+from services.api.service_layer.discharge import DischargeService, Outcome
 from services.api.service_layer.enrolment import (
     Actor,
     BindingRecord,
@@ -54,7 +57,12 @@ A typical new patient, step by step:
      its MQTT account and bound to the patient in one step, and the output is what the
      device must be configured with (the password is shown only this once);
   3. at a pump change, swap the old pump for the new one; readings are attributed to the
-     patient by the device's own clock, so the old pump's last readings still count.
+     patient by the device's own clock, so the old pump's last readings still count;
+  4. when the bag course is over, end-infusion: the pumps are unbound and nothing about
+     the infusion pages any more, while the thermometer goes on watching for fever;
+  5. when the child leaves the programme, discharge with the reason: every device is
+     unbound, no rule pages for the child and every open page about them is closed. The
+     record, readings and alerts stay; the roster lists the child as discharged.
 
 Times are ISO 8601 with a UTC offset, e.g. 2026-03-02T08:00:00+01:00 or 2026-03-02T07:00Z;
 where a time is optional, the default is now."""
@@ -69,9 +77,12 @@ examples:
   vigil admin add-device pump-0107-b --kind pump --team onc-north
   vigil admin swap P-0107 pump-0107-a pump-0107-b --at 2026-03-06T10:15:00+01:00
   vigil admin device-history pump-0107-a
+  vigil admin end-infusion P-0107 --at 2026-03-30T09:00:00+02:00
+  vigil admin discharge P-0107 --reason "course completed" --at 2026-03-30T11:00:00+02:00
 
 exit codes: 0 done, 2 invalid request, 3 no such patient/device/care team,
-4 refused by the registry (id in use, overlapping binding), 5 device accounts unavailable."""
+4 refused by the registry (id in use, overlapping binding, already discharged at another
+time), 5 device accounts unavailable."""
 
 
 def local_broker_endpoint(settings: StackSettings) -> BrokerEndpoint:
@@ -223,7 +234,43 @@ def build_parser() -> argparse.ArgumentParser:
         "vigil admin revoke-credential thermo-0107",
     )
     revoke.add_argument("device_id")
+
+    end = add(
+        "end-infusion",
+        "the bag course is over: the patient's pumps are unbound at --at and the infusion "
+        "rules (pump alarms, pump silent, bag change and interruption clocks) page nothing "
+        "about them from then on; open pages about the pumps are closed. The thermometers "
+        "stay bound: fever is still watched until discharge. Running it again changes "
+        "nothing and prints the same record",
+        "vigil admin end-infusion P-0107 --at 2026-03-30T09:00:00+02:00",
+    )
+    end.add_argument("patient_id", help="the patient's id in Vigil")
+    end.add_argument(
+        "--at", type=_when, help="when the pump was disconnected (default: now; not in the future)"
+    )
+
+    out = add(
+        "discharge",
+        "discharge the patient: every device binding still open ends at --at (ending the "
+        "infusion too, if it was not recorded), no rule pages for the patient from then on "
+        "(a device going quiet is not paged, a later reading is not evaluated) and every "
+        "open page about them is closed with the reason 'discharged'. The record, readings, "
+        "alerts and timelines stay readable. Running it again with the same reason changes "
+        "nothing and prints the same record; another time or reason is refused (exit 4)",
+        'vigil admin discharge P-0107 --reason "course completed" --at 2026-03-30T11:00:00+02:00',
+    )
+    out.add_argument("patient_id", help="the patient's id in Vigil")
+    out.add_argument(
+        "--reason", required=True, help="why the patient is discharged (up to 500 characters)"
+    )
+    out.add_argument(
+        "--at", type=_when, help="when the patient was discharged (default: now; not in the future)"
+    )
     return parser
+
+
+#: The commands of ``DischargeService``; the others are ``EnrolmentService``'s.
+COURSE_COMMANDS = ("end-infusion", "discharge")
 
 
 def _plain(value: Any) -> Any:
@@ -348,6 +395,32 @@ async def _dispatch(service: EnrolmentService, actor: Actor, args: argparse.Name
     raise AssertionError(command)  # pragma: no cover - the parser offers only the above
 
 
+def _outcome(done: Outcome) -> dict[str, Any]:
+    r = done.record
+    return {
+        "patient_id": r.patient_id,
+        "care_team_id": r.care_team_id,
+        "status": r.status,
+        "infusion_ended_at": r.infusion_ended_at,
+        "discharged_at": r.discharged_at,
+        "discharge_reason": r.discharge_reason,
+        "discharged_by": r.discharged_by,
+        "devices_unbound": [
+            {"device_id": b.device_id, "kind": b.kind, "valid_to": b.valid_to} for b in done.ended
+        ],
+        "escalations_closed": done.escalations_closed,
+        "changed": done.changed,
+    }
+
+
+async def _dispatch_course(
+    service: DischargeService, actor: Actor, args: argparse.Namespace
+) -> Any:
+    if args.command == "end-infusion":
+        return _outcome(await service.end_infusion(actor, args.patient_id, args.at))
+    return _outcome(await service.discharge(actor, args.patient_id, args.reason, args.at))
+
+
 def _print(result: Any, as_json: bool, indent: str = "") -> None:
     if as_json:
         print(json.dumps(_plain(result), indent=2))
@@ -371,7 +444,15 @@ async def _run(
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         operator = args.operator or getpass.getuser()
-        return await _dispatch(service_of(pool), Actor(f"operator:{operator}", None), args)
+        actor = Actor(f"operator:{operator}", None)
+        if args.command in COURSE_COMMANDS:
+            from services.notify.public import PatientEscalations
+
+            course = DischargeService(
+                PostgresDischargeStore(pool), AuditTrail(pool), utcnow, PatientEscalations(pool)
+            )
+            return await _dispatch_course(course, actor, args)
+        return await _dispatch(service_of(pool), actor, args)
     finally:
         await pool.close()
 

@@ -119,7 +119,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "notify": ("run the notify service", _service("notify")),
     "api": ("care-team API and dashboard: serve | create-user", _service("api")),
     "simulate": ("run the simulated home-device fleet", _service("simulate")),
-    "admin": ("enrol patients, add, bind and swap devices (`vigil admin --help`)", _admin),
+    "admin": ("enrol, onboard devices, end infusions, discharge (`vigil admin --help`)", _admin),
     "migrate": ("apply database migrations to VIGIL_PG_DSN", _migrate),
     "replay": ("re-run recorded telemetry through pinned rules; compare; report", _replay),
     "audit": ("the tamper-evident audit log: list | verify", _audit),

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from services.api.adapters.audit import AuditTrail
 from services.api.adapters.caregiver_guidance import PostgresGuidanceStore
 from services.api.adapters.caregivers import PostgresContactStore
+from services.api.adapters.discharge import PostgresDischargeStore
 from services.api.adapters.enrolment import PostgresRegistryStore
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
@@ -32,6 +33,7 @@ from services.api.entrypoints.http import (
     auth,
     caregivers,
     dashboard,
+    discharge,
     enrolment,
     escalation_policy,
     fhir,
@@ -42,6 +44,7 @@ from services.api.entrypoints.http import (
 )
 from services.api.service_layer.caregiver_guidance import GuidanceChanges
 from services.api.service_layer.caregivers import CaregiverContacts
+from services.api.service_layer.discharge import DischargeService
 from services.api.service_layer.enrolment import BrokerAccounts, BrokerEndpoint, EnrolmentService
 from services.api.service_layer.fhir_export import ExportJobs
 from services.api.service_layer.thresholds import ThresholdChanges, check_overrides
@@ -78,7 +81,12 @@ def create_app(
         app.state.guidance_changes = GuidanceChanges(
             app.state.guidance_store, app.state.audit, clock
         )
-        from services.notify.public import AlertActions, AlertTimelines, TeamRegistry
+        from services.notify.public import (
+            AlertActions,
+            AlertTimelines,
+            PatientEscalations,
+            TeamRegistry,
+        )
 
         app.state.alert_timelines = AlertTimelines(pool)
         app.state.team_registry = TeamRegistry(pool, clock)
@@ -91,6 +99,9 @@ def create_app(
             clock,
             broker=broker_accounts,
             endpoint=broker_endpoint,
+        )
+        app.state.discharge = DischargeService(
+            PostgresDischargeStore(pool), app.state.audit, clock, PatientEscalations(pool)
         )
         # The FHIR application is mounted, so its lifespan does not run: it gets the same
         # settings, clock, repository (for the caller's identity) and audit trail here.
@@ -132,6 +143,7 @@ def create_app(
     app.include_router(oncall.router)
     app.include_router(escalation_policy.router)
     app.include_router(caregivers.router)
+    app.include_router(discharge.router)
     app.include_router(dashboard.router)
     fhir_app.state.settings = settings
     fhir_app.state.clock = clock

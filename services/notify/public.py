@@ -24,14 +24,16 @@ from schemas.notify import (
     ScheduleIn,
 )
 from services.notify.adapters.api_queries import PostgresApiRepository
+from services.notify.adapters.postgres.patient_escalations import PostgresPatientEscalations
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.bootstrap import build_escalation
 from services.notify.domain.schedule import next_change, on_call_at
 from services.notify.service_layer import team_settings
+from services.notify.service_layer.closing import close_patient
 from services.notify.service_layer.escalation import AckOutcome
 from services.notify.settings import NotifySettings
 
-__all__ = ["AlertActions", "AlertTimelines", "TeamRegistry"]
+__all__ = ["AlertActions", "AlertTimelines", "PatientEscalations", "TeamRegistry"]
 
 
 class AlertActions:
@@ -204,4 +206,31 @@ class TeamRegistry:
         """False when the team has no override."""
         return await team_settings.remove_early_cycle(
             self._repository, care_team_id, by=by, clock=self._clock
+        )
+
+
+class PatientEscalations:
+    """A patient's escalations over ``pool``, closed when the care team ends monitoring them
+    (end of infusion, discharge): resolved with the reason on their timeline, so nobody goes on
+    being paged (``service_layer.closing``)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._open = PostgresPatientEscalations(pool)
+
+    async def close_patient(
+        self,
+        patient_id: str,
+        *,
+        reason: str,
+        at: datetime,
+        devices: frozenset[str] | None = None,
+    ) -> int:
+        return await close_patient(
+            lambda: PostgresUnitOfWork(self._pool),
+            self._open,
+            patient_id,
+            reason=reason,
+            at=at,
+            devices=None if devices is None else sorted(devices),
         )

@@ -13,7 +13,12 @@ import aiomqtt
 import asyncpg
 import pytest
 
-from services.ingest.adapters.registry_admin import upsert_care_team
+from services.ingest.adapters.registry_admin import (
+    bind_device,
+    upsert_care_team,
+    upsert_device,
+    upsert_patient,
+)
 from vigil_tools.admin import EXIT_CONFLICT, EXIT_INVALID, EXIT_NOT_FOUND, main
 
 pytestmark = pytest.mark.stack
@@ -176,6 +181,74 @@ def test_help_shows_examples_and_every_command(capsys: pytest.CaptureFixture[str
         main(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for command in ("enrol", "weight", "add-device", "bind", "unbind", "swap", "device-history"):
+    for command in (
+        "enrol",
+        "weight",
+        "add-device",
+        "bind",
+        "unbind",
+        "swap",
+        "device-history",
+        "end-infusion",
+        "discharge",
+    ):
         assert f"vigil admin {command}" in text or command in text
     assert "vigil admin enrol P-0107" in text and "exit codes" in text
+
+
+def test_end_infusion_and_discharge_from_the_command_line(
+    stack_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End the infusion (the pump is unbound, the thermometer stays), then discharge (every
+    binding ends); the same discharge again prints the same record, another reason is exit 4;
+    both changes are audited under the operator."""
+    dsn = stack_env["VIGIL_PG_DSN"]
+    run = uuid.uuid4().hex[:8]
+    team, patient = f"team-cli-out-{run}", f"P-cli-out-{run}"
+    pump, thermo = f"pump-out-{run}", f"thermo-out-{run}"
+
+    async def registered() -> None:
+        since = datetime.now(UTC) - timedelta(days=20)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await upsert_care_team(conn, team, "Oncology CLI", f"oncall@{team}.test")
+            await upsert_patient(conn, patient, team, 18.4)
+            for device, kind in ((pump, "pump"), (thermo, "thermometer")):
+                await upsert_device(conn, device, kind)
+                await bind_device(conn, device, patient, since)
+        finally:
+            await conn.close()
+
+    asyncio.run(registered())
+    ended_at = (datetime.now(UTC) - timedelta(hours=2)).replace(microsecond=0)
+    code, ended, err = admin(capsys, "end-infusion", patient, "--at", ended_at.isoformat())
+    assert code == 0, err
+    assert ended["status"] == "infusion_ended"
+    assert [d["device_id"] for d in ended["devices_unbound"]] == [pump]
+
+    code, done, err = admin(capsys, "discharge", patient, "--reason", "course completed")
+    assert code == 0, err
+    assert (done["status"], done["infusion_ended_at"]) == ("discharged", ended_at.isoformat())
+    assert done["discharged_by"] == "operator:test-operator" and done["changed"] is True
+    assert [d["device_id"] for d in done["devices_unbound"]] == [thermo]
+    open_bindings = fetch(
+        dsn,
+        "SELECT device_id FROM device_bindings WHERE patient_id = $1 AND valid_to IS NULL",
+        patient,
+    )
+    assert open_bindings == []
+
+    code, again, err = admin(capsys, "discharge", patient, "--reason", "course completed")
+    assert code == 0, err
+    assert again["discharged_at"] == done["discharged_at"] and again["changed"] is False
+    code, _, err = admin(capsys, "discharge", patient, "--reason", "admitted")
+    assert code == EXIT_CONFLICT and "already discharged" in err
+    code, _, err = admin(capsys, "end-infusion", f"P-none-{run}")
+    assert code == EXIT_NOT_FOUND
+    audited = fetch(
+        dsn,
+        "SELECT action FROM audit_log WHERE actor = 'operator:test-operator' AND subject = $1 "
+        "ORDER BY seq",
+        f"patient:{patient}",
+    )
+    assert [r["action"] for r in audited] == ["patient.infusion_ended", "patient.discharged"]

@@ -33,6 +33,8 @@ LEFT JOIN LATERAL (
     SELECT state, device_time, rate_ml_h, volume_remaining_ml, battery_pct FROM pump_status
     WHERE patient_id = p.patient_id ORDER BY device_time DESC LIMIT 1) s ON true
 WHERE p.care_team_id = ANY($1::text[])
+  -- A discharged patient is no longer monitored (``GET /api/discharged`` lists them).
+  AND (p.discharged_at IS NULL OR p.discharged_at > $2)
 """
 
 _DEVICES_SQL = f"""

@@ -157,6 +157,9 @@ class Acknowledge:
 @dataclass(frozen=True, slots=True)
 class Resolve:
     at: datetime
+    # Why, when it is not the alert's own end or a person's resolve (e.g. "discharged"):
+    # written on the timeline's resolved entry.
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,9 +349,10 @@ def _resolve(state: EscalationState, event: Resolve) -> Transition:
         )
         for r in state.paged
     )
-    return Transition(
-        new_state, commands, (TimelineEntry("resolved", {"all_clear_to": list(state.paged)}),)
-    )
+    detail: dict[str, Any] = {"all_clear_to": list(state.paged)}
+    if event.reason is not None:
+        detail["reason"] = event.reason
+    return Transition(new_state, commands, (TimelineEntry("resolved", detail),))
 
 
 def _snooze(state: EscalationState, event: Snooze) -> Transition:

@@ -6,8 +6,11 @@ that is open or closed less than ``unbound_days`` ago (data may arrive that late
 accepts readings up to its clock-behind limit, a week by default, and attributes them by the
 binding at device time), or whose newest treatment cycle started less than ``cycle_days`` ago
 (an infusion that may still run: 28 days, and up to 7 days of interruption within the same
-cycle). A discharged patient costs nothing at start-up or reload; a reading of a patient
-outside the config is decided on the defaults, as for any patient without a profile.
+cycle). A discharged patient costs nothing at start-up or reload once those windows have
+passed; until then their profile carries the end of infusion and the discharge
+(``patients.infusion_ended_at``, ``discharged_at``: migration 0038), from which the rules page
+nothing for them (``PatientRules.stopped``). A reading of a patient outside the config is
+decided on the defaults, as for any patient without a profile.
 
 Reads the newest version of each protocol, and for each monitored patient their care team,
 weight, newest cycle, spot-check thermometers and newest override, into one ``RulesConfig``
@@ -110,7 +113,7 @@ _BUCKET = "get_byte(decode(md5({}), 'hex'), 0)"
 # patients (NULL: all); $4: only the patients of these buckets (NULL: all).
 _PATIENTS = f"""
 SELECT p.patient_id, p.care_team_id, p.weight_kg, c.cycle_start, c.step_up_day, s.spot_checks,
-       o.version AS override_version, o.overrides
+       o.version AS override_version, o.overrides, p.infusion_ended_at, p.discharged_at
 FROM patients p
 JOIN ({MONITORED}) m ON m.patient_id = p.patient_id
 LEFT JOIN LATERAL (
@@ -502,6 +505,8 @@ class RulesConfigSource:
                 step_up_day=row["step_up_day"] if row["cycle_start"] is not None else 8,
                 spot_check_thermometers=tuple(row["spot_checks"] or ()),
                 override=override,
+                infusion_ended_at=row["infusion_ended_at"],
+                discharged_at=row["discharged_at"],
             )
             profiles[patient_id] = profile
             row_digests[patient_id] = row["digest"]

@@ -59,6 +59,15 @@ class RulesMetrics:
             "what stays missing is raised as a data_lost alert).",
             registry=r,
         )
+        self.not_paged = Counter(
+            "vigil_rules_not_paged",
+            "Readings not evaluated (what: reading) and timers that paged nothing (what: the "
+            "timer's kind: silent, lost, unobserved, bag, interruption) because the patient "
+            "was discharged (why: discharged) or, for a pump, their infusion had ended (why: "
+            "infusion_ended) by the reading's device time or the timer's deadline.",
+            ["what", "why"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "vigil_rules_dead_letters",
             "Telemetry records dead-lettered, by reason code.",

@@ -191,6 +191,17 @@ class PatientProfile(_Plain):
         "spot-check ones.",
     )
     override: PatientOverride | None = None
+    infusion_ended_at: AwareDatetime | None = Field(
+        default=None,
+        description="End of the bag course (the care team's end of infusion): from this time "
+        "the infusion rules (pump alarms, pump silent, bag and interruption clocks) page "
+        "nothing; fever monitoring goes on.",
+    )
+    discharged_at: AwareDatetime | None = Field(
+        default=None,
+        description="The patient's discharge: from this time no rule pages for them and "
+        "their readings are not evaluated.",
+    )
 
 
 class RulesConfig(_Plain):
@@ -328,6 +339,9 @@ class RulesCompiler:
 
 
 _MIN = 60.0
+#: Why a reading or a timer of a patient is not paged (``PatientRules.stopped``).
+DISCHARGED = "discharged"
+INFUSION_ENDED = "infusion_ended"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +371,9 @@ class PatientRules:
     cycle_start_s: float | None
     step_up_day: int | None
     high_risk_cycle_days: frozenset[int]
+    # The end of infusion and the discharge (epoch s; None: not recorded).
+    infusion_end_s: float | None = None
+    discharge_s: float | None = None
 
     @classmethod
     def build(cls, thresholds: Thresholds, profile: PatientProfile | None) -> PatientRules:
@@ -367,12 +384,16 @@ class PatientRules:
         """These thresholds for one patient: the fields a profile sets (every other field is
         the thresholds', shared by all patients who resolve to them)."""
         cycle_start: datetime | None = profile.cycle_start
+        ended = profile.infusion_ended_at
+        discharged = profile.discharged_at
         return replace(
             self,
             weight_kg=profile.weight_kg,
             cycle_start_s=cycle_start.timestamp() if cycle_start is not None else None,
             step_up_day=profile.step_up_day,
             spot_checks=frozenset(profile.spot_check_thermometers),
+            infusion_end_s=ended.timestamp() if ended is not None else None,
+            discharge_s=discharged.timestamp() if discharged is not None else None,
         )
 
     @classmethod
@@ -428,6 +449,16 @@ class PatientRules:
         if thermometer_id in self.spot_checks:
             return self.spot_check_unobserved_s
         return self.fever_unobserved_s
+
+    def stopped(self, t: float, is_pump: bool) -> str | None:
+        """Why nothing at time ``t`` of a device (a pump: ``is_pump``) is paged for this
+        patient: ``discharged`` from the discharge on, ``infusion_ended`` for a pump from the
+        end of infusion on; None while they are monitored."""
+        if self.discharge_s is not None and t >= self.discharge_s:
+            return DISCHARGED
+        if is_pump and self.infusion_end_s is not None and t >= self.infusion_end_s:
+            return INFUSION_ENDED
+        return None
 
     def cycle_day(self, t: float) -> int | None:
         """Day of the cycle at device time ``t`` (day 1 starts at cycle_start)."""

@@ -73,8 +73,17 @@ def protocol_piece(protocol: Protocol) -> Piece:
     return _piece(PROTOCOL, protocol.care_team_id, protocol.model_dump(mode="json"))
 
 
+# Written only once recorded, so the pieces of the patients still monitored keep the text (and
+# digest) they had before these fields existed.
+_COURSE_END_FIELDS = ("infusion_ended_at", "discharged_at")
+
+
 def profile_piece(profile: PatientProfile) -> Piece:
-    return _piece(PROFILE, profile.patient_id, profile.model_dump(mode="json"))
+    body = profile.model_dump(mode="json")
+    for name in _COURSE_END_FIELDS:
+        if body.get(name) is None:
+            body.pop(name, None)
+    return _piece(PROFILE, profile.patient_id, body)
 
 
 def pieces_of(config: RulesConfig) -> dict[PieceKey, Piece]:

@@ -46,6 +46,11 @@ restored engine fires them in the same order (``domain.timers.TimerWheel``). Bot
 in the record (ingest times and heartbeats are on the telemetry topic), so a replay of the
 topic fires the same alerts.
 
+A patient's end of infusion and discharge (their profile's ``infusion_ended_at`` and
+``discharged_at``) stop the rules from those times: a reading taken later (of a pump, after the
+end of infusion) is not evaluated, a timer due later pages nothing (``PatientRules.stopped``);
+both are counted (``take_stopped``).
+
 The engine is synchronous and does no I/O; its state is mutable records per patient and
 device, owned here and changed only by the methods above.
 """
@@ -172,6 +177,9 @@ class RulesEngine:
         # Gaps seen since ``take_seq_gaps`` (the service counts them), and counter restarts.
         self._seq_gaps: list[tuple[str, str, int]] = []
         self.seq_restarts = 0
+        # What was not decided since ``take_stopped`` because the patient's infusion ended or
+        # they were discharged (``PatientRules.stopped``): (what, why); the service counts them.
+        self._stopped: list[tuple[str, str]] = []
 
     # --- the per-event path -----------------------------------------------------------------
 
@@ -196,13 +204,19 @@ class RulesEngine:
                 beat += self._fire_due()
             return beat
         patient_id = obs.patient_id
-        self._dirty.add(patient_id)
         patient = self._patients.get(patient_id)
+        rules = self._rules[patient_id] if patient is not None else self._rules_for(patient_id)
+        if rules.discharge_s is not None or rules.infusion_end_s is not None:
+            why = rules.stopped(obs.t, obs.channel != TEMPERATURE)
+            if why is not None:
+                # Taken after the discharge (or, a pump's, after the end of infusion): not
+                # evaluated, counted; it moves the clocks as any record does.
+                self._stopped.append(("reading", why))
+                return self.on_context(obs)
         if patient is None:
             patient = self._patients[patient_id] = PatientTrack()
-            rules = self._rules[patient_id] = self._rules_for(patient_id)
-        else:
-            rules = self._rules[patient_id]
+            self._rules[patient_id] = rules
+        self._dirty.add(patient_id)
         device = patient.devices.get(obs.device_id)
         if device is None:
             device = patient.devices[obs.device_id] = DeviceTrack(obs.channel == TEMPERATURE)
@@ -337,6 +351,13 @@ class RulesEngine:
         partition since the last call."""
         outages, self._outages = self._outages, []
         return [(at(start), at(end)) for start, end in outages]
+
+    def take_stopped(self) -> list[tuple[str, str]]:
+        """The (what, why) of every reading not evaluated and every timer not paged since the
+        last call because the patient's infusion ended or they were discharged: what is
+        ``reading`` or the timer's kind, why ``discharged`` or ``infusion_ended``."""
+        stopped, self._stopped = self._stopped, []
+        return stopped
 
     def take_seq_gaps(self) -> list[tuple[str, str, int]]:
         """The (patient, device, messages missing) of every gap seen since the last call."""
@@ -608,6 +629,8 @@ class RulesEngine:
                     schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
+                if self._stops(rules, kind, real, not device.is_thermometer):
+                    continue
                 alerts.append(
                     absence.start_silence(
                         patient_id, device_id, device, real, limit, rules, self._config_version
@@ -620,6 +643,10 @@ class RulesEngine:
                 gapped.gap_timer_at = None
                 gaps = gapped.gaps
                 if not gaps:
+                    continue
+                if self._stops(rules, kind, deadline, not gapped.is_thermometer):
+                    gapped.gaps = None
+                    self._dirty.add(patient_id)
                     continue
                 wait = rules.data_lost_wait_s
                 real = min(g.seen for g in gaps) + wait
@@ -656,6 +683,8 @@ class RulesEngine:
                     schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
+                if self._stops(rules, kind, real, False):
+                    continue
                 alerts.append(
                     absence.start_unobserved(patient_id, patient, real, rules, self._config_version)
                 )
@@ -677,6 +706,8 @@ class RulesEngine:
                     schedule(CLINICAL, Timer(real_or_none, kind, patient_id, device_id))
                     continue
                 self._dirty.add(patient_id)
+                if self._stops(rules, kind, real_or_none, True):
+                    continue
                 fire = fire_bag_due if kind == _BAG else fire_interruption
                 alerts += fire(
                     pump, real_or_none, patient_id, device_id, rules, self._config_version
@@ -685,6 +716,18 @@ class RulesEngine:
                 # later deadline is re-armed, so a timer that decided nothing cannot spin.
                 self._arm_pump(patient_id, device_id, patient, pump, rules, after=real_or_none)
         return alerts
+
+    def _stops(self, rules: PatientRules, kind: str, deadline: float, is_pump: bool) -> bool:
+        """Whether a timer due at ``deadline`` pages nothing: the patient was discharged by
+        then (or, a pump's timer, their infusion had ended). Its timer stays disarmed; a
+        record that arrives later arms it again as usual."""
+        if rules.discharge_s is None and rules.infusion_end_s is None:
+            return False
+        why = rules.stopped(deadline, is_pump)
+        if why is None:
+            return False
+        self._stopped.append((kind, why))
+        return True
 
     def _defer(
         self, patient: PatientTrack, kind: str, patient_id: str, device_id: str, deadline: float

@@ -93,6 +93,7 @@ async def process_batch(
     alerts_sent = 0
     emitted: Counter[tuple[str, str]] = Counter()
     gaps: list[tuple[str, str, int]] = []
+    stopped: list[tuple[str, str]] = []
     outages: list[tuple[int, datetime, datetime]] = []
     dead = 0
     owned = assignment()
@@ -146,6 +147,7 @@ async def process_batch(
                         )
                     )
             gaps += engine.take_seq_gaps()
+            stopped += engine.take_stopped()
             for began, ended in engine.take_outages():
                 outages.append((tp.partition, began, ended))
             sends += await outbox.send_state(
@@ -185,6 +187,8 @@ async def process_batch(
                 seconds=round((ended - began).total_seconds(), 1),
             ),
         )
+    for (what, why), count in Counter(stopped).items():
+        m.not_paged.labels(what, why).inc(count)
     if gaps:
         m.seq_gaps.inc(len(gaps))
         m.seq_missing.inc(sum(missing for _, _, missing in gaps))
