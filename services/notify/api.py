@@ -17,10 +17,13 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.notify.adapters.api_queries import PostgresApiRepository
+from services.notify.adapters.postgres.caregivers import PostgresCaregiverDirectory
 from services.notify.bootstrap import build_escalation, open_pool
 from services.notify.entrypoints.http import ROUTERS
 from services.notify.service_layer.api_ports import ApiRepository, EscalationCommands
+from services.notify.service_layer.caregiver_calls import CaregiverCalls
 from services.notify.settings import NotifySettings
+from vigil.runtime import utcnow
 
 
 def create_app(
@@ -46,6 +49,13 @@ def create_app(
             if app.state.service is None:
                 app.state.service, closers = build_escalation(settings, opened)
                 owned.extend(closers)
+        if opened is not None:
+            # A caregiver's SMS reply asks for a call (docs/caregivers.md); on the service's
+            # clock, so a test's clock moves it too.
+            service_ = app.state.service
+            app.state.caregiver_calls = CaregiverCalls(
+                PostgresCaregiverDirectory(opened), service_, getattr(service_, "now", utcnow)
+            )
         try:
             yield
         finally:
@@ -56,6 +66,7 @@ def create_app(
     app = FastAPI(title="Vigil notify", version="1", lifespan=lifespan)
     app.state.notify_settings = settings
     app.state.service = service
+    app.state.caregiver_calls = None
     app.state.repository = (
         repository if repository is not None or pool is None else PostgresApiRepository(pool)
     )

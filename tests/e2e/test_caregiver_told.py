@@ -8,6 +8,8 @@ number finds no page to acknowledge."""
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -17,10 +19,12 @@ from email.message import Message
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
 from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
+from services.notify.adapters.twilio import twilio_signature
 from tests.e2e.conftest import (
     MailCollector,
     drop_mqtt_session,
@@ -41,6 +45,7 @@ pytestmark = pytest.mark.stack
 HOME_SMS = "+33612345678"
 HOME_EMAIL = "home-{run}@family.test"
 WITHDRAWN_SMS = "+33612345679"
+CALLER_SMS = "+33612345670"
 UNIT_PHONE = "+33140000000"
 FEVER_GUIDANCE = "Déshabillez légèrement votre enfant et reprenez sa température dans 15 minutes."
 
@@ -50,6 +55,8 @@ class FamilyPipeline:
     mail: MailCollector
     twilio: TwilioLikeServer
     run_id: str
+    # notify's HTTP API (Twilio's webhooks), served in-process.
+    notify_url: str
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +86,8 @@ async def family(
     controller = Controller(mail, hostname="127.0.0.1", port=free_port())
     controller.start()
     ports = ops_ports()
+    api_port = free_port()
+    notify_url = f"http://127.0.0.1:{api_port}"
     ingest = IngestSettings(
         mqtt_client_id=f"ingest-family-{run_id}",
         mqtt_share_group=f"ingest-family-{run_id}",
@@ -93,6 +102,9 @@ async def family(
         twilio_account_sid=twilio.account_sid,
         twilio_auth_token=SecretStr(twilio.auth_token),
         twilio_from="+15550000000",
+        api_enabled=True,
+        api_port=api_port,
+        public_base_url=notify_url,
     )
     bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
     await start_group_at_end(bootstrap, rules.group_id, TELEMETRY_TOPIC)
@@ -110,7 +122,8 @@ async def family(
     ]
     try:
         await until_all_ready(tasks, ports)
-        yield FamilyPipeline(mail=mail, twilio=twilio, run_id=run_id)
+        await eventually(lambda: _serving(notify_url), timeout_s=30, what="notify's API to serve")
+        yield FamilyPipeline(mail=mail, twilio=twilio, run_id=run_id, notify_url=notify_url)
     finally:
         stop.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
@@ -120,20 +133,43 @@ async def family(
             assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
 
 
-async def _family_of(dsn: str, run_id: str, patient: str, team: str) -> str:
-    """A consenting French-speaking caregiver (SMS and e-mail), one whose consent was withdrawn,
-    the unit's 24-hour number and a nurse who will acknowledge; returns the nurse's person id."""
+async def _serving(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+            return (await client.get("/openapi.json")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _sms_reply(family: FamilyPipeline, sender: str, body: str) -> str:
+    """An SMS reply as Twilio posts it to notify, signed; returns the TwiML message."""
+    form = {"From": sender, "Body": body, "MessageSid": "SM" + uuid.uuid4().hex}
+    path = "/twilio/sms"
+    signature = twilio_signature(family.twilio.auth_token, family.notify_url + path, form)
+    async with httpx.AsyncClient(base_url=family.notify_url, timeout=30) as client:
+        response = await client.post(path, data=form, headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 200, response.text
+    found = re.search(r"<Message>(.*)</Message>", response.text)
+    assert found is not None
+    return html.unescape(found.group(1))
+
+
+async def _family_of(dsn: str, run_id: str, patient: str, team: str, sms: str = HOME_SMS) -> str:
+    """A consenting French-speaking caregiver (``sms`` and e-mail), one whose consent was
+    withdrawn, the unit's 24-hour number, the fever guidance and a nurse who will acknowledge
+    (the last three once per team); returns the nurse's person id."""
     now = datetime.now(UTC)
     nurse = f"nurse-{run_id}"
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'Ana Martin', $2)",
+            "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'Ana Martin', $2) "
+            "ON CONFLICT DO NOTHING",
             nurse,
             team,
         )
-        for sms, email, withdrawn in (
-            (HOME_SMS, HOME_EMAIL.format(run=run_id), None),
+        for number, email, withdrawn in (
+            (sms, HOME_EMAIL.format(run=run_id) if sms == HOME_SMS else None, None),
             (WITHDRAWN_SMS, None, now),
         ):
             await conn.execute(
@@ -147,7 +183,7 @@ async def _family_of(dsn: str, run_id: str, patient: str, team: str) -> str:
                 uuid.uuid4(),
                 patient,
                 team,
-                sms,
+                number,
                 email,
                 now,
                 None if withdrawn is None else "charge-nurse",
@@ -158,14 +194,14 @@ async def _family_of(dsn: str, run_id: str, patient: str, team: str) -> str:
         await conn.execute(
             "INSERT INTO caregiver_guidance (care_team_id, alarm, language, version, text, "
             "proposed_by, signed_off_by, signed_off_at) VALUES ($1, 'fever', 'fr', 1, $2, "
-            "'charge-nurse', 'second-nurse', $3)",
+            "'charge-nurse', 'second-nurse', $3) ON CONFLICT DO NOTHING",
             team,
             FEVER_GUIDANCE,
             now,
         )
         await conn.execute(
             "INSERT INTO caregiver_team_settings (care_team_id, unit_phone, updated_by, "
-            "updated_at) VALUES ($1, $2, 'charge-nurse', $3)",
+            "updated_at) VALUES ($1, $2, 'charge-nurse', $3) ON CONFLICT DO NOTHING",
             team,
             UNIT_PHONE,
             now,
@@ -337,3 +373,68 @@ async def _all_sent(dsn: str, patient: str) -> bool:
     finally:
         await conn.close()
     return bool(statuses) and all(r["status"] in ("sent", "delivered") for r in statuses)
+
+
+async def test_caregiver_asks_for_a_call(family: FamilyPipeline, stack_env: dict[str, str]) -> None:
+    """A caregiver's reply AIDE pages the care team about a call of its own, and the family is
+    told it was asked; a second request opens nothing; "1" from the family acknowledges
+    nothing."""
+    dsn = stack_env["VIGIL_PG_DSN"]
+    patient, _device, oncall = await register_patient(dsn, family.run_id, "call")
+    team = f"team-e2e-{family.run_id}"
+    await _family_of(dsn, family.run_id, patient, team, sms=CALLER_SMS)
+
+    assert await _sms_reply(family, CALLER_SMS, "aide") == (
+        "Votre équipe soignante a été invitée à vous appeler."
+    )
+    await eventually(
+        lambda: family.mail.for_patient(patient),
+        timeout_s=30,
+        interval_s=0.1,
+        what="the care team paged about the call request",
+    )
+    page = family.mail.for_patient(patient)[0]
+    assert page["To"] == oncall and "Caregiver asks for a call" in _subject(page)
+    await eventually(
+        lambda: family.twilio.sent_to(CALLER_SMS),
+        timeout_s=30,
+        interval_s=0.1,
+        what="the family told the care team was asked",
+    )
+    told = family.twilio.sent_to(CALLER_SMS)[0]["body"]
+    assert told.startswith("Votre équipe soignante a été invitée à vous appeler (demande de ")
+
+    assert await _sms_reply(family, CALLER_SMS, "CALL") == (
+        "Votre équipe soignante a déjà été invitée à vous appeler."
+    )
+    assert (await _sms_reply(family, CALLER_SMS, "1")).startswith("Répondez APPEL")
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT e.status, a.rule_id FROM escalations e JOIN alerts a USING (alert_id) "
+            "WHERE e.patient_id = $1",
+            patient,
+        )
+        assert [(r["status"], r["rule_id"]) for r in rows] == [("open", "caregiver.call")]
+        kinds = [
+            r["kind"]
+            for r in await conn.fetch(
+                "SELECT v.kind FROM escalation_events v JOIN escalations e USING (escalation_id) "
+                "WHERE e.patient_id = $1 ORDER BY v.event_id",
+                patient,
+            )
+        ]
+        assert "caregiver_told" in kinds and "caregiver_call_repeated" in kinds
+        audited = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'notify.caregiver_call_requested' "
+            "AND subject = $1",
+            f"patient:{patient}",
+        )
+        assert audited == 1
+        # Stop this chain: later tests share the escalations table.
+        await conn.execute(
+            "UPDATE escalations SET status = 'resolved', due_at = NULL WHERE patient_id = $1",
+            patient,
+        )
+    finally:
+        await conn.close()

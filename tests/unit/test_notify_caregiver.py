@@ -19,6 +19,8 @@ from services.notify.domain.caregiver import (
     Happening,
     PriorAlarm,
     Situation,
+    asks_for_call,
+    call_reply,
     category_of,
     compose,
     compose_caregiver_email,
@@ -316,3 +318,45 @@ def test_a_caregiver_message_that_failed_goes_to_nobody_else() -> None:
     caregiver = Recipient.parse(f"caregiver:{MUM}")
     assert caregiver.kind is RecipientKind.CAREGIVER
     assert after_failure(caregiver, 0, [], next_channel=True) is None
+
+
+# -- a caregiver asking for a call ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "asks"),
+    [
+        ("CALL", True),
+        (" help! ", True),
+        ("Appel", True),
+        ("aide.", True),
+        ("LLAMAR", True),
+        ("ayuda", True),
+        ("1", False),
+        ("ok", False),
+        ("please call", False),
+        ("", False),
+    ],
+)
+def test_which_replies_ask_for_a_call(body: str, asks: bool) -> None:
+    assert asks_for_call(body) is asks
+
+
+def test_call_replies_in_the_contact_language() -> None:
+    assert call_reply("fr", "asked") == "Votre équipe soignante a été invitée à vous appeler."
+    assert call_reply("es", "hint") == "Responda LLAMAR para que su equipo médico le llame."
+    assert call_reply("de", "already").startswith("Your care team has already")
+
+
+def test_a_call_request_is_never_held_and_says_so() -> None:
+    at = T0 + timedelta(minutes=2)
+    prior = {MUM: [PriorAlarm(at=T0, still_open=True)] * 3}
+    request = situation(category=Category.CALL_REQUEST, at=at)
+    sent, skipped = decide(request, [contact(), contact(DAD)], prior_alarms=prior)
+    assert [m.contact_id for m in sent] == [MUM, DAD] and skipped == ()
+    assert sent[0].body.startswith(
+        "Your care team has been asked to call you (request of 03:00 CET)."
+    )
+    ack = compose(situation(Happening.ACKNOWLEDGED, category=Category.CALL_REQUEST), "en")[1]
+    assert "(your request for a call)" in ack
+    assert category_of("caregiver.call") is Category.CALL_REQUEST

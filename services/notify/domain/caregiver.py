@@ -36,6 +36,9 @@ class Category(StrEnum):
     PUMP_ALARM = "pump_alarm"
     DEVICE_SILENT = "device_silent"
     DATA_LOST = "data_lost"
+    # A caregiver's own request for a call (an SMS reply CALL or HELP): the alert notify raises
+    # for it (``service_layer/caregiver_calls.py``) carries this rule id.
+    CALL_REQUEST = "caregiver.call"
 
 
 def category_of(rule_id: str) -> Category | None:
@@ -209,6 +212,8 @@ def _why_not(
         if contact.contact_id not in told_of_this:
             return "not told of this alarm"
         return None
+    if situation.category is Category.CALL_REQUEST:
+        return None  # the family asked: never held by the limits
     at = situation.at
     for alarm in prior or ():
         if alarm.still_open and at - alarm.at < OPEN_ALARM_GAP:
@@ -261,18 +266,21 @@ _WHAT: Final[dict[str, dict[Category, str]]] = {
         Category.PUMP_ALARM: "an alarm from the infusion pump",
         Category.DEVICE_SILENT: "that a home device has stopped sending",
         Category.DATA_LOST: "that readings from a home device were lost",
+        Category.CALL_REQUEST: "your request for a call",
     },
     "fr": {
         Category.FEVER: "une température élevée",
         Category.PUMP_ALARM: "une alarme de la pompe de perfusion",
         Category.DEVICE_SILENT: "qu'un appareil à domicile n'envoie plus rien",
         Category.DATA_LOST: "que des mesures d'un appareil à domicile ont été perdues",
+        Category.CALL_REQUEST: "votre demande d'appel",
     },
     "es": {
         Category.FEVER: "una temperatura alta",
         Category.PUMP_ALARM: "una alarma de la bomba de infusión",
         Category.DEVICE_SILENT: "que un aparato de casa ha dejado de enviar datos",
         Category.DATA_LOST: "que se perdieron mediciones de un aparato de casa",
+        Category.CALL_REQUEST: "su solicitud de llamada",
     },
 }
 
@@ -313,7 +321,16 @@ def compose(situation: Situation, language: str) -> tuple[str, str]:
     when = _clock(situation.alarm_at, situation.zone)
     subject = _SUBJECT[language][situation.happening]
     happening = situation.happening
-    if happening is Happening.PAGED:
+    if happening is Happening.PAGED and situation.category is Category.CALL_REQUEST:
+        body = {
+            "en": f"Your care team has been asked to call you (request of {when}). "
+            f"{_DEFAULT_GUIDANCE['en']}",
+            "fr": f"Votre équipe soignante a été invitée à vous appeler (demande de {when}). "
+            f"{_DEFAULT_GUIDANCE['fr']}",
+            "es": f"Se ha pedido a su equipo médico que le llame (solicitud de las {when}). "
+            f"{_DEFAULT_GUIDANCE['es']}",
+        }[language]
+    elif happening is Happening.PAGED:
         guidance = (situation.guidance or {}).get(language) or _DEFAULT_GUIDANCE[language]
         body = {
             "en": f"Vigil noticed {what} at {when}. Your care team has been alerted. {guidance}",
@@ -391,3 +408,39 @@ def compose_caregiver_email(
         "replies by e-mail are not read.\n"
     )
     return message
+
+
+# -- a caregiver asking for a call -------------------------------------------------------------
+
+#: The words of an SMS reply that ask the care team for a call, in every language (upper case,
+#: accents as typed or not).
+CALL_WORDS: Final = frozenset({"CALL", "HELP", "APPEL", "AIDE", "LLAMAR", "LLAMADA", "AYUDA"})
+
+
+def asks_for_call(body: str) -> bool:
+    """An SMS reply that is one of ``CALL_WORDS`` (any case, surrounding spaces and a final
+    ``.`` or ``!`` ignored)."""
+    return body.strip().rstrip(".!").strip().upper() in CALL_WORDS
+
+
+def call_reply(language: str, outcome: str) -> str:
+    """The answer to a caregiver's SMS: ``asked`` (a page to the care team was opened),
+    ``already`` (one is open), or ``hint`` (a reply that asks for nothing)."""
+    words = {
+        "en": {
+            "asked": "Your care team has been asked to call you.",
+            "already": "Your care team has already been asked to call you.",
+            "hint": "Reply CALL to ask your care team to call you.",
+        },
+        "fr": {
+            "asked": "Votre équipe soignante a été invitée à vous appeler.",
+            "already": "Votre équipe soignante a déjà été invitée à vous appeler.",
+            "hint": "Répondez APPEL pour que votre équipe soignante vous appelle.",
+        },
+        "es": {
+            "asked": "Se ha pedido a su equipo médico que le llame.",
+            "already": "Ya se ha pedido a su equipo médico que le llame.",
+            "hint": "Responda LLAMAR para que su equipo médico le llame.",
+        },
+    }
+    return words[language if language in words else "en"][outcome]

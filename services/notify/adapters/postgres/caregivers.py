@@ -14,6 +14,7 @@ claimed caregiver pages.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,6 +34,7 @@ from services.notify.domain.caregiver import (
 )
 from services.notify.domain.escalation import TimelineEntry, Transition
 from services.notify.domain.routing import EMAIL, PagePurpose, RecipientKind, page_id_for
+from services.notify.service_layer.caregiver_calls import CallerContact, OpenEscalation
 from services.notify.service_layer.ports import PageJob
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 
 #: audit_log.action of a message decided for a caregiver.
 CAREGIVER_MESSAGE_ACTION = "notify.caregiver_message"
+#: audit_log.action of a caregiver's SMS asking for a call.
+CALL_REQUESTED_ACTION = "notify.caregiver_call_requested"
 
 #: What one transition asks of the family: the alert, its escalation and care team.
 Told = tuple[Alert, uuid.UUID, str, Transition]
@@ -122,8 +126,11 @@ class CaregiverWriter:
                 SELECT m.contact_id, min(m.created_at) AS at,
                        bool_or(e.status IN ('open', 'exhausted')) AS still_open
                 FROM caregiver_messages m JOIN escalations e USING (escalation_id)
+                JOIN alerts a ON a.alert_id = e.alert_id
                 WHERE e.patient_id = $1 AND m.kind = 'paged' AND m.escalation_id <> $2
                   AND m.created_at > $3
+                  -- The family's own requests for a call hold no alarm back.
+                  AND a.rule_id <> 'caregiver.call'
                 GROUP BY m.contact_id, m.escalation_id
                 """,
                 alert.patient_id,
@@ -270,3 +277,60 @@ async def with_caregiver_words(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
         replace(j, caregiver=words.get(j.page.page_id)) if j.purpose is PagePurpose.CAREGIVER else j
         for j in jobs
     ]
+
+
+class PostgresCaregiverDirectory:
+    """What a caregiver's SMS reply is decided from (``service_layer.caregiver_calls``), on the
+    pool, one statement each."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    async def contact_by_sms(self, number: str) -> CallerContact | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM caregiver_contacts WHERE sms = $1 AND withdrawn_at IS NULL "
+            "ORDER BY created_at DESC LIMIT 1",
+            number,
+        )
+        return None if row is None else CallerContact(_contact(row), str(row["patient_id"]))
+
+    async def open_escalations(self, patient_id: str) -> list[OpenEscalation]:
+        rows = await self._pool.fetch(
+            "SELECT e.escalation_id, e.dedup_key, a.rule_id, e.status FROM escalations e "
+            "JOIN alerts a ON a.alert_id = e.alert_id "
+            "WHERE e.patient_id = $1 AND e.status IN ('open', 'exhausted', 'acknowledged') "
+            "ORDER BY e.opened_at DESC",
+            patient_id,
+        )
+        return [
+            OpenEscalation(
+                uuid.UUID(str(r["escalation_id"])),
+                str(r["dedup_key"]),
+                str(r["rule_id"]),
+                str(r["status"]),
+            )
+            for r in rows
+        ]
+
+    async def note(self, escalation_id: uuid.UUID, at: datetime, entry: TimelineEntry) -> None:
+        await self._pool.execute(
+            "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+            "VALUES ($1, $2, $3, $4::jsonb)",
+            escalation_id,
+            at,
+            entry.kind,
+            json.dumps(entry.detail, default=str),
+        )
+
+    async def audit(self, patient_id: str, details: dict[str, object], at: datetime) -> None:
+        from vigil.audit import append as audit_append
+
+        async with self._pool.acquire() as conn, conn.transaction():
+            await audit_append(
+                conn,
+                "notify",
+                CALL_REQUESTED_ACTION,
+                f"patient:{patient_id}",
+                dict(details),
+                at=at,
+            )
