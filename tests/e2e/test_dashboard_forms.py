@@ -501,6 +501,82 @@ async def test_the_forms_are_only_for_roles_that_may_manage_patients(ward: Ward)
         assert (await client.get("/devices")).status_code == 403
 
 
+async def test_charge_nurse_discharges_a_child_after_confirming(ward: Ward, page: Any) -> None:
+    """Declining the confirmation changes nothing; confirming discharges: the devices are
+    unbound at that time, the child leaves the roster, and the roster says what was done."""
+    patient, pump = f"P-out-{ward.run}", f"pump-out-{ward.run}"
+    await ward.enrol(patient)
+    await ward.register(pump, "pump", patient)
+    await page.goto(f"{ward.base_url}/patients/{patient}")
+    await page.fill("form#discharge input[name=reason]", "course completed")
+    asked: list[str] = []
+
+    async def decline(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    async def accept(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    # A time still to come: confirmed, refused by the API in words, nothing written.
+    tomorrow = datetime.now(ZoneInfo(TEAM_ZONE)) + timedelta(days=1)
+    await page.fill("form#discharge input[name=at]", f"{tomorrow:%Y-%m-%dT%H:%M}")
+    page.once("dialog", accept)
+    await page.click("form#discharge button[type=submit]")
+    await page.wait_for_selector("#discharge-error:not(:empty)", timeout=15_000)
+    assert asked == [
+        f"Discharge {patient} ({tomorrow:%d %b %H:%M} ({TEAM_ZONE})), reason: course completed?"
+        "\n\nTheir devices are unbound and nothing is paged for them any more."
+    ]
+    assert await page.locator("#discharge-error").inner_text() == (
+        "Time: The time is in the future; record it when it happens."
+    )
+    await page.fill("form#discharge input[name=at]", "")
+
+    asked.clear()
+    page.once("dialog", decline)
+    await page.click("form#discharge button[type=submit]")
+    await eventually(lambda: bool(asked), timeout_s=15, what="the confirmation to be asked")
+    assert asked[0].startswith(f"Discharge {patient} (now), reason: course completed?")
+    state = await fetch(
+        ward.dsn,
+        "SELECT p.discharged_at, b.valid_to FROM patients p JOIN device_bindings b "
+        "USING (patient_id) WHERE patient_id = $1",
+        patient,
+    )
+    assert [tuple(r) for r in state] == [(None, None)]
+
+    page.once("dialog", accept)
+    await page.click("form#discharge button[type=submit]")
+    await page.wait_for_url(f"{ward.base_url}/roster", timeout=15_000)
+    flash = await page.locator("#flash").inner_text()
+    assert flash.startswith(f"{patient} was discharged at ")
+    assert flash.endswith(f"(course completed). Devices unbound: {pump}; open alerts closed: 0.")
+    await page.locator("#roster tr").first.wait_for(timeout=15_000)
+    assert await page.locator(f"tr[data-patient='{patient}']").count() == 0
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-discharged.png"), full_page=True)
+
+    rows = await fetch(
+        ward.dsn,
+        "SELECT p.discharged_at, p.discharge_reason, b.valid_to FROM patients p "
+        "JOIN device_bindings b USING (patient_id) WHERE patient_id = $1",
+        patient,
+    )
+    ((discharged_at, reason, unbound_at),) = [tuple(r) for r in rows]
+    assert reason == "course completed" and discharged_at is not None
+    assert unbound_at == discharged_at
+    assert local_time(discharged_at, TEAM_ZONE) in flash
+
+    # The child's page stays readable, says so, and offers no more changes.
+    await page.goto(f"{ward.base_url}/patients/{patient}")
+    banner = page.locator("#discharged")
+    at, words = await shown_time(banner.locator("time"))
+    assert at == discharged_at and words == local_time(discharged_at, TEAM_ZONE)
+    assert "(course completed) by " in await banner.inner_text()
+    assert await page.locator("form#discharge, form#swap").count() == 0
+
+
 async def test_the_roster_shows_who_is_on_call_now_and_next(ward: Ward, page: Any) -> None:
     for person, name in (("ana", "Ana"), ("ben", "Ben")):
         answer = await ward.call(

@@ -145,6 +145,16 @@ class ApiRepository:
         )
         return dict(row) if row else None
 
+    async def discharge_of(self, patient_id: str) -> Row | None:
+        """The patient's discharge (``discharged_at``, ``discharge_reason``, ``discharged_by``);
+        None while they are monitored."""
+        row = await self._pool.fetchrow(
+            "SELECT discharged_at, discharge_reason, discharged_by FROM patients "
+            "WHERE patient_id = $1 AND discharged_at IS NOT NULL",
+            patient_id,
+        )
+        return dict(row) if row else None
+
     async def devices(self, patient_id: str) -> list[Row]:
         return _rows(
             await self._pool.fetch(

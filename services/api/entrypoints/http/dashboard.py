@@ -303,6 +303,7 @@ async def patient_page(request: Request, patient_id: str) -> Response:
             "pump": reports[-1] if reports else None,
             "clocks": clocks,
             "events": await repository.pump_events(patient_id, start, 20),
+            "discharge": await repository.discharge_of(patient_id),
             "now": now,
             "zone": patient.get("timezone") or "UTC",
             "local_time": local_time,
