@@ -162,23 +162,15 @@ async def register_demo_user(dsn: str, data_dir: Path) -> str:
     return password
 
 
-def notify_api_env(data_dir: Path, environ: dict[str, str]) -> dict[str, str]:
+def notify_api_env(environ: dict[str, str]) -> dict[str, str]:
     """Notify's API for the local run: served on ``VIGIL_NOTIFY_API_PORT`` (8085), the address
-    the acknowledgement links in pages point to, with a bearer token for its management routes
-    generated once into ``<data_dir>/notify-api-token``. What the caller's environment already
-    sets is kept."""
-    import secrets
-
-    token_file = data_dir / "notify-api-token"
-    if not token_file.exists():
-        token_file.write_text(secrets.token_urlsafe(32) + "\n")
-        token_file.chmod(0o600)
+    the acknowledgement links in pages point to (and Twilio's webhooks would). What the caller's
+    environment already sets is kept."""
     port = environ.get("VIGIL_NOTIFY_API_PORT", "8085")
     wanted = {
         "VIGIL_NOTIFY_API_ENABLED": "true",
         "VIGIL_NOTIFY_API_PORT": port,
         "VIGIL_NOTIFY_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "VIGIL_NOTIFY_API_TOKEN": token_file.read_text().strip(),
     }
     return {name: environ.get(name, value) for name, value in wanted.items()}
 
@@ -245,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(stack.data_dir)
     password = asyncio.run(register_demo_user(dsn, data_dir))
     api_port = os.environ.setdefault("VIGIL_API_PORT", "8080")
-    os.environ.update(notify_api_env(data_dir, dict(os.environ)))
+    os.environ.update(notify_api_env(dict(os.environ)))
 
     log_dir = Path(stack.data_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -270,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"vigil run: notify's API at {os.environ['VIGIL_NOTIFY_PUBLIC_BASE_URL']} "
-        "(the acknowledgement links in pages; bearer token in "
-        f"{data_dir / 'notify-api-token'})",
+        "(the acknowledgement links in pages)",
         flush=True,
     )
     configure_logging("WARNING")

@@ -38,6 +38,7 @@ from services.api.entrypoints.http import (
     escalation_policy,
     fhir,
     oncall,
+    outages,
     patients,
     protocols,
     roster,
@@ -85,11 +86,13 @@ def create_app(
             AlertActions,
             AlertTimelines,
             PatientEscalations,
+            PipelineOutages,
             TeamRegistry,
         )
 
         app.state.alert_timelines = AlertTimelines(pool)
         app.state.team_registry = TeamRegistry(pool, clock)
+        app.state.pipeline_outages = PipelineOutages(pool)
         if alert_actions is None:
             app.state.alert_actions = AlertActions(pool)
         # Without broker accounts, device registration and credential changes answer 503.
@@ -142,6 +145,7 @@ def create_app(
     app.include_router(enrolment.router)
     app.include_router(oncall.router)
     app.include_router(escalation_policy.router)
+    app.include_router(outages.router)
     app.include_router(caregivers.router)
     app.include_router(discharge.router)
     app.include_router(dashboard.router)

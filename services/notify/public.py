@@ -3,8 +3,9 @@ snoozing and resolving an alert by its dedup key through the escalation service,
 stops (or pauses) at once and the timeline records who did it; reading an alert's escalation
 timeline; a care team's registry (the team, its people, on-call schedules and overrides, who is
 on call now and next, the escalation policy, quiet hours and the early-cycle escalation), read
-and changed through notify's own repository and use cases. The care-team API never writes
-notify's tables itself; it decides who may ask."""
+and changed through notify's own repository and use cases; the pipeline's outages (when Vigil
+was not watching), read-only. The care-team API never writes notify's tables itself; it decides
+who may ask."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from schemas.notify import (
     ScheduleIn,
 )
 from services.notify.adapters.api_queries import PostgresApiRepository
+from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.postgres.patient_escalations import PostgresPatientEscalations
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.bootstrap import build_escalation
@@ -33,7 +35,13 @@ from services.notify.service_layer.closing import close_patient
 from services.notify.service_layer.escalation import AckOutcome
 from services.notify.settings import NotifySettings
 
-__all__ = ["AlertActions", "AlertTimelines", "PatientEscalations", "TeamRegistry"]
+__all__ = [
+    "AlertActions",
+    "AlertTimelines",
+    "PatientEscalations",
+    "PipelineOutages",
+    "TeamRegistry",
+]
 
 
 class AlertActions:
@@ -80,6 +88,22 @@ class AlertTimelines:
         async with PostgresUnitOfWork(self._pool, transaction=False) as uow:
             result: dict[str, Any] | None = await uow.escalations.timeline(dedup_key)
             return result
+
+
+class PipelineOutages:
+    """The pipeline's outages over ``pool``: each heartbeat silence notify recorded (when Vigil
+    was not watching), read-only."""
+
+    def __init__(self, pool: Any) -> None:
+        self._store = PostgresOutageStore(pool)
+
+    async def outages(self, *, since: datetime | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first, at most ``limit``; with ``since``, only those that had not ended by
+        then. Each: ``outage_id`` (text), ``source``, ``started_at``, ``ended_at``,
+        ``detected_at``, ``recovered_at``, ``summarised_at`` (None while not so) and
+        ``teams_told`` (how many care teams were sent the summary)."""
+        rows = await self._store.outages(since=since, limit=limit)
+        return [{**row, "outage_id": str(row["outage_id"])} for row in rows]
 
 
 class TeamRegistry:

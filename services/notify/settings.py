@@ -78,10 +78,6 @@ class NotifySettings(ServiceSettings):
         default="127.0.0.1",
         description="Interface of the ops server; 0.0.0.0 lets Prometheus and a kubelet reach it.",
     )
-    api_token: SecretStr | None = Field(
-        default=None,
-        description="Bearer token for the management endpoints; required outside development.",
-    )
 
     twilio_base_url: str = "https://api.twilio.com"
     twilio_account_sid: str | None = None
@@ -168,9 +164,6 @@ class NotifySettings(ServiceSettings):
                     self.ack_secret,
                     published={DEVELOPMENT_ACK_SECRET},
                     min_length=MIN_SECRET_LENGTH,
-                ),
-                secret_problem(
-                    "VIGIL_NOTIFY_API_TOKEN", self.api_token, min_length=MIN_SECRET_LENGTH
                 ),
                 dsn_password_problem("VIGIL_PG_DSN", self.pg.dsn),
             ],

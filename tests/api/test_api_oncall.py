@@ -300,6 +300,21 @@ async def test_a_person_or_schedule_of_another_team_is_not_reachable_through_one
     assert conflict.status_code == 409
 
 
+async def test_quiet_hours_in_an_unknown_zone_or_without_a_window_are_refused(
+    api_world: World, tokens: dict[str, dict[str, Any]], client: httpx.AsyncClient
+) -> None:
+    """422 for a zone that does not exist, start == end, or a time with an offset; a valid
+    body is accepted (the control)."""
+    path, nurse = team(api_world, "/quiet-hours"), tokens["nurse_a"]
+    for bad in (
+        {**QUIET, "timezone": "Europe/Atlantis"},
+        {**QUIET, "end": QUIET["start"]},
+        {**QUIET, "start": "22:00:00+01:00"},
+    ):
+        assert (await client.put(path, json=bad, headers=nurse)).status_code == 422, bad
+    assert (await client.put(path, json=QUIET, headers=nurse)).status_code == 204
+
+
 async def test_changes_are_audited_with_the_caller(
     api_world: World,
     tokens: dict[str, dict[str, Any]],

@@ -1,7 +1,7 @@
 """``vigil run`` (what ``make run`` starts on a fresh clone), as a user runs it, on a stack of its
 own: the simulated fever is paged by e-mail, the acknowledgement link in that e-mail answers,
-acknowledging there stops the escalation, and notify's management routes take the token
-``vigil run`` generated and refuse a request without it.
+acknowledging there stops the escalation, and the care-team API serves the pipeline's outages
+to the demo user's login (notify's API serves only the links and Twilio's webhooks).
 
 The run gets a fresh stack in a temporary folder on ports of its own (26xxx), so its services,
 consumer groups and registry never meet the test stack's; it is stopped and deleted at the end.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ import asyncpg
 import pytest
 
 from tests.polling import eventually_sync
+from vigil_tools.localrun import DEMO_USER
 from vigil_tools.simulator.fleet import patient_id_for
 from vigil_tools.stack import StackSettings, down
 
@@ -165,13 +168,21 @@ def test_vigil_run_pages_a_fever_whose_ack_link_works(run_dir: Path) -> None:
         after = asyncio.run(_escalation_of_fever(dsn))
         assert after is not None and after["status"] == "acknowledged", (subject, after)
 
-        # The management routes: the generated token is required and accepted.
-        token = (run_dir / "notify-api-token").read_text().strip()
-        base = f"http://127.0.0.1:{SERVICE_PORTS['VIGIL_NOTIFY_API_PORT']}"
-        status, _ = _http(f"{base}/pipeline-outages")
-        assert status == 401
-        status, body = _http(f"{base}/pipeline-outages", token=token)
+        # The pipeline's outages are the care-team API's: the demo user's login reads them,
+        # nobody else; notify's API serves only the links (and Twilio's webhooks).
+        api = f"http://127.0.0.1:{SERVICE_PORTS['VIGIL_API_PORT']}"
+        password = (run_dir / "dashboard-password").read_text().strip()
+        login = urllib.parse.urlencode({"username": DEMO_USER, "password": password})
+        status, body = _http(f"{api}/auth/token", data=login.encode())
         assert status == 200, body
+        token = json.loads(body)["access_token"]
+        status, _ = _http(f"{api}/api/pipeline-outages")
+        assert status == 401
+        status, body = _http(f"{api}/api/pipeline-outages", token=token)
+        assert status == 200, body
+        assert isinstance(json.loads(body), list)
+        notify = f"http://127.0.0.1:{SERVICE_PORTS['VIGIL_NOTIFY_API_PORT']}"
+        assert _http(f"{notify}/pipeline-outages")[0] == 404
     finally:
         if run.poll() is None:
             run.send_signal(signal.SIGINT)

@@ -27,18 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
 from schemas.events import Alert, AlertPhase
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
-from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
-from services.notify.settings import NotifySettings
 from tests.factories import fever_evidence, make_alert
 from tests.support.notify import ManualClock, SmtpSink
+from tests.support.notify_desk import NotifyDesk
 from vigil.db.migrate import apply_migrations
 from vigil.db.privileges import grant_service_role
 from vigil_tools.stack import StackSettings
@@ -159,11 +157,6 @@ class Activity:
     ended_escalation: uuid.UUID
 
 
-async def _put(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
-    response = await api.put(path, json=body)
-    assert response.status_code == 204, response.text
-
-
 @pytest.fixture(scope="module")
 async def activity(pg_dsn: str, source: Cluster) -> AsyncIterator[Activity]:
     """Alerts, escalations, pages and an acknowledgement (with its audit entry) made by notify's
@@ -197,47 +190,27 @@ async def activity(pg_dsn: str, source: Cluster) -> AsyncIterator[Activity]:
             ),
             clock=clock,
         )
-        app = create_app(NotifySettings(), service=service, pool=pool)
-        team = f"CT-bk-{tag}"
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://notify.test"
-        ) as api:
-            await _put(
-                api,
-                f"/care-teams/{team}",
-                {
-                    "care_team_id": team,
-                    "name": "Onc",
-                    "oncall_email": f"oncall-{tag}@h.test",
-                    "timezone": "UTC",
-                },
+        team, desk = f"CT-bk-{tag}", NotifyDesk(pool, clock=clock)
+        await desk.care_team(team, oncall_email=f"oncall-{tag}@h.test")
+        for role in ("primary", "secondary"):
+            await desk.person(
+                f"{role}-{tag}",
+                name=role,
+                care_team_id=team,
+                contact_methods=[{"channel": "email", "address": f"{role}-{tag}@h.test"}],
             )
-            for role in ("primary", "secondary"):
-                await _put(
-                    api,
-                    f"/people/{role}-{tag}",
-                    {
-                        "person_id": f"{role}-{tag}",
-                        "name": role,
-                        "care_team_id": team,
-                        "contact_methods": [
-                            {"channel": "email", "address": f"{role}-{tag}@h.test"}
-                        ],
-                    },
-                )
-            await _put(
-                api,
-                f"/care-teams/{team}/escalation-policy",
-                {
-                    "policy_id": f"pol-bk-{tag}",
-                    "name": "onc",
-                    "steps": [
-                        {"targets": [{"kind": "person", "ref": f"{role}-{tag}"}], "wait_minutes": 5}
-                        for role in ("primary", "secondary")
-                    ],
-                    "repeat_count": 0,
-                },
-            )
+        await desk.policy(
+            team,
+            {
+                "policy_id": f"pol-bk-{tag}",
+                "name": "onc",
+                "steps": [
+                    {"targets": [{"kind": "person", "ref": f"{role}-{tag}"}], "wait_minutes": 5}
+                    for role in ("primary", "secondary")
+                ],
+                "repeat_count": 0,
+            },
+        )
         acked, ended = f"P-bk-ack-{tag}", f"P-bk-end-{tag}"
         for patient in (acked, ended):
             await pool.execute(

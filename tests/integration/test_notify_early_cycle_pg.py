@@ -1,9 +1,10 @@
 # ruff: noqa: F811 - the escalation tests' fixtures are imported by name
-"""The early-cycle escalation through notify and PostgreSQL: a care team's override set by the
-API (validated, audited), read when a fever in the CRS window opens, frozen on the escalation and
-run by the ticker; a real SMTP server receives the pages. The fixtures are the escalation
-tests' (``test_notify_escalation``): one notify instance with an injected clock per test, its
-own care team, people and patient."""
+"""The early-cycle escalation through notify and PostgreSQL: a care team's override set through
+notify's service layer (validated, audited), read when a fever in the CRS window opens, frozen on
+the escalation and run by the ticker; a real SMTP server receives the pages. The fixtures are
+the escalation tests' (``test_notify_escalation``): one notify instance with an injected clock
+per test, its own care team, people and patient. (The care-team API's route for the override:
+tests/api/test_api_oncall.)"""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.events import Alert, Evidence
+from schemas.notify import EarlyCycleEscalationIn
 from tests.integration.test_notify_escalation import (  # noqa: F401 - fixtures
     Rig,
     _alert,
     _email_people,
     _mail,
-    _put,
     _team,
     _three_step_policy,
     pagerduty,
@@ -63,9 +65,8 @@ async def _early_team(rig: Rig, *, override: bool = True) -> tuple[str, str]:
     on-call physician paged at once (when ``override``)."""
     team, patient = await _team(rig, people=_people(rig.tag), steps=_three_step_policy(rig.tag))
     if override:
-        await _put(
-            rig.api,
-            f"/care-teams/{team}/early-cycle-escalation",
+        assert await rig.desk.early_cycle(
+            team,
             {
                 "ack_wait_minutes": 2,
                 "extra_targets": [{"kind": "person", "ref": f"physician-{rig.tag}"}],
@@ -127,7 +128,7 @@ async def test_day_two_fever_pages_the_physician_at_once_and_repages_after_two_m
         "extra_targets": [{"kind": "person", "ref": f"physician-{rig.tag}"}],
     }
     assert [s["wait_s"] for s in snapshot["steps"]] == [120, 120, 120]
-    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(alert.dedup_key)
     opened = timeline["events"][0]
     assert opened["kind"] == "opened"
     assert opened["detail"]["early_cycle"]["cycle_day"] == 2
@@ -183,19 +184,15 @@ async def test_an_edit_after_the_fever_opened_does_not_change_its_running_chain(
     team, patient = await _early_team(rig)
     alert = _day(_alert(patient), 1)
     assert await rig.service.handle_alert(alert)
-    assert (
-        await rig.api.delete(
-            f"/care-teams/{team}/early-cycle-escalation", params={"by": "person:lead-nurse"}
-        )
-    ).status_code == 204
+    assert await rig.desk.registry.remove_early_cycle(team, by="person:lead-nurse")
     await _step(rig, minutes=2)
     assert len(rig.smtp.to(f"secondary-{rig.tag}@h.test")) == 1
 
 
-async def test_early_cycle_api_validates_and_audits_every_change(rig: Rig) -> None:
+async def test_early_cycle_override_is_validated_and_every_change_audited(rig: Rig) -> None:
     team, _ = await _early_team(rig, override=False)
-    path = f"/care-teams/{team}/early-cycle-escalation"
-    assert (await rig.api.get(path)).status_code == 404
+    registry = rig.desk.registry
+    assert await registry.early_cycle(team) is None
     bad: list[dict[str, Any]] = [
         {"changed_by": "p:a"},  # changes nothing
         {"ack_wait_minutes": 0, "changed_by": "p:a"},
@@ -203,22 +200,22 @@ async def test_early_cycle_api_validates_and_audits_every_change(rig: Rig) -> No
         {"extra_targets": [{"kind": "pager", "ref": "x"}], "changed_by": "p:a"},
     ]
     for body in bad:
-        assert (await rig.api.put(path, json=body)).status_code == 422, body
-    unknown = await rig.api.put(
-        "/care-teams/no-such-team/early-cycle-escalation",
-        json={"ack_wait_minutes": 2, "changed_by": "p:a"},
+        with pytest.raises(ValidationError):
+            EarlyCycleEscalationIn.model_validate(body)
+    assert not await rig.desk.early_cycle(
+        "no-such-team", {"ack_wait_minutes": 2, "changed_by": "p:a"}
     )
-    assert unknown.status_code == 404
 
-    await _put(rig.api, path, {"ack_wait_minutes": 2, "changed_by": "p:a"})
+    assert await rig.desk.early_cycle(team, {"ack_wait_minutes": 2, "changed_by": "p:a"})
     targets = [{"kind": "schedule", "ref": f"sched-{rig.tag}"}]
-    await _put(rig.api, path, {"extra_targets": targets, "changed_by": "p:b"})
-    got = (await rig.api.get(path)).json()
-    assert got["ack_wait_minutes"] is None
+    assert await rig.desk.early_cycle(team, {"extra_targets": targets, "changed_by": "p:b"})
+    got = await registry.early_cycle(team)
+    assert got is not None
+    assert got["ack_wait_s"] is None
     assert got["extra_targets"] == targets
     assert got["updated_by"] == "p:b"
-    assert (await rig.api.delete(path, params={"by": "p:c"})).status_code == 204
-    assert (await rig.api.get(path)).status_code == 404
+    assert await registry.remove_early_cycle(team, by="p:c")
+    assert await registry.early_cycle(team) is None
     rows = await rig.pool.fetch(
         "SELECT actor, details FROM audit_log "
         "WHERE action = 'notify.early_cycle_escalation_changed' AND subject = $1 ORDER BY seq",
@@ -237,9 +234,8 @@ async def test_an_override_naming_a_deleted_schedule_pages_the_fallback_at_once(
     """The physician rotation named by the override no longer exists: the page meant for it
     goes to the team's fallback address at once rather than to nobody."""
     team, patient = await _early_team(rig, override=False)
-    await _put(
-        rig.api,
-        f"/care-teams/{team}/early-cycle-escalation",
+    assert await rig.desk.early_cycle(
+        team,
         {
             "extra_targets": [{"kind": "schedule", "ref": f"gone-{rig.tag}"}],
             "changed_by": "p:a",

@@ -1,5 +1,7 @@
 """Escalation end to end inside notify: real PostgreSQL, a real SMTP server (aiosmtpd), local
-Twilio- and PagerDuty-shaped HTTP servers, the FastAPI API in-process, and an injected clock.
+Twilio- and PagerDuty-shaped HTTP servers, notify's API in-process (acknowledgement links,
+Twilio's webhooks), and an injected clock. Care teams are set up, and alerts acknowledged,
+snoozed and read back, through notify's service layer (``tests/support/notify_desk.py``).
 
 Every test registers its own care team, people and patient (unique ids per run) and asserts only
 on its own rows, so tests share the stack's database with everything else.
@@ -15,7 +17,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from email.message import EmailMessage, Message
 from typing import Any
 
@@ -45,6 +47,7 @@ from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
 from services.notify.domain.message import clock_time
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
+    AckOutcome,
     EscalationConfig,
     EscalationService,
 )
@@ -53,6 +56,7 @@ from services.notify.settings import NotifySettings
 from tests.factories import make_alert
 from tests.polling import eventually
 from tests.support.notify import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
+from tests.support.notify_desk import NotifyDesk
 from vigil.db.migrate import apply_migrations
 
 pytestmark = pytest.mark.stack
@@ -103,6 +107,11 @@ class Rig:
     pagerduty: PagerDutyLikeServer
     tag: str
     closers: list[Any]
+
+    @property
+    def desk(self) -> NotifyDesk:
+        """The team's registry and the alerts' actions, through notify's service layer."""
+        return NotifyDesk(self.pool, self.service, clock=self.clock)
 
     def new_instance(
         self,
@@ -234,11 +243,6 @@ async def _close_escalations(pool: Any, care_team_id: str) -> None:
     )
 
 
-async def _put(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
-    response = await api.put(path, json=body)
-    assert response.status_code == 204, response.text
-
-
 async def _team(
     rig: Rig,
     *,
@@ -249,33 +253,16 @@ async def _team(
 ) -> tuple[str, str]:
     """A care team with a nurse rotation, the given people and policy; returns (team, patient)."""
     team, patient = f"CT-{rig.tag}", f"P-{rig.tag}"
-    await _put(
-        rig.api,
-        f"/care-teams/{team}",
-        {
-            "care_team_id": team,
-            "name": "Onc",
-            "oncall_email": f"fallback-{rig.tag}@h.test",
-            "timezone": timezone,
-        },
-    )
+    await rig.desk.care_team(team, oncall_email=f"fallback-{rig.tag}@h.test", timezone=timezone)
     for person, methods in people.items():
-        await _put(
-            rig.api,
-            f"/people/{person}-{rig.tag}",
-            {
-                "person_id": f"{person}-{rig.tag}",
-                "name": person,
-                "care_team_id": team,
-                "contact_methods": methods,
-            },
+        await rig.desk.person(
+            f"{person}-{rig.tag}", name=person, care_team_id=team, contact_methods=methods
         )
     await rig.pool.execute(
         "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
     )
-    await _put(
-        rig.api,
-        f"/care-teams/{team}/escalation-policy",
+    await rig.desk.policy(
+        team,
         {"policy_id": f"pol-{rig.tag}", "name": "onc", "steps": steps, "repeat_count": repeat},
     )
     return team, patient
@@ -349,7 +336,7 @@ async def test_ack_link_stops_the_chain_and_works_once(rig: Rig) -> None:
         await rig.service.tick()
         await rig.service.deliver_due()
     assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
-    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(alert.dedup_key)
     assert timeline["acknowledged_by"] == f"person:primary-{rig.tag}"
     assert [e["kind"] for e in timeline["events"]][:2] == ["opened", "step_fired"]
 
@@ -380,7 +367,7 @@ async def test_sms_reply_one_acknowledges_and_status_callback_records_delivery(r
     await rig.service.tick()
     await rig.service.deliver_due()
     assert rig.smtp.to(f"secondary-{rig.tag}@h.test") == []
-    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(alert.dedup_key)
     assert [a["status"] for a in timeline["attempts"]] == ["sent", "delivered"]
     assert timeline["acknowledged_by"] == f"person:primary-{rig.tag}"
 
@@ -400,7 +387,7 @@ async def test_failing_channel_moves_to_the_next(rig: Rig) -> None:
     alert = _alert(f"P-{rig.tag}")
     await rig.service.handle_alert(alert)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
-    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(alert.dedup_key)
     kinds = [e["kind"] for e in timeline["events"]]
     assert "channel_failover" in kinds
     assert [(a["channel"], a["status"]) for a in timeline["attempts"]] == [
@@ -997,10 +984,8 @@ async def test_api_ack_of_one_follow_up_alarm_leaves_the_others_paging(rig: Rig)
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
-    answer = await rig.api.post(
-        f"/alerts/{alerts[1].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
-    )
-    assert answer.status_code == 200, answer.text
+    answer = await rig.desk.acknowledge(alerts[1].dedup_key, f"person:x-{rig.tag}")
+    assert answer.outcome is AckOutcome.ACKNOWLEDGED
     rig.clock.advance(minutes=5)
     await _round(service)
     assert sorted(_subjects(rig, "secondary")) == sorted(
@@ -1063,10 +1048,8 @@ async def test_ack_in_vigil_acknowledges_the_pagerduty_incident_then_resolve_res
     assert _pd_events(rig, key) == [("trigger", alert.dedup_key)]
 
     rig.clock.advance(seconds=30)
-    answer = await rig.api.post(
-        f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:primary-{rig.tag}"}
-    )
-    assert answer.status_code == 200, answer.text
+    answer = await rig.desk.acknowledge(alert.dedup_key, f"person:primary-{rig.tag}")
+    assert answer.outcome is AckOutcome.ACKNOWLEDGED
     await rig.service.deliver_due()
     assert _pd_events(rig, key) == [("trigger", alert.dedup_key), ("acknowledge", alert.dedup_key)]
 
@@ -1079,7 +1062,7 @@ async def test_ack_in_vigil_acknowledges_the_pagerduty_incident_then_resolve_res
         ("resolve", alert.dedup_key),
     ]
     assert rig.pagerduty.incidents[alert.dedup_key] == "resolve"
-    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(alert.dedup_key)
     assert [(a["purpose"], a["status"]) for a in timeline["attempts"]] == [
         ("alert", "sent"),
         ("upstream_acknowledge", "sent"),
@@ -1150,10 +1133,8 @@ async def test_bundle_incident_is_acknowledged_upstream_only_when_every_alarm_is
     assert first["payload"]["custom_details"].get("dedup_keys") is None
     assert trigger["payload"]["custom_details"]["dedup_keys"] == [a.dedup_key for a in alerts[1:]]
     for alert in alerts[1:]:
-        answer = await rig.api.post(
-            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
-        )
-        assert answer.status_code == 200
+        answer = await rig.desk.acknowledge(alert.dedup_key, f"person:x-{rig.tag}")
+        assert answer.outcome is AckOutcome.ACKNOWLEDGED
         await service.deliver_due()
         if alert is not alerts[-1]:
             assert [a for a, _ in _pd_events(rig, key)] == ["trigger", "trigger"]
@@ -1172,10 +1153,7 @@ async def test_snooze_holds_for_exactly_its_duration_then_pages_again(rig: Rig) 
     await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
     alert = _alert(f"P-{rig.tag}")
     await rig.service.handle_alert(alert)
-    answer = await rig.api.post(
-        f"/alerts/{alert.dedup_key}/snooze", json={"by": f"person:primary-{rig.tag}", "minutes": 10}
-    )
-    assert answer.status_code == 204, answer.text
+    await rig.desk.snooze(alert.dedup_key, by=f"person:primary-{rig.tag}", minutes=10)
     rig.clock.advance(minutes=9, seconds=59)
     await _round(rig.service)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
@@ -1199,10 +1177,8 @@ async def test_alarm_acknowledged_while_held_is_left_out_of_the_follow_up_page(
     alerts = [_burst_alert(patient, *spec) for spec in _BURST]
     for alert in alerts:
         await service.handle_alert(alert)
-    answer = await rig.api.post(
-        f"/alerts/{alerts[1].dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
-    )
-    assert answer.status_code == 200, answer.text
+    answer = await rig.desk.acknowledge(alerts[1].dedup_key, f"person:x-{rig.tag}")
+    assert answer.outcome is AckOutcome.ACKNOWLEDGED
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
     assert _subjects(rig, "primary") == [
@@ -1217,10 +1193,8 @@ async def test_alarm_acknowledged_while_held_is_left_out_of_the_follow_up_page(
     first, held = (_burst_alert(quiet, *spec) for spec in _BURST[:2])
     await service.handle_alert(first)  # paged at once
     await service.handle_alert(held)
-    answer = await rig.api.post(
-        f"/alerts/{held.dedup_key}/acknowledge", json={"by": f"person:x-{rig.tag}"}
-    )
-    assert answer.status_code == 200, answer.text
+    answer = await rig.desk.acknowledge(held.dedup_key, f"person:x-{rig.tag}")
+    assert answer.outcome is AckOutcome.ACKNOWLEDGED
     rig.clock.advance(seconds=GROUP_WAIT_S)
     await _round(service)
     assert _subjects(rig, "primary")[2:] == [f"[VIGIL HIGH] {first.title} — patient {quiet}"]
@@ -1236,15 +1210,8 @@ async def _quiet_team(rig: Rig) -> tuple[str, str]:
     team, patient = await _team(
         rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag)
     )
-    await _put(
-        rig.api,
-        f"/care-teams/{team}/quiet-hours",
-        {
-            "timezone": "Europe/Berlin",
-            "start": "22:00",
-            "end": "07:00",
-            "changed_by": f"person:lead-{rig.tag}",
-        },
+    assert await rig.desk.quiet_hours(
+        team, timezone="Europe/Berlin", start="22:00", end="07:00", by=f"person:lead-{rig.tag}"
     )
     return team, patient
 
@@ -1270,7 +1237,7 @@ async def test_high_and_medium_page_at_once_inside_quiet_hours(rig: Rig) -> None
     assert sorted(_subjects(rig, "primary")) == sorted(
         f"[VIGIL {a.priority.value.upper()}] {a.title} — patient {patient}" for a in (high, medium)
     )
-    timeline = (await rig.api.get(f"/alerts/{low.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(low.dedup_key)
     assert timeline["status"] == "open" and timeline["next_step_due_at"] is None
     held = [e for e in timeline["events"] if e["kind"] == "held_for_quiet_hours"]
     assert [e["detail"]["due_at"] for e in held] == [QUIET_END.isoformat()]
@@ -1293,10 +1260,8 @@ async def test_low_alerts_are_paged_as_one_digest_when_quiet_hours_end(rig: Rig)
     for alert in (battery, acked, info, gone):
         await rig.service.handle_alert(alert)
         rig.clock.advance(seconds=1)
-    answer = await rig.api.post(
-        f"/alerts/{acked.dedup_key}/acknowledge", json={"by": f"person:primary-{rig.tag}"}
-    )
-    assert answer.status_code == 200, answer.text
+    answer = await rig.desk.acknowledge(acked.dedup_key, f"person:primary-{rig.tag}")
+    assert answer.outcome is AckOutcome.ACKNOWLEDGED
     rig.clock.advance(minutes=30)
     resolved_at = rig.clock.now
     await rig.service.handle_alert(
@@ -1325,7 +1290,7 @@ async def test_low_alerts_are_paged_as_one_digest_when_quiet_hours_end(rig: Rig)
     assert link is not None
     assert (await rig.api.post(link.group(1))).status_code == 200
     for alert in (battery, info):
-        timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+        timeline = await rig.desk.timeline(alert.dedup_key)
         assert timeline["status"] == "acknowledged"
     rig.clock.advance(minutes=30)
     await _round(rig.service)
@@ -1369,11 +1334,10 @@ async def test_removing_quiet_hours_pages_what_they_held_at_once(rig: Rig) -> No
     """Quiet hours moved to end earlier page the held alert at the new end (not the old one);
     removed altogether, the next held alert is paged on the next round, not at 06:00 UTC."""
     team, patient = await _quiet_team(rig)
-    path = f"/care-teams/{team}/quiet-hours"
     first = _prioritised(patient, "BATTERY", AlertPriority.LOW)
     await rig.service.handle_alert(first)
-    shorter = {"timezone": "Europe/Berlin", "start": "22:00", "end": "05:00", "changed_by": "p:a"}
-    await _put(rig.api, path, shorter)
+    shorter = {"timezone": "Europe/Berlin", "start": "22:00", "end": "05:00", "by": "p:a"}
+    assert await rig.desk.quiet_hours(team, **shorter)
     rig.clock.now = datetime(2025, 3, 1, 3, 59, 59, tzinfo=UTC)
     await _round(rig.service)
     assert rig.smtp.to(f"primary-{rig.tag}@h.test") == []
@@ -1381,12 +1345,12 @@ async def test_removing_quiet_hours_pages_what_they_held_at_once(rig: Rig) -> No
     await _round(rig.service)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
 
-    await _put(rig.api, path, {**shorter, "end": "07:00"})
+    assert await rig.desk.quiet_hours(team, **{**shorter, "end": "07:00"})
     second = _prioritised(patient, "RESERVOIR", AlertPriority.LOW)
     await rig.service.handle_alert(second)
     await _round(rig.service)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 1
-    assert (await rig.api.delete(path, params={"by": "p:a"})).status_code == 204
+    assert await rig.desk.registry.remove_quiet_hours(team, by="p:a")
     await _round(rig.service)
     mails = rig.smtp.to(f"primary-{rig.tag}@h.test")
     assert len(mails) == 2 and second.dedup_key in _modern(mails[1]).get_content()
@@ -1408,9 +1372,9 @@ async def test_held_alert_that_escalates_to_high_is_paged_at_once(rig: Rig) -> N
     # about the alert as it is now (HIGH), not as it was held (LOW).
     assert len(subjects) == 2 and sum("Escalated" in s for s in subjects) == 1
     assert all(s.startswith("[VIGIL HIGH] ") and worse.title in s for s in subjects), subjects
-    timeline = (await rig.api.get(f"/alerts/{low.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(low.dedup_key)
     assert "released_from_quiet_hours" in [e["kind"] for e in timeline["events"]]
-    await rig.api.post(f"/alerts/{low.dedup_key}/acknowledge", json={"by": "person:x"})
+    await rig.desk.acknowledge(low.dedup_key, "person:x")
     rig.clock.now = QUIET_END
     await _round(rig.service)
     assert len(rig.smtp.to(f"primary-{rig.tag}@h.test")) == 2
@@ -1436,28 +1400,26 @@ async def test_an_escalated_alert_is_paged_with_its_new_priority_from_then_on(ri
 
 
 async def test_quiet_hours_api_validates_audits_and_defaults_to_none(rig: Rig) -> None:
-    """No quiet hours until set (404); an unknown zone or start == end is refused (422), an
-    unknown team 404; a valid PUT is read back and written to the audit log with who set it
-    and the values before and after; DELETE removes them (audited too)."""
+    """No quiet hours until set; an unknown team's are refused; set ones are read back and
+    written to the audit log with who set them and the values before and after; removing them
+    is audited too. (The care-team API's validation of a request: tests/api/test_api_oncall.)"""
     team, _ = await _team(rig, people=_email_people(rig.tag), steps=_three_step_policy(rig.tag))
-    path = f"/care-teams/{team}/quiet-hours"
-    assert (await rig.api.get(path)).status_code == 404
-    good = {"timezone": "Europe/Berlin", "start": "22:00", "end": "07:00", "changed_by": "p:a"}
-    for bad in ({"timezone": "Europe/Atlantis"}, {"end": "22:00"}, {"changed_by": ""}):
-        answer = await rig.api.put(path, json={**good, **bad})
-        assert answer.status_code == 422, bad
-    assert (await rig.api.put(f"/care-teams/{team}-none/quiet-hours", json=good)).status_code == 404
-    await _put(rig.api, path, good)
-    read = (await rig.api.get(path)).json()
+    registry = rig.desk.registry
+    assert await registry.quiet_hours(team) is None
+    good = {"timezone": "Europe/Berlin", "start": "22:00", "end": "07:00", "by": "p:a"}
+    assert not await rig.desk.quiet_hours(f"{team}-none", **good)
+    assert await rig.desk.quiet_hours(team, **good)
+    read = await registry.quiet_hours(team)
+    assert read is not None
     assert (read["timezone"], read["start"], read["end"], read["updated_by"]) == (
         "Europe/Berlin",
-        "22:00:00",
-        "07:00:00",
+        time(22, 0),
+        time(7, 0),
         "p:a",
     )
-    await _put(rig.api, path, {**good, "start": "23:30", "changed_by": "p:b"})
-    assert (await rig.api.delete(path, params={"by": "p:c"})).status_code == 204
-    assert (await rig.api.get(path)).status_code == 404
+    assert await rig.desk.quiet_hours(team, **{**good, "start": "23:30", "by": "p:b"})
+    assert await registry.remove_quiet_hours(team, by="p:c")
+    assert await registry.quiet_hours(team) is None
     rows = await rig.pool.fetch(
         "SELECT actor, details FROM audit_log WHERE action = 'notify.quiet_hours_changed' "
         "AND subject = $1 ORDER BY seq",
@@ -1589,18 +1551,15 @@ async def test_unknown_patient_pages_the_fallback_until_acknowledged_then_all_cl
         await _round_at(service)
         assert len(rig.smtp.to(fallback)) == 2
 
-        timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+        timeline = await rig.desk.timeline(alert.dedup_key)
         assert timeline["status"] == "open"
         frozen = await rig.pool.fetchval(
             "SELECT care_team_id FROM escalations WHERE dedup_key = $1", alert.dedup_key
         )
         assert frozen == "unassigned"
 
-        acked = await rig.api.post(
-            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"desk-{rig.tag}"}
-        )
-        assert acked.status_code == 200, acked.text
-        assert acked.json()["outcome"] == "acknowledged"
+        acked = await rig.desk.acknowledge(alert.dedup_key, f"desk-{rig.tag}")
+        assert acked.outcome is AckOutcome.ACKNOWLEDGED
         rig.clock.advance(minutes=30)
         await _round_at(service)
         assert len(rig.smtp.to(fallback)) == 2
@@ -1693,15 +1652,8 @@ async def test_team_without_policy_or_address_is_never_held_by_its_quiet_hours(r
     await rig.pool.execute(
         "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
     )
-    await _put(
-        rig.api,
-        f"/care-teams/{team}/quiet-hours",
-        {
-            "timezone": "Europe/Berlin",
-            "start": "22:00",
-            "end": "07:00",
-            "changed_by": f"person:lead-{rig.tag}",
-        },
+    assert await rig.desk.quiet_hours(
+        team, timezone="Europe/Berlin", start="22:00", end="07:00", by=f"person:lead-{rig.tag}"
     )
     low = _prioritised(patient, "BATTERY", AlertPriority.LOW)
     stranger = _prioritised(f"P-unregistered-{rig.tag}", "BATTERY", AlertPriority.LOW)
@@ -1785,7 +1737,7 @@ async def test_technical_alert_that_ends_inside_its_hold_is_recorded_never_paged
     rig.clock.advance(seconds=1)
     await _round(service)
     assert _subjects(rig, "primary") == [f"[VIGIL MEDIUM] {lasting.title} — patient {patient}"]
-    quiet = (await rig.api.get(f"/alerts/{flapping.dedup_key}/timeline")).json()
+    quiet = await rig.desk.timeline(flapping.dedup_key)
     assert quiet["status"] == "resolved"
     assert [d["due_at"] for d in _events(quiet, "held_technical")] == [
         (T0 + timedelta(seconds=HOLD_S)).isoformat()
@@ -1798,7 +1750,7 @@ async def test_technical_alert_that_ends_inside_its_hold_is_recorded_never_paged
         )
         == 0
     )
-    paged = (await rig.api.get(f"/alerts/{lasting.dedup_key}/timeline")).json()
+    paged = await rig.desk.timeline(lasting.dedup_key)
     assert [d["paged"] for d in _events(paged, "technical_hold_ended")] == [True]
 
 
@@ -1832,7 +1784,7 @@ async def test_a_device_silence_shorter_than_the_silence_hold_is_never_paged(rig
     rig.clock.advance(seconds=1)
     await _round(service)
     assert _subjects(rig, "primary")[1:] == [f"[VIGIL MEDIUM] {dead_hub.title} — patient {patient}"]
-    quiet = (await rig.api.get(f"/alerts/{dropout.dedup_key}/timeline")).json()
+    quiet = await rig.desk.timeline(dropout.dedup_key)
     [ended] = _events(quiet, "technical_hold_ended")
     assert (ended["paged"], ended["open_s"], ended["hold_s"]) == (False, 2699.0, 2700.0)
     assert (
@@ -1949,7 +1901,7 @@ async def test_all_clear_at_night_reaches_whoever_the_alarm_woke_and_waits_for_t
     clear = f"[VIGIL ALL CLEAR] {alert.title} — patient {patient}"
     assert _subjects(rig, "secondary")[1:] == [clear]
     assert _subjects(rig, "primary") == [f"[VIGIL MEDIUM] {alert.title} — patient {patient}"]
-    timeline = (await rig.api.get(f"/alerts/{alert.dedup_key}/timeline")).json()
+    timeline = await rig.desk.timeline(alert.dedup_key)
     assert [(d["recipient"], d["until"]) for d in _events(timeline, "all_clear_deferred")] == [
         (f"person:primary-{rig.tag}", QUIET_END.isoformat())
     ]
@@ -1971,9 +1923,7 @@ async def test_all_clear_of_a_high_alarm_is_never_held_by_quiet_hours(rig: Rig) 
     rig.clock.now = BERLIN_2130
     for alert in (high, medium):
         assert await rig.service.handle_alert(alert)
-        await rig.api.post(
-            f"/alerts/{alert.dedup_key}/acknowledge", json={"by": f"person:primary-{rig.tag}"}
-        )
+        await rig.desk.acknowledge(alert.dedup_key, f"person:primary-{rig.tag}")
     rig.clock.now = T0
     for alert in (high, medium):
         assert await rig.service.handle_alert(

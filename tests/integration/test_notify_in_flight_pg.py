@@ -1,9 +1,10 @@
 """The delivery log never contradicts the mailbox: a page in flight when notify stops.
 
-Real PostgreSQL, a real SMTP server (aiosmtpd), a Twilio-shaped server and the notify API
-in-process. notify is "killed" right after the provider accepted a page and before the outcome
-was written (its outbox's ``record_outcomes`` raises, as in test_notify_escalation.py); a new
-instance over the same database takes the page when the lease runs out.
+Real PostgreSQL, a real SMTP server (aiosmtpd), a Twilio-shaped server, and the care team set up
+and the timeline read through notify's service layer. notify is "killed" right after the
+provider accepted a page and before the outcome was written (its outbox's ``record_outcomes``
+raises, as in test_notify_escalation.py); a new instance over the same database takes the page
+when the lease runs out.
 
 The clock starts at the wall clock's now, so a page's lease also runs out on the wall clock only
 after 30 s: another notify sharing the test database (an end-to-end test's) does not take these
@@ -21,7 +22,6 @@ from email.message import EmailMessage
 from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
 from schemas.events import Alert, AlertPhase
@@ -33,13 +33,12 @@ from services.notify.adapters.postgres.unit_of_work import (
 )
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
-from services.notify.api import create_app
 from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from services.notify.service_layer.ports import SendOutcome
 from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
-from services.notify.settings import NotifySettings
 from tests.factories import fever_evidence, make_alert
 from tests.support.notify import ManualClock, SmtpSink, TwilioLikeServer
+from tests.support.notify_desk import NotifyDesk
 from vigil.db.migrate import apply_migrations
 
 pytestmark = pytest.mark.stack
@@ -97,10 +96,14 @@ class World:
     clock: ManualClock
     smtp: SmtpSink
     twilio: TwilioLikeServer
-    api: Any  # httpx.AsyncClient over the notify API, set once the app is built
     tag: str
     # The e-mail provider each instance was given, by the instance's id.
     senders: dict[int, WatchedSender] = field(default_factory=dict)
+
+    @property
+    def desk(self) -> NotifyDesk:
+        """The care team's registry and alert timelines, through notify's service layer."""
+        return NotifyDesk(self.pool, clock=self.clock)
 
     @property
     def team(self) -> str:
@@ -157,13 +160,7 @@ async def world(pg_dsn: str) -> AsyncIterator[World]:
     try:
         with SmtpSink() as smtp, TwilioLikeServer() as twilio:
             clock = ManualClock(datetime.now(UTC).replace(microsecond=0))
-            world = World(pool, clock, smtp, twilio, None, tag)
-            app = create_app(NotifySettings(), service=world.instance(), pool=pool)
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://notify.test"
-            ) as api:
-                world.api = api
-                yield world
+            yield World(pool, clock, smtp, twilio, tag)
     finally:
         # Stop this test's chains: tickers of other tests share the table.
         await pool.execute(
@@ -181,36 +178,19 @@ async def world(pg_dsn: str) -> AsyncIterator[World]:
         await pool.close()
 
 
-async def _put(api: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
-    response = await api.put(path, json=body)
-    assert response.status_code == 204, response.text
-
-
 async def _team(world: World, methods: list[dict[str, str]]) -> None:
     """A care team whose one-step policy pages the nurse (``methods``) every 5 min."""
-    await _put(
-        world.api,
-        f"/care-teams/{world.team}",
-        {"care_team_id": world.team, "name": "Onc", "oncall_email": f"oncall-{world.tag}@h.test"},
-    )
-    await _put(
-        world.api,
-        f"/people/nurse-{world.tag}",
-        {
-            "person_id": f"nurse-{world.tag}",
-            "name": "nurse",
-            "care_team_id": world.team,
-            "contact_methods": methods,
-        },
+    await world.desk.care_team(world.team, oncall_email=f"oncall-{world.tag}@h.test")
+    await world.desk.person(
+        f"nurse-{world.tag}", name="nurse", care_team_id=world.team, contact_methods=methods
     )
     await world.pool.execute(
         "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)",
         world.patient,
         world.team,
     )
-    await _put(
-        world.api,
-        f"/care-teams/{world.team}/escalation-policy",
+    await world.desk.policy(
+        world.team,
         {
             "policy_id": f"pol-{world.tag}",
             "name": "onc",
@@ -304,9 +284,7 @@ async def test_email_accepted_then_killed_then_acknowledged_is_unknown_never_can
     assert await _attempts(world, page["page_id"]) == [(1, "unknown")]
     assert len(world.smtp.to(world.nurse_email)) == 1, "an acknowledged alert was paged again"
 
-    response = await world.api.get(f"/alerts/{alert.dedup_key}/timeline")
-    assert response.status_code == 200
-    timeline = response.json()
+    timeline = await world.desk.timeline(alert.dedup_key)
     [attempt] = [a for a in timeline["attempts"] if a["page_id"] == str(page["page_id"])]
     assert attempt["status"] == "unknown" and attempt["attempt"] == 1
     assert attempt["started_at"] is not None and attempt["started_at"] <= attempt["at"]

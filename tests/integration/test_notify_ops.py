@@ -2,7 +2,8 @@
 runs it (in this process, its consumer group starting at the end of the alerts topic, a real
 SMTP server, the API embedded, the ops server on a free port). ``/readyz`` turns ready; one
 alert for a team without a policy (the single on-call page) and one for a team with a policy
-(an escalation, then acknowledged through the API) move the counters scraped over HTTP by
+(an escalation, then acknowledged by the signed link in its e-mail, through the embedded API)
+move the counters scraped over HTTP by
 exactly what they should, and no label value names a patient or device of the test.
 
 The exact deltas assume no other alert reaches the shared alerts topic while this test runs
@@ -11,6 +12,8 @@ The exact deltas assume no other alert reaches the shared alerts topic while thi
 from __future__ import annotations
 
 import asyncio
+import email
+import re
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +33,7 @@ from tests.factories import make_alert
 from tests.ops_scrape import Samples, http_get, label_values, scrape, value
 from tests.polling import eventually
 from tests.support.notify import SmtpSink
+from tests.support.notify_desk import NotifyDesk
 from vigil.kafka import encode, make_producer
 from vigil.settings import KafkaSettings
 
@@ -77,7 +81,7 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
 ) -> None:
     """Two alerts (single page; escalation) give +2 received, +2 e-mail attempts 'sent', +2
     pages sent, +2 first-attempt latencies; the open escalation is counted; acknowledging it
-    through the API observes one acknowledgement latency via 'api'."""
+    by the link in the nurse's e-mail observes one acknowledgement latency via 'link'."""
     from services.notify.app import run as run_notify
 
     run = uuid.uuid4().hex[:8]
@@ -103,6 +107,7 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
             group_wait_s=0,
             api_enabled=True,
             api_port=api_port,
+            public_base_url=f"http://127.0.0.1:{api_port}",
             ops_port=0,
         )
         await start_group_at_end(kafka.bootstrap_servers, settings.group_id)
@@ -128,35 +133,28 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
                 return (await http_get(ops_port, "/readyz"))[0] == 200
 
             await eventually(ready, timeout_s=60, interval_s=0.25, what="/readyz to turn ready")
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as api:
-
-                async def put(path: str, body: dict[str, Any]) -> None:
-                    response = await api.put(path, json=body)
-                    assert response.status_code == 204, response.text
-
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as api,
+                asyncpg.create_pool(pg_dsn, min_size=1, max_size=2) as pool,
+            ):
                 await eventually(
                     _answers(api), timeout_s=60, interval_s=0.25, what="the embedded API"
                 )
-                await put(
-                    f"/care-teams/{policy_team}",
-                    {"care_team_id": policy_team, "name": "Onc", "oncall_email": oncall},
-                )
-                await put(
-                    f"/people/nurse-{run}",
-                    {
-                        "person_id": f"nurse-{run}",
-                        "name": "nurse",
-                        "care_team_id": policy_team,
-                        "contact_methods": [{"channel": "email", "address": nurse}],
-                    },
+                desk = NotifyDesk(pool)
+                await desk.care_team(policy_team, oncall_email=oncall)
+                await desk.person(
+                    f"nurse-{run}",
+                    name="nurse",
+                    care_team_id=policy_team,
+                    contact_methods=[{"channel": "email", "address": nurse}],
                 )
                 await conn.execute(
                     "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)",
                     policy_patient,
                     policy_team,
                 )
-                await put(
-                    f"/care-teams/{policy_team}/escalation-policy",
+                await desk.policy(
+                    policy_team,
                     {
                         "policy_id": f"pol-{run}",
                         "name": "onc",
@@ -212,13 +210,16 @@ async def test_notify_metrics_move_with_two_pages_and_an_ack_and_readyz_turns_re
                     what="the open escalation to be counted",
                 )
 
-                response = await api.post(
-                    f"/alerts/{escalated.dedup_key}/acknowledge", json={"by": f"person:nurse-{run}"}
-                )
+                payload = email.message_from_bytes(smtp.to(nurse)[0]).get_payload(decode=True)
+                text = payload.decode()  # type: ignore[union-attr]
+                link = re.search(rf"http://127\.0\.0\.1:{api_port}(/ack/\S+)", text)
+                assert link is not None, text
+                response = await api.post(link.group(1))
                 assert response.status_code == 200, response.text
+                assert "Acknowledged" in response.text
                 acked = await page()
                 acks = "vigil_notify_ack_seconds_count"
-                assert _delta(acked, before, acks, via="api") == 1
+                assert _delta(acked, before, acks, via="link") == 1
                 for forbidden in (plain_patient, policy_patient, "thermo-", oncall, nurse):
                     assert not any(forbidden in v for v in label_values(acked)), forbidden
                 assert (await http_get(ops_port, "/readyz"))[0] == 200
@@ -239,7 +240,7 @@ def _delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
 def _answers(api: httpx.AsyncClient) -> Callable[[], Awaitable[bool]]:
     async def probe() -> bool:
         try:
-            await api.get("/people/nobody")
+            await api.get("/ack/nothing")
         except httpx.TransportError:
             return False
         return True

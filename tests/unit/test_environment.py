@@ -34,8 +34,8 @@ SERVICES: dict[str, tuple[type[BaseSettings], dict[str, str], set[str]]] = {
     "rules": (RulesSettings, {"VIGIL_PG_DSN": DSN}, {"VIGIL_PG_DSN"}),
     "notify": (
         NotifySettings,
-        {"VIGIL_NOTIFY_ACK_SECRET": SECRET, "VIGIL_NOTIFY_API_TOKEN": SECRET, "VIGIL_PG_DSN": DSN},
-        {"VIGIL_NOTIFY_ACK_SECRET", "VIGIL_NOTIFY_API_TOKEN", "VIGIL_PG_DSN"},
+        {"VIGIL_NOTIFY_ACK_SECRET": SECRET, "VIGIL_PG_DSN": DSN},
+        {"VIGIL_NOTIFY_ACK_SECRET", "VIGIL_PG_DSN"},
     ),
     "api": (
         ApiSettings,
@@ -117,7 +117,6 @@ def test_published_development_secrets_are_refused_in_production(
 ) -> None:
     """The secrets in the source are refused even though they are long enough."""
     monkeypatch.setenv("VIGIL_PG_DSN", DSN)
-    monkeypatch.setenv("VIGIL_NOTIFY_API_TOKEN", SECRET)
     monkeypatch.setenv("VIGIL_NOTIFY_ACK_SECRET", DEVELOPMENT_ACK_SECRET)
     with pytest.raises(ValidationError, match="VIGIL_NOTIFY_ACK_SECRET is the development value"):
         NotifySettings()
@@ -130,9 +129,8 @@ def test_short_shared_secrets_are_refused_in_production(
     no_vigil_environment: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VIGIL_PG_DSN", DSN)
-    monkeypatch.setenv("VIGIL_NOTIFY_ACK_SECRET", SECRET)
-    monkeypatch.setenv("VIGIL_NOTIFY_API_TOKEN", "short-token")
-    with pytest.raises(ValidationError, match="VIGIL_NOTIFY_API_TOKEN is shorter than 32"):
+    monkeypatch.setenv("VIGIL_NOTIFY_ACK_SECRET", "short-secret")
+    with pytest.raises(ValidationError, match="VIGIL_NOTIFY_ACK_SECRET is shorter than 32"):
         NotifySettings()
 
 

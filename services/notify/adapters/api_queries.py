@@ -1,11 +1,11 @@
-"""PostgreSQL side of notify's HTTP API (and of the care-team API's ``public.TeamRegistry``):
-``ApiRepository`` and ``SettingsChanges`` over asyncpg.
+"""PostgreSQL side of a care team's registry as the care-team API reaches it through
+``public.TeamRegistry``: ``ApiRepository`` and ``SettingsChanges`` over asyncpg.
 
 Owns the SQL against ``care_teams``, ``people``, ``contact_methods``, ``oncall_schedules``,
 ``oncall_overrides``, ``escalation_policies``, ``notify_quiet_hours`` and
 ``escalation_early_cycle``, and the one statement that moves pending quiet-hours digests in
-``notify_bundles``. Schedules' rotations, timelines and escalation ids are read through the
-escalation store, outages through the outage store. Decides nothing: what to change and what to
+``notify_bundles``. Schedules' rotations are read through the escalation store. Decides
+nothing: what to change and what to
 audit is the service layer's (``service_layer/team_settings.py``).
 """
 
@@ -25,8 +25,6 @@ from schemas.notify import (
     PersonIn,
     ScheduleIn,
 )
-from services.notify.adapters.outage_store import PostgresOutageStore
-from services.notify.adapters.postgres.escalations import PostgresEscalations
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.api_ports import EarlyCycleRecord, QuietHoursRecord
@@ -354,16 +352,6 @@ class PostgresApiRepository:
             updated_at=row["updated_at"],
             updated_by=row["updated_by"],
         )
-
-    async def outages(self, *, since: datetime | None, limit: int) -> list[dict[str, Any]]:
-        return await PostgresOutageStore(self._pool).outages(since=since, limit=limit)
-
-    async def timeline(self, dedup_key: str) -> dict[str, Any] | None:
-        async with PostgresUnitOfWork(self._pool, transaction=False) as uow:
-            return await uow.escalations.timeline(dedup_key)
-
-    async def escalation_id_for(self, dedup_key: str) -> UUID | None:
-        return await PostgresEscalations(self._pool).escalation_id_for(dedup_key)
 
 
 def _json(value: Any) -> Any:

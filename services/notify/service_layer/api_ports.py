@@ -1,11 +1,13 @@
-"""What notify's HTTP API needs from the outside world, as protocols, plus the records they return.
+"""What a care team's registry and notify's HTTP API need from the outside world, as protocols,
+plus the records they return.
 
-``ApiRepository`` reads and writes the tables the API manages (care teams, people, schedules,
-policies, quiet hours, early-cycle overrides) and reads what the escalation store and the outage
-store keep; ``SettingsChanges`` is one transaction of a care team's audited settings (the change
+``ApiRepository`` reads and writes the registry tables the care-team API manages through
+``public.TeamRegistry`` (care teams, people, schedules, policies, quiet hours, early-cycle
+overrides); ``SettingsChanges`` is one transaction of a care team's audited settings (the change
 and its audit entry commit together). ``EscalationCommands`` is the part of
-``EscalationService`` the API calls. The PostgreSQL adapter (``adapters/api_queries.py``) and
-``EscalationService`` implement them; unit tests pass in-memory fakes.
+``EscalationService`` notify's HTTP API calls (signed acknowledgement links, Twilio's
+webhooks). The PostgreSQL adapter (``adapters/api_queries.py``) and ``EscalationService``
+implement them; unit tests pass in-memory fakes.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class SettingsChanges(Protocol):
 
 
 class ApiRepository(Protocol):
-    """The registry tables and the read models the API serves."""
+    """The registry tables of a care team's paging."""
 
     async def put_care_team(self, team: CareTeamIn) -> None: ...
 
@@ -110,14 +112,6 @@ class ApiRepository(Protocol):
 
     async def early_cycle(self, care_team_id: str) -> EarlyCycleRecord | None: ...
 
-    async def outages(self, *, since: datetime | None, limit: int) -> list[dict[str, Any]]:
-        """Heartbeat silences, newest first."""
-        ...
-
-    async def timeline(self, dedup_key: str) -> dict[str, Any] | None: ...
-
-    async def escalation_id_for(self, dedup_key: str) -> UUID | None: ...
-
     def settings_changes(self) -> AbstractAsyncContextManager[SettingsChanges]:
         """A transaction: committed when the block ends, rolled back when it raises."""
         ...
@@ -125,14 +119,6 @@ class ApiRepository(Protocol):
 
 class EscalationCommands(Protocol):
     """What the API asks of the escalation service (``EscalationService`` provides it)."""
-
-    def now(self) -> datetime: ...
-
-    async def acknowledge(
-        self, escalation_id: UUID, *, by: str, via: str, whole_bundle: bool = False
-    ) -> AckResult: ...
-
-    async def snooze(self, escalation_id: UUID, *, until: datetime, by: str) -> bool: ...
 
     def check_token(self, token: str) -> AckClaim: ...
 

@@ -1,14 +1,14 @@
-"""The API's FastAPI dependencies and their ``Annotated`` aliases: the settings, the repository
-and the escalation service the app was wired with (``app.state``, set by ``create_app`` and its
-lifespan), the bearer token of the management endpoints, Twilio's signed webhook forms."""
+"""The API's FastAPI dependencies and their ``Annotated`` aliases: the settings and the
+escalation service the app was wired with (``app.state``, set by ``create_app`` and its
+lifespan), Twilio's signed webhook forms."""
 
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 
 from services.notify.adapters.twilio import twilio_signature
-from services.notify.service_layer.api_ports import ApiRepository, EscalationCommands
+from services.notify.service_layer.api_ports import EscalationCommands
 from services.notify.settings import NotifySettings
 
 
@@ -17,35 +17,13 @@ def get_settings(request: Request) -> NotifySettings:
     return settings
 
 
-def get_repository(request: Request) -> ApiRepository:
-    repository: ApiRepository = request.app.state.repository
-    return repository
-
-
 def get_service(request: Request) -> EscalationCommands:
     service: EscalationCommands = request.app.state.service
     return service
 
 
 Settings = Annotated[NotifySettings, Depends(get_settings)]
-Repository = Annotated[ApiRepository, Depends(get_repository)]
 Service = Annotated[EscalationCommands, Depends(get_service)]
-
-
-def require_token(
-    settings: Settings, authorization: Annotated[str | None, Header()] = None
-) -> None:
-    """The management endpoints: ``Authorization: Bearer <VIGIL_NOTIFY_API_TOKEN>`` when a token
-    is set (compared in constant time)."""
-    if settings.api_token is None:
-        return
-    expected = f"Bearer {settings.api_token.get_secret_value()}"
-    if authorization is None or not hmac.compare_digest(authorization, expected):
-        raise HTTPException(status_code=401, detail="bearer token required")
-
-
-#: The dependencies of every management route.
-MANAGED = [Depends(require_token)]
 
 
 async def twilio_form(request: Request, settings: Settings) -> dict[str, str]:
