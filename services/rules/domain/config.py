@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -374,6 +375,9 @@ class PatientRules:
     # The end of infusion and the discharge (epoch s; None: not recorded).
     infusion_end_s: float | None = None
     discharge_s: float | None = None
+    # The earlier of the two (inf when neither is recorded): the one comparison the per-record
+    # path makes before ``stopped``.
+    stops_from_s: float = math.inf
 
     @classmethod
     def build(cls, thresholds: Thresholds, profile: PatientProfile | None) -> PatientRules:
@@ -386,14 +390,19 @@ class PatientRules:
         cycle_start: datetime | None = profile.cycle_start
         ended = profile.infusion_ended_at
         discharged = profile.discharged_at
+        ended_s = ended.timestamp() if ended is not None else None
+        discharge_s = discharged.timestamp() if discharged is not None else None
         return replace(
             self,
             weight_kg=profile.weight_kg,
             cycle_start_s=cycle_start.timestamp() if cycle_start is not None else None,
             step_up_day=profile.step_up_day,
             spot_checks=frozenset(profile.spot_check_thermometers),
-            infusion_end_s=ended.timestamp() if ended is not None else None,
-            discharge_s=discharged.timestamp() if discharged is not None else None,
+            infusion_end_s=ended_s,
+            discharge_s=discharge_s,
+            stops_from_s=min(
+                (s for s in (ended_s, discharge_s) if s is not None), default=math.inf
+            ),
         )
 
     @classmethod

@@ -206,7 +206,7 @@ class RulesEngine:
         patient_id = obs.patient_id
         patient = self._patients.get(patient_id)
         rules = self._rules[patient_id] if patient is not None else self._rules_for(patient_id)
-        if rules.discharge_s is not None or rules.infusion_end_s is not None:
+        if obs.t >= rules.stops_from_s:
             why = rules.stopped(obs.t, obs.channel != TEMPERATURE)
             if why is not None:
                 # Taken after the discharge (or, a pump's, after the end of infusion): not
@@ -243,8 +243,21 @@ class RulesEngine:
                 gap = sequence.step(device, seq, obs.ingest_t)
                 if gap is not None:
                     self._open_gap(patient_id, obs.device_id, device, rules, gap)
-        # Then the rules of its kind (the dispatch table).
-        found = self._steps[obs.channel](patient_id, patient, device, obs, rules)
+        # Then the rules of its kind (the dispatch table). A plausible temperature from a
+        # sensor with no fault open goes straight to the fever rules: the sensor rule has
+        # nothing to decide (``_on_temperature``'s first check, here because most records
+        # are such temperatures).
+        celsius = obs.temperature_c
+        found: list[Alert] | tuple[Alert, ...]
+        if (
+            obs.channel == TEMPERATURE
+            and celsius is not None
+            and device.fault_key is None
+            and PLAUSIBLE_MIN_C <= celsius <= PLAUSIBLE_MAX_C
+        ):
+            found = self._fold_temperature(patient_id, patient, obs, rules)
+        else:
+            found = self._steps[obs.channel](patient_id, patient, device, obs, rules)
         if found:
             alerts += found
 
@@ -292,7 +305,7 @@ class RulesEngine:
         if device.gap_timer_at is None:
             deadline = gap.seen + rules.data_lost_wait_s
             device.gap_timer_at = deadline
-            self._wheel.schedule(ARRIVAL, Timer(deadline, _LOST, patient_id, device_id))
+            self._wheel.schedule(ARRIVAL, deadline, _LOST, patient_id, device_id)
 
     # --- the rules of each kind of observation (the dispatch table's steps) -------------------
 
@@ -304,17 +317,10 @@ class RulesEngine:
         obs: ObservationLike,
         rules: PatientRules,
     ) -> list[Alert] | tuple[Alert, ...]:
-        """A temperature: the sensor-fault rule, then (a plausible reading only: a sensor
-        fault is never a fever and not a temperature taken) the fever rules."""
-        celsius = obs.temperature_c
-        if (
-            device.fault_key is None
-            and celsius is not None
-            and PLAUSIBLE_MIN_C <= celsius <= PLAUSIBLE_MAX_C
-        ):
-            # A plausible reading with no fault open: the sensor rule has nothing to decide
-            # (sensor.step's first check, here because this runs for every temperature).
-            return self._fold_temperature(patient_id, patient, obs, rules)
+        """A temperature the sensor rule must see (an implausible one, or one from a sensor
+        with a fault open; ``on_observation`` sends the others straight to the fever rules):
+        the sensor-fault rule, then, once no fault is open (a sensor fault is never a fever and
+        not a temperature taken), the fever rules."""
         found = sensor.step(patient_id, device, obs, rules, self._config_version)
         if device.fault_key is not None:
             return found
@@ -340,7 +346,7 @@ class RulesEngine:
                 armed = pump.bag_timer_at
                 if armed is None or deadline < armed:
                     pump.bag_timer_at = deadline
-                    self._wheel.schedule(CLINICAL, Timer(deadline, _BAG, patient_id, obs.device_id))
+                    self._wheel.schedule(CLINICAL, deadline, _BAG, patient_id, obs.device_id)
             return []
         found = pump_rules.step(pump, obs, rules, self._config_version)
         self._arm_pump(patient_id, obs.device_id, patient, pump, rules)
@@ -495,7 +501,7 @@ class RulesEngine:
                 lost_at = min(g.seen for g in device.gaps) + rules.data_lost_wait_s
                 if lost_at < device.gap_timer_at:
                     device.gap_timer_at = lost_at
-                    self._wheel.schedule(ARRIVAL, Timer(lost_at, _LOST, patient_id, device_id))
+                    self._wheel.schedule(ARRIVAL, lost_at, _LOST, patient_id, device_id)
                     moved = True
             if device.timer_at is None or (_SILENT, patient_id, device_id) in held:
                 continue
@@ -503,14 +509,14 @@ class RulesEngine:
             deadline = device.heard_t + limit
             if deadline < device.timer_at:
                 device.timer_at = deadline
-                self._wheel.schedule(ARRIVAL, Timer(deadline, _SILENT, patient_id, device_id))
+                self._wheel.schedule(ARRIVAL, deadline, _SILENT, patient_id, device_id)
                 moved = True
         armed = patient.unobserved_timer_at
         if armed is not None and (_UNOBSERVED, patient_id, "") not in held:
             deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
             if deadline < armed:
                 patient.unobserved_timer_at = deadline
-                self._wheel.schedule(ARRIVAL, Timer(deadline, _UNOBSERVED, patient_id, ""))
+                self._wheel.schedule(ARRIVAL, deadline, _UNOBSERVED, patient_id, "")
                 moved = True
         for device_id, pump in patient.pumps().items():
             for kind, new in (
@@ -527,7 +533,7 @@ class RulesEngine:
                     and (kind, patient_id, device_id) not in held
                 ):
                     _set_armed(pump, kind, new)
-                    self._wheel.schedule(CLINICAL, Timer(new, kind, patient_id, device_id))
+                    self._wheel.schedule(CLINICAL, new, kind, patient_id, device_id)
                     moved = True
         return moved
 
@@ -562,13 +568,13 @@ class RulesEngine:
         limit = device.silent_limit(rules, device_id)
         deadline = device.heard_t + limit
         device.timer_at = deadline
-        self._wheel.schedule(ARRIVAL, Timer(deadline, _SILENT, patient_id, device_id))
+        self._wheel.schedule(ARRIVAL, deadline, _SILENT, patient_id, device_id)
 
     def _arm_unobserved(self, patient_id: str, patient: PatientTrack, rules: PatientRules) -> None:
         deadline = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
         if patient.unobserved_timer_at is None or deadline < patient.unobserved_timer_at:
             patient.unobserved_timer_at = deadline
-            self._wheel.schedule(ARRIVAL, Timer(deadline, _UNOBSERVED, patient_id, ""))
+            self._wheel.schedule(ARRIVAL, deadline, _UNOBSERVED, patient_id, "")
 
     def _arm_pump(
         self,
@@ -589,7 +595,7 @@ class RulesEngine:
             armed = _armed(pump, kind)
             if armed is None or deadline < armed:
                 _set_armed(pump, kind, deadline)
-                self._wheel.schedule(CLINICAL, Timer(deadline, kind, patient_id, device_id))
+                self._wheel.schedule(CLINICAL, deadline, kind, patient_id, device_id)
 
     def _fire_due(self) -> list[Alert]:
         """Pop every timer whose clock passed its deadline: absence timers on the arrival
@@ -602,18 +608,25 @@ class RulesEngine:
         schedule = self._wheel.schedule
         heard = self._heard
         now = heard if heard > self._watermark else self._watermark
-        for deadline, kind, patient_id, device_id in self._wheel.advance(heard, self._watermark):
+        pop = self._wheel.pop
+        # The last outage does not move while timers fire (only an arrival moves it).
+        outage_from = self._outage_from
+        outage_to = self._outage_to
+        held = self._held
+        while (timer := pop(heard, now)) is not None:
+            deadline, kind, patient_id, device_id = timer
             patient = self._patients.get(patient_id)
             if patient is None:
                 continue
             if (
-                self._outage_from < deadline <= self._outage_to
+                outage_from < deadline <= outage_to
                 and (heard if kind in _ABSENCE_KINDS else now) < self._hold_until
-                and (kind, patient_id, device_id) not in self._held
+                and (kind, patient_id, device_id) not in held
             ):
                 self._defer(patient, kind, patient_id, device_id, deadline)
                 continue
-            self._held.discard((kind, patient_id, device_id))
+            if held:
+                held.discard((kind, patient_id, device_id))
             rules = self._rules[patient_id]
             if kind == _SILENT:
                 device = patient.devices.get(device_id)
@@ -626,7 +639,7 @@ class RulesEngine:
                 real = device.heard_t + limit
                 if real > deadline:
                     device.timer_at = real
-                    schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
+                    schedule(ARRIVAL, real, kind, patient_id, device_id)
                     continue
                 self._dirty.add(patient_id)
                 if self._stops(rules, kind, real, not device.is_thermometer):
@@ -670,7 +683,7 @@ class RulesEngine:
                         continue
                     real = min(g.seen for g in gaps) + wait
                 gapped.gap_timer_at = real
-                schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
+                schedule(ARRIVAL, real, kind, patient_id, device_id)
             elif kind == _UNOBSERVED:
                 if patient.unobserved_timer_at != deadline:
                     continue
@@ -680,7 +693,7 @@ class RulesEngine:
                 real = patient.temp_heard_t + rules.unobserved_s(patient.thermometer_id)
                 if real > deadline:
                     patient.unobserved_timer_at = real
-                    schedule(ARRIVAL, Timer(real, kind, patient_id, device_id))
+                    schedule(ARRIVAL, real, kind, patient_id, device_id)
                     continue
                 self._dirty.add(patient_id)
                 if self._stops(rules, kind, real, False):
@@ -703,7 +716,7 @@ class RulesEngine:
                     continue
                 if real_or_none > deadline:
                     _set_armed(pump, kind, real_or_none)
-                    schedule(CLINICAL, Timer(real_or_none, kind, patient_id, device_id))
+                    schedule(CLINICAL, real_or_none, kind, patient_id, device_id)
                     continue
                 self._dirty.add(patient_id)
                 if self._stops(rules, kind, real_or_none, True):
@@ -721,7 +734,7 @@ class RulesEngine:
         """Whether a timer due at ``deadline`` pages nothing: the patient was discharged by
         then (or, a pump's timer, their infusion had ended). Its timer stays disarmed; a
         record that arrives later arms it again as usual."""
-        if rules.discharge_s is None and rules.infusion_end_s is None:
+        if deadline < rules.stops_from_s:
             return False
         why = rules.stopped(deadline, is_pump)
         if why is None:
@@ -755,10 +768,10 @@ class RulesEngine:
             if pump is None or _armed(pump, kind) != deadline:
                 return
             _set_armed(pump, kind, hold)
-            self._wheel.schedule(CLINICAL, Timer(hold, kind, patient_id, device_id))
+            self._wheel.schedule(CLINICAL, hold, kind, patient_id, device_id)
             self._dirty.add(patient_id)
             return
-        self._wheel.schedule(ARRIVAL, Timer(hold, kind, patient_id, device_id))
+        self._wheel.schedule(ARRIVAL, hold, kind, patient_id, device_id)
         self._dirty.add(patient_id)
 
     # --- state ---------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ The rules time two kinds of deadline (docs/rules.md, "Time"):
   the later of the arrival clock and the event-time watermark passes it.
 
 ``schedule`` files a ``Timer`` (deadline, kind, patient, device) on its lane; ``due`` says
-whether anything is due at the given clocks without taking it; ``advance`` yields every due
-timer, earliest first and, for equal deadlines, in (kind, patient, device) order across both
-lanes, including timers scheduled while it runs if they are due too. ``cancel`` takes a timer
-back: it is dropped when it would have come due (no search when cancelling). ``arrival_next``
-and ``clinical_next`` are each lane's earliest deadline (``inf`` when empty), so the engine's
-per-record check that nothing is due is two comparisons and no call.
+whether anything is due at the given clocks without taking it; ``pop`` takes the next due timer,
+earliest first and, for equal deadlines, in (kind, patient, device) order across both lanes, so a
+consumer that calls it until it answers None also takes the timers it scheduled meanwhile if they
+are due too. ``cancel`` takes a timer back: it is dropped when it would have come due (no search
+when cancelling). ``arrival_next`` and ``clinical_next`` are each lane's earliest deadline
+(``inf`` when empty), so the engine's per-record check that nothing is due is two comparisons
+and no call.
 
 Entries are also lazy for their owner: each names the deadline it was armed with, and the
 owner's state says which deadline is armed now, so an entry whose deadline the state no longer
@@ -25,12 +26,15 @@ comparisons. Pure: no clock of its own.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import NamedTuple
 
 ARRIVAL = 0
 CLINICAL = 1
 _INF = float("inf")
+# A ``Timer`` built from its fields in C: the NamedTuple's own constructor is a Python function,
+# and the engine files a timer for most records.
+_new = tuple.__new__
 
 
 class Timer(NamedTuple):
@@ -54,14 +58,17 @@ class TimerWheel:
         self.arrival_next = _INF
         self.clinical_next = _INF
 
-    def schedule(self, lane: int, timer: Timer) -> None:
-        """File ``timer`` on ``lane`` (``ARRIVAL`` or ``CLINICAL``). A timer cancelled and
-        not yet come due is simply no longer cancelled: it is filed once."""
+    def schedule(
+        self, lane: int, deadline: float, kind: str, patient_id: str, device_id: str
+    ) -> None:
+        """File the timer (``deadline``, ``kind``, ``patient_id``, ``device_id``) on ``lane``
+        (``ARRIVAL`` or ``CLINICAL``). A timer cancelled and not yet come due is simply no
+        longer cancelled: it is filed once."""
+        timer: Timer = _new(Timer, (deadline, kind, patient_id, device_id))
         cancelled = self._cancelled
         if cancelled and timer in cancelled:
             cancelled.discard(timer)
             return
-        deadline = timer[0]
         if lane == ARRIVAL:
             heapq.heappush(self._arrival, timer)
             if deadline < self.arrival_next:
@@ -102,29 +109,28 @@ class TimerWheel:
             heard if heard > watermark else watermark
         )
 
-    def advance(self, heard: float, watermark: float) -> Iterator[Timer]:
-        """Take and yield every timer due at these clocks, in firing order (module
-        docstring); a timer scheduled by the consumer meanwhile is yielded too if due."""
+    def pop(self, heard: float, now: float) -> Timer | None:
+        """Take the next timer due at arrival clock ``heard`` (the arrival lane) and ``now``,
+        the later of the arrival clock and the watermark (the clinical lane), in firing order
+        (module docstring); None when nothing is due."""
         arrival = self._arrival
         clinical = self._clinical
-        cancelled = self._cancelled
-        now = heard if heard > watermark else watermark
         pop = heapq.heappop
         while True:
-            take_arrival = bool(arrival) and arrival[0].deadline <= heard
-            take_clinical = bool(clinical) and clinical[0].deadline <= now
-            if take_arrival and take_clinical:
-                take_clinical = clinical[0] < arrival[0]
-                take_arrival = not take_clinical
-            if take_arrival:
-                timer = pop(arrival)
-                self.arrival_next = arrival[0].deadline if arrival else _INF
-            elif take_clinical:
+            if arrival and arrival[0][0] <= heard:
+                if clinical and clinical[0][0] <= now and clinical[0] < arrival[0]:
+                    timer = pop(clinical)
+                    self.clinical_next = clinical[0][0] if clinical else _INF
+                else:
+                    timer = pop(arrival)
+                    self.arrival_next = arrival[0][0] if arrival else _INF
+            elif clinical and clinical[0][0] <= now:
                 timer = pop(clinical)
-                self.clinical_next = clinical[0].deadline if clinical else _INF
+                self.clinical_next = clinical[0][0] if clinical else _INF
             else:
-                return
+                return None
+            cancelled = self._cancelled
             if cancelled and timer in cancelled:
                 cancelled.discard(timer)
                 continue
-            yield timer
+            return timer
