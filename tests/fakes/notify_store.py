@@ -46,6 +46,7 @@ from services.notify.domain.escalation import (
     TimelineEntry,
     Transition,
 )
+from services.notify.domain.monitoring_end import PatientStanding
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.routing import (
     EMAIL,
@@ -139,6 +140,9 @@ class MemoryNotifyDatabase:
     def __init__(self, *, fallback_email: str = DEFAULT_FALLBACK_EMAIL) -> None:
         self.fallback_email = fallback_email
         self.teams: dict[str, str] = {}
+        # patient -> (end of infusion, discharge), as the care-team API records them.
+        self.course_ends: dict[str, tuple[datetime | None, datetime | None]] = {}
+        self.pumps: set[str] = set()
         self.policies: dict[str, PolicySnapshot] = {}
         self.oncall_emails: dict[str, str] = {}
         self.contacts: dict[str, list[ContactMethod]] = {}
@@ -165,6 +169,16 @@ class MemoryNotifyDatabase:
 
     def add_patient(self, patient_id: str, care_team_id: str) -> None:
         self.teams[patient_id] = care_team_id
+
+    def end_course(
+        self,
+        patient_id: str,
+        *,
+        infusion_ended_at: datetime | None = None,
+        discharged_at: datetime | None = None,
+    ) -> None:
+        """Record the patient's end of infusion and / or discharge."""
+        self.course_ends[patient_id] = (infusion_ended_at, discharged_at)
 
     def add_person(self, person_id: str, *methods: tuple[str, str]) -> None:
         """``methods``: (channel, address) in rank order."""
@@ -340,6 +354,27 @@ class FakeEscalations:
         self._db.escalations[escalation_id] = StoredEscalation(
             escalation_id, alert, care_team_id, snapshot, state, opened_at=at
         )
+        return escalation_id
+
+    async def add_not_paged(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        reason: str,
+        at: datetime,
+    ) -> UUID | None:
+        state = EscalationState(
+            status=EscalationStatus.RESOLVED, step_index=0, pass_no=0, due_at=None, resolved_at=at
+        )
+        escalation_id = await self.add(
+            alert, care_team_id=care_team_id, snapshot=snapshot, state=state, at=at
+        )
+        if escalation_id is not None:
+            detail = {"reason": reason, "alert_id": str(alert.alert_id), "rule_id": alert.rule_id}
+            self._db.escalations[escalation_id].timeline.append(TimelineEntry("not_paged", detail))
+            self._db.audit.append(("notify", f"not_paged:{reason}", alert.dedup_key))
         return escalation_id
 
     async def lock(
@@ -531,8 +566,12 @@ class FakePolicies:
     def __init__(self, db: MemoryNotifyDatabase) -> None:
         self._db = db
 
-    async def team_of_patient(self, patient_id: str) -> str | None:
-        return self._db.teams.get(patient_id)
+    async def standing_of(self, patient_id: str, device_id: str) -> PatientStanding | None:
+        team = self._db.teams.get(patient_id)
+        if team is None:
+            return None
+        ended, discharged = self._db.course_ends.get(patient_id, (None, None))
+        return PatientStanding(team, ended, discharged, device_id in self._db.pumps)
 
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
         return self._db.policies.get(care_team_id)

@@ -311,7 +311,9 @@ async def test_a_changed_config_is_built_off_the_event_loop(
 async def test_only_monitored_patients_are_in_the_config(conn: asyncpg.Connection) -> None:
     """An open binding, a binding closed two days ago and a cycle started ten days ago each
     make a patient monitored; a binding closed eight days ago (past the seven-day window) with
-    no recent cycle, or an old cycle alone, does not: a discharged patient is not loaded."""
+    no recent cycle, or an old cycle alone, does not: an unbound patient is not loaded. A
+    patient discharged eight days ago stays, with the discharge in their profile: the engine
+    may still hold a timer of theirs, which the defaults (no discharge) would page."""
     run = uuid.uuid4().hex[:8]
     team = f"team-{run}"
     await conn.execute(
@@ -319,7 +321,8 @@ async def test_only_monitored_patients_are_in_the_config(conn: asyncpg.Connectio
         "VALUES ($1, $1, 'x@example.org')",
         team,
     )
-    names = {k: f"P-{run}-{k}" for k in ("open", "closed2", "cycle10", "closed8", "cycle60")}
+    keys = ("open", "closed2", "cycle10", "closed8", "cycle60", "discharged8")
+    names = {k: f"P-{run}-{k}" for k in keys}
     for patient in names.values():
         await conn.execute(
             "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
@@ -329,6 +332,14 @@ async def test_only_monitored_patients_are_in_the_config(conn: asyncpg.Connectio
         await bind(conn, names["open"])
         await bind(conn, names["closed2"], ago=timedelta(days=30), closed_ago=timedelta(days=2))
         await bind(conn, names["closed8"], ago=timedelta(days=30), closed_ago=timedelta(days=8))
+        await bind(conn, names["discharged8"], ago=timedelta(days=30), closed_ago=timedelta(days=8))
+        discharged_at = now - timedelta(days=8)
+        await conn.execute(
+            "UPDATE patients SET infusion_ended_at = $2, discharged_at = $2, "
+            "discharge_reason = 'home', discharged_by = 'nurse' WHERE patient_id = $1",
+            names["discharged8"],
+            discharged_at,
+        )
         for key, days in (("cycle10", 10), ("cycle60", 60)):
             await conn.execute(
                 "INSERT INTO patient_cycles (patient_id, cycle_start, step_up_day)"
@@ -338,6 +349,7 @@ async def test_only_monitored_patients_are_in_the_config(conn: asyncpg.Connectio
             )
         config = await load_rules_config(conn, Thresholds(), allowed_lateness_s=60)
         inside = {k for k, p in names.items() if p in config.profiles}
-        assert inside == {"open", "closed2", "cycle10"}
+        assert inside == {"open", "closed2", "cycle10", "discharged8"}
+        assert config.profiles[names["discharged8"]].discharged_at == discharged_at
     finally:
         await cleanup(conn, team, tuple(names.values()))

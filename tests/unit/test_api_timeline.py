@@ -107,3 +107,12 @@ def test_within_one_second_the_phase_that_caused_it_comes_first() -> None:
     # A second apart, time decides.
     later = {**PHASES[0], "received_at": T0 + timedelta(seconds=1)}
     assert [e.kind for e in timeline([later], opened, "UTC")] == ["opened", "alert_start"]
+
+
+def test_an_alert_of_a_discharged_patient_says_it_was_not_paged() -> None:
+    """Notify's record of an alert decided after the patient's discharge (docs/notify.md,
+    "Discharged patients")."""
+    detail = {"reason": "discharged", "alert_id": "a", "rule_id": "device.silent"}
+    record = {"events": [{"at": T0.isoformat(), "kind": "not_paged", "detail": detail}]}
+    entries = timeline(PHASES[:1], record, "UTC")
+    assert [e.text for e in entries][-1] == "Not paged: discharged"

@@ -34,6 +34,7 @@ from services.notify.domain.escalation import (
     snapshot_from_json,
     snapshot_to_json,
 )
+from services.notify.domain.monitoring_end import PatientStanding
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM
 from services.notify.domain.schedule import Rotation
 from services.notify.service_layer.escalation import (
@@ -329,8 +330,9 @@ class MemoryStore(AsItsOwnUnitOfWork):
         self.override_reads: list[str] = []
         self.frozen: dict[str, tuple[str, PolicySnapshot]] = {}
 
-    async def team_of_patient(self, patient_id: str) -> str | None:
-        return self.teams.get(patient_id)
+    async def standing_of(self, patient_id: str, device_id: str) -> PatientStanding | None:
+        team = self.teams.get(patient_id)
+        return None if team is None else PatientStanding(team)
 
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
         return self.team_policies.get(care_team_id)

@@ -14,3 +14,4 @@ class AuditAction(StrEnum):
     EARLY_CYCLE_ESCALATION_CHANGED = "notify.early_cycle_escalation_changed"
     REPLAY_RUN = "replay.run"
     PIPELINE_OUTAGE_RECORDED = "notify.pipeline_outage_recorded"
+    ALERT_NOT_PAGED = "notify.alert_not_paged"

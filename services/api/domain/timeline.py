@@ -82,6 +82,8 @@ def _event_text(kind: str, detail: Mapping[str, Any], zone: str) -> str:
     if kind == "technical_hold_ended":
         paged = "paged" if detail.get("paged") else "ended before anyone was paged"
         return f"Technical hold over after {detail.get('open_s', '?')} s: {paged}"
+    if kind == "not_paged":
+        return f"Not paged: {detail.get('reason', '?')}"
     if kind == "bundled":
         others = len(detail.get("dedup_keys") or ())
         return f"Bundled into one page with the patient's other alerts ({others} in the bundle)"

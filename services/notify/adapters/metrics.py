@@ -10,7 +10,8 @@ about metrics:
 - ``ObservedUnitOfWork`` (``observed_unit_of_work``, the units of work the escalation service
   is given): attempts, pages sent and failovers of escalation pages (from
   ``outbox.record_outcomes``; every page is an escalation page, including the fallback chain
-  of an alert no policy covers), delivery receipts, acknowledgements, heartbeat ages;
+  of an alert no policy covers), delivery receipts, acknowledgements, heartbeat ages, alerts
+  not paged for a patient discharged or past the end of infusion;
 - ``poll_database``: the open-escalation count, and whether the database answers.
 
 No label ever carries a patient id, device id, recipient or page content: label values are
@@ -39,7 +40,11 @@ from services.notify.adapters.postgres.heartbeats import PostgresHeartbeats
 from services.notify.adapters.postgres.outbox import PostgresOutbox
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.domain.channel_failover import AttemptVerdict, GiveUp, NextChannel
-from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL, Acknowledge
+from services.notify.domain.escalation import (
+    DEFAULT_FALLBACK_EMAIL,
+    Acknowledge,
+    PolicySnapshot,
+)
 from services.notify.service_layer.ports import PageJob, SendOutcome
 from services.notify.service_layer.unit_of_work import EscalationRecord, UnitOfWorkFactory
 from vigil.runtime import log_fields
@@ -111,6 +116,14 @@ class NotifyMetrics:
             "Pages handed on after their channel failed for good: to the person's next contact "
             "method (next_channel) or, none left, given up to the escalation (gave_up).",
             ["channel", "outcome"],
+            registry=r,
+        )
+        self.not_paged = Counter(
+            "vigil_notify_alerts_not_paged",
+            "New alerts recorded without paging anyone because the patient was discharged "
+            "(or, a pump's alert, their infusion had ended) by the alert's device time, by why "
+            "(discharged, infusion_ended).",
+            ["why"],
             registry=r,
         )
         self.open_escalations = Gauge(
@@ -320,6 +333,23 @@ class _ObservedEscalations(PostgresEscalations):
     ) -> list[EscalationRecord]:
         self._named = escalation_id
         return await super().lock(escalation_id, whole_bundle=whole_bundle)
+
+    async def add_not_paged(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        reason: str,
+        at: datetime,
+    ) -> UUID | None:
+        escalation_id = await super().add_not_paged(
+            alert, care_team_id=care_team_id, snapshot=snapshot, reason=reason, at=at
+        )
+        if escalation_id is not None:
+            why = reason.replace(" ", "_")
+            self._report(lambda metrics: metrics.not_paged.labels(why).inc())
+        return escalation_id
 
     async def record_acknowledged(
         self, record: EscalationRecord, event: Acknowledge, *, at: datetime

@@ -82,6 +82,7 @@ from services.notify.domain.message import (
     compose_sms_text,
     pagerduty_event,
 )
+from services.notify.domain.monitoring_end import why_not_paged
 from services.notify.domain.quiet_hours import HOLDABLE, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
@@ -252,7 +253,10 @@ class EscalationService:
         its care team's policy (or the team's default policy), or, when no policy covers it (an
         unregistered patient, a team with neither a policy nor an on-call address), under the
         fallback chain (``fallback_chain``). An escalate phase whose episode has no escalation
-        opens one the same way: the worsened alert must reach someone. A continue,
+        opens one the same way: the worsened alert must reach someone. Except for a patient
+        discharged by the alert's device time (or, an alert of one of their pumps, whose
+        infusion had ended by then; ``domain.monitoring_end``): that start or escalate pages
+        nobody and is recorded with its escalation closed at once (``_not_paged``). A continue,
         de-escalate or end phase of an episode without an escalation is only recorded (nobody
         was paged about it, so there is no thread to update and nobody owed an all clear).
         """
@@ -354,10 +358,12 @@ class EscalationService:
         began inside a pipeline outage just ended may first wait briefly for its end
         (``OutageWatch.hold``; never HIGH, never the fallback chain)."""
         async with self._unit_of_work(transaction=False) as uow:
-            team = await uow.policies.team_of_patient(alert.patient_id)
+            standing = await uow.policies.standing_of(alert.patient_id, alert.device_id)
+        team = None if standing is None else standing.care_team_id
         snapshot = None if team is None else await load_policy(self._unit_of_work, team)
         await self._alerts.record_alert(alert)
         team_known = team is not None and snapshot is not None
+        stopped = why_not_paged(standing, device_time=alert.device_time, rule_id=alert.rule_id)
         if team is None or snapshot is None:
             reason = (
                 f"patient {alert.patient_id} is not registered with a care team"
@@ -374,6 +380,9 @@ class EscalationService:
                     reason=reason,
                 ),
             )
+        if stopped is not None:
+            await self._not_paged(alert, team, snapshot, now, stopped)
+            return
         snapshot = await self._early_cycle(alert, team, snapshot)
         if (
             team_known
@@ -390,6 +399,28 @@ class EscalationService:
             await self._open_in_window(alert, team, snapshot, now)
         else:
             await self._open(alert, team, snapshot, now)
+
+    async def _not_paged(
+        self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime, reason: str
+    ) -> None:
+        """Record, in one transaction, an alert of a patient discharged (or, from a pump, whose
+        infusion ended) by its device time: its escalation closed at once with nobody paged,
+        the timeline's ``not_paged`` entry and the audit entry. The rules stop paging from
+        those times too, but learn of them only at their next configuration reload."""
+        async with self._unit_of_work() as uow:
+            escalation_id = await uow.escalations.add_not_paged(
+                alert, care_team_id=team, snapshot=snapshot, reason=reason, at=now
+            )
+            await uow.commit()
+        log.info(
+            "alert_not_paged",
+            extra=log_fields(
+                alert_id=str(alert.alert_id),
+                escalation_id=None if escalation_id is None else str(escalation_id),
+                care_team_id=team,
+                reason=reason,
+            ),
+        )
 
     async def _early_cycle(
         self, alert: Alert, team: str, snapshot: PolicySnapshot

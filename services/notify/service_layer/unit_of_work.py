@@ -29,6 +29,7 @@ from services.notify.domain.escalation import (
     TimelineEntry,
     Transition,
 )
+from services.notify.domain.monitoring_end import PatientStanding
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.routing import PagePurpose
 from services.notify.domain.schedule import Rotation
@@ -87,6 +88,20 @@ class EscalationRepository(Protocol):
         at: datetime,
     ) -> UUID | None:
         """Insert the episode's escalation in ``state``; None when its dedup key has one."""
+        ...
+
+    async def add_not_paged(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        reason: str,
+        at: datetime,
+    ) -> UUID | None:
+        """Record an alert that pages nobody (``domain.monitoring_end``): its escalation
+        written already resolved, with nobody paged, a ``not_paged`` timeline entry giving
+        ``reason`` and an audit entry; None when its dedup key has an escalation."""
         ...
 
     async def lock(
@@ -263,7 +278,11 @@ class BundleRepository(Protocol):
 class PolicyRepository(Protocol):
     """What is frozen onto an alert: its team, the team's policy, override and quiet hours."""
 
-    async def team_of_patient(self, patient_id: str) -> str | None: ...
+    async def standing_of(self, patient_id: str, device_id: str) -> PatientStanding | None:
+        """The patient's care team, end of infusion and discharge, and whether the alert's
+        device is a pump; None when the registry does not know the patient."""
+        ...
+
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None: ...
     async def early_cycle_override(self, care_team_id: str) -> EarlyCycleOverride | None: ...
     async def rotation(self, schedule_id: str) -> Rotation | None: ...

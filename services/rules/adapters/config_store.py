@@ -6,11 +6,14 @@ that is open or closed less than ``unbound_days`` ago (data may arrive that late
 accepts readings up to its clock-behind limit, a week by default, and attributes them by the
 binding at device time), or whose newest treatment cycle started less than ``cycle_days`` ago
 (an infusion that may still run: 28 days, and up to 7 days of interruption within the same
-cycle). A discharged patient costs nothing at start-up or reload once those windows have
-passed; until then their profile carries the end of infusion and the discharge
-(``patients.infusion_ended_at``, ``discharged_at``: migration 0038), from which the rules page
-nothing for them (``PatientRules.stopped``). A reading of a patient outside the config is
-decided on the defaults, as for any patient without a profile.
+cycle). A discharged patient (``patients.discharged_at``: migration 0038) stays in the config
+whatever those windows say: their profile carries the end of infusion and the discharge, from
+which the rules page nothing for them (``PatientRules.stopped``), and the engine may hold their
+state and armed timers for as long as it runs (a snapshot restores them), so dropping the
+profile would have such a timer judged on the defaults, which know no discharge, and page. A
+patient unbound without a discharge costs nothing at start-up or reload once the windows have
+passed. A reading of a patient outside the config is decided on the defaults, as for any
+patient without a profile.
 
 Reads the newest version of each protocol, and for each monitored patient their care team,
 weight, newest cycle, spot-check thermometers and newest override, into one ``RulesConfig``
@@ -96,13 +99,16 @@ FROM rule_protocols ORDER BY care_team_id, version DESC
 """
 
 # $1: how long after its binding closed a patient is still monitored (seconds); $2: how long
-# after their newest cycle started.
+# after their newest cycle started. A discharged patient is kept for good: the rules must go on
+# knowing the discharge for as long as the engine may hold a timer of theirs.
 MONITORED = """
 SELECT patient_id FROM device_bindings
 WHERE valid_to IS NULL OR valid_to > now() - make_interval(secs => $1::float8)
 UNION
 SELECT patient_id FROM patient_cycles
 WHERE cycle_start > now() - make_interval(secs => $2::float8)
+UNION
+SELECT patient_id FROM patients WHERE discharged_at IS NOT NULL
 """
 
 # Patients fall in 256 buckets by the first byte of the md5 of their id (the same in Python,

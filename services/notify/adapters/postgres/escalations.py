@@ -102,6 +102,59 @@ class PostgresEscalations:
         )
         return None if inserted is None else escalation_id
 
+    async def add_not_paged(
+        self,
+        alert: Alert,
+        *,
+        care_team_id: str,
+        snapshot: PolicySnapshot,
+        reason: str,
+        at: datetime,
+    ) -> UUID | None:
+        """Record an alert that must page nobody (``domain.monitoring_end``): its escalation
+        row written already resolved, no step fired and nobody paged, so the episode's later
+        phases find it and page nothing, with the timeline's ``not_paged`` entry and the audit
+        entry ``notify.alert_not_paged``; None when the dedup key already has an escalation."""
+        from vigil.audit import append as audit_append
+        from vigil.audit.actions import AuditAction
+
+        escalation_id = uuid.uuid5(uuid.NAMESPACE_URL, f"urn:vigil:escalation:{alert.dedup_key}")
+        inserted = await self._db.fetchval(
+            """
+            INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                                     care_team_id, snapshot, status, due_at, resolved_at,
+                                     opened_at)
+            VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'resolved', NULL, $7, $7)
+            ON CONFLICT (dedup_key) DO NOTHING
+            RETURNING escalation_id
+            """,
+            escalation_id,
+            alert.dedup_key,
+            alert.alert_id,
+            alert.patient_id,
+            care_team_id,
+            json.dumps(snapshot_to_json(snapshot)),
+            at,
+        )
+        if inserted is None:
+            return None
+        detail = {"reason": reason, "alert_id": str(alert.alert_id), "rule_id": alert.rule_id}
+        await write_event(self._db, escalation_id, at, TimelineEntry("not_paged", detail))
+        await audit_append(
+            self._db,
+            "notify",
+            AuditAction.ALERT_NOT_PAGED.value,
+            f"patient:{alert.patient_id}",
+            {
+                "dedup_key": alert.dedup_key,
+                "reason": reason,
+                "device_time": alert.device_time.isoformat(),
+                "escalation_id": str(escalation_id),
+            },
+            at=at,
+        )
+        return escalation_id
+
     async def lock(
         self, escalation_id: UUID, *, whole_bundle: bool = False
     ) -> list[EscalationRecord]:

@@ -17,6 +17,7 @@ from services.notify.domain.escalation import (
     Target,
     page_until_acknowledged,
 )
+from services.notify.domain.monitoring_end import PatientStanding
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.schedule import Override, Rotation
 
@@ -39,11 +40,27 @@ class PostgresPolicies:
         self._default_wait_s = default_wait_s
         self._default_repeats = default_repeats
 
-    async def team_of_patient(self, patient_id: str) -> str | None:
-        value = await self._db.fetchval(
-            "SELECT care_team_id FROM patients WHERE patient_id = $1", patient_id
+    async def standing_of(self, patient_id: str, device_id: str) -> PatientStanding | None:
+        """The patient's care team, end of infusion and discharge, and whether ``device_id``
+        is a pump, in one statement; None for a patient the registry does not know."""
+        row = await self._db.fetchrow(
+            """
+            SELECT p.care_team_id, p.infusion_ended_at, p.discharged_at,
+                   EXISTS (SELECT 1 FROM devices d
+                           WHERE d.device_id = $2 AND d.kind = 'pump') AS device_is_pump
+            FROM patients p WHERE p.patient_id = $1
+            """,
+            patient_id,
+            device_id,
         )
-        return None if value is None else str(value)
+        if row is None:
+            return None
+        return PatientStanding(
+            care_team_id=str(row["care_team_id"]),
+            infusion_ended_at=row["infusion_ended_at"],
+            discharged_at=row["discharged_at"],
+            device_is_pump=bool(row["device_is_pump"]),
+        )
 
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
         """The team's policy with every schedule it names, as it stands now (to be frozen)."""
