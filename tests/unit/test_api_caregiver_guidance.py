@@ -4,10 +4,8 @@ the proposer, stale or decided proposals refused, a newer proposal withdraws the
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
@@ -18,16 +16,18 @@ from services.api.service_layer.caregiver_guidance import (
     InvalidGuidance,
     check_guidance,
 )
-from services.api.service_layer.thresholds import Person, ProposalRefused
+from services.api.service_layer.sign_off import Person, ProposalRefused
+from tests.fakes.sign_off import MemoryAudit as Audit
+from tests.fakes.sign_off import MemoryProposals
 
 NOW = datetime(2026, 1, 15, 9, 0, tzinfo=UTC)
 ANA = Person("u-ana", "ana")
 BO = Person("u-bo", "bo")
 
 
-class MemoryStore:
+class MemoryStore(MemoryProposals[GuidanceProposal]):
     def __init__(self) -> None:
-        self.proposals: dict[uuid.UUID, GuidanceProposal] = {}
+        super().__init__()
         self.versions: dict[tuple[str, str, str], list[tuple[int, str, str]]] = {}
 
     async def newest_version(self, team: str, alarm: str, language: str) -> int:
@@ -38,18 +38,6 @@ class MemoryStore:
             if (p.care_team_id, p.alarm, p.language) == (team, alarm, language) and not p.decision:
                 return p
         return None
-
-    async def get(self, proposal_id: uuid.UUID) -> GuidanceProposal | None:
-        return self.proposals.get(proposal_id)
-
-    async def add(self, proposal: GuidanceProposal) -> None:
-        self.proposals[proposal.proposal_id] = proposal
-
-    async def decide(self, proposal: GuidanceProposal) -> bool:
-        if self.proposals[proposal.proposal_id].decision is not None:
-            return False
-        self.proposals[proposal.proposal_id] = proposal
-        return True
 
     async def approve(self, approved: GuidanceProposal) -> GuidanceApproval:
         key = (approved.care_team_id, approved.alarm, approved.language)
@@ -62,14 +50,6 @@ class MemoryStore:
         versions.append((len(versions) + 1, approved.text, str(approved.decided_by)))
         self.proposals[approved.proposal_id] = replace(approved, version=len(versions))
         return GuidanceApproval("approved", len(versions), old)
-
-
-class Audit:
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, str, str, dict[str, Any]]] = []
-
-    async def record(self, actor: str, action: str, subject: str, details: dict[str, Any]) -> None:
-        self.entries.append((actor, action, subject, details))
 
 
 @pytest.fixture

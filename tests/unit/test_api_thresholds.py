@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from services.api.service_layer.sign_off import Person, ProposalRefused
 from services.api.service_layer.thresholds import (
     Approval,
-    Person,
     Proposal,
-    ProposalRefused,
     Scope,
     ThresholdChanges,
     check_overrides,
 )
+from tests.fakes.sign_off import MemoryAudit as Audit
+from tests.fakes.sign_off import MemoryProposals
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 ANNA = Person("u-anna", "anna")
 BEN = Person("u-ben", "ben")
 
 
-class FakeStore:
+class FakeStore(MemoryProposals[Proposal]):
     def __init__(self) -> None:
-        self.proposals: dict[uuid.UUID, Proposal] = {}
+        super().__init__()
         self.versions: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     async def newest_version(self, scope: Scope, subject_id: str) -> int:
@@ -42,18 +42,9 @@ class FakeStore:
             None,
         )
 
-    async def get(self, proposal_id: uuid.UUID) -> Proposal | None:
-        return self.proposals.get(proposal_id)
-
     async def add(self, proposal: Proposal) -> None:
         assert await self.pending_for(proposal.scope, proposal.subject_id) is None
-        self.proposals[proposal.proposal_id] = proposal
-
-    async def decide(self, proposal: Proposal) -> bool:
-        if self.proposals[proposal.proposal_id].decision is not None:
-            return False
-        self.proposals[proposal.proposal_id] = proposal
-        return True
+        await super().add(proposal)
 
     async def approve(self, approved: Proposal) -> Approval:
         versions = self.versions.setdefault((approved.scope, approved.subject_id), [])
@@ -65,14 +56,6 @@ class FakeStore:
         versions.append({"overrides": approved.overrides, "signed_off_by": approved.decided_by})
         self.proposals[approved.proposal_id] = replace(approved, version=len(versions))
         return Approval("approved", len(versions), old)
-
-
-class Audit:
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, str, str, dict[str, Any]]] = []
-
-    async def record(self, actor: str, action: str, subject: str, details: dict[str, Any]) -> None:
-        self.entries.append((actor, action, subject, details))
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import asyncpg
 
+from services.api.adapters.sign_off import PostgresProposals
 from services.api.service_layer.caregiver_guidance import GuidanceApproval, GuidanceProposal
 
 _COLUMNS = (
@@ -16,13 +16,12 @@ _COLUMNS = (
 )
 
 
-def _proposal(row: asyncpg.Record) -> GuidanceProposal:
-    return GuidanceProposal(**{key: row[key] for key in _COLUMNS.split(", ")})
+class PostgresGuidanceStore(PostgresProposals[GuidanceProposal]):
+    TABLE = "caregiver_guidance_proposals"
+    COLUMNS = _COLUMNS
 
-
-class PostgresGuidanceStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def _proposal(self, row: asyncpg.Record) -> GuidanceProposal:
+        return GuidanceProposal(**{key: row[key] for key in _COLUMNS.split(", ")})
 
     async def newest_version(self, care_team_id: str, alarm: str, language: str) -> int:
         value = await self._pool.fetchval(
@@ -44,28 +43,7 @@ class PostgresGuidanceStore:
             alarm,
             language,
         )
-        return _proposal(row) if row else None
-
-    async def get(self, proposal_id: uuid.UUID) -> GuidanceProposal | None:
-        row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM caregiver_guidance_proposals WHERE proposal_id = $1",
-            proposal_id,
-        )
-        return _proposal(row) if row else None
-
-    async def listed(
-        self, teams: frozenset[str], status: str | None, limit: int
-    ) -> list[GuidanceProposal]:
-        rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM caregiver_guidance_proposals "
-            "WHERE care_team_id = ANY($1::text[]) "
-            "AND ($2::text IS NULL OR coalesce(decision, 'pending') = $2) "
-            "ORDER BY proposed_at DESC LIMIT $3",
-            list(teams),
-            status,
-            limit,
-        )
-        return [_proposal(r) for r in rows]
+        return self._proposal(row) if row else None
 
     async def current(self, care_team_id: str) -> list[dict[str, Any]]:
         """The newest version of each alarm and language of the team."""
@@ -91,17 +69,6 @@ class PostgresGuidanceStore:
             proposal.proposed_at,
         )
 
-    async def decide(self, proposal: GuidanceProposal) -> bool:
-        status = await self._pool.execute(
-            "UPDATE caregiver_guidance_proposals SET decision = $2, decided_by = $3, "
-            "decided_at = $4 WHERE proposal_id = $1 AND decision IS NULL",
-            proposal.proposal_id,
-            proposal.decision,
-            proposal.decided_by,
-            proposal.decided_at,
-        )
-        return bool(status == "UPDATE 1")
-
     async def approve(self, approved: GuidanceProposal) -> GuidanceApproval:
         assert approved.decided_by is not None and approved.decided_at is not None
         async with self._pool.acquire() as conn, conn.transaction():
@@ -119,12 +86,7 @@ class PostgresGuidanceStore:
                 approved.language,
             )
             version = int(newest["version"]) if newest else 0
-            pending = await conn.fetchval(
-                "SELECT decision IS NULL FROM caregiver_guidance_proposals "
-                "WHERE proposal_id = $1 FOR UPDATE",
-                approved.proposal_id,
-            )
-            if not pending:
+            if not await self._still_pending(conn, approved.proposal_id):
                 return GuidanceApproval("not_pending", version, None)
             if version != approved.based_on:
                 return GuidanceApproval("stale", version, None)
@@ -141,12 +103,5 @@ class PostgresGuidanceStore:
                 approved.decided_by,
                 approved.decided_at,
             )
-            await conn.execute(
-                "UPDATE caregiver_guidance_proposals SET decision = 'approved', decided_by = $2, "
-                "decided_at = $3, version = $4 WHERE proposal_id = $1",
-                approved.proposal_id,
-                approved.decided_by,
-                approved.decided_at,
-                version + 1,
-            )
+            await self._approved(conn, approved, version + 1)
         return GuidanceApproval("approved", version + 1, None if newest is None else newest["text"])

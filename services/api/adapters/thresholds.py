@@ -4,11 +4,11 @@ appends the version in the same transaction as its decision."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import asyncpg
 
 from services.api.adapters.repository import append_version, lock_versions, previous_overrides
+from services.api.adapters.sign_off import PostgresProposals
 from services.api.service_layer.thresholds import Approval, Proposal, Scope
 
 # Where each scope's versions are kept: (table, key column).
@@ -22,28 +22,27 @@ _COLUMNS = (
 )
 
 
-def _proposal(row: asyncpg.Record) -> Proposal:
-    overrides = row["overrides"]
-    return Proposal(
-        proposal_id=row["proposal_id"],
-        scope=row["scope"],
-        subject_id=row["subject_id"],
-        care_team_id=row["care_team_id"],
-        overrides=dict(json.loads(overrides) if isinstance(overrides, str) else overrides),
-        reason=row["reason"],
-        based_on=row["based_on"],
-        proposed_by=row["proposed_by"],
-        proposed_at=row["proposed_at"],
-        decision=row["decision"],
-        decided_by=row["decided_by"],
-        decided_at=row["decided_at"],
-        version=row["version"],
-    )
+class PostgresProposalStore(PostgresProposals[Proposal]):
+    TABLE = "threshold_proposals"
+    COLUMNS = _COLUMNS
 
-
-class PostgresProposalStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def _proposal(self, row: asyncpg.Record) -> Proposal:
+        overrides = row["overrides"]
+        return Proposal(
+            proposal_id=row["proposal_id"],
+            scope=row["scope"],
+            subject_id=row["subject_id"],
+            care_team_id=row["care_team_id"],
+            overrides=dict(json.loads(overrides) if isinstance(overrides, str) else overrides),
+            reason=row["reason"],
+            based_on=row["based_on"],
+            proposed_by=row["proposed_by"],
+            proposed_at=row["proposed_at"],
+            decision=row["decision"],
+            decided_by=row["decided_by"],
+            decided_at=row["decided_at"],
+            version=row["version"],
+        )
 
     async def newest_version(self, scope: Scope, subject_id: str) -> int:
         table, key = VERSIONS[scope]
@@ -59,24 +58,7 @@ class PostgresProposalStore:
             scope,
             subject_id,
         )
-        return _proposal(row) if row else None
-
-    async def get(self, proposal_id: uuid.UUID) -> Proposal | None:
-        row = await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM threshold_proposals WHERE proposal_id = $1", proposal_id
-        )
-        return _proposal(row) if row else None
-
-    async def listed(self, teams: frozenset[str], status: str | None, limit: int) -> list[Proposal]:
-        rows = await self._pool.fetch(
-            f"SELECT {_COLUMNS} FROM threshold_proposals WHERE care_team_id = ANY($1::text[]) "
-            "AND ($2::text IS NULL OR coalesce(decision, 'pending') = $2) "
-            "ORDER BY proposed_at DESC LIMIT $3",
-            list(teams),
-            status,
-            limit,
-        )
-        return [_proposal(r) for r in rows]
+        return self._proposal(row) if row else None
 
     async def add(self, proposal: Proposal) -> None:
         await self._pool.execute(
@@ -93,29 +75,13 @@ class PostgresProposalStore:
             proposal.proposed_at,
         )
 
-    async def decide(self, proposal: Proposal) -> bool:
-        status = await self._pool.execute(
-            "UPDATE threshold_proposals SET decision = $2, decided_by = $3, decided_at = $4 "
-            "WHERE proposal_id = $1 AND decision IS NULL",
-            proposal.proposal_id,
-            proposal.decision,
-            proposal.decided_by,
-            proposal.decided_at,
-        )
-        return bool(status == "UPDATE 1")
-
     async def approve(self, approved: Proposal) -> Approval:
         assert approved.decided_by is not None and approved.decided_at is not None
         table, key = VERSIONS[approved.scope]
         async with self._pool.acquire() as conn, conn.transaction():
             previous = await lock_versions(conn, table, key, approved.subject_id)
             newest = previous["version"] if previous else 0
-            pending = await conn.fetchval(
-                "SELECT decision IS NULL FROM threshold_proposals WHERE proposal_id = $1 "
-                "FOR UPDATE",
-                approved.proposal_id,
-            )
-            if not pending:
+            if not await self._still_pending(conn, approved.proposal_id):
                 return Approval("not_pending", newest, {})
             if newest != approved.based_on:
                 return Approval("stale", newest, {})
@@ -130,12 +96,5 @@ class PostgresProposalStore:
                 approved.decided_at,
                 approved.reason if approved.scope == "patient" else None,
             )
-            await conn.execute(
-                "UPDATE threshold_proposals SET decision = 'approved', decided_by = $2, "
-                "decided_at = $3, version = $4 WHERE proposal_id = $1",
-                approved.proposal_id,
-                approved.decided_by,
-                approved.decided_at,
-                row["version"],
-            )
+            await self._approved(conn, approved, row["version"])
         return Approval("approved", int(row["version"]), previous_overrides(previous))

@@ -14,12 +14,20 @@ from datetime import datetime, time
 from typing import Annotated, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.domain.access import Action, Principal
 from services.api.entrypoints.http.deps import Repository, require
 from services.api.entrypoints.http.responses import AUTHENTICATED, Problem, invalid, not_found
+from services.api.entrypoints.http.sign_off import (
+    DECIDED,
+    Limit,
+    Status,
+    StatusFilter,
+    decide,
+    person,
+)
 from services.api.service_layer.caregiver_guidance import (
     GuidanceChanges,
     GuidanceProposal,
@@ -32,7 +40,6 @@ from services.api.service_layer.caregivers import (
     Invalid,
     Refused,
 )
-from services.api.service_layer.thresholds import Person, ProposalRefused
 
 router = APIRouter(prefix="/api", tags=["caregivers"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
@@ -331,7 +338,7 @@ class GuidanceProposalView(BaseModel):
     based_on_version: int = Field(description="The newest version when it was proposed (0: none).")
     proposed_by: str
     proposed_at: datetime
-    status: Literal["pending", "approved", "rejected", "withdrawn"]
+    status: Status
     decided_by: str | None
     decided_at: datetime | None
     version: int | None = Field(description="The version its approval wrote.")
@@ -396,7 +403,7 @@ async def propose_guidance(
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
     try:
         proposal = await _guidance(request).propose(
-            Person(principal.user_id, principal.username), care_team_id, alarm, language, body.text
+            person(principal), care_team_id, alarm, language, body.text
         )
     except InvalidGuidance as error:
         where = "body" if error.field == "text" else "path"
@@ -408,10 +415,8 @@ async def propose_guidance(
 async def guidance_proposals(
     request: Request,
     principal: Reader,
-    status_: Annotated[
-        Literal["pending", "approved", "rejected", "withdrawn"] | None, Query(alias="status")
-    ] = "pending",
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    status_: StatusFilter = "pending",
+    limit: Limit = 100,
 ) -> list[GuidanceProposalView]:
     """Guidance proposals of the caller's care teams, newest first (default: pending ones)."""
     store = request.app.state.guidance_store
@@ -421,30 +426,14 @@ async def guidance_proposals(
 async def _decide_guidance(
     request: Request, proposal_id: UUID, principal: Principal, approve: bool
 ) -> GuidanceProposalView:
-    proposal = await request.app.state.guidance_store.get(proposal_id)
-    if proposal is None or not principal.sees_team(proposal.care_team_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such proposal")
-    person = Person(principal.user_id, principal.username)
-    try:
-        if approve:
-            decided = await _guidance(request).approve(person, proposal)
-        else:
-            decided = await _guidance(request).reject(person, proposal)
-    except ProposalRefused as refused:
-        raise HTTPException(refused.status, str(refused)) from None
-    return _proposal_view(decided)
-
-
-GUIDANCE_DECIDED = {
-    **not_found("proposal"),
-    409: {"model": Problem, "description": "Already decided, or a version was written since."},
-}
+    store = request.app.state.guidance_store
+    return _proposal_view(await decide(store, _guidance(request), proposal_id, principal, approve))
 
 
 @router.post(
     "/caregiver-guidance-proposals/{proposal_id}/approve",
     response_model=GuidanceProposalView,
-    responses=GUIDANCE_DECIDED,
+    responses=DECIDED,
 )
 async def approve_guidance(
     request: Request, proposal_id: UUID, principal: Changer
@@ -457,7 +446,7 @@ async def approve_guidance(
 @router.post(
     "/caregiver-guidance-proposals/{proposal_id}/reject",
     response_model=GuidanceProposalView,
-    responses=GUIDANCE_DECIDED,
+    responses=DECIDED,
 )
 async def reject_guidance(
     request: Request, proposal_id: UUID, principal: Changer

@@ -13,19 +13,21 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
 from services.api.domain.access import Action, Principal
 from services.api.entrypoints.http.deps import Repository, require
-from services.api.entrypoints.http.responses import AUTHENTICATED, Problem, invalid, not_found
-from services.api.service_layer.thresholds import (
-    Person,
-    Proposal,
-    ProposalRefused,
-    Scope,
-    ThresholdChanges,
+from services.api.entrypoints.http.responses import AUTHENTICATED, invalid, not_found
+from services.api.entrypoints.http.sign_off import (
+    DECIDED,
+    Limit,
+    Status,
+    StatusFilter,
+    decide,
+    person,
 )
+from services.api.service_layer.thresholds import Proposal, Scope, ThresholdChanges
 
 router = APIRouter(prefix="/api", tags=["protocols"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
@@ -57,7 +59,7 @@ class ProposalView(BaseModel):
     based_on_version: int = Field(description="The newest version when it was proposed (0: none).")
     proposed_by: str
     proposed_at: datetime
-    status: Literal["pending", "approved", "rejected", "withdrawn"]
+    status: Status
     decided_by: str | None
     decided_at: datetime | None
     version: int | None = Field(description="The version its approval wrote.")
@@ -86,10 +88,6 @@ def _changes(request: Request) -> ThresholdChanges:
     return changes
 
 
-def _person(principal: Principal) -> Person:
-    return Person(principal.user_id, principal.username)
-
-
 async def _propose(
     request: Request,
     principal: Principal,
@@ -100,7 +98,7 @@ async def _propose(
 ) -> ProposalView:
     try:
         proposal = await _changes(request).propose(
-            _person(principal), scope, subject_id, care_team_id, change.overrides, change.reason
+            person(principal), scope, subject_id, care_team_id, change.overrides, change.reason
         )
     except ValueError as error:
         raise invalid("overrides", str(error), where="body") from None
@@ -197,10 +195,8 @@ async def change_overrides(
 async def proposals(
     request: Request,
     principal: Reader,
-    status_: Annotated[
-        Literal["pending", "approved", "rejected", "withdrawn"] | None, Query(alias="status")
-    ] = "pending",
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    status_: StatusFilter = "pending",
+    limit: Limit = 100,
 ) -> list[ProposalView]:
     """Threshold proposals of the caller's care teams, newest first (default: pending ones)."""
     store = request.app.state.threshold_proposals
@@ -210,24 +206,8 @@ async def proposals(
 async def _decide(
     request: Request, proposal_id: UUID, principal: Principal, approve: bool
 ) -> ProposalView:
-    proposal = await request.app.state.threshold_proposals.get(proposal_id)
-    if proposal is None or not principal.sees_team(proposal.care_team_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such proposal")
-    changes = _changes(request)
-    try:
-        if approve:
-            decided = await changes.approve(_person(principal), proposal)
-        else:
-            decided = await changes.reject(_person(principal), proposal)
-    except ProposalRefused as refused:
-        raise HTTPException(refused.status, str(refused)) from None
-    return _view(decided)
-
-
-DECIDED = {
-    **not_found("proposal"),
-    409: {"model": Problem, "description": "Already decided, or a version was written since."},
-}
+    store = request.app.state.threshold_proposals
+    return _view(await decide(store, _changes(request), proposal_id, principal, approve))
 
 
 @router.post(
