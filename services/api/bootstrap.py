@@ -18,9 +18,10 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from services.api.adapters.audit import AuditTrail
+from services.api.adapters.audit import AuditTrail, CoverAudit
 from services.api.adapters.caregiver_guidance import PostgresGuidanceStore
 from services.api.adapters.caregivers import PostgresContactStore
+from services.api.adapters.cover import PostgresCoverStore
 from services.api.adapters.discharge import PostgresDischargeStore
 from services.api.adapters.enrolment import PostgresRegistryStore
 from services.api.adapters.fhir import FhirRepository
@@ -32,6 +33,7 @@ from services.api.entrypoints.http import (
     alerts,
     auth,
     caregivers,
+    cover,
     dashboard,
     discharge,
     enrolment,
@@ -45,6 +47,7 @@ from services.api.entrypoints.http import (
 )
 from services.api.service_layer.caregiver_guidance import GuidanceChanges
 from services.api.service_layer.caregivers import CaregiverContacts
+from services.api.service_layer.cover import CoverAgreements
 from services.api.service_layer.discharge import DischargeService
 from services.api.service_layer.enrolment import BrokerAccounts, BrokerEndpoint, EnrolmentService
 from services.api.service_layer.fhir_export import ExportJobs
@@ -71,7 +74,8 @@ def create_app(
         )
         app.state.repository = ApiRepository(pool)
         app.state.roster = RosterQueries(pool)
-        app.state.audit = audit if audit is not None else AuditTrail(pool)
+        # Entries written while the caller acts under regional cover name the agreement.
+        app.state.audit = CoverAudit(audit if audit is not None else AuditTrail(pool))
         app.state.threshold_proposals = PostgresProposalStore(pool)
         app.state.threshold_changes = ThresholdChanges(
             app.state.threshold_proposals, app.state.audit, clock, check_overrides
@@ -82,6 +86,8 @@ def create_app(
         app.state.guidance_changes = GuidanceChanges(
             app.state.guidance_store, app.state.audit, clock
         )
+        app.state.cover_store = PostgresCoverStore(pool)
+        app.state.cover_agreements = CoverAgreements(app.state.cover_store, app.state.audit, clock)
         from services.notify.public import (
             AlertActions,
             AlertTimelines,
@@ -148,6 +154,7 @@ def create_app(
     app.include_router(outages.router)
     app.include_router(caregivers.router)
     app.include_router(discharge.router)
+    app.include_router(cover.router)
     app.include_router(dashboard.router)
     fhir_app.state.settings = settings
     fhir_app.state.clock = clock

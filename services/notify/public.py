@@ -4,8 +4,9 @@ stops (or pauses) at once and the timeline records who did it; reading an alert'
 timeline; a care team's registry (the team, its people, on-call schedules and overrides, who is
 on call now and next, the escalation policy, quiet hours and the early-cycle escalation), read
 and changed through notify's own repository and use cases; the pipeline's outages (when Vigil
-was not watching), read-only. The care-team API never writes notify's tables itself; it decides
-who may ask."""
+was not watching), read-only; regional cover's hours and who acts for a covered team at an
+instant (pure, ``domain/cover.py``). The care-team API never writes notify's tables itself; it
+decides who may ask."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.postgres.patient_escalations import PostgresPatientEscalations
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.bootstrap import build_escalation
+from services.notify.domain.cover import Agreement, CoverGrant, CoverHours, grants, window_at
 from services.notify.domain.schedule import next_change, on_call_at
 from services.notify.service_layer import team_settings
 from services.notify.service_layer.closing import close_patient
@@ -36,11 +38,16 @@ from services.notify.service_layer.escalation import AckOutcome
 from services.notify.settings import NotifySettings
 
 __all__ = [
+    "Agreement",
     "AlertActions",
     "AlertTimelines",
+    "CoverGrant",
+    "CoverHours",
     "PatientEscalations",
     "PipelineOutages",
     "TeamRegistry",
+    "grants",
+    "window_at",
 ]
 
 

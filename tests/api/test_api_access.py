@@ -26,6 +26,8 @@ def api_paths(world: World) -> list[tuple[str, str]]:
         "person_id": f"nobody-{world.run}",
         "schedule_id": f"nothing-{world.run}",
         "contact_id": "00000000-0000-4000-8000-000000000001",
+        "agreement_id": "00000000-0000-4000-8000-000000000002",
+        "version": "1",
         "alarm": "occlusion_downstream",
         "language": "en",
     }

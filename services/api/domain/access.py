@@ -2,11 +2,15 @@
 
 A principal sees a patient only when the patient's care team is one of the principal's teams;
 outside that the API answers 404, so a caller learns nothing about patients of other teams.
+During regional cover (docs/regional-cover.md) the patient routes see a principal whose
+``care_teams`` also hold the teams its own teams cover at that moment, with ``cover`` naming the
+agreements that allow it; every other route sees the principal's own teams only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -60,15 +64,48 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
 }
 
 
+# What a covering user may do to a covered team's patients: read them and act on their alerts.
+COVER_ACTIONS = frozenset({Action.READ_PATIENT, Action.ACKNOWLEDGE, Action.RESOLVE})
+
+
+@dataclass(frozen=True, slots=True)
+class CoverScope:
+    """A covered team the principal acts for now, the agreement (and version) that allows it
+    and when the window ends."""
+
+    covered_team_id: str
+    agreement_id: str
+    version: int
+    ends: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     user_id: str
     username: str
     role: Role
     care_teams: frozenset[str]
+    cover: tuple[CoverScope, ...] = ()
 
     def may(self, action: Action) -> bool:
         return action in _ALLOWED[self.role]
 
     def sees_team(self, care_team_id: str | None) -> bool:
         return care_team_id is not None and care_team_id in self.care_teams
+
+    @property
+    def own_teams(self) -> frozenset[str]:
+        """The principal's own care teams, without those it covers."""
+        return self.care_teams - {c.covered_team_id for c in self.cover}
+
+    def covering(self, scopes: tuple[CoverScope, ...]) -> Principal:
+        """The principal widened to the covered teams of ``scopes``."""
+        if not scopes:
+            return self
+        covered = frozenset(c.covered_team_id for c in scopes)
+        return replace(self, care_teams=self.care_teams | covered, cover=self.cover + scopes)
+
+    def cover_of(self, care_team_id: str | None) -> CoverScope | None:
+        """The cover through which the principal sees ``care_team_id`` (None: its own team, or
+        not seen at all)."""
+        return next((c for c in self.cover if c.covered_team_id == care_team_id), None)

@@ -15,13 +15,13 @@ from pydantic import BaseModel, Field
 
 from services.api.domain.access import Action, Principal
 from services.api.domain.timeline import timeline
-from services.api.entrypoints.http.deps import Clock, Repository, require
+from services.api.entrypoints.http.deps import Clock, Repository, require_patient
 from services.api.entrypoints.http.responses import AUTHENTICATED, not_found
 
 router = APIRouter(prefix="/api/alerts", tags=["alerts"], responses=AUTHENTICATED)
-Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
-Acknowledger = Annotated[Principal, Depends(require(Action.ACKNOWLEDGE))]
-Resolver = Annotated[Principal, Depends(require(Action.RESOLVE))]
+Reader = Annotated[Principal, Depends(require_patient(Action.READ_PATIENT))]
+Acknowledger = Annotated[Principal, Depends(require_patient(Action.ACKNOWLEDGE))]
+Resolver = Annotated[Principal, Depends(require_patient(Action.RESOLVE))]
 
 
 class AlertPage(BaseModel):

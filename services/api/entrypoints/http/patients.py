@@ -11,11 +11,11 @@ from pydantic import BaseModel, Field
 from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks
 from services.api.domain.course import Basis, course_window
-from services.api.entrypoints.http.deps import Clock, Repository, require
+from services.api.entrypoints.http.deps import Clock, Repository, require_patient
 from services.api.entrypoints.http.responses import AUTHENTICATED, invalid, not_found
 
 router = APIRouter(prefix="/api/patients", tags=["patients"], responses=AUTHENTICATED)
-Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+Reader = Annotated[Principal, Depends(require_patient(Action.READ_PATIENT))]
 
 
 class PageOf(BaseModel):

@@ -10,11 +10,11 @@ from pydantic import BaseModel, Field
 
 from services.api.domain.access import Action, Principal
 from services.api.domain.roster import RosterRow, roster
-from services.api.entrypoints.http.deps import Clock, require
+from services.api.entrypoints.http.deps import Clock, require_patient
 from services.api.entrypoints.http.responses import AUTHENTICATED
 
 router = APIRouter(prefix="/api", tags=["patients"], responses=AUTHENTICATED)
-Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+Reader = Annotated[Principal, Depends(require_patient(Action.READ_PATIENT))]
 
 
 class RosterAlert(BaseModel):

@@ -1,0 +1,319 @@
+"""Regional cover: agreements under two sign-offs (one manager of each team) and the caller's
+cover now (docs/regional-cover.md)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime, time
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfoNotFoundError
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel, Field
+
+from services.api.domain.access import Action, Principal
+from services.api.entrypoints.http.deps import Clock, require
+from services.api.entrypoints.http.responses import AUTHENTICATED, Problem, invalid, not_found
+from services.api.service_layer.cover import (
+    CoverAgreements,
+    CoverRefused,
+    Manager,
+    Version,
+    in_force,
+)
+from services.notify.public import CoverHours, grants
+
+router = APIRouter(prefix="/api", tags=["regional cover"], responses=AUTHENTICATED)
+Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
+TeamManager = Annotated[Principal, Depends(require(Action.MANAGE_TEAM))]
+
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"model": Problem, "description": "Decided already, revoked, or changed meanwhile."}
+}
+_SIGN_OFF: dict[int | str, dict[str, Any]] = {
+    403: {
+        "model": Problem,
+        "description": "The role may not manage a team, the caller proposed this version, or "
+        "the caller is not a manager of the other team.",
+    }
+}
+
+
+class CoverTerms(BaseModel):
+    covering_team_id: str = Field(max_length=64, description="The team that acts in cover.")
+    covered_team_id: str = Field(max_length=64, description="The team whose patients it covers.")
+    timezone: str = Field(max_length=64, description="IANA zone of the hours, e.g. Europe/Paris.")
+    days: list[Annotated[int, Field(ge=0, le=6)]] = Field(
+        min_length=1,
+        max_length=7,
+        description="The days a window starts on: 0 Monday to 6 Sunday.",
+    )
+    starts: time = Field(description="Local start, e.g. 20:00.")
+    ends: time = Field(
+        description="Local end; not after `starts`: the next day (20:00-08:00 runs overnight); "
+        "equal to it: 24 hours."
+    )
+    exceptions: list[date] = Field(
+        default_factory=list, max_length=366, description="Local dates no window starts on."
+    )
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class Revocation(BaseModel):
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class VersionView(BaseModel):
+    agreement_id: uuid.UUID
+    version: int
+    covering_team_id: str
+    covered_team_id: str
+    timezone: str
+    days: list[int]
+    starts: time
+    ends: time
+    exceptions: list[date]
+    revoked: bool
+    reason: str | None
+    proposed_by: str
+    proposed_side: str = Field(description="The proposer's team; the other team signs off.")
+    proposed_at: datetime
+    status: Literal["pending", "approved", "rejected", "withdrawn"]
+    decided_by: str | None
+    decided_at: datetime | None
+
+
+class AgreementView(BaseModel):
+    agreement_id: uuid.UUID
+    covering_team_id: str
+    covered_team_id: str
+    in_force: VersionView | None = Field(
+        description="The newest approved version (revoked: the agreement has ended)."
+    )
+    versions: list[VersionView] = Field(description="Every version, oldest first.")
+
+
+class CoverNow(BaseModel):
+    covered_team_id: str
+    covered_team_name: str | None
+    covered_centre: str | None = Field(description="The covered team's centre (organisation).")
+    unit_phone: str | None = Field(description="The covered team's 24-hour number.")
+    agreement_id: uuid.UUID
+    version: int
+    until: datetime = Field(description="When this window ends and the patients go back.")
+
+
+def _view(v: Version) -> VersionView:
+    hours = v.hours
+    return VersionView(
+        agreement_id=v.agreement_id,
+        version=v.version,
+        covering_team_id=v.covering_team_id,
+        covered_team_id=v.covered_team_id,
+        timezone=hours.timezone,
+        days=sorted(hours.days),
+        starts=hours.starts,
+        ends=hours.ends,
+        exceptions=sorted(hours.exceptions),
+        revoked=v.revoked,
+        reason=v.reason,
+        proposed_by=v.proposed_by,
+        proposed_side=v.proposed_side,
+        proposed_at=v.proposed_at,
+        status=v.status,
+        decided_by=v.decided_by,
+        decided_at=v.decided_at,
+    )
+
+
+def _agreement(versions: list[Version]) -> AgreementView:
+    current = in_force(versions)
+    return AgreementView(
+        agreement_id=versions[0].agreement_id,
+        covering_team_id=versions[0].covering_team_id,
+        covered_team_id=versions[0].covered_team_id,
+        in_force=_view(current) if current else None,
+        versions=[_view(v) for v in versions],
+    )
+
+
+def _manager(principal: Principal) -> Manager:
+    return Manager(principal.user_id, principal.username, principal.own_teams)
+
+
+def _service(request: Request) -> CoverAgreements:
+    service: CoverAgreements = request.app.state.cover_agreements
+    return service
+
+
+def _refused(error: CoverRefused) -> HTTPException:
+    return HTTPException(error.status, str(error))
+
+
+def _hours(terms: CoverTerms) -> CoverHours:
+    try:
+        return CoverHours(
+            terms.timezone,
+            frozenset(terms.days),
+            terms.starts.replace(tzinfo=None),
+            terms.ends.replace(tzinfo=None),
+            frozenset(terms.exceptions),
+        )
+    except (ZoneInfoNotFoundError, ValueError) as error:
+        raise invalid("timezone", f"not a time zone: {error}", where="body") from None
+
+
+async def _teams_exist(request: Request, terms: CoverTerms) -> None:
+    known = await request.app.state.cover_store.teams(
+        [terms.covering_team_id, terms.covered_team_id]
+    )
+    for field in ("covering_team_id", "covered_team_id"):
+        if getattr(terms, field) not in known:
+            raise invalid(field, "no such care team", where="body")
+
+
+@router.get("/cover-agreements", response_model=list[AgreementView])
+async def list_agreements(request: Request, principal: Reader) -> list[AgreementView]:
+    """Every cover agreement one of the caller's own teams is a side of, with its versions."""
+    versions = await request.app.state.cover_store.of_teams(principal.own_teams)
+    by_id: dict[uuid.UUID, list[Version]] = {}
+    for version in versions:
+        by_id.setdefault(version.agreement_id, []).append(version)
+    return [_agreement(sorted(vs, key=lambda v: v.version)) for vs in by_id.values()]
+
+
+@router.get(
+    "/cover-agreements/{agreement_id}",
+    response_model=AgreementView,
+    responses=not_found("cover agreement"),
+)
+async def get_agreement(
+    request: Request, agreement_id: uuid.UUID, principal: Reader
+) -> AgreementView:
+    try:
+        versions = await _service(request).versions_seen_by(_manager(principal), agreement_id)
+    except CoverRefused as error:
+        raise _refused(error) from None
+    return _agreement(versions)
+
+
+@router.post(
+    "/cover-agreements",
+    response_model=VersionView,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**not_found("care team"), **_CONFLICT},
+)
+async def propose_agreement(
+    request: Request, terms: CoverTerms, principal: TeamManager
+) -> VersionView:
+    """Propose a new agreement: pending until a manager of the other team approves it."""
+    hours = _hours(terms)
+    await _teams_exist(request, terms)
+    try:
+        version = await _service(request).propose(
+            _manager(principal),
+            terms.covering_team_id,
+            terms.covered_team_id,
+            hours,
+            terms.reason,
+        )
+    except CoverRefused as error:
+        raise _refused(error) from None
+    return _view(version)
+
+
+@router.put(
+    "/cover-agreements/{agreement_id}",
+    response_model=VersionView,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={**not_found("cover agreement"), **_CONFLICT},
+)
+async def change_agreement(
+    request: Request, agreement_id: uuid.UUID, terms: CoverTerms, principal: TeamManager
+) -> VersionView:
+    """Propose new terms for an agreement (same teams): the next version, pending the other
+    team's sign-off; the version in force stays in force until then."""
+    hours = _hours(terms)
+    try:
+        version = await _service(request).propose(
+            _manager(principal),
+            terms.covering_team_id,
+            terms.covered_team_id,
+            hours,
+            terms.reason,
+            agreement_id=agreement_id,
+        )
+    except CoverRefused as error:
+        raise _refused(error) from None
+    return _view(version)
+
+
+@router.post(
+    "/cover-agreements/{agreement_id}/versions/{version}/approve",
+    response_model=VersionView,
+    responses={**not_found("cover agreement"), **_CONFLICT, **_SIGN_OFF},
+)
+async def approve_version(
+    request: Request, agreement_id: uuid.UUID, version: int, principal: TeamManager
+) -> VersionView:
+    """Sign off a pending version as a manager of the team that did not propose it."""
+    try:
+        return _view(await _service(request).approve(_manager(principal), agreement_id, version))
+    except CoverRefused as error:
+        raise _refused(error) from None
+
+
+@router.post(
+    "/cover-agreements/{agreement_id}/versions/{version}/reject",
+    response_model=VersionView,
+    responses={**not_found("cover agreement"), **_CONFLICT},
+)
+async def reject_version(
+    request: Request, agreement_id: uuid.UUID, version: int, principal: TeamManager
+) -> VersionView:
+    """Reject a pending version (the proposer's own rejection is a withdrawal)."""
+    try:
+        return _view(await _service(request).reject(_manager(principal), agreement_id, version))
+    except CoverRefused as error:
+        raise _refused(error) from None
+
+
+@router.post(
+    "/cover-agreements/{agreement_id}/revoke",
+    response_model=VersionView,
+    responses={**not_found("cover agreement"), **_CONFLICT},
+)
+async def revoke_agreement(
+    request: Request, agreement_id: uuid.UUID, body: Revocation, principal: TeamManager
+) -> VersionView:
+    """End the agreement now, by a manager of either team, without a second sign-off: cover
+    ends at once and the covered team alone sees and is paged."""
+    try:
+        return _view(await _service(request).revoke(_manager(principal), agreement_id, body.reason))
+    except CoverRefused as error:
+        raise _refused(error) from None
+
+
+@router.get("/cover", response_model=list[CoverNow])
+async def cover_now(request: Request, principal: Reader, clock: Clock) -> list[CoverNow]:
+    """The teams the caller's teams cover at this moment: whose patients they are (team and
+    centre), the covered team's 24-hour number and when the window ends."""
+    store = request.app.state.cover_store
+    teams = principal.own_teams
+    found = grants(teams, await store.in_force_covering(teams), clock())
+    known = await store.teams([g.covered_team_id for g in found])
+    answer = []
+    for grant in found:
+        team = known.get(grant.covered_team_id, {})
+        answer.append(
+            CoverNow(
+                covered_team_id=grant.covered_team_id,
+                covered_team_name=team.get("name"),
+                covered_centre=team.get("centre"),
+                unit_phone=team.get("unit_phone"),
+                agreement_id=uuid.UUID(grant.agreement_id),
+                version=grant.version,
+                until=grant.ends,
+            )
+        )
+    return answer

@@ -1,0 +1,289 @@
+"""Regional cover through the care-team API over real HTTP and PostgreSQL, on a clock the test
+moves: an agreement under two sign-offs (one manager of each team), then team A's users see and
+act on team B's monitored patients only during the agreed hours (before, during, after the
+window, and after revocation), nothing else of team B, every read audited with the agreement."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+
+from services.api.adapters.credentials import hash_password
+from services.api.adapters.repository import ApiRepository
+from services.api.app import server_options
+from services.api.bootstrap import create_app
+from services.api.domain.access import Role
+from services.api.settings import ApiSettings
+from services.ingest.adapters.registry_admin import upsert_patient
+from tests.api.conftest import (
+    PASSWORD,
+    RecordingAlertActions,
+    RecordingAudit,
+    World,
+    bearer,
+    build_world,
+    free_port,
+    until_serving,
+)
+
+pytestmark = pytest.mark.stack
+
+PARIS = ZoneInfo("Europe/Paris")
+
+
+class MovableClock:
+    """The API's clock: the real time until the test sets one (tokens are issued at the real
+    time, so they are valid whatever moment the test moves the API to)."""
+
+    def __init__(self) -> None:
+        self.at: datetime | None = None
+
+    def __call__(self) -> datetime:
+        return self.at or datetime.now(UTC)
+
+
+@dataclass
+class CoverWorld:
+    world: World
+    clock: MovableClock
+    night: date  # a local date (Paris) two days ahead: its night is in the future
+    discharged_b: str
+    dsn: str
+
+    def paris(self, day_offset: int, hour: int) -> datetime:
+        day = self.night + timedelta(days=day_offset)
+        return datetime(day.year, day.month, day.day, hour, tzinfo=PARIS)
+
+    async def tokens(self, *labels: str) -> dict[str, dict[str, Any]]:
+        self.clock.at = None
+        return {label: bearer(await self.world.token(label)) for label in labels}
+
+
+@pytest.fixture(scope="module")
+async def cover_world(stack_env: dict[str, str]) -> AsyncIterator[CoverWorld]:
+    port = free_port()
+    clock = MovableClock()
+    actions = RecordingAlertActions()
+    audit = RecordingAudit()
+    settings = ApiSettings(port=port, stream_poll_s=0.2)
+    app = create_app(settings, clock=clock, alert_actions=actions, audit=audit)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            **server_options(settings),
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    await until_serving(server, task)
+    dsn = stack_env["VIGIL_PG_DSN"]
+    try:
+        world = await build_world(dsn, f"http://127.0.0.1:{port}", actions, audit)
+        discharged = f"PB-gone-{world.run}"
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await upsert_patient(conn, discharged, world.team_b, 18.0)
+                await conn.execute(
+                    "UPDATE patients SET infusion_ended_at = now(), discharged_at = now(), discharge_reason = 'done', "
+                    "discharged_by = 'x' WHERE patient_id = $1",
+                    discharged,
+                )
+            repository = ApiRepository(pool)
+            for label, role in (("nurse_b", Role.CHARGE_NURSE), ("auditor_b", Role.AUDITOR)):
+                await repository.create_user(
+                    f"{label}-{world.run}",
+                    f"{label}-{world.run}",
+                    label,
+                    hash_password(PASSWORD),
+                    role,
+                    [world.team_b],
+                )
+                world.users[label] = f"{label}-{world.run}"
+        finally:
+            await pool.close()
+        night = datetime.now(PARIS).date() + timedelta(days=2)
+        yield CoverWorld(world, clock, night, discharged, dsn)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+NIGHTS = {"timezone": "Europe/Paris", "days": [0, 1, 2, 3, 4, 5, 6], "starts": "20:00"}
+
+
+async def _sees_b(client: httpx.AsyncClient, cw: CoverWorld, headers: dict[str, Any]) -> bool:
+    """Whether the caller sees team B's patient, consistently on every patient route."""
+    w = cw.world
+    listing = (await client.get("/api/patients", params={"limit": 500}, headers=headers)).json()
+    listed = w.patient_b in {p["patient_id"] for p in listing["items"]}
+    answers = {
+        (await client.get(f"/api/patients/{w.patient_b}{path}", headers=headers)).status_code
+        for path in ("", "/readings", "/pump", "/temperature-hourly")
+    }
+    alert = await client.get(f"/api/alerts/{quote(w.alert_b, safe='')}", headers=headers)
+    alerts = (await client.get("/api/alerts", params={"limit": 500}, headers=headers)).json()
+    alert_listed = w.alert_b in {a["dedup_key"] for a in alerts["items"]}
+    roster = (await client.get("/api/roster", headers=headers)).json()
+    on_roster = w.patient_b in {row["patient_id"] for row in roster["patients"]}
+    seen = {listed, answers == {200}, alert.status_code == 200, alert_listed, on_roster}
+    assert len(seen) == 1, (listed, answers, alert.status_code, alert_listed, on_roster)
+    if not listed:
+        assert answers == {404} and alert.status_code == 404
+    return listed
+
+
+async def test_cover_needs_both_teams_and_scopes_access_to_the_window(
+    cover_world: CoverWorld,
+) -> None:
+    cw = cover_world
+    w = cw.world
+    h = await cw.tokens("nurse_a", "nurse2_a", "nurse_b", "clinician_a", "clinician_b")
+    terms = {
+        **NIGHTS,
+        "ends": "08:00",
+        "covering_team_id": w.team_a,
+        "covered_team_id": w.team_b,
+        "reason": "night cover",
+    }
+    async with httpx.AsyncClient(base_url=w.base_url) as client:
+        # A clinician may not propose; a team that is neither side's is not the caller's.
+        assert (
+            await client.post("/api/cover-agreements", json=terms, headers=h["clinician_a"])
+        ).status_code == 403
+        bad_zone = await client.post(
+            "/api/cover-agreements", json={**terms, "timezone": "Nowhere/X"}, headers=h["nurse_a"]
+        )
+        assert bad_zone.status_code == 422
+        proposed = await client.post("/api/cover-agreements", json=terms, headers=h["nurse_a"])
+        assert proposed.status_code == 202, proposed.text
+        body = proposed.json()
+        assert body["status"] == "pending" and body["proposed_side"] == w.team_a
+        agreement = body["agreement_id"]
+        approve = f"/api/cover-agreements/{agreement}/versions/1/approve"
+
+        cw.clock.at = cw.paris(0, 2)  # 02:00, inside the hours, but nothing signed off yet
+        assert not await _sees_b(client, cw, h["clinician_a"])
+        # Not the proposer, and not a manager of the same side: the other team signs off.
+        assert (await client.post(approve, headers=h["nurse_a"])).status_code == 403
+        assert (await client.post(approve, headers=h["nurse2_a"])).status_code == 403
+        assert (await client.post(approve, headers=h["clinician_b"])).status_code == 403
+        approved = await client.post(approve, headers=h["nurse_b"])
+        assert approved.status_code == 200, approved.text
+        assert approved.json()["status"] == "approved"
+        assert approved.json()["decided_by"] == w.users["nurse_b"]
+        assert (await client.post(approve, headers=h["nurse_b"])).status_code == 409
+
+        # During the window: team A's clinician sees and acts on team B's patient...
+        assert await _sees_b(client, cw, h["clinician_a"])
+        ack = await client.post(
+            f"/api/alerts/{quote(w.alert_b, safe='')}/ack", headers=h["clinician_a"]
+        )
+        assert ack.status_code == 200
+        assert ("ack", w.alert_b, w.users["clinician_a"]) in w.actions.calls
+        now = (await client.get("/api/cover", headers=h["clinician_a"])).json()
+        assert [(c["covered_team_id"], c["agreement_id"], c["version"]) for c in now] == [
+            (w.team_b, agreement, 1)
+        ]
+        assert datetime.fromisoformat(now[0]["until"]) == cw.paris(0, 8)
+        # ...and nothing else of team B: its team, paging, protocol, a patient's caregivers
+        # and overrides, and a discharged patient.
+        for path in (
+            f"/api/care-teams/{w.team_b}",
+            f"/api/care-teams/{w.team_b}/protocol",
+            f"/api/patients/{w.patient_b}/caregivers",
+            f"/api/patients/{w.patient_b}/overrides",
+            f"/api/patients/{cw.discharged_b}",
+        ):
+            answer = await client.get(path, headers=h["clinician_a"])
+            assert answer.status_code == 404, (path, answer.status_code)
+        # Cover is one way: team B's clinician sees nothing of team A.
+        own_a = await client.get(f"/api/patients/{w.patient_a}", headers=h["clinician_b"])
+        assert own_a.status_code == 404
+        sign_off = [e for e in w.audit.entries if e[2] == f"cover_agreement:{agreement}"]
+        # Team A's own patient is read as before, with no cover named.
+        w.audit.entries.clear()
+        assert (
+            await client.get(f"/api/patients/{w.patient_a}", headers=h["clinician_a"])
+        ).status_code == 200
+        assert (
+            await client.get(f"/api/patients/{w.patient_b}/readings", headers=h["clinician_a"])
+        ).status_code == 200
+        own, covered = w.audit.entries[-2], w.audit.entries[-1]
+        assert own[1] == "patient.read" and "cover" not in own[3]
+        assert covered[:3] == (
+            w.users["clinician_a"],
+            "patient.readings",
+            f"patient:{w.patient_b}",
+        )
+        assert covered[3]["cover"] == [
+            {"covered_team": w.team_b, "agreement": agreement, "version": 1}
+        ]
+
+        # Before the window (19:59 the evening before) and after it (08:00): refused.
+        cw.clock.at = cw.paris(-1, 19) + timedelta(minutes=59)
+        assert not await _sees_b(client, cw, h["clinician_a"])
+        cw.clock.at = cw.paris(0, 8)
+        assert not await _sees_b(client, cw, h["clinician_a"])
+        assert (
+            await client.post(
+                f"/api/alerts/{quote(w.alert_b, safe='')}/ack", headers=h["clinician_a"]
+            )
+        ).status_code == 404
+        assert (await client.get("/api/cover", headers=h["clinician_a"])).json() == []
+        # The next night (20:00) it is back.
+        cw.clock.at = cw.paris(0, 20)
+        assert await _sees_b(client, cw, h["clinician_a"])
+
+        # A change is a new version, in force only when signed off; meanwhile the old one acts.
+        changed = await client.put(
+            f"/api/cover-agreements/{agreement}",
+            json={**terms, "starts": "22:00"},
+            headers=h["nurse_b"],
+        )
+        assert changed.status_code == 202 and changed.json()["version"] == 2
+        cw.clock.at = cw.paris(0, 21)
+        assert await _sees_b(client, cw, h["clinician_a"])
+        second = await client.post(
+            f"/api/cover-agreements/{agreement}/versions/2/approve", headers=h["nurse2_a"]
+        )
+        assert second.status_code == 200, second.text
+        assert not await _sees_b(client, cw, h["clinician_a"])  # 21:00 is no longer covered
+        cw.clock.at = cw.paris(0, 23)
+        assert await _sees_b(client, cw, h["clinician_a"])
+
+        # Revoked by one side at once, mid-window: access ends there.
+        revoked = await client.post(
+            f"/api/cover-agreements/{agreement}/revoke",
+            json={"reason": "partner hired night staff"},
+            headers=h["nurse_b"],
+        )
+        assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+        assert not await _sees_b(client, cw, h["clinician_a"])
+        again = await client.post(
+            f"/api/cover-agreements/{agreement}/revoke", json={}, headers=h["nurse_a"]
+        )
+        assert again.status_code == 409
+        listed = (await client.get("/api/cover-agreements", headers=h["clinician_b"])).json()
+        mine = [a for a in listed if a["agreement_id"] == agreement]
+        assert [v["version"] for v in mine[0]["versions"]] == [1, 2, 3]
+        assert mine[0]["in_force"]["revoked"] is True
+    signed = [(e[0], e[1], e[3]["version"]) for e in w.audit.entries if e[1].startswith("cover.")]
+    assert (w.users["nurse2_a"], "cover.approved", 2) in signed
+    assert (w.users["nurse_b"], "cover.revoked", 3) in signed
+    assert sign_off[0][:2] == (w.users["nurse_a"], "cover.proposed")
+    assert sign_off[1][:2] == (w.users["nurse_b"], "cover.approved")
+    assert sign_off[1][3]["proposed_by"] == w.users["nurse_a"]
