@@ -39,6 +39,8 @@ class IngestSettings(ServiceSettings):
     max_clock_ahead_s: float = Field(default=300.0, ge=0)
     max_clock_behind_s: float = Field(default=7 * 24 * 3600.0, ge=0)
     batch_max: int = Field(default=500, ge=1)
+    # How long a batch gathers after its first message, only while earlier batches are still
+    # being made durable; with none in flight a batch is what has arrived (consumer.py).
     batch_linger_ms: int = Field(default=10, ge=0)
     # Batches being made durable while the next one is read. The broker sends at most its
     # max_inflight_messages (1000 on the local stack) unacknowledged messages, so batches in

@@ -17,7 +17,8 @@ from services.ingest.adapters.mqtt_codec import (
     split_packets,
 )
 from services.ingest.adapters.mqtt_session import MqttError, MqttSession, SessionOptions
-from services.ingest.entrypoints.consumer import next_batch
+from services.ingest.entrypoints.consumer import batch_linger_s, next_batch
+from services.ingest.settings import IngestSettings
 
 
 def publish(topic: str, payload: bytes, mid: int, qos: int = 1) -> bytes:
@@ -306,4 +307,31 @@ async def test_an_idle_batch_wait_ends_when_stopped(broker: Broker) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().call_later(0.05, stop.set)
     assert await asyncio.wait_for(next_batch(session, 10, 0.01, stop), 2.0) == []
+    await session.close()
+
+
+def test_a_batch_lingers_only_behind_batches_still_being_made_durable() -> None:
+    settings = IngestSettings(batch_linger_ms=10)
+    assert batch_linger_s(settings, batches_working=0) == 0.0
+    assert batch_linger_s(settings, batches_working=1) == 0.01
+    assert batch_linger_s(settings, batches_working=3) == 0.01
+
+
+async def test_a_lone_message_goes_at_once_and_a_busy_stream_gathers(broker: Broker) -> None:
+    """With no linger (nothing in flight) a batch is what has arrived, even when more is on its
+    way; with one (batches in flight) the messages arriving within it join the batch."""
+    session = await connected(broker)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    broker.send(publish("t/a", b"p", 1))
+    await arrived(session, 1)
+    loop.call_later(0.05, broker.send, publish("t/a", b"p", 2))
+    assert [m[2] for m in await next_batch(session, 10, 0.0, stop)] == [1]
+    await arrived(session, 1)  # the second one did come: the batch did not wait for it
+    assert [m[2] for m in await next_batch(session, 10, 0.0, stop)] == [2]
+    broker.send(publish("t/a", b"p", 3))
+    await arrived(session, 1)
+    loop.call_later(0.05, broker.send, publish("t/a", b"p", 4))
+    # A batch of at most 2 with a long linger: it waits for the fourth, then is full.
+    assert [m[2] for m in await next_batch(session, 2, 5.0, stop)] == [3, 4]
     await session.close()

@@ -1,10 +1,12 @@
 """Ingest's consumer loop: connect to the broker, subscribe, read batches, hand them on.
 
-One connection at a time (``adapters.mqtt_session``): up to ``batch_max`` messages, at most
-``batch_linger_ms`` after the first, become one batch; up to ``batches_in_flight`` batches are made
-durable at once while the next is read, and each is acknowledged to the broker in arrival order
-once durable (``service_layer.pipeline.acknowledge_in_order``). When the connection is lost, every
-batch already read is finished first, then ingest reconnects with backoff; the broker's persistent
+One connection at a time (``adapters.mqtt_session``): up to ``batch_max`` messages become one
+batch, read for at most ``batch_linger_ms`` after the first while earlier batches are still being
+made durable and for no longer than what has arrived while none is (``batch_linger_s``); up to
+``batches_in_flight`` batches are made durable at once while the next is read, and each is
+acknowledged to the broker in arrival order once durable
+(``service_layer.pipeline.acknowledge_in_order``). When the connection is lost, every batch
+already read is finished first, then ingest reconnects with backoff; the broker's persistent
 session keeps what was not acknowledged.
 """
 
@@ -51,6 +53,14 @@ def session_options(settings: IngestSettings) -> SessionOptions:
         receive_maximum=min(65535, settings.batch_max * (settings.batches_in_flight + 1)),
         tls_ca_file=settings.mqtt_tls_ca_file,
     )
+
+
+def batch_linger_s(settings: IngestSettings, batches_working: int) -> float:
+    """How long a batch waits for more messages after its first. While earlier batches are
+    still being made durable, the configured linger: the stream is heavy, and a larger batch
+    shares Kafka's and PostgreSQL's round trips among more messages. While none is, no wait:
+    a lone fever on a quiet stream is handed on at once."""
+    return settings.batch_linger_ms / 1000 if batches_working else 0.0
 
 
 async def next_batch(
@@ -106,15 +116,19 @@ async def _consume(
     answers = None
     if pipeline.acks is not None:
         answers = asyncio.create_task(pipeline.acks.run(session, answers_stop))
+    # Batches handed on and not yet durable (or given up): what the linger adapts to.
+    working: set[asyncio.Task[object]] = set()
     try:
         while not stop.is_set() and not acker.done():
             batch = await next_batch(
-                session, settings.batch_max, settings.batch_linger_ms / 1000, stop
+                session, settings.batch_max, batch_linger_s(settings, len(working)), stop
             )
             if not batch:
                 continue
             messages = [(t, payload) for t, payload, _ in batch]
             work = asyncio.create_task(pipeline.process(messages, stop))
+            working.add(work)
+            work.add_done_callback(working.discard)
             metrics.batches_in_flight.inc()
             await in_flight.put((work, batch))
     finally:
