@@ -1,10 +1,9 @@
-"""The notify HTTP API, wired: who to page, acknowledgements, snoozes, delivery receipts.
+"""The notify HTTP API, wired: acknowledgements by signed link and by SMS, a caregiver's SMS
+reply, delivery receipts.
 
-Wiring only. The routes are the routers of ``entrypoints/http`` (one module per resource group:
-request validation, the bearer token of the management endpoints, the signed acknowledgement
-links, Twilio's signed webhooks); the SQL is ``adapters/api_queries.py``'s behind
-``service_layer/api_ports.py``; audited settings changes are ``service_layer/team_settings.py``'s;
-escalation decisions are made by the ``EscalationService`` it is given. ``create_app(settings)``
+Wiring only. The routes are the routers of ``entrypoints/http`` (the signed acknowledgement
+links, Twilio's signed webhooks); escalation decisions are made by the ``EscalationService`` it
+is given (``service_layer/api_ports.py``'s ``EscalationCommands``). ``create_app(settings)``
 builds the app; ``main`` serves it alone (``vigil notify-api``); notify serves it in-process
 when ``VIGIL_NOTIFY_API_ENABLED`` is set.
 """
@@ -16,11 +15,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.notify.adapters.api_queries import PostgresApiRepository
 from services.notify.adapters.postgres.caregivers import PostgresCaregiverDirectory
 from services.notify.bootstrap import build_escalation, open_pool
 from services.notify.entrypoints.http import ROUTERS
-from services.notify.service_layer.api_ports import ApiRepository, EscalationCommands
+from services.notify.service_layer.api_ports import EscalationCommands
 from services.notify.service_layer.caregiver_calls import CaregiverCalls
 from services.notify.settings import NotifySettings
 from vigil.runtime import utcnow
@@ -31,31 +29,26 @@ def create_app(
     *,
     service: EscalationCommands | None = None,
     pool: Any = None,
-    repository: ApiRepository | None = None,
 ) -> FastAPI:
-    """The API over ``service`` and ``repository`` (PostgreSQL over ``pool`` when not given);
-    what is not given is built at start-up and closed at shutdown."""
+    """The API over ``service`` and ``pool`` (the escalation service over the pool when not
+    given); what is not given is built at start-up and closed at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned: list[Any] = []
         opened = pool
-        if app.state.service is None or app.state.repository is None:
-            if opened is None:
-                opened = await open_pool(settings)
-                owned.append(opened)
-            if app.state.repository is None:
-                app.state.repository = PostgresApiRepository(opened)
-            if app.state.service is None:
-                app.state.service, closers = build_escalation(settings, opened)
-                owned.extend(closers)
-        if opened is not None:
-            # A caregiver's SMS reply asks for a call (docs/caregivers.md); on the service's
-            # clock, so a test's clock moves it too.
-            service_ = app.state.service
-            app.state.caregiver_calls = CaregiverCalls(
-                PostgresCaregiverDirectory(opened), service_, getattr(service_, "now", utcnow)
-            )
+        if opened is None:
+            opened = await open_pool(settings)
+            owned.append(opened)
+        if app.state.service is None:
+            app.state.service, closers = build_escalation(settings, opened)
+            owned.extend(closers)
+        # A caregiver's SMS reply asks for a call (docs/caregivers.md); on the service's clock,
+        # so a test's clock moves it too.
+        service_ = app.state.service
+        app.state.caregiver_calls = CaregiverCalls(
+            PostgresCaregiverDirectory(opened), service_, getattr(service_, "now", utcnow)
+        )
         try:
             yield
         finally:
@@ -67,9 +60,6 @@ def create_app(
     app.state.notify_settings = settings
     app.state.service = service
     app.state.caregiver_calls = None
-    app.state.repository = (
-        repository if repository is not None or pool is None else PostgresApiRepository(pool)
-    )
     for router in ROUTERS:
         app.include_router(router)
     return app
