@@ -30,11 +30,8 @@ import asyncpg
 import pytest
 
 from schemas.events import Alert, AlertPhase
-from services.notify.adapters.postgres import PostgresNotifyRepository
-from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
-from services.notify.adapters.smtp import SmtpSender
-from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from tests.factories import fever_evidence, make_alert
+from tests.support.escalation import escalation_service, smtp_sender
 from tests.support.notify import ManualClock, SmtpSink
 from tests.support.notify_desk import NotifyDesk
 from vigil.db.migrate import apply_migrations
@@ -176,19 +173,8 @@ async def activity(pg_dsn: str, source: Cluster) -> AsyncIterator[Activity]:
     clock = ManualClock(datetime.now(UTC))
     fallback = f"fallback-{tag}@h.test"
     with SmtpSink() as smtp:
-        service = EscalationService(
-            unit_of_work=unit_of_work_factory(pool, fallback_email=fallback),
-            alerts=PostgresNotifyRepository(pool),
-            email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-            sms=None,
-            webhook=None,
-            config=EscalationConfig(
-                sender_address="vigil@localhost",
-                public_base_url="http://notify.test",
-                ack_secret=SECRET,
-                fallback_email=fallback,
-            ),
-            clock=clock,
+        service = escalation_service(
+            pool, clock, email=smtp_sender(smtp.port), ack_secret=SECRET, fallback_email=fallback
         )
         team, desk = f"CT-bk-{tag}", NotifyDesk(pool, clock=clock)
         await desk.care_team(team, oncall_email=f"oncall-{tag}@h.test")

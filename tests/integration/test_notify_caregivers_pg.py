@@ -18,12 +18,9 @@ import pytest
 
 from schemas.events import AlertKind, AlertPhase
 from services.ingest.adapters.registry_admin import upsert_care_team, upsert_patient
-from services.notify.adapters.postgres import PostgresNotifyRepository
-from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
-from services.notify.adapters.smtp import SmtpSender
-from services.notify.adapters.twilio import TwilioSms
-from services.notify.service_layer.escalation import EscalationConfig, EscalationService
+from services.notify.service_layer.escalation import EscalationService
 from tests.factories import make_alert
+from tests.support.escalation import escalation_service, smtp_sender, twilio_sms
 from tests.support.notify import ManualClock, SmtpSink, TwilioLikeServer
 from vigil.db.migrate import apply_migrations
 
@@ -90,26 +87,15 @@ async def rig(pg_dsn: str, smtp: SmtpSink, twilio: TwilioLikeServer) -> AsyncIte
             "INSERT INTO caregiver_team_settings VALUES ($1, $2, 'nurse', $3)", team, UNIT, T0
         )
     clock = ManualClock(T0)
-    service = EscalationService(
-        unit_of_work=unit_of_work_factory(pool),
-        alerts=PostgresNotifyRepository(pool),
-        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-        sms=TwilioSms(
-            base_url=twilio.url,
-            account_sid=twilio.account_sid,
-            auth_token=twilio.auth_token,
-            from_number="+15550000000",
-        ),
-        webhook=None,
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=b"integration-test-ack-secret-0123456789",
-            max_tries_per_channel=2,
-            retry_base_s=1,
-            retry_cap_s=4,
-        ),
-        clock=clock,
+    service = escalation_service(
+        pool,
+        clock,
+        email=smtp_sender(smtp.port),
+        sms=twilio_sms(twilio),
+        ack_secret=b"integration-test-ack-secret-0123456789",
+        max_tries_per_channel=2,
+        retry_base_s=1,
+        retry_cap_s=4,
     )
     try:
         yield Rig(pool, clock, service, smtp, twilio, team, patient, sms)

@@ -33,14 +33,10 @@ from schemas.events import (
     AlertState,
 )
 from services.notify.adapters.pagerduty import PagerDutyEvents
-from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.postgres.outbox import PostgresOutbox
 from services.notify.adapters.postgres.unit_of_work import (
     PostgresUnitOfWork,
-    unit_of_work_factory,
 )
-from services.notify.adapters.smtp import SmtpSender
-from services.notify.adapters.twilio import TwilioSms
 from services.notify.api import create_app
 from services.notify.domain.bundling import DEFAULT_GROUP_WAIT_S
 from services.notify.domain.escalation import DEFAULT_FALLBACK_EMAIL
@@ -48,13 +44,13 @@ from services.notify.domain.message import clock_time
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
     AckOutcome,
-    EscalationConfig,
     EscalationService,
 )
 from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from services.notify.settings import NotifySettings
 from tests.factories import make_alert
 from tests.polling import eventually
+from tests.support.escalation import escalation_service, smtp_sender, twilio_sms
 from tests.support.notify import ManualClock, PagerDutyLikeServer, SmtpSink, TwilioLikeServer
 from tests.support.notify_desk import NotifyDesk
 from vigil.db.migrate import apply_migrations
@@ -148,32 +144,23 @@ def _service(
     technical_hold_s: float = 0.0,
     silence_hold_s: float = 0.0,
 ) -> EscalationService:
-    return EscalationService(
-        unit_of_work=unit_of_work or unit_of_work_factory(pool, fallback_email=fallback_email),
-        alerts=PostgresNotifyRepository(pool),
-        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-        sms=TwilioSms(
-            base_url=twilio.url,
-            account_sid=twilio.account_sid,
-            auth_token=twilio.auth_token,
-            from_number="+15550000000",
-        ),
+    return escalation_service(
+        pool,
+        clock,
+        email=smtp_sender(smtp.port),
+        sms=twilio_sms(twilio),
         webhook=PagerDutyEvents(base_url=pagerduty.url),
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=SECRET,
-            max_tries_per_channel=2,
-            retry_base_s=1,
-            retry_cap_s=4,
-            send_lease_s=30,
-            heartbeat_timeout_s=60,
-            group_wait_s=group_wait_s,
-            fallback_email=fallback_email,
-            technical_hold_s=technical_hold_s,
-            silence_hold_s=silence_hold_s,
-        ),
-        clock=clock,
+        ack_secret=SECRET,
+        unit_of_work=unit_of_work,
+        fallback_email=fallback_email,
+        max_tries_per_channel=2,
+        retry_base_s=1,
+        retry_cap_s=4,
+        send_lease_s=30,
+        heartbeat_timeout_s=60,
+        group_wait_s=group_wait_s,
+        technical_hold_s=technical_hold_s,
+        silence_hold_s=silence_hold_s,
     )
 
 
@@ -647,20 +634,13 @@ async def test_stopped_heartbeat_pages_the_technical_oncall(
         f"tech-{tag}@h.test",
     )
     clock = ManualClock(T0)
-    service = EscalationService(
-        unit_of_work=unit_of_work_factory(pool),
-        alerts=PostgresNotifyRepository(pool),
-        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-        sms=None,
-        webhook=None,
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=SECRET,
-            heartbeat_timeout_s=60,
-            technical_care_team_id=team,
-        ),
-        clock=clock,
+    service = escalation_service(
+        pool,
+        clock,
+        email=smtp_sender(smtp.port),
+        ack_secret=SECRET,
+        heartbeat_timeout_s=60,
+        technical_care_team_id=team,
     )
     try:
         await _heartbeat_scenario(service, clock, smtp, tag, source)
@@ -677,21 +657,14 @@ async def test_pipeline_silence_without_a_technical_team_pages_the_fallback_agai
     tag = uuid.uuid4().hex[:8]
     source, fallback = f"heartbeat-{tag}", f"fallback-{tag}@h.test"
     clock = ManualClock(T0)
-    service = EscalationService(
-        unit_of_work=unit_of_work_factory(pool, fallback_email=fallback),
-        alerts=PostgresNotifyRepository(pool),
-        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-        sms=None,
-        webhook=None,
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=SECRET,
-            heartbeat_timeout_s=60,
-            technical_care_team_id=None,
-            fallback_email=fallback,
-        ),
-        clock=clock,
+    service = escalation_service(
+        pool,
+        clock,
+        email=smtp_sender(smtp.port),
+        ack_secret=SECRET,
+        fallback_email=fallback,
+        heartbeat_timeout_s=60,
+        technical_care_team_id=None,
     )
     beat = _alert("pipeline", code=HEARTBEAT_CODE).model_copy(
         update={"device_id": source, "device_time": T0}

@@ -25,18 +25,16 @@ import asyncpg
 import pytest
 
 from schemas.events import Alert, AlertPhase
-from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.postgres.outbox import PostgresOutbox
 from services.notify.adapters.postgres.unit_of_work import (
     PostgresUnitOfWork,
-    unit_of_work_factory,
 )
 from services.notify.adapters.smtp import SmtpSender
-from services.notify.adapters.twilio import TwilioSms
-from services.notify.service_layer.escalation import EscalationConfig, EscalationService
+from services.notify.service_layer.escalation import EscalationService
 from services.notify.service_layer.ports import SendOutcome
 from services.notify.service_layer.unit_of_work import UnitOfWorkFactory
 from tests.factories import fever_evidence, make_alert
+from tests.support.escalation import escalation_service, smtp_sender, twilio_sms
 from tests.support.notify import ManualClock, SmtpSink, TwilioLikeServer
 from tests.support.notify_desk import NotifyDesk
 from vigil.db.migrate import apply_migrations
@@ -119,31 +117,18 @@ class World:
 
     def instance(self, unit_of_work: UnitOfWorkFactory | None = None) -> EscalationService:
         """One notify process over the shared database (a new one is a restart)."""
-        sender = WatchedSender(
-            SmtpSender(host="127.0.0.1", port=self.smtp.port, envelope_from="vigil@localhost"),
+        sender = WatchedSender(smtp_sender(self.smtp.port), self.pool)
+        service = escalation_service(
             self.pool,
-        )
-        service = EscalationService(
-            unit_of_work=unit_of_work or unit_of_work_factory(self.pool),
-            alerts=PostgresNotifyRepository(self.pool),
+            self.clock,
             email=sender,
-            sms=TwilioSms(
-                base_url=self.twilio.url,
-                account_sid=self.twilio.account_sid,
-                auth_token=self.twilio.auth_token,
-                from_number="+15550000000",
-            ),
-            webhook=None,
-            config=EscalationConfig(
-                sender_address="vigil@localhost",
-                public_base_url="http://notify.test",
-                ack_secret=b"in-flight-test-ack-secret-0123456789",
-                max_tries_per_channel=2,
-                retry_base_s=1,
-                retry_cap_s=4,
-                send_lease_s=LEASE_S,
-            ),
-            clock=self.clock,
+            sms=twilio_sms(self.twilio),
+            ack_secret=b"in-flight-test-ack-secret-0123456789",
+            unit_of_work=unit_of_work,
+            max_tries_per_channel=2,
+            retry_base_s=1,
+            retry_cap_s=4,
+            send_lease_s=LEASE_S,
         )
         self.senders[id(service)] = sender
         return service

@@ -24,18 +24,16 @@ import pytest
 
 from schemas.events import Alert, AlertPhase, AlertPriority, Evidence
 from services.notify.adapters.outage_store import PostgresOutageStore
-from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
-from services.notify.adapters.smtp import SmtpSender
 from services.notify.domain.message import clock_time
 from services.notify.service_layer.escalation import (
     HEARTBEAT_CODE,
-    EscalationConfig,
     EscalationService,
     load_policy,
 )
 from services.notify.service_layer.outage import OutageConfig, OutageWatch
 from tests.factories import make_alert
+from tests.support.escalation import escalation_service, smtp_sender
 from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 
@@ -66,7 +64,7 @@ def smtp() -> Iterator[SmtpSink]:
 def _service(pool: Any, clock: ManualClock, smtp: SmtpSink, tag: str) -> EscalationService:
     fallback = f"fallback-{tag}@h.test"
     unit_of_work = unit_of_work_factory(pool, fallback_email=fallback)
-    sender = SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost")
+    sender = smtp_sender(smtp.port)
     outages = OutageWatch(
         store=PostgresOutageStore(pool),
         load_policy=partial(load_policy, unit_of_work),
@@ -82,22 +80,16 @@ def _service(pool: Any, clock: ManualClock, smtp: SmtpSink, tag: str) -> Escalat
         ),
         clock=clock,
     )
-    return EscalationService(
-        unit_of_work=unit_of_work,
-        alerts=PostgresNotifyRepository(pool),
+    return escalation_service(
+        pool,
+        clock,
         email=sender,
-        sms=None,
-        webhook=None,
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=SECRET,
-            heartbeat_timeout_s=60,
-            technical_care_team_id=None,
-            fallback_email=fallback,
-        ),
-        clock=clock,
+        ack_secret=SECRET,
+        unit_of_work=unit_of_work,
+        fallback_email=fallback,
         outages=outages,
+        heartbeat_timeout_s=60,
+        technical_care_team_id=None,
     )
 
 

@@ -21,11 +21,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.notify.adapters.postgres import PostgresNotifyRepository
-from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
-from services.notify.adapters.smtp import SmtpSender
-from services.notify.service_layer.escalation import EscalationConfig, EscalationService
 from tests.factories import make_alert
+from tests.support.escalation import escalation_service, smtp_sender
 from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 
@@ -123,19 +120,8 @@ async def test_a_patients_first_fever_costs_the_same_statements(
     # The wall clock's now: the pages' claims run out only in the future, so no other notify
     # on the shared database takes them while this test counts.
     clock = ManualClock(datetime.now(UTC))
-    service = EscalationService(
-        unit_of_work=unit_of_work_factory(pool),
-        alerts=PostgresNotifyRepository(pool),
-        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-        sms=None,
-        webhook=None,
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=SECRET,
-            group_wait_s=group_wait_s,
-        ),
-        clock=clock,
+    service = escalation_service(
+        pool, clock, email=smtp_sender(smtp.port), ack_secret=SECRET, group_wait_s=group_wait_s
     )
     try:
         # The first alert on a fresh pool also pays for asyncpg's type introspection.
