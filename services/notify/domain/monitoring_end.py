@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from services.notify.domain.caregiver import Category, category_of
+from services.notify.domain.cover import Agreement
 
 #: Why an alert was not paged (the timeline's ``not_paged`` entry, the audit, the metric).
 DISCHARGED = "discharged"
@@ -38,6 +39,9 @@ class PatientStanding:
     infusion_ended_at: datetime | None = None
     discharged_at: datetime | None = None
     device_is_pump: bool = False
+    # The regional-cover agreements in force in which the patient's team is covered
+    # (``domain.cover``): who is paged depends on the moment the alert opens.
+    cover: tuple[Agreement, ...] = ()
 
 
 def why_not_paged(

@@ -44,6 +44,7 @@ from services.notify.domain.channel_failover import (
     OutcomeUnknown,
     after_attempt,
 )
+from services.notify.domain.cover import paged_team
 from services.notify.domain.early_cycle import (
     EarlyCycleOverride,
     crs_cycle_day,
@@ -360,7 +361,29 @@ class EscalationService:
         async with self._unit_of_work(transaction=False) as uow:
             standing = await uow.policies.standing_of(alert.patient_id, alert.device_id)
         team = None if standing is None else standing.care_team_id
-        snapshot = None if team is None else await load_policy(self._unit_of_work, team)
+        snapshot = None
+        if standing is not None and standing.cover:
+            # Regional cover (``domain.cover``): during an agreement's hours the covering
+            # team's on-call is paged; the thresholds that raised the alert stay the covered
+            # team's. A covering team with no policy and no on-call address leaves it home.
+            paged = paged_team(standing.care_team_id, standing.cover, now)
+            if paged.covering:
+                snapshot = await load_policy(self._unit_of_work, paged.care_team_id)
+                if snapshot is not None:
+                    team = paged.care_team_id
+                    log.info(
+                        "alert_paged_under_cover",
+                        extra=log_fields(
+                            alert_id=str(alert.alert_id),
+                            patient_id=alert.patient_id,
+                            care_team_id=team,
+                            covered_team_id=paged.covered_team_id,
+                            agreement_id=paged.agreement_id,
+                            agreement_version=paged.version,
+                        ),
+                    )
+        if snapshot is None and team is not None:
+            snapshot = await load_policy(self._unit_of_work, team)
         await self._alerts.record_alert(alert)
         team_known = team is not None and snapshot is not None
         stopped = why_not_paged(standing, device_time=alert.device_time, rule_id=alert.rule_id)

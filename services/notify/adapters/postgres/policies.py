@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import json
+from datetime import date, datetime, time
 from typing import Any
 
+from services.notify.domain.cover import Agreement, CoverHours
 from services.notify.domain.early_cycle import EarlyCycleOverride
 from services.notify.domain.escalation import (
     DEFAULT_POLICY_REPEATS,
@@ -41,13 +43,23 @@ class PostgresPolicies:
         self._default_repeats = default_repeats
 
     async def standing_of(self, patient_id: str, device_id: str) -> PatientStanding | None:
-        """The patient's care team, end of infusion and discharge, and whether ``device_id``
-        is a pump, in one statement; None for a patient the registry does not know."""
+        """The patient's care team, end of infusion and discharge, whether ``device_id``
+        is a pump and the cover agreements in force for the team (the newest signed-off version
+        of each, unless revoked), in one statement; None for a patient the registry does not
+        know."""
         row = await self._db.fetchrow(
             """
             SELECT p.care_team_id, p.infusion_ended_at, p.discharged_at,
                    EXISTS (SELECT 1 FROM devices d
-                           WHERE d.device_id = $2 AND d.kind = 'pump') AS device_is_pump
+                           WHERE d.device_id = $2 AND d.kind = 'pump') AS device_is_pump,
+                   (SELECT coalesce(json_agg(c), '[]') FROM (
+                        SELECT DISTINCT ON (agreement_id) agreement_id, version,
+                               covering_team_id, timezone, days, starts, ends, exceptions,
+                               revoked, decided_at
+                        FROM cover_agreements
+                        WHERE covered_team_id = p.care_team_id AND decision = 'approved'
+                        ORDER BY agreement_id, version DESC) c
+                    WHERE NOT c.revoked) AS cover
             FROM patients p WHERE p.patient_id = $1
             """,
             patient_id,
@@ -60,6 +72,7 @@ class PostgresPolicies:
             infusion_ended_at=row["infusion_ended_at"],
             discharged_at=row["discharged_at"],
             device_is_pump=bool(row["device_is_pump"]),
+            cover=_cover(str(row["care_team_id"]), row["cover"]),
         )
 
     async def load_policy(self, care_team_id: str) -> PolicySnapshot | None:
@@ -200,4 +213,25 @@ def _rotation(schedule: Any, overrides: Any) -> Rotation:
             Override(person_id=str(o["person_id"]), starts_at=o["starts_at"], ends_at=o["ends_at"])
             for o in overrides
         ),
+    )
+
+
+def _cover(covered_team_id: str, value: Any) -> tuple[Agreement, ...]:
+    rows = json.loads(value) if isinstance(value, str) else (value or [])
+    return tuple(
+        Agreement(
+            agreement_id=str(r["agreement_id"]),
+            version=int(r["version"]),
+            covering_team_id=str(r["covering_team_id"]),
+            covered_team_id=covered_team_id,
+            hours=CoverHours(
+                str(r["timezone"]),
+                frozenset(int(d) for d in r["days"]),
+                time.fromisoformat(r["starts"]),
+                time.fromisoformat(r["ends"]),
+                frozenset(date.fromisoformat(d) for d in r["exceptions"]),
+            ),
+            signed_off_at=datetime.fromisoformat(r["decided_at"]),
+        )
+        for r in rows
     )

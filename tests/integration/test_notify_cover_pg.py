@@ -1,0 +1,164 @@
+"""Regional cover through notify's escalation service on real PostgreSQL and a real SMTP server,
+with a clock moved by hand: a small team's patient's fever at 02:00 (Paris) pages the covering
+team's on-call, who acknowledges it; the same at 10:00 pages the home team; once the agreement
+is revoked, or on an exception date, the home team again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import pytest
+
+from services.ingest.adapters.registry_admin import upsert_care_team, upsert_patient
+from services.notify.adapters.metrics import NotifyMetrics, observed_unit_of_work
+from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.smtp import SmtpSender
+from services.notify.service_layer.escalation import (
+    AckOutcome,
+    EscalationConfig,
+    EscalationService,
+)
+from tests.factories import make_alert
+from tests.support.notify import ManualClock, SmtpSink
+from vigil.db.migrate import apply_migrations
+
+pytestmark = pytest.mark.stack
+
+PARIS = ZoneInfo("Europe/Paris")
+NIGHT = date(2026, 2, 10)  # a Tuesday
+EXCEPTION = date(2026, 2, 11)
+
+
+def paris(day: date, hour: int) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, tzinfo=PARIS).astimezone(UTC)
+
+
+@dataclass
+class Rig:
+    pool: Any
+    clock: ManualClock
+    service: EscalationService
+    smtp: SmtpSink
+    big: str
+    small: str
+    patient: str
+    agreement: uuid.UUID
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+async def rig(pg_dsn: str, smtp: SmtpSink) -> AsyncIterator[Rig]:
+    await apply_migrations(pg_dsn)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4)
+    tag = uuid.uuid4().hex[:8]
+    big, small, patient = f"CT-big-{tag}", f"CT-small-{tag}", f"P-cov-{tag}"
+    agreement = uuid.uuid4()
+    async with pool.acquire() as conn:
+        await upsert_care_team(conn, big, "Regional centre", f"oncall@{big}.test")
+        await upsert_care_team(conn, small, "Partner centre", f"oncall@{small}.test")
+        await upsert_patient(conn, patient, small, 18.0)
+        # Signed off by a manager of each side (as the care-team API records it).
+        await conn.execute(
+            """
+            INSERT INTO cover_agreements (agreement_id, version, covering_team_id,
+                covered_team_id, timezone, days, starts, ends, exceptions, proposed_by,
+                proposed_side, proposed_at, decision, decided_by, decided_at)
+            VALUES ($1, 1, $2, $3, 'Europe/Paris', '{0,1,2,3,4,5,6}', '20:00', '08:00', $4,
+                    'big-nurse', $2, $5, 'approved', 'small-nurse', $5)
+            """,
+            agreement,
+            big,
+            small,
+            [EXCEPTION],
+            paris(NIGHT, 9) - timedelta(days=3),
+        )
+    clock = ManualClock(paris(NIGHT, 12))
+    service = EscalationService(
+        unit_of_work=observed_unit_of_work(pool, NotifyMetrics(), now=clock),
+        alerts=PostgresNotifyRepository(pool),
+        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
+        sms=None,
+        webhook=None,
+        config=EscalationConfig(
+            sender_address="vigil@localhost",
+            public_base_url="http://notify.test",
+            ack_secret=b"integration-test-ack-secret-0123456789",
+        ),
+        clock=clock,
+    )
+    try:
+        yield Rig(pool, clock, service, smtp, big, small, patient, agreement)
+    finally:
+        await pool.execute(
+            "UPDATE escalations SET status = 'resolved', due_at = NULL "
+            "WHERE care_team_id = ANY($1::text[])",
+            [big, small],
+        )
+        await pool.close()
+
+
+async def fever_at(rig: Rig, at: datetime, code: str) -> tuple[list[str], Any]:
+    """A fever opened at ``at``: to whom its first page went, and its escalation row."""
+    rig.clock.now = at
+    before = len(rig.smtp.received)
+    alert = make_alert(patient_id=rig.patient, code=code, at=at)
+    assert await rig.service.handle_alert(alert)
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    row = await rig.pool.fetchrow(
+        "SELECT escalation_id, care_team_id FROM escalations WHERE dedup_key = $1",
+        alert.dedup_key,
+    )
+    return [to for tos, _ in rig.smtp.received[before:] for to in tos], row
+
+
+async def test_the_covering_on_call_is_paged_at_night_and_the_home_team_by_day(rig: Rig) -> None:
+    night_to, night = await fever_at(rig, paris(NIGHT + timedelta(days=1), 2), "FEVER-NIGHT")
+    assert night_to == [f"oncall@{rig.big}.test"]
+    assert night["care_team_id"] == rig.big
+    ack = await rig.service.acknowledge(night["escalation_id"], by="big-nurse", via="dashboard")
+    assert ack.outcome is AckOutcome.ACKNOWLEDGED
+
+    day_to, day = await fever_at(rig, paris(NIGHT + timedelta(days=1), 10), "FEVER-DAY")
+    assert day_to == [f"oncall@{rig.small}.test"]
+    assert day["care_team_id"] == rig.small
+
+    # 19:59 is before the window, 20:00 inside it.
+    before_to, _ = await fever_at(rig, paris(NIGHT, 20) - timedelta(minutes=1), "FEVER-BEFORE")
+    assert before_to == [f"oncall@{rig.small}.test"]
+    start_to, _ = await fever_at(rig, paris(NIGHT, 20), "FEVER-START")
+    assert start_to == [f"oncall@{rig.big}.test"]
+
+
+async def test_an_exception_date_or_a_revoked_agreement_leaves_the_home_team_paged(
+    rig: Rig,
+) -> None:
+    exception_to, _ = await fever_at(
+        rig, paris(EXCEPTION + timedelta(days=1), 2), "FEVER-EXCEPTION"
+    )
+    assert exception_to == [f"oncall@{rig.small}.test"]
+    await rig.pool.execute(
+        """
+        INSERT INTO cover_agreements (agreement_id, version, covering_team_id, covered_team_id,
+            timezone, days, starts, ends, revoked, proposed_by, proposed_side, proposed_at,
+            decision, decided_by, decided_at)
+        SELECT agreement_id, 2, covering_team_id, covered_team_id, timezone, days, starts,
+               ends, true, 'small-nurse', covered_team_id, $2, 'approved', 'small-nurse', $2
+        FROM cover_agreements WHERE agreement_id = $1 AND version = 1
+        """,
+        rig.agreement,
+        paris(NIGHT, 9),
+    )
+    revoked_to, _ = await fever_at(rig, paris(NIGHT + timedelta(days=1), 2), "FEVER-REVOKED")
+    assert revoked_to == [f"oncall@{rig.small}.test"]
