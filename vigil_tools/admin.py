@@ -1,7 +1,8 @@
-"""``vigil admin``: enrol children, onboard their devices, end their infusion and discharge them
-from the command line, over the same use cases as the care-team API
-(``services.api.service_layer.enrolment`` and ``discharge``), each change written to the audit
-trail under the operator's name.
+"""``vigil admin``: enrol children, onboard their devices, end their infusion and discharge them,
+manage the care-team API's logins and the teams' on-call schedules from the command line, over
+the same use cases as the care-team API (``services.api.service_layer.enrolment``,
+``discharge``, ``users`` and ``schedules``; notify's rows through ``services.notify.public``),
+each change written to the audit trail under the operator's name.
 
 Against the local stack (``--local``, the default when ``VIGIL_PG_DSN`` is not set) it reads the
 stack's database settings and changes device accounts on the stack's Mosquitto; against another
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date, datetime, time
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,7 @@ import asyncpg
 from services.api.adapters.audit import AuditTrail
 from services.api.adapters.discharge import PostgresDischargeStore
 from services.api.adapters.enrolment import PostgresRegistryStore
+from services.api.domain.access import Role
 from services.api.service_layer.discharge import DischargeService, Outcome
 from services.api.service_layer.enrolment import (
     Actor,
@@ -42,6 +44,8 @@ from services.api.service_layer.enrolment import (
     NotFound,
     PatientView,
 )
+from services.api.service_layer.schedules import Rotation, ScheduleService
+from services.api.service_layer.users import Issued, NewUser, UserRecord, UserService
 from vigil.runtime import utcnow
 from vigil_tools.stack.settings import StackSettings
 
@@ -64,6 +68,15 @@ A typical new patient, step by step:
      unbound, no rule pages for the child and every open page about them is closed. The
      record, readings and alerts stay; the roster lists the child as discharged.
 
+The care team's logins and paging, also without SQL:
+  - users: list the logins, add one with its role and care teams (a password is generated
+    and shown once: hand it over yourself), deactivate one (they cannot log in any more and
+    every session they had open ends at once), reset-password (a new one, shown once; their
+    open sessions end);
+  - schedules: who is on call now and who is next, the schedules as defined, set a
+    schedule's rotation (who takes turns, from which day, hand-off time, days per shift),
+    add an override (someone covers a shift).
+
 Times are ISO 8601 with a UTC offset, e.g. 2026-03-02T08:00:00+01:00 or 2026-03-02T07:00Z;
 where a time is optional, the default is now."""
 
@@ -79,10 +92,19 @@ examples:
   vigil admin device-history pump-0107-a
   vigil admin end-infusion P-0107 --at 2026-03-30T09:00:00+02:00
   vigil admin discharge P-0107 --reason "course completed" --at 2026-03-30T11:00:00+02:00
+  vigil admin users list --team onc-north
+  vigil admin users add j.moreau --role charge_nurse --team onc-north --name "J. Moreau"
+  vigil admin users deactivate j.moreau
+  vigil admin users reset-password j.moreau
+  vigil admin schedules on-call onc-north
+  vigil admin schedules set-rotation onc-north nights --participants nurse-a nurse-b \
+      --start-date 2026-03-02 --handoff 20:00 --shift-days 7
+  vigil admin schedules override onc-north nights nurse-c \
+      --from 2026-03-05T20:00:00+01:00 --to 2026-03-06T08:00:00+01:00
 
-exit codes: 0 done, 2 invalid request, 3 no such patient/device/care team,
-4 refused by the registry (id in use, overlapping binding, already discharged at another
-time), 5 device accounts unavailable."""
+exit codes: 0 done, 2 invalid request, 3 no such patient/device/care team/user/schedule,
+4 refused by the registry (id or username in use, overlapping binding, already discharged at
+another time, a deactivated user's password), 5 device accounts unavailable."""
 
 
 def local_broker_endpoint(settings: StackSettings) -> BrokerEndpoint:
@@ -266,10 +288,150 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--at", type=_when, help="when the patient was discharged (default: now; not in the future)"
     )
+    _add_users(add)
+    _add_schedules(add)
     return parser
 
 
-#: The commands of ``DischargeService``; the others are ``EnrolmentService``'s.
+def _nested(
+    parent: argparse.ArgumentParser,
+) -> Callable[[str, str, str], argparse.ArgumentParser]:
+    actions = parent.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def add(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return actions.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    return add
+
+
+def _add_users(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    users = add(
+        "users",
+        "the care-team API's logins: list, add (with role and care teams), deactivate, "
+        "reset-password. Roles: clinician (reads the team's patients, acknowledges alerts), "
+        "charge_nurse (also resolves alerts, changes thresholds, enrols and discharges, "
+        "changes the team's paging), auditor (reads patients and the audit trail), admin "
+        "(all a charge nurse does but threshold changes, and the audit trail)",
+        "vigil admin users list --team onc-north",
+    )
+    action = _nested(users)
+    listing = action(
+        "list",
+        "the logins with their role, care teams and whether they are active",
+        "vigil admin users list --team onc-north --all",
+    )
+    listing.add_argument("--team", help="only the logins of this care team")
+    listing.add_argument(
+        "--all", action="store_true", help="deactivated logins too (default: active only)"
+    )
+    new = action(
+        "add",
+        "add a login with its role and care teams; a password is generated and shown once "
+        "(hand it to the person yourself; it is stored only as a hash)",
+        'vigil admin users add j.moreau --role charge_nurse --team onc-north --name "J. Moreau"',
+    )
+    new.add_argument("username", help="what the person logs in with (letters, digits, _ . @ -)")
+    new.add_argument("--role", required=True, choices=[r.value for r in Role])
+    new.add_argument(
+        "--team",
+        dest="teams",
+        action="append",
+        required=True,
+        metavar="CARE_TEAM_ID",
+        help="a care team whose patients they see (repeat for several)",
+    )
+    new.add_argument("--name", help="the name shown for them (default: the username)")
+    off = action(
+        "deactivate",
+        "the person can no longer log in, and every session they have open ends at once (as "
+        "a logout would). Their name stays on what they did. Running it again changes nothing",
+        "vigil admin users deactivate j.moreau",
+    )
+    off.add_argument("username")
+    reset = action(
+        "reset-password",
+        "give an active login a new generated password, shown once; their open sessions end",
+        "vigil admin users reset-password j.moreau",
+    )
+    reset.add_argument("username")
+
+
+def _add_schedules(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    schedules = add(
+        "schedules",
+        "a care team's on-call schedules: who is on call now and next, the schedules as "
+        "defined, set a rotation, add an override. People are the team's paging people "
+        "(ids as in the care-team API's /api/care-teams/{id}/people)",
+        "vigil admin schedules on-call onc-north",
+    )
+    action = _nested(schedules)
+    now = action(
+        "on-call",
+        "who is on call on each of the team's schedules, until when and who is next, in the "
+        "team's time zone",
+        "vigil admin schedules on-call onc-north --at 2026-03-05T23:00:00+01:00",
+    )
+    now.add_argument("care_team_id")
+    now.add_argument("--at", type=_when, help="at this time instead of now")
+    shown = action(
+        "list",
+        "the team's schedules: rotation and the overrides not yet over",
+        "vigil admin schedules list onc-north",
+    )
+    shown.add_argument("care_team_id")
+    rotation = action(
+        "set-rotation",
+        "create a schedule or change its rotation: the participants take turns in the order "
+        "given, each for --shift-days days, handing over at --handoff (local time in "
+        "--timezone), the first starting on --start-date. On an existing schedule, what you "
+        "leave out stays as it is; its overrides stay too",
+        "vigil admin schedules set-rotation onc-north nights --participants nurse-a nurse-b "
+        "--start-date 2026-03-02 --handoff 20:00 --shift-days 7",
+    )
+    rotation.add_argument("care_team_id")
+    rotation.add_argument("schedule_id", help="the schedule's id (a new id creates it)")
+    rotation.add_argument("--name", help="the schedule's name (new: its id)")
+    rotation.add_argument(
+        "--timezone", help="IANA time zone of the hand-off, e.g. Europe/Paris (new: the team's)"
+    )
+    rotation.add_argument("--start-date", type=_day, help="YYYY-MM-DD: the first shift's day")
+    rotation.add_argument("--handoff", type=_clock, help="hand-off time, HH:MM, local")
+    rotation.add_argument("--shift-days", type=int, help="days per shift (new: 1)")
+    rotation.add_argument(
+        "--participants", nargs="+", metavar="PERSON_ID", help="people of the team, in turn order"
+    )
+    cover = action(
+        "override",
+        "a person of the team covers the schedule from --from to --to (where overrides "
+        "overlap, the latest added wins)",
+        "vigil admin schedules override onc-north nights nurse-c "
+        "--from 2026-03-05T20:00:00+01:00 --to 2026-03-06T08:00:00+01:00",
+    )
+    cover.add_argument("care_team_id")
+    cover.add_argument("schedule_id")
+    cover.add_argument("person_id", help="who covers")
+    cover.add_argument("--from", dest="start", required=True, type=_when, help="start")
+    cover.add_argument("--to", dest="end", required=True, type=_when, help="end")
+
+
+def _clock(text: str) -> time:
+    try:
+        parsed = time.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time of day (HH:MM): {text!r}") from None
+    if parsed.tzinfo is not None:
+        raise argparse.ArgumentTypeError("the hand-off is a local time, without an offset")
+    return parsed
+
+
+#: The commands of ``DischargeService``; ``users`` and ``schedules`` are ``UserService``'s and
+#: ``ScheduleService``'s; the others are ``EnrolmentService``'s.
 COURSE_COMMANDS = ("end-infusion", "discharge")
 
 
@@ -421,6 +583,118 @@ async def _dispatch_course(
     return _outcome(await service.discharge(actor, args.patient_id, args.reason, args.at))
 
 
+def _user(u: UserRecord) -> dict[str, Any]:
+    return {
+        "username": u.username,
+        "name": u.display_name,
+        "role": u.role.value,
+        "care_teams": ", ".join(u.care_teams),
+        "active": u.active,
+        "user_id": u.user_id,
+        "sessions_ended_at": u.sessions_revoked_at,
+    }
+
+
+def _issued(done: Issued) -> dict[str, Any]:
+    return {**_user(done.user), "password (shown once)": done.password}
+
+
+async def _dispatch_users(service: UserService, actor: Actor, args: argparse.Namespace) -> Any:
+    action = args.action
+    if action == "list":
+        found = await service.list(actor, care_team=args.team, include_inactive=args.all)
+        return {"users": [_user(u) for u in found]}
+    if action == "add":
+        return _issued(
+            await service.add(
+                actor, NewUser(args.username, Role(args.role), tuple(args.teams), args.name)
+            )
+        )
+    if action == "deactivate":
+        user, changed = await service.deactivate(actor, args.username)
+        return {**_user(user), "changed": changed}
+    return _issued(await service.reset_password(actor, args.username))
+
+
+def _schedule(s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schedule_id": s["schedule_id"],
+        "name": s["name"],
+        "timezone": s["timezone"],
+        "start_date": s["start_date"],
+        "handoff_time": s["handoff_time"].strftime("%H:%M"),
+        "shift_days": s["shift_days"],
+        "participants": ", ".join(s["participants"]),
+        "overrides": [
+            {
+                "person_id": o["person_id"],
+                "from": o["starts_at"],
+                "to": o["ends_at"],
+                "override_id": str(o["override_id"]),
+            }
+            for o in s.get("overrides", ())
+        ],
+    }
+
+
+async def _dispatch_schedules(
+    service: ScheduleService, actor: Actor, args: argparse.Namespace
+) -> Any:
+    action = args.action
+    if action == "on-call":
+        found = await service.on_call(actor, args.care_team_id, args.at)
+        return {
+            "care_team_id": found.care_team_id,
+            "at": found.at_local,
+            "schedules": [
+                {
+                    "schedule": f"{s.name} ({s.schedule_id})",
+                    "on call": _who(s.person_id, s.person_name) or "nobody",
+                    "until": s.until_local or "-",
+                    "next": _who(s.next_person_id, s.next_person_name) or "-",
+                }
+                for s in found.schedules
+            ],
+        }
+    if action == "list":
+        return {
+            "schedules": [_schedule(s) for s in await service.schedules(actor, args.care_team_id)]
+        }
+    if action == "set-rotation":
+        participants = tuple(args.participants) if args.participants else None
+        return _schedule(
+            await service.set_rotation(
+                actor,
+                args.care_team_id,
+                args.schedule_id,
+                Rotation(
+                    name=args.name,
+                    timezone=args.timezone,
+                    start_date=args.start_date,
+                    handoff_time=args.handoff,
+                    shift_days=args.shift_days,
+                    participants=participants,
+                ),
+            )
+        )
+    override_id = await service.add_override(
+        actor, args.care_team_id, args.schedule_id, args.person_id, args.start, args.end
+    )
+    return {
+        "override_id": str(override_id),
+        "schedule_id": args.schedule_id,
+        "person_id": args.person_id,
+        "from": args.start,
+        "to": args.end,
+    }
+
+
+def _who(person_id: str | None, name: str | None) -> str | None:
+    if person_id is None:
+        return None
+    return person_id if not name else f"{name} ({person_id})"
+
+
 def _print(result: Any, as_json: bool, indent: str = "") -> None:
     if as_json:
         print(json.dumps(_plain(result), indent=2))
@@ -445,6 +719,17 @@ async def _run(
     try:
         operator = args.operator or getpass.getuser()
         actor = Actor(f"operator:{operator}", None)
+        if args.command == "users":
+            from services.api.adapters.credentials import hash_password
+            from services.api.adapters.users import PostgresUserStore
+
+            users = UserService(PostgresUserStore(pool), hash_password, utcnow)
+            return await _dispatch_users(users, actor, args)
+        if args.command == "schedules":
+            from services.notify.public import TeamRegistry
+
+            schedules = ScheduleService(TeamRegistry(pool, utcnow), AuditTrail(pool), utcnow)
+            return await _dispatch_schedules(schedules, actor, args)
         if args.command in COURSE_COMMANDS:
             from services.notify.public import PatientEscalations
 

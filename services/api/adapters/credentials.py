@@ -46,6 +46,9 @@ class TokenClaims:
     # token issued before tokens had ids (it cannot be revoked; it expires by its ``exp``).
     token_id: str | None = None
     expires_at: datetime | None = None
+    # When it was issued (``iat``): a token issued at or before the user's sessions were ended
+    # by an administrator is refused. None on a token without it.
+    issued_at: datetime | None = None
 
 
 def issue_token(
@@ -77,6 +80,7 @@ def read_token(token: str, secret: str) -> TokenClaims | None:
     try:
         claims = jwt.decode(token, secret, algorithms=[_ALGORITHM], options={"require": ["exp"]})
         scope, patient, jti = claims.get("scope", ""), claims.get("patient"), claims.get("jti")
+        iat = claims.get("iat")
         return TokenClaims(
             user_id=str(claims["sub"]),
             role=Role(claims["role"]),
@@ -84,6 +88,7 @@ def read_token(token: str, secret: str) -> TokenClaims | None:
             patient=patient if isinstance(patient, str) else None,
             token_id=jti if isinstance(jti, str) else None,
             expires_at=datetime.fromtimestamp(int(claims["exp"]), UTC),
+            issued_at=datetime.fromtimestamp(int(iat), UTC) if iat is not None else None,
         )
     except (jwt.PyJWTError, KeyError, ValueError):
         return None

@@ -80,10 +80,23 @@ class ApiRepository:
                 expires_at,
             )
 
-    async def token_revoked(self, token_id: str) -> bool:
+    async def token_revoked(
+        self, token_id: str | None, user_id: str, issued_at: datetime | None
+    ) -> bool:
+        """Whether the token is refused: logged out (revoked by its id), or issued at or
+        before its user's sessions were ended (``vigil admin users deactivate`` /
+        ``reset-password``; a token without an issue time counts as issued before)."""
         return bool(
             await self._pool.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM api_revoked_tokens WHERE token_id = $1)", token_id
+                """
+                SELECT EXISTS (SELECT 1 FROM api_revoked_tokens WHERE token_id = $1)
+                    OR EXISTS (SELECT 1 FROM api_users WHERE user_id = $2
+                               AND sessions_revoked_at IS NOT NULL
+                               AND ($3::timestamptz IS NULL OR sessions_revoked_at >= $3))
+                """,
+                token_id,
+                user_id,
+                issued_at,
             )
         )
 
