@@ -3,10 +3,11 @@
 Starts the local stack, registers the simulated fleet (one care team whose on-call address is
 ``oncall@vigil.local``) and the pipeline heartbeat (a technical care team ``team-tech`` paged at
 ``tech-oncall@vigil.local``, its pseudo-patient and the heartbeat device), starts ingest, rules,
-notify (with its API, so the acknowledgement link in every page answers), the care-team API and
-the heartbeat publisher as separate processes, then runs the simulator until Ctrl-C, printing
-each page notify records. The pages themselves are e-mails caught by the stack's SMTP sink as
-``.eml`` files in ``<data_dir>/mail``.
+notify (with its API, so the acknowledgement link in every page answers), the care-team API (with
+the stack's broker accounts, so device registration works) and the heartbeat publisher as
+separate processes, then runs the simulator until Ctrl-C, printing each page notify records. The
+pages themselves are e-mails caught by the stack's SMTP sink as ``.eml`` files in
+``<data_dir>/mail``.
 """
 
 from __future__ import annotations
@@ -244,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     processes: dict[str, subprocess.Popen[bytes]] = {}
     for name in SERVICES:
         log_file = (log_dir / f"{name}.log").open("ab")
+        # The API gets the stack's broker accounts (vigil_tools.local_api), so registering a
+        # device from the dashboard creates an account it can connect with.
+        command = ["vigil_tools.local_api"] if name == "api" else ["vigil_tools.cli", name]
         processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "vigil_tools.cli", name] + (["serve"] if name == "api" else []),
+            [sys.executable, "-m", *command],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),

@@ -72,13 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         asyncio.run(_create_user(settings, args, password))
         return 0
+    serve(settings)
+    return 0
+
+
+def serve(settings: ApiSettings, **wiring: Any) -> None:
+    """Serve ``create_app(settings, **wiring)`` until stopped (``vigil run`` passes the local
+    stack's broker accounts this way)."""
     import uvicorn
 
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, **wiring),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         **server_options(settings),
     )
-    return 0

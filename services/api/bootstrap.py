@@ -4,7 +4,9 @@ HTTP routes. No logic: what is decided lives in ``domain``, the SQL in ``adapter
 
 ``create_app`` takes its collaborators as arguments so tests can pass their own clock; the
 defaults are the real adapters. ``broker_accounts`` and ``broker_endpoint``: the broker's device
-accounts and where devices connect, for device registration (none: it answers 503).
+accounts and where devices connect, for device registration; when none are given, the dynamic
+security plugin's when the settings name its administration account (``VIGIL_API_BROKER_*``),
+else none and registration answers 503.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from services.api.adapters.caregiver_guidance import PostgresGuidanceStore
 from services.api.adapters.caregivers import PostgresContactStore
 from services.api.adapters.cover import PostgresCoverStore
 from services.api.adapters.discharge import PostgresDischargeStore
+from services.api.adapters.dynsec import from_settings as dynsec_from_settings
 from services.api.adapters.enrolment import PostgresRegistryStore
 from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
@@ -65,6 +68,9 @@ def create_app(
     broker_accounts: BrokerAccounts | None = None,
     broker_endpoint: BrokerEndpoint | None = None,
 ) -> FastAPI:
+    if broker_accounts is None and (dynsec := dynsec_from_settings(settings)) is not None:
+        broker_accounts, broker_endpoint = dynsec[0], broker_endpoint or dynsec[1]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await asyncpg.create_pool(

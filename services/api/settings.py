@@ -7,6 +7,7 @@ for any care team.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
@@ -41,6 +42,18 @@ class ApiSettings(ServiceSettings):
     # The dashboard's cookie is Secure in production; plain HTTP on loopback in development.
     cookie_secure: bool = False
     log_level: str = "INFO"
+    # Device accounts on the broker (docs/care-team-api.md, "Broker accounts"): Mosquitto's
+    # dynamic security plugin, reached at broker_host:broker_port (TLS when broker_tls_ca_file
+    # names the CA of its certificate) as broker_admin_username, with the password in
+    # broker_admin_password_file. Empty username: this process cannot change device accounts.
+    broker_admin_username: str = ""
+    broker_admin_password_file: Path | None = None
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=8883, ge=1, le=65535)
+    broker_tls_ca_file: Path | None = None
+    # Where devices connect, told with their credentials (empty / unset: the broker above).
+    device_broker_host: str = ""
+    device_broker_port: int | None = Field(default=None, ge=1, le=65535)
 
     pg: PostgresSettings = Field(default_factory=PostgresSettings)
 
@@ -57,6 +70,18 @@ class ApiSettings(ServiceSettings):
                     min_length=MIN_SECRET_LENGTH,
                 ),
                 dsn_password_problem("VIGIL_PG_DSN", self.pg.dsn),
+                self._broker_problem(),
             ],
         )
+        if self.broker_admin_username and self.broker_admin_password_file is None:
+            raise ValueError(
+                "VIGIL_API_BROKER_ADMIN_USERNAME is set without "
+                "VIGIL_API_BROKER_ADMIN_PASSWORD_FILE"
+            )
         return self
+
+    def _broker_problem(self) -> str | None:
+        # The administration password must not cross the network in clear text.
+        if self.broker_admin_username and self.broker_tls_ca_file is None:
+            return "VIGIL_API_BROKER_ADMIN_USERNAME is set without VIGIL_API_BROKER_TLS_CA_FILE"
+        return None

@@ -1,7 +1,9 @@
 """``vigil run`` (what ``make run`` starts on a fresh clone), as a user runs it, on a stack of its
 own: the simulated fever is paged by e-mail, the acknowledgement link in that e-mail answers,
-acknowledging there stops the escalation, and the care-team API serves the pipeline's outages
-to the demo user's login (notify's API serves only the links and Twilio's webhooks).
+acknowledging there stops the escalation, the care-team API serves the pipeline's outages
+to the demo user's login (notify's API serves only the links and Twilio's webhooks), and a
+device the demo user registers through the API (the dashboard's form sends the same request)
+connects over TLS with the password in the answer and its reading is stored for its patient.
 
 The run gets a fresh stack in a temporary folder on ports of its own (26xxx), so its services,
 consumer groups and registry never meet the test stack's; it is stopped and deleted at the end.
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,8 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.factories import temperature_message
 from tests.polling import eventually_sync
 from vigil_tools.localrun import DEMO_USER
 from vigil_tools.simulator.fleet import patient_id_for
@@ -95,8 +101,18 @@ def _pages_with_ack_link(mail_dir: Path) -> list[tuple[str, str]]:
     return found
 
 
-def _http(url: str, *, data: bytes | None = None, token: str | None = None) -> tuple[int, str]:
+def _http(
+    url: str,
+    *,
+    data: bytes | None = None,
+    token: str | None = None,
+    json_body: dict[str, str] | None = None,
+) -> tuple[int, str]:
+    if json_body is not None:
+        data = json.dumps(json_body).encode()
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if json_body is not None:
+        request.add_header("Content-Type", "application/json")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -183,6 +199,23 @@ def test_vigil_run_pages_a_fever_whose_ack_link_works(run_dir: Path) -> None:
         assert isinstance(json.loads(body), list)
         notify = f"http://127.0.0.1:{SERVICE_PORTS['VIGIL_NOTIFY_API_PORT']}"
         assert _http(f"{notify}/pipeline-outages")[0] == 404
+
+        # Device onboarding works in the run: the API has the stack's broker accounts.
+        device, patient = "thermo-run-new", patient_id_for(3)
+        registration = {"device_id": device, "kind": "thermometer", "patient_id": patient}
+        status, body = _http(f"{api}/api/devices", json_body=registration, token=token)
+        assert status == 201, body
+        config = json.loads(body)["configuration"]
+        assert config["tls"] is True and config["ca_certificate"], config
+        assert _publish_as_device(config) in {"Success", "No matching subscribers"}
+        stored = eventually_sync(
+            lambda: asyncio.run(_reading_of(dsn, device)),
+            timeout_s=60,
+            interval_s=0.5,
+            what=f"the reading of {device} stored",
+            detail=output,
+        )
+        assert (stored["patient_id"], stored["value_c"]) == (patient, 36.8)
     finally:
         if run.poll() is None:
             run.send_signal(signal.SIGINT)
@@ -191,6 +224,51 @@ def test_vigil_run_pages_a_fever_whose_ack_link_works(run_dir: Path) -> None:
             except subprocess.TimeoutExpired:
                 run.kill()
                 run.wait()
+
+
+def _publish_as_device(config: dict[str, object]) -> str:
+    """Connect as the device the API configured (TLS, its id as client id, the password in the
+    answer) and publish one temperature; the PUBACK's reason."""
+    device = str(config["client_id"])
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
+    client.username_pw_set(str(config["username"]), str(config["password"]))
+    client.tls_set(ca_certs=str(config["ca_certificate"]))
+    connected, acked = threading.Event(), threading.Event()
+    reasons: dict[str, str] = {}
+
+    def on_connect(_c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        reasons["connack"] = str(reason)
+        connected.set()
+
+    def on_publish(_c: object, _u: object, _m: int, reason: object, _p: object) -> None:
+        reasons["puback"] = str(reason)
+        acked.set()
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.connect(str(config["host"]), int(str(config["port"])), keepalive=30)
+    client.loop_start()
+    try:
+        assert connected.wait(10), "no CONNACK"
+        assert reasons["connack"] == "Success", reasons
+        message = temperature_message(device, 36.8, unit="C", site="axillary")
+        client.publish(f"{config['topic_prefix']}temperature", json.dumps(message), qos=1)
+        assert acked.wait(10), "no PUBACK"
+        return reasons["puback"]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def _reading_of(dsn: str, device_id: str) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow(
+            "SELECT patient_id, value_c FROM temperature_readings WHERE device_id = $1",
+            device_id,
+        )
+    finally:
+        await conn.close()
 
 
 def _stack_dsn(data_dir: Path) -> str:

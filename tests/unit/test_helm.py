@@ -450,6 +450,52 @@ def test_smtp_login_is_optional_and_complete(helm: str) -> None:
     assert "VIGIL_NOTIFY_SMTP_USERNAME" not in env and "VIGIL_NOTIFY_SMTP_PASSWORD" not in env
 
 
+def test_the_api_manages_device_accounts_through_the_broker_plugin(
+    manifests: list[dict[str, Any]], helm: str
+) -> None:
+    """The API reaches the plugin's admin over TLS at the broker the other services use, its
+    password a file from a Secret readable by the pod's group only; devices are told the same
+    host unless deviceBroker says otherwise; an empty admin name wires nothing."""
+    found = container(manifests, "api")
+    env = kubelet_env(found, "p")
+    assert env["VIGIL_API_BROKER_ADMIN_USERNAME"] == "vigil-dynsec-admin"
+    assert (env["VIGIL_API_BROKER_HOST"], env["VIGIL_API_BROKER_PORT"]) == (
+        "mqtt.hospital.example",
+        "8883",
+    )
+    assert "VIGIL_API_DEVICE_BROKER_HOST" not in env
+    pod = dict(workloads(manifests))["vigil-api"]
+    mounts = {m["name"]: m["mountPath"] for m in found["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    ca = Path(env["VIGIL_API_BROKER_TLS_CA_FILE"])
+    assert mounts["mqtt-ca"] == str(ca.parent)
+    assert volumes["mqtt-ca"]["secret"]["items"][0]["path"] == ca.name
+    secret = Path(env["VIGIL_API_BROKER_ADMIN_PASSWORD_FILE"])
+    assert mounts["broker-admin"] == str(secret.parent)
+    admin = volumes["broker-admin"]["secret"]
+    assert admin["secretName"] == "vigil-mqtt"
+    assert admin["items"] == [{"key": "dynsec-admin-password", "path": secret.name}]
+    assert admin["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001
+
+    told = template(helm, "--set", "api.deviceBroker.host=mqtt.example,api.deviceBroker.port=443")
+    assert told.returncode == 0, told.stderr
+    rendered = [doc for doc in yaml.safe_load_all(told.stdout) if doc]
+    env = kubelet_env(container(rendered, "api"), "p")
+    assert (env["VIGIL_API_DEVICE_BROKER_HOST"], env["VIGIL_API_DEVICE_BROKER_PORT"]) == (
+        "mqtt.example",
+        "443",
+    )
+    off = template(helm, "--set", "api.brokerAdmin.username=")
+    assert off.returncode == 0, off.stderr
+    rendered = [doc for doc in yaml.safe_load_all(off.stdout) if doc]
+    assert not any(
+        name.startswith("VIGIL_API_BROKER_") for name in env_of(container(rendered, "api"))
+    )
+    assert "broker-admin" not in {
+        v["name"] for v in dict(workloads(rendered))["vigil-api"]["volumes"]
+    }
+
+
 def test_the_kubernetes_scrape_config_finds_the_pods_the_rules_name(
     manifests: list[dict[str, Any]],
 ) -> None:
