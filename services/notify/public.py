@@ -30,7 +30,15 @@ from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.postgres.patient_escalations import PostgresPatientEscalations
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.bootstrap import build_escalation
-from services.notify.domain.cover import Agreement, CoverGrant, CoverHours, grants, window_at
+from services.notify.domain.cover import (
+    Agreement,
+    CoverGrant,
+    CoverHours,
+    Window,
+    grants,
+    last_window,
+    window_at,
+)
 from services.notify.domain.schedule import next_change, on_call_at
 from services.notify.service_layer import team_settings
 from services.notify.service_layer.closing import close_patient
@@ -46,7 +54,9 @@ __all__ = [
     "PatientEscalations",
     "PipelineOutages",
     "TeamRegistry",
+    "Window",
     "grants",
+    "last_window",
     "window_at",
 ]
 

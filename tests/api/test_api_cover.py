@@ -98,8 +98,8 @@ async def cover_world(stack_env: dict[str, str]) -> AsyncIterator[CoverWorld]:
             async with pool.acquire() as conn:
                 await upsert_patient(conn, discharged, world.team_b, 18.0)
                 await conn.execute(
-                    "UPDATE patients SET infusion_ended_at = now(), discharged_at = now(), discharge_reason = 'done', "
-                    "discharged_by = 'x' WHERE patient_id = $1",
+                    "UPDATE patients SET infusion_ended_at = now(), discharged_at = now(), "
+                    "discharge_reason = 'done', discharged_by = 'x' WHERE patient_id = $1",
                     discharged,
                 )
             repository = ApiRepository(pool)
@@ -287,3 +287,76 @@ async def test_cover_needs_both_teams_and_scopes_access_to_the_window(
     assert sign_off[0][:2] == (w.users["nurse_a"], "cover.proposed")
     assert sign_off[1][:2] == (w.users["nurse_b"], "cover.approved")
     assert sign_off[1][3]["proposed_by"] == w.users["nurse_a"]
+
+
+async def test_the_covered_team_reads_the_morning_summary(cover_world: CoverWorld) -> None:
+    """The night's episode of team B's patient, paged to team A and acknowledged there, is in
+    team B's morning summary; team A may not read team B's summary."""
+    from services.rules.domain.identity import alert_id_for
+
+    cw = cover_world
+    w = cw.world
+    h = await cw.tokens("nurse_a", "nurse_b", "clinician_a", "clinician_b")
+    terms = {
+        **NIGHTS,
+        "ends": "08:00",
+        "covering_team_id": w.team_a,
+        "covered_team_id": w.team_b,
+    }
+    night_start = cw.paris(3, 20)
+    two = cw.paris(4, 2)
+    async with httpx.AsyncClient(base_url=w.base_url) as client:
+        proposed = await client.post("/api/cover-agreements", json=terms, headers=h["nurse_b"])
+        agreement = proposed.json()["agreement_id"]
+        approved = await client.post(
+            f"/api/cover-agreements/{agreement}/versions/1/approve", headers=h["nurse_a"]
+        )
+        assert approved.status_code == 200, approved.text
+        pool = await asyncpg.create_pool(cw.dsn, min_size=1, max_size=1)
+        try:
+            escalation = await pool.fetchval(
+                """
+                INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                    care_team_id, snapshot, status, acknowledged_by, acknowledged_at, opened_at)
+                VALUES (gen_random_uuid(), $1, $2, $3, $4, '{}', 'acknowledged', $5, $6, $7)
+                RETURNING escalation_id
+                """,
+                w.alert_b,
+                alert_id_for(w.alert_b, "start"),
+                w.patient_b,
+                w.team_a,
+                w.users["clinician_a"],
+                two + timedelta(minutes=5),
+                two,
+            )
+            await pool.executemany(
+                "INSERT INTO escalation_events (escalation_id, at, kind) VALUES ($1, $2, $3)",
+                [
+                    (escalation, two, "paged"),
+                    (escalation, two + timedelta(minutes=5), "acknowledged"),
+                ],
+            )
+        finally:
+            await pool.close()
+        path = f"/api/care-teams/{w.team_b}/cover-summary"
+        morning = cw.paris(4, 9).isoformat()
+        summary = await client.get(path, params={"at": morning}, headers=h["clinician_b"])
+        assert summary.status_code == 200, summary.text
+        body = summary.json()
+        assert datetime.fromisoformat(body["window"]["starts"]) == night_start
+        assert datetime.fromisoformat(body["window"]["ends"]) == cw.paris(4, 8)
+        assert body["window"]["covering_team_id"] == w.team_a
+        (patient,) = body["patients"]
+        assert patient["patient_id"] == w.patient_b and patient["handed_back"] == 1
+        (episode,) = patient["alerts"]
+        assert episode["dedup_key"] == w.alert_b and episode["paged_team_id"] == w.team_a
+        assert episode["acknowledged_by"] == w.users["clinician_a"]
+        assert episode["open_at_handback"] is True  # acknowledged, never resolved
+        assert [d["kind"] for d in episode["done"]] == ["paged", "acknowledged"]
+        # The night before had nothing.
+        earlier = await client.get(
+            path, params={"at": cw.paris(3, 9).isoformat()}, headers=h["clinician_b"]
+        )
+        assert earlier.json()["patients"] == []
+        refused = await client.get(path, params={"at": morning}, headers=h["clinician_a"])
+        assert refused.status_code == 404

@@ -159,3 +159,18 @@ def test_grants_go_to_the_covering_team_only_during_the_window() -> None:
     # The covered team's own users and third teams get nothing from it.
     assert grants(frozenset({"small"}), [agreement()], paris("2026-12-08 02:00:00")) == []
     assert grants(frozenset({"third"}), [agreement()], paris("2026-12-08 02:00:00")) == []
+
+
+def test_the_last_window_is_the_night_that_ended_before() -> None:
+    from services.notify.domain.cover import last_window
+
+    morning = last_window(NIGHTS, paris("2026-12-08 09:00:00"))
+    assert morning is not None and morning.local_date == date(2026, 12, 7)
+    # During a window, the one before it.
+    night = last_window(NIGHTS, paris("2026-12-08 02:00:00"))
+    assert night is not None and night.local_date == date(2026, 12, 6)
+    # The end itself counts as ended.
+    assert last_window(NIGHTS, paris("2026-12-08 08:00:00")) == morning
+    fridays = CoverHours(PARIS, frozenset({4}), time(20, 0), time(8, 0))
+    monday = last_window(fridays, paris("2026-12-14 09:00:00"))
+    assert monday is not None and monday.local_date == date(2026, 12, 11)

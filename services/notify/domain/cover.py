@@ -75,6 +75,19 @@ def window_at(hours: CoverHours, at: datetime) -> Window | None:
     return None
 
 
+def last_window(hours: CoverHours, at: datetime) -> Window | None:
+    """The latest window that had ended by ``at`` (aware), within the eight days before it; the
+    night a morning summary tells of."""
+    if at.tzinfo is None:
+        raise ValueError("at must be aware")
+    local_day = at.astimezone(ZoneInfo(hours.timezone)).date()
+    for back in range(9):
+        window = window_on(hours, local_day - timedelta(days=back))
+        if window is not None and window.ends <= at:
+            return window
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Agreement:
     """The version of an agreement in force (the newest signed off)."""

@@ -317,3 +317,145 @@ async def cover_now(request: Request, principal: Reader, clock: Clock) -> list[C
             )
         )
     return answer
+
+
+class DoneView(BaseModel):
+    at: datetime
+    kind: str = Field(description="The escalation timeline's entry: paged, acknowledged, ...")
+
+
+class NightAlertView(BaseModel):
+    dedup_key: str
+    code: str | None
+    title: str | None
+    opened_at: datetime
+    paged_team_id: str = Field(description="The team whose on-call was paged.")
+    acknowledged_by: str | None = Field(description="Who acknowledged before the window ended.")
+    acknowledged_at: datetime | None
+    resolved_at: datetime | None = Field(description="Resolved before the window ended.")
+    open_at_handback: bool = Field(description="Still open when the window ended.")
+    done: list[DoneView]
+
+
+class NightPatientView(BaseModel):
+    patient_id: str
+    handed_back: int = Field(description="Alerts still open at the end of the window.")
+    alerts: list[NightAlertView]
+
+
+class NightWindowView(BaseModel):
+    agreement_id: uuid.UUID
+    version: int
+    covering_team_id: str
+    covering_team_name: str | None
+    covering_centre: str | None
+    timezone: str
+    starts: datetime
+    ends: datetime
+
+
+class CoverSummary(BaseModel):
+    care_team_id: str
+    window: NightWindowView | None = Field(
+        description="The latest window of cover that had ended (none: no cover in the last "
+        "eight days)."
+    )
+    patients: list[NightPatientView] = Field(description="Patients with an alert in it.")
+
+
+@router.get(
+    "/care-teams/{care_team_id}/cover-summary",
+    response_model=CoverSummary,
+    responses=not_found("care team"),
+)
+async def cover_summary(
+    request: Request,
+    care_team_id: str,
+    principal: Reader,
+    clock: Clock,
+    at: datetime | None = None,
+) -> CoverSummary:
+    """What happened overnight, for the covered team: the latest window of cover that had ended
+    by ``at`` (default now), and per patient the alerts opened in it, who was paged, who
+    acknowledged, what was done and what was still open when the patients came back."""
+    from services.api.domain.cover_summary import summarise
+    from services.notify.public import last_window
+
+    if care_team_id not in principal.own_teams:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
+    if at is not None and at.utcoffset() is None:
+        raise invalid("at", "at needs a UTC offset, e.g. Z or +01:00")
+    moment = at or clock()
+    store = request.app.state.cover_store
+    by_id: dict[uuid.UUID, list[Version]] = {}
+    for version in await store.of_teams(frozenset({care_team_id})):
+        if version.covered_team_id == care_team_id:
+            by_id.setdefault(version.agreement_id, []).append(version)
+    latest: tuple[Version, Any] | None = None
+    for versions in by_id.values():
+        signed = [v for v in versions if v.decision == "approved" and v.decided_at is not None]
+        for candidate in signed:
+            if candidate.revoked:
+                continue
+            window = last_window(candidate.hours, moment)
+            if window is None:
+                continue
+            # Only the version in force when the window started tells of it (not one signed
+            # off later, nor one a newer version or a revocation had replaced by then).
+            then = [v for v in signed if v.decided_at and v.decided_at <= window.starts]
+            if not then or max(then, key=lambda v: v.version) is not candidate:
+                continue
+            if latest is None or window.ends > latest[1].ends:
+                latest = (candidate, window)
+    if latest is None:
+        summary = CoverSummary(care_team_id=care_team_id, window=None, patients=[])
+    else:
+        version, window = latest
+        team = (await store.teams([version.covering_team_id])).get(version.covering_team_id, {})
+        night = summarise(
+            window.starts,
+            window.ends,
+            await store.night_alerts(care_team_id, window.starts, window.ends),
+        )
+        summary = CoverSummary(
+            care_team_id=care_team_id,
+            window=NightWindowView(
+                agreement_id=version.agreement_id,
+                version=version.version,
+                covering_team_id=version.covering_team_id,
+                covering_team_name=team.get("name"),
+                covering_centre=team.get("centre"),
+                timezone=version.hours.timezone,
+                starts=window.starts,
+                ends=window.ends,
+            ),
+            patients=[
+                NightPatientView(
+                    patient_id=p.patient_id,
+                    handed_back=p.handed_back,
+                    alerts=[
+                        NightAlertView(
+                            dedup_key=a.dedup_key,
+                            code=a.code,
+                            title=a.title,
+                            opened_at=a.opened_at,
+                            paged_team_id=a.paged_team_id,
+                            acknowledged_by=a.acknowledged_by,
+                            acknowledged_at=a.acknowledged_at,
+                            resolved_at=a.resolved_at,
+                            open_at_handback=a.open_at_handback,
+                            done=[DoneView(at=t, kind=k) for t, k in a.done],
+                        )
+                        for a in p.alerts
+                    ],
+                )
+                for p in night
+            ],
+        )
+    await request.app.state.audit.record(
+        principal.user_id,
+        "cover.summary_read",
+        f"care_team:{care_team_id}",
+        {"patients": len(summary.patients)},
+    )
+    return summary
