@@ -400,10 +400,17 @@ async def cover_summary(
             window = last_window(candidate.hours, moment)
             if window is None:
                 continue
-            # Only the version in force when the window started tells of it (not one signed
-            # off later, nor one a newer version or a revocation had replaced by then).
-            then = [v for v in signed if v.decided_at and v.decided_at <= window.starts]
-            if not then or max(then, key=lambda v: v.version) is not candidate:
+            # The version in force when the window ended tells of it, or the one a revocation
+            # during the window ended; not one a newer version or a revocation had replaced
+            # before the window started, nor one signed off after it.
+            then = [v for v in signed if v.decided_at and v.decided_at < window.ends]
+            if not then:
+                continue
+            newest = max(then, key=lambda v: v.version)
+            if newest.revoked and newest.decided_at and newest.decided_at > window.starts:
+                kept = [v for v in then if not v.revoked]
+                newest = max(kept, key=lambda v: v.version) if kept else newest
+            if newest is not candidate:
                 continue
             if latest is None or window.ends > latest[1].ends:
                 latest = (candidate, window)
