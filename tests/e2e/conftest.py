@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import Message
@@ -264,3 +266,120 @@ async def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
         await committer.commit(ends)
     finally:
         await committer.stop()
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
+    """The current end of each partition of ``topic``."""
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await probe.start()
+    try:
+        partitions = await topic_partitions(bootstrap, topic)
+        return dict(await probe.end_offsets(partitions))
+    finally:
+        await probe.stop()
+
+
+@dataclass
+class HomePipeline:
+    """Ingest, notify and the heartbeat publisher running in this process, for a test that runs
+    the rules service as its own process (``vigil rules``) with ``rules_env``."""
+
+    mail: MailCollector
+    rules_env: dict[str, str]
+    rules_ops_port: int
+    #: The telemetry topic's end before anything of this test was published.
+    start_offsets: dict[TopicPartition, int]
+
+
+@asynccontextmanager
+async def home_pipeline(
+    stack_env: dict[str, str],
+    run_id: str,
+    *,
+    label: str,
+    tech: str,
+    beat: str,
+    rules_env: dict[str, str] | None = None,
+) -> AsyncIterator[HomePipeline]:
+    """The pipeline around a quiet home: e-mail pages to an SMTP server of this test, notify
+    paging ``tech`` (the technical care team) about the pipeline, the heartbeat publisher
+    publishing as device ``beat`` (bound to ``tech``'s pipeline patient) at its default interval.
+    Rules and notify read from the current end of their topics. ``rules_env``: more of the rules
+    service's environment. When the block ends every task is stopped and must have ended
+    without an error, and the heartbeat source is left unbound (every notify watches every
+    heartbeat source)."""
+    from services.ingest.app import run as run_ingest
+    from services.ingest.settings import IngestSettings
+    from services.notify.app import run as run_notify
+    from services.notify.settings import NotifySettings
+    from vigil_tools.heartbeat import HeartbeatSettings
+    from vigil_tools.heartbeat import run as run_heartbeat
+
+    mail = MailCollector()
+    mail.bind(asyncio.get_running_loop())
+    controller = Controller(mail, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
+    ingest_settings = IngestSettings(
+        mqtt_client_id=f"ingest-{label}-{run_id}", mqtt_share_group=f"ingest-{label}-{run_id}"
+    )
+    notify_settings = NotifySettings(
+        smtp_port=controller.port,
+        group_id=f"notify-{label}-{run_id}",
+        technical_care_team_id=tech,
+        escalation_tick_s=0.5,
+        # A device silence is paged at once: notify's hold of a device silence
+        # (VIGIL_NOTIFY_SILENCE_HOLD_S, default 45 min, docs/notify.md) is turned off by a
+        # technical hold of 0, so what a test waits for after a deadline is the pipeline's.
+        technical_hold_s=0,
+    )
+    rules_group = f"rules-{label}-{run_id}"
+    await start_group_at_end(bootstrap, rules_group, TELEMETRY_TOPIC)
+    await start_group_at_end(bootstrap, notify_settings.group_id, ALERTS_TOPIC)
+    await open_mqtt_session(
+        stack_env,
+        ingest_settings.mqtt_client_id,
+        f"$share/{ingest_settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}",
+    )
+    start_offsets = await end_offsets(bootstrap, TELEMETRY_TOPIC)
+    ops_port = free_port()
+    full_rules_env = {
+        **os.environ,
+        **stack_env,
+        "VIGIL_RULES_GROUP_ID": rules_group,
+        "VIGIL_RULES_TRANSACTIONAL_ID": rules_group,
+        "VIGIL_RULES_OPS_PORT": str(ops_port),
+        "VIGIL_RULES_LOG_LEVEL": "INFO",
+        **(rules_env or {}),
+    }
+    stop = asyncio.Event()
+    beating = asyncio.Event()
+    heartbeat_settings = HeartbeatSettings(
+        device_id=beat,
+        mqtt_username=stack_env["VIGIL_SIM_MQTT_USERNAME"],
+        mqtt_password=stack_env["VIGIL_SIM_MQTT_PASSWORD"],
+        mqtt_client_id=f"heartbeat-{label}-{run_id}",
+    )
+    tasks = [
+        asyncio.create_task(run_ingest(ingest_settings, stop), name="ingest"),
+        asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
+        asyncio.create_task(run_heartbeat(heartbeat_settings, beating), name="heartbeat"),
+    ]
+    try:
+        yield HomePipeline(mail, full_rules_env, ops_port, start_offsets)
+    finally:
+        beating.set()
+        stop.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        controller.stop()
+        await drop_mqtt_session(stack_env, ingest_settings.mqtt_client_id)
+        conn = await asyncpg.connect(stack_env["VIGIL_PG_DSN"])
+        try:
+            await conn.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", beat)
+            await conn.execute(
+                "UPDATE device_bindings SET valid_to = now() WHERE device_id = $1", beat
+            )
+        finally:
+            await conn.close()
+        for name, result in zip(("ingest", "notify", "heartbeat"), results, strict=True):
+            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"

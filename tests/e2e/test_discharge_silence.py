@@ -14,9 +14,7 @@ heartbeat publisher run in this process.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -31,10 +29,7 @@ from pathlib import Path
 import aiomqtt
 import asyncpg
 import pytest
-from aiosmtpd.controller import Controller
 
-from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
-from schemas.topics import MQTT_SUBSCRIPTION
 from services.api.adapters.audit import AuditTrail
 from services.api.adapters.discharge import PostgresDischargeStore
 from services.api.service_layer.discharge import DischargeService
@@ -48,15 +43,10 @@ from services.ingest.adapters.registry_admin import (
 from services.notify.public import PatientEscalations
 from tests.e2e.conftest import (
     MailCollector,
-    drop_mqtt_session,
-    free_port,
-    open_mqtt_session,
-    start_group_at_end,
+    home_pipeline,
 )
 from tests.polling import eventually
 from vigil.runtime import utcnow
-from vigil_tools.heartbeat import HeartbeatSettings
-from vigil_tools.heartbeat import run as run_heartbeat
 
 pytestmark = pytest.mark.stack
 
@@ -159,81 +149,27 @@ async def register(dsn: str, run_id: str) -> tuple[str, str, str, str, str]:
 
 @pytest.fixture
 async def homes(stack_env: dict[str, str], tmp_path: Path) -> AsyncIterator[Homes]:
-    from services.ingest.app import run as run_ingest
-    from services.ingest.settings import IngestSettings
-    from services.notify.app import run as run_notify
-    from services.notify.settings import NotifySettings
-
     run_id = uuid.uuid4().hex[:8]
-    dsn = stack_env["VIGIL_PG_DSN"]
-    team, tech, gone, kept, beat = await register(dsn, run_id)
-    mail = MailCollector()
-    mail.bind(asyncio.get_running_loop())
-    controller = Controller(mail, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    ingest_settings = IngestSettings(
-        mqtt_client_id=f"ingest-dis-{run_id}", mqtt_share_group=f"ingest-dis-{run_id}"
-    )
-    notify_settings = NotifySettings(
-        smtp_port=controller.port,
-        group_id=f"notify-dis-{run_id}",
-        technical_care_team_id=tech,
-        escalation_tick_s=0.5,
-        # A device silence is paged at once (no silence hold), so the control is paged within
-        # the test's wait.
-        technical_hold_s=0,
-    )
-    rules_group = f"rules-dis-{run_id}"
-    await start_group_at_end(bootstrap, rules_group, TELEMETRY_TOPIC)
-    await start_group_at_end(bootstrap, notify_settings.group_id, ALERTS_TOPIC)
-    await open_mqtt_session(
+    team, tech, gone, kept, beat = await register(stack_env["VIGIL_PG_DSN"], run_id)
+    async with home_pipeline(
         stack_env,
-        ingest_settings.mqtt_client_id,
-        f"$share/{ingest_settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}",
-    )
-    ops_port = free_port()
-    rules_env = {
-        **os.environ,
-        **stack_env,
-        "VIGIL_RULES_GROUP_ID": rules_group,
-        "VIGIL_RULES_TRANSACTIONAL_ID": rules_group,
-        "VIGIL_RULES_OPS_PORT": str(ops_port),
-        "VIGIL_RULES_CONFIG_RELOAD_S": "1",
-        "VIGIL_RULES_LOG_LEVEL": "INFO",
-    }
-    stop = asyncio.Event()
-    beating = asyncio.Event()
-    heartbeat_settings = HeartbeatSettings(
-        device_id=beat,
-        mqtt_username=stack_env["VIGIL_SIM_MQTT_USERNAME"],
-        mqtt_password=stack_env["VIGIL_SIM_MQTT_PASSWORD"],
-        mqtt_client_id=f"heartbeat-dis-{run_id}",
-    )
-    tasks = [
-        asyncio.create_task(run_ingest(ingest_settings, stop), name="ingest"),
-        asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
-        asyncio.create_task(run_heartbeat(heartbeat_settings, beating), name="heartbeat"),
-    ]
-    try:
-        yield Homes(stack_env, mail, run_id, team, gone, kept, rules_env, ops_port, tmp_path)
-    finally:
-        beating.set()
-        stop.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        controller.stop()
-        await drop_mqtt_session(stack_env, ingest_settings.mqtt_client_id)
-        conn = await asyncpg.connect(dsn)
-        try:
-            # Every notify watches every heartbeat source: leave none behind to go quiet.
-            await conn.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", beat)
-            await conn.execute(
-                "UPDATE device_bindings SET valid_to = now() WHERE device_id = $1", beat
-            )
-        finally:
-            await conn.close()
-        for name, result in zip(("ingest", "notify", "heartbeat"), results, strict=True):
-            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
+        run_id,
+        label="dis",
+        tech=tech,
+        beat=beat,
+        rules_env={"VIGIL_RULES_CONFIG_RELOAD_S": "1"},
+    ) as pipeline:
+        yield Homes(
+            stack_env,
+            pipeline.mail,
+            run_id,
+            team,
+            gone,
+            kept,
+            pipeline.rules_env,
+            pipeline.rules_ops_port,
+            tmp_path,
+        )
 
 
 async def report_once(homes: Homes) -> None:

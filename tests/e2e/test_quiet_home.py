@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,10 +32,8 @@ import aiomqtt
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiosmtpd.controller import Controller
 
-from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
-from schemas.topics import MQTT_SUBSCRIPTION
+from schemas.kafka_topics import TELEMETRY_TOPIC
 from services.ingest.adapters.registry_admin import (
     bind_device,
     upsert_care_team,
@@ -49,15 +46,10 @@ from services.rules.domain.engine import RulesEngine
 from services.rules.settings import RulesSettings
 from tests.e2e.conftest import (
     MailCollector,
-    drop_mqtt_session,
-    free_port,
-    open_mqtt_session,
-    start_group_at_end,
-    topic_partitions,
+    end_offsets,
+    home_pipeline,
 )
 from tests.polling import eventually
-from vigil_tools.heartbeat import HeartbeatSettings
-from vigil_tools.heartbeat import run as run_heartbeat
 
 pytestmark = pytest.mark.stack
 
@@ -140,94 +132,24 @@ async def register(dsn: str, run_id: str) -> tuple[str, str, str, str, str, str]
 
 @pytest.fixture
 async def quiet_home(stack_env: dict[str, str], tmp_path: Path) -> AsyncIterator[QuietHome]:
-    from services.ingest.app import run as run_ingest
-    from services.ingest.settings import IngestSettings
-    from services.notify.app import run as run_notify
-    from services.notify.settings import NotifySettings
-
     run_id = uuid.uuid4().hex[:8]
-    dsn = stack_env["VIGIL_PG_DSN"]
-    _team, tech, patient, pump, thermometer, beat = await register(dsn, run_id)
-    mail = MailCollector()
-    mail.bind(asyncio.get_running_loop())
-    controller = Controller(mail, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    ingest_settings = IngestSettings(
-        mqtt_client_id=f"ingest-quiet-{run_id}", mqtt_share_group=f"ingest-quiet-{run_id}"
+    _team, tech, patient, pump, thermometer, beat = await register(
+        stack_env["VIGIL_PG_DSN"], run_id
     )
-    notify_settings = NotifySettings(
-        smtp_port=controller.port,
-        group_id=f"notify-quiet-{run_id}",
-        technical_care_team_id=tech,
-        escalation_tick_s=0.5,
-        # The delay measured is the pipeline's, from the deadline to the page; notify's hold of
-        # a device silence (VIGIL_NOTIFY_SILENCE_HOLD_S, default 45 min, docs/notify.md) adds
-        # its own wait on top and is set to none here (a technical hold of 0 turns it off too).
-        technical_hold_s=0,
-    )
-    rules_group = f"rules-quiet-{run_id}"
-    await start_group_at_end(bootstrap, rules_group, TELEMETRY_TOPIC)
-    await start_group_at_end(bootstrap, notify_settings.group_id, ALERTS_TOPIC)
-    await open_mqtt_session(
-        stack_env,
-        ingest_settings.mqtt_client_id,
-        f"$share/{ingest_settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}",
-    )
-    start_offsets = await end_offsets(bootstrap)
-    rules_env = {
-        **os.environ,
-        **stack_env,
-        "VIGIL_RULES_GROUP_ID": rules_group,
-        "VIGIL_RULES_TRANSACTIONAL_ID": rules_group,
-        "VIGIL_RULES_OPS_PORT": str(free_port()),
-        "VIGIL_RULES_LOG_LEVEL": "INFO",
-    }
-    stop = asyncio.Event()
-    beating = asyncio.Event()
-    heartbeat_settings = HeartbeatSettings(
-        device_id=beat,
-        mqtt_username=stack_env["VIGIL_SIM_MQTT_USERNAME"],
-        mqtt_password=stack_env["VIGIL_SIM_MQTT_PASSWORD"],
-        mqtt_client_id=f"heartbeat-quiet-{run_id}",
-    )
-    tasks = [
-        asyncio.create_task(run_ingest(ingest_settings, stop), name="ingest"),
-        asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
-        asyncio.create_task(run_heartbeat(heartbeat_settings, beating), name="heartbeat"),
-    ]
-    home = QuietHome(
-        stack_env, mail, run_id, patient, pump, thermometer, rules_env, tmp_path, start_offsets
-    )
-    try:
-        yield home
-    finally:
-        beating.set()
-        stop.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        controller.stop()
-        await drop_mqtt_session(stack_env, ingest_settings.mqtt_client_id)
-        conn = await asyncpg.connect(dsn)
-        try:
-            # Every notify watches every heartbeat source: leave none behind to go quiet.
-            await conn.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", beat)
-            await conn.execute(
-                "UPDATE device_bindings SET valid_to = now() WHERE device_id = $1", beat
-            )
-        finally:
-            await conn.close()
-        for name, result in zip(("ingest", "notify", "heartbeat"), results, strict=True):
-            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
-
-
-async def end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await probe.start()
-    try:
-        partitions = await topic_partitions(bootstrap, TELEMETRY_TOPIC)
-        return dict(await probe.end_offsets(partitions))
-    finally:
-        await probe.stop()
+    # The delay measured is the pipeline's, from the deadline to the page: notify holds no
+    # device silence here (home_pipeline).
+    async with home_pipeline(stack_env, run_id, label="quiet", tech=tech, beat=beat) as pipeline:
+        yield QuietHome(
+            stack_env,
+            pipeline.mail,
+            run_id,
+            patient,
+            pump,
+            thermometer,
+            pipeline.rules_env,
+            tmp_path,
+            pipeline.start_offsets,
+        )
 
 
 async def report_once(home: QuietHome) -> None:
@@ -333,7 +255,7 @@ async def replayed_alert_ids(home: QuietHome) -> set[str]:
         )
     finally:
         await conn.close()
-    ends = await end_offsets(bootstrap)
+    ends = await end_offsets(bootstrap, TELEMETRY_TOPIC)
     reader = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
     )
