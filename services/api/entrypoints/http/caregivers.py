@@ -140,7 +140,15 @@ async def _patient_team(repository: Repository, principal: Principal, patient_id
     return str(patient["care_team_id"])
 
 
-async def _contact(request: Request, patient_id: str, contact_id: UUID) -> Contact:
+async def _contact(
+    request: Request,
+    repository: Repository,
+    principal: Principal,
+    patient_id: str,
+    contact_id: UUID,
+) -> Contact:
+    """A contact of one of the caller's patients; 404 for another patient's or none."""
+    await _patient_team(repository, principal, patient_id)
     contact = await request.app.state.caregiver_store.get(patient_id, contact_id)
     if contact is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such caregiver contact")
@@ -220,8 +228,7 @@ async def change_contact(
     repository: Repository,
 ) -> ContactView:
     """Change a contact's addresses, language or preferred hours (fields left out stay)."""
-    await _patient_team(repository, principal, patient_id)
-    contact = await _contact(request, patient_id, contact_id)
+    contact = await _contact(request, repository, principal, patient_id, contact_id)
     try:
         changed = await _service(request).change(
             by_user_id=principal.user_id,
@@ -249,8 +256,7 @@ async def withdraw_consent(
     repository: Repository,
 ) -> ContactView:
     """Consent withdrawn: nothing is sent to this contact from now on (the record stays)."""
-    await _patient_team(repository, principal, patient_id)
-    contact = await _contact(request, patient_id, contact_id)
+    contact = await _contact(request, repository, principal, patient_id, contact_id)
     try:
         withdrawn = await _service(request).withdraw(
             by_user_id=principal.user_id, by_username=principal.username, contact=contact
