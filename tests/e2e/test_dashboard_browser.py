@@ -10,72 +10,42 @@ PostgreSQL) behind it. Screenshots of the dashboard and the patient page are kep
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
-import uvicorn
 
-from services.api.adapters.credentials import hash_password
-from services.api.adapters.repository import ApiRepository
-from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
-from tests.api.conftest import until_serving
 from tests.api.test_api_temperature_hourly import refresh_backfill
 from tests.e2e.conftest import Pipeline, free_port, publish, register_patient, temperature
 from tests.polling import eventually
+from tests.support.dashboard import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    add_user,
+    log_in,
+    served,
+)
 
 pytestmark = pytest.mark.stack
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-PASSWORD = "a long enough test password"
 #: The care team's zone, and a different one for the browser: the list must show the team's.
 TEAM_ZONE = "Asia/Kolkata"
 BROWSER_ZONE = "America/New_York"
-# The flags keep Chromium from reaching for the network this machine does not have.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
 async def api_base_url(stack_env: dict[str, str]) -> AsyncIterator[str]:
-    port = free_port()
-    settings = ApiSettings(port=port, stream_poll_s=0.3)
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="on",
-            **server_options(settings),
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    await until_serving(server, task)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    settings = ApiSettings(port=free_port(), stream_poll_s=0.3)
+    async with served(create_app(settings), settings) as base_url:
+        yield base_url
 
 
 async def test_clinician_sees_a_fever_live_and_acknowledges_it(
@@ -89,21 +59,14 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
     patient, device, _ = await register_patient(dsn, pipeline.run_id, "browser")
     username = f"nurse-{pipeline.run_id}"
     team = f"team-e2e-{pipeline.run_id}"
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    conn = await asyncpg.connect(dsn)
     try:
-        await pool.execute(
+        await conn.execute(
             "UPDATE care_teams SET timezone = $1 WHERE care_team_id = $2", TEAM_ZONE, team
         )
-        await ApiRepository(pool).create_user(
-            f"u-{pipeline.run_id}",
-            username,
-            "Night nurse",
-            hash_password(PASSWORD),
-            Role.CLINICIAN,
-            [team],
-        )
     finally:
-        await pool.close()
+        await conn.close()
+    await add_user(dsn, f"u-{pipeline.run_id}", username, "Night nurse", Role.CLINICIAN, [team])
 
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as playwright:
@@ -112,11 +75,7 @@ async def test_clinician_sees_a_fever_live_and_acknowledges_it(
             page = await browser.new_page(
                 viewport={"width": 1200, "height": 700}, timezone_id=BROWSER_ZONE
             )
-            await page.goto(f"{api_base_url}/login")
-            await page.fill("#username", username)
-            await page.fill("#password", PASSWORD)
-            await page.click("button[type=submit]")
-            await page.wait_for_url(f"{api_base_url}/")
+            await log_in(page, api_base_url, username)
             await page.wait_for_selector("#live:text('live')", timeout=15_000)
             row = page.locator(f"tr[data-dedup-key^='{patient}:']")
             assert await row.count() == 0

@@ -11,13 +11,10 @@ Mosquitto: the password the page shows is tried on the broker. Screenshots are k
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
@@ -26,40 +23,33 @@ import aiomqtt
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 
-from services.api.adapters.credentials import hash_password
-from services.api.adapters.repository import ApiRepository
-from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.domain.clocks import local_time
 from services.api.settings import ApiSettings
 from services.ingest.adapters.registry_admin import upsert_care_team
-from tests.api.conftest import insert_alert, until_serving
+from tests.api.conftest import insert_alert
 from tests.e2e.conftest import free_port
 from tests.polling import eventually
+from tests.support.dashboard import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PASSWORD,
+    add_user,
+    log_in,
+    served,
+)
 from vigil_tools.admin import local_broker_endpoint
 from vigil_tools.stack.accounts import LocalStackBroker
 from vigil_tools.stack.settings import StackSettings
 
 pytestmark = pytest.mark.stack
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-PASSWORD = "a long enough test password"
 #: The care team's zone (a half-hour offset), and another for the browser.
 TEAM_ZONE = "Asia/Kolkata"
 BROWSER_ZONE = "America/New_York"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @dataclass
@@ -120,34 +110,16 @@ async def ward(stack_env: dict[str, str]) -> AsyncIterator[Ward]:
         )
     finally:
         await conn.close()
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    try:
-        await ApiRepository(pool).create_user(
-            f"u-{run}", username, "Charge nurse", hash_password(PASSWORD), Role.CHARGE_NURSE, [team]
-        )
-    finally:
-        await pool.close()
-
-    port = free_port()
-    settings = ApiSettings(port=port)
+    await add_user(dsn, f"u-{run}", username, "Charge nurse", Role.CHARGE_NURSE, [team])
+    settings = ApiSettings(port=free_port())
     stack = StackSettings()
     app = create_app(
         settings,
         broker_accounts=LocalStackBroker(stack),
         broker_endpoint=local_broker_endpoint(stack),
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", **server_options(settings)
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    await until_serving(server, task)
-    try:
-        yield Ward(f"http://127.0.0.1:{port}", dsn, run, team, username)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with served(app, settings) as base_url:
+        yield Ward(base_url, dsn, run, team, username)
 
 
 @pytest.fixture
@@ -162,11 +134,7 @@ async def page(ward: Ward) -> AsyncIterator[Any]:
             tab = await browser.new_page(
                 viewport={"width": 1200, "height": 900}, timezone_id=BROWSER_ZONE
             )
-            await tab.goto(f"{ward.base_url}/login")
-            await tab.fill("#username", ward.username)
-            await tab.fill("#password", PASSWORD)
-            await tab.click("button[type=submit]")
-            await tab.wait_for_url(f"{ward.base_url}/")
+            await log_in(tab, ward.base_url, ward.username)
             yield tab
         finally:
             await browser.close()
@@ -479,18 +447,7 @@ async def test_every_page_shows_times_in_the_teams_zone_with_the_zone_named(
 async def test_the_forms_are_only_for_roles_that_may_manage_patients(ward: Ward) -> None:
     """A clinician sees no link to them, and the pages answer 403."""
     username = f"clinician-{ward.run}"
-    pool = await asyncpg.create_pool(ward.dsn, min_size=1, max_size=1)
-    try:
-        await ApiRepository(pool).create_user(
-            f"uc-{ward.run}",
-            username,
-            "Clinician",
-            hash_password(PASSWORD),
-            Role.CLINICIAN,
-            [ward.team],
-        )
-    finally:
-        await pool.close()
+    await add_user(ward.dsn, f"uc-{ward.run}", username, "Clinician", Role.CLINICIAN, [ward.team])
     async with httpx.AsyncClient(base_url=ward.base_url, timeout=30) as client:
         login = await client.post("/auth/token", data={"username": username, "password": PASSWORD})
         assert login.status_code == 200
