@@ -1,6 +1,7 @@
-"""A care team's on-call schedules without SQL: who is on call now and next, a schedule's
-rotation set, an override added. Behind ``vigil admin schedules``; the care-team API's routes
-under ``/api/care-teams/{id}`` make the same checks and write the same audit entries.
+"""A care team's on-call schedules: who is on call now and next, a schedule's rotation set, an
+override added. Behind ``vigil admin schedules`` and the care-team API's routes
+``PUT /api/care-teams/{id}/schedules/{schedule_id}``, ``POST .../overrides`` and
+``GET /api/care-teams/{id}/on-call`` (``entrypoints/http/oncall.py``).
 
 The rows are notify's, read and written through ``services.notify.public.TeamRegistry`` (the
 ``Registry`` port). A team the actor may not act for answers ``NotFound``, as does a schedule of
@@ -191,7 +192,7 @@ class ScheduleService:
         if ends_at <= starts_at:
             raise Invalid("an override ends after it starts", "ends_at")
         if unknown_refs([("person", person_id)], await self._people(care_team_id), ()):
-            raise Invalid(f"not a person of the team: {person_id}", "person_id")
+            raise Invalid("not a person of the team", "person_id")
         override_id = await self._registry.add_override(
             schedule_id, OverrideIn(person_id=person_id, starts_at=starts_at, ends_at=ends_at)
         )

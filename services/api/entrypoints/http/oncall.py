@@ -4,11 +4,14 @@ on-call schedules and their overrides, and who is on call now and next.
 Reading needs ``read_patient`` (every role of the team); changes need ``manage_team`` (charge
 nurse, admin) and are audited. A team that is not one of the caller's, and a person or schedule
 of another team, answer 404. The rows are notify's, read and written through
-``services.notify.public.TeamRegistry``.
+``services.notify.public.TeamRegistry``; a rotation, an override and who is on call go through
+``services.api.service_layer.schedules``, as ``vigil admin schedules`` does.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import date, datetime, time
 from typing import Annotated, Any, Literal
@@ -18,12 +21,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from schemas.notify import CareTeamIn, OverrideIn, PersonIn, ScheduleIn
+from schemas.notify import CareTeamIn, PersonIn
 from services.api.domain.access import Action, Principal
-from services.api.domain.clocks import local_time
-from services.api.domain.oncall import shift, team_zone, unknown_refs
 from services.api.entrypoints.http.deps import Clock, require
 from services.api.entrypoints.http.responses import AUTHENTICATED, invalid, not_found
+from services.api.service_layer.enrolment import Actor, Invalid, NotFound
+from services.api.service_layer.schedules import Rotation, ScheduleService
 
 router = APIRouter(prefix="/api/care-teams", tags=["on-call"], responses=AUTHENTICATED)
 Reader = Annotated[Principal, Depends(require(Action.READ_PATIENT))]
@@ -152,9 +155,7 @@ class ShiftView(BaseModel):
         description="When they hand over, in the team's time zone (None: nobody else ever "
         "takes over)."
     )
-    until_local: str | None = Field(
-        description="The same, e.g. 15 Jan 08:00 (Europe/Berlin)."
-    )
+    until_local: str | None = Field(description="The same, e.g. 15 Jan 08:00 (Europe/Berlin).")
     next_person_id: str | None = Field(description="Who is on call from then.")
     next_person_name: str | None
 
@@ -324,10 +325,6 @@ async def get_schedule(
     return ScheduleView(**schedule)
 
 
-async def team_people(request: Request, care_team_id: str) -> set[str]:
-    return {p["person_id"] for p in await registry(request).people(care_team_id)}
-
-
 @router.put(
     "/{care_team_id}/schedules/{schedule_id}",
     status_code=status.HTTP_204_NO_CONTENT,
@@ -345,17 +342,7 @@ async def put_schedule(
     """Create or change one of the team's rotations; its overrides stay. Participants must be
     people of the team (422 otherwise); a schedule of another team answers 404."""
     await team_or_404(request, principal, care_team_id)
-    existing = await registry(request).schedule(schedule_id, since=clock())
-    if existing is not None and existing["care_team_id"] != care_team_id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such schedule")
-    unknown = unknown_refs(
-        (("person", p) for p in body.participants), await team_people(request, care_team_id), ()
-    )
-    if unknown:
-        raise invalid("participants", "not people of the team: " + ", ".join(unknown), where="body")
-    schedule = ScheduleIn(
-        schedule_id=schedule_id,
-        care_team_id=care_team_id,
+    rotation = Rotation(
         name=body.name,
         timezone=body.timezone,
         start_date=body.start_date,
@@ -363,31 +350,11 @@ async def put_schedule(
         shift_days=body.shift_days,
         participants=tuple(body.participants),
     )
-    await registry(request).put_schedule(schedule)
-    await audit(
-        request,
-        principal,
-        "care_team.schedule_changed",
-        care_team_id,
-        {
-            "schedule_id": schedule_id,
-            "before": None if existing is None else _definition(existing),
-            "after": _definition(body.model_dump()),
-        },
-    )
+    async with _refusals():
+        await schedules(request, clock).set_rotation(
+            _actor(principal), care_team_id, schedule_id, rotation
+        )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-def _definition(schedule: dict[str, Any]) -> dict[str, Any]:
-    """A schedule's definition as audited (JSON values)."""
-    return {
-        "name": schedule["name"],
-        "timezone": schedule["timezone"],
-        "start_date": schedule["start_date"].isoformat(),
-        "handoff_time": schedule["handoff_time"].isoformat(),
-        "shift_days": schedule["shift_days"],
-        "participants": list(schedule["participants"]),
-    }
 
 
 @router.post(
@@ -407,29 +374,15 @@ async def post_override(
     """One of the team's people covers the schedule from ``starts_at`` to ``ends_at``; the
     latest override wins where two overlap."""
     await team_or_404(request, principal, care_team_id)
-    if await schedule_of_team(request, care_team_id, schedule_id, clock) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such schedule")
-    if body.ends_at <= body.starts_at:
-        raise invalid("ends_at", "an override ends after it starts", where="body")
-    if unknown_refs([("person", body.person_id)], await team_people(request, care_team_id), ()):
-        raise invalid("person_id", "not a person of the team", where="body")
-    override_id = await registry(request).add_override(
-        schedule_id,
-        OverrideIn(person_id=body.person_id, starts_at=body.starts_at, ends_at=body.ends_at),
-    )
-    await audit(
-        request,
-        principal,
-        "care_team.override_added",
-        care_team_id,
-        {
-            "schedule_id": schedule_id,
-            "override_id": str(override_id),
-            "person_id": body.person_id,
-            "starts_at": body.starts_at.isoformat(),
-            "ends_at": body.ends_at.isoformat(),
-        },
-    )
+    async with _refusals():
+        override_id = await schedules(request, clock).add_override(
+            _actor(principal),
+            care_team_id,
+            schedule_id,
+            body.person_id,
+            body.starts_at,
+            body.ends_at,
+        )
     return OverrideCreated(override_id=override_id)
 
 
@@ -443,30 +396,34 @@ async def on_call(
 ) -> OnCallView:
     """Who is on call now (or at ``at``) on each of the team's schedules, until when, and who
     is next; times in the team's time zone, the zone named."""
-    team = await team_or_404(request, principal, care_team_id)
-    zone = team_zone(team.get("timezone"))
-    when = at or clock()
-    names = {p["person_id"]: p["name"] for p in await registry(request).people(care_team_id)}
-    shifts = []
-    for schedule_id in await registry(request).schedule_ids(care_team_id):
-        schedule = await registry(request).schedule(schedule_id, since=when)
-        now = await registry(request).on_call(schedule_id, when)
-        if schedule is None or now is None:
-            continue  # removed meanwhile
-        entry = shift(
-            schedule_id,
-            schedule["name"],
-            now["person_id"],
-            now["next_at"],
-            now["next_person_id"],
-            zone,
-            names,
-        )
-        shifts.append(ShiftView(**asdict(entry)))
+    await team_or_404(request, principal, care_team_id)
+    found = await schedules(request, clock).on_call(_actor(principal), care_team_id, at)
     return OnCallView(
-        care_team_id=care_team_id,
-        timezone=zone,
-        at=when.astimezone(ZoneInfo(zone)),
-        at_local=local_time(when, zone),
-        schedules=shifts,
+        care_team_id=found.care_team_id,
+        timezone=found.timezone,
+        at=found.at,
+        at_local=found.at_local,
+        schedules=[ShiftView(**asdict(entry)) for entry in found.schedules],
     )
+
+
+def schedules(request: Request, clock: Callable[[], datetime]) -> ScheduleService:
+    """The schedules' use cases (shared with ``vigil admin schedules``) over notify's registry,
+    audited as this API audits."""
+    return ScheduleService(registry(request), request.app.state.audit, clock)
+
+
+def _actor(principal: Principal) -> Actor:
+    return Actor(principal.user_id, principal.care_teams)
+
+
+@asynccontextmanager
+async def _refusals() -> AsyncIterator[None]:
+    """The use case's refusals as this API answers them: a schedule of another team (or none)
+    404, a check of the body 422 naming the field."""
+    try:
+        yield
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such schedule") from None
+    except Invalid as error:
+        raise invalid(error.field, str(error), where="body") from None
