@@ -98,6 +98,7 @@ class CoverNow(BaseModel):
     covered_team_name: str | None
     covered_centre: str | None = Field(description="The covered team's centre (organisation).")
     unit_phone: str | None = Field(description="The covered team's 24-hour number.")
+    timezone: str = Field(description="The covered team's zone, for showing `until`.")
     agreement_id: uuid.UUID
     version: int
     until: datetime = Field(description="When this window ends and the patients go back.")
@@ -311,6 +312,7 @@ async def cover_now(request: Request, principal: Reader, clock: Clock) -> list[C
                 covered_team_name=team.get("name"),
                 covered_centre=team.get("centre"),
                 unit_phone=team.get("unit_phone"),
+                timezone=team.get("timezone") or "UTC",
                 agreement_id=uuid.UUID(grant.agreement_id),
                 version=grant.version,
                 until=grant.ends,
