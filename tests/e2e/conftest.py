@@ -76,11 +76,8 @@ class Pipeline:
 @pytest.fixture(scope="module")
 async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     """Start an SMTP server and the three services against the test stack."""
-    from services.ingest.app import run as run_ingest
     from services.ingest.settings import IngestSettings
-    from services.notify.app import run as run_notify
     from services.notify.settings import NotifySettings
-    from services.rules.app import run as run_rules
     from services.rules.settings import RulesSettings
 
     run_id = uuid.uuid4().hex[:8]
@@ -103,32 +100,49 @@ async def pipeline(stack_env: dict[str, str]) -> AsyncIterator[Pipeline]:
     notify_settings = NotifySettings(
         smtp_port=smtp_port, group_id=f"notify-e2e-{run_id}", ops_port=ports["notify"]
     )
+    try:
+        async with three_services(
+            stack_env, ingest_settings, rules_settings, notify_settings
+        ) as tasks:
+            await until_all_ready(tasks, ports)
+            yield Pipeline(mail=mail, rules_group=f"rules-e2e-{run_id}", run_id=run_id)
+    finally:
+        controller.stop()
+
+
+@asynccontextmanager
+async def three_services(
+    stack_env: dict[str, str], ingest: Any, rules: Any, notify: Any
+) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Ingest, rules and notify as tasks of this process with these settings; the block gets
+    the tasks (to wait for their readiness). Stopped when the block ends, and each must have
+    ended without an error."""
+    from services.ingest.app import run as run_ingest
+    from services.notify.app import run as run_notify
+    from services.rules.app import run as run_rules
+
     # Fresh groups start at the current end of their topics, not at the beginning: on a shared
     # stack the topics hold every earlier run (and benchmark), and replaying all of it first
     # would hold this run's events back for minutes.
     bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    await start_group_at_end(bootstrap, rules_settings.group_id, TELEMETRY_TOPIC)
-    await start_group_at_end(bootstrap, notify_settings.group_id, ALERTS_TOPIC)
+    await start_group_at_end(bootstrap, rules.group_id, TELEMETRY_TOPIC)
+    await start_group_at_end(bootstrap, notify.group_id, ALERTS_TOPIC)
     # Make the broker hold messages for this ingest from now on, whenever it gets to subscribing.
     await open_mqtt_session(
-        stack_env,
-        ingest_settings.mqtt_client_id,
-        f"$share/{ingest_settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}",
+        stack_env, ingest.mqtt_client_id, f"$share/{ingest.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
     )
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_ingest(ingest_settings, stop), name="ingest"),
-        asyncio.create_task(run_rules(rules_settings, stop), name="rules"),
-        asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
+        asyncio.create_task(run_ingest(ingest, stop), name="ingest"),
+        asyncio.create_task(run_rules(rules, stop), name="rules"),
+        asyncio.create_task(run_notify(notify, stop), name="notify"),
     ]
     try:
-        await until_all_ready(tasks, ports)
-        yield Pipeline(mail=mail, rules_group=f"rules-e2e-{run_id}", run_id=run_id)
+        yield tasks
     finally:
         stop.set()
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        controller.stop()
-        await drop_mqtt_session(stack_env, f"ingest-e2e-{run_id}")
+        await drop_mqtt_session(stack_env, ingest.mqtt_client_id)
         for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
             assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
 

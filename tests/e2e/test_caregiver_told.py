@@ -23,18 +23,15 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
-from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
 from services.notify.adapters.twilio import twilio_signature
 from tests.e2e.conftest import (
     MailCollector,
-    drop_mqtt_session,
     free_port,
-    open_mqtt_session,
     ops_ports,
     publish,
     register_patient,
-    start_group_at_end,
     temperature,
+    three_services,
     until_all_ready,
 )
 from tests.polling import eventually
@@ -73,11 +70,8 @@ async def family(
     Twilio-shaped server and e-mail through a real SMTP server."""
     from pydantic import SecretStr
 
-    from services.ingest.app import run as run_ingest
     from services.ingest.settings import IngestSettings
-    from services.notify.app import run as run_notify
     from services.notify.settings import NotifySettings
-    from services.rules.app import run as run_rules
     from services.rules.settings import RulesSettings
 
     run_id = uuid.uuid4().hex[:8]
@@ -106,31 +100,15 @@ async def family(
         api_port=api_port,
         public_base_url=notify_url,
     )
-    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    await start_group_at_end(bootstrap, rules.group_id, TELEMETRY_TOPIC)
-    await start_group_at_end(bootstrap, notify.group_id, ALERTS_TOPIC)
-    from schemas.topics import MQTT_SUBSCRIPTION
-
-    await open_mqtt_session(
-        stack_env, ingest.mqtt_client_id, f"$share/{ingest.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
-    )
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run_ingest(ingest, stop), name="ingest"),
-        asyncio.create_task(run_rules(rules, stop), name="rules"),
-        asyncio.create_task(run_notify(notify, stop), name="notify"),
-    ]
     try:
-        await until_all_ready(tasks, ports)
-        await eventually(lambda: _serving(notify_url), timeout_s=30, what="notify's API to serve")
-        yield FamilyPipeline(mail=mail, twilio=twilio, run_id=run_id, notify_url=notify_url)
+        async with three_services(stack_env, ingest, rules, notify) as tasks:
+            await until_all_ready(tasks, ports)
+            await eventually(
+                lambda: _serving(notify_url), timeout_s=30, what="notify's API to serve"
+            )
+            yield FamilyPipeline(mail=mail, twilio=twilio, run_id=run_id, notify_url=notify_url)
     finally:
-        stop.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         controller.stop()
-        await drop_mqtt_session(stack_env, ingest.mqtt_client_id)
-        for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
-            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
 
 
 async def _serving(url: str) -> bool:

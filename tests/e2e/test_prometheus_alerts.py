@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
-from schemas.topics import MQTT_PREFIX, MQTT_SUBSCRIPTION
+from schemas.topics import MQTT_PREFIX
 from tests.broker_faults import free_port
-from tests.e2e.conftest import drop_mqtt_session, open_mqtt_session, publish, start_group_at_end
+from tests.e2e.conftest import publish, three_services
 from tests.ops_scrape import scrape, value
 from tests.polling import eventually, until_ready
 
@@ -46,11 +45,8 @@ class Services:
 @pytest.fixture
 async def services(stack_env: dict[str, str]) -> AsyncIterator[Services]:
     """Ingest, rules and notify on ops ports of their own, on fresh groups, until /readyz."""
-    from services.ingest.app import run as run_ingest
     from services.ingest.settings import IngestSettings
-    from services.notify.app import run as run_notify
     from services.notify.settings import NotifySettings
-    from services.rules.app import run as run_rules
     from services.rules.settings import RulesSettings
 
     run_id = uuid.uuid4().hex[:8]
@@ -66,28 +62,10 @@ async def services(stack_env: dict[str, str]) -> AsyncIterator[Services]:
         ops_port=ports["vigil-rules"],
     )
     notify = NotifySettings(group_id=f"notify-prom-{run_id}", ops_port=ports["vigil-notify"])
-    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    await start_group_at_end(bootstrap, rules.group_id, TELEMETRY_TOPIC)
-    await start_group_at_end(bootstrap, notify.group_id, ALERTS_TOPIC)
-    await open_mqtt_session(
-        stack_env, ingest.mqtt_client_id, f"$share/{ingest.mqtt_share_group}/{MQTT_SUBSCRIPTION}"
-    )
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run_ingest(ingest, stop), name="ingest"),
-        asyncio.create_task(run_rules(rules, stop), name="rules"),
-        asyncio.create_task(run_notify(notify, stop), name="notify"),
-    ]
-    try:
+    async with three_services(stack_env, ingest, rules, notify) as tasks:
         for job, port in ports.items():
             await until_ready(port, what=job, timeout_s=90, tasks=tasks)
         yield Services(ports=ports)
-    finally:
-        stop.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        await drop_mqtt_session(stack_env, ingest.mqtt_client_id)
-        for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
-            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
 
 
 @pytest.fixture
