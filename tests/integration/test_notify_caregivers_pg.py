@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from typing import Any
@@ -41,18 +41,6 @@ class Rig:
     team: str
     patient: str
     sms: str
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSink]:
-    with SmtpSink() as sink:
-        yield sink
-
-
-@pytest.fixture
-def twilio() -> Iterator[TwilioLikeServer]:
-    with TwilioLikeServer() as server:
-        yield server
 
 
 @pytest.fixture

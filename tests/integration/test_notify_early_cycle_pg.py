@@ -26,8 +26,6 @@ from tests.integration.test_notify_escalation import (  # noqa: F401 - fixtures
     pagerduty,
     pool,
     rig,
-    smtp,
-    twilio,
 )
 
 pytestmark = pytest.mark.stack

@@ -73,18 +73,6 @@ async def pool(pg_dsn: str) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-def smtp() -> Iterator[SmtpSink]:
-    with SmtpSink() as sink:
-        yield sink
-
-
-@pytest.fixture
-def twilio() -> Iterator[TwilioLikeServer]:
-    with TwilioLikeServer() as server:
-        yield server
-
-
-@pytest.fixture
 def pagerduty() -> Iterator[PagerDutyLikeServer]:
     with PagerDutyLikeServer() as server:
         yield server

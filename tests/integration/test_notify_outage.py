@@ -13,7 +13,7 @@ import email
 import email.policy
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from functools import partial
@@ -53,12 +53,6 @@ async def pool(pg_dsn: str) -> AsyncIterator[Any]:
         yield connections
     finally:
         await connections.close()
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSink]:
-    with SmtpSink() as sink:
-        yield sink
 
 
 def _service(pool: Any, clock: ManualClock, smtp: SmtpSink, tag: str) -> EscalationService:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -60,12 +60,6 @@ async def counted(pg_dsn: str) -> AsyncIterator[tuple[Any, Statements]]:
         yield pool, statements
     finally:
         await pool.close()
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpSink]:
-    with SmtpSink() as sink:
-        yield sink
 
 
 async def _team(pool: Any, tag: str, patients: list[str]) -> str:
