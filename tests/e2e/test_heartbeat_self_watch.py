@@ -18,8 +18,6 @@ import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
 
-from schemas.kafka_topics import ALERTS_TOPIC, TELEMETRY_TOPIC
-from schemas.topics import MQTT_SUBSCRIPTION
 from services.ingest.adapters.registry_admin import (
     bind_device,
     upsert_care_team,
@@ -28,11 +26,9 @@ from services.ingest.adapters.registry_admin import (
 )
 from tests.e2e.conftest import (
     MailCollector,
-    drop_mqtt_session,
     free_port,
-    open_mqtt_session,
     ops_ports,
-    start_group_at_end,
+    three_services,
     until_all_ready,
 )
 from tests.polling import eventually
@@ -94,11 +90,8 @@ async def register_heartbeat_device(dsn: str, run_id: str) -> tuple[str, str, st
 @pytest.fixture
 async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
     """Ingest, rules and notify (technical team of this run, short heartbeat timeout)."""
-    from services.ingest.app import run as run_ingest
     from services.ingest.settings import IngestSettings
-    from services.notify.app import run as run_notify
     from services.notify.settings import NotifySettings
-    from services.rules.app import run as run_rules
     from services.rules.settings import RulesSettings
 
     run_id = uuid.uuid4().hex[:8]
@@ -126,31 +119,17 @@ async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
         escalation_tick_s=0.5,
         ops_port=ports["notify"],
     )
-    await open_mqtt_session(
-        stack_env,
-        ingest_settings.mqtt_client_id,
-        f"$share/{ingest_settings.mqtt_share_group}/{MQTT_SUBSCRIPTION}",
-    )
     # Fresh groups would read their topics from the start: heartbeats queued behind what
     # earlier runs left there would arrive late, and the wait would look like the silence this
-    # test is about. These groups start at the end instead.
-    bootstrap = stack_env["VIGIL_KAFKA_BOOTSTRAP_SERVERS"]
-    await start_group_at_end(bootstrap, rules_settings.group_id, TELEMETRY_TOPIC)
-    await start_group_at_end(bootstrap, notify_settings.group_id, ALERTS_TOPIC)
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run_ingest(ingest_settings, stop), name="ingest"),
-        asyncio.create_task(run_rules(rules_settings, stop), name="rules"),
-        asyncio.create_task(run_notify(notify_settings, stop), name="notify"),
-    ]
+    # test is about. three_services starts them at the end instead.
     try:
-        await until_all_ready(tasks, ports)
-        yield SelfWatch(stack_env, mail, device, oncall, run_id)
+        async with three_services(
+            stack_env, ingest_settings, rules_settings, notify_settings
+        ) as tasks:
+            await until_all_ready(tasks, ports)
+            yield SelfWatch(stack_env, mail, device, oncall, run_id)
     finally:
-        stop.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         controller.stop()
-        await drop_mqtt_session(stack_env, ingest_settings.mqtt_client_id)
         # Every notify instance watches every row of this table: a row left behind would page
         # whichever notify runs next once it goes quiet.
         conn = await asyncpg.connect(dsn)
@@ -158,8 +137,6 @@ async def self_watch(stack_env: dict[str, str]) -> AsyncIterator[SelfWatch]:
             await conn.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", device)
         finally:
             await conn.close()
-        for name, result in zip(("ingest", "rules", "notify"), results, strict=True):
-            assert not isinstance(result, BaseException), f"{name} failed: {result!r}"
 
 
 async def last_seen(dsn: str, source: str) -> datetime | None:
