@@ -6,6 +6,7 @@ window, and after revocation), nothing else of team B, every read audited with t
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -25,6 +26,7 @@ from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
 from services.ingest.adapters.registry_admin import upsert_patient
+from services.notify.domain.escalation import page_until_acknowledged, snapshot_to_json
 from tests.api.conftest import (
     PASSWORD,
     RecordingAlertActions,
@@ -39,6 +41,8 @@ from tests.api.conftest import (
 pytestmark = pytest.mark.stack
 
 PARIS = ZoneInfo("Europe/Paris")
+# A policy as notify freezes it onto an escalation.
+FROZEN = json.dumps(snapshot_to_json(page_until_acknowledged("test", "oncall@test.test")))
 
 
 class MovableClock:
@@ -318,7 +322,7 @@ async def test_the_covered_team_reads_the_morning_summary(cover_world: CoverWorl
                 """
                 INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
                     care_team_id, snapshot, status, acknowledged_by, acknowledged_at, opened_at)
-                VALUES (gen_random_uuid(), $1, $2, $3, $4, '{}', 'acknowledged', $5, $6, $7)
+                VALUES (gen_random_uuid(), $1, $2, $3, $4, $8::jsonb, 'acknowledged', $5, $6, $7)
                 RETURNING escalation_id
                 """,
                 w.alert_b,
@@ -328,6 +332,7 @@ async def test_the_covered_team_reads_the_morning_summary(cover_world: CoverWorl
                 w.users["clinician_a"],
                 two + timedelta(minutes=5),
                 two,
+                FROZEN,
             )
             await pool.executemany(
                 "INSERT INTO escalation_events (escalation_id, at, kind) VALUES ($1, $2, $3)",

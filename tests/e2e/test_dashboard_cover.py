@@ -26,6 +26,7 @@ from services.ingest.adapters.registry_admin import (
 )
 from services.rules.domain.identity import alert_id_for
 from tests.api.conftest import insert_alert
+from tests.api.test_api_cover import FROZEN
 from tests.e2e.conftest import free_port
 from tests.e2e.test_regional_cover import zone_at
 from tests.support.dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, add_user, log_in, served
@@ -102,7 +103,7 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             """
             INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
                 care_team_id, snapshot, status, acknowledged_by, acknowledged_at, opened_at)
-            VALUES ($1, $2, $3, $4, $5, '{}', 'acknowledged', $6, $7, $8)
+            VALUES ($1, $2, $3, $4, $5, $9::jsonb, 'acknowledged', $6, $7, $8)
             """,
             uuid.uuid4(),
             key,
@@ -112,6 +113,7 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             f"clinician-r-{run}",
             opened + timedelta(minutes=6),
             opened,
+            FROZEN,
         )
     finally:
         await conn.close()

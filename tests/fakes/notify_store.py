@@ -339,6 +339,12 @@ class FakeEscalations:
     def __init__(self, db: MemoryNotifyDatabase) -> None:
         self._db = db
 
+    async def under_cover(self) -> list[tuple[UUID, str, str]]:
+        return []  # regional cover is not modelled: nothing is filed under a covering team
+
+    async def refile(self, escalation_id: UUID, *, care_team_id: str, snapshot: object) -> None:
+        _not_modelled("regional cover's hand-back")
+
     async def add(
         self,
         alert: Alert,

@@ -1,10 +1,12 @@
 """Regional cover through notify's escalation service on real PostgreSQL and a real SMTP server,
 with a clock moved by hand: a small team's patient's fever at 02:00 (Paris) pages the covering
 team's on-call, who acknowledges it; the same at 10:00 pages the home team; once the agreement
-is revoked, or on an exception date, the home team again."""
+is revoked, or on an exception date, the home team again; at 08:00 an alert still open is
+handed back to the home team."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -162,3 +164,54 @@ async def test_an_exception_date_or_a_revoked_agreement_leaves_the_home_team_pag
     )
     revoked_to, _ = await fever_at(rig, paris(NIGHT + timedelta(days=1), 2), "FEVER-REVOKED")
     assert revoked_to == [f"oncall@{rig.small}.test"]
+
+
+async def timeline_kinds(rig: Rig, escalation_id: Any) -> list[tuple[str, dict[str, Any]]]:
+    rows = await rig.pool.fetch(
+        "SELECT kind, detail FROM escalation_events WHERE escalation_id = $1 ORDER BY event_id",
+        escalation_id,
+    )
+    return [
+        (r["kind"], json.loads(r["detail"]) if isinstance(r["detail"], str) else r["detail"])
+        for r in rows
+    ]
+
+
+async def test_an_alert_still_open_at_the_end_of_the_window_is_handed_back(rig: Rig) -> None:
+    """Unacknowledged at 08:00, the night's alert goes back to the home team, whose on-call is
+    paged from its policy's first step; one acknowledged overnight stays with who acknowledged
+    it; both timelines say so. Before 08:00 nothing moves."""
+    morning = NIGHT + timedelta(days=1)
+    open_to, still_open = await fever_at(rig, paris(morning, 5) + timedelta(minutes=50), "F-OPEN")
+    acked_to, acked = await fever_at(rig, paris(morning, 5) + timedelta(minutes=51), "F-ACKED")
+    assert open_to == acked_to == [f"oncall@{rig.big}.test"]
+    ack = await rig.service.acknowledge(acked["escalation_id"], by="big-nurse", via="dashboard")
+    assert ack.outcome is AckOutcome.ACKNOWLEDGED
+
+    rig.clock.now = paris(morning, 7)
+    await rig.service.hand_back_round()
+    for row in (still_open, acked):
+        kinds = [k for k, _ in await timeline_kinds(rig, row["escalation_id"])]
+        assert "handed_back" not in kinds
+
+    rig.clock.now = paris(morning, 8)
+    before = len(rig.smtp.received)
+    assert await rig.service.hand_back_round() >= 2
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    paged = [to for tos, _ in rig.smtp.received[before:] for to in tos]
+    assert paged == [f"oncall@{rig.small}.test"]
+    team = await rig.pool.fetchval(
+        "SELECT care_team_id FROM escalations WHERE escalation_id = $1",
+        still_open["escalation_id"],
+    )
+    assert team == rig.small
+    handed = dict(await timeline_kinds(rig, still_open["escalation_id"]))["handed_back"]
+    assert handed == {"from_team": rig.big, "to_team": rig.small, "repaged": True}
+    kept = dict(await timeline_kinds(rig, acked["escalation_id"]))["handed_back"]
+    assert kept == {"from_team": rig.big, "to_team": rig.small, "repaged": False}
+    # Handed back once: the next round leaves them be.
+    again = len(rig.smtp.received)
+    await rig.service.hand_back_round()
+    await rig.service.deliver_due()
+    assert len(rig.smtp.received) == again

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from enum import StrEnum
@@ -58,6 +58,7 @@ from services.notify.domain.escalation import (
     DEFAULT_POLICY_WAIT_S,
     Acknowledge,
     EscalationEvent,
+    EscalationStatus,
     PolicySnapshot,
     Resolve,
     Snooze,
@@ -1333,9 +1334,70 @@ class EscalationService:
     async def _clock_round(self) -> bool:
         if await self.tick():
             self._wakeup.set()  # new pages are queued: wake the delivery loop
+        if await self.hand_back_round():
+            self._wakeup.set()
         await self.check_heartbeat()
         await self.outage_round()
         return False
+
+    async def hand_back_round(self) -> int:
+        """Regional cover's hand-back (``domain.cover``): an escalation filed under a covering
+        team whose cover of the patient's team has ended (the window closed, or the agreement
+        was revoked) goes back to the patient's team. Unacknowledged, it is filed under the
+        team and frozen with its policy, which pages from its first step now; acknowledged, it
+        stays with whoever acknowledged it. Either way the timeline's ``handed_back`` entry
+        says from and to whom. Returns how many were handed back."""
+        now = self._clock()
+        async with self._unit_of_work(transaction=False) as uow:
+            candidates = await uow.escalations.under_cover()
+        handed = 0
+        for escalation_id, patient_id, covering in candidates:
+            async with self._unit_of_work(transaction=False) as uow:
+                standing = await uow.policies.standing_of(patient_id, "")
+            if standing is None:
+                continue
+            if paged_team(standing.care_team_id, standing.cover, now).care_team_id == covering:
+                continue  # still covered
+            home = standing.care_team_id
+            snapshot = await load_policy(self._unit_of_work, home)
+            if snapshot is None:
+                home, snapshot = fallback_chain(home, self._config)
+            async with self._unit_of_work() as uow:
+                records = await uow.escalations.lock(escalation_id)
+                if not records or records[0].state.status is EscalationStatus.RESOLVED:
+                    await uow.commit()
+                    continue
+                record = records[0]
+                repaged = record.state.status is not EscalationStatus.ACKNOWLEDGED
+                if repaged:
+                    await uow.escalations.refile(
+                        escalation_id, care_team_id=home, snapshot=snapshot
+                    )
+                    refiled = replace(record, care_team_id=home, snapshot=snapshot)
+                    changes = [(refiled, advance(snapshot, opened(now), Tick(now=now)))]
+                    await uow.escalations.save(changes)
+                    await uow.outbox.add_effects(changes, at=now)
+                await uow.escalations.note(
+                    escalation_id,
+                    now,
+                    TimelineEntry(
+                        "handed_back",
+                        {"from_team": covering, "to_team": home, "repaged": repaged},
+                    ),
+                )
+                await uow.commit()
+            handed += 1
+            log.info(
+                "escalation_handed_back",
+                extra=log_fields(
+                    escalation_id=str(escalation_id),
+                    patient_id=patient_id,
+                    from_team=covering,
+                    care_team_id=home,
+                    repaged=repaged,
+                ),
+            )
+        return handed
 
     async def outage_round(self) -> None:
         """Page the start phases held after an outage that are still open when their wait is

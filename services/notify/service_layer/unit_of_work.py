@@ -140,6 +140,16 @@ class EscalationRepository(Protocol):
     async def spend_token(self, digest: str, at: datetime) -> bool: ...
     async def state_of(self, escalation_id: UUID) -> EscalationState | None: ...
     async def timeline(self, dedup_key: str) -> dict[str, Any] | None: ...
+    async def under_cover(self) -> list[tuple[UUID, str, str]]:
+        """Regional cover: the unresolved escalations filed under a team that covers the
+        patient's team, not yet handed back: (escalation id, patient, the team filed under)."""
+        ...
+
+    async def refile(
+        self, escalation_id: UUID, *, care_team_id: str, snapshot: PolicySnapshot
+    ) -> None:
+        """File the escalation under another team with another frozen policy."""
+        ...
 
 
 class OutboxRepository(Protocol):

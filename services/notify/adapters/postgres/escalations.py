@@ -62,6 +62,34 @@ class PostgresEscalations:
                 ],
             )
 
+    async def under_cover(self) -> list[tuple[UUID, str, str]]:
+        rows = await self._db.fetch(
+            """
+            SELECT e.escalation_id, e.patient_id, e.care_team_id
+            FROM escalations e JOIN patients p ON p.patient_id = e.patient_id
+            WHERE e.status IN ('open', 'exhausted', 'acknowledged')
+              AND e.care_team_id <> p.care_team_id
+              AND EXISTS (SELECT 1 FROM cover_agreements c
+                          WHERE c.covering_team_id = e.care_team_id
+                            AND c.covered_team_id = p.care_team_id)
+              AND NOT EXISTS (SELECT 1 FROM escalation_events v
+                              WHERE v.escalation_id = e.escalation_id
+                                AND v.kind = 'handed_back')
+            """
+        )
+        return [(r["escalation_id"], r["patient_id"], r["care_team_id"]) for r in rows]
+
+    async def refile(
+        self, escalation_id: UUID, *, care_team_id: str, snapshot: PolicySnapshot
+    ) -> None:
+        await self._db.execute(
+            "UPDATE escalations SET care_team_id = $2, snapshot = $3::jsonb "
+            "WHERE escalation_id = $1",
+            escalation_id,
+            care_team_id,
+            json.dumps(snapshot_to_json(snapshot)),
+        )
+
     async def note(self, escalation_id: UUID, at: datetime, entry: TimelineEntry) -> None:
         conn = self._db
         await write_event(conn, escalation_id, at, entry)
