@@ -209,6 +209,8 @@ async def propose_agreement(
 ) -> VersionView:
     """Propose a new agreement: pending until a manager of the other team approves it."""
     hours = _hours(terms)
+    if not {terms.covering_team_id, terms.covered_team_id} & principal.own_teams:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "neither team is one of the caller's")
     await _teams_exist(request, terms)
     try:
         version = await _service(request).propose(
