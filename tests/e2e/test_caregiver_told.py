@@ -240,10 +240,10 @@ async def test_caregiver_told_on_page_acknowledgement_and_all_clear(
     sms = family.twilio.sent_to(HOME_SMS)[0]["body"]
     assert refused and refused[0] == sms  # the retry sends the same words
     assert sms.startswith("Vigil a détecté une température élevée à ")
-    assert f"Votre équipe soignante a été alertée. {FEVER_GUIDANCE} (Ref " in sms
+    assert f"Votre équipe soignante est alertée. {FEVER_GUIDANCE} (Ref " in sms
     mail = _home_mail(family)[0]
-    assert _subject(mail) == "Vigil : votre équipe soignante a été alertée"
-    assert "Votre équipe soignante a été alertée." in _body(mail)
+    assert _subject(mail) == "Vigil : votre équipe soignante est alertée"
+    assert "Votre équipe soignante est alertée." in _body(mail)
     for words in (sms, _body(mail), _subject(mail)):
         assert patient not in words and device not in words and "38.6" not in words
     assert family.twilio.sent_to(WITHDRAWN_SMS) == []

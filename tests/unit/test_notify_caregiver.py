@@ -220,10 +220,10 @@ def test_a_flapping_alarm_is_told_at_most_three_times_an_hour() -> None:
 
 def test_paged_words_say_what_when_and_that_the_team_was_alerted() -> None:
     subject, body = compose(situation(), "en")
-    assert subject == "Vigil: your care team has been alerted"
+    assert subject == "Vigil: your care team is being alerted"
     assert body.startswith(
         "Vigil noticed an alarm from the infusion pump at 03:00 CET. "
-        "Your care team has been alerted."
+        "Your care team is being alerted."
     )
     assert "emergency number" in body
 

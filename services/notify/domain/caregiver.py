@@ -2,7 +2,7 @@
 
 When an alarm pages the care team, each caregiver contact of the patient who consented is told,
 in their language, what was noticed (a high temperature, an infusion pump alarm, a home device
-gone silent, readings lost), that the care team has been alerted, and what to do meanwhile.
+gone silent, readings lost), that the care team is being alerted, and what to do meanwhile.
 When a clinician acknowledges, they are told the team has seen it and who will call; when the
 escalation is exhausted with nobody acknowledging, to call the unit's 24-hour number; when the
 alarm ends, that it is over. ``happenings`` reads what happened from the escalation engine's
@@ -286,19 +286,19 @@ _WHAT: Final[dict[str, dict[Category, str]]] = {
 
 _SUBJECT: Final[dict[str, dict[Happening, str]]] = {
     "en": {
-        Happening.PAGED: "Vigil: your care team has been alerted",
+        Happening.PAGED: "Vigil: your care team is being alerted",
         Happening.ACKNOWLEDGED: "Vigil: your care team has seen the alert",
         Happening.EXHAUSTED: "Vigil: please call the unit now",
         Happening.ALL_CLEAR: "Vigil: the alert is over",
     },
     "fr": {
-        Happening.PAGED: "Vigil : votre équipe soignante a été alertée",
+        Happening.PAGED: "Vigil : votre équipe soignante est alertée",
         Happening.ACKNOWLEDGED: "Vigil : votre équipe soignante a vu l'alerte",
         Happening.EXHAUSTED: "Vigil : appelez le service maintenant",
         Happening.ALL_CLEAR: "Vigil : l'alerte est terminée",
     },
     "es": {
-        Happening.PAGED: "Vigil: su equipo médico ha sido avisado",
+        Happening.PAGED: "Vigil: su equipo médico está siendo avisado",
         Happening.ACKNOWLEDGED: "Vigil: su equipo médico ha visto la alerta",
         Happening.EXHAUSTED: "Vigil: llame a la unidad ahora",
         Happening.ALL_CLEAR: "Vigil: la alerta ha terminado",
@@ -333,10 +333,10 @@ def compose(situation: Situation, language: str) -> tuple[str, str]:
     elif happening is Happening.PAGED:
         guidance = (situation.guidance or {}).get(language) or _DEFAULT_GUIDANCE[language]
         body = {
-            "en": f"Vigil noticed {what} at {when}. Your care team has been alerted. {guidance}",
-            "fr": f"Vigil a détecté {what} à {when}. Votre équipe soignante a été alertée. "
+            "en": f"Vigil noticed {what} at {when}. Your care team is being alerted. {guidance}",
+            "fr": f"Vigil a détecté {what} à {when}. Votre équipe soignante est alertée. "
             f"{guidance}",
-            "es": f"Vigil detectó {what} a las {when}. Su equipo médico ha sido avisado. "
+            "es": f"Vigil detectó {what} a las {when}. Su equipo médico está siendo avisado. "
             f"{guidance}",
         }[language]
     elif happening is Happening.ACKNOWLEDGED:
