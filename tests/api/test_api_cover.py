@@ -25,7 +25,7 @@ from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
-from services.ingest.adapters.registry_admin import upsert_patient
+from services.ingest.adapters.registry_admin import upsert_device, upsert_patient
 from services.notify.domain.escalation import page_until_acknowledged, snapshot_to_json
 from tests.api.conftest import (
     PASSWORD,
@@ -35,6 +35,7 @@ from tests.api.conftest import (
     bearer,
     build_world,
     free_port,
+    insert_alert,
     until_serving,
 )
 
@@ -62,6 +63,7 @@ class CoverWorld:
     clock: MovableClock
     night: date  # a local date (Paris) two days ahead: its night is in the future
     discharged_b: str
+    discharged_alert: str
     dsn: str
 
     def paris(self, day_offset: int, hour: int) -> datetime:
@@ -101,6 +103,14 @@ async def cover_world(stack_env: dict[str, str]) -> AsyncIterator[CoverWorld]:
         try:
             async with pool.acquire() as conn:
                 await upsert_patient(conn, discharged, world.team_b, 18.0)
+                await upsert_device(conn, f"thermo-{discharged}", "thermometer")
+                discharged_alert = await insert_alert(
+                    conn,
+                    discharged,
+                    f"thermo-{discharged}",
+                    datetime.now(UTC) - timedelta(hours=1),
+                    38.5,
+                )
                 await conn.execute(
                     "UPDATE patients SET infusion_ended_at = now(), discharged_at = now(), "
                     "discharge_reason = 'done', discharged_by = 'x' WHERE patient_id = $1",
@@ -120,7 +130,7 @@ async def cover_world(stack_env: dict[str, str]) -> AsyncIterator[CoverWorld]:
         finally:
             await pool.close()
         night = datetime.now(PARIS).date() + timedelta(days=2)
-        yield CoverWorld(world, clock, night, discharged, dsn)
+        yield CoverWorld(world, clock, night, discharged, discharged_alert, dsn)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
@@ -214,6 +224,18 @@ async def test_cover_needs_both_teams_and_scopes_access_to_the_window(
         ):
             answer = await client.get(path, headers=h["clinician_a"])
             assert answer.status_code == 404, (path, answer.status_code)
+        # Nor a discharged patient of team B or their alerts in the lists.
+        listed_b = await client.get(
+            "/api/patients", params={"limit": 500}, headers=h["clinician_a"]
+        )
+        listed_ids = {p["patient_id"] for p in listed_b.json()["items"]}
+        assert w.patient_b in listed_ids and cw.discharged_b not in listed_ids
+        alerts_b = await client.get("/api/alerts", params={"limit": 500}, headers=h["clinician_a"])
+        keys_b = {a["dedup_key"] for a in alerts_b.json()["items"]}
+        assert w.alert_b in keys_b and cw.discharged_alert not in keys_b
+        # Team B's own users still list their discharged patient and its alert.
+        own_b = await client.get("/api/alerts", params={"limit": 500}, headers=h["clinician_b"])
+        assert cw.discharged_alert in {a["dedup_key"] for a in own_b.json()["items"]}
         # Cover is one way: team B's clinician sees nothing of team A.
         own_a = await client.get(f"/api/patients/{w.patient_a}", headers=h["clinician_b"])
         assert own_a.status_code == 404

@@ -133,17 +133,26 @@ class ApiRepository:
     # -- patients -----------------------------------------------------------------------------
 
     async def patients(
-        self, teams: frozenset[str], limit: int, offset: int
+        self,
+        teams: frozenset[str],
+        limit: int,
+        offset: int,
+        *,
+        monitored_only: frozenset[str] = frozenset(),
     ) -> tuple[list[Row], int]:
+        """``monitored_only``: teams of ``teams`` whose discharged patients are left out (the
+        teams seen through regional cover)."""
         records = await self._pool.fetch(
             """
             SELECT patient_id, care_team_id, weight_kg, count(*) OVER () AS total
             FROM patients WHERE care_team_id = ANY($1::text[])
+              AND NOT (care_team_id = ANY($4::text[]) AND discharged_at IS NOT NULL)
             ORDER BY patient_id LIMIT $2 OFFSET $3
             """,
             list(teams),
             limit,
             offset,
+            list(monitored_only),
         )
         total = int(records[0]["total"]) if records else 0
         return [{k: v for k, v in dict(r).items() if k != "total"} for r in records], total
@@ -308,8 +317,11 @@ class ApiRepository:
         patient_id: str | None,
         limit: int,
         offset: int,
+        monitored_only: frozenset[str] = frozenset(),
     ) -> tuple[list[Row], int]:
-        """One row per alert episode (dedup key): its opening, latest phase and status."""
+        """One row per alert episode (dedup key): its opening, latest phase and status;
+        ``monitored_only``: teams whose discharged patients' episodes are left out (the teams
+        seen through regional cover)."""
         records = await self._pool.fetch(
             f"""
             WITH episodes AS ({_EPISODES_SQL})
@@ -317,6 +329,10 @@ class ApiRepository:
             WHERE ($2::text IS NULL OR status = $2)
               AND ($3::text IS NULL OR priority = $3)
               AND ($4::text IS NULL OR patient_id = $4)
+              AND NOT EXISTS (SELECT 1 FROM patients d
+                              WHERE d.patient_id = episodes.patient_id
+                                AND d.care_team_id = ANY($7::text[])
+                                AND d.discharged_at IS NOT NULL)
             ORDER BY (status = 'resolved'), priority_rank, opened_at DESC
             LIMIT $5 OFFSET $6
             """,
@@ -326,6 +342,7 @@ class ApiRepository:
             patient_id,
             limit,
             offset,
+            list(monitored_only),
         )
         total = int(records[0]["total"]) if records else 0
         return [{k: v for k, v in dict(r).items() if k != "total"} for r in records], total

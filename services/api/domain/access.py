@@ -94,6 +94,11 @@ class Principal:
         return care_team_id is not None and care_team_id in self.care_teams
 
     @property
+    def covered_teams(self) -> frozenset[str]:
+        """The teams the principal sees only through cover: their monitored patients only."""
+        return frozenset(c.covered_team_id for c in self.cover)
+
+    @property
     def own_teams(self) -> frozenset[str]:
         """The principal's own care teams, without those it covers."""
         return self.care_teams - {c.covered_team_id for c in self.cover}

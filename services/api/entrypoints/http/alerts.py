@@ -62,6 +62,7 @@ async def list_alerts(
         patient_id=patient_id,
         limit=limit,
         offset=offset,
+        monitored_only=principal.covered_teams,
     )
     await request.app.state.audit.record(
         principal.user_id,

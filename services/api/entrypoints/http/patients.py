@@ -86,7 +86,9 @@ async def list_patients(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> PageOf:
-    items, total = await repository.patients(principal.care_teams, limit, offset)
+    items, total = await repository.patients(
+        principal.care_teams, limit, offset, monitored_only=principal.covered_teams
+    )
     await _audit(request, principal, "patients.list", "patients", count=len(items))
     return PageOf(items=items, total=total, limit=limit, offset=offset)
 
