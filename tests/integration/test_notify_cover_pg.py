@@ -187,6 +187,12 @@ async def test_an_alert_still_open_at_the_end_of_the_window_is_handed_back(rig: 
     assert open_to == acked_to == [f"oncall@{rig.big}.test"]
     ack = await rig.service.acknowledge(acked["escalation_id"], by="big-nurse", via="dashboard")
     assert ack.outcome is AckOutcome.ACKNOWLEDGED
+    # One that cannot be loaded (its frozen policy unreadable) holds none of the others back.
+    _, broken = await fever_at(rig, paris(morning, 5) + timedelta(minutes=52), "F-BROKEN")
+    await rig.pool.execute(
+        "UPDATE escalations SET snapshot = '{}', due_at = NULL WHERE escalation_id = $1",
+        broken["escalation_id"],
+    )
 
     rig.clock.now = paris(morning, 7)
     await rig.service.hand_back_round()
@@ -197,6 +203,7 @@ async def test_an_alert_still_open_at_the_end_of_the_window_is_handed_back(rig: 
     rig.clock.now = paris(morning, 8)
     before = len(rig.smtp.received)
     assert await rig.service.hand_back_round() >= 2
+    assert "handed_back" not in dict(await timeline_kinds(rig, broken["escalation_id"]))
     await rig.service.tick()
     await rig.service.deliver_due()
     paged = [to for tos, _ in rig.smtp.received[before:] for to in tos]

@@ -1334,10 +1334,14 @@ class EscalationService:
     async def _clock_round(self) -> bool:
         if await self.tick():
             self._wakeup.set()  # new pages are queued: wake the delivery loop
-        if await self.hand_back_round():
-            self._wakeup.set()
         await self.check_heartbeat()
         await self.outage_round()
+        # Last, and on its own: a failing hand-back never holds the heartbeat or outages back.
+        try:
+            if await self.hand_back_round():
+                self._wakeup.set()
+        except Exception:
+            log.exception("hand_back_round_failed")
         return False
 
     async def hand_back_round(self) -> int:
@@ -1352,52 +1356,62 @@ class EscalationService:
             candidates = await uow.escalations.under_cover()
         handed = 0
         for escalation_id, patient_id, covering in candidates:
-            async with self._unit_of_work(transaction=False) as uow:
-                standing = await uow.policies.standing_of(patient_id, "")
-            if standing is None:
-                continue
-            if paged_team(standing.care_team_id, standing.cover, now).care_team_id == covering:
-                continue  # still covered
-            home = standing.care_team_id
-            snapshot = await load_policy(self._unit_of_work, home)
-            if snapshot is None:
-                home, snapshot = fallback_chain(home, self._config)
-            async with self._unit_of_work() as uow:
-                records = await uow.escalations.lock(escalation_id)
-                if not records or records[0].state.status is EscalationStatus.RESOLVED:
-                    await uow.commit()
-                    continue
-                record = records[0]
-                repaged = record.state.status is not EscalationStatus.ACKNOWLEDGED
-                if repaged:
-                    await uow.escalations.refile(
-                        escalation_id, care_team_id=home, snapshot=snapshot
-                    )
-                    refiled = replace(record, care_team_id=home, snapshot=snapshot)
-                    changes = [(refiled, advance(snapshot, opened(now), Tick(now=now)))]
-                    await uow.escalations.save(changes)
-                    await uow.outbox.add_effects(changes, at=now)
-                await uow.escalations.note(
-                    escalation_id,
-                    now,
-                    TimelineEntry(
-                        "handed_back",
-                        {"from_team": covering, "to_team": home, "repaged": repaged},
-                    ),
+            try:
+                handed += await self._hand_back(escalation_id, patient_id, covering, now)
+            except Exception:
+                # One escalation that cannot be handed back holds none of the others back.
+                log.exception(
+                    "hand_back_failed", extra=log_fields(escalation_id=str(escalation_id))
                 )
+        return handed
+
+    async def _hand_back(
+        self, escalation_id: UUID, patient_id: str, covering: str, now: datetime
+    ) -> int:
+        """Hand one escalation back if its cover has ended (``hand_back_round``); 1 if it was."""
+        async with self._unit_of_work(transaction=False) as uow:
+            standing = await uow.policies.standing_of(patient_id, "")
+        if standing is None:
+            return 0
+        if paged_team(standing.care_team_id, standing.cover, now).care_team_id == covering:
+            return 0  # still covered
+        home = standing.care_team_id
+        snapshot = await load_policy(self._unit_of_work, home)
+        if snapshot is None:
+            home, snapshot = fallback_chain(home, self._config)
+        async with self._unit_of_work() as uow:
+            records = await uow.escalations.lock(escalation_id)
+            if not records or records[0].state.status is EscalationStatus.RESOLVED:
                 await uow.commit()
-            handed += 1
-            log.info(
-                "escalation_handed_back",
-                extra=log_fields(
-                    escalation_id=str(escalation_id),
-                    patient_id=patient_id,
-                    from_team=covering,
-                    care_team_id=home,
-                    repaged=repaged,
+                return 0
+            record = records[0]
+            repaged = record.state.status is not EscalationStatus.ACKNOWLEDGED
+            if repaged:
+                await uow.escalations.refile(escalation_id, care_team_id=home, snapshot=snapshot)
+                refiled = replace(record, care_team_id=home, snapshot=snapshot)
+                changes = [(refiled, advance(snapshot, opened(now), Tick(now=now)))]
+                await uow.escalations.save(changes)
+                await uow.outbox.add_effects(changes, at=now)
+            await uow.escalations.note(
+                escalation_id,
+                now,
+                TimelineEntry(
+                    "handed_back",
+                    {"from_team": covering, "to_team": home, "repaged": repaged},
                 ),
             )
-        return handed
+            await uow.commit()
+        log.info(
+            "escalation_handed_back",
+            extra=log_fields(
+                escalation_id=str(escalation_id),
+                patient_id=patient_id,
+                from_team=covering,
+                care_team_id=home,
+                repaged=repaged,
+            ),
+        )
+        return 1
 
     async def outage_round(self) -> None:
         """Page the start phases held after an outage that are still open when their wait is
