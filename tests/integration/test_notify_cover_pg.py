@@ -135,6 +135,16 @@ async def test_the_covering_on_call_is_paged_at_night_and_the_home_team_by_day(r
     day_to, day = await fever_at(rig, paris(NIGHT + timedelta(days=1), 10), "FEVER-DAY")
     assert day_to == [f"oncall@{rig.small}.test"]
     assert day["care_team_id"] == rig.small
+    # The night's timeline names the agreement it was paged under; the day's names none.
+    under = dict(await timeline_kinds(rig, night["escalation_id"]))["paged_under_cover"]
+    assert under == {
+        "care_team_id": rig.big,
+        "covered_team_id": rig.small,
+        "agreement_id": str(rig.agreement),
+        "agreement_version": 1,
+        "window_ends": paris(NIGHT + timedelta(days=1), 8).isoformat(),
+    }
+    assert "paged_under_cover" not in dict(await timeline_kinds(rig, day["escalation_id"]))
 
     # 19:59 is before the window, 20:00 inside it.
     before_to, _ = await fever_at(rig, paris(NIGHT, 20) - timedelta(minutes=1), "FEVER-BEFORE")

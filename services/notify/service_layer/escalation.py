@@ -44,7 +44,7 @@ from services.notify.domain.channel_failover import (
     OutcomeUnknown,
     after_attempt,
 )
-from services.notify.domain.cover import paged_team
+from services.notify.domain.cover import PagedTeam, paged_team
 from services.notify.domain.early_cycle import (
     EarlyCycleOverride,
     crs_cycle_day,
@@ -354,6 +354,33 @@ class EscalationService:
         return True
 
     async def _start(self, alert: Alert, now: datetime, *, outage_hold: bool = True) -> None:
+        covering = await self._start_escalation(alert, now, outage_hold=outage_hold)
+        if covering is None:
+            return
+        # Regional cover: the escalation's timeline names the agreement it was paged under.
+        escalation_id = await self.escalation_id_for(alert.dedup_key)
+        if escalation_id is not None:
+            async with self._unit_of_work(transaction=False) as uow:
+                await uow.escalations.note(
+                    escalation_id,
+                    now,
+                    TimelineEntry(
+                        "paged_under_cover",
+                        {
+                            "care_team_id": covering.care_team_id,
+                            "covered_team_id": covering.covered_team_id,
+                            "agreement_id": covering.agreement_id,
+                            "agreement_version": covering.version,
+                            "window_ends": (
+                                covering.window_ends.isoformat() if covering.window_ends else None
+                            ),
+                        },
+                    ),
+                )
+
+    async def _start_escalation(
+        self, alert: Alert, now: datetime, *, outage_hold: bool
+    ) -> PagedTeam | None:
         """Open the alert's escalation under its team's policy, or under the fallback chain
         when no policy covers it; quiet hours and the bundling window apply as for any alert,
         except that quiet hours never hold the fallback chain (it pages no team). A start that
@@ -363,6 +390,7 @@ class EscalationService:
             standing = await uow.policies.standing_of(alert.patient_id, alert.device_id)
         team = None if standing is None else standing.care_team_id
         snapshot = None
+        covered: PagedTeam | None = None
         if standing is not None and standing.cover:
             # Regional cover (``domain.cover``): during an agreement's hours the covering
             # team's on-call is paged; the thresholds that raised the alert stay the covered
@@ -371,7 +399,7 @@ class EscalationService:
             if paged.covering:
                 snapshot = await load_policy(self._unit_of_work, paged.care_team_id)
                 if snapshot is not None:
-                    team = paged.care_team_id
+                    team, covered = paged.care_team_id, paged
                     log.info(
                         "alert_paged_under_cover",
                         extra=log_fields(
@@ -406,7 +434,7 @@ class EscalationService:
             )
         if stopped is not None:
             await self._not_paged(alert, team, snapshot, now, stopped)
-            return
+            return covered
         snapshot = await self._early_cycle(alert, team, snapshot)
         if (
             team_known
@@ -414,15 +442,16 @@ class EscalationService:
             and self._outages is not None
             and await self._outages.hold(alert, now)
         ):
-            return
+            return covered
         if team_known and await self._held_for_quiet_hours(alert, team, snapshot, now):
-            return
+            return covered
         if await self._held_technical(alert, team, snapshot, now):
-            return
+            return covered
         if self._config.group_wait_s > 0:
             await self._open_in_window(alert, team, snapshot, now)
         else:
             await self._open(alert, team, snapshot, now)
+        return covered
 
     async def _not_paged(
         self, alert: Alert, team: str, snapshot: PolicySnapshot, now: datetime, reason: str
