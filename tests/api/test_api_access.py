@@ -27,6 +27,7 @@ def api_paths(world: World) -> list[tuple[str, str]]:
         "schedule_id": f"nothing-{world.run}",
         "contact_id": "00000000-0000-4000-8000-000000000001",
         "agreement_id": "00000000-0000-4000-8000-000000000002",
+        "organisation_id": f"org-{world.run}",
         "version": "1",
         "alarm": "occlusion_downstream",
         "language": "en",

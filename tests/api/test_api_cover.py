@@ -117,7 +117,11 @@ async def cover_world(stack_env: dict[str, str]) -> AsyncIterator[CoverWorld]:
                     discharged,
                 )
             repository = ApiRepository(pool)
-            for label, role in (("nurse_b", Role.CHARGE_NURSE), ("auditor_b", Role.AUDITOR)):
+            for label, role in (
+                ("nurse_b", Role.CHARGE_NURSE),
+                ("auditor_b", Role.AUDITOR),
+                ("admin_b", Role.ADMIN),
+            ):
                 await repository.create_user(
                     f"{label}-{world.run}",
                     f"{label}-{world.run}",
@@ -387,3 +391,42 @@ async def test_the_covered_team_reads_the_morning_summary(cover_world: CoverWorl
         assert earlier.json()["patients"] == []
         refused = await client.get(path, params={"at": morning}, headers=h["clinician_a"])
         assert refused.status_code == 404
+
+
+async def test_an_admin_puts_a_team_in_a_centre_which_the_covering_team_then_sees(
+    cover_world: CoverWorld,
+) -> None:
+    """A centre is created and team B put in it by team B's admin (not a charge nurse, not for
+    another team, not in an unknown centre); during the night the covering clinician's cover
+    names it. Runs after the morning-summary test, whose agreement is in force."""
+    cw = cover_world
+    w = cw.world
+    h = await cw.tokens("admin_b", "nurse_b", "clinician_a")
+    centre = f"org-{w.run}"
+    async with httpx.AsyncClient(base_url=w.base_url) as client:
+        put = await client.put(
+            f"/api/organisations/{centre}", json={"name": "Valley general"}, headers=h["nurse_b"]
+        )
+        assert put.status_code == 403
+        put = await client.put(
+            f"/api/organisations/{centre}", json={"name": "Valley general"}, headers=h["admin_b"]
+        )
+        assert put.status_code == 200, put.text
+        path = f"/api/care-teams/{w.team_b}/organisation"
+        unknown = await client.put(path, json={"organisation_id": "nowhere"}, headers=h["admin_b"])
+        assert unknown.status_code == 422
+        other = await client.put(
+            f"/api/care-teams/{w.team_a}/organisation",
+            json={"organisation_id": centre},
+            headers=h["admin_b"],
+        )
+        assert other.status_code == 404
+        placed = await client.put(path, json={"organisation_id": centre}, headers=h["admin_b"])
+        assert placed.status_code == 200, placed.text
+        cw.clock.at = cw.paris(5, 2)
+        now = (await client.get("/api/cover", headers=h["clinician_a"])).json()
+        assert [(c["covered_team_id"], c["covered_centre"]) for c in now] == [
+            (w.team_b, "Valley general")
+        ]
+    actions = {e[1] for e in w.audit.entries if e[0] == w.users["admin_b"]}
+    assert {"organisation.saved", "care_team.organisation_changed"} <= actions

@@ -204,3 +204,23 @@ class PostgresCoverStore:
                 )
             )
         return found
+
+    async def put_organisation(self, organisation_id: str, name: str) -> None:
+        await self._pool.execute(
+            "INSERT INTO organisations (organisation_id, name) VALUES ($1, $2) "
+            "ON CONFLICT (organisation_id) DO UPDATE SET name = EXCLUDED.name",
+            organisation_id,
+            name,
+        )
+
+    async def set_organisation(self, care_team_id: str, organisation_id: str | None) -> bool:
+        """False when ``organisation_id`` names no organisation."""
+        try:
+            await self._pool.execute(
+                "UPDATE care_teams SET organisation_id = $2 WHERE care_team_id = $1",
+                care_team_id,
+                organisation_id,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            return False
+        return True

@@ -8,11 +8,11 @@ from datetime import date, datetime, time
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfoNotFoundError
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
 
-from services.api.domain.access import Action, Principal
-from services.api.entrypoints.http.deps import Clock, require
+from services.api.domain.access import Action, Principal, Role
+from services.api.entrypoints.http.deps import Clock, CurrentPrincipal, require
 from services.api.entrypoints.http.responses import AUTHENTICATED, Problem, invalid, not_found
 from services.api.service_layer.cover import (
     CoverAgreements,
@@ -470,3 +470,70 @@ async def cover_summary(
         {"patients": len(summary.patients)},
     )
     return summary
+
+
+def _admin(principal: CurrentPrincipal) -> Principal:
+    # Centres span teams: setting them up is the administrator's, not a team's manager's.
+    if principal.role is not Role.ADMIN:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin sets up centres")
+    return principal
+
+
+Admin = Annotated[Principal, Depends(_admin)]
+
+
+class OrganisationIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="The centre's name.")
+
+
+class OrganisationView(BaseModel):
+    organisation_id: str
+    name: str
+
+
+class TeamCentre(BaseModel):
+    organisation_id: str | None = Field(
+        max_length=64, description="The centre the team belongs to; null: none."
+    )
+
+
+@router.put("/organisations/{organisation_id}", response_model=OrganisationView)
+async def put_organisation(
+    request: Request,
+    organisation_id: Annotated[str, Path(min_length=1, max_length=64)],
+    body: OrganisationIn,
+    principal: Admin,
+) -> OrganisationView:
+    """Create or rename a centre (organisation); the admin role's only. Audited
+    ``organisation.saved``."""
+    await request.app.state.cover_store.put_organisation(organisation_id, body.name)
+    await request.app.state.audit.record(
+        principal.user_id,
+        "organisation.saved",
+        f"organisation:{organisation_id}",
+        {"name": body.name},
+    )
+    return OrganisationView(organisation_id=organisation_id, name=body.name)
+
+
+@router.put(
+    "/care-teams/{care_team_id}/organisation",
+    response_model=TeamCentre,
+    responses={**not_found("care team")},
+)
+async def put_team_centre(
+    request: Request, care_team_id: str, body: TeamCentre, principal: Admin
+) -> TeamCentre:
+    """Put one of the caller's care teams in a centre (or in none); the admin role's only. 422
+    for an unknown centre. Audited ``care_team.organisation_changed``."""
+    if care_team_id not in principal.own_teams:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
+    if not await request.app.state.cover_store.set_organisation(care_team_id, body.organisation_id):
+        raise invalid("organisation_id", "no such organisation", where="body")
+    await request.app.state.audit.record(
+        principal.user_id,
+        "care_team.organisation_changed",
+        f"care_team:{care_team_id}",
+        {"organisation_id": body.organisation_id},
+    )
+    return body
