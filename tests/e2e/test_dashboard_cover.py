@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -119,6 +120,7 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
         await conn.close()
     await add_user(dsn, f"cr-{run}", f"clinician-r-{run}", "Regional", Role.CLINICIAN, [regional])
     await add_user(dsn, f"np-{run}", f"nurse-p-{run}", "Partner", Role.CHARGE_NURSE, [partner])
+    await add_user(dsn, f"nr-{run}", f"nurse-r-{run}", "Regional", Role.CHARGE_NURSE, [regional])
 
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as playwright:
@@ -142,6 +144,16 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             assert until is not None
             assert datetime.fromisoformat(until) == last_night + timedelta(days=1, hours=6)
             await covering.screenshot(path=str(ARTIFACTS / "roster-covering.png"), full_page=True)
+            # The row's links open the covered patient's page and alert's page; the covering
+            # team's charge nurse is not offered the discharge, which is not theirs.
+            opened_alert = await covering.goto(f"{api_base_url}/alerts/{quote(key, safe='')}")
+            assert opened_alert is not None and opened_alert.status == 200
+            nurse = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await log_in(nurse, api_base_url, f"nurse-r-{run}")
+            opened_page = await nurse.goto(f"{api_base_url}/patients/{patient}")
+            assert opened_page is not None and opened_page.status == 200
+            assert patient in await nurse.locator("h1").inner_text()
+            assert await nurse.locator("#discharge").count() == 0
 
             home = await browser.new_page(viewport={"width": 1200, "height": 800})
             await log_in(home, api_base_url, f"nurse-p-{run}")

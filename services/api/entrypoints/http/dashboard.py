@@ -22,7 +22,7 @@ from services.api.domain.access import Action, Principal
 from services.api.domain.clocks import PumpReport, infusion_clocks, local_time, team_zone
 from services.api.domain.course import CourseWindow, course_window, reading_text
 from services.api.entrypoints.http.alerts import alert_timeline
-from services.api.entrypoints.http.deps import SESSION_COOKIE, get_principal
+from services.api.entrypoints.http.deps import SESSION_COOKIE, cover_scope, get_principal
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "templates"))
@@ -217,6 +217,7 @@ async def alert_page(request: Request, dedup_key: str) -> Response:
         return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
     if not principal.may(Action.READ_PATIENT):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "role may not read patients")
+    principal = await cover_scope(request, principal, Action.READ_PATIENT, request.app.state.clock)
     found = await alert_timeline(request, principal, request.app.state.repository, dedup_key)
     return templates.TemplateResponse(
         request,
@@ -267,6 +268,10 @@ async def patient_page(request: Request, patient_id: str) -> Response:
     if principal is None:
         return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
     repository = request.app.state.repository
+    if principal.may(Action.READ_PATIENT):
+        principal = await cover_scope(
+            request, principal, Action.READ_PATIENT, request.app.state.clock
+        )
     patient = await repository.patient(principal.care_teams, patient_id)
     if patient is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such patient")

@@ -95,41 +95,50 @@ def require(action: Action) -> Callable[[Principal], Principal]:
 
 
 def require_patient(action: Action) -> Callable[..., Any]:
-    """``require`` for the routes of patients and their alerts, widened by regional cover: while
-    an agreement in force lets one of the caller's teams cover another, the principal also sees
-    the covered team's monitored patients (a discharged one answers 404 through cover), and every
-    audit entry of the request names the agreement (docs/regional-cover.md)."""
+    """``require`` for the routes of patients and their alerts, widened by regional cover
+    (``cover_scope``)."""
 
     async def check(request: Request, principal: CurrentPrincipal, clock: Clock) -> Principal:
         if not principal.may(action):
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role may not {action.value}")
-        COVER_IN_FORCE.set(())
-        if action not in COVER_ACTIONS or not principal.care_teams:
-            return principal
-        from services.notify.public import grants
-
-        store = request.app.state.cover_store
-        agreements = await store.in_force_covering(principal.care_teams)
-        found = grants(principal.care_teams, agreements, clock())
-        if not found:
-            return principal
-        widened = principal.covering(
-            tuple(CoverScope(g.covered_team_id, g.agreement_id, g.version, g.ends) for g in found)
-        )
-        patient_id = request.path_params.get("patient_id")
-        dedup_key = request.path_params.get("dedup_key")
-        if patient_id is not None or dedup_key is not None:
-            subject = await store.subject_team(patient_id, dedup_key)
-            scope = widened.cover_of(subject[0]) if subject is not None else None
-            if subject is not None and scope is not None:
-                if subject[1]:  # a discharged patient is no longer the covering team's
-                    what = "patient" if patient_id is not None else "alert"
-                    raise HTTPException(status.HTTP_404_NOT_FOUND, f"no such {what}")
-                COVER_IN_FORCE.set((scope,))
-                return widened
-            # The caller's own patient (or none at all): served as without cover.
-            return principal
-        COVER_IN_FORCE.set(widened.cover)
-        return widened
+        return await cover_scope(request, principal, action, clock)
 
     return check
+
+
+async def cover_scope(
+    request: Request, principal: Principal, action: Action, clock: Callable[[], datetime]
+) -> Principal:
+    """The principal widened by regional cover: while an agreement in force lets one of the
+    caller's teams cover another, the principal also sees the covered team's monitored patients
+    (a discharged one answers 404 through cover), and every audit entry of the request names the
+    agreement (docs/regional-cover.md). The request's ``patient_id`` or ``dedup_key`` path
+    parameter, when it has one, decides whether it is served under cover."""
+    COVER_IN_FORCE.set(())
+    if action not in COVER_ACTIONS or not principal.care_teams:
+        return principal
+    from services.notify.public import grants
+
+    store = request.app.state.cover_store
+    agreements = await store.in_force_covering(principal.care_teams)
+    found = grants(principal.care_teams, agreements, clock())
+    if not found:
+        return principal
+    widened = principal.covering(
+        tuple(CoverScope(g.covered_team_id, g.agreement_id, g.version, g.ends) for g in found)
+    )
+    patient_id = request.path_params.get("patient_id")
+    dedup_key = request.path_params.get("dedup_key")
+    if patient_id is not None or dedup_key is not None:
+        subject = await store.subject_team(patient_id, dedup_key)
+        scope = widened.cover_of(subject[0]) if subject is not None else None
+        if subject is not None and scope is not None:
+            if subject[1]:  # a discharged patient is no longer the covering team's
+                what = "patient" if patient_id is not None else "alert"
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no such {what}")
+            COVER_IN_FORCE.set((scope,))
+            return widened
+        # The caller's own patient (or none at all): served as without cover.
+        return principal
+    COVER_IN_FORCE.set(widened.cover)
+    return widened
