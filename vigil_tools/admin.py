@@ -72,7 +72,7 @@ The care team's logins and paging, also without SQL:
   - users: list the logins, add one with its role and care teams (a password is generated
     and shown once: hand it over yourself), deactivate one (they cannot log in any more and
     every session they had open ends at once), reset-password (a new one, shown once; their
-    open sessions end);
+    open sessions end), set-role and set-teams (in force from their next request);
   - schedules: who is on call now and who is next, the schedules as defined, set a
     schedule's rotation (who takes turns, from which day, hand-off time, days per shift),
     add an override (someone covers a shift).
@@ -96,6 +96,8 @@ examples:
   vigil admin users add j.moreau --role charge_nurse --team onc-north --name "J. Moreau"
   vigil admin users deactivate j.moreau
   vigil admin users reset-password j.moreau
+  vigil admin users set-role j.moreau admin
+  vigil admin users set-teams j.moreau --team onc-north --team onc-south
   vigil admin schedules on-call onc-north
   vigil admin schedules set-rotation onc-north nights --participants nurse-a nurse-b \
       --start-date 2026-03-02 --handoff 20:00 --shift-days 7
@@ -104,7 +106,7 @@ examples:
 
 exit codes: 0 done, 2 invalid request, 3 no such patient/device/care team/user/schedule,
 4 refused by the registry (id or username in use, overlapping binding, already discharged at
-another time, a deactivated user's password), 5 device accounts unavailable."""
+another time, a deactivated user's password, role or teams), 5 device accounts unavailable."""
 
 
 def local_broker_endpoint(settings: StackSettings) -> BrokerEndpoint:
@@ -314,10 +316,12 @@ def _add_users(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     users = add(
         "users",
         "the care-team API's logins: list, add (with role and care teams), deactivate, "
-        "reset-password. Roles: clinician (reads the team's patients, acknowledges alerts), "
-        "charge_nurse (also resolves alerts, changes thresholds, enrols and discharges, "
-        "changes the team's paging), auditor (reads patients and the audit trail), admin "
-        "(all a charge nurse does but threshold changes, and the audit trail)",
+        "reset-password, set-role, set-teams (also through the API's /api/users). Roles: "
+        "clinician (reads the team's patients, acknowledges alerts), charge_nurse (also "
+        "resolves alerts, changes thresholds, enrols and discharges, changes the team's "
+        "paging, manages the team's clinicians and charge nurses in the API), auditor (reads "
+        "patients and the audit trail), admin (all a charge nurse does but threshold changes, "
+        "and the audit trail; manages the team's logins of every role in the API)",
         "vigil admin users list --team onc-north",
     )
     action = _nested(users)
@@ -360,6 +364,29 @@ def _add_users(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
         "vigil admin users reset-password j.moreau",
     )
     reset.add_argument("username")
+    role = action(
+        "set-role",
+        "give an active login another role, in force from their next request. Running it "
+        "again changes nothing",
+        "vigil admin users set-role j.moreau admin",
+    )
+    role.add_argument("username")
+    role.add_argument("role", choices=[r.value for r in Role])
+    teams = action(
+        "set-teams",
+        "make these an active login's care teams (all of them: the ones not named are left), "
+        "in force from their next request. Running it again changes nothing",
+        "vigil admin users set-teams j.moreau --team onc-north --team onc-south",
+    )
+    teams.add_argument("username")
+    teams.add_argument(
+        "--team",
+        dest="teams",
+        action="append",
+        required=True,
+        metavar="CARE_TEAM_ID",
+        help="a care team whose patients they see (repeat for several)",
+    )
 
 
 def _add_schedules(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
@@ -612,6 +639,12 @@ async def _dispatch_users(service: UserService, actor: Actor, args: argparse.Nam
         )
     if action == "deactivate":
         user, changed = await service.deactivate(actor, args.username)
+        return {**_user(user), "changed": changed}
+    if action == "set-role":
+        user, changed = await service.set_role(actor, args.username, Role(args.role))
+        return {**_user(user), "changed": changed}
+    if action == "set-teams":
+        user, changed = await service.set_care_teams(actor, args.username, args.teams)
         return {**_user(user), "changed": changed}
     return _issued(await service.reset_password(actor, args.username))
 

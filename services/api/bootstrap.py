@@ -24,6 +24,7 @@ from services.api.adapters.audit import AuditTrail, CoverAudit
 from services.api.adapters.caregiver_guidance import PostgresGuidanceStore
 from services.api.adapters.caregivers import PostgresContactStore
 from services.api.adapters.cover import PostgresCoverStore
+from services.api.adapters.credentials import hash_password
 from services.api.adapters.discharge import PostgresDischargeStore
 from services.api.adapters.dynsec import from_settings as dynsec_from_settings
 from services.api.adapters.enrolment import PostgresRegistryStore
@@ -31,6 +32,7 @@ from services.api.adapters.fhir import FhirRepository
 from services.api.adapters.repository import ApiRepository
 from services.api.adapters.roster import RosterQueries
 from services.api.adapters.thresholds import PostgresProposalStore
+from services.api.adapters.users import PostgresUserStore
 from services.api.domain.throttle import LoginThrottles
 from services.api.entrypoints.http import (
     alerts,
@@ -47,6 +49,7 @@ from services.api.entrypoints.http import (
     patients,
     protocols,
     roster,
+    users,
 )
 from services.api.service_layer.caregiver_guidance import GuidanceChanges
 from services.api.service_layer.caregivers import CaregiverContacts
@@ -55,6 +58,7 @@ from services.api.service_layer.discharge import DischargeService
 from services.api.service_layer.enrolment import BrokerAccounts, BrokerEndpoint, EnrolmentService
 from services.api.service_layer.fhir_export import ExportJobs
 from services.api.service_layer.thresholds import ThresholdChanges, check_overrides
+from services.api.service_layer.users import UserService
 from services.api.settings import ApiSettings
 from vigil.runtime import utcnow
 
@@ -115,6 +119,7 @@ def create_app(
             broker=broker_accounts,
             endpoint=broker_endpoint,
         )
+        app.state.users = UserService(PostgresUserStore(pool), hash_password, clock)
         app.state.discharge = DischargeService(
             PostgresDischargeStore(pool), app.state.audit, clock, PatientEscalations(pool)
         )
@@ -161,6 +166,7 @@ def create_app(
     app.include_router(caregivers.router)
     app.include_router(discharge.router)
     app.include_router(cover.router)
+    app.include_router(users.router)
     app.include_router(dashboard.router)
     fhir_app.state.settings = settings
     fhir_app.state.clock = clock

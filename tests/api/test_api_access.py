@@ -31,6 +31,7 @@ def api_paths(world: World) -> list[tuple[str, str]]:
         "version": "1",
         "alarm": "occlusion_downstream",
         "language": "en",
+        "username": f"nobody-{world.run}",
     }
     return [
         (method.upper(), path.format(**fill))

@@ -169,3 +169,42 @@ def test_a_managers_changes_to_their_own_team_have_no_server_errors(live_api: Li
         except (Exception, BaseExceptionGroup) as error:  # every operation runs; all failures shown
             failures.append(f"{operation.method.upper()} {operation.path}: {error}"[:1500])
     assert not failures, "\n\n".join(failures)
+
+
+def test_user_management_as_a_charge_nurse_has_no_server_errors(live_api: LiveApi) -> None:
+    """The users' routes with generated inputs, as a charge nurse, the care teams of a new
+    login or a change being the nurse's own team, so that writes reach the use cases and the
+    database rather than stopping at 403 or 404: never a 5xx, every answer as documented."""
+    base = live_api.base
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    operations = [
+        op
+        for op in (result.ok() for result in schema.get_all_operations())
+        if "users" in op.definition.raw.get("tags", ())
+    ]
+    assert len(operations) == 6
+    failures: list[str] = []
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=15,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        def exercise(case: schemathesis.Case) -> None:
+            if isinstance(case.body, dict) and "care_teams" in case.body:
+                case.body = {**case.body, "care_teams": [live_api.team_a]}
+            case.call_and_validate(
+                base_url=base,
+                headers={"Authorization": f"Bearer {live_api.manager_token}"},
+                checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
+                timeout=10,
+            )
+
+        try:
+            exercise()
+        except (Exception, BaseExceptionGroup) as error:  # every operation runs; all failures shown
+            failures.append(f"{operation.method.upper()} {operation.path}: {error}"[:1500])
+    assert not failures, "\n\n".join(failures)

@@ -1,7 +1,8 @@
 """`vigil admin users` and `vigil admin schedules` on the local stack, against the care-team API
 served over real HTTP: a login added from the command line logs in with the password shown once;
 a password reset ends the sessions open with the old one; deactivation refuses the login and
-every token issued before, as logout does; a rotation set and an override added from the command
+every token issued before, as logout does; a role and the care teams changed from the command
+line are in force at the user's next request; a rotation set and an override added from the command
 line decide who is on call, as the API answers it; the refusals' exit codes; the operator in the
 audit log."""
 
@@ -97,6 +98,48 @@ async def audited(dsn: str, subject: str) -> list[tuple[str, str]]:
         return [(r["actor"], r["action"]) for r in rows]
     finally:
         await conn.close()
+
+
+async def test_a_role_and_care_teams_changed_from_the_command_line(
+    stack_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = stack_env["VIGIL_PG_DSN"]
+    run = uuid.uuid4().hex[:8]
+    care_team, other = f"team-roles-{run}", f"team-roles-other-{run}"
+    username = f"clin.{run}"
+    await team(dsn, care_team)
+    await team(dsn, other)
+    code, added, err = await run_admin(
+        capsys, "users", "add", username, "--role", "clinician", "--team", care_team
+    )
+    assert code == 0, err
+    async with serving() as base, httpx.AsyncClient(base_url=base) as client:
+        session = await token(client, username, added["password (shown once)"])
+        assert (await client.get("/api/users", headers=bearer(session))).status_code == 403
+
+        code, changed, err = await run_admin(capsys, "users", "set-role", username, "admin")
+        assert code == 0, err
+        assert (changed["role"], changed["changed"]) == ("admin", True)
+        code, again, err = await run_admin(capsys, "users", "set-role", username, "admin")
+        assert code == 0 and again["changed"] is False
+        listed = await client.get("/api/users", headers=bearer(session))
+        assert listed.status_code == 200  # the same token, the new role
+        assert username in {u["username"] for u in listed.json()}
+
+        code, moved, err = await run_admin(
+            capsys, "users", "set-teams", username, "--team", care_team, "--team", other
+        )
+        assert code == 0, err
+        assert moved["care_teams"] == ", ".join(sorted((care_team, other)))
+        code, _, err = await run_admin(
+            capsys, "users", "set-teams", username, "--team", f"nope-{run}"
+        )
+        assert code == EXIT_NOT_FOUND and f"nope-{run}" in err
+    assert [a for _, a in await audited(dsn, f"user:{added['user_id']}")] == [
+        "user.created",
+        "user.role_changed",
+        "user.care_teams_changed",
+    ]
 
 
 async def test_users_added_reset_and_deactivated_from_the_command_line(

@@ -134,3 +134,49 @@ class PostgresUserStore:
                 conn, actor, "user.password_reset", user, {"sessions_ended_at": at.isoformat()}
             )
             return user
+
+    async def set_role(self, actor: str, username: str, role: Role) -> UserRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchval(
+                "SELECT role FROM api_users WHERE username = $1 FOR UPDATE", username
+            )
+            await conn.execute(
+                "UPDATE api_users SET role = $2 WHERE username = $1", username, role.value
+            )
+            user = await self._user(conn, username)
+            assert user is not None
+            await _audit(conn, actor, "user.role_changed", user, {"from": before, "to": role.value})
+            return user
+
+    async def set_care_teams(
+        self, actor: str, username: str, care_teams: Sequence[str]
+    ) -> UserRecord:
+        async with self._pool.acquire() as conn, conn.transaction():
+            user_id = await conn.fetchval(
+                "SELECT user_id FROM api_users WHERE username = $1 FOR UPDATE", username
+            )
+            before = await conn.fetch(
+                "SELECT care_team_id FROM api_user_care_teams WHERE user_id = $1 "
+                "ORDER BY care_team_id",
+                user_id,
+            )
+            await conn.execute(
+                "DELETE FROM api_user_care_teams WHERE user_id = $1 AND NOT care_team_id = ANY($2)",
+                user_id,
+                list(care_teams),
+            )
+            await conn.executemany(
+                "INSERT INTO api_user_care_teams (user_id, care_team_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                [(user_id, team) for team in care_teams],
+            )
+            user = await self._user(conn, username)
+            assert user is not None
+            await _audit(
+                conn,
+                actor,
+                "user.care_teams_changed",
+                user,
+                {"from": [r["care_team_id"] for r in before], "to": list(user.care_teams)},
+            )
+            return user

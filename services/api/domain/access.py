@@ -38,6 +38,7 @@ class Action(StrEnum):
 _ALLOWED: dict[Role, frozenset[Action]] = {
     Role.CLINICIAN: frozenset({Action.READ_PATIENT, Action.ACKNOWLEDGE}),
     # Threshold changes are signed off by the charge nurse (or an admin), never a clinician alone.
+    # A charge nurse manages the logins of their own teams, within the roles of ``_GRANTS``.
     Role.CHARGE_NURSE: frozenset(
         {
             Action.READ_PATIENT,
@@ -46,6 +47,7 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
             Action.CHANGE_THRESHOLDS,
             Action.MANAGE_PATIENTS,
             Action.MANAGE_TEAM,
+            Action.MANAGE_USERS,
         }
     ),
     # Engineers and auditors read everything of their teams and change nothing.
@@ -62,6 +64,22 @@ _ALLOWED: dict[Role, frozenset[Action]] = {
         }
     ),
 }
+
+
+# The roles a user may hand out, and the only roles of the users they may manage (deactivate,
+# reset the password of, change the role or teams of): a charge nurse never one above their own,
+# nor auditor (it reads the audit trail, which a charge nurse does not).
+_GRANTS: dict[Role, frozenset[Role]] = {
+    Role.CLINICIAN: frozenset(),
+    Role.CHARGE_NURSE: frozenset({Role.CLINICIAN, Role.CHARGE_NURSE}),
+    Role.AUDITOR: frozenset(),
+    Role.ADMIN: frozenset(Role),
+}
+
+
+def may_grant(granter: Role, role: Role) -> bool:
+    """Whether a user of role ``granter`` may hand out ``role`` or manage a user who holds it."""
+    return role in _GRANTS[granter]
 
 
 # What a covering user may do to a covered team's patients: read them and act on their alerts.
