@@ -264,7 +264,9 @@ async def test_a_person_or_schedule_of_another_team_is_not_reachable_through_one
         )
         await conn.execute(
             "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps) "
-            "VALUES ($1, $2, 'B', '[]') ON CONFLICT DO NOTHING",
+            "VALUES ($1, $2, 'B', "
+            "'[{\"wait_s\": 300, \"targets\": [{\"kind\": \"email\", \"ref\": \"b@h.test\"}]}]') "
+            "ON CONFLICT DO NOTHING",
             f"policy-b-{run}",
             world.team_b,
         )

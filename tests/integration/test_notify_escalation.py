@@ -609,6 +609,44 @@ async def test_team_without_policy_pages_its_oncall_address_until_acknowledged(r
     assert len(rig.smtp.to(oncall)) == 2
 
 
+async def test_a_stored_policy_without_steps_pages_the_team_oncall_address(rig: Rig) -> None:
+    """A policy row naming no step (written around the API, which refuses one) would page
+    nobody: the team's on-call address is paged instead, as for a team without a policy. The
+    positive control: the same team's alert is paged by its own policy once that has a step."""
+    team, patient = f"CT-nostep-{rig.tag}", f"P-nostep-{rig.tag}"
+    oncall = f"oncall-nostep-{rig.tag}@h.test"
+    await rig.pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'x', $2)",
+        team,
+        oncall,
+    )
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+    )
+    await rig.pool.execute(
+        "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps) "
+        "VALUES ($1, $2, 'empty', '[]')",
+        f"policy-nostep-{rig.tag}",
+        team,
+    )
+    assert await rig.service.handle_alert(_alert(patient))
+    assert len(rig.smtp.to(oncall)) == 1
+
+    own = f"own-nostep-{rig.tag}@h.test"
+    await rig.pool.execute(
+        "UPDATE escalation_policies SET steps = $2::jsonb WHERE policy_id = $1",
+        f"policy-nostep-{rig.tag}",
+        json.dumps([{"wait_s": 300, "targets": [{"kind": "email", "ref": own}]}]),
+    )
+    later = f"P-nostep-2-{rig.tag}"
+    await rig.pool.execute(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", later, team
+    )
+    assert await rig.service.handle_alert(_alert(later))
+    assert len(rig.smtp.to(own)) == 1
+    assert len(rig.smtp.to(oncall)) == 1
+
+
 async def test_stopped_heartbeat_pages_the_technical_oncall(
     pool: Any, smtp: SmtpSink, twilio: TwilioLikeServer, pagerduty: PagerDutyLikeServer
 ) -> None:

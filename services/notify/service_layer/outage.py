@@ -146,12 +146,21 @@ class OutageWatch:
     async def release_due(self, page: Callable[[Alert, datetime], Awaitable[None]]) -> int:
         """Page the held alerts still open when their wait is over (through ``page``, the
         usual start path) and fold those whose end arrived; the page is opened before the hold
-        is marked released, so a crash between pages twice rather than never."""
+        is marked released, so a crash between pages twice rather than never. One alert that
+        cannot be paged stays held, is logged and is tried again next round; it does not hold
+        back the others."""
         now = self._clock()
         released = 0
         for alert, ended in await self._store.due_held(now):
             if not ended:
-                await page(alert, now)
+                try:
+                    await page(alert, now)
+                except Exception:
+                    log.exception(
+                        "held_alert_not_paged",
+                        extra=log_fields(alert_id=str(alert.alert_id), dedup_key=alert.dedup_key),
+                    )
+                    continue
             await self._store.mark_released(alert.dedup_key, now, "folded" if ended else "paged")
             released += 1
         return released

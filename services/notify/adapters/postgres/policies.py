@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import date, datetime, time
 from typing import Any
 
@@ -22,6 +23,9 @@ from services.notify.domain.escalation import (
 from services.notify.domain.monitoring_end import PatientStanding
 from services.notify.domain.quiet_hours import QuietHours
 from services.notify.domain.schedule import Override, Rotation
+from vigil.runtime import log_fields
+
+log = logging.getLogger("vigil.notify.policies")
 
 
 class PostgresPolicies:
@@ -92,6 +96,14 @@ class PostgresPolicies:
             )
             for s in json.loads(row["steps"])
         )
+        if not steps:
+            # A stored policy that names no step (written around the API, which refuses one)
+            # would page nobody: the team's implicit policy pages instead.
+            log.error(
+                "escalation_policy_without_steps",
+                extra=log_fields(policy_id=str(row["policy_id"]), care_team_id=care_team_id),
+            )
+            return await self._default_policy(conn, care_team_id)
         schedules = await _schedules(conn, [t for s in steps for t in s.targets])
         # A step naming a deleted schedule keeps its place: it pages the fallback instead.
         steps = tuple(
