@@ -127,7 +127,7 @@ async def test_exhausted_chain_tells_the_family_to_call_the_unit(rig: Rig) -> No
     await rig.service.handle_alert(pump_alarm(rig, "pump_occlusion"))
     (told,) = rig.twilio.sent_to(rig.sms)
     assert told["body"].startswith(
-        "Vigil noticed an alarm from the infusion pump at 03:00 CET. Your care team has been "
+        "Vigil noticed an alarm from the infusion pump at 03:00 CET. Your care team is being "
         "alerted."
     )
     # The default chain pages at 0, 5, 10 and 15 min; the fourth page exhausts it.

@@ -131,7 +131,8 @@ async def test_the_compression_policy_runs_in_the_background_scheduler(
                 "FROM timescaledb_information.job_stats WHERE job_id = $1",
                 job,
             )
-            done = row is not None and row[0] > runs and row[2] != "Running"
+            # The run's status is written after its count: finished once both are there.
+            done = row is not None and row[0] > runs and row[2] != "Running" and row[1] is not None
             return str(row[1]) if done else None
 
         status = await eventually(
