@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=1.25)
     parser.add_argument("--step-s", type=float, default=10.0)
     parser.add_argument("--refine", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=14)
     parser.add_argument("--max-wall-s", type=float, default=900.0)
     parser.add_argument(
         "--services-root",
