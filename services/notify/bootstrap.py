@@ -15,6 +15,7 @@ from services.notify.adapters.metrics import NotifyMetrics, observed_unit_of_wor
 from services.notify.adapters.outage_store import PostgresOutageStore
 from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.cover_summaries import PostgresCoverSummaries
 from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
 from services.notify.adapters.twilio import TwilioSms
@@ -25,6 +26,7 @@ from services.notify.service_layer.channels import (
     PagerDutyChannel,
     SmsChannel,
 )
+from services.notify.service_layer.cover_summary import CoverSummaries, CoverSummaryConfig
 from services.notify.service_layer.escalation import (
     EscalationConfig,
     EscalationService,
@@ -141,5 +143,16 @@ def build_escalation(
         ),
         clock=clock,
         outages=outages,
+        cover_summaries=CoverSummaries(
+            store=PostgresCoverSummaries(pool),
+            channels=channels,
+            config=CoverSummaryConfig(
+                sender_address=settings.smtp_from,
+                fallback_email=settings.fallback_email,
+                retry_base_s=settings.retry_base_s,
+                retry_cap_s=settings.retry_cap_s,
+            ),
+            clock=clock,
+        ),
     )
     return service, closers

@@ -5,8 +5,10 @@ timeline; a care team's registry (the team, its people, on-call schedules and ov
 on call now and next, the escalation policy, quiet hours and the early-cycle escalation), read
 and changed through notify's own repository and use cases; the pipeline's outages (when Vigil
 was not watching), read-only; regional cover's hours and who acts for a covered team at an
-instant (pure, ``domain/cover.py``). The care-team API never writes notify's tables itself; it
-decides who may ask."""
+instant (pure, ``domain/cover.py``), and the morning summary of a night of cover (pure,
+``domain/cover_summary.py``, over ``night_alerts``, the escalations of a covered team's patients
+opened in a window), which notify also e-mails. The care-team API never writes notify's tables
+itself; it decides who may ask."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from schemas.notify import (
 )
 from services.notify.adapters.api_queries import PostgresApiRepository
 from services.notify.adapters.outage_store import PostgresOutageStore
+from services.notify.adapters.postgres.cover_summaries import night_alerts
 from services.notify.adapters.postgres.patient_escalations import PostgresPatientEscalations
 from services.notify.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from services.notify.bootstrap import build_escalation
@@ -39,6 +42,7 @@ from services.notify.domain.cover import (
     last_window,
     window_at,
 )
+from services.notify.domain.cover_summary import NightAlert, summarise
 from services.notify.domain.schedule import next_change, on_call_at
 from services.notify.service_layer import team_settings
 from services.notify.service_layer.closing import close_patient
@@ -51,12 +55,15 @@ __all__ = [
     "AlertTimelines",
     "CoverGrant",
     "CoverHours",
+    "NightAlert",
     "PatientEscalations",
     "PipelineOutages",
     "TeamRegistry",
     "Window",
     "grants",
     "last_window",
+    "night_alerts",
+    "summarise",
     "window_at",
 ]
 

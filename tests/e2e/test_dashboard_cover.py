@@ -7,6 +7,7 @@ Playwright; screenshots in ``test-artifacts/``."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -57,6 +58,7 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
     last_night = now.astimezone(ZoneInfo(zone)).replace(
         hour=0, minute=0, second=0, microsecond=0
     ) - timedelta(days=1)
+    agreement = uuid.uuid4()
     conn = await asyncpg.connect(dsn)
     try:
         for team, centre, tz in (
@@ -91,7 +93,7 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             VALUES ($1, 1, $2, $3, $4, '{0,1,2,3,4,5,6}', '00:00', '06:00', 'nurse-r', $2,
                     $5, 'approved', 'nurse-p', $5)
             """,
-            uuid.uuid4(),
+            agreement,
             regional,
             partner,
             zone,
@@ -100,13 +102,14 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
         # Last night's fever, paged to the region and acknowledged there, never resolved.
         opened = last_night + timedelta(hours=2)
         key = await insert_alert(conn, patient, f"thermo-{patient}", opened, 38.8)
+        escalation_id = uuid.uuid4()
         await conn.execute(
             """
             INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
                 care_team_id, snapshot, status, acknowledged_by, acknowledged_at, opened_at)
             VALUES ($1, $2, $3, $4, $5, $9::jsonb, 'acknowledged', $6, $7, $8)
             """,
-            uuid.uuid4(),
+            escalation_id,
             key,
             alert_id_for(key, "start"),
             patient,
@@ -115,6 +118,41 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             opened + timedelta(minutes=6),
             opened,
             FROZEN,
+        )
+        # Its timeline as notify writes it: paged under cover, handed back in the morning.
+        window_ends = last_night + timedelta(hours=6)
+        await conn.executemany(
+            "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+            "VALUES ($1, $2, $3, $4::jsonb)",
+            [
+                (
+                    escalation_id,
+                    opened,
+                    "paged_under_cover",
+                    json.dumps(
+                        {
+                            "care_team_id": regional,
+                            "covered_team_id": partner,
+                            "agreement_id": str(agreement),
+                            "agreement_version": 1,
+                            "window_ends": window_ends.isoformat(),
+                        }
+                    ),
+                ),
+                (
+                    escalation_id,
+                    window_ends,
+                    "handed_back",
+                    json.dumps(
+                        {
+                            "from_team": regional,
+                            "to_team": partner,
+                            "repaged": False,
+                            "acknowledged_by": f"clinician-r-{run}",
+                        }
+                    ),
+                ),
+            ],
         )
     finally:
         await conn.close()
@@ -148,6 +186,20 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             # team's charge nurse is not offered the discharge, which is not theirs.
             opened_alert = await covering.goto(f"{api_base_url}/alerts/{quote(key, safe='')}")
             assert opened_alert is not None and opened_alert.status == 200
+            # The timeline words regional cover's entries: whom, for whom, under which version
+            # and until when (in the covered team's zone); and the hand-back.
+            under = await covering.locator("tr[data-kind='paged_under_cover']").inner_text()
+            assert (
+                f"Paged Oncology {regional} under cover for Oncology {partner} (agreement v1) "
+                f"until {window_ends.astimezone(ZoneInfo(zone)):%d} " in under
+            ), under
+            assert f"06:00 ({zone})" in under, under
+            back = await covering.locator("tr[data-kind='handed_back']").inner_text()
+            assert (
+                f"Handed back to Oncology {partner}: acknowledged overnight, stays with "
+                f"clinician-r-{run} (Oncology {regional})" in back
+            ), back
+            await covering.screenshot(path=str(ARTIFACTS / "alert-covered.png"), full_page=True)
             nurse = await browser.new_page(viewport={"width": 1200, "height": 800})
             await log_in(nurse, api_base_url, f"nurse-r-{run}")
             opened_page = await nurse.goto(f"{api_base_url}/patients/{patient}")
@@ -164,6 +216,7 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             assert f"Regional children's hospital {run}" in told, told
             assert patient in told and f"acknowledged by clinician-r-{run}" in told
             assert "still open at hand-back" in told
+            assert "paged under cover" in told and "paged_under_cover" not in told, told
             assert await home.locator(".cover-now").count() == 0
             await home.screenshot(path=str(ARTIFACTS / "roster-overnight.png"), full_page=True)
         finally:

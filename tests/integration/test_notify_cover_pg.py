@@ -6,11 +6,14 @@ handed back to the home team."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from email.message import Message
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -20,7 +23,10 @@ import pytest
 from services.ingest.adapters.registry_admin import upsert_care_team, upsert_patient
 from services.notify.adapters.metrics import NotifyMetrics, observed_unit_of_work
 from services.notify.adapters.postgres import PostgresNotifyRepository
+from services.notify.adapters.postgres.cover_summaries import PostgresCoverSummaries
 from services.notify.adapters.smtp import SmtpSender
+from services.notify.service_layer.channels import provider_channels
+from services.notify.service_layer.cover_summary import CoverSummaries, CoverSummaryConfig
 from services.notify.service_layer.escalation import (
     AckOutcome,
     EscalationConfig,
@@ -33,6 +39,7 @@ from vigil.db.migrate import apply_migrations
 pytestmark = pytest.mark.stack
 
 PARIS = ZoneInfo("Europe/Paris")
+FALLBACK = "cover-fallback@vigil.test"
 NIGHT = date(2026, 2, 10)  # a Tuesday
 EXCEPTION = date(2026, 2, 11)
 
@@ -86,19 +93,7 @@ async def rig(pg_dsn: str, smtp: SmtpSink) -> AsyncIterator[Rig]:
             paris(NIGHT, 9) - timedelta(days=3),
         )
     clock = ManualClock(paris(NIGHT, 12))
-    service = EscalationService(
-        unit_of_work=observed_unit_of_work(pool, NotifyMetrics(), now=clock),
-        alerts=PostgresNotifyRepository(pool),
-        email=SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost"),
-        sms=None,
-        webhook=None,
-        config=EscalationConfig(
-            sender_address="vigil@localhost",
-            public_base_url="http://notify.test",
-            ack_secret=b"integration-test-ack-secret-0123456789",
-        ),
-        clock=clock,
-    )
+    service = cover_service(pool, clock, smtp)
     try:
         yield Rig(pool, clock, service, smtp, big, small, patient, agreement)
     finally:
@@ -108,6 +103,30 @@ async def rig(pg_dsn: str, smtp: SmtpSink) -> AsyncIterator[Rig]:
             [big, small],
         )
         await pool.close()
+
+
+def cover_service(pool: Any, clock: ManualClock, smtp: SmtpSink) -> EscalationService:
+    """Notify's escalation service over ``pool``; another one is notify restarted."""
+    email = SmtpSender(host="127.0.0.1", port=smtp.port, envelope_from="vigil@localhost")
+    return EscalationService(
+        unit_of_work=observed_unit_of_work(pool, NotifyMetrics(), now=clock),
+        alerts=PostgresNotifyRepository(pool),
+        email=email,
+        sms=None,
+        webhook=None,
+        config=EscalationConfig(
+            sender_address="vigil@localhost",
+            public_base_url="http://notify.test",
+            ack_secret=b"integration-test-ack-secret-0123456789",
+        ),
+        clock=clock,
+        cover_summaries=CoverSummaries(
+            store=PostgresCoverSummaries(pool),
+            channels=provider_channels(email=email, sms=None, webhook=None),
+            config=CoverSummaryConfig(sender_address="vigil@localhost", fallback_email=FALLBACK),
+            clock=clock,
+        ),
+    )
 
 
 async def fever_at(rig: Rig, at: datetime, code: str) -> tuple[list[str], Any]:
@@ -226,9 +245,103 @@ async def test_an_alert_still_open_at_the_end_of_the_window_is_handed_back(rig: 
     handed = dict(await timeline_kinds(rig, still_open["escalation_id"]))["handed_back"]
     assert handed == {"from_team": rig.big, "to_team": rig.small, "repaged": True}
     kept = dict(await timeline_kinds(rig, acked["escalation_id"]))["handed_back"]
-    assert kept == {"from_team": rig.big, "to_team": rig.small, "repaged": False}
+    assert kept == {
+        "from_team": rig.big,
+        "to_team": rig.small,
+        "repaged": False,
+        "acknowledged_by": "big-nurse",
+    }
     # Handed back once: the next round leaves them be.
     again = len(rig.smtp.received)
     await rig.service.hand_back_round()
     await rig.service.deliver_due()
     assert len(rig.smtp.received) == again
+
+
+def summaries_to(rig: Rig, address: str) -> list[Message]:
+    mails = [
+        email.message_from_bytes(raw, policy=email.policy.default) for raw in rig.smtp.to(address)
+    ]
+    return [m for m in mails if m["X-Vigil-Purpose"] == "cover_summary"]
+
+
+def text_of(message: Message) -> str:
+    body = message.get_payload(decode=True)
+    assert isinstance(body, bytes)
+    return body.decode()
+
+
+async def test_the_covered_team_is_emailed_each_night_once(rig: Rig) -> None:
+    """At 12:00 the night before ended at 08:00: a quiet night, e-mailed once. The next night a
+    fever acknowledged by the covering nurse and one left open; at 08:00 the open one is handed
+    back and the covered team e-mailed the night; another round, or notify restarted, sends
+    nothing more."""
+    home = f"oncall@{rig.small}.test"
+    await rig.pool.execute(
+        "UPDATE care_teams SET name = 'Partner ward' WHERE care_team_id = $1", rig.small
+    )
+    rig.clock.now = paris(NIGHT, 12)
+    await rig.service.cover_summary_round()
+    (quiet,) = summaries_to(rig, home)
+    assert quiet["Subject"] == (
+        f"[VIGIL] Overnight cover by Regional centre, {NIGHT - timedelta(days=1)} 20:00 CET "
+        f"(Europe/Paris) to {NIGHT} 08:00 CET (Europe/Paris): a quiet night"
+    )
+    assert "A quiet night: no alert was opened" in text_of(quiet)
+    await rig.service.cover_summary_round()
+    assert len(summaries_to(rig, home)) == 1
+
+    morning = NIGHT + timedelta(days=1)
+    _, acked = await fever_at(rig, paris(morning, 2), "F-SUM-ACKED")
+    ack = await rig.service.acknowledge(acked["escalation_id"], by="big-nurse", via="dashboard")
+    assert ack.outcome is AckOutcome.ACKNOWLEDGED
+    _, still_open = await fever_at(rig, paris(morning, 6), "F-SUM-OPEN")
+    rig.clock.now = paris(morning, 8) - timedelta(seconds=1)
+    await rig.service.hand_back_round()
+    await rig.service.cover_summary_round()
+    assert len(summaries_to(rig, home)) == 1  # the window has not ended
+
+    rig.clock.now = paris(morning, 8)
+    await rig.service.hand_back_round()
+    assert await rig.service.cover_summary_round() >= 1
+    night = summaries_to(rig, home)[1]
+    assert night["Subject"] == (
+        f"[VIGIL] Overnight cover by Regional centre, {NIGHT} 20:00 CET (Europe/Paris) to "
+        f"{morning} 08:00 CET (Europe/Paris): 2 alerts, 2 still open at the end"
+    )
+    body = text_of(night)
+    assert f"Care team: Partner ward ({rig.small})" in body
+    assert f"under cover agreement {rig.agreement} version 1" in body
+    assert f"Patient {rig.patient}:" in body
+    assert f"paged: Regional centre ({rig.big})'s on-call" in body
+    assert f"Acknowledged by big-nurse at {morning} 02:00 CET (Europe/Paris)." in body
+    assert "acknowledged before the hand-back, it stays with who acknowledged it" in body
+    assert (
+        f"handed back to Partner ward ({rig.small}) at {morning} 08:00 CET (Europe/Paris), "
+        "whose on-call was paged again." in body
+    )
+    assert "The same summary is on the dashboard: /roster" in body
+
+    # Recorded as delivered, and audited.
+    row = await rig.pool.fetchrow(
+        "SELECT status, tries, sent_at, page_id FROM cover_summary_pages "
+        "WHERE agreement_id = $1 AND window_ends = $2",
+        rig.agreement,
+        paris(morning, 8),
+    )
+    assert (row["status"], row["tries"], row["sent_at"]) == ("sent", 1, paris(morning, 8))
+    audited = await rig.pool.fetchval(
+        "SELECT details FROM audit_log WHERE action = 'notify.cover_summary_sent' "
+        "AND details ->> 'page_id' = $1",
+        str(row["page_id"]),
+    )
+    assert audited is not None
+    details = json.loads(audited) if isinstance(audited, str) else audited
+    assert details["agreement"] == str(rig.agreement) and details["alerts"] == 2
+
+    # Once: another round, and notify restarted, send nothing more.
+    await rig.service.cover_summary_round()
+    rig.clock.now = paris(morning, 9)
+    await cover_service(rig.pool, rig.clock, rig.smtp).cover_summary_round()
+    assert len(summaries_to(rig, home)) == 2
+    assert still_open is not None

@@ -116,3 +116,41 @@ def test_an_alert_of_a_discharged_patient_says_it_was_not_paged() -> None:
     record = {"events": [{"at": T0.isoformat(), "kind": "not_paged", "detail": detail}]}
     entries = timeline(PHASES[:1], record, "UTC")
     assert [e.text for e in entries][-1] == "Not paged: discharged"
+
+
+def test_regional_cover_entries_name_the_teams_the_agreement_and_the_end() -> None:
+    """Paged under cover (until the window's end, in the patient's team's zone) and handed back,
+    re-paged or left with who acknowledged it (docs/regional-cover.md)."""
+    ends = datetime(2026, 1, 15, 7, 0, tzinfo=UTC)  # 08:00 in Paris
+    under = {
+        "care_team_id": "big",
+        "covered_team_id": "small",
+        "agreement_id": "a-1",
+        "agreement_version": 2,
+        "window_ends": ends.isoformat(),
+    }
+    repaged = {"from_team": "big", "to_team": "small", "repaged": True}
+    kept = {**repaged, "repaged": False, "acknowledged_by": "person:big-nurse"}
+    record = {
+        "events": [
+            {"at": at(0).isoformat(), "kind": "paged_under_cover", "detail": under},
+            {"at": ends.isoformat(), "kind": "handed_back", "detail": repaged},
+            {"at": ends.isoformat(), "kind": "handed_back", "detail": kept},
+        ]
+    }
+    names = {"big": "Regional oncology", "small": "Partner ward"}
+    texts = [e.text for e in timeline([], record, "Europe/Paris", names)]
+    assert texts == [
+        "Paged Regional oncology under cover for Partner ward (agreement v2) until "
+        "15 Jan 08:00 (Europe/Paris)",
+        "Handed back to Partner ward; home on-call paged again",
+        "Handed back to Partner ward: acknowledged overnight, stays with person:big-nurse "
+        "(Regional oncology)",
+    ]
+    # A team whose name is not known is named by its id; an older entry without who
+    # acknowledged names the covering team.
+    older = {**kept}
+    del older["acknowledged_by"]
+    record = {"events": [{"at": ends.isoformat(), "kind": "handed_back", "detail": older}]}
+    (entry,) = timeline([], record, "UTC")
+    assert entry.text == "Handed back to small: acknowledged overnight, stays with big"

@@ -15,3 +15,4 @@ class AuditAction(StrEnum):
     REPLAY_RUN = "replay.run"
     PIPELINE_OUTAGE_RECORDED = "notify.pipeline_outage_recorded"
     ALERT_NOT_PAGED = "notify.alert_not_paged"
+    COVER_SUMMARY_SENT = "notify.cover_summary_sent"

@@ -3,7 +3,6 @@ and what the access check needs to know about a subject reached through cover.""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -11,9 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from services.api.domain.cover_summary import NightAlert
 from services.api.service_layer.cover import Version, in_force
-from services.notify.public import Agreement, CoverHours
+from services.notify.public import Agreement, CoverHours, NightAlert, night_alerts
 
 _COLUMNS = (
     "agreement_id, version, covering_team_id, covered_team_id, timezone, days, starts, ends, "
@@ -166,44 +164,8 @@ class PostgresCoverStore:
         self, covered_team_id: str, starts: datetime, ends: datetime
     ) -> list[NightAlert]:
         """The escalations of the team's patients opened in [starts, ends), with their
-        timeline entries up to ``ends``."""
-        rows = await self._pool.fetch(
-            """
-            SELECT e.dedup_key, e.patient_id, a.code, a.title, e.opened_at,
-                   e.care_team_id AS paged_team_id, e.acknowledged_by, e.acknowledged_at,
-                   e.resolved_at,
-                   coalesce((SELECT json_agg(json_build_object('at', v.at, 'kind', v.kind)
-                                             ORDER BY v.event_id)
-                             FROM escalation_events v
-                             WHERE v.escalation_id = e.escalation_id AND v.at < $3), '[]')
-                       AS events
-            FROM escalations e
-            JOIN patients p ON p.patient_id = e.patient_id
-            JOIN alerts a ON a.alert_id = e.alert_id
-            WHERE p.care_team_id = $1 AND e.opened_at >= $2 AND e.opened_at < $3
-            """,
-            covered_team_id,
-            starts,
-            ends,
-        )
-        found = []
-        for r in rows:
-            events = json.loads(r["events"]) if isinstance(r["events"], str) else r["events"]
-            found.append(
-                NightAlert(
-                    dedup_key=r["dedup_key"],
-                    patient_id=r["patient_id"],
-                    code=r["code"],
-                    title=r["title"],
-                    opened_at=r["opened_at"],
-                    paged_team_id=r["paged_team_id"],
-                    acknowledged_by=r["acknowledged_by"],
-                    acknowledged_at=r["acknowledged_at"],
-                    resolved_at=r["resolved_at"],
-                    events=tuple((datetime.fromisoformat(e["at"]), str(e["kind"])) for e in events),
-                )
-            )
-        return found
+        timeline entries up to ``ends`` (notify's query, the one its summary e-mail reads)."""
+        return await night_alerts(self._pool, covered_team_id, starts, ends)
 
     async def put_organisation(self, organisation_id: str, name: str) -> None:
         await self._pool.execute(

@@ -44,7 +44,11 @@ def _people(values: Any) -> str:
     return ", ".join(names) if names else "nobody"
 
 
-def _event_text(kind: str, detail: Mapping[str, Any], zone: str) -> str:
+def _event_text(
+    kind: str, detail: Mapping[str, Any], zone: str, teams: Mapping[str, str] | None = None
+) -> str:
+    if kind in ("paged_under_cover", "handed_back"):
+        return _cover_text(kind, detail, zone, teams or {})
     if kind == "opened":
         return f"Escalation opened under policy {detail.get('policy_id', '?')}"
     if kind == "step_fired":
@@ -106,6 +110,27 @@ def _event_text(kind: str, detail: Mapping[str, Any], zone: str) -> str:
     return f"{kind}" + (f": {shown}" if shown else "")
 
 
+def _cover_text(kind: str, detail: Mapping[str, Any], zone: str, teams: Mapping[str, str]) -> str:
+    """Regional cover's entries (docs/regional-cover.md): paged under cover, handed back."""
+
+    def team(key: str) -> str:
+        value = detail.get(key)
+        return teams.get(str(value), str(value)) if value else "?"
+
+    if kind == "paged_under_cover":
+        until = _when(detail.get("window_ends"))
+        shown = local_time(until, zone) if until else "the end of the window"
+        return (
+            f"Paged {team('care_team_id')} under cover for {team('covered_team_id')} "
+            f"(agreement v{detail.get('agreement_version', '?')}) until {shown}"
+        )
+    if detail.get("repaged"):
+        return f"Handed back to {team('to_team')}; home on-call paged again"
+    who = detail.get("acknowledged_by")
+    stays = f"{who} ({team('from_team')})" if who else team("from_team")
+    return f"Handed back to {team('to_team')}: acknowledged overnight, stays with {stays}"
+
+
 def _phase_text(phase: Mapping[str, Any], zone: str) -> str:
     device = phase.get("device_time")
     at = f" (device time {local_time(device, zone)})" if isinstance(device, datetime) else ""
@@ -153,11 +178,13 @@ def timeline(
     phases: Sequence[Mapping[str, Any]],
     notify: Mapping[str, Any] | None,
     zone: str,
+    teams: Mapping[str, str] | None = None,
 ) -> list[Entry]:
     """Entries in time order (phases at the time notify received them, events and attempts at
     the time notify recorded them), to the second: within one second (notify takes an alert,
     opens its escalation and pages in one step) the phase comes first, then the events, then
-    the attempts, each in recorded order."""
+    the attempts, each in recorded order. ``teams``: care team id to name, for the entries of
+    regional cover (a team missing is named by its id)."""
     entries: list[tuple[datetime, int, int, Entry]] = []
     for n, phase in enumerate(phases):
         at = _when(phase.get("received_at")) or _when(phase.get("device_time"))
@@ -170,7 +197,7 @@ def timeline(
             at = _when(event.get("at"))
             if kind in _REPEATS or at is None:
                 continue
-            text = _event_text(kind, event.get("detail") or {}, zone)
+            text = _event_text(kind, event.get("detail") or {}, zone, teams)
             entries.append((at, 1, n, Entry(at, kind, text)))
         for n, attempt in enumerate(notify.get("attempts") or ()):
             at = _when(attempt.get("at"))

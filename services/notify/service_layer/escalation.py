@@ -98,6 +98,7 @@ from services.notify.service_layer.channels import (
     not_configured,
     provider_channels,
 )
+from services.notify.service_layer.cover_summary import CoverSummaries
 from services.notify.service_layer.outage import OutageWatch
 from services.notify.service_layer.ports import (
     FALLBACK_PREFIX,
@@ -211,6 +212,7 @@ class EscalationService:
         sms: SmsProvider | None = None,
         webhook: EventProvider | None = None,
         outages: OutageWatch | None = None,
+        cover_summaries: CoverSummaries | None = None,
     ) -> None:
         """``unit_of_work``: a new unit of work over the repositories for each step (one
         transaction, or with ``transaction=False`` none, for a read or a write that stands
@@ -221,6 +223,9 @@ class EscalationService:
         # After a pipeline outage: the outage record, start phases held for their end, the care
         # teams' summaries (service_layer/outage.py); None: none of it (unit tests' fakes).
         self._outages = outages
+        # Regional cover's morning summary e-mails (service_layer/cover_summary.py); None: not
+        # sent by this instance (unit tests' fakes).
+        self._cover_summaries = cover_summaries
         self._alerts = alerts
         self._channels = (
             channels
@@ -1371,6 +1376,11 @@ class EscalationService:
                 self._wakeup.set()
         except Exception:
             log.exception("hand_back_round_failed")
+        # After the hand-back, so the summary can tell what was handed back.
+        try:
+            await self.cover_summary_round()
+        except Exception:
+            log.exception("cover_summary_round_failed")
         return False
 
     async def hand_back_round(self) -> int:
@@ -1393,6 +1403,13 @@ class EscalationService:
                     "hand_back_failed", extra=log_fields(escalation_id=str(escalation_id))
                 )
         return handed
+
+    async def cover_summary_round(self) -> int:
+        """Regional cover's morning summary: each window of cover that has ended is e-mailed to
+        the covered team once (``service_layer/cover_summary.py``); how many were sent."""
+        if self._cover_summaries is None:
+            return 0
+        return await self._cover_summaries.round()
 
     async def _hand_back(
         self, escalation_id: UUID, patient_id: str, covering: str, now: datetime
@@ -1426,7 +1443,14 @@ class EscalationService:
                 now,
                 TimelineEntry(
                     "handed_back",
-                    {"from_team": covering, "to_team": home, "repaged": repaged},
+                    {"from_team": covering, "to_team": home, "repaged": repaged}
+                    if repaged
+                    else {
+                        "from_team": covering,
+                        "to_team": home,
+                        "repaged": False,
+                        "acknowledged_by": record.state.acknowledged_by,
+                    },
                 ),
             )
             await uow.commit()

@@ -150,6 +150,7 @@ async def alert_timeline(
     zone = episode.get("timezone") or "UTC"
     phases = await repository.alert_phases(dedup_key)
     notify = await request.app.state.alert_timelines.timeline(dedup_key)
+    teams = await _cover_team_names(request, notify)
     await request.app.state.audit.record(
         principal.user_id,
         "alert.timeline",
@@ -164,9 +165,36 @@ async def alert_timeline(
         acknowledged_by=episode.get("acknowledged_by"),
         acknowledged_at=episode.get("acknowledged_at"),
         entries=[
-            TimelineEntry(at=e.at, kind=e.kind, text=e.text) for e in timeline(phases, notify, zone)
+            TimelineEntry(at=e.at, kind=e.kind, text=e.text)
+            for e in timeline(phases, notify, zone, teams)
         ],
     )
+
+
+_COVER_TEAM_KEYS = {
+    "paged_under_cover": ("care_team_id", "covered_team_id"),
+    "handed_back": ("from_team", "to_team"),
+}
+
+
+async def _cover_team_names(request: Request, notify: Any) -> dict[str, str]:
+    """The names of the care teams the timeline's regional cover entries name (none: no
+    look-up)."""
+    wanted = sorted(
+        {
+            str((event.get("detail") or {}).get(key))
+            for event in (notify or {}).get("events") or ()
+            for key in _COVER_TEAM_KEYS.get(str(event.get("kind")), ())
+            if (event.get("detail") or {}).get(key)
+        }
+    )
+    if not wanted:
+        return {}
+    store = getattr(request.app.state, "cover_store", None)
+    if store is None:
+        return {}
+    known = await store.teams(wanted)
+    return {team: str(row["name"]) for team, row in known.items() if row.get("name")}
 
 
 @router.get("/{dedup_key}/timeline", response_model=AlertTimeline, responses=not_found("alert"))

@@ -382,8 +382,7 @@ async def cover_summary(
     """What happened overnight, for the covered team: the latest window of cover that had ended
     by ``at`` (default now), and per patient the alerts opened in it, who was paged, who
     acknowledged, what was done and what was still open when the patients came back."""
-    from services.api.domain.cover_summary import summarise
-    from services.notify.public import last_window
+    from services.notify.public import last_window, summarise
 
     if care_team_id not in principal.own_teams:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")

@@ -32,6 +32,11 @@ from services.notify.domain.escalation import (
 )
 from services.notify.service_layer.unit_of_work import Change, EscalationRecord
 
+# Acknowledgements that answer a page (its signed link, an SMS reply): they act under the cover
+# the page was sent under. One through the care-team API is audited there with the caller's own
+# cover (services/api/adapters/audit.py).
+_PAGE_REPLIES = frozenset({"link", "sms"})
+
 
 class PostgresEscalations:
     """Escalation rows: opened with their first step, events applied under the row lock, due
@@ -243,18 +248,47 @@ class PostgresEscalations:
         from vigil.audit import append as audit_append
         from vigil.audit.actions import AuditAction
 
+        details: dict[str, Any] = {
+            "dedup_key": record.dedup_key,
+            "via": event.via,
+            "escalation_id": str(record.escalation_id),
+        }
+        if event.via in _PAGE_REPLIES:
+            cover = await self._cover_of(record)
+            if cover is not None:
+                details["cover"] = [cover]
         await audit_append(
             self._db,
             event.by,
             AuditAction.ALERT_ACKNOWLEDGED.value,
             f"patient:{record.patient_id}",
-            {
-                "dedup_key": record.dedup_key,
-                "via": event.via,
-                "escalation_id": str(record.escalation_id),
-            },
+            details,
             at=at,
         )
+
+    async def _cover_of(self, record: EscalationRecord) -> dict[str, Any] | None:
+        """The cover agreement a reply to this escalation's page acts under: the one its
+        ``paged_under_cover`` entry names, while the escalation is still filed under that
+        entry's covering team (once handed back it is the home team's own). The same shape as
+        the care-team API's ``details.cover`` entries."""
+        value = await self._db.fetchval(
+            """
+            SELECT detail FROM escalation_events
+            WHERE escalation_id = $1 AND kind = 'paged_under_cover'
+              AND detail ->> 'care_team_id' = $2
+            ORDER BY event_id DESC LIMIT 1
+            """,
+            record.escalation_id,
+            record.care_team_id,
+        )
+        if value is None:
+            return None
+        detail = json.loads(value) if isinstance(value, str) else value
+        return {
+            "covered_team": detail.get("covered_team_id"),
+            "agreement": detail.get("agreement_id"),
+            "version": detail.get("agreement_version"),
+        }
 
     async def follow_alert(self, dedup_key: str, alert_id: UUID) -> None:
         """Make ``alert_id`` (a newer phase of the episode, already recorded) the alert that
