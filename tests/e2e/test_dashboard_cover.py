@@ -210,6 +210,12 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             home = await browser.new_page(viewport={"width": 1200, "height": 800})
             await log_in(home, api_base_url, f"nurse-p-{run}")
             await home.goto(f"{api_base_url}/roster")
+            # The home nurse's own row names the team and its centre, with no covering badge.
+            own = home.locator(f"tr[data-patient='{patient}'] .team")
+            await own.wait_for(timeout=15_000)
+            own_text = await own.inner_text()
+            assert f"Oncology {partner} · Valley general {run}" in own_text, own_text
+            assert await home.locator(f"tr[data-patient='{patient}'] .badge.covering").count() == 0
             summary = home.locator(f".overnight[data-team='{partner}']")
             await summary.wait_for(timeout=15_000)
             told = await summary.inner_text()

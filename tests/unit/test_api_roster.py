@@ -172,3 +172,9 @@ def test_other_sorts() -> None:
     assert [r.patient_id for r in roster(patients, NOW, "bag")] == ["P-c", "P-a", "P-b"]
     with pytest.raises(ValueError, match="unknown sort"):
         roster(patients, NOW, "name")
+
+
+def test_a_row_names_its_teams_centre() -> None:
+    row = roster_row(facts(care_team_centre="Valley general"), NOW)
+    assert (row.care_team_name, row.care_team_centre) == ("Oncology", "Valley general")
+    assert roster_row(facts(), NOW).care_team_centre is None  # a team in no centre

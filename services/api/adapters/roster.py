@@ -13,7 +13,8 @@ from services.api.adapters.repository import _EPISODES_SQL, LAST_SEEN_SQL
 from services.api.domain.roster import BoundDevice, OpenAlert, PatientFacts
 
 _PATIENTS_SQL = """
-SELECT p.patient_id, p.care_team_id, t.name AS care_team_name, t.timezone, p.weight_kg,
+SELECT p.patient_id, p.care_team_id, t.name AS care_team_name, o.name AS care_team_centre,
+       t.timezone, p.weight_kg,
        c.cycle_start,
        r.value_c, r.device_time AS temperature_at, r.site,
        s.state, s.device_time AS pump_at, s.rate_ml_h, s.volume_remaining_ml, s.battery_pct,
@@ -23,6 +24,7 @@ SELECT p.patient_id, p.care_team_id, t.name AS care_team_name, t.timezone, p.wei
        END AS pump_running_at
 FROM patients p
 JOIN care_teams t USING (care_team_id)
+LEFT JOIN organisations o ON o.organisation_id = t.organisation_id
 LEFT JOIN LATERAL (
     SELECT max(cycle_start) AS cycle_start FROM patient_cycles
     WHERE patient_id = p.patient_id AND cycle_start <= $2) c ON true
@@ -81,6 +83,7 @@ class RosterQueries:
                 patient_id=p["patient_id"],
                 care_team_id=p["care_team_id"],
                 care_team_name=p["care_team_name"],
+                care_team_centre=p["care_team_centre"],
                 timezone=p["timezone"] or "UTC",
                 weight_kg=p["weight_kg"],
                 cycle_start=p["cycle_start"],

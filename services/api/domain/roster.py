@@ -46,6 +46,8 @@ class PatientFacts:
     care_team_id: str
     care_team_name: str
     timezone: str
+    # The team's centre (organisation); None when it belongs to none.
+    care_team_centre: str | None = None
     weight_kg: float | None = None
     cycle_start: datetime | None = None
     temperature_c: float | None = None
@@ -81,6 +83,8 @@ class RosterRow:
     urgency: tuple[int, float, str] = field(repr=False)
     #: When a pump that is not running now last reported running (named in ``pump_text``).
     pump_last_running_at: datetime | None = None
+    #: The team's centre (organisation); None when it belongs to none.
+    care_team_centre: str | None = None
 
 
 def age_text(age: timedelta) -> str:
@@ -202,6 +206,7 @@ def roster_row(facts: PatientFacts, now: datetime) -> RosterRow:
             if facts.pump_state is not None and facts.pump_state != "running"
             else None
         ),
+        care_team_centre=facts.care_team_centre,
     )
 
 

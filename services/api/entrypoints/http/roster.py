@@ -29,6 +29,9 @@ class RosterEntry(BaseModel):
     patient_id: str
     care_team_id: str
     care_team_name: str
+    care_team_centre: str | None = Field(
+        default=None, description="The team's centre (organisation); null when it has none."
+    )
     timezone: str = Field(description="The care team's zone; the texts show times in it.")
     infusion_day: int | None = Field(
         description="Day of the current cycle (day 1: the first 24 h from its start); null "
@@ -61,6 +64,7 @@ def entry(row: RosterRow) -> RosterEntry:
         patient_id=row.patient_id,
         care_team_id=row.care_team_id,
         care_team_name=row.care_team_name,
+        care_team_centre=row.care_team_centre,
         timezone=row.timezone,
         infusion_day=row.infusion_day,
         infusion_day_text=row.infusion_day_text,
