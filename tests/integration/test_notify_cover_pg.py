@@ -345,3 +345,39 @@ async def test_the_covered_team_is_emailed_each_night_once(rig: Rig) -> None:
     await cover_service(rig.pool, rig.clock, rig.smtp).cover_summary_round()
     assert len(summaries_to(rig, home)) == 2
     assert still_open is not None
+
+
+async def test_a_summary_the_mail_server_refuses_is_recorded_failed_and_not_audited(
+    rig: Rig,
+) -> None:
+    """A permanent refusal (550) is the delivery's record: failed after one try, with the
+    server's answer, never retried, and not audited as sent."""
+    home = f"oncall@{rig.small}.test"
+    rig.smtp.refuse.add(home)
+    rig.clock.now = paris(NIGHT, 12)
+    await rig.service.cover_summary_round()
+    row = await rig.pool.fetchrow(
+        "SELECT page_id, status, tries, detail, sent_at FROM cover_summary_pages "
+        "WHERE agreement_id = $1 AND window_ends = $2",
+        rig.agreement,
+        paris(NIGHT, 8),
+    )
+    assert (row["status"], row["tries"], row["sent_at"]) == ("failed", 1, None)
+    assert "550" in row["detail"]
+    rig.clock.now = paris(NIGHT, 13)
+    await rig.service.cover_summary_round()
+    assert (
+        await rig.pool.fetchval(
+            "SELECT tries FROM cover_summary_pages WHERE page_id = $1", row["page_id"]
+        )
+        == 1
+    )
+    assert summaries_to(rig, home) == []
+    assert (
+        await rig.pool.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'notify.cover_summary_sent' "
+            "AND details ->> 'page_id' = $1",
+            str(row["page_id"]),
+        )
+        == 0
+    )
