@@ -303,6 +303,9 @@ async def test_the_covered_team_is_emailed_each_night_once(rig: Rig) -> None:
 
     rig.clock.now = paris(morning, 8)
     await rig.service.hand_back_round()
+    # The open alert's repage is sent now, not left queued for a later test's delivery round.
+    await rig.service.tick()
+    await rig.service.deliver_due()
     assert await rig.service.cover_summary_round() >= 1
     night = summaries_to(rig, home)[1]
     assert night["Subject"] == (
@@ -381,3 +384,92 @@ async def test_a_summary_the_mail_server_refuses_is_recorded_failed_and_not_audi
         )
         == 0
     )
+
+
+async def test_a_window_cut_short_by_a_revocation_is_emailed_once_with_the_revocation(
+    rig: Rig,
+) -> None:
+    """The night before is e-mailed as usual (the control). The next night a fever at 02:00
+    pages the covering team; at 03:00 the covered team's manager revokes the agreement: on the
+    next round the alert is handed back and the covered team is e-mailed the window from 20:00
+    to 03:00 with the episode and the revocation, once (another round, the window's natural end
+    and notify restarted send nothing more)."""
+    home = f"oncall@{rig.small}.test"
+    rig.clock.now = paris(NIGHT, 12)
+    await rig.service.cover_summary_round()
+    assert len(summaries_to(rig, home)) == 1  # the night before: the normal path still runs
+
+    morning = NIGHT + timedelta(days=1)
+    paged_to, fever = await fever_at(rig, paris(morning, 2), "F-CUT")
+    assert paged_to == [f"oncall@{rig.big}.test"]
+    revoked_at = paris(morning, 3)
+    await rig.pool.execute(
+        """
+        INSERT INTO cover_agreements (agreement_id, version, covering_team_id, covered_team_id,
+            timezone, days, starts, ends, exceptions, revoked, reason, proposed_by,
+            proposed_side, proposed_at, decision, decided_by, decided_at)
+        SELECT agreement_id, 2, covering_team_id, covered_team_id, timezone, days, starts,
+               ends, exceptions, true, 'Partner staffed tonight', 'small-nurse',
+               covered_team_id, $2, 'approved', 'small-nurse', $2
+        FROM cover_agreements WHERE agreement_id = $1 AND version = 1
+        """,
+        rig.agreement,
+        revoked_at,
+    )
+    rig.clock.now = revoked_at - timedelta(seconds=1)
+    await rig.service.cover_summary_round()
+    assert len(summaries_to(rig, home)) == 1  # not revoked yet at the round's time
+
+    rig.clock.now = revoked_at + timedelta(seconds=1)
+    before = len(rig.smtp.received)
+    assert await rig.service.hand_back_round() >= 1
+    await rig.service.tick()
+    await rig.service.deliver_due()
+    assert [to for tos, _ in rig.smtp.received[before:] for to in tos] == [home]  # repaged
+    assert await rig.service.cover_summary_round() == 1
+    cut = summaries_to(rig, home)[1]
+    assert cut["Subject"] == (
+        f"[VIGIL] Overnight cover by Regional centre, {NIGHT} 20:00 CET (Europe/Paris) to "
+        f"{morning} 03:00 CET (Europe/Paris) (revoked): 1 alert, 1 still open at the end"
+    )
+    body = text_of(cut)
+    assert f"under cover agreement {rig.agreement} version 1" in body
+    assert (
+        f"The cover was revoked at {morning} 03:00 CET (Europe/Paris) by small-nurse of "
+        f"Partner centre ({rig.small}), cutting the window short" in body
+    )
+    assert "Reason given: Partner staffed tonight." in body
+    assert f"Patient {rig.patient}:" in body
+    assert f"opened {morning} 02:00 CET (Europe/Paris); paged: Regional centre" in body
+    assert (
+        f"handed back to Partner centre ({rig.small}) at {morning} 03:00 CET (Europe/Paris), "
+        "whose on-call was paged again." in body
+    )
+    row = await rig.pool.fetchrow(
+        "SELECT status, version, window_starts, alerts, page_id FROM cover_summary_pages "
+        "WHERE agreement_id = $1 AND window_ends = $2",
+        rig.agreement,
+        revoked_at,
+    )
+    assert (row["status"], row["version"], row["window_starts"], row["alerts"]) == (
+        "sent",
+        1,
+        paris(NIGHT, 20),
+        1,
+    )
+    assert (
+        await rig.pool.fetchval(
+            "SELECT count(*) FROM audit_log WHERE action = 'notify.cover_summary_sent' "
+            "AND details ->> 'page_id' = $1",
+            str(row["page_id"]),
+        )
+        == 1
+    )
+
+    # Once: another round, the window's natural end, and notify restarted send nothing more.
+    await rig.service.cover_summary_round()
+    rig.clock.now = paris(morning, 9)
+    await rig.service.cover_summary_round()
+    await cover_service(rig.pool, rig.clock, rig.smtp).cover_summary_round()
+    assert len(summaries_to(rig, home)) == 2
+    assert fever is not None

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from services.notify.domain.cover import CoverHours
 from services.notify.domain.cover_summary import (
     CoverNight,
+    NightToTell,
+    Revocation,
     SummaryMail,
     compose_summary_mail,
+    nights_to_tell,
     summary_key,
 )
 from services.notify.public import NightAlert, summarise
@@ -164,3 +169,79 @@ def test_the_key_is_the_agreement_and_the_windows_end_in_utc() -> None:
     assert summary_key("a-1", ENDS) != summary_key("a-2", ENDS)
     with pytest.raises(ValueError):
         summary_key("a-1", ENDS.replace(tzinfo=None))
+
+
+# -- the windows to e-mail, a revocation's among them ------------------------------------------
+
+NIGHTLY = CoverHours("Europe/Paris", frozenset(range(7)), time(20), time(8))
+SIGNED = STARTS - timedelta(days=3)
+
+
+def test_the_latest_window_ended_within_the_day_is_told_once_it_has_ended() -> None:
+    assert nights_to_tell(NIGHTLY, SIGNED, ENDS - timedelta(seconds=1), SIGNED) == [
+        NightToTell(STARTS - timedelta(days=1), ENDS - timedelta(days=1))
+    ]
+    assert nights_to_tell(NIGHTLY, SIGNED, ENDS, SIGNED) == [NightToTell(STARTS, ENDS)]
+    # Ended before ``since``, or under a version signed off after it ended: not this version's.
+    assert nights_to_tell(NIGHTLY, SIGNED, ENDS, ENDS + timedelta(seconds=1)) == []
+    assert nights_to_tell(NIGHTLY, ENDS, ENDS + timedelta(hours=1), SIGNED) == []
+
+
+def test_a_window_cut_short_by_a_revocation_is_told_from_its_start_to_the_revocation() -> None:
+    revoked = Revocation(STARTS + timedelta(hours=7), "small-nurse", "small", "staffed tonight")
+    # Before the revocation the night is in progress: only the night before is due.
+    before = nights_to_tell(NIGHTLY, SIGNED, revoked.at - timedelta(seconds=1), SIGNED, revoked)
+    assert before == [NightToTell(STARTS - timedelta(days=1), ENDS - timedelta(days=1))]
+    after = nights_to_tell(NIGHTLY, SIGNED, revoked.at + timedelta(minutes=1), SIGNED, revoked)
+    assert after == [
+        NightToTell(STARTS - timedelta(days=1), ENDS - timedelta(days=1)),
+        NightToTell(STARTS, revoked.at, revoked),
+    ]
+    # Days later nothing more: no window of a revoked agreement ends after its revocation.
+    later = revoked.at + timedelta(days=3)
+    assert nights_to_tell(NIGHTLY, SIGNED, later, later - timedelta(days=1), revoked) == []
+
+
+def test_a_revocation_outside_a_window_or_at_its_start_cuts_nothing_short() -> None:
+    by_day = Revocation(ENDS + timedelta(hours=2))
+    assert nights_to_tell(NIGHTLY, SIGNED, by_day.at + timedelta(hours=1), SIGNED, by_day) == [
+        NightToTell(STARTS, ENDS)
+    ]
+    at_start = Revocation(STARTS + timedelta(days=1))
+    assert nights_to_tell(NIGHTLY, SIGNED, at_start.at + timedelta(hours=1), SIGNED, at_start) == [
+        NightToTell(STARTS, ENDS)
+    ]
+
+
+def test_the_mail_of_a_revoked_window_says_when_by_whom_and_why() -> None:
+    revoked = Revocation(STARTS + timedelta(hours=7), "small-nurse", "small", "staffed tonight")
+    night = replace(PARIS_NIGHT, ends=revoked.at, revocation=revoked)
+    at_two = STARTS + timedelta(hours=6)
+    sent = compose_summary_mail(
+        night,
+        summarise(STARTS, revoked.at, [alert("b:fever", "P-B", at_two)]),
+        team_names=NAMES,
+        covering_centre="City hospital",
+        dashboard_path="/roster",
+    )
+    assert sent.subject == (
+        "[VIGIL] Overnight cover by Regional oncology, 2026-12-07 20:00 CET (Europe/Paris) to "
+        "2026-12-08 03:00 CET (Europe/Paris) (revoked): 1 alert, 1 still open at the end"
+    )
+    assert (
+        "The cover was revoked at 2026-12-08 03:00 CET (Europe/Paris) by small-nurse of "
+        "Partner ward (small), cutting the window short: from then on Partner ward (small) was "
+        "paged for its own patients. Reason given: staffed tonight." in sent.body
+    )
+    assert "Patient P-B:" in sent.body
+    quiet = compose_summary_mail(
+        replace(night, revocation=Revocation(revoked.at)),
+        [],
+        team_names=NAMES,
+        covering_centre=None,
+        dashboard_path="/roster",
+    )
+    assert quiet.subject.endswith("(revoked): no alert")
+    assert "The cover was revoked at 2026-12-08 03:00 CET (Europe/Paris), cutting" in quiet.body
+    assert "No alert was opened for any of your patients while they were covered." in quiet.body
+    assert "Reason given" not in quiet.body and "quiet night" not in quiet.body

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from services.notify.domain.cover import CoverHours, last_window, window_at
 from services.notify.domain.message import clock_time
 
 
@@ -96,8 +97,53 @@ def summarise(
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """An agreement's revocation, as its revoked version records it: when, by whom (a manager
+    of ``side_team_id``) and why."""
+
+    at: datetime
+    by: str | None = None
+    side_team_id: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NightToTell:
+    """A window of cover to e-mail: ``ends`` is the window's end, or the revocation that cut it
+    short (``revocation`` set)."""
+
+    starts: datetime
+    ends: datetime
+    revocation: Revocation | None = None
+
+
+def nights_to_tell(
+    hours: CoverHours,
+    signed_off_at: datetime,
+    now: datetime,
+    since: datetime,
+    revocation: Revocation | None = None,
+) -> list[NightToTell]:
+    """The windows of an agreement version to e-mail at ``now``, ended no earlier than
+    ``since``: its latest window that had ended (before the revocation, if any), when the
+    version was signed off before that end; and the window a revocation cut short, from its
+    start to the revocation (a revocation at a window's very start cut nothing short)."""
+    found = []
+    until = now if revocation is None else min(now, revocation.at)
+    window = last_window(hours, until)
+    if window is not None and window.ends >= since and signed_off_at < window.ends:
+        found.append(NightToTell(window.starts, window.ends))
+    if revocation is not None and since <= revocation.at <= now:
+        cut = window_at(hours, revocation.at)
+        if cut is not None and cut.starts < revocation.at and signed_off_at < revocation.at:
+            found.append(NightToTell(cut.starts, revocation.at, revocation))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
 class CoverNight:
-    """The window a summary tells of and the agreement version it was covered under."""
+    """The window a summary tells of and the agreement version it was covered under;
+    ``revocation`` when the revocation cut it short (``ends`` is then the revocation)."""
 
     agreement_id: str
     version: int
@@ -106,6 +152,7 @@ class CoverNight:
     timezone: str  # the agreement's: the zone its hours are in, as the dashboard shows them
     starts: datetime
     ends: datetime
+    revocation: Revocation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,16 +211,32 @@ def compose_summary_mail(
     covered = name(night.covered_team_id)
     alerts = [a for p in patients for a in p.alerts]
     still_open = [a for a in alerts if a.open_at_handback]
+    revoked = night.revocation
     lines = [
         f"Care team: {covered}",
         f"Covered by: {name(night.covering_team_id)}, "
         f"{covering_centre or 'centre not recorded'}, under cover agreement "
         f"{night.agreement_id} version {night.version}",
         f"Window: {at(night.starts)} to {at(night.ends)}",
-        "",
     ]
+    if revoked is not None:
+        by = ""
+        if revoked.by:
+            by = f" by {revoked.by}" + (
+                f" of {name(revoked.side_team_id)}" if revoked.side_team_id else ""
+            )
+        why = f" Reason given: {revoked.reason}." if revoked.reason else ""
+        lines.append(
+            f"The cover was revoked at {at(revoked.at)}{by}, cutting the window short: from "
+            f"then on {covered} was paged for its own patients.{why}"
+        )
+    lines.append("")
     if not alerts:
-        lines.append("A quiet night: no alert was opened for any of your patients in the window.")
+        lines.append(
+            "A quiet night: no alert was opened for any of your patients in the window."
+            if revoked is None
+            else "No alert was opened for any of your patients while they were covered."
+        )
     for patient in patients:
         lines.append(f"Patient {patient.patient_id}:")
         for alert in patient.alerts:
@@ -201,14 +264,14 @@ def compose_summary_mail(
     lines += ["", f"The same summary is on the dashboard: {dashboard_path} (the Overnight card)."]
     covering_name = team_names.get(night.covering_team_id) or night.covering_team_id
     told = (
-        "a quiet night"
+        ("a quiet night" if revoked is None else "no alert")
         if not alerts
         else f"{len(alerts)} alert{'' if len(alerts) == 1 else 's'}"
         + (f", {len(still_open)} still open at the end" if still_open else "")
     )
     subject = (
         f"[VIGIL] Overnight cover by {covering_name}, {at(night.starts)} to "
-        f"{at(night.ends)}: {told}"
+        f"{at(night.ends)}{' (revoked)' if revoked is not None else ''}: {told}"
     )
     return SummaryMail(
         subject=subject,

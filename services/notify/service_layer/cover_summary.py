@@ -21,10 +21,11 @@ from services.notify.adapters.postgres.cover_summaries import (
     page_id_for,
 )
 from services.notify.domain.backoff import backoff_delay_s
-from services.notify.domain.cover import last_window
 from services.notify.domain.cover_summary import (
     CoverNight,
+    NightToTell,
     compose_summary_mail,
+    nights_to_tell,
     summarise,
     summary_key,
 )
@@ -75,34 +76,34 @@ class CoverSummaries:
 
     async def compose_due(self) -> int:
         """Queue the summary of each agreement's latest window that ended within ``within_s``
-        and was not summarised yet; how many e-mails were queued."""
+        (under a version signed off before its end), and of a window its revocation cut short
+        within that time, not summarised yet; how many e-mails were queued."""
         now = self._clock()
         since = now - timedelta(seconds=self._config.within_s)
         queued = 0
         for agreement in await self._store.agreements(since):
-            window = last_window(agreement.hours, now)
-            if window is None or window.ends < since or window.ends in agreement.summarised:
-                continue
-            if agreement.signed_off_at >= window.ends:
-                continue  # this version was not in force for that window
-            pages = await self._pages(agreement, window.starts, window.ends)
-            written = await self._store.queue(pages, now)
-            queued += written
-            if written:
-                log.info(
-                    "cover_summary_queued",
-                    extra=log_fields(
-                        agreement_id=agreement.agreement_id,
-                        care_team_id=agreement.covered_team_id,
-                        window_ends=window.ends.isoformat(),
-                        pages=written,
-                    ),
-                )
+            for window in nights_to_tell(
+                agreement.hours, agreement.signed_off_at, now, since, agreement.revocation
+            ):
+                if window.ends in agreement.summarised:
+                    continue
+                written = await self._store.queue(await self._pages(agreement, window), now)
+                queued += written
+                if written:
+                    log.info(
+                        "cover_summary_queued",
+                        extra=log_fields(
+                            agreement_id=agreement.agreement_id,
+                            care_team_id=agreement.covered_team_id,
+                            window_ends=window.ends.isoformat(),
+                            cut_short=window.revocation is not None,
+                            pages=written,
+                        ),
+                    )
         return queued
 
-    async def _pages(
-        self, agreement: CoveredNight, starts: datetime, ends: datetime
-    ) -> list[SummaryPage]:
+    async def _pages(self, agreement: CoveredNight, window: NightToTell) -> list[SummaryPage]:
+        starts, ends = window.starts, window.ends
         night = CoverNight(
             agreement_id=agreement.agreement_id,
             version=agreement.version,
@@ -111,6 +112,7 @@ class CoverSummaries:
             timezone=agreement.hours.timezone,
             starts=starts,
             ends=ends,
+            revocation=window.revocation,
         )
         patients = summarise(
             starts, ends, await self._store.night_alerts(agreement.covered_team_id, starts, ends)

@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from services.notify.domain.cover import CoverHours
-from services.notify.domain.cover_summary import NightAlert
+from services.notify.domain.cover_summary import NightAlert, Revocation
 
 
 async def night_alerts(
@@ -74,9 +74,10 @@ async def night_alerts(
 
 @dataclass(frozen=True, slots=True)
 class CoveredNight:
-    """An agreement's newest signed-off version, not revoked, with what the summary names: the
-    covered team (name, on-call address) and the covering team (name, centre), and the ends of
-    the windows already summarised."""
+    """An agreement's newest signed-off version that is not a revocation (the one a revocation
+    revoked, with the ``revocation``), with what the summary names: the covered team (name,
+    on-call address) and the covering team (name, centre), and the ends of the windows already
+    summarised."""
 
     agreement_id: str
     version: int
@@ -89,6 +90,7 @@ class CoveredNight:
     covering_name: str | None
     covering_centre: str | None
     summarised: frozenset[datetime]
+    revocation: Revocation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +115,16 @@ class PostgresCoverSummaries:
         self._pool = pool
 
     async def agreements(self, summarised_since: datetime) -> list[CoveredNight]:
+        """Each agreement's newest signed-off version; for one revoked since
+        ``summarised_since``, the version it revoked, with the revocation (who, which side,
+        why). An agreement revoked before then has nothing left to e-mail."""
         rows = await self._pool.fetch(
             """
-            SELECT c.agreement_id, c.version, c.decided_at, c.covering_team_id,
+            SELECT c.agreement_id, coalesce(p.version, c.version) AS version,
+                   coalesce(p.decided_at, c.decided_at) AS signed_off_at, c.covering_team_id,
                    c.covered_team_id, c.timezone, c.days, c.starts, c.ends, c.exceptions,
+                   c.revoked, c.decided_at AS revoked_at, c.decided_by AS revoked_by,
+                   c.proposed_side AS revoked_side, c.reason AS revoked_reason,
                    cd.name AS covered_name, cd.oncall_email, cg.name AS covering_name,
                    o.name AS covering_centre,
                    ARRAY(SELECT DISTINCT s.window_ends FROM cover_summary_pages s
@@ -124,10 +132,15 @@ class PostgresCoverSummaries:
                        AS summarised
             FROM (SELECT DISTINCT ON (agreement_id) * FROM cover_agreements
                   WHERE decision = 'approved' ORDER BY agreement_id, version DESC) c
+            LEFT JOIN LATERAL (SELECT v.version, v.decided_at FROM cover_agreements v
+                               WHERE v.agreement_id = c.agreement_id
+                                 AND v.decision = 'approved' AND NOT v.revoked
+                                 AND v.version < c.version
+                               ORDER BY v.version DESC LIMIT 1) p ON c.revoked
             JOIN care_teams cd ON cd.care_team_id = c.covered_team_id
             JOIN care_teams cg ON cg.care_team_id = c.covering_team_id
             LEFT JOIN organisations o ON o.organisation_id = cg.organisation_id
-            WHERE NOT c.revoked
+            WHERE NOT c.revoked OR (c.decided_at >= $1 AND p.version IS NOT NULL)
             ORDER BY c.agreement_id
             """,
             summarised_since,
@@ -136,7 +149,7 @@ class PostgresCoverSummaries:
             CoveredNight(
                 agreement_id=str(r["agreement_id"]),
                 version=int(r["version"]),
-                signed_off_at=r["decided_at"],
+                signed_off_at=r["signed_off_at"],
                 covering_team_id=str(r["covering_team_id"]),
                 covered_team_id=str(r["covered_team_id"]),
                 hours=CoverHours(
@@ -151,6 +164,16 @@ class PostgresCoverSummaries:
                 covering_name=r["covering_name"],
                 covering_centre=r["covering_centre"],
                 summarised=frozenset(r["summarised"]),
+                revocation=(
+                    Revocation(
+                        at=r["revoked_at"],
+                        by=r["revoked_by"],
+                        side_team_id=r["revoked_side"],
+                        reason=r["revoked_reason"],
+                    )
+                    if r["revoked"]
+                    else None
+                ),
             )
             for r in rows
         ]
