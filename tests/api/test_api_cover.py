@@ -430,3 +430,70 @@ async def test_an_admin_puts_a_team_in_a_centre_which_the_covering_team_then_see
         ]
     actions = {e[1] for e in w.audit.entries if e[0] == w.users["admin_b"]}
     assert {"organisation.saved", "care_team.organisation_changed"} <= actions
+
+
+async def test_each_caller_lists_the_centres_of_their_teams_and_of_those_they_cover_now(
+    cover_world: CoverWorld,
+) -> None:
+    """GET /api/organisations: the admin every centre; anyone else the centres of their own
+    teams, and of the teams they cover only while they cover them; cover is one way. Runs after
+    the admin's test, which put team B in its centre, with the agreement (A covers B at night)
+    in force."""
+    cw = cover_world
+    w = cw.world
+    hill, stray, valley = f"org-hill-{w.run}", f"org-stray-{w.run}", f"org-{w.run}"
+    h = await cw.tokens("admin_b", "nurse_b", "auditor_b", "clinician_a", "nurse_a")
+    async with httpx.AsyncClient(base_url=w.base_url) as client:
+        for centre, name in ((hill, "Hill hospital"), (stray, "Elsewhere")):
+            put = await client.put(
+                f"/api/organisations/{centre}", json={"name": name}, headers=h["admin_b"]
+            )
+            assert put.status_code == 200, put.text
+        pool = await asyncpg.connect(cw.dsn)
+        try:  # team A's own admin would do this; the world has none
+            await pool.execute(
+                "UPDATE care_teams SET organisation_id = $2 WHERE care_team_id = $1", w.team_a, hill
+            )
+        finally:
+            await pool.close()
+
+        async def seen(label: str, at: datetime) -> list[tuple[str, str]]:
+            cw.clock.at = at
+            answer = await client.get("/api/organisations", headers=h[label])
+            assert answer.status_code == 200, answer.text
+            return [
+                (o["organisation_id"], o["name"])
+                for o in answer.json()
+                if o["organisation_id"] in (hill, stray, valley)
+            ]
+
+        day, night = cw.paris(5, 12), cw.paris(5, 2)
+        # The admin: every centre, by name, one in which no team is among them.
+        assert await seen("admin_b", day) == [
+            (stray, "Elsewhere"),
+            (hill, "Hill hospital"),
+            (valley, "Valley general"),
+        ]
+        # Team B's users: their own team's centre, day and night; never the covering team's.
+        for label in ("nurse_b", "auditor_b"):
+            assert await seen(label, day) == [(valley, "Valley general")]
+            assert await seen(label, night) == [(valley, "Valley general")]
+        # Team A's users: their own; team B's only during the window.
+        for label in ("clinician_a", "nurse_a"):
+            assert await seen(label, day) == [(hill, "Hill hospital")]
+            assert await seen(label, night) == [
+                (hill, "Hill hospital"),
+                (valley, "Valley general"),
+            ]
+        unsigned = await client.get("/api/organisations")
+        assert unsigned.status_code == 401
+    cw.clock.at = None
+
+
+def test_the_centres_list_is_in_the_openapi_document() -> None:
+    schema = create_app(ApiSettings()).openapi()
+    operation = schema["paths"]["/api/organisations"]["get"]
+    answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["type"] == "array"
+    assert answer["items"]["$ref"].endswith("/OrganisationView")
+    assert {"401", "403"} <= set(operation["responses"])

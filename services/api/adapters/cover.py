@@ -167,6 +167,22 @@ class PostgresCoverStore:
         timeline entries up to ``ends`` (notify's query, the one its summary e-mail reads)."""
         return await night_alerts(self._pool, covered_team_id, starts, ends)
 
+    async def organisations(self, of_teams: frozenset[str] | None) -> list[dict[str, Any]]:
+        """The centres (id, name), by name: every one (``None``), or those ``of_teams`` are
+        in."""
+        if of_teams is None:
+            rows = await self._pool.fetch(
+                "SELECT organisation_id, name FROM organisations ORDER BY name, organisation_id"
+            )
+        else:
+            rows = await self._pool.fetch(
+                "SELECT organisation_id, name FROM organisations WHERE organisation_id IN "
+                "(SELECT organisation_id FROM care_teams WHERE care_team_id = ANY($1::text[])) "
+                "ORDER BY name, organisation_id",
+                list(of_teams),
+            )
+        return [dict(r) for r in rows]
+
     async def put_organisation(self, organisation_id: str, name: str) -> None:
         await self._pool.execute(
             "INSERT INTO organisations (organisation_id, name) VALUES ($1, $2) "

@@ -496,6 +496,22 @@ class TeamCentre(BaseModel):
     )
 
 
+@router.get("/organisations", response_model=list[OrganisationView])
+async def list_organisations(
+    request: Request, principal: Reader, clock: Clock
+) -> list[OrganisationView]:
+    """The centres (organisations) the caller may see, by name: every one for the admin role;
+    for any other, the centres of the caller's own care teams and of the teams they cover at
+    this moment (regional cover's windows at the API's clock)."""
+    store = request.app.state.cover_store
+    teams: frozenset[str] | None = None
+    if principal.role is not Role.ADMIN:
+        own = principal.own_teams
+        covered = grants(own, await store.in_force_covering(own), clock())
+        teams = own | {g.covered_team_id for g in covered}
+    return [OrganisationView(**row) for row in await store.organisations(teams)]
+
+
 @router.put("/organisations/{organisation_id}", response_model=OrganisationView)
 async def put_organisation(
     request: Request,
