@@ -51,7 +51,11 @@ def make_consumer(
     client_id: str,
     auto_offset_reset: str = "earliest",
     max_poll_records: int = 500,
+    retry_backoff_ms: int | None = None,
 ) -> AIOKafkaConsumer:
+    extra: dict[str, Any] = {}
+    if retry_backoff_ms is not None:
+        extra["retry_backoff_ms"] = retry_backoff_ms
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.bootstrap_servers,
@@ -61,4 +65,5 @@ def make_consumer(
         auto_offset_reset=auto_offset_reset,
         isolation_level="read_committed",
         max_poll_records=max_poll_records,
+        **extra,
     )

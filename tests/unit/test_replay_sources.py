@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas.device import PumpEvent, PumpStatus, TemperatureReading
 from schemas.events import Telemetry
@@ -25,6 +27,7 @@ from vigil_tools.replay.sources import (
     AsRead,
     AsReadByDeviceTime,
     PartitionRange,
+    PartitionRun,
     ReadStats,
     Selection,
     _archive_batch,
@@ -33,6 +36,7 @@ from vigil_tools.replay.sources import (
     event_from_row,
     next_span,
     parse_offsets,
+    read_kafka,
 )
 from vigil_tools.replay.synthetic import course
 
@@ -258,3 +262,81 @@ def test_an_archive_read_goes_through_context_and_warm_up_rows_too() -> None:
     assert with_mates.since == START
     from_record_start = archive_reading(window, None, True, None)
     assert from_record_start.since is None and from_record_start.device_ids == {"th-1"}
+
+
+class PrefetchingConsumer:
+    """A replay's consumer as aiokafka's behaves around a fetch: ``getmany`` hands out what
+    one fetch brought, and taking it all wakes the background fetcher, which sends the next
+    request three turns of the event loop later (it is woken, plans the request, and its task
+    writes it)."""
+
+    def __init__(self, logs: dict[int, list[bytes]], per_fetch: int) -> None:
+        self.logs = logs
+        self.per_fetch = per_fetch
+        self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
+        self.fetches = 0  # fetches handed out by getmany
+        self.requests = 0  # requests for the next fetch sent to the broker
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.positions = dict.fromkeys(tps, 0)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    def pause(self, tp: TopicPartition) -> None:
+        self.paused.add(tp)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    def _send_request(self, turns: int) -> None:
+        if turns == 0:
+            self.requests += 1
+        else:
+            asyncio.get_running_loop().call_soon(self._send_request, turns - 1)
+
+    async def getmany(
+        self, *tps: TopicPartition, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        assert self.requests == self.fetches, "a fetch handed out before it was requested"
+        fetched = {}
+        for tp in tps:
+            start = self.positions[tp]
+            values = self.logs[tp.partition][start : start + self.per_fetch]
+            fetched[tp] = [
+                ConsumerRecord(tp.topic, tp.partition, start + n, 0, 0, None, v, None, 0, 0, ())
+                for n, v in enumerate(values)
+            ]
+            self.positions[tp] = start + len(values)
+        self.fetches += 1
+        self._send_request(3)
+        return fetched
+
+
+async def test_a_kafka_read_sends_the_next_fetch_before_it_hands_one_over() -> None:
+    """The broker prepares the next fetch while the reader decodes and replays this one: by
+    the time a fetch's records are handed over, the request for the next is out."""
+    logs = {
+        partition: [
+            event.model_dump_json(by_alias=True).encode()
+            for event in course(f"P-{partition}", START, days=0.5)
+        ]
+        for partition in (0, 1)
+    }
+    consumer = PrefetchingConsumer(logs, per_fetch=50)
+    plan = {TopicPartition("t", p): (0, len(values)) for p, values in logs.items()}
+    read: dict[int, list[ReplayEvent]] = {0: [], 1: []}
+    offsets: dict[int, list[int]] = {0: [], 1: []}
+    stats = ReadStats()
+    async for run in read_kafka(consumer, plan, Selection(), stats):  # type: ignore[arg-type]
+        assert isinstance(run, PartitionRun)
+        if consumer.positions[TopicPartition("t", run.partition)] < len(logs[run.partition]):
+            assert consumer.requests == consumer.fetches
+        read[run.partition] += run.events
+        offsets[run.partition] += run.offsets
+    for partition, values in logs.items():
+        assert [_fields(e) for e in read[partition]] == [_fields(decode_record(v)) for v in values]
+        assert offsets[partition] == list(range(len(values)))
+    assert consumer.paused == set(plan)
+    assert stats.read == stats.admitted == sum(map(len, logs.values()))
