@@ -154,6 +154,8 @@ class MemoryNotifyDatabase:
         self.audit: list[tuple[str, str, str]] = []
         self.commits = 0
         self.rollbacks = 0
+        # Each commit's ``durable``, in order (False: it did not wait for the disk).
+        self.durable: list[bool] = []
 
     def unit_of_work(self, *, transaction: bool = True) -> FakeUnitOfWork:
         return FakeUnitOfWork(self, transaction=transaction)
@@ -645,12 +647,13 @@ class FakeUnitOfWork:
         if not self.committed:
             await self.rollback()
 
-    async def commit(self) -> None:
+    async def commit(self, *, durable: bool = True) -> None:
         if self._saved is None:
             return
         self.committed = True
         self._saved = None
         self.db.commits += 1
+        self.db.durable.append(durable)
 
     async def rollback(self) -> None:
         if self._saved is None:
@@ -694,7 +697,7 @@ class AsItsOwnUnitOfWork:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def commit(self) -> None:
+    async def commit(self, *, durable: bool = True) -> None:
         return None
 
     async def rollback(self) -> None:

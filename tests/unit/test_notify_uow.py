@@ -40,6 +40,9 @@ async def test_an_alert_opens_in_one_committed_unit_of_work_and_pages_tier_one()
     # One commit opens the escalation with its pages, the next records the first attempts'
     # outcomes (two units of work, as on PostgreSQL); nothing was rolled back.
     assert (world.store.commits, world.store.rollbacks) == (2, 0)
+    # The opening does not wait for the disk (its pages go out at once); the outcomes' commit
+    # does, before handle_alert returns, which makes the opening durable too.
+    assert world.store.durable == [False, True]
 
 
 async def test_tick_escalates_to_tier_two_when_nobody_acknowledged() -> None:

@@ -304,8 +304,8 @@ class ObservedUnitOfWork(PostgresUnitOfWork):
         else:
             report(self._metrics)
 
-    async def commit(self) -> None:
-        await super().commit()
+    async def commit(self, *, durable: bool = True) -> None:
+        await super().commit(durable=durable)
         pending, self._pending[:] = list(self._pending), []
         for report in pending:
             report(self._metrics)

@@ -11,9 +11,10 @@ It never logs a page's content (PHI).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -84,7 +85,7 @@ from services.notify.domain.message import (
     compose_sms_text,
     pagerduty_event,
 )
-from services.notify.domain.monitoring_end import why_not_paged
+from services.notify.domain.monitoring_end import PatientStanding, why_not_paged
 from services.notify.domain.quiet_hours import HOLDABLE, held_until
 from services.notify.domain.routing import UNASSIGNED_CARE_TEAM, PagePurpose
 from services.notify.domain.technical_hold import hold_seconds, technical_hold_until
@@ -185,6 +186,23 @@ def fallback_chain(
     )
 
 
+#: The phases that open an escalation when their episode has none.
+_OPENING_PHASES = (AlertPhase.START, AlertPhase.ESCALATE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Routing:
+    """Whom a new escalation of an alert is opened under (``EscalationService._routing``):
+    the patient's standing (None: not registered), the care team and its policy (None when
+    none covers the alert: the fallback chain is used), the cover agreement it is paged
+    under, if any."""
+
+    standing: PatientStanding | None
+    team: str | None
+    snapshot: PolicySnapshot | None
+    covered: PagedTeam | None
+
+
 class AckOutcome(StrEnum):
     ACKNOWLEDGED = "acknowledged"
     ALREADY = "already_acknowledged"
@@ -277,17 +295,24 @@ class EscalationService:
                 async with self._unit_of_work(transaction=False) as uow:
                     await uow.heartbeats.heartbeat_seen(alert.device_id, alert.device_time)
             return True
-        escalation_id = await self.escalation_id_for(alert.dedup_key)
+        # Every phase is recorded; the record is written beside the first reads, on its own
+        # connection, so the first page waits for one of the two rather than for both.
+        reads, recorded = await asyncio.gather(
+            self._first_reads(alert, now), self._alerts.record_alert(alert), return_exceptions=True
+        )
+        for outcome in (reads, recorded):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(reads, BaseException)
+        escalation_id, routing = reads
         if alert.phase is AlertPhase.START or (
             escalation_id is None and alert.phase is AlertPhase.ESCALATE
         ):
             if escalation_id is not None:
-                await self._alerts.record_alert(alert)
                 return True
-            await self._start(alert, now)
+            await self._start(alert, now, routing=routing)
             return True
         if escalation_id is None:
-            await self._alerts.record_alert(alert)
             log.info(
                 "alert_recorded_without_escalation",
                 extra=log_fields(
@@ -296,7 +321,6 @@ class EscalationService:
             )
             return False
         if alert.phase is AlertPhase.END:
-            await self._alerts.record_alert(alert)
             if await self._resolve_in_technical_hold(
                 alert.dedup_key, now, ended_at=alert.device_time
             ):
@@ -320,8 +344,6 @@ class EscalationService:
                 # cancel a page whose every alert has stopped.
                 await self._flush_bundles(now, limit=1, only=pending)
                 await self.deliver_due()
-        else:
-            await self._alerts.record_alert(alert)
         if alert.phase is AlertPhase.END:
             await self._apply(escalation_id, Resolve(at=now), at=now)
         elif alert.phase is AlertPhase.ESCALATE:
@@ -358,8 +380,63 @@ class EscalationService:
         await self.deliver_due()
         return True
 
-    async def _start(self, alert: Alert, now: datetime, *, outage_hold: bool = True) -> None:
-        covering = await self._start_escalation(alert, now, outage_hold=outage_hold)
+    async def _first_reads(
+        self, alert: Alert, now: datetime
+    ) -> tuple[UUID | None, _Routing | None]:
+        """The episode's escalation and, for a start (or an escalate) that has none, whom it
+        is paged under (``_routing``), read on one connection."""
+        async with self._unit_of_work(transaction=False) as uow:
+            escalation_id = await uow.escalations.escalation_id_for(alert.dedup_key)
+            if escalation_id is not None or alert.phase not in _OPENING_PHASES:
+                return escalation_id, None
+            return None, await self._routing(uow, alert, now)
+
+    async def _routing(self, uow: UnitOfWork, alert: Alert, now: datetime) -> _Routing:
+        """The patient's standing and the care team and policy a new escalation of the alert
+        is opened under: its team's, or during a cover agreement's hours the covering team's
+        (unless that team has neither a policy nor an on-call address); no team or no policy
+        when none covers it."""
+        standing = await uow.policies.standing_of(alert.patient_id, alert.device_id)
+        team = None if standing is None else standing.care_team_id
+        snapshot = None
+        covered: PagedTeam | None = None
+        if standing is not None and standing.cover:
+            # Regional cover (``domain.cover``): during an agreement's hours the covering
+            # team's on-call is paged; the thresholds that raised the alert stay the covered
+            # team's. A covering team with no policy and no on-call address leaves it home.
+            paged = paged_team(standing.care_team_id, standing.cover, now)
+            if paged.covering:
+                snapshot = await uow.policies.load_policy(paged.care_team_id)
+                if snapshot is not None:
+                    team, covered = paged.care_team_id, paged
+                    log.info(
+                        "alert_paged_under_cover",
+                        extra=log_fields(
+                            alert_id=str(alert.alert_id),
+                            patient_id=alert.patient_id,
+                            care_team_id=team,
+                            covered_team_id=paged.covered_team_id,
+                            agreement_id=paged.agreement_id,
+                            agreement_version=paged.version,
+                        ),
+                    )
+        if snapshot is None and team is not None:
+            snapshot = await uow.policies.load_policy(team)
+        return _Routing(standing=standing, team=team, snapshot=snapshot, covered=covered)
+
+    async def _start(
+        self,
+        alert: Alert,
+        now: datetime,
+        *,
+        outage_hold: bool = True,
+        routing: _Routing | None = None,
+    ) -> None:
+        """``routing``: read already (``handle_alert``, which has recorded the alert too);
+        None: read here and the alert recorded."""
+        covering = await self._start_escalation(
+            alert, now, outage_hold=outage_hold, routing=routing
+        )
         if covering is None:
             return
         # Regional cover: the escalation's timeline names the agreement it was paged under.
@@ -384,41 +461,19 @@ class EscalationService:
                 )
 
     async def _start_escalation(
-        self, alert: Alert, now: datetime, *, outage_hold: bool
+        self, alert: Alert, now: datetime, *, outage_hold: bool, routing: _Routing | None
     ) -> PagedTeam | None:
         """Open the alert's escalation under its team's policy, or under the fallback chain
         when no policy covers it; quiet hours and the bundling window apply as for any alert,
         except that quiet hours never hold the fallback chain (it pages no team). A start that
         began inside a pipeline outage just ended may first wait briefly for its end
         (``OutageWatch.hold``; never HIGH, never the fallback chain)."""
-        async with self._unit_of_work(transaction=False) as uow:
-            standing = await uow.policies.standing_of(alert.patient_id, alert.device_id)
-        team = None if standing is None else standing.care_team_id
-        snapshot = None
-        covered: PagedTeam | None = None
-        if standing is not None and standing.cover:
-            # Regional cover (``domain.cover``): during an agreement's hours the covering
-            # team's on-call is paged; the thresholds that raised the alert stay the covered
-            # team's. A covering team with no policy and no on-call address leaves it home.
-            paged = paged_team(standing.care_team_id, standing.cover, now)
-            if paged.covering:
-                snapshot = await load_policy(self._unit_of_work, paged.care_team_id)
-                if snapshot is not None:
-                    team, covered = paged.care_team_id, paged
-                    log.info(
-                        "alert_paged_under_cover",
-                        extra=log_fields(
-                            alert_id=str(alert.alert_id),
-                            patient_id=alert.patient_id,
-                            care_team_id=team,
-                            covered_team_id=paged.covered_team_id,
-                            agreement_id=paged.agreement_id,
-                            agreement_version=paged.version,
-                        ),
-                    )
-        if snapshot is None and team is not None:
-            snapshot = await load_policy(self._unit_of_work, team)
-        await self._alerts.record_alert(alert)
+        if routing is None:
+            async with self._unit_of_work(transaction=False) as uow:
+                routing = await self._routing(uow, alert, now)
+            await self._alerts.record_alert(alert)
+        standing, team, snapshot = routing.standing, routing.team, routing.snapshot
+        covered = routing.covered
         team_known = team is not None and snapshot is not None
         stopped = why_not_paged(standing, device_time=alert.device_time, rule_id=alert.rule_id)
         if team is None or snapshot is None:
@@ -574,7 +629,8 @@ class EscalationService:
         group_wait_s = self._config.group_wait_s
         escalation_id: UUID | None = None
         jobs: list[PageJob] = []
-        async with self._unit_of_work() as uow:
+        sending: asyncio.Task[None] | None = None
+        async with self._sent_after(lambda: sending), self._unit_of_work() as uow:
             window, follow_up_id = await uow.bundles.window_of(alert.patient_id)
             decision = place(window, dedup_key=alert.dedup_key, at=now, group_wait_s=group_wait_s)
             placement, due_at = decision.placement, decision.due_at
@@ -619,10 +675,12 @@ class EscalationService:
                         bundle_id=follow_up_id,
                         due_at=due_at,
                     )
-            await uow.commit()
-        if placement is Placement.PAGE_NOW and escalation_id is not None:
-            # Claimed for this call, as with bundling off: the first attempt waits for no loop.
-            await self._deliver_batch(jobs)
+            await self._commit_opening(uow, jobs)
+            if placement is Placement.PAGE_NOW and escalation_id is not None:
+                # Claimed for this call, as with bundling off: the first attempt waits for no
+                # loop, nor for the connection to go back to the pool.
+                sending = asyncio.create_task(self._deliver_batch(jobs))
+        if sending is not None and escalation_id is not None:
             self._opened(alert, escalation_id, team, snapshot)
             return
         log.info(
@@ -643,7 +701,8 @@ class EscalationService:
         claimed for this call (an attempt in flight each), so the first attempt waits for
         neither the ticker nor the delivery loop. None when the episode has an escalation."""
         transition = advance(snapshot, opened(now), Tick(now=now))
-        async with self._unit_of_work() as uow:
+        sending: asyncio.Task[None] | None = None
+        async with self._sent_after(lambda: sending), self._unit_of_work() as uow:
             escalation_id = await uow.escalations.add(
                 alert, care_team_id=team, snapshot=snapshot, state=transition.state, at=now
             )
@@ -658,10 +717,41 @@ class EscalationService:
                 at=now,
                 claim_until=now + timedelta(seconds=self._config.send_lease_s),
             )
-            await uow.commit()
-        await self._deliver_batch(jobs)
+            await self._commit_opening(uow, jobs)
+            # Committed: sent while the connection goes back to the pool.
+            sending = asyncio.create_task(self._deliver_batch(jobs))
         self._opened(alert, escalation_id, team, snapshot)
         return escalation_id
+
+    @staticmethod
+    async def _commit_opening(uow: UnitOfWork, jobs: list[PageJob]) -> None:
+        """Commit an escalation opened with its first pages claimed for this call (``jobs``)
+        without waiting for the disk: the pages go out at once, and the commit that records
+        their outcomes (``_deliver_batch``, always before ``handle_alert`` returns and the
+        alert's offset may be committed) waits, which makes this one durable too. A crash of
+        notify in between leaves the claim committed (sent again or found ``unknown`` after its
+        lease); a crash of the database before the flush loses the escalation and its pages,
+        but not the alert: its offset was not committed, so it is delivered again, opened
+        again and paged again under the same keys (Message-ID, SMS reference, PagerDuty
+        dedup_key), a duplicate like any page sent again. Nothing claimed: an ordinary commit."""
+        if jobs:
+            await uow.commit(durable=False)
+        else:
+            await uow.commit()
+
+    @contextlib.asynccontextmanager
+    async def _sent_after(
+        self, sending: Callable[[], asyncio.Task[None] | None]
+    ) -> AsyncIterator[None]:
+        """Around a unit of work that may start sending the pages it committed (the task
+        ``sending`` returns, started after the commit, so while the unit of work gives its
+        connection back): waits for that task on the way out, whatever else happened."""
+        try:
+            yield
+        finally:
+            task = sending()
+            if task is not None:
+                await task
 
     async def _apply(
         self,

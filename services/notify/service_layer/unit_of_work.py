@@ -331,7 +331,14 @@ class UnitOfWork(Protocol):
         """Roll back whatever was not committed."""
         ...
 
-    async def commit(self) -> None: ...
+    async def commit(self, *, durable: bool = True) -> None:
+        """Make what the repositories wrote visible and durable. ``durable=False``: visible at
+        once, but the commit does not wait for the disk; it becomes durable with the next commit
+        that waits (whatever that one wrote). Only for a step that makes such a commit itself
+        before it reports done, and for which a crash of the database in between loses nothing
+        that is not redone (the first page of an alert: ``EscalationService._open``)."""
+        ...
+
     async def rollback(self) -> None: ...
 
 

@@ -1383,21 +1383,21 @@ async def with_context(conn: Any, jobs: list[PageJob]) -> list[PageJob]:
     sent for each temperature in the evidence (a reading sent in °F is shown in °F too)."""
     if not jobs:
         return jobs
-    zones = {
-        str(r["care_team_id"]): str(r["timezone"])
-        for r in await conn.fetch(
-            "SELECT care_team_id, timezone FROM care_teams WHERE care_team_id = ANY($1::text[])",
-            sorted({j.page.care_team_id for j in jobs}),
-        )
-    }
-    episodes = {
-        r["escalation_id"]: r
-        for r in await conn.fetch(
-            "SELECT escalation_id, opened_at, snapshot ->> 'repeat_count' AS repeat_count "
-            "FROM escalations WHERE escalation_id = ANY($1::uuid[])",
-            sorted({j.escalation_id for j in jobs}, key=str),
-        )
-    }
+    # The teams' zones and the episodes in one round trip: a team's row has no escalation id.
+    rows = await conn.fetch(
+        """
+        SELECT care_team_id, timezone, NULL::uuid AS escalation_id,
+               NULL::timestamptz AS opened_at, NULL::text AS repeat_count
+        FROM care_teams WHERE care_team_id = ANY($1::text[])
+        UNION ALL
+        SELECT NULL, NULL, escalation_id, opened_at, snapshot ->> 'repeat_count'
+        FROM escalations WHERE escalation_id = ANY($2::uuid[])
+        """,
+        sorted({j.page.care_team_id for j in jobs}),
+        sorted({j.escalation_id for j in jobs}, key=str),
+    )
+    zones = {str(r["care_team_id"]): str(r["timezone"]) for r in rows if r["escalation_id"] is None}
+    episodes = {r["escalation_id"]: r for r in rows if r["escalation_id"] is not None}
     ended = sorted({j.alert.dedup_key for j in jobs if j.purpose is PagePurpose.ALL_CLEAR})
     cleared: dict[str, Alert] = {}
     if ended:

@@ -83,8 +83,13 @@ class PostgresUnitOfWork:
             conn, self._conn = self._conn, None
             await self._pool.release(conn)
 
-    async def commit(self) -> None:
+    async def commit(self, *, durable: bool = True) -> None:
+        """``durable=False``: this transaction's COMMIT does not wait for its write-ahead log
+        to be flushed (``synchronous_commit`` off for it alone); the next commit that waits
+        flushes it too, the log being written in order."""
         if self._transaction is not None:
+            if not durable:
+                await self._conn.execute("SET LOCAL synchronous_commit TO off")
             transaction, self._transaction = self._transaction, None
             await transaction.commit()
 
