@@ -7,8 +7,9 @@ and changed through notify's own repository and use cases; the pipeline's outage
 was not watching), read-only; regional cover's hours and who acts for a covered team at an
 instant (pure, ``domain/cover.py``), and the morning summary of a night of cover (pure,
 ``domain/cover_summary.py``, over ``night_alerts``, the escalations of a covered team's patients
-opened in a window), which notify also e-mails. The care-team API never writes notify's tables
-itself; it decides who may ask."""
+opened in a window), which notify also e-mails, and the windows it tells of (``nights_to_tell``:
+a window a revocation cut short ends at the revocation), the same for the API and the e-mail.
+The care-team API never writes notify's tables itself; it decides who may ask."""
 
 from __future__ import annotations
 
@@ -42,7 +43,13 @@ from services.notify.domain.cover import (
     last_window,
     window_at,
 )
-from services.notify.domain.cover_summary import NightAlert, summarise
+from services.notify.domain.cover_summary import (
+    NightAlert,
+    NightToTell,
+    Revocation,
+    nights_to_tell,
+    summarise,
+)
 from services.notify.domain.schedule import next_change, on_call_at
 from services.notify.service_layer import team_settings
 from services.notify.service_layer.closing import close_patient
@@ -56,13 +63,16 @@ __all__ = [
     "CoverGrant",
     "CoverHours",
     "NightAlert",
+    "NightToTell",
     "PatientEscalations",
     "PipelineOutages",
+    "Revocation",
     "TeamRegistry",
     "Window",
     "grants",
     "last_window",
     "night_alerts",
+    "nights_to_tell",
     "summarise",
     "window_at",
 ]

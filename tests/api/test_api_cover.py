@@ -25,7 +25,11 @@ from services.api.app import server_options
 from services.api.bootstrap import create_app
 from services.api.domain.access import Role
 from services.api.settings import ApiSettings
-from services.ingest.adapters.registry_admin import upsert_device, upsert_patient
+from services.ingest.adapters.registry_admin import (
+    upsert_care_team,
+    upsert_device,
+    upsert_patient,
+)
 from services.notify.domain.escalation import page_until_acknowledged, snapshot_to_json
 from tests.api.conftest import (
     PASSWORD,
@@ -391,6 +395,161 @@ async def test_the_covered_team_reads_the_morning_summary(cover_world: CoverWorl
         assert earlier.json()["patients"] == []
         refused = await client.get(path, params={"at": morning}, headers=h["clinician_a"])
         assert refused.status_code == 404
+
+
+async def test_a_revocation_mid_window_ends_the_summary_at_the_revocation_at_once(
+    cover_world: CoverWorld,
+) -> None:
+    """A team D covers a team C at night (both new: no other test's cover changes). A 02:00
+    fever of C's patient is paged to team D and acknowledged there; at 03:00 C's charge nurse
+    revokes the agreement. From that moment
+    C's summary is the window from 20:00 to 03:00, naming the revocation (when, by whom of which
+    team, why), with the 02:00 episode and not the 04:00 alert (the window's own end would have
+    held it); a second before the revocation, and before it was recorded, the night before is
+    the latest (the controls)."""
+    from services.notify.public import night_alerts
+    from services.rules.domain.identity import alert_id_for
+
+    cw = cover_world
+    w = cw.world
+    team_c, team_d, patient_c = f"team-c-{w.run}", f"team-d-{w.run}", f"PC-{w.run}"
+    device = f"thermo-{patient_c}"
+    night_start, two, cut_at, four = cw.paris(6, 20), cw.paris(7, 2), cw.paris(7, 3), cw.paris(7, 4)
+    pool = await asyncpg.create_pool(cw.dsn, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            for team in (team_c, team_d):
+                await upsert_care_team(conn, team, f"Oncology {team}", f"oncall@{team}.test")
+            await upsert_patient(conn, patient_c, team_c, 19.5)
+            await upsert_device(conn, device, "thermometer")
+            alert_two = await insert_alert(conn, patient_c, device, two, 38.8)
+            alert_four = await insert_alert(conn, patient_c, device, four, 39.1)
+        repository = ApiRepository(pool)
+        for label, role, team in (
+            ("nurse_c", Role.CHARGE_NURSE, team_c),
+            ("clinician_c", Role.CLINICIAN, team_c),
+            ("nurse_d", Role.CHARGE_NURSE, team_d),
+        ):
+            username = f"{label}-{w.run}"
+            await repository.create_user(
+                username, username, label, hash_password(PASSWORD), role, [team]
+            )
+            w.users[label] = username
+        h = await cw.tokens("nurse_d", "nurse_c", "clinician_c")
+        terms = {**NIGHTS, "ends": "08:00", "covering_team_id": team_d, "covered_team_id": team_c}
+        async with httpx.AsyncClient(base_url=w.base_url) as client:
+            proposed = await client.post("/api/cover-agreements", json=terms, headers=h["nurse_c"])
+            assert proposed.status_code == 202, proposed.text
+            agreement = proposed.json()["agreement_id"]
+            approved = await client.post(
+                f"/api/cover-agreements/{agreement}/versions/1/approve", headers=h["nurse_d"]
+            )
+            assert approved.status_code == 200, approved.text
+            # The 02:00 episode, paged to team D under cover and acknowledged there, handed
+            # back at the revocation; the 04:00 alert, after it, paged C's own on-call.
+            rows = [
+                (alert_two, two, team_d, w.users["nurse_d"]),
+                (alert_four, four, team_c, w.users["nurse_c"]),
+            ]
+            escalations = []
+            for dedup_key, opened, filed, acknowledger in rows:
+                escalations.append(
+                    await pool.fetchval(
+                        """
+                        INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                            care_team_id, snapshot, status, acknowledged_by, acknowledged_at,
+                            opened_at)
+                        VALUES (gen_random_uuid(), $1, $2, $3, $4, $8::jsonb, 'acknowledged',
+                                $5, $6, $7)
+                        RETURNING escalation_id
+                        """,
+                        dedup_key,
+                        alert_id_for(dedup_key, "start"),
+                        patient_c,
+                        filed,
+                        acknowledger,
+                        opened + timedelta(minutes=10),
+                        opened,
+                        FROZEN,
+                    )
+                )
+            await pool.executemany(
+                "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+                "VALUES ($1, $2, $3, $4::jsonb)",
+                [
+                    (
+                        escalations[0],
+                        two,
+                        "paged_under_cover",
+                        json.dumps({"care_team_id": team_d}),
+                    ),
+                    (escalations[0], two + timedelta(minutes=10), "acknowledged", "{}"),
+                    (escalations[0], cut_at, "handed_back", json.dumps({"repaged": False})),
+                    (escalations[1], four, "paged", "{}"),
+                ],
+            )
+            # Control: the window's own end would have held both alerts.
+            whole = await night_alerts(pool, team_c, night_start, cw.paris(7, 8))
+            assert {a.dedup_key for a in whole} == {alert_two, alert_four}
+
+            path = f"/api/care-teams/{team_c}/cover-summary"
+
+            async def summary(at: datetime | None = None) -> dict[str, Any]:
+                params = {} if at is None else {"at": at.isoformat()}
+                answer = await client.get(path, params=params, headers=h["clinician_c"])
+                assert answer.status_code == 200, answer.text
+                body: dict[str, Any] = answer.json()
+                return body
+
+            # Before the revocation is recorded, 03:00 is mid-window: the night before is the
+            # latest ended, quiet, and nothing was revoked.
+            cw.clock.at = cut_at
+            before = await summary()
+            assert before["window"]["agreement_id"] == agreement
+            assert datetime.fromisoformat(before["window"]["starts"]) == cw.paris(5, 20)
+            assert datetime.fromisoformat(before["window"]["ends"]) == cw.paris(6, 8)
+            assert before["window"]["revocation"] is None and before["patients"] == []
+
+            revoked = await client.post(
+                f"/api/cover-agreements/{agreement}/revoke",
+                json={"reason": "night nurse found"},
+                headers=h["nurse_c"],
+            )
+            assert revoked.status_code == 200, revoked.text
+            # At once (the API's clock still at the revocation), and after the window's own
+            # end: the window from 20:00 to the revocation, which it names.
+            for at in (None, cw.paris(7, 9)):
+                body = await summary(at)
+                window = body["window"]
+                assert window["agreement_id"] == agreement and window["version"] == 1
+                assert window["covering_team_id"] == team_d
+                assert datetime.fromisoformat(window["starts"]) == night_start
+                assert datetime.fromisoformat(window["ends"]) == cut_at
+                revocation = window["revocation"]
+                assert datetime.fromisoformat(revocation.pop("at")) == cut_at
+                assert revocation == {
+                    "by": w.users["nurse_c"],
+                    "care_team_id": team_c,
+                    "care_team_name": f"Oncology {team_c}",
+                    "reason": "night nurse found",
+                }
+                (patient,) = body["patients"]
+                assert patient["patient_id"] == patient_c and patient["handed_back"] == 1
+                (episode,) = patient["alerts"]  # not the 04:00 alert, after the revocation
+                assert episode["dedup_key"] == alert_two and episode["paged_team_id"] == team_d
+                assert episode["acknowledged_by"] == w.users["nurse_d"]
+                assert episode["open_at_handback"] is True
+                assert [d["kind"] for d in episode["done"]] == [
+                    "paged_under_cover",
+                    "acknowledged",
+                ]
+            # A second before the revocation it was not in force yet: the night before.
+            earlier = await summary(cut_at - timedelta(seconds=1))
+            assert datetime.fromisoformat(earlier["window"]["ends"]) == cw.paris(6, 8)
+            assert earlier["window"]["revocation"] is None
+    finally:
+        cw.clock.at = None
+        await pool.close()
 
 
 async def test_an_admin_puts_a_team_in_a_centre_which_the_covering_team_then_sees(

@@ -12,12 +12,12 @@ patients back to their own team. Every step is audited (``cover.*``), subject
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from services.notify.public import Agreement, CoverHours
+from services.notify.public import Agreement, CoverHours, NightToTell, Revocation, nights_to_tell
 
 Decision = Literal["approved", "rejected", "withdrawn"]
 
@@ -59,6 +59,54 @@ def in_force(versions: list[Version]) -> Version | None:
     """The newest approved version of one agreement's versions (revoked or not)."""
     approved = [v for v in versions if v.decision == "approved"]
     return max(approved, key=lambda v: v.version) if approved else None
+
+
+def revocation_of(versions: Iterable[Version]) -> Revocation | None:
+    """The agreement's revocation, as its revoked version records it (when, by whom of which
+    side, why); None while it is not revoked."""
+    for version in versions:
+        if version.revoked and version.decision == "approved" and version.decided_at:
+            return Revocation(
+                version.decided_at, version.decided_by, version.proposed_side, version.reason
+            )
+    return None
+
+
+# How far back the morning summary looks for a window of cover.
+SUMMARY_LOOKBACK = timedelta(days=8)
+
+
+def night_to_summarise(
+    versions: Iterable[Version], at: datetime
+) -> tuple[Version, NightToTell] | None:
+    """The night the covered team's morning summary tells of at ``at``, from the versions of
+    the agreements covering it: the latest window that had ended by ``at`` within the eight
+    days before it, or that a revocation had cut short by then (ending at the revocation), as
+    notify's ``nights_to_tell`` names the windows it e-mails; with the version in force when
+    it ended (a version signed off during a window counts for it; for a window cut short, the
+    version the revocation revoked)."""
+    by_id: dict[uuid.UUID, list[Version]] = {}
+    for version in versions:
+        by_id.setdefault(version.agreement_id, []).append(version)
+    latest: tuple[Version, NightToTell] | None = None
+    for of_one in by_id.values():
+        signed = [v for v in of_one if v.decision == "approved" and v.decided_at is not None]
+        revocation = revocation_of(signed)
+        for candidate in signed:
+            if candidate.revoked or candidate.decided_at is None:
+                continue
+            for night in nights_to_tell(
+                candidate.hours, candidate.decided_at, at, at - SUMMARY_LOOKBACK, revocation
+            ):
+                # Told by the version in force when the window ended, not by one a newer
+                # version had replaced by then (a revocation is never signed off before the
+                # end of a window it tells of: that window ends at it).
+                then = [v for v in signed if v.decided_at and v.decided_at < night.ends]
+                if max(then, key=lambda v: v.version) is not candidate:
+                    continue
+                if latest is None or night.ends > latest[1].ends:
+                    latest = (candidate, night)
+    return latest
 
 
 class Audit(Protocol):

@@ -4,7 +4,8 @@ acknowledged and when, what was done before the window ended (the escalation's t
 entries), and which alerts were still open when the patients were handed back.
 
 The care-team API answers it (``GET /api/care-teams/{id}/cover-summary``) and notify e-mails it
-to the covered team once per window (``compose_summary_mail``, keyed by ``summary_key``)."""
+to the covered team once per window (``compose_summary_mail``, keyed by ``summary_key``); both
+take the window from ``nights_to_tell``."""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class Revocation:
 
 @dataclass(frozen=True, slots=True)
 class NightToTell:
-    """A window of cover to e-mail: ``ends`` is the window's end, or the revocation that cut it
+    """A window of cover to tell of: ``ends`` is the window's end, or the revocation that cut it
     short (``revocation`` set)."""
 
     starts: datetime
@@ -124,10 +125,12 @@ def nights_to_tell(
     since: datetime,
     revocation: Revocation | None = None,
 ) -> list[NightToTell]:
-    """The windows of an agreement version to e-mail at ``now``, ended no earlier than
-    ``since``: its latest window that had ended (before the revocation, if any), when the
-    version was signed off before that end; and the window a revocation cut short, from its
-    start to the revocation (a revocation at a window's very start cut nothing short)."""
+    """The windows of an agreement version to tell of at ``now``, ended no earlier than
+    ``since``, oldest first: its latest window that had ended (before the revocation, if any),
+    when the version was signed off before that end; and the window a revocation cut short,
+    from its start to the revocation, from the revocation on (a revocation at a window's very
+    start cut nothing short). Notify e-mails them (``since``: the last day); the care-team API
+    answers the latest (``since``: the last eight days), so both tell the same night."""
     found = []
     until = now if revocation is None else min(now, revocation.at)
     window = last_window(hours, until)

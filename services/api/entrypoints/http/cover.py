@@ -20,6 +20,7 @@ from services.api.service_layer.cover import (
     Manager,
     Version,
     in_force,
+    night_to_summarise,
 )
 from services.notify.public import CoverHours, grants
 
@@ -347,6 +348,14 @@ class NightPatientView(BaseModel):
     alerts: list[NightAlertView]
 
 
+class RevocationView(BaseModel):
+    at: datetime = Field(description="When the agreement was revoked: the window's end.")
+    by: str | None = Field(description="Who revoked it (the revoked version's decided_by).")
+    care_team_id: str | None = Field(description="The team of who revoked it.")
+    care_team_name: str | None
+    reason: str | None = Field(description="The reason given, if any.")
+
+
 class NightWindowView(BaseModel):
     agreement_id: uuid.UUID
     version: int
@@ -355,14 +364,17 @@ class NightWindowView(BaseModel):
     covering_centre: str | None
     timezone: str
     starts: datetime
-    ends: datetime
+    ends: datetime = Field(description="The window's end, or the revocation that cut it short.")
+    revocation: RevocationView | None = Field(
+        default=None, description="The revocation that cut the window short; null: none did."
+    )
 
 
 class CoverSummary(BaseModel):
     care_team_id: str
     window: NightWindowView | None = Field(
-        description="The latest window of cover that had ended (none: no cover in the last "
-        "eight days)."
+        description="The latest window of cover that had ended, or that a revocation had cut "
+        "short (none: no cover in the last eight days)."
     )
     patients: list[NightPatientView] = Field(description="Patients with an alert in it.")
 
@@ -380,9 +392,10 @@ async def cover_summary(
     at: datetime | None = None,
 ) -> CoverSummary:
     """What happened overnight, for the covered team: the latest window of cover that had ended
-    by ``at`` (default now), and per patient the alerts opened in it, who was paged, who
-    acknowledged, what was done and what was still open when the patients came back."""
-    from services.notify.public import last_window, summarise
+    by ``at`` (default now), or that a revocation had cut short by then (up to the revocation,
+    which it names), and per patient the alerts opened in it, who was paged, who acknowledged,
+    what was done and what was still open when the patients came back."""
+    from services.notify.public import summarise
 
     if care_team_id not in principal.own_teams:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such care team")
@@ -390,38 +403,24 @@ async def cover_summary(
         raise invalid("at", "at needs a UTC offset, e.g. Z or +01:00")
     moment = at or clock()
     store = request.app.state.cover_store
-    by_id: dict[uuid.UUID, list[Version]] = {}
-    for version in await store.of_teams(frozenset({care_team_id})):
-        if version.covered_team_id == care_team_id:
-            by_id.setdefault(version.agreement_id, []).append(version)
-    latest: tuple[Version, Any] | None = None
-    for versions in by_id.values():
-        signed = [v for v in versions if v.decision == "approved" and v.decided_at is not None]
-        for candidate in signed:
-            if candidate.revoked:
-                continue
-            window = last_window(candidate.hours, moment)
-            if window is None:
-                continue
-            # The version in force when the window ended tells of it, or the one a revocation
-            # during the window ended; not one a newer version or a revocation had replaced
-            # before the window started, nor one signed off after it.
-            then = [v for v in signed if v.decided_at and v.decided_at < window.ends]
-            if not then:
-                continue
-            newest = max(then, key=lambda v: v.version)
-            if newest.revoked and newest.decided_at and newest.decided_at > window.starts:
-                kept = [v for v in then if not v.revoked]
-                newest = max(kept, key=lambda v: v.version) if kept else newest
-            if newest is not candidate:
-                continue
-            if latest is None or window.ends > latest[1].ends:
-                latest = (candidate, window)
+    latest = night_to_summarise(
+        (
+            v
+            for v in await store.of_teams(frozenset({care_team_id}))
+            if v.covered_team_id == care_team_id
+        ),
+        moment,
+    )
     if latest is None:
         summary = CoverSummary(care_team_id=care_team_id, window=None, patients=[])
     else:
         version, window = latest
-        team = (await store.teams([version.covering_team_id])).get(version.covering_team_id, {})
+        revoked = window.revocation
+        named = [version.covering_team_id]
+        if revoked is not None and revoked.side_team_id:
+            named.append(revoked.side_team_id)
+        teams = await store.teams(named)
+        team = teams.get(version.covering_team_id, {})
         night = summarise(
             window.starts,
             window.ends,
@@ -438,6 +437,17 @@ async def cover_summary(
                 timezone=version.hours.timezone,
                 starts=window.starts,
                 ends=window.ends,
+                revocation=(
+                    None
+                    if revoked is None
+                    else RevocationView(
+                        at=revoked.at,
+                        by=revoked.by,
+                        care_team_id=revoked.side_team_id,
+                        care_team_name=teams.get(revoked.side_team_id or "", {}).get("name"),
+                        reason=revoked.reason,
+                    )
+                ),
             ),
             patients=[
                 NightPatientView(
