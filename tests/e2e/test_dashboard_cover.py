@@ -227,3 +227,124 @@ async def test_the_roster_shows_whose_patients_are_covered_and_the_night_that_wa
             await home.screenshot(path=str(ARTIFACTS / "roster-overnight.png"), full_page=True)
         finally:
             await browser.close()
+
+
+async def test_the_overnight_card_of_a_window_cut_short_ends_at_the_revocation(
+    stack_env: dict[str, str], api_base_url: str
+) -> None:
+    """Tonight's cover (00:00-06:00 in the partner's zone, where it is now about 02:00) was
+    revoked twenty minutes ago, after a fever paged to the region: the partner's nurse's card
+    shows the window from 00:00 to the revocation, marked revoked, who revoked it, of which
+    team and why, and the episode, at once (not after 06:00)."""
+    from playwright.async_api import async_playwright
+
+    dsn = stack_env["VIGIL_PG_DSN"]
+    run = uuid.uuid4().hex[:8]
+    now = datetime.now(UTC)
+    if now.minute >= 55:
+        now += timedelta(minutes=10)
+    zone = zone_at(2, now)
+    regional, partner, patient = f"regional-{run}", f"partner-{run}", f"P-cut-{run}"
+    tonight = now.astimezone(ZoneInfo(zone)).replace(hour=0, minute=0, second=0, microsecond=0)
+    revoked_at = now - timedelta(minutes=20)
+    opened = revoked_at - timedelta(minutes=30)
+    agreement = uuid.uuid4()
+    conn = await asyncpg.connect(dsn)
+    try:
+        for team, tz in ((regional, "UTC"), (partner, zone)):
+            await upsert_care_team(conn, team, f"Oncology {team}", f"oncall@{team}.test")
+            await conn.execute(
+                "UPDATE care_teams SET timezone = $2 WHERE care_team_id = $1", team, tz
+            )
+        await upsert_patient(conn, patient, partner, 17.0)
+        await upsert_device(conn, f"thermo-{patient}", "thermometer")
+        await bind_device(conn, f"thermo-{patient}", patient, now - timedelta(days=3))
+        # Version 1 signed off three days ago; the revocation (version 2) twenty minutes ago.
+        for version, revoked, reason, decided_by, decided_at in (
+            (1, False, None, f"nurse-r-{run}", now - timedelta(days=3)),
+            (2, True, "Partner staffed tonight", f"nurse-p-{run}", revoked_at),
+        ):
+            await conn.execute(
+                """
+                INSERT INTO cover_agreements (agreement_id, version, covering_team_id,
+                    covered_team_id, timezone, days, starts, ends, revoked, reason,
+                    proposed_by, proposed_side, proposed_at, decision, decided_by, decided_at)
+                VALUES ($1, $2, $3, $4, $5, '{0,1,2,3,4,5,6}', '00:00', '06:00', $6, $7,
+                        $8, $4, $9, 'approved', $8, $9)
+                """,
+                agreement,
+                version,
+                regional,
+                partner,
+                zone,
+                revoked,
+                reason,
+                decided_by,
+                decided_at,
+            )
+        key = await insert_alert(conn, patient, f"thermo-{patient}", opened, 38.9)
+        escalation_id = uuid.uuid4()
+        await conn.execute(
+            """
+            INSERT INTO escalations (escalation_id, dedup_key, alert_id, patient_id,
+                care_team_id, snapshot, status, opened_at)
+            VALUES ($1, $2, $3, $4, $5, $7::jsonb, 'open', $6)
+            """,
+            escalation_id,
+            key,
+            alert_id_for(key, "start"),
+            patient,
+            partner,
+            opened,
+            FROZEN,
+        )
+        await conn.executemany(
+            "INSERT INTO escalation_events (escalation_id, at, kind, detail) "
+            "VALUES ($1, $2, $3, $4::jsonb)",
+            [
+                (
+                    escalation_id,
+                    opened,
+                    "paged_under_cover",
+                    json.dumps({"care_team_id": regional, "covered_team_id": partner}),
+                ),
+                (
+                    escalation_id,
+                    revoked_at,
+                    "handed_back",
+                    json.dumps({"from_team": regional, "to_team": partner, "repaged": True}),
+                ),
+            ],
+        )
+    finally:
+        await conn.close()
+    await add_user(dsn, f"np-{run}", f"nurse-p-{run}", "Partner", Role.CHARGE_NURSE, [partner])
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            home = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await log_in(home, api_base_url, f"nurse-p-{run}")
+            await home.goto(f"{api_base_url}/roster")
+            card = home.locator(f".overnight[data-team='{partner}']")
+            await card.wait_for(timeout=15_000)
+            told = await card.inner_text()
+            assert "(revoked)" in told, told
+            line = await card.locator(".revoked").inner_text()
+            assert f"by nurse-p-{run} of Oncology {partner}, cutting the window short" in line
+            assert line.endswith(": Partner staffed tonight."), line
+            window = card.locator(".muted time")
+            assert datetime.fromisoformat(str(await window.nth(0).get_attribute("datetime"))) == (
+                tonight
+            )
+            assert datetime.fromisoformat(str(await window.nth(1).get_attribute("datetime"))) == (
+                revoked_at
+            )
+            assert patient in told and "still open at hand-back" in told, told
+            assert "paged under cover" in told, told
+            await home.screenshot(
+                path=str(ARTIFACTS / "roster-overnight-revoked.png"), full_page=True
+            )
+        finally:
+            await browser.close()
