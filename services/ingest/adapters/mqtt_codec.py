@@ -103,6 +103,9 @@ def _variable_int(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, 
     """MQTT variable byte integer at ``pos``: (value, position after it), None if incomplete."""
     if pos < len(data) and data[pos] < 0x80:
         return data[pos], pos + 1  # one byte: an empty property list, a packet under 128 bytes
+    if pos + 1 < len(data) and data[pos + 1] < 0x80:
+        # Two bytes: a packet of 128 bytes to 16 KiB (a device reading's PUBLISH).
+        return (data[pos] & 0x7F) | (data[pos + 1] << 7), pos + 2
     value = 0
     shift = 0
     for i in range(pos, min(pos + 4, len(data))):

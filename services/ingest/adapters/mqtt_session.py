@@ -101,6 +101,10 @@ class MqttSession(asyncio.Protocol):
         self._in_flight: set[int] = set()
         self._queued: collections.deque[tuple[str, bytes]] = collections.deque()
         self._next_id = 1
+        # Packets written during one turn of the event loop go to the socket in one write at
+        # its end (see ``_write``).
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
         self.publishes_refused = 0  # PUBACKs with a failure reason (e.g. not authorised)
 
     # --- connecting ------------------------------------------------------------------------
@@ -246,6 +250,7 @@ class MqttSession(asyncio.Protocol):
         if transport is None or self.disconnected.done():
             return
         self.lost_reason = self.lost_reason or "closed by ingest"
+        self._flush()
         transport.write(DISCONNECT_PACKET)
         transport.close()
         try:
@@ -258,12 +263,24 @@ class MqttSession(asyncio.Protocol):
         if self.lost_reason is None:
             self.lost_reason = reason
         if self._transport is not None and not self.disconnected.done():
+            self._flush()
             self._transport.close()
 
     def _write(self, data: bytes) -> None:
+        """Queue a packet for the socket; the packets of one event-loop turn (the answers to
+        every device, one PUBLISH each, every 100 ms) go out in one system call, in order."""
         if self._transport is None or self.disconnected.done():
             raise MqttError(self.lost_reason or "not connected to the broker")
-        self._transport.write(data)
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self.disconnected.done():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def _keep_alive(self) -> None:
         """PINGREQ every keep-alive interval; drop the connection when the broker sent nothing

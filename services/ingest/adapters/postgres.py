@@ -22,6 +22,7 @@ from schemas.events import Telemetry
 from services.ingest.domain.admission import DeviceSeen
 from services.ingest.domain.admission import is_reading as is_reading  # where callers found it
 from services.ingest.domain.registry import Binding, BindingIndex
+from services.ingest.domain.times import as_utc
 
 
 async def load_bindings(pool: asyncpg.Pool) -> BindingIndex:
@@ -75,7 +76,15 @@ ON CONFLICT DO NOTHING
 
 def _common(t: Telemetry) -> tuple[object, ...]:
     m = t.message
-    return (m.device_time, t.ingest_time, t.patient_id, t.device_id, m.message_id, m.seq)
+    # The standard library's UTC: asyncpg asks a pydantic TzInfo for its offset three times.
+    return (
+        as_utc(m.device_time),
+        as_utc(t.ingest_time),
+        t.patient_id,
+        t.device_id,
+        m.message_id,
+        m.seq,
+    )
 
 
 def _columns(rows: list[tuple[object, ...]]) -> list[list[object]]:
@@ -132,8 +141,8 @@ async def store_last_seen(pool: asyncpg.Pool, seen: Sequence[DeviceSeen]) -> Non
         _UPSERT_LAST_SEEN,
         [s.device_id for s in ordered],
         [s.patient_id for s in ordered],
-        [s.last_device_time for s in ordered],
-        [s.last_ingest_time for s in ordered],
+        [as_utc(s.last_device_time) for s in ordered],
+        [as_utc(s.last_ingest_time) for s in ordered],
         [s.last_seq for s in ordered],
         [s.channel for s in ordered],
     )
@@ -185,8 +194,8 @@ async def store_telemetry(
                 [
                     [s.device_id for s in seen],
                     [s.patient_id for s in seen],
-                    [s.last_device_time for s in seen],
-                    [s.last_ingest_time for s in seen],
+                    [as_utc(s.last_device_time) for s in seen],
+                    [as_utc(s.last_ingest_time) for s in seen],
                     [s.last_seq for s in seen],
                     [s.channel for s in seen],
                 ],

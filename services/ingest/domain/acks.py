@@ -99,11 +99,12 @@ class PendingAcks:
             acks = self._device(telemetry.device_id)
             if acks is not None:
                 message = telemetry.message
-                acks.stored.append({"message_id": str(message.message_id), "seq": message.seq})
+                # The UUID itself: orjson writes it as str() would, when the answer is drained.
+                acks.stored.append({"message_id": message.message_id, "seq": message.seq})
         for device_id, message_id, seq in admission.stored_before:
             acks = self._device(device_id)
             if acks is not None:
-                acks.stored.append({"message_id": str(message_id), "seq": seq})
+                acks.stored.append({"message_id": message_id, "seq": seq})
         for dead in admission.rejected:
             # The topic's device id is the authenticated sender (the ACL): it is the one asked.
             if dead.device_id is None or not _DEVICE_ID.match(dead.device_id):

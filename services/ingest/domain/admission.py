@@ -18,6 +18,7 @@ from schemas.device import HeartbeatMessage
 from schemas.events import DeadLetter, Telemetry
 from services.ingest.domain.dedup import Duplicate, RecentMessages
 from services.ingest.domain.registry import BindingIndex
+from services.ingest.domain.times import as_device_utc
 from services.ingest.domain.validation import (
     SERVICE,
     Accepted,
@@ -29,8 +30,11 @@ from services.ingest.domain.validation import (
 
 def is_reading(t: Telemetry) -> bool:
     """Whether ``t`` is a reading, stored in a table of its own; a pipeline heartbeat is not:
-    it goes to Kafka only (to every partition), and moves its device's last-seen row."""
-    return not isinstance(t.message, HeartbeatMessage)
+    it goes to Kafka only (to every partition), and moves its device's last-seen row.
+
+    The exact type, not ``isinstance``: a device message is one of the union's classes, none
+    subclassed, and a pydantic model's ``isinstance`` runs Python code (twice per reading)."""
+    return type(t.message) is not HeartbeatMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,8 @@ def admit(
     makes the whole batch durable before acknowledging anything after it, or stops the process
     (which forgets the window), so a duplicate dropped here always has a durable original.
     """
+    # Compared with each device time, and written with it: in the same tzinfo (domain/times.py).
+    received_at = as_device_utc(received_at)
     result = Admission()
     newest: dict[str, DeviceSeen] = {}
     for topic, payload in messages:

@@ -30,11 +30,31 @@ from schemas.device import (
     device_message_adapter,
 )
 from schemas.events import DeadLetter, Telemetry
-from schemas.topics import CHANNEL_SCHEMAS, MQTT_PREFIX, parse_topic
+from schemas.topics import CHANNEL_SCHEMAS, MQTT_PREFIX, DeviceTopic, parse_topic
 from services.ingest.domain.registry import BindingIndex
+from services.ingest.domain.times import as_device_utc, as_utc
 
 SERVICE = "ingest"
 _DEVICE_MESSAGE = device_message_adapter()
+
+# A device sends on a handful of topics, each thousands of times: their parse is remembered
+# (``DeviceTopic`` is immutable). Only device topics (a registered account's id and a channel,
+# as the broker's ACL allows), and at most _TOPICS_KEPT of them.
+_TOPICS_KEPT = 100_000
+_device_topics: dict[str, DeviceTopic] = {}
+
+
+def parse_device_topic(topic: str) -> DeviceTopic | None:
+    """``schemas.topics.parse_topic``, remembered for the topics that are a device's."""
+    known = _device_topics.get(topic)
+    if known is not None:
+        return known
+    parsed = parse_topic(topic)
+    if parsed is not None:
+        if len(_device_topics) >= _TOPICS_KEPT:
+            _device_topics.clear()
+        _device_topics[topic] = parsed
+    return parsed
 
 
 class RejectReason(StrEnum):
@@ -99,7 +119,7 @@ def validate_message(
     limits: ValidationLimits = ValidationLimits(),
 ) -> Accepted | Rejected:
     """Decide what one MQTT message is. Pure: the caller supplies the time and the registry."""
-    device_topic = parse_topic(topic)
+    device_topic = parse_device_topic(topic)
     topic_device = device_topic.device_id if device_topic else None
 
     def reject(reason: RejectReason, detail: str) -> Rejected:
@@ -156,7 +176,8 @@ def validate_message(
         )
     if not registry.knows(message.device_id):
         return reject(RejectReason.UNKNOWN_DEVICE, "device is not registered")
-    patient_id = registry.patient_at(message.device_id, message.device_time)
+    # The registry's times carry the standard library's UTC (see domain/times.py).
+    patient_id = registry.patient_at(message.device_id, as_utc(message.device_time))
     if patient_id is None:
         return reject(
             RejectReason.NO_BINDING,
@@ -164,9 +185,11 @@ def validate_message(
         )
 
     flags: list[str] = []
-    if message.device_time - received_at > limits.max_clock_ahead:
+    # One subtraction, negative when behind; cheap when both are in the device's UTC.
+    ahead = message.device_time - as_device_utc(received_at)
+    if ahead > limits.max_clock_ahead:
         flags.append(Flag.DEVICE_CLOCK_AHEAD.value)
-    elif received_at - message.device_time > limits.max_clock_behind:
+    elif -ahead > limits.max_clock_behind:
         flags.append(Flag.DEVICE_CLOCK_BEHIND.value)
 
     temperature_c: float | None = None

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from schemas.events import Telemetry
-from schemas.topics import parse_topic
 from services.ingest.adapters.metrics import IngestMetrics
 from services.ingest.domain.admission import Admission, DeviceSeen, admit, is_reading, merge_seen
 from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import BindingIndex
-from services.ingest.domain.validation import ValidationLimits
+from services.ingest.domain.validation import ValidationLimits, parse_device_topic
 from services.ingest.service_layer.answers import AckPublisher
 from services.ingest.service_layer.ports import (
     Acknowledger,
@@ -127,7 +126,8 @@ class IngestPipeline:
         received_at = self._clock()
         arrived = asyncio.get_running_loop().time()
         await self.refresh_registry()
-        devices = {t.device_id for t in map(parse_topic, {topic for topic, _ in messages}) if t}
+        topics = {topic for topic, _ in messages}
+        devices = {t.device_id for t in map(parse_device_topic, topics) if t}
         if any(not self._registry.knows(d) for d in devices):
             # Maybe registered since the last load: reload once per such batch (not per
             # message) before dead-lettering its messages as unknown_device.
