@@ -393,11 +393,12 @@ async def read_ranges(
             yield out
 
 
-#: Turns of the event loop after a ``getmany`` that took every fetched record: the consumer's
-#: background fetcher sends its next request in the third (woken by the records being taken,
-#: it plans the request, then its task writes it), so the broker reads and sends the next
-#: fetch while this one is decoded and replayed. Without them the request left only when the
-#: next ``getmany`` waited, and every fetch's round trip was time the replay stood still.
+#: Turns of the event loop after each ``getmany``. Once a ``getmany`` has taken every record
+#: the last fetch brought (it takes up to ``FETCH_RECORDS`` at a time), the consumer's
+#: background fetcher sends its next request in the third turn (woken by the records being
+#: taken, it plans the request, then its task writes it), so the broker reads and sends the
+#: next fetch while this one is decoded and replayed. Without them the request left only when
+#: the next ``getmany`` waited, and every fetch's round trip was time the replay stood still.
 FETCH_TURNS = 4
 
 
