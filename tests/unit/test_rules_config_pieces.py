@@ -5,6 +5,7 @@ the same rules a full compile gives."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,6 +20,7 @@ from services.rules.domain.config import (
 from services.rules.domain.config_pieces import (
     PROFILE,
     ConfigDelta,
+    canonical_json,
     changed_patients,
     config_from_pieces,
     content_hash,
@@ -79,6 +81,28 @@ def test_a_config_rebuilds_from_its_pieces_exactly() -> None:
     assert content_hash(rebuilt) == content_hash(config)
     entries = {place: piece.digest for place, piece in pieces.items()}
     assert content_hash_of("v", entries) == content_hash(config)
+
+
+def test_pieces_are_spelled_as_json_dumps_spells_them() -> None:
+    """The stored pieces' digests (and so every recorded version's content hash) depend on the
+    spelling: sorted keys, no spaces, non-ASCII as is, floats as repr spells them."""
+
+    def dumps(value: object) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    value = {"zé": [1.5, 1e16, -0.0, None, True], "a": {"b": "→", "a": 38.25}, "n": 10**20}
+    assert canonical_json(value) == dumps(value) == (
+        '{"a":{"a":38.25,"b":"→"},"n":100000000000000000000,"zé":[1.5,1e+16,-0.0,null,true]}'
+    )
+    config = fleet(6, override_for="P-3")
+    ended = datetime(2026, 11, 20, 8, 30, tzinfo=UTC)
+    config.profiles["P-5"] = config.profiles["P-5"].model_copy(
+        update={"infusion_ended_at": ended, "discharged_at": ended}
+    )
+    pieces = pieces_of(config)
+    assert '"discharged_at":"2026-11-20T08:30:00Z"' in pieces[(PROFILE, "P-5")].text
+    for piece in pieces.values():
+        assert piece.text == dumps(json.loads(piece.text))
 
 
 def test_a_config_without_a_base_piece_does_not_rebuild() -> None:

@@ -39,9 +39,16 @@ BASE_KEY: PieceKey = (BASE, "")
 _NOT_BASE = frozenset({"config_version", "protocols", "profiles"})
 
 
+# What ``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` builds
+# on every call, built once: the same text, without a new encoder per piece (a full build
+# spells one piece per monitored patient). Safe to share between threads: each ``encode``
+# keeps its state to itself.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> str:
     """One spelling per value: sorted keys, no spaces, so equal values hash equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def digest(text: str) -> str:
