@@ -6,7 +6,12 @@ the use cases live in ``service_layer``, the loop in ``entrypoints/consumer.py``
 from __future__ import annotations
 
 from services.rules.adapters.config_loader import RulesConfigStore
-from services.rules.adapters.kafka import KafkaOutbox, KafkaStateStore, RebalanceListener
+from services.rules.adapters.kafka import (
+    KafkaOutbox,
+    KafkaStateStore,
+    RebalanceListener,
+    telemetry_consumer,
+)
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.entrypoints.consumer import RulesRuntime
 from services.rules.service_layer.config_swap import ConfigWatch
@@ -47,11 +52,13 @@ async def wire(
     partitions = PartitionEngines(
         KafkaStateStore(settings.kafka, settings.state_topic), config, metrics, readiness
     )
-    consumer = make_consumer(
-        settings.kafka,
-        group_id=settings.group_id,
-        client_id="rules",
-        max_poll_records=settings.max_batch,
+    consumer = telemetry_consumer(
+        make_consumer(
+            settings.kafka,
+            group_id=settings.group_id,
+            client_id="rules",
+            max_poll_records=settings.max_batch,
+        )
     )
     consumer.subscribe([settings.telemetry_topic], listener=RebalanceListener(partitions))
     watch = ConfigWatch(

@@ -104,6 +104,7 @@ async def serve(runtime: RulesRuntime, stop: asyncio.Event) -> None:
             batch = fetch.result()
             if batch:
                 batch = await fill_batch(consumer, batch, runtime.max_batch)
+                await hand_over()
                 await process_batch(topics, outbox, partitions, batch, consumer.assignment)
         stop_wait.cancel()
     finally:
@@ -112,6 +113,17 @@ async def serve(runtime: RulesRuntime, stop: asyncio.Event) -> None:
         readiness.producer_started = False
         await consumer.stop()
         await outbox.stop()
+
+
+async def hand_over() -> None:
+    """Let the event loop run the consumer's background fetcher before a batch is decided.
+
+    The fetch that follows a batch is requested only once its records are taken, by a task of
+    the consumer; deciding the batch holds the loop, so without this the request waited for
+    the batch's first ``await`` (its flush) and the broker answered only then. Three turns: the
+    fetcher wakes, starts its request task, and the task writes the request."""
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 async def update_lag(consumer: TelemetryConsumer, owned: set[Any], metrics: RulesMetrics) -> None:
