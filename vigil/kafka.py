@@ -52,10 +52,13 @@ def make_consumer(
     auto_offset_reset: str = "earliest",
     max_poll_records: int = 500,
     retry_backoff_ms: int | None = None,
+    max_partition_fetch_bytes: int | None = None,
 ) -> AIOKafkaConsumer:
     extra: dict[str, Any] = {}
     if retry_backoff_ms is not None:
         extra["retry_backoff_ms"] = retry_backoff_ms
+    if max_partition_fetch_bytes is not None:
+        extra["max_partition_fetch_bytes"] = max_partition_fetch_bytes
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=settings.bootstrap_servers,

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from services.rules.adapters.config_loader import RulesConfigStore
 from services.rules.adapters.kafka import (
+    TELEMETRY_FETCH_BYTES,
     KafkaOutbox,
     KafkaStateStore,
     RebalanceListener,
-    telemetry_consumer,
 )
 from services.rules.adapters.metrics import RulesMetrics, RulesReadiness
 from services.rules.entrypoints.consumer import RulesRuntime
@@ -52,13 +52,12 @@ async def wire(
     partitions = PartitionEngines(
         KafkaStateStore(settings.kafka, settings.state_topic), config, metrics, readiness
     )
-    consumer = telemetry_consumer(
-        make_consumer(
-            settings.kafka,
-            group_id=settings.group_id,
-            client_id="rules",
-            max_poll_records=settings.max_batch,
-        )
+    consumer = make_consumer(
+        settings.kafka,
+        group_id=settings.group_id,
+        client_id="rules",
+        max_poll_records=settings.max_batch,
+        max_partition_fetch_bytes=TELEMETRY_FETCH_BYTES,
     )
     consumer.subscribe([settings.telemetry_topic], listener=RebalanceListener(partitions))
     watch = ConfigWatch(

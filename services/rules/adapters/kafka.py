@@ -2,8 +2,8 @@
 topic read back at restore (``KafkaStateStore``) and the consumer's rebalance callbacks
 (``RebalanceListener``).
 
-``telemetry_consumer`` tunes the subscribed telemetry consumer for the batch: records as the
-record batches hold them, and fetches large enough for a batch.
+``TELEMETRY_FETCH_BYTES`` is the telemetry consumer's fetch size per partition: large enough for
+a batch.
 
 The state topic (compacted, ``vigil.rules.state.v1``) holds, per telemetry partition number,
 the state of each patient (key: patient id), the partition's watermark meta
@@ -14,12 +14,11 @@ the state of each patient (key: patient id), the partition's watermark meta
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.consumer import fetcher
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from services.rules.service_layer.partitions import META_KEY, PartitionEngines
 from vigil.kafka import make_consumer
@@ -34,49 +33,6 @@ log = logging.getLogger("vigil.rules")
 # than four, and the fetch of the next batch is answered while this one is decided. Fetches are
 # that large only while the service is behind; a caught-up one gets what arrived.
 TELEMETRY_FETCH_BYTES = 4 * 1024 * 1024
-
-
-class _BatchRecords:
-    """The value deserializer that marks the telemetry consumer (``telemetry_consumer``): it
-    leaves the value as it is, and its fetcher hands out the record batches' own records."""
-
-    def __call__(self, value: bytes | None) -> bytes | None:
-        return value
-
-
-_BATCH_RECORDS = _BatchRecords()
-
-
-def _hand_out_batch_records() -> None:
-    """Make a fetcher whose value deserializer is ``_BATCH_RECORDS`` return each record as its
-    record batch decoded it (``offset``, ``key``, ``value``, ``timestamp``, ``headers``: all
-    the batch reads) instead of a ``ConsumerRecord`` built per record (eleven fields), the
-    largest single item in a profile of the service through Kafka. Every other consumer is
-    served as before. Should
-    a later aiokafka stop calling ``_consumer_record``, the telemetry consumer gets
-    ``ConsumerRecord``s again: slower, the same offsets and values."""
-    build: Callable[..., Any] = fetcher.PartitionRecords._consumer_record
-    if getattr(build, "vigil_batch_records", False):
-        return
-
-    def consumer_record(self: Any, tp: TopicPartition, record: Any) -> Any:
-        if self._value_deserializer is _BATCH_RECORDS:
-            return record
-        return build(self, tp, record)
-
-    consumer_record.vigil_batch_records = True  # type: ignore[attr-defined]
-    setattr(fetcher.PartitionRecords, "_consumer_record", consumer_record)  # noqa: B010
-
-
-def telemetry_consumer(consumer: AIOKafkaConsumer) -> AIOKafkaConsumer:
-    """The rules' telemetry consumer (made by ``vigil.kafka.make_consumer``, not yet started),
-    set up for the batch: records as their record batches hold them, and fetches of up to
-    ``TELEMETRY_FETCH_BYTES`` per partition. Both are read when the consumer starts (it builds
-    its fetcher then)."""
-    _hand_out_batch_records()
-    consumer._value_deserializer = _BATCH_RECORDS
-    consumer._max_partition_fetch_bytes = TELEMETRY_FETCH_BYTES
-    return consumer
 
 
 class KafkaOutbox:
