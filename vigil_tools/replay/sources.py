@@ -187,7 +187,9 @@ FETCH_RECORDS = 20_000
 #: (``plan_partitions``) is for a topic its consumer has no metadata for yet: the lookup fails
 #: as stale, asks for the topic's metadata and retries after one backoff, while the metadata
 #: takes a round trip (1-3 ms on the local stack; the retry waits for it however long it takes).
-#: With the default, every replay from Kafka stood still 100 ms before reading anything.
+#: With the default, every replay from Kafka stood still 100 ms before reading anything
+#: (docs/perf/2026-12-07-replay-kafka-reader.md). What the shorter backoff costs: a failing
+#: broker is retried five times as often.
 READER_RETRY_BACKOFF_MS = 20
 
 
@@ -398,7 +400,8 @@ async def read_ranges(
 #: background fetcher sends its next request in the third turn (woken by the records being
 #: taken, it plans the request, then its task writes it), so the broker reads and sends the
 #: next fetch while this one is decoded and replayed. Without them the request left only when
-#: the next ``getmany`` waited, and every fetch's round trip was time the replay stood still.
+#: the next ``getmany`` waited, and the replay stood still for each fetch's round trip (little
+#: on the local stack, a network round trip or more where the broker is on another host).
 FETCH_TURNS = 4
 
 
