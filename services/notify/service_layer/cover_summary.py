@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from email.utils import format_datetime
 
 from services.notify.adapters.postgres.cover_summaries import (
     CoveredNight,
@@ -20,7 +19,6 @@ from services.notify.adapters.postgres.cover_summaries import (
     SummaryPage,
     page_id_for,
 )
-from services.notify.domain.backoff import backoff_delay_s
 from services.notify.domain.cover_summary import (
     CoverNight,
     NightToTell,
@@ -29,9 +27,9 @@ from services.notify.domain.cover_summary import (
     summarise,
     summary_key,
 )
-from services.notify.domain.message import message_id_for
-from services.notify.service_layer.channels import ChannelRegistry, OutboundPage, not_configured
+from services.notify.service_layer.channels import ChannelRegistry
 from services.notify.service_layer.ports import SendOutcome
+from services.notify.service_layer.summary_mail import next_try_in, summary_email, try_summary
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.cover_summary")
@@ -158,12 +156,12 @@ class CoverSummaries:
         for page in await self._store.claim_due(now, lease_s=self._config.lease_s):
             outcome = await self._send(page, now)
             tries = page.tries + 1
-            retry = (
-                None
-                if outcome.accepted or outcome.permanent or tries >= self._config.max_tries
-                else backoff_delay_s(
-                    tries, base_s=self._config.retry_base_s, cap_s=self._config.retry_cap_s
-                )
+            retry = next_try_in(
+                outcome,
+                tries,
+                max_tries=self._config.max_tries,
+                base_s=self._config.retry_base_s,
+                cap_s=self._config.retry_cap_s,
             )
             await self._store.record(
                 page, sent=outcome.accepted, detail=outcome.detail, at=now, retry_in_s=retry
@@ -182,30 +180,25 @@ class CoverSummaries:
         return sent
 
     async def _send(self, page: SummaryPage, now: datetime) -> SendOutcome:
-        channel = self._channels.get(page.channel)
-        if channel is None:
-            return not_configured(page.channel)
-        try:
-            return await channel.send(
-                OutboundPage(
-                    recipient=page.recipient,
-                    email=lambda: self._email_of(page, now),
-                    text=lambda: page.subject,
-                    event=lambda: {},
-                )
-            )
-        except Exception as exc:  # a channel's bug must not stop the clock round
-            log.exception("cover_summary_send_crashed", extra=log_fields(page_id=str(page.page_id)))
-            return SendOutcome(False, f"{type(exc).__name__}: {exc}")
+        return await try_summary(
+            self._channels,
+            channel=page.channel,
+            page_id=page.page_id,
+            recipient=page.recipient,
+            email=lambda: self._email_of(page, now),
+            text=lambda: page.subject,
+            event=lambda: {},
+            purpose="cover_summary",
+            log=log,
+        )
 
     def _email_of(self, page: SummaryPage, now: datetime) -> EmailMessage:
-        message = EmailMessage()
-        message["From"] = self._config.sender_address
-        message["To"] = page.recipient
-        message["Subject"] = page.subject
-        message["Date"] = format_datetime(now)
-        # The same Message-ID on every try: a mail system that got it once can drop a repeat.
-        message["Message-ID"] = message_id_for(f"cover-summary:{page.page_id}")
-        message["X-Vigil-Purpose"] = "cover_summary"
-        message.set_content(page.body)
-        return message
+        return summary_email(
+            sender=self._config.sender_address,
+            recipient=page.recipient,
+            subject=page.subject,
+            body=page.body,
+            now=now,
+            purpose="cover_summary",
+            page_id=page.page_id,
+        )

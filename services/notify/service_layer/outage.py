@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from email.utils import format_datetime
 from typing import Any
 
 from schemas.events import Alert
@@ -23,20 +22,17 @@ from services.notify.adapters.outage_store import (
     SummaryPage,
     TeamAccount,
 )
-from services.notify.domain.backoff import backoff_delay_s
 from services.notify.domain.escalation import PolicySnapshot
-from services.notify.domain.message import message_id_for
 from services.notify.domain.outage import OutageWindow, compose_summary, should_hold
 from services.notify.domain.schedule import on_call_at
 from services.notify.service_layer.channels import (
     ChannelRegistry,
     EventProvider,
-    OutboundPage,
     SmsProvider,
-    not_configured,
     provider_channels,
 )
 from services.notify.service_layer.ports import PageSender, SendOutcome
+from services.notify.service_layer.summary_mail import next_try_in, summary_email, try_summary
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.notify.outage")
@@ -250,12 +246,12 @@ class OutageWatch:
         for page in await self._store.due_pages(now):
             outcome = await self._send(page, now)
             tries = page.tries + 1
-            retry = (
-                None
-                if outcome.accepted or outcome.permanent or tries >= self._config.max_tries
-                else backoff_delay_s(
-                    tries, base_s=self._config.retry_base_s, cap_s=self._config.retry_cap_s
-                )
+            retry = next_try_in(
+                outcome,
+                tries,
+                max_tries=self._config.max_tries,
+                base_s=self._config.retry_base_s,
+                cap_s=self._config.retry_cap_s,
             )
             await self._store.record_page(
                 page, sent=outcome.accepted, detail=outcome.detail, at=now, retry_in_s=retry
@@ -270,34 +266,28 @@ class OutageWatch:
         return sent
 
     async def _send(self, page: SummaryPage, now: datetime) -> SendOutcome:
-        channel = self._channels.get(page.channel)
-        if channel is None:
-            return not_configured(page.channel)
-        try:
-            return await channel.send(
-                OutboundPage(
-                    recipient=page.recipient,
-                    email=lambda: self._email_of(page, now),
-                    text=lambda: page.short_text,
-                    event=lambda: self._event_of(page),
-                )
-            )
-        except Exception as exc:  # a channel's bug must not stop the clock round
-            log.exception(
-                "outage_summary_send_crashed", extra=log_fields(page_id=str(page.page_id))
-            )
-            return SendOutcome(False, f"{type(exc).__name__}: {exc}")
+        return await try_summary(
+            self._channels,
+            channel=page.channel,
+            page_id=page.page_id,
+            recipient=page.recipient,
+            email=lambda: self._email_of(page, now),
+            text=lambda: page.short_text,
+            event=lambda: self._event_of(page),
+            purpose="outage_summary",
+            log=log,
+        )
 
     def _email_of(self, page: SummaryPage, now: datetime) -> EmailMessage:
-        message = EmailMessage()
-        message["From"] = self._config.sender_address
-        message["To"] = page.recipient
-        message["Subject"] = page.subject
-        message["Date"] = format_datetime(now)
-        message["Message-ID"] = message_id_for(f"outage-summary:{page.page_id}")
-        message["X-Vigil-Purpose"] = "outage_summary"
-        message.set_content(page.body)
-        return message
+        return summary_email(
+            sender=self._config.sender_address,
+            recipient=page.recipient,
+            subject=page.subject,
+            body=page.body,
+            now=now,
+            purpose="outage_summary",
+            page_id=page.page_id,
+        )
 
     def _event_of(self, page: SummaryPage) -> dict[str, object]:
         return {
