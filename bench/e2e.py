@@ -3,12 +3,14 @@
 What runs: the local stack; ingest, rules, notify and the heartbeat as separate processes
 (``python -m vigil_tools.cli <service>``, as ``vigil run`` starts them), each on its defaults
 except its ports, its consumer groups (new per run, starting at the topics' ends), rules' state
-topic (new per run) and notify's providers: a real SMTP server and a PagerDuty-shaped Events v2
-server (``tests/support/notify``), both in a helper process of their own that stamps the time
-it accepts each page. One care team whose escalation policy's first tier pages two people at
-once: a nurse by e-mail and a pager by PagerDuty; no quiet hours; every injected fever or
-occlusion is its patient's first alert, which notify pages at once (the bundling window opens
-behind it).
+topic (new per run), the heartbeat's last sighting (forgotten: the pipeline starts as a fresh
+deployment, so the time since an earlier run is not recorded as a pipeline outage whose summary
+pages would land in the measured levels) and notify's providers: a real SMTP server and a
+PagerDuty-shaped Events v2 server (``tests/support/notify``), both in a helper process of their
+own that stamps the time it accepts each page. One care team whose escalation policy's first
+tier pages two people at once: a nurse by e-mail and a pager by PagerDuty; no quiet hours;
+every injected fever or occlusion is its patient's first alert, which notify pages at once (the
+bundling window opens behind it).
 
 1. Capacity: unless ``--capacity`` is given, the offered fleet load is stepped upward with the
    whole pipeline running (the search of ``bench/ingest.py --search``: ``--start-rate``, times
@@ -87,7 +89,7 @@ from services.ingest.adapters.registry_admin import (
     upsert_patient,
 )
 from vigil.db.migrate import apply_migrations
-from vigil_tools.localrun import heartbeat_env, register_heartbeat
+from vigil_tools.localrun import HEARTBEAT_DEVICE_ID, heartbeat_env, register_heartbeat
 
 ROOT = Path(__file__).resolve().parents[1]
 # Service ports: the task's range (the stack's own are set by VIGIL_STACK_*).
@@ -276,6 +278,18 @@ async def delete_state_topic(bootstrap: str, run: str) -> None:
         await admin.delete_topics([state_topic(run)])
     finally:
         await admin.close()
+
+
+async def forget_heartbeat(dsn: str) -> None:
+    """Notify's record of the heartbeat from an earlier run: removed, so that notify starts
+    watching it afresh. Kept, the time between two runs is a pipeline outage that notify
+    records when the heartbeat resumes, and pages a summary of (about 70 pages, naming every
+    patient registered), in the middle of the measured levels."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM pipeline_heartbeats WHERE source = $1", HEARTBEAT_DEVICE_ID)
+    finally:
+        await conn.close()
 
 
 def service_env(env: dict[str, str], run: str, providers: Providers, root: Path) -> dict[str, str]:
@@ -747,6 +761,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     )
     devices = await register(dsn, run, "fleet", args.devices)
     await register_heartbeat(dsn)
+    await forget_heartbeat(dsn)
     rules_group, notify_group = f"rules-e2e-{run}", f"notify-e2e-{run}"
     await start_groups_at_end(bootstrap, {rules_group: TELEMETRY_TOPIC, notify_group: ALERTS_TOPIC})
     await create_state_topic(bootstrap, run)
