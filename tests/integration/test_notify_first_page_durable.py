@@ -11,7 +11,6 @@ send.
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -22,7 +21,7 @@ import pytest
 
 from services.notify.service_layer.ports import SendOutcome
 from tests.factories import make_alert
-from tests.support.escalation import escalation_service, smtp_sender
+from tests.support.escalation import escalation_service, seed_email_team, smtp_sender
 from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 
@@ -61,31 +60,9 @@ async def test_the_first_page_is_committed_before_it_is_sent_and_on_disk_when_ha
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=4)
     tag = uuid.uuid4().hex[:8]
     team, person, patient = f"CT-dur-{tag}", f"nurse-dur-{tag}", f"P-dur-{tag}"
-    address = f"{person}@h.test"
     try:
-        await pool.execute(
-            "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'd', $2)",
-            team,
-            f"oncall-{tag}@h.test",
-        )
-        await pool.execute(
-            "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'n', $2)", person, team
-        )
-        await pool.execute(
-            "INSERT INTO contact_methods (person_id, rank, channel, address) "
-            "VALUES ($1, 0, 'email', $2)",
-            person,
-            address,
-        )
-        steps = [{"wait_s": 3600, "targets": [{"kind": "person", "ref": person}]}]
-        await pool.execute(
-            "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps, "
-            "repeat_count) VALUES ($1, $1, 'd', $2::jsonb, 0)",
-            team,
-            json.dumps(steps),
-        )
-        await pool.execute(
-            "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)", patient, team
+        address = await seed_email_team(
+            pool, team=team, person=person, patients=[patient], oncall_email=f"oncall-{tag}@h.test"
         )
         # The wall clock's now: the page's claim runs out only in the future, so no other
         # notify on the shared database takes it meanwhile.

@@ -15,7 +15,6 @@ in use at once, which of them pays it first varies.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +26,7 @@ import asyncpg
 import pytest
 
 from tests.factories import make_alert
-from tests.support.escalation import escalation_service, smtp_sender
+from tests.support.escalation import escalation_service, seed_email_team, smtp_sender
 from tests.support.notify import ManualClock, SmtpSink
 from vigil.db.migrate import apply_migrations
 
@@ -75,31 +74,13 @@ async def counted(pg_dsn: str) -> AsyncIterator[tuple[Any, Statements]]:
 
 
 async def _team(pool: Any, tag: str, patients: list[str]) -> str:
-    team, person = f"CT-sql-{tag}", f"nurse-sql-{tag}"
-    await pool.execute(
-        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, 'sql', $2)",
-        team,
-        f"oncall-{tag}@h.test",
-    )
-    await pool.execute(
-        "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'n', $2)", person, team
-    )
-    await pool.execute(
-        "INSERT INTO contact_methods (person_id, rank, channel, address) "
-        "VALUES ($1, 0, 'email', $2)",
-        person,
-        f"{person}@h.test",
-    )
-    steps = [{"wait_s": 3600, "targets": [{"kind": "person", "ref": person}]}]
-    await pool.execute(
-        "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps, repeat_count) "
-        "VALUES ($1, $1, 'sql', $2::jsonb, 0)",
-        team,
-        json.dumps(steps),
-    )
-    await pool.executemany(
-        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)",
-        [(patient, team) for patient in patients],
+    team = f"CT-sql-{tag}"
+    await seed_email_team(
+        pool,
+        team=team,
+        person=f"nurse-sql-{tag}",
+        patients=patients,
+        oncall_email=f"oncall-{tag}@h.test",
     )
     return team
 

@@ -5,6 +5,7 @@ the rest of the configuration as the test says."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -70,3 +71,37 @@ def escalation_service(
         clock=clock,
         outages=outages,
     )
+
+
+async def seed_email_team(
+    pool: Any, *, team: str, person: str, patients: list[str], oncall_email: str
+) -> str:
+    """A care team whose policy pages one nurse by e-mail (one step, an hour's wait, no
+    repeat), and ``patients`` in it; the nurse's address (``<person>@h.test``)."""
+    address = f"{person}@h.test"
+    await pool.execute(
+        "INSERT INTO care_teams (care_team_id, name, oncall_email) VALUES ($1, $1, $2)",
+        team,
+        oncall_email,
+    )
+    await pool.execute(
+        "INSERT INTO people (person_id, name, care_team_id) VALUES ($1, 'n', $2)", person, team
+    )
+    await pool.execute(
+        "INSERT INTO contact_methods (person_id, rank, channel, address) "
+        "VALUES ($1, 0, 'email', $2)",
+        person,
+        address,
+    )
+    steps = [{"wait_s": 3600, "targets": [{"kind": "person", "ref": person}]}]
+    await pool.execute(
+        "INSERT INTO escalation_policies (policy_id, care_team_id, name, steps, repeat_count) "
+        "VALUES ($1, $1, $1, $2::jsonb, 0)",
+        team,
+        json.dumps(steps),
+    )
+    await pool.executemany(
+        "INSERT INTO patients (patient_id, care_team_id) VALUES ($1, $2)",
+        [(patient, team) for patient in patients],
+    )
+    return address
