@@ -27,6 +27,7 @@ from typing import Any, NoReturn, Self, cast
 from uuid import UUID
 
 from schemas.events import Alert, Page
+from services.notify.domain.bundling import BundleWindow
 from services.notify.domain.channel_failover import (
     AttemptVerdict,
     Delivered,
@@ -563,7 +564,7 @@ class FakeBundles:
     async def next_due(self, now: datetime, *, only: UUID | None = None) -> None:
         return None
 
-    async def window_of(self, patient_id: str) -> NoReturn:
+    async def claim_window(self, alert: Alert, opening: BundleWindow) -> NoReturn:
         _not_modelled("bundling windows (group_wait_s > 0)")
 
 

@@ -631,8 +631,18 @@ class EscalationService:
         jobs: list[PageJob] = []
         sending: asyncio.Task[None] | None = None
         async with self._sent_after(lambda: sending), self._unit_of_work() as uow:
-            window, follow_up_id = await uow.bundles.window_of(alert.patient_id)
-            decision = place(window, dedup_key=alert.dedup_key, at=now, group_wait_s=group_wait_s)
+            # The window this alert opens if no window of its patient is open: opened in the
+            # statement that serialises the patient's placements, which reads the patient's
+            # window only when it did not open this one.
+            opening = place(None, dedup_key=alert.dedup_key, at=now, group_wait_s=group_wait_s)
+            window_opened, window, follow_up_id = await uow.bundles.claim_window(
+                alert, opening.window
+            )
+            decision = (
+                opening
+                if window_opened
+                else place(window, dedup_key=alert.dedup_key, at=now, group_wait_s=group_wait_s)
+            )
             placement, due_at = decision.placement, decision.due_at
             if placement is Placement.PAGE_NOW:
                 # As with bundling off (``_open``), plus the patient's new window.
@@ -644,8 +654,7 @@ class EscalationService:
                     placement, due_at = Placement.ALREADY, now
                 else:
                     then: tuple[TimelineEntry, ...] = ()
-                    if decision.window != window:
-                        await uow.bundles.open_window(alert, decision.window)
+                    if window_opened:
                         closes_at = decision.window.closes_at.isoformat()
                         then = (TimelineEntry("bundle_window_opened", {"closes_at": closes_at}),)
                     jobs = await uow.outbox.add_opened(
@@ -675,7 +684,12 @@ class EscalationService:
                         bundle_id=follow_up_id,
                         due_at=due_at,
                     )
-            await self._commit_opening(uow, jobs)
+            if placement is Placement.ALREADY:
+                # Another instance opened this alert's escalation first (a redelivery race):
+                # nothing of it is kept, nor a window it opened (nothing else was written).
+                await uow.rollback()
+            else:
+                await self._commit_opening(uow, jobs)
             if placement is Placement.PAGE_NOW and escalation_id is not None:
                 # Claimed for this call, as with bundling off: the first attempt waits for no
                 # loop, nor for the connection to go back to the pool.

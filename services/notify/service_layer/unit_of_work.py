@@ -213,12 +213,15 @@ class OutboxRepository(Protocol):
 class BundleRepository(Protocol):
     """Bursts, quiet-hours digests and technical holds, and the escalations held in them."""
 
-    async def window_of(self, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:
-        """The patient's latest window and its pending follow-up (None when there is none),
-        placement serialised per patient until the unit of work ends."""
+    async def claim_window(
+        self, alert: Alert, opening: BundleWindow
+    ) -> tuple[bool, BundleWindow | None, UUID | None]:
+        """Open ``opening`` as the alert's patient's window unless one of theirs is still open
+        at its start, placement serialised per patient until the unit of work ends: whether
+        this alert opened it and, when it did not, the patient's latest window and its pending
+        follow-up (None when there is none)."""
         ...
 
-    async def open_window(self, alert: Alert, window: BundleWindow) -> None: ...
     async def add_follow_up(
         self, alert: Alert, *, care_team_id: str, at: datetime, due_at: datetime
     ) -> UUID: ...

@@ -51,39 +51,45 @@ class PostgresBundles:
         # Paged for a team that has no on-call address of its own (``PageWriter.fallback``).
         self._fallback_email = fallback_email
 
-    async def window_of(self, patient_id: str) -> tuple[BundleWindow | None, UUID | None]:
-        """The patient's latest window with the members of its pending follow-up, and the
-        follow-up's id (None when there is none); placement stays serialised per patient
-        until the unit of work ends.
+    async def claim_window(
+        self, alert: Alert, opening: BundleWindow
+    ) -> tuple[bool, BundleWindow | None, UUID | None]:
+        """Open ``opening`` (the window ``alert`` opens if paged at once) as the patient's
+        window unless one of theirs is still open at its start; placement stays serialised per
+        patient until the unit of work ends. Returns whether this alert opened it; when it did
+        not, the patient's latest window with the members of its pending follow-up, and the
+        follow-up's id (None when there is none).
 
-        A transaction-scoped advisory lock, so two notify instances receiving the same burst
-        open one window, not two. A follow-up being flushed holds its row lock; a placement
-        waiting for it then finds no pending follow-up and opens a new one, due at the same
-        window end (so at once), and never joins a bundle whose page has already been
-        written."""
+        One statement on the patient's row (one per patient, replaced by each new window): it
+        inserts the row, or locks the existing one and replaces it only if that window had
+        closed by ``opening``'s start, the rule of ``domain.bundling.place``. The row lock (or
+        the uncommitted row, which a concurrent insert waits for) is held until the unit of
+        work ends, so two notify instances receiving the same burst open one window, not two:
+        the second waits for the first to commit, finds its window open, and reads it in a
+        statement of its own, whose snapshot, taken after the lock, sees it. A follow-up being
+        flushed holds its row lock; a placement waiting for it then finds no pending follow-up
+        and opens a new one, due at the same window end (so at once), and never joins a bundle
+        whose page has already been written."""
         conn = self._db
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            f"notify-bundle:{patient_id}",
-        )
-        return await _window_of(conn, patient_id)
-
-    async def open_window(self, alert: Alert, window: BundleWindow) -> None:
-        """The patient's new window, opened by ``alert`` (paged at once)."""
-        await self._db.execute(
+        opened = await conn.fetchval(
             """
-            INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at,
-                                               opened_by)
+            INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at, opened_by)
             VALUES ($1, $2, $3, $4)
             ON CONFLICT (patient_id) DO UPDATE
             SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
                 opened_by = EXCLUDED.opened_by
+            WHERE notify_bundle_windows.closes_at <= EXCLUDED.opened_at
+            RETURNING true
             """,
             alert.patient_id,
-            window.opened_at,
-            window.closes_at,
+            opening.opened_at,
+            opening.closes_at,
             alert.dedup_key,
         )
+        if opened:
+            return True, None, None
+        window, follow_up_id = await _window_of(conn, alert.patient_id)
+        return False, window, follow_up_id
 
     async def add_follow_up(
         self, alert: Alert, *, care_team_id: str, at: datetime, due_at: datetime
