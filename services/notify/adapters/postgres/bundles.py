@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -39,17 +40,39 @@ WHERE bundle_id = $1 AND status = 'open' AND due_at IS NULL
 RETURNING *
 """
 
+# The patient's window row inserted, or locked and replaced only if its window has closed by
+# the new one's start (``PostgresBundles.claim_window``); a row is returned only when it was
+# written.
+_CLAIM_WINDOW = """
+INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at, opened_by)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (patient_id) DO UPDATE
+SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
+    opened_by = EXCLUDED.opened_by
+WHERE notify_bundle_windows.closes_at <= EXCLUDED.opened_at
+RETURNING {returning}
+"""
+
 
 class PostgresBundles:
     """Bundles: a patient's burst window and follow-up, quiet-hours digests, technical holds; held
     escalations opened into them, released from them, and flushed."""
 
-    def __init__(self, db: Any, *, fallback_email: str = DEFAULT_FALLBACK_EMAIL) -> None:
+    def __init__(
+        self,
+        db: Any,
+        *,
+        fallback_email: str = DEFAULT_FALLBACK_EMAIL,
+        commit_without_flush: Callable[[], None] | None = None,
+    ) -> None:
         # An asyncpg connection (inside a ``PostgresUnitOfWork``) or, for a single statement,
         # the pool; asyncpg ships no type information.
         self._db = db
         # Paged for a team that has no on-call address of its own (``PageWriter.fallback``).
         self._fallback_email = fallback_email
+        # Told when a statement turned ``synchronous_commit`` off for the transaction (the
+        # unit of work's, whose commit sets it back if it must wait for the disk after all).
+        self._commit_without_flush = commit_without_flush
 
     async def claim_window(
         self, alert: Alert, opening: BundleWindow
@@ -69,24 +92,28 @@ class PostgresBundles:
         statement of its own, whose snapshot, taken after the lock, sees it. A follow-up being
         flushed holds its row lock; a placement waiting for it then finds no pending follow-up
         and opens a new one, due at the same window end (so at once), and never joins a bundle
-        whose page has already been written."""
+        whose page has already been written.
+
+        The alert that opens a window is paged at once, and that transaction commits without
+        waiting for the disk (``EscalationService._commit_opening``): inside a unit of work the
+        statement turns ``synchronous_commit`` off for the transaction when it opens the window
+        (one round trip fewer than a ``SET LOCAL`` before the commit), and tells the unit of
+        work, whose commit sets it back if it must wait for the disk after all."""
         conn = self._db
         opened = await conn.fetchval(
-            """
-            INSERT INTO notify_bundle_windows (patient_id, opened_at, closes_at, opened_by)
-            VALUES ($1, $2, $3, $4)
-            ON CONFLICT (patient_id) DO UPDATE
-            SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
-                opened_by = EXCLUDED.opened_by
-            WHERE notify_bundle_windows.closes_at <= EXCLUDED.opened_at
-            RETURNING true
-            """,
+            _CLAIM_WINDOW.format(
+                returning="true"
+                if self._commit_without_flush is None
+                else "set_config('synchronous_commit', 'off', true) IS NOT NULL"
+            ),
             alert.patient_id,
             opening.opened_at,
             opening.closes_at,
             alert.dedup_key,
         )
         if opened:
+            if self._commit_without_flush is not None:
+                self._commit_without_flush()
             return True, None, None
         window, follow_up_id = await _window_of(conn, alert.patient_id)
         return False, window, follow_up_id

@@ -51,6 +51,9 @@ class PostgresUnitOfWork:
         self._transactional = transaction
         self._conn: Any = None
         self._transaction: Any = None
+        # A statement of the transaction turned ``synchronous_commit`` off for it
+        # (``PostgresBundles.claim_window``).
+        self._without_flush = False
 
     async def __aenter__(self) -> PostgresUnitOfWork:
         self._conn = await self._pool.acquire()
@@ -63,7 +66,13 @@ class PostgresUnitOfWork:
             raise
         self.escalations = PostgresEscalations(self._conn, fallback_email=self._fallback_email)
         self.outbox = PostgresOutbox(self._conn, fallback_email=self._fallback_email)
-        self.bundles = PostgresBundles(self._conn, fallback_email=self._fallback_email)
+        self.bundles = PostgresBundles(
+            self._conn,
+            fallback_email=self._fallback_email,
+            commit_without_flush=self._committing_without_flush
+            if self._transaction is not None
+            else None,
+        )
         self.heartbeats = PostgresHeartbeats(self._conn)
         self.policies = PostgresPolicies(
             self._conn, default_wait_s=self._default_wait_s, default_repeats=self._default_repeats
@@ -83,12 +92,20 @@ class PostgresUnitOfWork:
             conn, self._conn = self._conn, None
             await self._pool.release(conn)
 
+    def _committing_without_flush(self) -> None:
+        self._without_flush = True
+
     async def commit(self, *, durable: bool = True) -> None:
         """``durable=False``: this transaction's COMMIT does not wait for its write-ahead log
         to be flushed (``synchronous_commit`` off for it alone); the next commit that waits
-        flushes it too, the log being written in order."""
+        flushes it too, the log being written in order. A statement of the transaction may
+        have turned it off already (``PostgresBundles.claim_window``): then a durable commit
+        sets it back to the session's default first, and a commit that need not wait sends
+        nothing more."""
         if self._transaction is not None:
-            if not durable:
+            if durable and self._without_flush:
+                await self._conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
+            elif not durable and not self._without_flush:
                 await self._conn.execute("SET LOCAL synchronous_commit TO off")
             transaction, self._transaction = self._transaction, None
             await transaction.commit()

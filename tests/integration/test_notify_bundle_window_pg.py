@@ -1,5 +1,7 @@
-"""Two notify instances placing alerts of one patient at once open one bundling window, not two
-(``PostgresBundles.claim_window`` on a real PostgreSQL).
+"""The patient's bundling window on a real PostgreSQL (``PostgresBundles.claim_window``): two
+notify instances placing alerts of one patient at once open one window, not two; the statement
+that opens one also turns ``synchronous_commit`` off for its transaction, and a durable commit
+of that transaction turns it back.
 
 Each test runs two transactions on two connections in a fixed order: the first claims the
 patient's window and holds its transaction open; the second claims too and is seen waiting for
@@ -11,6 +13,7 @@ instance's committed window would open a second one and fail these tests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +23,7 @@ import asyncpg
 import pytest
 
 from services.notify.adapters.postgres.bundles import PostgresBundles
+from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.domain.bundling import BundleWindow
 from tests.factories import make_alert
 from tests.polling import eventually
@@ -168,3 +172,76 @@ async def test_a_claim_rolled_back_leaves_the_window_to_the_other_instance(pool:
         )
     finally:
         await _cleanup(pool, patient)
+
+
+async def test_the_statement_that_opens_a_window_turns_synchronous_commit_off(pool: Any) -> None:
+    """The alert that opens its patient's window is paged at once, and its transaction commits
+    without waiting for the disk: the opening statement turns ``synchronous_commit`` off for the
+    transaction and says so. An alert that finds the window open (it is held for the
+    follow-up, whose placement commits durably) leaves the setting alone."""
+    patient = f"P-sync-{uuid.uuid4().hex[:8]}"
+    told: list[str] = []
+    try:
+        async with pool.acquire() as conn:
+            default = await conn.fetchval("SHOW synchronous_commit")
+            for code, at in (
+                ("PUMP_OCCLUSION", T0),
+                ("INFUSION_STOPPED", T0 + timedelta(seconds=1)),
+            ):
+                async with conn.transaction():
+                    bundles = PostgresBundles(
+                        conn, commit_without_flush=functools.partial(told.append, code)
+                    )
+                    opened, _, _ = await bundles.claim_window(
+                        make_alert(patient_id=patient, code=code, at=at), _opening(at)
+                    )
+                    setting = await conn.fetchval("SHOW synchronous_commit")
+                    assert (opened, setting) == (
+                        (True, "off") if code == "PUMP_OCCLUSION" else (False, default)
+                    )
+            assert await conn.fetchval("SHOW synchronous_commit") == default
+        assert told == ["PUMP_OCCLUSION"]
+    finally:
+        await _cleanup(pool, patient)
+
+
+async def test_a_unit_of_work_that_opened_a_window_commits_durably_when_asked(
+    pg_dsn: str,
+) -> None:
+    """Inside a unit of work: a commit that need not wait for the disk sends nothing more
+    before COMMIT (the window's statement turned the setting off), and a durable commit sets
+    ``synchronous_commit`` back to the session's default before COMMIT, so it waits."""
+    sent: list[str] = []
+
+    def logged(record: Any) -> None:
+        sent.append(" ".join(record.query.split()))
+
+    async def init(conn: Any) -> None:
+        conn.add_query_logger(logged)
+
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1, init=init)
+    patients = [f"P-uow-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
+    try:
+        unit_of_work = unit_of_work_factory(pool)
+        for patient, durable in zip(patients, (False, True), strict=True):
+            async with unit_of_work() as uow:
+                opened, _, _ = await uow.bundles.claim_window(
+                    make_alert(patient_id=patient, at=T0), _opening(T0)
+                )
+                assert opened
+                await uow.commit(durable=durable)
+        # asyncpg tells its query loggers after the fact.
+        await eventually(
+            lambda: sent.count("COMMIT;") == 2, timeout_s=10, what="both commits to be logged"
+        )
+        tails: list[list[str]] = []
+        for query in sent:
+            if query.startswith("INSERT INTO notify_bundle_windows"):
+                tails.append([])
+            elif tails and "COMMIT;" not in tails[-1]:
+                tails[-1].append(query)
+        assert tails == [["COMMIT;"], ["SET LOCAL synchronous_commit TO DEFAULT", "COMMIT;"]]
+    finally:
+        for patient in patients:
+            await _cleanup(pool, patient)
+        await pool.close()
