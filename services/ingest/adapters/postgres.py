@@ -3,8 +3,9 @@
 Pipeline heartbeats are not readings: they go to Kafka only and are never written here, except
 as their device's last-seen row.
 
-Writes are ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``: one round trip per table
-per batch, and a redelivered message hits the unique key instead of making a second row. Device
+Writes are ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``, one per table, joined
+into one statement per batch (one round trip, atomic), and a redelivered message hits the unique
+key instead of making a second row. A batch's common ingest time is one parameter. Device
 liveness (``device_last_seen``) is upserted separately, after the readings are stored, so a
 device is never "seen" by a reading that was not stored, and concurrent reading batches do not
 queue behind each other on the same liveness rows.
@@ -12,8 +13,10 @@ queue behind each other on the same liveness rows.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 
@@ -34,61 +37,54 @@ async def load_bindings(pool: asyncpg.Pool) -> BindingIndex:
     )
 
 
-_INSERT_TEMPERATURE = """
-INSERT INTO temperature_readings
-    (device_time, ingest_time, patient_id, device_id, message_id, seq,
-     value_c, original_value, original_unit, site, flags)
-SELECT t.device_time, t.ingest_time, t.patient_id, t.device_id, t.message_id, t.seq,
-       t.value_c, t.original_value, t.original_unit, t.site, string_to_array(t.flags, ',')
-FROM unnest($1::timestamptz[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], $6::bigint[],
-            $7::float8[], $8::float8[], $9::text[], $10::text[], $11::text[])
-    AS t(device_time, ingest_time, patient_id, device_id, message_id, seq,
-         value_c, original_value, original_unit, site, flags)
-ON CONFLICT DO NOTHING
-"""
-
-_INSERT_PUMP_STATUS = """
-INSERT INTO pump_status
-    (device_time, ingest_time, patient_id, device_id, message_id, seq,
-     state, rate_ml_h, volume_remaining_ml, bag_volume_ml, battery_pct, flags)
-SELECT t.device_time, t.ingest_time, t.patient_id, t.device_id, t.message_id, t.seq,
-       t.state, t.rate_ml_h, t.volume_remaining_ml, t.bag_volume_ml, t.battery_pct,
-       string_to_array(t.flags, ',')
-FROM unnest($1::timestamptz[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], $6::bigint[],
-            $7::text[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::text[])
-    AS t(device_time, ingest_time, patient_id, device_id, message_id, seq,
-         state, rate_ml_h, volume_remaining_ml, bag_volume_ml, battery_pct, flags)
-ON CONFLICT DO NOTHING
-"""
-
-_INSERT_PUMP_EVENT = """
-INSERT INTO pump_events
-    (device_time, ingest_time, patient_id, device_id, message_id, seq, event, alarm, detail, flags)
-SELECT t.device_time, t.ingest_time, t.patient_id, t.device_id, t.message_id, t.seq,
-       t.event, t.alarm, t.detail, string_to_array(t.flags, ',')
-FROM unnest($1::timestamptz[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], $6::bigint[],
-            $7::text[], $8::text[], $9::text[], $10::text[])
-    AS t(device_time, ingest_time, patient_id, device_id, message_id, seq,
-         event, alarm, detail, flags)
-ON CONFLICT DO NOTHING
-"""
+# The columns every reading table has after ``ingest_time``, then each table's own, with the
+# array type each is sent as; ``flags`` (last) goes as one comma-joined text per row.
+_COMMON = (
+    ("device_time", "timestamptz"),
+    ("patient_id", "text"),
+    ("device_id", "text"),
+    ("message_id", "uuid"),
+    ("seq", "bigint"),
+)
+_OWN: dict[str, tuple[tuple[str, str], ...]] = {
+    "temperature_readings": (
+        ("value_c", "float8"),
+        ("original_value", "float8"),
+        ("original_unit", "text"),
+        ("site", "text"),
+    ),
+    "pump_status": (
+        ("state", "text"),
+        ("rate_ml_h", "float8"),
+        ("volume_remaining_ml", "float8"),
+        ("bag_volume_ml", "float8"),
+        ("battery_pct", "float8"),
+    ),
+    "pump_events": (("event", "text"), ("alarm", "text"), ("detail", "text")),
+}
 
 
-def _common(t: Telemetry) -> tuple[object, ...]:
-    m = t.message
-    # The standard library's UTC: asyncpg asks a pydantic TzInfo for its offset three times.
+def _insert(table: str, one_ingest_time: bool) -> str:
+    """``INSERT INTO table ... SELECT FROM unnest(arrays) ON CONFLICT DO NOTHING``. $1 is the
+    ingest time: one ``timestamptz`` for every row when the batch was received at one moment
+    (what ingest writes: one value instead of an array element and a conversion per row), else an
+    array of one per row like the other columns."""
+    columns = [*_COMMON, *_OWN[table], ("flags", "text")]
+    arrayed = columns if one_ingest_time else [("ingest_time", "timestamptz"), *columns]
+    first = 2 if one_ingest_time else 1
+    arrays = ", ".join(f"${i}::{kind}[]" for i, (_, kind) in enumerate(arrayed, start=first))
+    names = [name for name, _ in columns]
+    values = ["$1::timestamptz" if one_ingest_time else "t.ingest_time"]
+    values += [f"t.{name}" for name in names[:-1]] + ["string_to_array(t.flags, ',')"]
     return (
-        as_utc(m.device_time),
-        as_utc(t.ingest_time),
-        t.patient_id,
-        t.device_id,
-        m.message_id,
-        m.seq,
+        f"INSERT INTO {table} (ingest_time, {', '.join(names)})\n"
+        f"SELECT {', '.join(values)}\n"
+        f"FROM unnest({arrays}) AS t({', '.join(name for name, _ in arrayed)})\n"
+        "ON CONFLICT DO NOTHING"
     )
 
 
-def _columns(rows: list[tuple[object, ...]]) -> list[list[object]]:
-    return [list(column) for column in zip(*rows, strict=True)]
+_INSERTS = {(table, one): _insert(table, one) for table in _OWN for one in (True, False)}
 
 
 _UPSERT_LAST_SEEN = """
@@ -114,22 +110,32 @@ def _renumber(sql: str, offset: int) -> str:
     return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + offset}", sql)
 
 
-def _one_statement(parts: list[tuple[str, list[list[object]]]]) -> tuple[str, list[object]]:
+def _one_statement(parts: list[tuple[str, list[object]]]) -> tuple[str, list[object]]:
     """Join the inserts into one statement of data-modifying CTEs: one round trip, atomic
     without BEGIN/COMMIT (three fewer round trips per batch, which matter at 10,000 rows/s)."""
+    args: list[object] = []
+    for _, columns in parts:
+        args.extend(columns)
+    return _joined(tuple((sql, len(columns)) for sql, columns in parts)), args
+
+
+@functools.lru_cache(maxsize=64)
+def _joined(parts: tuple[tuple[str, int], ...]) -> str:
+    """The statement for these inserts, each with this many parameters (a handful of shapes:
+    made once each, not per batch)."""
     ctes: list[str] = []
     counted: list[str] = []
-    args: list[object] = []
-    for i, (sql, columns) in enumerate(parts):
-        body = _renumber(sql.strip(), len(args))
+    offset = 0
+    for i, (sql, count) in enumerate(parts):
+        body = _renumber(sql.strip(), offset)
         if body.startswith("INSERT INTO device_last_seen"):
             ctes.append(f"w{i} AS ({body})")
         else:
             ctes.append(f"w{i} AS ({body} RETURNING 1)")
             counted.append(f"(SELECT count(*) FROM w{i})")
-        args.extend(columns)
+        offset += count
     total = " + ".join(counted) or "0"
-    return f"WITH {', '.join(ctes)} SELECT {total}", args
+    return f"WITH {', '.join(ctes)} SELECT {total}"
 
 
 async def store_last_seen(pool: asyncpg.Pool, seen: Sequence[DeviceSeen]) -> None:
@@ -154,39 +160,80 @@ async def store_telemetry(
     """Write a batch of accepted telemetry, each kind to its table, and the devices' last-seen
     rows, atomically (one statement). Returns how many readings were new (the rest were already
     stored: a redelivery after a crash). Heartbeats in the batch are skipped and not counted."""
-    temperatures: list[tuple[object, ...]] = []
-    statuses: list[tuple[object, ...]] = []
-    events: list[tuple[object, ...]] = []
+    # Rows per table, without the ingest time: one scalar parameter when the batch shares one
+    # (ingest's batches do: their receive time), else a column of its own (``ingest_times``).
+    rows: dict[str, list[tuple[object, ...]]] = {table: [] for table in _OWN}
+    temperatures, statuses, events = rows.values()
+    first = batch[0].ingest_time if batch else None
+    one_ingest_time = all(t.ingest_time == first for t in batch)
+    ingest_times: dict[str, list[datetime]] = {table: [] for table in _OWN}
     for t in batch:
-        flags = ",".join(t.flags)
         m = t.message
+        # The standard library's UTC: asyncpg asks a pydantic TzInfo for its offset three times.
+        # Enum members go as they are: a str subclass, written as its value.
         if isinstance(m, TemperatureReading):
+            table = "temperature_readings"
             value_c = t.temperature_c if t.temperature_c is not None else m.celsius()
-            temperatures.append((*_common(t), value_c, m.value, m.unit.value, m.site.value, flags))
+            temperatures.append(
+                (
+                    as_utc(m.device_time),
+                    t.patient_id,
+                    t.device_id,
+                    m.message_id,
+                    m.seq,
+                    value_c,
+                    m.value,
+                    m.unit,
+                    m.site,
+                    ",".join(t.flags),
+                )
+            )
         elif isinstance(m, PumpStatus):
+            table = "pump_status"
             statuses.append(
                 (
-                    *_common(t),
-                    m.state.value,
+                    as_utc(m.device_time),
+                    t.patient_id,
+                    t.device_id,
+                    m.message_id,
+                    m.seq,
+                    m.state,
                     m.rate_ml_h,
                     m.volume_remaining_ml,
                     m.bag_volume_ml,
                     m.battery_pct,
-                    flags,
+                    ",".join(t.flags),
                 )
             )
         elif isinstance(m, PumpEvent):
+            table = "pump_events"
             events.append(
-                (*_common(t), m.event.value, m.alarm.value if m.alarm else None, m.detail, flags)
+                (
+                    as_utc(m.device_time),
+                    t.patient_id,
+                    t.device_id,
+                    m.message_id,
+                    m.seq,
+                    m.event,
+                    m.alarm,
+                    m.detail,
+                    ",".join(t.flags),
+                )
             )
-        # HeartbeatMessage: nothing to store; it proves the path, it is not a reading.
-    parts: list[tuple[str, list[list[object]]]] = []
-    if temperatures:
-        parts.append((_INSERT_TEMPERATURE, _columns(temperatures)))
-    if statuses:
-        parts.append((_INSERT_PUMP_STATUS, _columns(statuses)))
-    if events:
-        parts.append((_INSERT_PUMP_EVENT, _columns(events)))
+        else:
+            continue  # HeartbeatMessage: nothing to store; it proves the path, not a reading.
+        if not one_ingest_time:
+            ingest_times[table].append(as_utc(t.ingest_time))
+    parts: list[tuple[str, list[object]]] = []
+    for table, table_rows in rows.items():
+        if not table_rows:
+            continue
+        columns: list[object] = list(zip(*table_rows, strict=True))
+        if one_ingest_time:
+            assert first is not None
+            parts.append((_INSERTS[table, True], [as_utc(first), *columns]))
+        else:
+            parts.append((_INSERTS[table, False], [ingest_times[table], *columns]))
     if seen:
         parts.append(
             (
