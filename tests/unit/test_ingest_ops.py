@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
-from services.ingest.adapters.metrics import IngestMetrics
+from services.ingest.adapters.metrics import IngestMetrics, observe_each
 from services.ingest.settings import IngestSettings
 from vigil.ops import OpsServer
 
@@ -49,3 +50,33 @@ def test_metrics_port_defaults_to_9101_and_zero_disables(monkeypatch: pytest.Mon
     assert IngestSettings().metrics_port == 9101
     monkeypatch.setenv("VIGIL_INGEST_METRICS_PORT", "0")
     assert IngestSettings().metrics_port == 0
+
+
+def _histogram_samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+    return {
+        (s.name, s.labels.get("le", "")): s.value
+        for metric in registry.collect()
+        for s in metric.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_observe_each_leaves_what_one_observation_each_leaves() -> None:
+    """Amounts below, on and above every bound, zero and past the last one: the same buckets
+    and count as ``observe`` per amount, and the same sum but for rounding."""
+    amounts = [0.0, 0.01, 0.010001, 0.05, 0.3, 1.0, 59.999, 60.0, 86400.0, 86400.5, 1e9]
+    amounts += [i * 0.37 for i in range(500)]
+    at_once, one_by_one = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+    together = Histogram("lag", "lag", buckets=buckets, registry=at_once)
+    single = Histogram("lag", "lag", buckets=buckets, registry=one_by_one)
+    observe_each(together, amounts)
+    observe_each(together, [])
+    for amount in amounts:
+        single.observe(amount)
+    got, expected = _histogram_samples(at_once), _histogram_samples(one_by_one)
+    assert got.keys() == expected.keys()
+    total = ("lag_sum", "")
+    assert got.pop(total) == pytest.approx(expected.pop(total), rel=1e-12)
+    assert got == expected
+    assert expected[("lag_count", "")] == len(amounts)

@@ -370,3 +370,30 @@ async def test_answers_wait_while_the_connection_is_backed_up(backlog: int) -> N
     sink.backlog = lambda: backlog  # type: ignore[method-assign]
     assert answers.publish_pending(sink) == 0
     assert len(answers.pending) == 1
+
+
+async def test_flags_and_device_lag_count_every_reading_of_a_batch() -> None:
+    """Counted per batch, the metrics say what one increment and one observation per reading
+    say: each flag once per flagged reading, each reading's lag (receive time - device time,
+    none below 0) in its bucket and in the sum."""
+    lags = [-600.0, -1.0, 0.0, 0.01, 0.3, 5.0, 60.0, 3600.0, 86400.0, 8 * 86400.0, 9 * 86400.0]
+    batch = []
+    for seq, lag in enumerate(lags, start=1):
+        topic, payload = reading("thermo-1", seq)
+        document = json.loads(payload)
+        document["device_time"] = (NOW - timedelta(seconds=lag)).isoformat()
+        batch.append((topic, json.dumps(document).encode()))
+    pipeline, _, _ = make()
+    assert await pipeline.process(batch, asyncio.Event()) is not None
+    assert sample(pipeline, "vigil_ingest_flagged_total", flag="device_clock_ahead") == 1
+    assert sample(pipeline, "vigil_ingest_flagged_total", flag="device_clock_behind") == 2
+    reference = IngestMetrics()
+    for lag in lags:
+        reference.device_lag.observe(max(lag, 0.0))
+    name = "vigil_ingest_device_lag_seconds"
+    for bound in ["0.01", "0.5", "5.0", "60.0", "3600.0", "86400.0", "+Inf"]:
+        expected = reference.registry.get_sample_value(f"{name}_bucket", {"le": bound})
+        assert sample(pipeline, f"{name}_bucket", le=bound) == expected
+    assert sample(pipeline, f"{name}_count") == len(lags)
+    expected_sum = reference.registry.get_sample_value(f"{name}_sum")
+    assert sample(pipeline, f"{name}_sum") == pytest.approx(expected_sum)

@@ -9,6 +9,9 @@ ever carries a device id, patient id or payload value: label values are reason c
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +25,22 @@ log = logging.getLogger("vigil.ingest.ops")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+
+
+def observe_each(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """What ``histogram.observe(amount)`` for each of ``amounts`` (finite numbers) leaves: each
+    amount counted in the first bucket whose bound is at least the amount, and added to the sum;
+    with one increment per bucket touched and one of the sum instead of one observation each
+    (ingest observes every reading of a batch at once). The sum is added as one total, so its
+    last bits may differ from adding the amounts one by one."""
+    if not amounts:
+        return
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    bounds = histogram._upper_bounds  # ascending, +Inf last
+    buckets = histogram._buckets
+    histogram._sum.inc(sum(amounts))
+    for index, count in Tally(bisect_left(bounds, amount) for amount in amounts).items():
+        buckets[index].inc(count)
 
 
 class IngestMetrics:

@@ -95,12 +95,24 @@ class PendingAcks:
 
     def add(self, admission: Admission) -> None:
         """Every message of a durable batch: accepted, stored before, or rejected."""
-        for telemetry in admission.accepted:
-            acks = self._device(telemetry.device_id)
-            if acks is not None:
+        accepted = admission.accepted
+        if len(accepted) <= self._capacity - self._size:
+            # Room for all of them (the usual case): ``_device``'s work once for the batch.
+            devices = self._devices
+            self._size += len(accepted)
+            for telemetry in accepted:
+                acks = devices.get(telemetry.device_id)
+                if acks is None:
+                    acks = devices[telemetry.device_id] = _DeviceAcks()
                 message = telemetry.message
                 # The UUID itself: orjson writes it as str() would, when the answer is drained.
                 acks.stored.append({"message_id": message.message_id, "seq": message.seq})
+        else:
+            for telemetry in accepted:
+                acks = self._device(telemetry.device_id)
+                if acks is not None:
+                    message = telemetry.message
+                    acks.stored.append({"message_id": message.message_id, "seq": message.seq})
         for device_id, message_id, seq in admission.stored_before:
             acks = self._device(device_id)
             if acks is not None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from operator import itemgetter
 
 import asyncpg
 
@@ -27,6 +28,8 @@ from services.ingest.settings import IngestSettings
 from vigil.runtime import log_fields
 
 log = logging.getLogger("vigil.ingest")
+
+_TOPIC_AND_PAYLOAD = itemgetter(0, 1)  # of an InboundMessage
 
 
 def subscription(settings: IngestSettings) -> str:
@@ -125,7 +128,7 @@ async def _consume(
             )
             if not batch:
                 continue
-            messages = [(t, payload) for t, payload, _ in batch]
+            messages: list[tuple[str, bytes]] = list(map(_TOPIC_AND_PAYLOAD, batch))
             work = asyncio.create_task(pipeline.process(messages, stop))
             working.add(work)
             work.add_done_callback(working.discard)

@@ -18,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 
 from schemas.events import Telemetry
-from services.ingest.adapters.metrics import IngestMetrics
+from services.ingest.adapters.metrics import IngestMetrics, observe_each
 from services.ingest.domain.admission import Admission, DeviceSeen, admit, is_reading, merge_seen
 from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import BindingIndex
@@ -282,16 +284,29 @@ class IngestPipeline:
 
     def record(self, received: int, admission: Admission) -> None:
         m = self.metrics
+        accepted = admission.accepted
         m.received.inc(received)
-        m.accepted.inc(len(admission.accepted))
+        m.accepted.inc(len(accepted))
         m.batch_size.observe(received)
         for kind, count in admission.duplicates.items():
             m.duplicates.labels(kind).inc(count)
-        for telemetry in admission.accepted:
-            for flag in telemetry.flags:
-                m.flagged.labels(flag).inc()
-            lag = (telemetry.ingest_time - telemetry.message.device_time).total_seconds()
-            m.device_lag.observe(max(lag, 0.0))
+        # Per batch: one increment per flag for all its readings, and every reading's lag
+        # observed at once (the counts, buckets and sum one increment and one observation per
+        # reading give).
+        flagged = Counter(
+            flag for telemetry in accepted if telemetry.flags for flag in telemetry.flags
+        )
+        for flag, count in flagged.items():
+            m.flagged.labels(flag).inc(count)
+        observe_each(
+            m.device_lag,
+            [
+                lag
+                if (lag := (t.ingest_time - t.message.device_time).total_seconds()) > 0.0
+                else 0.0
+                for t in accepted
+            ],
+        )
         for dead in admission.rejected:
             m.rejected.labels(dead.reason).inc()
             log.warning(
@@ -305,6 +320,8 @@ class IngestPipeline:
                 ),
             )
 
+
+_PACKET_ID = itemgetter(2)  # of an InboundMessage
 
 InFlight = asyncio.Queue[tuple[asyncio.Task[Admission | None], list[InboundMessage]] | None]
 
@@ -328,6 +345,6 @@ async def acknowledge_in_order(
         metrics.batches_in_flight.dec()
         acknowledging = acknowledging and admission is not None
         if acknowledging:
-            acker.ack([mid for _, _, mid in batch])
+            acker.ack(list(map(_PACKET_ID, batch)))
             if answers is not None and admission is not None:
                 answers.add(admission)
