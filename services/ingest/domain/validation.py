@@ -14,7 +14,7 @@ for hours is itself worth telling the care team about).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import orjson
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from schemas.device import (
     PLAUSIBLE_MAX_C,
     PLAUSIBLE_MIN_C,
+    AnyDeviceMessage,
     HeartbeatMessage,
     PumpEvent,
     PumpStatus,
@@ -111,6 +112,80 @@ def _first_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Telemetry built from values it keeps as they are, without validating them again (see
+# ``_telemetry``): what ``Telemetry.model_construct`` does, less its generic work.
+_TELEMETRY_FIELDS_SET = frozenset(Telemetry.model_fields) - {"schema_"}
+_TELEMETRY_SCHEMA = Telemetry.model_fields["schema_"].default
+_DEVICE_MESSAGE_TYPES = (TemperatureReading, PumpStatus, PumpEvent, HeartbeatMessage)
+_object_setattr = object.__setattr__
+# The tzinfo of pydantic's UTC device times, which admission gives the receive time.
+_DEVICE_UTC = as_device_utc(datetime(2000, 1, 1, tzinfo=UTC)).tzinfo
+assert list(Telemetry.model_fields) == [
+    "schema_",
+    "patient_id",
+    "device_id",
+    "mqtt_topic",
+    "ingest_time",
+    "message",
+    "temperature_c",
+    "flags",
+]
+assert Telemetry.__pydantic_post_init__ is None and not Telemetry.__private_attributes__
+assert Telemetry.model_config.get("extra") == "forbid"
+
+
+def _telemetry(
+    patient_id: str,
+    device_id: str,
+    mqtt_topic: str,
+    ingest_time: datetime,
+    message: AnyDeviceMessage,
+    temperature_c: float | None,
+    flags: tuple[str, ...],
+) -> Telemetry:
+    """``Telemetry(...)`` of these values: the instance pydantic's validation makes, built without
+    validating again values pydantic keeps as they are. ``validate_message`` passes a device
+    message pydantic built, its (string) device id, a float or None and a tuple of flag strings;
+    the caller's values are checked: a string patient id and topic, a datetime in UTC. Anything
+    else is validated by pydantic (which refuses a naive ingest time, as it always did)."""
+    tz = ingest_time.tzinfo
+    if (
+        type(patient_id) is str
+        and type(mqtt_topic) is str
+        and type(ingest_time) is datetime
+        and (tz is UTC or tz is _DEVICE_UTC)
+        and type(message) in _DEVICE_MESSAGE_TYPES
+    ):
+        telemetry = Telemetry.__new__(Telemetry)
+        _object_setattr(
+            telemetry,
+            "__dict__",
+            {
+                "schema_": _TELEMETRY_SCHEMA,
+                "patient_id": patient_id,
+                "device_id": device_id,
+                "mqtt_topic": mqtt_topic,
+                "ingest_time": ingest_time,
+                "message": message,
+                "temperature_c": temperature_c,
+                "flags": flags,
+            },
+        )
+        _object_setattr(telemetry, "__pydantic_fields_set__", set(_TELEMETRY_FIELDS_SET))
+        _object_setattr(telemetry, "__pydantic_extra__", None)
+        _object_setattr(telemetry, "__pydantic_private__", None)
+        return telemetry
+    return Telemetry(
+        patient_id=patient_id,
+        device_id=device_id,
+        mqtt_topic=mqtt_topic,
+        ingest_time=ingest_time,
+        message=message,
+        temperature_c=temperature_c,
+        flags=flags,
+    )
+
+
 def validate_message(
     topic: str,
     payload: bytes,
@@ -153,13 +228,14 @@ def validate_message(
     if not isinstance(document, dict):
         return reject(RejectReason.INVALID_JSON, "payload is JSON but not an object")
     declared = document.get("schema")
-    if declared not in CHANNEL_SCHEMAS.values():
-        return reject(
-            RejectReason.UNKNOWN_SCHEMA,
-            f"schema {str(declared)[:80]!r} is not one this service accepts: "
-            f"{sorted(CHANNEL_SCHEMAS.values())}",
-        )
+    # The channel's own schema is the one case that passes both checks: tried first.
     if declared != CHANNEL_SCHEMAS[device_topic.channel]:
+        if declared not in CHANNEL_SCHEMAS.values():
+            return reject(
+                RejectReason.UNKNOWN_SCHEMA,
+                f"schema {str(declared)[:80]!r} is not one this service accepts: "
+                f"{sorted(CHANNEL_SCHEMAS.values())}",
+            )
         return reject(
             RejectReason.TOPIC_MISMATCH,
             f"schema {declared} does not belong on channel {device_topic.channel}",
@@ -193,7 +269,8 @@ def validate_message(
         flags.append(Flag.DEVICE_CLOCK_BEHIND.value)
 
     temperature_c: float | None = None
-    if isinstance(message, TemperatureReading):
+    # The exact type (pydantic builds no subclass): a model's isinstance runs Python code.
+    if type(message) is TemperatureReading:
         celsius = message.celsius()
         if limits.plausible_min_c <= celsius <= limits.plausible_max_c:
             temperature_c = celsius
@@ -202,16 +279,16 @@ def validate_message(
     else:
         # A heartbeat is checked and bound like any device's message (its pseudo-patient is the
         # technical care team's), so it proves the same path a reading takes.
-        assert isinstance(message, PumpStatus | PumpEvent | HeartbeatMessage)
+        assert type(message) in (PumpStatus, PumpEvent, HeartbeatMessage)
 
     return Accepted(
-        Telemetry(
-            patient_id=patient_id,
-            device_id=message.device_id,
-            mqtt_topic=topic,
-            ingest_time=received_at,
-            message=message,
-            temperature_c=temperature_c,
-            flags=tuple(flags),
+        _telemetry(
+            patient_id,
+            message.device_id,
+            topic,
+            received_at,
+            message,
+            temperature_c,
+            tuple(flags),
         )
     )
