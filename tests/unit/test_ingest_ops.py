@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from services.ingest.adapters.metrics import IngestMetrics, observe_each
+from services.ingest.adapters.metrics import BatchHistogram, IngestMetrics
 from services.ingest.settings import IngestSettings
 from vigil.ops import OpsServer
 
@@ -61,17 +61,20 @@ def _histogram_samples(registry: CollectorRegistry) -> dict[tuple[str, str], flo
     }
 
 
-def test_observe_each_leaves_what_one_observation_each_leaves() -> None:
-    """Amounts below, on and above every bound, zero and past the last one: the same buckets
-    and count as ``observe`` per amount, and the same sum but for rounding."""
+def test_a_batch_histogram_exports_what_one_observation_each_leaves() -> None:
+    """Amounts below, on and above every bound, zero and past the last one, in batches and one
+    at a time: the same bucket and count samples as prometheus_client's ``Histogram`` with one
+    ``observe`` per amount, and the same sum but for rounding."""
     amounts = [0.0, 0.01, 0.010001, 0.05, 0.3, 1.0, 59.999, 60.0, 86400.0, 86400.5, 1e9]
     amounts += [i * 0.37 for i in range(500)]
     at_once, one_by_one = CollectorRegistry(), CollectorRegistry()
     buckets = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
-    together = Histogram("lag", "lag", buckets=buckets, registry=at_once)
+    together = BatchHistogram("lag", "lag", buckets=buckets, registry=at_once)
     single = Histogram("lag", "lag", buckets=buckets, registry=one_by_one)
-    observe_each(together, amounts)
-    observe_each(together, [])
+    together.observe_each(amounts[:100])
+    together.observe_each([])
+    together.observe(amounts[100])
+    together.observe_each(amounts[101:])
     for amount in amounts:
         single.observe(amount)
     got, expected = _histogram_samples(at_once), _histogram_samples(one_by_one)

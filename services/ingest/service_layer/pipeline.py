@@ -25,7 +25,7 @@ from datetime import datetime
 from operator import itemgetter
 
 from schemas.events import Telemetry
-from services.ingest.adapters.metrics import IngestMetrics, observe_each
+from services.ingest.adapters.metrics import IngestMetrics
 from services.ingest.domain.admission import Admission, DeviceSeen, admit, is_reading, merge_seen
 from services.ingest.domain.dedup import RecentMessages
 from services.ingest.domain.registry import BindingIndex
@@ -298,8 +298,7 @@ class IngestPipeline:
         )
         for flag, count in flagged.items():
             m.flagged.labels(flag).inc(count)
-        observe_each(
-            m.device_lag,
+        m.device_lag.observe_each(
             [
                 lag
                 if (lag := (t.ingest_time - t.message.device_time).total_seconds()) > 0.0
