@@ -52,6 +52,12 @@ SET opened_at = EXCLUDED.opened_at, closes_at = EXCLUDED.closes_at,
 WHERE notify_bundle_windows.closes_at <= EXCLUDED.opened_at
 RETURNING {returning}
 """
+# Outside a unit of work the statement leaves the setting alone; inside one it turns
+# ``synchronous_commit`` off for the transaction when it opens the window.
+_CLAIM_WINDOW_ALONE = _CLAIM_WINDOW.format(returning="true")
+_CLAIM_WINDOW_IN_UOW = _CLAIM_WINDOW.format(
+    returning="set_config('synchronous_commit', 'off', true) IS NOT NULL"
+)
 
 
 class PostgresBundles:
@@ -101,11 +107,7 @@ class PostgresBundles:
         work, whose commit sets it back if it must wait for the disk after all."""
         conn = self._db
         opened = await conn.fetchval(
-            _CLAIM_WINDOW.format(
-                returning="true"
-                if self._commit_without_flush is None
-                else "set_config('synchronous_commit', 'off', true) IS NOT NULL"
-            ),
+            _CLAIM_WINDOW_ALONE if self._commit_without_flush is None else _CLAIM_WINDOW_IN_UOW,
             alert.patient_id,
             opening.opened_at,
             opening.closes_at,
