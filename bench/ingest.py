@@ -3,7 +3,8 @@
 For each ingest configuration (1 process, then N processes sharing the subscription) it publishes
 a paced stream of temperature readings for a fixed time, waits until every published message is
 in PostgreSQL, then reads the telemetry topic back and checks published = in Kafka = in the DB.
-Latency: MQTT publish (the ``device_time`` the load generator stamps) → Kafka record timestamp
+Latency: MQTT publish (the ``device_time`` the load generator stamps, once per chunk of
+readings: ``make_payload_factory``) → Kafka record timestamp
 (set by ingest's producer when the record is sent; acks=all follows within the batch) and → the
 row's ``stored_at`` (start of ingest's write transaction). Then a bare baseline on the same
 machine: ``mosquitto_sub`` piped into Kafka's console producer (no validation, no storage, no
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     CapacitySearch,
     CpuMeter,
+    MakeChunk,
     QosOnePublisher,
     load_step,
     paced,
@@ -71,27 +72,42 @@ from services.ingest.adapters.registry_admin import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_payload_factory(devices: list[str]) -> Any:
+def make_payload_factory(devices: list[str]) -> MakeChunk:
+    """``make(n)``: the next ``n`` temperature readings, a round-robin over ``devices``, as
+    (topic, payload). Message ids are unique (a prefix of this factory and a counter of its
+    own, not the caller's index: a message id used again would be a duplicate to ingest) and
+    each device's ``seq`` rises by one per reading.
+
+    ``device_time`` is read once per call, so the readings of one chunk share it: its
+    resolution is the chunk. ``paced`` asks for what is due every 2 ms or so (at most 2,000
+    readings), so a reading's ``device_time`` is a few ms at most before its PUBLISH is written,
+    unless the publisher's window is full (then it waits for PUBACKs, as it did one message at
+    a time). Ingest's lag figures (publish → Kafka, publish → stored) start from it."""
     prefix = uuid.uuid4().hex[:20]
+    message_id = f"{prefix[:8]}-{prefix[8:12]}-4{prefix[12:15]}-8{prefix[15:18]}-"
+    names = [d.encode() for d in devices]
     seqs = [0] * len(devices)
     topics = [f"vigil/v1/dev/{d}/temperature" for d in devices]
-    made = itertools.count()
+    count = len(devices)
+    made = 0
 
-    def make(_: int) -> tuple[str, bytes]:
-        # Its own counter, not the caller's index: every call of paced() counts from 0, and
-        # a message id used again would be a duplicate to ingest.
-        i = next(made)
-        k = i % len(devices)
-        seqs[k] += 1
-        counter = f"{i:012x}"
-        message_id = f"{prefix[:8]}-{prefix[8:12]}-4{prefix[12:15]}-8{prefix[15:18]}-{counter}"
+    def make(n: int) -> list[tuple[str, bytes]]:
+        nonlocal made
         now = datetime.now(UTC).isoformat(timespec="microseconds")
-        payload = (
-            f'{{"schema":"vigil.device.temperature.v1","message_id":"{message_id}",'
-            f'"device_id":"{devices[k]}","seq":{seqs[k]},"device_time":"{now}",'
-            '"value":37.2,"unit":"C","site":"axillary"}'
-        )
-        return topics[k], payload.encode()
+        template = (
+            '{"schema":"vigil.device.temperature.v1","message_id":"'
+            + message_id
+            + '%012x","device_id":"%s","seq":%d,"device_time":"'
+            + now
+            + '","value":37.2,"unit":"C","site":"axillary"}'
+        ).encode()
+        out = []
+        for i in range(made, made + n):
+            k = i % count
+            seq = seqs[k] = seqs[k] + 1
+            out.append((topics[k], template % (i, names[k], seq)))
+        made += n
+        return out
 
     return make
 
@@ -449,7 +465,7 @@ async def baseline_phase(env: dict[str, str], run: str, args: argparse.Namespace
         # Warm-up: the console producer's JVM is ready once one record arrives.
         deadline = time.monotonic() + 60
         while sum((await end_offsets(bootstrap, topic)).values()) == 0:
-            await publisher.publish(*make(10**9))
+            await publisher.publish(*make(1)[0])
             await publisher.drain()
             if time.monotonic() > deadline:
                 raise RuntimeError("the baseline console producer never produced")
@@ -715,7 +731,7 @@ async def baseline_search(
         # Warm-up: the console producer's JVM is ready once one record arrives.
         deadline = time.monotonic() + 60
         while await kafka.total() == 0:
-            await publishers[0].publish(*make(10**9))
+            await publishers[0].publish(*make(1)[0])
             await publishers[0].drain()
             if time.monotonic() > deadline:
                 raise RuntimeError("the baseline console producer never produced")
