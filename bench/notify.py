@@ -1,13 +1,15 @@
 """Benchmark of notify's escalation path against the local stack's PostgreSQL.
 
-Phase ``latency``: alerts handed to the escalation service at a paced rate (default 100/s);
-the figure is alert-in-hand -> first delivery attempt recorded (server side), with the channel a
-local PagerDuty-shaped webhook server (or the SMTP sink with ``--channel email``). The service
-runs with the notify service's own ``group_wait_s`` setting (5 s unless
-``VIGIL_NOTIFY_GROUP_WAIT_S`` says otherwise): each alert is a patient's first, which bundling
-pages at once. The same load is measured again with bundling off (``latency_bundling_off``) in
-the same run, and the bare provider round trip at the same rate is the baseline, so the ratios
-are what notify adds and what bundling adds.
+Phase ``latency``: alerts handed to the escalation service at a paced rate (default 100/s); the
+figure is alert-in-hand -> the first delivery attempt's time (``delivery_attempts.at``: when
+the provider answered), with the channel a local PagerDuty-shaped webhook server (or the SMTP
+sink with ``--channel email``). The service runs as in the notify process: its pool (size and
+reset) and its start-up heap frozen (``vigil.runtime.freeze_start_up_heap``). It runs with the
+notify service's own ``group_wait_s`` setting (5 s unless ``VIGIL_NOTIFY_GROUP_WAIT_S`` says
+otherwise): each alert is a patient's first, which bundling pages at once. The same load is
+measured again with bundling off (``latency_bundling_off``) in the same run, and the bare
+provider round trip at the same rate is the baseline, so the ratios are what notify adds and
+what bundling adds.
 
 Phase ``burst``: patients each get two alerts ``--burst-gap-s`` apart inside the window, with
 the service's loops running on the real clock: the first alert's first attempt latency, and how
@@ -51,6 +53,7 @@ from services.notify.adapters.pagerduty import PagerDutyEvents
 from services.notify.adapters.postgres import PostgresNotifyRepository
 from services.notify.adapters.postgres.unit_of_work import unit_of_work_factory
 from services.notify.adapters.smtp import SmtpSender
+from services.notify.bootstrap import keep_session
 from services.notify.service_layer.escalation import (
     EscalationConfig,
     EscalationService,
@@ -58,7 +61,7 @@ from services.notify.service_layer.escalation import (
 from services.notify.settings import NotifySettings
 from tests.support.notify import SmtpSink
 from vigil.db.migrate import apply_migrations
-from vigil.runtime import utcnow
+from vigil.runtime import freeze_start_up_heap, utcnow
 
 
 def _alert(patient: str, at: datetime, code: str = "FEVER") -> Alert:
@@ -470,9 +473,18 @@ async def main_async(args: argparse.Namespace, webhook: _Endpoint) -> dict[str, 
     env = stack_environment()
     dsn = env["VIGIL_PG_DSN"]
     await apply_migrations(dsn)
-    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=args.pool)
+    # As the notify process: its start-up heap frozen out of the garbage collector's scans, and
+    # its pool (the service's size unless --pool says otherwise, and its reset).
+    freeze_start_up_heap()
+    settings = NotifySettings()
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min(settings.pg.pool_min_size, args.pool or settings.pg.pool_max_size),
+        max_size=args.pool or settings.pg.pool_max_size,
+        reset=keep_session,
+    )
     # The notify service's own setting (its default unless the environment overrides it).
-    group_wait_s = NotifySettings().group_wait_s
+    group_wait_s = settings.group_wait_s
     figures: dict[str, Any] = {"bench": "notify", "group_wait_s": group_wait_s}
     try:
         with SmtpSink() as smtp:
@@ -515,7 +527,9 @@ def main() -> int:
     parser.add_argument("--escalations", type=int, default=10_000)
     parser.add_argument("--tick-window-s", type=float, default=60.0)
     parser.add_argument("--tick-s", type=float, default=1.0)
-    parser.add_argument("--pool", type=int, default=10)
+    parser.add_argument(
+        "--pool", type=int, default=None, help="pool size (default: the notify service's)"
+    )
     parser.add_argument("--burst-patients", type=int, default=100)
     parser.add_argument("--burst-gap-s", type=float, default=1.0)
     args = parser.parse_args()

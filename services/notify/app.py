@@ -38,7 +38,13 @@ from services.notify.bootstrap import build_escalation, open_pool
 from services.notify.settings import NotifySettings
 from vigil.kafka import make_consumer, make_producer
 from vigil.ops import kafka_outage, serving_ops
-from vigil.runtime import configure_logging, log_fields, run_until_signalled, utcnow
+from vigil.runtime import (
+    configure_logging,
+    freeze_start_up_heap,
+    log_fields,
+    run_until_signalled,
+    utcnow,
+)
 
 log = logging.getLogger("vigil.notify")
 
@@ -216,4 +222,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = NotifySettings()
     configure_logging(args.log_level or settings.log_level)
+    freeze_start_up_heap()
     return run_until_signalled(lambda stop: run(settings, stop))

@@ -37,9 +37,22 @@ from services.notify.settings import NotifySettings
 from vigil.runtime import utcnow
 
 
+async def keep_session(connection: Any) -> None:
+    """The pool's reset of a connection given back: nothing beyond asyncpg's own, which rolls
+    back a transaction left open. asyncpg's default would also send ``pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`` on every release, one more round trip for each unit of
+    work (four per alert paged at once), for session state notify never creates: its settings
+    are ``SET LOCAL`` or ``set_config(..., true)``, its advisory locks ``pg_advisory_xact_lock``,
+    and it declares no cursor and listens to nothing (``tests/unit/test_notify_session_state.py``
+    holds its SQL to that)."""
+
+
 async def open_pool(settings: NotifySettings) -> Any:
     return await asyncpg.create_pool(
-        settings.pg.dsn, min_size=settings.pg.pool_min_size, max_size=settings.pg.pool_max_size
+        settings.pg.dsn,
+        min_size=settings.pg.pool_min_size,
+        max_size=settings.pg.pool_max_size,
+        reset=keep_session,
     )
 
 

@@ -3,6 +3,7 @@ EscalationService / OutageWatch dispatching through the registry (fake channels 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -115,7 +116,9 @@ def _job(
     )
 
 
-def _service(store: Store, channels: ChannelRegistry) -> EscalationService:
+def _service(
+    store: Store, channels: ChannelRegistry, clock: Callable[[], datetime] = lambda: NOW
+) -> EscalationService:
     return EscalationService(
         unit_of_work=cast(UnitOfWorkFactory, store.unit_of_work),
         alerts=cast(Any, None),
@@ -123,7 +126,7 @@ def _service(store: Store, channels: ChannelRegistry) -> EscalationService:
         config=EscalationConfig(
             sender_address="vigil@h.test", public_base_url="http://x", ack_secret=b"s" * 32
         ),
-        clock=lambda: NOW,
+        clock=clock,
     )
 
 
@@ -292,3 +295,46 @@ async def test_outage_summary_goes_through_the_registry() -> None:
     assert watch._can_send("sms") and not watch._can_send("webhook")
     refused = await watch._send(replace(page, channel="webhook"), NOW)
     assert refused.permanent and refused.detail == "webhook channel not configured"
+
+
+async def test_each_attempt_takes_the_time_its_provider_answered() -> None:
+    """An attempt's time is when its provider answered, not when its batch was recorded: the
+    SMS provider answers 2 s in, the e-mail server 7 s in, the batch is recorded 9 s in."""
+    clock = [NOW]
+
+    class SlowChannel(FakeChannel):
+        def __init__(self, name: str, answers_after_s: float) -> None:
+            super().__init__(name)
+            self.answers_after_s = answers_after_s
+
+        async def send(self, page: OutboundPage) -> SendOutcome:
+            clock[0] = NOW + timedelta(seconds=self.answers_after_s)
+            return await super().send(page)
+
+    class Recording(Store):
+        recorded_at: datetime | None = None
+        units = 0
+
+        async def record_outcomes(self, outcomes: list[Any], *, at: datetime) -> None:
+            self.recorded_at = at
+            await super().record_outcomes(outcomes, at=at)
+
+        def unit_of_work(self, *, transaction: bool = True) -> Any:
+            self.units += 1
+            if self.units == 2:  # the claim's, then the outcomes'
+                clock[0] = NOW + timedelta(seconds=9)
+            return super().unit_of_work(transaction=transaction)
+
+    sms_job, email_job = _job("sms", "+15550100"), _job("email", "nurse@h.test")
+    store = Recording([sms_job, email_job])
+    service = _service(
+        store, ChannelRegistry([SlowChannel("sms", 2), SlowChannel("email", 7)]), lambda: clock[0]
+    )
+    assert await service.deliver_due() == 2
+
+    answered = {job.page.channel: outcome.answered_at for job, outcome, _ in store.recorded}
+    assert answered == {
+        "sms": NOW + timedelta(seconds=2),
+        "email": NOW + timedelta(seconds=7),
+    }
+    assert store.recorded_at == NOW + timedelta(seconds=9)

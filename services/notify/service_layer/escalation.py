@@ -1140,10 +1140,11 @@ class EscalationService:
                 job = await uow.outbox.begin_attempt(job, at=self._clock())
                 await uow.commit()
         try:
-            return job, await self._send(job)
+            outcome = await self._send(job)
         except Exception as exc:
             log.exception("page_send_crashed", extra=log_fields(page_id=str(job.page.page_id)))
-            return job, SendOutcome(accepted=False, detail=f"{type(exc).__name__}: {exc}")
+            outcome = SendOutcome(accepted=False, detail=f"{type(exc).__name__}: {exc}")
+        return job, replace(outcome, answered_at=self._clock())
 
     def _verdict(self, job: PageJob, outcome: SendOutcome) -> AttemptVerdict:
         if outcome.unknown:

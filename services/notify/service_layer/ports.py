@@ -86,6 +86,10 @@ class SendOutcome:
     # Nothing can tell whether the provider took the page (an attempt cut short by a stop):
     # recorded ``unknown``, neither sent nor failed.
     unknown: bool = False
+    # When the provider answered (set by the service as the send returns): the attempt's
+    # time. None (an outcome no provider gave now: reconciled, left unknown) takes the time
+    # the batch's outcomes are recorded.
+    answered_at: datetime | None = None
 
     @property
     def permanent(self) -> bool:

@@ -341,7 +341,7 @@ class PostgresOutbox:
                     page.channel,
                     page.recipient,
                     status,
-                    at,
+                    outcome.answered_at or at,
                     outcome.detail,
                     outcome.provider_id,
                     job.attempt,
