@@ -119,73 +119,110 @@ async def test_a_night_fever_pages_the_covering_on_call_and_a_day_fever_the_home
 
     async with httpx.AsyncClient(base_url=api) as client:
         h = {label: await token(client, f"{label}-{run}") for label in users}
-        for team, zone, starts, ends, partner in (
-            (night, night_zone, "00:00", "06:00", "nurse_n"),
-            (day, day_zone, "20:00", "08:00", "nurse_d"),
-        ):
-            proposed = await client.post(
-                "/api/cover-agreements",
-                json={
-                    "covering_team_id": regional,
-                    "covered_team_id": team,
-                    "timezone": zone,
-                    "days": [0, 1, 2, 3, 4, 5, 6],
-                    "starts": starts,
-                    "ends": ends,
-                },
-                headers=h["nurse_r"],
+        agreements: list[str] = []
+        try:
+            for team, zone, starts, ends, partner in (
+                (night, night_zone, "00:00", "06:00", "nurse_n"),
+                (day, day_zone, "20:00", "08:00", "nurse_d"),
+            ):
+                proposed = await client.post(
+                    "/api/cover-agreements",
+                    json={
+                        "covering_team_id": regional,
+                        "covered_team_id": team,
+                        "timezone": zone,
+                        "days": [0, 1, 2, 3, 4, 5, 6],
+                        "starts": starts,
+                        "ends": ends,
+                    },
+                    headers=h["nurse_r"],
+                )
+                assert proposed.status_code == 202, proposed.text
+                agreements.append(proposed.json()["agreement_id"])
+                approved = await client.post(
+                    f"/api/cover-agreements/{proposed.json()['agreement_id']}/versions/1/approve",
+                    headers=h[partner],
+                )
+                assert approved.status_code == 200, approved.text
+
+            for patient in (pn, pd):
+                device = f"thermo-{patient}"
+                await publish(
+                    stack_env, f"vigil/v1/dev/{device}/temperature", temperature(device, 38.9, 1)
+                )
+
+            def paged(patient: str) -> list[str]:
+                return [str(m["To"]) for m in pipeline.mail.for_patient(patient)]
+
+            await eventually(
+                lambda: paged(pn) and paged(pd), timeout_s=60, interval_s=0.1, what="both pages"
             )
-            assert proposed.status_code == 202, proposed.text
-            approved = await client.post(
-                f"/api/cover-agreements/{proposed.json()['agreement_id']}/versions/1/approve",
-                headers=h[partner],
+            assert set(paged(pn)) == {oncall[regional]}  # about 02:00 in the partner's zone
+            assert set(paged(pd)) == {oncall[day]}  # about 10:00 in the other partner's zone
+
+            # The regional clinician sees the covered patient now, and acknowledges there.
+            assert (
+                await client.get(f"/api/patients/{pn}", headers=h["clinician_r"])
+            ).status_code == 200
+            alerts = await client.get(
+                "/api/alerts", params={"patient_id": pn}, headers=h["clinician_r"]
             )
-            assert approved.status_code == 200, approved.text
-
-        for patient in (pn, pd):
-            device = f"thermo-{patient}"
-            await publish(
-                stack_env, f"vigil/v1/dev/{device}/temperature", temperature(device, 38.9, 1)
+            (episode,) = alerts.json()["items"]
+            key = episode["dedup_key"]
+            ack = await client.post(
+                f"/api/alerts/{quote(key, safe='')}/ack", headers=h["clinician_r"]
             )
+            assert ack.status_code == 200 and ack.json()["changed"] is True
+            # Outside its window, the other partner's patient and alert are refused.
+            assert (
+                await client.get(f"/api/patients/{pd}", headers=h["clinician_r"])
+            ).status_code == 404
+            other = await client.get(
+                "/api/alerts", params={"patient_id": pd}, headers=h["clinician_r"]
+            )
+            assert other.json()["items"] == []
 
-        def paged(patient: str) -> list[str]:
-            return [str(m["To"]) for m in pipeline.mail.for_patient(patient)]
+            # The partner's morning: the night's episode, paged to and acknowledged by the region.
+            local_now = now.astimezone(ZoneInfo(night_zone))
+            morning = local_now.replace(hour=9, minute=0, second=0, microsecond=0)
+            summary = await client.get(
+                f"/api/care-teams/{night}/cover-summary",
+                params={"at": morning.isoformat()},
+                headers=h["nurse_n"],
+            )
+            assert summary.status_code == 200, summary.text
+            (patient,) = summary.json()["patients"]
+            (night_alert,) = patient["alerts"]
+            assert patient["patient_id"] == pn and night_alert["dedup_key"] == key
+            assert night_alert["paged_team_id"] == regional
+            assert night_alert["acknowledged_by"] == f"clinician_r-{run}"
+        finally:
+            await _leave_nothing_open(client, h, agreements, patients=(pn, pd))
 
-        await eventually(
-            lambda: paged(pn) and paged(pd), timeout_s=60, interval_s=0.1, what="both pages"
+
+async def _leave_nothing_open(
+    client: httpx.AsyncClient,
+    h: dict[str, dict[str, Any]],
+    agreements: list[str],
+    *,
+    patients: tuple[str, str],
+) -> None:
+    """On a stack that later tests reuse, notify's rounds act on the whole database: the
+    agreements are revoked and every episode still open is acknowledged by its patient's team
+    (the night patient's covered team, the day patient's own)."""
+    for agreement_id in agreements:
+        revoked = await client.post(
+            f"/api/cover-agreements/{agreement_id}/revoke",
+            json={"reason": "end of test"},
+            headers=h["nurse_r"],
         )
-        assert set(paged(pn)) == {oncall[regional]}  # about 02:00 in the partner's zone
-        assert set(paged(pd)) == {oncall[day]}  # about 10:00 in the other partner's zone
-
-        # The regional clinician sees the covered patient now, and acknowledges there.
-        assert (
-            await client.get(f"/api/patients/{pn}", headers=h["clinician_r"])
-        ).status_code == 200
-        alerts = await client.get(
-            "/api/alerts", params={"patient_id": pn}, headers=h["clinician_r"]
+        assert revoked.status_code == 200, revoked.text
+    for patient, nurse in zip(patients, ("nurse_n", "nurse_d"), strict=True):
+        listed = await client.get(
+            "/api/alerts", params={"patient_id": patient, "state": "open"}, headers=h[nurse]
         )
-        (episode,) = alerts.json()["items"]
-        key = episode["dedup_key"]
-        ack = await client.post(f"/api/alerts/{quote(key, safe='')}/ack", headers=h["clinician_r"])
-        assert ack.status_code == 200 and ack.json()["changed"] is True
-        # Outside its window, the other partner's patient and alert are refused.
-        assert (
-            await client.get(f"/api/patients/{pd}", headers=h["clinician_r"])
-        ).status_code == 404
-        other = await client.get("/api/alerts", params={"patient_id": pd}, headers=h["clinician_r"])
-        assert other.json()["items"] == []
-
-        # The partner's morning: the night's episode, paged to and acknowledged by the region.
-        local_now = now.astimezone(ZoneInfo(night_zone))
-        morning = local_now.replace(hour=9, minute=0, second=0, microsecond=0)
-        summary = await client.get(
-            f"/api/care-teams/{night}/cover-summary",
-            params={"at": morning.isoformat()},
-            headers=h["nurse_n"],
-        )
-        assert summary.status_code == 200, summary.text
-        (patient,) = summary.json()["patients"]
-        (night_alert,) = patient["alerts"]
-        assert patient["patient_id"] == pn and night_alert["dedup_key"] == key
-        assert night_alert["paged_team_id"] == regional
-        assert night_alert["acknowledged_by"] == f"clinician_r-{run}"
+        assert listed.status_code == 200, listed.text
+        for episode in listed.json()["items"]:
+            key = quote(episode["dedup_key"], safe="")
+            acked = await client.post(f"/api/alerts/{key}/ack", headers=h[nurse])
+            assert acked.status_code == 200, acked.text
